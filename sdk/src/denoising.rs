@@ -1,0 +1,175 @@
+//! The denoising loop: one transformer call per step (conditional and unconditional batched
+//! together under classifier-free guidance), guidance arithmetic in float32 as diffusers
+//! does it, and the Euler update.
+
+use std::time::{Duration, Instant};
+
+use ndarray::{concatenate, s, Array1, Array2, Array3, Array4, ArrayView4, Axis, Zip};
+use ort::value::TensorRef;
+
+use crate::cancel::RunControl;
+use crate::error::{Error, Result};
+use crate::scheduler::Schedule;
+use crate::session::Graph;
+use crate::text_encoding::PromptEmbedding;
+
+/// Guidance settings of one generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Guidance {
+    pub scale: f32,
+    /// Caps |pred| at `normalization * |pos|` per image; 0 turns it off.
+    pub normalization: f32,
+    /// Guidance is switched off at steps whose normalised time `(1000 - t)/1000` exceeds this.
+    pub truncation: f32,
+}
+
+impl Guidance {
+    pub fn enabled(&self) -> bool {
+        self.scale > 0.0
+    }
+
+    fn scale_at(&self, t_norm: f32) -> f32 {
+        if self.enabled() && self.truncation <= 1.0 && t_norm as f64 > self.truncation as f64 {
+            0.0
+        } else {
+            self.scale
+        }
+    }
+}
+
+/// Caption features for a batch: zero-padded `[B, Lmax, D]` plus the mask of real tokens.
+pub(crate) struct CaptionBatch {
+    feats: Array3<f32>,
+    mask: Array2<bool>,
+}
+
+impl CaptionBatch {
+    pub fn new(items: &[&PromptEmbedding]) -> CaptionBatch {
+        let width = items[0].features.ncols();
+        let max_len = items.iter().map(|e| e.features.nrows()).max().unwrap_or(0);
+        let mut feats = Array3::<f32>::zeros((items.len(), max_len, width));
+        let mut mask = Array2::<bool>::from_elem((items.len(), max_len), false);
+        for (b, e) in items.iter().enumerate() {
+            let n = e.features.nrows();
+            feats.slice_mut(s![b, ..n, ..]).assign(&*e.features);
+            mask.slice_mut(s![b, ..n]).fill(true);
+        }
+        CaptionBatch { feats, mask }
+    }
+}
+
+/// What the loop reports after each step; returning false stops the run.
+pub(crate) type StepCallback<'a> = dyn FnMut(usize, usize) -> bool + 'a;
+/// Called after each step's update, e.g. to re-impose the known region when inpainting.
+pub(crate) type AfterStep<'a> = dyn FnMut(usize, &mut Array4<f32>) + 'a;
+
+pub(crate) struct Denoiser<'a> {
+    pub transformer: &'a Graph,
+    pub schedule: &'a Schedule,
+    /// Index of the first step to run (img2img starts part-way).
+    pub first_step: usize,
+    pub guidance: Guidance,
+    pub positive: CaptionBatch,
+    pub negative: Option<CaptionBatch>,
+}
+
+impl Denoiser<'_> {
+    /// Runs the steps on `latents` in place. `step_times` receives each step's wall time.
+    pub fn run(
+        &self,
+        latents: &mut Array4<f32>,
+        control: &RunControl,
+        ort_time: &mut Duration,
+        step_times: &mut Vec<Duration>,
+        on_step: &mut StepCallback<'_>,
+        after_step: &mut AfterStep<'_>,
+    ) -> Result<()> {
+        let total = self.schedule.len() - self.first_step;
+        // Both caption batches are built once; with guidance on, positive then negative.
+        let both = self.negative.as_ref().map(|neg| CaptionBatch {
+            feats: concatenate![Axis(0), self.positive.feats, neg.feats],
+            mask: concatenate![Axis(0), self.positive.mask, neg.mask],
+        });
+        for (done, i) in (self.first_step..self.schedule.len()).enumerate() {
+            control.check()?;
+            let start = Instant::now();
+            let t_norm = self.schedule.model_timestep(i);
+            let scale = self.guidance.scale_at(t_norm);
+            let apply_cfg = self.guidance.enabled() && scale > 0.0 && both.is_some();
+            let prediction = if apply_cfg {
+                let input = concatenate![Axis(0), latents.view(), latents.view()];
+                let out = self.forward(&input, t_norm, both.as_ref().expect("checked"), control, ort_time)?;
+                let batch = latents.shape()[0];
+                guide(out.slice(s![..batch, .., .., ..]), out.slice(s![batch.., .., .., ..]), scale, self.guidance.normalization)
+            } else {
+                self.forward(latents, t_norm, &self.positive, control, ort_time)?
+            };
+            // Euler step with v = -prediction: x + dt * v.
+            let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
+            Zip::from(&mut *latents).and(&prediction).for_each(|x, &p| *x += dt * -p);
+            after_step(i, latents);
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::inference(
+                    "denoising",
+                    format!("latents became non-finite at step {} of {total}", done + 1),
+                ));
+            }
+            step_times.push(start.elapsed());
+            if !on_step(done + 1, total) {
+                control.cancel();
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(
+        &self,
+        latents: &Array4<f32>,
+        t_norm: f32,
+        captions: &CaptionBatch,
+        control: &RunControl,
+        ort_time: &mut Duration,
+    ) -> Result<Array4<f32>> {
+        let batch = latents.shape()[0];
+        let timestep = Array1::<f32>::from_elem(batch, t_norm);
+        let err = |e: ort::Error| Error::inference("transformer", e);
+        let inputs = vec![
+            ("latents", TensorRef::from_array_view(latents).map_err(err)?.into()),
+            ("timestep", TensorRef::from_array_view(&timestep).map_err(err)?.into()),
+            ("cap_feats", TensorRef::from_array_view(&captions.feats).map_err(err)?.into()),
+            ("cap_mask", TensorRef::from_array_view(&captions.mask).map_err(err)?.into()),
+        ];
+        let out = self.transformer.run(inputs, &["noise_pred"], control, ort_time)?.remove(0);
+        let out = out
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|e| Error::inference("transformer", format!("output rank: {e}")))?;
+        if out.shape() != latents.shape() {
+            return Err(Error::inference("transformer", format!("output shape {:?} != latents {:?}", out.shape(), latents.shape())));
+        }
+        Ok(out)
+    }
+}
+
+/// `pos + g * (pos - neg)` per image, optionally rescaled so its norm stays within
+/// `normalization * |pos|`.
+fn guide(pos: ArrayView4<f32>, neg: ArrayView4<f32>, scale: f32, normalization: f32) -> Array4<f32> {
+    let mut pred = Array4::<f32>::zeros(pos.raw_dim());
+    Zip::from(&mut pred).and(&pos).and(&neg).for_each(|p, &a, &b| *p = a + scale * (a - b));
+    if normalization > 0.0 {
+        for (mut item, pos_item) in pred.outer_iter_mut().zip(pos.outer_iter()) {
+            let pos_norm = l2_norm(pos_item.iter()) as f32;
+            let new_norm = l2_norm(item.iter()) as f32;
+            let max_norm = pos_norm * normalization;
+            if new_norm > max_norm {
+                let factor = max_norm / new_norm;
+                item.mapv_inplace(|v| v * factor);
+            }
+        }
+    }
+    pred
+}
+
+fn l2_norm<'a>(values: impl Iterator<Item = &'a f32>) -> f64 {
+    values.map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+}

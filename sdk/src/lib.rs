@@ -1,0 +1,55 @@
+//! # zimage
+//!
+//! Z-Image-Turbo text-to-image on ONNX Runtime: the same image as diffusers for the same
+//! seed, from one native library.
+//!
+//! The pipeline, stage by stage:
+//! - [`manifest`]: the model package a pipeline loads (`docs/package-format.md`);
+//! - [`runtime`]: finding ONNX Runtime and creating sessions on CPU, CUDA or TensorRT;
+//! - [`text_encoding`]: Qwen3 chat template, tokenizer, text encoder → caption features;
+//! - [`noise`]: seeded Gaussian noise identical to `torch.randn` on CPU;
+//! - [`scheduler`]: the flow-matching Euler schedule;
+//! - [`denoising`]: the transformer loop with classifier-free guidance;
+//! - [`vae`]: latents to pixels;
+//! - [`image_io`]: RGB8 conversion and PNG files;
+//! - [`pipeline`]: [`Pipeline`], tying them together.
+//!
+//! ```no_run
+//! use zimage::{GenerateRequest, LoadOptions, Pipeline};
+//! let pipeline = Pipeline::load("models/tiny-zimage", &LoadOptions::default())?;
+//! let mut request = GenerateRequest::new("a red fox in the snow");
+//! request.width = 64;
+//! request.height = 64;
+//! request.seed = Some(42);
+//! let result = pipeline.generate(&request, None)?;
+//! zimage::image_io::write_png("fox.png".as_ref(), &result.images[0], &[])?;
+//! # Ok::<(), zimage::Error>(())
+//! ```
+
+pub mod cancel;
+pub mod denoising;
+pub mod error;
+pub mod image_io;
+pub mod manifest;
+pub mod noise;
+pub mod pipeline;
+pub mod runtime;
+pub mod scheduler;
+mod session;
+pub mod text_encoding;
+pub mod vae;
+
+pub use cancel::CancelHandle;
+pub use denoising::Guidance;
+pub use error::{Error, ErrorKind, Result};
+pub use image_io::{GrayImage, RgbImage};
+pub use manifest::Manifest;
+pub use pipeline::{
+    GenerateRequest, Generation, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings, MAX_IMAGES_PER_REQUEST,
+    MAX_STEPS,
+};
+pub use runtime::Device;
+pub use text_encoding::{PromptEmbedding, TokenizedPrompt};
+
+/// The zimage version (from Cargo).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,458 @@
+//! The public entry point: a [`Pipeline`] loaded from a model package, and
+//! [`Pipeline::generate`] for text-to-image.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array4, Axis, Ix4};
+
+use crate::cancel::{CancelHandle, Registry, RunControl};
+use crate::denoising::{CaptionBatch, Denoiser, Guidance};
+use crate::error::{Error, Result};
+use crate::image_io::{self, RgbImage};
+use crate::manifest::Manifest;
+use crate::noise::TorchGenerator;
+use crate::runtime::{self, Device, SessionSettings};
+use crate::scheduler::Schedule;
+use crate::session::Graph;
+use crate::text_encoding::{PromptEmbedding, TextEncoder, TokenizedPrompt};
+use crate::vae::Vae;
+
+/// How a pipeline is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// The ONNX Runtime shared library; `None` searches (see [`runtime::library_candidates`]).
+    pub runtime_library: Option<PathBuf>,
+    /// Where every graph runs unless overridden below.
+    pub device: Device,
+    /// Where the transformer runs, when it should differ from `device` (e.g. TensorRT for the
+    /// transformer, CUDA for the rest).
+    pub transformer_device: Option<Device>,
+    /// Intra-op threads per graph; `None` lets ONNX Runtime pick.
+    pub threads: Option<usize>,
+    /// Check the sha256 of every file, also the large ones (always done below 64 MB).
+    pub verify_checksums: bool,
+    /// Fall back to CPU when the requested provider cannot be set up, instead of failing.
+    pub allow_cpu_fallback: bool,
+}
+
+/// Caps that keep a request within what the graphs and memory can hold.
+pub const MAX_STEPS: u32 = 1000;
+pub const MAX_IMAGES_PER_REQUEST: u32 = 64;
+
+/// A prompt given as text, or already encoded with [`Pipeline::encode_prompt`].
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Embedded(PromptEmbedding),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<PromptEmbedding> for Prompt {
+    fn from(e: PromptEmbedding) -> Self {
+        Prompt::Embedded(e)
+    }
+}
+
+/// One generation. `Default` is Z-Image-Turbo's recommended setting: 1024x1024, 8 steps,
+/// no guidance, a random seed.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// Used only with guidance (`guidance_scale > 0`); `None` means the empty prompt.
+    pub negative_prompt: Option<Prompt>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    /// 0 = off; otherwise the guided prediction's norm is capped at this factor times the
+    /// conditional one's.
+    pub cfg_normalization: f32,
+    /// Guidance stops at steps whose normalised time exceeds this (1.0 = never stops).
+    pub cfg_truncation: f32,
+    /// `None` draws a random seed, reported in the result.
+    pub seed: Option<u64>,
+    /// Images generated from this prompt (one noise tensor for all of them, as diffusers).
+    pub count: u32,
+    /// `None` uses the package's default (512).
+    pub max_sequence_length: Option<usize>,
+    /// Starting latents `[count, C, h, w]` instead of seeded noise.
+    pub latents: Option<Array4<f32>>,
+    /// Return the final latents too.
+    pub return_latents: bool,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: Prompt::Text(String::new()),
+            negative_prompt: None,
+            width: 1024,
+            height: 1024,
+            steps: 8,
+            guidance_scale: 0.0,
+            cfg_normalization: 0.0,
+            cfg_truncation: 1.0,
+            seed: None,
+            count: 1,
+            max_sequence_length: None,
+            latents: None,
+            return_latents: false,
+        }
+    }
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<Prompt>) -> Self {
+        GenerateRequest { prompt: prompt.into(), ..Default::default() }
+    }
+}
+
+/// Where a generation is, passed to the progress callback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub elapsed: Duration,
+}
+
+/// Time spent in each stage of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub tokenize: Duration,
+    pub text_encode: Duration,
+    pub denoise_steps: Vec<Duration>,
+    pub vae_decode: Duration,
+    pub total: Duration,
+    /// Time inside ONNX Runtime calls, summed over all stages.
+    pub onnx_runtime: Duration,
+}
+
+/// The result of [`Pipeline::generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub images: Vec<RgbImage>,
+    /// `[count, C, h, w]` before VAE scaling, when requested.
+    pub latents: Option<Array4<f32>>,
+    /// The seed used (drawn at random when the request had none).
+    pub seed: u64,
+    pub prompt_tokens: TokenizedPrompt,
+    pub negative_prompt_tokens: Option<TokenizedPrompt>,
+    pub timings: Timings,
+}
+
+impl Generation {
+    /// True when the prompt was longer than `max_sequence_length` and its end was dropped.
+    pub fn prompt_truncated(&self) -> bool {
+        self.prompt_tokens.truncated()
+    }
+}
+
+/// Which provider runs each graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Providers {
+    pub text_encoder: Device,
+    pub transformer: Device,
+    pub vae_decoder: Device,
+    pub vae_encoder: Device,
+}
+
+/// A loaded model package. `Send + Sync`: one pipeline can serve several threads (each graph
+/// call takes a per-graph lock, so concurrent generations interleave rather than run in
+/// parallel inside one graph).
+pub struct Pipeline {
+    dir: PathBuf,
+    manifest: Manifest,
+    text: TextEncoder,
+    transformer: Graph,
+    vae: Vae,
+    registry: Arc<Registry>,
+    load_time: Duration,
+    runtime_library: PathBuf,
+}
+
+impl Pipeline {
+    /// Loads the package in `dir`: checks the manifest and files, loads ONNX Runtime (once
+    /// per process) and creates a session per graph.
+    pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Pipeline> {
+        let start = Instant::now();
+        let dir = dir.as_ref().to_path_buf();
+        if let Some(n) = options.threads {
+            if n == 0 || n > 1024 {
+                return Err(Error::invalid(format!("threads must be 1..=1024 (got {n}); leave unset for the default")));
+            }
+        }
+        let manifest = Manifest::load(&dir, options.verify_checksums)?;
+        let rt = runtime::runtime(options.runtime_library.as_deref())?;
+        let settings = SessionSettings { intra_threads: options.threads, allow_cpu_fallback: options.allow_cpu_fallback };
+        let graph = |name: &'static str, device: Device| -> Result<Graph> {
+            let path = Manifest::resolve(&dir, &manifest.graphs.get(name).path);
+            let (session, used) = runtime::build_session(rt, name, &path, device, &settings)?;
+            Ok(Graph::new(name, session, used))
+        };
+        let text = TextEncoder::new(
+            &Manifest::resolve(&dir, &manifest.tokenizer.path),
+            manifest.text_encoder.clone(),
+            graph("text_encoder", options.device)?,
+        )?;
+        let transformer = graph("transformer", options.transformer_device.unwrap_or(options.device))?;
+        let vae = Vae {
+            info: manifest.vae.clone(),
+            decoder: graph("vae_decoder", options.device)?,
+            encoder: graph("vae_encoder", options.device)?,
+        };
+        Ok(Pipeline {
+            dir,
+            manifest,
+            text,
+            transformer,
+            vae,
+            registry: Arc::new(Registry::default()),
+            load_time: start.elapsed(),
+            runtime_library: rt.library_path.clone(),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn package_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long [`Pipeline::load`] took (manifest checks and session creation).
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// The ONNX Runtime library this process loaded.
+    pub fn runtime_library(&self) -> &Path {
+        &self.runtime_library
+    }
+
+    pub fn providers(&self) -> Providers {
+        Providers {
+            text_encoder: self.text.graph.device,
+            transformer: self.transformer.device,
+            vae_decoder: self.vae.decoder.device,
+            vae_encoder: self.vae.encoder.device,
+        }
+    }
+
+    /// A handle that cancels the generations running on this pipeline, from any thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle { registry: Arc::clone(&self.registry) }
+    }
+
+    /// Token ids of `prompt` after the chat template and truncation.
+    pub fn tokenize(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<TokenizedPrompt> {
+        let max = self.check_max_sequence_length(max_sequence_length)?;
+        self.text.tokenize(prompt, max)
+    }
+
+    /// Encodes a prompt once, for use in any number of [`GenerateRequest`]s.
+    pub fn encode_prompt(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<PromptEmbedding> {
+        let control = self.registry.begin()?;
+        let tokens = self.tokenize(prompt, max_sequence_length)?;
+        let mut ort_time = Duration::ZERO;
+        self.text.encode(tokens, &control, &mut ort_time)
+    }
+
+    fn check_max_sequence_length(&self, requested: Option<usize>) -> Result<usize> {
+        let limit = self.manifest.transformer.max_caption_tokens;
+        let max = requested.unwrap_or(self.text.default_max_sequence_length()).min(limit.max(1));
+        match requested {
+            Some(0) => Err(Error::invalid("max_sequence_length must be at least 1")),
+            Some(n) if n > limit => Err(Error::invalid(format!(
+                "max_sequence_length {n} exceeds this model's caption limit of {limit} tokens"
+            ))),
+            _ => Ok(max),
+        }
+    }
+
+    /// Generates `request.count` images. `progress` is called after every denoising step;
+    /// returning `false` stops the run with [`Error::Cancelled`].
+    pub fn generate(
+        &self,
+        request: &GenerateRequest,
+        mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        let plan = self.plan(request)?;
+        let control = self.registry.begin()?;
+        let mut timings = Timings::default();
+        let mut ort_time = Duration::ZERO;
+
+        let (positive, negative) = self.encode_request_prompts(request, plan.guidance.enabled(), &control, &mut timings, &mut ort_time)?;
+
+        let seed = request.seed.unwrap_or_else(random_seed);
+        let mut latents = match &request.latents {
+            Some(l) => l.clone(),
+            None => {
+                let noise = TorchGenerator::new(seed).randn(&plan.latent_shape);
+                noise.into_dimensionality::<Ix4>().expect("4-d shape")
+            }
+        };
+
+        let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
+        let count = plan.latent_shape[0];
+        let pos_items: Vec<&PromptEmbedding> = std::iter::repeat_n(&positive, count).collect();
+        let negative_batch = negative.as_ref().map(|n| CaptionBatch::new(&std::iter::repeat_n(n, count).collect::<Vec<_>>()));
+        let denoiser = Denoiser {
+            transformer: &self.transformer,
+            schedule: &schedule,
+            first_step: 0,
+            guidance: plan.guidance,
+            positive: CaptionBatch::new(&pos_items),
+            negative: negative_batch,
+        };
+        let mut on_step = |step: usize, total: usize| -> bool {
+            match progress.as_deref_mut() {
+                Some(cb) => cb(&Progress { step, total_steps: total, elapsed: start.elapsed() }),
+                None => true,
+            }
+        };
+        denoiser.run(&mut latents, &control, &mut ort_time, &mut timings.denoise_steps, &mut on_step, &mut |_, _| {})?;
+
+        let decode_start = Instant::now();
+        let decoded = self.vae.decode(&latents, &control, &mut ort_time)?;
+        let images = decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect();
+        timings.vae_decode = decode_start.elapsed();
+        timings.total = start.elapsed();
+        timings.onnx_runtime = ort_time;
+        Ok(Generation {
+            images,
+            latents: request.return_latents.then_some(latents),
+            seed,
+            prompt_tokens: positive.tokens.clone(),
+            negative_prompt_tokens: negative.map(|n| n.tokens.clone()),
+            timings,
+        })
+    }
+
+    fn encode_request_prompts(
+        &self,
+        request: &GenerateRequest,
+        with_negative: bool,
+        control: &RunControl,
+        timings: &mut Timings,
+        ort_time: &mut Duration,
+    ) -> Result<(PromptEmbedding, Option<PromptEmbedding>)> {
+        let max = self.check_max_sequence_length(request.max_sequence_length)?;
+        let mut encode = |prompt: &Prompt| -> Result<PromptEmbedding> {
+            match prompt {
+                Prompt::Embedded(e) => {
+                    self.check_embedding(e)?;
+                    Ok(e.clone())
+                }
+                Prompt::Text(text) => {
+                    let t0 = Instant::now();
+                    let tokens = self.text.tokenize(text, max)?;
+                    timings.tokenize += t0.elapsed();
+                    let t1 = Instant::now();
+                    let e = self.text.encode(tokens, control, ort_time)?;
+                    timings.text_encode += t1.elapsed();
+                    Ok(e)
+                }
+            }
+        };
+        let positive = encode(&request.prompt)?;
+        let negative = if with_negative {
+            let empty = Prompt::Text(String::new());
+            Some(encode(request.negative_prompt.as_ref().unwrap_or(&empty))?)
+        } else {
+            None
+        };
+        Ok((positive, negative))
+    }
+
+    fn check_embedding(&self, e: &PromptEmbedding) -> Result<()> {
+        let (n, d) = e.features.dim();
+        let t = &self.manifest.transformer;
+        if d != t.cap_feat_dim {
+            return Err(Error::invalid(format!("prompt embedding has width {d}, this model needs {}", t.cap_feat_dim)));
+        }
+        if n == 0 || n > t.max_caption_tokens {
+            return Err(Error::invalid(format!("prompt embedding has {n} tokens; allowed 1..={}", t.max_caption_tokens)));
+        }
+        if e.features.iter().any(|v| !v.is_finite()) {
+            return Err(Error::invalid("prompt embedding holds non-finite values"));
+        }
+        Ok(())
+    }
+
+    /// Checks a request against the package and derives its shapes.
+    fn plan(&self, r: &GenerateRequest) -> Result<Plan> {
+        let m = &self.manifest;
+        let multiple = m.size_multiple();
+        for (name, value, max) in [("width", r.width, m.max_image_width()), ("height", r.height, m.max_image_height())] {
+            if value == 0 || value as usize % multiple != 0 {
+                return Err(Error::invalid(format!("{name} {value} must be a positive multiple of {multiple}")));
+            }
+            if value as usize > max {
+                return Err(Error::invalid(format!("{name} {value} exceeds this model's limit of {max} pixels")));
+            }
+        }
+        if r.steps == 0 || r.steps > MAX_STEPS {
+            return Err(Error::invalid(format!("steps must be 1..={MAX_STEPS} (got {})", r.steps)));
+        }
+        if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
+            return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
+        }
+        for (name, v) in [("guidance_scale", r.guidance_scale), ("cfg_normalization", r.cfg_normalization), ("cfg_truncation", r.cfg_truncation)] {
+            if !v.is_finite() {
+                return Err(Error::invalid(format!("{name} must be finite (got {v})")));
+            }
+        }
+        if r.guidance_scale < 0.0 || r.cfg_normalization < 0.0 {
+            return Err(Error::invalid("guidance_scale and cfg_normalization must not be negative"));
+        }
+        let channels = m.vae.latent_channels;
+        let h = 2 * (r.height as usize / multiple);
+        let w = 2 * (r.width as usize / multiple);
+        let latent_shape = vec![r.count as usize, channels, h, w];
+        if let Some(l) = &r.latents {
+            if l.shape() != latent_shape.as_slice() {
+                return Err(Error::invalid(format!("latents have shape {:?}, this request needs {latent_shape:?}", l.shape())));
+            }
+            if l.iter().any(|v| !v.is_finite()) {
+                return Err(Error::invalid("latents hold non-finite values"));
+            }
+        }
+        let p = m.transformer.patch_size;
+        Ok(Plan {
+            latent_shape,
+            image_seq_len: (h / p) * (w / p),
+            steps: r.steps as usize,
+            guidance: Guidance { scale: r.guidance_scale, normalization: r.cfg_normalization, truncation: r.cfg_truncation },
+        })
+    }
+}
+
+struct Plan {
+    latent_shape: Vec<usize>,
+    image_seq_len: usize,
+    steps: usize,
+    guidance: Guidance,
+}
+
+/// A seed from the OS-seeded hasher; the low 32 bits are all torch's generator uses.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() & 0xffff_ffff
+}

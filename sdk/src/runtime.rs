@@ -1,0 +1,269 @@
+//! Finding and loading ONNX Runtime (one environment per process), and building one session
+//! per graph on the requested execution provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
+
+use crate::error::{Error, Result};
+
+/// The ONNX Runtime release zimage is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";
+const INSTALL_HINT: &str = "install it with `python3 -m pip install onnxruntime==1.31.1` (CPU) or \
+`onnxruntime-gpu==1.31.1` (CUDA/TensorRT) and point ORT_DYLIB_PATH at \
+site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1, or run scripts/setup.sh";
+
+/// Where a graph runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda { device_id: i32 },
+    TensorRt { device_id: i32 },
+}
+
+impl Device {
+    pub fn provider_name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda { .. } => "cuda",
+            Device::TensorRt { .. } => "tensorrt",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    /// `cpu`, `cuda`, `cuda:N`, `tensorrt`, `tensorrt:N`.
+    fn from_str(s: &str) -> Result<Device> {
+        let (name, id) = match s.split_once(':') {
+            Some((n, i)) => {
+                let id = i.parse::<i32>().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                    Error::invalid(format!("device {s:?}: the index after ':' must be a non-negative integer"))
+                })?;
+                (n, id)
+            }
+            None => (s, 0),
+        };
+        match name {
+            "cpu" if !s.contains(':') => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda { device_id: id }),
+            "tensorrt" | "trt" => Ok(Device::TensorRt { device_id: id }),
+            _ => Err(Error::invalid(format!("unknown device {s:?}: use cpu, cuda[:N] or tensorrt[:N]"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda { device_id } => write!(f, "cuda:{device_id}"),
+            Device::TensorRt { device_id } => write!(f, "tensorrt:{device_id}"),
+        }
+    }
+}
+
+/// The loaded ONNX Runtime: its environment and where it came from.
+pub struct Runtime {
+    pub(crate) env: Environment,
+    pub library_path: PathBuf,
+}
+
+impl Runtime {
+    /// ONNX Runtime's build description (version, commit).
+    pub fn build_info(&self) -> &'static str {
+        ort::info()
+    }
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Loads ONNX Runtime once per process. Later calls return the same runtime; asking for a
+/// different library after one is loaded is an error, since a process can hold only one.
+pub fn runtime(explicit_library: Option<&Path>) -> Result<&'static Runtime> {
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        if let Some(wanted) = explicit_library {
+            if !same_file(wanted, &rt.library_path) {
+                return Err(Error::Runtime(format!(
+                    "ONNX Runtime is already loaded from {} in this process; it cannot also load {}",
+                    rt.library_path.display(),
+                    wanted.display()
+                )));
+            }
+        }
+        return Ok(rt);
+    }
+    let candidates = library_candidates(explicit_library);
+    let mut tried = Vec::new();
+    for candidate in candidates {
+        if !candidate.is_file() {
+            tried.push(format!("{} (not found)", candidate.display()));
+            continue;
+        }
+        match ort::init_from(&candidate) {
+            Ok(builder) => {
+                let env = builder
+                    .with_name("zimage")
+                    .with_telemetry(false)
+                    .build()
+                    .map_err(|e| Error::Runtime(format!("creating the ONNX Runtime environment failed: {e}")))?;
+                let rt = Runtime { env, library_path: candidate };
+                return Ok(RUNTIME.get_or_init(|| rt));
+            }
+            Err(e) => tried.push(format!("{} ({e})", candidate.display())),
+        }
+    }
+    Err(Error::Runtime(format!(
+        "ONNX Runtime {ORT_VERSION} (shared library) was not found or could not be loaded. Tried:\n  {}\nTo fix: {INSTALL_HINT}",
+        tried.join("\n  ")
+    )))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[cfg(target_os = "linux")]
+const LIBRARY_NAMES: &[&str] = &["libonnxruntime.so.1.31.1", "libonnxruntime.so.1", "libonnxruntime.so"];
+#[cfg(target_os = "macos")]
+const LIBRARY_NAMES: &[&str] = &["libonnxruntime.1.31.1.dylib", "libonnxruntime.dylib"];
+#[cfg(windows)]
+const LIBRARY_NAMES: &[&str] = &["onnxruntime.dll"];
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+const LIBRARY_NAMES: &[&str] = &["libonnxruntime.so"];
+
+/// The search order: the caller's path, then `ORT_DYLIB_PATH`, then beside the executable,
+/// beside the library that contains zimage, then the project-local copy from the setup step.
+/// An explicit path (option or variable) is the only candidate when given.
+pub fn library_candidates(explicit_library: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(path) = explicit_library {
+        return vec![absolute(path)];
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+        return vec![absolute(Path::new(&path))];
+    }
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(dir);
+    }
+    if let Some(dir) = containing_library_dir() {
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.runtime/lib"));
+    dirs.iter().flat_map(|d| LIBRARY_NAMES.iter().map(move |n| d.join(n))).collect()
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    }
+}
+
+/// The folder of the shared object that holds this code (libzimage.so when zimage is used
+/// from C), found with dladdr.
+#[cfg(unix)]
+fn containing_library_dir() -> Option<PathBuf> {
+    use std::ffi::CStr;
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let symbol = containing_library_dir as *const libc::c_void;
+    if unsafe { libc::dladdr(symbol, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    let name = unsafe { CStr::from_ptr(info.dli_fname) }.to_str().ok()?;
+    let path = std::fs::canonicalize(name).ok()?;
+    path.parent().map(Path::to_path_buf)
+}
+
+#[cfg(not(unix))]
+fn containing_library_dir() -> Option<PathBuf> {
+    None
+}
+
+/// How sessions are built.
+#[derive(Debug, Clone, Default)]
+pub struct SessionSettings {
+    /// Intra-op threads; `None` lets ONNX Runtime use one per physical core.
+    pub intra_threads: Option<usize>,
+    /// Use CPU when the requested provider cannot be registered, instead of failing.
+    pub allow_cpu_fallback: bool,
+}
+
+/// Builds a session for one graph on `device`, returning it with the provider that runs it.
+pub(crate) fn build_session(
+    rt: &Runtime,
+    graph: &str,
+    path: &Path,
+    device: Device,
+    settings: &SessionSettings,
+) -> Result<(Session, Device)> {
+    let base = || -> Result<SessionBuilder> {
+        let mut b = Session::builder(&rt.env).map_err(|e| Error::Runtime(format!("session options: {e}")))?;
+        b = b
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| Error::Runtime(format!("{graph}: optimization level: {e}")))?;
+        if let Some(n) = settings.intra_threads {
+            b = b.with_intra_threads(n).map_err(|e| Error::Runtime(format!("{graph}: threads: {e}")))?;
+        }
+        Ok(b)
+    };
+    let commit = |mut b: SessionBuilder| -> Result<Session> {
+        b.commit_from_file(path)
+            .map_err(|e| Error::package(path, format!("ONNX Runtime could not load graph {graph}: {e}")))
+    };
+    if device == Device::Cpu {
+        return Ok((commit(base()?)?, Device::Cpu));
+    }
+    let with_provider = register_provider(base()?, device);
+    match with_provider {
+        Ok(b) => Ok((commit(b)?, device)),
+        Err(e) if settings.allow_cpu_fallback => {
+            let _ = e;
+            Ok((commit(base()?)?, Device::Cpu))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn register_provider(builder: SessionBuilder, device: Device) -> Result<SessionBuilder> {
+    let provider = device.provider_name();
+    let dispatch = match device {
+        Device::Cpu => return Ok(builder),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { device_id } => ort::ep::CUDA::default().with_device_id(device_id).build(),
+        #[cfg(feature = "tensorrt")]
+        Device::TensorRt { device_id } => ort::ep::TensorRT::default()
+            .with_device_id(device_id)
+            .with_engine_cache(true)
+            .with_timing_cache(true)
+            .build(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            return Err(Error::Provider {
+                provider: provider.into(),
+                message: format!("this zimage was built without the `{provider}` feature"),
+            })
+        }
+    };
+    builder.with_execution_providers([dispatch.error_on_failure()]).map_err(|e| Error::Provider {
+        provider: provider.into(),
+        message: format!(
+            "{e}. The loaded ONNX Runtime cannot run {provider}: it needs onnxruntime-gpu=={ORT_VERSION} \
+             (CUDA 13, cuDNN 9{}) with its provider libraries beside libonnxruntime, and a visible GPU",
+            if provider == "tensorrt" { ", TensorRT 10" } else { "" }
+        ),
+    })
+}

@@ -1,0 +1,98 @@
+//! Prompt → token ids (Qwen3 tokenizer and chat template) → caption features
+//! (`hidden_states[-2]` of the text encoder, real tokens only).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ndarray::{Array2, Axis};
+use ort::value::TensorRef;
+use tokenizers::Tokenizer;
+
+use crate::cancel::RunControl;
+use crate::error::{Error, Result};
+use crate::manifest::TextEncoderInfo;
+use crate::session::Graph;
+
+/// Token ids of one prompt after the chat template and truncation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedPrompt {
+    pub ids: Vec<u32>,
+    /// Number of tokens before truncation; larger than `ids.len()` when the prompt was cut.
+    pub full_length: usize,
+}
+
+impl TokenizedPrompt {
+    pub fn truncated(&self) -> bool {
+        self.full_length > self.ids.len()
+    }
+}
+
+/// Caption features of one prompt, reusable across generations (encode once, generate many).
+#[derive(Debug, Clone)]
+pub struct PromptEmbedding {
+    pub tokens: TokenizedPrompt,
+    /// `[tokens, caption_feature_width]`.
+    pub features: Arc<Array2<f32>>,
+}
+
+pub(crate) struct TextEncoder {
+    tokenizer: Tokenizer,
+    info: TextEncoderInfo,
+    pub graph: Graph,
+}
+
+impl TextEncoder {
+    pub fn new(tokenizer_path: &Path, info: TextEncoderInfo, graph: Graph) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
+        Ok(TextEncoder { tokenizer, info, graph })
+    }
+
+    pub fn default_max_sequence_length(&self) -> usize {
+        self.info.max_sequence_length
+    }
+
+    /// Applies the chat template, tokenizes, and keeps the first `max_sequence_length` ids
+    /// (template tokens included), as diffusers does.
+    pub fn tokenize(&self, prompt: &str, max_sequence_length: usize) -> Result<TokenizedPrompt> {
+        let (before, after) = self.info.prompt_template.split_once("{prompt}").expect("checked at load");
+        let text = format!("{before}{prompt}{after}");
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::invalid(format!("the prompt cannot be tokenized: {e}")))?;
+        let ids = encoding.get_ids();
+        let keep = ids.len().min(max_sequence_length);
+        Ok(TokenizedPrompt { ids: ids[..keep].to_vec(), full_length: ids.len() })
+    }
+
+    /// Runs the text encoder on the real tokens only (no padding: with causal attention and
+    /// right padding the features of real tokens are the same).
+    pub fn encode(&self, tokens: TokenizedPrompt, control: &RunControl, ort_time: &mut Duration) -> Result<PromptEmbedding> {
+        let n = tokens.ids.len();
+        if n == 0 {
+            return Err(Error::invalid("max_sequence_length leaves no tokens"));
+        }
+        let ids = Array2::from_shape_vec((1, n), tokens.ids.iter().map(|&i| i as i64).collect()).expect("shape");
+        let mask = Array2::<i64>::ones((1, n));
+        let inputs = vec![
+            ("input_ids", TensorRef::from_array_view(&ids).map_err(|e| Error::inference("text_encoder", e))?.into()),
+            ("attention_mask", TensorRef::from_array_view(&mask).map_err(|e| Error::inference("text_encoder", e))?.into()),
+        ];
+        let mut out = self.graph.run(inputs, &["hidden_states"], control, ort_time)?;
+        let hidden = out.remove(0);
+        let shape = hidden.shape().to_vec();
+        if shape.len() != 3 || shape[0] != 1 || shape[1] != n || shape[2] != self.info.hidden_size {
+            return Err(Error::inference("text_encoder", format!("unexpected output shape {shape:?}")));
+        }
+        let features = hidden
+            .index_axis_move(Axis(0), 0)
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("checked rank");
+        if features.iter().any(|v| !v.is_finite()) {
+            return Err(Error::inference("text_encoder", "non-finite caption features"));
+        }
+        Ok(PromptEmbedding { tokens, features: Arc::new(features) })
+    }
+}
