@@ -45,7 +45,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use image_io::{GrayImage, RgbImage};
 pub use manifest::Manifest;
 pub use pipeline::{
-    GenerateRequest, Generation, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings, MAX_IMAGES_PER_REQUEST,
+    GenerateRequest, Generation, InitImage, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings, MAX_IMAGES_PER_REQUEST,
     MAX_STEPS,
 };
 pub use runtime::Device;

@@ -10,7 +10,7 @@ use ndarray::{Array4, Axis, Ix4};
 use crate::cancel::{CancelHandle, Registry, RunControl};
 use crate::denoising::{CaptionBatch, Denoiser, Guidance};
 use crate::error::{Error, Result};
-use crate::image_io::{self, RgbImage};
+use crate::image_io::{self, GrayImage, RgbImage};
 use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
 use crate::runtime::{self, Device, SessionSettings};
@@ -92,6 +92,19 @@ pub struct GenerateRequest {
     pub latents: Option<Array4<f32>>,
     /// Return the final latents too.
     pub return_latents: bool,
+    /// Image-to-image or inpainting: start from this picture instead of pure noise.
+    pub init_image: Option<InitImage>,
+}
+
+/// The picture an image-to-image or inpainting request starts from.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// Must already have the request's width and height (see `image_io::resize_rgb`).
+    pub image: RgbImage,
+    /// Inpainting mask, same size as `image`: white (>= 128 after binarising) = repaint.
+    pub mask: Option<GrayImage>,
+    /// How much of the picture is re-generated, 0..=1 (1 = all of it).
+    pub strength: f32,
 }
 
 impl Default for GenerateRequest {
@@ -110,6 +123,7 @@ impl Default for GenerateRequest {
             max_sequence_length: None,
             latents: None,
             return_latents: false,
+            init_image: None,
         }
     }
 }
