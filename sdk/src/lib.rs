@@ -10,7 +10,8 @@
 //! - [`noise`]: seeded Gaussian noise identical to `torch.randn` on CPU;
 //! - [`scheduler`]: the flow-matching Euler schedule;
 //! - [`denoising`]: the transformer loop with classifier-free guidance;
-//! - [`vae`]: latents to pixels;
+//! - [`vae`]: latents to pixels and back;
+//! - `image_to_image`: starting latents for image-to-image and inpainting;
 //! - [`image_io`]: RGB8 conversion and PNG files;
 //! - [`pipeline`]: [`Pipeline`], tying them together.
 //!
@@ -30,6 +31,7 @@ pub mod cancel;
 pub mod denoising;
 pub mod error;
 pub mod image_io;
+mod image_to_image;
 pub mod manifest;
 pub mod noise;
 pub mod pipeline;

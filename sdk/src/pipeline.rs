@@ -11,6 +11,7 @@ use crate::cancel::{CancelHandle, Registry, RunControl};
 use crate::denoising::{CaptionBatch, Denoiser, Guidance};
 use crate::error::{Error, Result};
 use crate::image_io::{self, GrayImage, RgbImage};
+use crate::image_to_image::{self, Start};
 use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
 use crate::runtime::{self, Device, SessionSettings};
@@ -104,7 +105,7 @@ pub struct InitImage {
     /// Inpainting mask, same size as `image`: white (>= 128 after binarising) = repaint.
     pub mask: Option<GrayImage>,
     /// How much of the picture is re-generated, 0..=1 (1 = all of it).
-    pub strength: f32,
+    pub strength: f64,
 }
 
 impl Default for GenerateRequest {
@@ -313,22 +314,35 @@ impl Pipeline {
         let (positive, negative) = self.encode_request_prompts(request, plan.guidance.enabled(), &control, &mut timings, &mut ort_time)?;
 
         let seed = request.seed.unwrap_or_else(random_seed);
-        let mut latents = match &request.latents {
-            Some(l) => l.clone(),
-            None => {
-                let noise = TorchGenerator::new(seed).randn(&plan.latent_shape);
-                noise.into_dimensionality::<Ix4>().expect("4-d shape")
-            }
-        };
-
         let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
+        let start_state = match &request.init_image {
+            Some(init) => image_to_image::prepare(
+                &self.vae,
+                init,
+                &plan.latent_shape,
+                &schedule,
+                seed,
+                request.latents.as_ref(),
+                &control,
+                &mut ort_time,
+            )?,
+            None => Start {
+                latents: match &request.latents {
+                    Some(l) => l.clone(),
+                    None => TorchGenerator::new(seed).randn(&plan.latent_shape).into_dimensionality::<Ix4>().expect("4-d"),
+                },
+                first_step: 0,
+                inpaint: None,
+            },
+        };
+        let mut latents = start_state.latents;
         let count = plan.latent_shape[0];
         let pos_items: Vec<&PromptEmbedding> = std::iter::repeat_n(&positive, count).collect();
         let negative_batch = negative.as_ref().map(|n| CaptionBatch::new(&std::iter::repeat_n(n, count).collect::<Vec<_>>()));
         let denoiser = Denoiser {
             transformer: &self.transformer,
             schedule: &schedule,
-            first_step: 0,
+            first_step: start_state.first_step,
             guidance: plan.guidance,
             positive: CaptionBatch::new(&pos_items),
             negative: negative_batch,
@@ -339,7 +353,13 @@ impl Pipeline {
                 None => true,
             }
         };
-        denoiser.run(&mut latents, &control, &mut ort_time, &mut timings.denoise_steps, &mut on_step, &mut |_, _| {})?;
+        let inpaint = start_state.inpaint;
+        let mut after_step = |step: usize, latents: &mut Array4<f32>| {
+            if let Some(blend) = &inpaint {
+                blend.apply(step, &schedule, latents);
+            }
+        };
+        denoiser.run(&mut latents, &control, &mut ort_time, &mut timings.denoise_steps, &mut on_step, &mut after_step)?;
 
         let decode_start = Instant::now();
         let decoded = self.vae.decode(&latents, &control, &mut ort_time)?;
@@ -445,6 +465,10 @@ impl Pipeline {
             if l.iter().any(|v| !v.is_finite()) {
                 return Err(Error::invalid("latents hold non-finite values"));
             }
+        }
+        if let Some(init) = &r.init_image {
+            image_to_image::check(init, r.width, r.height)?;
+            image_to_image::first_step(r.steps as usize, init.strength)?;
         }
         let p = m.transformer.patch_size;
         Ok(Plan {

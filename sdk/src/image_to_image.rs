@@ -1,0 +1,195 @@
+//! Image-to-image and inpainting: the starting latents from an input picture, and the
+//! per-step re-imposition of the kept region, in diffusers' order of random draws
+//! (img2img: VAE sample, then noise; inpaint with caller latents: noise, then VAE sample).
+
+use std::time::Duration;
+
+use ndarray::{s, Array2, Array4, Axis, Ix4, Zip};
+
+use crate::cancel::RunControl;
+use crate::error::{Error, Result};
+use crate::image_io;
+use crate::noise::TorchGenerator;
+use crate::pipeline::InitImage;
+use crate::scheduler::Schedule;
+use crate::vae::Vae;
+
+/// Where denoising starts, and what inpainting needs after each step.
+pub(crate) struct Start {
+    pub latents: Array4<f32>,
+    pub first_step: usize,
+    pub inpaint: Option<InpaintBlend>,
+}
+
+/// diffusers' `get_timesteps`: the index of the first step that runs for this strength.
+pub(crate) fn first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(Error::invalid(format!("strength must be within [0, 1] (got {strength})")));
+    }
+    let init = (steps as f64 * strength).min(steps as f64);
+    let start = (steps as f64 - init).max(0.0) as usize;
+    if start >= steps {
+        return Err(Error::invalid(format!(
+            "strength {strength} with {steps} steps leaves no denoising step; raise strength or steps"
+        )));
+    }
+    Ok(start)
+}
+
+/// Checks the input picture and mask against the request's size.
+pub(crate) fn check(init: &InitImage, width: u32, height: u32) -> Result<()> {
+    init.image.check()?;
+    if (init.image.width, init.image.height) != (width, height) {
+        return Err(Error::invalid(format!(
+            "init image is {}x{} but the request is {width}x{height}; resize it first (image_io::resize_rgb)",
+            init.image.width, init.image.height
+        )));
+    }
+    if let Some(mask) = &init.mask {
+        mask.check()?;
+        if (mask.width, mask.height) != (width, height) {
+            return Err(Error::invalid(format!(
+                "mask is {}x{} but the init image is {width}x{height}; they must be the same size",
+                mask.width, mask.height
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the starting latents `[K, C, h, w]` for an img2img or inpaint request.
+pub(crate) fn prepare(
+    vae: &Vae,
+    init: &InitImage,
+    shape: &[usize],
+    schedule: &Schedule,
+    seed: u64,
+    caller_latents: Option<&Array4<f32>>,
+    control: &RunControl,
+    ort_time: &mut Duration,
+) -> Result<Start> {
+    let steps = schedule.len();
+    let first = first_step(steps, init.strength)?;
+    let mut generator = TorchGenerator::new(seed);
+    let count = shape[0];
+    let latent_shape = [1, shape[1], shape[2], shape[3]];
+    let sigma = schedule.sigmas[first];
+
+    let Some(mask) = &init.mask else {
+        // img2img: caller latents replace the whole preparation, as in diffusers.
+        if let Some(l) = caller_latents {
+            return Ok(Start { latents: l.clone(), first_step: first, inpaint: None });
+        }
+        let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+        let noise = draw(&mut generator, shape);
+        let latents = scale_noise(&broadcast(&image_latents, count), &noise, sigma);
+        return Ok(Start { latents, first_step: first, inpaint: None });
+    };
+
+    let (latents, noise, image_latents) = match caller_latents {
+        Some(l) => {
+            let noise = draw(&mut generator, shape);
+            let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+            (l.clone(), noise, image_latents)
+        }
+        None => {
+            let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+            let noise = draw(&mut generator, shape);
+            (scale_noise(&broadcast(&image_latents, count), &noise, sigma), noise, image_latents)
+        }
+    };
+    let blend = InpaintBlend {
+        image_latents: broadcast(&image_latents, count),
+        noise,
+        mask: latent_mask(mask, shape[2], shape[3]),
+    };
+    Ok(Start { latents, first_step: first, inpaint: Some(blend) })
+}
+
+fn draw(generator: &mut TorchGenerator, shape: &[usize]) -> Array4<f32> {
+    generator.randn(shape).into_dimensionality::<Ix4>().expect("4-d shape")
+}
+
+/// VAE-encodes the picture and samples its latent distribution with the generator's next
+/// draw, then applies the package's shift and scale: `(z - shift) * scaling`.
+fn encode(
+    vae: &Vae,
+    init: &InitImage,
+    latent_shape: &[usize; 4],
+    generator: &mut TorchGenerator,
+    control: &RunControl,
+    ort_time: &mut Duration,
+) -> Result<Array4<f32>> {
+    let pixels = image_io::to_model_input(&init.image);
+    let (mean, logvar) = vae.encode(&pixels, control, ort_time)?;
+    if mean.shape() != latent_shape {
+        return Err(Error::inference("vae_encoder", format!("latent shape {:?}, expected {latent_shape:?}", mean.shape())));
+    }
+    let sample = draw(generator, latent_shape);
+    let shift = vae.info.shift_factor as f32;
+    let scaling = vae.info.scaling_factor as f32;
+    let mut z = Array4::<f32>::zeros(mean.raw_dim());
+    Zip::from(&mut z).and(&mean).and(&logvar).and(&sample).for_each(|z, &m, &lv, &e| {
+        let std = (0.5f32 * lv).exp();
+        *z = (m + std * e - shift) * scaling;
+    });
+    Ok(z)
+}
+
+/// The same latents for each of `count` images.
+fn broadcast(one: &Array4<f32>, count: usize) -> Array4<f32> {
+    let views: Vec<_> = (0..count).map(|_| one.view()).collect();
+    ndarray::concatenate(Axis(0), &views).expect("same shapes")
+}
+
+/// Flow-matching forward process: `sigma * noise + (1 - sigma) * sample`.
+fn scale_noise(sample: &Array4<f32>, noise: &Array4<f32>, sigma: f32) -> Array4<f32> {
+    let mut out = Array4::<f32>::zeros(sample.raw_dim());
+    Zip::from(&mut out).and(sample).and(noise).for_each(|o, &x, &n| *o = sigma * n + (1.0f32 - sigma) * x);
+    out
+}
+
+/// Binarises the mask (>= 0.5 after /255 means repaint) and resizes it to the latent grid
+/// with torch's nearest-neighbour rule (`floor(dst * in / out)` in float32).
+pub(crate) fn latent_mask(mask: &crate::image_io::GrayImage, h: usize, w: usize) -> Array2<f32> {
+    let (mh, mw) = (mask.height as usize, mask.width as usize);
+    let scale_y = mh as f32 / h as f32;
+    let scale_x = mw as f32 / w as f32;
+    Array2::from_shape_fn((h, w), |(y, x)| {
+        let sy = ((y as f32 * scale_y).floor() as usize).min(mh - 1);
+        let sx = ((x as f32 * scale_x).floor() as usize).min(mw - 1);
+        let v = mask.pixels[sy * mw + sx] as f32 / 255.0;
+        if v >= 0.5 {
+            1.0
+        } else {
+            0.0
+        }
+    })
+}
+
+/// Inpainting's per-step blend: outside the mask, the input picture noised to the next
+/// step's level (clean at the last step).
+pub(crate) struct InpaintBlend {
+    image_latents: Array4<f32>,
+    noise: Array4<f32>,
+    mask: Array2<f32>,
+}
+
+impl InpaintBlend {
+    pub fn apply(&self, step: usize, schedule: &Schedule, latents: &mut Array4<f32>) {
+        let known = if step + 1 < schedule.len() {
+            scale_noise(&self.image_latents, &self.noise, schedule.sigmas[step + 1])
+        } else {
+            self.image_latents.clone()
+        };
+        for (mut item, known_item) in latents.outer_iter_mut().zip(known.outer_iter()) {
+            for c in 0..item.shape()[0] {
+                let mut channel = item.slice_mut(s![c, .., ..]);
+                Zip::from(&mut channel)
+                    .and(&known_item.slice(s![c, .., ..]))
+                    .and(&self.mask)
+                    .for_each(|x, &k, &m| *x = (1.0f32 - m) * k + m * *x);
+            }
+        }
+    }
+}
