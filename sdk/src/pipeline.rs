@@ -428,6 +428,35 @@ impl Pipeline {
         Ok(())
     }
 
+    /// One transformer forward on caller-built inputs: `latents [B,C,h,w]`, `timestep [B]`
+    /// (already `(1000 - t)/1000`), caption features `[B,L,D]` and their mask `[B,L]`.
+    /// Low-level: for checking a package against a reference, not needed to generate.
+    pub fn transformer_forward(
+        &self,
+        latents: &Array4<f32>,
+        timestep: &ndarray::Array1<f32>,
+        cap_feats: &ndarray::Array3<f32>,
+        cap_mask: &ndarray::Array2<bool>,
+    ) -> Result<Array4<f32>> {
+        use ort::value::TensorRef;
+        let b = latents.shape()[0];
+        let t = &self.manifest.transformer;
+        if timestep.len() != b || cap_feats.shape()[0] != b || cap_mask.dim() != (b, cap_feats.shape()[1]) || cap_feats.shape()[2] != t.cap_feat_dim || latents.shape()[1] != t.in_channels {
+            return Err(Error::invalid("transformer_forward: inconsistent input shapes"));
+        }
+        let control = self.registry.begin()?;
+        let err = |e: ort::Error| Error::inference("transformer", e);
+        let inputs = vec![
+            ("latents", TensorRef::from_array_view(latents).map_err(err)?.into()),
+            ("timestep", TensorRef::from_array_view(timestep).map_err(err)?.into()),
+            ("cap_feats", TensorRef::from_array_view(cap_feats).map_err(err)?.into()),
+            ("cap_mask", TensorRef::from_array_view(cap_mask).map_err(err)?.into()),
+        ];
+        let mut ort_time = Duration::ZERO;
+        let out = self.transformer.run(inputs, &["noise_pred"], &control, &mut ort_time)?.remove(0);
+        out.into_dimensionality::<Ix4>().map_err(|e| Error::inference("transformer", e))
+    }
+
     /// Checks a request against the package and derives its shapes.
     fn plan(&self, r: &GenerateRequest) -> Result<Plan> {
         let m = &self.manifest;

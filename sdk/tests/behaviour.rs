@@ -1,0 +1,242 @@
+//! Behaviour on the tiny package that a caller relies on: typed errors for every kind of
+//! bad input, cancellation, encode-once prompts, and sharing one pipeline between threads.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use zimage::{Device, ErrorKind, GenerateRequest, InitImage, LoadOptions, Pipeline, Prompt};
+
+fn small(prompt: &str) -> GenerateRequest {
+    let mut r = GenerateRequest::new(prompt);
+    r.width = 64;
+    r.height = 64;
+    r.steps = 3;
+    r.seed = Some(7);
+    r.return_latents = true;
+    r
+}
+
+fn kind_of(result: zimage::Result<impl Sized>) -> ErrorKind {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.kind(),
+    }
+}
+
+#[test]
+fn invalid_requests_are_refused_with_their_kind() {
+    let p = pipeline("tiny-zimage");
+    let cases: Vec<(&str, Box<dyn Fn(&mut GenerateRequest)>)> = vec![
+        ("width not a multiple of 16", Box::new(|r| r.width = 72)),
+        ("zero height", Box::new(|r| r.height = 0)),
+        ("beyond the RoPE limit", Box::new(|r| r.width = 16 * 4096)),
+        ("zero steps", Box::new(|r| r.steps = 0)),
+        ("too many steps", Box::new(|r| r.steps = 1001)),
+        ("NaN guidance", Box::new(|r| r.guidance_scale = f32::NAN)),
+        ("infinite truncation", Box::new(|r| r.cfg_truncation = f32::INFINITY)),
+        ("negative guidance", Box::new(|r| r.guidance_scale = -1.0)),
+        ("zero images", Box::new(|r| r.count = 0)),
+        ("65 images", Box::new(|r| r.count = 65)),
+        ("max_sequence_length 0", Box::new(|r| r.max_sequence_length = Some(0))),
+        ("max_sequence_length over the caption limit", Box::new(|r| r.max_sequence_length = Some(100_000))),
+        ("latents of the wrong shape", Box::new(|r| r.latents = Some(ndarray::Array4::zeros((1, 16, 4, 4))))),
+        ("non-finite latents", Box::new(|r| r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), f32::NAN)))),
+    ];
+    for (name, edit) in cases {
+        let mut r = small("a cat");
+        edit(&mut r);
+        assert_eq!(kind_of(p.generate(&r, None)), ErrorKind::InvalidRequest, "{name}");
+    }
+}
+
+#[test]
+fn image_to_image_inputs_are_checked() {
+    let p = pipeline("tiny-zimage");
+    let image = zimage::RgbImage { width: 64, height: 64, pixels: vec![128; 64 * 64 * 3] };
+    let with = |init: InitImage| {
+        let mut r = small("a cat");
+        r.init_image = Some(init);
+        p.generate(&r, None)
+    };
+    let base = InitImage { image: image.clone(), mask: None, strength: 0.5 };
+    assert_eq!(kind_of(with(InitImage { strength: 1.5, ..base.clone() })), ErrorKind::InvalidRequest);
+    assert_eq!(kind_of(with(InitImage { strength: -0.1, ..base.clone() })), ErrorKind::InvalidRequest);
+    assert_eq!(kind_of(with(InitImage { strength: 0.0, ..base.clone() })), ErrorKind::InvalidRequest, "no steps left");
+    let wrong_mask = zimage::GrayImage { width: 32, height: 64, pixels: vec![255; 32 * 64] };
+    assert_eq!(kind_of(with(InitImage { mask: Some(wrong_mask), ..base.clone() })), ErrorKind::InvalidRequest);
+    let short = zimage::RgbImage { width: 64, height: 64, pixels: vec![0; 10] };
+    assert_eq!(kind_of(with(InitImage { image: short, ..base.clone() })), ErrorKind::Image);
+    let other_size = zimage::RgbImage { width: 32, height: 32, pixels: vec![0; 32 * 32 * 3] };
+    assert_eq!(kind_of(with(InitImage { image: other_size, ..base })), ErrorKind::InvalidRequest);
+}
+
+#[test]
+fn corrupt_and_empty_images_give_image_errors() {
+    assert_eq!(kind_of(zimage::image_io::decode_rgb(b"")), ErrorKind::Image);
+    assert_eq!(kind_of(zimage::image_io::decode_rgb(b"definitely not a picture")), ErrorKind::Image);
+    let mut png = std::fs::read(repo().join("tests/golden/tiny-zimage/t2i").read_dir().unwrap().next().unwrap().unwrap().path().join("image_0.png")).unwrap();
+    png.truncate(png.len() / 2);
+    assert_eq!(kind_of(zimage::image_io::decode_rgb(&png)), ErrorKind::Image);
+    let missing = repo().join("no/such/file.png");
+    assert_eq!(kind_of(zimage::image_io::load_rgb(&missing)), ErrorKind::Io);
+}
+
+#[test]
+fn package_problems_are_package_errors() {
+    let options = LoadOptions::default();
+    assert_eq!(kind_of(Pipeline::load(repo().join("models/does-not-exist"), &options)), ErrorKind::Package);
+
+    let source = repo().join("models/tiny-zimage");
+    let manifest: serde_json::Value = json(&source.join("manifest.json"));
+    let variants: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("future format version", Box::new(|m| m["format_version"] = 99.into())),
+        ("wrong size", Box::new(|m| m["graphs"]["vae_decoder"]["bytes"] = 12.into())),
+        ("wrong checksum", Box::new(|m| m["graphs"]["vae_decoder"]["sha256"] = "00".repeat(32).into())),
+        ("escaping path", Box::new(|m| m["tokenizer"]["path"] = "../tiny-zimage/tokenizer.json".into())),
+        ("renamed graph input", Box::new(|m| m["graphs"]["transformer"]["inputs"][0]["name"] = "x".into())),
+        ("mismatched channels", Box::new(|m| m["vae"]["latent_channels"] = 3.into())),
+    ];
+    for (name, edit) in variants {
+        let dir = tempdir(name);
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "manifest.json" {
+                std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+        }
+        let mut m = manifest.clone();
+        edit(&mut m);
+        std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+        let err = Pipeline::load(&dir, &options).err().unwrap_or_else(|| panic!("{name}: loaded"));
+        assert_eq!(err.kind(), ErrorKind::Package, "{name}: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("zimage-test-{}-{}", std::process::id(), name.replace(' ', "-")));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn cuda_on_the_cpu_runtime_is_a_provider_error() {
+    pipeline("tiny-zimage"); // the runtime is loaded
+    let options = LoadOptions { device: Device::Cuda { device_id: 0 }, ..Default::default() };
+    let err = Pipeline::load(repo().join("models/tiny-zimage"), &options).err().expect("CUDA is not in the CPU runtime");
+    assert_eq!(err.kind(), ErrorKind::Provider, "{err}");
+    assert!(err.to_string().contains("onnxruntime-gpu"), "{err}");
+    let fallback = LoadOptions { allow_cpu_fallback: true, ..options };
+    let p = Pipeline::load(repo().join("models/tiny-zimage"), &fallback).unwrap();
+    assert_eq!(p.providers().transformer, Device::Cpu);
+}
+
+#[test]
+fn exploding_latents_are_an_inference_error() {
+    let p = pipeline("tiny-zimage");
+    let mut r = small("a cat");
+    r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), 3.0e38));
+    assert_eq!(kind_of(p.generate(&r, None)), ErrorKind::Inference);
+}
+
+#[test]
+fn progress_callback_can_stop_and_the_pipeline_stays_usable() {
+    let p = pipeline("tiny-zimage");
+    let reference = p.generate(&small("a lighthouse"), None).unwrap();
+    let mut seen = Vec::new();
+    let mut stop_after_two = |progress: &zimage::Progress| {
+        seen.push((progress.step, progress.total_steps));
+        progress.step < 2
+    };
+    assert_eq!(kind_of(p.generate(&small("a lighthouse"), Some(&mut stop_after_two))), ErrorKind::Cancelled);
+    assert_eq!(seen, vec![(1, 3), (2, 3)]);
+    let again = p.generate(&small("a lighthouse"), None).unwrap();
+    assert_eq!(again.images, reference.images);
+}
+
+#[test]
+fn cancel_handle_stops_a_run_from_another_thread() {
+    let p = pipeline("tiny-zimage");
+    let handle = p.cancel_handle();
+    let steps_seen = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&steps_seen);
+    let mut r = small("a lighthouse");
+    r.steps = 50;
+    let mut on_progress = |progress: &zimage::Progress| {
+        seen.store(progress.step, Ordering::SeqCst);
+        if progress.step == 2 {
+            // Cancel from a different thread while this generation is in flight.
+            let h = handle.clone();
+            std::thread::spawn(move || h.cancel()).join().unwrap();
+        }
+        true
+    };
+    assert_eq!(kind_of(p.generate(&r, Some(&mut on_progress))), ErrorKind::Cancelled);
+    assert!(steps_seen.load(Ordering::SeqCst) < 50);
+    let reference = p.generate(&small("a lighthouse"), None).unwrap();
+    assert_eq!(reference.images.len(), 1);
+}
+
+#[test]
+fn encoded_prompts_give_the_same_image_as_text() {
+    let p = pipeline("tiny-zimage");
+    let from_text = p.generate(&small("a red bicycle"), None).unwrap();
+    let embedding = p.encode_prompt("a red bicycle", None).unwrap();
+    let mut r = small("");
+    r.prompt = Prompt::Embedded(embedding);
+    let from_embedding = p.generate(&r, None).unwrap();
+    assert_eq!(from_text.images, from_embedding.images);
+    assert_eq!(from_text.latents, from_embedding.latents);
+}
+
+#[test]
+fn missing_seed_is_drawn_and_reported() {
+    let p = pipeline("tiny-zimage");
+    let mut r = small("a cat");
+    r.seed = None;
+    let first = p.generate(&r, None).unwrap();
+    r.seed = Some(first.seed);
+    let replay = p.generate(&r, None).unwrap();
+    assert_eq!(first.images, replay.images);
+}
+
+#[test]
+fn long_prompts_report_truncation() {
+    let p = pipeline("tiny-zimage");
+    let long = "a very long prompt about many things ".repeat(100);
+    let result = p.generate(&small(&long), None).unwrap();
+    assert!(result.prompt_truncated());
+    assert_eq!(result.prompt_tokens.ids.len(), 512);
+    assert!(!p.generate(&small("short"), None).unwrap().prompt_truncated());
+}
+
+#[test]
+fn two_threads_on_one_pipeline_match_sequential_runs() {
+    let p = pipeline("tiny-zimage");
+    let requests = [small("a castle on a hill"), {
+        let mut r = small("a boat");
+        r.guidance_scale = 3.0;
+        r.seed = Some(99);
+        r
+    }];
+    let sequential: Vec<_> = requests.iter().map(|r| p.generate(r, None).unwrap()).collect();
+    let parallel: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests.iter().map(|r| s.spawn(move || p.generate(r, None).unwrap())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, b) in sequential.iter().zip(&parallel) {
+        assert_eq!(a.images, b.images);
+        assert_eq!(a.latents, b.latents);
+    }
+}
+
+#[test]
+fn writing_into_a_missing_folder_is_an_io_error() {
+    let image = zimage::RgbImage { width: 1, height: 1, pixels: vec![0, 0, 0] };
+    let err = zimage::image_io::write_png(&repo().join("no/such/dir/x.png"), &image, &[]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io);
+}

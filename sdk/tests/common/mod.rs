@@ -1,0 +1,66 @@
+//! Shared helpers for the integration tests: paths, golden files, comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ndarray::{Array4, ArrayD};
+use serde_json::Value;
+use zimage::{LoadOptions, Pipeline};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn golden(rel: &str) -> PathBuf {
+    repo().join("tests/golden").join(rel)
+}
+
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn npy_f32(path: &Path) -> ArrayD<f32> {
+    ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn png_rgb(path: &Path) -> zimage::RgbImage {
+    zimage::image_io::load_rgb(path).unwrap()
+}
+
+/// One pipeline per package per test binary: loading is the slow part.
+pub fn pipeline(package: &str) -> &'static Pipeline {
+    static A: OnceLock<Pipeline> = OnceLock::new();
+    static B: OnceLock<Pipeline> = OnceLock::new();
+    let cell = match package {
+        "tiny-zimage" => &A,
+        "tiny-zimage-alt" => &B,
+        other => panic!("unknown package {other}"),
+    };
+    cell.get_or_init(|| {
+        let options = LoadOptions { threads: Some(1), ..Default::default() };
+        Pipeline::load(repo().join("models").join(package), &options).expect("load package")
+    })
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(a.len(), reference.len());
+    let num: f64 = a.iter().zip(reference).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = reference.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+pub fn max_pixel_diff(a: &zimage::RgbImage, b: &zimage::RgbImage) -> u8 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.pixels.iter().zip(&b.pixels).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+pub fn as4(a: ArrayD<f32>) -> Array4<f32> {
+    a.into_dimensionality().unwrap()
+}

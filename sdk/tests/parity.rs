@@ -1,0 +1,136 @@
+//! Parity with diffusers on the committed tiny packages: token ids, text features, one
+//! transformer forward, and whole generations (text-to-image, image-to-image, inpainting).
+
+mod common;
+
+use common::*;
+use ndarray::{Array1, Array2, Array3};
+use serde_json::Value;
+use zimage::{GenerateRequest, InitImage, Prompt};
+
+const PACKAGES: [&str; 2] = ["tiny-zimage", "tiny-zimage-alt"];
+
+fn cases(package: &str) -> Value {
+    json(&golden(&format!("{package}/cases.json")))
+}
+
+fn file(package: &str, rel: &Value) -> std::path::PathBuf {
+    golden(package).join(rel.as_str().unwrap())
+}
+
+#[test]
+fn token_ids_are_exact() {
+    let pipeline = pipeline("tiny-zimage");
+    let cases = json(&golden("common/tokens.json"));
+    assert!(cases.as_array().unwrap().len() >= 6);
+    for case in cases.as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let max = case["max_sequence_length"].as_u64().unwrap() as usize;
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = pipeline.tokenize(prompt, Some(max)).unwrap();
+        assert_eq!(got.ids, want, "token ids of case {}", case["name"]);
+        assert_eq!(got.truncated(), got.full_length > max, "{}", case["name"]);
+    }
+}
+
+#[test]
+fn text_features_match() {
+    for package in PACKAGES {
+        let pipeline = pipeline(package);
+        for case in cases(package)["text_features"].as_array().unwrap() {
+            let max = case["max_sequence_length"].as_u64().unwrap() as usize;
+            let embedding = pipeline.encode_prompt(case["prompt"].as_str().unwrap(), Some(max)).unwrap();
+            let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            assert_eq!(embedding.tokens.ids, ids);
+            let want = npy_f32(&file(package, &case["features_file"]));
+            assert_eq!(embedding.features.shape(), want.shape());
+            let err = rel_l2(embedding.features.as_slice().unwrap(), want.as_slice().unwrap());
+            assert!(err <= 1e-5, "{package}: text features rel err {err}");
+        }
+    }
+}
+
+#[test]
+fn transformer_forward_matches_with_unequal_captions() {
+    for package in PACKAGES {
+        let pipeline = pipeline(package);
+        let case = &cases(package)["transformer_forward"];
+        let latents = as4(npy_f32(&file(package, &case["latents_file"])));
+        let timestep: Array1<f32> = npy_f32(&file(package, &case["timestep_file"])).into_dimensionality().unwrap();
+        let cap_feats: Array3<f32> = npy_f32(&file(package, &case["cap_feats_file"])).into_dimensionality().unwrap();
+        let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(package, &case["cap_mask_file"])).unwrap();
+        let want = npy_f32(&file(package, &case["output_file"]));
+        let got = pipeline.transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(err <= 1e-5, "{package}: transformer rel err {err}");
+    }
+}
+
+fn request_from(case: &Value) -> GenerateRequest {
+    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
+    r.negative_prompt = case["negative_prompt"].as_str().map(|s| Prompt::Text(s.to_string()));
+    r.width = case["width"].as_u64().unwrap() as u32;
+    r.height = case["height"].as_u64().unwrap() as u32;
+    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
+    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
+    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
+    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32;
+    r.seed = Some(case["seed"].as_u64().unwrap());
+    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
+    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.return_latents = true;
+    r
+}
+
+/// Runs every case of one kind and checks final latents (max abs <= 1e-4) and images
+/// (max 1 level).
+fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
+    let pipeline = pipeline(package);
+    let all = cases(package);
+    let Some(list) = all[kind].as_array() else { return 0 };
+    for case in list {
+        let name = case["name"].as_str().unwrap();
+        let mut request = request_from(case);
+        if with_init {
+            request.init_image = Some(InitImage {
+                image: png_rgb(&file(package, &case["init_image_file"])),
+                mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(package, m)).unwrap()),
+                strength: case["strength"].as_f64().unwrap(),
+            });
+        }
+        let result = pipeline.generate(&request, None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
+        let want = npy_f32(&file(package, &case["latents_file"]));
+        let got = result.latents.as_ref().unwrap();
+        assert_eq!(got.shape(), want.shape(), "{package}/{name}");
+        let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(diff <= 1e-4, "{package}/{name}: final latents max abs diff {diff}");
+        let images = case["image_files"].as_array().unwrap();
+        assert_eq!(result.images.len(), images.len(), "{package}/{name}");
+        for (got, path) in result.images.iter().zip(images) {
+            let want = png_rgb(&file(package, path));
+            let d = max_pixel_diff(got, &want);
+            assert!(d <= 1, "{package}/{name}: image differs by {d} levels");
+        }
+    }
+    list.len()
+}
+
+#[test]
+fn text_to_image_matches_diffusers() {
+    let mut n = 0;
+    for package in PACKAGES {
+        n += check_generations(package, "text_to_image", false);
+    }
+    assert!(n >= 9, "expected the golden text-to-image cases, found {n}");
+}
+
+#[test]
+fn image_to_image_matches_diffusers() {
+    assert!(check_generations("tiny-zimage", "image_to_image", true) >= 3);
+}
+
+#[test]
+fn inpainting_matches_diffusers() {
+    assert!(check_generations("tiny-zimage", "inpaint", true) >= 2);
+}
