@@ -69,8 +69,10 @@ pub(crate) struct Denoiser<'a> {
     /// Index of the first step to run (img2img starts part-way).
     pub first_step: usize,
     pub guidance: Guidance,
+    /// Captions of the conditional batch.
     pub positive: CaptionBatch,
-    pub negative: Option<CaptionBatch>,
+    /// With guidance: conditional then unconditional captions, padded to one length.
+    pub positive_and_negative: Option<CaptionBatch>,
 }
 
 impl Denoiser<'_> {
@@ -85,20 +87,15 @@ impl Denoiser<'_> {
         after_step: &mut AfterStep<'_>,
     ) -> Result<()> {
         let total = self.schedule.len() - self.first_step;
-        // Both caption batches are built once; with guidance on, positive then negative.
-        let both = self.negative.as_ref().map(|neg| CaptionBatch {
-            feats: concatenate![Axis(0), self.positive.feats, neg.feats],
-            mask: concatenate![Axis(0), self.positive.mask, neg.mask],
-        });
         for (done, i) in (self.first_step..self.schedule.len()).enumerate() {
             control.check()?;
             let start = Instant::now();
             let t_norm = self.schedule.model_timestep(i);
             let scale = self.guidance.scale_at(t_norm);
-            let apply_cfg = self.guidance.enabled() && scale > 0.0 && both.is_some();
+            let apply_cfg = self.guidance.enabled() && scale > 0.0 && self.positive_and_negative.is_some();
             let prediction = if apply_cfg {
                 let input = concatenate![Axis(0), latents.view(), latents.view()];
-                let out = self.forward(&input, t_norm, both.as_ref().expect("checked"), control, ort_time)?;
+                let out = self.forward(&input, t_norm, self.positive_and_negative.as_ref().expect("checked"), control, ort_time)?;
                 let batch = latents.shape()[0];
                 guide(out.slice(s![..batch, .., .., ..]), out.slice(s![batch.., .., .., ..]), scale, self.guidance.normalization)
             } else {

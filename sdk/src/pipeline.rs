@@ -337,15 +337,19 @@ impl Pipeline {
         };
         let mut latents = start_state.latents;
         let count = plan.latent_shape[0];
-        let pos_items: Vec<&PromptEmbedding> = std::iter::repeat_n(&positive, count).collect();
-        let negative_batch = negative.as_ref().map(|n| CaptionBatch::new(&std::iter::repeat_n(n, count).collect::<Vec<_>>()));
+        let positive_items: Vec<&PromptEmbedding> = std::iter::repeat_n(&positive, count).collect();
+        let positive_and_negative = negative.as_ref().map(|n| {
+            let mut items = positive_items.clone();
+            items.extend(std::iter::repeat_n(n, count));
+            CaptionBatch::new(&items)
+        });
         let denoiser = Denoiser {
             transformer: &self.transformer,
             schedule: &schedule,
             first_step: start_state.first_step,
             guidance: plan.guidance,
-            positive: CaptionBatch::new(&pos_items),
-            negative: negative_batch,
+            positive: CaptionBatch::new(&positive_items),
+            positive_and_negative,
         };
         let mut on_step = |step: usize, total: usize| -> bool {
             match progress.as_deref_mut() {
