@@ -12,6 +12,7 @@ use crate::image_io;
 use crate::noise::TorchGenerator;
 use crate::pipeline::InitImage;
 use crate::scheduler::Schedule;
+use crate::session::Graph;
 use crate::vae::Vae;
 
 /// Where denoising starts, and what inpainting needs after each step.
@@ -60,6 +61,7 @@ pub(crate) fn check(init: &InitImage, width: u32, height: u32) -> Result<()> {
 /// Builds the starting latents `[K, C, h, w]` for an img2img or inpaint request.
 pub(crate) fn prepare(
     vae: &Vae,
+    encoder: &Graph,
     init: &InitImage,
     shape: &[usize],
     schedule: &Schedule,
@@ -80,7 +82,7 @@ pub(crate) fn prepare(
         if let Some(l) = caller_latents {
             return Ok(Start { latents: l.clone(), first_step: first, inpaint: None });
         }
-        let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+        let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
         let noise = draw(&mut generator, shape);
         let latents = scale_noise(&broadcast(&image_latents, count), &noise, sigma);
         return Ok(Start { latents, first_step: first, inpaint: None });
@@ -89,11 +91,11 @@ pub(crate) fn prepare(
     let (latents, noise, image_latents) = match caller_latents {
         Some(l) => {
             let noise = draw(&mut generator, shape);
-            let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
             (l.clone(), noise, image_latents)
         }
         None => {
-            let image_latents = encode(vae, init, &latent_shape, &mut generator, control, ort_time)?;
+            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
             let noise = draw(&mut generator, shape);
             (scale_noise(&broadcast(&image_latents, count), &noise, sigma), noise, image_latents)
         }
@@ -114,6 +116,7 @@ fn draw(generator: &mut TorchGenerator, shape: &[usize]) -> Array4<f32> {
 /// draw, then applies the package's shift and scale: `(z - shift) * scaling`.
 fn encode(
     vae: &Vae,
+    encoder: &Graph,
     init: &InitImage,
     latent_shape: &[usize; 4],
     generator: &mut TorchGenerator,
@@ -121,7 +124,7 @@ fn encode(
     ort_time: &mut Duration,
 ) -> Result<Array4<f32>> {
     let pixels = image_io::to_model_input(&init.image);
-    let (mean, logvar) = vae.encode(&pixels, control, ort_time)?;
+    let (mean, logvar) = vae.encode(encoder, &pixels, control, ort_time)?;
     if mean.shape() != latent_shape {
         return Err(Error::inference("vae_encoder", format!("latent shape {:?}, expected {latent_shape:?}", mean.shape())));
     }

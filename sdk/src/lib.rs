@@ -51,6 +51,7 @@ pub use pipeline::{
     MAX_STEPS,
 };
 pub use runtime::Device;
+pub use session::MemoryMode;
 pub use text_encoding::{PromptEmbedding, TokenizedPrompt};
 
 /// The zimage version (from Cargo).

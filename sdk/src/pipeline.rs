@@ -16,7 +16,7 @@ use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
 use crate::runtime::{self, Device, SessionSettings};
 use crate::scheduler::Schedule;
-use crate::session::Graph;
+use crate::session::{Graph, GraphSlot, MemoryMode};
 use crate::text_encoding::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::vae::Vae;
 
@@ -36,6 +36,8 @@ pub struct LoadOptions {
     pub verify_checksums: bool,
     /// Fall back to CPU when the requested provider cannot be set up, instead of failing.
     pub allow_cpu_fallback: bool,
+    /// Keep every graph loaded, or load each for its stage only.
+    pub memory_mode: MemoryMode,
 }
 
 /// Caps that keep a request within what the graphs and memory can hold.
@@ -191,8 +193,11 @@ pub struct Pipeline {
     dir: PathBuf,
     manifest: Manifest,
     text: TextEncoder,
-    transformer: Graph,
     vae: Vae,
+    text_encoder: GraphSlot,
+    transformer: GraphSlot,
+    vae_decoder: GraphSlot,
+    vae_encoder: GraphSlot,
     registry: Arc<Registry>,
     load_time: Duration,
     runtime_library: PathBuf,
@@ -212,28 +217,25 @@ impl Pipeline {
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         let settings = SessionSettings { intra_threads: options.threads, allow_cpu_fallback: options.allow_cpu_fallback };
-        let graph = |name: &'static str, device: Device| -> Result<Graph> {
+        let graph = |name: &'static str, device: Device| -> Result<GraphSlot> {
             let path = Manifest::resolve(&dir, &manifest.graphs.get(name).path);
-            let (session, used) = runtime::build_session(rt, name, &path, device, &settings)?;
-            Ok(Graph::new(name, session, used))
+            GraphSlot::load(rt, name, path, device, &settings, options.memory_mode)
         };
-        let text = TextEncoder::new(
-            &Manifest::resolve(&dir, &manifest.tokenizer.path),
-            manifest.text_encoder.clone(),
-            graph("text_encoder", options.device)?,
-        )?;
+        let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;
+        let text_encoder = graph("text_encoder", options.device)?;
         let transformer = graph("transformer", options.transformer_device.unwrap_or(options.device))?;
-        let vae = Vae {
-            info: manifest.vae.clone(),
-            decoder: graph("vae_decoder", options.device)?,
-            encoder: graph("vae_encoder", options.device)?,
-        };
+        let vae_decoder = graph("vae_decoder", options.device)?;
+        let vae_encoder = graph("vae_encoder", options.device)?;
+        let vae = Vae { info: manifest.vae.clone() };
         Ok(Pipeline {
             dir,
             manifest,
             text,
-            transformer,
             vae,
+            text_encoder,
+            transformer,
+            vae_decoder,
+            vae_encoder,
             registry: Arc::new(Registry::default()),
             load_time: start.elapsed(),
             runtime_library: rt.library_path.clone(),
@@ -260,10 +262,10 @@ impl Pipeline {
 
     pub fn providers(&self) -> Providers {
         Providers {
-            text_encoder: self.text.graph.device,
-            transformer: self.transformer.device,
-            vae_decoder: self.vae.decoder.device,
-            vae_encoder: self.vae.encoder.device,
+            text_encoder: self.text_encoder.device(),
+            transformer: self.transformer.device(),
+            vae_decoder: self.vae_decoder.device(),
+            vae_encoder: self.vae_encoder.device(),
         }
     }
 
@@ -283,7 +285,7 @@ impl Pipeline {
         let control = self.registry.begin()?;
         let tokens = self.tokenize(prompt, max_sequence_length)?;
         let mut ort_time = Duration::ZERO;
-        self.text.encode(tokens, &control, &mut ort_time)
+        self.text.encode(&*self.text_encoder.acquire()?, tokens, &control, &mut ort_time)
     }
 
     fn check_max_sequence_length(&self, requested: Option<usize>) -> Result<usize> {
@@ -318,6 +320,7 @@ impl Pipeline {
         let start_state = match &request.init_image {
             Some(init) => image_to_image::prepare(
                 &self.vae,
+                &*self.vae_encoder.acquire()?,
                 init,
                 &plan.latent_shape,
                 &schedule,
@@ -343,8 +346,9 @@ impl Pipeline {
             items.extend(std::iter::repeat_n(n, count));
             CaptionBatch::new(&items)
         });
+        let transformer = self.transformer.acquire()?;
         let denoiser = Denoiser {
-            transformer: &self.transformer,
+            transformer: &transformer,
             schedule: &schedule,
             first_step: start_state.first_step,
             guidance: plan.guidance,
@@ -365,8 +369,10 @@ impl Pipeline {
         };
         denoiser.run(&mut latents, &control, &mut ort_time, &mut timings.denoise_steps, &mut on_step, &mut after_step)?;
 
+        drop(denoiser);
+        drop(transformer);
         let decode_start = Instant::now();
-        let decoded = self.vae.decode(&latents, &control, &mut ort_time)?;
+        let decoded = self.vae.decode(&*self.vae_decoder.acquire()?, &latents, &control, &mut ort_time)?;
         let images = decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect();
         timings.vae_decode = decode_start.elapsed();
         timings.total = start.elapsed();
@@ -390,6 +396,7 @@ impl Pipeline {
         ort_time: &mut Duration,
     ) -> Result<(PromptEmbedding, Option<PromptEmbedding>)> {
         let max = self.check_max_sequence_length(request.max_sequence_length)?;
+        let mut graph: Option<std::sync::Arc<Graph>> = None;
         let mut encode = |prompt: &Prompt| -> Result<PromptEmbedding> {
             match prompt {
                 Prompt::Embedded(e) => {
@@ -401,7 +408,10 @@ impl Pipeline {
                     let tokens = self.text.tokenize(text, max)?;
                     timings.tokenize += t0.elapsed();
                     let t1 = Instant::now();
-                    let e = self.text.encode(tokens, control, ort_time)?;
+                    if graph.is_none() {
+                        graph = Some(self.text_encoder.acquire()?);
+                    }
+                    let e = self.text.encode(graph.as_deref().expect("set above"), tokens, control, ort_time)?;
                     timings.text_encode += t1.elapsed();
                     Ok(e)
                 }
@@ -457,7 +467,7 @@ impl Pipeline {
             ("cap_mask", TensorRef::from_array_view(cap_mask).map_err(err)?.into()),
         ];
         let mut ort_time = Duration::ZERO;
-        let out = self.transformer.run(inputs, &["noise_pred"], &control, &mut ort_time)?.remove(0);
+        let out = self.transformer.acquire()?.run(inputs, &["noise_pred"], &control, &mut ort_time)?.remove(0);
         out.into_dimensionality::<Ix4>().map_err(|e| Error::inference("transformer", e))
     }
 

@@ -39,14 +39,13 @@ pub struct PromptEmbedding {
 pub(crate) struct TextEncoder {
     tokenizer: Tokenizer,
     info: TextEncoderInfo,
-    pub graph: Graph,
 }
 
 impl TextEncoder {
-    pub fn new(tokenizer_path: &Path, info: TextEncoderInfo, graph: Graph) -> Result<Self> {
+    pub fn new(tokenizer_path: &Path, info: TextEncoderInfo) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(tokenizer_path)
             .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
-        Ok(TextEncoder { tokenizer, info, graph })
+        Ok(TextEncoder { tokenizer, info })
     }
 
     pub fn default_max_sequence_length(&self) -> usize {
@@ -69,7 +68,13 @@ impl TextEncoder {
 
     /// Runs the text encoder on the real tokens only (no padding: with causal attention and
     /// right padding the features of real tokens are the same).
-    pub fn encode(&self, tokens: TokenizedPrompt, control: &RunControl, ort_time: &mut Duration) -> Result<PromptEmbedding> {
+    pub fn encode(
+        &self,
+        graph: &Graph,
+        tokens: TokenizedPrompt,
+        control: &RunControl,
+        ort_time: &mut Duration,
+    ) -> Result<PromptEmbedding> {
         let n = tokens.ids.len();
         if n == 0 {
             return Err(Error::invalid("max_sequence_length leaves no tokens"));
@@ -80,7 +85,7 @@ impl TextEncoder {
             ("input_ids", TensorRef::from_array_view(&ids).map_err(|e| Error::inference("text_encoder", e))?.into()),
             ("attention_mask", TensorRef::from_array_view(&mask).map_err(|e| Error::inference("text_encoder", e))?.into()),
         ];
-        let mut out = self.graph.run(inputs, &["hidden_states"], control, ort_time)?;
+        let mut out = graph.run(inputs, &["hidden_states"], control, ort_time)?;
         let hidden = out.remove(0);
         let shape = hidden.shape().to_vec();
         if shape.len() != 3 || shape[0] != 1 || shape[1] != n || shape[2] != self.info.hidden_size {

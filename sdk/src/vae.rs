@@ -13,14 +13,12 @@ use crate::session::Graph;
 
 pub(crate) struct Vae {
     pub info: VaeInfo,
-    pub decoder: Graph,
-    pub encoder: Graph,
 }
 
 impl Vae {
     /// Decodes each image of the batch on its own (bounded memory at large sizes) into
     /// `[1, 3, H, W]` decoder outputs.
-    pub fn decode(&self, latents: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<Vec<Array4<f32>>> {
+    pub fn decode(&self, decoder: &Graph, latents: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<Vec<Array4<f32>>> {
         let scaling = self.info.scaling_factor as f32;
         let shift = self.info.shift_factor as f32;
         let mut images = Vec::with_capacity(latents.shape()[0]);
@@ -30,7 +28,7 @@ impl Vae {
                 "latents",
                 TensorRef::from_array_view(&z).map_err(|e| Error::inference("vae_decoder", e))?.into(),
             )];
-            let out = self.decoder.run(inputs, &["image"], control, ort_time)?.remove(0);
+            let out = decoder.run(inputs, &["image"], control, ort_time)?.remove(0);
             let out = out
                 .into_dimensionality::<ndarray::Ix4>()
                 .map_err(|e| Error::inference("vae_decoder", format!("output rank: {e}")))?;
@@ -43,12 +41,12 @@ impl Vae {
     }
 
     /// Encodes `[1, 3, H, W]` pixels in [-1, 1] to the latent distribution's mean and log-variance.
-    pub fn encode(&self, image: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<(Array4<f32>, Array4<f32>)> {
+    pub fn encode(&self, encoder: &Graph, image: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<(Array4<f32>, Array4<f32>)> {
         let inputs = vec![(
             "image",
             TensorRef::from_array_view(image).map_err(|e| Error::inference("vae_encoder", e))?.into(),
         )];
-        let mut out = self.encoder.run(inputs, &["mean", "logvar"], control, ort_time)?;
+        let mut out = encoder.run(inputs, &["mean", "logvar"], control, ort_time)?;
         let logvar = out.pop().expect("two outputs");
         let mean = out.pop().expect("two outputs");
         let to4 = |a: ndarray::ArrayD<f32>| {

@@ -240,3 +240,16 @@ fn writing_into_a_missing_folder_is_an_io_error() {
     let err = zimage::image_io::write_png(&repo().join("no/such/dir/x.png"), &image, &[]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Io);
 }
+
+#[test]
+fn sequential_memory_mode_gives_the_same_images() {
+    let resident = pipeline("tiny-zimage");
+    let options = LoadOptions { memory_mode: zimage::MemoryMode::Sequential, threads: Some(1), ..Default::default() };
+    let sequential = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    let mut r = small("a harbour at dawn");
+    r.guidance_scale = 2.0;
+    let a = resident.generate(&r, None).unwrap();
+    let b = sequential.generate(&r, None).unwrap();
+    assert_eq!(a.images, b.images);
+    assert_eq!(a.latents, b.latents);
+}
