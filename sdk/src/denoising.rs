@@ -73,6 +73,8 @@ pub(crate) struct Denoiser<'a> {
     pub positive: CaptionBatch,
     /// With guidance: conditional then unconditional captions, padded to one length.
     pub positive_and_negative: Option<CaptionBatch>,
+    /// The package's precision, named when values overflow.
+    pub precision: &'a str,
 }
 
 impl Denoiser<'_> {
@@ -108,7 +110,12 @@ impl Denoiser<'_> {
             if latents.iter().any(|v| !v.is_finite()) {
                 return Err(Error::inference(
                     "denoising",
-                    format!("latents became non-finite at step {} of {total}", done + 1),
+                    format!(
+                        "latents became non-finite at step {} of {total} with the {} package; \
+                         fp16 activations can overflow: use a bf16 or fp32 package, or TensorRT in bf16",
+                        done + 1,
+                        self.precision
+                    ),
                 ));
             }
             step_times.push(start.elapsed());

@@ -6,6 +6,7 @@
 //! The pipeline, stage by stage:
 //! - [`manifest`]: the model package a pipeline loads (`docs/package-format.md`);
 //! - [`runtime`]: finding ONNX Runtime and creating sessions on CPU, CUDA or TensorRT;
+//! - [`gpu`]: TensorRT profiles and engine caches, CUDA settings;
 //! - [`text_encoding`]: Qwen3 chat template, tokenizer, text encoder → caption features;
 //! - [`noise`]: seeded Gaussian noise identical to `torch.randn` on CPU;
 //! - [`scheduler`]: the flow-matching Euler schedule;
@@ -30,6 +31,7 @@
 pub mod cancel;
 pub mod denoising;
 pub mod error;
+pub mod gpu;
 pub mod image_io;
 mod image_to_image;
 pub mod manifest;
@@ -50,6 +52,7 @@ pub use pipeline::{
     GenerateRequest, Generation, InitImage, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings, MAX_IMAGES_PER_REQUEST,
     MAX_STEPS,
 };
+pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision};
 pub use runtime::Device;
 pub use session::MemoryMode;
 pub use text_encoding::{PromptEmbedding, TokenizedPrompt};

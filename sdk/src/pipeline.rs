@@ -14,7 +14,8 @@ use crate::image_io::{self, GrayImage, RgbImage};
 use crate::image_to_image::{self, Start};
 use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
-use crate::runtime::{self, Device, SessionSettings};
+use crate::gpu::GpuOptions;
+use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
 use crate::scheduler::Schedule;
 use crate::session::{Graph, GraphSlot, MemoryMode};
 use crate::text_encoding::{PromptEmbedding, TextEncoder, TokenizedPrompt};
@@ -38,6 +39,8 @@ pub struct LoadOptions {
     pub allow_cpu_fallback: bool,
     /// Keep every graph loaded, or load each for its stage only.
     pub memory_mode: MemoryMode,
+    /// TensorRT profiles and caches, CUDA memory limit (ignored on CPU).
+    pub gpu: GpuOptions,
 }
 
 /// Caps that keep a request within what the graphs and memory can hold.
@@ -199,6 +202,8 @@ pub struct Pipeline {
     vae_decoder: GraphSlot,
     vae_encoder: GraphSlot,
     registry: Arc<Registry>,
+    /// Set when a graph runs on TensorRT: requests must fit its declared profiles.
+    tensorrt_profile: Option<GpuOptions>,
     load_time: Duration,
     runtime_library: PathBuf,
 }
@@ -217,9 +222,16 @@ impl Pipeline {
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         let settings = SessionSettings { intra_threads: options.threads, allow_cpu_fallback: options.allow_cpu_fallback };
+        let uses_tensorrt = [Some(options.device), options.transformer_device]
+            .iter()
+            .any(|d| matches!(d, Some(Device::TensorRt { .. })));
+        if uses_tensorrt {
+            options.gpu.check(&manifest)?;
+        }
         let graph = |name: &'static str, device: Device| -> Result<GraphSlot> {
             let path = Manifest::resolve(&dir, &manifest.graphs.get(name).path);
-            GraphSlot::load(rt, name, path, device, &settings, options.memory_mode)
+            let provider = ProviderConfig::new(device, name, &manifest, &options.gpu);
+            GraphSlot::load(rt, name, path, provider, &settings, options.memory_mode)
         };
         let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;
         let text_encoder = graph("text_encoder", options.device)?;
@@ -237,6 +249,7 @@ impl Pipeline {
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
+            tensorrt_profile: uses_tensorrt.then(|| options.gpu.clone()),
             load_time: start.elapsed(),
             runtime_library: rt.library_path.clone(),
         })
@@ -354,6 +367,7 @@ impl Pipeline {
             guidance: plan.guidance,
             positive: CaptionBatch::new(&positive_items),
             positive_and_negative,
+            precision: &self.manifest.precision,
         };
         let mut on_step = |step: usize, total: usize| -> bool {
             match progress.as_deref_mut() {
@@ -496,6 +510,15 @@ impl Pipeline {
         }
         if r.guidance_scale < 0.0 || r.cfg_normalization < 0.0 {
             return Err(Error::invalid("guidance_scale and cfg_normalization must not be negative"));
+        }
+        if let Some(gpu) = &self.tensorrt_profile {
+            if !gpu.covers(r.width, r.height, r.count) {
+                let range = gpu.resolutions;
+                return Err(Error::invalid(format!(
+                    "{}x{} x{} is outside the TensorRT profile declared at load ({}x{} to {}x{}, up to {} images)",
+                    r.width, r.height, r.count, range.min.0, range.min.1, range.max.0, range.max.1, gpu.max_images
+                )));
+            }
         }
         let channels = m.vae.latent_channels;
         let h = 2 * (r.height as usize / multiple);

@@ -9,6 +9,8 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
 use crate::error::{Error, Result};
+use crate::gpu::{GpuOptions, ShapeProfile, TensorRtPrecision};
+use crate::manifest::Manifest;
 
 /// The ONNX Runtime release zimage is built and tested against.
 pub const ORT_VERSION: &str = "1.31.1";
@@ -202,12 +204,44 @@ pub struct SessionSettings {
     pub allow_cpu_fallback: bool,
 }
 
-/// Builds a session for one graph on `device`, returning it with the provider that runs it.
+/// Everything the execution provider of one graph needs, fixed at load time.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ProviderConfig {
+    Cpu,
+    Cuda { device_id: i32, memory_limit: Option<usize> },
+    TensorRt { device_id: i32, profile: ShapeProfile, cache_dir: PathBuf, precision: TensorRtPrecision, memory_limit: Option<usize> },
+}
+
+impl ProviderConfig {
+    pub fn new(device: Device, graph: &str, manifest: &Manifest, gpu: &GpuOptions) -> ProviderConfig {
+        match device {
+            Device::Cpu => ProviderConfig::Cpu,
+            Device::Cuda { device_id } => ProviderConfig::Cuda { device_id, memory_limit: gpu.cuda_memory_limit },
+            Device::TensorRt { device_id } => ProviderConfig::TensorRt {
+                device_id,
+                profile: gpu.profile(graph, manifest),
+                cache_dir: gpu.cache_dir_for(graph, manifest),
+                precision: gpu.tensorrt_precision,
+                memory_limit: gpu.cuda_memory_limit,
+            },
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            ProviderConfig::Cpu => Device::Cpu,
+            ProviderConfig::Cuda { device_id, .. } => Device::Cuda { device_id: *device_id },
+            ProviderConfig::TensorRt { device_id, .. } => Device::TensorRt { device_id: *device_id },
+        }
+    }
+}
+
+/// Builds a session for one graph, returning it with the provider that runs it.
 pub(crate) fn build_session(
     rt: &Runtime,
     graph: &str,
     path: &Path,
-    device: Device,
+    provider: &ProviderConfig,
     settings: &SessionSettings,
 ) -> Result<(Session, Device)> {
     let base = || -> Result<SessionBuilder> {
@@ -224,46 +258,60 @@ pub(crate) fn build_session(
         b.commit_from_file(path)
             .map_err(|e| Error::package(path, format!("ONNX Runtime could not load graph {graph}: {e}")))
     };
-    if device == Device::Cpu {
+    if *provider == ProviderConfig::Cpu {
         return Ok((commit(base()?)?, Device::Cpu));
     }
-    let with_provider = register_provider(base()?, device);
-    match with_provider {
-        Ok(b) => Ok((commit(b)?, device)),
-        Err(e) if settings.allow_cpu_fallback => {
-            let _ = e;
-            Ok((commit(base()?)?, Device::Cpu))
-        }
+    match register_provider(base()?, provider) {
+        Ok(b) => Ok((commit(b)?, provider.device())),
+        Err(_) if settings.allow_cpu_fallback => Ok((commit(base()?)?, Device::Cpu)),
         Err(e) => Err(e),
     }
 }
 
-fn register_provider(builder: SessionBuilder, device: Device) -> Result<SessionBuilder> {
-    let provider = device.provider_name();
-    let dispatch = match device {
-        Device::Cpu => return Ok(builder),
+#[cfg(feature = "cuda")]
+fn cuda_dispatch(device_id: i32, memory_limit: Option<usize>) -> ort::ep::ExecutionProviderDispatch {
+    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id);
+    if let Some(limit) = memory_limit {
+        cuda = cuda.with_memory_limit(limit);
+    }
+    cuda.build().error_on_failure()
+}
+
+fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Result<SessionBuilder> {
+    let name = provider.device().provider_name();
+    let unavailable = |message: String| Error::Provider { provider: name.into(), message };
+    let dispatches = match provider {
+        ProviderConfig::Cpu => return Ok(builder),
         #[cfg(feature = "cuda")]
-        Device::Cuda { device_id } => ort::ep::CUDA::default().with_device_id(device_id).build(),
-        #[cfg(feature = "tensorrt")]
-        Device::TensorRt { device_id } => ort::ep::TensorRT::default()
-            .with_device_id(device_id)
-            .with_engine_cache(true)
-            .with_timing_cache(true)
-            .build(),
-        #[allow(unreachable_patterns)]
-        _ => {
-            return Err(Error::Provider {
-                provider: provider.into(),
-                message: format!("this zimage was built without the `{provider}` feature"),
-            })
+        ProviderConfig::Cuda { device_id, memory_limit } => vec![cuda_dispatch(*device_id, *memory_limit)],
+        #[cfg(all(feature = "tensorrt", feature = "cuda"))]
+        ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit } => {
+            std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+            let cache = cache_dir.display().to_string();
+            let trt = ort::ep::TensorRT::default()
+                .with_device_id(*device_id)
+                .with_engine_cache(true)
+                .with_engine_cache_path(&cache)
+                .with_timing_cache(true)
+                .with_timing_cache_path(&cache)
+                .with_fp16(*precision == TensorRtPrecision::Fp16)
+                .with_bf16(*precision == TensorRtPrecision::Bf16)
+                .with_profile_min_shapes(&profile.min)
+                .with_profile_opt_shapes(&profile.opt)
+                .with_profile_max_shapes(&profile.max)
+                .build()
+                .error_on_failure();
+            // Nodes TensorRT cannot take run on CUDA rather than silently on the CPU.
+            vec![trt, cuda_dispatch(*device_id, *memory_limit)]
         }
+        #[allow(unreachable_patterns)]
+        _ => return Err(unavailable(format!("this zimage was built without the `{name}` feature"))),
     };
-    builder.with_execution_providers([dispatch.error_on_failure()]).map_err(|e| Error::Provider {
-        provider: provider.into(),
-        message: format!(
-            "{e}. The loaded ONNX Runtime cannot run {provider}: it needs onnxruntime-gpu=={ORT_VERSION} \
+    builder.with_execution_providers(dispatches).map_err(|e| {
+        unavailable(format!(
+            "{e}. The loaded ONNX Runtime cannot run {name}: it needs onnxruntime-gpu=={ORT_VERSION} \
              (CUDA 13, cuDNN 9{}) with its provider libraries beside libonnxruntime, and a visible GPU",
-            if provider == "tensorrt" { ", TensorRT 10" } else { "" }
-        ),
+            if name == "tensorrt" { ", TensorRT 10" } else { "" }
+        ))
     })
 }

@@ -10,7 +10,7 @@ use ort::session::{RunOptions, Session, SessionInputValue};
 
 use crate::cancel::RunControl;
 use crate::error::{Error, Result};
-use crate::runtime::{build_session, Device, Runtime, SessionSettings};
+use crate::runtime::{build_session, Device, ProviderConfig, Runtime, SessionSettings};
 
 pub(crate) struct Graph {
     pub name: &'static str,
@@ -76,7 +76,7 @@ pub enum MemoryMode {
 pub(crate) struct GraphSlot {
     name: &'static str,
     path: PathBuf,
-    device: Device,
+    provider: ProviderConfig,
     used_device: Device,
     settings: SessionSettings,
     runtime: &'static Runtime,
@@ -90,16 +90,16 @@ impl GraphSlot {
         runtime: &'static Runtime,
         name: &'static str,
         path: PathBuf,
-        device: Device,
+        provider: ProviderConfig,
         settings: &SessionSettings,
         mode: MemoryMode,
     ) -> Result<GraphSlot> {
-        let (session, used_device) = build_session(runtime, name, &path, device, settings)?;
+        let (session, used_device) = build_session(runtime, name, &path, &provider, settings)?;
         let graph = Arc::new(Graph::new(name, session));
         Ok(GraphSlot {
             name,
             path,
-            device,
+            provider,
             used_device,
             settings: settings.clone(),
             runtime,
@@ -117,7 +117,7 @@ impl GraphSlot {
         if let Some(graph) = &self.resident {
             return Ok(Arc::clone(graph));
         }
-        let (session, _) = build_session(self.runtime, self.name, &self.path, self.device, &self.settings)?;
+        let (session, _) = build_session(self.runtime, self.name, &self.path, &self.provider, &self.settings)?;
         Ok(Arc::new(Graph::new(self.name, session)))
     }
 }
