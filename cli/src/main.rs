@@ -1,1 +1,189 @@
-fn main() {}
+//! `zimage`: the command-line face of the zimage SDK. It parses arguments, calls the SDK and
+//! prints; the work itself lives in the `zimage` crate.
+
+mod bench;
+mod generate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use clap::{Args, Parser, Subcommand};
+use zimage::{CancelHandle, Device, ErrorKind, LoadOptions, Pipeline};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    other failure
+  2    bad command-line arguments
+  3    model package missing, incomplete or invalid
+  4    ONNX Runtime library not found, not loadable or wrong version
+  5    execution provider (CUDA, TensorRT) unavailable
+  6    invalid request (size, steps, guidance, count, strength, ...)
+  7    input image or mask unreadable or unusable
+  8    inference failed (ONNX Runtime error, non-finite values)
+  9    reading or writing a file failed
+  130  cancelled (Ctrl-C)";
+
+#[derive(Parser)]
+#[command(
+    name = "zimage",
+    version,
+    about = "Z-Image-Turbo text-to-image on ONNX Runtime",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt (text-to-image, image-to-image, inpainting).
+    #[command(after_help = EXIT_CODES)]
+    Generate(generate::GenerateArgs),
+    /// Time every stage of a generation, with peak memory, over several runs.
+    #[command(after_help = EXIT_CODES)]
+    Bench(bench::BenchArgs),
+}
+
+/// How the model package is loaded; shared by every subcommand.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model package folder (made by export-scripts/export.py).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Where the graphs run: cpu, cuda[:N] or tensorrt[:N].
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// ONNX Runtime intra-op threads per graph [default: one per physical core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// ONNX Runtime shared library [default: $ORT_DYLIB_PATH, beside the executable, then the
+    /// copy installed by scripts/setup.sh].
+    #[arg(long, value_name = "PATH")]
+    pub ort_library: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the pipeline and lets Ctrl-C cancel its runs from then on.
+    pub fn load(&self) -> zimage::Result<Pipeline> {
+        let options = LoadOptions {
+            runtime_library: self.ort_library.clone(),
+            device: self.device,
+            threads: self.threads,
+            ..LoadOptions::default()
+        };
+        let pipeline = Pipeline::load(&self.model, &options)?;
+        let _ = CANCEL.set(pipeline.cancel_handle());
+        Ok(pipeline)
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse::<Device>().map_err(|e| match e {
+        zimage::Error::InvalidRequest(message) => message,
+        other => other.to_string(),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    install_interrupt_handler();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zimage: error: {}", one_line(&e.to_string()));
+            ExitCode::from(exit_code(e.kind()))
+        }
+    }
+}
+
+/// The exit code for each SDK error kind (the table in `EXIT_CODES`).
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Package => 3,
+        ErrorKind::Runtime => 4,
+        ErrorKind::Provider => 5,
+        ErrorKind::InvalidRequest => 6,
+        ErrorKind::Image => 7,
+        ErrorKind::Inference => 8,
+        ErrorKind::Io => 9,
+        // 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C.
+        ErrorKind::Cancelled => 130,
+        // ErrorKind is non-exhaustive: a kind added later still fails, with the generic code.
+        _ => 1,
+    }
+}
+
+/// Help and version go to stdout as clap prints them; argument errors become one line
+/// (clap's own rendering spans several, with a usage block) and exit with clap's code, 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as Clap;
+    if matches!(
+        e.kind(),
+        Clap::DisplayHelp | Clap::DisplayVersion | Clap::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(e.exit_code() as u8);
+    }
+    // Keep the message and clap's tip ("a similar argument exists"), drop the usage block.
+    let rendered = e.render().to_string();
+    let parts: Vec<String> = rendered
+        .split("\n\n")
+        .filter(|p| !p.trim_start().starts_with("Usage:") && !p.trim_start().starts_with("For more information"))
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let message = parts.join("; ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    let help = match std::env::args().nth(1).as_deref() {
+        Some(sub @ ("generate" | "bench")) => format!("zimage {sub} --help"),
+        _ => "zimage --help".into(),
+    };
+    eprintln!("zimage: error: {message} (see {help})");
+    ExitCode::from(e.exit_code() as u8)
+}
+
+/// SDK messages can span lines (e.g. the list of ONNX Runtime paths tried); the CLI prints
+/// one line per error so that scripts and logs can take it whole.
+fn one_line(message: &str) -> String {
+    let mut out = String::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// The pipeline whose runs the first Ctrl-C cancels (set once it is loaded).
+static CANCEL: OnceLock<CancelHandle> = OnceLock::new();
+
+/// First Ctrl-C: cancel the running generation, which then ends with the Cancelled error
+/// (exit 130) after ONNX Runtime returns. Before the pipeline is loaded, or on a second
+/// Ctrl-C, exit at once with the same code.
+fn install_interrupt_handler() {
+    static PRESSES: AtomicU32 = AtomicU32::new(0);
+    let installed = ctrlc::set_handler(|| match (CANCEL.get(), PRESSES.fetch_add(1, Ordering::SeqCst)) {
+        (Some(handle), 0) => handle.cancel(),
+        _ => std::process::exit(130),
+    });
+    // Without a handler Ctrl-C keeps its default effect (the process ends), which is still
+    // correct, only less tidy.
+    let _ = installed;
+}
+
+/// Seconds as a JSON number.
+pub fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}

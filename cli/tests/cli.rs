@@ -1,0 +1,553 @@
+//! The `zimage` binary end to end on the committed tiny package: exit codes, one-line errors,
+//! PNG parameters, output naming, latents, and pixels equal to the diffusers goldens.
+//!
+//! ONNX Runtime is found the way the SDK always finds it (ORT_DYLIB_PATH or the copy that
+//! scripts/setup.sh installs); nothing here names a path to it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const PACKAGE: &str = "models/tiny-zimage";
+const GOLDEN: &str = "tests/golden/tiny-zimage";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The binary, run from the workspace root so that relative package paths work.
+fn zimage(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run zimage")
+}
+
+/// A fresh, empty folder for one test's outputs.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code, with stderr in the message when it differs.
+fn assert_code(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "stderr: {}", stderr(out));
+}
+
+/// Errors are exactly one line, `zimage: error: ...`.
+fn assert_one_line_error(out: &Output) -> String {
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "expected one line, got: {err:?}");
+    assert!(err.starts_with("zimage: error: "), "{err:?}");
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+fn case(section: &str, name: &str) -> Value {
+    let text = std::fs::read_to_string(root().join(GOLDEN).join("cases.json")).expect("golden cases.json");
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    cases[section]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+        .clone()
+}
+
+/// The `generate` arguments that reproduce a golden case.
+fn case_args(c: &Value) -> Vec<String> {
+    let mut args: Vec<String> = vec!["generate".into(), "--model".into(), PACKAGE.into()];
+    let mut push = |flag: &str, v: String| {
+        args.push(flag.into());
+        args.push(v);
+    };
+    push("--prompt", c["prompt"].as_str().unwrap().into());
+    if let Some(neg) = c["negative_prompt"].as_str() {
+        push("--negative-prompt", neg.into());
+    }
+    push("--width", c["width"].to_string());
+    push("--height", c["height"].to_string());
+    push("--steps", c["num_inference_steps"].to_string());
+    push("--guidance", c["guidance_scale"].to_string());
+    push("--cfg-normalization", c["cfg_normalization"].to_string());
+    push("--cfg-truncation", c["cfg_truncation"].to_string());
+    push("--seed", c["seed"].to_string());
+    push("--count", c["num_images_per_prompt"].to_string());
+    push("--max-sequence-length", c["max_sequence_length"].to_string());
+    if let Some(init) = c["init_image_file"].as_str() {
+        push("--init-image", format!("{GOLDEN}/{init}"));
+        push("--strength", c["strength"].to_string());
+    }
+    if let Some(mask) = c["mask_file"].as_str() {
+        push("--mask", format!("{GOLDEN}/{mask}"));
+    }
+    args
+}
+
+struct Png {
+    width: u32,
+    height: u32,
+    rgb: Vec<u8>,
+    text: BTreeMap<String, String>,
+}
+
+fn read_png(path: &Path) -> Png {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(
+        (frame.color_type, frame.bit_depth),
+        (png::ColorType::Rgb, png::BitDepth::Eight),
+        "{}",
+        path.display()
+    );
+    buf.truncate(frame.buffer_size());
+    let info = reader.info();
+    let mut text = BTreeMap::new();
+    for chunk in &info.utf8_text {
+        text.insert(chunk.keyword.clone(), chunk.get_text().unwrap());
+    }
+    for chunk in &info.uncompressed_latin1_text {
+        text.insert(chunk.keyword.clone(), chunk.text.clone());
+    }
+    Png {
+        width: frame.width,
+        height: frame.height,
+        rgb: buf,
+        text,
+    }
+}
+
+/// Largest per-channel difference between an output PNG and a golden one.
+fn max_level_diff(out: &Png, golden: &Path) -> u8 {
+    let golden = read_png(golden);
+    assert_eq!((out.width, out.height), (golden.width, golden.height));
+    out.rgb
+        .iter()
+        .zip(&golden.rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap()
+}
+
+/// Runs a golden case through the CLI and checks every image against diffusers' (<= 1 level).
+fn run_case(section: &str, name: &str, dir: &Path) -> (Value, Vec<Png>) {
+    let c = case(section, name);
+    let output = dir.join("out.png");
+    let mut args = case_args(&c);
+    args.extend(["--output".into(), output.display().to_string(), "--json".into()]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    let mut images = Vec::new();
+    for (file, golden) in summary["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(c["image_files"].as_array().unwrap())
+    {
+        let png = read_png(Path::new(file.as_str().unwrap()));
+        let diff = max_level_diff(&png, &root().join(GOLDEN).join(golden.as_str().unwrap()));
+        assert!(
+            diff <= 1,
+            "{section}/{name}: {file} differs from the golden by {diff} levels"
+        );
+        images.push(png);
+    }
+    assert_eq!(images.len(), c["image_files"].as_array().unwrap().len());
+    (summary, images)
+}
+
+#[test]
+fn argument_errors_exit_2_with_one_line() {
+    let cases: &[&[&str]] = &[
+        &["generate", "--prompt", "x"],
+        &["generate", "--model", PACKAGE, "--prompt", "x", "--steps", "eight"],
+        &["generate", "--model", PACKAGE, "--prompt", "x", "--device", "gpu"],
+        &["generate", "--model", PACKAGE, "--prompt", "x", "--strength", "0.5"],
+        &["generate", "--model", PACKAGE, "--promt", "x"],
+        &["bench", "--model", PACKAGE, "--runs", "0"],
+        &["paint"],
+    ];
+    for args in cases {
+        let out = zimage(args);
+        assert_code(&out, 2);
+        assert_one_line_error(&out);
+    }
+    let out = zimage(&["generate", "--model", PACKAGE, "--promt", "x"]);
+    assert!(
+        stderr(&out).contains("'--prompt'"),
+        "clap's suggestion is kept: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    for args in [&["--help"][..], &["generate", "--help"], &["bench", "--help"]] {
+        let out = zimage(args);
+        assert_code(&out, 0);
+        let help = String::from_utf8(out.stdout).unwrap();
+        for line in [
+            "3    model package",
+            "4    ONNX Runtime library",
+            "6    invalid request",
+            "130  cancelled",
+        ] {
+            assert!(help.contains(line), "{args:?} --help lacks {line:?}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_model_folder_is_a_package_error() {
+    let dir = scratch("bad-package");
+    let out = zimage(&[
+        "generate",
+        "--model",
+        dir.join("missing").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_code(&out, 3);
+    assert!(assert_one_line_error(&out).contains("no manifest.json"));
+
+    std::fs::write(dir.join("manifest.json"), r#"{"format": "something-else"}"#).unwrap();
+    let out = zimage(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    assert_code(&out, 3);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn request_and_file_errors_have_their_own_codes() {
+    // Invalid request: the SDK refuses a size that is not a multiple of 16.
+    let out = zimage(&[
+        "generate", "--model", PACKAGE, "--prompt", "x", "--width", "63", "--height", "64",
+    ]);
+    assert_code(&out, 6);
+    assert!(assert_one_line_error(&out).contains("multiple of 16"));
+
+    let dir = scratch("file-errors");
+    // Io: the init image does not exist; Image: it is not an image.
+    let missing = dir.join("missing.png");
+    let out = zimage(&[
+        "generate",
+        "--model",
+        PACKAGE,
+        "--prompt",
+        "x",
+        "--init-image",
+        missing.to_str().unwrap(),
+    ]);
+    assert_code(&out, 9);
+    assert_one_line_error(&out);
+    let not_image = dir.join("not-an-image.png");
+    std::fs::write(&not_image, "plain text").unwrap();
+    let out = zimage(&[
+        "generate",
+        "--model",
+        PACKAGE,
+        "--prompt",
+        "x",
+        "--init-image",
+        not_image.to_str().unwrap(),
+    ]);
+    assert_code(&out, 7);
+    assert_one_line_error(&out);
+    // Io: the output folder does not exist (checked before generating).
+    let out = zimage(&[
+        "generate",
+        "--model",
+        PACKAGE,
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "-o",
+        dir.join("no/such/dir/x.png").to_str().unwrap(),
+    ]);
+    assert_code(&out, 9);
+    assert_one_line_error(&out);
+}
+
+#[test]
+fn turbo_case_matches_the_golden_and_records_its_parameters() {
+    let dir = scratch("turbo");
+    let c = case("text_to_image", "turbo");
+    let (summary, images) = run_case("text_to_image", "turbo", &dir);
+
+    let file = dir.join("out.png");
+    assert_eq!(summary["files"], serde_json::json!([file.display().to_string()]));
+    assert_eq!(summary["seed"], 42);
+    assert_eq!(
+        (
+            summary["width"].as_u64(),
+            summary["height"].as_u64(),
+            summary["steps"].as_u64()
+        ),
+        (Some(64), Some(64), Some(8))
+    );
+    assert_eq!(summary["providers"]["transformer"], "cpu");
+    // The prompt's token count is the golden tokenizer's (chat template included), nothing cut.
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("cases.json")).unwrap()).unwrap();
+    let features = cases["text_features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["prompt"] == c["prompt"])
+        .unwrap();
+    assert_eq!(
+        summary["prompt_tokens"]["used"].as_u64(),
+        Some(features["ids"].as_array().unwrap().len() as u64)
+    );
+    assert_eq!(summary["prompt_tokens"]["total"], summary["prompt_tokens"]["used"]);
+    assert_eq!(summary["prompt_tokens"]["truncated"], false);
+    assert!(
+        summary["negative_prompt_tokens"].is_null(),
+        "no guidance, no negative prompt encoded"
+    );
+    let t = &summary["timings"];
+    assert_eq!(t["denoise_steps_s"].as_array().unwrap().len(), 8);
+    assert!(t["total_s"].as_f64().unwrap() >= t["onnx_runtime_s"].as_f64().unwrap());
+    assert!(t["load_s"].as_f64().unwrap() > 0.0);
+
+    let text = &images[0].text;
+    let expect = [
+        ("prompt", c["prompt"].as_str().unwrap()),
+        ("negative_prompt", ""),
+        ("seed", "42"),
+        ("steps", "8"),
+        ("size", "64x64"),
+        ("guidance", "0"),
+        ("cfg_normalization", "0"),
+        ("cfg_truncation", "1"),
+        ("count", "1"),
+        ("batch_index", "0"),
+        ("model", PACKAGE),
+        ("max_sequence_length", "512"),
+    ];
+    for (key, value) in expect {
+        assert_eq!(text.get(key).map(String::as_str), Some(value), "text chunk {key}");
+    }
+    assert!(text["software"].starts_with("zimage "));
+}
+
+#[test]
+fn guidance_flags_reach_the_sdk() {
+    // Negative prompt, CFG scale, normalisation and truncation all change the image: matching
+    // this golden means each flag was passed through.
+    let dir = scratch("cfg");
+    let (summary, images) = run_case("text_to_image", "cfg", &dir);
+    assert!(summary["negative_prompt_tokens"]["used"].as_u64().unwrap() > 0);
+    assert_eq!(images[0].text["negative_prompt"], "blurry, low quality, watermark");
+    assert_eq!(images[0].text["guidance"], "4");
+    assert_eq!(images[0].text["cfg_normalization"], "1.2");
+    assert_eq!(images[0].text["cfg_truncation"], "0.6");
+}
+
+#[test]
+fn a_truncated_prompt_is_reported_not_silent() {
+    let dir = scratch("long-prompt");
+    let c = case("text_to_image", "long_prompt");
+    let mut args = case_args(&c);
+    args.extend(["-o".into(), dir.join("out.png").display().to_string(), "--json".into()]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens = &summary["prompt_tokens"];
+    assert_eq!(tokens["truncated"], true);
+    assert_eq!(tokens["used"], 512);
+    assert!(tokens["total"].as_u64().unwrap() > 512);
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("zimage: warning: the prompt has ") && err.contains("only the first 512"),
+        "{err:?}"
+    );
+    // Truncated as diffusers truncates: same image.
+    let diff = max_level_diff(
+        &read_png(&dir.join("out.png")),
+        &root().join(GOLDEN).join(c["image_files"][0].as_str().unwrap()),
+    );
+    assert!(diff <= 1, "differs from the golden by {diff} levels");
+}
+
+#[test]
+fn count_2_writes_numbered_files_and_all_latents() {
+    let dir = scratch("count2");
+    let c = case("text_to_image", "two_images");
+    let latents_path = dir.join("latents.npy");
+    let mut args = case_args(&c);
+    args.extend([
+        "-o".into(),
+        dir.join("out.png").display().to_string(),
+        "--save-latents".into(),
+        latents_path.display().to_string(),
+    ]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["latents.npy", "out-0.png", "out-1.png"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("out-0.png") && stdout.contains("out-1.png") && stdout.contains("seed 5"),
+        "{stdout}"
+    );
+
+    for (i, golden) in c["image_files"].as_array().unwrap().iter().enumerate() {
+        let png = read_png(&dir.join(format!("out-{i}.png")));
+        assert_eq!(png.text["batch_index"], i.to_string());
+        assert_eq!(png.text["count"], "2");
+        let diff = max_level_diff(&png, &root().join(GOLDEN).join(golden.as_str().unwrap()));
+        assert!(diff <= 1, "out-{i}.png differs from the golden by {diff} levels");
+    }
+
+    // All K images' final latents, [K, C, H/8, W/8], as diffusers left them (<= 1e-4).
+    let latents = zimage::image_io::read_npy(&latents_path).unwrap();
+    assert_eq!(latents.shape(), [2, 16, 8, 8]);
+    let golden = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
+    assert_eq!(latents.shape(), golden.shape());
+    let max_abs = latents
+        .iter()
+        .zip(golden.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_abs <= 1e-4, "latents differ from the golden by {max_abs}");
+}
+
+#[test]
+fn image_to_image_and_inpainting_flags_reach_the_sdk() {
+    let dir = scratch("i2i");
+    let (summary, images) = run_case("image_to_image", "strength_0.6", &dir);
+    assert_eq!(summary["strength"], 0.6);
+    assert_eq!(images[0].text["strength"], "0.6");
+    assert_eq!(images[0].text["init_image"], format!("{GOLDEN}/inputs/init.png"));
+
+    let dir = scratch("inpaint");
+    let (_, images) = run_case("inpaint", "strength_0.7", &dir);
+    assert_eq!(images[0].text["mask"], format!("{GOLDEN}/inputs/mask.png"));
+}
+
+#[test]
+fn bench_reports_every_stage() {
+    let out = zimage(&[
+        "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "3", "--warmup", "0", "--runs", "2",
+        "--json",
+    ]);
+    assert_code(&out, 0);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "tokenize",
+            "text_encode",
+            "step 1",
+            "step 2",
+            "step 3",
+            "denoise",
+            "vae_decode",
+            "total",
+            "onnx_runtime"
+        ]
+    );
+    for s in report["stages"].as_array().unwrap() {
+        let (median, min, max) = (
+            s["median"].as_f64().unwrap(),
+            s["min"].as_f64().unwrap(),
+            s["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 <= min && min <= median && median <= max, "{s}");
+    }
+    assert_eq!(report["runs"].as_array().unwrap().len(), 2);
+    assert!(
+        report["total_over_onnx_runtime"]["min"].as_f64().unwrap() >= 1.0,
+        "ONNX Runtime time is part of the total"
+    );
+    assert!(report["load_s"].as_f64().unwrap() > 0.0);
+    assert!(report["weight_bytes"].as_u64().unwrap() > 0);
+    if cfg!(target_os = "linux") {
+        assert!(report["peak_rss_bytes"].as_u64().unwrap() >= report["peak_rss_after_load_bytes"].as_u64().unwrap());
+    }
+
+    let out = zimage(&[
+        "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "2", "--warmup", "0", "--runs", "1",
+    ]);
+    assert_code(&out, 0);
+    let table = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "stage",
+        "step 2",
+        "vae_decode",
+        "images/s",
+        "total / ONNX Runtime time",
+        "load (session creation)",
+        "peak RSS",
+    ] {
+        assert!(table.contains(line), "table lacks {line:?}:\n{table}");
+    }
+}
+
+/// Ctrl-C stops a long run through the SDK's cancel handle: exit 130, "cancelled", promptly.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_cancels_with_exit_130() {
+    use std::time::{Duration, Instant};
+    let dir = scratch("ctrl-c");
+    let child = Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args([
+            "generate", "--model", PACKAGE, "--prompt", "x", "--width", "1024", "--height", "1024", "--steps", "200",
+        ])
+        .arg("-o")
+        .arg(dir.join("never.png"))
+        .current_dir(root())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Long enough to be loaded and denoising on an idle machine; a signal that lands during
+    // loading exits with the same code (nothing to cancel yet).
+    std::thread::sleep(Duration::from_secs(5));
+    let sent = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_secs(30),
+        "cancellation took {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(130), "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.is_empty() || err == "zimage: error: cancelled\n", "{err:?}");
+    assert!(!dir.join("never.png").exists());
+}
