@@ -54,7 +54,7 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> zimage::Result<()> {
     let progress = StageProgress::new(std::io::stderr().is_terminal());
     progress.stage("loading model");
-    let pipeline = args.model.load()?;
+    let pipeline = args.model.load(args.count, args.guidance > 0.0)?;
     let rss_after_load = peak_rss_bytes();
 
     let mut request = GenerateRequest::new(args.prompt.as_str());

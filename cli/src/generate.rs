@@ -14,8 +14,6 @@ use zimage::{image_io, GenerateRequest, Generation, InitImage, Pipeline, Progres
 use crate::{secs, ModelArgs};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
-const IMG2IMG_STRENGTH: f64 = 0.6;
-const INPAINT_STRENGTH: f64 = 1.0;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -86,7 +84,7 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
 
     let progress = StageProgress::new(std::io::stderr().is_terminal());
     progress.stage("loading model");
-    let pipeline = args.model.load()?;
+    let pipeline = args.model.load(args.count, args.guidance > 0.0)?;
 
     progress.stage("encoding prompt");
     let mut on_step = |p: &Progress| {
@@ -157,9 +155,9 @@ fn build_request(args: &GenerateArgs) -> zimage::Result<GenerateRequest> {
     if let Some(image) = init {
         let mask = args.mask.as_deref().map(image_io::load_gray).transpose()?;
         let default_strength = if mask.is_some() {
-            INPAINT_STRENGTH
+            InitImage::DEFAULT_INPAINT_STRENGTH
         } else {
-            IMG2IMG_STRENGTH
+            InitImage::DEFAULT_STRENGTH
         };
         request.init_image = Some(InitImage {
             image: image_io::resize_rgb(&image, request.width, request.height)?,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
-use zimage::{CancelHandle, Device, ErrorKind, LoadOptions, Pipeline};
+use zimage::{CancelHandle, Device, ErrorKind, GpuOptions, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -64,16 +64,62 @@ pub struct ModelArgs {
     /// copy installed by scripts/setup.sh].
     #[arg(long, value_name = "PATH")]
     pub ort_library: Option<PathBuf>,
+    /// Where the transformer runs when it should differ from --device (e.g. tensorrt with
+    /// --device cuda).
+    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+    pub transformer_device: Option<Device>,
+    /// Use the CPU when the requested provider cannot be set up, instead of failing.
+    #[arg(long)]
+    pub allow_cpu_fallback: bool,
+    /// Load each graph only for its stage (text encoder, transformer, VAE) to save memory.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Check the sha256 of every package file, the large ones too.
+    #[arg(long)]
+    pub verify_checksums: bool,
+    /// TensorRT: smallest image size (WxH) the engines serve.
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "512x512")]
+    pub trt_min: (u32, u32),
+    /// TensorRT: the size the engines are tuned for.
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1024x1024")]
+    pub trt_opt: (u32, u32),
+    /// TensorRT: largest image size the engines serve (no rebuild for sizes in between).
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1536x1536")]
+    pub trt_max: (u32, u32),
+    /// TensorRT: precision inside the engines (bf16 avoids fp16 overflow; fp32 for GPUs
+    /// older than Ampere).
+    #[arg(long, value_name = "P", default_value = "bf16", value_parser = ["fp32", "fp16", "bf16"])]
+    pub trt_precision: String,
+    /// TensorRT: folder for engine and timing caches [default: ~/.cache/zimage/tensorrt].
+    #[arg(long, value_name = "DIR")]
+    pub trt_cache: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    /// Loads the pipeline and lets Ctrl-C cancel its runs from then on.
-    pub fn load(&self) -> zimage::Result<Pipeline> {
+    /// Loads the pipeline and lets Ctrl-C cancel its runs from then on. The image count and
+    /// guidance size the TensorRT profiles (unused elsewhere).
+    pub fn load(&self, max_images: u32, guidance: bool) -> zimage::Result<Pipeline> {
+        let precision = match self.trt_precision.as_str() {
+            "fp32" => TensorRtPrecision::Fp32,
+            "fp16" => TensorRtPrecision::Fp16,
+            _ => TensorRtPrecision::Bf16,
+        };
         let options = LoadOptions {
             runtime_library: self.ort_library.clone(),
             device: self.device,
+            transformer_device: self.transformer_device,
             threads: self.threads,
-            ..LoadOptions::default()
+            verify_checksums: self.verify_checksums,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            memory_mode: if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident },
+            gpu: GpuOptions {
+                cache_dir: self.trt_cache.clone(),
+                tensorrt_precision: precision,
+                resolutions: ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max },
+                max_images: max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST),
+                guidance,
+                ..GpuOptions::default()
+            },
         };
         let pipeline = Pipeline::load(&self.model, &options)?;
         let _ = CANCEL.set(pipeline.cancel_handle());
@@ -86,6 +132,12 @@ fn parse_device(s: &str) -> Result<Device, String> {
         zimage::Error::InvalidRequest(message) => message,
         other => other.to_string(),
     })
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?} is not WxH"))?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?} is not WxH"));
+    Ok((parse(w)?, parse(h)?))
 }
 
 fn main() -> ExitCode {

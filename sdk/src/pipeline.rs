@@ -113,6 +113,13 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+impl InitImage {
+    /// diffusers' default strength for image-to-image.
+    pub const DEFAULT_STRENGTH: f64 = 0.6;
+    /// diffusers' default strength for inpainting.
+    pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+}
+
 impl Default for GenerateRequest {
     fn default() -> Self {
         GenerateRequest {
