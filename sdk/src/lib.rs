@@ -14,7 +14,9 @@
 //! - [`vae`]: latents to pixels and back;
 //! - `image_to_image`: starting latents for image-to-image and inpainting;
 //! - [`image_io`]: RGB8 conversion and PNG files;
-//! - [`pipeline`]: [`Pipeline`], tying them together.
+//! - [`pipeline`]: [`Pipeline`], tying them together;
+//! - [`prompt_enhancer`]: rewriting prompts locally with Qwen3 ([`PromptEnhancer`]), picking
+//!   tokens with [`sampling`].
 //!
 //! ```no_run
 //! use zimage::{GenerateRequest, LoadOptions, Pipeline};
@@ -34,10 +36,13 @@ pub mod error;
 pub mod gpu;
 pub mod image_io;
 mod image_to_image;
+mod kv_decoder;
 pub mod manifest;
 pub mod noise;
 pub mod pipeline;
+pub mod prompt_enhancer;
 pub mod runtime;
+pub mod sampling;
 pub mod scheduler;
 mod session;
 pub mod text_encoding;
@@ -53,7 +58,9 @@ pub use pipeline::{
     MAX_STEPS,
 };
 pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision};
+pub use prompt_enhancer::{EnhanceOptions, Enhancement, FinishReason, PromptEnhancer, TokenEvent};
 pub use runtime::Device;
+pub use sampling::{RandomSampling, Sampling};
 pub use session::MemoryMode;
 pub use text_encoding::{PromptEmbedding, TokenizedPrompt};
 

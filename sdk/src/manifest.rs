@@ -30,6 +30,9 @@ pub struct Manifest {
     pub transformer: TransformerInfo,
     pub vae: VaeInfo,
     pub scheduler: SchedulerConfig,
+    /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
+    #[serde(default)]
+    pub enhancer: Option<EnhancerInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +48,9 @@ pub struct Graphs {
     pub transformer: GraphEntry,
     pub vae_decoder: GraphEntry,
     pub vae_encoder: GraphEntry,
+    /// Causal-LM decoder with a KV cache for the prompt enhancer (optional).
+    #[serde(default)]
+    pub text_decoder: Option<GraphEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +105,132 @@ pub struct VaeInfo {
     pub scale_factor: usize,
     pub scaling_factor: f64,
     pub shift_factor: f64,
+}
+
+/// A graph input or output: name and element type.
+pub type TensorName = (String, &'static str);
+
+/// What the prompt enhancer needs to drive `text_decoder` (written by
+/// `export-scripts/export_enhancer.py`; see `docs/enhancer.md`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnhancerInfo {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Longest context (prompt + generated tokens) the position encoding was trained for.
+    pub max_positions: usize,
+    /// Generation ends at any of these (`<|im_end|>` first).
+    pub eos_token_ids: Vec<u32>,
+    /// `<think>` and `</think>`.
+    pub think_token_ids: [u32; 2],
+    /// Chat template with `{system}` and `{prompt}`, ending with the generation prompt.
+    pub prompt_template: String,
+    /// Appended to the template when thinking is off (Qwen3: an empty think block).
+    pub thinking_off_suffix: String,
+}
+
+impl EnhancerInfo {
+    /// Inputs and outputs `text_decoder` must have, in order.
+    pub fn decoder_io(&self) -> (Vec<TensorName>, Vec<TensorName>) {
+        let mut inputs = vec![
+            ("input_ids".to_string(), "int64"),
+            ("attention_mask".to_string(), "int64"),
+            ("position_ids".to_string(), "int64"),
+        ];
+        let mut outputs = vec![("logits".to_string(), "float32")];
+        for i in 0..self.num_layers {
+            for kv in ["key", "value"] {
+                inputs.push((format!("past_key_values.{i}.{kv}"), "float32"));
+                outputs.push((format!("present.{i}.{kv}"), "float32"));
+            }
+        }
+        (inputs, outputs)
+    }
+
+    pub(crate) fn check(&self, graph: &GraphEntry) -> std::result::Result<(), String> {
+        if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.vocab_size == 0 || self.max_positions == 0 {
+            return Err("enhancer: num_layers, num_kv_heads, head_dim, vocab_size and max_positions must be > 0".into());
+        }
+        if self.eos_token_ids.is_empty() || self.eos_token_ids.iter().chain(&self.think_token_ids).any(|&t| t as usize >= self.vocab_size) {
+            return Err("enhancer: eos_token_ids must be non-empty and, like think_token_ids, inside the vocabulary".into());
+        }
+        let system_at = self.prompt_template.find("{system}");
+        let prompt_at = self.prompt_template.find("{prompt}");
+        if !matches!((system_at, prompt_at), (Some(s), Some(p)) if s < p) {
+            return Err("enhancer.prompt_template needs {system} followed by {prompt}".into());
+        }
+        let (inputs, outputs) = self.decoder_io();
+        let inputs: Vec<(&str, &str)> = inputs.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let outputs: Vec<(&str, &str)> = outputs.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        check_io("text_decoder", "input", &graph.inputs, &inputs)?;
+        check_io("text_decoder", "output", &graph.outputs, &outputs)
+    }
+}
+
+/// A standalone prompt-enhancer package (`format: zimage-enhancer-package`): a decoder exported
+/// from any Hugging Face Qwen3 checkpoint, with its tokenizer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnhancerManifest {
+    pub format: String,
+    pub format_version: u32,
+    pub precision: String,
+    #[serde(default)]
+    pub source: serde_json::Value,
+    pub tokenizer: FileEntry,
+    pub graphs: EnhancerGraphs,
+    pub enhancer: EnhancerInfo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EnhancerGraphs {
+    pub text_decoder: GraphEntry,
+}
+
+pub const ENHANCER_FORMAT_NAME: &str = "zimage-enhancer-package";
+
+impl EnhancerManifest {
+    /// Reads and checks `dir/manifest.json` of a standalone enhancer package and its files.
+    pub fn load(dir: &Path, verify_all: bool) -> Result<EnhancerManifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let head: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::package(&path, format!("invalid JSON: {e}")))?;
+        if head.get("format").and_then(|v| v.as_str()) != Some(ENHANCER_FORMAT_NAME) {
+            return Err(Error::package(&path, format!("format is not \"{ENHANCER_FORMAT_NAME}\"")));
+        }
+        if head.get("format_version").and_then(|v| v.as_u64()) != Some(FORMAT_VERSION as u64) {
+            return Err(Error::package(&path, format!("format_version is not {FORMAT_VERSION}")));
+        }
+        let manifest: EnhancerManifest =
+            serde_json::from_value(head).map_err(|e| Error::package(&path, format!("manifest.json: {e}")))?;
+        manifest.enhancer.check(&manifest.graphs.text_decoder).map_err(|m| Error::package(&path, m))?;
+        check_graph_files(dir, &[&manifest.tokenizer], &[&manifest.graphs.text_decoder], verify_all)?;
+        Ok(manifest)
+    }
+}
+
+/// Checks the tokenizer-like `files` and each graph with its external data. A weights file
+/// shared by several graphs is listed once per graph with the same entry; it is checked once.
+fn check_graph_files(dir: &Path, files: &[&FileEntry], graphs: &[&GraphEntry], verify_all: bool) -> Result<()> {
+    let mut entries: Vec<FileEntry> = files.iter().map(|f| (*f).clone()).collect();
+    for g in graphs {
+        entries.push(FileEntry { path: g.path.clone(), bytes: g.bytes, sha256: g.sha256.clone() });
+        if let Some(ext) = &g.external_data {
+            match entries.iter().find(|e| e.path == ext.path) {
+                Some(seen) if seen.bytes == ext.bytes && seen.sha256.eq_ignore_ascii_case(&ext.sha256) => continue,
+                Some(_) => {
+                    return Err(Error::package(dir, format!("{} is listed twice with different sizes or checksums", ext.path)))
+                }
+                None => entries.push(ext.clone()),
+            }
+        }
+    }
+    for entry in &entries {
+        check_file(dir, entry, verify_all)?;
+    }
+    Ok(())
 }
 
 /// The graph interface this runtime drives. A package whose graphs disagree is refused.
@@ -202,24 +334,18 @@ impl Manifest {
             return Err("transformer limits (max_caption_tokens, max_latent_height/width) must be > 0".into());
         }
         self.scheduler.check()?;
+        match (&self.enhancer, &self.graphs.text_decoder) {
+            (Some(info), Some(graph)) => info.check(graph)?,
+            (None, None) => {}
+            _ => return Err("graphs.text_decoder and the enhancer section come together (one is missing)".into()),
+        }
         Ok(())
     }
 
     fn check_files(&self, dir: &Path, verify_all: bool) -> Result<()> {
-        let mut entries: Vec<&FileEntry> = vec![&self.tokenizer];
-        let mut graph_files = Vec::new();
-        for (name, _, _) in EXPECTED_IO {
-            let g = self.graphs.get(name);
-            graph_files.push(FileEntry { path: g.path.clone(), bytes: g.bytes, sha256: g.sha256.clone() });
-            if let Some(ext) = &g.external_data {
-                entries.push(ext);
-            }
-        }
-        entries.extend(graph_files.iter());
-        for entry in entries {
-            check_file(dir, entry, verify_all)?;
-        }
-        Ok(())
+        let mut graphs: Vec<&GraphEntry> = EXPECTED_IO.iter().map(|(name, _, _)| self.graphs.get(name)).collect();
+        graphs.extend(self.graphs.text_decoder.as_ref());
+        check_graph_files(dir, &[&self.tokenizer], &graphs, verify_all)
     }
 
     /// Absolute path of a file named in the manifest (already checked to stay inside `dir`).
@@ -242,13 +368,14 @@ impl Manifest {
     }
 
     /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
+    /// A weights file shared by several graphs counts once.
     pub fn weight_bytes(&self) -> u64 {
-        EXPECTED_IO
+        let mut graphs: Vec<&GraphEntry> = EXPECTED_IO.iter().map(|(name, _, _)| self.graphs.get(name)).collect();
+        graphs.extend(self.graphs.text_decoder.as_ref());
+        let mut seen = std::collections::BTreeSet::new();
+        graphs
             .iter()
-            .map(|(name, _, _)| {
-                let g = self.graphs.get(name);
-                g.bytes + g.external_data.as_ref().map_or(0, |e| e.bytes)
-            })
+            .map(|g| g.bytes + g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes))
             .sum()
     }
 }

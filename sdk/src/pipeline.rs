@@ -228,20 +228,27 @@ impl Pipeline {
         }
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
-        let settings = SessionSettings { intra_threads: options.threads, allow_cpu_fallback: options.allow_cpu_fallback };
+        let settings = SessionSettings {
+            intra_threads: options.threads,
+            allow_cpu_fallback: options.allow_cpu_fallback,
+            shares_weights: false,
+        };
+        // With an enhancer decoder in the package, the text encoder shares its weights file.
+        let text_settings = SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
         let uses_tensorrt = [Some(options.device), options.transformer_device]
             .iter()
             .any(|d| matches!(d, Some(Device::TensorRt { .. })));
         if uses_tensorrt {
             options.gpu.check(&manifest)?;
         }
-        let graph = |name: &'static str, device: Device| -> Result<GraphSlot> {
+        let graph_with = |name: &'static str, device: Device, settings: &SessionSettings| -> Result<GraphSlot> {
             let path = Manifest::resolve(&dir, &manifest.graphs.get(name).path);
             let provider = ProviderConfig::new(device, name, &manifest, &options.gpu);
-            GraphSlot::load(rt, name, path, provider, &settings, options.memory_mode)
+            GraphSlot::load(rt, name, path, provider, settings, options.memory_mode)
         };
+        let graph = |name: &'static str, device: Device| graph_with(name, device, &settings);
         let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;
-        let text_encoder = graph("text_encoder", options.device)?;
+        let text_encoder = graph_with("text_encoder", options.device, &text_settings)?;
         let transformer = graph("transformer", options.transformer_device.unwrap_or(options.device))?;
         let vae_decoder = graph("vae_decoder", options.device)?;
         let vae_encoder = graph("vae_encoder", options.device)?;
@@ -294,30 +301,35 @@ impl Pipeline {
         CancelHandle { registry: Arc::clone(&self.registry) }
     }
 
-    /// Token ids of `prompt` after the chat template and truncation.
+    /// Token ids of `prompt` after the chat template and truncation to `max_sequence_length`
+    /// (the package's default, 512, when `None`).
     pub fn tokenize(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<TokenizedPrompt> {
-        let max = self.check_max_sequence_length(max_sequence_length)?;
+        let max = max_sequence_length.unwrap_or(self.text.default_max_sequence_length());
+        if max == 0 {
+            return Err(Error::invalid("max_sequence_length must be at least 1"));
+        }
         self.text.tokenize(prompt, max)
+    }
+
+    /// Tokenizes for the transformer: the caption must fit the model's position table.
+    fn caption_tokens(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<TokenizedPrompt> {
+        let tokens = self.tokenize(prompt, max_sequence_length)?;
+        let limit = self.manifest.transformer.max_caption_tokens;
+        if tokens.ids.len() > limit {
+            return Err(Error::invalid(format!(
+                "the prompt has {} tokens after truncation; this model takes at most {limit}: shorten it or lower max_sequence_length",
+                tokens.ids.len()
+            )));
+        }
+        Ok(tokens)
     }
 
     /// Encodes a prompt once, for use in any number of [`GenerateRequest`]s.
     pub fn encode_prompt(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<PromptEmbedding> {
         let control = self.registry.begin()?;
-        let tokens = self.tokenize(prompt, max_sequence_length)?;
+        let tokens = self.caption_tokens(prompt, max_sequence_length)?;
         let mut ort_time = Duration::ZERO;
         self.text.encode(&*self.text_encoder.acquire()?, tokens, &control, &mut ort_time)
-    }
-
-    fn check_max_sequence_length(&self, requested: Option<usize>) -> Result<usize> {
-        let limit = self.manifest.transformer.max_caption_tokens;
-        let max = requested.unwrap_or(self.text.default_max_sequence_length()).min(limit.max(1));
-        match requested {
-            Some(0) => Err(Error::invalid("max_sequence_length must be at least 1")),
-            Some(n) if n > limit => Err(Error::invalid(format!(
-                "max_sequence_length {n} exceeds this model's caption limit of {limit} tokens"
-            ))),
-            _ => Ok(max),
-        }
     }
 
     /// Generates `request.count` images. `progress` is called after every denoising step;
@@ -416,7 +428,6 @@ impl Pipeline {
         timings: &mut Timings,
         ort_time: &mut Duration,
     ) -> Result<(PromptEmbedding, Option<PromptEmbedding>)> {
-        let max = self.check_max_sequence_length(request.max_sequence_length)?;
         let mut graph: Option<std::sync::Arc<Graph>> = None;
         let mut encode = |prompt: &Prompt| -> Result<PromptEmbedding> {
             match prompt {
@@ -426,7 +437,7 @@ impl Pipeline {
                 }
                 Prompt::Text(text) => {
                     let t0 = Instant::now();
-                    let tokens = self.text.tokenize(text, max)?;
+                    let tokens = self.caption_tokens(text, request.max_sequence_length)?;
                     timings.tokenize += t0.elapsed();
                     let t1 = Instant::now();
                     if graph.is_none() {

@@ -41,7 +41,10 @@ fn invalid_requests_are_refused_with_their_kind() {
         ("zero images", Box::new(|r| r.count = 0)),
         ("65 images", Box::new(|r| r.count = 65)),
         ("max_sequence_length 0", Box::new(|r| r.max_sequence_length = Some(0))),
-        ("max_sequence_length over the caption limit", Box::new(|r| r.max_sequence_length = Some(100_000))),
+        ("caption over the model's position limit", Box::new(|r| {
+            r.prompt = Prompt::Text("word ".repeat(2000));
+            r.max_sequence_length = Some(5000);
+        })),
         ("latents of the wrong shape", Box::new(|r| r.latents = Some(ndarray::Array4::zeros((1, 16, 4, 4))))),
         ("non-finite latents", Box::new(|r| r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), f32::NAN)))),
     ];

@@ -1,0 +1,539 @@
+//! The prompt enhancer: a local Qwen3 rewrites a terse or puzzle-like request into a concrete
+//! visual description before generation (Z-Image's "prompt enhancing", offline).
+//!
+//! The decoder graph (`text_decoder`) comes with a Z-Image package, where it reads the same
+//! weights file as the text encoder, or with a standalone enhancer package exported from any
+//! Hugging Face Qwen3 checkpoint (`export-scripts/export_enhancer.py`). Generation: our system
+//! prompt and the user's request in Qwen3's chat template (thinking on or off), one prefill
+//! call, then one decoder call per token with the KV cache, until `<|im_end|>` or the token
+//! limit. A `<think>…</think>` block is returned apart and never part of [`Enhancement::text`].
+//!
+//! ```no_run
+//! use zimage::{EnhanceOptions, LoadOptions, PromptEnhancer};
+//! let enhancer = PromptEnhancer::load("models/tiny-qwen3-enhancer", &LoadOptions::default())?;
+//! let result = enhancer.enhance("a cat, but make it a riddle: 2 + 2 of them", &EnhanceOptions::default(), None)?;
+//! println!("{}", result.text);
+//! # Ok::<(), zimage::Error>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokenizers::Tokenizer;
+
+use crate::cancel::{CancelHandle, Registry};
+use crate::error::{Error, Result};
+use crate::kv_decoder::Decoder;
+use crate::manifest::{
+    EnhancerInfo, EnhancerManifest, GraphEntry, Manifest, ENHANCER_FORMAT_NAME, FORMAT_NAME,
+};
+use crate::pipeline::{LoadOptions, Pipeline};
+use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
+use crate::sampling::{Sampling, TokenPicker};
+
+/// The largest `max_new_tokens` accepted.
+pub const MAX_NEW_TOKENS: usize = 32_768;
+
+/// Our instructions to the model (also read by `export-scripts/make_enhancer_fixtures.py`).
+pub fn default_system_prompt() -> &'static str {
+    include_str!("enhancer_system_prompt.txt").trim_end()
+}
+
+/// How to enhance. `Default`: our system prompt, thinking off, greedy, at most 512 new tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnhanceOptions {
+    /// `None` uses [`default_system_prompt`].
+    pub system_prompt: Option<String>,
+    /// Let the model reason in a `<think>` block first (better on riddles, slower; the block
+    /// counts against `max_new_tokens`).
+    pub thinking: bool,
+    /// 1..=[`MAX_NEW_TOKENS`]; generation also stops at the model's context length.
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+}
+
+impl Default for EnhanceOptions {
+    fn default() -> Self {
+        EnhanceOptions {
+            system_prompt: None,
+            thinking: false,
+            max_new_tokens: 512,
+            sampling: Sampling::Greedy,
+        }
+    }
+}
+
+impl EnhanceOptions {
+    pub fn check(&self) -> Result<()> {
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
+            return Err(Error::invalid(format!(
+                "max_new_tokens must be 1..={MAX_NEW_TOKENS} (got {})",
+                self.max_new_tokens
+            )));
+        }
+        self.sampling.check()
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its answer (`<|im_end|>` or another end token).
+    Stop,
+    /// `max_new_tokens` (or the context length) was reached.
+    Length,
+}
+
+/// One generated token, passed to the streaming callback (end tokens are not passed).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent<'a> {
+    /// 0 for the first generated token.
+    pub index: usize,
+    pub token_id: u32,
+    /// Text this token completes (empty while a multi-byte character is incomplete).
+    pub text: &'a str,
+    /// Inside the `<think>…</think>` block (the tags included).
+    pub thinking: bool,
+}
+
+/// The result of [`PromptEnhancer::enhance`].
+#[derive(Debug, Clone)]
+pub struct Enhancement {
+    /// The rewritten prompt: the answer without any think block, trimmed. Empty when the
+    /// model used the whole token budget thinking (then fall back to the original prompt).
+    pub text: String,
+    /// The reasoning inside `<think>…</think>`, when the model wrote one.
+    pub thinking: Option<String>,
+    /// All generated text (special tokens skipped, think block included).
+    pub raw_text: String,
+    /// Generated token ids, the end token included when there was one.
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub finish: FinishReason,
+    /// The sampling seed used (drawn when the options had none); `None` for greedy decoding.
+    pub seed: Option<u64>,
+    pub timings: EnhanceTimings,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EnhanceTimings {
+    /// The prompt's one decoder call (gives the first token).
+    pub prefill: Duration,
+    /// All later decoder calls, one per token.
+    pub decode: Duration,
+    pub decode_steps: usize,
+    pub total: Duration,
+}
+
+impl EnhanceTimings {
+    /// Decoding speed after the prompt (0 when there was no decode step).
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.decode_steps == 0 || self.decode.is_zero() {
+            0.0
+        } else {
+            self.decode_steps as f64 / self.decode.as_secs_f64()
+        }
+    }
+}
+
+/// A loaded enhancer. `Send + Sync`; concurrent calls take turns per decoder call.
+pub struct PromptEnhancer {
+    tokenizer: Tokenizer,
+    info: EnhancerInfo,
+    decoder: Decoder,
+    registry: Arc<Registry>,
+    think_tags: [String; 2],
+    dir: PathBuf,
+}
+
+impl PromptEnhancer {
+    /// Loads the enhancer of a Z-Image package that has one, or of a standalone enhancer package.
+    pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<PromptEnhancer> {
+        Self::load_with_registry(dir.as_ref(), options, Arc::new(Registry::default()))
+    }
+
+    /// Loads the enhancer of the package `pipeline` was loaded from, cancelled together with
+    /// the pipeline's generations by [`Pipeline::cancel_handle`].
+    pub fn attach(pipeline: &Pipeline, options: &LoadOptions) -> Result<PromptEnhancer> {
+        Self::load_with_registry(
+            pipeline.package_dir(),
+            options,
+            Arc::clone(&pipeline.cancel_handle().registry),
+        )
+    }
+
+    fn load_with_registry(
+        dir: &Path,
+        options: &LoadOptions,
+        registry: Arc<Registry>,
+    ) -> Result<PromptEnhancer> {
+        let (tokenizer_path, graph, info) = read_package(dir, options.verify_checksums)?;
+        let rt = runtime::runtime(options.runtime_library.as_deref())?;
+        // Mapped, not copied: in a Z-Image package the text encoder reads the same file.
+        let settings = SessionSettings {
+            intra_threads: options.threads,
+            allow_cpu_fallback: options.allow_cpu_fallback,
+            shares_weights: true,
+        };
+        let path = Manifest::resolve(dir, &graph.path);
+        let provider = decoder_provider(options);
+        let (session, device) = runtime::build_session(rt, "text_decoder", &path, &provider, &settings)?;
+        let decoder = Decoder::new(session, device, info.clone());
+        Self::new(dir, &tokenizer_path, info, decoder, registry)
+    }
+
+    pub(crate) fn new(
+        dir: &Path,
+        tokenizer_path: &Path,
+        info: EnhancerInfo,
+        decoder: Decoder,
+        registry: Arc<Registry>,
+    ) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| {
+            Error::package(
+                tokenizer_path,
+                format!("tokenizer.json cannot be loaded: {e}"),
+            )
+        })?;
+        let tag = |id: u32| {
+            tokenizer.id_to_token(id).ok_or_else(|| {
+                Error::package(
+                    tokenizer_path,
+                    format!("think token {id} is not in the tokenizer"),
+                )
+            })
+        };
+        let think_tags = [tag(info.think_token_ids[0])?, tag(info.think_token_ids[1])?];
+        Ok(PromptEnhancer {
+            tokenizer,
+            info,
+            decoder,
+            registry,
+            think_tags,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn package_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn info(&self) -> &EnhancerInfo {
+        &self.info
+    }
+
+    pub fn device(&self) -> Device {
+        self.decoder.device
+    }
+
+    /// Cancels the enhancements (and, after [`PromptEnhancer::attach`], the generations)
+    /// running at the moment it is called.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle {
+            registry: Arc::clone(&self.registry),
+        }
+    }
+
+    /// The chat-templated prompt the model is given.
+    pub fn chat_text(&self, prompt: &str, options: &EnhanceOptions) -> String {
+        let system = options
+            .system_prompt
+            .as_deref()
+            .unwrap_or(default_system_prompt());
+        // Substitute {prompt} first so braces in the system prompt are never touched twice.
+        let (head, tail) = self
+            .info
+            .prompt_template
+            .split_once("{prompt}")
+            .expect("checked at load");
+        let mut text = head.replace("{system}", system);
+        text.push_str(prompt);
+        text.push_str(tail);
+        if !options.thinking {
+            text.push_str(&self.info.thinking_off_suffix);
+        }
+        text
+    }
+
+    /// Token ids of [`PromptEnhancer::chat_text`].
+    pub fn prompt_ids(&self, prompt: &str, options: &EnhanceOptions) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(self.chat_text(prompt, options), false)
+            .map_err(|e| Error::invalid(format!("the prompt cannot be tokenized: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Rewrites `prompt`. `on_token` sees every generated token; returning `false` stops with
+    /// [`Error::Cancelled`], as does the cancel handle.
+    pub fn enhance(
+        &self,
+        prompt: &str,
+        options: &EnhanceOptions,
+        mut on_token: Option<&mut dyn FnMut(&TokenEvent) -> bool>,
+    ) -> Result<Enhancement> {
+        let start = Instant::now();
+        options.check()?;
+        if prompt.trim().is_empty() {
+            return Err(Error::invalid("the prompt to enhance is empty"));
+        }
+        let control = self.registry.begin()?;
+        let ids = self.prompt_ids(prompt, options)?;
+        if ids.len() >= self.info.max_positions {
+            return Err(Error::invalid(format!(
+                "the prompt has {} tokens with the template; this model handles {}",
+                ids.len(),
+                self.info.max_positions
+            )));
+        }
+        let max_new = options
+            .max_new_tokens
+            .min(self.info.max_positions - ids.len());
+        let seed = match options.sampling {
+            Sampling::Greedy => None,
+            Sampling::Random(r) => Some(r.seed.unwrap_or_else(random_seed)),
+        };
+        let mut picker = TokenPicker::new(options.sampling, seed.unwrap_or(0));
+        let mut timings = EnhanceTimings::default();
+        let mut ort_time = Duration::ZERO;
+        let mut cache = self.decoder.empty_cache()?;
+
+        let prefill_start = Instant::now();
+        let mut logits = self
+            .decoder
+            .step(&ids, &mut cache, &control, &mut ort_time)?;
+        timings.prefill = prefill_start.elapsed();
+
+        let mut generated = Vec::new();
+        let mut stream = TextStream::default();
+        let mut thinking = false;
+        let mut finish = FinishReason::Length;
+        let decode_start = Instant::now();
+        for index in 0..max_new {
+            let token = picker.pick(&logits);
+            generated.push(token);
+            if self.info.eos_token_ids.contains(&token) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if token == self.info.think_token_ids[0] {
+                thinking = true;
+            }
+            if let Some(callback) = on_token.as_deref_mut() {
+                let text = stream.push(&self.tokenizer, token);
+                if !callback(&TokenEvent {
+                    index,
+                    token_id: token,
+                    text: &text,
+                    thinking,
+                }) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            if token == self.info.think_token_ids[1] {
+                thinking = false;
+            }
+            if index + 1 == max_new {
+                break;
+            }
+            logits = self
+                .decoder
+                .step(&[token], &mut cache, &control, &mut ort_time)?;
+            timings.decode_steps += 1;
+        }
+        timings.decode = decode_start.elapsed();
+        let body = match finish {
+            FinishReason::Stop => &generated[..generated.len() - 1],
+            FinishReason::Length => &generated[..],
+        };
+        let raw_text = self.decode(body)?;
+        let (thinking_text, text) =
+            split_thinking(&raw_text, &self.think_tags[0], &self.think_tags[1]);
+        timings.total = start.elapsed();
+        Ok(Enhancement {
+            text,
+            thinking: thinking_text,
+            raw_text,
+            token_ids: generated,
+            prompt_tokens: ids.len(),
+            finish,
+            seed,
+            timings,
+        })
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::inference("tokenizer", format!("decoding failed: {e}")))
+    }
+
+    /// Logits after feeding `ids` in one call with an empty cache (no reuse): for checking
+    /// the KV cache, not needed to enhance.
+    pub fn logits_without_cache(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let control = self.registry.begin()?;
+        let mut cache = self.decoder.empty_cache()?;
+        self.decoder
+            .step(ids, &mut cache, &control, &mut Duration::default())
+    }
+
+    /// Logits after each token of `ids`, fed one at a time through the KV cache after a
+    /// prefill of the first `prefill` tokens: for checking the KV cache.
+    pub fn logits_with_cache(&self, ids: &[u32], prefill: usize) -> Result<Vec<Vec<f32>>> {
+        let control = self.registry.begin()?;
+        let mut cache = self.decoder.empty_cache()?;
+        let mut out = vec![self.decoder.step(
+            &ids[..prefill],
+            &mut cache,
+            &control,
+            &mut Duration::default(),
+        )?];
+        for &id in &ids[prefill..] {
+            out.push(
+                self.decoder
+                    .step(&[id], &mut cache, &control, &mut Duration::default())?,
+            );
+        }
+        debug_assert_eq!(cache.len(), ids.len());
+        Ok(out)
+    }
+}
+
+/// The decoder runs on CPU or CUDA. TensorRT would rebuild engines as the cache grows (every
+/// step has a new past length), so a TensorRT device runs the decoder with CUDA instead.
+fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
+    match options.device {
+        Device::Cpu => ProviderConfig::Cpu,
+        Device::Cuda { device_id } | Device::TensorRt { device_id } => ProviderConfig::Cuda {
+            device_id,
+            memory_limit: options.gpu.cuda_memory_limit,
+        },
+    }
+}
+
+/// Tokenizer path, decoder graph entry and enhancer section of a package of either kind.
+fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo)> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::package(
+                dir,
+                "no manifest.json: not a zimage model or enhancer package",
+            )
+        } else {
+            Error::io(&path, e)
+        }
+    })?;
+    let format: Option<String> = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
+    match format.as_deref() {
+        Some(FORMAT_NAME) => {
+            let m = Manifest::load(dir, verify_all)?;
+            match (m.enhancer, m.graphs.text_decoder) {
+                (Some(info), Some(graph)) => Ok((Manifest::resolve(dir, &m.tokenizer.path), graph, info)),
+                _ => Err(Error::package(
+                    dir,
+                    "this package has no prompt enhancer (add one with export-scripts/export_enhancer.py add, or load a standalone enhancer package)",
+                )),
+            }
+        }
+        Some(ENHANCER_FORMAT_NAME) => {
+            let m = EnhancerManifest::load(dir, verify_all)?;
+            Ok((
+                Manifest::resolve(dir, &m.tokenizer.path),
+                m.graphs.text_decoder,
+                m.enhancer,
+            ))
+        }
+        other => Err(Error::package(
+            &path,
+            format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}"),
+        )),
+    }
+}
+
+/// Splits generated text into (reasoning, answer). The answer is what follows the last
+/// `</think>`; text that opens a think block and never closes it is all reasoning (the token
+/// limit cut the model off), leaving an empty answer.
+pub fn split_thinking(raw: &str, open: &str, close: &str) -> (Option<String>, String) {
+    if let Some(end) = raw.rfind(close) {
+        let inner = &raw[..end];
+        let inner = inner.find(open).map_or(inner, |s| &inner[s + open.len()..]);
+        return (
+            Some(inner.trim().to_string()),
+            raw[end + close.len()..].trim().to_string(),
+        );
+    }
+    let trimmed = raw.trim_start();
+    if let Some(rest) = trimmed.strip_prefix(open) {
+        return (Some(rest.trim().to_string()), String::new());
+    }
+    (None, raw.trim().to_string())
+}
+
+/// Turns tokens into text pieces as they arrive. Byte-level BPE tokens can end inside a UTF-8
+/// character; such a piece decodes to U+FFFD and is held back until the character completes.
+#[derive(Default)]
+struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize, // bytes of the decoded text already handed out
+}
+
+impl TextStream {
+    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
+        self.ids.push(token);
+        let text = tokenizer.decode(&self.ids, true).unwrap_or_default();
+        if text.ends_with('\u{FFFD}')
+            || !text.is_char_boundary(self.emitted.min(text.len()))
+            || text.len() < self.emitted
+        {
+            return String::new();
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        piece
+    }
+}
+
+/// A sampling seed from the OS-seeded hasher.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_thinking;
+
+    #[test]
+    fn think_blocks_never_reach_the_answer() {
+        let s = |raw| split_thinking(raw, "<think>", "</think>");
+        assert_eq!(
+            s("<think>\n3*2+2*4 = 14 legs\n</think>\n\nThree hens and two rabbits."),
+            (
+                Some("3*2+2*4 = 14 legs".into()),
+                "Three hens and two rabbits.".into()
+            )
+        );
+        assert_eq!(
+            s("<think>\n\n</think>\n\n A red fox. "),
+            (Some(String::new()), "A red fox.".into())
+        );
+        assert_eq!(
+            s("<think>\nstill thinking when the limit hit"),
+            (
+                Some("still thinking when the limit hit".into()),
+                String::new()
+            )
+        );
+        assert_eq!(s(" A plain answer.\n"), (None, "A plain answer.".into()));
+    }
+}
