@@ -14,6 +14,7 @@ use crate::image_io::{self, GrayImage, RgbImage};
 use crate::image_to_image::{self, Start};
 use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
+use crate::prompt_enhancer::{EnhanceOptions, PromptEnhancer};
 use crate::gpu::GpuOptions;
 use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
 use crate::scheduler::Schedule;
@@ -177,6 +178,8 @@ pub struct Generation {
     pub seed: u64,
     pub prompt_tokens: TokenizedPrompt,
     pub negative_prompt_tokens: Option<TokenizedPrompt>,
+    /// The rewritten prompt the images were made from, when the prompt was enhanced.
+    pub enhanced_prompt: Option<String>,
     pub timings: Timings,
 }
 
@@ -416,6 +419,7 @@ impl Pipeline {
             seed,
             prompt_tokens: positive.tokens.clone(),
             negative_prompt_tokens: negative.map(|n| n.tokens.clone()),
+            enhanced_prompt: None,
             timings,
         })
     }
@@ -501,6 +505,32 @@ impl Pipeline {
         let mut ort_time = Duration::ZERO;
         let out = self.transformer.acquire()?.run(inputs, &["noise_pred"], &control, &mut ort_time)?.remove(0);
         out.into_dimensionality::<Ix4>().map_err(|e| Error::inference("transformer", e))
+    }
+
+    /// Rewrites the request's text prompt with `enhancer` first, then generates from the
+    /// rewritten prompt; the result's `enhanced_prompt` holds it.
+    pub fn generate_enhanced(
+        &self,
+        enhancer: &PromptEnhancer,
+        options: &EnhanceOptions,
+        request: &GenerateRequest,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        let Prompt::Text(text) = &request.prompt else {
+            return Err(Error::invalid("only a text prompt can be enhanced"));
+        };
+        self.plan(request)?;
+        let enhancement = enhancer.enhance(text, options, None)?;
+        if enhancement.text.trim().is_empty() {
+            return Err(Error::inference(
+                "prompt enhancer",
+                format!("no description within {} new tokens ({:?}); raise max_new_tokens or turn thinking off", options.max_new_tokens, enhancement.finish),
+            ));
+        }
+        let rewritten = GenerateRequest { prompt: Prompt::Text(enhancement.text.clone()), ..request.clone() };
+        let mut result = self.generate(&rewritten, progress)?;
+        result.enhanced_prompt = Some(enhancement.text);
+        Ok(result)
     }
 
     /// Checks a request against the package and derives its shapes.

@@ -256,3 +256,19 @@ fn sequential_memory_mode_gives_the_same_images() {
     assert_eq!(a.images, b.images);
     assert_eq!(a.latents, b.latents);
 }
+
+#[test]
+fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
+    let p = pipeline("tiny-zimage");
+    let enhancer = zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &LoadOptions::default()).unwrap();
+    let options = zimage::EnhanceOptions { max_new_tokens: 24, ..Default::default() };
+    let expected = enhancer.enhance("a cat", &options, None).unwrap();
+    assert!(!expected.text.is_empty());
+    let result = p.generate_enhanced(&enhancer, &options, &small("a cat"), None).unwrap();
+    assert_eq!(result.enhanced_prompt.as_deref(), Some(expected.text.as_str()));
+    let direct = p.generate(&small(&expected.text), None).unwrap();
+    assert_eq!(result.images, direct.images);
+    let mut embedded = small("");
+    embedded.prompt = Prompt::Embedded(p.encode_prompt("a cat", None).unwrap());
+    assert_eq!(kind_of(p.generate_enhanced(&enhancer, &options, &embedded, None)), ErrorKind::InvalidRequest);
+}
