@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use zimage::{image_io, GenerateRequest, Generation, InitImage, Pipeline, Progress, Prompt, Timings, TokenizedPrompt};
 
+use crate::enhance::{self, EnhanceFlags};
 use crate::{secs, ModelArgs};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
@@ -71,6 +72,12 @@ pub struct GenerateArgs {
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
+    /// Rewrite the prompt with the local prompt enhancer first; the rewritten prompt is
+    /// printed and stored in the PNG parameters.
+    #[arg(long)]
+    enhance: bool,
+    #[command(flatten)]
+    enhance_flags: EnhanceFlags,
 }
 
 pub fn run(args: GenerateArgs) -> zimage::Result<()> {
@@ -91,9 +98,18 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
         progress.step(p);
         true
     };
-    let result = pipeline.generate(&request, Some(&mut on_step));
+    let result = if args.enhance {
+        progress.stage("enhancing prompt");
+        let enhancer = args.enhance_flags.load_for(&pipeline, &enhance::load_options(&args.model))?;
+        pipeline.generate_enhanced(&enhancer, &args.enhance_flags.options(), &request, Some(&mut on_step))
+    } else {
+        pipeline.generate(&request, Some(&mut on_step))
+    };
     progress.finish();
     let generation = result?;
+    if let Some(enhanced) = &generation.enhanced_prompt {
+        eprintln!("enhanced prompt: {enhanced}");
+    }
 
     warn_if_truncated("prompt", &generation.prompt_tokens);
     if let Some(tokens) = &generation.negative_prompt_tokens {
@@ -215,7 +231,7 @@ fn png_text(
     index: usize,
 ) -> Vec<(&'static str, String)> {
     let mut text = vec![
-        ("prompt", args.prompt.clone()),
+        ("prompt", generation.enhanced_prompt.clone().unwrap_or_else(|| args.prompt.clone())),
         ("negative_prompt", args.negative_prompt.clone().unwrap_or_default()),
         ("seed", generation.seed.to_string()),
         ("steps", request.steps.to_string()),
@@ -229,6 +245,9 @@ fn png_text(
         ("model", pipeline.package_dir().display().to_string()),
         ("software", format!("zimage {}", zimage::VERSION)),
     ];
+    if generation.enhanced_prompt.is_some() {
+        text.push(("original_prompt", args.prompt.clone()));
+    }
     if let Some(n) = args.max_sequence_length {
         text.push(("max_sequence_length", n.to_string()));
     }
@@ -261,6 +280,7 @@ fn summary_json(
         "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "latents_file": args.save_latents.as_ref().map(|p| p.display().to_string()),
         "seed": generation.seed,
+        "enhanced_prompt": generation.enhanced_prompt,
         "width": request.width,
         "height": request.height,
         "steps": request.steps,

@@ -2,6 +2,7 @@
 //! prints; the work itself lives in the `zimage` crate.
 
 mod bench;
+mod enhance;
 mod generate;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Command {
     /// Time every stage of a generation, with peak memory, over several runs.
     #[command(after_help = EXIT_CODES)]
     Bench(bench::BenchArgs),
+    /// Rewrite a prompt into a detailed visual description with the local Qwen3 decoder.
+    #[command(after_help = EXIT_CODES)]
+    Enhance(enhance::EnhanceArgs),
 }
 
 /// How the model package is loaded; shared by every subcommand.
@@ -99,12 +103,18 @@ impl ModelArgs {
     /// Loads the pipeline and lets Ctrl-C cancel its runs from then on. The image count and
     /// guidance size the TensorRT profiles (unused elsewhere).
     pub fn load(&self, max_images: u32, guidance: bool) -> zimage::Result<Pipeline> {
+        let pipeline = Pipeline::load(&self.model, &self.options(max_images, guidance))?;
+        set_cancel_handle(pipeline.cancel_handle());
+        Ok(pipeline)
+    }
+
+    pub fn options(&self, max_images: u32, guidance: bool) -> LoadOptions {
         let precision = match self.trt_precision.as_str() {
             "fp32" => TensorRtPrecision::Fp32,
             "fp16" => TensorRtPrecision::Fp16,
             _ => TensorRtPrecision::Bf16,
         };
-        let options = LoadOptions {
+        LoadOptions {
             runtime_library: self.ort_library.clone(),
             device: self.device,
             transformer_device: self.transformer_device,
@@ -120,10 +130,7 @@ impl ModelArgs {
                 guidance,
                 ..GpuOptions::default()
             },
-        };
-        let pipeline = Pipeline::load(&self.model, &options)?;
-        let _ = CANCEL.set(pipeline.cancel_handle());
-        Ok(pipeline)
+        }
     }
 }
 
@@ -149,6 +156,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Enhance(args) => enhance::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,6 +228,10 @@ fn one_line(message: &str) -> String {
 
 /// The pipeline whose runs the first Ctrl-C cancels (set once it is loaded).
 static CANCEL: OnceLock<CancelHandle> = OnceLock::new();
+
+pub fn set_cancel_handle(handle: CancelHandle) {
+    let _ = CANCEL.set(handle);
+}
 
 /// First Ctrl-C: cancel the running generation, which then ends with the Cancelled error
 /// (exit 130) after ONNX Runtime returns. Before the pipeline is loaded, or on a second

@@ -551,3 +551,47 @@ fn ctrl_c_cancels_with_exit_130() {
     assert!(err.is_empty() || err == "zimage: error: cancelled\n", "{err:?}");
     assert!(!dir.join("never.png").exists());
 }
+
+/// `zimage enhance` greedy output is transformers' greedy output for the golden cases that use
+/// the built-in system prompt, and `generate --enhance` stores what it used.
+#[test]
+fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
+    let goldens: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/enhancer/cases.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for c in goldens["cases"].as_array().unwrap() {
+        if !c["system_prompt"].is_null() {
+            continue;
+        }
+        let max = c["max_new_tokens"].as_u64().unwrap().to_string();
+        let mut args = vec!["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", c["prompt"].as_str().unwrap(), "--max-new-tokens", &max, "--json"];
+        if c["thinking"].as_bool().unwrap() {
+            args.push("--thinking");
+        }
+        let out = zimage(&args);
+        assert_code(&out, 0);
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["new_tokens"].as_u64().unwrap() as usize, c["generated_ids"].as_array().unwrap().len(), "{}", c["name"]);
+        assert_eq!(summary["finish"].as_str().unwrap().to_lowercase(), c["finish"].as_str().unwrap(), "{}", c["name"]);
+        if !c["thinking"].as_bool().unwrap() {
+            assert_eq!(summary["text"].as_str().unwrap().trim(), c["raw_text"].as_str().unwrap().trim(), "{}", c["name"]);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "golden cases with the default system prompt: {checked}");
+
+    let dir = scratch("enhance");
+    let png = dir.join("e.png");
+    let out = zimage(&[
+        "generate", "--model", PACKAGE, "--prompt", "a cat", "--width", "64", "--height", "64", "--seed", "1",
+        "--enhance", "--enhancer", "models/tiny-qwen3-enhancer", "--max-new-tokens", "12", "--json", "-o", png.to_str().unwrap(),
+    ]);
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let enhanced = summary["enhanced_prompt"].as_str().expect("enhanced prompt reported");
+    let again = zimage(&["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--max-new-tokens", "12"]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim_end_matches('\n'), enhanced);
+
+    let no_decoder = zimage(&["enhance", "--model", PACKAGE, "--prompt", "a cat"]);
+    assert_code(&no_decoder, 3);
+}
