@@ -1,0 +1,70 @@
+"""Export a diffusers-format Z-Image folder to a zimage model package.
+
+    python export.py --src Z-Image-Turbo --out zimage-turbo-fp16 --precision fp16
+
+Writes text_encoder.onnx, transformer.onnx, vae_decoder.onnx, vae_encoder.onnx (each with one
+.onnx.data file beside it when over 2 GB), tokenizer.json and manifest.json, as described in
+docs/package-format.md. Components are loaded one at a time, directly in the package precision,
+so peak memory is about one component's weights (plus the exporter's working set).
+"""
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zimage_export import onnx_io  # noqa: E402
+from zimage_export.graphs import GRAPHS  # noqa: E402
+from zimage_export.manifest import build_manifest  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def pad_token_id(src: Path) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token")
+    return int(tokenizer.pad_token_id)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, required=True, help="diffusers-format Z-Image folder")
+    parser.add_argument("--out", type=Path, required=True, help="package folder to write")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--name", help="source name for the manifest (default: the --src folder name)")
+    parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), help="export only these")
+    parser.add_argument("--external-data-threshold", type=int, default=onnx_io.EXTERNAL_DATA_THRESHOLD,
+                        help="graphs whose weights exceed this many bytes keep them in <graph>.onnx.data")
+    args = parser.parse_args(argv)
+    onnx_io.EXTERNAL_DATA_THRESHOLD = args.external_data_threshold
+
+    torch.manual_seed(0)  # nothing should be random, but keep any stray draw reproducible
+    src, out = args.src.resolve(), args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "tokenizer" / "tokenizer.json", out / "tokenizer.json")
+    for name in args.graphs:
+        start = time.time()
+        onnx_io.export_graph(GRAPHS[name](src, DTYPES[args.precision]), out, args.opset)
+        gc.collect()
+        print(f"exported {name} in {time.time() - start:.1f} s", flush=True)
+
+    if not all((out / f"{name}.onnx").exists() for name in GRAPHS):
+        print("some graphs are missing: manifest.json not written (partial export)")
+        return
+    manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

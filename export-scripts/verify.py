@@ -1,0 +1,129 @@
+"""Check every graph of a package against the PyTorch modules it was exported from.
+
+    python verify.py PACKAGE_DIR --src DIFFUSERS_DIR
+
+Each graph runs in ONNX Runtime (CPU) on fresh random inputs at shapes unlike the traced ones
+(batch 1 and 2, caption lengths that are not multiples of 32, unequal caption lengths in one
+batch, non-square latents) and is compared with the float32 PyTorch reference: transformers'
+hidden_states[-2], diffusers' transformer called with per-item lists as the pipeline does,
+and AutoencoderKL's decode / encode. Exit status 1 when a float32 package exceeds a relative L2
+error of 1e-5; for fp16 packages the figures are reported only.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+FP32_TOLERANCE = 1e-5
+
+
+def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm((got - want).ravel()) / max(np.linalg.norm(want.ravel()), 1e-30))
+
+
+def session(package: Path, graph: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(package / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def text_encoder_cases(src: Path, package: Path, gen: torch.Generator):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src / "text_encoder", dtype=torch.float32).eval()
+    sess = session(package, "text_encoder")
+    vocab = model.config.vocab_size
+    for lens in ([11], [23, 9], [5, 17, 30]):
+        seq = max(lens)
+        ids = torch.randint(0, vocab, (len(lens), seq), generator=gen)
+        mask = (torch.arange(seq)[None, :] < torch.tensor(lens)[:, None]).long()
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        (got,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        # Only real tokens are ever used downstream; compare those.
+        keep = mask.bool().numpy()
+        yield f"lens={lens}", rel_l2(got[keep], want.numpy()[keep]), float(np.abs(got[keep] - want.numpy()[keep]).max())
+
+
+def transformer_cases(src: Path, package: Path, gen: torch.Generator):
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel.from_pretrained(src / "transformer", dtype=torch.float32).eval()
+    sess = session(package, "transformer")
+    c, dcap = model.config.in_channels, model.config.cap_feat_dim
+    # (latent h, w, caption lengths, padded caption tensor length)
+    for h, w, lens, width in ((4, 6, [13], 13), (6, 10, [7, 40], 40), (10, 4, [20, 33], 50), (8, 8, [1, 64, 31], 64)):
+        b = len(lens)
+        latents = torch.randn(b, c, h, w, generator=gen)
+        timestep = torch.rand(b, generator=gen)
+        feats = torch.randn(b, width, dcap, generator=gen)
+        mask = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+        with torch.no_grad():
+            out = model(list(latents.unsqueeze(2).unbind(0)), timestep, [f[:n] for f, n in zip(feats, lens)], return_dict=False)[0]
+        want = torch.stack(out).squeeze(2).numpy()
+        inputs = {"latents": latents.numpy(), "timestep": timestep.numpy(), "cap_feats": feats.numpy(), "cap_mask": mask.numpy()}
+        (got,) = sess.run(None, inputs)
+        yield f"latent {h}x{w} caps={lens} L={width}", rel_l2(got, want), float(np.abs(got - want).max())
+
+
+def vae_cases(src: Path, package: Path, gen: torch.Generator):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(src / "vae", dtype=torch.float32).eval()
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    dec, enc = session(package, "vae_decoder"), session(package, "vae_encoder")
+    for b, h, w in ((1, 4, 6), (2, 6, 4)):
+        z = torch.randn(b, vae.config.latent_channels, h, w, generator=gen)
+        with torch.no_grad():
+            want = vae.decode(z).sample.numpy()
+        (got,) = dec.run(None, {"latents": z.numpy()})
+        yield "vae_decoder", f"latent {b}x{h}x{w}", rel_l2(got, want), float(np.abs(got - want).max())
+        image = torch.rand(b, 3, h * f, w * f, generator=gen) * 2 - 1
+        with torch.no_grad():
+            dist = vae.encode(image).latent_dist
+        mean, logvar = enc.run(None, {"image": image.numpy()})
+        for name, got, want in (("mean", mean, dist.mean), ("logvar", logvar, dist.logvar)):
+            yield f"vae_encoder.{name}", f"image {b}x{h * f}x{w * f}", rel_l2(got, want.numpy()), float(np.abs(got - want.numpy()).max())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--src", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--graphs", nargs="+", choices=["text_encoder", "transformer", "vae"],
+                        default=["text_encoder", "transformer", "vae"], help="check only these")
+    parser.add_argument("--precision", choices=["fp32", "fp16"],
+                        help="package precision (default: from manifest.json; needed without one)")
+    args = parser.parse_args(argv)
+
+    manifest_path = args.package / "manifest.json"
+    precision = args.precision or json.loads(manifest_path.read_text())["precision"]
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    if "text_encoder" in args.graphs:
+        rows += [("text_encoder", *r) for r in text_encoder_cases(args.src, args.package, gen)]
+    if "transformer" in args.graphs:
+        rows += [("transformer", *r) for r in transformer_cases(args.src, args.package, gen)]
+    if "vae" in args.graphs:
+        rows += list(vae_cases(args.src, args.package, gen))
+
+    failed = False
+    print(f"package {args.package} ({precision}) vs PyTorch float32")
+    print(f"{'graph':<20} {'case':<42} {'rel L2':>10} {'max abs':>10}  status")
+    for graph, case, rel, max_abs in rows:
+        ok = np.isfinite(rel) and (precision != "fp32" or rel <= FP32_TOLERANCE)
+        status = ("ok" if ok else "FAIL") if precision == "fp32" else ("report" if np.isfinite(rel) else "FAIL")
+        failed |= not ok
+        print(f"{graph:<20} {case:<42} {rel:>10.2e} {max_abs:>10.2e}  {status}")
+    print("FAILED" if failed else "all graphs within tolerance" if precision == "fp32" else "done (fp16: figures only)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

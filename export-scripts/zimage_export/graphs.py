@@ -1,0 +1,143 @@
+"""One function per package graph: load the component in the package precision, wrap it, trace
+it on small inputs and export it with every batch/sequence/spatial dimension dynamic.
+
+Traced sizes are >= 2 and differ from each other: the dynamo exporter specialises dimensions
+of size 0/1 and ties dimensions it sees to be equal."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from .text_encoder import TextEncoderExport
+from .transformer_wrapper import ZImageTransformerExport
+from .vae import VaeDecoderExport, VaeEncoderExport
+
+MAX = 1 << 20  # an upper bound for the dynamic dimensions the exporter needs to be told
+
+
+@dataclass
+class GraphSpec:
+    """What to export: the wrapper module (handed over: export_graph drops it as soon as the
+    graph is traced, so its weights can be freed while the ONNX graph is optimised), example
+    inputs, graph I/O names and dynamic dimensions."""
+
+    module: torch.nn.Module | None
+    args: tuple
+    filename: str
+    input_names: list
+    output_names: list
+    dynamic_shapes: dict
+
+
+def load_text_encoder(src: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(src / "text_encoder", dtype=dtype).eval()
+
+
+def load_transformer(src: Path, dtype: torch.dtype):
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel.from_pretrained(src / "transformer", dtype=dtype).eval()
+
+
+def load_vae(src: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(src / "vae", dtype=dtype).eval()
+
+
+def vae_dtype(src: Path, dtype: torch.dtype) -> torch.dtype:
+    """VAEs marked force_upcast (FLUX's, Z-Image's) overflow in fp16; diffusers runs them in
+    float32, and so do our fp16 packages."""
+    import json
+
+    config = json.loads((src / "vae" / "config.json").read_text())
+    return torch.float32 if config.get("force_upcast", False) else dtype
+
+
+def text_encoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
+    wrapper = TextEncoderExport(load_text_encoder(src, dtype))
+    ids = torch.tensor([[151644, 872, 198, 100, 200, 300, 151645], [151644, 872, 198, 400, 151645, 0, 0]])
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    batch, seq = Dim("batch", min=1, max=MAX), Dim("sequence", min=1, max=MAX)
+    return GraphSpec(
+        wrapper,
+        (ids, mask),
+        "text_encoder.onnx",
+        ["input_ids", "attention_mask"],
+        ["hidden_states"],
+        {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+    )
+
+
+def transformer_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
+    model = load_transformer(src, dtype)
+    wrapper = ZImageTransformerExport(model)
+    cfg = model.config
+    p = cfg.all_patch_size[0]
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, cfg.in_channels, 3 * p, 5 * p, generator=gen)
+    timestep = torch.tensor([0.25, 0.75])
+    cap_feats = torch.randn(2, 37, cfg.cap_feat_dim, generator=gen)
+    cap_mask = torch.arange(37)[None, :] < torch.tensor([[9], [37]])
+    batch = Dim("batch", min=1, max=MAX)
+    rows, cols = Dim("patch_rows", min=1, max=MAX), Dim("patch_cols", min=1, max=MAX)
+    cap = Dim("caption", min=1, max=MAX)
+    return GraphSpec(
+        wrapper,
+        (latents, timestep, cap_feats, cap_mask),
+        "transformer.onnx",
+        ["latents", "timestep", "cap_feats", "cap_mask"],
+        ["noise_pred"],
+        {
+            "latents": {0: batch, 2: p * rows, 3: p * cols},
+            "timestep": {0: batch},
+            "cap_feats": {0: batch, 1: cap},
+            "cap_mask": {0: batch, 1: cap},
+        },
+    )
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_decoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
+    vae = load_vae(src, vae_dtype(src, dtype))
+    latents = torch.randn(2, vae.config.latent_channels, 3, 5, generator=torch.Generator().manual_seed(0))
+    batch, h, w = Dim("batch", min=1, max=MAX), Dim("latent_h", min=1, max=MAX), Dim("latent_w", min=1, max=MAX)
+    return GraphSpec(
+        VaeDecoderExport(vae),
+        (latents,),
+        "vae_decoder.onnx",
+        ["latents"],
+        ["image"],
+        {"latents": {0: batch, 2: h, 3: w}},
+    )
+
+
+def vae_encoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
+    vae = load_vae(src, vae_dtype(src, dtype))
+    f = vae_scale_factor(vae)
+    image = torch.rand(2, vae.config.in_channels, 3 * f, 5 * f, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = Dim("batch", min=1, max=MAX)
+    h, w = Dim("latent_h", min=1, max=MAX), Dim("latent_w", min=1, max=MAX)
+    return GraphSpec(
+        VaeEncoderExport(vae),
+        (image,),
+        "vae_encoder.onnx",
+        ["image"],
+        ["mean", "logvar"],
+        {"image": {0: batch, 2: f * h, 3: f * w}},
+    )
+
+
+GRAPHS = {
+    "text_encoder": text_encoder_spec,
+    "transformer": transformer_spec,
+    "vae_decoder": vae_decoder_spec,
+    "vae_encoder": vae_encoder_spec,
+}

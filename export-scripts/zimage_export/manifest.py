@@ -1,0 +1,92 @@
+"""manifest.json of a model package (docs/package-format.md, format version 1)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from .onnx_io import graph_io
+
+PROMPT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
+SEQUENCE_MULTIPLE = 32  # SEQ_MULTI_OF in diffusers' transformer_z_image.py
+
+
+def file_entry(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return {"path": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def graph_entry(package: Path, name: str) -> dict:
+    path = package / f"{name}.onnx"
+    data = path.with_name(path.name + ".data")
+    inputs, outputs = graph_io(path)
+    return {
+        **file_entry(path),
+        "external_data": file_entry(data) if data.exists() else None,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def transformer_limits(axes_lens: list[int], patch_size: int) -> dict:
+    """The RoPE tables have axes_lens[i] rows. Caption tokens sit at 1..P and the image at P+1,
+    where P is the caption length padded to 32, so P + 1 <= axes_lens[0] - 1. Patch rows and
+    columns index axes 1 and 2 directly."""
+    max_pad = (axes_lens[0] - 2) // SEQUENCE_MULTIPLE * SEQUENCE_MULTIPLE
+    return {
+        "max_caption_tokens": max_pad,
+        "max_latent_height": axes_lens[1] * patch_size,
+        "max_latent_width": axes_lens[2] * patch_size,
+    }
+
+
+def build_manifest(src: Path, package: Path, precision: str, name: str, pad_token_id: int) -> dict:
+    import diffusers
+
+    read = lambda *p: json.loads(src.joinpath(*p).read_text())  # noqa: E731
+    model_index = read("model_index.json")
+    tcfg = read("transformer", "config.json")
+    tecfg = read("text_encoder", "config.json")
+    vcfg = read("vae", "config.json")
+    patch = tcfg["all_patch_size"][0]
+    return {
+        "format": "zimage-model-package",
+        "format_version": 1,
+        "precision": precision,
+        "source": {
+            "name": name,
+            "pipeline_class": model_index["_class_name"],
+            "diffusers_version": diffusers.__version__,
+            "model_index_sha256": file_entry(src / "model_index.json")["sha256"],
+        },
+        "tokenizer": file_entry(package / "tokenizer.json"),
+        "graphs": {g: graph_entry(package, g) for g in ("text_encoder", "transformer", "vae_decoder", "vae_encoder")},
+        "text_encoder": {
+            "hidden_size": tecfg["hidden_size"],
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "prompt_template": PROMPT_TEMPLATE,
+            "pad_token_id": pad_token_id,
+        },
+        "transformer": {
+            "in_channels": tcfg["in_channels"],
+            "patch_size": patch,
+            "f_patch_size": tcfg["all_f_patch_size"][0],
+            "dim": tcfg["dim"],
+            "num_heads": tcfg["n_heads"],
+            "cap_feat_dim": tcfg["cap_feat_dim"],
+            "axes_dims": list(tcfg["axes_dims"]),
+            "axes_lens": list(tcfg["axes_lens"]),
+            "sequence_multiple": SEQUENCE_MULTIPLE,
+            **transformer_limits(tcfg["axes_lens"], patch),
+        },
+        "vae": {
+            "latent_channels": vcfg["latent_channels"],
+            "scale_factor": 2 ** (len(vcfg["block_out_channels"]) - 1),
+            "scaling_factor": vcfg["scaling_factor"],
+            "shift_factor": vcfg["shift_factor"],
+        },
+        "scheduler": read("scheduler", "scheduler_config.json"),
+    }

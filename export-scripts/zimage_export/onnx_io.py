@@ -1,0 +1,92 @@
+"""Running torch.onnx.export (the dynamo exporter) the same way for every graph."""
+
+import gc
+from pathlib import Path
+
+import onnx
+import torch
+
+# Protobuf cannot hold more than 2 GiB; keep a margin for the graph itself. export.py may lower
+# it (--external-data-threshold): writing external data streams the weights to disk, while an
+# embedded graph is serialised in memory (several copies of the weights at once).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def strip_debug_metadata(model) -> None:
+    """Drop the exporter's debug metadata: per-node Python stack traces with absolute source
+    paths and FX node dumps (about a third of a small graph's size), and the graph-level dump
+    of torch.export's range constraints, whose order follows Python's randomised set hashing.
+    Without them, exports are byte-identical across runs and checkout locations."""
+    import onnx_ir as ir
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        graph.metadata_props.clear()
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.clear()
+
+
+def export_graph(spec, out_dir: Path, opset: int) -> Path:
+    """Export `spec.module(*spec.args)` to `out_dir / spec.filename`. Weights go to ONE
+    `<file>.data` beside the graph when they would not fit in a protobuf; smaller graphs are
+    self-contained.
+
+    The graph is optimised (constant folding, e.g. of transposed weight matrices) only after
+    the module and the exporter's traced program are released: each folded matrix then
+    replaces its source instead of doubling it, so peak memory stays near one copy of the
+    weights."""
+    path = Path(out_dir) / spec.filename
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    module, spec.module = spec.module, None
+    external = weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            tuple(spec.args),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_shapes=spec.dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=external,
+            optimize=False,
+        )
+    del module
+    program.exported_program = None
+    gc.collect()
+    program.optimize()
+    strip_debug_metadata(program.model)
+    program.save(str(path), external_data=external)
+    del program
+    gc.collect()
+    # The checker reads external data through the path, so it works for both layouts.
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
+    """Names and element types of a saved graph's inputs and outputs (weights not loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        return [{"name": v.name, "dtype": ONNX_DTYPES[v.type.tensor_type.elem_type]} for v in values]
+
+    return describe(model.graph.input), describe(model.graph.output)
