@@ -23,7 +23,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from fixtures.build import build_pipeline_folder  # noqa: E402
-from fixtures.configs import FIXTURES, TINY_A, TINY_B  # noqa: E402
+from fixtures.configs import FIXTURES, MID, TINY_A, TINY_B  # noqa: E402
 from fixtures.tokenizer import tokenizer_source  # noqa: E402
 
 
@@ -38,7 +38,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="work folder (gitignored)")
     parser.add_argument("--only", choices=list(FIXTURES), nargs="+", default=list(FIXTURES))
     parser.add_argument("--skip-goldens", action="store_true")
+    parser.add_argument(
+        "--mid-size",
+        action="store_true",
+        help="instead: build the benchmark-only mid-size model (diffusers folder in the cache, package in "
+        "models/mid-zimage; neither committed)",
+    )
     args = parser.parse_args(argv)
+    if args.mid_size:
+        return build_mid_size(args)
 
     import torch
     from transformers import AutoTokenizer
@@ -63,6 +71,17 @@ def main(argv=None) -> None:
             write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             run("check_goldens.py", package, "--golden", golden / name)
         print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def build_mid_size(args) -> None:
+    """The mid-size random model for benchmarks: a diffusers folder (for bench_reference.py)
+    and its package (for zimage bench), from the same weights."""
+    tok_src = tokenizer_source(args.cache, args.tokenizer)
+    start = time.time()
+    src = build_pipeline_folder(MID, tok_src, args.cache / "src" / MID.name)
+    package = REPO / "models" / MID.name
+    run("export.py", "--src", src, "--out", package, "--name", MID.name)
+    print(f"{MID.name}: diffusers folder {src}, package {package}, {time.time() - start:.0f} s", flush=True)
 
 
 def _class() -> dict:
