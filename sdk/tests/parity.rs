@@ -45,7 +45,7 @@ fn text_features_match() {
             let want = npy_f32(&file(package, &case["features_file"]));
             assert_eq!(embedding.features.shape(), want.shape());
             let err = rel_l2(embedding.features.as_slice().unwrap(), want.as_slice().unwrap());
-            assert!(err <= 1e-5, "{package}: text features rel err {err}");
+            assert!(err <= tolerances().2, "{package}: text features rel err {err}");
         }
     }
 }
@@ -63,7 +63,7 @@ fn transformer_forward_matches_with_unequal_captions() {
         let got = pipeline.transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
         assert_eq!(got.shape(), want.shape());
         let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
-        assert!(err <= 1e-5, "{package}: transformer rel err {err}");
+        assert!(err <= tolerances().2, "{package}: transformer rel err {err}");
     }
 }
 
@@ -84,7 +84,7 @@ fn request_from(case: &Value) -> GenerateRequest {
 }
 
 /// Runs every case of one kind and checks final latents (max abs <= 1e-4) and images
-/// (max 1 level).
+/// (max 1 level) on CPU; wider bounds on a GPU (`tolerances`).
 fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
     let pipeline = pipeline(package);
     let all = cases(package);
@@ -104,13 +104,13 @@ fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
         let got = result.latents.as_ref().unwrap();
         assert_eq!(got.shape(), want.shape(), "{package}/{name}");
         let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-        assert!(diff <= 1e-4, "{package}/{name}: final latents max abs diff {diff}");
+        assert!(diff <= tolerances().0, "{package}/{name}: final latents max abs diff {diff}");
         let images = case["image_files"].as_array().unwrap();
         assert_eq!(result.images.len(), images.len(), "{package}/{name}");
         for (got, path) in result.images.iter().zip(images) {
             let want = png_rgb(&file(package, path));
             let d = max_pixel_diff(got, &want);
-            assert!(d <= 1, "{package}/{name}: image differs by {d} levels");
+            assert!(d <= tolerances().1, "{package}/{name}: image differs by {d} levels");
         }
     }
     list.len()

@@ -1,0 +1,714 @@
+/*
+ * A C99 client of the zimage C API: it generates on the tiny model package and compares with
+ * the diffusers goldens, exercises every result code it can reach from C, cancels from a second
+ * thread, and frees everything (valgrind checks that in scripts/test-c.sh).
+ *
+ * Run by ffi/tests/c_clients.rs, which decodes the golden PNGs to raw files first (C has no PNG
+ * decoder, and the C API deliberately has none either):
+ *
+ *   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]
+ *
+ * CASES_FILE has one golden case per line, tab-separated (see write_cases_file in
+ * c_clients.rs): name, prompt, negative prompt ("" = none), width, height, steps,
+ * guidance, cfg_normalization, cfg_truncation, seed, count, max_sequence_length, strength,
+ * init image (raw RGB or "-"), mask (raw gray or "-"), expected images (raw RGB, all images
+ * concatenated), expected latents (raw float32 or "-").
+ * IO_FIXTURE_DIR is a folder whose manifest.json is a directory, so reading it fails with an
+ * I/O error rather than "not found". MISMATCHED_PACKAGE_DIR is the tiny package with the
+ * transformer of another tiny model, consistently listed in its manifest: it loads, and fails
+ * when run.
+ */
+#define _POSIX_C_SOURCE 200809L /* pthreads */
+
+#include "zimage.h"
+
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+
+/* Result codes that some check expected and got; main() requires all the reachable ones. */
+#define CODE_COUNT 12
+static int codes_seen[CODE_COUNT];
+
+#define CHECK(cond)                                                                    \
+    do {                                                                               \
+        if (!(cond)) {                                                                 \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
+            failures++;                                                                \
+        }                                                                              \
+    } while (0)
+
+#define CHECK_CODE(call, expected) check_code((call), (expected), #call, __LINE__)
+
+static void check_code(zimage_result got, zimage_result expected, const char *call, int line) {
+    const char *message = zimage_last_error_message();
+    if (got != expected) {
+        fprintf(stderr, "%s:%d: %s returned %u (%s), expected %u (%s). Message: %s\n", __FILE__, line, call,
+                (unsigned)got, zimage_result_string(got), (unsigned)expected, zimage_result_string(expected),
+                message);
+        failures++;
+        return;
+    }
+    /* A failure always explains itself; a success leaves no stale message behind. */
+    if ((expected == ZIMAGE_RESULT_OK) != (message[0] == '\0')) {
+        fprintf(stderr, "%s:%d: %s: unexpected last error message \"%s\"\n", __FILE__, line, call, message);
+        failures++;
+        return;
+    }
+    if (expected < CODE_COUNT) codes_seen[expected] = 1;
+}
+
+/* ---------------------------------------------------------------- files and cases */
+
+static unsigned char *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *data = NULL;
+    long length;
+    if (!f) return NULL;
+    if (fseek(f, 0, SEEK_END) == 0 && (length = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+        data = malloc((size_t)length + 1);
+        if (data && fread(data, 1, (size_t)length, f) == (size_t)length) {
+            data[length] = '\0';
+            *size = (size_t)length;
+        } else {
+            free(data);
+            data = NULL;
+        }
+    }
+    fclose(f);
+    return data;
+}
+
+#define CASE_FIELDS 17
+
+typedef struct {
+    const char *name, *prompt, *negative_prompt;
+    unsigned width, height, steps, count, max_sequence_length;
+    float guidance_scale, cfg_normalization, cfg_truncation;
+    unsigned long long seed;
+    double strength;
+    const char *init_path, *mask_path, *images_path, *latents_path;
+} golden_case;
+
+/* Splits `line` in place at tabs; returns the number of fields. */
+static int split_tabs(char *line, char **fields, int max) {
+    int n = 0;
+    while (n < max) {
+        char *tab = strchr(line, '\t');
+        fields[n++] = line;
+        if (!tab) break;
+        *tab = '\0';
+        line = tab + 1;
+    }
+    return n;
+}
+
+/* Parses the cases file in place; returns the number of cases or -1. */
+static int parse_cases(char *text, golden_case *cases, int max) {
+    int n = 0;
+    char *line = text;
+    while (line && *line && n < max) {
+        char *fields[CASE_FIELDS];
+        char *newline = strchr(line, '\n');
+        golden_case *c = &cases[n];
+        if (newline) *newline = '\0';
+        if (split_tabs(line, fields, CASE_FIELDS) != CASE_FIELDS) return -1;
+        c->name = fields[0];
+        c->prompt = fields[1];
+        c->negative_prompt = fields[2];
+        c->width = (unsigned)strtoul(fields[3], NULL, 10);
+        c->height = (unsigned)strtoul(fields[4], NULL, 10);
+        c->steps = (unsigned)strtoul(fields[5], NULL, 10);
+        c->guidance_scale = strtof(fields[6], NULL);
+        c->cfg_normalization = strtof(fields[7], NULL);
+        c->cfg_truncation = strtof(fields[8], NULL);
+        c->seed = strtoull(fields[9], NULL, 10);
+        c->count = (unsigned)strtoul(fields[10], NULL, 10);
+        c->max_sequence_length = (unsigned)strtoul(fields[11], NULL, 10);
+        c->strength = strtod(fields[12], NULL);
+        c->init_path = fields[13];
+        c->mask_path = fields[14];
+        c->images_path = fields[15];
+        c->latents_path = fields[16];
+        n++;
+        line = newline ? newline + 1 : NULL;
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- callbacks */
+
+/* Counts log messages per level; one pipeline can log from several threads, hence the lock. */
+typedef struct {
+    pthread_mutex_t lock;
+    int per_level[5];
+    char last_error[1024];
+} log_record;
+
+static void on_log(uint32_t level, const char *message, void *user_data) {
+    log_record *record = user_data;
+    pthread_mutex_lock(&record->lock);
+    if (level >= 1 && level <= 4) record->per_level[level]++;
+    if (level == ZIMAGE_LOG_LEVEL_ERROR) {
+        strncpy(record->last_error, message, sizeof record->last_error - 1);
+        record->last_error[sizeof record->last_error - 1] = '\0';
+    }
+    pthread_mutex_unlock(&record->lock);
+}
+
+static int log_count(log_record *record, uint32_t level) {
+    int n;
+    pthread_mutex_lock(&record->lock);
+    n = record->per_level[level];
+    pthread_mutex_unlock(&record->lock);
+    return n;
+}
+
+typedef struct {
+    uint32_t calls, last_step, total;
+    double last_elapsed;
+    int in_order;        /* steps arrive as 1, 2, ... and time never goes back */
+    uint32_t stop_after; /* return false at this step; 0 = never */
+} progress_record;
+
+static bool on_progress(uint32_t step, uint32_t total, double elapsed_seconds, void *user_data) {
+    progress_record *p = user_data;
+    if (step != p->last_step + 1 || elapsed_seconds < p->last_elapsed || (p->calls > 0 && total != p->total)) {
+        p->in_order = 0;
+    }
+    p->calls++;
+    p->last_step = step;
+    p->total = total;
+    p->last_elapsed = elapsed_seconds;
+    return p->stop_after == 0 || step < p->stop_after;
+}
+
+/* ---------------------------------------------------------------- tests */
+
+static void test_version(void) {
+    unsigned major, minor, patch;
+    CHECK(sscanf(zimage_version(), "%u.%u.%u", &major, &minor, &patch) == 3);
+    CHECK(strcmp(zimage_result_string(ZIMAGE_RESULT_CANCELLED), "cancelled") == 0);
+    CHECK(strcmp(zimage_result_string(9999), "unknown result code") == 0);
+}
+
+/* NULL everywhere a pointer is required; NULL accepted by every free and accessor. */
+static void test_null_arguments(void) {
+    zimage_pipeline *pipeline = NULL;
+    zimage_image_list *images = NULL;
+    zimage_prompt_embedding *embedding = NULL;
+    zimage_generate_params params;
+    zimage_image image;
+    zimage_latents latents;
+
+    CHECK_CODE(zimage_load_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_pipeline_load(NULL, NULL, &pipeline), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_pipeline_load("models/whatever", NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate_params_init(&params), ZIMAGE_RESULT_OK);
+    params.prompt = "a fox";
+    CHECK_CODE(zimage_generate(NULL, &params, &images), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_encode_prompt(NULL, "a fox", 0, &embedding), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_cancel(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_image_list_get(NULL, 0, &image), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_image_list_latents(NULL, &latents), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK(strstr(zimage_last_error_message(), "list is NULL") != NULL);
+    CHECK(pipeline == NULL && images == NULL && embedding == NULL);
+
+    CHECK(zimage_image_list_count(NULL) == 0);
+    CHECK(zimage_image_list_seed(NULL) == 0);
+    CHECK(zimage_prompt_embedding_token_count(NULL) == 0);
+    CHECK(!zimage_prompt_embedding_truncated(NULL));
+    zimage_image_list_free(NULL);
+    zimage_prompt_embedding_free(NULL);
+    zimage_pipeline_free(NULL);
+}
+
+/* Load failures, each before any pipeline exists. RUNTIME must come first: once ONNX Runtime
+ * is loaded, a process keeps it. */
+static void test_load_errors(const char *package, const char *io_fixture) {
+    zimage_pipeline *pipeline = NULL;
+    zimage_load_params params;
+    const char not_utf8[] = {'m', (char)0xff, 'x', '\0'};
+
+    CHECK_CODE(zimage_load_params_init(&params), ZIMAGE_RESULT_OK);
+    CHECK(params.struct_size == sizeof params);
+    params.runtime_library = "/nonexistent/libonnxruntime.so.1.31.1";
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_RUNTIME);
+    CHECK(strstr(zimage_last_error_message(), "/nonexistent/libonnxruntime.so.1.31.1") != NULL);
+
+    CHECK_CODE(zimage_pipeline_load("/nonexistent/package", NULL, &pipeline), ZIMAGE_RESULT_PACKAGE);
+    CHECK(strstr(zimage_last_error_message(), "manifest.json") != NULL);
+    CHECK_CODE(zimage_pipeline_load(io_fixture, NULL, &pipeline), ZIMAGE_RESULT_IO);
+    CHECK_CODE(zimage_pipeline_load(not_utf8, NULL, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK(strstr(zimage_last_error_message(), "UTF-8") != NULL);
+
+    zimage_load_params_init(&params);
+    params.device = 4; /* one past ZIMAGE_DEVICE_TENSORRT */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_load_params_init(&params);
+    params.device = ZIMAGE_DEVICE_CUDA;
+    params.device_id = -1;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_load_params_init(&params);
+    params.struct_size = 0; /* never initialised */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK(strstr(zimage_last_error_message(), "struct_size") != NULL);
+    CHECK(pipeline == NULL);
+}
+
+/* The CPU build of ONNX Runtime these tests run with has no CUDA provider. */
+static void test_provider(const char *package) {
+    zimage_pipeline *pipeline = NULL;
+    zimage_load_params params;
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+
+    zimage_load_params_init(&params);
+    params.device = ZIMAGE_DEVICE_CUDA;
+    params.log_callback = on_log;
+    params.log_user_data = &logs;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_PROVIDER);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_ERROR) == 1);
+    CHECK(strcmp(logs.last_error, zimage_last_error_message()) == 0);
+
+    /* With fallback the load succeeds on CPU, and the log says so. */
+    params.allow_cpu_fallback = true;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
+    CHECK(pipeline != NULL);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 1);
+    zimage_pipeline_free(pipeline);
+}
+
+static void fill_params(zimage_generate_params *p, const golden_case *c) {
+    zimage_generate_params_init(p);
+    p->prompt = c->prompt;
+    p->negative_prompt = c->negative_prompt[0] ? c->negative_prompt : NULL;
+    p->width = c->width;
+    p->height = c->height;
+    p->steps = c->steps;
+    p->guidance_scale = c->guidance_scale;
+    p->cfg_normalization = c->cfg_normalization;
+    p->cfg_truncation = c->cfg_truncation;
+    p->seed = c->seed;
+    p->count = c->count;
+    p->max_sequence_length = c->max_sequence_length;
+    p->strength = c->strength;
+}
+
+/* Compares a generation with the golden images: at most 1 level apart on every channel. */
+static void compare_images(const zimage_image_list *images, const golden_case *c, const unsigned char *expected) {
+    size_t i, k, image_bytes = (size_t)c->width * c->height * 3;
+    CHECK(zimage_image_list_count(images) == c->count);
+    CHECK(zimage_image_list_seed(images) == c->seed);
+    for (i = 0; i < zimage_image_list_count(images) && i < c->count; i++) {
+        zimage_image image;
+        int worst = 0;
+        size_t differing = 0;
+        CHECK_CODE(zimage_image_list_get(images, i, &image), ZIMAGE_RESULT_OK);
+        CHECK(image.width == c->width && image.height == c->height && image.stride == (size_t)c->width * 3);
+        if (image.width != c->width || image.height != c->height) continue;
+        for (k = 0; k < image_bytes; k++) {
+            int d = abs((int)image.pixels[k] - (int)expected[i * image_bytes + k]);
+            if (d > worst) worst = d;
+            if (d) differing++;
+        }
+        if (worst > 1) {
+            fprintf(stderr, "case %s image %lu: max difference %d levels (%lu of %lu values differ)\n", c->name,
+                    (unsigned long)i, worst, (unsigned long)differing, (unsigned long)image_bytes);
+            failures++;
+        }
+    }
+}
+
+/* Final latents within 1e-4 of diffusers', as the SDK's own parity tests require. */
+static void compare_latents(const zimage_image_list *images, const golden_case *c) {
+    zimage_latents latents;
+    size_t size = 0, i, n;
+    float *expected = (float *)read_file(c->latents_path, &size);
+    double worst = 0;
+    CHECK(expected != NULL);
+    CHECK_CODE(zimage_image_list_latents(images, &latents), ZIMAGE_RESULT_OK);
+    n = latents.batch * latents.channels * latents.height * latents.width;
+    CHECK(latents.batch == c->count && latents.height == 2 * (c->height / 16) && latents.width == 2 * (c->width / 16));
+    CHECK(n * sizeof(float) == size);
+    if (expected && n * sizeof(float) == size) {
+        for (i = 0; i < n; i++) worst = fmax(worst, fabs((double)latents.values[i] - (double)expected[i]));
+        if (worst > 1e-4) {
+            fprintf(stderr, "case %s: latents differ by up to %g\n", c->name, worst);
+            failures++;
+        }
+    }
+    free(expected);
+}
+
+typedef struct {
+    unsigned char *init, *mask;
+} case_inputs;
+
+static case_inputs set_images(zimage_generate_params *p, const golden_case *c) {
+    case_inputs in = {NULL, NULL};
+    size_t size = 0;
+    if (strcmp(c->init_path, "-") != 0) {
+        in.init = read_file(c->init_path, &size);
+        CHECK(in.init != NULL && size == (size_t)c->width * c->height * 3);
+        p->init_image.pixels = in.init;
+        p->init_image.width = c->width;
+        p->init_image.height = c->height;
+    }
+    if (strcmp(c->mask_path, "-") != 0) {
+        in.mask = read_file(c->mask_path, &size);
+        CHECK(in.mask != NULL && size == (size_t)c->width * c->height);
+        p->mask.pixels = in.mask;
+        p->mask.width = c->width;
+        p->mask.height = c->height;
+    }
+    return in;
+}
+
+static void test_golden_case(const zimage_pipeline *pipeline, const golden_case *c, int with_embeddings) {
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    size_t size = 0;
+    unsigned char *expected = read_file(c->images_path, &size);
+    case_inputs inputs;
+
+    CHECK(expected != NULL && size == (size_t)c->count * c->width * c->height * 3);
+    if (!expected) return;
+    fill_params(&params, c);
+    inputs = set_images(&params, c);
+    params.return_latents = strcmp(c->latents_path, "-") != 0;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    if (images) {
+        compare_images(images, c, expected);
+        if (params.return_latents) compare_latents(images, c);
+        zimage_image_list_free(images);
+        images = NULL;
+    }
+
+    /* The same case with prompts encoded once: the same pixels. */
+    if (with_embeddings) {
+        zimage_prompt_embedding *positive = NULL, *negative = NULL;
+        CHECK_CODE(zimage_encode_prompt(pipeline, c->prompt, c->max_sequence_length, &positive), ZIMAGE_RESULT_OK);
+        CHECK(zimage_prompt_embedding_token_count(positive) > 0);
+        params.prompt = NULL;
+        params.prompt_embedding = positive;
+        params.return_latents = false;
+        if (params.negative_prompt) {
+            CHECK_CODE(zimage_encode_prompt(pipeline, params.negative_prompt, c->max_sequence_length, &negative),
+                       ZIMAGE_RESULT_OK);
+            params.negative_prompt = NULL;
+            params.negative_prompt_embedding = negative;
+        }
+        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        if (images) compare_images(images, c, expected);
+        zimage_image_list_free(images);
+        zimage_prompt_embedding_free(positive);
+        zimage_prompt_embedding_free(negative);
+    }
+    free(inputs.init);
+    free(inputs.mask);
+    free(expected);
+}
+
+/* Loading each graph only for its stage changes memory use, not pixels. */
+static void test_sequential_memory(const char *package, const golden_case *c) {
+    zimage_pipeline *pipeline = NULL;
+    zimage_load_params params;
+
+    zimage_load_params_init(&params);
+    params.memory_mode = 2; /* one past ZIMAGE_MEMORY_MODE_SEQUENTIAL */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    params.memory_mode = ZIMAGE_MEMORY_MODE_SEQUENTIAL;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
+    if (!pipeline) return;
+    test_golden_case(pipeline, c, 0);
+    zimage_pipeline_free(pipeline);
+}
+
+/* A small, fast request for the tests that are not about pixels. */
+static void small_params(zimage_generate_params *p) {
+    zimage_generate_params_init(p);
+    p->prompt = "a lighthouse at dusk";
+    p->width = 64;
+    p->height = 64;
+    p->steps = 2;
+    p->seed = 1;
+}
+
+static void test_request_errors(const zimage_pipeline *pipeline, log_record *logs) {
+    zimage_generate_params params;
+    zimage_prompt_embedding *embedding = NULL;
+    /* Failed calls leave outputs untouched: this sentinel must survive. */
+    zimage_image_list *const sentinel = (zimage_image_list *)&params;
+    zimage_image_list *images = sentinel;
+    unsigned char rgb[64 * 64 * 3] = {0}, gray[64 * 64] = {0};
+    const char not_utf8[] = {'a', (char)0xc3, '\0'};
+    static char long_prompt[4 * 4000 + 1];
+    int i;
+    int errors_logged = log_count(logs, ZIMAGE_LOG_LEVEL_ERROR);
+
+    small_params(&params);
+    CHECK_CODE(zimage_generate(pipeline, NULL, &images), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate(pipeline, &params, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    params.prompt = NULL;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_NULL_ARGUMENT);
+    params.prompt = not_utf8;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK_CODE(zimage_encode_prompt(pipeline, not_utf8, 0, &embedding), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK_CODE(zimage_encode_prompt(pipeline, "a", 0, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    /* About 4000 tokens kept (max_sequence_length 100000): more than the transformer takes. */
+    for (i = 0; i < 4000; i++) memcpy(long_prompt + 4 * i, "fox ", 4);
+    long_prompt[sizeof long_prompt - 1] = '\0';
+    CHECK_CODE(zimage_encode_prompt(pipeline, long_prompt, 100000, &embedding), ZIMAGE_RESULT_INVALID_REQUEST);
+
+    /* Both a text prompt and an embedding. */
+    small_params(&params);
+    CHECK_CODE(zimage_encode_prompt(pipeline, "a lighthouse", 0, &embedding), ZIMAGE_RESULT_OK);
+    params.prompt_embedding = embedding;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_prompt_embedding_free(embedding);
+
+    small_params(&params);
+    params.struct_size = sizeof params + 8; /* a header newer than the library */
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+
+    small_params(&params);
+    params.width = 72; /* not a multiple of 16 */
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(strstr(zimage_last_error_message(), "width 72") != NULL);
+    small_params(&params);
+    params.steps = 0;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    small_params(&params);
+    params.count = 65;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    small_params(&params);
+    params.guidance_scale = -1.0f;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+
+    /* Image-to-image inputs: a mask alone, a stride shorter than a row, an empty picture,
+     * a picture of the wrong size. */
+    small_params(&params);
+    params.mask.pixels = gray;
+    params.mask.width = 64;
+    params.mask.height = 64;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    small_params(&params);
+    params.init_image.pixels = rgb;
+    params.init_image.width = 64;
+    params.init_image.height = 64;
+    params.init_image.stride = 64 * 3 - 1;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    params.init_image.stride = 0;
+    params.init_image.width = 0;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_IMAGE);
+    params.init_image.width = 32;
+    params.init_image.height = 32;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    params.init_image.width = 64;
+    params.init_image.height = 64;
+    params.strength = 1.5;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+
+    CHECK(images == sentinel);
+    /* Each of the 18 failed generate and encode calls above is logged once at ERROR level,
+     * with the text of the last error message. */
+    CHECK(log_count(logs, ZIMAGE_LOG_LEVEL_ERROR) - errors_logged == 18);
+    CHECK(strcmp(logs->last_error, zimage_last_error_message()) == 0);
+}
+
+/* A package that loads (its files match its manifest) but whose transformer does not fit its
+ * text encoder: ONNX Runtime fails during the run. */
+static void test_inference_error(const char *mismatched_package) {
+    zimage_pipeline *pipeline = NULL;
+    zimage_image_list *images = NULL;
+    zimage_generate_params params;
+
+    CHECK_CODE(zimage_pipeline_load(mismatched_package, NULL, &pipeline), ZIMAGE_RESULT_OK);
+    if (!pipeline) return;
+    small_params(&params);
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INFERENCE);
+    CHECK(strstr(zimage_last_error_message(), "transformer") != NULL);
+    CHECK(images == NULL);
+    zimage_pipeline_free(pipeline);
+}
+
+static void test_image_list(const zimage_pipeline *pipeline, log_record *logs) {
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    zimage_image image;
+    zimage_latents latents;
+    int infos = log_count(logs, ZIMAGE_LOG_LEVEL_INFO);
+
+    small_params(&params);
+    params.seed = ZIMAGE_RANDOM_SEED;
+    params.count = 2;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    CHECK(zimage_image_list_count(images) == 2);
+    CHECK(zimage_image_list_seed(images) != ZIMAGE_RANDOM_SEED);
+    CHECK_CODE(zimage_image_list_get(images, 1, &image), ZIMAGE_RESULT_OK);
+    CHECK(image.pixels != NULL && image.width == 64 && image.height == 64);
+    CHECK_CODE(zimage_image_list_get(images, 2, &image), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK_CODE(zimage_image_list_get(images, 0, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_image_list_latents(images, &latents), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK_CODE(zimage_image_list_latents(images, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK(log_count(logs, ZIMAGE_LOG_LEVEL_INFO) == infos + 1); /* "generated 2 image(s) ..." */
+    zimage_image_list_free(images);
+}
+
+static void test_progress(const zimage_pipeline *pipeline) {
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    progress_record progress = {0, 0, 0, 0.0, 1, 0};
+
+    small_params(&params);
+    params.progress_callback = on_progress;
+    params.progress_user_data = &progress;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    CHECK(progress.calls == 2 && progress.total == 2 && progress.last_step == 2 && progress.in_order);
+    zimage_image_list_free(images);
+    images = NULL;
+
+    /* Returning false stops the run after that step. */
+    memset(&progress, 0, sizeof progress);
+    progress.in_order = 1;
+    progress.stop_after = 1;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_CANCELLED);
+    CHECK(progress.calls == 1 && images == NULL);
+}
+
+/* zimage_cancel() from a second thread while the first generates. The progress callback of
+ * step 1 hands over to the canceller and waits until it has cancelled, so the cancel lands
+ * inside the generation (not before or after it) without relying on timing. */
+typedef struct {
+    const zimage_pipeline *pipeline;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int step_one_reached, cancelled;
+    zimage_result cancel_result;
+    uint32_t steps_seen;
+} cancel_state;
+
+static bool wait_for_cancel(uint32_t step, uint32_t total, double elapsed_seconds, void *user_data) {
+    cancel_state *s = user_data;
+    (void)total;
+    (void)elapsed_seconds;
+    pthread_mutex_lock(&s->lock);
+    s->steps_seen = step;
+    s->step_one_reached = 1;
+    pthread_cond_broadcast(&s->changed);
+    while (!s->cancelled) pthread_cond_wait(&s->changed, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+    return true; /* the stop comes from zimage_cancel(), not from here */
+}
+
+static void *canceller(void *arg) {
+    cancel_state *s = arg;
+    pthread_mutex_lock(&s->lock);
+    while (!s->step_one_reached) pthread_cond_wait(&s->changed, &s->lock);
+    s->cancel_result = zimage_cancel(s->pipeline);
+    s->cancelled = 1;
+    pthread_cond_broadcast(&s->changed);
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+static void test_cancel_from_thread(const zimage_pipeline *pipeline) {
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    pthread_t thread;
+    cancel_state s;
+
+    memset(&s, 0, sizeof s);
+    s.pipeline = pipeline;
+    pthread_mutex_init(&s.lock, NULL);
+    pthread_cond_init(&s.changed, NULL);
+    small_params(&params);
+    params.steps = 4;
+    params.progress_callback = wait_for_cancel;
+    params.progress_user_data = &s;
+    CHECK(pthread_create(&thread, NULL, canceller, &s) == 0);
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_CANCELLED);
+    pthread_join(thread, NULL);
+    CHECK(s.cancel_result == ZIMAGE_RESULT_OK);
+    CHECK(s.steps_seen == 1 && images == NULL);
+    pthread_cond_destroy(&s.changed);
+    pthread_mutex_destroy(&s.lock);
+
+    /* The pipeline stays usable, and a cancel with nothing running affects nothing later. */
+    CHECK_CODE(zimage_cancel(pipeline), ZIMAGE_RESULT_OK);
+    small_params(&params);
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    zimage_image_list_free(images);
+}
+
+int main(int argc, char **argv) {
+    const char *package, *cases_path, *io_fixture, *mismatched_package;
+    zimage_pipeline *pipeline = NULL;
+    zimage_load_params load;
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+    golden_case cases[64];
+    char *cases_text;
+    size_t cases_size = 0;
+    int n_cases, max_cases, i, code;
+
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]\n", argv[0]);
+        return 2;
+    }
+    package = argv[1];
+    cases_path = argv[2];
+    io_fixture = argv[3];
+    mismatched_package = argv[4];
+    max_cases = argc > 5 ? atoi(argv[5]) : 64;
+    cases_text = (char *)read_file(cases_path, &cases_size);
+    if (!cases_text || (n_cases = parse_cases(cases_text, cases, 64)) <= 0) {
+        fprintf(stderr, "cannot read the cases in %s\n", cases_path);
+        return 2;
+    }
+    if (n_cases > max_cases) n_cases = max_cases;
+
+    test_version();
+    test_null_arguments();
+    test_load_errors(package, io_fixture);
+
+    zimage_load_params_init(&load);
+    load.log_callback = on_log;
+    load.log_user_data = &logs;
+    CHECK_CODE(zimage_pipeline_load(package, &load, &pipeline), ZIMAGE_RESULT_OK);
+    if (!pipeline) return 1;
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_INFO) == 2); /* "loading ..." and "loaded ..." */
+    test_provider(package);
+
+    for (i = 0; i < n_cases; i++) {
+        /* Encoding once must give the same pixels: checked on the first case and on every case
+         * with a negative prompt (then both prompts are embeddings). */
+        int with_embeddings = i == 0 || cases[i].negative_prompt[0] != '\0';
+        fprintf(stderr, "case %s\n", cases[i].name);
+        test_golden_case(pipeline, &cases[i], with_embeddings);
+    }
+    test_sequential_memory(package, &cases[0]);
+    test_request_errors(pipeline, &logs);
+    test_inference_error(mismatched_package);
+    test_image_list(pipeline, &logs);
+    test_progress(pipeline);
+    test_cancel_from_thread(pipeline);
+    zimage_pipeline_free(pipeline);
+    free(cases_text);
+
+    /* Every result code C can reach was produced. ZIMAGE_RESULT_INTERNAL (a caught panic) is
+     * a bug path; ffi/src/panic.rs tests it. */
+    for (code = ZIMAGE_RESULT_OK; code <= ZIMAGE_RESULT_IO; code++) {
+        if (!codes_seen[code]) {
+            fprintf(stderr, "result code %d (%s) was never produced\n", code, zimage_result_string((uint32_t)code));
+            failures++;
+        }
+    }
+    printf("%s: %d golden case(s), %d failure(s)\n", argv[0], n_cases, failures);
+    return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,280 @@
+// A C++17 client of zimage through the RAII wrapper zimage.hpp: goldens on the tiny model,
+// errors as exceptions with their codes, two threads generating on one pipeline, cancel from
+// a std::thread, and an exception thrown by a progress callback.
+//
+// Same arguments as tests/c/zimage_test.c (run by ffi/tests/c_clients.rs):
+//   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]
+#include "zimage.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond)                                                                          \
+    do {                                                                                     \
+        if (!(cond)) {                                                                       \
+            std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK failed: " #cond << std::endl; \
+            failures++;                                                                      \
+        }                                                                                    \
+    } while (0)
+
+// Runs `body`, which must throw zimage::Error with `expected`.
+template <typename Body>
+void check_throws(zimage_result expected, Body body, int line) {
+    try {
+        body();
+        std::cerr << __FILE__ << ":" << line << ": no exception, expected code " << expected << std::endl;
+        failures++;
+    } catch (const zimage::Error &e) {
+        if (e.code() != expected || std::strlen(e.what()) == 0) {
+            std::cerr << __FILE__ << ":" << line << ": code " << e.code() << " (" << e.what() << "), expected "
+                      << expected << std::endl;
+            failures++;
+        }
+    }
+}
+#define CHECK_THROWS(expected, ...) check_throws((expected), [&] { __VA_ARGS__; }, __LINE__)
+
+std::vector<unsigned char> read_file(const std::string &path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::vector<unsigned char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+struct GoldenCase {
+    std::string name, prompt, negative_prompt;
+    unsigned width = 0, height = 0, steps = 0, count = 0, max_sequence_length = 0;
+    float guidance_scale = 0, cfg_normalization = 0, cfg_truncation = 0;
+    unsigned long long seed = 0;
+    double strength = 0;
+    std::string init_path, mask_path, images_path, latents_path;
+    std::vector<unsigned char> init, mask;  // loaded by params()
+
+    zimage_generate_params params() {
+        zimage_generate_params p = zimage::generate_params();
+        p.prompt = prompt.c_str();
+        p.negative_prompt = negative_prompt.empty() ? nullptr : negative_prompt.c_str();
+        p.width = width;
+        p.height = height;
+        p.steps = steps;
+        p.guidance_scale = guidance_scale;
+        p.cfg_normalization = cfg_normalization;
+        p.cfg_truncation = cfg_truncation;
+        p.seed = seed;
+        p.count = count;
+        p.max_sequence_length = max_sequence_length;
+        p.strength = strength;
+        if (init_path != "-") {
+            init = read_file(init_path);
+            p.init_image = zimage_image{init.data(), width, height, 0};
+        }
+        if (mask_path != "-") {
+            mask = read_file(mask_path);
+            p.mask = zimage_image{mask.data(), width, height, 0};
+        }
+        return p;
+    }
+};
+
+std::vector<GoldenCase> read_cases(const std::string &path) {
+    std::vector<GoldenCase> cases;
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+        std::vector<std::string> f;
+        std::stringstream fields(line);
+        std::string field;
+        while (std::getline(fields, field, '\t')) f.push_back(field);
+        if (line.back() == '\t') f.push_back("");
+        if (f.size() != 17) throw std::runtime_error("bad case line: " + line.substr(0, 80));
+        GoldenCase c;
+        c.name = f[0];
+        c.prompt = f[1];
+        c.negative_prompt = f[2];
+        c.width = std::stoul(f[3]);
+        c.height = std::stoul(f[4]);
+        c.steps = std::stoul(f[5]);
+        c.guidance_scale = std::stof(f[6]);
+        c.cfg_normalization = std::stof(f[7]);
+        c.cfg_truncation = std::stof(f[8]);
+        c.seed = std::stoull(f[9]);
+        c.count = std::stoul(f[10]);
+        c.max_sequence_length = std::stoul(f[11]);
+        c.strength = std::stod(f[12]);
+        c.init_path = f[13];
+        c.mask_path = f[14];
+        c.images_path = f[15];
+        c.latents_path = f[16];
+        cases.push_back(std::move(c));
+    }
+    return cases;
+}
+
+// Every image within 1 level of the golden, channel by channel.
+bool matches_golden(const zimage::Images &images, const GoldenCase &c) {
+    const std::vector<unsigned char> expected = read_file(c.images_path);
+    const std::size_t bytes = std::size_t(c.width) * c.height * 3;
+    if (images.size() != c.count || expected.size() != bytes * c.count || images.seed() != c.seed) return false;
+    for (std::size_t i = 0; i < images.size(); i++) {
+        zimage_image image = images[i];
+        if (image.width != c.width || image.height != c.height) return false;
+        for (std::size_t k = 0; k < bytes; k++) {
+            if (std::abs(int(image.pixels[k]) - int(expected[i * bytes + k])) > 1) {
+                std::cerr << c.name << " image " << i << ": byte " << k << " is " << int(image.pixels[k])
+                          << ", golden " << int(expected[i * bytes + k]) << std::endl;
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+zimage_generate_params small_params() {
+    zimage_generate_params p = zimage::generate_params();
+    p.prompt = "a lighthouse at dusk";
+    p.width = 64;
+    p.height = 64;
+    p.steps = 2;
+    p.seed = 1;
+    return p;
+}
+
+void test_errors(const std::string &io_fixture, const std::string &mismatched_package) {
+    CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, zimage::Pipeline::load("/nonexistent/package"));
+    CHECK_THROWS(ZIMAGE_RESULT_IO, zimage::Pipeline::load(io_fixture));
+    zimage_load_params params = zimage::load_params();
+    params.device = 7;
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(io_fixture, params));
+    params = zimage::load_params();
+    params.device = ZIMAGE_DEVICE_TENSORRT;
+    CHECK_THROWS(ZIMAGE_RESULT_PROVIDER, zimage::Pipeline::load(mismatched_package, params));
+    zimage::Pipeline mismatched = zimage::Pipeline::load(mismatched_package);
+    CHECK_THROWS(ZIMAGE_RESULT_INFERENCE, mismatched.generate(small_params()));
+}
+
+void test_goldens(const zimage::Pipeline &pipeline, std::vector<GoldenCase> &cases) {
+    for (GoldenCase &c : cases) {
+        std::cerr << "case " << c.name << std::endl;
+        CHECK(matches_golden(pipeline.generate(c.params()), c));
+    }
+    // Encode once, generate with the embeddings: the same pixels.
+    GoldenCase &c = cases.front();
+    zimage::PromptEmbedding positive = pipeline.encode_prompt(c.prompt, c.max_sequence_length);
+    CHECK(positive.token_count() > 0 && !positive.truncated());
+    zimage_generate_params params = c.params();
+    params.prompt = nullptr;
+    params.prompt_embedding = positive.get();
+    CHECK(matches_golden(pipeline.generate(params), c));
+}
+
+// Two threads generate on one pipeline at once; each result is the golden one.
+void test_concurrent_generations(const zimage::Pipeline &pipeline, std::vector<GoldenCase> &cases) {
+    GoldenCase &a = cases.front();
+    GoldenCase &b = cases.size() > 1 ? cases[1] : cases.front();
+    zimage_generate_params params_a = a.params(), params_b = b.params();
+    std::atomic<bool> ok_a{false}, ok_b{false};
+    std::thread thread_a([&] { ok_a = matches_golden(pipeline.generate(params_a), a); });
+    std::thread thread_b([&] { ok_b = matches_golden(pipeline.generate(params_b), b); });
+    thread_a.join();
+    thread_b.join();
+    CHECK(ok_a && ok_b);
+}
+
+// Cancel from a std::thread while step 1's progress callback waits for it.
+void test_cancel(const zimage::Pipeline &pipeline) {
+    std::mutex lock;
+    std::condition_variable changed;
+    bool step_one = false, cancelled = false;
+    std::thread canceller([&] {
+        std::unique_lock<std::mutex> guard(lock);
+        changed.wait(guard, [&] { return step_one; });
+        pipeline.cancel();
+        cancelled = true;
+        changed.notify_all();
+    });
+    zimage_generate_params params = small_params();
+    params.steps = 4;
+    std::uint32_t steps_seen = 0;
+    CHECK_THROWS(ZIMAGE_RESULT_CANCELLED, pipeline.generate(params, [&](std::uint32_t step, std::uint32_t, double) {
+        std::unique_lock<std::mutex> guard(lock);
+        steps_seen = step;
+        step_one = true;
+        changed.notify_all();
+        changed.wait(guard, [&] { return cancelled; });
+        return true;
+    }));
+    canceller.join();
+    CHECK(steps_seen == 1);
+}
+
+void test_progress_exception(const zimage::Pipeline &pipeline) {
+    struct Stop {};
+    std::uint32_t calls = 0;
+    bool caught = false;
+    try {
+        pipeline.generate(small_params(), [&](std::uint32_t, std::uint32_t, double) -> bool {
+            calls++;
+            throw Stop{};
+        });
+    } catch (const Stop &) {
+        caught = true;
+    }
+    CHECK(caught && calls == 1);
+    // The pipeline is still usable, and request errors surface as codes.
+    CHECK(pipeline.generate(small_params()).size() == 1);
+    zimage_generate_params params = small_params();
+    params.height = 40;
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, pipeline.generate(params));
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, pipeline.generate(small_params())[1]);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    if (argc < 5) {
+        std::cerr << "usage: " << argv[0] << " PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]\n";
+        return 2;
+    }
+    const std::string package = argv[1], io_fixture = argv[3], mismatched_package = argv[4];
+    std::vector<GoldenCase> cases = read_cases(argv[2]);
+    const std::size_t max_cases = argc > 5 ? std::strtoul(argv[5], nullptr, 10) : cases.size();
+    if (cases.empty() || max_cases == 0) return 2;
+    cases.resize(std::min(cases.size(), max_cases));
+
+    try {
+        std::mutex log_lock;
+        std::vector<std::string> messages;
+        zimage::Pipeline pipeline = zimage::Pipeline::load(package, zimage::load_params(),
+                                                           [&](std::uint32_t level, const char *message) {
+                                                               std::lock_guard<std::mutex> guard(log_lock);
+                                                               messages.push_back(std::to_string(level) + " " + message);
+                                                           });
+        // Moving the pipeline keeps its log function valid.
+        zimage::Pipeline moved = std::move(pipeline);
+        test_errors(io_fixture, mismatched_package);
+        test_goldens(moved, cases);
+        test_concurrent_generations(moved, cases);
+        test_cancel(moved);
+        test_progress_exception(moved);
+        std::lock_guard<std::mutex> guard(log_lock);
+        CHECK(messages.size() >= 2 && messages[1].rfind("3 loaded ", 0) == 0);
+    } catch (const std::exception &e) {
+        std::cerr << "unexpected exception: " << e.what() << std::endl;
+        failures++;
+    }
+    std::cout << argv[0] << ": " << cases.size() << " golden case(s), " << failures << " failure(s)" << std::endl;
+    return failures == 0 ? 0 : 1;
+}
