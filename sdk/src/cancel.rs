@@ -11,17 +11,26 @@ use crate::error::{Error, Result};
 /// Per-generation state: the run options that ONNX Runtime polls, and a flag.
 pub(crate) struct RunControl {
     options: RunOptions,
+    /// The same, but asking ONNX Runtime to give its CPU arena back after the run: for a
+    /// graph's last call in a generation, so the transformer's activations are not still held
+    /// while the VAE decodes.
+    releasing_options: RunOptions,
     cancelled: AtomicBool,
 }
 
 impl RunControl {
-    pub fn run_options(&self) -> &RunOptions {
-        &self.options
+    pub fn run_options(&self, release_arena: bool) -> &RunOptions {
+        if release_arena {
+            &self.releasing_options
+        } else {
+            &self.options
+        }
     }
 
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         let _ = self.options.terminate();
+        let _ = self.releasing_options.terminate();
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -46,8 +55,11 @@ pub(crate) struct Registry {
 impl Registry {
     /// Starts tracking a new generation; it stops being tracked when the returned Arc drops.
     pub fn begin(&self) -> Result<Arc<RunControl>> {
-        let options = RunOptions::new().map_err(|e| Error::Runtime(format!("run options: {e}")))?;
-        let control = Arc::new(RunControl { options, cancelled: AtomicBool::new(false) });
+        let fail = |e: ort::Error| Error::Runtime(format!("run options: {e}"));
+        let options = RunOptions::new().map_err(fail)?;
+        let mut releasing_options = RunOptions::new().map_err(fail)?;
+        releasing_options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(fail)?;
+        let control = Arc::new(RunControl { options, releasing_options, cancelled: AtomicBool::new(false) });
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         active.retain(|w| w.strong_count() > 0);
         active.push(Arc::downgrade(&control));

@@ -93,15 +93,16 @@ impl Denoiser<'_> {
             control.check()?;
             let start = Instant::now();
             let t_norm = self.schedule.model_timestep(i);
+            let last = i + 1 == self.schedule.len();
             let scale = self.guidance.scale_at(t_norm);
             let apply_cfg = self.guidance.enabled() && scale > 0.0 && self.positive_and_negative.is_some();
             let prediction = if apply_cfg {
                 let input = concatenate![Axis(0), latents.view(), latents.view()];
-                let out = self.forward(&input, t_norm, self.positive_and_negative.as_ref().expect("checked"), control, ort_time)?;
+                let out = self.forward(&input, t_norm, self.positive_and_negative.as_ref().expect("checked"), last, control, ort_time)?;
                 let batch = latents.shape()[0];
                 guide(out.slice(s![..batch, .., .., ..]), out.slice(s![batch.., .., .., ..]), scale, self.guidance.normalization)
             } else {
-                self.forward(latents, t_norm, &self.positive, control, ort_time)?
+                self.forward(latents, t_norm, &self.positive, last, control, ort_time)?
             };
             // Euler step with v = -prediction: x + dt * v.
             let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
@@ -132,6 +133,7 @@ impl Denoiser<'_> {
         latents: &Array4<f32>,
         t_norm: f32,
         captions: &CaptionBatch,
+        last_step: bool,
         control: &RunControl,
         ort_time: &mut Duration,
     ) -> Result<Array4<f32>> {
@@ -144,7 +146,9 @@ impl Denoiser<'_> {
             ("cap_feats", TensorRef::from_array_view(&captions.feats).map_err(err)?.into()),
             ("cap_mask", TensorRef::from_array_view(&captions.mask).map_err(err)?.into()),
         ];
-        let out = self.transformer.run(inputs, &["noise_pred"], control, ort_time)?.remove(0);
+        // After the last step the transformer's activations are not needed again in this
+        // generation: give the arena back before the VAE allocates its own.
+        let out = self.transformer.run_with(inputs, &["noise_pred"], control, ort_time, last_step)?.remove(0);
         let out = out
             .into_dimensionality::<ndarray::Ix4>()
             .map_err(|e| Error::inference("transformer", format!("output rank: {e}")))?;

@@ -111,7 +111,7 @@ impl Decoder {
         }
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let start = Instant::now();
-        let result = session.run_with_options(inputs, control.run_options());
+        let result = session.run_with_options(inputs, control.run_options(false));
         *ort_time += start.elapsed();
         if control.is_cancelled() {
             return Err(Error::Cancelled); // a terminated run reports a generic failure

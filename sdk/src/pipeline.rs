@@ -235,6 +235,7 @@ impl Pipeline {
             intra_threads: options.threads,
             allow_cpu_fallback: options.allow_cpu_fallback,
             shares_weights: false,
+            release_activations: false,
         };
         // With an enhancer decoder in the package, the text encoder shares its weights file.
         let text_settings = SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
@@ -253,8 +254,9 @@ impl Pipeline {
         let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;
         let text_encoder = graph_with("text_encoder", options.device, &text_settings)?;
         let transformer = graph("transformer", options.transformer_device.unwrap_or(options.device))?;
-        let vae_decoder = graph("vae_decoder", options.device)?;
-        let vae_encoder = graph("vae_encoder", options.device)?;
+        let vae_settings = SessionSettings { release_activations: true, ..settings.clone() };
+        let vae_decoder = graph_with("vae_decoder", options.device, &vae_settings)?;
+        let vae_encoder = graph_with("vae_encoder", options.device, &vae_settings)?;
         let vae = Vae { info: manifest.vae.clone() };
         Ok(Pipeline {
             dir,

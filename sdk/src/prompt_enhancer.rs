@@ -175,6 +175,7 @@ impl PromptEnhancer {
             intra_threads: options.threads,
             allow_cpu_fallback: options.allow_cpu_fallback,
             shares_weights: true,
+            release_activations: false,
         };
         let path = Manifest::resolve(dir, &graph.path);
         let provider = decoder_provider(options);

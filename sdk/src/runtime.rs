@@ -210,6 +210,12 @@ pub struct SessionSettings {
     /// prepacking, 3290 MiB when the file is handed over in memory (ONNX Runtime copies out
     /// of such a buffer).
     pub shares_weights: bool,
+    /// Hand freed activation buffers to the system instead of keeping them in ONNX Runtime's
+    /// CPU arena. For the VAE graphs: their activations are large and they run once per image,
+    /// so the arena only adds to the peak (VAE decoder at 512x512, mid-size model: peak 2.7 GB
+    /// with the arena, 1.5 GB without, same speed). The transformer keeps its arena: without
+    /// it a step is 20 % slower.
+    pub release_activations: bool,
 }
 
 /// Everything the execution provider of one graph needs, fixed at load time.
@@ -263,6 +269,9 @@ pub(crate) fn build_session(
         if settings.shares_weights {
             b = b.with_prepacking(false).map_err(|e| Error::Runtime(format!("{graph}: prepacking: {e}")))?;
         }
+        if settings.release_activations {
+            disable_cpu_arena(&mut b).map_err(|e| Error::Runtime(format!("{graph}: CPU arena: {e}")))?;
+        }
         Ok(b)
     };
     let commit = |mut b: SessionBuilder| -> Result<Session> {
@@ -276,6 +285,23 @@ pub(crate) fn build_session(
         Ok(b) => Ok((commit(b)?, provider.device())),
         Err(_) if settings.allow_cpu_fallback => Ok((commit(base()?)?, Device::Cpu)),
         Err(e) => Err(e),
+    }
+}
+
+/// ort 2.0.0-rc.15 has no builder method for this session option; the C API call is direct.
+fn disable_cpu_arena(builder: &mut SessionBuilder) -> std::result::Result<(), String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    // SAFETY: the pointer is the builder's live OrtSessionOptions; a returned status is read
+    // and released here.
+    unsafe {
+        let status = (api.DisableCpuMemArena)(builder.ptr_mut());
+        if status.0.is_null() {
+            return Ok(());
+        }
+        let message = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(status.0);
+        Err(message)
     }
 }
 

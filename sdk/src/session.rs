@@ -32,9 +32,21 @@ impl Graph {
         control: &RunControl,
         ort_time: &mut Duration,
     ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_with(inputs, outputs, control, ort_time, false)
+    }
+
+    /// [`Graph::run`], optionally releasing the CPU arena afterwards (a graph's last call).
+    pub fn run_with(
+        &self,
+        inputs: Vec<(&'static str, SessionInputValue<'_>)>,
+        outputs: &[&str],
+        control: &RunControl,
+        ort_time: &mut Duration,
+        release_arena: bool,
+    ) -> Result<Vec<ArrayD<f32>>> {
         control.check()?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let options: &RunOptions = control.run_options();
+        let options: &RunOptions = control.run_options(release_arena);
         let start = Instant::now();
         let inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> =
             inputs.into_iter().map(|(n, v)| (std::borrow::Cow::Borrowed(n), v)).collect();
