@@ -97,6 +97,9 @@ pub struct ModelArgs {
     /// TensorRT: folder for engine and timing caches [default: ~/.cache/zimage/tensorrt].
     #[arg(long, value_name = "DIR")]
     pub trt_cache: Option<PathBuf>,
+    /// CPU: keep optimised graphs in this folder so later loads are faster.
+    #[arg(long, value_name = "DIR")]
+    pub optimized_cache: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -130,6 +133,7 @@ impl ModelArgs {
                 guidance,
                 ..GpuOptions::default()
             },
+            optimized_model_cache: self.optimized_cache.clone(),
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct LoadOptions {
     pub memory_mode: MemoryMode,
     /// TensorRT profiles and caches, CUDA memory limit (ignored on CPU).
     pub gpu: GpuOptions,
+    /// CPU: keep ONNX Runtime's optimised transformer and VAE graphs in this folder so later
+    /// loads skip graph optimisation (the text encoder loads faster without). `None`: off.
+    pub optimized_model_cache: Option<PathBuf>,
 }
 
 /// Caps that keep a request within what the graphs and memory can hold.
@@ -236,6 +239,7 @@ impl Pipeline {
             allow_cpu_fallback: options.allow_cpu_fallback,
             shares_weights: false,
             release_activations: false,
+            optimized_cache: None,
         };
         // With an enhancer decoder in the package, the text encoder shares its weights file.
         let text_settings = SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
@@ -246,9 +250,15 @@ impl Pipeline {
             options.gpu.check(&manifest)?;
         }
         let graph_with = |name: &'static str, device: Device, settings: &SessionSettings| -> Result<GraphSlot> {
-            let path = Manifest::resolve(&dir, &manifest.graphs.get(name).path);
+            let entry = manifest.graphs.get(name);
+            let path = Manifest::resolve(&dir, &entry.path);
             let provider = ProviderConfig::new(device, name, &manifest, &options.gpu);
-            GraphSlot::load(rt, name, path, provider, settings, options.memory_mode)
+            let mut settings = settings.clone();
+            if name != "text_encoder" {
+                settings.optimized_cache =
+                    options.optimized_model_cache.as_ref().map(|base| runtime::optimized_cache_dir(base, name, &entry.sha256));
+            }
+            GraphSlot::load(rt, name, path, provider, &settings, options.memory_mode)
         };
         let graph = |name: &'static str, device: Device| graph_with(name, device, &settings);
         let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;

@@ -176,6 +176,7 @@ impl PromptEnhancer {
             allow_cpu_fallback: options.allow_cpu_fallback,
             shares_weights: true,
             release_activations: false,
+            optimized_cache: None,
         };
         let path = Manifest::resolve(dir, &graph.path);
         let provider = decoder_provider(options);

@@ -216,6 +216,28 @@ pub struct SessionSettings {
     /// with the arena, 1.5 GB without, same speed). The transformer keeps its arena: without
     /// it a step is 20 % slower.
     pub release_activations: bool,
+    /// CPU only: a folder for this graph's optimised model. The first load saves ONNX
+    /// Runtime's optimised graph there; later loads read it and skip optimisation (mid-size
+    /// model: transformer 1.56 s -> 0.57 s, VAE decoder 0.38 s -> 0.04 s). The key of the
+    /// folder must cover the graph, the runtime and the CPU (the optimised graph may use
+    /// CPU-specific layouts); [`optimized_cache_dir`] builds it.
+    pub optimized_cache: Option<PathBuf>,
+}
+
+/// The cache folder for one graph's optimised model under `base`, keyed by the graph's
+/// sha256, the ONNX Runtime build and the CPU model and features.
+pub fn optimized_cache_dir(base: &Path, graph: &str, graph_sha256: &str) -> PathBuf {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("model name") || l.starts_with("flags"))
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_else(|_| std::env::consts::ARCH.to_string());
+    let key = crate::manifest::sha256_hex(format!("{graph_sha256}|{}|{cpu}", ort::info()).as_bytes());
+    base.join(format!("{graph}-{}", &key[..16]))
 }
 
 /// Everything the execution provider of one graph needs, fixed at load time.
@@ -279,6 +301,9 @@ pub(crate) fn build_session(
             .map_err(|e| Error::package(path, format!("ONNX Runtime could not load graph {graph}: {e}")))
     };
     if *provider == ProviderConfig::Cpu {
+        if let Some(cache) = &settings.optimized_cache {
+            return Ok((load_through_cache(graph, cache, &base, &commit)?, Device::Cpu));
+        }
         return Ok((commit(base()?)?, Device::Cpu));
     }
     match register_provider(base()?, provider) {
@@ -286,6 +311,50 @@ pub(crate) fn build_session(
         Err(_) if settings.allow_cpu_fallback => Ok((commit(base()?)?, Device::Cpu)),
         Err(e) => Err(e),
     }
+}
+
+const CACHED_MODEL: &str = "model.onnx";
+
+/// Loads the cached optimised graph when there is one; otherwise loads `path` normally and
+/// saves the optimised graph (into a private folder renamed into place, so that concurrent
+/// first loads never see half-written files). A cache that cannot be read or written is
+/// skipped, never an error: it only costs load time.
+fn load_through_cache(
+    graph: &str,
+    cache: &Path,
+    base: &dyn Fn() -> Result<SessionBuilder>,
+    commit: &dyn Fn(SessionBuilder) -> Result<Session>,
+) -> Result<Session> {
+    let cached = cache.join(CACHED_MODEL);
+    if cached.is_file() {
+        let from_cache = base().and_then(|b| {
+            let mut b = b
+                .with_optimization_level(GraphOptimizationLevel::Disable)
+                .map_err(|e| Error::Runtime(format!("{graph}: {e}")))?;
+            b.commit_from_file(&cached).map_err(|e| Error::Runtime(format!("{graph}: cached model: {e}")))
+        });
+        if let Ok(session) = from_cache {
+            return Ok(session);
+        }
+    }
+    let staging = cache.with_extension(format!("tmp-{}", std::process::id()));
+    let saving = std::fs::create_dir_all(&staging).is_ok();
+    let mut builder = base()?;
+    if saving {
+        let with_save = builder
+            .with_optimized_model_path(staging.join(CACHED_MODEL))
+            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data"))
+            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024"));
+        builder = match with_save {
+            Ok(b) => b,
+            Err(_) => base()?,
+        };
+    }
+    let session = commit(builder)?;
+    if saving && std::fs::rename(&staging, cache).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(session)
 }
 
 /// ort 2.0.0-rc.15 has no builder method for this session option; the C API call is direct.

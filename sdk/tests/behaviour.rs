@@ -272,3 +272,28 @@ fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
     embedded.prompt = Prompt::Embedded(p.encode_prompt("a cat", None).unwrap());
     assert_eq!(kind_of(p.generate_enhanced(&enhancer, &options, &embedded, None)), ErrorKind::InvalidRequest);
 }
+
+#[test]
+fn optimized_model_cache_is_written_then_used_with_the_same_images() {
+    let cache = tempdir("optimized-cache");
+    let options = LoadOptions { threads: Some(1), optimized_model_cache: Some(cache.clone()), ..Default::default() };
+    let first = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    let mut cached: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().join("model.onnx").is_file())
+        .map(|e| e.file_name().to_string_lossy().split('-').next().unwrap().to_string())
+        .collect();
+    cached.sort();
+    assert_eq!(cached, ["transformer", "vae_decoder", "vae_encoder"]);
+    let second = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    let mut r = small("a windmill");
+    r.guidance_scale = 2.0;
+    let reference = pipeline("tiny-zimage").generate(&r, None).unwrap();
+    for p in [&first, &second] {
+        let result = p.generate(&r, None).unwrap();
+        assert!(max_pixel_diff(&result.images[0], &reference.images[0]) <= 1);
+        assert!(max_abs_diff(result.latents.as_ref().unwrap().as_slice().unwrap(), reference.latents.as_ref().unwrap().as_slice().unwrap()) <= 1e-5);
+    }
+    std::fs::remove_dir_all(&cache).unwrap();
+}
