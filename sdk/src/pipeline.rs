@@ -47,6 +47,19 @@ pub struct LoadOptions {
     pub optimized_model_cache: Option<PathBuf>,
 }
 
+impl LoadOptions {
+    /// The session settings every graph starts from; stages adjust their own.
+    pub(crate) fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            intra_threads: self.threads,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            shares_weights: false,
+            release_activations: false,
+            optimized_cache: None,
+        }
+    }
+}
+
 /// Caps that keep a request within what the graphs and memory can hold.
 pub const MAX_STEPS: u32 = 1000;
 pub const MAX_IMAGES_PER_REQUEST: u32 = 64;
@@ -234,13 +247,7 @@ impl Pipeline {
         }
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
-        let settings = SessionSettings {
-            intra_threads: options.threads,
-            allow_cpu_fallback: options.allow_cpu_fallback,
-            shares_weights: false,
-            release_activations: false,
-            optimized_cache: None,
-        };
+        let settings = options.session_settings();
         // With an enhancer decoder in the package, the text encoder shares its weights file.
         let text_settings = SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
         let uses_tensorrt = [Some(options.device), options.transformer_device]

@@ -171,13 +171,7 @@ impl PromptEnhancer {
         let (tokenizer_path, graph, info) = read_package(dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         // Mapped, not copied: in a Z-Image package the text encoder reads the same file.
-        let settings = SessionSettings {
-            intra_threads: options.threads,
-            allow_cpu_fallback: options.allow_cpu_fallback,
-            shares_weights: true,
-            release_activations: false,
-            optimized_cache: None,
-        };
+        let settings = SessionSettings { shares_weights: true, ..options.session_settings() };
         let path = Manifest::resolve(dir, &graph.path);
         let provider = decoder_provider(options);
         let (session, device) = runtime::build_session(rt, "text_decoder", &path, &provider, &settings)?;
