@@ -297,3 +297,18 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
     }
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+#[test]
+fn resizing_inputs_is_lanczos3_sized_and_deterministic() {
+    let source = png_rgb(&golden("tiny-zimage/inputs").read_dir().unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("init")).expect("an init image golden"));
+    let a = zimage::image_io::resize_rgb(&source, 48, 80).unwrap();
+    let b = zimage::image_io::resize_rgb(&source, 48, 80).unwrap();
+    assert_eq!((a.width, a.height, a.pixels.len()), (48, 80, 48 * 80 * 3));
+    assert_eq!(a, b, "same input, same output");
+    assert_eq!(zimage::image_io::resize_rgb(&source, source.width, source.height).unwrap(), source, "same size is a copy");
+    // A flat picture stays flat through the filter (its weights sum to one).
+    let flat = zimage::RgbImage { width: 30, height: 20, pixels: [10u8, 200, 90].repeat(600) };
+    let resized = zimage::image_io::resize_rgb(&flat, 64, 48).unwrap();
+    assert!(resized.pixels.chunks(3).all(|p| p == [10, 200, 90]));
+    assert_eq!(kind_of(zimage::image_io::resize_rgb(&flat, 0, 10)), ErrorKind::InvalidRequest);
+}
