@@ -174,6 +174,38 @@ typedef uint32_t zimage_memory_mode;
 #endif // __cplusplus
 
 /**
+ * Precision TensorRT may use inside its engines (inputs and outputs stay float32). Passed as a
+ * `uint32_t` in `zimage_load_params`.
+ */
+enum zimage_tensorrt_precision
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The default: Z-Image is trained in bf16, and fp16 activations can overflow into NaN
+   * (black images). Needs an Ampere or newer GPU; use FP32 on older ones.
+   */
+  ZIMAGE_TENSORRT_PRECISION_BF16 = 0,
+  ZIMAGE_TENSORRT_PRECISION_FP16 = 1,
+  ZIMAGE_TENSORRT_PRECISION_FP32 = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t zimage_tensorrt_precision;
+#endif // __cplusplus
+
+/**
+ * A loaded prompt enhancer (its decoder session and tokenizer), freed with
+ * `zimage_enhancer_free()`.
+ *
+ * Thread safety: `zimage_enhance()` and `zimage_enhancer_cancel()` may be called on one
+ * enhancer from several threads at once (enhancements take turns per decoder call), and one
+ * enhancer may serve `zimage_generate()` calls on any number of pipelines.
+ * `zimage_enhancer_free()` must not race with any other call on the same enhancer.
+ */
+typedef struct zimage_enhancer zimage_enhancer;
+
+/**
  * The result of `zimage_generate()`: the images, the seed used and, when asked for, the final
  * latents. Immutable; readable from any thread. Freed with `zimage_image_list_free()`, which
  * also invalidates every pixel and latent pointer obtained from it.
@@ -199,31 +231,53 @@ typedef struct zimage_pipeline zimage_pipeline;
 typedef struct zimage_prompt_embedding zimage_prompt_embedding;
 
 /**
- * An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
- * pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
- *
- * As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
- * during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
- * As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+ * How to enhance. Fill it with `zimage_enhance_params_init()` (the built-in system prompt,
+ * thinking off, greedy decoding, at most 512 new tokens), then change fields. Pointers in it
+ * are borrowed for the duration of the call only.
  */
-typedef struct zimage_image {
-  const uint8_t *pixels;
-  uint32_t width;
-  uint32_t height;
-  size_t stride;
-} zimage_image;
-
-/**
- * The final latents of a generation, `[batch, channels, height, width]`, row-major, before the
- * VAE's scaling. The values belong to the image list.
- */
-typedef struct zimage_latents {
-  const float *values;
-  size_t batch;
-  size_t channels;
-  size_t height;
-  size_t width;
-} zimage_latents;
+typedef struct zimage_enhance_params {
+  /**
+   * `sizeof(zimage_enhance_params)`, set by `zimage_enhance_params_init()`.
+   */
+  size_t struct_size;
+  /**
+   * The instructions given to the model (UTF-8); NULL uses zimage's built-in ones.
+   */
+  const char *system_prompt;
+  /**
+   * Let the model reason in a `<think>` block first (better on riddles, slower; the block
+   * counts against `max_new_tokens` and is never part of the returned text).
+   */
+  bool thinking;
+  /**
+   * Most tokens generated, 1..=32768; 0 = the default (512). Generation also stops at the
+   * model's context length.
+   */
+  uint32_t max_new_tokens;
+  /**
+   * false: greedy decoding (deterministic; the sampling fields below are ignored).
+   * true: seeded sampling with `temperature`, `top_k` and `top_p`.
+   */
+  bool sample;
+  /**
+   * In (0, 100]; below 1 sharpens the distribution, above 1 flattens it. Default 0.7.
+   */
+  float temperature;
+  /**
+   * Keep only the k most likely tokens; 0 = all. Default 20.
+   */
+  uint32_t top_k;
+  /**
+   * Keep the smallest set of most likely tokens whose probability reaches top_p, in (0, 1].
+   * Default 0.8.
+   */
+  float top_p;
+  /**
+   * The sampling seed; `ZIMAGE_RANDOM_SEED` (the default) draws one, reported through
+   * `zimage_enhance()`'s `out_seed`.
+   */
+  uint64_t seed;
+} zimage_enhance_params;
 
 /**
  * Receives the log messages of one pipeline. `level` is a `zimage_log_level`; `message` is
@@ -287,7 +341,90 @@ typedef struct zimage_load_params {
    * A `zimage_memory_mode`. Default: `ZIMAGE_MEMORY_MODE_RESIDENT`.
    */
   uint32_t memory_mode;
+  /**
+   * GPU settings (appended after `memory_mode`: a caller with an older, smaller struct gets the
+   * defaults; ignored on CPU). The resolution range, `max_images`, `guidance` and
+   * `typical_caption_tokens` shape the TensorRT optimisation profiles: they are checked when a
+   * graph runs on TensorRT (`ZIMAGE_RESULT_INVALID_REQUEST` when out of range), and a request
+   * outside them is refused rather than rebuilding engines.
+   *
+   * `tensorrt_cache_dir`: where TensorRT keeps engines and timing caches (UTF-8); NULL =
+   * `$XDG_CACHE_HOME/zimage/tensorrt` (or `~/.cache/zimage/tensorrt`). Copied during the call.
+   */
+  const char *tensorrt_cache_dir;
+  /**
+   * A `zimage_tensorrt_precision`. Default: `ZIMAGE_TENSORRT_PRECISION_BF16`.
+   */
+  uint32_t tensorrt_precision;
+  /**
+   * Image sizes in pixels the engines serve: smallest, most common, largest (each side a
+   * multiple of 16; min <= opt <= max). Default: 512x512, 1024x1024, 1536x1536.
+   */
+  uint32_t min_width;
+  uint32_t min_height;
+  uint32_t opt_width;
+  uint32_t opt_height;
+  uint32_t max_width;
+  uint32_t max_height;
+  /**
+   * Most images per request the engines are built for, 1..=64 (doubled under guidance).
+   * Default 1.
+   */
+  uint32_t max_images;
+  /**
+   * Whether requests will use classifier-free guidance (a batch of 2 per image). Default
+   * false.
+   */
+  bool guidance;
+  /**
+   * Caption tokens the profiles optimise for, 1..=the model's limit. Default 128.
+   */
+  uint32_t typical_caption_tokens;
+  /**
+   * Cap on the CUDA memory arena in bytes; 0 = no cap (the default).
+   */
+  size_t cuda_memory_limit;
 } zimage_load_params;
+
+/**
+ * Called for every generated token (end tokens excepted), on the thread that called
+ * `zimage_enhance()`. `index` counts from 0; `text` (UTF-8, valid only during the call) is the
+ * text this token completes, empty while a multi-byte character is incomplete; `thinking` is
+ * true inside the `<think>…</think>` block, tags included. Return true to go on, false to stop:
+ * the call then fails with `ZIMAGE_RESULT_CANCELLED`.
+ */
+typedef bool (*zimage_token_callback)(uint32_t index,
+                                      uint32_t token_id,
+                                      const char *text,
+                                      bool thinking,
+                                      void *user_data);
+
+/**
+ * An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
+ * pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
+ *
+ * As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
+ * during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
+ * As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+ */
+typedef struct zimage_image {
+  const uint8_t *pixels;
+  uint32_t width;
+  uint32_t height;
+  size_t stride;
+} zimage_image;
+
+/**
+ * The final latents of a generation, `[batch, channels, height, width]`, row-major, before the
+ * VAE's scaling. The values belong to the image list.
+ */
+typedef struct zimage_latents {
+  const float *values;
+  size_t batch;
+  size_t channels;
+  size_t height;
+  size_t width;
+} zimage_latents;
 
 /**
  * Called after every denoising step with the steps done so far (1..=total) and the seconds
@@ -384,6 +521,22 @@ typedef struct zimage_generate_params {
    * Passed back to `progress_callback` unchanged.
    */
   void *progress_user_data;
+  /**
+   * Prompt enhancement (appended after `progress_user_data`: an older, smaller struct means
+   * none). When set, the text `prompt` is first rewritten by this enhancer (no token callback is
+   * called), and the images are made from the rewritten prompt, which
+   * `zimage_image_list_enhanced_prompt()` reports. The request is checked before the enhancer
+   * runs. NULL (the default): the prompt is used as given. Needs a text `prompt` (not an
+   * embedding); `ZIMAGE_RESULT_INFERENCE` when the enhancer produced no text. `zimage_cancel()`
+   * stops the enhancement too when the enhancer was attached to this pipeline; a standalone one
+   * is stopped with `zimage_enhancer_cancel()`.
+   */
+  const struct zimage_enhancer *enhancer;
+  /**
+   * How to enhance; NULL = the defaults of `zimage_enhance_params_init()`. Ignored without
+   * `enhancer`.
+   */
+  const struct zimage_enhance_params *enhance_params;
 } zimage_generate_params;
 
 #ifdef __cplusplus
@@ -394,6 +547,72 @@ extern "C" {
  * The zimage version as "MAJOR.MINOR.PATCH", a static string (never freed).
  */
 const char *zimage_version(void);
+
+/**
+ * Fills `params` with the defaults and sets `struct_size`.
+ */
+zimage_result zimage_enhance_params_init(struct zimage_enhance_params *params);
+
+/**
+ * Loads the prompt enhancer of the package in `package_dir` (UTF-8): a standalone enhancer
+ * package, or a Z-Image package that carries a decoder (`ZIMAGE_RESULT_PACKAGE` when it has
+ * none). `params` may be NULL for the defaults (CPU); its log callback receives this
+ * enhancer's messages. A TensorRT `device` runs the decoder with CUDA. On success
+ * `*out_enhancer` receives an enhancer to free with `zimage_enhancer_free()`.
+ */
+zimage_result zimage_enhancer_load(const char *package_dir,
+                                   const struct zimage_load_params *params,
+                                   struct zimage_enhancer **out_enhancer);
+
+/**
+ * Loads the prompt enhancer of the package `pipeline` was loaded from (`ZIMAGE_RESULT_PACKAGE`
+ * when it has no decoder). `zimage_cancel(pipeline)` then stops this enhancer's enhancements
+ * too. `params` as for `zimage_enhancer_load()`; the pipeline's own load parameters are not
+ * reused. The enhancer does not keep the pipeline alive: either may be freed first.
+ */
+zimage_result zimage_enhancer_attach(const struct zimage_pipeline *pipeline,
+                                     const struct zimage_load_params *params,
+                                     struct zimage_enhancer **out_enhancer);
+
+/**
+ * Frees an enhancer. No other call may be using it, and no `zimage_generate()` whose
+ * parameters name it may be running. NULL is fine; freeing twice is not.
+ */
+void zimage_enhancer_free(struct zimage_enhancer *enhancer);
+
+/**
+ * Rewrites `prompt` (UTF-8, not blank) into a detailed visual description. `params` may be
+ * NULL for the defaults. `callback` (NULL for none) sees each token as it is generated, with
+ * `user_data` passed back unchanged.
+ *
+ * On success `*out_text` receives the rewritten prompt (UTF-8, trimmed, without any think
+ * block; empty when the model spent every token thinking), to free with `zimage_string_free()`,
+ * and `*out_seed`, unless `out_seed` is NULL, the sampling seed used (0 with greedy decoding).
+ * On failure neither is written. `ZIMAGE_RESULT_CANCELLED` when the callback returned false
+ * or `zimage_enhancer_cancel()` (or, for an attached enhancer, `zimage_cancel()`) was called
+ * meanwhile; `ZIMAGE_RESULT_INVALID_REQUEST` for out-of-range parameters or a prompt longer
+ * than the model's context.
+ */
+zimage_result zimage_enhance(const struct zimage_enhancer *enhancer,
+                             const char *prompt,
+                             const struct zimage_enhance_params *params,
+                             zimage_token_callback callback,
+                             void *user_data,
+                             char **out_text,
+                             uint64_t *out_seed);
+
+/**
+ * Stops every enhancement running on `enhancer` at the moment of the call (they return
+ * `ZIMAGE_RESULT_CANCELLED` soon after); for an attached enhancer, the pipeline's generations
+ * too. Later calls are not affected. Safe to call from any thread; returns at once.
+ */
+zimage_result zimage_enhancer_cancel(const struct zimage_enhancer *enhancer);
+
+/**
+ * Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
+ * twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
+ */
+void zimage_string_free(char *text);
 
 /**
  * The message describing the most recent call on this thread that returned a
@@ -420,6 +639,13 @@ size_t zimage_image_list_count(const struct zimage_image_list *list);
  * 0 for NULL.
  */
 uint64_t zimage_image_list_seed(const struct zimage_image_list *list);
+
+/**
+ * The prompt the images were made from when the generation's parameters named an
+ * `enhancer` (UTF-8; owned by the list and valid until `zimage_image_list_free()`); NULL when
+ * the prompt was not enhanced, and for NULL.
+ */
+const char *zimage_image_list_enhanced_prompt(const struct zimage_image_list *list);
 
 /**
  * Describes image `index` (RGB8, packed rows) in `*out_image`. The pixels belong to the list.

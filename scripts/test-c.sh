@@ -19,7 +19,8 @@ echo "== zimage-ffi tests (C and C++ clients on the goldens)" >&2
 cargo test --release --locked -p zimage-ffi
 
 work="$root/target/tmp/c_clients" # prepared by ffi/tests/c_clients.rs
-client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/io-package" "$work/mismatched-package" 1)
+client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/io-package" "$work/mismatched-package"
+  "$root/models/tiny-qwen3-enhancer" "$work/enhancer-cases.tsv" 1)
 
 if command -v valgrind >/dev/null; then
   echo "== the C and C++ clients under valgrind memcheck (slow: minutes)" >&2

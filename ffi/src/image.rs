@@ -1,6 +1,9 @@
 //! The images of one generation, owned by zimage until `zimage_image_list_free()`.
 
+use std::ffi::{c_char, CString};
+
 use crate::args;
+use crate::enhancer::c_string;
 use crate::error::{zimage_result, Failure};
 use crate::panic::{guard, guard_value};
 use crate::params::zimage_image;
@@ -12,6 +15,7 @@ pub struct zimage_image_list {
     images: Vec<sdk::RgbImage>,
     seed: u64,
     latents: Option<Latents>,
+    enhanced_prompt: Option<CString>,
 }
 
 struct Latents {
@@ -34,6 +38,7 @@ impl zimage_image_list {
             images: generation.images,
             seed: generation.seed,
             latents,
+            enhanced_prompt: generation.enhanced_prompt.as_deref().map(c_string),
         }
     }
 }
@@ -61,6 +66,18 @@ pub unsafe extern "C" fn zimage_image_list_count(list: *const zimage_image_list)
 #[no_mangle]
 pub unsafe extern "C" fn zimage_image_list_seed(list: *const zimage_image_list) -> u64 {
     guard_value(0, || unsafe { list.as_ref() }.map_or(0, |l| l.seed))
+}
+
+/// The prompt the images were made from when the generation's parameters named an
+/// `enhancer` (UTF-8; owned by the list and valid until `zimage_image_list_free()`); NULL when
+/// the prompt was not enhanced, and for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_image_list_enhanced_prompt(list: *const zimage_image_list) -> *const c_char {
+    guard_value(std::ptr::null(), || {
+        unsafe { list.as_ref() }
+            .and_then(|l| l.enhanced_prompt.as_ref())
+            .map_or(std::ptr::null(), |p| p.as_ptr())
+    })
 }
 
 /// Describes image `index` (RGB8, packed rows) in `*out_image`. The pixels belong to the list.

@@ -13,7 +13,8 @@
 //! - [`params`]: load and generate parameter structs and their conversion to SDK requests;
 //! - [`pipeline`]: load, generate, encode prompts, cancel;
 //! - [`image`]: the library-owned list of generated images;
-//! - [`prompt`]: the encode-once prompt embedding handle.
+//! - [`prompt`]: the encode-once prompt embedding handle;
+//! - [`enhancer`]: the prompt enhancer handle and its parameters.
 //!
 //! Conventions, for readers of the header: outputs are the last arguments and are written only
 //! on success; every `*_free` accepts NULL; strings are UTF-8 and NUL-terminated; enums coming
@@ -27,6 +28,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod args;
+pub mod enhancer;
 pub mod error;
 pub mod image;
 pub mod log;

@@ -5,9 +5,13 @@ use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
 
-use sdk::{Device, GenerateRequest, GrayImage, InitImage, LoadOptions, MemoryMode, Prompt, RgbImage};
+use sdk::{
+    Device, EnhanceOptions, GenerateRequest, GpuOptions, GrayImage, InitImage, LoadOptions, MemoryMode, Prompt,
+    ResolutionRange, RgbImage, TensorRtPrecision,
+};
 
 use crate::args::{self, Versioned};
+use crate::enhancer::{self, zimage_enhance_params, zimage_enhancer};
 use crate::error::{zimage_result, Failure};
 use crate::log::{zimage_log_callback, Logger};
 use crate::panic::guard;
@@ -35,6 +39,18 @@ pub enum zimage_memory_mode {
     /// Each graph is loaded for its stage only (text encoder, transformer, VAE), so one model
     /// is in memory at a time; costs a session creation per stage per generation.
     Sequential = 1,
+}
+
+/// Precision TensorRT may use inside its engines (inputs and outputs stay float32). Passed as a
+/// `uint32_t` in `zimage_load_params`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum zimage_tensorrt_precision {
+    /// The default: Z-Image is trained in bf16, and fp16 activations can overflow into NaN
+    /// (black images). Needs an Ampere or newer GPU; use FP32 on older ones.
+    Bf16 = 0,
+    Fp16 = 1,
+    Fp32 = 2,
 }
 
 /// `seed` value that asks for a random seed; the one used is reported by
@@ -96,12 +112,42 @@ pub struct zimage_load_params {
     pub log_user_data: *mut c_void,
     /// A `zimage_memory_mode`. Default: `ZIMAGE_MEMORY_MODE_RESIDENT`.
     pub memory_mode: u32,
+    /// GPU settings (appended after `memory_mode`: a caller with an older, smaller struct gets the
+    /// defaults; ignored on CPU). The resolution range, `max_images`, `guidance` and
+    /// `typical_caption_tokens` shape the TensorRT optimisation profiles: they are checked when a
+    /// graph runs on TensorRT (`ZIMAGE_RESULT_INVALID_REQUEST` when out of range), and a request
+    /// outside them is refused rather than rebuilding engines.
+    ///
+    /// `tensorrt_cache_dir`: where TensorRT keeps engines and timing caches (UTF-8); NULL =
+    /// `$XDG_CACHE_HOME/zimage/tensorrt` (or `~/.cache/zimage/tensorrt`). Copied during the call.
+    pub tensorrt_cache_dir: *const c_char,
+    /// A `zimage_tensorrt_precision`. Default: `ZIMAGE_TENSORRT_PRECISION_BF16`.
+    pub tensorrt_precision: u32,
+    /// Image sizes in pixels the engines serve: smallest, most common, largest (each side a
+    /// multiple of 16; min <= opt <= max). Default: 512x512, 1024x1024, 1536x1536.
+    pub min_width: u32,
+    pub min_height: u32,
+    pub opt_width: u32,
+    pub opt_height: u32,
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Most images per request the engines are built for, 1..=64 (doubled under guidance).
+    /// Default 1.
+    pub max_images: u32,
+    /// Whether requests will use classifier-free guidance (a batch of 2 per image). Default
+    /// false.
+    pub guidance: bool,
+    /// Caption tokens the profiles optimise for, 1..=the model's limit. Default 128.
+    pub typical_caption_tokens: u32,
+    /// Cap on the CUDA memory arena in bytes; 0 = no cap (the default).
+    pub cuda_memory_limit: usize,
 }
 
 unsafe impl Versioned for zimage_load_params {
     const FIRST_VERSION_SIZE: usize = offset_of!(zimage_load_params, memory_mode) + size_of::<u32>();
 
     fn defaults() -> Self {
+        let gpu = GpuOptions::default();
         zimage_load_params {
             struct_size: size_of::<Self>(),
             device: zimage_device::Default as u32,
@@ -115,6 +161,23 @@ unsafe impl Versioned for zimage_load_params {
             log_callback: None,
             log_user_data: std::ptr::null_mut(),
             memory_mode: zimage_memory_mode::Resident as u32,
+            // The SDK's defaults, so the C API cannot drift from them.
+            tensorrt_cache_dir: std::ptr::null(),
+            tensorrt_precision: match gpu.tensorrt_precision {
+                TensorRtPrecision::Bf16 => zimage_tensorrt_precision::Bf16,
+                TensorRtPrecision::Fp16 => zimage_tensorrt_precision::Fp16,
+                TensorRtPrecision::Fp32 => zimage_tensorrt_precision::Fp32,
+            } as u32,
+            min_width: gpu.resolutions.min.0,
+            min_height: gpu.resolutions.min.1,
+            opt_width: gpu.resolutions.opt.0,
+            opt_height: gpu.resolutions.opt.1,
+            max_width: gpu.resolutions.max.0,
+            max_height: gpu.resolutions.max.1,
+            max_images: gpu.max_images,
+            guidance: gpu.guidance,
+            typical_caption_tokens: gpu.typical_caption_tokens,
+            cuda_memory_limit: gpu.cuda_memory_limit.unwrap_or(0),
         }
     }
 }
@@ -174,6 +237,18 @@ pub struct zimage_generate_params {
     pub progress_callback: zimage_progress_callback,
     /// Passed back to `progress_callback` unchanged.
     pub progress_user_data: *mut c_void,
+    /// Prompt enhancement (appended after `progress_user_data`: an older, smaller struct means
+    /// none). When set, the text `prompt` is first rewritten by this enhancer (no token callback is
+    /// called), and the images are made from the rewritten prompt, which
+    /// `zimage_image_list_enhanced_prompt()` reports. The request is checked before the enhancer
+    /// runs. NULL (the default): the prompt is used as given. Needs a text `prompt` (not an
+    /// embedding); `ZIMAGE_RESULT_INFERENCE` when the enhancer produced no text. `zimage_cancel()`
+    /// stops the enhancement too when the enhancer was attached to this pipeline; a standalone one
+    /// is stopped with `zimage_enhancer_cancel()`.
+    pub enhancer: *const zimage_enhancer,
+    /// How to enhance; NULL = the defaults of `zimage_enhance_params_init()`. Ignored without
+    /// `enhancer`.
+    pub enhance_params: *const zimage_enhance_params,
 }
 
 /// diffusers' default image-to-image strength.
@@ -206,6 +281,8 @@ unsafe impl Versioned for zimage_generate_params {
             strength: DEFAULT_STRENGTH,
             progress_callback: None,
             progress_user_data: std::ptr::null_mut(),
+            enhancer: std::ptr::null(),
+            enhance_params: std::ptr::null(),
         }
     }
 }
@@ -252,8 +329,24 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
     )?;
     let runtime_library =
         unsafe { args::optional_string(p.runtime_library, "params->runtime_library") }?.map(PathBuf::from);
+    let cache_dir =
+        unsafe { args::optional_string(p.tensorrt_cache_dir, "params->tensorrt_cache_dir") }?.map(PathBuf::from);
+    let gpu = GpuOptions {
+        cache_dir,
+        tensorrt_precision: tensorrt_precision(p.tensorrt_precision)?,
+        resolutions: ResolutionRange {
+            min: (p.min_width, p.min_height),
+            opt: (p.opt_width, p.opt_height),
+            max: (p.max_width, p.max_height),
+        },
+        max_images: p.max_images,
+        guidance: p.guidance,
+        typical_caption_tokens: p.typical_caption_tokens,
+        cuda_memory_limit: (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit),
+    };
     let options = LoadOptions {
         runtime_library,
+        gpu,
         device: main_device,
         transformer_device,
         threads: (p.threads > 0).then_some(p.threads as usize),
@@ -274,6 +367,17 @@ fn memory_mode(value: u32) -> Result<MemoryMode, Failure> {
         v if v == zimage_memory_mode::Sequential as u32 => Ok(MemoryMode::Sequential),
         other => Err(Failure::invalid(format!(
             "params->memory_mode is {other}, which is not a zimage_memory_mode (0..=1)"
+        ))),
+    }
+}
+
+fn tensorrt_precision(value: u32) -> Result<TensorRtPrecision, Failure> {
+    match value {
+        v if v == zimage_tensorrt_precision::Bf16 as u32 => Ok(TensorRtPrecision::Bf16),
+        v if v == zimage_tensorrt_precision::Fp16 as u32 => Ok(TensorRtPrecision::Fp16),
+        v if v == zimage_tensorrt_precision::Fp32 as u32 => Ok(TensorRtPrecision::Fp32),
+        other => Err(Failure::invalid(format!(
+            "params->tensorrt_precision is {other}, which is not a zimage_tensorrt_precision (0..=2)"
         ))),
     }
 }
@@ -299,6 +403,8 @@ pub(crate) struct Generate {
     pub request: GenerateRequest,
     pub progress: zimage_progress_callback,
     pub progress_user_data: *mut c_void,
+    /// The enhancer to run first, with its options.
+    pub enhance: Option<(*const zimage_enhancer, EnhanceOptions)>,
 }
 
 /// Reads generate parameters and copies everything they point to.
@@ -330,10 +436,17 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
         init_image,
         ..GenerateRequest::default()
     };
+    let enhance = if p.enhancer.is_null() {
+        None
+    } else {
+        let options = unsafe { enhancer::enhance_options(p.enhance_params, "params->enhance_params") }?;
+        Some((p.enhancer, options))
+    };
     Ok(Generate {
         request,
         progress: p.progress_callback,
         progress_user_data: p.progress_user_data,
+        enhance,
     })
 }
 
@@ -463,6 +576,30 @@ mod tests {
         );
         p.memory_mode = 2;
         assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
+    }
+
+    #[test]
+    fn gpu_options_default_to_the_sdk_and_are_checked() {
+        let mut p = zimage_load_params::defaults();
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.gpu, GpuOptions::default());
+        p.tensorrt_cache_dir = c"/tmp/engines".as_ptr();
+        p.tensorrt_precision = zimage_tensorrt_precision::Fp32 as u32;
+        p.max_width = 2048;
+        p.max_images = 4;
+        p.guidance = true;
+        p.cuda_memory_limit = 1 << 30;
+        let gpu = unsafe { load_options(&p) }.unwrap().options.gpu;
+        assert_eq!(gpu.cache_dir, Some(PathBuf::from("/tmp/engines")));
+        assert_eq!(gpu.tensorrt_precision, TensorRtPrecision::Fp32);
+        assert_eq!((gpu.resolutions.max, gpu.max_images, gpu.guidance), ((2048, 1536), 4, true));
+        assert_eq!(gpu.cuda_memory_limit, Some(1 << 30));
+        p.tensorrt_precision = 3;
+        assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
+        // A caller built against the first version: its struct ends at memory_mode.
+        let mut old = zimage_load_params::defaults();
+        old.struct_size = zimage_load_params::FIRST_VERSION_SIZE;
+        old.max_images = 0;
+        assert_eq!(unsafe { load_options(&old) }.unwrap().options.gpu, GpuOptions::default());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::prompt::zimage_prompt_embedding;
 /// fully in parallel; load one pipeline per thread for that, at the cost of memory.
 /// `zimage_pipeline_free()` must not race with any other call on the same pipeline.
 pub struct zimage_pipeline {
-    pipeline: Pipeline,
+    pub(crate) pipeline: Pipeline,
     logger: Option<Logger>,
 }
 
@@ -138,6 +138,7 @@ unsafe fn generate(
         request,
         progress,
         progress_user_data,
+        enhance,
     } = unsafe { params::generate_request(params) }?;
     log(handle.logger.as_ref(), zimage_log_level::Debug, || {
         format!(
@@ -163,7 +164,25 @@ unsafe fn generate(
             None => true,
         }
     };
-    let generation = handle.pipeline.generate(&request, Some(&mut on_progress))?;
+    let generation = match enhance {
+        None => handle.pipeline.generate(&request, Some(&mut on_progress))?,
+        Some((enhancer, options)) => {
+            // Checked non-NULL when the parameters were read; the header makes the caller keep
+            // it alive during the call.
+            let enhancer = &unsafe { &*enhancer }.enhancer;
+            let generation =
+                handle
+                    .pipeline
+                    .generate_enhanced(enhancer, &options, &request, Some(&mut on_progress))?;
+            log(handle.logger.as_ref(), zimage_log_level::Debug, || {
+                format!(
+                    "enhanced prompt: {}",
+                    generation.enhanced_prompt.as_deref().unwrap_or("")
+                )
+            });
+            generation
+        }
+    };
     log_generation(handle.logger.as_ref(), &generation);
     let list = Box::new(zimage_image_list::new(generation));
     unsafe { out.write(Box::into_raw(list)) };

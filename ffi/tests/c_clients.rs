@@ -1,6 +1,6 @@
 //! Builds the C (tests/c) and C++ (tests/cpp) clients against include/zimage.h, links each once
 //! to libzimage.so and once to libzimage.a, and runs them on the tiny model package against
-//! the diffusers goldens.
+//! the diffusers goldens and the prompt enhancer on the transformers goldens.
 //!
 //! The clients cannot decode PNG, so this harness turns the goldens into raw files first and
 //! describes the cases in a tab-separated file (format in tests/c/zimage_test.c). The C ABI
@@ -66,6 +66,7 @@ fn valgrind() -> bool {
 struct Prepared {
     work: PathBuf,
     cases_file: PathBuf,
+    enhancer_cases_file: PathBuf,
     io_fixture: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
@@ -79,6 +80,7 @@ fn prepared() -> &'static Prepared {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
         let cases_file = write_cases_file(&work);
+        let enhancer_cases_file = write_enhancer_cases_file(&work);
 
         // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
         let io_fixture = work.join("io-package");
@@ -98,6 +100,7 @@ fn prepared() -> &'static Prepared {
         Prepared {
             work,
             cases_file,
+            enhancer_cases_file,
             io_fixture,
             mismatched_package,
             shared_lib_dir,
@@ -220,6 +223,47 @@ fn write_cases_file(work: &Path) -> PathBuf {
         }
     }
     let path = work.join("cases.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// The enhancer goldens the clients can check through the C API (the built-in system prompt,
+/// thinking off: greedy text only), one line each: name, prompt, max_new_tokens, the expected
+/// text (the golden's `raw_text`, trimmed as `zimage_enhance()` returns it) and the untrimmed
+/// `raw_text` (what the token callback's pieces add up to).
+fn write_enhancer_cases_file(work: &Path) -> PathBuf {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/golden/enhancer/cases.json"))
+            .expect("tests/golden/enhancer/cases.json"),
+    )
+    .expect("cases.json is JSON");
+    let mut lines = String::new();
+    for case in golden["cases"].as_array().expect("cases.json has a cases list") {
+        if !case["system_prompt"].is_null() || case["thinking"] != Value::Bool(false) {
+            continue;
+        }
+        let text = |key: &str| -> &str {
+            let s = case[key].as_str().unwrap_or_else(|| panic!("enhancer case without {key}"));
+            assert!(
+                !s.contains(['\t', '\n']),
+                "enhancer case {}: {key} holds a tab or newline, which the cases file cannot carry",
+                case["name"]
+            );
+            s
+        };
+        let raw = text("raw_text");
+        let fields = [
+            text("name").to_string(),
+            text("prompt").to_string(),
+            case["max_new_tokens"].as_u64().expect("max_new_tokens").to_string(),
+            raw.trim().to_string(),
+            raw.to_string(),
+        ];
+        lines.push_str(&fields.join("\t"));
+        lines.push('\n');
+    }
+    assert!(!lines.is_empty(), "no enhancer case with the built-in prompt and thinking off");
+    let path = work.join("enhancer-cases.tsv");
     std::fs::write(&path, lines).unwrap();
     path
 }
@@ -352,6 +396,8 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(&p.cases_file)
         .arg(&p.io_fixture)
         .arg(&p.mismatched_package)
+        .arg(root().join("models/tiny-qwen3-enhancer"))
+        .arg(&p.enhancer_cases_file)
         .arg(max_cases)
         .current_dir(root());
     let result = command

@@ -6,7 +6,8 @@
  * Run by ffi/tests/c_clients.rs, which decodes the golden PNGs to raw files first (C has no PNG
  * decoder, and the C API deliberately has none either):
  *
- *   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]
+ *   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR ENHANCER_DIR
+ *               ENHANCER_CASES_FILE [MAX_CASES]
  *
  * CASES_FILE has one golden case per line, tab-separated (see write_cases_file in
  * c_clients.rs): name, prompt, negative prompt ("" = none), width, height, steps,
@@ -16,13 +17,17 @@
  * IO_FIXTURE_DIR is a folder whose manifest.json is a directory, so reading it fails with an
  * I/O error rather than "not found". MISMATCHED_PACKAGE_DIR is the tiny package with the
  * transformer of another tiny model, consistently listed in its manifest: it loads, and fails
- * when run.
+ * when run. ENHANCER_DIR is a standalone prompt enhancer package; ENHANCER_CASES_FILE has one
+ * greedy enhancer golden per line, tab-separated (see write_enhancer_cases_file): name, prompt,
+ * max_new_tokens, expected text, expected untrimmed text (the token callback's pieces joined).
+ * MAX_CASES limits the golden cases of both kinds.
  */
 #define _POSIX_C_SOURCE 200809L /* pthreads */
 
 #include "zimage.h"
 
 #include <float.h>
+#include <stddef.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -141,6 +146,34 @@ static int parse_cases(char *text, golden_case *cases, int max) {
     return n;
 }
 
+#define ENHANCER_CASE_FIELDS 5
+
+typedef struct {
+    const char *name, *prompt;
+    unsigned max_new_tokens;
+    const char *text, *raw_text;
+} enhancer_case;
+
+static int parse_enhancer_cases(char *text, enhancer_case *cases, int max) {
+    int n = 0;
+    char *line = text;
+    while (line && *line && n < max) {
+        char *fields[ENHANCER_CASE_FIELDS];
+        char *newline = strchr(line, '\n');
+        enhancer_case *c = &cases[n];
+        if (newline) *newline = '\0';
+        if (split_tabs(line, fields, ENHANCER_CASE_FIELDS) != ENHANCER_CASE_FIELDS) return -1;
+        c->name = fields[0];
+        c->prompt = fields[1];
+        c->max_new_tokens = (unsigned)strtoul(fields[2], NULL, 10);
+        c->text = fields[3];
+        c->raw_text = fields[4];
+        n++;
+        line = newline ? newline + 1 : NULL;
+    }
+    return n;
+}
+
 /* ---------------------------------------------------------------- callbacks */
 
 /* Counts log messages per level; one pipeline can log from several threads, hence the lock. */
@@ -188,6 +221,32 @@ static bool on_progress(uint32_t step, uint32_t total, double elapsed_seconds, v
     return p->stop_after == 0 || step < p->stop_after;
 }
 
+/* Collects the streamed tokens of one enhancement. */
+typedef struct {
+    uint32_t calls;
+    int in_order;        /* indices arrive as 0, 1, ... */
+    int any_thinking;    /* a token was flagged as thinking */
+    uint32_t stop_after; /* return false at this many calls; 0 = never */
+    const zimage_enhancer *cancel; /* zimage_enhancer_cancel() this at the first token */
+    char text[4096];
+} token_record;
+
+static bool on_token(uint32_t index, uint32_t token_id, const char *text, bool thinking, void *user_data) {
+    token_record *r = user_data;
+    (void)token_id;
+    if (index != r->calls) r->in_order = 0;
+    if (thinking) r->any_thinking = 1;
+    r->calls++;
+    if (strlen(r->text) + strlen(text) < sizeof r->text) strcat(r->text, text);
+    if (r->cancel && r->calls == 1) CHECK(zimage_enhancer_cancel(r->cancel) == ZIMAGE_RESULT_OK);
+    return r->stop_after == 0 || r->calls < r->stop_after;
+}
+
+static void reset_tokens(token_record *r) {
+    memset(r, 0, sizeof *r);
+    r->in_order = 1;
+}
+
 /* ---------------------------------------------------------------- tests */
 
 static void test_version(void) {
@@ -219,6 +278,22 @@ static void test_null_arguments(void) {
     CHECK_CODE(zimage_image_list_latents(NULL, &latents), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK(strstr(zimage_last_error_message(), "list is NULL") != NULL);
     CHECK(pipeline == NULL && images == NULL && embedding == NULL);
+    {
+        zimage_enhancer *enhancer = NULL;
+        zimage_enhance_params enhance;
+        char *text = NULL;
+        CHECK_CODE(zimage_enhance_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhancer_load(NULL, NULL, &enhancer), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhancer_load("models/whatever", NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhancer_attach(NULL, NULL, &enhancer), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhance_params_init(&enhance), ZIMAGE_RESULT_OK);
+        CHECK_CODE(zimage_enhance(NULL, "a fox", &enhance, NULL, NULL, &text, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhancer_cancel(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK(enhancer == NULL && text == NULL);
+        CHECK(zimage_image_list_enhanced_prompt(NULL) == NULL);
+        zimage_string_free(NULL);
+        zimage_enhancer_free(NULL);
+    }
 
     CHECK(zimage_image_list_count(NULL) == 0);
     CHECK(zimage_image_list_seed(NULL) == 0);
@@ -281,6 +356,41 @@ static void test_provider(const char *package) {
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
     CHECK(pipeline != NULL);
     CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 1);
+    zimage_pipeline_free(pipeline);
+    pipeline = NULL;
+
+    /* GPU settings: the SDK's defaults, checked values, and TensorRT profiles that are checked
+     * against the package before any provider is set up. */
+    zimage_load_params_init(&params);
+    CHECK(params.tensorrt_cache_dir == NULL && params.tensorrt_precision == ZIMAGE_TENSORRT_PRECISION_BF16);
+    CHECK(params.min_width == 512 && params.min_height == 512 && params.opt_width == 1024 &&
+          params.opt_height == 1024 && params.max_width == 1536 && params.max_height == 1536);
+    CHECK(params.max_images == 1 && !params.guidance && params.typical_caption_tokens == 128 &&
+          params.cuda_memory_limit == 0);
+    params.tensorrt_precision = 3; /* one past ZIMAGE_TENSORRT_PRECISION_FP32 */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_load_params_init(&params);
+    params.device = ZIMAGE_DEVICE_TENSORRT;
+    params.max_images = 0;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_REQUEST);
+    params.max_images = 1;
+    params.min_width = 2048; /* min > opt */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(strstr(zimage_last_error_message(), "TensorRT") != NULL);
+    /* Ignored on CPU, whatever their values. */
+    params.device = ZIMAGE_DEVICE_CPU;
+    params.tensorrt_cache_dir = "/nonexistent/cache";
+    params.cuda_memory_limit = 1;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
+    zimage_pipeline_free(pipeline);
+    pipeline = NULL;
+    /* A caller built against the first header (no GPU fields) still loads, with the defaults. */
+    zimage_load_params_init(&params);
+    params.struct_size = offsetof(zimage_load_params, tensorrt_cache_dir);
+    params.max_images = 0; /* beyond that caller's struct: never read */
+    params.device = ZIMAGE_DEVICE_TENSORRT;
+    params.allow_cpu_fallback = true;
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
     zimage_pipeline_free(pipeline);
 }
 
@@ -647,8 +757,216 @@ static void test_cancel_from_thread(const zimage_pipeline *pipeline) {
     zimage_image_list_free(images);
 }
 
+/* The prompt enhancer: greedy goldens, streaming, stopping, parameter checks. */
+static void test_enhancer(const char *enhancer_package, const char *package, const zimage_pipeline *pipeline,
+                          const enhancer_case *cases, int n_cases) {
+    zimage_enhancer *enhancer = NULL;
+    zimage_load_params load;
+    zimage_enhance_params params;
+    token_record tokens;
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+    char *text = NULL, *again = NULL;
+    char *const sentinel = (char *)&params; /* failed calls leave outputs untouched */
+    uint64_t seed = 1, first_seed = 0;
+    const char not_utf8[] = {'a', (char)0xc3, '\0'};
+    int i;
+
+    /* Packages without a decoder: a Z-Image package on its own, or attached to its pipeline. */
+    CHECK_CODE(zimage_enhancer_load(package, NULL, &enhancer), ZIMAGE_RESULT_PACKAGE);
+    CHECK_CODE(zimage_enhancer_attach(pipeline, NULL, &enhancer), ZIMAGE_RESULT_PACKAGE);
+    CHECK_CODE(zimage_enhancer_load("/nonexistent/package", NULL, &enhancer), ZIMAGE_RESULT_PACKAGE);
+    CHECK(enhancer == NULL);
+
+    /* Load parameters of the first header version (no GPU fields) are still accepted. */
+    zimage_load_params_init(&load);
+    load.struct_size = offsetof(zimage_load_params, tensorrt_cache_dir);
+    load.log_callback = on_log;
+    load.log_user_data = &logs;
+    CHECK_CODE(zimage_enhancer_load(enhancer_package, &load, &enhancer), ZIMAGE_RESULT_OK);
+    if (!enhancer) return;
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_INFO) == 2); /* "loading ..." and "loaded ..." */
+
+    zimage_enhance_params_init(&params);
+    CHECK(params.struct_size == sizeof params && params.system_prompt == NULL && !params.thinking);
+    CHECK(params.max_new_tokens == 512 && !params.sample && params.seed == ZIMAGE_RANDOM_SEED);
+    for (i = 0; i < n_cases; i++) {
+        const enhancer_case *c = &cases[i];
+        fprintf(stderr, "enhancer case %s\n", c->name);
+        zimage_enhance_params_init(&params);
+        params.max_new_tokens = c->max_new_tokens;
+        reset_tokens(&tokens);
+        text = NULL;
+        seed = 1;
+        CHECK_CODE(zimage_enhance(enhancer, c->prompt, &params, on_token, &tokens, &text, &seed), ZIMAGE_RESULT_OK);
+        CHECK(text != NULL && seed == 0); /* greedy: no seed */
+        if (text && strcmp(text, c->text) != 0) {
+            fprintf(stderr, "enhancer case %s: got \"%s\", expected \"%s\"\n", c->name, text, c->text);
+            failures++;
+        }
+        CHECK(tokens.calls > 0 && tokens.calls <= c->max_new_tokens && tokens.in_order && !tokens.any_thinking);
+        if (strcmp(tokens.text, c->raw_text) != 0) {
+            fprintf(stderr, "enhancer case %s: streamed \"%s\", expected \"%s\"\n", c->name, tokens.text, c->raw_text);
+            failures++;
+        }
+        zimage_string_free(text);
+    }
+
+    /* No callback, NULL params (the defaults: up to 512 tokens) and no seed output. */
+    zimage_enhance_params_init(&params);
+    params.max_new_tokens = cases[0].max_new_tokens;
+    text = NULL;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_OK);
+    CHECK(text != NULL && strcmp(text, cases[0].text) == 0);
+    zimage_string_free(text);
+
+    /* The token callback stops the run: CANCELLED, no text. */
+    reset_tokens(&tokens);
+    tokens.stop_after = 2;
+    text = sentinel;
+    seed = 1;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, on_token, &tokens, &text, &seed),
+               ZIMAGE_RESULT_CANCELLED);
+    CHECK(tokens.calls == 2 && text == sentinel && seed == 1);
+    /* zimage_enhancer_cancel() (here from the callback of the first token) stops it too. */
+    reset_tokens(&tokens);
+    tokens.cancel = enhancer;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, on_token, &tokens, &text, NULL),
+               ZIMAGE_RESULT_CANCELLED);
+    CHECK(tokens.calls == 1 && text == sentinel);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_INFO) >= 4); /* cancellations are logged at INFO */
+
+    /* Seeded sampling is reproducible and reports its seed; a drawn seed is reported too. */
+    params.sample = true;
+    params.seed = 42;
+    params.max_new_tokens = 8;
+    text = NULL;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, NULL, NULL, &text, &seed), ZIMAGE_RESULT_OK);
+    CHECK(seed == 42);
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, NULL, NULL, &again, &seed), ZIMAGE_RESULT_OK);
+    CHECK(text && again && strcmp(text, again) == 0);
+    zimage_string_free(text);
+    zimage_string_free(again);
+    params.seed = ZIMAGE_RANDOM_SEED;
+    text = again = NULL;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, NULL, NULL, &text, &first_seed), ZIMAGE_RESULT_OK);
+    params.seed = first_seed;
+    CHECK_CODE(zimage_enhance(enhancer, cases[0].prompt, &params, NULL, NULL, &again, &seed), ZIMAGE_RESULT_OK);
+    CHECK(seed == first_seed && text && again && strcmp(text, again) == 0);
+    zimage_string_free(text);
+    zimage_string_free(again);
+
+    /* Bad arguments and requests. */
+    text = sentinel;
+    zimage_enhance_params_init(&params);
+    CHECK_CODE(zimage_enhance(enhancer, NULL, &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_enhance(enhancer, not_utf8, &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK_CODE(zimage_enhance(enhancer, "   ", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
+    params.system_prompt = not_utf8;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_enhance_params_init(&params);
+    params.max_new_tokens = 32769;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(strstr(zimage_last_error_message(), "max_new_tokens") != NULL);
+    zimage_enhance_params_init(&params);
+    params.sample = true;
+    params.top_p = 0.0f;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(strstr(zimage_last_error_message(), "top_p") != NULL);
+    params.top_p = 0.8f;
+    params.temperature = 0.0f;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
+    params.sample = false; /* greedy ignores the sampling fields */
+    params.max_new_tokens = 2;
+    text = NULL;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_OK);
+    zimage_string_free(text);
+    text = sentinel;
+    zimage_enhance_params_init(&params);
+    params.struct_size = 0;
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    CHECK(text == sentinel);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_ERROR) == 9);
+
+    zimage_enhancer_free(enhancer);
+}
+
+/* zimage_generate() with an enhancer: the prompt it reports is what zimage_enhance() returns. */
+static void test_generate_enhanced(const char *enhancer_package, const zimage_pipeline *pipeline,
+                                   const enhancer_case *c) {
+    zimage_enhancer *enhancer = NULL;
+    zimage_enhance_params enhance;
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    zimage_prompt_embedding *embedding = NULL;
+    progress_record progress = {0, 0, 0, 0.0, 1, 0};
+    char *text = NULL;
+
+    CHECK_CODE(zimage_enhancer_load(enhancer_package, NULL, &enhancer), ZIMAGE_RESULT_OK);
+    if (!enhancer) return;
+    zimage_enhance_params_init(&enhance);
+    enhance.max_new_tokens = c->max_new_tokens;
+    CHECK_CODE(zimage_enhance(enhancer, c->prompt, &enhance, NULL, NULL, &text, NULL), ZIMAGE_RESULT_OK);
+
+    small_params(&params);
+    params.prompt = c->prompt;
+    params.enhancer = enhancer;
+    params.enhance_params = &enhance;
+    params.progress_callback = on_progress;
+    params.progress_user_data = &progress;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    CHECK(zimage_image_list_count(images) == 1 && progress.calls == 2);
+    CHECK(text != NULL && zimage_image_list_enhanced_prompt(images) != NULL);
+    if (text && zimage_image_list_enhanced_prompt(images)) {
+        CHECK(strcmp(zimage_image_list_enhanced_prompt(images), text) == 0);
+    }
+    zimage_image_list_free(images);
+    images = NULL;
+
+    /* Without an enhancer, or with parameters of the first version (which has no enhancer
+     * field), nothing is enhanced. */
+    small_params(&params);
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    CHECK(images != NULL && zimage_image_list_enhanced_prompt(images) == NULL);
+    zimage_image_list_free(images);
+    images = NULL;
+    params.enhancer = enhancer;
+    params.struct_size = offsetof(zimage_generate_params, enhancer);
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    CHECK(images != NULL && zimage_image_list_enhanced_prompt(images) == NULL);
+    zimage_image_list_free(images);
+    images = NULL;
+
+    /* Bad requests fail before the enhancer runs; an embedding cannot be enhanced. */
+    small_params(&params);
+    params.enhancer = enhancer;
+    params.width = 72;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    small_params(&params);
+    params.enhancer = enhancer;
+    enhance.max_new_tokens = 40000;
+    params.enhance_params = &enhance;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    enhance.struct_size = 0;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    small_params(&params);
+    CHECK_CODE(zimage_encode_prompt(pipeline, "a lighthouse", 0, &embedding), ZIMAGE_RESULT_OK);
+    params.prompt = NULL;
+    params.prompt_embedding = embedding;
+    params.enhancer = enhancer;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(images == NULL);
+
+    zimage_prompt_embedding_free(embedding);
+    zimage_string_free(text);
+    zimage_enhancer_free(enhancer);
+}
+
 int main(int argc, char **argv) {
-    const char *package, *cases_path, *io_fixture, *mismatched_package;
+    const char *package, *cases_path, *io_fixture, *mismatched_package, *enhancer_package;
+    enhancer_case enhancer_cases[16];
+    char *enhancer_text;
+    int n_enhancer_cases;
     zimage_pipeline *pipeline = NULL;
     zimage_load_params load;
     log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
@@ -657,15 +975,25 @@ int main(int argc, char **argv) {
     size_t cases_size = 0;
     int n_cases, max_cases, i, code;
 
-    if (argc < 5) {
-        fprintf(stderr, "usage: %s PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]\n", argv[0]);
+    if (argc < 7) {
+        fprintf(stderr,
+                "usage: %s PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR ENHANCER_DIR "
+                "ENHANCER_CASES_FILE [MAX_CASES]\n",
+                argv[0]);
         return 2;
     }
     package = argv[1];
     cases_path = argv[2];
     io_fixture = argv[3];
     mismatched_package = argv[4];
-    max_cases = argc > 5 ? atoi(argv[5]) : 64;
+    enhancer_package = argv[5];
+    max_cases = argc > 7 ? atoi(argv[7]) : 64;
+    enhancer_text = (char *)read_file(argv[6], &cases_size);
+    if (!enhancer_text || (n_enhancer_cases = parse_enhancer_cases(enhancer_text, enhancer_cases, 16)) <= 0) {
+        fprintf(stderr, "cannot read the enhancer cases in %s\n", argv[6]);
+        return 2;
+    }
+    if (n_enhancer_cases > max_cases) n_enhancer_cases = max_cases;
     cases_text = (char *)read_file(cases_path, &cases_size);
     if (!cases_text || (n_cases = parse_cases(cases_text, cases, 64)) <= 0) {
         fprintf(stderr, "cannot read the cases in %s\n", cases_path);
@@ -698,8 +1026,11 @@ int main(int argc, char **argv) {
     test_image_list(pipeline, &logs);
     test_progress(pipeline);
     test_cancel_from_thread(pipeline);
+    test_enhancer(enhancer_package, package, pipeline, enhancer_cases, n_enhancer_cases);
+    test_generate_enhanced(enhancer_package, pipeline, &enhancer_cases[0]);
     zimage_pipeline_free(pipeline);
     free(cases_text);
+    free(enhancer_text);
 
     /* Every result code C can reach was produced. ZIMAGE_RESULT_INTERNAL (a caught panic) is
      * a bug path; ffi/src/panic.rs tests it. */
@@ -709,6 +1040,7 @@ int main(int argc, char **argv) {
             failures++;
         }
     }
-    printf("%s: %d golden case(s), %d failure(s)\n", argv[0], n_cases, failures);
+    printf("%s: %d golden case(s), %d enhancer golden case(s), %d failure(s)\n", argv[0], n_cases, n_enhancer_cases,
+           failures);
     return failures == 0 ? 0 : 1;
 }

@@ -4,11 +4,12 @@
 // adapt it. It adds no behaviour of its own:
 // - every handle is a move-only object that frees itself;
 // - a failed call throws zimage::Error, which carries the zimage_result code;
-// - callbacks are std::function; an exception thrown by the progress callback stops the
-//   generation and is rethrown from generate() (exceptions never cross the C boundary).
+// - callbacks are std::function; an exception thrown by the progress or token callback stops
+//   the generation or enhancement and is rethrown from generate() or enhance() (exceptions
+//   never cross the C boundary).
 //
-// Thread safety is the C API's: a Pipeline may generate from several threads at once, and
-// cancel() may be called from any thread.
+// Thread safety is the C API's: a Pipeline may generate and an Enhancer enhance from several
+// threads at once, and cancel() may be called from any thread.
 #ifndef ZIMAGE_HPP
 #define ZIMAGE_HPP
 
@@ -19,6 +20,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -50,11 +52,37 @@ inline zimage_generate_params generate_params() {
     return params;
 }
 
+inline zimage_enhance_params enhance_params() {
+    zimage_enhance_params params;
+    check(zimage_enhance_params_init(&params));
+    return params;
+}
+
+// Called with a zimage_log_level and the message; possibly from several threads at once.
+using LogFunction = std::function<void(std::uint32_t level, const char *message)>;
+
 namespace detail {
 template <typename T, void (*Free)(T *)>
 struct Deleter {
     void operator()(T *handle) const noexcept { Free(handle); }
 };
+
+inline void log_trampoline(std::uint32_t level, const char *message, void *user_data) {
+    try {
+        (*static_cast<LogFunction *>(user_data))(level, message);
+    } catch (...) {
+        // A logger that throws loses that message; it must not unwind into zimage.
+    }
+}
+
+// Points `params` at `log` (kept on the heap so its address survives moves) when one is given.
+inline std::unique_ptr<LogFunction> set_log(zimage_load_params &params, LogFunction log) {
+    if (!log) return nullptr;
+    auto function = std::make_unique<LogFunction>(std::move(log));
+    params.log_callback = &log_trampoline;
+    params.log_user_data = function.get();
+    return function;
+}
 }  // namespace detail
 
 // An encoded prompt (zimage_encode_prompt); use get() as prompt_embedding in the parameters.
@@ -88,13 +116,17 @@ public:
         check(zimage_image_list_latents(handle_.get(), &latents));
         return latents;
     }
+    // The prompt the images were made from, when the parameters named an enhancer.
+    std::optional<std::string> enhanced_prompt() const {
+        const char *prompt = zimage_image_list_enhanced_prompt(handle_.get());
+        if (!prompt) return std::nullopt;
+        return std::string(prompt);
+    }
 
 private:
     std::unique_ptr<zimage_image_list, detail::Deleter<zimage_image_list, zimage_image_list_free>> handle_;
 };
 
-// Called with a zimage_log_level and the message; possibly from several threads at once.
-using LogFunction = std::function<void(std::uint32_t level, const char *message)>;
 // Called after each denoising step; return false to stop (generate() then throws
 // Error(ZIMAGE_RESULT_CANCELLED)).
 using ProgressFunction = std::function<bool(std::uint32_t step, std::uint32_t total, double elapsed_seconds)>;
@@ -105,11 +137,7 @@ public:
     static Pipeline load(const std::string &package_dir, zimage_load_params params = load_params(),
                          LogFunction log = nullptr) {
         Pipeline pipeline;
-        if (log) {
-            pipeline.log_ = std::make_unique<LogFunction>(std::move(log));
-            params.log_callback = &Pipeline::log_trampoline;
-            params.log_user_data = pipeline.log_.get();
-        }
+        pipeline.log_ = detail::set_log(params, std::move(log));
         zimage_pipeline *handle = nullptr;
         check(zimage_pipeline_load(package_dir.c_str(), &params, &handle));
         pipeline.handle_.reset(handle);
@@ -158,18 +186,90 @@ private:
         }
     }
 
-    static void log_trampoline(std::uint32_t level, const char *message, void *user_data) {
-        try {
-            (*static_cast<LogFunction *>(user_data))(level, message);
-        } catch (...) {
-            // A logger that throws loses that message; it must not unwind into zimage.
-        }
-    }
-
     // The log function lives on the heap so its address, given to zimage, survives moves of
     // the Pipeline. Declared before handle_ so that it is destroyed after the pipeline.
     std::unique_ptr<LogFunction> log_;
     std::unique_ptr<zimage_pipeline, detail::Deleter<zimage_pipeline, zimage_pipeline_free>> handle_;
+};
+
+// Called for each generated token: its index (from 0), id, the text it completes (often empty
+// mid-character) and whether it is inside the <think> block. Return false to stop (enhance()
+// then throws Error(ZIMAGE_RESULT_CANCELLED)).
+using TokenFunction =
+    std::function<bool(std::uint32_t index, std::uint32_t token_id, const char *text, bool thinking)>;
+
+struct Enhancement {
+    std::string text;        // the rewritten prompt
+    std::uint64_t seed = 0;  // the sampling seed used; 0 with greedy decoding
+};
+
+// A prompt enhancer (zimage_enhancer). Set `params.enhancer = enhancer.get()` in
+// zimage_generate_params to enhance before generating.
+class Enhancer {
+public:
+    // A standalone enhancer package, or a Z-Image package with a decoder.
+    static Enhancer load(const std::string &package_dir, zimage_load_params params = load_params(),
+                         LogFunction log = nullptr) {
+        Enhancer enhancer;
+        enhancer.log_ = detail::set_log(params, std::move(log));
+        zimage_enhancer *handle = nullptr;
+        check(zimage_enhancer_load(package_dir.c_str(), &params, &handle));
+        enhancer.handle_.reset(handle);
+        return enhancer;
+    }
+
+    // The enhancer of the pipeline's package, cancelled by pipeline.cancel() too.
+    static Enhancer attach(const Pipeline &pipeline, zimage_load_params params = load_params(),
+                           LogFunction log = nullptr) {
+        Enhancer enhancer;
+        enhancer.log_ = detail::set_log(params, std::move(log));
+        zimage_enhancer *handle = nullptr;
+        check(zimage_enhancer_attach(pipeline.get(), &params, &handle));
+        enhancer.handle_.reset(handle);
+        return enhancer;
+    }
+
+    Enhancement enhance(const std::string &prompt, const zimage_enhance_params &params = enhance_params(),
+                        const TokenFunction &on_token = nullptr) const {
+        TokenContext context{&on_token, nullptr};
+        char *text = nullptr;
+        Enhancement result;
+        zimage_result code = zimage_enhance(handle_.get(), prompt.c_str(), &params,
+                                            on_token ? &Enhancer::token_trampoline : nullptr, &context, &text,
+                                            &result.seed);
+        if (context.exception) std::rethrow_exception(context.exception);
+        check(code);
+        std::unique_ptr<char, detail::Deleter<char, zimage_string_free>> owned(text);
+        result.text = owned.get();
+        return result;
+    }
+
+    // Stops the enhancements running now, from any thread.
+    void cancel() const { check(zimage_enhancer_cancel(handle_.get())); }
+
+    const zimage_enhancer *get() const noexcept { return handle_.get(); }
+
+private:
+    Enhancer() = default;
+
+    struct TokenContext {
+        const TokenFunction *function;
+        std::exception_ptr exception;
+    };
+
+    static bool token_trampoline(std::uint32_t index, std::uint32_t token_id, const char *text, bool thinking,
+                                 void *user_data) {
+        auto *context = static_cast<TokenContext *>(user_data);
+        try {
+            return (*context->function)(index, token_id, text, thinking);
+        } catch (...) {
+            context->exception = std::current_exception();
+            return false;
+        }
+    }
+
+    std::unique_ptr<LogFunction> log_;  // destroyed after the enhancer (declared first)
+    std::unique_ptr<zimage_enhancer, detail::Deleter<zimage_enhancer, zimage_enhancer_free>> handle_;
 };
 
 }  // namespace zimage

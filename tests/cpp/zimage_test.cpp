@@ -1,9 +1,11 @@
 // A C++17 client of zimage through the RAII wrapper zimage.hpp: goldens on the tiny model,
 // errors as exceptions with their codes, two threads generating on one pipeline, cancel from
-// a std::thread, and an exception thrown by a progress callback.
+// a std::thread, an exception thrown by a progress callback, and the prompt enhancer (goldens,
+// token callback, parameter errors, generation with enhancement).
 //
 // Same arguments as tests/c/zimage_test.c (run by ffi/tests/c_clients.rs):
-//   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]
+//   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR ENHANCER_DIR
+//               ENHANCER_CASES_FILE [MAX_CASES]
 #include "zimage.hpp"
 
 #include <algorithm>
@@ -119,6 +121,27 @@ std::vector<GoldenCase> read_cases(const std::string &path) {
         c.images_path = f[15];
         c.latents_path = f[16];
         cases.push_back(std::move(c));
+    }
+    return cases;
+}
+
+struct EnhancerCase {
+    std::string name, prompt;
+    std::uint32_t max_new_tokens = 0;
+    std::string text, raw_text;
+};
+
+std::vector<EnhancerCase> read_enhancer_cases(const std::string &path) {
+    std::vector<EnhancerCase> cases;
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+        std::vector<std::string> f;
+        std::stringstream fields(line);
+        std::string field;
+        while (std::getline(fields, field, '\t')) f.push_back(field);
+        if (f.size() != 5) throw std::runtime_error("bad enhancer case line: " + line.substr(0, 80));
+        cases.push_back({f[0], f[1], std::uint32_t(std::stoul(f[2])), f[3], f[4]});
     }
     return cases;
 }
@@ -241,18 +264,119 @@ void test_progress_exception(const zimage::Pipeline &pipeline) {
     CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, pipeline.generate(small_params())[1]);
 }
 
+void test_enhancer(const std::string &enhancer_package, const std::string &package, const zimage::Pipeline &pipeline,
+                   const std::vector<EnhancerCase> &cases) {
+    CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, zimage::Enhancer::load(package));
+    CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, zimage::Enhancer::attach(pipeline));
+    std::vector<std::string> messages;
+    zimage::Enhancer loaded = zimage::Enhancer::load(enhancer_package, zimage::load_params(),
+                                                     [&](std::uint32_t level, const char *message) {
+                                                         messages.push_back(std::to_string(level) + " " + message);
+                                                     });
+    zimage::Enhancer enhancer = std::move(loaded);  // the log function survives the move
+    CHECK(messages.size() == 2 && messages[1].rfind("3 loaded ", 0) == 0);
+
+    for (const EnhancerCase &c : cases) {
+        std::cerr << "enhancer case " << c.name << std::endl;
+        zimage_enhance_params params = zimage::enhance_params();
+        params.max_new_tokens = c.max_new_tokens;
+        std::string streamed;
+        zimage::Enhancement result =
+            enhancer.enhance(c.prompt, params, [&](std::uint32_t, std::uint32_t, const char *text, bool thinking) {
+                CHECK(!thinking);
+                streamed += text;
+                return true;
+            });
+        CHECK(result.text == c.text && result.seed == 0);
+        CHECK(streamed == c.raw_text);
+        if (result.text != c.text) std::cerr << "got \"" << result.text << "\", expected \"" << c.text << "\"" << std::endl;
+    }
+
+    // The token callback stops the run, by returning false or by throwing.
+    zimage_enhance_params params = zimage::enhance_params();
+    params.max_new_tokens = cases.front().max_new_tokens;
+    std::uint32_t calls = 0;
+    CHECK_THROWS(ZIMAGE_RESULT_CANCELLED, enhancer.enhance(cases.front().prompt, params,
+                                                           [&](std::uint32_t, std::uint32_t, const char *, bool) {
+                                                               return ++calls < 3;
+                                                           }));
+    CHECK(calls == 3);
+    struct Stop {};
+    bool caught = false;
+    try {
+        enhancer.enhance(cases.front().prompt, params,
+                         [](std::uint32_t, std::uint32_t, const char *, bool) -> bool { throw Stop{}; });
+    } catch (const Stop &) {
+        caught = true;
+    }
+    CHECK(caught);
+    // cancel() from another thread while the first token's callback waits for it.
+    std::mutex lock;
+    std::condition_variable changed;
+    bool first_token = false, cancelled = false;
+    std::thread canceller([&] {
+        std::unique_lock<std::mutex> guard(lock);
+        changed.wait(guard, [&] { return first_token; });
+        enhancer.cancel();
+        cancelled = true;
+        changed.notify_all();
+    });
+    calls = 0;
+    CHECK_THROWS(ZIMAGE_RESULT_CANCELLED,
+                 enhancer.enhance(cases.front().prompt, params, [&](std::uint32_t, std::uint32_t, const char *, bool) {
+                     std::unique_lock<std::mutex> guard(lock);
+                     calls++;
+                     first_token = true;
+                     changed.notify_all();
+                     changed.wait(guard, [&] { return cancelled; });
+                     return true;
+                 }));
+    canceller.join();
+    CHECK(calls == 1);
+
+    // Bad parameters.
+    params = zimage::enhance_params();
+    params.max_new_tokens = 100000;
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, enhancer.enhance("a fox", params));
+    params = zimage::enhance_params();
+    params.sample = true;
+    params.top_p = 0.0f;
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, enhancer.enhance("a fox", params));
+    params.top_p = 1.0f;
+    params.seed = 7;
+    params.max_new_tokens = 4;
+    CHECK(enhancer.enhance("a fox", params).seed == 7);
+
+    // Generation with the enhancer: the prompt it reports is the one enhance() returns.
+    params = zimage::enhance_params();
+    params.max_new_tokens = cases.front().max_new_tokens;
+    const std::string expected = enhancer.enhance(cases.front().prompt, params).text;
+    zimage_generate_params generate = small_params();
+    generate.prompt = cases.front().prompt.c_str();
+    generate.enhancer = enhancer.get();
+    generate.enhance_params = &params;
+    zimage::Images images = pipeline.generate(generate);
+    CHECK(images.size() == 1 && images.enhanced_prompt() == expected);
+    CHECK(!pipeline.generate(small_params()).enhanced_prompt().has_value());
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
-    if (argc < 5) {
-        std::cerr << "usage: " << argv[0] << " PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR [MAX_CASES]\n";
+    if (argc < 7) {
+        std::cerr << "usage: " << argv[0]
+                  << " PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR ENHANCER_DIR ENHANCER_CASES_FILE"
+                     " [MAX_CASES]\n";
         return 2;
     }
-    const std::string package = argv[1], io_fixture = argv[3], mismatched_package = argv[4];
+    const std::string package = argv[1], io_fixture = argv[3], mismatched_package = argv[4],
+                      enhancer_package = argv[5];
     std::vector<GoldenCase> cases = read_cases(argv[2]);
-    const std::size_t max_cases = argc > 5 ? std::strtoul(argv[5], nullptr, 10) : cases.size();
-    if (cases.empty() || max_cases == 0) return 2;
+    std::vector<EnhancerCase> enhancer_cases = read_enhancer_cases(argv[6]);
+    const std::size_t max_cases = argc > 7 ? std::strtoul(argv[7], nullptr, 10) : cases.size();
+    if (cases.empty() || enhancer_cases.empty() || max_cases == 0) return 2;
     cases.resize(std::min(cases.size(), max_cases));
+    enhancer_cases.resize(std::min(enhancer_cases.size(), max_cases));
 
     try {
         std::mutex log_lock;
@@ -269,12 +393,14 @@ int main(int argc, char **argv) {
         test_concurrent_generations(moved, cases);
         test_cancel(moved);
         test_progress_exception(moved);
+        test_enhancer(enhancer_package, package, moved, enhancer_cases);
         std::lock_guard<std::mutex> guard(log_lock);
         CHECK(messages.size() >= 2 && messages[1].rfind("3 loaded ", 0) == 0);
     } catch (const std::exception &e) {
         std::cerr << "unexpected exception: " << e.what() << std::endl;
         failures++;
     }
-    std::cout << argv[0] << ": " << cases.size() << " golden case(s), " << failures << " failure(s)" << std::endl;
+    std::cout << argv[0] << ": " << cases.size() << " golden case(s), " << enhancer_cases.size()
+              << " enhancer golden case(s), " << failures << " failure(s)" << std::endl;
     return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,358 @@
+//! The prompt enhancer: a local Qwen3 that rewrites a prompt before generation. Load it on its
+//! own (`zimage_enhancer_load()`, a standalone enhancer package or a Z-Image package with a
+//! decoder) or beside a pipeline (`zimage_enhancer_attach()`, cancelled with it).
+
+use std::ffi::{c_char, c_void, CString};
+use std::mem::{offset_of, size_of};
+
+use sdk::{EnhanceOptions, PromptEnhancer, RandomSampling, Sampling, TokenEvent};
+
+use crate::args::{self, Versioned};
+use crate::error::{zimage_result, Failure};
+use crate::log::{log, zimage_log_level, Logger};
+use crate::panic::{guard, guard_value};
+use crate::params::{self, zimage_load_params, ZIMAGE_RANDOM_SEED};
+use crate::pipeline::zimage_pipeline;
+
+/// A loaded prompt enhancer (its decoder session and tokenizer), freed with
+/// `zimage_enhancer_free()`.
+///
+/// Thread safety: `zimage_enhance()` and `zimage_enhancer_cancel()` may be called on one
+/// enhancer from several threads at once (enhancements take turns per decoder call), and one
+/// enhancer may serve `zimage_generate()` calls on any number of pipelines.
+/// `zimage_enhancer_free()` must not race with any other call on the same enhancer.
+pub struct zimage_enhancer {
+    pub(crate) enhancer: PromptEnhancer,
+    logger: Option<Logger>,
+}
+
+/// How to enhance. Fill it with `zimage_enhance_params_init()` (the built-in system prompt,
+/// thinking off, greedy decoding, at most 512 new tokens), then change fields. Pointers in it
+/// are borrowed for the duration of the call only.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct zimage_enhance_params {
+    /// `sizeof(zimage_enhance_params)`, set by `zimage_enhance_params_init()`.
+    pub struct_size: usize,
+    /// The instructions given to the model (UTF-8); NULL uses zimage's built-in ones.
+    pub system_prompt: *const c_char,
+    /// Let the model reason in a `<think>` block first (better on riddles, slower; the block
+    /// counts against `max_new_tokens` and is never part of the returned text).
+    pub thinking: bool,
+    /// Most tokens generated, 1..=32768; 0 = the default (512). Generation also stops at the
+    /// model's context length.
+    pub max_new_tokens: u32,
+    /// false: greedy decoding (deterministic; the sampling fields below are ignored).
+    /// true: seeded sampling with `temperature`, `top_k` and `top_p`.
+    pub sample: bool,
+    /// In (0, 100]; below 1 sharpens the distribution, above 1 flattens it. Default 0.7.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 = all. Default 20.
+    pub top_k: u32,
+    /// Keep the smallest set of most likely tokens whose probability reaches top_p, in (0, 1].
+    /// Default 0.8.
+    pub top_p: f32,
+    /// The sampling seed; `ZIMAGE_RANDOM_SEED` (the default) draws one, reported through
+    /// `zimage_enhance()`'s `out_seed`.
+    pub seed: u64,
+}
+
+unsafe impl Versioned for zimage_enhance_params {
+    const FIRST_VERSION_SIZE: usize = offset_of!(zimage_enhance_params, seed) + size_of::<u64>();
+
+    fn defaults() -> Self {
+        // The SDK's defaults, so the C API cannot drift from them.
+        let options = EnhanceOptions::default();
+        let sampling = RandomSampling::default();
+        zimage_enhance_params {
+            struct_size: size_of::<Self>(),
+            system_prompt: std::ptr::null(),
+            thinking: options.thinking,
+            max_new_tokens: options.max_new_tokens as u32,
+            sample: false,
+            temperature: sampling.temperature,
+            top_k: sampling.top_k as u32,
+            top_p: sampling.top_p,
+            seed: sampling.seed.unwrap_or(ZIMAGE_RANDOM_SEED),
+        }
+    }
+}
+
+/// Fills `params` with the defaults and sets `struct_size`.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhance_params_init(params: *mut zimage_enhance_params) -> zimage_result {
+    guard(|| {
+        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
+        *params = zimage_enhance_params::defaults();
+        Ok(())
+    })
+}
+
+/// Reads enhance parameters; NULL means all defaults. Range checks are the SDK's
+/// (`ZIMAGE_RESULT_INVALID_REQUEST`).
+pub(crate) unsafe fn enhance_options(params: *const zimage_enhance_params, what: &str) -> Result<EnhanceOptions, Failure> {
+    let p = if params.is_null() {
+        zimage_enhance_params::defaults()
+    } else {
+        unsafe { args::versioned(params, what) }?
+    };
+    let system_prompt =
+        unsafe { args::optional_string(p.system_prompt, &format!("{what}->system_prompt")) }?.map(str::to_owned);
+    let sampling = if p.sample {
+        Sampling::Random(RandomSampling {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            seed: (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed),
+        })
+    } else {
+        Sampling::Greedy
+    };
+    Ok(EnhanceOptions {
+        system_prompt,
+        thinking: p.thinking,
+        max_new_tokens: if p.max_new_tokens == 0 {
+            EnhanceOptions::default().max_new_tokens
+        } else {
+            p.max_new_tokens as usize
+        },
+        sampling,
+    })
+}
+
+/// Called for every generated token (end tokens excepted), on the thread that called
+/// `zimage_enhance()`. `index` counts from 0; `text` (UTF-8, valid only during the call) is the
+/// text this token completes, empty while a multi-byte character is incomplete; `thinking` is
+/// true inside the `<think>…</think>` block, tags included. Return true to go on, false to stop:
+/// the call then fails with `ZIMAGE_RESULT_CANCELLED`.
+pub type zimage_token_callback = Option<
+    unsafe extern "C" fn(index: u32, token_id: u32, text: *const c_char, thinking: bool, user_data: *mut c_void) -> bool,
+>;
+
+/// Loads the prompt enhancer of the package in `package_dir` (UTF-8): a standalone enhancer
+/// package, or a Z-Image package that carries a decoder (`ZIMAGE_RESULT_PACKAGE` when it has
+/// none). `params` may be NULL for the defaults (CPU); its log callback receives this
+/// enhancer's messages. A TensorRT `device` runs the decoder with CUDA. On success
+/// `*out_enhancer` receives an enhancer to free with `zimage_enhancer_free()`.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhancer_load(
+    package_dir: *const c_char,
+    params: *const zimage_load_params,
+    out_enhancer: *mut *mut zimage_enhancer,
+) -> zimage_result {
+    guard(|| {
+        let dir = unsafe { args::string(package_dir, "package_dir") }?;
+        let out = args::output(out_enhancer, "out_enhancer")?;
+        let params::Load { options, logger } = unsafe { params::load_options(params) }?;
+        log(logger.as_ref(), zimage_log_level::Info, || {
+            format!("loading the prompt enhancer of {dir} on {}", options.device)
+        });
+        let enhancer = PromptEnhancer::load(dir, &options)
+            .inspect_err(|e| log(logger.as_ref(), zimage_log_level::Error, || e.to_string()))?;
+        unsafe { out.write(loaded(enhancer, logger)) };
+        Ok(())
+    })
+}
+
+/// Loads the prompt enhancer of the package `pipeline` was loaded from (`ZIMAGE_RESULT_PACKAGE`
+/// when it has no decoder). `zimage_cancel(pipeline)` then stops this enhancer's enhancements
+/// too. `params` as for `zimage_enhancer_load()`; the pipeline's own load parameters are not
+/// reused. The enhancer does not keep the pipeline alive: either may be freed first.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhancer_attach(
+    pipeline: *const zimage_pipeline,
+    params: *const zimage_load_params,
+    out_enhancer: *mut *mut zimage_enhancer,
+) -> zimage_result {
+    guard(|| {
+        let pipeline = unsafe { args::reference(pipeline, "pipeline") }?;
+        let out = args::output(out_enhancer, "out_enhancer")?;
+        let params::Load { options, logger } = unsafe { params::load_options(params) }?;
+        log(logger.as_ref(), zimage_log_level::Info, || {
+            format!(
+                "loading the prompt enhancer of {} on {}",
+                pipeline.pipeline.package_dir().display(),
+                options.device
+            )
+        });
+        let enhancer = PromptEnhancer::attach(&pipeline.pipeline, &options)
+            .inspect_err(|e| log(logger.as_ref(), zimage_log_level::Error, || e.to_string()))?;
+        unsafe { out.write(loaded(enhancer, logger)) };
+        Ok(())
+    })
+}
+
+fn loaded(enhancer: PromptEnhancer, logger: Option<Logger>) -> *mut zimage_enhancer {
+    log(logger.as_ref(), zimage_log_level::Info, || {
+        format!(
+            "loaded the prompt enhancer of {} on {}",
+            enhancer.package_dir().display(),
+            enhancer.device()
+        )
+    });
+    Box::into_raw(Box::new(zimage_enhancer { enhancer, logger }))
+}
+
+/// Frees an enhancer. No other call may be using it, and no `zimage_generate()` whose
+/// parameters name it may be running. NULL is fine; freeing twice is not.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhancer_free(enhancer: *mut zimage_enhancer) {
+    guard_value((), || {
+        if !enhancer.is_null() {
+            drop(unsafe { Box::from_raw(enhancer) });
+        }
+    })
+}
+
+/// Rewrites `prompt` (UTF-8, not blank) into a detailed visual description. `params` may be
+/// NULL for the defaults. `callback` (NULL for none) sees each token as it is generated, with
+/// `user_data` passed back unchanged.
+///
+/// On success `*out_text` receives the rewritten prompt (UTF-8, trimmed, without any think
+/// block; empty when the model spent every token thinking), to free with `zimage_string_free()`,
+/// and `*out_seed`, unless `out_seed` is NULL, the sampling seed used (0 with greedy decoding).
+/// On failure neither is written. `ZIMAGE_RESULT_CANCELLED` when the callback returned false
+/// or `zimage_enhancer_cancel()` (or, for an attached enhancer, `zimage_cancel()`) was called
+/// meanwhile; `ZIMAGE_RESULT_INVALID_REQUEST` for out-of-range parameters or a prompt longer
+/// than the model's context.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhance(
+    enhancer: *const zimage_enhancer,
+    prompt: *const c_char,
+    params: *const zimage_enhance_params,
+    callback: zimage_token_callback,
+    user_data: *mut c_void,
+    out_text: *mut *mut c_char,
+    out_seed: *mut u64,
+) -> zimage_result {
+    guard(|| {
+        let handle = unsafe { args::reference(enhancer, "enhancer") }?;
+        let result = unsafe { enhance(handle, prompt, params, callback, user_data, out_text, out_seed) };
+        if let Err(f) = &result {
+            let level = if f.code == zimage_result::Cancelled {
+                zimage_log_level::Info
+            } else {
+                zimage_log_level::Error
+            };
+            log(handle.logger.as_ref(), level, || f.message.clone());
+        }
+        result
+    })
+}
+
+unsafe fn enhance(
+    handle: &zimage_enhancer,
+    prompt: *const c_char,
+    params: *const zimage_enhance_params,
+    callback: zimage_token_callback,
+    user_data: *mut c_void,
+    out_text: *mut *mut c_char,
+    out_seed: *mut u64,
+) -> Result<(), Failure> {
+    let prompt = unsafe { args::string(prompt, "prompt") }?;
+    let out = args::output(out_text, "out_text")?;
+    let options = unsafe { enhance_options(params, "params") }?;
+    let mut on_token = |event: &TokenEvent| -> bool {
+        let Some(callback) = callback else { return true };
+        let text = c_string(event.text);
+        unsafe {
+            callback(
+                event.index as u32,
+                event.token_id,
+                text.as_ptr(),
+                event.thinking,
+                user_data,
+            )
+        }
+    };
+    let with_callback: Option<&mut dyn FnMut(&TokenEvent) -> bool> = match callback {
+        Some(_) => Some(&mut on_token),
+        None => None,
+    };
+    let enhancement = handle.enhancer.enhance(prompt, &options, with_callback)?;
+    log(handle.logger.as_ref(), zimage_log_level::Info, || {
+        format!(
+            "enhanced a prompt of {} tokens into {} new tokens in {:.2} s ({:?})",
+            enhancement.prompt_tokens,
+            enhancement.token_ids.len(),
+            enhancement.timings.total.as_secs_f64(),
+            enhancement.finish
+        )
+    });
+    let text = c_string(&enhancement.text);
+    unsafe { out.write(text.into_raw()) };
+    if let Some(seed) = unsafe { out_seed.as_mut() } {
+        *seed = enhancement.seed.unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// A C copy of `s`; NUL bytes (which C cannot carry) are dropped.
+pub(crate) fn c_string(s: &str) -> CString {
+    let bytes: Vec<u8> = s.bytes().filter(|&b| b != 0).collect();
+    CString::new(bytes).expect("NUL bytes were removed")
+}
+
+/// Stops every enhancement running on `enhancer` at the moment of the call (they return
+/// `ZIMAGE_RESULT_CANCELLED` soon after); for an attached enhancer, the pipeline's generations
+/// too. Later calls are not affected. Safe to call from any thread; returns at once.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhancer_cancel(enhancer: *const zimage_enhancer) -> zimage_result {
+    guard(|| {
+        let handle = unsafe { args::reference(enhancer, "enhancer") }?;
+        handle.enhancer.cancel_handle().cancel();
+        Ok(())
+    })
+}
+
+/// Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
+/// twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
+#[no_mangle]
+pub unsafe extern "C" fn zimage_string_free(text: *mut c_char) {
+    guard_value((), || {
+        if !text.is_null() {
+            drop(unsafe { CString::from_raw(text) });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_default_to_the_sdk_and_are_checked() {
+        let mut p = std::mem::MaybeUninit::<zimage_enhance_params>::uninit();
+        assert_eq!(unsafe { zimage_enhance_params_init(p.as_mut_ptr()) }, zimage_result::Ok);
+        let mut p = unsafe { p.assume_init() };
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap(), EnhanceOptions::default());
+        assert_eq!(unsafe { enhance_options(std::ptr::null(), "p") }.unwrap(), EnhanceOptions::default());
+        p.max_new_tokens = 0;
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap().max_new_tokens, 512);
+        p.sample = true;
+        p.seed = 7;
+        p.system_prompt = c"Describe.".as_ptr();
+        let o = unsafe { enhance_options(&p, "p") }.unwrap();
+        assert_eq!(o.system_prompt.as_deref(), Some("Describe."));
+        assert_eq!(
+            o.sampling,
+            Sampling::Random(RandomSampling {
+                seed: Some(7),
+                ..RandomSampling::default()
+            })
+        );
+        p.struct_size = 3;
+        assert_eq!(
+            unsafe { enhance_options(&p, "p") }.unwrap_err().code,
+            zimage_result::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn strings_round_trip() {
+        let s = c_string("a\0b").into_raw();
+        assert_eq!(unsafe { std::ffi::CStr::from_ptr(s) }.to_str().unwrap(), "ab");
+        unsafe { zimage_string_free(s) };
+        unsafe { zimage_string_free(std::ptr::null_mut()) };
+    }
+}
