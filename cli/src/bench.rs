@@ -115,10 +115,7 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
         "runs": samples.iter().map(|t| timings_json(t, pipeline.load_time())).collect::<Vec<_>>(),
     });
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("JSON values serialise")
-        );
+        println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialise"));
     } else {
         print!("{}", table(&report));
     }
@@ -159,11 +156,7 @@ fn summary(values: &[f64]) -> Value {
     if n == 0 {
         return json!({ "median": null, "min": null, "max": null });
     }
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
     json!({ "median": median, "min": v[0], "max": v[n - 1] })
 }
 
@@ -236,8 +229,7 @@ fn duration(v: &Value) -> String {
 }
 
 fn mib(v: &Value) -> String {
-    v.as_f64()
-        .map_or("n/a".into(), |b| format!("{:.1} MiB", b / (1024.0 * 1024.0)))
+    v.as_f64().map_or("n/a".into(), |b| format!("{:.1} MiB", b / (1024.0 * 1024.0)))
 }
 
 /// The process's peak resident set size (VmHWM), Linux only.

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
-use zimage::{EnhanceOptions, Enhancement, LoadOptions, Pipeline, PromptEnhancer, RandomSampling, Sampling, TokenEvent};
+use zimage::{
+    EnhanceOptions, Enhancement, LoadOptions, Pipeline, PromptEnhancer, RandomSampling, Sampling, TokenEvent,
+};
 
 use crate::{secs, ModelArgs};
 
@@ -42,7 +44,8 @@ pub struct EnhanceFlags {
 
 impl EnhanceFlags {
     pub fn options(&self) -> EnhanceOptions {
-        let sampled = self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some() || self.sampling_seed.is_some();
+        let sampled =
+            self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some() || self.sampling_seed.is_some();
         let sampling = if sampled {
             let d = RandomSampling::default();
             Sampling::Random(RandomSampling {
@@ -96,7 +99,8 @@ pub struct EnhanceArgs {
 }
 
 pub fn run(args: EnhanceArgs) -> zimage::Result<()> {
-    let options = LoadOptions { runtime_library: args.ort_library.clone(), threads: args.threads, ..Default::default() };
+    let options =
+        LoadOptions { runtime_library: args.ort_library.clone(), threads: args.threads, ..Default::default() };
     let dir = args.flags.enhancer.clone().unwrap_or_else(|| args.model.clone());
     let enhancer = PromptEnhancer::load(&dir, &options)?;
     crate::set_cancel_handle(enhancer.cancel_handle());
@@ -110,7 +114,8 @@ pub fn run(args: EnhanceArgs) -> zimage::Result<()> {
         true
     };
     let streaming = args.stream && !args.json;
-    let result = enhancer.enhance(&args.prompt, &args.flags.options(), if streaming { Some(&mut stream) } else { None })?;
+    let result =
+        enhancer.enhance(&args.prompt, &args.flags.options(), if streaming { Some(&mut stream) } else { None })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&enhancement_json(&result)).expect("JSON values serialise"));
     } else if streaming {

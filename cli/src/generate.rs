@@ -125,10 +125,7 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
 
     if args.json {
         let summary = summary_json(&args, &request, &generation, &pipeline, &files);
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).expect("JSON values serialise")
-        );
+        println!("{}", serde_json::to_string_pretty(&summary).expect("JSON values serialise"));
     } else {
         for path in &files {
             println!("wrote {}", path.display());
@@ -164,17 +161,11 @@ fn build_request(args: &GenerateArgs) -> zimage::Result<GenerateRequest> {
     let init = args.init_image.as_deref().map(image_io::load_rgb).transpose()?;
     // Without --width/--height an init image keeps its own size, as in diffusers' img2img.
     request.width = args.width.or(init.as_ref().map(|i| i.width)).unwrap_or(request.width);
-    request.height = args
-        .height
-        .or(init.as_ref().map(|i| i.height))
-        .unwrap_or(request.height);
+    request.height = args.height.or(init.as_ref().map(|i| i.height)).unwrap_or(request.height);
     if let Some(image) = init {
         let mask = args.mask.as_deref().map(image_io::load_gray).transpose()?;
-        let default_strength = if mask.is_some() {
-            InitImage::DEFAULT_INPAINT_STRENGTH
-        } else {
-            InitImage::DEFAULT_STRENGTH
-        };
+        let default_strength =
+            if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
         request.init_image = Some(InitImage {
             image: image_io::resize_rgb(&image, request.width, request.height)?,
             mask,
@@ -252,14 +243,7 @@ fn png_text(
         text.push(("max_sequence_length", n.to_string()));
     }
     if let Some(init) = &request.init_image {
-        text.push((
-            "init_image",
-            args.init_image
-                .as_deref()
-                .unwrap_or(Path::new(""))
-                .display()
-                .to_string(),
-        ));
+        text.push(("init_image", args.init_image.as_deref().unwrap_or(Path::new("")).display().to_string()));
         text.push(("strength", init.strength.to_string()));
         if let Some(mask) = &args.mask {
             text.push(("mask", mask.display().to_string()));
@@ -329,11 +313,7 @@ pub struct StageProgress {
 
 impl StageProgress {
     pub fn new(visible: bool) -> Self {
-        let bar = if visible {
-            ProgressBar::new_spinner()
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = if visible { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
         bar.enable_steady_tick(Duration::from_millis(120));
         StageProgress { bar }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
-use zimage::{CancelHandle, Device, ErrorKind, GpuOptions, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision};
+use zimage::{
+    CancelHandle, Device, ErrorKind, GpuOptions, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision,
+};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -192,10 +194,7 @@ fn exit_code(kind: ErrorKind) -> u8 {
 /// (clap's own rendering spans several, with a usage block) and exit with clap's code, 2.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind as Clap;
-    if matches!(
-        e.kind(),
-        Clap::DisplayHelp | Clap::DisplayVersion | Clap::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
+    if matches!(e.kind(), Clap::DisplayHelp | Clap::DisplayVersion | Clap::DisplayHelpOnMissingArgumentOrSubcommand) {
         let _ = e.print();
         return ExitCode::from(e.exit_code() as u8);
     }

@@ -19,11 +19,7 @@ fn root() -> PathBuf {
 
 /// The binary, run from the workspace root so that relative package paths work.
 fn zimage(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zimage"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run zimage")
+    Command::new(env!("CARGO_BIN_EXE_zimage")).args(args).current_dir(root()).output().expect("run zimage")
 }
 
 /// A fresh, empty folder for one test's outputs.
@@ -48,11 +44,7 @@ fn assert_one_line_error(out: &Output) -> String {
     let err = stderr(out);
     assert_eq!(err.lines().count(), 1, "expected one line, got: {err:?}");
     assert!(err.starts_with("zimage: error: "), "{err:?}");
-    assert!(
-        out.stdout.is_empty(),
-        "stdout: {:?}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.stdout.is_empty(), "stdout: {:?}", String::from_utf8_lossy(&out.stdout));
     err
 }
 
@@ -110,12 +102,7 @@ fn read_png(path: &Path) -> Png {
     let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];
     let frame = reader.next_frame(&mut buf).unwrap();
-    assert_eq!(
-        (frame.color_type, frame.bit_depth),
-        (png::ColorType::Rgb, png::BitDepth::Eight),
-        "{}",
-        path.display()
-    );
+    assert_eq!((frame.color_type, frame.bit_depth), (png::ColorType::Rgb, png::BitDepth::Eight), "{}", path.display());
     buf.truncate(frame.buffer_size());
     let info = reader.info();
     let mut text = BTreeMap::new();
@@ -125,24 +112,14 @@ fn read_png(path: &Path) -> Png {
     for chunk in &info.uncompressed_latin1_text {
         text.insert(chunk.keyword.clone(), chunk.text.clone());
     }
-    Png {
-        width: frame.width,
-        height: frame.height,
-        rgb: buf,
-        text,
-    }
+    Png { width: frame.width, height: frame.height, rgb: buf, text }
 }
 
 /// Largest per-channel difference between an output PNG and a golden one.
 fn max_level_diff(out: &Png, golden: &Path) -> u8 {
     let golden = read_png(golden);
     assert_eq!((out.width, out.height), (golden.width, golden.height));
-    out.rgb
-        .iter()
-        .zip(&golden.rgb)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap()
+    out.rgb.iter().zip(&golden.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
 }
 
 /// Runs a golden case through the CLI and checks every image against diffusers' (<= 1 level).
@@ -155,18 +132,10 @@ fn run_case(section: &str, name: &str, dir: &Path) -> (Value, Vec<Png>) {
     assert_code(&out, 0);
     let summary: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     let mut images = Vec::new();
-    for (file, golden) in summary["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(c["image_files"].as_array().unwrap())
-    {
+    for (file, golden) in summary["files"].as_array().unwrap().iter().zip(c["image_files"].as_array().unwrap()) {
         let png = read_png(Path::new(file.as_str().unwrap()));
         let diff = max_level_diff(&png, &root().join(GOLDEN).join(golden.as_str().unwrap()));
-        assert!(
-            diff <= 1,
-            "{section}/{name}: {file} differs from the golden by {diff} levels"
-        );
+        assert!(diff <= 1, "{section}/{name}: {file} differs from the golden by {diff} levels");
         images.push(png);
     }
     assert_eq!(images.len(), c["image_files"].as_array().unwrap().len());
@@ -190,11 +159,7 @@ fn argument_errors_exit_2_with_one_line() {
         assert_one_line_error(&out);
     }
     let out = zimage(&["generate", "--model", PACKAGE, "--promt", "x"]);
-    assert!(
-        stderr(&out).contains("'--prompt'"),
-        "clap's suggestion is kept: {}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("'--prompt'"), "clap's suggestion is kept: {}", stderr(&out));
 }
 
 #[test]
@@ -203,12 +168,7 @@ fn help_documents_the_exit_codes() {
         let out = zimage(args);
         assert_code(&out, 0);
         let help = String::from_utf8(out.stdout).unwrap();
-        for line in [
-            "3    model package",
-            "4    ONNX Runtime library",
-            "6    invalid request",
-            "130  cancelled",
-        ] {
+        for line in ["3    model package", "4    ONNX Runtime library", "6    invalid request", "130  cancelled"] {
             assert!(help.contains(line), "{args:?} --help lacks {line:?}");
         }
     }
@@ -217,13 +177,7 @@ fn help_documents_the_exit_codes() {
 #[test]
 fn a_bad_model_folder_is_a_package_error() {
     let dir = scratch("bad-package");
-    let out = zimage(&[
-        "generate",
-        "--model",
-        dir.join("missing").to_str().unwrap(),
-        "--prompt",
-        "x",
-    ]);
+    let out = zimage(&["generate", "--model", dir.join("missing").to_str().unwrap(), "--prompt", "x"]);
     assert_code(&out, 3);
     assert!(assert_one_line_error(&out).contains("no manifest.json"));
 
@@ -236,37 +190,19 @@ fn a_bad_model_folder_is_a_package_error() {
 #[test]
 fn request_and_file_errors_have_their_own_codes() {
     // Invalid request: the SDK refuses a size that is not a multiple of 16.
-    let out = zimage(&[
-        "generate", "--model", PACKAGE, "--prompt", "x", "--width", "63", "--height", "64",
-    ]);
+    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--width", "63", "--height", "64"]);
     assert_code(&out, 6);
     assert!(assert_one_line_error(&out).contains("multiple of 16"));
 
     let dir = scratch("file-errors");
     // Io: the init image does not exist; Image: it is not an image.
     let missing = dir.join("missing.png");
-    let out = zimage(&[
-        "generate",
-        "--model",
-        PACKAGE,
-        "--prompt",
-        "x",
-        "--init-image",
-        missing.to_str().unwrap(),
-    ]);
+    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", missing.to_str().unwrap()]);
     assert_code(&out, 9);
     assert_one_line_error(&out);
     let not_image = dir.join("not-an-image.png");
     std::fs::write(&not_image, "plain text").unwrap();
-    let out = zimage(&[
-        "generate",
-        "--model",
-        PACKAGE,
-        "--prompt",
-        "x",
-        "--init-image",
-        not_image.to_str().unwrap(),
-    ]);
+    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", not_image.to_str().unwrap()]);
     assert_code(&out, 7);
     assert_one_line_error(&out);
     // Io: the output folder does not exist (checked before generating).
@@ -297,33 +233,18 @@ fn turbo_case_matches_the_golden_and_records_its_parameters() {
     assert_eq!(summary["files"], serde_json::json!([file.display().to_string()]));
     assert_eq!(summary["seed"], 42);
     assert_eq!(
-        (
-            summary["width"].as_u64(),
-            summary["height"].as_u64(),
-            summary["steps"].as_u64()
-        ),
+        (summary["width"].as_u64(), summary["height"].as_u64(), summary["steps"].as_u64()),
         (Some(64), Some(64), Some(8))
     );
     assert_eq!(summary["providers"]["transformer"], "cpu");
     // The prompt's token count is the golden tokenizer's (chat template included), nothing cut.
     let cases: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("cases.json")).unwrap()).unwrap();
-    let features = cases["text_features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["prompt"] == c["prompt"])
-        .unwrap();
-    assert_eq!(
-        summary["prompt_tokens"]["used"].as_u64(),
-        Some(features["ids"].as_array().unwrap().len() as u64)
-    );
+    let features = cases["text_features"].as_array().unwrap().iter().find(|f| f["prompt"] == c["prompt"]).unwrap();
+    assert_eq!(summary["prompt_tokens"]["used"].as_u64(), Some(features["ids"].as_array().unwrap().len() as u64));
     assert_eq!(summary["prompt_tokens"]["total"], summary["prompt_tokens"]["used"]);
     assert_eq!(summary["prompt_tokens"]["truncated"], false);
-    assert!(
-        summary["negative_prompt_tokens"].is_null(),
-        "no guidance, no negative prompt encoded"
-    );
+    assert!(summary["negative_prompt_tokens"].is_null(), "no guidance, no negative prompt encoded");
     let t = &summary["timings"];
     assert_eq!(t["denoise_steps_s"].as_array().unwrap().len(), 8);
     assert!(t["total_s"].as_f64().unwrap() >= t["onnx_runtime_s"].as_f64().unwrap());
@@ -377,10 +298,7 @@ fn a_truncated_prompt_is_reported_not_silent() {
     assert_eq!(tokens["used"], 512);
     assert!(tokens["total"].as_u64().unwrap() > 512);
     let err = stderr(&out);
-    assert!(
-        err.starts_with("zimage: warning: the prompt has ") && err.contains("only the first 512"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("zimage: warning: the prompt has ") && err.contains("only the first 512"), "{err:?}");
     // Truncated as diffusers truncates: same image.
     let diff = max_level_diff(
         &read_png(&dir.join("out.png")),
@@ -404,17 +322,12 @@ fn count_2_writes_numbered_files_and_all_latents() {
     let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
 
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["latents.npy", "out-0.png", "out-1.png"]);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        stdout.contains("out-0.png") && stdout.contains("out-1.png") && stdout.contains("seed 5"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("out-0.png") && stdout.contains("out-1.png") && stdout.contains("seed 5"), "{stdout}");
 
     for (i, golden) in c["image_files"].as_array().unwrap().iter().enumerate() {
         let png = read_png(&dir.join(format!("out-{i}.png")));
@@ -429,11 +342,7 @@ fn count_2_writes_numbered_files_and_all_latents() {
     assert_eq!(latents.shape(), [2, 16, 8, 8]);
     let golden = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
     assert_eq!(latents.shape(), golden.shape());
-    let max_abs = latents
-        .iter()
-        .zip(golden.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let max_abs = latents.iter().zip(golden.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(max_abs <= 1e-4, "latents differ from the golden by {max_abs}");
 }
 
@@ -458,32 +367,14 @@ fn bench_reports_every_stage() {
     ]);
     assert_code(&out, 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        [
-            "tokenize",
-            "text_encode",
-            "step 1",
-            "step 2",
-            "step 3",
-            "denoise",
-            "vae_decode",
-            "total",
-            "onnx_runtime"
-        ]
+        ["tokenize", "text_encode", "step 1", "step 2", "step 3", "denoise", "vae_decode", "total", "onnx_runtime"]
     );
     for s in report["stages"].as_array().unwrap() {
-        let (median, min, max) = (
-            s["median"].as_f64().unwrap(),
-            s["min"].as_f64().unwrap(),
-            s["max"].as_f64().unwrap(),
-        );
+        let (median, min, max) =
+            (s["median"].as_f64().unwrap(), s["min"].as_f64().unwrap(), s["max"].as_f64().unwrap());
         assert!(0.0 <= min && min <= median && median <= max, "{s}");
     }
     assert_eq!(report["runs"].as_array().unwrap().len(), 2);
@@ -535,17 +426,10 @@ fn ctrl_c_cancels_with_exit_130() {
     // loading exits with the same code (nothing to cancel yet).
     std::thread::sleep(Duration::from_secs(5));
     let sent = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
-    assert!(
-        sent.elapsed() < Duration::from_secs(30),
-        "cancellation took {:?}",
-        sent.elapsed()
-    );
+    assert!(sent.elapsed() < Duration::from_secs(30), "cancellation took {:?}", sent.elapsed());
     assert_eq!(out.status.code(), Some(130), "stderr: {}", stderr(&out));
     let err = stderr(&out);
     assert!(err.is_empty() || err == "zimage: error: cancelled\n", "{err:?}");
@@ -557,24 +441,44 @@ fn ctrl_c_cancels_with_exit_130() {
 #[test]
 fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
     let goldens: Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/enhancer/cases.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/enhancer/cases.json")).unwrap())
+            .unwrap();
     let mut checked = 0;
     for c in goldens["cases"].as_array().unwrap() {
         if !c["system_prompt"].is_null() {
             continue;
         }
         let max = c["max_new_tokens"].as_u64().unwrap().to_string();
-        let mut args = vec!["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", c["prompt"].as_str().unwrap(), "--max-new-tokens", &max, "--json"];
+        let mut args = vec![
+            "enhance",
+            "--model",
+            "models/tiny-qwen3-enhancer",
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "--max-new-tokens",
+            &max,
+            "--json",
+        ];
         if c["thinking"].as_bool().unwrap() {
             args.push("--thinking");
         }
         let out = zimage(&args);
         assert_code(&out, 0);
         let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(summary["new_tokens"].as_u64().unwrap() as usize, c["generated_ids"].as_array().unwrap().len(), "{}", c["name"]);
+        assert_eq!(
+            summary["new_tokens"].as_u64().unwrap() as usize,
+            c["generated_ids"].as_array().unwrap().len(),
+            "{}",
+            c["name"]
+        );
         assert_eq!(summary["finish"].as_str().unwrap().to_lowercase(), c["finish"].as_str().unwrap(), "{}", c["name"]);
         if !c["thinking"].as_bool().unwrap() {
-            assert_eq!(summary["text"].as_str().unwrap().trim(), c["raw_text"].as_str().unwrap().trim(), "{}", c["name"]);
+            assert_eq!(
+                summary["text"].as_str().unwrap().trim(),
+                c["raw_text"].as_str().unwrap().trim(),
+                "{}",
+                c["name"]
+            );
         }
         checked += 1;
     }
@@ -583,13 +487,31 @@ fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
     let dir = scratch("enhance");
     let png = dir.join("e.png");
     let out = zimage(&[
-        "generate", "--model", PACKAGE, "--prompt", "a cat", "--width", "64", "--height", "64", "--seed", "1",
-        "--enhance", "--enhancer", "models/tiny-qwen3-enhancer", "--max-new-tokens", "12", "--json", "-o", png.to_str().unwrap(),
+        "generate",
+        "--model",
+        PACKAGE,
+        "--prompt",
+        "a cat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "1",
+        "--enhance",
+        "--enhancer",
+        "models/tiny-qwen3-enhancer",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "-o",
+        png.to_str().unwrap(),
     ]);
     assert_code(&out, 0);
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     let enhanced = summary["enhanced_prompt"].as_str().expect("enhanced prompt reported");
-    let again = zimage(&["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--max-new-tokens", "12"]);
+    let again =
+        zimage(&["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--max-new-tokens", "12"]);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim_end_matches('\n'), enhanced);
 
     let no_decoder = zimage(&["enhance", "--model", PACKAGE, "--prompt", "a cat"]);

@@ -19,9 +19,7 @@ pub(crate) unsafe fn string<'a>(ptr: *const c_char, what: &str) -> Result<&'a st
     if ptr.is_null() {
         return Err(Failure::null(what));
     }
-    unsafe { CStr::from_ptr(ptr) }
-        .to_str()
-        .map_err(|e| Failure::invalid(format!("{what} is not valid UTF-8 ({e})")))
+    unsafe { CStr::from_ptr(ptr) }.to_str().map_err(|e| Failure::invalid(format!("{what} is not valid UTF-8 ({e})")))
 }
 
 /// Like [`string`], with NULL meaning "not given".
@@ -88,10 +86,7 @@ mod tests {
     fn strings() {
         assert_eq!(unsafe { string(c"fox".as_ptr(), "prompt") }.unwrap(), "fox");
         let null = unsafe { string(std::ptr::null(), "prompt") }.unwrap_err();
-        assert_eq!(
-            (null.code, null.message.as_str()),
-            (zimage_result::NullArgument, "prompt is NULL")
-        );
+        assert_eq!((null.code, null.message.as_str()), (zimage_result::NullArgument, "prompt is NULL"));
         let latin1 = [b'f', 0xe9, 0];
         let bad = unsafe { string(latin1.as_ptr().cast(), "prompt") }.unwrap_err();
         assert_eq!(bad.code, zimage_result::InvalidArgument);
@@ -109,38 +104,20 @@ mod tests {
     unsafe impl Versioned for Grown {
         const FIRST_VERSION_SIZE: usize = std::mem::offset_of!(Grown, old) + size_of::<u32>();
         fn defaults() -> Self {
-            Grown {
-                struct_size: size_of::<Grown>(),
-                old: 1,
-                new: 2,
-            }
+            Grown { struct_size: size_of::<Grown>(), old: 1, new: 2 }
         }
     }
 
     #[test]
     fn older_callers_get_defaults_for_new_fields() {
-        let old_caller = Grown {
-            struct_size: Grown::FIRST_VERSION_SIZE,
-            old: 10,
-            new: 99,
-        };
+        let old_caller = Grown { struct_size: Grown::FIRST_VERSION_SIZE, old: 10, new: 99 };
         let read = unsafe { versioned(&old_caller, "p") }.unwrap();
         assert_eq!((read.old, read.new), (10, 2));
-        let current = Grown {
-            struct_size: size_of::<Grown>(),
-            old: 10,
-            new: 20,
-        };
+        let current = Grown { struct_size: size_of::<Grown>(), old: 10, new: 20 };
         assert_eq!(unsafe { versioned(&current, "p") }.unwrap().new, 20);
         for size in [0, Grown::FIRST_VERSION_SIZE - 1, size_of::<Grown>() + 1] {
-            let wrong = Grown {
-                struct_size: size,
-                ..current
-            };
-            assert_eq!(
-                unsafe { versioned(&wrong, "p") }.unwrap_err().code,
-                zimage_result::InvalidArgument
-            );
+            let wrong = Grown { struct_size: size, ..current };
+            assert_eq!(unsafe { versioned(&wrong, "p") }.unwrap_err().code, zimage_result::InvalidArgument);
         }
     }
 }

@@ -90,12 +90,12 @@ pub unsafe extern "C" fn zimage_enhance_params_init(params: *mut zimage_enhance_
 
 /// Reads enhance parameters; NULL means all defaults. Range checks are the SDK's
 /// (`ZIMAGE_RESULT_INVALID_REQUEST`).
-pub(crate) unsafe fn enhance_options(params: *const zimage_enhance_params, what: &str) -> Result<EnhanceOptions, Failure> {
-    let p = if params.is_null() {
-        zimage_enhance_params::defaults()
-    } else {
-        unsafe { args::versioned(params, what) }?
-    };
+pub(crate) unsafe fn enhance_options(
+    params: *const zimage_enhance_params,
+    what: &str,
+) -> Result<EnhanceOptions, Failure> {
+    let p =
+        if params.is_null() { zimage_enhance_params::defaults() } else { unsafe { args::versioned(params, what) }? };
     let system_prompt =
         unsafe { args::optional_string(p.system_prompt, &format!("{what}->system_prompt")) }?.map(str::to_owned);
     let sampling = if p.sample {
@@ -126,7 +126,13 @@ pub(crate) unsafe fn enhance_options(params: *const zimage_enhance_params, what:
 /// true inside the `<think>…</think>` block, tags included. Return true to go on, false to stop:
 /// the call then fails with `ZIMAGE_RESULT_CANCELLED`.
 pub type zimage_token_callback = Option<
-    unsafe extern "C" fn(index: u32, token_id: u32, text: *const c_char, thinking: bool, user_data: *mut c_void) -> bool,
+    unsafe extern "C" fn(
+        index: u32,
+        token_id: u32,
+        text: *const c_char,
+        thinking: bool,
+        user_data: *mut c_void,
+    ) -> bool,
 >;
 
 /// Loads the prompt enhancer of the package in `package_dir` (UTF-8): a standalone enhancer
@@ -184,11 +190,7 @@ pub unsafe extern "C" fn zimage_enhancer_attach(
 
 fn loaded(enhancer: PromptEnhancer, logger: Option<Logger>) -> *mut zimage_enhancer {
     log(logger.as_ref(), zimage_log_level::Info, || {
-        format!(
-            "loaded the prompt enhancer of {} on {}",
-            enhancer.package_dir().display(),
-            enhancer.device()
-        )
+        format!("loaded the prompt enhancer of {} on {}", enhancer.package_dir().display(), enhancer.device())
     });
     Box::into_raw(Box::new(zimage_enhancer { enhancer, logger }))
 }
@@ -229,11 +231,8 @@ pub unsafe extern "C" fn zimage_enhance(
         let handle = unsafe { args::reference(enhancer, "enhancer") }?;
         let result = unsafe { enhance(handle, prompt, params, callback, user_data, out_text, out_seed) };
         if let Err(f) = &result {
-            let level = if f.code == zimage_result::Cancelled {
-                zimage_log_level::Info
-            } else {
-                zimage_log_level::Error
-            };
+            let level =
+                if f.code == zimage_result::Cancelled { zimage_log_level::Info } else { zimage_log_level::Error };
             log(handle.logger.as_ref(), level, || f.message.clone());
         }
         result
@@ -255,15 +254,7 @@ unsafe fn enhance(
     let mut on_token = |event: &TokenEvent| -> bool {
         let Some(callback) = callback else { return true };
         let text = c_string(event.text);
-        unsafe {
-            callback(
-                event.index as u32,
-                event.token_id,
-                text.as_ptr(),
-                event.thinking,
-                user_data,
-            )
-        }
+        unsafe { callback(event.index as u32, event.token_id, text.as_ptr(), event.thinking, user_data) }
     };
     let with_callback: Option<&mut dyn FnMut(&TokenEvent) -> bool> = match callback {
         Some(_) => Some(&mut on_token),
@@ -334,18 +325,9 @@ mod tests {
         p.system_prompt = c"Describe.".as_ptr();
         let o = unsafe { enhance_options(&p, "p") }.unwrap();
         assert_eq!(o.system_prompt.as_deref(), Some("Describe."));
-        assert_eq!(
-            o.sampling,
-            Sampling::Random(RandomSampling {
-                seed: Some(7),
-                ..RandomSampling::default()
-            })
-        );
+        assert_eq!(o.sampling, Sampling::Random(RandomSampling { seed: Some(7), ..RandomSampling::default() }));
         p.struct_size = 3;
-        assert_eq!(
-            unsafe { enhance_options(&p, "p") }.unwrap_err().code,
-            zimage_result::InvalidArgument
-        );
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap_err().code, zimage_result::InvalidArgument);
     }
 
     #[test]

@@ -71,10 +71,7 @@ pub(crate) struct Failure {
 
 impl Failure {
     pub fn new(code: zimage_result, message: impl Into<String>) -> Self {
-        Failure {
-            code,
-            message: message.into(),
-        }
+        Failure { code, message: message.into() }
     }
 
     pub fn null(argument: &str) -> Self {
@@ -140,10 +137,7 @@ pub extern "C" fn zimage_last_error_message() -> *const c_char {
 /// code" for numbers this version does not define. Never NULL, never freed.
 #[no_mangle]
 pub extern "C" fn zimage_result_string(result: u32) -> *const c_char {
-    let name = all_results()
-        .iter()
-        .find(|r| **r as u32 == result)
-        .map_or(c"unknown result code", |r| r.description());
+    let name = all_results().iter().find(|r| **r as u32 == result).map_or(c"unknown result code", |r| r.description());
     name.as_ptr()
 }
 
@@ -171,10 +165,7 @@ mod tests {
     use std::ffi::CStr;
 
     fn last() -> String {
-        unsafe { CStr::from_ptr(zimage_last_error_message()) }
-            .to_str()
-            .unwrap()
-            .to_owned()
+        unsafe { CStr::from_ptr(zimage_last_error_message()) }.to_str().unwrap().to_owned()
     }
 
     #[test]

@@ -29,10 +29,7 @@ impl zimage_image_list {
         let latents = generation.latents.map(|l| {
             let (n, c, h, w) = l.dim();
             // `iter` walks in logical (row-major) order whatever the array's memory layout.
-            Latents {
-                values: l.iter().copied().collect(),
-                shape: [n, c, h, w],
-            }
+            Latents { values: l.iter().copied().collect(), shape: [n, c, h, w] }
         });
         zimage_image_list {
             images: generation.images,
@@ -74,9 +71,7 @@ pub unsafe extern "C" fn zimage_image_list_seed(list: *const zimage_image_list) 
 #[no_mangle]
 pub unsafe extern "C" fn zimage_image_list_enhanced_prompt(list: *const zimage_image_list) -> *const c_char {
     guard_value(std::ptr::null(), || {
-        unsafe { list.as_ref() }
-            .and_then(|l| l.enhanced_prompt.as_ref())
-            .map_or(std::ptr::null(), |p| p.as_ptr())
+        unsafe { list.as_ref() }.and_then(|l| l.enhanced_prompt.as_ref()).map_or(std::ptr::null(), |p| p.as_ptr())
     })
 }
 
@@ -92,10 +87,7 @@ pub unsafe extern "C" fn zimage_image_list_get(
         let list = unsafe { args::reference(list, "list") }?;
         let out = unsafe { out_image.as_mut() }.ok_or_else(|| Failure::null("out_image"))?;
         let image = list.images.get(index).ok_or_else(|| {
-            Failure::invalid(format!(
-                "image index {index} is out of range; the list holds {}",
-                list.images.len()
-            ))
+            Failure::invalid(format!("image index {index} is out of range; the list holds {}", list.images.len()))
         })?;
         *out = zimage_image {
             pixels: image.pixels.as_ptr(),
@@ -122,13 +114,7 @@ pub unsafe extern "C" fn zimage_image_list_latents(
             .as_ref()
             .ok_or_else(|| Failure::invalid("this generation kept no latents (set return_latents)"))?;
         let [batch, channels, height, width] = latents.shape;
-        *out = zimage_latents {
-            values: latents.values.as_ptr(),
-            batch,
-            channels,
-            height,
-            width,
-        };
+        *out = zimage_latents { values: latents.values.as_ptr(), batch, channels, height, width };
         Ok(())
     })
 }

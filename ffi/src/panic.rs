@@ -19,10 +19,9 @@ pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> zimage_result
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => zimage_result::Ok,
         Ok(Err(failure)) => record(failure),
-        Err(payload) => record(Failure::new(
-            zimage_result::Internal,
-            format!("zimage panicked: {}", panic_message(&*payload)),
-        )),
+        Err(payload) => {
+            record(Failure::new(zimage_result::Internal, format!("zimage panicked: {}", panic_message(&*payload))))
+        }
     }
 }
 
@@ -54,10 +53,7 @@ mod tests {
         let message = unsafe { CStr::from_ptr(crate::error::zimage_last_error_message()) };
         assert_eq!(message.to_str().unwrap(), "zimage panicked: boom 7");
         assert_eq!(guard(|| Ok(())), zimage_result::Ok);
-        assert_eq!(
-            unsafe { CStr::from_ptr(crate::error::zimage_last_error_message()) }.to_bytes(),
-            b""
-        );
+        assert_eq!(unsafe { CStr::from_ptr(crate::error::zimage_last_error_message()) }.to_bytes(), b"");
         assert_eq!(guard_value(5usize, || panic!("boom")), 5);
     }
 }

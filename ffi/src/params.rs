@@ -73,12 +73,7 @@ pub struct zimage_image {
 }
 
 impl zimage_image {
-    const NONE: zimage_image = zimage_image {
-        pixels: std::ptr::null(),
-        width: 0,
-        height: 0,
-        stride: 0,
-    };
+    const NONE: zimage_image = zimage_image { pixels: std::ptr::null(), width: 0, height: 0, stride: 0 };
 }
 
 /// How a pipeline is loaded. Fill it with `zimage_load_params_init()`, then change fields.
@@ -316,17 +311,10 @@ pub(crate) struct Load {
 
 /// Reads load parameters; NULL means all defaults.
 pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<Load, Failure> {
-    let p = if params.is_null() {
-        zimage_load_params::defaults()
-    } else {
-        unsafe { args::versioned(params, "params") }?
-    };
+    let p =
+        if params.is_null() { zimage_load_params::defaults() } else { unsafe { args::versioned(params, "params") }? };
     let main_device = device(p.device, p.device_id, "params->device")?.unwrap_or(Device::Cpu);
-    let transformer_device = device(
-        p.transformer_device,
-        p.transformer_device_id,
-        "params->transformer_device",
-    )?;
+    let transformer_device = device(p.transformer_device, p.transformer_device_id, "params->transformer_device")?;
     let runtime_library =
         unsafe { args::optional_string(p.runtime_library, "params->runtime_library") }?.map(PathBuf::from);
     let cache_dir =
@@ -355,19 +343,16 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         memory_mode: memory_mode(p.memory_mode)?,
         ..LoadOptions::default()
     };
-    Ok(Load {
-        options,
-        logger: Logger::new(p.log_callback, p.log_user_data),
-    })
+    Ok(Load { options, logger: Logger::new(p.log_callback, p.log_user_data) })
 }
 
 fn memory_mode(value: u32) -> Result<MemoryMode, Failure> {
     match value {
         v if v == zimage_memory_mode::Resident as u32 => Ok(MemoryMode::Resident),
         v if v == zimage_memory_mode::Sequential as u32 => Ok(MemoryMode::Sequential),
-        other => Err(Failure::invalid(format!(
-            "params->memory_mode is {other}, which is not a zimage_memory_mode (0..=1)"
-        ))),
+        other => {
+            Err(Failure::invalid(format!("params->memory_mode is {other}, which is not a zimage_memory_mode (0..=1)")))
+        }
     }
 }
 
@@ -392,9 +377,7 @@ fn device(kind: u32, id: i32, what: &str) -> Result<Option<Device>, Failure> {
         k if k == zimage_device::Cpu as u32 => Ok(Some(Device::Cpu)),
         k if k == zimage_device::Cuda as u32 => Ok(Some(Device::Cuda { device_id: id })),
         k if k == zimage_device::Tensorrt as u32 => Ok(Some(Device::TensorRt { device_id: id })),
-        other => Err(Failure::invalid(format!(
-            "{what} is {other}, which is not a zimage_device (0..=3)"
-        ))),
+        other => Err(Failure::invalid(format!("{what} is {other}, which is not a zimage_device (0..=3)"))),
     }
 }
 
@@ -412,13 +395,7 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
     let p = unsafe { args::versioned(params, "params") }?;
     let positive = unsafe { prompt(p.prompt, p.prompt_embedding, "params->prompt") }?
         .ok_or_else(|| Failure::null("params->prompt (and params->prompt_embedding)"))?;
-    let negative = unsafe {
-        prompt(
-            p.negative_prompt,
-            p.negative_prompt_embedding,
-            "params->negative_prompt",
-        )
-    }?;
+    let negative = unsafe { prompt(p.negative_prompt, p.negative_prompt_embedding, "params->negative_prompt") }?;
     let init_image = unsafe { init_image(&p) }?;
     let request = GenerateRequest {
         prompt: positive,
@@ -442,12 +419,7 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
         let options = unsafe { enhancer::enhance_options(p.enhance_params, "params->enhance_params") }?;
         Some((p.enhancer, options))
     };
-    Ok(Generate {
-        request,
-        progress: p.progress_callback,
-        progress_user_data: p.progress_user_data,
-        enhance,
-    })
+    Ok(Generate { request, progress: p.progress_callback, progress_user_data: p.progress_user_data, enhance })
 }
 
 /// A prompt given as text or as an embedding handle (not both); `None` when neither is set.
@@ -458,9 +430,7 @@ unsafe fn prompt(
 ) -> Result<Option<Prompt>, Failure> {
     match (text.is_null(), embedding.is_null()) {
         (true, true) => Ok(None),
-        (false, false) => Err(Failure::invalid(format!(
-            "{what} and {what}_embedding are both set; give one"
-        ))),
+        (false, false) => Err(Failure::invalid(format!("{what} and {what}_embedding are both set; give one"))),
         (false, true) => Ok(Some(Prompt::Text(unsafe { args::string(text, what) }?.to_owned()))),
         (true, false) => Ok(Some(Prompt::Embedded(unsafe { &*embedding }.embedding.clone()))),
     }
@@ -479,11 +449,7 @@ unsafe fn init_image(p: &zimage_generate_params) -> Result<Option<InitImage>, Fa
         height,
         pixels,
     });
-    Ok(Some(InitImage {
-        image,
-        mask,
-        strength: p.strength,
-    }))
+    Ok(Some(InitImage { image, mask, strength: p.strength }))
 }
 
 /// Copies a caller's image into packed rows; `None` when `pixels` is NULL.
@@ -501,21 +467,18 @@ unsafe fn read_pixels(
         return Ok(Some((image.width, image.height, Vec::new())));
     }
     let (width, height) = (image.width as usize, image.height as usize);
-    let row = width
-        .checked_mul(channels)
-        .ok_or_else(|| Failure::invalid(format!("{what} width {width} overflows")))?;
+    let row = width.checked_mul(channels).ok_or_else(|| Failure::invalid(format!("{what} width {width} overflows")))?;
     let stride = if image.stride == 0 { row } else { image.stride };
     if stride < row {
-        return Err(Failure::invalid(format!(
-            "{what}->stride {stride} is less than a row of {row} bytes"
-        )));
+        return Err(Failure::invalid(format!("{what}->stride {stride} is less than a row of {row} bytes")));
     }
     // The last row needs only `row` bytes, so a tightly cropped view of a larger buffer works.
-    let total = stride
-        .checked_mul(height - 1)
-        .and_then(|n| n.checked_add(row))
-        .filter(|&n| n <= isize::MAX as usize)
-        .ok_or_else(|| Failure::invalid(format!("{what} of {width}x{height} with stride {stride} overflows")))?;
+    let total =
+        stride
+            .checked_mul(height - 1)
+            .and_then(|n| n.checked_add(row))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(|| Failure::invalid(format!("{what} of {width}x{height} with stride {stride} overflows")))?;
     let bytes = unsafe { std::slice::from_raw_parts(image.pixels, total) };
     let mut packed = Vec::with_capacity(row * height);
     for y in 0..height {
@@ -535,16 +498,10 @@ mod tests {
     #[test]
     fn generate_defaults_are_the_sdks() {
         let mut p = std::mem::MaybeUninit::<zimage_generate_params>::uninit();
-        assert_eq!(
-            unsafe { zimage_generate_params_init(p.as_mut_ptr()) },
-            zimage_result::Ok
-        );
+        assert_eq!(unsafe { zimage_generate_params_init(p.as_mut_ptr()) }, zimage_result::Ok);
         let mut p = unsafe { p.assume_init() };
         assert_eq!(p.struct_size, size_of::<zimage_generate_params>());
-        assert_eq!(
-            (p.width, p.height, p.steps, p.count, p.seed),
-            (1024, 1024, 8, 1, ZIMAGE_RANDOM_SEED)
-        );
+        assert_eq!((p.width, p.height, p.steps, p.count, p.seed), (1024, 1024, 8, 1, ZIMAGE_RANDOM_SEED));
         assert_eq!(p.cfg_truncation, 1.0);
         assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::NullArgument);
         p.prompt = c"a fox".as_ptr();
@@ -570,10 +527,7 @@ mod tests {
         );
         assert_eq!(unsafe { load_options(std::ptr::null()) }.unwrap().options.threads, None);
         p.memory_mode = 1;
-        assert_eq!(
-            unsafe { load_options(&p) }.unwrap().options.memory_mode,
-            MemoryMode::Sequential
-        );
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.memory_mode, MemoryMode::Sequential);
         p.memory_mode = 2;
         assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
     }
@@ -606,37 +560,17 @@ mod tests {
     fn images_are_repacked_from_strided_rows() {
         // 2x2 RGB in rows of 8 bytes: 6 pixel bytes and 2 padding bytes.
         let buffer: Vec<u8> = (0..14).collect();
-        let view = zimage_image {
-            pixels: buffer.as_ptr(),
-            width: 2,
-            height: 2,
-            stride: 8,
-        };
+        let view = zimage_image { pixels: buffer.as_ptr(), width: 2, height: 2, stride: 8 };
         let (w, h, pixels) = unsafe { read_pixels(&view, 3, "img") }.unwrap().unwrap();
         assert_eq!((w, h), (2, 2));
         assert_eq!(pixels, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
         let packed = zimage_image { stride: 0, ..view };
-        assert_eq!(
-            unsafe { read_pixels(&packed, 3, "img") }.unwrap().unwrap().2,
-            (0..12).collect::<Vec<u8>>()
-        );
-        for bad in [
-            zimage_image { stride: 5, ..view },
-            zimage_image {
-                stride: usize::MAX,
-                ..view
-            },
-        ] {
-            assert_eq!(
-                code(unsafe { read_pixels(&bad, 3, "img") }),
-                zimage_result::InvalidArgument
-            );
+        assert_eq!(unsafe { read_pixels(&packed, 3, "img") }.unwrap().unwrap().2, (0..12).collect::<Vec<u8>>());
+        for bad in [zimage_image { stride: 5, ..view }, zimage_image { stride: usize::MAX, ..view }] {
+            assert_eq!(code(unsafe { read_pixels(&bad, 3, "img") }), zimage_result::InvalidArgument);
         }
         let empty = zimage_image { width: 0, ..view };
-        assert_eq!(
-            unsafe { read_pixels(&empty, 3, "img") }.unwrap().unwrap(),
-            (0, 2, Vec::new())
-        );
+        assert_eq!(unsafe { read_pixels(&empty, 3, "img") }.unwrap().unwrap(), (0, 2, Vec::new()));
     }
 
     #[test]
@@ -644,20 +578,10 @@ mod tests {
         let mut p = zimage_generate_params::defaults();
         p.prompt = c"x".as_ptr();
         let mask = [255u8; 4];
-        p.mask = zimage_image {
-            pixels: mask.as_ptr(),
-            width: 2,
-            height: 2,
-            stride: 0,
-        };
+        p.mask = zimage_image { pixels: mask.as_ptr(), width: 2, height: 2, stride: 0 };
         assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::InvalidArgument);
         let rgb = [0u8; 12];
-        p.init_image = zimage_image {
-            pixels: rgb.as_ptr(),
-            width: 2,
-            height: 2,
-            stride: 0,
-        };
+        p.init_image = zimage_image { pixels: rgb.as_ptr(), width: 2, height: 2, stride: 0 };
         let init = unsafe { generate_request(&p) }.unwrap().request.init_image.unwrap();
         assert_eq!((init.mask.unwrap().pixels.len(), init.strength), (4, DEFAULT_STRENGTH));
     }

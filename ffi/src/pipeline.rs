@@ -42,9 +42,7 @@ pub unsafe extern "C" fn zimage_pipeline_load(
         let out = args::output(out_pipeline, "out_pipeline")?;
         let params::Load { options, logger } = unsafe { params::load_options(params) }?;
         let logger = logger.as_ref();
-        log(logger, zimage_log_level::Info, || {
-            format!("loading model package {dir} on {}", options.device)
-        });
+        log(logger, zimage_log_level::Info, || format!("loading model package {dir} on {}", options.device));
         let pipeline =
             Pipeline::load(dir, &options).inspect_err(|e| log(logger, zimage_log_level::Error, || e.to_string()))?;
         log(logger, zimage_log_level::Info, || {
@@ -56,10 +54,7 @@ pub unsafe extern "C" fn zimage_pipeline_load(
             )
         });
         warn_on_fallback(logger, &options, &pipeline.providers());
-        let handle = Box::new(zimage_pipeline {
-            pipeline,
-            logger: logger.copied(),
-        });
+        let handle = Box::new(zimage_pipeline { pipeline, logger: logger.copied() });
         unsafe { out.write(Box::into_raw(handle)) };
         Ok(())
     })
@@ -118,11 +113,7 @@ pub unsafe extern "C" fn zimage_generate(
 /// Sends a failed call on `handle` to its log callback, then passes the result on.
 fn logged<T>(handle: &zimage_pipeline, result: Result<T, Failure>) -> Result<T, Failure> {
     if let Err(f) = &result {
-        let level = if f.code == zimage_result::Cancelled {
-            zimage_log_level::Info
-        } else {
-            zimage_log_level::Error
-        };
+        let level = if f.code == zimage_result::Cancelled { zimage_log_level::Info } else { zimage_log_level::Error };
         log(handle.logger.as_ref(), level, || f.message.clone());
     }
     result
@@ -134,12 +125,7 @@ unsafe fn generate(
     out_images: *mut *mut zimage_image_list,
 ) -> Result<(), Failure> {
     let out = args::output(out_images, "out_images")?;
-    let Generate {
-        request,
-        progress,
-        progress_user_data,
-        enhance,
-    } = unsafe { params::generate_request(params) }?;
+    let Generate { request, progress, progress_user_data, enhance } = unsafe { params::generate_request(params) }?;
     log(handle.logger.as_ref(), zimage_log_level::Debug, || {
         format!(
             "generate {}x{}, {} steps, {} image(s), guidance {}, seed {}",
@@ -154,12 +140,7 @@ unsafe fn generate(
     let mut on_progress = |p: &Progress| -> bool {
         match progress {
             Some(callback) => unsafe {
-                callback(
-                    p.step as u32,
-                    p.total_steps as u32,
-                    p.elapsed.as_secs_f64(),
-                    progress_user_data,
-                )
+                callback(p.step as u32, p.total_steps as u32, p.elapsed.as_secs_f64(), progress_user_data)
             },
             None => true,
         }
@@ -170,15 +151,9 @@ unsafe fn generate(
             // Checked non-NULL when the parameters were read; the header makes the caller keep
             // it alive during the call.
             let enhancer = &unsafe { &*enhancer }.enhancer;
-            let generation =
-                handle
-                    .pipeline
-                    .generate_enhanced(enhancer, &options, &request, Some(&mut on_progress))?;
+            let generation = handle.pipeline.generate_enhanced(enhancer, &options, &request, Some(&mut on_progress))?;
             log(handle.logger.as_ref(), zimage_log_level::Debug, || {
-                format!(
-                    "enhanced prompt: {}",
-                    generation.enhanced_prompt.as_deref().unwrap_or("")
-                )
+                format!("enhanced prompt: {}", generation.enhanced_prompt.as_deref().unwrap_or(""))
             });
             generation
         }

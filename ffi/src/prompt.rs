@@ -13,18 +13,14 @@ pub struct zimage_prompt_embedding {
 /// The number of tokens kept (chat template included); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_prompt_embedding_token_count(embedding: *const zimage_prompt_embedding) -> usize {
-    guard_value(0, || {
-        unsafe { embedding.as_ref() }.map_or(0, |e| e.embedding.tokens.ids.len())
-    })
+    guard_value(0, || unsafe { embedding.as_ref() }.map_or(0, |e| e.embedding.tokens.ids.len()))
 }
 
 /// True when the prompt was longer than `max_sequence_length` and its end was dropped; false
 /// for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_prompt_embedding_truncated(embedding: *const zimage_prompt_embedding) -> bool {
-    guard_value(false, || {
-        unsafe { embedding.as_ref() }.is_some_and(|e| e.embedding.tokens.truncated())
-    })
+    guard_value(false, || unsafe { embedding.as_ref() }.is_some_and(|e| e.embedding.tokens.truncated()))
 }
 
 /// Frees an embedding. Generations that used it are unaffected (they hold their own copy).

@@ -22,20 +22,14 @@ use serde_json::Value;
 const STATIC_LINK_LIBS: &[&str] = &["-ldl", "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-lc"];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// target/<profile>, where libzimage.so and libzimage.a are (this executable is
 /// target/<profile>/deps/c_clients-<hash>).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
 }
 
 /// Builds libzimage.so and libzimage.a in this test's profile. Cargo does not build them for
@@ -44,9 +38,7 @@ fn library_dir() -> PathBuf {
 fn build_libraries() {
     let cargo = std::env::var("CARGO").unwrap_or("cargo".into());
     let mut command = Command::new(&cargo);
-    command
-        .args(["build", "--quiet", "-p", "zimage-ffi", "--lib"])
-        .current_dir(root());
+    command.args(["build", "--quiet", "-p", "zimage-ffi", "--lib"]).current_dir(root());
     match library_dir().file_name().and_then(|n| n.to_str()) {
         Some("debug") => {}
         Some("release") => {
@@ -91,20 +83,9 @@ fn prepared() -> &'static Prepared {
         // linker for libzimage.so, as in an installed tree (scripts/install-c.sh).
         let shared_lib_dir = work.join("lib");
         std::fs::create_dir_all(&shared_lib_dir).unwrap();
-        std::os::unix::fs::symlink(
-            library_dir().join("libzimage.so"),
-            shared_lib_dir.join("libzimage.so.0"),
-        )
-        .unwrap();
+        std::os::unix::fs::symlink(library_dir().join("libzimage.so"), shared_lib_dir.join("libzimage.so.0")).unwrap();
         std::os::unix::fs::symlink("libzimage.so.0", shared_lib_dir.join("libzimage.so")).unwrap();
-        Prepared {
-            work,
-            cases_file,
-            enhancer_cases_file,
-            io_fixture,
-            mismatched_package,
-            shared_lib_dir,
-        }
+        Prepared { work, cases_file, enhancer_cases_file, io_fixture, mismatched_package, shared_lib_dir }
     })
 }
 
@@ -124,21 +105,14 @@ fn write_mismatched_package(work: &Path) -> PathBuf {
     for entry in std::fs::read_dir(models.join("tiny-zimage")).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name();
-        let source = if name == "transformer.onnx" {
-            models.join("tiny-zimage-alt/transformer.onnx")
-        } else {
-            entry.path()
-        };
+        let source =
+            if name == "transformer.onnx" { models.join("tiny-zimage-alt/transformer.onnx") } else { entry.path() };
         if name != "manifest.json" {
             std::os::unix::fs::symlink(source, dir.join(name)).unwrap();
         }
     }
     assert_eq!(manifest["graphs"]["transformer"]["path"], "transformer.onnx");
-    std::fs::write(
-        dir.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
     dir
 }
 
@@ -154,10 +128,7 @@ fn write_cases_file(work: &Path) -> PathBuf {
     std::fs::create_dir_all(&raw_dir).unwrap();
     let mut lines = String::new();
     for kind in ["text_to_image", "image_to_image", "inpaint"] {
-        for case in cases[kind]
-            .as_array()
-            .unwrap_or_else(|| panic!("cases.json has no {kind} list"))
-        {
+        for case in cases[kind].as_array().unwrap_or_else(|| panic!("cases.json has no {kind} list")) {
             let name = format!("{kind}/{}", case["name"].as_str().unwrap());
             let stem = name.replace('/', "-");
             let text = |key: &str| -> String {
@@ -193,11 +164,8 @@ fn write_cases_file(work: &Path) -> PathBuf {
             let mask = optional_image("mask_file", 1, "mask.gray");
 
             let latents_path = raw_dir.join(format!("{stem}.f32"));
-            std::fs::write(
-                &latents_path,
-                read_npy_f32(&golden_dir.join(case["latents_file"].as_str().unwrap())),
-            )
-            .unwrap();
+            std::fs::write(&latents_path, read_npy_f32(&golden_dir.join(case["latents_file"].as_str().unwrap())))
+                .unwrap();
 
             let fields = [
                 name.clone(),
@@ -309,16 +277,10 @@ enum Linking {
 fn compile(language: Language, linking: Linking, output: &Path) {
     let root = root();
     let (compiler, standard, source) = match language {
-        Language::C => (
-            std::env::var("CC").unwrap_or("cc".into()),
-            "-std=c99",
-            root.join("tests/c/zimage_test.c"),
-        ),
-        Language::Cpp => (
-            std::env::var("CXX").unwrap_or("c++".into()),
-            "-std=c++17",
-            root.join("tests/cpp/zimage_test.cpp"),
-        ),
+        Language::C => (std::env::var("CC").unwrap_or("cc".into()), "-std=c99", root.join("tests/c/zimage_test.c")),
+        Language::Cpp => {
+            (std::env::var("CXX").unwrap_or("c++".into()), "-std=c++17", root.join("tests/cpp/zimage_test.cpp"))
+        }
     };
     let mut command = Command::new(&compiler);
     command
@@ -333,11 +295,7 @@ fn compile(language: Language, linking: Linking, output: &Path) {
     match linking {
         Linking::Shared => {
             let dir = &prepared().shared_lib_dir;
-            command
-                .arg("-L")
-                .arg(dir)
-                .arg("-lzimage")
-                .arg(format!("-Wl,-rpath,{}", dir.display()));
+            command.arg("-L").arg(dir).arg("-lzimage").arg(format!("-Wl,-rpath,{}", dir.display()));
         }
         Linking::Static => {
             command.arg(library_dir().join("libzimage.a")).args(STATIC_LINK_LIBS);
@@ -365,10 +323,7 @@ fn run(name: &str, language: Language, linking: Linking) {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
         if let Ok(dynamic) = needed {
-            assert!(
-                dynamic.contains("[libzimage.so.0]"),
-                "{name} should need libzimage.so.0 (the SONAME):\n{dynamic}"
-            );
+            assert!(dynamic.contains("[libzimage.so.0]"), "{name} should need libzimage.so.0 (the SONAME):\n{dynamic}");
         }
     }
     // Under valgrind (some 50x slower) one golden case; otherwise all of them.
@@ -382,10 +337,7 @@ fn run(name: &str, language: Language, linking: Linking) {
             "--show-leak-kinds=definite",
             "--num-callers=30",
         ]);
-        c.arg(format!(
-            "--suppressions={}",
-            root().join("tests/c/valgrind.supp").display()
-        ));
+        c.arg(format!("--suppressions={}", root().join("tests/c/valgrind.supp").display()));
         c.arg(&binary);
         c
     } else {
@@ -400,23 +352,14 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(&p.enhancer_cases_file)
         .arg(max_cases)
         .current_dir(root());
-    let result = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
+    let result = command.output().unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
     let stdout = String::from_utf8_lossy(&result.stdout);
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(
-        result.status.success(),
-        "{name} failed ({}):\n{stdout}\n{stderr}",
-        result.status
-    );
+    assert!(result.status.success(), "{name} failed ({}):\n{stdout}\n{stderr}", result.status);
     print!("{stdout}");
     if valgrind() {
         // The summary lines, for the log of scripts/test-c.sh.
-        for line in stderr
-            .lines()
-            .filter(|l| l.contains("ERROR SUMMARY") || l.contains("definitely lost"))
-        {
+        for line in stderr.lines().filter(|l| l.contains("ERROR SUMMARY") || l.contains("definitely lost")) {
             println!("{name}: {line}");
         }
     }

@@ -18,10 +18,7 @@ fn memory_mib() -> String {
         let line = text.lines().find(|l| l.starts_with(key))?;
         Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
     };
-    match (
-        field("/proc/self/status", "VmRSS:"),
-        field("/proc/self/smaps_rollup", "Pss:"),
-    ) {
+    match (field("/proc/self/status", "VmRSS:"), field("/proc/self/smaps_rollup", "Pss:")) {
         (Some(rss), Some(pss)) => format!("RSS {rss:.0} MiB, PSS {pss:.0} MiB"),
         _ => "memory: n/a".into(),
     }
@@ -42,18 +39,10 @@ fn main() -> zimage::Result<()> {
             _ => package = Some(a),
         }
     }
-    let package = package.expect(
-        "usage: enhance_bench PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT]",
-    );
+    let package = package.expect("usage: enhance_bench PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT]");
     println!("before load: {}", memory_mib());
     let start = Instant::now();
-    let enhancer = PromptEnhancer::load(
-        &package,
-        &LoadOptions {
-            threads,
-            ..Default::default()
-        },
-    )?;
+    let enhancer = PromptEnhancer::load(&package, &LoadOptions { threads, ..Default::default() })?;
     let info = enhancer.info();
     println!(
         "loaded {package} in {:.2} s (hidden {}, {} layers, {} KV heads x {}): {}",
@@ -64,10 +53,7 @@ fn main() -> zimage::Result<()> {
         info.head_dim,
         memory_mib()
     );
-    let options = EnhanceOptions {
-        max_new_tokens: tokens,
-        ..Default::default()
-    };
+    let options = EnhanceOptions { max_new_tokens: tokens, ..Default::default() };
     for run in 0..runs {
         let r = enhancer.enhance(&prompt, &options, None)?;
         let t = r.timings;

@@ -98,9 +98,21 @@ impl Denoiser<'_> {
             let apply_cfg = self.guidance.enabled() && scale > 0.0 && self.positive_and_negative.is_some();
             let prediction = if apply_cfg {
                 let input = concatenate![Axis(0), latents.view(), latents.view()];
-                let out = self.forward(&input, t_norm, self.positive_and_negative.as_ref().expect("checked"), last, control, ort_time)?;
+                let out = self.forward(
+                    &input,
+                    t_norm,
+                    self.positive_and_negative.as_ref().expect("checked"),
+                    last,
+                    control,
+                    ort_time,
+                )?;
                 let batch = latents.shape()[0];
-                guide(out.slice(s![..batch, .., .., ..]), out.slice(s![batch.., .., .., ..]), scale, self.guidance.normalization)
+                guide(
+                    out.slice(s![..batch, .., .., ..]),
+                    out.slice(s![batch.., .., .., ..]),
+                    scale,
+                    self.guidance.normalization,
+                )
             } else {
                 self.forward(latents, t_norm, &self.positive, last, control, ort_time)?
             };
@@ -153,7 +165,10 @@ impl Denoiser<'_> {
             .into_dimensionality::<ndarray::Ix4>()
             .map_err(|e| Error::inference("transformer", format!("output rank: {e}")))?;
         if out.shape() != latents.shape() {
-            return Err(Error::inference("transformer", format!("output shape {:?} != latents {:?}", out.shape(), latents.shape())));
+            return Err(Error::inference(
+                "transformer",
+                format!("output shape {:?} != latents {:?}", out.shape(), latents.shape()),
+            ));
         }
         Ok(out)
     }

@@ -82,7 +82,9 @@ impl GpuOptions {
         let multiple = manifest.size_multiple() as u32;
         for (label, (w, h)) in [("min", r.min), ("opt", r.opt), ("max", r.max)] {
             if w == 0 || h == 0 || w % multiple != 0 || h % multiple != 0 {
-                return Err(Error::invalid(format!("TensorRT {label} resolution {w}x{h}: sides must be positive multiples of {multiple}")));
+                return Err(Error::invalid(format!(
+                    "TensorRT {label} resolution {w}x{h}: sides must be positive multiples of {multiple}"
+                )));
             }
             if w as usize > manifest.max_image_width() || h as usize > manifest.max_image_height() {
                 return Err(Error::invalid(format!("TensorRT {label} resolution {w}x{h} exceeds the model's limit")));
@@ -95,7 +97,9 @@ impl GpuOptions {
         if self.max_images == 0 || self.max_images > crate::pipeline::MAX_IMAGES_PER_REQUEST {
             return Err(Error::invalid("max_images must be 1..=64"));
         }
-        if self.typical_caption_tokens == 0 || self.typical_caption_tokens as usize > manifest.transformer.max_caption_tokens {
+        if self.typical_caption_tokens == 0
+            || self.typical_caption_tokens as usize > manifest.transformer.max_caption_tokens
+        {
             return Err(Error::invalid("typical_caption_tokens must be 1..=the model's caption limit"));
         }
         Ok(())
@@ -151,7 +155,14 @@ impl GpuOptions {
     pub fn cache_dir_for(&self, graph: &str, manifest: &Manifest) -> PathBuf {
         let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
         let profile = self.profile(graph, manifest);
-        let key = format!("{}|{}|{}|{}|{:?}", manifest.graphs.get(graph).sha256, profile.min, profile.opt, profile.max, self.tensorrt_precision);
+        let key = format!(
+            "{}|{}|{}|{}|{:?}",
+            manifest.graphs.get(graph).sha256,
+            profile.min,
+            profile.opt,
+            profile.max,
+            self.tensorrt_precision
+        );
         let digest = crate::manifest::sha256_hex(key.as_bytes());
         base.join(format!("{graph}-{}", &digest[..16]))
     }

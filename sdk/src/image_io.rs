@@ -68,9 +68,7 @@ pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Resu
             .map_err(|e| Error::Image(format!("PNG text chunk {key}: {e}")))?;
     }
     let mut writer = encoder.write_header().map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    writer
-        .write_image_data(&image.pixels)
-        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+    writer.write_image_data(&image.pixels).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
     writer.finish().map_err(|e| Error::Image(format!("{}: {e}", path.display())))
 }
 
@@ -130,9 +128,9 @@ fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => {
-            Error::Image(format!("the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or 1 GiB decoded)"))
-        }
+        image::ImageError::Limits(_) => Error::Image(format!(
+            "the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or 1 GiB decoded)"
+        )),
         other => Error::Image(format!("cannot decode the image: {other}")),
     })
 }

@@ -126,7 +126,10 @@ fn encode(
     let pixels = image_io::to_model_input(&init.image);
     let (mean, logvar) = vae.encode(encoder, &pixels, control, ort_time)?;
     if mean.shape() != latent_shape {
-        return Err(Error::inference("vae_encoder", format!("latent shape {:?}, expected {latent_shape:?}", mean.shape())));
+        return Err(Error::inference(
+            "vae_encoder",
+            format!("latent shape {:?}, expected {latent_shape:?}", mean.shape()),
+        ));
     }
     let sample = draw(generator, latent_shape);
     let shift = vae.info.shift_factor as f32;

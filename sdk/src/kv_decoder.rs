@@ -87,24 +87,13 @@ impl Decoder {
             )));
         }
         let err = |e: ort::Error| Error::inference(STAGE, e);
-        let input_ids =
-            Array2::from_shape_vec((1, n), ids.iter().map(|&i| i as i64).collect()).expect("shape");
+        let input_ids = Array2::from_shape_vec((1, n), ids.iter().map(|&i| i as i64).collect()).expect("shape");
         let mask = Array2::<i64>::ones((1, total));
-        let positions = Array2::from_shape_vec((1, n), (cache.len as i64..total as i64).collect())
-            .expect("shape");
+        let positions = Array2::from_shape_vec((1, n), (cache.len as i64..total as i64).collect()).expect("shape");
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            (
-                Cow::Borrowed(self.input_names[0].as_str()),
-                TensorRef::from_array_view(&input_ids).map_err(err)?.into(),
-            ),
-            (
-                Cow::Borrowed(self.input_names[1].as_str()),
-                TensorRef::from_array_view(&mask).map_err(err)?.into(),
-            ),
-            (
-                Cow::Borrowed(self.input_names[2].as_str()),
-                TensorRef::from_array_view(&positions).map_err(err)?.into(),
-            ),
+            (Cow::Borrowed(self.input_names[0].as_str()), TensorRef::from_array_view(&input_ids).map_err(err)?.into()),
+            (Cow::Borrowed(self.input_names[1].as_str()), TensorRef::from_array_view(&mask).map_err(err)?.into()),
+            (Cow::Borrowed(self.input_names[2].as_str()), TensorRef::from_array_view(&positions).map_err(err)?.into()),
         ];
         for (name, value) in self.input_names[3..].iter().zip(&cache.values) {
             inputs.push((Cow::Borrowed(name.as_str()), value.into()));
@@ -120,20 +109,13 @@ impl Decoder {
         let logits = {
             let (shape, data) = outputs["logits"].try_extract_tensor::<f32>().map_err(err)?;
             if shape.len() != 2 || shape[0] != 1 || shape[1] as usize != self.info.vocab_size {
-                return Err(Error::inference(
-                    STAGE,
-                    format!("logits have shape {shape:?}"),
-                ));
+                return Err(Error::inference(STAGE, format!("logits have shape {shape:?}")));
             }
             data.to_vec()
         };
         let mut presents = Vec::with_capacity(cache.values.len());
         for name in &self.output_names[1..] {
-            presents.push(
-                outputs
-                    .remove(name)
-                    .ok_or_else(|| Error::inference(STAGE, format!("no output {name}")))?,
-            );
+            presents.push(outputs.remove(name).ok_or_else(|| Error::inference(STAGE, format!("no output {name}")))?);
         }
         cache.values = presents;
         cache.len = total;

@@ -51,13 +51,13 @@ pub mod vae;
 pub use cancel::CancelHandle;
 pub use denoising::Guidance;
 pub use error::{Error, ErrorKind, Result};
+pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision};
 pub use image_io::{GrayImage, RgbImage};
 pub use manifest::Manifest;
 pub use pipeline::{
-    GenerateRequest, Generation, InitImage, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings, MAX_IMAGES_PER_REQUEST,
-    MAX_STEPS,
+    GenerateRequest, Generation, InitImage, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings,
+    MAX_IMAGES_PER_REQUEST, MAX_STEPS,
 };
-pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision};
 pub use prompt_enhancer::{EnhanceOptions, Enhancement, FinishReason, PromptEnhancer, TokenEvent};
 pub use runtime::Device;
 pub use sampling::{RandomSampling, Sampling};

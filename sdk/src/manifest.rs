@@ -150,11 +150,20 @@ impl EnhancerInfo {
     }
 
     pub(crate) fn check(&self, graph: &GraphEntry) -> std::result::Result<(), String> {
-        if self.num_layers == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.vocab_size == 0 || self.max_positions == 0 {
+        if self.num_layers == 0
+            || self.num_kv_heads == 0
+            || self.head_dim == 0
+            || self.vocab_size == 0
+            || self.max_positions == 0
+        {
             return Err("enhancer: num_layers, num_kv_heads, head_dim, vocab_size and max_positions must be > 0".into());
         }
-        if self.eos_token_ids.is_empty() || self.eos_token_ids.iter().chain(&self.think_token_ids).any(|&t| t as usize >= self.vocab_size) {
-            return Err("enhancer: eos_token_ids must be non-empty and, like think_token_ids, inside the vocabulary".into());
+        if self.eos_token_ids.is_empty()
+            || self.eos_token_ids.iter().chain(&self.think_token_ids).any(|&t| t as usize >= self.vocab_size)
+        {
+            return Err(
+                "enhancer: eos_token_ids must be non-empty and, like think_token_ids, inside the vocabulary".into()
+            );
         }
         let system_at = self.prompt_template.find("{system}");
         let prompt_at = self.prompt_template.find("{prompt}");
@@ -221,7 +230,10 @@ fn check_graph_files(dir: &Path, files: &[&FileEntry], graphs: &[&GraphEntry], v
             match entries.iter().find(|e| e.path == ext.path) {
                 Some(seen) if seen.bytes == ext.bytes && seen.sha256.eq_ignore_ascii_case(&ext.sha256) => continue,
                 Some(_) => {
-                    return Err(Error::package(dir, format!("{} is listed twice with different sizes or checksums", ext.path)))
+                    return Err(Error::package(
+                        dir,
+                        format!("{} is listed twice with different sizes or checksums", ext.path),
+                    ))
                 }
                 None => entries.push(ext.clone()),
             }
@@ -235,11 +247,7 @@ fn check_graph_files(dir: &Path, files: &[&FileEntry], graphs: &[&GraphEntry], v
 
 /// The graph interface this runtime drives. A package whose graphs disagree is refused.
 const EXPECTED_IO: [(&str, &[(&str, &str)], &[(&str, &str)]); 4] = [
-    (
-        "text_encoder",
-        &[("input_ids", "int64"), ("attention_mask", "int64")],
-        &[("hidden_states", "float32")],
-    ),
+    ("text_encoder", &[("input_ids", "int64"), ("attention_mask", "int64")], &[("hidden_states", "float32")]),
     (
         "transformer",
         &[("latents", "float32"), ("timestep", "float32"), ("cap_feats", "float32"), ("cap_mask", "bool")],
@@ -268,7 +276,10 @@ impl Manifest {
         let path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                Error::package(dir, "no manifest.json: not a zimage model package (export one with export-scripts/export.py)")
+                Error::package(
+                    dir,
+                    "no manifest.json: not a zimage model package (export one with export-scripts/export.py)",
+                )
             } else {
                 Error::io(&path, e)
             }
@@ -380,9 +391,14 @@ impl Manifest {
     }
 }
 
-fn check_io(graph: &str, what: &str, actual: &[TensorSpec], expected: &[(&str, &str)]) -> std::result::Result<(), String> {
-    let matches = actual.len() == expected.len()
-        && actual.iter().zip(expected).all(|(a, (n, t))| a.name == *n && a.dtype == *t);
+fn check_io(
+    graph: &str,
+    what: &str,
+    actual: &[TensorSpec],
+    expected: &[(&str, &str)],
+) -> std::result::Result<(), String> {
+    let matches =
+        actual.len() == expected.len() && actual.iter().zip(expected).all(|(a, (n, t))| a.name == *n && a.dtype == *t);
     if matches {
         Ok(())
     } else {
@@ -395,7 +411,10 @@ fn check_io(graph: &str, what: &str, actual: &[TensorSpec], expected: &[(&str, &
 fn check_file(dir: &Path, entry: &FileEntry, verify_all: bool) -> Result<()> {
     let rel = Path::new(&entry.path);
     if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(Error::package(dir, format!("file path {:?} must be relative and stay inside the package", entry.path)));
+        return Err(Error::package(
+            dir,
+            format!("file path {:?} must be relative and stay inside the package", entry.path),
+        ));
     }
     let path = dir.join(rel);
     let meta = std::fs::metadata(&path).map_err(|e| {
@@ -408,13 +427,21 @@ fn check_file(dir: &Path, entry: &FileEntry, verify_all: bool) -> Result<()> {
     if meta.len() != entry.bytes {
         return Err(Error::package(
             dir,
-            format!("{} has {} bytes, the manifest says {} (incomplete download or copy?)", entry.path, meta.len(), entry.bytes),
+            format!(
+                "{} has {} bytes, the manifest says {} (incomplete download or copy?)",
+                entry.path,
+                meta.len(),
+                entry.bytes
+            ),
         ));
     }
     if verify_all || entry.bytes < ALWAYS_HASH_BELOW_BYTES {
         let actual = sha256_file(&path)?;
         if !actual.eq_ignore_ascii_case(&entry.sha256) {
-            return Err(Error::package(dir, format!("{} has sha256 {actual}, the manifest says {}", entry.path, entry.sha256)));
+            return Err(Error::package(
+                dir,
+                format!("{} has sha256 {actual}, the manifest says {}", entry.path, entry.sha256),
+            ));
         }
     }
     Ok(())

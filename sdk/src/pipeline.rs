@@ -10,12 +10,12 @@ use ndarray::{Array4, Axis, Ix4};
 use crate::cancel::{CancelHandle, Registry, RunControl};
 use crate::denoising::{CaptionBatch, Denoiser, Guidance};
 use crate::error::{Error, Result};
+use crate::gpu::GpuOptions;
 use crate::image_io::{self, GrayImage, RgbImage};
 use crate::image_to_image::{self, Start};
 use crate::manifest::Manifest;
 use crate::noise::TorchGenerator;
 use crate::prompt_enhancer::{EnhanceOptions, PromptEnhancer};
-use crate::gpu::GpuOptions;
 use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
 use crate::scheduler::Schedule;
 use crate::session::{Graph, GraphSlot, MemoryMode};
@@ -249,7 +249,8 @@ impl Pipeline {
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         let settings = options.session_settings();
         // With an enhancer decoder in the package, the text encoder shares its weights file.
-        let text_settings = SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
+        let text_settings =
+            SessionSettings { shares_weights: manifest.graphs.text_decoder.is_some(), ..settings.clone() };
         let uses_tensorrt = [Some(options.device), options.transformer_device]
             .iter()
             .any(|d| matches!(d, Some(Device::TensorRt { .. })));
@@ -262,8 +263,10 @@ impl Pipeline {
             let provider = ProviderConfig::new(device, name, &manifest, &options.gpu);
             let mut settings = settings.clone();
             if name != "text_encoder" {
-                settings.optimized_cache =
-                    options.optimized_model_cache.as_ref().map(|base| runtime::optimized_cache_dir(base, name, &entry.sha256));
+                settings.optimized_cache = options
+                    .optimized_model_cache
+                    .as_ref()
+                    .map(|base| runtime::optimized_cache_dir(base, name, &entry.sha256));
             }
             GraphSlot::load(rt, name, path, provider, &settings, options.memory_mode)
         };
@@ -367,7 +370,8 @@ impl Pipeline {
         let mut timings = Timings::default();
         let mut ort_time = Duration::ZERO;
 
-        let (positive, negative) = self.encode_request_prompts(request, plan.guidance.enabled(), &control, &mut timings, &mut ort_time)?;
+        let (positive, negative) =
+            self.encode_request_prompts(request, plan.guidance.enabled(), &control, &mut timings, &mut ort_time)?;
 
         let seed = request.seed.unwrap_or_else(random_seed);
         let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
@@ -386,7 +390,9 @@ impl Pipeline {
             None => Start {
                 latents: match &request.latents {
                     Some(l) => l.clone(),
-                    None => TorchGenerator::new(seed).randn(&plan.latent_shape).into_dimensionality::<Ix4>().expect("4-d"),
+                    None => {
+                        TorchGenerator::new(seed).randn(&plan.latent_shape).into_dimensionality::<Ix4>().expect("4-d")
+                    }
                 },
                 first_step: 0,
                 inpaint: None,
@@ -422,7 +428,14 @@ impl Pipeline {
                 blend.apply(step, &schedule, latents);
             }
         };
-        denoiser.run(&mut latents, &control, &mut ort_time, &mut timings.denoise_steps, &mut on_step, &mut after_step)?;
+        denoiser.run(
+            &mut latents,
+            &control,
+            &mut ort_time,
+            &mut timings.denoise_steps,
+            &mut on_step,
+            &mut after_step,
+        )?;
 
         drop(denoiser);
         drop(transformer);
@@ -489,7 +502,10 @@ impl Pipeline {
             return Err(Error::invalid(format!("prompt embedding has width {d}, this model needs {}", t.cap_feat_dim)));
         }
         if n == 0 || n > t.max_caption_tokens {
-            return Err(Error::invalid(format!("prompt embedding has {n} tokens; allowed 1..={}", t.max_caption_tokens)));
+            return Err(Error::invalid(format!(
+                "prompt embedding has {n} tokens; allowed 1..={}",
+                t.max_caption_tokens
+            )));
         }
         if e.features.iter().any(|v| !v.is_finite()) {
             return Err(Error::invalid("prompt embedding holds non-finite values"));
@@ -510,7 +526,12 @@ impl Pipeline {
         use ort::value::TensorRef;
         let b = latents.shape()[0];
         let t = &self.manifest.transformer;
-        if timestep.len() != b || cap_feats.shape()[0] != b || cap_mask.dim() != (b, cap_feats.shape()[1]) || cap_feats.shape()[2] != t.cap_feat_dim || latents.shape()[1] != t.in_channels {
+        if timestep.len() != b
+            || cap_feats.shape()[0] != b
+            || cap_mask.dim() != (b, cap_feats.shape()[1])
+            || cap_feats.shape()[2] != t.cap_feat_dim
+            || latents.shape()[1] != t.in_channels
+        {
             return Err(Error::invalid("transformer_forward: inconsistent input shapes"));
         }
         let control = self.registry.begin()?;
@@ -543,7 +564,10 @@ impl Pipeline {
         if enhancement.text.trim().is_empty() {
             return Err(Error::inference(
                 "prompt enhancer",
-                format!("no description within {} new tokens ({:?}); raise max_new_tokens or turn thinking off", options.max_new_tokens, enhancement.finish),
+                format!(
+                    "no description within {} new tokens ({:?}); raise max_new_tokens or turn thinking off",
+                    options.max_new_tokens, enhancement.finish
+                ),
             ));
         }
         let rewritten = GenerateRequest { prompt: Prompt::Text(enhancement.text.clone()), ..request.clone() };
@@ -556,7 +580,8 @@ impl Pipeline {
     fn plan(&self, r: &GenerateRequest) -> Result<Plan> {
         let m = &self.manifest;
         let multiple = m.size_multiple();
-        for (name, value, max) in [("width", r.width, m.max_image_width()), ("height", r.height, m.max_image_height())] {
+        for (name, value, max) in [("width", r.width, m.max_image_width()), ("height", r.height, m.max_image_height())]
+        {
             if value == 0 || value as usize % multiple != 0 {
                 return Err(Error::invalid(format!("{name} {value} must be a positive multiple of {multiple}")));
             }
@@ -570,7 +595,11 @@ impl Pipeline {
         if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
             return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
         }
-        for (name, v) in [("guidance_scale", r.guidance_scale), ("cfg_normalization", r.cfg_normalization), ("cfg_truncation", r.cfg_truncation)] {
+        for (name, v) in [
+            ("guidance_scale", r.guidance_scale),
+            ("cfg_normalization", r.cfg_normalization),
+            ("cfg_truncation", r.cfg_truncation),
+        ] {
             if !v.is_finite() {
                 return Err(Error::invalid(format!("{name} must be finite (got {v})")));
             }
@@ -593,7 +622,10 @@ impl Pipeline {
         let latent_shape = vec![r.count as usize, channels, h, w];
         if let Some(l) = &r.latents {
             if l.shape() != latent_shape.as_slice() {
-                return Err(Error::invalid(format!("latents have shape {:?}, this request needs {latent_shape:?}", l.shape())));
+                return Err(Error::invalid(format!(
+                    "latents have shape {:?}, this request needs {latent_shape:?}",
+                    l.shape()
+                )));
             }
             if l.iter().any(|v| !v.is_finite()) {
                 return Err(Error::invalid("latents hold non-finite values"));
@@ -608,7 +640,11 @@ impl Pipeline {
             latent_shape,
             image_seq_len: (h / p) * (w / p),
             steps: r.steps as usize,
-            guidance: Guidance { scale: r.guidance_scale, normalization: r.cfg_normalization, truncation: r.cfg_truncation },
+            guidance: Guidance {
+                scale: r.guidance_scale,
+                normalization: r.cfg_normalization,
+                truncation: r.cfg_truncation,
+            },
         })
     }
 }

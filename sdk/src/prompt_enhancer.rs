@@ -25,9 +25,7 @@ use tokenizers::Tokenizer;
 use crate::cancel::{CancelHandle, Registry};
 use crate::error::{Error, Result};
 use crate::kv_decoder::Decoder;
-use crate::manifest::{
-    EnhancerInfo, EnhancerManifest, GraphEntry, Manifest, ENHANCER_FORMAT_NAME, FORMAT_NAME,
-};
+use crate::manifest::{EnhancerInfo, EnhancerManifest, GraphEntry, Manifest, ENHANCER_FORMAT_NAME, FORMAT_NAME};
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
 use crate::sampling::{Sampling, TokenPicker};
@@ -55,12 +53,7 @@ pub struct EnhanceOptions {
 
 impl Default for EnhanceOptions {
     fn default() -> Self {
-        EnhanceOptions {
-            system_prompt: None,
-            thinking: false,
-            max_new_tokens: 512,
-            sampling: Sampling::Greedy,
-        }
+        EnhanceOptions { system_prompt: None, thinking: false, max_new_tokens: 512, sampling: Sampling::Greedy }
     }
 }
 
@@ -156,18 +149,10 @@ impl PromptEnhancer {
     /// Loads the enhancer of the package `pipeline` was loaded from, cancelled together with
     /// the pipeline's generations by [`Pipeline::cancel_handle`].
     pub fn attach(pipeline: &Pipeline, options: &LoadOptions) -> Result<PromptEnhancer> {
-        Self::load_with_registry(
-            pipeline.package_dir(),
-            options,
-            Arc::clone(&pipeline.cancel_handle().registry),
-        )
+        Self::load_with_registry(pipeline.package_dir(), options, Arc::clone(&pipeline.cancel_handle().registry))
     }
 
-    fn load_with_registry(
-        dir: &Path,
-        options: &LoadOptions,
-        registry: Arc<Registry>,
-    ) -> Result<PromptEnhancer> {
+    fn load_with_registry(dir: &Path, options: &LoadOptions, registry: Arc<Registry>) -> Result<PromptEnhancer> {
         let (tokenizer_path, graph, info) = read_package(dir, options.verify_checksums)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         // Mapped, not copied: in a Z-Image package the text encoder reads the same file.
@@ -186,29 +171,15 @@ impl PromptEnhancer {
         decoder: Decoder,
         registry: Arc<Registry>,
     ) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| {
-            Error::package(
-                tokenizer_path,
-                format!("tokenizer.json cannot be loaded: {e}"),
-            )
-        })?;
+        let tokenizer = Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
         let tag = |id: u32| {
-            tokenizer.id_to_token(id).ok_or_else(|| {
-                Error::package(
-                    tokenizer_path,
-                    format!("think token {id} is not in the tokenizer"),
-                )
-            })
+            tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| Error::package(tokenizer_path, format!("think token {id} is not in the tokenizer")))
         };
         let think_tags = [tag(info.think_token_ids[0])?, tag(info.think_token_ids[1])?];
-        Ok(PromptEnhancer {
-            tokenizer,
-            info,
-            decoder,
-            registry,
-            think_tags,
-            dir: dir.to_path_buf(),
-        })
+        Ok(PromptEnhancer { tokenizer, info, decoder, registry, think_tags, dir: dir.to_path_buf() })
     }
 
     pub fn package_dir(&self) -> &Path {
@@ -226,23 +197,14 @@ impl PromptEnhancer {
     /// Cancels the enhancements (and, after [`PromptEnhancer::attach`], the generations)
     /// running at the moment it is called.
     pub fn cancel_handle(&self) -> CancelHandle {
-        CancelHandle {
-            registry: Arc::clone(&self.registry),
-        }
+        CancelHandle { registry: Arc::clone(&self.registry) }
     }
 
     /// The chat-templated prompt the model is given.
     pub fn chat_text(&self, prompt: &str, options: &EnhanceOptions) -> String {
-        let system = options
-            .system_prompt
-            .as_deref()
-            .unwrap_or(default_system_prompt());
+        let system = options.system_prompt.as_deref().unwrap_or(default_system_prompt());
         // Substitute {prompt} first so braces in the system prompt are never touched twice.
-        let (head, tail) = self
-            .info
-            .prompt_template
-            .split_once("{prompt}")
-            .expect("checked at load");
+        let (head, tail) = self.info.prompt_template.split_once("{prompt}").expect("checked at load");
         let mut text = head.replace("{system}", system);
         text.push_str(prompt);
         text.push_str(tail);
@@ -283,9 +245,7 @@ impl PromptEnhancer {
                 self.info.max_positions
             )));
         }
-        let max_new = options
-            .max_new_tokens
-            .min(self.info.max_positions - ids.len());
+        let max_new = options.max_new_tokens.min(self.info.max_positions - ids.len());
         let seed = match options.sampling {
             Sampling::Greedy => None,
             Sampling::Random(r) => Some(r.seed.unwrap_or_else(random_seed)),
@@ -296,9 +256,7 @@ impl PromptEnhancer {
         let mut cache = self.decoder.empty_cache()?;
 
         let prefill_start = Instant::now();
-        let mut logits = self
-            .decoder
-            .step(&ids, &mut cache, &control, &mut ort_time)?;
+        let mut logits = self.decoder.step(&ids, &mut cache, &control, &mut ort_time)?;
         timings.prefill = prefill_start.elapsed();
 
         let mut generated = Vec::new();
@@ -318,12 +276,7 @@ impl PromptEnhancer {
             }
             if let Some(callback) = on_token.as_deref_mut() {
                 let text = stream.push(&self.tokenizer, token);
-                if !callback(&TokenEvent {
-                    index,
-                    token_id: token,
-                    text: &text,
-                    thinking,
-                }) {
+                if !callback(&TokenEvent { index, token_id: token, text: &text, thinking }) {
                     return Err(Error::Cancelled);
                 }
             }
@@ -333,9 +286,7 @@ impl PromptEnhancer {
             if index + 1 == max_new {
                 break;
             }
-            logits = self
-                .decoder
-                .step(&[token], &mut cache, &control, &mut ort_time)?;
+            logits = self.decoder.step(&[token], &mut cache, &control, &mut ort_time)?;
             timings.decode_steps += 1;
         }
         timings.decode = decode_start.elapsed();
@@ -344,8 +295,7 @@ impl PromptEnhancer {
             FinishReason::Length => &generated[..],
         };
         let raw_text = self.decode(body)?;
-        let (thinking_text, text) =
-            split_thinking(&raw_text, &self.think_tags[0], &self.think_tags[1]);
+        let (thinking_text, text) = split_thinking(&raw_text, &self.think_tags[0], &self.think_tags[1]);
         timings.total = start.elapsed();
         Ok(Enhancement {
             text,
@@ -360,9 +310,7 @@ impl PromptEnhancer {
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| Error::inference("tokenizer", format!("decoding failed: {e}")))
+        self.tokenizer.decode(ids, true).map_err(|e| Error::inference("tokenizer", format!("decoding failed: {e}")))
     }
 
     /// Logits after feeding `ids` in one call with an empty cache (no reuse): for checking
@@ -370,8 +318,7 @@ impl PromptEnhancer {
     pub fn logits_without_cache(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let control = self.registry.begin()?;
         let mut cache = self.decoder.empty_cache()?;
-        self.decoder
-            .step(ids, &mut cache, &control, &mut Duration::default())
+        self.decoder.step(ids, &mut cache, &control, &mut Duration::default())
     }
 
     /// Logits after each token of `ids`, fed one at a time through the KV cache after a
@@ -379,17 +326,9 @@ impl PromptEnhancer {
     pub fn logits_with_cache(&self, ids: &[u32], prefill: usize) -> Result<Vec<Vec<f32>>> {
         let control = self.registry.begin()?;
         let mut cache = self.decoder.empty_cache()?;
-        let mut out = vec![self.decoder.step(
-            &ids[..prefill],
-            &mut cache,
-            &control,
-            &mut Duration::default(),
-        )?];
+        let mut out = vec![self.decoder.step(&ids[..prefill], &mut cache, &control, &mut Duration::default())?];
         for &id in &ids[prefill..] {
-            out.push(
-                self.decoder
-                    .step(&[id], &mut cache, &control, &mut Duration::default())?,
-            );
+            out.push(self.decoder.step(&[id], &mut cache, &control, &mut Duration::default())?);
         }
         debug_assert_eq!(cache.len(), ids.len());
         Ok(out)
@@ -401,10 +340,9 @@ impl PromptEnhancer {
 fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
     match options.device {
         Device::Cpu => ProviderConfig::Cpu,
-        Device::Cuda { device_id } | Device::TensorRt { device_id } => ProviderConfig::Cuda {
-            device_id,
-            memory_limit: options.gpu.cuda_memory_limit,
-        },
+        Device::Cuda { device_id } | Device::TensorRt { device_id } => {
+            ProviderConfig::Cuda { device_id, memory_limit: options.gpu.cuda_memory_limit }
+        }
     }
 }
 
@@ -413,10 +351,7 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Error::package(
-                dir,
-                "no manifest.json: not a zimage model or enhancer package",
-            )
+            Error::package(dir, "no manifest.json: not a zimage model or enhancer package")
         } else {
             Error::io(&path, e)
         }
@@ -437,16 +372,11 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
         }
         Some(ENHANCER_FORMAT_NAME) => {
             let m = EnhancerManifest::load(dir, verify_all)?;
-            Ok((
-                Manifest::resolve(dir, &m.tokenizer.path),
-                m.graphs.text_decoder,
-                m.enhancer,
-            ))
+            Ok((Manifest::resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer))
         }
-        other => Err(Error::package(
-            &path,
-            format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}"),
-        )),
+        other => {
+            Err(Error::package(&path, format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}")))
+        }
     }
 }
 
@@ -457,10 +387,7 @@ pub fn split_thinking(raw: &str, open: &str, close: &str) -> (Option<String>, St
     if let Some(end) = raw.rfind(close) {
         let inner = &raw[..end];
         let inner = inner.find(open).map_or(inner, |s| &inner[s + open.len()..]);
-        return (
-            Some(inner.trim().to_string()),
-            raw[end + close.len()..].trim().to_string(),
-        );
+        return (Some(inner.trim().to_string()), raw[end + close.len()..].trim().to_string());
     }
     let trimmed = raw.trim_start();
     if let Some(rest) = trimmed.strip_prefix(open) {
@@ -497,11 +424,7 @@ impl TextStream {
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
 }
 
@@ -514,21 +437,12 @@ mod tests {
         let s = |raw| split_thinking(raw, "<think>", "</think>");
         assert_eq!(
             s("<think>\n3*2+2*4 = 14 legs\n</think>\n\nThree hens and two rabbits."),
-            (
-                Some("3*2+2*4 = 14 legs".into()),
-                "Three hens and two rabbits.".into()
-            )
+            (Some("3*2+2*4 = 14 legs".into()), "Three hens and two rabbits.".into())
         );
-        assert_eq!(
-            s("<think>\n\n</think>\n\n A red fox. "),
-            (Some(String::new()), "A red fox.".into())
-        );
+        assert_eq!(s("<think>\n\n</think>\n\n A red fox. "), (Some(String::new()), "A red fox.".into()));
         assert_eq!(
             s("<think>\nstill thinking when the limit hit"),
-            (
-                Some("still thinking when the limit hit".into()),
-                String::new()
-            )
+            (Some("still thinking when the limit hit".into()), String::new())
         );
         assert_eq!(s(" A plain answer.\n"), (None, "A plain answer.".into()));
     }

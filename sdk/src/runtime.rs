@@ -23,8 +23,12 @@ site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1, or run scripts/setup.sh
 pub enum Device {
     #[default]
     Cpu,
-    Cuda { device_id: i32 },
-    TensorRt { device_id: i32 },
+    Cuda {
+        device_id: i32,
+    },
+    TensorRt {
+        device_id: i32,
+    },
 }
 
 impl Device {
@@ -244,8 +248,17 @@ pub fn optimized_cache_dir(base: &Path, graph: &str, graph_sha256: &str) -> Path
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum ProviderConfig {
     Cpu,
-    Cuda { device_id: i32, memory_limit: Option<usize> },
-    TensorRt { device_id: i32, profile: ShapeProfile, cache_dir: PathBuf, precision: TensorRtPrecision, memory_limit: Option<usize> },
+    Cuda {
+        device_id: i32,
+        memory_limit: Option<usize>,
+    },
+    TensorRt {
+        device_id: i32,
+        profile: ShapeProfile,
+        cache_dir: PathBuf,
+        precision: TensorRtPrecision,
+        memory_limit: Option<usize>,
+    },
 }
 
 impl ProviderConfig {
@@ -343,8 +356,12 @@ fn load_through_cache(
     if saving {
         let with_save = builder
             .with_optimized_model_path(staging.join(CACHED_MODEL))
-            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data"))
-            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024"));
+            .and_then(|b| {
+                b.with_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+            })
+            .and_then(|b| {
+                b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            });
         builder = match with_save {
             Ok(b) => b,
             Err(_) => base()?,

@@ -36,12 +36,7 @@ pub struct RandomSampling {
 impl Default for RandomSampling {
     /// Qwen3's recommended non-thinking setting.
     fn default() -> Self {
-        RandomSampling {
-            temperature: 0.7,
-            top_k: 20,
-            top_p: 0.8,
-            seed: None,
-        }
+        RandomSampling { temperature: 0.7, top_k: 20, top_p: 0.8, seed: None }
     }
 }
 
@@ -50,20 +45,14 @@ pub const MAX_TEMPERATURE: f32 = 100.0;
 impl Sampling {
     pub fn check(&self) -> Result<()> {
         if let Sampling::Random(r) = self {
-            if !(r.temperature.is_finite()
-                && r.temperature > 0.0
-                && r.temperature <= MAX_TEMPERATURE)
-            {
+            if !(r.temperature.is_finite() && r.temperature > 0.0 && r.temperature <= MAX_TEMPERATURE) {
                 return Err(Error::invalid(format!(
                     "temperature must be in (0, {MAX_TEMPERATURE}] (got {}); use greedy decoding for temperature 0",
                     r.temperature
                 )));
             }
             if !(r.top_p.is_finite() && r.top_p > 0.0 && r.top_p <= 1.0) {
-                return Err(Error::invalid(format!(
-                    "top_p must be in (0, 1] (got {})",
-                    r.top_p
-                )));
+                return Err(Error::invalid(format!("top_p must be in (0, 1] (got {})", r.top_p)));
             }
         }
         Ok(())
@@ -103,10 +92,7 @@ pub(crate) struct TokenPicker {
 
 impl TokenPicker {
     pub fn new(sampling: Sampling, seed: u64) -> Self {
-        TokenPicker {
-            sampling,
-            rng: SplitMix64::new(seed),
-        }
+        TokenPicker { sampling, rng: SplitMix64::new(seed) }
     }
 
     pub fn pick(&mut self, logits: &[f32]) -> u32 {
@@ -133,12 +119,8 @@ pub fn sample(logits: &[f32], r: &RandomSampling, u: f64) -> u32 {
     let t = r.temperature as f64;
     // Most likely first; equal logits keep the lower id first, so the order is total.
     let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut kept: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.is_finite())
-        .map(|(i, &v)| (i as u32, v as f64 / t))
-        .collect();
+    let mut kept: Vec<(u32, f64)> =
+        logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v as f64 / t)).collect();
     if kept.is_empty() {
         return argmax(logits);
     }
@@ -195,12 +177,7 @@ mod tests {
     #[test]
     fn filters() {
         let logits = [1.0, 3.0, 2.0, 0.0];
-        let r = |k, p| RandomSampling {
-            temperature: 1.0,
-            top_k: k,
-            top_p: p,
-            seed: None,
-        };
+        let r = |k, p| RandomSampling { temperature: 1.0, top_k: k, top_p: p, seed: None };
         // top_k 1 is greedy whatever u is.
         assert!((0..10).all(|i| sample(&logits, &r(1, 1.0), i as f64 / 10.0) == 1));
         // A tiny top_p keeps only the best token too.

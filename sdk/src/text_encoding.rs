@@ -83,7 +83,10 @@ impl TextEncoder {
         let mask = Array2::<i64>::ones((1, n));
         let inputs = vec![
             ("input_ids", TensorRef::from_array_view(&ids).map_err(|e| Error::inference("text_encoder", e))?.into()),
-            ("attention_mask", TensorRef::from_array_view(&mask).map_err(|e| Error::inference("text_encoder", e))?.into()),
+            (
+                "attention_mask",
+                TensorRef::from_array_view(&mask).map_err(|e| Error::inference("text_encoder", e))?.into(),
+            ),
         ];
         let mut out = graph.run(inputs, &["hidden_states"], control, ort_time)?;
         let hidden = out.remove(0);
@@ -91,10 +94,7 @@ impl TextEncoder {
         if shape.len() != 3 || shape[0] != 1 || shape[1] != n || shape[2] != self.info.hidden_size {
             return Err(Error::inference("text_encoder", format!("unexpected output shape {shape:?}")));
         }
-        let features = hidden
-            .index_axis_move(Axis(0), 0)
-            .into_dimensionality::<ndarray::Ix2>()
-            .expect("checked rank");
+        let features = hidden.index_axis_move(Axis(0), 0).into_dimensionality::<ndarray::Ix2>().expect("checked rank");
         if features.iter().any(|v| !v.is_finite()) {
             return Err(Error::inference("text_encoder", "non-finite caption features"));
         }

@@ -18,7 +18,13 @@ pub(crate) struct Vae {
 impl Vae {
     /// Decodes each image of the batch on its own (bounded memory at large sizes) into
     /// `[1, 3, H, W]` decoder outputs.
-    pub fn decode(&self, decoder: &Graph, latents: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<Vec<Array4<f32>>> {
+    pub fn decode(
+        &self,
+        decoder: &Graph,
+        latents: &Array4<f32>,
+        control: &RunControl,
+        ort_time: &mut Duration,
+    ) -> Result<Vec<Array4<f32>>> {
         let scaling = self.info.scaling_factor as f32;
         let shift = self.info.shift_factor as f32;
         let mut images = Vec::with_capacity(latents.shape()[0]);
@@ -41,11 +47,15 @@ impl Vae {
     }
 
     /// Encodes `[1, 3, H, W]` pixels in [-1, 1] to the latent distribution's mean and log-variance.
-    pub fn encode(&self, encoder: &Graph, image: &Array4<f32>, control: &RunControl, ort_time: &mut Duration) -> Result<(Array4<f32>, Array4<f32>)> {
-        let inputs = vec![(
-            "image",
-            TensorRef::from_array_view(image).map_err(|e| Error::inference("vae_encoder", e))?.into(),
-        )];
+    pub fn encode(
+        &self,
+        encoder: &Graph,
+        image: &Array4<f32>,
+        control: &RunControl,
+        ort_time: &mut Duration,
+    ) -> Result<(Array4<f32>, Array4<f32>)> {
+        let inputs =
+            vec![("image", TensorRef::from_array_view(image).map_err(|e| Error::inference("vae_encoder", e))?.into())];
         let mut out = encoder.run(inputs, &["mean", "logvar"], control, ort_time)?;
         let logvar = out.pop().expect("two outputs");
         let mean = out.pop().expect("two outputs");

@@ -41,10 +41,13 @@ fn invalid_requests_are_refused_with_their_kind() {
         ("zero images", Box::new(|r| r.count = 0)),
         ("65 images", Box::new(|r| r.count = 65)),
         ("max_sequence_length 0", Box::new(|r| r.max_sequence_length = Some(0))),
-        ("caption over the model's position limit", Box::new(|r| {
-            r.prompt = Prompt::Text("word ".repeat(2000));
-            r.max_sequence_length = Some(5000);
-        })),
+        (
+            "caption over the model's position limit",
+            Box::new(|r| {
+                r.prompt = Prompt::Text("word ".repeat(2000));
+                r.max_sequence_length = Some(5000);
+            }),
+        ),
         ("latents of the wrong shape", Box::new(|r| r.latents = Some(ndarray::Array4::zeros((1, 16, 4, 4))))),
         ("non-finite latents", Box::new(|r| r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), f32::NAN)))),
     ];
@@ -80,7 +83,18 @@ fn image_to_image_inputs_are_checked() {
 fn corrupt_and_empty_images_give_image_errors() {
     assert_eq!(kind_of(zimage::image_io::decode_rgb(b"")), ErrorKind::Image);
     assert_eq!(kind_of(zimage::image_io::decode_rgb(b"definitely not a picture")), ErrorKind::Image);
-    let mut png = std::fs::read(repo().join("tests/golden/tiny-zimage/t2i").read_dir().unwrap().next().unwrap().unwrap().path().join("image_0.png")).unwrap();
+    let mut png = std::fs::read(
+        repo()
+            .join("tests/golden/tiny-zimage/t2i")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("image_0.png"),
+    )
+    .unwrap();
     png.truncate(png.len() / 2);
     assert_eq!(kind_of(zimage::image_io::decode_rgb(&png)), ErrorKind::Image);
     let missing = repo().join("no/such/file.png");
@@ -130,7 +144,8 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 fn cuda_on_the_cpu_runtime_is_a_provider_error() {
     pipeline("tiny-zimage"); // the runtime is loaded
     let options = LoadOptions { device: Device::Cuda { device_id: 0 }, ..Default::default() };
-    let err = Pipeline::load(repo().join("models/tiny-zimage"), &options).err().expect("CUDA is not in the CPU runtime");
+    let err =
+        Pipeline::load(repo().join("models/tiny-zimage"), &options).err().expect("CUDA is not in the CPU runtime");
     assert_eq!(err.kind(), ErrorKind::Provider, "{err}");
     assert!(err.to_string().contains("onnxruntime-gpu"), "{err}");
     let fallback = LoadOptions { allow_cpu_fallback: true, ..options };
@@ -260,7 +275,8 @@ fn sequential_memory_mode_gives_the_same_images() {
 #[test]
 fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
     let p = pipeline("tiny-zimage");
-    let enhancer = zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &LoadOptions::default()).unwrap();
+    let enhancer =
+        zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &LoadOptions::default()).unwrap();
     let options = zimage::EnhanceOptions { max_new_tokens: 24, ..Default::default() };
     let expected = enhancer.enhance("a cat", &options, None).unwrap();
     assert!(!expected.text.is_empty());
@@ -293,22 +309,54 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
     for p in [&first, &second] {
         let result = p.generate(&r, None).unwrap();
         assert!(max_pixel_diff(&result.images[0], &reference.images[0]) <= 1);
-        assert!(max_abs_diff(result.latents.as_ref().unwrap().as_slice().unwrap(), reference.latents.as_ref().unwrap().as_slice().unwrap()) <= 1e-5);
+        assert!(
+            max_abs_diff(
+                result.latents.as_ref().unwrap().as_slice().unwrap(),
+                reference.latents.as_ref().unwrap().as_slice().unwrap()
+            ) <= 1e-5
+        );
     }
     std::fs::remove_dir_all(&cache).unwrap();
 }
 
 #[test]
 fn resizing_inputs_is_lanczos3_sized_and_deterministic() {
-    let source = png_rgb(&golden("tiny-zimage/inputs").read_dir().unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("init")).expect("an init image golden"));
+    let source = png_rgb(
+        &golden("tiny-zimage/inputs")
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("init"))
+            .expect("an init image golden"),
+    );
     let a = zimage::image_io::resize_rgb(&source, 48, 80).unwrap();
     let b = zimage::image_io::resize_rgb(&source, 48, 80).unwrap();
     assert_eq!((a.width, a.height, a.pixels.len()), (48, 80, 48 * 80 * 3));
     assert_eq!(a, b, "same input, same output");
-    assert_eq!(zimage::image_io::resize_rgb(&source, source.width, source.height).unwrap(), source, "same size is a copy");
+    assert_eq!(
+        zimage::image_io::resize_rgb(&source, source.width, source.height).unwrap(),
+        source,
+        "same size is a copy"
+    );
     // A flat picture stays flat through the filter (its weights sum to one).
     let flat = zimage::RgbImage { width: 30, height: 20, pixels: [10u8, 200, 90].repeat(600) };
     let resized = zimage::image_io::resize_rgb(&flat, 64, 48).unwrap();
     assert!(resized.pixels.chunks(3).all(|p| p == [10, 200, 90]));
     assert_eq!(kind_of(zimage::image_io::resize_rgb(&flat, 0, 10)), ErrorKind::InvalidRequest);
+}
+
+#[test]
+fn oversized_images_are_refused_before_decoding() {
+    // A valid PNG whose width is beyond the decode limit: refused with an Image error, not
+    // decoded into gigabytes.
+    let mut bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut bytes, zimage::image_io::MAX_INPUT_SIDE + 1, 1);
+        encoder.set_color(png::ColorType::Grayscale);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&vec![0u8; zimage::image_io::MAX_INPUT_SIDE as usize + 1]).unwrap();
+    }
+    let err = zimage::image_io::decode_rgb(&bytes).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Image);
+    assert!(err.to_string().contains("too large"), "{err}");
 }

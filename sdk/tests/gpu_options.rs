@@ -55,7 +55,8 @@ fn cache_folders_are_keyed_by_package_profile_and_precision() {
     assert_eq!(a, base.cache_dir_for("transformer", &m), "stable");
     let fp16 = GpuOptions { tensorrt_precision: TensorRtPrecision::Fp16, ..base.clone() };
     assert_ne!(a, fp16.cache_dir_for("transformer", &m));
-    let bigger = GpuOptions { resolutions: ResolutionRange { max: (2048, 2048), ..Default::default() }, ..base.clone() };
+    let bigger =
+        GpuOptions { resolutions: ResolutionRange { max: (2048, 2048), ..Default::default() }, ..base.clone() };
     assert_ne!(a, bigger.cache_dir_for("transformer", &m));
     let mut other_package = m.clone();
     other_package.graphs.transformer.sha256 = "0".repeat(64);

@@ -15,7 +15,8 @@ fn noise_matches_torch_randn() {
         let seed = case["seed"].as_u64().unwrap();
         let mut generator = TorchGenerator::new(seed);
         for draw in case["draws"].as_array().unwrap() {
-            let shape: Vec<usize> = draw["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let shape: Vec<usize> =
+                draw["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
             let want = npy_f32(&golden("common").join(draw["file"].as_str().unwrap()));
             let got = generator.randn(&shape);
             assert_eq!(got.shape(), want.shape(), "{}", case["name"]);
