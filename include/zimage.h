@@ -384,6 +384,11 @@ typedef struct zimage_load_params {
    * Cap on the CUDA memory arena in bytes; 0 = no cap (the default).
    */
   size_t cuda_memory_limit;
+  /**
+   * CPU: a folder where ONNX Runtime's optimised transformer and VAE graphs are kept, so
+   * later loads skip graph optimisation. NULL (the default) = off. UTF-8.
+   */
+  const char *optimized_model_cache;
 } zimage_load_params;
 
 /**

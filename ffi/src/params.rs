@@ -136,6 +136,9 @@ pub struct zimage_load_params {
     pub typical_caption_tokens: u32,
     /// Cap on the CUDA memory arena in bytes; 0 = no cap (the default).
     pub cuda_memory_limit: usize,
+    /// CPU: a folder where ONNX Runtime's optimised transformer and VAE graphs are kept, so
+    /// later loads skip graph optimisation. NULL (the default) = off. UTF-8.
+    pub optimized_model_cache: *const c_char,
 }
 
 unsafe impl Versioned for zimage_load_params {
@@ -173,6 +176,7 @@ unsafe impl Versioned for zimage_load_params {
             guidance: gpu.guidance,
             typical_caption_tokens: gpu.typical_caption_tokens,
             cuda_memory_limit: gpu.cuda_memory_limit.unwrap_or(0),
+            optimized_model_cache: std::ptr::null(),
         }
     }
 }
@@ -319,6 +323,8 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         unsafe { args::optional_string(p.runtime_library, "params->runtime_library") }?.map(PathBuf::from);
     let cache_dir =
         unsafe { args::optional_string(p.tensorrt_cache_dir, "params->tensorrt_cache_dir") }?.map(PathBuf::from);
+    let optimized_model_cache =
+        unsafe { args::optional_string(p.optimized_model_cache, "params->optimized_model_cache") }?.map(PathBuf::from);
     let gpu = GpuOptions {
         cache_dir,
         tensorrt_precision: tensorrt_precision(p.tensorrt_precision)?,
@@ -341,7 +347,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         verify_checksums: p.verify_checksums,
         allow_cpu_fallback: p.allow_cpu_fallback,
         memory_mode: memory_mode(p.memory_mode)?,
-        ..LoadOptions::default()
+        optimized_model_cache,
     };
     Ok(Load { options, logger: Logger::new(p.log_callback, p.log_user_data) })
 }
@@ -529,6 +535,17 @@ mod tests {
         p.memory_mode = 1;
         assert_eq!(unsafe { load_options(&p) }.unwrap().options.memory_mode, MemoryMode::Sequential);
         p.memory_mode = 2;
+        assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
+    }
+
+    #[test]
+    fn optimized_model_cache_reaches_the_sdk() {
+        let mut p = zimage_load_params::defaults();
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.optimized_model_cache, None);
+        p.optimized_model_cache = c"/tmp/zimage-opt".as_ptr();
+        let options = unsafe { load_options(&p) }.unwrap().options;
+        assert_eq!(options.optimized_model_cache, Some(PathBuf::from("/tmp/zimage-opt")));
+        p.optimized_model_cache = c"\xff".as_ptr();
         assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
     }
 
