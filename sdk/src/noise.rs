@@ -100,7 +100,7 @@ impl TorchGenerator {
                 box_muller_16(&mut data[i..i + 16]);
                 i += 16;
             }
-            if n % 16 != 0 {
+            if !n.is_multiple_of(16) {
                 // torch redraws the last 16 values from fresh uniforms.
                 let tail = &mut data[n - 16..];
                 for v in tail.iter_mut() {

@@ -582,7 +582,7 @@ impl Pipeline {
         let multiple = m.size_multiple();
         for (name, value, max) in [("width", r.width, m.max_image_width()), ("height", r.height, m.max_image_height())]
         {
-            if value == 0 || value as usize % multiple != 0 {
+            if value == 0 || !(value as usize).is_multiple_of(multiple) {
                 return Err(Error::invalid(format!("{name} {value} must be a positive multiple of {multiple}")));
             }
             if value as usize > max {
