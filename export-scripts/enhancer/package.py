@@ -1,12 +1,13 @@
 """Writing the enhancer graphs into a package: a standalone enhancer package, or a Z-Image
 package whose text encoder then shares one weights file with the decoder."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+
+from zimage_export.manifest import file_entry
 
 from .graph_builder import Qwen3Shape, build_decoder, build_encoder, weights_from_model
 from .weights_file import attach, write_weights
@@ -18,14 +19,6 @@ ENHANCER_FORMAT = "zimage-enhancer-package"
 # Jinja renders it; `chat_template_pieces` checks this against the checkpoint's own template.
 PROMPT_TEMPLATE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 THINKING_OFF_SUFFIX = "<think>\n\n</think>\n\n"
-
-
-def file_entry(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return {"path": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def check_chat_template(tokenizer) -> None:
