@@ -148,15 +148,7 @@ pub unsafe extern "C" fn zimage_enhancer_load(
 ) -> zimage_result {
     guard(|| {
         let dir = unsafe { args::string(package_dir, "package_dir") }?;
-        let out = args::output(out_enhancer, "out_enhancer")?;
-        let params::Load { options, logger } = unsafe { params::load_options(params) }?;
-        log(logger.as_ref(), zimage_log_level::Info, || {
-            format!("loading the prompt enhancer of {dir} on {}", options.device)
-        });
-        let enhancer = PromptEnhancer::load(dir, &options)
-            .inspect_err(|e| log(logger.as_ref(), zimage_log_level::Error, || e.to_string()))?;
-        unsafe { out.write(loaded(enhancer, logger)) };
-        Ok(())
+        unsafe { load_into(out_enhancer, params, dir, |options| PromptEnhancer::load(dir, options)) }
     })
 }
 
@@ -172,20 +164,27 @@ pub unsafe extern "C" fn zimage_enhancer_attach(
 ) -> zimage_result {
     guard(|| {
         let pipeline = unsafe { args::reference(pipeline, "pipeline") }?;
-        let out = args::output(out_enhancer, "out_enhancer")?;
-        let params::Load { options, logger } = unsafe { params::load_options(params) }?;
-        log(logger.as_ref(), zimage_log_level::Info, || {
-            format!(
-                "loading the prompt enhancer of {} on {}",
-                pipeline.pipeline.package_dir().display(),
-                options.device
-            )
-        });
-        let enhancer = PromptEnhancer::attach(&pipeline.pipeline, &options)
-            .inspect_err(|e| log(logger.as_ref(), zimage_log_level::Error, || e.to_string()))?;
-        unsafe { out.write(loaded(enhancer, logger)) };
-        Ok(())
+        let dir = pipeline.pipeline.package_dir().display().to_string();
+        unsafe { load_into(out_enhancer, params, &dir, |options| PromptEnhancer::attach(&pipeline.pipeline, options)) }
     })
+}
+
+/// What `zimage_enhancer_load()` and `zimage_enhancer_attach()` share: read the parameters,
+/// log, load with `load`, and hand the enhancer out.
+unsafe fn load_into(
+    out_enhancer: *mut *mut zimage_enhancer,
+    params: *const zimage_load_params,
+    dir: &str,
+    load: impl FnOnce(&sdk::LoadOptions) -> sdk::Result<PromptEnhancer>,
+) -> Result<(), Failure> {
+    let out = args::output(out_enhancer, "out_enhancer")?;
+    let params::Load { options, logger } = unsafe { params::load_options(params) }?;
+    log(logger.as_ref(), zimage_log_level::Info, || {
+        format!("loading the prompt enhancer of {dir} on {}", options.device)
+    });
+    let enhancer = load(&options).inspect_err(|e| log(logger.as_ref(), zimage_log_level::Error, || e.to_string()))?;
+    unsafe { out.write(loaded(enhancer, logger)) };
+    Ok(())
 }
 
 fn loaded(enhancer: PromptEnhancer, logger: Option<Logger>) -> *mut zimage_enhancer {
