@@ -389,6 +389,11 @@ typedef struct zimage_load_params {
    * later loads skip graph optimisation. NULL (the default) = off. UTF-8.
    */
   const char *optimized_model_cache;
+  /**
+   * CUDA: let float32 matrix products and convolutions run in TF32 (faster on Ampere and
+   * later, but no longer the reference's image). Default false.
+   */
+  bool cuda_tf32;
 } zimage_load_params;
 
 /**

@@ -102,6 +102,9 @@ pub struct ModelArgs {
     /// CPU: keep optimised graphs in this folder so later loads are faster.
     #[arg(long, value_name = "DIR")]
     pub optimized_cache: Option<PathBuf>,
+    /// CUDA: run float32 matrix products in TF32 (faster, but not the reference's image).
+    #[arg(long)]
+    pub cuda_tf32: bool,
 }
 
 impl ModelArgs {
@@ -133,6 +136,7 @@ impl ModelArgs {
                 resolutions: ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max },
                 max_images: max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST),
                 guidance,
+                cuda_tf32: self.cuda_tf32,
                 ..GpuOptions::default()
             },
             optimized_model_cache: self.optimized_cache.clone(),

@@ -139,6 +139,9 @@ pub struct zimage_load_params {
     /// CPU: a folder where ONNX Runtime's optimised transformer and VAE graphs are kept, so
     /// later loads skip graph optimisation. NULL (the default) = off. UTF-8.
     pub optimized_model_cache: *const c_char,
+    /// CUDA: let float32 matrix products and convolutions run in TF32 (faster on Ampere and
+    /// later, but no longer the reference's image). Default false.
+    pub cuda_tf32: bool,
 }
 
 unsafe impl Versioned for zimage_load_params {
@@ -177,6 +180,7 @@ unsafe impl Versioned for zimage_load_params {
             typical_caption_tokens: gpu.typical_caption_tokens,
             cuda_memory_limit: gpu.cuda_memory_limit.unwrap_or(0),
             optimized_model_cache: std::ptr::null(),
+            cuda_tf32: gpu.cuda_tf32,
         }
     }
 }
@@ -337,6 +341,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         guidance: p.guidance,
         typical_caption_tokens: p.typical_caption_tokens,
         cuda_memory_limit: (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit),
+        cuda_tf32: p.cuda_tf32,
     };
     let options = LoadOptions {
         runtime_library,
@@ -559,11 +564,13 @@ mod tests {
         p.max_images = 4;
         p.guidance = true;
         p.cuda_memory_limit = 1 << 30;
+        p.cuda_tf32 = true;
         let gpu = unsafe { load_options(&p) }.unwrap().options.gpu;
         assert_eq!(gpu.cache_dir, Some(PathBuf::from("/tmp/engines")));
         assert_eq!(gpu.tensorrt_precision, TensorRtPrecision::Fp32);
         assert_eq!((gpu.resolutions.max, gpu.max_images, gpu.guidance), ((2048, 1536), 4, true));
         assert_eq!(gpu.cuda_memory_limit, Some(1 << 30));
+        assert!(gpu.cuda_tf32);
         p.tensorrt_precision = 3;
         assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
         // A caller built against the first version: its struct ends at memory_mode.

@@ -51,6 +51,10 @@ pub struct GpuOptions {
     pub typical_caption_tokens: u32,
     /// Cap on the CUDA memory arena, in bytes.
     pub cuda_memory_limit: Option<usize>,
+    /// Let CUDA run float32 matrix products and convolutions in TF32 (10-bit mantissa): faster
+    /// on Ampere and later, but no longer the reference's image (PyTorch keeps float32 matmuls
+    /// in full precision by default). Off by default; fp16/bf16 packages are unaffected.
+    pub cuda_tf32: bool,
 }
 
 impl Default for GpuOptions {
@@ -63,6 +67,7 @@ impl Default for GpuOptions {
             guidance: false,
             typical_caption_tokens: 128,
             cuda_memory_limit: None,
+            cuda_tf32: false,
         }
     }
 }

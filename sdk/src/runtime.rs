@@ -251,6 +251,7 @@ pub(crate) enum ProviderConfig {
     Cuda {
         device_id: i32,
         memory_limit: Option<usize>,
+        tf32: bool,
     },
     TensorRt {
         device_id: i32,
@@ -258,6 +259,7 @@ pub(crate) enum ProviderConfig {
         cache_dir: PathBuf,
         precision: TensorRtPrecision,
         memory_limit: Option<usize>,
+        tf32: bool,
     },
 }
 
@@ -265,13 +267,16 @@ impl ProviderConfig {
     pub fn new(device: Device, graph: &str, manifest: &Manifest, gpu: &GpuOptions) -> ProviderConfig {
         match device {
             Device::Cpu => ProviderConfig::Cpu,
-            Device::Cuda { device_id } => ProviderConfig::Cuda { device_id, memory_limit: gpu.cuda_memory_limit },
+            Device::Cuda { device_id } => {
+                ProviderConfig::Cuda { device_id, memory_limit: gpu.cuda_memory_limit, tf32: gpu.cuda_tf32 }
+            }
             Device::TensorRt { device_id } => ProviderConfig::TensorRt {
                 device_id,
                 profile: gpu.profile(graph, manifest),
                 cache_dir: gpu.cache_dir_for(graph, manifest),
                 precision: gpu.tensorrt_precision,
                 memory_limit: gpu.cuda_memory_limit,
+                tf32: gpu.cuda_tf32,
             },
         }
     }
@@ -392,8 +397,9 @@ fn disable_cpu_arena(builder: &mut SessionBuilder) -> std::result::Result<(), St
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_dispatch(device_id: i32, memory_limit: Option<usize>) -> ort::ep::ExecutionProviderDispatch {
-    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id);
+fn cuda_dispatch(device_id: i32, memory_limit: Option<usize>, tf32: bool) -> ort::ep::ExecutionProviderDispatch {
+    // ONNX Runtime turns TF32 on by default; the reference (PyTorch) does not for matmuls.
+    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(tf32);
     if let Some(limit) = memory_limit {
         cuda = cuda.with_memory_limit(limit);
     }
@@ -406,9 +412,9 @@ fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Resu
     let dispatches = match provider {
         ProviderConfig::Cpu => return Ok(builder),
         #[cfg(feature = "cuda")]
-        ProviderConfig::Cuda { device_id, memory_limit } => vec![cuda_dispatch(*device_id, *memory_limit)],
+        ProviderConfig::Cuda { device_id, memory_limit, tf32 } => vec![cuda_dispatch(*device_id, *memory_limit, *tf32)],
         #[cfg(all(feature = "tensorrt", feature = "cuda"))]
-        ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit } => {
+        ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit, tf32 } => {
             std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
             let cache = cache_dir.display().to_string();
             let trt = ort::ep::TensorRT::default()
@@ -425,7 +431,7 @@ fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Resu
                 .build()
                 .error_on_failure();
             // Nodes TensorRT cannot take run on CUDA rather than silently on the CPU.
-            vec![trt, cuda_dispatch(*device_id, *memory_limit)]
+            vec![trt, cuda_dispatch(*device_id, *memory_limit, *tf32)]
         }
         #[allow(unreachable_patterns)]
         _ => return Err(unavailable(format!("this zimage was built without the `{name}` feature"))),
