@@ -67,7 +67,10 @@ class RealRopeAttnProcessor(ZSingleStreamAttnProcessor):
         query = apply_real_rope(query, cos, sin)
         key = apply_real_rope(key, cos, sin)
         dtype = query.dtype
-        mask = None if attention_mask is None else attention_mask[:, None, None, :]
+        # A full [B, 1, S, S] mask: ONNX Runtime's fused Attention (opset 23) does not broadcast
+        # the query axis of the mask.
+        seq = query.shape[1]
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].expand(-1, 1, seq, -1)
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
         ).transpose(1, 2)

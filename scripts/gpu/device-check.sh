@@ -27,8 +27,14 @@ stage "CLI image on CUDA"
 timeout 60 "$BIN/zimage" generate --model models/tiny-zimage --prompt "a red apple" --width 64 --height 64 \
   --seed 42 --device cuda --output "$OUT/cuda.png" 2>&1 | tail -3
 
-for precision in fp16 fp32; do
-  pkg=$PKGS/rw-$precision
+if [ -d "$PKGS/tiny16" ]; then
+  stage "CLI image on CUDA from an fp16 package"
+  timeout 60 "$BIN/zimage" generate --model "$PKGS/tiny16" --prompt "a red apple" --width 64 --height 64 \
+    --seed 42 --device cuda --output "$OUT/cuda-fp16.png" 2>&1 | tail -3
+fi
+
+for pkg in "$PKGS"/rw-*; do
+  precision=${pkg##*/rw-}
   [ -f "$pkg/skeleton.json" ] || continue
   stage "real-width 2+2+2 transformer, $precision, 1024x1024 on CUDA"
   python3 scripts/gpu/weights_skeleton.py fill "$pkg" || continue
@@ -38,12 +44,12 @@ for precision in fp16 fp32; do
     --json > "$OUT/bench-rw-$precision.json" 2> "$OUT/bench-rw-$precision.err"
   echo "exit code $?"; kill $sampler
   echo "peak device memory MiB: $(sort -n "$OUT/mem-$precision.txt" | tail -1)"
-  head -c 3000 "$OUT/bench-rw-$precision.json"; tail -5 "$OUT/bench-rw-$precision.err"
-  if [ $precision = fp32 ]; then
+  python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2))" "$OUT/bench-rw-$precision.json"; tail -5 "$OUT/bench-rw-$precision.err"
+  if [ "$precision" = fp32 ]; then
     stage "the same with --cuda-tf32"
     timeout 120 "$BIN/zimage" bench --model "$pkg" --width 1024 --height 1024 --device cuda --cuda-tf32 --warmup 1 \
       --runs 2 --json > "$OUT/bench-rw-fp32-tf32.json" 2> "$OUT/bench-rw-fp32-tf32.err"
-    echo "exit code $?"; head -c 1500 "$OUT/bench-rw-fp32-tf32.json"
+    echo "exit code $?"; head -c 1500 "$OUT/bench-rw-fp32-tf32.json" | grep -A3 '"step 1"' 
   fi
   rm -f "$pkg"/*.data
 done
