@@ -260,7 +260,8 @@ impl Pipeline {
         let graph_with = |name: &'static str, device: Device, settings: &SessionSettings| -> Result<GraphSlot> {
             let entry = manifest.graphs.get(name);
             let path = Manifest::resolve(&dir, &entry.path);
-            let provider = ProviderConfig::new(device, name, &manifest, &options.gpu);
+            let exact_arena = options.memory_mode == MemoryMode::Sequential;
+            let provider = ProviderConfig::new(device, name, &manifest, &options.gpu, exact_arena);
             let mut settings = settings.clone();
             if name != "text_encoder" {
                 settings.optimized_cache = options

@@ -340,9 +340,12 @@ impl PromptEnhancer {
 fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
     match options.device {
         Device::Cpu => ProviderConfig::Cpu,
-        Device::Cuda { device_id } | Device::TensorRt { device_id } => {
-            ProviderConfig::Cuda { device_id, memory_limit: options.gpu.cuda_memory_limit, tf32: options.gpu.cuda_tf32 }
-        }
+        Device::Cuda { device_id } | Device::TensorRt { device_id } => ProviderConfig::Cuda {
+            device_id,
+            memory_limit: options.gpu.cuda_memory_limit,
+            tf32: options.gpu.cuda_tf32,
+            exact_arena: options.memory_mode == crate::session::MemoryMode::Sequential,
+        },
     }
 }
 

@@ -252,6 +252,7 @@ pub(crate) enum ProviderConfig {
         device_id: i32,
         memory_limit: Option<usize>,
         tf32: bool,
+        exact_arena: bool,
     },
     TensorRt {
         device_id: i32,
@@ -260,16 +261,28 @@ pub(crate) enum ProviderConfig {
         precision: TensorRtPrecision,
         memory_limit: Option<usize>,
         tf32: bool,
+        exact_arena: bool,
     },
 }
 
 impl ProviderConfig {
-    pub fn new(device: Device, graph: &str, manifest: &Manifest, gpu: &GpuOptions) -> ProviderConfig {
+    /// `exact_arena`: grow the CUDA arena by what is asked for instead of in powers of two (the
+    /// sequential memory mode's choice: a smaller peak for a few more allocations).
+    pub fn new(
+        device: Device,
+        graph: &str,
+        manifest: &Manifest,
+        gpu: &GpuOptions,
+        exact_arena: bool,
+    ) -> ProviderConfig {
         match device {
             Device::Cpu => ProviderConfig::Cpu,
-            Device::Cuda { device_id } => {
-                ProviderConfig::Cuda { device_id, memory_limit: gpu.cuda_memory_limit, tf32: gpu.cuda_tf32 }
-            }
+            Device::Cuda { device_id } => ProviderConfig::Cuda {
+                device_id,
+                memory_limit: gpu.cuda_memory_limit,
+                tf32: gpu.cuda_tf32,
+                exact_arena,
+            },
             Device::TensorRt { device_id } => ProviderConfig::TensorRt {
                 device_id,
                 profile: gpu.profile(graph, manifest),
@@ -277,6 +290,7 @@ impl ProviderConfig {
                 precision: gpu.tensorrt_precision,
                 memory_limit: gpu.cuda_memory_limit,
                 tf32: gpu.cuda_tf32,
+                exact_arena,
             },
         }
     }
@@ -397,9 +411,17 @@ fn disable_cpu_arena(builder: &mut SessionBuilder) -> std::result::Result<(), St
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_dispatch(device_id: i32, memory_limit: Option<usize>, tf32: bool) -> ort::ep::ExecutionProviderDispatch {
+fn cuda_dispatch(
+    device_id: i32,
+    memory_limit: Option<usize>,
+    tf32: bool,
+    exact_arena: bool,
+) -> ort::ep::ExecutionProviderDispatch {
     // ONNX Runtime turns TF32 on by default; the reference (PyTorch) does not for matmuls.
     let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(tf32);
+    if exact_arena {
+        cuda = cuda.with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested);
+    }
     if let Some(limit) = memory_limit {
         cuda = cuda.with_memory_limit(limit);
     }
@@ -412,9 +434,11 @@ fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Resu
     let dispatches = match provider {
         ProviderConfig::Cpu => return Ok(builder),
         #[cfg(feature = "cuda")]
-        ProviderConfig::Cuda { device_id, memory_limit, tf32 } => vec![cuda_dispatch(*device_id, *memory_limit, *tf32)],
+        ProviderConfig::Cuda { device_id, memory_limit, tf32, exact_arena } => {
+            vec![cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena)]
+        }
         #[cfg(all(feature = "tensorrt", feature = "cuda"))]
-        ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit, tf32 } => {
+        ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit, tf32, exact_arena } => {
             std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
             let cache = cache_dir.display().to_string();
             let trt = ort::ep::TensorRT::default()
@@ -431,7 +455,7 @@ fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Resu
                 .build()
                 .error_on_failure();
             // Nodes TensorRT cannot take run on CUDA rather than silently on the CPU.
-            vec![trt, cuda_dispatch(*device_id, *memory_limit, *tf32)]
+            vec![trt, cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena)]
         }
         #[allow(unreachable_patterns)]
         _ => return Err(unavailable(format!("this zimage was built without the `{name}` feature"))),
