@@ -1,6 +1,6 @@
 //! `zimage bench`: the same request run `warmup + runs` times; per-stage median/min/max from
-//! the SDK's own `Timings`, session-creation time, peak RSS, and the share of the total spent
-//! inside ONNX Runtime. `export-scripts/bench_reference.py` prints the same report for
+//! the SDK's own `Timings`, session-creation time, peak RSS (and peak GPU memory when a graph
+//! runs on a GPU), and the share of the total spent inside ONNX Runtime. `export-scripts/bench_reference.py` prints the same report for
 //! diffusers and compares the two JSON files.
 
 use std::io::IsTerminal;
@@ -9,6 +9,7 @@ use clap::Args;
 use serde_json::{json, Value};
 use zimage::{GenerateRequest, Timings};
 
+use crate::device_memory::DeviceMemorySampler;
 use crate::generate::{timings_json, StageProgress};
 use crate::{secs, ModelArgs};
 
@@ -53,6 +54,10 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> zimage::Result<()> {
     let progress = StageProgress::new(std::io::stderr().is_terminal());
+    let on_gpu = [Some(args.model.device), args.model.transformer_device]
+        .iter()
+        .any(|d| matches!(d, Some(zimage::Device::Cuda { .. } | zimage::Device::TensorRt { .. })));
+    let device_memory = if on_gpu { DeviceMemorySampler::start() } else { None };
     progress.stage("loading model");
     let pipeline = args.model.load(args.count, args.guidance > 0.0)?;
     let rss_after_load = peak_rss_bytes();
@@ -79,6 +84,7 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
         }
     }
     progress.finish();
+    let peak_device_memory = device_memory.map_or(Value::Null, DeviceMemorySampler::finish);
 
     let providers = pipeline.providers();
     let report = json!({
@@ -107,6 +113,8 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
         "load_s": secs(pipeline.load_time()),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_after_load_bytes": rss_after_load,
+        // Sampled every 20 ms over loading and all runs; null on CPU or without NVML.
+        "peak_device_memory": peak_device_memory,
         "weight_bytes": pipeline.manifest().weight_bytes(),
         "stages": stages(&samples),
         "images_per_s": summary(&samples.iter().map(|t| args.count as f64 / secs(t.total)).collect::<Vec<_>>()),
@@ -212,6 +220,14 @@ fn table(r: &Value) -> String {
         mib(&r["weight_bytes"]),
         num(&r["peak_rss_bytes"]) / num(&r["weight_bytes"])
     );
+    let device = &r["peak_device_memory"];
+    if !device.is_null() {
+        out += &format!(
+            "peak GPU memory: {} ({})\n",
+            mib(&device["bytes"]),
+            device["source"].as_str().unwrap_or_default()
+        );
+    }
     out
 }
 

@@ -2,6 +2,7 @@
 //! prints; the work itself lives in the `zimage` crate.
 
 mod bench;
+mod device_memory;
 mod enhance;
 mod generate;
 

@@ -386,6 +386,8 @@ fn bench_reports_every_stage() {
     assert!(report["weight_bytes"].as_u64().unwrap() > 0);
     if cfg!(target_os = "linux") {
         assert!(report["peak_rss_bytes"].as_u64().unwrap() >= report["peak_rss_after_load_bytes"].as_u64().unwrap());
+        // CPU run: no GPU memory to report.
+        assert!(report["peak_device_memory"].is_null());
     }
 
     let out = zimage(&[

@@ -44,7 +44,7 @@ for pkg in "$PKGS"/rw-*; do
     --json > "$OUT/bench-rw-$precision.json" 2> "$OUT/bench-rw-$precision.err"
   echo "exit code $?"; kill $sampler
   echo "peak device memory MiB: $(sort -n "$OUT/mem-$precision.txt" | tail -1)"
-  python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2))" "$OUT/bench-rw-$precision.json"; tail -5 "$OUT/bench-rw-$precision.err"
+  python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2), 'zimage peak_device_memory', d.get('peak_device_memory'))" "$OUT/bench-rw-$precision.json"; tail -5 "$OUT/bench-rw-$precision.err"
   if [ "$precision" = fp16-23 ]; then
     stage "the same in the sequential memory mode (CUDA arena grown as requested)"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-seq.txt" &
@@ -53,7 +53,7 @@ for pkg in "$PKGS"/rw-*; do
       --runs 2 --json > "$OUT/bench-rw-seq.json" 2> "$OUT/bench-rw-seq.err"
     echo "exit code $?"; kill $sampler
     echo "peak device memory MiB: $(sort -n "$OUT/mem-seq.txt" | tail -1)"
-    python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2))" "$OUT/bench-rw-seq.json"; tail -5 "$OUT/bench-rw-seq.err"
+    python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2), 'zimage peak_device_memory', d.get('peak_device_memory'))" "$OUT/bench-rw-seq.json"; tail -5 "$OUT/bench-rw-seq.err"
   fi
   if [ "$precision" = fp32 ]; then
     stage "the same with --cuda-tf32"
