@@ -27,11 +27,12 @@ stage "CLI image on CUDA"
 timeout 60 "$BIN/zimage" generate --model models/tiny-zimage --prompt "a red apple" --width 64 --height 64 \
   --seed 42 --device cuda --output "$OUT/cuda.png" 2>&1 | tail -3
 
-if [ -d "$PKGS/tiny16" ]; then
-  stage "CLI image on CUDA from an fp16 package"
-  timeout 60 "$BIN/zimage" generate --model "$PKGS/tiny16" --prompt "a red apple" --width 64 --height 64 \
-    --seed 42 --device cuda --output "$OUT/cuda-fp16.png" 2>&1 | tail -3
-fi
+for tiny in "$PKGS"/tiny16 "$PKGS"/tinybf; do
+  [ -d "$tiny" ] || continue
+  stage "CLI image on CUDA from ${tiny##*/}, latents compared with the fp32 CPU golden"
+  timeout 60 "$BIN/zimage" generate --model "$tiny" --prompt "A cat holding a sign that says hello world, studio lighting" --width 64 --height 64 \
+    --seed 42 --device cuda --output "$OUT/cuda-${tiny##*/}.png" --save-latents "$OUT/${tiny##*/}.npy" 2>&1 | tail -3
+done
 
 for pkg in "$PKGS"/rw-*; do
   precision=${pkg##*/rw-}
@@ -45,7 +46,7 @@ for pkg in "$PKGS"/rw-*; do
   echo "exit code $?"; kill $sampler
   echo "peak device memory MiB: $(sort -n "$OUT/mem-$precision.txt" | tail -1)"
   python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2), 'zimage peak_device_memory', d.get('peak_device_memory'))" "$OUT/bench-rw-$precision.json"; tail -5 "$OUT/bench-rw-$precision.err"
-  if [ "$precision" = fp16-23 ]; then
+  if [ "$precision" = fp16-23 ] && [ "${SEQUENTIAL:-1}" = 1 ]; then
     stage "the same in the sequential memory mode (CUDA arena grown as requested)"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-seq.txt" &
     sampler=$!

@@ -18,7 +18,18 @@ import numpy as np
 import onnx
 
 LARGE = 1 << 20
-FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+               onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def random_bytes(rng, dtype, length: int) -> np.ndarray:
+    """N(0, 0.02) values of `dtype` as bytes; bfloat16 (which numpy lacks) is the top half of
+    each float32."""
+    if dtype == "bfloat16":
+        values = (rng.standard_normal(length // 2, dtype=np.float32) * 0.02).view(np.uint32)
+        return (values >> 16).astype(np.uint16).view(np.uint8)
+    count = length // np.dtype(dtype).itemsize
+    return (rng.standard_normal(count, dtype=np.float32) * 0.02).astype(dtype).view(np.uint8)
 
 
 def external_tensors(graph_path: Path):
@@ -62,10 +73,7 @@ def fill(out: Path) -> None:
             start = offset + length
             if dtype_name is None:
                 break
-            dtype = FLOAT_TYPES[getattr(onnx.TensorProto, dtype_name)]
-            count = length // np.dtype(dtype).itemsize
-            values = (rng.standard_normal(count, dtype=np.float32) * 0.02).astype(dtype)
-            data[offset:offset + length] = values.view(np.uint8)
+            data[offset:offset + length] = random_bytes(rng, FLOAT_TYPES[getattr(onnx.TensorProto, dtype_name)], length)
         assert taken == small.size, location
         data.tofile(out / location)
         (out / f"{location}.small").unlink()

@@ -246,6 +246,7 @@ impl Pipeline {
             }
         }
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
+        check_precision_runs_on(&manifest.precision, options)?;
         let rt = runtime::runtime(options.runtime_library.as_deref())?;
         let settings = options.session_settings();
         // With an enhancer decoder in the package, the text encoder shares its weights file.
@@ -663,4 +664,17 @@ fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish() & 0xffff_ffff
+}
+
+/// ONNX Runtime's CPU provider has no bfloat16 kernels: say so before it fails on the first
+/// node with "Could not find an implementation".
+fn check_precision_runs_on(precision: &str, options: &LoadOptions) -> Result<()> {
+    let on_cpu = [Some(options.device), options.transformer_device].contains(&Some(Device::Cpu));
+    if precision == "bf16" && on_cpu {
+        return Err(Error::invalid(
+            "this package is bf16, which ONNX Runtime runs only on a GPU: load it with device cuda or tensorrt \
+             (text encoder and transformer), or export an fp32 or fp16 package for the CPU",
+        ));
+    }
+    Ok(())
 }

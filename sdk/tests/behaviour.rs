@@ -133,6 +133,30 @@ fn package_problems_are_package_errors() {
     }
 }
 
+#[test]
+fn a_bf16_package_on_the_cpu_is_refused_with_the_reason() {
+    let source = repo().join("models/tiny-zimage");
+    let dir = tempdir("bf16 package");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut m = json(&source.join("manifest.json"));
+    m["precision"] = "bf16".into();
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    for options in [
+        LoadOptions::default(),
+        LoadOptions { transformer_device: Some(Device::Cuda { device_id: 0 }), ..Default::default() },
+    ] {
+        let err = Pipeline::load(&dir, &options).err().expect("bf16 on the CPU");
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+        assert!(err.to_string().contains("bf16") && err.to_string().contains("GPU"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("zimage-test-{}-{}", std::process::id(), name.replace(' ', "-")));
     let _ = std::fs::remove_dir_all(&dir);
