@@ -23,7 +23,9 @@ from zimage_export import onnx_io  # noqa: E402
 from zimage_export.graphs import GRAPHS  # noqa: E402
 from zimage_export.manifest import build_manifest  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# No bf16: the graphs export, but ONNX Runtime 1.31's CUDA provider has no bfloat16 kernel for
+# some of their nodes (Pad first; tried on an H200, docs/gpu.md), so such a package runs nowhere.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 # ONNX opset per graph. At 23 the exporter writes the transformer's attention and RMSNorms as
 # the fused Attention / RMSNormalization ops, which ONNX Runtime runs as single kernels
