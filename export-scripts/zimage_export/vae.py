@@ -41,7 +41,9 @@ class NearestUpsampleConv(nn.Module):
         )
         self.bias = frozen(bias)
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
+        if output_size is not None and tuple(output_size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            raise ValueError(f"NearestUpsampleConv only doubles the size, not {tuple(x.shape[-2:])} -> {output_size}")
         # Phase (p, q) reads one pixel beyond the input on the top or bottom (p = 0 or 1) and on
         # the left or right (q = 0 or 1): that side is zero-padded, like the upsampled image.
         phases = [
