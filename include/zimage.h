@@ -195,6 +195,32 @@ typedef uint32_t zimage_tensorrt_precision;
 #endif // __cplusplus
 
 /**
+ * Where CUDA may run float32 work in TF32 (`zimage_load_params.cuda_tf32`, a `uint32_t`).
+ */
+enum zimage_tf32
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The default: PyTorch's defaults, so float32 packages give the reference's image (TF32
+   * for the VAE's convolutions, full float32 for the text encoder and transformer).
+   */
+  ZIMAGE_TF32_LIKE_PYTORCH = 0,
+  /**
+   * Full float32 everywhere.
+   */
+  ZIMAGE_TF32_OFF = 1,
+  /**
+   * TF32 in every graph: fastest, but the transformer drifts from the reference.
+   */
+  ZIMAGE_TF32_ON = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t zimage_tf32;
+#endif // __cplusplus
+
+/**
  * A loaded prompt enhancer (its decoder session and tokenizer), freed with
  * `zimage_enhancer_free()`.
  *
@@ -390,10 +416,10 @@ typedef struct zimage_load_params {
    */
   const char *optimized_model_cache;
   /**
-   * CUDA: let float32 matrix products and convolutions run in TF32 (faster on Ampere and
-   * later, but no longer the reference's image). Default false.
+   * CUDA: a `zimage_tf32`, where float32 work may run in TF32. Default
+   * `ZIMAGE_TF32_LIKE_PYTORCH`.
    */
-  bool cuda_tf32;
+  uint32_t cuda_tf32;
 } zimage_load_params;
 
 /**

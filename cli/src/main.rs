@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use clap::{Args, Parser, Subcommand};
 use zimage::{
     CancelHandle, Device, ErrorKind, GpuOptions, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision,
+    Tf32,
 };
 
 const EXIT_CODES: &str = "\
@@ -103,9 +104,10 @@ pub struct ModelArgs {
     /// CPU: keep optimised graphs in this folder so later loads are faster.
     #[arg(long, value_name = "DIR")]
     pub optimized_cache: Option<PathBuf>,
-    /// CUDA: run float32 matrix products in TF32 (faster, but not the reference's image).
-    #[arg(long)]
-    pub cuda_tf32: bool,
+    /// CUDA: where float32 work may run in TF32: like-pytorch (the VAE's convolutions only, the
+    /// reference's image), off, or on (fastest; the transformer drifts from the reference).
+    #[arg(long, value_name = "WHEN", default_value = "like-pytorch", value_parser = ["like-pytorch", "off", "on"])]
+    pub cuda_tf32: String,
 }
 
 impl ModelArgs {
@@ -137,7 +139,11 @@ impl ModelArgs {
                 resolutions: ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max },
                 max_images: max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST),
                 guidance,
-                cuda_tf32: self.cuda_tf32,
+                cuda_tf32: match self.cuda_tf32.as_str() {
+                    "off" => Tf32::Off,
+                    "on" => Tf32::On,
+                    _ => Tf32::LikePyTorch,
+                },
                 ..GpuOptions::default()
             },
             optimized_model_cache: self.optimized_cache.clone(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use sdk::{
     Device, EnhanceOptions, GenerateRequest, GpuOptions, GrayImage, InitImage, LoadOptions, MemoryMode, Prompt,
-    ResolutionRange, RgbImage, TensorRtPrecision,
+    ResolutionRange, RgbImage, TensorRtPrecision, Tf32,
 };
 
 use crate::args::{self, Versioned};
@@ -51,6 +51,19 @@ pub enum zimage_tensorrt_precision {
     Bf16 = 0,
     Fp16 = 1,
     Fp32 = 2,
+}
+
+/// Where CUDA may run float32 work in TF32 (`zimage_load_params.cuda_tf32`, a `uint32_t`).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum zimage_tf32 {
+    /// The default: PyTorch's defaults, so float32 packages give the reference's image (TF32
+    /// for the VAE's convolutions, full float32 for the text encoder and transformer).
+    LikePytorch = 0,
+    /// Full float32 everywhere.
+    Off = 1,
+    /// TF32 in every graph: fastest, but the transformer drifts from the reference.
+    On = 2,
 }
 
 /// `seed` value that asks for a random seed; the one used is reported by
@@ -139,9 +152,9 @@ pub struct zimage_load_params {
     /// CPU: a folder where ONNX Runtime's optimised transformer and VAE graphs are kept, so
     /// later loads skip graph optimisation. NULL (the default) = off. UTF-8.
     pub optimized_model_cache: *const c_char,
-    /// CUDA: let float32 matrix products and convolutions run in TF32 (faster on Ampere and
-    /// later, but no longer the reference's image). Default false.
-    pub cuda_tf32: bool,
+    /// CUDA: a `zimage_tf32`, where float32 work may run in TF32. Default
+    /// `ZIMAGE_TF32_LIKE_PYTORCH`.
+    pub cuda_tf32: u32,
 }
 
 unsafe impl Versioned for zimage_load_params {
@@ -180,7 +193,11 @@ unsafe impl Versioned for zimage_load_params {
             typical_caption_tokens: gpu.typical_caption_tokens,
             cuda_memory_limit: gpu.cuda_memory_limit.unwrap_or(0),
             optimized_model_cache: std::ptr::null(),
-            cuda_tf32: gpu.cuda_tf32,
+            cuda_tf32: match gpu.cuda_tf32 {
+                Tf32::LikePyTorch => zimage_tf32::LikePytorch,
+                Tf32::Off => zimage_tf32::Off,
+                Tf32::On => zimage_tf32::On,
+            } as u32,
         }
     }
 }
@@ -341,7 +358,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         guidance: p.guidance,
         typical_caption_tokens: p.typical_caption_tokens,
         cuda_memory_limit: (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit),
-        cuda_tf32: p.cuda_tf32,
+        cuda_tf32: tf32(p.cuda_tf32)?,
     };
     let options = LoadOptions {
         runtime_library,
@@ -375,6 +392,15 @@ fn tensorrt_precision(value: u32) -> Result<TensorRtPrecision, Failure> {
         other => Err(Failure::invalid(format!(
             "params->tensorrt_precision is {other}, which is not a zimage_tensorrt_precision (0..=2)"
         ))),
+    }
+}
+
+fn tf32(value: u32) -> Result<Tf32, Failure> {
+    match value {
+        v if v == zimage_tf32::LikePytorch as u32 => Ok(Tf32::LikePyTorch),
+        v if v == zimage_tf32::Off as u32 => Ok(Tf32::Off),
+        v if v == zimage_tf32::On as u32 => Ok(Tf32::On),
+        other => Err(Failure::invalid(format!("params->cuda_tf32 is {other}, which is not a zimage_tf32 (0..=2)"))),
     }
 }
 
@@ -564,14 +590,17 @@ mod tests {
         p.max_images = 4;
         p.guidance = true;
         p.cuda_memory_limit = 1 << 30;
-        p.cuda_tf32 = true;
+        p.cuda_tf32 = zimage_tf32::Off as u32;
         let gpu = unsafe { load_options(&p) }.unwrap().options.gpu;
         assert_eq!(gpu.cache_dir, Some(PathBuf::from("/tmp/engines")));
         assert_eq!(gpu.tensorrt_precision, TensorRtPrecision::Fp32);
         assert_eq!((gpu.resolutions.max, gpu.max_images, gpu.guidance), ((2048, 1536), 4, true));
         assert_eq!(gpu.cuda_memory_limit, Some(1 << 30));
-        assert!(gpu.cuda_tf32);
+        assert_eq!(gpu.cuda_tf32, Tf32::Off);
         p.tensorrt_precision = 3;
+        assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
+        p.tensorrt_precision = zimage_tensorrt_precision::Fp32 as u32;
+        p.cuda_tf32 = 3;
         assert_eq!(code(unsafe { load_options(&p) }), zimage_result::InvalidArgument);
         // A caller built against the first version: its struct ends at memory_mode.
         let mut old = zimage_load_params::defaults();

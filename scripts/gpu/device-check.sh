@@ -56,9 +56,16 @@ for pkg in "$PKGS"/rw-*; do
     echo "peak device memory MiB: $(sort -n "$OUT/mem-seq.txt" | tail -1)"
     python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']}, 'load', round(d['load_s'], 2), 'zimage peak_device_memory', d.get('peak_device_memory'))" "$OUT/bench-rw-seq.json"; tail -5 "$OUT/bench-rw-seq.err"
   fi
+  if [ "$precision" = vaenew ]; then
+    stage "the same with --cuda-tf32 off (full float32 in the VAE too)"
+    timeout 120 "$BIN/zimage" bench --model "$pkg" --width 1024 --height 1024 --device cuda --cuda-tf32 off --warmup 1 \
+      --runs 2 --json > "$OUT/bench-rw-vaenew-tf32off.json" 2> "$OUT/bench-rw-vaenew-tf32off.err"
+    echo "exit code $?"
+    python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({s['name']: round(s['median'] * 1000, 1) for s in d['stages']})" "$OUT/bench-rw-vaenew-tf32off.json"
+  fi
   if [ "$precision" = fp32 ]; then
-    stage "the same with --cuda-tf32"
-    timeout 120 "$BIN/zimage" bench --model "$pkg" --width 1024 --height 1024 --device cuda --cuda-tf32 --warmup 1 \
+    stage "the same with --cuda-tf32 on"
+    timeout 120 "$BIN/zimage" bench --model "$pkg" --width 1024 --height 1024 --device cuda --cuda-tf32 on --warmup 1 \
       --runs 2 --json > "$OUT/bench-rw-fp32-tf32.json" 2> "$OUT/bench-rw-fp32-tf32.err"
     echo "exit code $?"; head -c 1500 "$OUT/bench-rw-fp32-tf32.json" | grep -A3 '"step 1"' 
   fi

@@ -22,6 +22,32 @@ pub enum TensorRtPrecision {
     Bf16,
 }
 
+/// When CUDA may run float32 work in TF32 (10-bit mantissa, much faster on Ampere and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tf32 {
+    /// PyTorch's defaults, so float32 packages give the reference's image: TF32 for the VAE's
+    /// convolutions (cuDNN's `allow_tf32` is on in PyTorch), full float32 for the text encoder
+    /// and the transformer (PyTorch's float32 matmuls). ONNX Runtime has one switch per session,
+    /// so the VAE's few attention matmuls use TF32 too.
+    #[default]
+    LikePyTorch,
+    /// Full float32 everywhere.
+    Off,
+    /// TF32 in every graph (fastest; the transformer's results drift from the reference's).
+    On,
+}
+
+impl Tf32 {
+    /// Whether the session of `graph` (a package graph name) may use TF32.
+    pub fn for_graph(self, graph: &str) -> bool {
+        match self {
+            Tf32::LikePyTorch => graph.starts_with("vae_"),
+            Tf32::Off => false,
+            Tf32::On => true,
+        }
+    }
+}
+
 /// Image sizes (width, height in pixels) an engine must serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolutionRange {
@@ -51,10 +77,9 @@ pub struct GpuOptions {
     pub typical_caption_tokens: u32,
     /// Cap on the CUDA memory arena, in bytes.
     pub cuda_memory_limit: Option<usize>,
-    /// Let CUDA run float32 matrix products and convolutions in TF32 (10-bit mantissa): faster
-    /// on Ampere and later, but no longer the reference's image (PyTorch keeps float32 matmuls
-    /// in full precision by default). Off by default; fp16/bf16 packages are unaffected.
-    pub cuda_tf32: bool,
+    /// Where CUDA may use TF32 for float32 work (fp16 graphs are unaffected). Default: like
+    /// PyTorch (the VAE's convolutions only).
+    pub cuda_tf32: Tf32,
 }
 
 impl Default for GpuOptions {
@@ -67,7 +92,7 @@ impl Default for GpuOptions {
             guidance: false,
             typical_caption_tokens: 128,
             cuda_memory_limit: None,
-            cuda_tf32: false,
+            cuda_tf32: Tf32::LikePyTorch,
         }
     }
 }

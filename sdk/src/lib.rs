@@ -51,7 +51,7 @@ pub mod vae;
 pub use cancel::CancelHandle;
 pub use denoising::Guidance;
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision};
+pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision, Tf32};
 pub use image_io::{GrayImage, RgbImage};
 pub use manifest::Manifest;
 pub use pipeline::{

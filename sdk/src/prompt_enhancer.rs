@@ -343,7 +343,7 @@ fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
         Device::Cuda { device_id } | Device::TensorRt { device_id } => ProviderConfig::Cuda {
             device_id,
             memory_limit: options.gpu.cuda_memory_limit,
-            tf32: options.gpu.cuda_tf32,
+            tf32: options.gpu.cuda_tf32.for_graph("text_decoder"),
             exact_arena: options.memory_mode == crate::session::MemoryMode::Sequential,
         },
     }

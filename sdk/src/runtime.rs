@@ -280,7 +280,7 @@ impl ProviderConfig {
             Device::Cuda { device_id } => ProviderConfig::Cuda {
                 device_id,
                 memory_limit: gpu.cuda_memory_limit,
-                tf32: gpu.cuda_tf32,
+                tf32: gpu.cuda_tf32.for_graph(graph),
                 exact_arena,
             },
             Device::TensorRt { device_id } => ProviderConfig::TensorRt {
@@ -289,7 +289,7 @@ impl ProviderConfig {
                 cache_dir: gpu.cache_dir_for(graph, manifest),
                 precision: gpu.tensorrt_precision,
                 memory_limit: gpu.cuda_memory_limit,
-                tf32: gpu.cuda_tf32,
+                tf32: gpu.cuda_tf32.for_graph(graph),
                 exact_arena,
             },
         }
@@ -417,7 +417,7 @@ fn cuda_dispatch(
     tf32: bool,
     exact_arena: bool,
 ) -> ort::ep::ExecutionProviderDispatch {
-    // ONNX Runtime turns TF32 on by default; the reference (PyTorch) does not for matmuls.
+    // ONNX Runtime turns TF32 on by default; zimage decides per graph (`Tf32`).
     let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(tf32);
     if exact_arena {
         cuda = cuda.with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested);
