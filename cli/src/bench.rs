@@ -1,7 +1,8 @@
 //! `zimage bench`: the same request run `warmup + runs` times; per-stage median/min/max from
 //! the SDK's own `Timings`, session-creation time, peak RSS (and peak GPU memory when a graph
-//! runs on a GPU), and the share of the total spent inside ONNX Runtime. `export-scripts/bench_reference.py` prints the same report for
-//! diffusers and compares the two JSON files.
+//! runs on a GPU), and the share of the total spent inside ONNX Runtime.
+//! `export-scripts/bench_reference.py` prints the same report for diffusers and compares the
+//! two JSON files.
 
 use std::io::IsTerminal;
 

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nvml_wrapper::enums::device::UsedGpuMemory;
-use nvml_wrapper::Nvml;
+use nvml_wrapper::{Device, Nvml};
 use serde_json::{json, Value};
 
 const INTERVAL: Duration = Duration::from_millis(20);
@@ -39,13 +39,15 @@ impl DeviceMemorySampler {
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             let pid = std::process::id();
-            let baseline = device_used(&nvml);
+            let count = nvml.device_count().unwrap_or(0);
+            let devices: Vec<Device> = (0..count).filter_map(|index| nvml.device_by_index(index).ok()).collect();
+            let baseline = device_used(&devices);
             let mut peak = Peak::default();
             while !flag.load(Ordering::Relaxed) {
-                if let Some(bytes) = process_used(&nvml, pid) {
+                if let Some(bytes) = process_used(&devices, pid) {
                     peak.process = peak.process.max(Some(bytes));
                 }
-                if let (Some(now), Some(base)) = (device_used(&nvml), baseline) {
+                if let (Some(now), Some(base)) = (device_used(&devices), baseline) {
                     peak.device_above_baseline = peak.device_above_baseline.max(Some(now.saturating_sub(base)));
                 }
                 std::thread::sleep(INTERVAL);
@@ -67,10 +69,9 @@ impl DeviceMemorySampler {
     }
 }
 
-fn process_used(nvml: &Nvml, pid: u32) -> Option<u64> {
+fn process_used(devices: &[Device], pid: u32) -> Option<u64> {
     let mut total = None;
-    for index in 0..nvml.device_count().ok()? {
-        let device = nvml.device_by_index(index).ok()?;
+    for device in devices {
         for process in device.running_compute_processes().ok()? {
             if let (true, UsedGpuMemory::Used(bytes)) = (process.pid == pid, process.used_gpu_memory) {
                 total = Some(total.unwrap_or(0) + bytes);
@@ -80,10 +81,6 @@ fn process_used(nvml: &Nvml, pid: u32) -> Option<u64> {
     total
 }
 
-fn device_used(nvml: &Nvml) -> Option<u64> {
-    let mut total = 0;
-    for index in 0..nvml.device_count().ok()? {
-        total += nvml.device_by_index(index).ok()?.memory_info().ok()?.used;
-    }
-    Some(total)
+fn device_used(devices: &[Device]) -> Option<u64> {
+    devices.iter().map(|device| device.memory_info().ok().map(|info| info.used)).sum()
 }

@@ -48,6 +48,12 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
+    /// Whether the CUDA arena grows by what is asked for (the sequential mode's smaller peak)
+    /// rather than in powers of two.
+    pub(crate) fn exact_gpu_arena(&self) -> bool {
+        self.memory_mode == MemoryMode::Sequential
+    }
+
     /// The session settings every graph starts from; stages adjust their own.
     pub(crate) fn session_settings(&self) -> SessionSettings {
         SessionSettings {
@@ -261,8 +267,7 @@ impl Pipeline {
         let graph_with = |name: &'static str, device: Device, settings: &SessionSettings| -> Result<GraphSlot> {
             let entry = manifest.graphs.get(name);
             let path = Manifest::resolve(&dir, &entry.path);
-            let exact_arena = options.memory_mode == MemoryMode::Sequential;
-            let provider = ProviderConfig::new(device, name, &manifest, &options.gpu, exact_arena);
+            let provider = ProviderConfig::new(device, name, &manifest, &options.gpu, options.exact_gpu_arena());
             let mut settings = settings.clone();
             if name != "text_encoder" {
                 settings.optimized_cache = options

@@ -344,7 +344,7 @@ fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
             device_id,
             memory_limit: options.gpu.cuda_memory_limit,
             tf32: options.gpu.cuda_tf32.for_graph("text_decoder"),
-            exact_arena: options.memory_mode == crate::session::MemoryMode::Sequential,
+            exact_arena: options.exact_gpu_arena(),
         },
     }
 }
