@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zimage_export import onnx_io  # noqa: E402
+from zimage_export import onnx_io, winograd  # noqa: E402
 from zimage_export.graphs import GRAPHS  # noqa: E402
-from zimage_export.manifest import build_manifest  # noqa: E402
+from zimage_export.manifest import REQUIRED_GRAPHS, build_manifest  # noqa: E402
 
 # No bf16: the graphs export, but ONNX Runtime 1.31's CUDA provider has no bfloat16 kernel for
 # some of their nodes (Pad first; tried on an H200, docs/gpu.md), so such a package runs nowhere.
@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # batch size. The VAEs stay at 18: their group norms would become GroupNormalization, which
 # ONNX Runtime's CPU runs slower (VAE decode 14.0 -> 15-17 s on the mid-size model) than the
 # InstanceNormalization form.
-DEFAULT_OPSETS = {"text_encoder": 18, "transformer": 23, "vae_decoder": 18, "vae_encoder": 18}
+DEFAULT_OPSETS = {"text_encoder": 18, "transformer": 23, "vae_decoder": 18, "vae_encoder": 18, "vae_decoder_cpu": 18}
 
 
 def pad_token_id(src: Path) -> int:
@@ -56,8 +56,12 @@ def main(argv=None) -> None:
     parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), help="export only these")
     parser.add_argument("--external-data-threshold", type=int, default=onnx_io.EXTERNAL_DATA_THRESHOLD,
                         help="graphs whose weights exceed this many bytes keep them in <graph>.onnx.data")
+    parser.add_argument("--winograd-min-channels", type=int, default=winograd.MIN_CHANNELS,
+                        help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
+                             "use Winograd (lower only for tests: narrower ones are slower that way)")
     args = parser.parse_args(argv)
     onnx_io.EXTERNAL_DATA_THRESHOLD = args.external_data_threshold
+    winograd.MIN_CHANNELS = args.winograd_min_channels
 
     torch.manual_seed(0)  # nothing should be random, but keep any stray draw reproducible
     src, out = args.src.resolve(), args.out.resolve()
@@ -66,11 +70,18 @@ def main(argv=None) -> None:
     for name in args.graphs:
         start = time.time()
         opset = args.opset or DEFAULT_OPSETS[name]
-        onnx_io.export_graph(GRAPHS[name](src, DTYPES[args.precision]), out, opset)
+        spec = GRAPHS[name](src, DTYPES[args.precision])
+        if spec is None:  # an optional graph that would equal a required one
+            for stale in (out / f"{name}.onnx", out / f"{name}.onnx.data"):
+                stale.unlink(missing_ok=True)
+            print(f"skipped {name}: no convolution is wide enough for it to differ from vae_decoder", flush=True)
+            continue
+        onnx_io.export_graph(spec, out, opset)
+        del spec
         gc.collect()
         print(f"exported {name} in {time.time() - start:.1f} s", flush=True)
 
-    if not all((out / f"{name}.onnx").exists() for name in GRAPHS):
+    if not all((out / f"{name}.onnx").exists() for name in REQUIRED_GRAPHS):
         print("some graphs are missing: manifest.json not written (partial export)")
         return
     manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src))

@@ -12,6 +12,7 @@ from torch.export import Dim
 
 from .text_encoder import TextEncoderExport
 from .transformer_wrapper import ZImageTransformerExport
+from . import winograd
 from .vae import VaeDecoderExport, VaeEncoderExport
 
 MAX = 1 << 20  # an upper bound for the dynamic dimensions the exporter needs to be told
@@ -105,14 +106,19 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def vae_decoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
+def vae_decoder_spec(src: Path, dtype: torch.dtype, winograd_min_channels: int | None = None) -> GraphSpec | None:
+    """With `winograd_min_channels`, the CPU variant (vae_decoder_cpu.onnx), or None when no
+    convolution is wide enough for it to differ from vae_decoder.onnx."""
     vae = load_vae(src, vae_dtype(src, dtype))
+    module = VaeDecoderExport(vae, winograd_min_channels)
+    if winograd_min_channels is not None and module.winograd_convs == 0:
+        return None
     latents = torch.randn(2, vae.config.latent_channels, 3, 5, generator=torch.Generator().manual_seed(0))
     batch, h, w = Dim("batch", min=1, max=MAX), Dim("latent_h", min=1, max=MAX), Dim("latent_w", min=1, max=MAX)
     return GraphSpec(
-        VaeDecoderExport(vae),
+        module,
         (latents,),
-        "vae_decoder.onnx",
+        "vae_decoder.onnx" if winograd_min_channels is None else "vae_decoder_cpu.onnx",
         ["latents"],
         ["image"],
         {"latents": {0: batch, 2: h, 3: w}},
@@ -139,5 +145,7 @@ GRAPHS = {
     "text_encoder": text_encoder_spec,
     "transformer": transformer_spec,
     "vae_decoder": vae_decoder_spec,
+    # The same decoder for the CPU: wide 3x3 convolutions by Winograd (winograd.py).
+    "vae_decoder_cpu": lambda src, dtype: vae_decoder_spec(src, dtype, winograd.MIN_CHANNELS),
     "vae_encoder": vae_encoder_spec,
 }

@@ -11,6 +11,10 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
 SEQUENCE_MULTIPLE = 32  # SEQ_MULTI_OF in diffusers' transformer_z_image.py
 
 
+# Graphs every package has; the others (vae_decoder_cpu) only where they differ from these.
+REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+
+
 def file_entry(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,7 +67,11 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
             "model_index_sha256": file_entry(src / "model_index.json")["sha256"],
         },
         "tokenizer": file_entry(package / "tokenizer.json"),
-        "graphs": {g: graph_entry(package, g) for g in ("text_encoder", "transformer", "vae_decoder", "vae_encoder")},
+        "graphs": {
+            g: graph_entry(package, g)
+            for g in ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vae_decoder_cpu")
+            if g in REQUIRED_GRAPHS or (package / f"{g}.onnx").exists()
+        },
         "text_encoder": {
             "hidden_size": tecfg["hidden_size"],
             "max_sequence_length": MAX_SEQUENCE_LENGTH,

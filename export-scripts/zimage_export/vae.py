@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from .winograd import with_winograd_convs
+
 # Output phase 0 of a nearest 2x upsampling followed by a 3x3 convolution (padding 1) reads
 # input offsets -1 and 0: the first takes kernel tap 0, the second taps 1 and 2. Phase 1 reads
 # offsets 0 and +1: taps 0 and 1, then tap 2. Rows and columns alike.
@@ -73,10 +75,16 @@ def with_fast_upsamplers(decoder: nn.Module) -> nn.Module:
 
 
 class VaeDecoderExport(nn.Module):
-    def __init__(self, vae: nn.Module):
+    """`winograd_min_channels`: compute the 3x3 convolutions at least this wide with Winograd
+    F(4x4, 3x3) (winograd.py; the CPU variant of the decoder), or none when None."""
+
+    def __init__(self, vae: nn.Module, winograd_min_channels: int | None = None):
         super().__init__()
         self.post_quant_conv = vae.post_quant_conv
         self.decoder = with_fast_upsamplers(vae.decoder)
+        self.winograd_convs = 0
+        if winograd_min_channels is not None:
+            self.winograd_convs = with_winograd_convs(self.decoder, winograd_min_channels)
         self.dtype = next(vae.parameters()).dtype
 
     def forward(self, latents):
