@@ -420,6 +420,12 @@ typedef struct zimage_load_params {
    * `ZIMAGE_TF32_LIKE_PYTORCH`.
    */
   uint32_t cuda_tf32;
+  /**
+   * CPU: decode with the package's Winograd VAE decoder (`vae_decoder_cpu`): about 15-20 %
+   * faster decoding, more memory while decoding, images within one 8-bit level. Loading
+   * fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the package has none. Default false.
+   */
+  bool winograd_vae;
 } zimage_load_params;
 
 /**

@@ -110,6 +110,8 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
             "transformer": providers.transformer.to_string(),
             "vae_decoder": providers.vae_decoder.to_string(),
         },
+        // vae_decoder_cpu.onnx (Winograd) with --winograd-vae on the CPU, else vae_decoder.onnx.
+        "vae_decoder_graph": pipeline.vae_decoder_file().file_name().map(|n| n.to_string_lossy().into_owned()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "load_s": secs(pipeline.load_time()),
         "peak_rss_bytes": peak_rss_bytes(),

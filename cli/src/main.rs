@@ -82,6 +82,10 @@ pub struct ModelArgs {
     /// Load each graph only for its stage (text encoder, transformer, VAE) to save memory.
     #[arg(long)]
     pub sequential: bool,
+    /// CPU: decode with the package's Winograd VAE decoder (vae_decoder_cpu): about 15-20 %
+    /// faster decoding, more memory while decoding, images within one level.
+    #[arg(long)]
+    pub winograd_vae: bool,
     /// Check the sha256 of every package file, the large ones too.
     #[arg(long)]
     pub verify_checksums: bool,
@@ -147,6 +151,7 @@ impl ModelArgs {
                 ..GpuOptions::default()
             },
             optimized_model_cache: self.optimized_cache.clone(),
+            winograd_vae: self.winograd_vae,
         }
     }
 }

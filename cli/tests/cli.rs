@@ -384,11 +384,20 @@ fn bench_reports_every_stage() {
     );
     assert!(report["load_s"].as_f64().unwrap() > 0.0);
     assert!(report["weight_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report["vae_decoder_graph"], "vae_decoder.onnx");
     if cfg!(target_os = "linux") {
         assert!(report["peak_rss_bytes"].as_u64().unwrap() >= report["peak_rss_after_load_bytes"].as_u64().unwrap());
         // CPU run: no GPU memory to report.
         assert!(report["peak_device_memory"].is_null());
     }
+
+    let out = zimage(&[
+        "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "1", "--warmup", "0", "--runs", "1",
+        "--json", "--winograd-vae",
+    ]);
+    assert_code(&out, 0);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["vae_decoder_graph"], "vae_decoder_cpu.onnx");
 
     let out = zimage(&[
         "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "2", "--warmup", "0", "--runs", "1",

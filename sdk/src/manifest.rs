@@ -48,6 +48,11 @@ pub struct Graphs {
     pub transformer: GraphEntry,
     pub vae_decoder: GraphEntry,
     pub vae_encoder: GraphEntry,
+    /// The same VAE decoder arranged for the CPU (its wide 3x3 convolutions by Winograd
+    /// F(4x4, 3x3), same weights); used instead of `vae_decoder` on the CPU with
+    /// `LoadOptions::winograd_vae` (optional, see docs/package-format.md).
+    #[serde(default)]
+    pub vae_decoder_cpu: Option<GraphEntry>,
     /// Causal-LM decoder with a KV cache for the prompt enhancer (optional).
     #[serde(default)]
     pub text_decoder: Option<GraphEntry>,
@@ -314,6 +319,12 @@ impl Manifest {
             let graph = self.graphs.get(name);
             check_io(name, "input", &graph.inputs, inputs)?;
             check_io(name, "output", &graph.outputs, outputs)?;
+            if name == "vae_decoder" {
+                if let Some(cpu) = &self.graphs.vae_decoder_cpu {
+                    check_io("vae_decoder_cpu", "input", &cpu.inputs, inputs)?;
+                    check_io("vae_decoder_cpu", "output", &cpu.outputs, outputs)?;
+                }
+            }
         }
         let t = &self.transformer;
         let v = &self.vae;
@@ -355,6 +366,7 @@ impl Manifest {
 
     fn check_files(&self, dir: &Path, verify_all: bool) -> Result<()> {
         let mut graphs: Vec<&GraphEntry> = EXPECTED_IO.iter().map(|(name, _, _)| self.graphs.get(name)).collect();
+        graphs.extend(self.graphs.vae_decoder_cpu.as_ref());
         graphs.extend(self.graphs.text_decoder.as_ref());
         check_graph_files(dir, &[&self.tokenizer], &graphs, verify_all)
     }
@@ -379,7 +391,8 @@ impl Manifest {
     }
 
     /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
-    /// A weights file shared by several graphs counts once.
+    /// A weights file shared by several graphs counts once; `vae_decoder_cpu` is loaded instead
+    /// of `vae_decoder`, not besides it, so it is not counted.
     pub fn weight_bytes(&self) -> u64 {
         let mut graphs: Vec<&GraphEntry> = EXPECTED_IO.iter().map(|(name, _, _)| self.graphs.get(name)).collect();
         graphs.extend(self.graphs.text_decoder.as_ref());

@@ -1,7 +1,7 @@
 //! One ONNX Runtime session per graph, shared between threads, with run-time accounting and
 //! cancellation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,11 @@ impl GraphSlot {
     /// The provider that runs this graph.
     pub fn device(&self) -> Device {
         self.used_device
+    }
+
+    /// The graph file the sessions are made from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The session for one stage; in sequential mode a fresh one, released when dropped.

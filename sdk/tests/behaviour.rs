@@ -115,6 +115,8 @@ fn package_problems_are_package_errors() {
         ("escaping path", Box::new(|m| m["tokenizer"]["path"] = "../tiny-zimage/tokenizer.json".into())),
         ("renamed graph input", Box::new(|m| m["graphs"]["transformer"]["inputs"][0]["name"] = "x".into())),
         ("mismatched channels", Box::new(|m| m["vae"]["latent_channels"] = 3.into())),
+        ("renamed cpu decoder output", Box::new(|m| m["graphs"]["vae_decoder_cpu"]["outputs"][0]["name"] = "x".into())),
+        ("wrong cpu decoder checksum", Box::new(|m| m["graphs"]["vae_decoder_cpu"]["sha256"] = "00".repeat(32).into())),
     ];
     for (name, edit) in variants {
         let dir = tempdir(name);
@@ -281,6 +283,51 @@ fn writing_into_a_missing_folder_is_an_io_error() {
     let image = zimage::RgbImage { width: 1, height: 1, pixels: vec![0, 0, 0] };
     let err = zimage::image_io::write_png(&repo().join("no/such/dir/x.png"), &image, &[]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Io);
+}
+
+#[test]
+fn the_winograd_vae_decoder_gives_the_direct_decoders_images() {
+    // Sizes whose latent sides are not multiples of 4, so the 4x4 Winograd tiles of the first
+    // decoder level are partly outside the image (tiny-zimage: VAE factor 8, alt: 4).
+    for (package, width, height) in [("tiny-zimage", 80, 48), ("tiny-zimage-alt", 88, 40)] {
+        let dir = repo().join("models").join(package);
+        let direct = Pipeline::load(&dir, &LoadOptions { threads: Some(1), ..Default::default() }).unwrap();
+        let options = LoadOptions { threads: Some(1), winograd_vae: true, ..Default::default() };
+        let winograd = Pipeline::load(&dir, &options).unwrap();
+        assert_eq!(direct.vae_decoder_file(), dir.join("vae_decoder.onnx"));
+        assert_eq!(winograd.vae_decoder_file(), dir.join("vae_decoder_cpu.onnx"));
+        let mut r = small("a lighthouse in fog");
+        (r.width, r.height, r.count) = (width, height, 2);
+        let a = winograd.generate(&r, None).unwrap();
+        let b = direct.generate(&r, None).unwrap();
+        assert_eq!(a.latents, b.latents, "{package}: the decoders share everything before decoding");
+        for (x, y) in a.images.iter().zip(&b.images) {
+            assert!(max_pixel_diff(x, y) <= 1, "{package}: images differ by {} levels", max_pixel_diff(x, y));
+        }
+    }
+}
+
+#[test]
+fn winograd_vae_needs_a_package_with_the_cpu_decoder() {
+    let source = repo().join("models/tiny-zimage");
+    let dir = tempdir("no cpu decoder");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut m = json(&source.join("manifest.json"));
+    m["graphs"].as_object_mut().unwrap().remove("vae_decoder_cpu");
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    let options = LoadOptions { threads: Some(1), winograd_vae: true, ..Default::default() };
+    let err = Pipeline::load(&dir, &options).err().expect("winograd_vae without vae_decoder_cpu");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("vae_decoder_cpu"), "{err}");
+    // Without the option the same package loads and decodes with vae_decoder.
+    let plain = Pipeline::load(&dir, &LoadOptions { threads: Some(1), ..Default::default() }).unwrap();
+    assert_eq!(plain.vae_decoder_file(), dir.join("vae_decoder.onnx"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
