@@ -2,9 +2,10 @@
 
     python export.py --src Z-Image-Turbo --out zimage-turbo-fp16 --precision fp16
 
-Writes text_encoder.onnx, transformer.onnx, vae_decoder.onnx, vae_encoder.onnx (each with one
-.onnx.data file beside it when over 2 GB), tokenizer.json and manifest.json, as described in
-docs/package-format.md. Components are loaded one at a time, directly in the package precision,
+Writes text_encoder.onnx, transformer.onnx, vae_decoder.onnx, vae_encoder.onnx and
+vae_decoder_cpu.onnx (the decoder with Winograd convolutions, for --winograd-vae on the CPU;
+each graph with one .onnx.data file beside it when its weights exceed 32 MiB), tokenizer.json
+and manifest.json, as described in docs/package-format.md. Components are loaded one at a time, directly in the package precision,
 so peak memory is about one component's weights (plus the exporter's working set).
 """
 

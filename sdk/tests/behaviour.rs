@@ -106,8 +106,6 @@ fn package_problems_are_package_errors() {
     let options = LoadOptions::default();
     assert_eq!(kind_of(Pipeline::load(repo().join("models/does-not-exist"), &options)), ErrorKind::Package);
 
-    let source = repo().join("models/tiny-zimage");
-    let manifest: serde_json::Value = json(&source.join("manifest.json"));
     let variants: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
         ("future format version", Box::new(|m| m["format_version"] = 99.into())),
         ("wrong size", Box::new(|m| m["graphs"]["vae_decoder"]["bytes"] = 12.into())),
@@ -119,16 +117,7 @@ fn package_problems_are_package_errors() {
         ("wrong cpu decoder checksum", Box::new(|m| m["graphs"]["vae_decoder_cpu"]["sha256"] = "00".repeat(32).into())),
     ];
     for (name, edit) in variants {
-        let dir = tempdir(name);
-        for entry in std::fs::read_dir(&source).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_name() != "manifest.json" {
-                std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-            }
-        }
-        let mut m = manifest.clone();
-        edit(&mut m);
-        std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+        let dir = tiny_package_with_manifest(name, edit);
         let err = Pipeline::load(&dir, &options).err().unwrap_or_else(|| panic!("{name}: loaded"));
         assert_eq!(err.kind(), ErrorKind::Package, "{name}: {err}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -137,17 +126,7 @@ fn package_problems_are_package_errors() {
 
 #[test]
 fn a_bf16_package_on_the_cpu_is_refused_with_the_reason() {
-    let source = repo().join("models/tiny-zimage");
-    let dir = tempdir("bf16 package");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "manifest.json" {
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-    let mut m = json(&source.join("manifest.json"));
-    m["precision"] = "bf16".into();
-    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    let dir = tiny_package_with_manifest("bf16 package", |m| m["precision"] = "bf16".into());
     for options in [
         LoadOptions::default(),
         LoadOptions { transformer_device: Some(Device::Cuda { device_id: 0 }), ..Default::default() },
@@ -157,6 +136,22 @@ fn a_bf16_package_on_the_cpu_is_refused_with_the_reason() {
         assert!(err.to_string().contains("bf16") && err.to_string().contains("GPU"), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A temporary package: links to tiny-zimage's files and its manifest changed by `edit`.
+fn tiny_package_with_manifest(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
+    let source = repo().join("models/tiny-zimage");
+    let dir = tempdir(name);
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut m = json(&source.join("manifest.json"));
+    edit(&mut m);
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    dir
 }
 
 fn tempdir(name: &str) -> std::path::PathBuf {
@@ -309,17 +304,9 @@ fn the_winograd_vae_decoder_gives_the_direct_decoders_images() {
 
 #[test]
 fn winograd_vae_needs_a_package_with_the_cpu_decoder() {
-    let source = repo().join("models/tiny-zimage");
-    let dir = tempdir("no cpu decoder");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "manifest.json" {
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-    let mut m = json(&source.join("manifest.json"));
-    m["graphs"].as_object_mut().unwrap().remove("vae_decoder_cpu");
-    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&m).unwrap()).unwrap();
+    let dir = tiny_package_with_manifest("no cpu decoder", |m| {
+        m["graphs"].as_object_mut().unwrap().remove("vae_decoder_cpu");
+    });
     let options = LoadOptions { threads: Some(1), winograd_vae: true, ..Default::default() };
     let err = Pipeline::load(&dir, &options).err().expect("winograd_vae without vae_decoder_cpu");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
