@@ -1,6 +1,7 @@
 //! `zimage`: the command-line face of the zimage SDK. It parses arguments, calls the SDK and
 //! prints; the work itself lives in the `zimage` crate.
 
+mod allocator;
 mod bench;
 mod device_memory;
 mod enhance;
@@ -170,6 +171,7 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
 }
 
 fn main() -> ExitCode {
+    allocator::map_large_allocations();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
