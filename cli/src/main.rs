@@ -261,11 +261,24 @@ fn install_interrupt_handler() {
     static PRESSES: AtomicU32 = AtomicU32::new(0);
     let installed = ctrlc::set_handler(|| match (CANCEL.get(), PRESSES.fetch_add(1, Ordering::SeqCst)) {
         (Some(handle), 0) => handle.cancel(),
-        _ => std::process::exit(130),
+        _ => exit_now(130),
     });
     // Without a handler Ctrl-C keeps its default effect (the process ends), which is still
     // correct, only less tidy.
     let _ = installed;
+}
+
+/// Ends the process from the Ctrl-C handler's thread while the main thread may be inside ONNX
+/// Runtime (loading, or after a second Ctrl-C): `std::process::exit` would run ONNX Runtime's
+/// C++ static destructors while that thread still uses them.
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: _exit ends the process at once; nothing after it runs.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 /// Seconds as a JSON number.
