@@ -18,7 +18,7 @@ layer, scheduled next to the layer; see `forward`).
 
 The price is memory: the transformed input and the 36 products are 2.25x the size of the
 layer's input and output, so the decoder's activations peak higher (mid-size model at
-512x512: about +0.5 GB of process peak RSS). That is why the runtime uses this graph only when
+512x512: +0.2 to +0.5 GB of process peak RSS). That is why the runtime uses this graph only when
 asked (`LoadOptions::winograd_vae`).
 
 The results differ from a direct convolution by float rounding only; F(4x4, 3x3)'s transforms

@@ -48,7 +48,7 @@ pub struct LoadOptions {
     /// CPU: decode with the package's `vae_decoder_cpu`, whose wide 3x3 convolutions run as
     /// Winograd F(4x4, 3x3): same weights, images within one 8-bit level of `vae_decoder`'s,
     /// decoding about 15-20 % faster, at the cost of more activation memory while decoding
-    /// (mid-size model at 512x512: about +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
+    /// (mid-size model at 512x512: +0.2 to +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
     /// the decoder runs on a GPU; an InvalidRequest error when the package has no such graph.
     pub winograd_vae: bool,
 }
