@@ -11,8 +11,9 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
 SEQUENCE_MULTIPLE = 32  # SEQ_MULTI_OF in diffusers' transformer_z_image.py
 
 
-# Graphs every package has; the others (vae_decoder_cpu) only where they differ from these.
+# Graphs every package has, and those it has only where they differ from these.
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+OPTIONAL_GRAPHS = ("vae_decoder_cpu",)
 
 
 def file_entry(path: Path) -> dict:
@@ -69,7 +70,7 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
         "tokenizer": file_entry(package / "tokenizer.json"),
         "graphs": {
             g: graph_entry(package, g)
-            for g in ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "vae_decoder_cpu")
+            for g in (*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS)
             if g in REQUIRED_GRAPHS or (package / f"{g}.onnx").exists()
         },
         "text_encoder": {

@@ -81,7 +81,7 @@ class WinogradConv3x3(nn.Module):
         self.output_transform = frozen(two_d(A_T))
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(out_channels)
         self.bias = frozen(bias.reshape(1, -1, 1, 1))
-        self.out_channels, self.in_channels = out_channels, in_channels
+        self.out_channels = out_channels
 
     def forward(self, x):
         n, c, h, w = x.shape
@@ -122,7 +122,7 @@ def is_winograd_candidate(module: nn.Module, min_channels: int) -> bool:
     )
 
 
-def with_winograd_convs(module: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+def with_winograd_convs(module: nn.Module, min_channels: int) -> int:
     """Replaces every qualifying 3x3 convolution inside `module`; returns how many."""
     replaced = 0
     for parent in list(module.modules()):

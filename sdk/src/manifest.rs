@@ -319,11 +319,11 @@ impl Manifest {
             let graph = self.graphs.get(name);
             check_io(name, "input", &graph.inputs, inputs)?;
             check_io(name, "output", &graph.outputs, outputs)?;
-            if name == "vae_decoder" {
-                if let Some(cpu) = &self.graphs.vae_decoder_cpu {
-                    check_io("vae_decoder_cpu", "input", &cpu.inputs, inputs)?;
-                    check_io("vae_decoder_cpu", "output", &cpu.outputs, outputs)?;
-                }
+        }
+        if let Some(cpu) = &self.graphs.vae_decoder_cpu {
+            let decoder = &self.graphs.vae_decoder;
+            if cpu.inputs != decoder.inputs || cpu.outputs != decoder.outputs {
+                return Err("graphs.vae_decoder_cpu must have vae_decoder's inputs and outputs".into());
             }
         }
         let t = &self.transformer;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuOptions;
 use crate::image_io::{self, GrayImage, RgbImage};
 use crate::image_to_image::{self, Start};
-use crate::manifest::Manifest;
+use crate::manifest::{GraphEntry, Manifest};
 use crate::noise::TorchGenerator;
 use crate::prompt_enhancer::{EnhanceOptions, PromptEnhancer};
 use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
@@ -270,17 +270,7 @@ impl Pipeline {
         if uses_tensorrt {
             options.gpu.check(&manifest)?;
         }
-        let graph_with = |name: &'static str, device: Device, settings: &SessionSettings| -> Result<GraphSlot> {
-            let entry = match (name, device, options.winograd_vae, &manifest.graphs.vae_decoder_cpu) {
-                ("vae_decoder", Device::Cpu, true, Some(cpu)) => cpu,
-                ("vae_decoder", Device::Cpu, true, None) => {
-                    return Err(Error::invalid(
-                        "winograd_vae: this package has no vae_decoder_cpu graph (export-scripts/export.py writes one \
-                         for VAEs with convolutions of 256 channels or more)",
-                    ))
-                }
-                _ => manifest.graphs.get(name),
-            };
+        let graph_with = |name: &'static str, entry: &GraphEntry, device: Device, settings: &SessionSettings| {
             let path = Manifest::resolve(&dir, &entry.path);
             let provider = ProviderConfig::new(device, name, &manifest, &options.gpu, options.exact_gpu_arena());
             let mut settings = settings.clone();
@@ -292,13 +282,14 @@ impl Pipeline {
             }
             GraphSlot::load(rt, name, path, provider, &settings, options.memory_mode)
         };
-        let graph = |name: &'static str, device: Device| graph_with(name, device, &settings);
+        let graph = |name: &'static str, device: Device| graph_with(name, manifest.graphs.get(name), device, &settings);
         let text = TextEncoder::new(&Manifest::resolve(&dir, &manifest.tokenizer.path), manifest.text_encoder.clone())?;
-        let text_encoder = graph_with("text_encoder", options.device, &text_settings)?;
+        let text_encoder = graph_with("text_encoder", &manifest.graphs.text_encoder, options.device, &text_settings)?;
         let transformer = graph("transformer", options.transformer_device.unwrap_or(options.device))?;
         let vae_settings = SessionSettings { release_activations: true, ..settings.clone() };
-        let vae_decoder = graph_with("vae_decoder", options.device, &vae_settings)?;
-        let vae_encoder = graph_with("vae_encoder", options.device, &vae_settings)?;
+        let decoder_entry = vae_decoder_entry(&manifest, options.device, options.winograd_vae)?;
+        let vae_decoder = graph_with("vae_decoder", decoder_entry, options.device, &vae_settings)?;
+        let vae_encoder = graph_with("vae_encoder", &manifest.graphs.vae_encoder, options.device, &vae_settings)?;
         let vae = Vae { info: manifest.vae.clone() };
         Ok(Pipeline {
             dir,
@@ -694,6 +685,19 @@ fn random_seed() -> u64 {
 
 /// ONNX Runtime's CPU provider has no bfloat16 kernels: say so before it fails on the first
 /// node with "Could not find an implementation".
+/// The graph that decodes images: `vae_decoder_cpu` when `winograd_vae` asks for it on the CPU
+/// (an error if the package has none), otherwise `vae_decoder`.
+fn vae_decoder_entry(manifest: &Manifest, device: Device, winograd_vae: bool) -> Result<&GraphEntry> {
+    match (device, winograd_vae, &manifest.graphs.vae_decoder_cpu) {
+        (Device::Cpu, true, Some(cpu)) => Ok(cpu),
+        (Device::Cpu, true, None) => Err(Error::invalid(
+            "winograd_vae: this package has no vae_decoder_cpu graph (export-scripts/export.py writes one for VAEs \
+             with convolutions of 256 channels or more)",
+        )),
+        _ => Ok(&manifest.graphs.vae_decoder),
+    }
+}
+
 fn check_precision_runs_on(precision: &str, options: &LoadOptions) -> Result<()> {
     let on_cpu = [Some(options.device), options.transformer_device].contains(&Some(Device::Cpu));
     if precision == "bf16" && on_cpu {
