@@ -57,19 +57,19 @@ impl EnhanceFlags {
         } else {
             Sampling::Greedy
         };
-        EnhanceOptions {
-            system_prompt: self.system_prompt.clone(),
-            thinking: self.thinking,
-            max_new_tokens: self.max_new_tokens,
-            sampling,
-        }
+        let mut options = EnhanceOptions::default();
+        options.system_prompt = self.system_prompt.clone();
+        options.thinking = self.thinking;
+        options.max_new_tokens = self.max_new_tokens;
+        options.sampling = sampling;
+        options
     }
 
     /// The enhancer of `pipeline`'s package (cancelled with it), or of `--enhancer DIR`.
     pub fn load_for(&self, pipeline: &Pipeline, options: &LoadOptions) -> zimage::Result<PromptEnhancer> {
         match &self.enhancer {
             Some(dir) if dir != pipeline.package_dir() => PromptEnhancer::load(dir, options),
-            _ => PromptEnhancer::attach(pipeline, options),
+            _ => pipeline.attach_enhancer(options),
         }
     }
 }
@@ -99,8 +99,9 @@ pub struct EnhanceArgs {
 }
 
 pub fn run(args: EnhanceArgs) -> zimage::Result<()> {
-    let options =
-        LoadOptions { runtime_library: args.ort_library.clone(), threads: args.threads, ..Default::default() };
+    let mut options = LoadOptions::default();
+    options.runtime_library = args.ort_library.clone();
+    options.threads = args.threads;
     let dir = args.flags.enhancer.clone().unwrap_or_else(|| args.model.clone());
     let enhancer = PromptEnhancer::load(&dir, &options)?;
     crate::set_cancel_handle(enhancer.cancel_handle());

@@ -14,8 +14,7 @@ use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
 use zimage::{
-    CancelHandle, Device, ErrorKind, GpuOptions, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision,
-    Tf32,
+    CancelHandle, Device, ErrorKind, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision, Tf32,
 };
 
 const EXIT_CODES: &str = "\
@@ -130,30 +129,28 @@ impl ModelArgs {
             "fp16" => TensorRtPrecision::Fp16,
             _ => TensorRtPrecision::Bf16,
         };
-        LoadOptions {
-            runtime_library: self.ort_library.clone(),
-            device: self.device,
-            transformer_device: self.transformer_device,
-            threads: self.threads,
-            verify_checksums: self.verify_checksums,
-            allow_cpu_fallback: self.allow_cpu_fallback,
-            memory_mode: if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident },
-            gpu: GpuOptions {
-                cache_dir: self.trt_cache.clone(),
-                tensorrt_precision: precision,
-                resolutions: ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max },
-                max_images: max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST),
-                guidance,
-                cuda_tf32: match self.cuda_tf32.as_str() {
-                    "off" => Tf32::Off,
-                    "on" => Tf32::On,
-                    _ => Tf32::LikePyTorch,
-                },
-                ..GpuOptions::default()
-            },
-            optimized_model_cache: self.optimized_cache.clone(),
-            winograd_vae: self.winograd_vae,
-        }
+        let mut options = LoadOptions::default();
+        options.runtime_library = self.ort_library.clone();
+        options.device = self.device;
+        options.transformer_device = self.transformer_device;
+        options.threads = self.threads;
+        options.verify_checksums = self.verify_checksums;
+        options.allow_cpu_fallback = self.allow_cpu_fallback;
+        options.memory_mode = if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident };
+        let trt = &mut options.gpu.tensorrt;
+        trt.cache_dir = self.trt_cache.clone();
+        trt.precision = precision;
+        trt.resolutions = ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max };
+        trt.max_images = max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST);
+        trt.guidance = guidance;
+        options.gpu.cuda_tf32 = match self.cuda_tf32.as_str() {
+            "off" => Tf32::Off,
+            "on" => Tf32::On,
+            _ => Tf32::LikePyTorch,
+        };
+        options.optimized_model_cache = self.optimized_cache.clone();
+        options.winograd_vae = self.winograd_vae;
+        options
     }
 }
 

@@ -392,8 +392,21 @@ fn bench_reports_every_stage() {
     }
 
     let out = zimage(&[
-        "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "1", "--warmup", "0", "--runs", "1",
-        "--json", "--winograd-vae",
+        "bench",
+        "--model",
+        PACKAGE,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--json",
+        "--winograd-vae",
     ]);
     assert_code(&out, 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

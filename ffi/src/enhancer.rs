@@ -108,16 +108,14 @@ pub(crate) unsafe fn enhance_options(
     } else {
         Sampling::Greedy
     };
-    Ok(EnhanceOptions {
-        system_prompt,
-        thinking: p.thinking,
-        max_new_tokens: if p.max_new_tokens == 0 {
-            EnhanceOptions::default().max_new_tokens
-        } else {
-            p.max_new_tokens as usize
-        },
-        sampling,
-    })
+    let mut options = EnhanceOptions::default();
+    options.system_prompt = system_prompt;
+    options.thinking = p.thinking;
+    if p.max_new_tokens != 0 {
+        options.max_new_tokens = p.max_new_tokens as usize;
+    }
+    options.sampling = sampling;
+    Ok(options)
 }
 
 /// Called for every generated token (end tokens excepted), on the thread that called
@@ -165,7 +163,7 @@ pub unsafe extern "C" fn zimage_enhancer_attach(
     guard(|| {
         let pipeline = unsafe { args::reference(pipeline, "pipeline") }?;
         let dir = pipeline.pipeline.package_dir().display().to_string();
-        unsafe { load_into(out_enhancer, params, &dir, |options| PromptEnhancer::attach(&pipeline.pipeline, options)) }
+        unsafe { load_into(out_enhancer, params, &dir, |options| pipeline.pipeline.attach_enhancer(options)) }
     })
 }
 

@@ -181,20 +181,20 @@ unsafe impl Versioned for zimage_load_params {
             memory_mode: zimage_memory_mode::Resident as u32,
             // The SDK's defaults, so the C API cannot drift from them.
             tensorrt_cache_dir: std::ptr::null(),
-            tensorrt_precision: match gpu.tensorrt_precision {
+            tensorrt_precision: match gpu.tensorrt.precision {
                 TensorRtPrecision::Bf16 => zimage_tensorrt_precision::Bf16,
                 TensorRtPrecision::Fp16 => zimage_tensorrt_precision::Fp16,
                 TensorRtPrecision::Fp32 => zimage_tensorrt_precision::Fp32,
             } as u32,
-            min_width: gpu.resolutions.min.0,
-            min_height: gpu.resolutions.min.1,
-            opt_width: gpu.resolutions.opt.0,
-            opt_height: gpu.resolutions.opt.1,
-            max_width: gpu.resolutions.max.0,
-            max_height: gpu.resolutions.max.1,
-            max_images: gpu.max_images,
-            guidance: gpu.guidance,
-            typical_caption_tokens: gpu.typical_caption_tokens,
+            min_width: gpu.tensorrt.resolutions.min.0,
+            min_height: gpu.tensorrt.resolutions.min.1,
+            opt_width: gpu.tensorrt.resolutions.opt.0,
+            opt_height: gpu.tensorrt.resolutions.opt.1,
+            max_width: gpu.tensorrt.resolutions.max.0,
+            max_height: gpu.tensorrt.resolutions.max.1,
+            max_images: gpu.tensorrt.max_images,
+            guidance: gpu.tensorrt.guidance,
+            typical_caption_tokens: gpu.tensorrt.typical_caption_tokens,
             cuda_memory_limit: gpu.cuda_memory_limit.unwrap_or(0),
             optimized_model_cache: std::ptr::null(),
             cuda_tf32: match gpu.cuda_tf32 {
@@ -351,32 +351,30 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         unsafe { args::optional_string(p.tensorrt_cache_dir, "params->tensorrt_cache_dir") }?.map(PathBuf::from);
     let optimized_model_cache =
         unsafe { args::optional_string(p.optimized_model_cache, "params->optimized_model_cache") }?.map(PathBuf::from);
-    let gpu = GpuOptions {
-        cache_dir,
-        tensorrt_precision: tensorrt_precision(p.tensorrt_precision)?,
-        resolutions: ResolutionRange {
-            min: (p.min_width, p.min_height),
-            opt: (p.opt_width, p.opt_height),
-            max: (p.max_width, p.max_height),
-        },
-        max_images: p.max_images,
-        guidance: p.guidance,
-        typical_caption_tokens: p.typical_caption_tokens,
-        cuda_memory_limit: (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit),
-        cuda_tf32: tf32(p.cuda_tf32)?,
+    let mut gpu = GpuOptions::default();
+    gpu.tensorrt.cache_dir = cache_dir;
+    gpu.tensorrt.precision = tensorrt_precision(p.tensorrt_precision)?;
+    gpu.tensorrt.resolutions = ResolutionRange {
+        min: (p.min_width, p.min_height),
+        opt: (p.opt_width, p.opt_height),
+        max: (p.max_width, p.max_height),
     };
-    let options = LoadOptions {
-        runtime_library,
-        gpu,
-        device: main_device,
-        transformer_device,
-        threads: (p.threads > 0).then_some(p.threads as usize),
-        verify_checksums: p.verify_checksums,
-        allow_cpu_fallback: p.allow_cpu_fallback,
-        memory_mode: memory_mode(p.memory_mode)?,
-        optimized_model_cache,
-        winograd_vae: p.winograd_vae,
-    };
+    gpu.tensorrt.max_images = p.max_images;
+    gpu.tensorrt.guidance = p.guidance;
+    gpu.tensorrt.typical_caption_tokens = p.typical_caption_tokens;
+    gpu.cuda_memory_limit = (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit);
+    gpu.cuda_tf32 = tf32(p.cuda_tf32)?;
+    let mut options = LoadOptions::default();
+    options.runtime_library = runtime_library;
+    options.gpu = gpu;
+    options.device = main_device;
+    options.transformer_device = transformer_device;
+    options.threads = (p.threads > 0).then_some(p.threads as usize);
+    options.verify_checksums = p.verify_checksums;
+    options.allow_cpu_fallback = p.allow_cpu_fallback;
+    options.memory_mode = memory_mode(p.memory_mode)?;
+    options.optimized_model_cache = optimized_model_cache;
+    options.winograd_vae = p.winograd_vae;
     Ok(Load { options, logger: Logger::new(p.log_callback, p.log_user_data) })
 }
 
@@ -440,22 +438,19 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
         .ok_or_else(|| Failure::null("params->prompt (and params->prompt_embedding)"))?;
     let negative = unsafe { prompt(p.negative_prompt, p.negative_prompt_embedding, "params->negative_prompt") }?;
     let init_image = unsafe { init_image(&p) }?;
-    let request = GenerateRequest {
-        prompt: positive,
-        negative_prompt: negative,
-        width: p.width,
-        height: p.height,
-        steps: p.steps,
-        guidance_scale: p.guidance_scale,
-        cfg_normalization: p.cfg_normalization,
-        cfg_truncation: p.cfg_truncation,
-        seed: (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed),
-        count: p.count,
-        max_sequence_length: (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize),
-        return_latents: p.return_latents,
-        init_image,
-        ..GenerateRequest::default()
-    };
+    let mut request = GenerateRequest::new(positive);
+    request.negative_prompt = negative;
+    request.width = p.width;
+    request.height = p.height;
+    request.steps = p.steps;
+    request.guidance_scale = p.guidance_scale;
+    request.cfg_normalization = p.cfg_normalization;
+    request.cfg_truncation = p.cfg_truncation;
+    request.seed = (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed);
+    request.count = p.count;
+    request.max_sequence_length = (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize);
+    request.return_latents = p.return_latents;
+    request.init_image = init_image;
     let enhance = if p.enhancer.is_null() {
         None
     } else {
@@ -598,9 +593,12 @@ mod tests {
         p.cuda_memory_limit = 1 << 30;
         p.cuda_tf32 = zimage_tf32::Off as u32;
         let gpu = unsafe { load_options(&p) }.unwrap().options.gpu;
-        assert_eq!(gpu.cache_dir, Some(PathBuf::from("/tmp/engines")));
-        assert_eq!(gpu.tensorrt_precision, TensorRtPrecision::Fp32);
-        assert_eq!((gpu.resolutions.max, gpu.max_images, gpu.guidance), ((2048, 1536), 4, true));
+        assert_eq!(gpu.tensorrt.cache_dir, Some(PathBuf::from("/tmp/engines")));
+        assert_eq!(gpu.tensorrt.precision, TensorRtPrecision::Fp32);
+        assert_eq!(
+            (gpu.tensorrt.resolutions.max, gpu.tensorrt.max_images, gpu.tensorrt.guidance),
+            ((2048, 1536), 4, true)
+        );
         assert_eq!(gpu.cuda_memory_limit, Some(1 << 30));
         assert_eq!(gpu.cuda_tf32, Tf32::Off);
         p.tensorrt_precision = 3;

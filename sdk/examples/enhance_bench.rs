@@ -42,7 +42,11 @@ fn main() -> zimage::Result<()> {
     let package = package.expect("usage: enhance_bench PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT]");
     println!("before load: {}", memory_mib());
     let start = Instant::now();
-    let enhancer = PromptEnhancer::load(&package, &LoadOptions { threads, ..Default::default() })?;
+    let enhancer = PromptEnhancer::load(&package, &{
+        let mut o = LoadOptions::default();
+        o.threads = threads;
+        o
+    })?;
     let info = enhancer.info();
     println!(
         "loaded {package} in {:.2} s (hidden {}, {} layers, {} KV heads x {}): {}",
@@ -53,7 +57,11 @@ fn main() -> zimage::Result<()> {
         info.head_dim,
         memory_mib()
     );
-    let options = EnhanceOptions { max_new_tokens: tokens, ..Default::default() };
+    let options = {
+        let mut o = EnhanceOptions::default();
+        o.max_new_tokens = tokens;
+        o
+    };
     for run in 0..runs {
         let r = enhancer.enhance(&prompt, &options, None)?;
         let t = r.timings;

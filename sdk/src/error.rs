@@ -1,5 +1,6 @@
 //! One error type for the whole SDK. Callers branch on [`ErrorKind`] (also what the C ABI maps
-//! to result codes); the message carries the detail.
+//! to result codes); the message carries the detail, and [`std::error::Error::source`] reaches
+//! the underlying ONNX Runtime or I/O error where there is one.
 
 use std::path::PathBuf;
 
@@ -25,17 +26,34 @@ pub enum ErrorKind {
     Io,
 }
 
+/// The error underneath one of ours (ONNX Runtime's, mostly), kept for `source()`.
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     #[error("model package {path}: {message}")]
-    Package { path: PathBuf, message: String },
+    Package {
+        path: PathBuf,
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
 
-    #[error("{0}")]
-    Runtime(String),
+    #[error("{message}")]
+    Runtime {
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
 
     #[error("execution provider {provider}: {message}")]
-    Provider { provider: String, message: String },
+    Provider {
+        provider: String,
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
 
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -47,7 +65,12 @@ pub enum Error {
     Cancelled,
 
     #[error("inference failed in {stage}: {message}")]
-    Inference { stage: &'static str, message: String },
+    Inference {
+        stage: &'static str,
+        message: String,
+        #[source]
+        source: Option<Source>,
+    },
 
     #[error("{path}: {source}")]
     Io {
@@ -61,7 +84,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Package { .. } => ErrorKind::Package,
-            Error::Runtime(_) => ErrorKind::Runtime,
+            Error::Runtime { .. } => ErrorKind::Runtime,
             Error::Provider { .. } => ErrorKind::Provider,
             Error::InvalidRequest(_) => ErrorKind::InvalidRequest,
             Error::Image(_) => ErrorKind::Image,
@@ -72,7 +95,15 @@ impl Error {
     }
 
     pub(crate) fn package(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Package { path: path.into(), message: message.into() }
+        Error::Package { path: path.into(), message: message.into(), source: None }
+    }
+
+    pub(crate) fn runtime(message: impl Into<String>) -> Self {
+        Error::Runtime { message: message.into(), source: None }
+    }
+
+    pub(crate) fn provider(provider: &str, message: impl Into<String>) -> Self {
+        Error::Provider { provider: provider.into(), message: message.into(), source: None }
     }
 
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
@@ -80,12 +111,52 @@ impl Error {
     }
 
     pub(crate) fn inference(stage: &'static str, message: impl std::fmt::Display) -> Self {
-        Error::Inference { stage, message: message.to_string() }
+        Error::Inference { stage, message: message.to_string(), source: None }
+    }
+
+    /// ONNX Runtime failed while running `stage`: its message, and the error itself as source.
+    pub(crate) fn ort(stage: &'static str, error: ort::Error) -> Self {
+        Error::Inference { stage, message: error.to_string(), source: Some(Box::new(error)) }
+    }
+
+    /// Keeps an ONNX Runtime error that carries a value to recover (a session builder) as a
+    /// plain one: the value is not `Send`, the code and message are what matter.
+    pub(crate) fn detach_ort<R>(error: ort::Error<R>) -> ort::Error {
+        ort::Error::new_with_code(error.code(), error.message())
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
+
+    /// Keeps `cause` as this error's [`source`](std::error::Error::source) (on the kinds that
+    /// wrap another library's failure; the others are returned unchanged).
+    pub(crate) fn caused_by(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        match &mut self {
+            Error::Package { source, .. }
+            | Error::Runtime { source, .. }
+            | Error::Provider { source, .. }
+            | Error::Inference { source, .. } => *source = Some(Box::new(cause)),
+            Error::InvalidRequest(_) | Error::Image(_) | Error::Cancelled | Error::Io { .. } => {}
+        }
+        self
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn sources_are_kept() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        let e = Error::runtime("loading failed").caused_by(io);
+        assert_eq!(e.to_string(), "loading failed");
+        assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("denied"));
+        assert!(Error::invalid("x").source().is_none());
+        assert_eq!(Error::inference("vae_decoder", "bad").kind(), ErrorKind::Inference);
+    }
+}

@@ -3,20 +3,22 @@
 //! Z-Image-Turbo text-to-image on ONNX Runtime: the same image as diffusers for the same
 //! seed, from one native library.
 //!
-//! The pipeline, stage by stage:
-//! - [`manifest`]: the model package a pipeline loads (`docs/package-format.md`);
-//! - [`runtime`]: finding ONNX Runtime and creating sessions on CPU, CUDA or TensorRT;
-//! - [`gpu`]: TensorRT profiles and engine caches, CUDA settings;
-//! - [`text_encoding`]: Qwen3 chat template, tokenizer, text encoder → caption features;
-//! - [`noise`]: seeded Gaussian noise identical to `torch.randn` on CPU;
-//! - [`scheduler`]: the flow-matching Euler schedule;
-//! - [`denoising`]: the transformer loop with classifier-free guidance;
-//! - [`vae`]: latents to pixels and back;
-//! - `image_to_image`: starting latents for image-to-image and inpainting;
-//! - [`image_io`]: RGB8 conversion and PNG files;
-//! - [`pipeline`]: [`Pipeline`], tying them together;
-//! - [`prompt_enhancer`]: rewriting prompts locally with Qwen3 ([`PromptEnhancer`]), picking
-//!   tokens with [`sampling`].
+//! The crate, by layer (each depends only on the ones above it):
+//! - [`error`], [`limits`]: the error type and the caps on requests;
+//! - [`package`]: the model package format: manifest, [`GraphKind`], [`Precision`], files;
+//! - [`runtime`]: ONNX Runtime: the library, devices and GPU options, sessions, one run's
+//!   context and cancellation;
+//! - `model`: the networks (text encoder, transformer, VAE), the only place that knows a
+//!   graph's input and output names;
+//! - [`enhancer`]: the prompt enhancer ([`PromptEnhancer`]): a Qwen3 decoder with a KV cache,
+//!   token sampling;
+//! - [`pipeline`]: [`Pipeline`]: requests and their checks, prompts, noise, schedule, start
+//!   strategies (text-to-image, image-to-image, inpainting), the denoising loop;
+//! - [`image_io`]: RGB8 conversion, PNG and input image files.
+//!
+//! Where new work goes: a graph kind in `package::graph` (the compiler then lists what must
+//! handle it); its network in `model`; a conditioning input or start strategy in `pipeline`;
+//! a load-time option in [`LoadOptions`]; a request field in [`GenerateRequest`].
 //!
 //! ```no_run
 //! use zimage::{GenerateRequest, LoadOptions, Pipeline};
@@ -30,39 +32,38 @@
 //! # Ok::<(), zimage::Error>(())
 //! ```
 
-pub mod cancel;
-pub mod denoising;
+pub mod enhancer;
 pub mod error;
-pub mod gpu;
 pub mod image_io;
-mod image_to_image;
-mod kv_decoder;
-pub mod manifest;
-pub mod noise;
+pub mod limits;
+mod load_options;
+mod model;
+pub mod package;
 pub mod pipeline;
-pub mod prompt_enhancer;
+mod random;
 pub mod runtime;
-pub mod sampling;
-pub mod scheduler;
-mod session;
-pub mod text_encoding;
-pub mod vae;
 
-pub use cancel::CancelHandle;
-pub use denoising::Guidance;
-pub use error::{Error, ErrorKind, Result};
-pub use gpu::{GpuOptions, ResolutionRange, TensorRtPrecision, Tf32};
-pub use image_io::{GrayImage, RgbImage};
-pub use manifest::Manifest;
-pub use pipeline::{
-    GenerateRequest, Generation, InitImage, LoadOptions, Pipeline, Progress, Prompt, Providers, Timings,
-    MAX_IMAGES_PER_REQUEST, MAX_STEPS,
+pub use enhancer::sampling::{RandomSampling, Sampling};
+pub use enhancer::{
+    default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, PromptEnhancer, TokenEvent,
+    MAX_NEW_TOKENS,
 };
-pub use prompt_enhancer::{EnhanceOptions, Enhancement, FinishReason, PromptEnhancer, TokenEvent};
-pub use runtime::Device;
-pub use sampling::{RandomSampling, Sampling};
-pub use session::MemoryMode;
-pub use text_encoding::{PromptEmbedding, TokenizedPrompt};
+pub use error::{Error, ErrorKind, Result};
+pub use image_io::{GrayImage, RgbImage};
+pub use limits::{MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+pub use load_options::LoadOptions;
+pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+pub use package::graph::GraphKind;
+pub use package::scheduler_config::SchedulerConfig;
+pub use package::{Manifest, Precision};
+pub use pipeline::noise::TorchGenerator;
+pub use pipeline::request::{GenerateRequest, Generation, InitImage, Progress, Prompt, Providers, Timings};
+pub use pipeline::scheduler::Schedule;
+pub use pipeline::Pipeline;
+pub use runtime::device::Device;
+pub use runtime::gpu::{GpuOptions, ResolutionRange, TensorRtOptions, TensorRtPrecision, Tf32};
+pub use runtime::graph::MemoryMode;
+pub use runtime::run_context::CancelHandle;
 
 /// The zimage version (from Cargo).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -127,10 +127,11 @@ fn package_problems_are_package_errors() {
 #[test]
 fn a_bf16_package_on_the_cpu_is_refused_with_the_reason() {
     let dir = tiny_package_with_manifest("bf16 package", |m| m["precision"] = "bf16".into());
-    for options in [
-        LoadOptions::default(),
-        LoadOptions { transformer_device: Some(Device::Cuda { device_id: 0 }), ..Default::default() },
-    ] {
+    for options in [LoadOptions::default(), {
+        let mut o = LoadOptions::default();
+        o.transformer_device = Some(Device::Cuda { device_id: 0 });
+        o
+    }] {
         let err = Pipeline::load(&dir, &options).err().expect("bf16 on the CPU");
         assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
         assert!(err.to_string().contains("bf16") && err.to_string().contains("GPU"), "{err}");
@@ -164,12 +165,20 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 #[test]
 fn cuda_on_the_cpu_runtime_is_a_provider_error() {
     pipeline("tiny-zimage"); // the runtime is loaded
-    let options = LoadOptions { device: Device::Cuda { device_id: 0 }, ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.device = Device::Cuda { device_id: 0 };
+        o
+    };
     let err =
         Pipeline::load(repo().join("models/tiny-zimage"), &options).err().expect("CUDA is not in the CPU runtime");
     assert_eq!(err.kind(), ErrorKind::Provider, "{err}");
     assert!(err.to_string().contains("onnxruntime-gpu"), "{err}");
-    let fallback = LoadOptions { allow_cpu_fallback: true, ..options };
+    let fallback = {
+        let mut o = options;
+        o.allow_cpu_fallback = true;
+        o
+    };
     let p = Pipeline::load(repo().join("models/tiny-zimage"), &fallback).unwrap();
     assert_eq!(p.providers().transformer, Device::Cpu);
 }
@@ -286,8 +295,18 @@ fn the_winograd_vae_decoder_gives_the_direct_decoders_images() {
     // decoder level are partly outside the image (tiny-zimage: VAE factor 8, alt: 4).
     for (package, width, height) in [("tiny-zimage", 80, 48), ("tiny-zimage-alt", 88, 40)] {
         let dir = repo().join("models").join(package);
-        let direct = Pipeline::load(&dir, &LoadOptions { threads: Some(1), ..Default::default() }).unwrap();
-        let options = LoadOptions { threads: Some(1), winograd_vae: true, ..Default::default() };
+        let direct = Pipeline::load(&dir, &{
+            let mut o = LoadOptions::default();
+            o.threads = Some(1);
+            o
+        })
+        .unwrap();
+        let options = {
+            let mut o = LoadOptions::default();
+            o.threads = Some(1);
+            o.winograd_vae = true;
+            o
+        };
         let winograd = Pipeline::load(&dir, &options).unwrap();
         assert_eq!(direct.vae_decoder_file(), dir.join("vae_decoder.onnx"));
         assert_eq!(winograd.vae_decoder_file(), dir.join("vae_decoder_cpu.onnx"));
@@ -307,12 +326,22 @@ fn winograd_vae_needs_a_package_with_the_cpu_decoder() {
     let dir = tiny_package_with_manifest("no cpu decoder", |m| {
         m["graphs"].as_object_mut().unwrap().remove("vae_decoder_cpu");
     });
-    let options = LoadOptions { threads: Some(1), winograd_vae: true, ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.winograd_vae = true;
+        o
+    };
     let err = Pipeline::load(&dir, &options).err().expect("winograd_vae without vae_decoder_cpu");
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
     assert!(err.to_string().contains("vae_decoder_cpu"), "{err}");
     // Without the option the same package loads and decodes with vae_decoder.
-    let plain = Pipeline::load(&dir, &LoadOptions { threads: Some(1), ..Default::default() }).unwrap();
+    let plain = Pipeline::load(&dir, &{
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o
+    })
+    .unwrap();
     assert_eq!(plain.vae_decoder_file(), dir.join("vae_decoder.onnx"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -320,7 +349,12 @@ fn winograd_vae_needs_a_package_with_the_cpu_decoder() {
 #[test]
 fn sequential_memory_mode_gives_the_same_images() {
     let resident = pipeline("tiny-zimage");
-    let options = LoadOptions { memory_mode: zimage::MemoryMode::Sequential, threads: Some(1), ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.memory_mode = zimage::MemoryMode::Sequential;
+        o.threads = Some(1);
+        o
+    };
     let sequential = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
     let mut r = small("a harbour at dawn");
     r.guidance_scale = 2.0;
@@ -335,7 +369,11 @@ fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
     let p = pipeline("tiny-zimage");
     let enhancer =
         zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &LoadOptions::default()).unwrap();
-    let options = zimage::EnhanceOptions { max_new_tokens: 24, ..Default::default() };
+    let options = {
+        let mut o = zimage::EnhanceOptions::default();
+        o.max_new_tokens = 24;
+        o
+    };
     let expected = enhancer.enhance("a cat", &options, None).unwrap();
     assert!(!expected.text.is_empty());
     let result = p.generate_enhanced(&enhancer, &options, &small("a cat"), None).unwrap();
@@ -350,7 +388,12 @@ fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
 #[test]
 fn optimized_model_cache_is_written_then_used_with_the_same_images() {
     let cache = tempdir("optimized-cache");
-    let options = LoadOptions { threads: Some(1), optimized_model_cache: Some(cache.clone()), ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.optimized_model_cache = Some(cache.clone());
+        o
+    };
     let first = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
     let mut cached: Vec<String> = std::fs::read_dir(&cache)
         .unwrap()

@@ -22,7 +22,11 @@ fn goldens() -> &'static Value {
 }
 
 fn load() -> PromptEnhancer {
-    let options = LoadOptions { threads: Some(1), ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o
+    };
     PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &options).expect("load the tiny enhancer")
 }
 
@@ -42,11 +46,13 @@ fn case(name: &str) -> &'static Value {
 }
 
 fn options_of(c: &Value) -> EnhanceOptions {
-    EnhanceOptions {
-        system_prompt: c["system_prompt"].as_str().map(str::to_string),
-        thinking: c["thinking"].as_bool().unwrap(),
-        max_new_tokens: c["max_new_tokens"].as_u64().unwrap() as usize,
-        sampling: Sampling::Greedy,
+    {
+        let mut o = EnhanceOptions::default();
+        o.system_prompt = c["system_prompt"].as_str().map(str::to_string);
+        o.thinking = c["thinking"].as_bool().unwrap();
+        o.max_new_tokens = c["max_new_tokens"].as_u64().unwrap() as usize;
+        o.sampling = Sampling::Greedy;
+        o
     }
 }
 
@@ -56,7 +62,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn default_system_prompt_is_the_one_the_goldens_used() {
-    assert_eq!(zimage::prompt_enhancer::default_system_prompt(), goldens()["default_system_prompt"].as_str().unwrap());
+    assert_eq!(zimage::default_system_prompt(), goldens()["default_system_prompt"].as_str().unwrap());
 }
 
 #[test]
@@ -103,8 +109,8 @@ fn kv_cache_decoding_equals_decoding_without_cache() {
         let fresh = enhancer().logits_without_cache(&all[..prompt.len() + k]).unwrap();
         let diff = logits.iter().zip(&fresh).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         worst = worst.max(diff);
-        assert_eq!(zimage::sampling::argmax(logits), generated[k], "step {k}");
-        assert_eq!(zimage::sampling::argmax(&fresh), generated[k], "step {k} without cache");
+        assert_eq!(zimage::enhancer::sampling::argmax(logits), generated[k], "step {k}");
+        assert_eq!(zimage::enhancer::sampling::argmax(&fresh), generated[k], "step {k} without cache");
     }
     assert!(worst < 1e-4, "cached and uncached logits differ by {worst}");
 }
@@ -122,7 +128,11 @@ fn stops_at_im_end_and_at_the_token_limit() {
     // golden's first tokens.
     let golden = ids(&stop["generated_ids"]);
     for limit in [1, 3, golden.len() - 1] {
-        let options = EnhanceOptions { max_new_tokens: limit, ..options_of(stop) };
+        let options = {
+            let mut o = options_of(stop);
+            o.max_new_tokens = limit;
+            o
+        };
         let result = enhancer().enhance(stop["prompt"].as_str().unwrap(), &options, None).unwrap();
         assert_eq!(result.finish, FinishReason::Length);
         assert_eq!(result.token_ids, golden[..limit]);
@@ -133,8 +143,16 @@ fn stops_at_im_end_and_at_the_token_limit() {
 #[test]
 fn thinking_switch_changes_only_the_generation_prompt() {
     let e = enhancer();
-    let on = EnhanceOptions { thinking: true, ..Default::default() };
-    let off = EnhanceOptions { thinking: false, ..Default::default() };
+    let on = {
+        let mut o = EnhanceOptions::default();
+        o.thinking = true;
+        o
+    };
+    let off = {
+        let mut o = EnhanceOptions::default();
+        o.thinking = false;
+        o
+    };
     let with = e.prompt_ids("a fox", &on).unwrap();
     let without = e.prompt_ids("a fox", &off).unwrap();
     // Qwen3 with thinking off: an empty think block is already closed for the model.
@@ -203,7 +221,11 @@ fn cancel_handle_stops_enhancing_and_the_enhancer_stays_usable() {
         }
     });
     let mut results = Vec::new();
-    let options = EnhanceOptions { max_new_tokens: 4096, ..options_of(c) };
+    let options = {
+        let mut o = options_of(c);
+        o.max_new_tokens = 4096;
+        o
+    };
     while !canceller.is_finished() {
         results.push(enhancer().enhance(c["prompt"].as_str().unwrap(), &options, None));
     }
@@ -220,7 +242,17 @@ fn seeded_sampling_is_reproducible() {
     let prompt = c["prompt"].as_str().unwrap();
     let sampled = |seed: Option<u64>, temperature: f32, top_k: usize, top_p: f32| {
         let sampling = Sampling::Random(RandomSampling { temperature, top_k, top_p, seed });
-        enhancer().enhance(prompt, &EnhanceOptions { sampling, ..options_of(c) }, None).unwrap()
+        enhancer()
+            .enhance(
+                prompt,
+                &{
+                    let mut o = options_of(c);
+                    o.sampling = sampling;
+                    o
+                },
+                None,
+            )
+            .unwrap()
     };
     let a = sampled(Some(7), 1.0, 0, 1.0);
     let b = sampled(Some(7), 1.0, 0, 1.0);
@@ -239,13 +271,22 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn bad_options_are_invalid_requests() {
-    let random = |temperature, top_k, top_p| EnhanceOptions {
-        sampling: Sampling::Random(RandomSampling { temperature, top_k, top_p, seed: Some(1) }),
-        ..Default::default()
+    let random = |temperature, top_k, top_p| {
+        let mut o = EnhanceOptions::default();
+        o.sampling = Sampling::Random(RandomSampling { temperature, top_k, top_p, seed: Some(1) });
+        o
     };
     let bad = [
-        EnhanceOptions { max_new_tokens: 0, ..Default::default() },
-        EnhanceOptions { max_new_tokens: zimage::prompt_enhancer::MAX_NEW_TOKENS + 1, ..Default::default() },
+        {
+            let mut o = EnhanceOptions::default();
+            o.max_new_tokens = 0;
+            o
+        },
+        {
+            let mut o = EnhanceOptions::default();
+            o.max_new_tokens = zimage::MAX_NEW_TOKENS + 1;
+            o
+        },
         random(0.0, 0, 1.0),
         random(-1.0, 0, 1.0),
         random(f32::NAN, 0, 1.0),
@@ -268,7 +309,11 @@ fn bad_options_are_invalid_requests() {
 
 #[test]
 fn packages_without_a_decoder_are_package_errors() {
-    let options = LoadOptions { threads: Some(1), ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o
+    };
     for dir in ["models/tiny-zimage", "models/does-not-exist"] {
         let err = PromptEnhancer::load(repo().join(dir), &options).err().expect(dir);
         assert_eq!(err.kind(), ErrorKind::Package, "{dir}: {err}");
@@ -304,7 +349,11 @@ fn a_corrupted_decoder_file_is_refused() {
 fn combined_package_shares_weights_and_cancel_handle() {
     let dir = repo().join("export-scripts/.cache/enhancer/tiny-zimage-enhanced");
     assert!(dir.join("manifest.json").exists(), "run export-scripts/make_enhancer_fixtures.py first");
-    let options = LoadOptions { threads: Some(1), ..Default::default() };
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o
+    };
     let pipeline = zimage::Pipeline::load(&dir, &options).unwrap();
     let m = pipeline.manifest();
     let decoder = m.graphs.text_decoder.as_ref().unwrap();
@@ -317,9 +366,18 @@ fn combined_package_shares_weights_and_cancel_handle() {
     let diff = a.features.iter().zip(b.features.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     assert!(diff < 1e-5, "text features differ by {diff}");
 
-    let enhancer = PromptEnhancer::attach(&pipeline, &options).unwrap();
-    let done =
-        enhancer.enhance("a red fox", &EnhanceOptions { max_new_tokens: 4, ..Default::default() }, None).unwrap();
+    let enhancer = pipeline.attach_enhancer(&options).unwrap();
+    let done = enhancer
+        .enhance(
+            "a red fox",
+            &{
+                let mut o = EnhanceOptions::default();
+                o.max_new_tokens = 4;
+                o
+            },
+            None,
+        )
+        .unwrap();
     assert!(!done.token_ids.is_empty());
     let handle = pipeline.cancel_handle();
     let mut cancel_first = |_: &zimage::TokenEvent| {

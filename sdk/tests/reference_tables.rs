@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use zimage::noise::TorchGenerator;
-use zimage::scheduler::{Schedule, SchedulerConfig};
+use zimage::TorchGenerator;
+use zimage::{Schedule, SchedulerConfig};
 
 #[test]
 fn noise_matches_torch_randn() {

@@ -39,7 +39,12 @@ pub fn pipeline(package: &str) -> &'static Pipeline {
         other => panic!("unknown package {other}"),
     };
     cell.get_or_init(|| {
-        let options = LoadOptions { threads: Some(1), device: test_device(), ..Default::default() };
+        let options = {
+            let mut o = LoadOptions::default();
+            o.threads = Some(1);
+            o.device = test_device();
+            o
+        };
         Pipeline::load(repo().join("models").join(package), &options).expect("load package")
     })
 }

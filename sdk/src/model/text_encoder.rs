@@ -3,16 +3,22 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ndarray::{Array2, Axis};
 use ort::value::TensorRef;
 use tokenizers::Tokenizer;
 
-use crate::cancel::RunControl;
 use crate::error::{Error, Result};
-use crate::manifest::TextEncoderInfo;
-use crate::session::Graph;
+use crate::package::TextEncoderInfo;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
+
+const INPUT_IDS: &str = "input_ids";
+const ATTENTION_MASK: &str = "attention_mask";
+const HIDDEN_STATES: &str = "hidden_states";
+/// The graph's interface: token ids and their mask in, `hidden_states[-2]` out.
+pub(crate) const INPUTS: &[(&str, &str)] = &[(INPUT_IDS, "int64"), (ATTENTION_MASK, "int64")];
+pub(crate) const OUTPUTS: &[(&str, &str)] = &[(HIDDEN_STATES, "float32")];
 
 /// Token ids of one prompt after the chat template and truncation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,35 +74,26 @@ impl TextEncoder {
 
     /// Runs the text encoder on the real tokens only (no padding: with causal attention and
     /// right padding the features of real tokens are the same).
-    pub fn encode(
-        &self,
-        graph: &Graph,
-        tokens: TokenizedPrompt,
-        control: &RunControl,
-        ort_time: &mut Duration,
-    ) -> Result<PromptEmbedding> {
+    pub fn encode(&self, graph: &Graph, tokens: TokenizedPrompt, context: &RunContext) -> Result<PromptEmbedding> {
         let n = tokens.ids.len();
         if n == 0 {
             return Err(Error::invalid("max_sequence_length leaves no tokens"));
         }
         let ids = Array2::from_shape_vec((1, n), tokens.ids.iter().map(|&i| i as i64).collect()).expect("shape");
         let mask = Array2::<i64>::ones((1, n));
+        let err = |e: ort::Error| Error::ort("text_encoder", e);
         let inputs = vec![
-            ("input_ids", TensorRef::from_array_view(&ids).map_err(|e| Error::inference("text_encoder", e))?.into()),
-            (
-                "attention_mask",
-                TensorRef::from_array_view(&mask).map_err(|e| Error::inference("text_encoder", e))?.into(),
-            ),
+            (INPUT_IDS.into(), TensorRef::from_array_view(&ids).map_err(err)?.into()),
+            (ATTENTION_MASK.into(), TensorRef::from_array_view(&mask).map_err(err)?.into()),
         ];
-        let mut out = graph.run(inputs, &["hidden_states"], control, ort_time)?;
-        let hidden = out.remove(0);
+        let hidden = graph.run(inputs, &[HIDDEN_STATES], context, false)?.remove(0);
         let shape = hidden.shape().to_vec();
         if shape.len() != 3 || shape[0] != 1 || shape[1] != n || shape[2] != self.info.hidden_size {
-            return Err(Error::inference("text_encoder", format!("unexpected output shape {shape:?}")));
+            return Err(graph.failed(format!("unexpected output shape {shape:?}")));
         }
         let features = hidden.index_axis_move(Axis(0), 0).into_dimensionality::<ndarray::Ix2>().expect("checked rank");
         if features.iter().any(|v| !v.is_finite()) {
-            return Err(Error::inference("text_encoder", "non-finite caption features"));
+            return Err(graph.failed("non-finite caption features"));
         }
         Ok(PromptEmbedding { tokens, features: Arc::new(features) })
     }

@@ -1,19 +1,18 @@
-//! Image-to-image and inpainting: the starting latents from an input picture, and the
-//! per-step re-imposition of the kept region, in diffusers' order of random draws
-//! (img2img: VAE sample, then noise; inpaint with caller latents: noise, then VAE sample).
-
-use std::time::Duration;
+//! Where denoising starts: seeded noise (text-to-image), or an input picture noised to the
+//! strength's level (image-to-image), plus the per-step re-imposition of the kept region
+//! (inpainting), in diffusers' order of random draws (img2img: VAE sample, then noise; inpaint
+//! with caller latents: noise, then VAE sample). New ways to start plug in here.
 
 use ndarray::{s, Array2, Array4, Axis, Ix4, Zip};
 
-use crate::cancel::RunControl;
+use super::noise::TorchGenerator;
+use super::request::InitImage;
+use super::scheduler::Schedule;
 use crate::error::{Error, Result};
 use crate::image_io;
-use crate::noise::TorchGenerator;
-use crate::pipeline::InitImage;
-use crate::scheduler::Schedule;
-use crate::session::Graph;
-use crate::vae::Vae;
+use crate::model::vae::Vae;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
 
 /// Where denoising starts, and what inpainting needs after each step.
 pub(crate) struct Start {
@@ -58,18 +57,32 @@ pub(crate) fn check(init: &InitImage, width: u32, height: u32) -> Result<()> {
     Ok(())
 }
 
+/// Text-to-image: the caller's latents, or seeded noise of `shape` `[K, C, h, w]`.
+pub(crate) fn from_noise(shape: &[usize], seed: u64, caller_latents: Option<&Array4<f32>>) -> Start {
+    let latents = match caller_latents {
+        Some(l) => l.clone(),
+        None => draw(&mut TorchGenerator::new(seed), shape),
+    };
+    Start { latents, first_step: 0, inpaint: None }
+}
+
+/// The input picture a request starts from, and the VAE that encodes it.
+pub(crate) struct FromImage<'a> {
+    pub vae: &'a Vae,
+    pub encoder: &'a Graph,
+    pub init: &'a InitImage,
+}
+
 /// Builds the starting latents `[K, C, h, w]` for an img2img or inpaint request.
-pub(crate) fn prepare(
-    vae: &Vae,
-    encoder: &Graph,
-    init: &InitImage,
+pub(crate) fn from_image(
+    source: FromImage<'_>,
     shape: &[usize],
     schedule: &Schedule,
     seed: u64,
     caller_latents: Option<&Array4<f32>>,
-    control: &RunControl,
-    ort_time: &mut Duration,
+    context: &RunContext,
 ) -> Result<Start> {
+    let FromImage { vae, encoder, init } = source;
     let steps = schedule.len();
     let first = first_step(steps, init.strength)?;
     let mut generator = TorchGenerator::new(seed);
@@ -82,7 +95,7 @@ pub(crate) fn prepare(
         if let Some(l) = caller_latents {
             return Ok(Start { latents: l.clone(), first_step: first, inpaint: None });
         }
-        let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
+        let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, context)?;
         let noise = draw(&mut generator, shape);
         let latents = scale_noise(&broadcast(&image_latents, count), &noise, sigma);
         return Ok(Start { latents, first_step: first, inpaint: None });
@@ -91,11 +104,11 @@ pub(crate) fn prepare(
     let (latents, noise, image_latents) = match caller_latents {
         Some(l) => {
             let noise = draw(&mut generator, shape);
-            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
+            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, context)?;
             (l.clone(), noise, image_latents)
         }
         None => {
-            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, control, ort_time)?;
+            let image_latents = encode(vae, encoder, init, &latent_shape, &mut generator, context)?;
             let noise = draw(&mut generator, shape);
             (scale_noise(&broadcast(&image_latents, count), &noise, sigma), noise, image_latents)
         }
@@ -120,16 +133,12 @@ fn encode(
     init: &InitImage,
     latent_shape: &[usize; 4],
     generator: &mut TorchGenerator,
-    control: &RunControl,
-    ort_time: &mut Duration,
+    context: &RunContext,
 ) -> Result<Array4<f32>> {
     let pixels = image_io::to_model_input(&init.image);
-    let (mean, logvar) = vae.encode(encoder, &pixels, control, ort_time)?;
+    let (mean, logvar) = vae.encode(encoder, &pixels, context)?;
     if mean.shape() != latent_shape {
-        return Err(Error::inference(
-            "vae_encoder",
-            format!("latent shape {:?}, expected {latent_shape:?}", mean.shape()),
-        ));
+        return Err(encoder.failed(format!("latent shape {:?}, expected {latent_shape:?}", mean.shape())));
     }
     let sample = draw(generator, latent_shape);
     let shift = vae.info.shift_factor as f32;
@@ -157,7 +166,7 @@ fn scale_noise(sample: &Array4<f32>, noise: &Array4<f32>, sigma: f32) -> Array4<
 
 /// Binarises the mask (>= 0.5 after /255 means repaint) and resizes it to the latent grid
 /// with torch's nearest-neighbour rule (`floor(dst * in / out)` in float32).
-pub(crate) fn latent_mask(mask: &crate::image_io::GrayImage, h: usize, w: usize) -> Array2<f32> {
+fn latent_mask(mask: &image_io::GrayImage, h: usize, w: usize) -> Array2<f32> {
     let (mh, mw) = (mask.height as usize, mask.width as usize);
     let scale_y = mh as f32 / h as f32;
     let scale_x = mw as f32 / w as f32;

@@ -9,7 +9,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
+use crate::limits::MAX_IMAGES_PER_REQUEST;
+use crate::package::files::sha256_hex;
+use crate::package::graph::{GraphEntry, GraphKind};
+use crate::package::Manifest;
 
 /// Precision TensorRT may use inside its engines (inputs and outputs stay float32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,10 +41,10 @@ pub enum Tf32 {
 }
 
 impl Tf32 {
-    /// Whether the session of `graph` (a package graph name) may use TF32.
-    pub fn for_graph(self, graph: &str) -> bool {
+    /// Whether the session of a graph of this kind may use TF32.
+    pub fn for_graph(self, graph: GraphKind) -> bool {
         match self {
-            Tf32::LikePyTorch => graph.starts_with("vae_"),
+            Tf32::LikePyTorch => graph.is_vae(),
             Tf32::Off => false,
             Tf32::On => true,
         }
@@ -62,12 +65,40 @@ impl Default for ResolutionRange {
     }
 }
 
+/// Settings for graphs that run on a GPU (ignored on the CPU).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GpuOptions {
+    /// Cap on the CUDA memory arena, in bytes.
+    pub cuda_memory_limit: Option<usize>,
+    /// Where CUDA may use TF32 for float32 work (fp16 graphs are unaffected). Default: like
+    /// PyTorch (the VAE's convolutions only).
+    pub cuda_tf32: Tf32,
+    /// Engines, caches and optimisation profiles for graphs that run on TensorRT.
+    pub tensorrt: TensorRtOptions,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions { cuda_memory_limit: None, cuda_tf32: Tf32::LikePyTorch, tensorrt: TensorRtOptions::default() }
+    }
+}
+
+/// TensorRT's engines: where they are cached, their precision, and the shapes they serve.
+///
+/// Build it from `Default` and set the fields that differ:
+/// ```
+/// let mut trt = zimage::TensorRtOptions::default();
+/// trt.max_images = 4;
+/// trt.resolutions.max = (2048, 2048);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TensorRtOptions {
     /// Where TensorRT keeps engines and timing caches; `None` = `$XDG_CACHE_HOME/zimage/tensorrt`
     /// (or `~/.cache/zimage/tensorrt`).
     pub cache_dir: Option<PathBuf>,
-    pub tensorrt_precision: TensorRtPrecision,
+    pub precision: TensorRtPrecision,
     pub resolutions: ResolutionRange,
     /// Most images per request the engines are built for (doubled under guidance).
     pub max_images: u32,
@@ -75,24 +106,17 @@ pub struct GpuOptions {
     pub guidance: bool,
     /// Caption tokens the profiles optimise for (the maximum is the package's limit).
     pub typical_caption_tokens: u32,
-    /// Cap on the CUDA memory arena, in bytes.
-    pub cuda_memory_limit: Option<usize>,
-    /// Where CUDA may use TF32 for float32 work (fp16 graphs are unaffected). Default: like
-    /// PyTorch (the VAE's convolutions only).
-    pub cuda_tf32: Tf32,
 }
 
-impl Default for GpuOptions {
+impl Default for TensorRtOptions {
     fn default() -> Self {
-        GpuOptions {
+        TensorRtOptions {
             cache_dir: None,
-            tensorrt_precision: TensorRtPrecision::default(),
+            precision: TensorRtPrecision::default(),
             resolutions: ResolutionRange::default(),
             max_images: 1,
             guidance: false,
             typical_caption_tokens: 128,
-            cuda_memory_limit: None,
-            cuda_tf32: Tf32::LikePyTorch,
         }
     }
 }
@@ -105,7 +129,7 @@ pub struct ShapeProfile {
     pub max: String,
 }
 
-impl GpuOptions {
+impl TensorRtOptions {
     /// Checks the declared ranges against the package's size rules and limits.
     pub fn check(&self, manifest: &Manifest) -> Result<()> {
         let r = &self.resolutions;
@@ -124,8 +148,8 @@ impl GpuOptions {
         if !ordered(r.min, r.opt) || !ordered(r.opt, r.max) {
             return Err(Error::invalid("TensorRT resolutions must satisfy min <= opt <= max on both sides"));
         }
-        if self.max_images == 0 || self.max_images > crate::pipeline::MAX_IMAGES_PER_REQUEST {
-            return Err(Error::invalid("max_images must be 1..=64"));
+        if self.max_images == 0 || self.max_images > MAX_IMAGES_PER_REQUEST {
+            return Err(Error::invalid(format!("max_images must be 1..={MAX_IMAGES_PER_REQUEST}")));
         }
         if self.typical_caption_tokens == 0
             || self.typical_caption_tokens as usize > manifest.transformer.max_caption_tokens
@@ -141,8 +165,10 @@ impl GpuOptions {
         (r.min.0..=r.max.0).contains(&width) && (r.min.1..=r.max.1).contains(&height) && images <= self.max_images
     }
 
-    /// The profile of `graph` ("text_encoder", "transformer", "vae_decoder", "vae_encoder").
-    pub fn profile(&self, graph: &str, manifest: &Manifest) -> ShapeProfile {
+    /// The profile of a graph, or `None` for a graph TensorRT does not serve: the enhancer's
+    /// decoder, whose cache grows every step (a new shape each call would rebuild engines), so
+    /// it runs on CUDA instead.
+    pub fn profile(&self, graph: GraphKind, manifest: &Manifest) -> Option<ShapeProfile> {
         let f = manifest.vae.scale_factor as u32;
         let c = manifest.vae.latent_channels;
         let latent = |(w, h): (u32, u32)| (h / f, w / f);
@@ -151,12 +177,12 @@ impl GpuOptions {
         let opt_caption = (self.typical_caption_tokens as usize).min(max_caption);
         let max_batch = self.max_images as usize * if self.guidance { 2 } else { 1 };
         let opt_batch = if self.guidance { 2 } else { 1 };
-        match graph {
-            "text_encoder" => {
+        let profile = match graph {
+            GraphKind::TextEncoder => {
                 let s = |n: usize| format!("input_ids:1x{n},attention_mask:1x{n}");
                 ShapeProfile { min: s(1), opt: s(opt_caption), max: s(max_caption) }
             }
-            "transformer" => {
+            GraphKind::Transformer => {
                 let s = |b: usize, (h, w): (u32, u32), l: usize| {
                     let d = manifest.transformer.cap_feat_dim;
                     format!("latents:{b}x{c}x{h}x{w},timestep:{b},cap_feats:{b}x{l}x{d},cap_mask:{b}x{l}")
@@ -167,33 +193,27 @@ impl GpuOptions {
                     max: s(max_batch, latent(r.max), max_caption),
                 }
             }
-            "vae_decoder" => {
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu => {
                 let s = |(h, w): (u32, u32)| format!("latents:1x{c}x{h}x{w}");
                 ShapeProfile { min: s(latent(r.min)), opt: s(latent(r.opt)), max: s(latent(r.max)) }
             }
-            _ => {
+            GraphKind::VaeEncoder => {
                 let s = |(w, h): (u32, u32)| format!("image:1x3x{h}x{w}");
                 ShapeProfile { min: s(r.min), opt: s(r.opt), max: s(r.max) }
             }
-        }
+            GraphKind::TextDecoder => return None,
+        };
+        Some(profile)
     }
 
-    /// The engine/timing cache folder for one graph: keyed by the graph's sha256 (so a
-    /// different package or precision never picks up a stale engine) and the profile and
-    /// precision (which change the engine). ONNX Runtime's TensorRT provider adds the GPU
-    /// architecture to the engine file names itself.
-    pub fn cache_dir_for(&self, graph: &str, manifest: &Manifest) -> PathBuf {
+    /// The engine/timing cache folder for one graph: keyed by the sha256 of the graph entry
+    /// actually loaded (so a different package, precision or graph variant never picks up a
+    /// stale engine) and the profile and precision (which change the engine). ONNX Runtime's
+    /// TensorRT provider adds the GPU architecture to the engine file names itself.
+    pub fn cache_dir_for(&self, graph: GraphKind, entry: &GraphEntry, profile: &ShapeProfile) -> PathBuf {
         let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
-        let profile = self.profile(graph, manifest);
-        let key = format!(
-            "{}|{}|{}|{}|{:?}",
-            manifest.graphs.get(graph).sha256,
-            profile.min,
-            profile.opt,
-            profile.max,
-            self.tensorrt_precision
-        );
-        let digest = crate::manifest::sha256_hex(key.as_bytes());
+        let key = format!("{}|{}|{}|{}|{:?}", entry.sha256, profile.min, profile.opt, profile.max, self.precision);
+        let digest = sha256_hex(key.as_bytes());
         base.join(format!("{graph}-{}", &digest[..16]))
     }
 }

@@ -16,30 +16,43 @@
 //! # Ok::<(), zimage::Error>(())
 //! ```
 
+pub(crate) mod kv_decoder;
+pub mod sampling;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
-use crate::cancel::{CancelHandle, Registry};
 use crate::error::{Error, Result};
-use crate::kv_decoder::Decoder;
-use crate::manifest::{EnhancerInfo, EnhancerManifest, GraphEntry, Manifest, ENHANCER_FORMAT_NAME, FORMAT_NAME};
-use crate::pipeline::{LoadOptions, Pipeline};
-use crate::runtime::{self, Device, ProviderConfig, SessionSettings};
-use crate::sampling::{Sampling, TokenPicker};
+use crate::load_options::LoadOptions;
+use crate::package::enhancer::{EnhancerInfo, EnhancerManifest, ENHANCER_FORMAT_NAME};
+use crate::package::files::resolve;
+use crate::package::format::{read_manifest_json, FORMAT_NAME};
+use crate::package::graph::{GraphEntry, GraphKind};
+use crate::package::Manifest;
+use crate::runtime::device::Device;
+use crate::runtime::graph::Graph;
+use crate::runtime::library::runtime;
+use crate::runtime::provider::ProviderConfig;
+use crate::runtime::run_context::{CancelHandle, Registry};
+use crate::runtime::session::{build_session, SessionSettings};
+use kv_decoder::Decoder;
+use sampling::{Sampling, TokenPicker};
 
 /// The largest `max_new_tokens` accepted.
 pub const MAX_NEW_TOKENS: usize = 32_768;
 
 /// Our instructions to the model (also read by `export-scripts/make_enhancer_fixtures.py`).
 pub fn default_system_prompt() -> &'static str {
-    include_str!("enhancer_system_prompt.txt").trim_end()
+    include_str!("system_prompt.txt").trim_end()
 }
 
 /// How to enhance. `Default`: our system prompt, thinking off, greedy, at most 512 new tokens.
+/// New fields may be added: start from `Default` and set the fields that differ.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct EnhanceOptions {
     /// `None` uses [`default_system_prompt`].
     pub system_prompt: Option<String>,
@@ -146,21 +159,28 @@ impl PromptEnhancer {
         Self::load_with_registry(dir.as_ref(), options, Arc::new(Registry::default()))
     }
 
-    /// Loads the enhancer of the package `pipeline` was loaded from, cancelled together with
-    /// the pipeline's generations by [`Pipeline::cancel_handle`].
-    pub fn attach(pipeline: &Pipeline, options: &LoadOptions) -> Result<PromptEnhancer> {
-        Self::load_with_registry(pipeline.package_dir(), options, Arc::clone(&pipeline.cancel_handle().registry))
-    }
-
-    fn load_with_registry(dir: &Path, options: &LoadOptions, registry: Arc<Registry>) -> Result<PromptEnhancer> {
+    /// Loads with `registry` tracking its runs: the registry of a pipeline when attached to it
+    /// (`Pipeline::attach_enhancer`), so that the pipeline's cancel handle stops it too.
+    pub(crate) fn load_with_registry(
+        dir: &Path,
+        options: &LoadOptions,
+        registry: Arc<Registry>,
+    ) -> Result<PromptEnhancer> {
         let (tokenizer_path, graph, info) = read_package(dir, options.verify_checksums)?;
-        let rt = runtime::runtime(options.runtime_library.as_deref())?;
+        let rt = runtime(options.runtime_library.as_deref())?;
         // Mapped, not copied: in a Z-Image package the text encoder reads the same file.
         let settings = SessionSettings { shares_weights: true, ..options.session_settings() };
-        let path = Manifest::resolve(dir, &graph.path);
-        let provider = decoder_provider(options);
-        let (session, device) = runtime::build_session(rt, "text_decoder", &path, &provider, &settings)?;
-        let decoder = Decoder::new(session, device, info.clone());
+        let path = resolve(dir, &graph.path);
+        // TensorRT would rebuild engines as the cache grows (every step has a new past length),
+        // so a TensorRT device runs the decoder with CUDA instead.
+        let provider = ProviderConfig::without_tensorrt(
+            options.device,
+            GraphKind::TextDecoder,
+            &options.gpu,
+            options.exact_gpu_arena(),
+        );
+        let built = build_session(rt, GraphKind::TextDecoder, &path, &provider, &settings)?;
+        let decoder = Decoder::new(Graph::new(GraphKind::TextDecoder, built.session), built.device, info.clone());
         Self::new(dir, &tokenizer_path, info, decoder, registry)
     }
 
@@ -236,7 +256,7 @@ impl PromptEnhancer {
         if prompt.trim().is_empty() {
             return Err(Error::invalid("the prompt to enhance is empty"));
         }
-        let control = self.registry.begin()?;
+        let context = self.registry.begin()?;
         let ids = self.prompt_ids(prompt, options)?;
         if ids.len() >= self.info.max_positions {
             return Err(Error::invalid(format!(
@@ -248,15 +268,14 @@ impl PromptEnhancer {
         let max_new = options.max_new_tokens.min(self.info.max_positions - ids.len());
         let seed = match options.sampling {
             Sampling::Greedy => None,
-            Sampling::Random(r) => Some(r.seed.unwrap_or_else(random_seed)),
+            Sampling::Random(r) => Some(r.seed.unwrap_or_else(crate::random::os_seeded_u64)),
         };
         let mut picker = TokenPicker::new(options.sampling, seed.unwrap_or(0));
         let mut timings = EnhanceTimings::default();
-        let mut ort_time = Duration::ZERO;
         let mut cache = self.decoder.empty_cache()?;
 
         let prefill_start = Instant::now();
-        let mut logits = self.decoder.step(&ids, &mut cache, &control, &mut ort_time)?;
+        let mut logits = self.decoder.step(&ids, &mut cache, &context)?;
         timings.prefill = prefill_start.elapsed();
 
         let mut generated = Vec::new();
@@ -286,7 +305,7 @@ impl PromptEnhancer {
             if index + 1 == max_new {
                 break;
             }
-            logits = self.decoder.step(&[token], &mut cache, &control, &mut ort_time)?;
+            logits = self.decoder.step(&[token], &mut cache, &context)?;
             timings.decode_steps += 1;
         }
         timings.decode = decode_start.elapsed();
@@ -316,71 +335,59 @@ impl PromptEnhancer {
     /// Logits after feeding `ids` in one call with an empty cache (no reuse): for checking
     /// the KV cache, not needed to enhance.
     pub fn logits_without_cache(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let control = self.registry.begin()?;
+        let context = self.registry.begin()?;
         let mut cache = self.decoder.empty_cache()?;
-        self.decoder.step(ids, &mut cache, &control, &mut Duration::default())
+        self.decoder.step(ids, &mut cache, &context)
     }
 
     /// Logits after each token of `ids`, fed one at a time through the KV cache after a
     /// prefill of the first `prefill` tokens: for checking the KV cache.
     pub fn logits_with_cache(&self, ids: &[u32], prefill: usize) -> Result<Vec<Vec<f32>>> {
-        let control = self.registry.begin()?;
+        let context = self.registry.begin()?;
         let mut cache = self.decoder.empty_cache()?;
-        let mut out = vec![self.decoder.step(&ids[..prefill], &mut cache, &control, &mut Duration::default())?];
+        let mut out = vec![self.decoder.step(&ids[..prefill], &mut cache, &context)?];
         for &id in &ids[prefill..] {
-            out.push(self.decoder.step(&[id], &mut cache, &control, &mut Duration::default())?);
+            out.push(self.decoder.step(&[id], &mut cache, &context)?);
         }
         debug_assert_eq!(cache.len(), ids.len());
         Ok(out)
     }
 }
 
-/// The decoder runs on CPU or CUDA. TensorRT would rebuild engines as the cache grows (every
-/// step has a new past length), so a TensorRT device runs the decoder with CUDA instead.
-fn decoder_provider(options: &LoadOptions) -> ProviderConfig {
-    match options.device {
-        Device::Cpu => ProviderConfig::Cpu,
-        Device::Cuda { device_id } | Device::TensorRt { device_id } => ProviderConfig::Cuda {
-            device_id,
-            memory_limit: options.gpu.cuda_memory_limit,
-            tf32: options.gpu.cuda_tf32.for_graph("text_decoder"),
-            exact_arena: options.exact_gpu_arena(),
-        },
-    }
-}
-
-/// Tokenizer path, decoder graph entry and enhancer section of a package of either kind.
+/// Tokenizer path, decoder graph entry and enhancer section of a package of either kind, the
+/// decoder's interface checked.
 fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo)> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::package(dir, "no manifest.json: not a zimage model or enhancer package")
-        } else {
-            Error::io(&path, e)
-        }
-    })?;
+    let text = read_manifest_json(dir, "not a zimage model or enhancer package")?;
     let format: Option<String> = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
-    match format.as_deref() {
+    let (tokenizer, graph, info) = match format.as_deref() {
         Some(FORMAT_NAME) => {
             let m = Manifest::load(dir, verify_all)?;
             match (m.enhancer, m.graphs.text_decoder) {
-                (Some(info), Some(graph)) => Ok((Manifest::resolve(dir, &m.tokenizer.path), graph, info)),
-                _ => Err(Error::package(
-                    dir,
-                    "this package has no prompt enhancer (add one with export-scripts/export_enhancer.py add, or load a standalone enhancer package)",
-                )),
+                (Some(info), Some(graph)) => (resolve(dir, &m.tokenizer.path), graph, info),
+                _ => {
+                    return Err(Error::package(
+                        dir,
+                        "this package has no prompt enhancer (add one with export-scripts/export_enhancer.py add, or load a standalone enhancer package)",
+                    ))
+                }
             }
         }
         Some(ENHANCER_FORMAT_NAME) => {
             let m = EnhancerManifest::load(dir, verify_all)?;
-            Ok((Manifest::resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer))
+            (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer)
         }
         other => {
-            Err(Error::package(&path, format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}")))
+            return Err(Error::package(
+                &path,
+                format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}"),
+            ))
         }
-    }
+    };
+    kv_decoder::check_interface(&info, &graph).map_err(|m| Error::package(&path, m))?;
+    Ok((tokenizer, graph, info))
 }
 
 /// Splits generated text into (reasoning, answer). The answer is what follows the last
@@ -421,14 +428,6 @@ impl TextStream {
         self.emitted = text.len();
         piece
     }
-}
-
-/// A sampling seed from the OS-seeded hasher.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish()
 }
 
 #[cfg(test)]

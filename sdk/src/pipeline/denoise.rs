@@ -4,14 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use ndarray::{concatenate, s, Array1, Array2, Array3, Array4, ArrayView4, Axis, Zip};
-use ort::value::TensorRef;
+use ndarray::{concatenate, s, Array4, ArrayView4, Axis, Zip};
 
-use crate::cancel::RunControl;
+use super::scheduler::Schedule;
 use crate::error::{Error, Result};
-use crate::scheduler::Schedule;
-use crate::session::Graph;
-use crate::text_encoding::PromptEmbedding;
+use crate::model::transformer::{self, CaptionBatch};
+use crate::package::Precision;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
 
 /// Guidance settings of one generation.
 #[derive(Debug, Clone, Copy)]
@@ -37,27 +37,6 @@ impl Guidance {
     }
 }
 
-/// Caption features for a batch: zero-padded `[B, Lmax, D]` plus the mask of real tokens.
-pub(crate) struct CaptionBatch {
-    feats: Array3<f32>,
-    mask: Array2<bool>,
-}
-
-impl CaptionBatch {
-    pub fn new(items: &[&PromptEmbedding]) -> CaptionBatch {
-        let width = items[0].features.ncols();
-        let max_len = items.iter().map(|e| e.features.nrows()).max().unwrap_or(0);
-        let mut feats = Array3::<f32>::zeros((items.len(), max_len, width));
-        let mut mask = Array2::<bool>::from_elem((items.len(), max_len), false);
-        for (b, e) in items.iter().enumerate() {
-            let n = e.features.nrows();
-            feats.slice_mut(s![b, ..n, ..]).assign(&*e.features);
-            mask.slice_mut(s![b, ..n]).fill(true);
-        }
-        CaptionBatch { feats, mask }
-    }
-}
-
 /// What the loop reports after each step; returning false stops the run.
 pub(crate) type StepCallback<'a> = dyn FnMut(usize, usize) -> bool + 'a;
 /// Called after each step's update, e.g. to re-impose the known region when inpainting.
@@ -74,7 +53,7 @@ pub(crate) struct Denoiser<'a> {
     /// With guidance: conditional then unconditional captions, padded to one length.
     pub positive_and_negative: Option<CaptionBatch>,
     /// The package's precision, named when values overflow.
-    pub precision: &'a str,
+    pub precision: Precision,
 }
 
 impl Denoiser<'_> {
@@ -82,15 +61,14 @@ impl Denoiser<'_> {
     pub fn run(
         &self,
         latents: &mut Array4<f32>,
-        control: &RunControl,
-        ort_time: &mut Duration,
+        context: &RunContext,
         step_times: &mut Vec<Duration>,
         on_step: &mut StepCallback<'_>,
         after_step: &mut AfterStep<'_>,
     ) -> Result<()> {
         let total = self.schedule.len() - self.first_step;
         for (done, i) in (self.first_step..self.schedule.len()).enumerate() {
-            control.check()?;
+            context.check()?;
             let start = Instant::now();
             let t_norm = self.schedule.model_timestep(i);
             let last = i + 1 == self.schedule.len();
@@ -98,14 +76,8 @@ impl Denoiser<'_> {
             let apply_cfg = self.guidance.enabled() && scale > 0.0 && self.positive_and_negative.is_some();
             let prediction = if apply_cfg {
                 let input = concatenate![Axis(0), latents.view(), latents.view()];
-                let out = self.forward(
-                    &input,
-                    t_norm,
-                    self.positive_and_negative.as_ref().expect("checked"),
-                    last,
-                    control,
-                    ort_time,
-                )?;
+                let captions = self.positive_and_negative.as_ref().expect("checked");
+                let out = transformer::predict(self.transformer, &input, t_norm, captions, context, last)?;
                 let batch = latents.shape()[0];
                 guide(
                     out.slice(s![..batch, .., .., ..]),
@@ -114,7 +86,7 @@ impl Denoiser<'_> {
                     self.guidance.normalization,
                 )
             } else {
-                self.forward(latents, t_norm, &self.positive, last, control, ort_time)?
+                transformer::predict(self.transformer, latents, t_norm, &self.positive, context, last)?
             };
             // Euler step with v = -prediction: x + dt * v.
             let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
@@ -133,44 +105,11 @@ impl Denoiser<'_> {
             }
             step_times.push(start.elapsed());
             if !on_step(done + 1, total) {
-                control.cancel();
+                context.cancel();
                 return Err(Error::Cancelled);
             }
         }
         Ok(())
-    }
-
-    fn forward(
-        &self,
-        latents: &Array4<f32>,
-        t_norm: f32,
-        captions: &CaptionBatch,
-        last_step: bool,
-        control: &RunControl,
-        ort_time: &mut Duration,
-    ) -> Result<Array4<f32>> {
-        let batch = latents.shape()[0];
-        let timestep = Array1::<f32>::from_elem(batch, t_norm);
-        let err = |e: ort::Error| Error::inference("transformer", e);
-        let inputs = vec![
-            ("latents", TensorRef::from_array_view(latents).map_err(err)?.into()),
-            ("timestep", TensorRef::from_array_view(&timestep).map_err(err)?.into()),
-            ("cap_feats", TensorRef::from_array_view(&captions.feats).map_err(err)?.into()),
-            ("cap_mask", TensorRef::from_array_view(&captions.mask).map_err(err)?.into()),
-        ];
-        // After the last step the transformer's activations are not needed again in this
-        // generation: give the arena back before the VAE allocates its own.
-        let out = self.transformer.run_with(inputs, &["noise_pred"], control, ort_time, last_step)?.remove(0);
-        let out = out
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(|e| Error::inference("transformer", format!("output rank: {e}")))?;
-        if out.shape() != latents.shape() {
-            return Err(Error::inference(
-                "transformer",
-                format!("output shape {:?} != latents {:?}", out.shape(), latents.shape()),
-            ));
-        }
-        Ok(out)
     }
 }
 

@@ -1,0 +1,66 @@
+//! How a pipeline or a prompt enhancer is loaded: where ONNX Runtime is, where each graph runs,
+//! threads, memory mode, GPU settings, caches.
+
+use std::path::PathBuf;
+
+use crate::runtime::device::Device;
+use crate::runtime::gpu::GpuOptions;
+use crate::runtime::graph::MemoryMode;
+use crate::runtime::session::SessionSettings;
+
+/// How a pipeline (or a prompt enhancer) is loaded. Build it from `Default` and set the fields
+/// that differ; new fields may be added, so it cannot be built with a struct literal:
+/// ```
+/// let mut options = zimage::LoadOptions::default();
+/// options.threads = Some(2);
+/// options.device = zimage::Device::Cpu;
+/// ```
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// The ONNX Runtime shared library; `None` searches (see [`crate::runtime::library_candidates`]).
+    pub runtime_library: Option<PathBuf>,
+    /// Where every graph runs unless overridden below.
+    pub device: Device,
+    /// Where the transformer runs, when it should differ from `device` (e.g. TensorRT for the
+    /// transformer, CUDA for the rest).
+    pub transformer_device: Option<Device>,
+    /// Intra-op threads per graph; `None` lets ONNX Runtime pick.
+    pub threads: Option<usize>,
+    /// Check the sha256 of every file, also the large ones (always done below 64 MB).
+    pub verify_checksums: bool,
+    /// Fall back to CPU when the requested provider cannot be set up, instead of failing.
+    pub allow_cpu_fallback: bool,
+    /// Keep every graph loaded, or load each for its stage only.
+    pub memory_mode: MemoryMode,
+    /// TensorRT profiles and caches, CUDA memory limit (ignored on CPU).
+    pub gpu: GpuOptions,
+    /// CPU: keep ONNX Runtime's optimised transformer and VAE graphs in this folder so later
+    /// loads skip graph optimisation (the text encoder loads faster without). `None`: off.
+    pub optimized_model_cache: Option<PathBuf>,
+    /// CPU: decode with the package's `vae_decoder_cpu`, whose wide 3x3 convolutions run as
+    /// Winograd F(4x4, 3x3): same weights, images within one 8-bit level of `vae_decoder`'s,
+    /// decoding about 15-20 % faster, at the cost of more activation memory while decoding
+    /// (mid-size model at 512x512: +0.2 to +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
+    /// the decoder runs on a GPU; an InvalidRequest error when the package has no such graph.
+    pub winograd_vae: bool,
+}
+
+impl LoadOptions {
+    /// Whether the CUDA arena grows by what is asked for (the sequential mode's smaller peak)
+    /// rather than in powers of two.
+    pub(crate) fn exact_gpu_arena(&self) -> bool {
+        self.memory_mode == MemoryMode::Sequential
+    }
+
+    /// The session settings every graph starts from; stages adjust their own.
+    pub(crate) fn session_settings(&self) -> SessionSettings {
+        SessionSettings {
+            intra_threads: self.threads,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            shares_weights: false,
+            release_activations: false,
+            optimized_cache: None,
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! VAE: latents -> pixels (decoder) and pixels -> latent distribution (encoder), with the
+//! package's scaling and shift factors applied here rather than in the graphs.
+
+use ndarray::{s, Array4, ArrayD, Ix4};
+use ort::value::TensorRef;
+
+use crate::error::{Error, Result};
+use crate::package::VaeInfo;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
+
+const LATENTS: &str = "latents";
+const IMAGE: &str = "image";
+const MEAN: &str = "mean";
+const LOGVAR: &str = "logvar";
+/// The decoder's interface: one image's latents `[1,C,h,w]` in, pixels `[1,3,H,W]` in [-1, 1] out.
+pub(crate) const DECODER_INPUTS: &[(&str, &str)] = &[(LATENTS, "float32")];
+pub(crate) const DECODER_OUTPUTS: &[(&str, &str)] = &[(IMAGE, "float32")];
+/// The encoder's interface: pixels in, the latent distribution's mean and log-variance out.
+pub(crate) const ENCODER_INPUTS: &[(&str, &str)] = &[(IMAGE, "float32")];
+pub(crate) const ENCODER_OUTPUTS: &[(&str, &str)] = &[(MEAN, "float32"), (LOGVAR, "float32")];
+
+pub(crate) struct Vae {
+    pub info: VaeInfo,
+}
+
+impl Vae {
+    /// Decodes each image of the batch on its own (bounded memory at large sizes) into
+    /// `[1, 3, H, W]` decoder outputs.
+    pub fn decode(&self, decoder: &Graph, latents: &Array4<f32>, context: &RunContext) -> Result<Vec<Array4<f32>>> {
+        let scaling = self.info.scaling_factor as f32;
+        let shift = self.info.shift_factor as f32;
+        let mut images = Vec::with_capacity(latents.shape()[0]);
+        for b in 0..latents.shape()[0] {
+            let z = latents.slice(s![b..b + 1, .., .., ..]).mapv(|v| v / scaling + shift);
+            let inputs = vec![(
+                LATENTS.into(),
+                TensorRef::from_array_view(&z).map_err(|e| Error::ort("vae_decoder", e))?.into(),
+            )];
+            let out = to4(decoder, decoder.run(inputs, &[IMAGE], context, false)?.remove(0))?;
+            if out.shape()[1] != 3 {
+                return Err(decoder.failed(format!("output shape {:?}", out.shape())));
+            }
+            images.push(out);
+        }
+        Ok(images)
+    }
+
+    /// Encodes `[1, 3, H, W]` pixels in [-1, 1] to the latent distribution's mean and log-variance.
+    pub fn encode(
+        &self,
+        encoder: &Graph,
+        image: &Array4<f32>,
+        context: &RunContext,
+    ) -> Result<(Array4<f32>, Array4<f32>)> {
+        let inputs =
+            vec![(IMAGE.into(), TensorRef::from_array_view(image).map_err(|e| Error::ort("vae_encoder", e))?.into())];
+        let mut out = encoder.run(inputs, &[MEAN, LOGVAR], context, false)?;
+        let logvar = to4(encoder, out.pop().expect("two outputs"))?;
+        let mean = to4(encoder, out.pop().expect("two outputs"))?;
+        if mean.shape()[1] != self.info.latent_channels || mean.shape() != logvar.shape() {
+            return Err(encoder.failed(format!("output shape {:?}", mean.shape())));
+        }
+        Ok((mean, logvar))
+    }
+}
+
+fn to4(graph: &Graph, array: ArrayD<f32>) -> Result<Array4<f32>> {
+    array.into_dimensionality::<Ix4>().map_err(|e| graph.failed(format!("output rank: {e}")))
+}

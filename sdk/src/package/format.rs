@@ -1,0 +1,25 @@
+//! The package formats' names and version, and reading a package's `manifest.json`.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// `format` of a Z-Image model package.
+pub const FORMAT_NAME: &str = "zimage-model-package";
+/// `format` of a standalone prompt-enhancer package.
+pub const ENHANCER_FORMAT_NAME: &str = "zimage-enhancer-package";
+/// The `format_version` this runtime reads (both formats).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Reads `dir/manifest.json` as text; a missing file is a package error that says what the
+/// folder is not.
+pub(crate) fn read_manifest_json(dir: &Path, what_it_is_not: &str) -> Result<String> {
+    let path = dir.join("manifest.json");
+    std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::package(dir, format!("no manifest.json: {what_it_is_not}"))
+        } else {
+            Error::io(&path, e)
+        }
+    })
+}

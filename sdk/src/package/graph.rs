@@ -1,0 +1,179 @@
+//! The graphs a package carries: what kind each one is, and its manifest entry (file,
+//! checksum, declared inputs and outputs).
+
+use serde::Deserialize;
+
+use super::files::FileEntry;
+
+/// The job a graph does in the pipeline. Every place that treats graphs differently matches
+/// on this (exhaustively inside the crate), so a new graph (ControlNet, vision encoder) is
+/// added here and the compiler lists what must handle it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum GraphKind {
+    /// Qwen3 text encoder: token ids -> caption features.
+    TextEncoder,
+    /// The diffusion transformer: one denoising prediction.
+    Transformer,
+    /// VAE decoder: latents -> pixels.
+    VaeDecoder,
+    /// The same VAE decoder arranged for the CPU (Winograd convolutions), optional.
+    VaeDecoderCpu,
+    /// VAE encoder: pixels -> latent distribution (image-to-image, inpainting).
+    VaeEncoder,
+    /// The prompt enhancer's causal-LM decoder with a KV cache, optional.
+    TextDecoder,
+}
+
+impl GraphKind {
+    /// Every kind, in manifest order.
+    pub const ALL: [GraphKind; 6] = [
+        GraphKind::TextEncoder,
+        GraphKind::Transformer,
+        GraphKind::VaeDecoder,
+        GraphKind::VaeDecoderCpu,
+        GraphKind::VaeEncoder,
+        GraphKind::TextDecoder,
+    ];
+
+    /// The graph's key in `manifest.json` (`graphs.<name>`), also its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            GraphKind::TextEncoder => "text_encoder",
+            GraphKind::Transformer => "transformer",
+            GraphKind::VaeDecoder => "vae_decoder",
+            GraphKind::VaeDecoderCpu => "vae_decoder_cpu",
+            GraphKind::VaeEncoder => "vae_encoder",
+            GraphKind::TextDecoder => "text_decoder",
+        }
+    }
+
+    /// Whether every Z-Image package must have this graph.
+    pub fn is_required(self) -> bool {
+        match self {
+            GraphKind::TextEncoder | GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeEncoder => true,
+            GraphKind::VaeDecoderCpu | GraphKind::TextDecoder => false,
+        }
+    }
+
+    /// Whether the graph is one of the VAE's (convolutional image networks).
+    pub fn is_vae(self) -> bool {
+        match self {
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => true,
+            GraphKind::TextEncoder | GraphKind::Transformer | GraphKind::TextDecoder => false,
+        }
+    }
+}
+
+impl std::fmt::Display for GraphKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One graph file of a package.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    #[serde(default)]
+    pub external_data: Option<FileEntry>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl GraphEntry {
+    /// The graph file and its external data file, if any.
+    pub fn files(&self) -> impl Iterator<Item = FileEntry> + '_ {
+        let graph = FileEntry { path: self.path.clone(), bytes: self.bytes, sha256: self.sha256.clone() };
+        std::iter::once(graph).chain(self.external_data.clone())
+    }
+
+    /// Checks the declared inputs and outputs against what the network that runs this graph
+    /// needs (names and element types, in order). The caller knows the names.
+    pub(crate) fn check_interface(
+        &self,
+        kind: GraphKind,
+        inputs: &[(&str, &str)],
+        outputs: &[(&str, &str)],
+    ) -> std::result::Result<(), String> {
+        check_specs(kind, "input", &self.inputs, inputs)?;
+        check_specs(kind, "output", &self.outputs, outputs)
+    }
+}
+
+fn check_specs(
+    kind: GraphKind,
+    what: &str,
+    actual: &[TensorSpec],
+    expected: &[(&str, &str)],
+) -> std::result::Result<(), String> {
+    let matches =
+        actual.len() == expected.len() && actual.iter().zip(expected).all(|(a, (n, t))| a.name == *n && a.dtype == *t);
+    if matches {
+        return Ok(());
+    }
+    let want: Vec<String> = expected.iter().map(|(n, t)| format!("{n}:{t}")).collect();
+    let got: Vec<String> = actual.iter().map(|s| format!("{}:{}", s.name, s.dtype)).collect();
+    Err(format!("graph {kind} has {what}s [{}], this runtime needs [{}]", got.join(", "), want.join(", ")))
+}
+
+/// A graph input or output as the manifest declares it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+}
+
+/// The `graphs` section of a model package manifest.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Graphs {
+    pub text_encoder: GraphEntry,
+    pub transformer: GraphEntry,
+    pub vae_decoder: GraphEntry,
+    pub vae_encoder: GraphEntry,
+    /// The same VAE decoder arranged for the CPU (its wide 3x3 convolutions by Winograd
+    /// F(4x4, 3x3), same weights); used instead of `vae_decoder` on the CPU with
+    /// `LoadOptions::winograd_vae` (optional, see docs/package-format.md).
+    #[serde(default)]
+    pub vae_decoder_cpu: Option<GraphEntry>,
+    /// Causal-LM decoder with a KV cache for the prompt enhancer (optional).
+    #[serde(default)]
+    pub text_decoder: Option<GraphEntry>,
+}
+
+impl Graphs {
+    /// The entry of `kind`, when the package has that graph.
+    pub fn get(&self, kind: GraphKind) -> Option<&GraphEntry> {
+        match kind {
+            GraphKind::TextEncoder => Some(&self.text_encoder),
+            GraphKind::Transformer => Some(&self.transformer),
+            GraphKind::VaeDecoder => Some(&self.vae_decoder),
+            GraphKind::VaeDecoderCpu => self.vae_decoder_cpu.as_ref(),
+            GraphKind::VaeEncoder => Some(&self.vae_encoder),
+            GraphKind::TextDecoder => self.text_decoder.as_ref(),
+        }
+    }
+
+    /// Every graph the package has, with its kind.
+    pub fn iter(&self) -> impl Iterator<Item = (GraphKind, &GraphEntry)> {
+        GraphKind::ALL.into_iter().filter_map(|kind| self.get(kind).map(|entry| (kind, entry)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GraphKind;
+
+    #[test]
+    fn names_are_the_manifest_keys() {
+        let names: Vec<&str> = GraphKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(
+            names,
+            ["text_encoder", "transformer", "vae_decoder", "vae_decoder_cpu", "vae_encoder", "text_decoder"]
+        );
+        let required: Vec<&str> = GraphKind::ALL.iter().filter(|k| k.is_required()).map(|k| k.name()).collect();
+        assert_eq!(required, ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]);
+    }
+}

@@ -1,0 +1,201 @@
+//! The model package a pipeline loads (format in `docs/package-format.md`): `manifest.json`,
+//! its sections, the graphs it names and their files. Everything here is about the format;
+//! what a graph's inputs and outputs must be is known by the network that runs it (`model`).
+//!
+//! - [`graph`]: [`GraphKind`], a graph's manifest entry;
+//! - [`precision`]: [`Precision`];
+//! - [`format`]: format names and versions, reading `manifest.json`;
+//! - [`files`]: file entries, checksums, path safety;
+//! - [`scheduler_config`]: the scheduler section;
+//! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package.
+
+pub mod enhancer;
+pub mod files;
+pub mod format;
+pub mod graph;
+pub mod precision;
+pub mod scheduler_config;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use enhancer::EnhancerInfo;
+use files::{check_package_files, FileEntry};
+use format::read_manifest_json;
+pub use format::{FORMAT_NAME, FORMAT_VERSION};
+use graph::{GraphKind, Graphs};
+pub use precision::Precision;
+use scheduler_config::SchedulerConfig;
+
+/// A Z-Image model package's `manifest.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub precision: Precision,
+    #[serde(default)]
+    pub source: serde_json::Value,
+    pub tokenizer: FileEntry,
+    pub graphs: Graphs,
+    pub text_encoder: TextEncoderInfo,
+    pub transformer: TransformerInfo,
+    pub vae: VaeInfo,
+    pub scheduler: SchedulerConfig,
+    /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
+    #[serde(default)]
+    pub enhancer: Option<EnhancerInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderInfo {
+    pub hidden_size: usize,
+    pub max_sequence_length: usize,
+    pub prompt_template: String,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransformerInfo {
+    pub in_channels: usize,
+    pub patch_size: usize,
+    #[serde(default = "one")]
+    pub f_patch_size: usize,
+    pub cap_feat_dim: usize,
+    pub axes_lens: Vec<usize>,
+    pub sequence_multiple: usize,
+    pub max_caption_tokens: usize,
+    pub max_latent_height: usize,
+    pub max_latent_width: usize,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeInfo {
+    pub latent_channels: usize,
+    pub scale_factor: usize,
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+}
+
+impl Manifest {
+    /// Reads and checks `dir/manifest.json`, then every file it names (presence, size, and
+    /// sha256 for files under [`files::ALWAYS_HASH_BELOW_BYTES`], or all files with `verify_all`).
+    pub fn load(dir: &Path, verify_all: bool) -> Result<Manifest> {
+        let text = read_manifest_json(dir, "not a zimage model package (export one with export-scripts/export.py)")?;
+        let manifest = Manifest::parse(&text).map_err(|m| Error::package(dir.join("manifest.json"), m))?;
+        manifest.check_files(dir, verify_all)?;
+        Ok(manifest)
+    }
+
+    /// Parses and checks the manifest text alone (no file access).
+    pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
+        let head: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        match head.get("format").and_then(|v| v.as_str()) {
+            Some(FORMAT_NAME) => {}
+            other => return Err(format!("format is {other:?}, expected \"{FORMAT_NAME}\"")),
+        }
+        match head.get("format_version").and_then(|v| v.as_u64()) {
+            Some(v) if v == FORMAT_VERSION as u64 => {}
+            other => {
+                return Err(format!(
+                    "format_version {other:?} is not supported: this zimage reads version {FORMAT_VERSION}; re-export the package with a matching export-scripts/export.py"
+                ))
+            }
+        }
+        let manifest: Manifest = serde_json::from_value(head).map_err(|e| format!("manifest.json: {e}"))?;
+        manifest.check_values()?;
+        Ok(manifest)
+    }
+
+    fn check_values(&self) -> std::result::Result<(), String> {
+        if let Some(cpu) = &self.graphs.vae_decoder_cpu {
+            let decoder = &self.graphs.vae_decoder;
+            if cpu.inputs != decoder.inputs || cpu.outputs != decoder.outputs {
+                return Err("graphs.vae_decoder_cpu must have vae_decoder's inputs and outputs".into());
+            }
+        }
+        let t = &self.transformer;
+        let v = &self.vae;
+        if t.in_channels == 0 || t.in_channels != v.latent_channels {
+            return Err(format!(
+                "transformer.in_channels ({}) must equal vae.latent_channels ({}) and be > 0",
+                t.in_channels, v.latent_channels
+            ));
+        }
+        if t.patch_size == 0 || t.sequence_multiple == 0 || t.f_patch_size != 1 {
+            return Err("transformer.patch_size and sequence_multiple must be > 0, f_patch_size 1".into());
+        }
+        if !v.scale_factor.is_power_of_two() {
+            return Err(format!("vae.scale_factor {} is not a power of two", v.scale_factor));
+        }
+        if !(v.scaling_factor.is_finite() && v.scaling_factor != 0.0 && v.shift_factor.is_finite()) {
+            return Err("vae.scaling_factor must be finite and non-zero, shift_factor finite".into());
+        }
+        if self.text_encoder.hidden_size != t.cap_feat_dim {
+            return Err(format!(
+                "text_encoder.hidden_size ({}) differs from transformer.cap_feat_dim ({})",
+                self.text_encoder.hidden_size, t.cap_feat_dim
+            ));
+        }
+        if self.text_encoder.max_sequence_length == 0 || !self.text_encoder.prompt_template.contains("{prompt}") {
+            return Err("text_encoder needs max_sequence_length > 0 and a prompt_template with {prompt}".into());
+        }
+        if t.max_caption_tokens == 0 || t.max_latent_height == 0 || t.max_latent_width == 0 {
+            return Err("transformer limits (max_caption_tokens, max_latent_height/width) must be > 0".into());
+        }
+        self.scheduler.check()?;
+        match (&self.enhancer, &self.graphs.text_decoder) {
+            (Some(info), Some(_)) => info.check()?,
+            (None, None) => {}
+            _ => return Err("graphs.text_decoder and the enhancer section come together (one is missing)".into()),
+        }
+        Ok(())
+    }
+
+    fn check_files(&self, dir: &Path, verify_all: bool) -> Result<()> {
+        let graph_files = self.graphs.iter().flat_map(|(_, entry)| entry.files());
+        check_package_files(dir, std::iter::once(self.tokenizer.clone()).chain(graph_files), verify_all)
+    }
+
+    /// Absolute path of a file named in the manifest (already checked to stay inside `dir`).
+    pub fn resolve(dir: &Path, relative: &str) -> PathBuf {
+        files::resolve(dir, relative)
+    }
+
+    /// The largest image side (pixels) the transformer's position table allows.
+    pub fn max_image_height(&self) -> usize {
+        self.transformer.max_latent_height * self.vae.scale_factor
+    }
+
+    pub fn max_image_width(&self) -> usize {
+        self.transformer.max_latent_width * self.vae.scale_factor
+    }
+
+    /// Image sides must be multiples of this (16 for the real VAE).
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale_factor * self.transformer.patch_size
+    }
+
+    /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
+    /// A weights file shared by several graphs counts once; `vae_decoder_cpu` is loaded instead
+    /// of `vae_decoder`, not besides it, so it is not counted.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut seen = std::collections::BTreeSet::new();
+        self.graphs
+            .iter()
+            .filter(|(kind, _)| *kind != GraphKind::VaeDecoderCpu)
+            .map(|(_, g)| {
+                g.bytes + g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes)
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,91 @@
+//! Creating a pipeline's sessions: which graph entry each stage uses, on which provider, with
+//! which session settings.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::load_options::LoadOptions;
+use crate::package::files::resolve;
+use crate::package::graph::{GraphEntry, GraphKind};
+use crate::package::Manifest;
+use crate::runtime::device::Device;
+use crate::runtime::graph::GraphSlot;
+use crate::runtime::library::Runtime;
+use crate::runtime::provider::ProviderConfig;
+use crate::runtime::session::{optimized_cache_dir, SessionSettings};
+
+/// Loads the graphs of one package with one set of options.
+pub(crate) struct GraphLoader<'a> {
+    pub runtime: &'static Runtime,
+    pub dir: &'a Path,
+    pub manifest: &'a Manifest,
+    pub options: &'a LoadOptions,
+}
+
+impl GraphLoader<'_> {
+    /// Creates the session of `entry`, a graph of kind `kind`, on `device`.
+    pub fn load(&self, kind: GraphKind, entry: &GraphEntry, device: Device) -> Result<GraphSlot> {
+        let options = self.options;
+        let provider = ProviderConfig::new(device, kind, entry, self.manifest, &options.gpu, options.exact_gpu_arena());
+        let mut settings = self.settings(kind);
+        settings.optimized_cache = match kind {
+            // The text encoder loads faster without (see `LoadOptions::optimized_model_cache`).
+            GraphKind::TextEncoder | GraphKind::TextDecoder => None,
+            GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
+                options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
+            }
+        };
+        GraphSlot::load(self.runtime, kind, resolve(self.dir, &entry.path), provider, &settings, options.memory_mode)
+    }
+
+    /// Loads the package's graph of `kind`, which every package has.
+    pub fn load_required(&self, kind: GraphKind, device: Device) -> Result<GraphSlot> {
+        let entry = self
+            .manifest
+            .graphs
+            .get(kind)
+            .ok_or_else(|| Error::package(self.dir, format!("the package has no {kind} graph")))?;
+        self.load(kind, entry, device)
+    }
+
+    fn settings(&self, kind: GraphKind) -> SessionSettings {
+        let base = self.options.session_settings();
+        match kind {
+            // With an enhancer decoder in the package, the text encoder shares its weights file.
+            GraphKind::TextEncoder => {
+                SessionSettings { shares_weights: self.manifest.graphs.text_decoder.is_some(), ..base }
+            }
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
+                SessionSettings { release_activations: true, ..base }
+            }
+            GraphKind::Transformer | GraphKind::TextDecoder => base,
+        }
+    }
+}
+
+/// The graph that decodes images: `vae_decoder_cpu` when `winograd_vae` asks for it on the CPU
+/// (an error if the package has none), otherwise `vae_decoder`.
+pub(crate) fn vae_decoder_kind(manifest: &Manifest, device: Device, winograd_vae: bool) -> Result<GraphKind> {
+    match (device, winograd_vae, &manifest.graphs.vae_decoder_cpu) {
+        (Device::Cpu, true, Some(_)) => Ok(GraphKind::VaeDecoderCpu),
+        (Device::Cpu, true, None) => Err(Error::invalid(
+            "winograd_vae: this package has no vae_decoder_cpu graph (export-scripts/export.py writes one for VAEs \
+             with convolutions of 256 channels or more)",
+        )),
+        _ => Ok(GraphKind::VaeDecoder),
+    }
+}
+
+/// ONNX Runtime's CPU provider lacks kernels some precisions need: say so before it fails on
+/// the first node with "Could not find an implementation".
+pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions) -> Result<()> {
+    let on_cpu = [Some(options.device), options.transformer_device].contains(&Some(Device::Cpu));
+    if on_cpu && !manifest.precision.runs_on_cpu() {
+        return Err(Error::invalid(format!(
+            "this package is {}, which ONNX Runtime runs only on a GPU: load it with device cuda or tensorrt \
+             (text encoder and transformer), or export an fp32 or fp16 package for the CPU",
+            manifest.precision
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! Text-to-image, image-to-image and inpainting: a [`Pipeline`] loaded from a model package,
+//! and [`Pipeline::generate`], which reads as the stages it runs: plan, encode the prompts,
+//! start, denoise, decode.
+//!
+//! - [`request`]: what a generation is asked for and gives back;
+//! - [`plan`]: request checks and shapes;
+//! - [`captions`]: prompts -> caption features;
+//! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
+//! - [`start`]: where denoising starts (noise, an input picture, inpainting's blend);
+//! - [`denoise`]: the loop with classifier-free guidance;
+//! - [`loading`]: which graph each stage loads, where and how.
+//!
+//! New conditioning (ControlNet, reference images) plugs in as a start strategy or as extra
+//! transformer inputs assembled in `model::transformer`, decided by the plan.
+
+pub(crate) mod captions;
+pub(crate) mod denoise;
+pub(crate) mod loading;
+pub mod noise;
+pub(crate) mod plan;
+pub mod request;
+pub mod scheduler;
+pub(crate) mod start;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array4, Axis};
+
+use crate::enhancer::{EnhanceOptions, PromptEnhancer};
+use crate::error::{Error, Result};
+use crate::image_io;
+use crate::load_options::LoadOptions;
+use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
+use crate::model::transformer::{self, CaptionBatch};
+use crate::model::vae::Vae;
+use crate::package::graph::GraphKind;
+use crate::package::Manifest;
+use crate::runtime::device::Device;
+use crate::runtime::gpu::TensorRtOptions;
+use crate::runtime::graph::GraphSlot;
+use crate::runtime::library::runtime;
+use crate::runtime::run_context::{CancelHandle, Registry, RunContext};
+use captions::{CaptionEncoder, EncodedPrompts};
+use denoise::Denoiser;
+use loading::GraphLoader;
+use plan::Plan;
+use request::{GenerateRequest, Generation, Progress, Prompt, Providers, Timings};
+use scheduler::Schedule;
+use start::Start;
+
+/// A loaded model package. `Send + Sync`: one pipeline can serve several threads (each graph
+/// call takes a per-graph lock, so concurrent generations interleave rather than run in
+/// parallel inside one graph).
+pub struct Pipeline {
+    dir: PathBuf,
+    manifest: Manifest,
+    captions: CaptionEncoder,
+    vae: Vae,
+    transformer: GraphSlot,
+    vae_decoder: GraphSlot,
+    vae_encoder: GraphSlot,
+    registry: Arc<Registry>,
+    /// Set when a graph runs on TensorRT: requests must fit its declared profiles.
+    tensorrt_profile: Option<TensorRtOptions>,
+    load_time: Duration,
+    runtime_library: PathBuf,
+}
+
+impl Pipeline {
+    /// Loads the package in `dir`: checks the manifest and files, loads ONNX Runtime (once
+    /// per process) and creates a session per graph.
+    pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Pipeline> {
+        let start = Instant::now();
+        let dir = dir.as_ref().to_path_buf();
+        if let Some(n) = options.threads {
+            if n == 0 || n > 1024 {
+                return Err(Error::invalid(format!("threads must be 1..=1024 (got {n}); leave unset for the default")));
+            }
+        }
+        let manifest = Manifest::load(&dir, options.verify_checksums)?;
+        check_interfaces(&dir, &manifest)?;
+        loading::check_precision_runs_on(&manifest, options)?;
+        let rt = runtime(options.runtime_library.as_deref())?;
+        let uses_tensorrt = [Some(options.device), options.transformer_device]
+            .iter()
+            .any(|d| matches!(d, Some(Device::TensorRt { .. })));
+        if uses_tensorrt {
+            options.gpu.tensorrt.check(&manifest)?;
+        }
+        let graphs = GraphLoader { runtime: rt, dir: &dir, manifest: &manifest, options };
+        let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
+        let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone())?;
+        let text_encoder = graphs.load_required(GraphKind::TextEncoder, options.device)?;
+        let transformer =
+            graphs.load_required(GraphKind::Transformer, options.transformer_device.unwrap_or(options.device))?;
+        let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
+        let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
+        let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
+        Ok(Pipeline {
+            captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
+            vae: Vae { info: manifest.vae.clone() },
+            transformer,
+            vae_decoder,
+            vae_encoder,
+            registry: Arc::new(Registry::default()),
+            tensorrt_profile: uses_tensorrt.then(|| options.gpu.tensorrt.clone()),
+            load_time: start.elapsed(),
+            runtime_library: rt.library_path.clone(),
+            dir,
+            manifest,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn package_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long [`Pipeline::load`] took (manifest checks and session creation).
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// The ONNX Runtime library this process loaded.
+    pub fn runtime_library(&self) -> &Path {
+        &self.runtime_library
+    }
+
+    pub fn providers(&self) -> Providers {
+        Providers {
+            text_encoder: self.captions.graph.device(),
+            transformer: self.transformer.device(),
+            vae_decoder: self.vae_decoder.device(),
+            vae_encoder: self.vae_encoder.device(),
+        }
+    }
+
+    /// The graphs that run on the CPU because their requested provider could not be set up
+    /// (with [`LoadOptions::allow_cpu_fallback`]), each with the provider's error.
+    pub fn provider_fallbacks(&self) -> Vec<(GraphKind, String)> {
+        [&self.captions.graph, &self.transformer, &self.vae_decoder, &self.vae_encoder]
+            .into_iter()
+            .filter_map(|slot| slot.fallback_reason().map(|reason| (slot.kind(), reason.to_string())))
+            .collect()
+    }
+
+    /// The graph file images are decoded with: the package's `vae_decoder_cpu` with
+    /// [`LoadOptions::winograd_vae`] on the CPU, otherwise its `vae_decoder`.
+    pub fn vae_decoder_file(&self) -> &Path {
+        self.vae_decoder.path()
+    }
+
+    /// A handle that cancels the generations running on this pipeline, from any thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle { registry: Arc::clone(&self.registry) }
+    }
+
+    /// Loads the prompt enhancer of this pipeline's package (one that carries a decoder), sharing
+    /// the text encoder's weights file; the pipeline's cancel handle also stops it.
+    pub fn attach_enhancer(&self, options: &LoadOptions) -> Result<PromptEnhancer> {
+        PromptEnhancer::load_with_registry(&self.dir, options, Arc::clone(&self.registry))
+    }
+
+    /// Token ids of `prompt` after the chat template and truncation to `max_sequence_length`
+    /// (the package's default, 512, when `None`).
+    pub fn tokenize(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<TokenizedPrompt> {
+        self.captions.tokenize(prompt, max_sequence_length)
+    }
+
+    /// Encodes a prompt once, for use in any number of [`GenerateRequest`]s.
+    pub fn encode_prompt(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<PromptEmbedding> {
+        let context = self.registry.begin()?;
+        self.captions.encode(prompt, max_sequence_length, &context)
+    }
+
+    /// Generates `request.count` images. `progress` is called after every denoising step;
+    /// returning `false` stops the run with [`Error::Cancelled`].
+    pub fn generate(
+        &self,
+        request: &GenerateRequest,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        let started = Instant::now();
+        let plan = Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref())?;
+        let context = self.registry.begin()?;
+        let prompts = self.captions.encode_request(request, plan.guidance.enabled(), &context)?;
+        let seed = request.seed.unwrap_or_else(random_seed);
+        let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
+        let start = self.start(request, &plan, &schedule, seed, &context)?;
+        let mut denoise_steps = Vec::with_capacity(plan.steps);
+        let latents =
+            self.denoise(start, &prompts, &plan, &schedule, &context, &mut denoise_steps, progress, started)?;
+        let decode_start = Instant::now();
+        let images = self.decode(&latents, &context)?;
+        let timings = Timings {
+            tokenize: prompts.tokenize_time,
+            text_encode: prompts.encode_time,
+            denoise_steps,
+            vae_decode: decode_start.elapsed(),
+            total: started.elapsed(),
+            onnx_runtime: context.ort_time(),
+        };
+        Ok(Generation {
+            images,
+            latents: request.return_latents.then_some(latents),
+            seed,
+            prompt_tokens: prompts.positive.tokens.clone(),
+            negative_prompt_tokens: prompts.negative.map(|n| n.tokens.clone()),
+            enhanced_prompt: None,
+            timings,
+        })
+    }
+
+    /// The starting latents: seeded noise, or the request's input picture.
+    fn start(
+        &self,
+        request: &GenerateRequest,
+        plan: &Plan,
+        schedule: &Schedule,
+        seed: u64,
+        context: &RunContext,
+    ) -> Result<Start> {
+        match &request.init_image {
+            Some(init) => {
+                let encoder = self.vae_encoder.acquire()?;
+                let source = start::FromImage { vae: &self.vae, encoder: &encoder, init };
+                start::from_image(source, &plan.latent_shape, schedule, seed, request.latents.as_ref(), context)
+            }
+            None => Ok(start::from_noise(&plan.latent_shape, seed, request.latents.as_ref())),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one call site; the pieces are the generation's own
+    fn denoise(
+        &self,
+        start: Start,
+        prompts: &EncodedPrompts,
+        plan: &Plan,
+        schedule: &Schedule,
+        context: &RunContext,
+        step_times: &mut Vec<Duration>,
+        mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+        started: Instant,
+    ) -> Result<Array4<f32>> {
+        let count = plan.latent_shape[0];
+        let positive: Vec<&PromptEmbedding> = std::iter::repeat_n(&prompts.positive, count).collect();
+        let positive_and_negative = prompts.negative.as_ref().map(|negative| {
+            let mut items = positive.clone();
+            items.extend(std::iter::repeat_n(negative, count));
+            CaptionBatch::new(&items)
+        });
+        let transformer = self.transformer.acquire()?;
+        let denoiser = Denoiser {
+            transformer: &transformer,
+            schedule,
+            first_step: start.first_step,
+            guidance: plan.guidance,
+            positive: CaptionBatch::new(&positive),
+            positive_and_negative,
+            precision: self.manifest.precision,
+        };
+        let mut on_step = |step: usize, total: usize| -> bool {
+            match progress.as_deref_mut() {
+                Some(callback) => callback(&Progress { step, total_steps: total, elapsed: started.elapsed() }),
+                None => true,
+            }
+        };
+        let inpaint = start.inpaint;
+        let mut after_step = |step: usize, latents: &mut Array4<f32>| {
+            if let Some(blend) = &inpaint {
+                blend.apply(step, schedule, latents);
+            }
+        };
+        let mut latents = start.latents;
+        denoiser.run(&mut latents, context, step_times, &mut on_step, &mut after_step)?;
+        Ok(latents)
+    }
+
+    /// Latents to 8-bit pictures, one image at a time.
+    fn decode(&self, latents: &Array4<f32>, context: &RunContext) -> Result<Vec<image_io::RgbImage>> {
+        let decoded = self.vae.decode(&*self.vae_decoder.acquire()?, latents, context)?;
+        Ok(decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect())
+    }
+
+    /// One transformer forward on caller-built inputs: `latents [B,C,h,w]`, `timestep [B]`
+    /// (already `(1000 - t)/1000`), caption features `[B,L,D]` and their mask `[B,L]`.
+    /// Low-level: for checking a package against a reference, not needed to generate.
+    pub fn transformer_forward(
+        &self,
+        latents: &Array4<f32>,
+        timestep: &ndarray::Array1<f32>,
+        cap_feats: &ndarray::Array3<f32>,
+        cap_mask: &ndarray::Array2<bool>,
+    ) -> Result<Array4<f32>> {
+        let b = latents.shape()[0];
+        let t = &self.manifest.transformer;
+        if timestep.len() != b
+            || cap_feats.shape()[0] != b
+            || cap_mask.dim() != (b, cap_feats.shape()[1])
+            || cap_feats.shape()[2] != t.cap_feat_dim
+            || latents.shape()[1] != t.in_channels
+        {
+            return Err(Error::invalid("transformer_forward: inconsistent input shapes"));
+        }
+        let context = self.registry.begin()?;
+        let graph = self.transformer.acquire()?;
+        transformer::forward(&graph, latents, timestep, cap_feats, cap_mask, &context, false)
+    }
+
+    /// Rewrites the request's text prompt with `enhancer` first, then generates from the
+    /// rewritten prompt; the result's `enhanced_prompt` holds it.
+    pub fn generate_enhanced(
+        &self,
+        enhancer: &PromptEnhancer,
+        options: &EnhanceOptions,
+        request: &GenerateRequest,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        let Prompt::Text(text) = &request.prompt else {
+            return Err(Error::invalid("only a text prompt can be enhanced"));
+        };
+        Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref())?;
+        let enhancement = enhancer.enhance(text, options, None)?;
+        if enhancement.text.trim().is_empty() {
+            return Err(Error::inference(
+                "prompt enhancer",
+                format!(
+                    "no description within {} new tokens ({:?}); raise max_new_tokens or turn thinking off",
+                    options.max_new_tokens, enhancement.finish
+                ),
+            ));
+        }
+        let mut rewritten = request.clone();
+        rewritten.prompt = Prompt::Text(enhancement.text.clone());
+        let mut result = self.generate(&rewritten, progress)?;
+        result.enhanced_prompt = Some(enhancement.text);
+        Ok(result)
+    }
+}
+
+/// The package's graphs must declare the interfaces the networks drive: those of the image
+/// pipeline, and the enhancer decoder's when the package carries one.
+fn check_interfaces(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let decoder = match (&manifest.enhancer, &manifest.graphs.text_decoder) {
+        (Some(info), Some(graph)) => crate::enhancer::kv_decoder::check_interface(info, graph),
+        _ => Ok(()),
+    };
+    crate::model::check_interfaces(manifest)
+        .and(decoder)
+        .map_err(|message| Error::package(dir.join("manifest.json"), message))
+}
+
+/// A seed from the OS-seeded hasher; the low 32 bits are all torch's generator uses.
+fn random_seed() -> u64 {
+    crate::random::os_seeded_u64() & 0xffff_ffff
+}

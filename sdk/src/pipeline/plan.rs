@@ -1,0 +1,93 @@
+//! Checking a request against the package before anything runs, and deriving its shapes.
+
+use super::denoise::Guidance;
+use super::request::GenerateRequest;
+use super::start;
+use crate::error::{Error, Result};
+use crate::limits::{MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::package::Manifest;
+use crate::runtime::gpu::TensorRtOptions;
+
+/// What a valid request needs from here on.
+pub(crate) struct Plan {
+    /// `[count, C, h, w]` of the latents.
+    pub latent_shape: Vec<usize>,
+    /// Image patches the transformer sees (sets the schedule's dynamic shift).
+    pub image_seq_len: usize,
+    pub steps: usize,
+    pub guidance: Guidance,
+}
+
+impl Plan {
+    /// Checks `r` against the package (and the TensorRT profiles, when a graph runs on
+    /// TensorRT) and derives its shapes; every error is an invalid request or image.
+    pub fn new(r: &GenerateRequest, m: &Manifest, tensorrt: Option<&TensorRtOptions>) -> Result<Plan> {
+        let multiple = m.size_multiple();
+        for (name, value, max) in [("width", r.width, m.max_image_width()), ("height", r.height, m.max_image_height())]
+        {
+            if value == 0 || !(value as usize).is_multiple_of(multiple) {
+                return Err(Error::invalid(format!("{name} {value} must be a positive multiple of {multiple}")));
+            }
+            if value as usize > max {
+                return Err(Error::invalid(format!("{name} {value} exceeds this model's limit of {max} pixels")));
+            }
+        }
+        if r.steps == 0 || r.steps > MAX_STEPS {
+            return Err(Error::invalid(format!("steps must be 1..={MAX_STEPS} (got {})", r.steps)));
+        }
+        if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
+            return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
+        }
+        for (name, v) in [
+            ("guidance_scale", r.guidance_scale),
+            ("cfg_normalization", r.cfg_normalization),
+            ("cfg_truncation", r.cfg_truncation),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::invalid(format!("{name} must be finite (got {v})")));
+            }
+        }
+        if r.guidance_scale < 0.0 || r.cfg_normalization < 0.0 {
+            return Err(Error::invalid("guidance_scale and cfg_normalization must not be negative"));
+        }
+        if let Some(trt) = tensorrt {
+            if !trt.covers(r.width, r.height, r.count) {
+                let range = trt.resolutions;
+                return Err(Error::invalid(format!(
+                    "{}x{} x{} is outside the TensorRT profile declared at load ({}x{} to {}x{}, up to {} images)",
+                    r.width, r.height, r.count, range.min.0, range.min.1, range.max.0, range.max.1, trt.max_images
+                )));
+            }
+        }
+        let channels = m.vae.latent_channels;
+        let h = 2 * (r.height as usize / multiple);
+        let w = 2 * (r.width as usize / multiple);
+        let latent_shape = vec![r.count as usize, channels, h, w];
+        if let Some(l) = &r.latents {
+            if l.shape() != latent_shape.as_slice() {
+                return Err(Error::invalid(format!(
+                    "latents have shape {:?}, this request needs {latent_shape:?}",
+                    l.shape()
+                )));
+            }
+            if l.iter().any(|v| !v.is_finite()) {
+                return Err(Error::invalid("latents hold non-finite values"));
+            }
+        }
+        if let Some(init) = &r.init_image {
+            start::check(init, r.width, r.height)?;
+            start::first_step(r.steps as usize, init.strength)?;
+        }
+        let p = m.transformer.patch_size;
+        Ok(Plan {
+            latent_shape,
+            image_seq_len: (h / p) * (w / p),
+            steps: r.steps as usize,
+            guidance: Guidance {
+                scale: r.guidance_scale,
+                normalization: r.cfg_normalization,
+                truncation: r.cfg_truncation,
+            },
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! What a generation is asked for and what it gives back: requests, prompts, input pictures,
+//! progress, results and their timings.
+
+use std::time::Duration;
+
+use ndarray::Array4;
+
+use crate::image_io::{GrayImage, RgbImage};
+use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+use crate::runtime::device::Device;
+
+/// A prompt given as text, or already encoded with [`Pipeline::encode_prompt`](crate::Pipeline::encode_prompt).
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Embedded(PromptEmbedding),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<PromptEmbedding> for Prompt {
+    fn from(e: PromptEmbedding) -> Self {
+        Prompt::Embedded(e)
+    }
+}
+
+/// One generation. `Default` is Z-Image-Turbo's recommended setting: 1024x1024, 8 steps,
+/// no guidance, a random seed. New fields may be added (conditioning, adapters), so build it
+/// with [`GenerateRequest::new`] or `Default` and set the fields that differ:
+/// ```
+/// let mut request = zimage::GenerateRequest::new("a red fox in the snow");
+/// request.width = 768;
+/// request.seed = Some(42);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    /// Used only with guidance (`guidance_scale > 0`); `None` means the empty prompt.
+    pub negative_prompt: Option<Prompt>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    /// 0 = off; otherwise the guided prediction's norm is capped at this factor times the
+    /// conditional one's.
+    pub cfg_normalization: f32,
+    /// Guidance stops at steps whose normalised time exceeds this (1.0 = never stops).
+    pub cfg_truncation: f32,
+    /// `None` draws a random seed, reported in the result.
+    pub seed: Option<u64>,
+    /// Images generated from this prompt (one noise tensor for all of them, as diffusers).
+    pub count: u32,
+    /// `None` uses the package's default (512).
+    pub max_sequence_length: Option<usize>,
+    /// Starting latents `[count, C, h, w]` instead of seeded noise.
+    pub latents: Option<Array4<f32>>,
+    /// Return the final latents too.
+    pub return_latents: bool,
+    /// Image-to-image or inpainting: start from this picture instead of pure noise.
+    pub init_image: Option<InitImage>,
+}
+
+/// The picture an image-to-image or inpainting request starts from.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// Must already have the request's width and height (see `image_io::resize_rgb`).
+    pub image: RgbImage,
+    /// Inpainting mask, same size as `image`: white (>= 128 after binarising) = repaint.
+    pub mask: Option<GrayImage>,
+    /// How much of the picture is re-generated, 0..=1 (1 = all of it).
+    pub strength: f64,
+}
+
+impl InitImage {
+    /// diffusers' default strength for image-to-image.
+    pub const DEFAULT_STRENGTH: f64 = 0.6;
+    /// diffusers' default strength for inpainting.
+    pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+
+    /// Image-to-image from `image`, at diffusers' default strength (set `strength` to change it).
+    pub fn image_to_image(image: RgbImage) -> InitImage {
+        InitImage { image, mask: None, strength: Self::DEFAULT_STRENGTH }
+    }
+
+    /// Inpainting: repaint where `mask` is white, at diffusers' default strength.
+    pub fn inpaint(image: RgbImage, mask: GrayImage) -> InitImage {
+        InitImage { image, mask: Some(mask), strength: Self::DEFAULT_INPAINT_STRENGTH }
+    }
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: Prompt::Text(String::new()),
+            negative_prompt: None,
+            width: 1024,
+            height: 1024,
+            steps: 8,
+            guidance_scale: 0.0,
+            cfg_normalization: 0.0,
+            cfg_truncation: 1.0,
+            seed: None,
+            count: 1,
+            max_sequence_length: None,
+            latents: None,
+            return_latents: false,
+            init_image: None,
+        }
+    }
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<Prompt>) -> Self {
+        GenerateRequest { prompt: prompt.into(), ..Default::default() }
+    }
+}
+
+/// Where a generation is, passed to the progress callback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub elapsed: Duration,
+}
+
+/// Time spent in each stage of one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Timings {
+    pub tokenize: Duration,
+    pub text_encode: Duration,
+    pub denoise_steps: Vec<Duration>,
+    pub vae_decode: Duration,
+    pub total: Duration,
+    /// Time inside ONNX Runtime calls, summed over all stages.
+    pub onnx_runtime: Duration,
+}
+
+/// The result of [`Pipeline::generate`](crate::Pipeline::generate).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Generation {
+    pub images: Vec<RgbImage>,
+    /// `[count, C, h, w]` before VAE scaling, when requested.
+    pub latents: Option<Array4<f32>>,
+    /// The seed used (drawn at random when the request had none).
+    pub seed: u64,
+    pub prompt_tokens: TokenizedPrompt,
+    pub negative_prompt_tokens: Option<TokenizedPrompt>,
+    /// The rewritten prompt the images were made from, when the prompt was enhanced.
+    pub enhanced_prompt: Option<String>,
+    pub timings: Timings,
+}
+
+impl Generation {
+    /// True when the prompt was longer than `max_sequence_length` and its end was dropped.
+    pub fn prompt_truncated(&self) -> bool {
+        self.prompt_tokens.truncated()
+    }
+}
+
+/// Which provider runs each graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Providers {
+    pub text_encoder: Device,
+    pub transformer: Device,
+    pub vae_decoder: Device,
+    pub vae_encoder: Device,
+}

@@ -1,0 +1,82 @@
+//! Flow-matching Euler schedule, computed in float32 exactly as diffusers'
+//! `FlowMatchEulerDiscreteScheduler.set_timesteps` does on the Z-Image pipelines' path
+//! (sigmas given as `linspace(1, 1/N, N)`, `mu` from the image sequence length).
+
+use crate::package::scheduler_config::SchedulerConfig;
+
+/// Sigmas (N + 1 values, ending in 0) and timesteps (N values, `sigma * num_train_timesteps`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub sigmas: Vec<f32>,
+    pub timesteps: Vec<f32>,
+}
+
+impl Schedule {
+    /// The schedule for `steps` denoising steps of an image of `image_seq_len` patches.
+    pub fn new(config: &SchedulerConfig, steps: usize, image_seq_len: usize) -> Schedule {
+        let base = linspace_f32(1.0, 1.0 / steps as f32, steps);
+        let mut sigmas: Vec<f32> = if config.use_dynamic_shifting {
+            let mu = config.mu(image_seq_len);
+            // numpy treats the Python scalars as float32 here (NEP 50 weak scalars).
+            let m = if config.time_shift_type == "linear" { mu as f32 } else { mu.exp() as f32 };
+            base.iter().map(|&t| m / (m + (1.0f32 / t - 1.0f32).powf(1.0))).collect()
+        } else {
+            let shift = config.shift as f32;
+            let shift_minus_one = (config.shift - 1.0) as f32;
+            base.iter().map(|&s| shift * s / (1.0f32 + shift_minus_one * s)).collect()
+        };
+        if let Some(terminal) = config.shift_terminal {
+            let last = 1.0f32 - *sigmas.last().expect("steps > 0");
+            let scale = last / (1.0 - terminal) as f32;
+            for s in &mut sigmas {
+                *s = 1.0f32 - (1.0f32 - *s) / scale;
+            }
+        }
+        let train = config.num_train_timesteps as f32;
+        let timesteps = sigmas.iter().map(|&s| s * train).collect();
+        sigmas.push(0.0);
+        Schedule { sigmas, timesteps }
+    }
+
+    pub fn len(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timesteps.is_empty()
+    }
+
+    /// The transformer's timestep input at step `i`: `(1000 - t) / 1000` in float32.
+    pub fn model_timestep(&self, i: usize) -> f32 {
+        (1000.0f32 - self.timesteps[i]) / 1000.0f32
+    }
+}
+
+/// `torch.linspace(start, end, n)` for float32 on CPU, bit for bit: torch computes each value
+/// with a fused multiply-add from whichever end is nearer.
+pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let halfway = n / 2;
+    (0..n)
+        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turbo_eight_steps_match_the_published_table() {
+        let s = Schedule::new(&SchedulerConfig::z_image_turbo(), 8, 4096);
+        let want = [1.0, 0.9545454, 0.9, 0.8333333, 0.75, 0.6428571, 0.5, 0.3, 0.0];
+        for (a, b) in s.sigmas.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{:?}", s.sigmas);
+        }
+        let t: Vec<f32> = (0..8).map(|i| s.model_timestep(i)).collect();
+        assert!((t[7] - 0.7).abs() < 1e-6 && t[0] == 0.0, "{t:?}");
+    }
+}

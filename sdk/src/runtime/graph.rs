@@ -1,0 +1,161 @@
+//! A loaded graph: one ONNX Runtime session shared between threads, the one runner every
+//! stage (and the enhancer's decoder) calls it through, and when its session exists.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ndarray::ArrayD;
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+
+use super::device::Device;
+use super::library::Runtime;
+use super::provider::ProviderConfig;
+use super::run_context::RunContext;
+use super::session::{build_session, SessionSettings};
+use crate::error::{Error, Result};
+use crate::package::graph::GraphKind;
+
+/// Named inputs of one graph call.
+pub(crate) type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;
+
+pub(crate) struct Graph {
+    pub kind: GraphKind,
+    // `Session::run` takes `&mut self`: concurrent runs take turns per graph call.
+    session: Mutex<Session>,
+}
+
+impl Graph {
+    pub fn new(kind: GraphKind, session: Session) -> Self {
+        Graph { kind, session: Mutex::new(session) }
+    }
+
+    /// Runs the graph and copies out the named float outputs. `release_arena` gives ONNX
+    /// Runtime's CPU arena back after the call (a graph's last call in a run).
+    pub fn run(
+        &self,
+        inputs: Inputs<'_>,
+        outputs: &[&str],
+        context: &RunContext,
+        release_arena: bool,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_then(inputs, context, release_arena, |values| {
+            outputs
+                .iter()
+                .map(|name| {
+                    let value = values.get(*name).ok_or_else(|| self.failed(format!("no output {name}")))?;
+                    value
+                        .try_extract_array::<f32>()
+                        .map(|view| view.to_owned())
+                        .map_err(|e| self.failed(format!("output {name}: {e}")).caused_by(e))
+                })
+                .collect()
+        })
+    }
+
+    /// Runs the graph and hands its outputs to `take` while the session is still held: the one
+    /// place that checks cancellation, times the call and names the graph in its errors.
+    pub fn run_then<T>(
+        &self,
+        inputs: Inputs<'_>,
+        context: &RunContext,
+        release_arena: bool,
+        take: impl FnOnce(SessionOutputs<'_>) -> Result<T>,
+    ) -> Result<T> {
+        context.check()?;
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let options = context.run_options(release_arena);
+        let result = context.time_ort(|| session.run_with_options(inputs, options));
+        // A run stopped by the terminate flag reports a generic failure: name it for what it is.
+        if context.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let outputs = result.map_err(|e| Error::ort(self.kind.name(), e))?;
+        let taken = take(outputs)?;
+        Ok(taken)
+    }
+
+    /// An inference error of this graph.
+    pub fn failed(&self, message: impl std::fmt::Display) -> Error {
+        Error::inference(self.kind.name(), message)
+    }
+}
+
+/// When the sessions of a pipeline exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryMode {
+    /// Every graph is loaded once and stays loaded: fastest.
+    #[default]
+    Resident,
+    /// Each graph is loaded when its stage starts and released when it ends (text encoder,
+    /// then transformer, then VAE), so only one model is in memory at a time: what lets an
+    /// fp16 package fit a 16 GB GPU. Costs a session creation per stage per generation.
+    Sequential,
+}
+
+/// One graph of a package: a resident session, or what is needed to create one on demand.
+pub(crate) struct GraphSlot {
+    kind: GraphKind,
+    path: PathBuf,
+    provider: ProviderConfig,
+    used_device: Device,
+    fallback_reason: Option<String>,
+    settings: SessionSettings,
+    runtime: &'static Runtime,
+    resident: Option<Arc<Graph>>,
+}
+
+impl GraphSlot {
+    /// Creates the session once (so a broken graph or an unavailable provider fails at load
+    /// time) and keeps it unless the mode is sequential.
+    pub fn load(
+        runtime: &'static Runtime,
+        kind: GraphKind,
+        path: PathBuf,
+        provider: ProviderConfig,
+        settings: &SessionSettings,
+        mode: MemoryMode,
+    ) -> Result<GraphSlot> {
+        let built = build_session(runtime, kind, &path, &provider, settings)?;
+        let graph = Arc::new(Graph::new(kind, built.session));
+        Ok(GraphSlot {
+            kind,
+            path,
+            // Later sessions (sequential mode) go straight to the provider that worked.
+            provider: if built.fallback_reason.is_some() { ProviderConfig::Cpu } else { provider },
+            used_device: built.device,
+            fallback_reason: built.fallback_reason,
+            settings: settings.clone(),
+            runtime,
+            resident: (mode == MemoryMode::Resident).then_some(graph),
+        })
+    }
+
+    pub fn kind(&self) -> GraphKind {
+        self.kind
+    }
+
+    /// The provider that runs this graph.
+    pub fn device(&self) -> Device {
+        self.used_device
+    }
+
+    /// Why the graph runs on the CPU instead of the requested provider, when it fell back.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// The graph file the sessions are made from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The session for one stage; in sequential mode a fresh one, released when dropped.
+    pub fn acquire(&self) -> Result<Arc<Graph>> {
+        if let Some(graph) = &self.resident {
+            return Ok(Arc::clone(graph));
+        }
+        let built = build_session(self.runtime, self.kind, &self.path, &self.provider, &self.settings)?;
+        Ok(Arc::new(Graph::new(self.kind, built.session)))
+    }
+}
