@@ -13,16 +13,14 @@ import argparse
 import gc
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zimage_export import onnx_io, winograd  # noqa: E402
-from zimage_export.graphs import GRAPHS  # noqa: E402
-from zimage_export.manifest import REQUIRED_GRAPHS, build_manifest  # noqa: E402
+from zimage_export import onnx_io, winograd
+from zimage_export.graphs import GRAPHS
+from zimage_export.manifest import REQUIRED_GRAPHS, build_manifest
 
 # No bf16: the graphs export, but ONNX Runtime 1.31's CUDA provider has no bfloat16 kernel for
 # some of their nodes (Pad first; tried on an H200, docs/gpu.md), so such a package runs nowhere.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from zimage_export.manifest import file_entry
+from ..manifest import file_entry
 
 from .graph_builder import Qwen3Shape, build_decoder, build_encoder, weights_from_model
 from .weights_file import attach, write_weights
@@ -60,7 +60,7 @@ def enhancer_section(shape: Qwen3Shape, model, tokenizer) -> dict:
 
 
 def graph_entry(package: Path, name: str) -> dict:
-    from zimage_export.onnx_io import graph_io
+    from ..onnx_io import graph_io
 
     path = package / f"{name}.onnx"
     inputs, outputs = graph_io(path)
