@@ -53,13 +53,12 @@ def main(argv=None) -> None:
     parser.add_argument("--opset", type=int, help="one ONNX opset for every graph (default: DEFAULT_OPSETS)")
     parser.add_argument("--name", help="source name for the manifest (default: the --src folder name)")
     parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), help="export only these")
-    parser.add_argument("--external-data-threshold", type=int, default=onnx_io.EXTERNAL_DATA_THRESHOLD,
+    parser.add_argument("--external-data-threshold", type=int, default=onnx_io.DEFAULT_EXTERNAL_DATA_THRESHOLD,
                         help="graphs whose weights exceed this many bytes keep them in <graph>.onnx.data")
     parser.add_argument("--winograd-min-channels", type=int, default=winograd.MIN_CHANNELS,
                         help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
                              "use Winograd (lower only for tests: narrower ones are slower that way)")
     args = parser.parse_args(argv)
-    onnx_io.EXTERNAL_DATA_THRESHOLD = args.external_data_threshold
     winograd.MIN_CHANNELS = args.winograd_min_channels
 
     torch.manual_seed(0)  # nothing should be random, but keep any stray draw reproducible
@@ -75,7 +74,7 @@ def main(argv=None) -> None:
                 stale.unlink(missing_ok=True)
             print(f"skipped {name}: no convolution is wide enough for it to differ from vae_decoder", flush=True)
             continue
-        onnx_io.export_graph(spec, out, opset)
+        onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
         del spec
         gc.collect()
         print(f"exported {name} in {time.time() - start:.1f} s", flush=True)
