@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from zimage_export import onnx_io, winograd
+from zimage_export import onnx_io
 from zimage_export.graphs import GRAPHS
 from zimage_export.manifest import REQUIRED_GRAPHS, build_manifest
+from zimage_export.winograd_math import DEFAULT_MIN_CHANNELS
 
 # No bf16: the graphs export, but ONNX Runtime 1.31's CUDA provider has no bfloat16 kernel for
 # some of their nodes (Pad first; tried on an H200, docs/gpu.md), so such a package runs nowhere.
@@ -55,11 +56,11 @@ def main(argv=None) -> None:
     parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), help="export only these")
     parser.add_argument("--external-data-threshold", type=int, default=onnx_io.DEFAULT_EXTERNAL_DATA_THRESHOLD,
                         help="graphs whose weights exceed this many bytes keep them in <graph>.onnx.data")
-    parser.add_argument("--winograd-min-channels", type=int, default=winograd.MIN_CHANNELS,
+    parser.add_argument("--winograd-min-channels", type=int, default=DEFAULT_MIN_CHANNELS,
                         help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
                              "use Winograd (lower only for tests: narrower ones are slower that way)")
     args = parser.parse_args(argv)
-    winograd.MIN_CHANNELS = args.winograd_min_channels
+    options = {"vae_decoder_cpu": {"winograd_min_channels": args.winograd_min_channels}}
 
     torch.manual_seed(0)  # nothing should be random, but keep any stray draw reproducible
     src, out = args.src.resolve(), args.out.resolve()
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     for name in args.graphs:
         start = time.time()
         opset = args.opset or DEFAULT_OPSETS[name]
-        spec = GRAPHS[name](src, DTYPES[args.precision])
+        spec = GRAPHS[name](src, DTYPES[args.precision], **options.get(name, {}))
         if spec is None:  # an optional graph that would equal a required one
             for stale in (out / f"{name}.onnx", out / f"{name}.onnx.data"):
                 stale.unlink(missing_ok=True)
