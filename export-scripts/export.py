@@ -13,20 +13,18 @@ import argparse
 import gc
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-import torch
+from zimage_export import onnx_io
+from zimage_export.manifest import OPTIONAL_GRAPHS, REQUIRED_GRAPHS, build_manifest
+from zimage_export.winograd_math import DEFAULT_MIN_CHANNELS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zimage_export import onnx_io, winograd  # noqa: E402
-from zimage_export.graphs import GRAPHS  # noqa: E402
-from zimage_export.manifest import REQUIRED_GRAPHS, build_manifest  # noqa: E402
-
-# No bf16: the graphs export, but ONNX Runtime 1.31's CUDA provider has no bfloat16 kernel for
-# some of their nodes (Pad first; tried on an H200, docs/gpu.md), so such a package runs nowhere.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Package precision -> torch dtype (by name: torch is imported once the arguments are parsed,
+# so that --help works without it). No bf16: the graphs export, but ONNX Runtime 1.31's CUDA
+# provider has no bfloat16 kernel for some of their nodes (Pad first; tried on an H200,
+# docs/gpu.md), so such a package runs nowhere.
+DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 # ONNX opset per graph. At 23 the exporter writes the transformer's attention and RMSNorms as
 # the fused Attention / RMSNormalization ops, which ONNX Runtime runs as single kernels
@@ -54,30 +52,35 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--opset", type=int, help="one ONNX opset for every graph (default: DEFAULT_OPSETS)")
     parser.add_argument("--name", help="source name for the manifest (default: the --src folder name)")
-    parser.add_argument("--graphs", nargs="+", choices=list(GRAPHS), default=list(GRAPHS), help="export only these")
-    parser.add_argument("--external-data-threshold", type=int, default=onnx_io.EXTERNAL_DATA_THRESHOLD,
+    parser.add_argument("--graphs", nargs="+", choices=[*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS],
+                        help="export only these (default: all)")
+    parser.add_argument("--external-data-threshold", type=int, default=onnx_io.DEFAULT_EXTERNAL_DATA_THRESHOLD,
                         help="graphs whose weights exceed this many bytes keep them in <graph>.onnx.data")
-    parser.add_argument("--winograd-min-channels", type=int, default=winograd.MIN_CHANNELS,
+    parser.add_argument("--winograd-min-channels", type=int, default=DEFAULT_MIN_CHANNELS,
                         help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
                              "use Winograd (lower only for tests: narrower ones are slower that way)")
     args = parser.parse_args(argv)
-    onnx_io.EXTERNAL_DATA_THRESHOLD = args.external_data_threshold
-    winograd.MIN_CHANNELS = args.winograd_min_channels
+    options = {"vae_decoder_cpu": {"winograd_min_channels": args.winograd_min_channels}}
 
+    import torch  # only now, so that --help works without it
+
+    from zimage_export.graphs import GRAPHS
+
+    dtype = getattr(torch, DTYPES[args.precision])
     torch.manual_seed(0)  # nothing should be random, but keep any stray draw reproducible
     src, out = args.src.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer" / "tokenizer.json", out / "tokenizer.json")
-    for name in args.graphs:
+    for name in args.graphs or list(GRAPHS):
         start = time.time()
         opset = args.opset or DEFAULT_OPSETS[name]
-        spec = GRAPHS[name](src, DTYPES[args.precision])
+        spec = GRAPHS[name](src, dtype, **options.get(name, {}))
         if spec is None:  # an optional graph that would equal a required one
-            for stale in (out / f"{name}.onnx", out / f"{name}.onnx.data"):
+            for stale in (out / f"{name}.onnx", onnx_io.external_data_path(out / f"{name}.onnx")):
                 stale.unlink(missing_ok=True)
             print(f"skipped {name}: no convolution is wide enough for it to differ from vae_decoder", flush=True)
             continue
-        onnx_io.export_graph(spec, out, opset)
+        onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
         del spec
         gc.collect()
         print(f"exported {name} in {time.time() - start:.1f} s", flush=True)

@@ -17,14 +17,10 @@ Only float32 packages are supported (the decoder is written in float32).
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from enhancer.package import (  # noqa: E402
+from zimage_export.enhancer.package import (
     ENHANCER_FORMAT,
     WEIGHTS_FILE,
     check_against_transformers,

@@ -27,14 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from zimage_export.fixtures.build import randomize
+from zimage_export.fixtures.configs import QWEN3_COMMON
+from zimage_export.fixtures.goldens_common import LONG_PROMPT, PROMPTS
+from zimage_export.fixtures.tokenizer import tokenizer_source, write_tokenizer_folder
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from fixtures.build import randomize  # noqa: E402
-from fixtures.configs import QWEN3_COMMON  # noqa: E402
-from fixtures.goldens_common import LONG_PROMPT, PROMPTS  # noqa: E402
-from fixtures.tokenizer import tokenizer_source, write_tokenizer_folder  # noqa: E402
 
 NAME = "tiny-qwen3-enhancer"
 SEED = 4321

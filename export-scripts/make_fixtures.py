@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from zimage_export.fixtures.configs import FIXTURES, MID, TINY_A, TINY_B
+from zimage_export.fixtures.tokenizer import tokenizer_source
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from fixtures.build import build_pipeline_folder  # noqa: E402
-from fixtures.configs import FIXTURES, MID, TINY_A, TINY_B  # noqa: E402
-from fixtures.tokenizer import tokenizer_source  # noqa: E402
 
 
 def run(script: str, *args) -> None:
@@ -48,11 +46,13 @@ def main(argv=None) -> None:
     if args.mid_size:
         return build_mid_size(args)
 
+    # Imported here, so that --help works without torch and diffusers.
     import torch
     from transformers import AutoTokenizer
 
-    from fixtures.goldens_common import write_common
-    from fixtures.goldens_pipeline import write_package_goldens
+    from zimage_export.fixtures.build import build_pipeline_folder
+    from zimage_export.fixtures.goldens_common import write_common
+    from zimage_export.fixtures.goldens_pipeline import write_package_goldens
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok_src = tokenizer_source(args.cache, args.tokenizer)
@@ -78,6 +78,8 @@ def main(argv=None) -> None:
 def build_mid_size(args) -> None:
     """The mid-size random model for benchmarks: a diffusers folder (for bench_reference.py)
     and its package (for zimage bench), from the same weights."""
+    from zimage_export.fixtures.build import build_pipeline_folder
+
     tok_src = tokenizer_source(args.cache, args.tokenizer)
     start = time.time()
     src = build_pipeline_folder(MID, tok_src, args.cache / "src" / MID.name)

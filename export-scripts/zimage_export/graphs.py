@@ -12,8 +12,8 @@ from torch.export import Dim
 
 from .text_encoder import TextEncoderExport
 from .transformer_wrapper import ZImageTransformerExport
-from . import winograd
 from .vae import VaeDecoderExport, VaeEncoderExport
+from .winograd_math import DEFAULT_MIN_CHANNELS
 
 MAX = 1 << 20  # an upper bound for the dynamic dimensions the exporter needs to be told
 
@@ -125,6 +125,13 @@ def vae_decoder_spec(src: Path, dtype: torch.dtype, winograd_min_channels: int |
     )
 
 
+def vae_decoder_cpu_spec(src: Path, dtype: torch.dtype,
+                         winograd_min_channels: int = DEFAULT_MIN_CHANNELS) -> GraphSpec | None:
+    """The same decoder for the CPU: its 3x3 convolutions with at least `winograd_min_channels`
+    input and output channels computed by Winograd (winograd.py)."""
+    return vae_decoder_spec(src, dtype, winograd_min_channels)
+
+
 def vae_encoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
     vae = load_vae(src, vae_dtype(src, dtype))
     f = vae_scale_factor(vae)
@@ -141,11 +148,12 @@ def vae_encoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
     )
 
 
+# Each is called as f(src, dtype, **options); export.py passes vae_decoder_cpu its
+# winograd_min_channels.
 GRAPHS = {
     "text_encoder": text_encoder_spec,
     "transformer": transformer_spec,
     "vae_decoder": vae_decoder_spec,
-    # The same decoder for the CPU: wide 3x3 convolutions by Winograd (winograd.py).
-    "vae_decoder_cpu": lambda src, dtype: vae_decoder_spec(src, dtype, winograd.MIN_CHANNELS),
+    "vae_decoder_cpu": vae_decoder_cpu_spec,
     "vae_encoder": vae_encoder_spec,
 }

@@ -1,10 +1,14 @@
-"""manifest.json of a model package (docs/package-format.md, format version 1)."""
+"""manifest.json of a model package (docs/package-format.md, format version 1).
+
+`manifest_dict` assembles it from plain values and is tested without torch, onnx or diffusers
+(tests/test_manifest.py); `build_manifest` reads those values from the diffusers folder and the
+exported graphs."""
 
 import hashlib
 import json
 from pathlib import Path
 
-from .onnx_io import graph_io
+from .onnx_io import external_data_path
 
 PROMPT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
@@ -25,8 +29,10 @@ def file_entry(path: Path) -> dict:
 
 
 def graph_entry(package: Path, name: str) -> dict:
+    from .onnx_io import graph_io  # needs onnx
+
     path = package / f"{name}.onnx"
-    data = path.with_name(path.name + ".data")
+    data = external_data_path(path)
     inputs, outputs = graph_io(path)
     return {
         **file_entry(path),
@@ -48,14 +54,41 @@ def transformer_limits(axes_lens: list[int], patch_size: int) -> dict:
     }
 
 
+def package_graphs(package: Path) -> list[str]:
+    """The graphs the manifest lists: every required one, and the optional ones exported."""
+    return [g for g in (*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS)
+            if g in REQUIRED_GRAPHS or (package / f"{g}.onnx").exists()]
+
+
 def build_manifest(src: Path, package: Path, precision: str, name: str, pad_token_id: int) -> dict:
     import diffusers
 
     read = lambda *p: json.loads(src.joinpath(*p).read_text())  # noqa: E731
-    model_index = read("model_index.json")
-    tcfg = read("transformer", "config.json")
-    tecfg = read("text_encoder", "config.json")
-    vcfg = read("vae", "config.json")
+    configs = {
+        "model_index": read("model_index.json"),
+        "transformer": read("transformer", "config.json"),
+        "text_encoder": read("text_encoder", "config.json"),
+        "vae": read("vae", "config.json"),
+        "scheduler": read("scheduler", "scheduler_config.json"),
+    }
+    return manifest_dict(
+        configs,
+        precision=precision,
+        name=name,
+        diffusers_version=diffusers.__version__,
+        model_index_sha256=file_entry(src / "model_index.json")["sha256"],
+        tokenizer=file_entry(package / "tokenizer.json"),
+        graphs={g: graph_entry(package, g) for g in package_graphs(package)},
+        pad_token_id=pad_token_id,
+    )
+
+
+def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version: str, model_index_sha256: str,
+                  tokenizer: dict, graphs: dict, pad_token_id: int) -> dict:
+    """The manifest, in the order manifest.json has it. `configs`: the diffusers folder's JSON
+    files by component ("model_index", "transformer", "text_encoder", "vae", "scheduler");
+    `tokenizer` and `graphs`: their finished entries (file_entry, graph_entry)."""
+    tcfg, tecfg, vcfg = configs["transformer"], configs["text_encoder"], configs["vae"]
     patch = tcfg["all_patch_size"][0]
     return {
         "format": "zimage-model-package",
@@ -63,16 +96,12 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
         "precision": precision,
         "source": {
             "name": name,
-            "pipeline_class": model_index["_class_name"],
-            "diffusers_version": diffusers.__version__,
-            "model_index_sha256": file_entry(src / "model_index.json")["sha256"],
+            "pipeline_class": configs["model_index"]["_class_name"],
+            "diffusers_version": diffusers_version,
+            "model_index_sha256": model_index_sha256,
         },
-        "tokenizer": file_entry(package / "tokenizer.json"),
-        "graphs": {
-            g: graph_entry(package, g)
-            for g in (*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS)
-            if g in REQUIRED_GRAPHS or (package / f"{g}.onnx").exists()
-        },
+        "tokenizer": tokenizer,
+        "graphs": graphs,
         "text_encoder": {
             "hidden_size": tecfg["hidden_size"],
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
@@ -97,5 +126,5 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
             "scaling_factor": vcfg["scaling_factor"],
             "shift_factor": vcfg["shift_factor"],
         },
-        "scheduler": read("scheduler", "scheduler_config.json"),
+        "scheduler": configs["scheduler"],
     }

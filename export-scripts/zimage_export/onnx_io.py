@@ -1,29 +1,35 @@
-"""Running torch.onnx.export (the dynamo exporter) the same way for every graph."""
+"""Running torch.onnx.export (the dynamo exporter) the same way for every graph.
+
+torch and onnx are imported where they are used, so that the defaults here and the naming
+helpers can be read without them (export.py --help, the tests)."""
 
 import gc
 from pathlib import Path
 
-import onnx
-import torch
+# Default for export_graph's `external_data_threshold`: graphs with more weight bytes than this
+# keep them in a `<graph>.onnx.data` file. Protobuf cannot hold more than 2 GiB, but the reason
+# to go lower is the runtime: ONNX Runtime maps page-aligned external data instead of copying
+# weights out of a parsed protobuf. Measured on the mid-size benchmark model (2.0 GB of
+# weights, zimage bench 256x256, 2 threads): load 4.0 s -> 2.2 s, peak RSS 3.36 GB -> 2.03 GB.
+# Writing external data also streams the weights to disk, where an embedded graph is
+# serialised in memory. The tiny test graphs stay embedded. export.py passes
+# --external-data-threshold.
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 32 * 1024 * 1024
 
-# Graphs with more weight bytes than this keep them in a `<graph>.onnx.data` file. Protobuf
-# cannot hold more than 2 GiB, but the reason to go lower is the runtime: ONNX Runtime maps
-# page-aligned external data instead of copying weights out of a parsed protobuf. Measured on
-# the mid-size benchmark model (2.0 GB of weights, zimage bench 256x256, 2 threads): load
-# 4.0 s -> 2.2 s, peak RSS 3.36 GB -> 2.03 GB. Writing external data also streams the weights
-# to disk, where an embedded graph is serialised in memory. The tiny test graphs stay embedded.
-# export.py can change it (--external-data-threshold).
-EXTERNAL_DATA_THRESHOLD = 32 * 1024 * 1024
-
-ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.BOOL: "bool",
-}
+# Manifest dtype of each ONNX element type a package graph has on its inputs and outputs, by
+# the name of onnx.TensorProto's enum value.
+ONNX_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "INT64": "int64", "BOOL": "bool"}
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
+def external_data_path(graph: Path) -> Path:
+    """`<graph>.onnx.data` beside `<graph>.onnx`: where a graph's weights go when they do not
+    stay embedded (docs/package-format.md)."""
+    return graph.with_name(graph.name + ".data")
+
+
+def weight_bytes(module) -> int:
+    """Bytes of a torch module's parameters and buffers, each tensor once (tied weights are
+    one tensor under two names)."""
     seen, total = set(), 0
     for t in [*module.parameters(), *module.buffers()]:
         if id(t) not in seen:
@@ -46,20 +52,24 @@ def strip_debug_metadata(model) -> None:
             node.metadata_props.clear()
 
 
-def export_graph(spec, out_dir: Path, opset: int) -> Path:
+def export_graph(spec, out_dir: Path, opset: int,
+                 external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Path:
     """Export `spec.module(*spec.args)` to `out_dir / spec.filename`. Weights go to ONE
-    `<file>.data` beside the graph when they would not fit in a protobuf; smaller graphs are
-    self-contained.
+    `<file>.data` beside the graph when they exceed `external_data_threshold` bytes; smaller
+    graphs are self-contained.
 
     The graph is optimised (constant folding, e.g. of transposed weight matrices) only after
     the module and the exporter's traced program are released: each folded matrix then
     replaces its source instead of doubling it, so peak memory stays near one copy of the
     weights."""
+    import onnx
+    import torch
+
     path = Path(out_dir) / spec.filename
-    for stale in (path, path.with_name(path.name + ".data")):
+    for stale in (path, external_data_path(path)):
         stale.unlink(missing_ok=True)
     module, spec.module = spec.module, None
-    external = weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    external = weight_bytes(module) > external_data_threshold
     module.eval()
     with torch.no_grad():
         program = torch.onnx.export(
@@ -88,9 +98,12 @@ def export_graph(spec, out_dir: Path, opset: int) -> Path:
 
 def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
     """Names and element types of a saved graph's inputs and outputs (weights not loaded)."""
+    import onnx
+
     model = onnx.load(str(path), load_external_data=False)
 
     def describe(values):
-        return [{"name": v.name, "dtype": ONNX_DTYPES[v.type.tensor_type.elem_type]} for v in values]
+        return [{"name": v.name, "dtype": ONNX_DTYPES[onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)]}
+                for v in values]
 
     return describe(model.graph.input), describe(model.graph.output)

@@ -10,7 +10,8 @@ tiles (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015).
 The transforms cost memory traffic proportional to the channels, the products save arithmetic
 proportional to channels squared, so only wide convolutions gain: on 2 cores of the project's
 machine, 512 channels at 128x128 go from 377 to 206 ms, 256 channels at 256x256 from 412 to
-331 ms, while 128 channels at 512x512 lose (479 -> 571 ms). Hence `MIN_CHANNELS`.
+331 ms, while 128 channels at 512x512 lose (479 -> 571 ms). Hence a threshold on the channels
+(`min_channels`, by default `winograd_math.DEFAULT_MIN_CHANNELS`).
 
 The 3x3 kernels stay in the package as they are (only reordered, tap-major): the transformed
 kernels would be 4x larger, so the graph computes them when it runs (one small product per
@@ -30,37 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Channels (input and output) from which a 3x3 convolution is computed by Winograd.
-MIN_CHANNELS = 256
+from .winograd_math import A_T, B_T, G, qualifies, two_d
 
-# F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2 and infinity.
-B_T = [
-    [4, 0, -5, 0, 1, 0],
-    [0, -4, -4, 1, 1, 0],
-    [0, 4, -4, -1, 1, 0],
-    [0, -2, -1, 2, 1, 0],
-    [0, 2, -1, -2, 1, 0],
-    [0, 4, 0, -5, 0, 1],
-]
-G = [
-    [1 / 4, 0, 0],
-    [-1 / 6, -1 / 6, -1 / 6],
-    [-1 / 6, 1 / 6, -1 / 6],
-    [1 / 24, 1 / 12, 1 / 6],
-    [1 / 24, -1 / 12, 1 / 6],
-    [0, 0, 1],
-]
-A_T = [
-    [1, 1, 1, 1, 1, 0],
-    [0, 1, -1, 2, -2, 0],
-    [0, 1, 1, 4, 4, 0],
-    [0, 1, -1, 8, -8, 1],
-]
 
-def two_d(matrix) -> torch.Tensor:
-    """The 2-D transform M x M^T of a tile as one matrix acting on the flattened tile."""
-    m = torch.tensor(matrix, dtype=torch.float64)
-    return torch.kron(m, m)
+def transform(matrix) -> torch.Tensor:
+    """two_d(matrix) as a float64 tensor."""
+    return torch.tensor(two_d(matrix), dtype=torch.float64)
 
 
 class WinogradConv3x3(nn.Module):
@@ -76,9 +52,9 @@ class WinogradConv3x3(nn.Module):
         # Tap-major [9, out * in]: one product with kernel_transform [36, 9] gives the
         # transformed kernels already laid out as the 36 matrices [out, in] the products need.
         self.taps = frozen(conv.weight.detach().permute(2, 3, 0, 1).reshape(9, out_channels * in_channels))
-        self.kernel_transform = frozen(two_d(G))
-        self.input_transform = frozen(two_d(B_T).reshape(36, 1, 6, 6))
-        self.output_transform = frozen(two_d(A_T))
+        self.kernel_transform = frozen(transform(G))
+        self.input_transform = frozen(transform(B_T).reshape(36, 1, 6, 6))
+        self.output_transform = frozen(transform(A_T))
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(out_channels)
         self.bias = frozen(bias.reshape(1, -1, 1, 1))
         self.out_channels = out_channels
@@ -110,15 +86,8 @@ class WinogradConv3x3(nn.Module):
 def is_winograd_candidate(module: nn.Module, min_channels: int) -> bool:
     return (
         isinstance(module, nn.Conv2d)
-        and module.kernel_size == (3, 3)
-        and module.padding == (1, 1)
-        and module.stride == (1, 1)
-        and module.dilation == (1, 1)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
         and module.weight.dtype == torch.float32  # the transforms' rounding is too large for fp16
-        and module.in_channels >= min_channels
-        and module.out_channels >= min_channels
+        and qualifies(module, min_channels)
     )
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from zimage_export.manifest import file_entry
+from ..manifest import file_entry
 
 from .graph_builder import Qwen3Shape, build_decoder, build_encoder, weights_from_model
+from .names import past_names
 from .weights_file import attach, write_weights
 
 WEIGHTS_FILE = "text_weights.data"
@@ -60,7 +61,7 @@ def enhancer_section(shape: Qwen3Shape, model, tokenizer) -> dict:
 
 
 def graph_entry(package: Path, name: str) -> dict:
-    from zimage_export.onnx_io import graph_io
+    from ..onnx_io import graph_io
 
     path = package / f"{name}.onnx"
     inputs, outputs = graph_io(path)
@@ -105,13 +106,13 @@ def check_against_transformers(model, out: Path, with_encoder: bool, atol: float
     # Prefill 4 tokens of row 0, then one cached step.
     empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), np.float32)
     feeds = {"input_ids": ids[:1, :4].numpy(), "attention_mask": np.ones((1, 4), np.int64), "position_ids": np.arange(4)[None]}
-    feeds |= {f"past_key_values.{i}.{kv}": empty for i in range(s.num_layers) for kv in ("key", "value")}
+    feeds |= {name: empty for i in range(s.num_layers) for name in past_names(i)}
     first = dec.run(None, feeds)
     with torch.no_grad():
         want4 = model(input_ids=ids[:1, :4]).logits[0, -1].numpy()
         want5 = model(input_ids=ids[:1, :5]).logits[0, -1].numpy()
     feeds = {"input_ids": ids[:1, 4:5].numpy(), "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.array([[4]])}
-    feeds |= {f"past_key_values.{i}.{kv}": first[1 + 2 * i + j] for i in range(s.num_layers) for j, kv in enumerate(("key", "value"))}
+    feeds |= {name: first[1 + 2 * i + j] for i in range(s.num_layers) for j, name in enumerate(past_names(i))}
     second = dec.run(None, feeds)
     diffs["text_decoder"] = max(float(np.abs(first[0][0] - want4).max()), float(np.abs(second[0][0] - want5).max()))
     for name, d in diffs.items():

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .names import LINEARS, NORMS, linear_weight, norm_weight, past_names, present_names
+
 OPSET = 18
 MASK_MIN = float(np.finfo(np.float32).min)  # what transformers adds for hidden keys
 
@@ -53,17 +55,6 @@ class Qwen3Shape:
         )
 
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")
-
-
-def weight_names(shape: Qwen3Shape, layers: int) -> list[str]:
-    names = ["embed_tokens.weight", "rotary_emb.inv_freq"]
-    for i in range(layers):
-        names += [f"layers.{i}.{n}.weight_t" for n in LINEARS] + [f"layers.{i}.{n}.weight" for n in NORMS]
-    return names
-
-
 def weights_from_model(model) -> dict[str, np.ndarray]:
     """float32 arrays under the graph names, from a transformers Qwen3ForCausalLM."""
     import torch
@@ -79,9 +70,9 @@ def weights_from_model(model) -> dict[str, np.ndarray]:
         for n in LINEARS:
             if getattr(modules[n], "bias", None) is not None:
                 raise ValueError(f"layers.{i}.{n} has a bias; Qwen3 has none")
-            out[f"layers.{i}.{n}.weight_t"] = modules[n].weight.t()
+            out[linear_weight(i, n)] = modules[n].weight.t()
         for n in NORMS:
-            out[f"layers.{i}.{n}.weight"] = modules[n].weight
+            out[norm_weight(i, n)] = modules[n].weight
     with torch.no_grad():
         return {k: np.ascontiguousarray(v.detach().to(torch.float32).cpu().numpy()) for k, v in out.items()}
 
@@ -120,13 +111,12 @@ def _rope(g: _Graph, x: str, cos: str, sin: str, half: int) -> str:
 
 def _layer(g, s: Qwen3Shape, i: int, x, cos, sin, mask_bias, past_k=None, past_v=None):
     """One decoder layer. Returns (x, k_all, v_all) with k/v [B, kv_heads, T, hd]."""
-    p = f"layers.{i}."
-    h = _rms_norm(g, x, p + "input_layernorm.weight", "eps")
+    h = _rms_norm(g, x, norm_weight(i, "input_layernorm"), "eps")
 
     def heads(proj, n, norm):
-        y = g.op("Reshape", g.op("MatMul", h, p + f"self_attn.{proj}.weight_t"), f"shape_bs_{n}_hd")
+        y = g.op("Reshape", g.op("MatMul", h, linear_weight(i, f"self_attn.{proj}")), f"shape_bs_{n}_hd")
         if norm:
-            y = _rms_norm(g, y, p + f"self_attn.{norm}.weight", "eps")
+            y = _rms_norm(g, y, norm_weight(i, f"self_attn.{norm}"), "eps")
         return g.op("Transpose", y, perm=[0, 2, 1, 3])  # [B, n, S, hd]
 
     q = _rope(g, heads("q_proj", s.num_heads, "q_norm"), cos, sin, s.head_dim // 2)
@@ -144,12 +134,12 @@ def _layer(g, s: Qwen3Shape, i: int, x, cos, sin, mask_bias, past_k=None, past_v
     probs = g.op("Softmax", g.op("Add", scores, mask_bias), axis=-1)
     ctx = g.op("Reshape", g.op("MatMul", probs, v5), "shape_b_h_s_hd")  # [B, H, S, hd]
     ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), "shape_bs_flat")
-    x = g.op("Add", x, g.op("MatMul", ctx, p + "self_attn.o_proj.weight_t"))
-    h2 = _rms_norm(g, x, p + "post_attention_layernorm.weight", "eps")
-    gate = g.op("MatMul", h2, p + "mlp.gate_proj.weight_t")
-    up = g.op("MatMul", h2, p + "mlp.up_proj.weight_t")
+    x = g.op("Add", x, g.op("MatMul", ctx, linear_weight(i, "self_attn.o_proj")))
+    h2 = _rms_norm(g, x, norm_weight(i, "post_attention_layernorm"), "eps")
+    gate = g.op("MatMul", h2, linear_weight(i, "mlp.gate_proj"))
+    up = g.op("MatMul", h2, linear_weight(i, "mlp.up_proj"))
     act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    x = g.op("Add", x, g.op("MatMul", act, p + "mlp.down_proj.weight_t"))
+    x = g.op("Add", x, g.op("MatMul", act, linear_weight(i, "mlp.down_proj")))
     return x, k, v
 
 
@@ -231,7 +221,7 @@ def build_decoder(s: Qwen3Shape) -> onnx.ModelProto:
     [B, S, V] would be 300 MB for a 512-token prompt), present.{i}.key/value [B, kv, P+S, hd]."""
     g = _Graph()
     x, cos, sin = _common(g, s, "input_ids", "position_ids")
-    past = g.op("Slice", g.op("Shape", "past_key_values.0.key"), "axis_2", g.const("three", [3]))  # [1]: P
+    past = g.op("Slice", g.op("Shape", past_names(0)[0]), "axis_2", g.const("three", [3]))  # [1]: P
     seq = g.op("Slice", g.op("Shape", "input_ids"), "axis_1", "axis_2")  # [1]: S
     total = g.op("Add", past, seq)
     g.const("zero_s", 0, np.int64)
@@ -244,10 +234,11 @@ def build_decoder(s: Qwen3Shape) -> onnx.ModelProto:
     bias = _mask_bias(g, allowed)
     presents = []
     for i in range(s.num_layers):
-        x, k, v = _layer(g, s, i, x, cos, sin, bias, f"past_key_values.{i}.key", f"past_key_values.{i}.value")
-        g.nodes.append(helper.make_node("Identity", [k], [f"present.{i}.key"]))
-        g.nodes.append(helper.make_node("Identity", [v], [f"present.{i}.value"]))
-        presents += [f"present.{i}.key", f"present.{i}.value"]
+        x, k, v = _layer(g, s, i, x, cos, sin, bias, *past_names(i))
+        present_k, present_v = present_names(i)
+        g.nodes.append(helper.make_node("Identity", [k], [present_k]))
+        g.nodes.append(helper.make_node("Identity", [v], [present_v]))
+        presents += [present_k, present_v]
     x = _rms_norm(g, x, "norm.weight", "eps")
     last = g.op("Gather", x, g.op("Sub", g.op("Squeeze", seq, "zero"), "one_s"), axis=1)  # [B, D]
     g.nodes.append(helper.make_node("Gemm", [last, "embed_tokens.weight"], ["logits"], transB=1))
@@ -258,7 +249,7 @@ def build_decoder(s: Qwen3Shape) -> onnx.ModelProto:
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
     ]
     for i in range(s.num_layers):
-        inputs += [kv(f"past_key_values.{i}.key", "past_sequence"), kv(f"past_key_values.{i}.value", "past_sequence")]
+        inputs += [kv(name, "past_sequence") for name in past_names(i)]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab_size])]
     outputs += [kv(n, "total_sequence") for n in presents]
     return _model(g, "zimage_text_decoder", inputs, outputs)
