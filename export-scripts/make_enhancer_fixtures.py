@@ -41,7 +41,7 @@ IM_END_SCALE = 1.35
 IM_END = 151645
 CONFIG = dict(QWEN3_COMMON, hidden_size=8, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=4)
-SYSTEM_PROMPT_FILE = REPO / "sdk" / "src" / "enhancer_system_prompt.txt"
+SYSTEM_PROMPT_FILE = REPO / "sdk" / "src" / "enhancer" / "system_prompt.txt"
 EOS = [151645, 151643]
 
 # (name, prompt, thinking, max_new_tokens, system prompt or None for the SDK's default)
@@ -108,7 +108,7 @@ def record_goldens(hf: Path, out: Path) -> None:
         cases.append({
             "name": name,
             "prompt": prompt,
-            "system_prompt": system,  # null = the SDK's default (sdk/src/enhancer_system_prompt.txt)
+            "system_prompt": system,  # null = the SDK's default (sdk/src/enhancer/system_prompt.txt)
             "thinking": thinking,
             "max_new_tokens": max_new,
             "prompt_ids": ids["input_ids"][0].tolist(),
