@@ -17,11 +17,13 @@
 //! ```
 
 pub(crate) mod kv_decoder;
+pub mod options;
 pub mod sampling;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
@@ -39,109 +41,11 @@ use crate::runtime::provider::ProviderConfig;
 use crate::runtime::run_context::{CancelHandle, Registry};
 use crate::runtime::session::{build_session, SessionSettings};
 use kv_decoder::Decoder;
+pub use options::{
+    default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, TokenEvent, MAX_NEW_TOKENS,
+};
 use sampling::{Sampling, TokenPicker};
-
-/// The largest `max_new_tokens` accepted.
-pub const MAX_NEW_TOKENS: usize = 32_768;
-
-/// Our instructions to the model (also read by `export-scripts/make_enhancer_fixtures.py`).
-pub fn default_system_prompt() -> &'static str {
-    include_str!("system_prompt.txt").trim_end()
-}
-
-/// How to enhance. `Default`: our system prompt, thinking off, greedy, at most 512 new tokens.
-/// New fields may be added: start from `Default` and set the fields that differ.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct EnhanceOptions {
-    /// `None` uses [`default_system_prompt`].
-    pub system_prompt: Option<String>,
-    /// Let the model reason in a `<think>` block first (better on riddles, slower; the block
-    /// counts against `max_new_tokens`).
-    pub thinking: bool,
-    /// 1..=[`MAX_NEW_TOKENS`]; generation also stops at the model's context length.
-    pub max_new_tokens: usize,
-    pub sampling: Sampling,
-}
-
-impl Default for EnhanceOptions {
-    fn default() -> Self {
-        EnhanceOptions { system_prompt: None, thinking: false, max_new_tokens: 512, sampling: Sampling::Greedy }
-    }
-}
-
-impl EnhanceOptions {
-    pub fn check(&self) -> Result<()> {
-        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
-            return Err(Error::invalid(format!(
-                "max_new_tokens must be 1..={MAX_NEW_TOKENS} (got {})",
-                self.max_new_tokens
-            )));
-        }
-        self.sampling.check()
-    }
-}
-
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model ended its answer (`<|im_end|>` or another end token).
-    Stop,
-    /// `max_new_tokens` (or the context length) was reached.
-    Length,
-}
-
-/// One generated token, passed to the streaming callback (end tokens are not passed).
-#[derive(Debug, Clone, Copy)]
-pub struct TokenEvent<'a> {
-    /// 0 for the first generated token.
-    pub index: usize,
-    pub token_id: u32,
-    /// Text this token completes (empty while a multi-byte character is incomplete).
-    pub text: &'a str,
-    /// Inside the `<think>…</think>` block (the tags included).
-    pub thinking: bool,
-}
-
-/// The result of [`PromptEnhancer::enhance`].
-#[derive(Debug, Clone)]
-pub struct Enhancement {
-    /// The rewritten prompt: the answer without any think block, trimmed. Empty when the
-    /// model used the whole token budget thinking (then fall back to the original prompt).
-    pub text: String,
-    /// The reasoning inside `<think>…</think>`, when the model wrote one.
-    pub thinking: Option<String>,
-    /// All generated text (special tokens skipped, think block included).
-    pub raw_text: String,
-    /// Generated token ids, the end token included when there was one.
-    pub token_ids: Vec<u32>,
-    pub prompt_tokens: usize,
-    pub finish: FinishReason,
-    /// The sampling seed used (drawn when the options had none); `None` for greedy decoding.
-    pub seed: Option<u64>,
-    pub timings: EnhanceTimings,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EnhanceTimings {
-    /// The prompt's one decoder call (gives the first token).
-    pub prefill: Duration,
-    /// All later decoder calls, one per token.
-    pub decode: Duration,
-    pub decode_steps: usize,
-    pub total: Duration,
-}
-
-impl EnhanceTimings {
-    /// Decoding speed after the prompt (0 when there was no decode step).
-    pub fn tokens_per_second(&self) -> f64 {
-        if self.decode_steps == 0 || self.decode.is_zero() {
-            0.0
-        } else {
-            self.decode_steps as f64 / self.decode.as_secs_f64()
-        }
-    }
-}
+use text::{split_thinking, TextStream};
 
 /// A loaded enhancer. `Send + Sync`; concurrent calls take turns per decoder call.
 pub struct PromptEnhancer {
@@ -214,7 +118,7 @@ impl PromptEnhancer {
         self.decoder.device
     }
 
-    /// Cancels the enhancements (and, after [`PromptEnhancer::attach`], the generations)
+    /// Cancels the enhancements (and, after `Pipeline::attach_enhancer`, the generations)
     /// running at the moment it is called.
     pub fn cancel_handle(&self) -> CancelHandle {
         CancelHandle { registry: Arc::clone(&self.registry) }
@@ -388,64 +292,4 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
     };
     kv_decoder::check_interface(&info, &graph).map_err(|m| Error::package(&path, m))?;
     Ok((tokenizer, graph, info))
-}
-
-/// Splits generated text into (reasoning, answer). The answer is what follows the last
-/// `</think>`; text that opens a think block and never closes it is all reasoning (the token
-/// limit cut the model off), leaving an empty answer.
-pub fn split_thinking(raw: &str, open: &str, close: &str) -> (Option<String>, String) {
-    if let Some(end) = raw.rfind(close) {
-        let inner = &raw[..end];
-        let inner = inner.find(open).map_or(inner, |s| &inner[s + open.len()..]);
-        return (Some(inner.trim().to_string()), raw[end + close.len()..].trim().to_string());
-    }
-    let trimmed = raw.trim_start();
-    if let Some(rest) = trimmed.strip_prefix(open) {
-        return (Some(rest.trim().to_string()), String::new());
-    }
-    (None, raw.trim().to_string())
-}
-
-/// Turns tokens into text pieces as they arrive. Byte-level BPE tokens can end inside a UTF-8
-/// character; such a piece decodes to U+FFFD and is held back until the character completes.
-#[derive(Default)]
-struct TextStream {
-    ids: Vec<u32>,
-    emitted: usize, // bytes of the decoded text already handed out
-}
-
-impl TextStream {
-    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> String {
-        self.ids.push(token);
-        let text = tokenizer.decode(&self.ids, true).unwrap_or_default();
-        if text.ends_with('\u{FFFD}')
-            || !text.is_char_boundary(self.emitted.min(text.len()))
-            || text.len() < self.emitted
-        {
-            return String::new();
-        }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        piece
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_thinking;
-
-    #[test]
-    fn think_blocks_never_reach_the_answer() {
-        let s = |raw| split_thinking(raw, "<think>", "</think>");
-        assert_eq!(
-            s("<think>\n3*2+2*4 = 14 legs\n</think>\n\nThree hens and two rabbits."),
-            (Some("3*2+2*4 = 14 legs".into()), "Three hens and two rabbits.".into())
-        );
-        assert_eq!(s("<think>\n\n</think>\n\n A red fox. "), (Some(String::new()), "A red fox.".into()));
-        assert_eq!(
-            s("<think>\nstill thinking when the limit hit"),
-            (Some("still thinking when the limit hit".into()), String::new())
-        );
-        assert_eq!(s(" A plain answer.\n"), (None, "A plain answer.".into()));
-    }
 }

@@ -4,7 +4,7 @@
 //!
 //! - [`graph`]: [`GraphKind`], a graph's manifest entry;
 //! - [`precision`]: [`Precision`];
-//! - [`format`]: format names and versions, reading `manifest.json`;
+//! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
 //! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package.

@@ -3,12 +3,12 @@
 //! start, denoise, decode.
 //!
 //! - [`request`]: what a generation is asked for and gives back;
-//! - [`plan`]: request checks and shapes;
-//! - [`captions`]: prompts -> caption features;
+//! - `plan`: request checks and shapes;
+//! - `captions`: prompts -> caption features;
 //! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
-//! - [`start`]: where denoising starts (noise, an input picture, inpainting's blend);
-//! - [`denoise`]: the loop with classifier-free guidance;
-//! - [`loading`]: which graph each stage loads, where and how.
+//! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
+//! - `denoise`: the loop with classifier-free guidance;
+//! - `loading`: which graph each stage loads, where and how.
 //!
 //! New conditioning (ControlNet, reference images) plugs in as a start strategy or as extra
 //! transformer inputs assembled in `model::transformer`, decided by the plan.

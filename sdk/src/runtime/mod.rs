@@ -2,9 +2,9 @@
 //! - [`library`]: finding and loading the shared library (one environment per process);
 //! - [`device`]: [`Device`], where a graph runs;
 //! - [`gpu`]: CUDA settings, TensorRT profiles and engine caches;
-//! - [`provider`]: each graph's execution provider, registered on its session;
+//! - `provider`: each graph's execution provider, registered on its session;
 //! - [`session`]: building one session (options, CPU fallback, optimised-graph cache);
-//! - [`graph`]: a loaded graph shared between threads, resident or loaded per stage;
+//! - `graph`: a loaded graph shared between threads, resident or loaded per stage;
 //! - [`run_context`]: one run's options, cancellation and time spent in ONNX Runtime.
 
 pub mod device;

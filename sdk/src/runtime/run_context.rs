@@ -1,7 +1,7 @@
 //! One run (a generation, an encoding, an enhancement): the run options ONNX Runtime polls,
 //! cancellation from the run's own callback or from any thread through a [`CancelHandle`]
 //! (which also interrupts the ONNX Runtime call in flight), and the time spent inside ONNX
-//! Runtime. Every stage of a run takes the one [`RunContext`].
+//! Runtime. Every stage of a run takes the one `RunContext`.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
