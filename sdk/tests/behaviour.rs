@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use zimage::{Device, ErrorKind, GenerateRequest, InitImage, LoadOptions, Pipeline, Prompt};
+use zimage::{Device, ErrorKind, GenerateRequest, GraphKind, InitImage, LoadOptions, Pipeline, Prompt};
 
 fn small(prompt: &str) -> GenerateRequest {
     let mut r = GenerateRequest::new(prompt);
@@ -139,6 +139,37 @@ fn a_bf16_package_on_the_cpu_is_refused_with_the_reason() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn an_unknown_precision_is_a_package_error() {
+    let dir = tiny_package_with_manifest("int3 package", |m| m["precision"] = "int3".into());
+    let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("int3 is no precision");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    assert!(err.to_string().contains("int3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A graph ONNX Runtime cannot parse (with a manifest that matches its bytes): a package error
+/// whose `source()` is ONNX Runtime's own error, its message part of ours.
+#[test]
+fn onnx_runtime_errors_are_kept_as_the_source() {
+    use std::error::Error as _;
+    let garbage = b"this is not an ONNX protobuf".to_vec();
+    let sha = zimage::package::files::sha256_hex(&garbage);
+    let bytes = garbage.len();
+    let dir = tiny_package_with_manifest("garbage encoder", |m| {
+        m["graphs"]["vae_encoder"]["path"] = "garbage.onnx".into();
+        m["graphs"]["vae_encoder"]["bytes"] = bytes.into();
+        m["graphs"]["vae_encoder"]["sha256"] = sha.clone().into();
+    });
+    std::fs::write(dir.join("garbage.onnx"), &garbage).unwrap();
+    let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("garbage graph");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    let source = err.source().expect("ONNX Runtime's error is kept");
+    assert!(!source.to_string().is_empty());
+    assert!(err.to_string().contains(&source.to_string()), "{err} / {source}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A temporary package: links to tiny-zimage's files and its manifest changed by `edit`.
 fn tiny_package_with_manifest(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
     let source = repo().join("models/tiny-zimage");
@@ -181,6 +212,14 @@ fn cuda_on_the_cpu_runtime_is_a_provider_error() {
     };
     let p = Pipeline::load(repo().join("models/tiny-zimage"), &fallback).unwrap();
     assert_eq!(p.providers().transformer, Device::Cpu);
+    // Every graph fell back, and each says why (the provider's own error).
+    let fallbacks = p.provider_fallbacks();
+    let kinds: Vec<GraphKind> = fallbacks.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(kinds, [GraphKind::TextEncoder, GraphKind::Transformer, GraphKind::VaeDecoder, GraphKind::VaeEncoder]);
+    for (kind, reason) in &fallbacks {
+        assert!(reason.contains("onnxruntime-gpu"), "{kind}: {reason}");
+    }
+    assert!(pipeline("tiny-zimage").provider_fallbacks().is_empty());
 }
 
 #[test]
