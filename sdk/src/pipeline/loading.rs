@@ -126,6 +126,19 @@ pub(crate) fn load_transformer(graphs: &GraphLoader<'_>, device: Device, loras: 
     if !loras.is_empty() {
         let targets = Targets::read(&resolve(graphs.dir, &entry.path), graphs.manifest)?;
         let merged = targets.merge(loras)?;
+        // A weight kept inside the .onnx protobuf can only be overridden when the session's
+        // weights are set up (AddInitializer), after TensorRT has built its engine from the
+        // graph's own values: refuse rather than run the package's weights silently.
+        if let (Device::TensorRt { .. }, Some(embedded)) = (device, merged.iter().find(|w| !w.external)) {
+            return Err(Error::lora(
+                resolve(graphs.dir, &entry.path),
+                format!(
+                    "initializer {} is stored inside the graph file, which TensorRT cannot take LoRA weights for; \
+                     run the transformer on cuda, or re-export with its weights in external data",
+                    embedded.initializer
+                ),
+            ));
+        }
         if !merged.is_empty() {
             initializers = ort_initializers(merged, lora::set_key(loras))?;
         }
