@@ -7,8 +7,9 @@
 2. build each tiny diffusers-format pipeline with fixed seeds (export-scripts/.cache/src/<name>,
    not committed);
 3. export it with export.py into models/<name> and check it with verify.py;
-4. record goldens from diffusers into tests/golden/ (layout: docs/goldens.md) and replay them
-   from the package alone with check_goldens.py.
+4. record goldens from diffusers into tests/golden/ (layout: docs/goldens.md), LoRA files and
+   the images diffusers makes with them included, and replay them from the package alone with
+   check_goldens.py.
 Everything is seeded, so a re-run rewrites identical files.
 """
 
@@ -52,6 +53,7 @@ def main(argv=None) -> None:
 
     from zimage_export.fixtures.build import build_pipeline_folder
     from zimage_export.fixtures.goldens_common import write_common
+    from zimage_export.fixtures.goldens_lora import write_lora_goldens
     from zimage_export.fixtures.goldens_pipeline import write_package_goldens
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
                 tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
                 write_common(tokenizer, TINY_A.scheduler | _class(), TINY_B.scheduler | _class(), golden / "common")
             write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
+            write_lora_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             run("check_goldens.py", package, "--golden", golden / name)
         print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
 

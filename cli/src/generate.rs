@@ -4,12 +4,16 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use zimage::{image_io, GenerateRequest, Generation, InitImage, Pipeline, Progress, Prompt, Timings, TokenizedPrompt};
+use zimage::{
+    image_io, GenerateRequest, Generation, InitImage, LoraAdapter, LoraSetting, Pipeline, Progress, Prompt, Timings,
+    TokenizedPrompt,
+};
 
 use crate::enhance::{self, EnhanceFlags};
 use crate::{secs, ModelArgs};
@@ -69,6 +73,10 @@ pub struct GenerateArgs {
     /// Inpainting mask for --init-image, at the output size: white = repaint, black = keep.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask: Option<PathBuf>,
+    /// A LoRA (.safetensors: diffusers/PEFT, kohya, ComfyUI, LoKr) merged into the transformer at
+    /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    loras: Vec<(PathBuf, f32)>,
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
@@ -89,9 +97,16 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
         check_parent_exists(path)?;
     }
 
+    // Adapters are read and checked before the model load too.
+    let loras = args
+        .loras
+        .iter()
+        .map(|(path, scale)| Ok(LoraSetting::new(Arc::new(LoraAdapter::load(path)?), *scale)))
+        .collect::<zimage::Result<Vec<_>>>()?;
+
     let progress = StageProgress::new(std::io::stderr().is_terminal());
     progress.stage("loading model");
-    let pipeline = args.model.load(args.count, args.guidance > 0.0)?;
+    let pipeline = args.model.load_with_loras(args.count, args.guidance > 0.0, loras)?;
 
     progress.stage("encoding prompt");
     let mut on_step = |p: &Progress| {
@@ -213,6 +228,37 @@ fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
     }
 }
 
+/// `FILE[:SCALE]`: the scale is what follows the last `:` when that parses as a number (so a
+/// path with colons still works without a scale).
+fn parse_lora(value: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((file, scale)) = value.rsplit_once(':') {
+        if let Ok(scale) = scale.parse::<f32>() {
+            if !scale.is_finite() {
+                return Err(format!("LoRA scale {scale} is not finite"));
+            }
+            if file.is_empty() {
+                return Err("no LoRA file before the scale".into());
+            }
+            return Ok((PathBuf::from(file), scale));
+        }
+    }
+    Ok((PathBuf::from(value), 1.0))
+}
+
+/// Each adapter as `{"file", "sha256", "scale"}` (file name only: paths are machine-specific).
+fn loras_json(loras: &[LoraSetting]) -> Value {
+    Value::Array(
+        loras
+            .iter()
+            .map(|l| {
+                // The shortest decimal that reads back as the f32 (0.7, not 0.699999988...).
+                let scale = l.scale.to_string().parse::<f64>().unwrap_or(f64::from(l.scale));
+                json!({"file": l.adapter.file_name(), "sha256": l.adapter.sha256(), "scale": scale})
+            })
+            .collect(),
+    )
+}
+
 /// The generation parameters stored in each PNG (iTXt chunks, so any prompt text survives).
 fn png_text(
     args: &GenerateArgs,
@@ -241,6 +287,10 @@ fn png_text(
     }
     if let Some(n) = args.max_sequence_length {
         text.push(("max_sequence_length", n.to_string()));
+    }
+    let loras = pipeline.loras();
+    if !loras.is_empty() {
+        text.push(("loras", loras_json(&loras).to_string()));
     }
     if let Some(init) = &request.init_image {
         text.push(("init_image", args.init_image.as_deref().unwrap_or(Path::new("")).display().to_string()));
@@ -274,6 +324,7 @@ fn summary_json(
         "cfg_truncation": request.cfg_truncation,
         "strength": request.init_image.as_ref().map(|i| i.strength),
         "model": pipeline.package_dir().display().to_string(),
+        "loras": loras_json(&pipeline.loras()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "providers": {
             "text_encoder": providers.text_encoder.to_string(),

@@ -29,6 +29,7 @@ Exit codes:
   7    input image or mask unreadable or unusable
   8    inference failed (ONNX Runtime error, non-finite values)
   9    reading or writing a file failed
+  10   LoRA file unreadable, malformed, or not for this model
   130  cancelled (Ctrl-C)";
 
 #[derive(Parser)]
@@ -118,7 +119,19 @@ impl ModelArgs {
     /// Loads the pipeline and lets Ctrl-C cancel its runs from then on. The image count and
     /// guidance size the TensorRT profiles (unused elsewhere).
     pub fn load(&self, max_images: u32, guidance: bool) -> zimage::Result<Pipeline> {
-        let pipeline = Pipeline::load(&self.model, &self.options(max_images, guidance))?;
+        self.load_with_loras(max_images, guidance, Vec::new())
+    }
+
+    /// [`load`](Self::load) with LoRA adapters merged into the transformer.
+    pub fn load_with_loras(
+        &self,
+        max_images: u32,
+        guidance: bool,
+        loras: Vec<zimage::LoraSetting>,
+    ) -> zimage::Result<Pipeline> {
+        let mut options = self.options(max_images, guidance);
+        options.loras = loras;
+        let pipeline = Pipeline::load(&self.model, &options)?;
         set_cancel_handle(pipeline.cancel_handle());
         Ok(pipeline)
     }
@@ -198,6 +211,7 @@ fn exit_code(kind: ErrorKind) -> u8 {
         ErrorKind::Image => 7,
         ErrorKind::Inference => 8,
         ErrorKind::Io => 9,
+        ErrorKind::Lora => 10,
         // 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C.
         ErrorKind::Cancelled => 130,
         // ErrorKind is non-exhaustive: a kind added later still fails, with the generic code.

@@ -541,3 +541,53 @@ fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
     let no_decoder = zimage(&["enhance", "--model", PACKAGE, "--prompt", "a cat"]);
     assert_code(&no_decoder, 3);
 }
+
+#[test]
+fn lora_flags_match_the_golden_and_are_recorded() {
+    let dir = scratch("lora");
+    let lora: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("lora.json")).unwrap()).unwrap();
+    let c = lora["cases"].as_array().unwrap().iter().find(|c| c["name"] == "peft_0.7_kohya_1.3").unwrap().clone();
+    let output = dir.join("out.png");
+    let mut args = case_args(&c);
+    for l in c["loras"].as_array().unwrap() {
+        args.push("--lora".into());
+        args.push(format!("{GOLDEN}/{}:{}", l["file"].as_str().unwrap(), l["scale"]));
+    }
+    args.extend(["--output".into(), output.display().to_string(), "--json".into()]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+    let png = read_png(&output);
+    let golden = root().join(GOLDEN).join(c["image_files"][0].as_str().unwrap());
+    let diff = max_level_diff(&png, &golden);
+    assert!(diff <= 1, "LoRA image differs from diffusers' by {diff} levels");
+    let recorded: Value = serde_json::from_str(&png.text["loras"]).unwrap();
+    let sha = |file: &str| {
+        use sha2::Digest;
+        let bytes = std::fs::read(root().join(GOLDEN).join(file)).unwrap();
+        format!("{:x}", sha2::Sha256::digest(&bytes))
+    };
+    let want: Vec<Value> = c["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let file = l["file"].as_str().unwrap();
+            serde_json::json!({"file": Path::new(file).file_name().unwrap().to_str().unwrap(),
+                               "sha256": sha(file), "scale": l["scale"]})
+        })
+        .collect();
+    assert_eq!(recorded, Value::Array(want.clone()));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["loras"], Value::Array(want));
+
+    // A LoRA for another model: exit code 10, one line naming the key.
+    let mut args = case_args(&c);
+    args.extend(["--lora".into(), "tests/golden/tiny-zimage-alt/loras/peft.safetensors".into()]);
+    args.extend(["--output".into(), dir.join("bad.png").display().to_string()]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 10);
+    let err = assert_one_line_error(&out);
+    assert!(err.contains("lora_A.weight") && err.contains("[64, 64]"), "{err}");
+    assert!(!dir.join("bad.png").exists());
+}

@@ -69,8 +69,9 @@ def test_external_data_sits_beside_its_graph():
 @pytest.mark.parametrize("cfg", [TINY_A, TINY_B], ids=lambda c: c.name)
 def test_manifest_dict_reproduces_the_committed_fixture_manifests(cfg):
     """From the fixture configs that make_fixtures.py built the diffusers folders from, the
-    assembly gives the committed manifest.json byte for byte. The graph entries (which need
-    onnx to read) and the source folder's hash are taken from it."""
+    assembly gives the committed manifest.json byte for byte. The graph entries and the LoRA
+    table (which need onnx and the source weights to compute) and the source folder's hash are
+    taken from it."""
     package = REPO / "models" / cfg.name
     text = (package / "manifest.json").read_text()
     committed = json.loads(text)
@@ -93,6 +94,7 @@ def test_manifest_dict_reproduces_the_committed_fixture_manifests(cfg):
         tokenizer=file_entry(package / "tokenizer.json"),
         graphs=committed["graphs"],
         pad_token_id=151643,  # <|endoftext|>, the Qwen3 tokenizer's pad token
+        lora_parameters=committed["transformer"]["lora_parameters"],
     )
     assert list(manifest["graphs"]) == package_graphs(package)
     assert json.dumps(manifest, indent=2, ensure_ascii=False) + "\n" == text

@@ -62,6 +62,9 @@ def package_graphs(package: Path) -> list[str]:
 
 def build_manifest(src: Path, package: Path, precision: str, name: str, pad_token_id: int) -> dict:
     import diffusers
+    import torch
+
+    from .lora_targets import lora_parameters
 
     read = lambda *p: json.loads(src.joinpath(*p).read_text())  # noqa: E731
     configs = {
@@ -71,6 +74,11 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
         "vae": read("vae", "config.json"),
         "scheduler": read("scheduler", "scheduler_config.json"),
     }
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    lora_table, unmatched = lora_parameters(src, package / "transformer.onnx", dtype)
+    print(f"LoRA: {len(lora_table)} transformer Linear weights located in transformer.onnx", flush=True)
+    if unmatched:
+        print(f"LoRA: not located (LoRAs cannot change them): {', '.join(unmatched)}", flush=True)
     return manifest_dict(
         configs,
         precision=precision,
@@ -80,14 +88,17 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
         tokenizer=file_entry(package / "tokenizer.json"),
         graphs={g: graph_entry(package, g) for g in package_graphs(package)},
         pad_token_id=pad_token_id,
+        lora_parameters=lora_table,
     )
 
 
 def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version: str, model_index_sha256: str,
-                  tokenizer: dict, graphs: dict, pad_token_id: int) -> dict:
+                  tokenizer: dict, graphs: dict, pad_token_id: int, lora_parameters: dict | None = None) -> dict:
     """The manifest, in the order manifest.json has it. `configs`: the diffusers folder's JSON
     files by component ("model_index", "transformer", "text_encoder", "vae", "scheduler");
-    `tokenizer` and `graphs`: their finished entries (file_entry, graph_entry)."""
+    `tokenizer` and `graphs`: their finished entries (file_entry, graph_entry);
+    `lora_parameters`: the transformer's LoRA table (lora_targets.lora_parameters), left out
+    when None."""
     tcfg, tecfg, vcfg = configs["transformer"], configs["text_encoder"], configs["vae"]
     patch = tcfg["all_patch_size"][0]
     return {
@@ -119,6 +130,7 @@ def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version
             "axes_lens": list(tcfg["axes_lens"]),
             "sequence_multiple": SEQUENCE_MULTIPLE,
             **transformer_limits(tcfg["axes_lens"], patch),
+            **({"lora_parameters": lora_parameters} if lora_parameters is not None else {}),
         },
         "vae": {
             "latent_channels": vcfg["latent_channels"],

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Inference,
     /// Reading or writing a file failed.
     Io,
+    /// A LoRA file is unreadable, malformed, or does not fit the model it is applied to.
+    Lora,
 }
 
 /// The error underneath one of ours (ONNX Runtime's, mostly), kept for `source()`.
@@ -72,6 +74,9 @@ pub enum Error {
         source: Option<Source>,
     },
 
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -91,6 +96,7 @@ impl Error {
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Inference { .. } => ErrorKind::Inference,
             Error::Io { .. } => ErrorKind::Io,
+            Error::Lora { .. } => ErrorKind::Lora,
         }
     }
 
@@ -125,6 +131,10 @@ impl Error {
         ort::Error::new_with_code(error.code(), error.message())
     }
 
+    pub(crate) fn lora(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Lora { path: path.into(), message: message.into() }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
@@ -137,7 +147,7 @@ impl Error {
             | Error::Runtime { source, .. }
             | Error::Provider { source, .. }
             | Error::Inference { source, .. } => *source = Some(Box::new(cause)),
-            Error::InvalidRequest(_) | Error::Image(_) | Error::Cancelled | Error::Io { .. } => {}
+            Error::InvalidRequest(_) | Error::Image(_) | Error::Cancelled | Error::Io { .. } | Error::Lora { .. } => {}
         }
         self
     }

@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
+use crate::lora::LoraSetting;
 use crate::runtime::device::Device;
 use crate::runtime::gpu::GpuOptions;
 use crate::runtime::graph::MemoryMode;
-use crate::runtime::session::SessionSettings;
+use crate::runtime::session::{ExternalInitializers, SessionSettings};
 
 /// How a pipeline (or a prompt enhancer) is loaded. Build it from `Default` and set the fields
 /// that differ; new fields may be added, so it cannot be built with a struct literal:
@@ -44,6 +45,9 @@ pub struct LoadOptions {
     /// (mid-size model at 512x512: +0.2 to +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
     /// the decoder runs on a GPU; an InvalidRequest error when the package has no such graph.
     pub winograd_vae: bool,
+    /// LoRA adapters merged into the transformer's weights at load time, each with its scale
+    /// (see [`crate::lora`]); change them later with `Pipeline::set_loras`. Empty: none.
+    pub loras: Vec<LoraSetting>,
 }
 
 impl LoadOptions {
@@ -61,6 +65,7 @@ impl LoadOptions {
             shares_weights: false,
             release_activations: false,
             optimized_cache: None,
+            initializers: ExternalInitializers::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod enhancer;
 pub mod files;
 pub mod format;
 pub mod graph;
+pub mod initializers;
 pub mod precision;
 pub mod scheduler_config;
 
@@ -70,8 +71,32 @@ pub struct TransformerInfo {
     pub max_caption_tokens: usize,
     pub max_latent_height: usize,
     pub max_latent_width: usize,
+    /// The Linear weights LoRAs may change, by diffusers parameter name
+    /// (`layers.0.attention.to_q.weight`): where each is in the transformer graph. Absent in
+    /// packages exported before LoRA support (they then refuse LoRAs).
+    #[serde(default)]
+    pub lora_parameters: Option<BTreeMap<String, LoraParameter>>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// Where one diffusers parameter is in the transformer graph.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct LoraParameter {
+    /// The ONNX initializer holding it.
+    pub initializer: String,
+    /// `"out_in"`: stored as torch stores it, `[out, in]`; `"in_out"`: transposed (MatMul's
+    /// right operand).
+    pub layout: String,
+    /// The initializer's element type (`float32`, `float16`, `bfloat16`).
+    pub dtype: String,
+}
+
+impl LoraParameter {
+    /// Whether it is stored `[in, out]`.
+    pub fn transposed(&self) -> bool {
+        self.layout == "in_out"
+    }
 }
 
 fn one() -> usize {
@@ -151,6 +176,16 @@ impl Manifest {
         }
         if t.max_caption_tokens == 0 || t.max_latent_height == 0 || t.max_latent_width == 0 {
             return Err("transformer limits (max_caption_tokens, max_latent_height/width) must be > 0".into());
+        }
+        if let Some(table) = &t.lora_parameters {
+            for (name, p) in table {
+                if p.layout != "out_in" && p.layout != "in_out" {
+                    return Err(format!(
+                        "transformer.lora_parameters.{name}: layout {:?} is not out_in or in_out",
+                        p.layout
+                    ));
+                }
+            }
         }
         self.scheduler.check()?;
         match (&self.enhancer, &self.graphs.text_decoder) {

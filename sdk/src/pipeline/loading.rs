@@ -2,9 +2,13 @@
 //! which session settings.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use ort::value::Tensor;
 
 use crate::error::{Error, Result};
 use crate::load_options::LoadOptions;
+use crate::lora::{self, LoraSetting, MergedData, MergedWeight, Targets};
 use crate::package::files::resolve;
 use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::Manifest;
@@ -12,7 +16,7 @@ use crate::runtime::device::Device;
 use crate::runtime::graph::GraphSlot;
 use crate::runtime::library::Runtime;
 use crate::runtime::provider::ProviderConfig;
-use crate::runtime::session::{optimized_cache_dir, SessionSettings};
+use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
 
 /// Loads the graphs of one package with one set of options.
 pub(crate) struct GraphLoader<'a> {
@@ -25,10 +29,34 @@ pub(crate) struct GraphLoader<'a> {
 impl GraphLoader<'_> {
     /// Creates the session of `entry`, a graph of kind `kind`, on `device`.
     pub fn load(&self, kind: GraphKind, entry: &GraphEntry, device: Device) -> Result<GraphSlot> {
+        self.load_with(kind, entry, device, ExternalInitializers::default())
+    }
+
+    /// [`load`](Self::load) with some of the graph's initializers replaced (LoRA-merged
+    /// weights). Such a session skips the CPU's optimised-model cache (the cached model would
+    /// hold the merged weights of one set), and TensorRT keys its engines by the set.
+    pub fn load_with(
+        &self,
+        kind: GraphKind,
+        entry: &GraphEntry,
+        device: Device,
+        initializers: ExternalInitializers,
+    ) -> Result<GraphSlot> {
         let options = self.options;
-        let provider = ProviderConfig::new(device, kind, entry, self.manifest, &options.gpu, options.exact_gpu_arena());
+        let provider = ProviderConfig::new(
+            device,
+            kind,
+            entry,
+            self.manifest,
+            &options.gpu,
+            options.exact_gpu_arena(),
+            initializers.key(),
+        );
         let mut settings = self.settings(kind);
+        let replaced = !initializers.is_empty();
+        settings.initializers = initializers;
         settings.optimized_cache = match kind {
+            _ if replaced => None,
             // The text encoder loads faster without (see `LoadOptions::optimized_model_cache`).
             GraphKind::TextEncoder | GraphKind::TextDecoder => None,
             GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
@@ -88,4 +116,51 @@ pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions
         )));
     }
     Ok(())
+}
+
+/// The transformer with a LoRA set merged into its weights (the package's own weights for an
+/// empty set, or one whose scales are all 0).
+pub(crate) fn load_transformer(graphs: &GraphLoader<'_>, device: Device, loras: &[LoraSetting]) -> Result<GraphSlot> {
+    let entry = &graphs.manifest.graphs.transformer;
+    let mut initializers = ExternalInitializers::default();
+    if !loras.is_empty() {
+        let targets = Targets::read(&resolve(graphs.dir, &entry.path), graphs.manifest)?;
+        let merged = targets.merge(loras)?;
+        // A weight kept inside the .onnx protobuf can only be overridden when the session's
+        // weights are set up (AddInitializer), after TensorRT has built its engine from the
+        // graph's own values: refuse rather than run the package's weights silently.
+        if let (Device::TensorRt { .. }, Some(embedded)) = (device, merged.iter().find(|w| !w.external)) {
+            return Err(Error::lora(
+                resolve(graphs.dir, &entry.path),
+                format!(
+                    "initializer {} is stored inside the graph file, which TensorRT cannot take LoRA weights for; \
+                     run the transformer on cuda, or re-export with its weights in external data",
+                    embedded.initializer
+                ),
+            ));
+        }
+        if !merged.is_empty() {
+            initializers = ort_initializers(merged, lora::set_key(loras))?;
+        }
+    }
+    graphs.load_with(GraphKind::Transformer, entry, device, initializers)
+}
+
+/// Merged weights as ONNX Runtime tensors (moved, not copied).
+fn ort_initializers(merged: Vec<MergedWeight>, key: String) -> Result<ExternalInitializers> {
+    let mut tensors = Vec::with_capacity(merged.len());
+    let mut bytes = 0;
+    for weight in merged {
+        bytes += weight.data.bytes();
+        let failed = |e: ort::Error| Error::runtime(format!("LoRA weight {}: {e}", weight.initializer)).caused_by(e);
+        let dims = weight.dims.clone();
+        let value = match weight.data {
+            MergedData::Float32(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
+            MergedData::Float16(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
+            MergedData::BFloat16(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
+        }
+        .map_err(failed)?;
+        tensors.push((weight.initializer, Arc::new(value), weight.external));
+    }
+    Ok(ExternalInitializers::new(tensors, key, bytes))
 }

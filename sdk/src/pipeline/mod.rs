@@ -23,7 +23,7 @@ pub mod scheduler;
 pub(crate) mod start;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array4, Axis};
@@ -32,6 +32,7 @@ use crate::enhancer::{EnhanceOptions, PromptEnhancer};
 use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
+use crate::lora::{LoraSetting, Targets};
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
@@ -40,7 +41,7 @@ use crate::package::Manifest;
 use crate::runtime::device::Device;
 use crate::runtime::gpu::TensorRtOptions;
 use crate::runtime::graph::GraphSlot;
-use crate::runtime::library::runtime;
+use crate::runtime::library::{runtime, Runtime};
 use crate::runtime::run_context::{CancelHandle, Registry, RunContext};
 use captions::{CaptionEncoder, EncodedPrompts};
 use denoise::Denoiser;
@@ -58,7 +59,9 @@ pub struct Pipeline {
     manifest: Manifest,
     captions: CaptionEncoder,
     vae: Vae,
-    transformer: GraphSlot,
+    /// The transformer and the LoRA set merged into it; replaced whole by `set_loras` (a
+    /// generation that already holds the session keeps using it).
+    transformer: RwLock<ActiveTransformer>,
     vae_decoder: GraphSlot,
     vae_encoder: GraphSlot,
     registry: Arc<Registry>,
@@ -66,6 +69,15 @@ pub struct Pipeline {
     tensorrt_profile: Option<TensorRtOptions>,
     load_time: Duration,
     runtime_library: PathBuf,
+    runtime: &'static Runtime,
+    /// How the pipeline was loaded (without its LoRAs): what a LoRA switch rebuilds the
+    /// transformer with.
+    options: LoadOptions,
+}
+
+struct ActiveTransformer {
+    slot: GraphSlot,
+    loras: Vec<LoraSetting>,
 }
 
 impl Pipeline {
@@ -93,24 +105,68 @@ impl Pipeline {
         let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
         let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone())?;
         let text_encoder = graphs.load_required(GraphKind::TextEncoder, options.device)?;
-        let transformer =
-            graphs.load_required(GraphKind::Transformer, options.transformer_device.unwrap_or(options.device))?;
+        let transformer = loading::load_transformer(&graphs, transformer_device(options), &options.loras)?;
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
         let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
         let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
         Ok(Pipeline {
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone() },
-            transformer,
+            transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone() }),
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
             tensorrt_profile: uses_tensorrt.then(|| options.gpu.tensorrt.clone()),
             load_time: start.elapsed(),
             runtime_library: rt.library_path.clone(),
+            runtime: rt,
+            options: LoadOptions { loras: Vec::new(), ..options.clone() },
             dir,
             manifest,
         })
+    }
+
+    /// The LoRA adapters merged into the transformer now, with their scales.
+    pub fn loras(&self) -> Vec<LoraSetting> {
+        self.active_transformer().loras.clone()
+    }
+
+    /// Replaces the LoRA set (empty: the package's own weights). Only the transformer's
+    /// session is rebuilt; the text encoder and the VAE are untouched. Every adapter is checked
+    /// against the model first, so a set that does not fit is refused with
+    /// [`ErrorKind::Lora`](crate::error::ErrorKind::Lora) and the pipeline keeps its current
+    /// one. The current merged weights are freed before the new ones are computed (memory: the
+    /// package's weights plus one merged copy of the tensors the set touches), except those of
+    /// a generation still running, which finishes with the set it started with; generations
+    /// that start during the switch wait for it. On a GPU with TensorRT the engine is the
+    /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
+    pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
+        if !loras.is_empty() {
+            let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
+            Targets::read(&path, &self.manifest)?.check(loras)?;
+        }
+        let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
+        let graphs =
+            GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
+        let device = transformer_device(&self.options);
+        active.slot.release();
+        match loading::load_transformer(&graphs, device, loras) {
+            Ok(slot) => {
+                active.slot = slot;
+                active.loras = loras.to_vec();
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(slot) = loading::load_transformer(&graphs, device, &active.loras) {
+                    active.slot = slot;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn active_transformer(&self) -> RwLockReadGuard<'_, ActiveTransformer> {
+        self.transformer.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -134,7 +190,7 @@ impl Pipeline {
     pub fn providers(&self) -> Providers {
         Providers {
             text_encoder: self.captions.graph.device(),
-            transformer: self.transformer.device(),
+            transformer: self.active_transformer().slot.device(),
             vae_decoder: self.vae_decoder.device(),
             vae_encoder: self.vae_encoder.device(),
         }
@@ -143,7 +199,8 @@ impl Pipeline {
     /// The graphs that run on the CPU because their requested provider could not be set up
     /// (with [`LoadOptions::allow_cpu_fallback`]), each with the provider's error.
     pub fn provider_fallbacks(&self) -> Vec<(GraphKind, String)> {
-        [&self.captions.graph, &self.transformer, &self.vae_decoder, &self.vae_encoder]
+        let active = self.active_transformer();
+        [&self.captions.graph, &active.slot, &self.vae_decoder, &self.vae_encoder]
             .into_iter()
             .filter_map(|slot| slot.fallback_reason().map(|reason| (slot.kind(), reason.to_string())))
             .collect()
@@ -254,7 +311,7 @@ impl Pipeline {
             items.extend(std::iter::repeat_n(negative, count));
             CaptionBatch::new(&items)
         });
-        let transformer = self.transformer.acquire()?;
+        let transformer = self.active_transformer().slot.acquire()?;
         let denoiser = Denoiser {
             transformer: &transformer,
             schedule,
@@ -308,7 +365,7 @@ impl Pipeline {
             return Err(Error::invalid("transformer_forward: inconsistent input shapes"));
         }
         let context = self.registry.begin()?;
-        let graph = self.transformer.acquire()?;
+        let graph = self.active_transformer().slot.acquire()?;
         transformer::forward(&graph, latents, timestep, cap_feats, cap_mask, &context, false)
     }
 
@@ -353,6 +410,10 @@ fn check_interfaces(dir: &Path, manifest: &Manifest) -> Result<()> {
     crate::model::check_interfaces(manifest)
         .and(decoder)
         .map_err(|message| Error::package(dir.join("manifest.json"), message))
+}
+
+fn transformer_device(options: &LoadOptions) -> Device {
+    options.transformer_device.unwrap_or(options.device)
 }
 
 /// A seed from the OS-seeded hasher; the low 32 bits are all torch's generator uses.

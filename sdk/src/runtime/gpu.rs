@@ -211,8 +211,26 @@ impl TensorRtOptions {
     /// stale engine) and the profile and precision (which change the engine). ONNX Runtime's
     /// TensorRT provider adds the GPU architecture to the engine file names itself.
     pub fn cache_dir_for(&self, graph: GraphKind, entry: &GraphEntry, profile: &ShapeProfile) -> PathBuf {
+        self.cache_dir_for_weights(graph, entry, profile, "")
+    }
+
+    /// [`cache_dir_for`](Self::cache_dir_for) for a graph whose weights are changed at load
+    /// time: `weights_key` names the change (the LoRA set: files by sha256 and scales), so each
+    /// set has its own engines (a switch builds, or finds, that set's engine). An empty key is
+    /// the package's own weights, the same folder as `cache_dir_for`.
+    pub fn cache_dir_for_weights(
+        &self,
+        graph: GraphKind,
+        entry: &GraphEntry,
+        profile: &ShapeProfile,
+        weights_key: &str,
+    ) -> PathBuf {
         let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
-        let key = format!("{}|{}|{}|{}|{:?}", entry.sha256, profile.min, profile.opt, profile.max, self.precision);
+        let mut key = format!("{}|{}|{}|{}|{:?}", entry.sha256, profile.min, profile.opt, profile.max, self.precision);
+        if !weights_key.is_empty() {
+            key.push_str("|weights:");
+            key.push_str(weights_key);
+        }
         let digest = sha256_hex(key.as_bytes());
         base.join(format!("{graph}-{}", &digest[..16]))
     }

@@ -103,6 +103,8 @@ pub(crate) struct GraphSlot {
     settings: SessionSettings,
     runtime: &'static Runtime,
     resident: Option<Arc<Graph>>,
+    /// Set by [`GraphSlot::release`]: the slot gave up its session and weights and serves none.
+    released: bool,
 }
 
 impl GraphSlot {
@@ -128,6 +130,7 @@ impl GraphSlot {
             settings: settings.clone(),
             runtime,
             resident: (mode == MemoryMode::Resident).then_some(graph),
+            released: false,
         })
     }
 
@@ -152,10 +155,26 @@ impl GraphSlot {
 
     /// The session for one stage; in sequential mode a fresh one, released when dropped.
     pub fn acquire(&self) -> Result<Arc<Graph>> {
+        if self.released {
+            return Err(Error::runtime(format!(
+                "{}: no session: a weight change (LoRA switch) failed and the previous weights could not be restored; \
+                 set the adapters again",
+                self.kind
+            )));
+        }
         if let Some(graph) = &self.resident {
             return Ok(Arc::clone(graph));
         }
         let built = build_session(self.runtime, self.kind, &self.path, &self.provider, &self.settings)?;
         Ok(Arc::new(Graph::new(self.kind, built.session)))
+    }
+
+    /// Drops the slot's own session and replaced weights (a caller still holding the
+    /// [`Graph`] keeps its session until it lets go), so that a replacement can be built
+    /// without two sets in memory. The slot serves nothing afterwards.
+    pub fn release(&mut self) {
+        self.resident = None;
+        self.settings.initializers = Default::default();
+        self.released = true;
     }
 }

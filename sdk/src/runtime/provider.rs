@@ -38,7 +38,8 @@ impl ProviderConfig {
     /// asked for instead of in powers of two (the sequential memory mode's choice: a smaller
     /// peak for a few more allocations). A graph TensorRT does not serve (see
     /// [`TensorRtOptions::profile`](super::gpu::TensorRtOptions::profile)) runs on CUDA when
-    /// TensorRT is asked for.
+    /// TensorRT is asked for. `weights_key` names weights changed at load time (LoRA), which
+    /// TensorRT's engines bake in: empty for the package's own.
     pub fn new(
         device: Device,
         graph: GraphKind,
@@ -46,6 +47,7 @@ impl ProviderConfig {
         manifest: &Manifest,
         gpu: &GpuOptions,
         exact_arena: bool,
+        weights_key: &str,
     ) -> ProviderConfig {
         match device {
             Device::Cpu => ProviderConfig::Cpu,
@@ -53,7 +55,7 @@ impl ProviderConfig {
             Device::TensorRt { device_id } => match gpu.tensorrt.profile(graph, manifest) {
                 Some(profile) => ProviderConfig::TensorRt {
                     device_id,
-                    cache_dir: gpu.tensorrt.cache_dir_for(graph, entry, &profile),
+                    cache_dir: gpu.tensorrt.cache_dir_for_weights(graph, entry, &profile, weights_key),
                     profile,
                     precision: gpu.tensorrt.precision,
                     memory_limit: gpu.cuda_memory_limit,

@@ -2,9 +2,11 @@
 //! fallback), and the CPU's optimised-graph cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
+use ort::value::DynValue;
 
 use super::device::Device;
 use super::library::Runtime;
@@ -40,6 +42,52 @@ pub struct SessionSettings {
     /// folder must cover the graph, the runtime and the CPU (the optimised graph may use
     /// CPU-specific layouts); [`optimized_cache_dir`] builds it.
     pub optimized_cache: Option<PathBuf>,
+    /// Tensors that replace initializers of the graph file, by name (LoRA-merged weights).
+    pub initializers: ExternalInitializers,
+}
+
+/// Tensors handed to ONNX Runtime in place of the graph file's initializers of the same names.
+/// One the file keeps in its external data goes in with `AddExternalInitializers` (it replaces
+/// the file's tensor before the graph is optimised, and that tensor is never read); one stored
+/// inside the `.onnx` protobuf (ONNX Runtime refuses to replace those that way) with
+/// `AddInitializer`, which overrides it when the session's weights are set up. Shared, not
+/// copied, by every session built with them; `key` names the set (for engine caches).
+#[derive(Clone, Default)]
+pub struct ExternalInitializers {
+    /// (initializer name, value, whether the file keeps that initializer in external data)
+    tensors: Vec<(String, Arc<DynValue>, bool)>,
+    key: String,
+    bytes: usize,
+}
+
+impl ExternalInitializers {
+    pub(crate) fn new(tensors: Vec<(String, Arc<DynValue>, bool)>, key: String, bytes: usize) -> Self {
+        ExternalInitializers { tensors, key, bytes }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// What the set is (empty for none): adapters and scales.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Bytes of tensor data held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl std::fmt::Debug for ExternalInitializers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExternalInitializers({} tensors, {} bytes)", self.tensors.len(), self.bytes)
+    }
 }
 
 /// The cache folder for one graph's optimised model under `base`, keyed by the graph's
@@ -89,6 +137,13 @@ pub(crate) fn build_session(
         }
         if settings.release_activations {
             disable_cpu_arena(&mut b).map_err(|e| Error::runtime(format!("{graph}: CPU arena: {e}")))?;
+        }
+        for (name, value, external) in &settings.initializers.tensors {
+            b = if *external {
+                b.with_external_initializer(name, Arc::clone(value)).map_err(|e| failed("external initializer", e))?
+            } else {
+                b.with_initializer(name, Arc::clone(value)).map_err(|e| failed("initializer", e))?
+            };
         }
         Ok(b)
     };

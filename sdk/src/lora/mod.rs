@@ -1,0 +1,278 @@
+//! LoRA adapters applied at load time: a file read once ([`LoraAdapter`]), then merged into the
+//! transformer's weights for a set of adapters with their scales ([`LoraSetting`]):
+//! `W' = W + Σ scale_i · (alpha_i / rank_i) · B_i A_i`, in float32, stored in the package's
+//! precision and handed to ONNX Runtime in place of the package's tensors. The package is
+//! never written.
+//!
+//! - [`formats`]: the file formats (diffusers/PEFT, kohya, ComfyUI/musubi, LoKr) and their key
+//!   names, turned into diffusers module names;
+//! - [`merge`]: the arithmetic;
+//! - [`update`]: what an adapter adds to one weight (low-rank pair, LoKr factors).
+//!
+//! Which ONNX initializer holds each diffusers parameter, and in which layout, is recorded by
+//! the export in the manifest (`transformer.lora_parameters`, docs/package-format.md).
+
+pub(crate) mod formats;
+pub(crate) mod merge;
+pub(crate) mod update;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::package::files::sha256_hex;
+use crate::package::initializers::{read_initializers, ElementType, Initializer};
+use crate::package::{LoraParameter, Manifest};
+use formats::{ModuleUpdate, RawTensor};
+pub use merge::MergedData;
+
+/// A LoRA (or LoKr) file, read and checked once; apply it to a pipeline with
+/// [`LoraSetting`]s (`LoadOptions::loras`, `Pipeline::set_loras`). One adapter can be used by
+/// several pipelines of the same model.
+pub struct LoraAdapter {
+    path: PathBuf,
+    sha256: String,
+    modules: BTreeMap<String, ModuleUpdate>,
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .field("modules", &self.modules.len())
+            .finish()
+    }
+}
+
+impl LoraAdapter {
+    /// Reads a `.safetensors` LoRA file in any of the formats in [`formats`]. Every tensor is
+    /// checked here (format, names, shapes, ranks, finite values), so a bad file fails now,
+    /// with [`ErrorKind::Lora`](crate::error::ErrorKind::Lora) and the first bad key named;
+    /// whether it fits a model is checked when it is applied.
+    pub fn load(path: impl AsRef<Path>) -> Result<LoraAdapter> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let sha256 = sha256_hex(&bytes);
+        let bad = |message: String| Error::lora(&path, message);
+        let (_, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a readable safetensors file (truncated or another format?): {e}")))?;
+        let adapter_metadata = metadata.metadata().as_ref().and_then(|m| m.get("lora_adapter_metadata").cloned());
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a readable safetensors file (truncated or another format?): {e}")))?;
+        let mut tensors = Vec::new();
+        for (key, view) in file.iter() {
+            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                bad(format!("tensor {key} has element type {:?}; LoRA weights are F32, F16, BF16 or F64", view.dtype()))
+            })?;
+            tensors.push(RawTensor { key: key.to_string(), shape: view.shape().to_vec(), values });
+        }
+        drop(bytes);
+        let modules = formats::convert(tensors, adapter_metadata.as_deref()).map_err(bad)?;
+        Ok(LoraAdapter { path, sha256, modules })
+    }
+
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file name (what the CLI records in PNG parameters).
+    pub fn file_name(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// sha256 of the file's bytes, lowercase hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The diffusers modules it changes (`layers.0.attention.to_q`, ...), sorted.
+    pub fn modules(&self) -> impl Iterator<Item = &str> {
+        self.modules.keys().map(String::as_str)
+    }
+
+    /// The largest rank among its modules (0 for LoKr files with full factors only).
+    pub fn max_rank(&self) -> usize {
+        self.modules.values().map(|m| m.update.rank()).max().unwrap_or(0)
+    }
+}
+
+/// One adapter of an active set, with its strength: `1.0` is the adapter as trained (what
+/// diffusers' `load_lora_weights` gives), `0.6` what `set_adapters(..., adapter_weights=0.6)`
+/// gives.
+#[derive(Debug, Clone)]
+pub struct LoraSetting {
+    pub adapter: Arc<LoraAdapter>,
+    pub scale: f32,
+}
+
+impl LoraSetting {
+    pub fn new(adapter: Arc<LoraAdapter>, scale: f32) -> LoraSetting {
+        LoraSetting { adapter, scale }
+    }
+}
+
+/// A key for the set (files by sha256, with scales): what caches of compiled engines are keyed
+/// by. Empty for no adapters.
+pub fn set_key(settings: &[LoraSetting]) -> String {
+    settings.iter().map(|s| format!("{}*{:08x}", s.adapter.sha256, s.scale.to_bits())).collect::<Vec<_>>().join("+")
+}
+
+/// A merged weight ready to replace the package's initializer of that name.
+#[derive(Debug, Clone)]
+pub struct MergedWeight {
+    pub initializer: String,
+    pub dims: Vec<usize>,
+    pub data: MergedData,
+    /// Whether the graph keeps this initializer in its external data file (rather than
+    /// inside the `.onnx` protobuf).
+    pub external: bool,
+}
+
+/// The transformer's Linear weights a package lets LoRAs change, with where each one is.
+pub(crate) struct Targets<'a> {
+    graph: PathBuf,
+    table: &'a BTreeMap<String, LoraParameter>,
+    initializers: BTreeMap<String, Initializer>,
+}
+
+impl<'a> Targets<'a> {
+    /// Reads the table from the manifest and the initializers' places from the graph file.
+    pub fn read(graph: &Path, manifest: &'a Manifest) -> Result<Targets<'a>> {
+        let table = manifest.transformer.lora_parameters.as_ref().ok_or_else(|| {
+            Error::lora(
+                graph,
+                "this package was exported without transformer.lora_parameters in its manifest, so it cannot take \
+                 LoRAs; re-export it with export-scripts/export.py",
+            )
+        })?;
+        let initializers = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
+        Ok(Targets { graph: graph.to_path_buf(), table, initializers })
+    }
+
+    /// Checks every adapter against the model (names and shapes, finite scales), so that an
+    /// unfit set is refused before anything changes.
+    pub fn check(&self, settings: &[LoraSetting]) -> Result<()> {
+        for setting in settings {
+            let adapter = &setting.adapter;
+            if !setting.scale.is_finite() {
+                return Err(Error::lora(&adapter.path, format!("scale {} is not finite", setting.scale)));
+            }
+            for (module, entry) in &adapter.modules {
+                let (_, out, inn) = self.find(adapter, module, entry)?;
+                let (o, i) = entry.update.target_shape();
+                if (o, i) != (out, inn) {
+                    return Err(Error::lora(
+                        &adapter.path,
+                        format!(
+                            "key {}: the LoRA changes a [{o}, {i}] weight ({}), but this model's {module}.weight is \
+                             [{out}, {inn}] (a LoRA for another model?)",
+                            entry.source_key,
+                            entry.update.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn find(&self, adapter: &LoraAdapter, module: &str, entry: &ModuleUpdate) -> Result<(&Initializer, usize, usize)> {
+        let parameter = format!("{module}.weight");
+        let wrong_model = || {
+            Error::lora(
+                &adapter.path,
+                format!(
+                    "key {}: this model has no Linear weight {parameter} that LoRAs can change (a LoRA for another \
+                     model?)",
+                    entry.source_key
+                ),
+            )
+        };
+        let place = self.table.get(&parameter).ok_or_else(wrong_model)?;
+        let init = self.initializers.get(&place.initializer).ok_or_else(|| {
+            Error::package(
+                &adapter.path,
+                format!("the manifest maps {parameter} to initializer {}, which the graph lacks", place.initializer),
+            )
+        })?;
+        match init.dims.as_slice() {
+            [a, b] if place.transposed() => Ok((init, *b, *a)),
+            [a, b] => Ok((init, *a, *b)),
+            other => Err(Error::package(
+                &adapter.path,
+                format!("initializer {} of {parameter} has dims {other:?}, not a matrix", place.initializer),
+            )),
+        }
+    }
+
+    /// Merges the set into the base weights it touches, one weight at a time (memory: the
+    /// merged weights, plus one base weight while it is read).
+    pub fn merge(&self, settings: &[LoraSetting]) -> Result<Vec<MergedWeight>> {
+        self.check(settings)?;
+        let mut by_parameter: BTreeMap<&str, Vec<(&LoraAdapter, &ModuleUpdate, f32)>> = BTreeMap::new();
+        for setting in settings.iter().filter(|s| s.scale != 0.0) {
+            for (module, entry) in &setting.adapter.modules {
+                by_parameter.entry(module.as_str()).or_default().push((
+                    &setting.adapter,
+                    entry,
+                    setting.scale * entry.factor,
+                ));
+            }
+        }
+        let mut merged = Vec::with_capacity(by_parameter.len());
+        for (module, updates) in by_parameter {
+            let (adapter, first, _) = updates[0];
+            let (init, out, inn) = self.find(adapter, module, first)?;
+            let place = &self.table[&format!("{module}.weight")];
+            let element = init.element_type.ok_or_else(|| {
+                Error::package(&adapter.path, format!("initializer {} is not a float tensor", place.initializer))
+            })?;
+            let bytes = init.read_bytes().map_err(|m| Error::package(&adapter.path, m))?;
+            let mut values = merge::to_f32(&bytes, element);
+            drop(bytes);
+            for (_, entry, factor) in &updates {
+                merge::add_update(&mut values, out, inn, place.transposed(), &entry.update, *factor);
+            }
+            let data = merge::from_f32(values, element).map_err(|index| {
+                let names: Vec<String> = updates.iter().map(|(a, _, s)| format!("{} ({s})", a.file_name())).collect();
+                Error::lora(
+                    &adapter.path,
+                    format!(
+                        "merging into {module}.weight gives a value that is not finite in {} at index {index} \
+                         (adapters: {})",
+                        element.name(),
+                        names.join(", ")
+                    ),
+                )
+            })?;
+            let external = init.bytes.as_ref().is_some_and(|(file, _, _)| file != &self.graph);
+            merged.push(MergedWeight {
+                initializer: place.initializer.clone(),
+                dims: init.dims.clone(),
+                data,
+                external,
+            });
+        }
+        Ok(merged)
+    }
+}
+
+/// Little-endian safetensors data to float32.
+fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    let values = match dtype {
+        Dtype::F32 => merge::to_f32(data, ElementType::Float32),
+        Dtype::F16 => merge::to_f32(data, ElementType::Float16),
+        Dtype::BF16 => merge::to_f32(data, ElementType::BFloat16),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+        _ => return None,
+    };
+    Some(values)
+}
