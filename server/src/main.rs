@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use zimage::{Device, ErrorKind, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision, Tf32};
+use zimage::{
+    Device, EnhanceOptions, ErrorKind, LoadOptions, MemoryMode, Pipeline, PromptEnhancer, ResolutionRange,
+    TensorRtPrecision, Tf32,
+};
 
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
@@ -78,6 +81,13 @@ struct Args {
     /// Images kept for URLs at most (the oldest go first).
     #[arg(long, value_name = "N", default_value_t = 256)]
     url_cache: usize,
+    /// Prompt enhancer package for `enhance_prompt` with models that carry no decoder (a
+    /// standalone one from export-scripts/export_enhancer.py).
+    #[arg(long, value_name = "DIR")]
+    enhancer: Option<PathBuf>,
+    /// Most tokens the prompt enhancer generates (greedy decoding, no thinking).
+    #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
+    enhance_max_new_tokens: usize,
     /// Where the graphs run: cpu, cuda[:N] or tensorrt[:N].
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     device: Device,
@@ -250,13 +260,25 @@ async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
     println!("zimage-server listening on http://{bound}");
     let _ = std::io::stdout().flush();
 
+    let mut enhance = EnhanceOptions::default();
+    enhance.max_new_tokens = args.enhance_max_new_tokens;
+    if let Err(e) = enhance.check() {
+        eprintln!("zimage-server: error: {e}");
+        return ExitCode::from(2);
+    }
     let loader = {
         let state = Arc::clone(&state);
-        let options = args.load_options();
-        let (workers, max_queue, delay) = (args.workers as usize, args.max_queue as usize, args.startup_delay_ms);
+        let plan = LoadPlan {
+            options: args.load_options(),
+            enhancer: args.enhancer.clone(),
+            enhance,
+            workers: args.workers as usize,
+            max_queue: args.max_queue as usize,
+        };
+        let delay = args.startup_delay_ms;
         tokio::task::spawn_blocking(move || {
             std::thread::sleep(Duration::from_millis(delay));
-            load_models(&state, &specs, &options, workers, max_queue, &metrics)
+            load_models(&state, &specs, &plan, &metrics)
         })
     };
     let failed = Arc::new(std::sync::Mutex::new(None::<u8>));
@@ -307,28 +329,38 @@ async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// What to load and how.
+struct LoadPlan {
+    options: LoadOptions,
+    enhancer: Option<PathBuf>,
+    enhance: EnhanceOptions,
+    workers: usize,
+    max_queue: usize,
+}
+
 /// Loads `workers` pipelines per model, in parallel, and starts their queues. On failure the
 /// error is logged and its exit code returned (3 package, 4 runtime, 5 provider, 6 request).
 fn load_models(
     state: &AppState,
     specs: &[(String, PathBuf)],
-    options: &LoadOptions,
-    workers: usize,
-    max_queue: usize,
+    plan: &LoadPlan,
     metrics: &Arc<Metrics>,
 ) -> Result<(), u8> {
     let started = Instant::now();
+    let (options, workers, max_queue) = (&plan.options, plan.workers, plan.max_queue);
     let loads: Vec<Vec<std::thread::JoinHandle<zimage::Result<LoadedWorker>>>> = specs
         .iter()
         .map(|(_, dir)| {
             (0..workers)
                 .map(|_| {
-                    let (dir, options) = (dir.clone(), options.clone());
+                    let (dir, options, separate) = (dir.clone(), options.clone(), plan.enhancer.clone());
                     std::thread::spawn(move || {
                         let pipeline = Pipeline::load(&dir, &options)?;
                         let manifest = pipeline.manifest();
                         let enhancer = if manifest.enhancer.is_some() && manifest.graphs.text_decoder.is_some() {
                             Some(pipeline.attach_enhancer(&options)?)
+                        } else if let Some(separate) = separate {
+                            Some(PromptEnhancer::load(separate, &options)?)
                         } else {
                             None
                         };
@@ -380,7 +412,7 @@ fn load_models(
             for (graph, reason) in p.provider_fallbacks() {
                 tracing::warn!(model = %name, "{graph:?} runs on the CPU: {reason}");
             }
-            Arc::new(ModelPool::start(name, model, max_queue, Arc::clone(metrics)))
+            Arc::new(ModelPool::start(name, model, max_queue, plan.enhance.clone(), Arc::clone(metrics)))
         })
         .collect();
     let _ = state.models.set(pools);

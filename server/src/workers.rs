@@ -136,7 +136,7 @@ pub enum SubmitError {
     Closed,
 }
 
-/// A loaded worker: its pipeline and the package's prompt enhancer, if any.
+/// A loaded worker: its pipeline and its prompt enhancer (the package's, or `--enhancer`'s).
 pub struct LoadedWorker {
     pub pipeline: Arc<Pipeline>,
     pub enhancer: Option<PromptEnhancer>,
@@ -144,7 +144,13 @@ pub struct LoadedWorker {
 
 impl ModelPool {
     /// Starts one thread per loaded worker on a queue of `max_queue` waiting jobs.
-    pub fn start(name: String, loaded: Vec<LoadedWorker>, max_queue: usize, metrics: Arc<Metrics>) -> ModelPool {
+    pub fn start(
+        name: String,
+        loaded: Vec<LoadedWorker>,
+        max_queue: usize,
+        enhance: EnhanceOptions,
+        metrics: Arc<Metrics>,
+    ) -> ModelPool {
         let (sender, receiver) = crossbeam_channel::bounded::<Job>(max_queue);
         let gauges = Arc::new(ModelGauges::default());
         let recent_ms = Arc::new(Mutex::new(0.0));
@@ -164,6 +170,7 @@ impl ModelPool {
                     metrics: Arc::clone(&metrics),
                     recent_ms: Arc::clone(&recent_ms),
                     abandon: Arc::clone(&abandon),
+                    enhance: enhance.clone(),
                 };
                 gauges.workers_alive.fetch_add(1, Ordering::SeqCst);
                 std::thread::Builder::new()
@@ -238,6 +245,7 @@ impl ModelPool {
 struct WorkerContext {
     model: String,
     abandon: Arc<AtomicBool>,
+    enhance: EnhanceOptions,
     gauges: Arc<ModelGauges>,
     metrics: Arc<Metrics>,
     recent_ms: Arc<Mutex<f64>>,
@@ -301,7 +309,7 @@ fn run(
     let pipeline = &worker.pipeline;
     let generation = match (&worker.enhancer, spec.enhance) {
         (Some(enhancer), true) => {
-            pipeline.generate_enhanced(enhancer, &EnhanceOptions::default(), &spec.request, Some(&mut on_step))
+            pipeline.generate_enhanced(enhancer, &context.enhance, &spec.request, Some(&mut on_step))
         }
         (None, true) => return Err(ApiError::invalid("this model has no prompt enhancer").with_param("enhance_prompt")),
         (_, false) => pipeline.generate(&spec.request, Some(&mut on_step)),

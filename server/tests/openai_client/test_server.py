@@ -31,6 +31,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 BIN = pathlib.Path(os.environ.get("ZIMAGE_BIN_DIR", ROOT / "target" / "debug"))
 MODEL = str(ROOT / "models" / "tiny-zimage")
+ENHANCER = str(ROOT / "models" / "tiny-qwen3-enhancer")
 # One ONNX Runtime thread in the server and the CLI alike: same arithmetic, same bytes.
 THREADS = "1"
 
@@ -148,7 +149,7 @@ def b64_images(response):
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--max-queue", "8", "--workers", "1")
+    s = Server("--max-queue", "8", "--workers", "1", "--enhancer", ENHANCER, "--enhance-max-new-tokens", "12")
     yield s
     # An idle server drains at once and exits 0.
     assert s.stop() == 0, s.log_path.read_text()[-4000:]
@@ -193,6 +194,18 @@ def test_generate_is_byte_identical_to_the_cli(client, tmp_path, case):
         assert (text["seed"], text["steps"], text["batch_index"], text["model"]) == (str(seed), "3", str(index), MODEL)
     assert response.size == "64x48" and response.output_format == "png"
     assert response.model_extra["seed"] == seed
+
+
+def test_enhanced_prompt_is_byte_identical_to_the_cli(client, tmp_path):
+    response = client.images.generate(prompt="a cat", size="64x64",
+                                      extra_body={"seed": 1, "num_inference_steps": 2, "enhance_prompt": True})
+    (served,) = b64_images(response)
+    cli_generate(tmp_path, "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1",
+                 "--enhance", "--enhancer", ENHANCER, "--max-new-tokens", "12", "-o", "out.png")
+    assert served == (tmp_path / "out.png").read_bytes()
+    _, text = png_text(served)
+    assert text["original_prompt"] == "a cat"
+    assert response.data[0].revised_prompt == text["prompt"] != "a cat"
 
 
 @pytest.mark.parametrize("inpaint", [False, True])
@@ -257,6 +270,12 @@ def test_stream_sends_progress_then_the_same_image(client):
     done = events[-1]
     assert base64.b64decode(done.b64_json) == expected
     assert (done.size, done.output_format, done.background) == ("64x64", "png", "opaque")
+    # Edits stream as image_edit.*: strength 0.5 of 4 steps runs 2.
+    picture = png_bytes(32, 32, [bytes(range(96))] * 32, 2)
+    edit = list(client.images.edit(image=("p.png", picture, "image/png"), prompt="x", stream=True,
+                                   extra_body={"seed": 2, "num_inference_steps": 4, "strength": 0.5}))
+    assert [e.type for e in edit] == ["image_edit.progress"] * 2 + ["image_edit.completed"]
+    assert png_text(base64.b64decode(edit[-1].b64_json))[1]["init_image"] == "p.png"
 
 
 def test_errors_are_typed_with_openai_bodies(client):
@@ -299,12 +318,19 @@ def test_load_every_request_gets_its_image_or_429(server, client):
     before = server.metrics()
     results = [None] * total
 
+    # Every 30th request is invalid (a size that is no multiple of 16): it gets its 400 and
+    # disturbs nothing else.
+    bad = {i for i in range(total) if i % 30 == 29}
+
     def one(i):
         started = time.perf_counter()
         try:
-            r = client.images.generate(prompt=f"load test request {i}", size="64x64",
+            r = client.images.generate(prompt=f"load test request {i}", size="60x60" if i in bad else "64x64",
                                        extra_body={"seed": 10_000 + i, "num_inference_steps": 2})
             results[i] = ("ok", time.perf_counter() - started, r)
+        except openai.BadRequestError as e:
+            assert i in bad and "multiple of 16" in e.body["message"], (i, e.body)
+            results[i] = ("400", time.perf_counter() - started, None)
         except openai.RateLimitError as e:
             assert e.body["code"] == "queue_full"
             retry_after = int(e.response.headers["retry-after"])
@@ -331,11 +357,14 @@ def test_load_every_request_gets_its_image_or_429(server, client):
     stop.set()
     sampler.join()
 
-    # Every request answered once: its own image (its prompt and seed in the PNG) or a 429.
+    # Every request answered once: its own image (its prompt and seed in the PNG) or a 429;
+    # the invalid ones a 400.
     assert all(r is not None for r in results)
     ok = [(i, r) for i, r in enumerate(results) if r[0] == "ok"]
     refused = [r for r in results if r[0] == "429"]
-    assert len(ok) + len(refused) == total
+    invalid = [i for i, r in enumerate(results) if r[0] == "400"]
+    assert set(invalid) == bad
+    assert len(ok) + len(refused) + len(invalid) == total
     assert len(ok) >= 9, "at least the worker's and the queue's share is served"
     images = set()
     for i, (_, _, response) in ok:
@@ -359,7 +388,7 @@ def test_load_every_request_gets_its_image_or_429(server, client):
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
     report = {
         "requests": total, "concurrency": concurrency, "max_queue": 8, "workers": 1, "size": "64x64", "steps": 2,
-        "ok": len(ok), "429": len(refused), "burst_s": round(burst, 3),
+        "ok": len(ok), "429": len(refused), "400": len(invalid), "burst_s": round(burst, 3),
         "images_per_s": round(len(ok) / burst, 2), "requests_per_s": round(total / burst, 1),
         "p50_ms_ok": round(pct(0.50) * 1000, 1), "p99_ms_ok": round(pct(0.99) * 1000, 1),
         "p50_ms_429": round(sorted(r[1] for r in refused)[len(refused) // 2] * 1000, 1) if refused else None,
@@ -386,7 +415,7 @@ def test_a_streaming_client_that_leaves_cancels_its_generation(server, client):
 
 
 def test_sigterm_mid_burst_finishes_accepted_work_and_exits_0():
-    s = Server("--max-queue", "4", log_name="sigterm")
+    s = Server("--max-queue", "4", "--workers", "2", log_name="sigterm")
     c = s.client(timeout=120)
     results = {}
 
@@ -415,7 +444,8 @@ def test_sigterm_mid_burst_finishes_accepted_work_and_exits_0():
             assert time.time() < deadline
             time.sleep(0.01)
         m = s.metrics()
-        assert m['zimage_in_flight{model="tiny-zimage"}'] == 1 and m['zimage_queue_depth{model="tiny-zimage"}'] >= 1, m
+        assert m['zimage_workers_alive{model="tiny-zimage"}'] == 2, m
+        assert m['zimage_in_flight{model="tiny-zimage"}'] >= 1 and m['zimage_queue_depth{model="tiny-zimage"}'] >= 1, m
         s.proc.send_signal(signal.SIGTERM)
         s.wait_metric("zimage_draining", lambda v: v == 1, within=5)
         late = [pool.submit(one, 100 + i) for i in range(4)]
@@ -428,7 +458,7 @@ def test_sigterm_mid_burst_finishes_accepted_work_and_exits_0():
     # Everything accepted before the signal (one running, the queue) finished; the rest of
     # the burst got 429, and what came after the signal 503 (or no connection once it closed).
     assert all(statuses[i] in ("ok", 429) for i in range(8)), statuses
-    assert len(ok) >= 2, statuses
+    assert len(ok) >= 3, statuses
     assert all(statuses[100 + i] in (503, "refused") for i in range(4)), statuses
     for i in ok:
         _, text = png_text(b64_images(results[i][1])[0])
