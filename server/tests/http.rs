@@ -401,23 +401,35 @@ fn full_queue_429_timeout_504_and_disconnect_cancels() {
     let server = Server::start(&["--model", &tiny(), "--max-queue", "1", "--request-timeout", "4"]);
     let addr = server.addr.clone();
 
-    // A client that disconnects mid-generation cancels it: the worker is free long before the
-    // 40 steps would end.
-    let mut stream = TcpStream::connect(&addr).unwrap();
-    let body = slow(1).to_string();
-    write!(
-        stream,
-        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    // Clients that disconnect cancel their generations, running or queued: the worker is free
+    // long before the 200 steps would end, and does not start the queued one.
+    let open = |seed: u64| {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        let body = slow(seed).to_string();
+        write!(
+            stream,
+            "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        stream
+    };
+    let running = open(1);
     server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let queued = open(11);
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
     let dropped = Instant::now();
-    drop(stream);
+    drop(queued);
+    drop(running);
     server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 0.0, Duration::from_secs(3));
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 0.0, Duration::from_secs(3));
     let freed = dropped.elapsed();
-    server.wait_metric("zimage_errors_total{kind=\"cancelled\"}", |v| v == 1.0, Duration::from_secs(3));
+    server.wait_metric("zimage_errors_total{kind=\"cancelled\"}", |v| v == 2.0, Duration::from_secs(3));
     assert!(freed < Duration::from_secs(3), "cancelling took {freed:?}");
+    // Both left the queue; only the first ran.
+    let left_queue = "zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"queue_wait\"}";
+    server.wait_metric(left_queue, |v| v == 2.0, Duration::from_secs(3));
+    assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"generation\"}"), 1.0);
 
     // One running, one queued (--max-queue 1), the third refused with Retry-After; the two
     // accepted ones run past --request-timeout 4 and are cancelled with 504.
