@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the whole test suite: Rust unit and integration tests (parity
 # with the diffusers goldens, SDK behaviour, CLI, C ABI header), the export scripts' pure
-# Python helpers (pytest in a venv with only pytest and numpy), then the C and C++ clients
-# against the shared and static libraries, under valgrind when it is installed.
+# Python helpers (pytest in a venv with only pytest and numpy), the image server driven by the
+# official OpenAI Python client (scripts/test-server.sh), then the C and C++ clients against the
+# shared and static libraries, under valgrind when it is installed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -10,6 +11,9 @@ scripts/setup.sh
 cargo test --workspace --locked
 if [ -x scripts/test-python.sh ]; then
   scripts/test-python.sh
+fi
+if [ -x scripts/test-server.sh ]; then
+  scripts/test-server.sh
 fi
 if [ -x scripts/test-c.sh ]; then
   scripts/test-c.sh

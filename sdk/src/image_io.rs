@@ -58,7 +58,19 @@ pub fn to_model_input(image: &RgbImage) -> Array4<f32> {
 /// Writes a PNG with `tEXt` chunks (e.g. the generation parameters).
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width, image.height);
+    png_into(BufWriter::new(file), image, text, &path.display().to_string())
+}
+
+/// The bytes [`write_png`] writes to a file, in memory (a server's response).
+pub fn encode_png(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    png_into(&mut bytes, image, text, "PNG")?;
+    Ok(bytes)
+}
+
+/// The one PNG encoding (`what` names the destination in error messages).
+fn png_into<W: std::io::Write>(out: W, image: &RgbImage, text: &[(&str, String)], what: &str) -> Result<()> {
+    let mut encoder = png::Encoder::new(out, image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     for (key, value) in text {
@@ -67,9 +79,9 @@ pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Resu
             .add_itxt_chunk(key.to_string(), value.clone())
             .map_err(|e| Error::Image(format!("PNG text chunk {key}: {e}")))?;
     }
-    let mut writer = encoder.write_header().map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    writer.write_image_data(&image.pixels).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    writer.finish().map_err(|e| Error::Image(format!("{}: {e}", path.display())))
+    let mut writer = encoder.write_header().map_err(|e| Error::Image(format!("{what}: {e}")))?;
+    writer.write_image_data(&image.pixels).map_err(|e| Error::Image(format!("{what}: {e}")))?;
+    writer.finish().map_err(|e| Error::Image(format!("{what}: {e}")))
 }
 
 /// Input images larger than this many pixels on a side are refused before decoding.

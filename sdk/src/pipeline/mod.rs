@@ -8,7 +8,8 @@
 //! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
 //! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
 //! - `denoise`: the loop with classifier-free guidance;
-//! - `loading`: which graph each stage loads, where and how.
+//! - `loading`: which graph each stage loads, where and how;
+//! - [`parameters`]: the generation parameters stored with an image.
 //!
 //! New conditioning (ControlNet, reference images) plugs in as a start strategy or as extra
 //! transformer inputs assembled in `model::transformer`, decided by the plan.
@@ -17,6 +18,7 @@ pub(crate) mod captions;
 pub(crate) mod denoise;
 pub(crate) mod loading;
 pub mod noise;
+pub mod parameters;
 pub(crate) mod plan;
 pub mod request;
 pub mod scheduler;
@@ -233,6 +235,13 @@ impl Pipeline {
     pub fn encode_prompt(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<PromptEmbedding> {
         let context = self.registry.begin()?;
         self.captions.encode(prompt, max_sequence_length, &context)
+    }
+
+    /// Checks `request` against this package (sizes, steps, guidance, counts, input pictures)
+    /// without running anything: the checks [`Pipeline::generate`] starts with, for a caller
+    /// that wants to refuse a request before queueing it.
+    pub fn check_request(&self, request: &GenerateRequest) -> Result<()> {
+        Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref()).map(|_| ())
     }
 
     /// Generates `request.count` images. `progress` is called after every denoising step;

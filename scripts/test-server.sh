@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Drives zimage-server with the official OpenAI Python client (pinned below): byte parity with
+# `zimage generate`, formats, the stream, typed errors, a bounded load test and fault tests
+# (server/tests/openai_client). Builds the debug binaries first; the venv is
+# server/tests/openai_client/.venv. Servers listen on 127.0.0.1 only.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+cargo build --locked -p zimage-server -p zimage-cli
+venv=server/tests/openai_client/.venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+"${pip[@]}" install openai==3.57.0 httpx==0.28.1 pytest==9.2.0
+"$venv/bin/python" -m pytest -q -s -p no:cacheprovider server/tests/openai_client "$@"

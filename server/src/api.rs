@@ -1,0 +1,315 @@
+//! The request fields of `/v1/images/generations` (JSON) and `/v1/images/edits` (multipart),
+//! OpenAI's and zimage's extensions, turned into an SDK request.
+//!
+//! `quality` chooses the number of denoising steps when `num_inference_steps` is not given:
+//! `low` 4, `medium` / `standard` / `auto` 8 (Z-Image-Turbo's setting), `high` / `hd` 12,
+//! `xhigh` / `max` 16.
+
+use serde::Deserialize;
+use zimage::{GenerateRequest, GrayImage, InitImage, InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST};
+
+use crate::error::ApiError;
+use crate::output::OutputFormat;
+use crate::workers::JobSpec;
+
+/// Every field either endpoint reads; unknown fields (`user`, `style`, `moderation` ...) are
+/// accepted and ignored, as OpenAI-compatible servers do.
+#[derive(Debug, Default, Deserialize)]
+pub struct ImageParams {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub n: Option<u32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub response_format: Option<String>,
+    pub output_format: Option<String>,
+    pub output_compression: Option<i64>,
+    pub background: Option<String>,
+    /// `partial_images` is accepted and ignored (a stream sends progress events instead).
+    pub stream: Option<bool>,
+    // zimage's extensions (the names vLLM-Omni uses where it has them)
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub num_inference_steps: Option<u32>,
+    pub guidance_scale: Option<f32>,
+    pub cfg_normalization: Option<f32>,
+    pub cfg_truncation: Option<f32>,
+    pub enhance_prompt: Option<bool>,
+    pub max_sequence_length: Option<usize>,
+    /// Edits: how much of the picture is regenerated (0.6 image-to-image, 1.0 inpainting).
+    pub strength: Option<f64>,
+}
+
+/// Multipart fields that are numbers or booleans (multipart sends everything as text).
+const TYPED_FIELDS: [&str; 12] = [
+    "n",
+    "output_compression",
+    "partial_images",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "cfg_normalization",
+    "cfg_truncation",
+    "max_sequence_length",
+    "strength",
+    "stream",
+    "enhance_prompt",
+];
+
+impl ImageParams {
+    /// From a JSON body; a type error names the field.
+    pub fn from_json(body: &[u8]) -> Result<ImageParams, ApiError> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let error = ApiError::invalid(format!("invalid JSON body: {inner}"));
+            if path.is_empty() || path == "." {
+                error
+            } else {
+                error.with_param(path)
+            }
+        })
+    }
+
+    /// From multipart text fields (name, value).
+    pub fn from_fields(fields: &[(String, String)]) -> Result<ImageParams, ApiError> {
+        let mut object = serde_json::Map::new();
+        for (name, value) in fields {
+            let typed = if TYPED_FIELDS.contains(&name.as_str()) {
+                serde_json::from_str::<serde_json::Value>(value.trim())
+                    .ok()
+                    .filter(|v| v.is_number() || v.is_boolean())
+                    .unwrap_or_else(|| serde_json::Value::String(value.clone()))
+            } else {
+                serde_json::Value::String(value.clone())
+            };
+            object.insert(name.clone(), typed);
+        }
+        let body = serde_json::to_vec(&object).expect("a JSON object serialises");
+        Self::from_json(&body)
+    }
+}
+
+/// The response's shape: how images are returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFormat {
+    B64Json,
+    Url,
+}
+
+/// A request ready to queue, with what the response echoes.
+pub struct Prepared {
+    pub model: Option<String>,
+    pub spec: JobSpec,
+    pub meta: Meta,
+}
+
+/// How the response is shaped.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub stream: bool,
+    pub response_format: ResponseFormat,
+    pub format: OutputFormat,
+    pub size: String,
+    pub quality: &'static str,
+    /// `/v1/images/edits` (events are `image_edit.*`).
+    pub edit: bool,
+}
+
+/// The input picture of an edit, decoded.
+pub struct EditInput {
+    pub image: RgbImage,
+    pub image_name: String,
+    pub mask: Option<(GrayImage, String)>,
+}
+
+/// Builds the SDK request. `edit` carries the decoded input picture for `/v1/images/edits`.
+pub fn prepare(params: ImageParams, edit: Option<EditInput>) -> Result<Prepared, ApiError> {
+    let prompt = params
+        .prompt
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
+    let mut request = GenerateRequest::new(prompt.as_str());
+    request.negative_prompt = params.negative_prompt.map(Prompt::Text);
+    let (steps, quality) = steps_for_quality(params.quality.as_deref())?;
+    request.steps = params.num_inference_steps.unwrap_or(steps);
+    if let Some(g) = params.guidance_scale {
+        request.guidance_scale = g;
+    }
+    if let Some(v) = params.cfg_normalization {
+        request.cfg_normalization = v;
+    }
+    if let Some(v) = params.cfg_truncation {
+        request.cfg_truncation = v;
+    }
+    request.seed = params.seed;
+    request.max_sequence_length = params.max_sequence_length;
+    let n = params.n.unwrap_or(1);
+    if n == 0 || n > MAX_IMAGES_PER_REQUEST {
+        return Err(ApiError::invalid(format!("n must be 1..={MAX_IMAGES_PER_REQUEST} (got {n})")).with_param("n"));
+    }
+    request.count = n;
+
+    let size = params.size.as_deref().filter(|s| *s != "auto");
+    let (width, height) = match (size, &edit) {
+        (Some(s), _) => parse_size(s).ok_or_else(|| {
+            ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
+        })?,
+        // An edit keeps its picture's size, as `zimage generate --init-image` does.
+        (None, Some(e)) => (e.image.width, e.image.height),
+        (None, None) => (request.width, request.height),
+    };
+    request.width = width;
+    request.height = height;
+
+    let mut inputs = InputNames::default();
+    match edit {
+        Some(edit) => {
+            let image = zimage::image_io::resize_rgb(&edit.image, width, height)
+                .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+            inputs.init_image = edit.image_name;
+            let default_strength =
+                if edit.mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
+            let mask = edit.mask.map(|(mask, name)| {
+                inputs.mask = name;
+                mask
+            });
+            request.init_image = Some(InitImage { image, mask, strength: params.strength.unwrap_or(default_strength) });
+        }
+        None if params.strength.is_some() => {
+            return Err(ApiError::invalid("strength applies to /v1/images/edits only").with_param("strength"))
+        }
+        None => {}
+    }
+
+    let format = match params.output_format.as_deref() {
+        None => OutputFormat::Png,
+        Some(f) => OutputFormat::parse(f).ok_or_else(|| {
+            ApiError::invalid(format!("output_format must be png, jpeg or webp (got {f:?})"))
+                .with_param("output_format")
+        })?,
+    };
+    let compression = match params.output_compression {
+        None => None,
+        Some(c @ 0..=100) => Some(c as u8),
+        Some(c) => {
+            return Err(ApiError::invalid(format!("output_compression must be 0..=100 (got {c})"))
+                .with_param("output_compression"))
+        }
+    };
+    let response_format = match params.response_format.as_deref() {
+        None | Some("b64_json") => ResponseFormat::B64Json,
+        Some("url") => ResponseFormat::Url,
+        Some(f) => {
+            return Err(ApiError::invalid(format!("response_format must be b64_json or url (got {f:?})"))
+                .with_param("response_format"))
+        }
+    };
+    if let Some(b) = params.background.as_deref().filter(|b| !matches!(*b, "auto" | "opaque")) {
+        return Err(ApiError::invalid(format!("background {b:?} is not supported: the images are opaque"))
+            .with_param("background"));
+    }
+    let edit = request.init_image.is_some();
+    Ok(Prepared {
+        model: params.model,
+        spec: JobSpec { request, enhance: params.enhance_prompt.unwrap_or(false), format, compression, inputs },
+        meta: Meta {
+            stream: params.stream.unwrap_or(false),
+            response_format,
+            format,
+            size: format!("{width}x{height}"),
+            quality,
+            edit,
+        },
+    })
+}
+
+/// Steps for OpenAI's `quality` (see the module's documentation), and the quality to echo.
+fn steps_for_quality(quality: Option<&str>) -> Result<(u32, &'static str), ApiError> {
+    Ok(match quality {
+        None | Some("auto") => (8, "medium"),
+        Some("low") => (4, "low"),
+        Some("medium") | Some("standard") => (8, "medium"),
+        Some("high") | Some("hd") => (12, "high"),
+        Some("xhigh") => (16, "xhigh"),
+        Some("max") => (16, "max"),
+        Some(q) => {
+            return Err(ApiError::invalid(format!(
+                "quality must be low, medium, high, xhigh, max, standard, hd or auto (got {q:?})"
+            ))
+            .with_param("quality"))
+        }
+    })
+}
+
+/// `WIDTHxHEIGHT`.
+pub fn parse_size(s: &str) -> Option<(u32, u32)> {
+    let (w, h) = s.split_once(['x', 'X'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(json: &str) -> ImageParams {
+        ImageParams::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn fields_map_onto_the_sdk_request() {
+        let p = prepare(
+            params(
+                r#"{"prompt":"a fox","n":2,"size":"64x48","quality":"low","seed":7,"negative_prompt":"blur",
+                    "guidance_scale":1.5,"cfg_truncation":0.5,"output_format":"jpeg","output_compression":80,
+                    "response_format":"url","user":"ignored"}"#,
+            ),
+            None,
+        )
+        .unwrap();
+        let r = &p.spec.request;
+        assert_eq!((r.width, r.height, r.count, r.steps, r.seed), (64, 48, 2, 4, Some(7)));
+        assert_eq!((r.guidance_scale, r.cfg_truncation), (1.5, 0.5));
+        assert!(matches!(&r.negative_prompt, Some(Prompt::Text(t)) if t == "blur"));
+        assert_eq!((p.spec.format, p.spec.compression), (OutputFormat::Jpeg, Some(80)));
+        assert_eq!(
+            (p.meta.response_format, p.meta.size.as_str(), p.meta.quality),
+            (ResponseFormat::Url, "64x48", "low")
+        );
+        let steps = prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None).unwrap();
+        assert_eq!(steps.spec.request.steps, 3);
+    }
+
+    #[test]
+    fn bad_fields_are_400_naming_the_field() {
+        for (body, param) in [
+            (r#"{"n":1}"#, "prompt"),
+            (r#"{"prompt":"x","size":"big"}"#, "size"),
+            (r#"{"prompt":"x","n":0}"#, "n"),
+            (r#"{"prompt":"x","quality":"ultra"}"#, "quality"),
+            (r#"{"prompt":"x","output_format":"gif"}"#, "output_format"),
+            (r#"{"prompt":"x","response_format":"blob"}"#, "response_format"),
+            (r#"{"prompt":"x","output_compression":101}"#, "output_compression"),
+            (r#"{"prompt":"x","background":"transparent"}"#, "background"),
+            (r#"{"prompt":"x","strength":0.5}"#, "strength"),
+        ] {
+            let e = prepare(params(body), None).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);
+        }
+        let e = ImageParams::from_json(br#"{"prompt":"x","n":"two"}"#).err().unwrap();
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("n")), "{}", e.message);
+        let e = ImageParams::from_json(b"{not json").err().unwrap();
+        assert_eq!(e.status.as_u16(), 400);
+    }
+
+    #[test]
+    fn multipart_text_fields_are_typed() {
+        let fields = [("n", "2"), ("strength", "0.25"), ("stream", "true"), ("prompt", "42"), ("seed", "x")];
+        let fields: Vec<(String, String)> = fields.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let e = ImageParams::from_fields(&fields).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("seed"));
+        let p = ImageParams::from_fields(&fields[..4]).unwrap();
+        assert_eq!((p.n, p.strength, p.stream, p.prompt.as_deref()), (Some(2), Some(0.25), Some(true), Some("42")));
+    }
+}

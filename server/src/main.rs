@@ -1,0 +1,481 @@
+//! `zimage-server`: an OpenAI-compatible image server for zimage model packages.
+//!
+//! It binds first (printing `zimage-server listening on http://ADDR` on stdout), loads the
+//! models on worker threads (`/ready` and the API answer 503 meanwhile), then serves. SIGTERM
+//! or Ctrl-C drains: no new work (503), queued and running generations finish, then the
+//! process exits 0; a second signal ends it at once.
+
+mod api;
+mod error;
+mod metrics;
+mod output;
+mod routes;
+mod workers;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use zimage::{
+    Device, EnhanceOptions, ErrorKind, LoadOptions, MemoryMode, Pipeline, PromptEnhancer, ResolutionRange,
+    TensorRtPrecision, Tf32,
+};
+
+use crate::metrics::Metrics;
+use crate::output::ImageStore;
+use crate::routes::{AppState, Settings};
+use crate::workers::{LoadedWorker, ModelPool};
+
+#[derive(Parser)]
+#[command(name = "zimage-server", version, about = "An OpenAI-compatible image server for zimage model packages")]
+struct Args {
+    /// Model package to serve, as DIR or NAME=DIR (the name clients pass as `model`; default:
+    /// the folder's name). Repeat to serve several; requests without `model` go to the first.
+    #[arg(long, value_name = "[NAME=]DIR", required = true)]
+    model: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (the address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Pipelines per model, each on its own thread (each holds its own copy of the sessions).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Requests that may wait for a worker, per model; past that the answer is 429.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    max_queue: u32,
+    /// Accepted API key (`Authorization: Bearer KEY`); repeat for several. Without any the
+    /// server is open (and says so at start).
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "ZIMAGE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// Seconds a request may take, queueing included; past that it is cancelled (504).
+    #[arg(long, value_name = "S", default_value_t = 600)]
+    request_timeout: u64,
+    /// Largest request body in bytes (413 past it).
+    #[arg(long, value_name = "BYTES", default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Largest input picture side in pixels, checked from the file header before decoding.
+    #[arg(long, value_name = "PX", default_value_t = 4096)]
+    max_input_side: u32,
+    /// Seconds SIGTERM waits for queued and running generations before cancelling them.
+    #[arg(long, value_name = "S", default_value_t = 600)]
+    drain_timeout: u64,
+    /// Base of the URLs returned for `response_format: "url"` [default: http://HOST-HEADER].
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// Seconds an image stays fetchable by URL.
+    #[arg(long, value_name = "S", default_value_t = 3600)]
+    url_ttl: u64,
+    /// Images kept for URLs at most (the oldest go first).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    url_cache: usize,
+    /// Prompt enhancer package for `enhance_prompt` with models that carry no decoder (a
+    /// standalone one from export-scripts/export_enhancer.py).
+    #[arg(long, value_name = "DIR")]
+    enhancer: Option<PathBuf>,
+    /// Most tokens the prompt enhancer generates (greedy decoding, no thinking).
+    #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
+    enhance_max_new_tokens: usize,
+    /// Where the graphs run: cpu, cuda[:N] or tensorrt[:N].
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+    /// Where the transformer runs when it should differ from --device.
+    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+    transformer_device: Option<Device>,
+    /// ONNX Runtime intra-op threads per graph [default: one per physical core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// ONNX Runtime shared library [default: $ORT_DYLIB_PATH, beside the executable, then the
+    /// copy installed by scripts/setup.sh].
+    #[arg(long, value_name = "PATH")]
+    ort_library: Option<PathBuf>,
+    /// Use the CPU when the requested provider cannot be set up, instead of failing.
+    #[arg(long)]
+    allow_cpu_fallback: bool,
+    /// Load each graph only for its stage to save memory.
+    #[arg(long)]
+    sequential: bool,
+    /// CPU: decode with the package's Winograd VAE decoder.
+    #[arg(long)]
+    winograd_vae: bool,
+    /// Check the sha256 of every package file, the large ones too.
+    #[arg(long)]
+    verify_checksums: bool,
+    /// TensorRT: smallest image size (WxH) the engines serve.
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "512x512")]
+    trt_min: (u32, u32),
+    /// TensorRT: the size the engines are tuned for.
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1024x1024")]
+    trt_opt: (u32, u32),
+    /// TensorRT: largest image size the engines serve.
+    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1536x1536")]
+    trt_max: (u32, u32),
+    /// TensorRT: most images per request (`n`) the engines serve.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    trt_max_images: u32,
+    /// TensorRT: precision inside the engines.
+    #[arg(long, value_name = "P", default_value = "bf16", value_parser = ["fp32", "fp16", "bf16"])]
+    trt_precision: String,
+    /// TensorRT: folder for engine and timing caches [default: ~/.cache/zimage/tensorrt].
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+    /// CPU: keep optimised graphs in this folder so later loads are faster.
+    #[arg(long, value_name = "DIR")]
+    optimized_cache: Option<PathBuf>,
+    /// CUDA: where float32 work may run in TF32: like-pytorch, off, or on.
+    #[arg(long, value_name = "WHEN", default_value = "like-pytorch", value_parser = ["like-pytorch", "off", "on"])]
+    cuda_tf32: String,
+    /// Testing: wait this long before loading the models (to observe the loading state).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    startup_delay_ms: u64,
+}
+
+impl Args {
+    fn load_options(&self) -> LoadOptions {
+        let mut options = LoadOptions::default();
+        options.runtime_library = self.ort_library.clone();
+        options.device = self.device;
+        options.transformer_device = self.transformer_device;
+        options.threads = self.threads;
+        options.verify_checksums = self.verify_checksums;
+        options.allow_cpu_fallback = self.allow_cpu_fallback;
+        options.memory_mode = if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident };
+        let trt = &mut options.gpu.tensorrt;
+        trt.cache_dir = self.trt_cache.clone();
+        trt.precision = match self.trt_precision.as_str() {
+            "fp32" => TensorRtPrecision::Fp32,
+            "fp16" => TensorRtPrecision::Fp16,
+            _ => TensorRtPrecision::Bf16,
+        };
+        trt.resolutions = ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max };
+        trt.max_images = self.trt_max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST);
+        // Requests may ask for guidance, so the profiles allow its doubled batch.
+        trt.guidance = true;
+        options.gpu.cuda_tf32 = match self.cuda_tf32.as_str() {
+            "off" => Tf32::Off,
+            "on" => Tf32::On,
+            _ => Tf32::LikePyTorch,
+        };
+        options.optimized_model_cache = self.optimized_cache.clone();
+        options.winograd_vae = self.winograd_vae;
+        options
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse::<Device>().map_err(|e| match e {
+        zimage::Error::InvalidRequest(message) => message,
+        other => other.to_string(),
+    })
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    api::parse_size(s).ok_or_else(|| format!("{s:?} is not WxH"))
+}
+
+/// `NAME=DIR` or `DIR` (named after its folder).
+fn model_spec(arg: &str) -> (String, PathBuf) {
+    if let Some((name, dir)) = arg.split_once('=') {
+        if !name.is_empty() && !name.contains('/') && !std::path::Path::new(arg).is_dir() {
+            return (name.to_string(), PathBuf::from(dir));
+        }
+    }
+    let dir = PathBuf::from(arg);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .or_else(|| dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_os_string())))
+        .map_or_else(|| arg.to_string(), |n| n.to_string_lossy().into_owned());
+    (name, dir)
+}
+
+fn main() -> ExitCode {
+    map_large_allocations();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZIMAGE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let specs: Vec<(String, PathBuf)> = args.model.iter().map(|m| model_spec(m)).collect();
+    for (i, (name, _)) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|(n, _)| n == name) {
+            eprintln!("zimage-server: error: two models are named '{name}'; name them with --model NAME=DIR");
+            return ExitCode::from(2);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zimage-server: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(args, specs))
+}
+
+async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
+    let address = format!("{}:{}", args.host, args.port);
+    let listener = match tokio::net::TcpListener::bind(&address).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("zimage-server: error: cannot listen on {address}: {e}");
+            return ExitCode::from(9);
+        }
+    };
+    let bound: SocketAddr = listener.local_addr().expect("a bound socket has an address");
+    let metrics = Arc::new(Metrics::default());
+    let settings = Settings {
+        max_body_bytes: args.max_body_bytes,
+        max_input_side: args.max_input_side,
+        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        public_url: args.public_url.clone(),
+    };
+    let store = ImageStore::new(Duration::from_secs(args.url_ttl), args.url_cache);
+    let names = specs.iter().map(|(n, _)| n.clone()).collect();
+    let keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+    let state = Arc::new(AppState::new(names, &keys, Arc::clone(&metrics), store, settings));
+    if keys.is_empty() {
+        tracing::warn!(
+            "no API key set (--api-key or ZIMAGE_API_KEYS): the API is open to anyone who can reach {bound}"
+        );
+    } else {
+        tracing::info!(keys = keys.len(), "API keys required");
+    }
+    println!("zimage-server listening on http://{bound}");
+    let _ = std::io::stdout().flush();
+
+    let mut enhance = EnhanceOptions::default();
+    enhance.max_new_tokens = args.enhance_max_new_tokens;
+    if let Err(e) = enhance.check() {
+        eprintln!("zimage-server: error: {e}");
+        return ExitCode::from(2);
+    }
+    let loader = {
+        let state = Arc::clone(&state);
+        let plan = LoadPlan {
+            options: args.load_options(),
+            enhancer: args.enhancer.clone(),
+            enhance,
+            workers: args.workers as usize,
+            max_queue: args.max_queue as usize,
+        };
+        let delay = args.startup_delay_ms;
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(delay));
+            load_models(&state, &specs, &plan, &metrics)
+        })
+    };
+    let failed = Arc::new(std::sync::Mutex::new(None::<u8>));
+    let drain_timeout = Duration::from_secs(args.drain_timeout);
+    let shutdown = {
+        let state = Arc::clone(&state);
+        let failed = Arc::clone(&failed);
+        async move {
+            tokio::select! {
+                _ = wait_for_signal() => {}
+                loaded = loader => {
+                    match loaded {
+                        Ok(Ok(())) => wait_for_signal().await,
+                        Ok(Err(code)) => { *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(code); return; }
+                        Err(e) => {
+                            tracing::error!("loading the models failed: {e}");
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(1);
+                            return;
+                        }
+                    }
+                }
+            }
+            if state.models.get().is_none() {
+                // Still loading: no work was taken; end now (the loader threads are inside
+                // ONNX Runtime, whose static destructors must not run under them).
+                tracing::info!("signal while loading: exiting");
+                exit_now(0);
+            }
+            drain(&state, drain_timeout).await;
+        }
+    };
+    let app = routes::router(Arc::clone(&state));
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!("the server failed: {e}");
+        return ExitCode::from(1);
+    }
+    if let Some(code) = *failed.lock().unwrap_or_else(|p| p.into_inner()) {
+        return ExitCode::from(code);
+    }
+    // Every connection is closed: the workers finish what is left (nothing, after the drain)
+    // and end; then the pipelines are dropped before the process exits.
+    if let Some(pools) = state.models.get() {
+        for pool in pools {
+            pool.close_and_join();
+        }
+    }
+    tracing::info!("drained; exiting");
+    ExitCode::SUCCESS
+}
+
+/// What to load and how.
+struct LoadPlan {
+    options: LoadOptions,
+    enhancer: Option<PathBuf>,
+    enhance: EnhanceOptions,
+    workers: usize,
+    max_queue: usize,
+}
+
+/// Loads `workers` pipelines per model, in parallel, and starts their queues. On failure the
+/// error is logged and its exit code returned (3 package, 4 runtime, 5 provider, 6 request).
+fn load_models(
+    state: &AppState,
+    specs: &[(String, PathBuf)],
+    plan: &LoadPlan,
+    metrics: &Arc<Metrics>,
+) -> Result<(), u8> {
+    let started = Instant::now();
+    let (options, workers, max_queue) = (&plan.options, plan.workers, plan.max_queue);
+    let loads: Vec<Vec<std::thread::JoinHandle<zimage::Result<LoadedWorker>>>> = specs
+        .iter()
+        .map(|(_, dir)| {
+            (0..workers)
+                .map(|_| {
+                    let (dir, options, separate) = (dir.clone(), options.clone(), plan.enhancer.clone());
+                    std::thread::spawn(move || {
+                        let pipeline = Pipeline::load(&dir, &options)?;
+                        let manifest = pipeline.manifest();
+                        let enhancer = if manifest.enhancer.is_some() && manifest.graphs.text_decoder.is_some() {
+                            Some(pipeline.attach_enhancer(&options)?)
+                        } else if let Some(separate) = separate {
+                            Some(PromptEnhancer::load(separate, &options)?)
+                        } else {
+                            None
+                        };
+                        Ok(LoadedWorker { pipeline: Arc::new(pipeline), enhancer })
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let mut loaded = Vec::new();
+    let mut failure = None;
+    for ((name, dir), handles) in specs.iter().zip(loads) {
+        let mut model = Vec::new();
+        for handle in handles {
+            match handle.join() {
+                Ok(Ok(worker)) => model.push(worker),
+                Ok(Err(e)) => {
+                    failure.get_or_insert((name.clone(), e.kind(), error::one_line(&e.to_string())));
+                }
+                Err(_) => {
+                    failure.get_or_insert((name.clone(), ErrorKind::Inference, "the loader panicked".into()));
+                }
+            }
+        }
+        loaded.push((name.clone(), dir.clone(), model));
+    }
+    if let Some((name, kind, message)) = failure {
+        tracing::error!(model = %name, "cannot load the model: {message}");
+        eprintln!("zimage-server: error: model '{name}': {message}");
+        drop(loaded);
+        return Err(match kind {
+            ErrorKind::Package => 3,
+            ErrorKind::Runtime => 4,
+            ErrorKind::Provider => 5,
+            ErrorKind::InvalidRequest => 6,
+            ErrorKind::Io => 9,
+            _ => 1,
+        });
+    }
+    let pools = loaded
+        .into_iter()
+        .map(|(name, dir, model)| {
+            let p = &model[0].pipeline;
+            tracing::info!(
+                model = %name, dir = %dir.display(), workers = model.len(), max_queue,
+                transformer = %p.providers().transformer, enhancer = model[0].enhancer.is_some(),
+                "model loaded"
+            );
+            for (graph, reason) in p.provider_fallbacks() {
+                tracing::warn!(model = %name, "{graph:?} runs on the CPU: {reason}");
+            }
+            Arc::new(ModelPool::start(name, model, max_queue, plan.enhance.clone(), Arc::clone(metrics)))
+        })
+        .collect();
+    let _ = state.models.set(pools);
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "ready");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT. A second one ends the process at once.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    static SIGNALS: AtomicU32 = AtomicU32::new(0);
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install the signal handlers; SIGTERM will end the process without draining");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without finishing the work in flight");
+        exit_now(1);
+    });
+}
+
+/// No new work (503), then wait until queued and running generations are done.
+async fn drain(state: &AppState, timeout: Duration) {
+    state.draining.store(true, Ordering::SeqCst);
+    tracing::info!(busy = state.busy(), "draining: no new work; finishing queued and running generations");
+    let deadline = Instant::now() + timeout;
+    while state.busy() > 0 {
+        if Instant::now() > deadline {
+            tracing::warn!(busy = state.busy(), "drain timeout: cancelling what is left");
+            if let Some(pools) = state.models.get() {
+                for pool in pools {
+                    pool.cancel_all();
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ends the process without running static destructors (ONNX Runtime's) under threads that
+/// may still be inside it.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit ends the process at once; nothing after it runs.
+    unsafe { libc::_exit(code) }
+}
+
+/// As the `zimage` command does (cli/src/allocator.rs): every allocation of 1 MiB and more gets
+/// its own mapping, so a generation's freed activations go back to the system and the idle
+/// RSS returns to its level after a burst.
+fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}

@@ -1,0 +1,347 @@
+//! Each served model: `--workers N` pipelines, each on its own thread, taking jobs from one
+//! bounded queue. A full queue refuses at once (429); a job whose client went away is skipped
+//! or cancelled through its pipeline's cancel handle; a panic fails its request only.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::{mpsc, oneshot};
+use zimage::{
+    image_parameters, CancelHandle, EnhanceOptions, GenerateRequest, InputNames, Pipeline, Progress, PromptEnhancer,
+};
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, ModelGauges};
+use crate::output::{encode, OutputFormat};
+
+/// What a job asks for beyond the SDK request.
+pub struct JobSpec {
+    pub request: GenerateRequest,
+    pub enhance: bool,
+    pub format: OutputFormat,
+    pub compression: Option<u8>,
+    /// Upload names recorded in the PNG parameters.
+    pub inputs: InputNames,
+}
+
+/// One queued generation.
+pub struct Job {
+    pub id: String,
+    pub spec: JobSpec,
+    pub cancel: Arc<JobCancel>,
+    /// Progress for a streaming request.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    pub reply: oneshot::Sender<Result<Finished, ApiError>>,
+    pub enqueued: Instant,
+}
+
+/// A finished generation: the encoded images and what the response and the log report.
+pub struct Finished {
+    pub images: Vec<Vec<u8>>,
+    pub seed: u64,
+    pub enhanced_prompt: Option<String>,
+    /// Prompt tokens used (chat template included), reported as usage.
+    pub prompt_tokens: usize,
+    pub queue_wait: Duration,
+    pub generation: Duration,
+}
+
+/// Cancellation of one job, from the request's side (client gone, timeout, shutdown). While
+/// the job runs it holds its worker's cancel handle; the handle is set and cleared under the
+/// lock, so a cancel can only reach the run of this job.
+#[derive(Default)]
+pub struct JobCancel {
+    state: Mutex<CancelState>,
+}
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    running: Option<CancelHandle>,
+}
+
+impl JobCancel {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cancel(&self) {
+        let mut state = self.lock();
+        state.cancelled = true;
+        if let Some(handle) = state.running.take() {
+            handle.cancel();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    /// The worker starts the job: false when it was cancelled while queued.
+    fn start(&self, handle: CancelHandle) -> bool {
+        let mut state = self.lock();
+        if state.cancelled {
+            return false;
+        }
+        state.running = Some(handle);
+        true
+    }
+
+    fn finish(&self) {
+        self.lock().running = None;
+    }
+}
+
+/// Cancels its job when dropped unless disarmed: a request future dropped because its client
+/// disconnected (or a stream the client stopped reading) stops the generation.
+pub struct CancelOnDrop(pub Option<Arc<JobCancel>>);
+
+impl CancelOnDrop {
+    pub fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            cancel.cancel();
+        }
+    }
+}
+
+/// A model being served.
+pub struct ModelPool {
+    pub name: String,
+    /// For checks before queueing (the workers' first pipeline; all load the same package).
+    pub checker: Arc<Pipeline>,
+    pub has_enhancer: bool,
+    pub gauges: Arc<ModelGauges>,
+    pub workers: usize,
+    sender: Mutex<Option<Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Mean generation time of recent jobs (for Retry-After), milliseconds.
+    recent_ms: Arc<Mutex<f64>>,
+    /// Set by [`ModelPool::cancel_all`]: queued jobs are answered without running.
+    abandon: Arc<AtomicBool>,
+    handles: Vec<CancelHandle>,
+}
+
+pub enum SubmitError {
+    Full,
+    Closed,
+}
+
+/// A loaded worker: its pipeline and its prompt enhancer (the package's, or `--enhancer`'s).
+pub struct LoadedWorker {
+    pub pipeline: Arc<Pipeline>,
+    pub enhancer: Option<PromptEnhancer>,
+}
+
+impl ModelPool {
+    /// Starts one thread per loaded worker on a queue of `max_queue` waiting jobs.
+    pub fn start(
+        name: String,
+        loaded: Vec<LoadedWorker>,
+        max_queue: usize,
+        enhance: EnhanceOptions,
+        metrics: Arc<Metrics>,
+    ) -> ModelPool {
+        let (sender, receiver) = crossbeam_channel::bounded::<Job>(max_queue);
+        let gauges = Arc::new(ModelGauges::default());
+        let recent_ms = Arc::new(Mutex::new(0.0));
+        let checker = Arc::clone(&loaded[0].pipeline);
+        let has_enhancer = loaded[0].enhancer.is_some();
+        let workers = loaded.len();
+        let abandon = Arc::new(AtomicBool::new(false));
+        let handles = loaded.iter().map(|w| w.pipeline.cancel_handle()).collect();
+        let threads = loaded
+            .into_iter()
+            .enumerate()
+            .map(|(index, worker)| {
+                let receiver = receiver.clone();
+                let context = WorkerContext {
+                    model: name.clone(),
+                    gauges: Arc::clone(&gauges),
+                    metrics: Arc::clone(&metrics),
+                    recent_ms: Arc::clone(&recent_ms),
+                    abandon: Arc::clone(&abandon),
+                    enhance: enhance.clone(),
+                };
+                gauges.workers_alive.fetch_add(1, Ordering::SeqCst);
+                std::thread::Builder::new()
+                    .name(format!("{name}-worker-{index}"))
+                    .spawn(move || worker_loop(worker, receiver, context))
+                    .expect("spawn a worker thread")
+            })
+            .collect();
+        ModelPool {
+            name,
+            checker,
+            has_enhancer,
+            gauges,
+            workers,
+            sender: Mutex::new(Some(sender)),
+            threads: Mutex::new(threads),
+            recent_ms,
+            abandon,
+            handles,
+        }
+    }
+
+    /// Queues `job`, or refuses it at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sender) = sender.as_ref() else { return Err(SubmitError::Closed) };
+        // Counted before the send, so a worker that takes the job at once never sees -1.
+        self.gauges.queued.fetch_add(1, Ordering::SeqCst);
+        match sender.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.gauges.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Full,
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Seconds a refused client should wait: the queue ahead of it at the recent pace.
+    pub fn retry_after(&self) -> u64 {
+        let mean_ms = *self.recent_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = self.gauges.queued.load(Ordering::Relaxed).max(1) as f64;
+        ((mean_ms / 1000.0) * waiting / self.workers.max(1) as f64).ceil().max(1.0) as u64
+    }
+
+    /// Queued and running jobs.
+    pub fn busy(&self) -> i64 {
+        self.gauges.queued.load(Ordering::SeqCst) + self.gauges.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Cancels the running generations and answers the queued ones without running them
+    /// (the end of a drain that ran out of time).
+    pub fn cancel_all(&self) {
+        self.abandon.store(true, Ordering::SeqCst);
+        for handle in &self.handles {
+            handle.cancel();
+        }
+    }
+
+    /// Closes the queue (workers finish what is queued, then end) and waits for them.
+    pub fn close_and_join(&self) {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct WorkerContext {
+    model: String,
+    abandon: Arc<AtomicBool>,
+    enhance: EnhanceOptions,
+    gauges: Arc<ModelGauges>,
+    metrics: Arc<Metrics>,
+    recent_ms: Arc<Mutex<f64>>,
+}
+
+fn worker_loop(worker: LoadedWorker, receiver: Receiver<Job>, context: WorkerContext) {
+    // Ends when the queue is closed and empty (shutdown).
+    while let Ok(job) = receiver.recv() {
+        context.gauges.queued.fetch_sub(1, Ordering::SeqCst);
+        let queue_wait = job.enqueued.elapsed();
+        context.metrics.stage(&context.model, "queue_wait", queue_wait);
+        if context.abandon.load(Ordering::SeqCst) {
+            job.cancel.cancel();
+        }
+        if !job.cancel.start(worker.pipeline.cancel_handle()) {
+            let _ = job.reply.send(Err(ApiError::cancelled()));
+            continue;
+        }
+        context.gauges.in_flight.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(id = %job.id, model = %context.model, queue_ms = queue_wait.as_millis() as u64, "generation starts");
+        let started = Instant::now();
+        let cancel = Arc::clone(&job.cancel);
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| run(&worker, &job, &context))).unwrap_or_else(|panic| {
+                Err(ApiError::internal(format!("the generation panicked: {}", panic_text(&panic))))
+            });
+        cancel.finish();
+        context.gauges.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let generation = started.elapsed();
+        context.metrics.stage(&context.model, "generation", generation);
+        if result.is_ok() {
+            let mut mean = context.recent_ms.lock().unwrap_or_else(|p| p.into_inner());
+            let ms = generation.as_secs_f64() * 1000.0;
+            *mean = if *mean == 0.0 { ms } else { 0.8 * *mean + 0.2 * ms };
+        }
+        let result = result.map(|(images, g)| Finished {
+            images,
+            seed: g.seed,
+            prompt_tokens: g.prompt_tokens.ids.len(),
+            enhanced_prompt: g.enhanced_prompt,
+            queue_wait,
+            generation,
+        });
+        let _ = job.reply.send(result);
+    }
+    context.gauges.workers_alive.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn run(
+    worker: &LoadedWorker,
+    job: &Job,
+    context: &WorkerContext,
+) -> Result<(Vec<Vec<u8>>, zimage::Generation), ApiError> {
+    let spec = &job.spec;
+    let mut on_step = |p: &Progress| {
+        if let Some(progress) = &job.progress {
+            let _ = progress.send(*p);
+        }
+        !job.cancel.is_cancelled()
+    };
+    let pipeline = &worker.pipeline;
+    let generation = match (&worker.enhancer, spec.enhance) {
+        (Some(enhancer), true) => {
+            pipeline.generate_enhanced(enhancer, &context.enhance, &spec.request, Some(&mut on_step))
+        }
+        (None, true) => return Err(ApiError::invalid("this model has no prompt enhancer").with_param("enhance_prompt")),
+        (_, false) => pipeline.generate(&spec.request, Some(&mut on_step)),
+    }
+    .map_err(|e| ApiError::from_sdk(&e))?;
+    let t = &generation.timings;
+    for (stage, time) in [
+        ("tokenize", t.tokenize),
+        ("text_encode", t.text_encode),
+        ("denoise", t.denoise_steps.iter().sum()),
+        ("vae_decode", t.vae_decode),
+    ] {
+        context.metrics.stage(&context.model, stage, time);
+    }
+    let encoding = Instant::now();
+    let images = generation
+        .images
+        .iter()
+        .enumerate()
+        .map(|(index, image)| {
+            let parameters = image_parameters(&spec.request, &generation, index, pipeline.package_dir(), &spec.inputs);
+            encode(image, spec.format, spec.compression, &parameters)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    context.metrics.stage(&context.model, "encode_output", encoding.elapsed());
+    Ok((images, generation))
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -1,0 +1,494 @@
+//! The server over loopback HTTP: every error status in OpenAI's shape, the queue's 429, the
+//! request timeout, a disconnecting client's cancellation, 503 while loading and draining,
+//! and SIGTERM's drain to exit 0. A plain HTTP/1.1 client on std's TcpStream drives it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn tiny() -> String {
+    root().join("models/tiny-zimage").display().to_string()
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    /// Starts the server on a free loopback port; returns once it printed its address.
+    fn spawn(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--threads", "1"])
+            .args(args)
+            .current_dir(root())
+            .env("ZIMAGE_LOG", "warn,ort=error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start zimage-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("zimage-server listening on http://").unwrap_or_else(|| panic!("{line:?}"));
+        Server { addr: addr.to_string(), child }
+    }
+
+    /// Starts it and waits for /ready.
+    fn start(args: &[&str]) -> Server {
+        let server = Server::spawn(args);
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.get("/ready").status != 200 {
+            assert!(Instant::now() < deadline, "not ready in time");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        send(&self.addr, method, path, headers, body)
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.request("GET", path, &[], b"")
+    }
+
+    fn post_json(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Response {
+        let mut all = vec![("Content-Type", "application/json")];
+        all.extend_from_slice(headers);
+        self.request("POST", path, &all, body.to_string().as_bytes())
+    }
+
+    fn generate(&self, body: Value) -> Response {
+        self.post_json("/v1/images/generations", &body, &[])
+    }
+
+    fn metric(&self, line_start: &str) -> f64 {
+        let text = String::from_utf8(self.get("/metrics").body).unwrap();
+        text.lines().find_map(|l| l.strip_prefix(line_start).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+    }
+
+    /// Polls a metric until `done` holds for it.
+    fn wait_metric(&self, line_start: &str, done: impl Fn(f64) -> bool, within: Duration) -> f64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(line_start);
+            if done(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{line_start} stayed at {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+
+    /// The body for messages (images cut short).
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).chars().take(400).collect()
+    }
+
+    /// Asserts OpenAI's error shape with this status, type and code; returns the error object.
+    fn assert_error(&self, status: u16, kind: &str, code: Option<&str>) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        let body = self.json();
+        let error = body["error"].clone();
+        let keys: Vec<&String> = error.as_object().expect("error object").keys().collect();
+        assert_eq!(keys, ["code", "message", "param", "type"], "{body}");
+        assert_eq!(error["type"], kind, "{body}");
+        assert_eq!(error["code"].as_str(), code, "{body}");
+        assert!(!error["message"].as_str().unwrap().is_empty(), "{body}");
+        error
+    }
+}
+
+/// One HTTP/1.1 request on its own connection.
+fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    // The server may answer (413) and close before the whole body is sent.
+    let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body));
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!("no response head in {:?}", String::from_utf8_lossy(raw));
+    });
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Response { status, headers, body }
+}
+
+fn png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([rgb[0].wrapping_add(x as u8), rgb[1].wrapping_add(y as u8), rgb[2]])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    bytes
+}
+
+/// A multipart/form-data body: text fields, then files (name, file name, bytes).
+fn multipart(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "zimage-test-boundary-7d1e";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    for (name, file, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A package that loads but whose image-to-image start overflows: the VAE scaling factor is
+/// 3e38, so the encoded picture's latents are infinite and denoising fails (an inference error).
+fn overflowing_package() -> PathBuf {
+    let source = root().join("models/tiny-zimage");
+    let dir = std::env::temp_dir().join(format!("zimage-server-test-{}-overflow", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["vae"]["scaling_factor"] = json!(3e38);
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn every_error_status_has_openai_shape() {
+    let broken = overflowing_package();
+    let broken_arg = format!("broken={}", broken.display());
+    let server = Server::start(&[
+        "--model",
+        &tiny(),
+        "--model",
+        &broken_arg,
+        "--api-key",
+        "key-one",
+        "--api-key",
+        "key-two",
+        "--max-body-bytes",
+        "200000",
+        "--max-input-side",
+        "256",
+    ]);
+    let auth = [("Authorization", "Bearer key-two")];
+    let small = json!({"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 3});
+
+    // Open routes.
+    assert_eq!(server.get("/health").status, 200);
+    assert_eq!(server.get("/ready").json()["models"], json!(["tiny-zimage", "broken"]));
+
+    // 401: no key, a wrong key; then the models with a right one.
+    server.get("/v1/models").assert_error(401, "invalid_request_error", Some("invalid_api_key"));
+    server.post_json("/v1/images/generations", &small, &[("Authorization", "Bearer key-three")]).assert_error(
+        401,
+        "invalid_request_error",
+        Some("invalid_api_key"),
+    );
+    let models = server.request("GET", "/v1/models", &[("Authorization", "Bearer key-one")], b"");
+    let models = models.json();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny-zimage", "broken"]);
+
+    // 200 with the key, with a request id.
+    let ok = server.post_json("/v1/images/generations", &small, &auth);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert!(ok.header("x-request-id").is_some_and(|id| id.starts_with("req_")));
+    assert_eq!(ok.json()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(ok.json()["seed"], 3);
+
+    // 400: every invalid request, with the field named where there is one.
+    let bad = |body: &[u8]| {
+        server.request("POST", "/v1/images/generations", &[auth[0], ("Content-Type", "application/json")], body)
+    };
+    bad(b"{not json").assert_error(400, "invalid_request_error", None);
+    for (body, param) in [
+        (json!({"size": "64x64"}), Some("prompt")),
+        (json!({"prompt": "x", "size": "60x64"}), None),
+        (json!({"prompt": "x", "size": "64x64", "num_inference_steps": 0}), None),
+        (json!({"prompt": "x", "size": "64x64", "guidance_scale": -1.0}), None),
+        (json!({"prompt": "x", "size": "64x64", "n": 0}), Some("n")),
+        (json!({"prompt": "x", "size": "64x64", "n": "two"}), Some("n")),
+        (json!({"prompt": "x", "size": "64x64", "output_format": "gif"}), Some("output_format")),
+        (json!({"prompt": "x", "size": "64x64", "enhance_prompt": true}), Some("enhance_prompt")),
+    ] {
+        let error = bad(body.to_string().as_bytes()).assert_error(400, "invalid_request_error", None);
+        assert_eq!(error["param"].as_str(), param, "{body}: {error}");
+    }
+
+    // 404: an unknown model, an unknown route, an expired or unknown image URL.
+    let mut unknown = small.clone();
+    unknown["model"] = json!("dall-e-3");
+    let error = server.post_json("/v1/images/generations", &unknown, &auth).assert_error(
+        404,
+        "invalid_request_error",
+        Some("model_not_found"),
+    );
+    assert_eq!(error["param"], "model");
+    server.get("/v2/nothing").assert_error(404, "invalid_request_error", Some("not_found"));
+    server.get("/v1/images/files/0123.png").assert_error(404, "invalid_request_error", Some("not_found"));
+    server.get("/v1/images/generations").assert_error(405, "invalid_request_error", Some("method_not_allowed"));
+
+    // 413: a JSON body and an upload over --max-body-bytes.
+    let huge = json!({"prompt": "x".repeat(300_000)});
+    server.post_json("/v1/images/generations", &huge, &auth).assert_error(
+        413,
+        "invalid_request_error",
+        Some("request_too_large"),
+    );
+    let big_upload = vec![7u8; 300_000];
+    let (content_type, body) = multipart(&[("prompt", "x")], &[("image", "big.png", &big_upload)]);
+    server.request("POST", "/v1/images/edits", &[auth[0], ("Content-Type", &content_type)], &body).assert_error(
+        413,
+        "invalid_request_error",
+        Some("request_too_large"),
+    );
+
+    // Edits: 400 for no image, a file that is not a picture, a picture over --max-input-side
+    // (refused from its header), a mask of the wrong size.
+    let edit = |fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]| {
+        let (content_type, body) = multipart(fields, files);
+        server.request("POST", "/v1/images/edits", &[auth[0], ("Content-Type", &content_type)], &body)
+    };
+    let picture = png(64, 64, [40, 90, 160]);
+    edit(&[("prompt", "x")], &[]).assert_error(400, "invalid_request_error", None);
+    let e = edit(&[("prompt", "x")], &[("image", "a.txt", b"hello, not a picture")]).assert_error(
+        400,
+        "invalid_request_error",
+        Some("invalid_image"),
+    );
+    assert_eq!(e["param"], "image");
+    let e = edit(&[("prompt", "x")], &[("image", "wide.png", &png(300, 16, [0, 0, 0]))]).assert_error(
+        400,
+        "invalid_request_error",
+        Some("image_too_large"),
+    );
+    assert!(e["message"].as_str().unwrap().contains("300x16"), "{e}");
+    edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", &png(32, 32, [255, 255, 255]))])
+        .assert_error(400, "invalid_request_error", None);
+    // The same edit is fine on the good model ...
+    let fine = edit(&[("prompt", "x"), ("num_inference_steps", "2"), ("seed", "1")], &[("image", "a.png", &picture)]);
+    assert_eq!(fine.status, 200, "{}", fine.text());
+    // ... and a 500 on the package whose start overflows.
+    edit(
+        &[("prompt", "x"), ("model", "broken"), ("num_inference_steps", "2"), ("seed", "1")],
+        &[("image", "a.png", &picture)],
+    )
+    .assert_error(500, "server_error", Some("inference_failed"));
+    // The worker that failed keeps serving.
+    let mut again = small.clone();
+    again["model"] = json!("broken");
+    assert_eq!(server.post_json("/v1/images/generations", &again, &auth).status, 200);
+
+    let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
+    for line in [
+        "zimage_errors_total{kind=\"unauthorized\"} 2",
+        "zimage_errors_total{kind=\"too_large\"} 2",
+        "zimage_errors_total{kind=\"inference\"} 1",
+        "zimage_errors_total{kind=\"not_found\"} 3",
+        "zimage_images_total{model=\"tiny-zimage\"} 2",
+        "zimage_images_total{model=\"broken\"} 1",
+        "zimage_workers_alive{model=\"broken\"} 1",
+        "zimage_requests_total{route=\"/v1/images/generations\",status=\"413\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+    assert!(metrics.contains("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"denoise\"} 2"), "{metrics}");
+    drop(server);
+    std::fs::remove_dir_all(broken).unwrap();
+}
+
+/// A generation that takes about 12 s with the tiny package on one thread (512x512: about 50 ms
+/// a step, 1.2 s to decode).
+fn slow(seed: u64) -> Value {
+    json!({"prompt": "a slow fox", "size": "512x512", "num_inference_steps": 200, "seed": seed})
+}
+
+#[test]
+fn full_queue_429_timeout_504_and_disconnect_cancels() {
+    let server = Server::start(&["--model", &tiny(), "--max-queue", "1", "--request-timeout", "4"]);
+    let addr = server.addr.clone();
+
+    // Clients that disconnect cancel their generations, running or queued: the worker is free
+    // long before the 200 steps would end, and does not start the queued one.
+    let open = |seed: u64| {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        let body = slow(seed).to_string();
+        write!(
+            stream,
+            "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        stream
+    };
+    let running = open(1);
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let queued = open(11);
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let dropped = Instant::now();
+    drop(queued);
+    drop(running);
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 0.0, Duration::from_secs(3));
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 0.0, Duration::from_secs(3));
+    let freed = dropped.elapsed();
+    server.wait_metric("zimage_errors_total{kind=\"cancelled\"}", |v| v == 2.0, Duration::from_secs(3));
+    assert!(freed < Duration::from_secs(3), "cancelling took {freed:?}");
+    // Both left the queue; only the first ran.
+    let left_queue = "zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"queue_wait\"}";
+    server.wait_metric(left_queue, |v| v == 2.0, Duration::from_secs(3));
+    assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"generation\"}"), 1.0);
+
+    // One running, one queued (--max-queue 1), the third refused with Retry-After; the two
+    // accepted ones run past --request-timeout 4 and are cancelled with 504.
+    let first = {
+        let addr = addr.clone();
+        std::thread::spawn(move || send(&addr, "POST", "/v1/images/generations", &[], slow(2).to_string().as_bytes()))
+    };
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let second = {
+        let addr = addr.clone();
+        std::thread::spawn(move || send(&addr, "POST", "/v1/images/generations", &[], slow(3).to_string().as_bytes()))
+    };
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let refused = server.generate(slow(4));
+    refused.assert_error(429, "rate_limit_error", Some("queue_full"));
+    let retry: u64 = refused.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry >= 1, "{retry}");
+    let first = first.join().unwrap();
+    let error = first.assert_error(504, "server_error", Some("timeout"));
+    assert!(error["message"].as_str().unwrap().contains("4 s"), "{error}");
+    second.join().unwrap().assert_error(504, "server_error", Some("timeout"));
+    // Both were cancelled, not left running.
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 0.0, Duration::from_secs(3));
+    assert_eq!(server.metric("zimage_errors_total{kind=\"timeout\"}"), 2.0);
+    assert_eq!(server.metric("zimage_errors_total{kind=\"queue_full\"}"), 1.0);
+    let ok = server.generate(json!({"prompt": "after", "size": "64x64", "num_inference_steps": 2}));
+    assert_eq!(ok.status, 200);
+    assert_eq!(server.metric("zimage_workers_alive{model=\"tiny-zimage\"}"), 1.0);
+}
+
+#[test]
+fn unavailable_while_loading_and_draining_then_exit_0() {
+    let mut server = Server::spawn(&["--model", &tiny(), "--startup-delay-ms", "4000"]);
+    // Loading: alive, not ready, the API answers 503.
+    assert_eq!(server.get("/health").status, 200);
+    server.get("/ready").assert_error(503, "server_error", Some("model_loading"));
+    let loading = server.generate(json!({"prompt": "x", "size": "64x64"}));
+    loading.assert_error(503, "server_error", Some("model_loading"));
+    assert!(loading.header("retry-after").is_some());
+    server.wait_ready();
+
+    // SIGTERM while one generation runs: it completes; new work gets 503; then exit 0.
+    let addr = server.addr.clone();
+    let running = std::thread::spawn(move || {
+        // About 3 s: the signal arrives while it runs.
+        let body = json!({"prompt": "drain", "size": "512x512", "num_inference_steps": 30, "seed": 5});
+        send(&addr, "POST", "/v1/images/generations", &[], body.to_string().as_bytes())
+    });
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    server.signal("TERM");
+    server.wait_metric("zimage_draining", |v| v == 1.0, Duration::from_secs(5));
+    server.generate(json!({"prompt": "late", "size": "64x64"})).assert_error(
+        503,
+        "server_error",
+        Some("shutting_down"),
+    );
+    server.get("/ready").assert_error(503, "server_error", Some("shutting_down"));
+    let done = running.join().unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
+    assert_eq!(done.json()["seed"], 5);
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+}
