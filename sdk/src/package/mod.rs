@@ -96,6 +96,14 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Reads and checks `dir/manifest.json` alone, without looking at the files it names:
+    /// cheap, for checking a request against the package's limits before loading it
+    /// ([`check_request`](crate::pipeline::check_request)). [`Manifest::load`] does the rest.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let text = read_manifest_json(dir, "not a zimage model package (export one with export-scripts/export.py)")?;
+        Manifest::parse(&text).map_err(|m| Error::package(dir.join("manifest.json"), m))
+    }
+
     /// Parses and checks the manifest text alone (no file access).
     pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
         let head: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;

@@ -57,6 +57,7 @@ pub fn runtime(explicit_library: Option<&Path>) -> Result<&'static Runtime> {
                 let env = builder.with_name("zimage").with_telemetry(false).build().map_err(|e| {
                     Error::runtime(format!("creating the ONNX Runtime environment failed: {e}")).caused_by(e)
                 })?;
+                env.set_log_level(ort_log_level(tracing::level_filters::LevelFilter::current()));
                 let rt = Runtime { env, library_path: candidate };
                 return Ok(RUNTIME.get_or_init(|| rt));
             }
@@ -134,4 +135,25 @@ fn containing_library_dir() -> Option<PathBuf> {
 #[cfg(not(unix))]
 fn containing_library_dir() -> Option<PathBuf> {
     None
+}
+
+/// ONNX Runtime's own log lines arrive as `tracing` events (target `ort::…`), and only as far
+/// as a subscriber listens: ONNX Runtime is asked for nothing below the most verbose level
+/// any subscriber enables when the library loads (it formats every line it logs, and its
+/// verbose level logs every node at session creation). Nothing listening: only fatal lines.
+/// A host that wants ONNX Runtime's informational lines installs its subscriber first.
+fn ort_log_level(max: tracing::level_filters::LevelFilter) -> ort::logging::LogLevel {
+    use ort::logging::LogLevel;
+    use tracing::level_filters::LevelFilter;
+    if max >= LevelFilter::TRACE {
+        LogLevel::Verbose
+    } else if max >= LevelFilter::INFO {
+        LogLevel::Info
+    } else if max >= LevelFilter::WARN {
+        LogLevel::Warning
+    } else if max >= LevelFilter::ERROR {
+        LogLevel::Error
+    } else {
+        LogLevel::Fatal
+    }
 }
