@@ -482,3 +482,55 @@ pub fn read_npy(path: &Path) -> Result<Array4<f32>> {
     Array4::<f32>::read_npy(bytes.as_slice())
         .map_err(|e| Error::invalid(format!("{}: cannot read latents: {e}", path.display())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk that fills up while the PNG is written (/dev/full: every write fails with
+    /// ENOSPC) is an I/O error naming the destination, and leaves neither the destination nor
+    /// the temporary file.
+    #[cfg(unix)]
+    #[test]
+    fn a_full_disk_is_an_io_error_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("zimage-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("out.png");
+        let image = RgbImage { width: 64, height: 64, pixels: vec![7; 64 * 64 * 3] };
+        for latents in [false, true] {
+            let mut staged = StagedFile::create(&dest).unwrap();
+            let temp = staged.temp_path().to_path_buf();
+            assert!(temp.exists());
+            staged.file = Some(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap());
+            let e = if latents {
+                staged.write_npy(&Array4::zeros((1, 16, 64, 64))).unwrap_err()
+            } else {
+                staged.write_png(&image, &[("prompt", "x".into())]).unwrap_err()
+            };
+            assert_eq!(e.kind(), crate::error::ErrorKind::Io, "{e}");
+            match &e {
+                Error::Io { path, source } => {
+                    assert_eq!(path, &dest);
+                    assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+                }
+                other => panic!("{other}"),
+            }
+            drop(staged);
+            assert!(!temp.exists() && !dest.exists());
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_stop_at_the_cap() {
+        let dir = std::env::temp_dir().join(format!("zimage-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, [1u8; 100]).unwrap();
+        assert_eq!(read_file_capped(&path, 100).unwrap().len(), 100);
+        let e = read_file_capped(&path, 99).unwrap_err();
+        assert!(matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
