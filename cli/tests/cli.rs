@@ -502,6 +502,51 @@ fn ctrl_c_cancels_with_exit_130() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "files left behind");
 }
 
+/// Ctrl-C while the PNGs are being written (after the last denoising step, a temporary file is
+/// seen in the output folder): exit 130 at once, the temporary files removed, no output left.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_while_writing_leaves_nothing() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let dir = scratch("ctrl-c-writing");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zimage"))
+        .args(["generate", "--model", PACKAGE, "--prompt", "x", "--width", "512", "--height", "512", "--steps", "1"])
+        .args(["--count", "6", "--seed", "2", "--progress", "lines"])
+        .arg("-o")
+        .arg(dir.join("out.png"))
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The destinations' writability probes come before loading: wait for the last step, so
+    // that the temporary file seen next is an output being written.
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let step = lines.next().expect("a progress line").unwrap();
+    assert!(step.starts_with("zimage: progress: step 1/1 "), "{step}");
+    let started = Instant::now();
+    let temp_seen = loop {
+        let temp = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| n.ends_with(".zimage-tmp"));
+        if let Some(name) = temp {
+            break name;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "finished before a temporary file was seen");
+        assert!(started.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{temp_seen}: {rest:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left behind after Ctrl-C during {temp_seen}: {left:?}");
+}
+
 /// Every hostile input of issue 21 and the others tried: exit code, one line, nothing left.
 #[cfg(unix)]
 #[test]
