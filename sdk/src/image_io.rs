@@ -323,7 +323,7 @@ pub fn read_image_bytes(path: &Path) -> Result<Vec<u8>> {
 
 /// Width and height from an encoded picture's header, without decoding its pixels.
 pub fn image_size(bytes: &[u8]) -> Result<(u32, u32)> {
-    guard("reading the image header", || reader(bytes)?.into_dimensions().map_err(|e| Error::Image(e.to_string())))
+    guard("reading the image header", || reader(bytes)?.into_dimensions().map_err(decode_error))
 }
 
 /// Decodes PNG, JPEG or WebP bytes as RGB8 (alpha dropped).
@@ -393,15 +393,17 @@ fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>> {
 }
 
 fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
-    guard("decoding the image", || {
-        reader(bytes)?.decode().map_err(|e| match e {
-            image::ImageError::Limits(_) => Error::Image(format!(
-                "the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or {} decoded)",
-                human_bytes(MAX_DECODE_BYTES)
-            )),
-            other => Error::Image(format!("cannot decode the image: {other}")),
-        })
-    })
+    guard("decoding the image", || reader(bytes)?.decode().map_err(decode_error))
+}
+
+fn decode_error(e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(_) => Error::Image(format!(
+            "the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or {} decoded)",
+            human_bytes(MAX_DECODE_BYTES)
+        )),
+        other => Error::Image(format!("cannot decode the image: {other}")),
+    }
 }
 
 /// Runs a decoder on untrusted bytes: a panic inside it (a decoder bug) becomes an image error

@@ -137,11 +137,11 @@ fn containing_library_dir() -> Option<PathBuf> {
     None
 }
 
-/// ONNX Runtime's own log lines arrive as `tracing` events (target `ort::…`), and only as far
-/// as a subscriber listens: ONNX Runtime is asked for nothing below the most verbose level
-/// any subscriber enables when the library loads (it formats every line it logs, and its
-/// verbose level logs every node at session creation). Nothing listening: only fatal lines.
-/// A host that wants ONNX Runtime's informational lines installs its subscriber first.
+/// ONNX Runtime's own log lines arrive as `tracing` events (target `ort::…`). ONNX Runtime is
+/// asked for warnings and errors always (rare, and cheap when nobody listens), and for its
+/// informational or verbose lines only when a subscriber enables them as the library loads: it
+/// formats every line it logs, and at the verbose level it logs every node of every session it
+/// creates. A host that wants those lines installs its subscriber before the first load.
 fn ort_log_level(max: tracing::level_filters::LevelFilter) -> ort::logging::LogLevel {
     use ort::logging::LogLevel;
     use tracing::level_filters::LevelFilter;
@@ -149,11 +149,7 @@ fn ort_log_level(max: tracing::level_filters::LevelFilter) -> ort::logging::LogL
         LogLevel::Verbose
     } else if max >= LevelFilter::INFO {
         LogLevel::Info
-    } else if max >= LevelFilter::WARN {
-        LogLevel::Warning
-    } else if max >= LevelFilter::ERROR {
-        LogLevel::Error
     } else {
-        LogLevel::Fatal
+        LogLevel::Warning
     }
 }
