@@ -644,9 +644,7 @@ fn a_closed_stdout_ends_quietly() {
     let png = dir.join("x.png").display().to_string();
     let cases: Vec<Vec<&str>> = vec![
         vec!["generate", "--model", PACKAGE, "--prompt", "x", "--width", "16", "--height", "16", "-o", &png, "--json"],
-        vec!["generate", "--model", PACKAGE, "--prompt", "x", "--width", "16", "--height", "16", "-o", &png],
         vec!["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--stream"],
-        vec!["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--json"],
         vec![
             "bench", "--model", PACKAGE, "--width", "16", "--height", "16", "--steps", "1", "--warmup", "0", "--runs",
             "1",
