@@ -565,7 +565,7 @@ fn hostile_inputs_fail_with_one_line_and_leave_nothing() {
         (g(&["--init-image", &small, "--width", "100000", "--height", "100000"]), 6, "width 100000 exceeds"),
         (g(&["--init-image", "/dev/zero"]), 7, "/dev/zero: the file is larger than the limit of 256 MiB"),
         (g(&["--init-image", &small, "--mask", "/dev/zero"]), 7, "/dev/zero: the file is larger than the limit"),
-        (g(&["--init-image", &small, "--mask", &small, "--width", "32", "--height", "32"]), 6, "the mask is 64x64"),
+        (g(&["--init-image", &small, "--mask", &mask, "--width", "32", "--height", "32"]), 6, "the mask is 64x64"),
         (g(&["--init-image", &d("sub")]), 9, "is a folder"),
         (g(&["--width", "64", "--height", "64", "--guidance", "1e38"]), 6, "guidance_scale must be within [0, 100]"),
         (g(&["--width", "64", "--height", "64", "--guidance", "NaN"]), 6, "guidance_scale must be finite"),
