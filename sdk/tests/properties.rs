@@ -104,7 +104,7 @@ fn request() -> impl Strategy<Value = GenerateRequest> {
 /// The documented bounds (limits.rs, the request's field docs), written out independently of
 /// the SDK's checks: what `check_request` must accept, and nothing else.
 fn documented_valid(r: &GenerateRequest) -> bool {
-    let side_ok = |v: u32| v > 0 && v % 16 == 0 && v <= 8192;
+    let side_ok = |v: u32| v > 0 && v.is_multiple_of(16) && v <= 8192;
     let finite = [r.guidance_scale, r.cfg_normalization, r.cfg_truncation].iter().all(|v| v.is_finite());
     let mut ok = side_ok(r.width)
         && side_ok(r.height)
