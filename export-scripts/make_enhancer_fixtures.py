@@ -7,7 +7,9 @@ models/tiny-qwen3-enhancer and its goldens tests/golden/enhancer/cases.json.
    the real 151,936-token vocabulary, tied embeddings) with fixed seeds, saved in Hugging Face
    format under export-scripts/.cache/enhancer/tiny-qwen3 (not committed);
 2. export it with `export_enhancer.py standalone` (which checks ONNX Runtime against transformers);
-3. record greedy generations from transformers' generate() (token ids, text, stop reason).
+3. record greedy generations from transformers' generate() (token ids, text, stop reason);
+4. add the enhancer to a copy of models/tiny-zimage: models/tiny-zimage-enhanced
+   (`export_enhancer.py add`; needs make_fixtures.py's cached tiny-zimage source folder).
 
 Fixture weights, and why they are not plain random draws:
 - every embedding row is scaled to unit norm. With hidden size 8, row norms drawn at random vary
@@ -150,14 +152,19 @@ def main() -> None:
 
 
 def build_combined_package(cache: Path) -> None:
-    """Not committed (10 MB of shared weights): a copy of models/tiny-zimage with the enhancer
-    added, the text encoder rewritten to share text_weights.data. sdk/tests/enhancer.rs uses
-    it when present (Pipeline + attached enhancer, one weights file)."""
+    """models/tiny-zimage-enhanced: a copy of models/tiny-zimage with the enhancer added
+    (`export_enhancer.py add`), the text encoder rewritten to share text_weights.data. The
+    tests load it as a Pipeline and attach the enhancer to it (one weights file, one cancel
+    handle). Its tokenizer, transformer and VAE files are byte-identical to tiny-zimage's, so
+    git stores them once; what is new is text_weights.data (9.9 MB), the two small graphs and
+    the manifest. Needs the diffusers-format tiny-zimage folder that make_fixtures.py builds
+    in the cache (the text encoder's full Qwen3, whose last layer and final norm the package's
+    encoder graph leaves out)."""
     src = cache / "src" / "tiny-zimage"
     if not src.exists():
-        print(f"skipping the combined package: {src} is missing (run make_fixtures.py first)")
+        print(f"skipping the combined package: {src} is missing (run make_fixtures.py --only tiny-zimage first)")
         return
-    out = cache / "enhancer" / "tiny-zimage-enhanced"
+    out = REPO / "models" / "tiny-zimage-enhanced"
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(REPO / "models" / "tiny-zimage", out, symlinks=False)

@@ -8,11 +8,14 @@ use std::io::IsTerminal;
 
 use clap::Args;
 use serde_json::{json, Value};
-use zimage::{GenerateRequest, Timings};
+use zimage::{GenerateRequest, Manifest, Timings};
 
 use crate::device_memory::DeviceMemorySampler;
 use crate::generate::{timings_json, StageProgress};
-use crate::{secs, ModelArgs};
+use crate::{interrupt, out, secs, Failure, ModelArgs};
+
+/// Most timed runs, and most warmup runs (each run keeps its timings for the report).
+pub const MAX_RUNS: u32 = 1000;
 
 /// The default prompt; bench_reference.py uses the same one.
 const BENCH_PROMPT: &str = "a red fox sitting in fresh snow at sunrise, detailed fur, soft light";
@@ -34,10 +37,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K", default_value_t = GenerateRequest::default().count)]
     count: u32,
     /// Untimed runs first (the first run pays for ONNX Runtime's lazy initialisation).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=MAX_RUNS as i64))]
     warmup: u32,
     /// Timed runs.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=MAX_RUNS as i64))]
     runs: u32,
     /// Classifier-free guidance scale (above 0 doubles the transformer batch).
     #[arg(long, value_name = "G", default_value_t = GenerateRequest::default().guidance_scale)]
@@ -53,7 +56,17 @@ pub struct BenchArgs {
     json: bool,
 }
 
-pub fn run(args: BenchArgs) -> zimage::Result<()> {
+pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    let mut request = GenerateRequest::new(args.prompt.as_str());
+    request.width = args.width;
+    request.height = args.height;
+    request.steps = args.steps;
+    request.count = args.count;
+    request.guidance_scale = args.guidance;
+    request.seed = Some(args.seed);
+    // The request is checked before the model loads and anything is sized from it.
+    zimage::pipeline::check_request(&request, &Manifest::read(&args.model.model)?)?;
+
     let progress = StageProgress::new(std::io::stderr().is_terminal());
     let on_gpu = [Some(args.model.device), args.model.transformer_device]
         .iter()
@@ -63,14 +76,7 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
     let pipeline = args.model.load(args.count, args.guidance > 0.0)?;
     let rss_after_load = peak_rss_bytes();
 
-    let mut request = GenerateRequest::new(args.prompt.as_str());
-    request.width = args.width;
-    request.height = args.height;
-    request.steps = args.steps;
-    request.count = args.count;
-    request.guidance_scale = args.guidance;
-    request.seed = Some(args.seed);
-
+    // Both are at most MAX_RUNS (clap's ranges): no overflow, a bounded allocation.
     let mut samples = Vec::with_capacity(args.runs as usize);
     for i in 0..args.warmup + args.runs {
         let warm = i < args.warmup;
@@ -79,7 +85,7 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
         } else {
             format!("run {}/{}", i + 1 - args.warmup, args.runs)
         });
-        let timings = pipeline.generate(&request, None)?.timings;
+        let timings = interrupt::run_cancellable(|| pipeline.generate(&request, None))?.timings;
         if !warm {
             samples.push(timings);
         }
@@ -126,11 +132,10 @@ pub fn run(args: BenchArgs) -> zimage::Result<()> {
         "runs": samples.iter().map(|t| timings_json(t, pipeline.load_time())).collect::<Vec<_>>(),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialise"));
+        out(&format!("{}\n", serde_json::to_string_pretty(&report).expect("JSON values serialise")))
     } else {
-        print!("{}", table(&report));
+        out(&table(&report))
     }
-    Ok(())
 }
 
 /// One row per stage, in pipeline order, each a median/min/max over the runs.

@@ -10,7 +10,7 @@ use zimage::{
     EnhanceOptions, Enhancement, LoadOptions, Pipeline, PromptEnhancer, RandomSampling, Sampling, TokenEvent,
 };
 
-use crate::{secs, ModelArgs};
+use crate::{interrupt, log, out, secs, Failure, ModelArgs};
 
 /// Decoding options shared by `enhance` and `generate --enhance`.
 #[derive(Args, Clone)]
@@ -98,34 +98,47 @@ pub struct EnhanceArgs {
     json: bool,
 }
 
-pub fn run(args: EnhanceArgs) -> zimage::Result<()> {
+pub fn run(args: EnhanceArgs) -> Result<(), Failure> {
     let mut options = LoadOptions::default();
     options.runtime_library = args.ort_library.clone();
     options.threads = args.threads;
     let dir = args.flags.enhancer.clone().unwrap_or_else(|| args.model.clone());
     let enhancer = PromptEnhancer::load(&dir, &options)?;
-    crate::set_cancel_handle(enhancer.cancel_handle());
+    interrupt::set_cancel_handle(enhancer.cancel_handle());
+    // A closed stdout stops the generation at the next token (nobody reads it any more).
+    let mut stdout_failure: Option<Failure> = None;
     let mut stream = |event: &TokenEvent| {
         if event.thinking {
-            eprint!("{}", event.text);
-        } else {
-            print!("{}", event.text);
-            let _ = std::io::stdout().flush();
+            let _ = write!(std::io::stderr().lock(), "{}", event.text);
+        } else if let Err(e) = out(event.text) {
+            stdout_failure = Some(e);
+            return false;
         }
-        true
+        !interrupt::interrupted()
     };
     let streaming = args.stream && !args.json;
-    let result =
-        enhancer.enhance(&args.prompt, &args.flags.options(), if streaming { Some(&mut stream) } else { None })?;
+    let result = interrupt::run_cancellable(|| {
+        enhancer.enhance(&args.prompt, &args.flags.options(), if streaming { Some(&mut stream) } else { None })
+    });
+    if let Some(failure) = stdout_failure {
+        return Err(failure);
+    }
+    let result = result?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&enhancement_json(&result)).expect("JSON values serialise"));
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&enhancement_json(&result)).expect("JSON values serialise")
+        ))?;
     } else if streaming {
-        println!();
+        out("\n")?;
     } else {
-        println!("{}", result.text);
+        out(&format!("{}\n", result.text))?;
     }
     if result.text.trim().is_empty() {
-        eprintln!("zimage: warning: no description within {} tokens ({:?})", args.flags.max_new_tokens, result.finish);
+        log::stderr_line(
+            "warning",
+            &format!("no description within {} tokens ({:?})", args.flags.max_new_tokens, result.finish),
+        );
     }
     Ok(())
 }

@@ -1,22 +1,23 @@
 //! `zimage generate`: one request to the SDK, PNG files with the parameters in text chunks,
 //! optionally the final latents, and a summary (plain or JSON).
 
+use std::cell::Cell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use zimage::{
-    image_io, GenerateRequest, Generation, InitImage, LoraAdapter, LoraSetting, Pipeline, Progress, Prompt, Timings,
-    TokenizedPrompt,
+    image_io, image_parameters, lora_records, GenerateRequest, Generation, InitImage, InputNames, LoraAdapter,
+    LoraSetting, Manifest, Pipeline, Progress, Prompt, Timings, TokenizedPrompt,
 };
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::{secs, ModelArgs};
+use crate::{interrupt, log, out, secs, Failure, ModelArgs};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
 
@@ -54,10 +55,12 @@ pub struct GenerateArgs {
     /// Images to generate from one noise tensor; with K > 1 they go to FILE-0.png, FILE-1.png, ...
     #[arg(long, value_name = "K", default_value_t = GenerateRequest::default().count)]
     count: u32,
-    /// Where the PNG goes.
+    /// Where the PNG goes (a folder: FOLDER/zimage.png). Written to a temporary file beside it
+    /// and renamed when complete.
     #[arg(long, short, value_name = "FILE.png", default_value = "zimage.png")]
     output: PathBuf,
-    /// Also write the final latents of all images as one float32 .npy array [K, C, h, w].
+    /// Also write the final latents of all images as one float32 .npy array [K, C, h, w]
+    /// (a folder: FOLDER/latents.npy).
     #[arg(long, value_name = "FILE.npy")]
     save_latents: Option<PathBuf>,
     /// Prompt tokens kept (chat template included); longer prompts are cut, with a warning
@@ -80,6 +83,10 @@ pub struct GenerateArgs {
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
+    /// Progress display on stderr: a bar on a terminal (auto), one line per denoising step
+    /// (lines, for logs and scripts), or none.
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     /// Rewrite the prompt with the local prompt enhancer first; the rewritten prompt is
     /// printed and stored in the PNG parameters.
     #[arg(long)]
@@ -88,14 +95,19 @@ pub struct GenerateArgs {
     enhance_flags: EnhanceFlags,
 }
 
-pub fn run(args: GenerateArgs) -> zimage::Result<()> {
-    // Input images and output folders are checked before the (slow) model load, so that a
-    // typo fails at once.
-    let request = build_request(&args)?;
-    let files = output_files(&args.output, request.count);
-    for path in files.iter().chain(args.save_latents.as_ref()) {
-        check_parent_exists(path)?;
-    }
+pub fn run(args: GenerateArgs) -> Result<(), Failure> {
+    // Everything that can be checked is checked before the (slow) model load, and every size
+    // before anything sized by it is allocated: the package's limits (manifest.json alone),
+    // the request (from the init image's header when it sets the size), the destinations,
+    // and only then the input pictures are decoded and resized.
+    let manifest = Manifest::read(&args.model.model)?;
+    let init_bytes = args.init_image.as_deref().map(image_io::read_image_bytes).transpose()?;
+    let init_size = match (&init_bytes, &args.init_image) {
+        (Some(bytes), Some(path)) => Some(image_io::image_size(bytes).map_err(|e| located(path, e))?),
+        _ => None,
+    };
+    let mut request = build_request(&args, init_size);
+    zimage::pipeline::check_request(&request, &manifest)?;
 
     // Adapters are read and checked before the model load too.
     let loras = args
@@ -104,52 +116,108 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
         .map(|(path, scale)| Ok(LoraSetting::new(Arc::new(LoraAdapter::load(path)?), *scale)))
         .collect::<zimage::Result<Vec<_>>>()?;
 
-    let progress = StageProgress::new(std::io::stderr().is_terminal());
+    let files = output_files(&resolve_output(&args.output, "zimage.png"), request.count);
+    let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));
+    for path in files.iter().chain(latents_file.as_ref()) {
+        image_io::check_writable(path)?;
+    }
+    if let Some(latents) = &latents_file {
+        if let Some(png) = files.iter().find(|png| same_file(png, latents)) {
+            return Err(Failure::Usage(format!(
+                "-o and --save-latents name the same file ({}); give the latents their own name",
+                png.display()
+            )));
+        }
+    }
+    if let (Some(bytes), Some(path)) = (&init_bytes, &args.init_image) {
+        let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
+        let mask =
+            args.mask.as_deref().map(|m| image_io::load_gray_sized(m, request.width, request.height)).transpose()?;
+        let default_strength =
+            if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
+        request.init_image = Some(InitImage {
+            image: image_io::resize_rgb(&image, request.width, request.height)?,
+            mask,
+            strength: args.strength.unwrap_or(default_strength),
+        });
+    }
+    drop(init_bytes);
+
+    let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
     let pipeline = args.model.load_with_loras(args.count, args.guidance > 0.0, loras)?;
 
     progress.stage("encoding prompt");
+    let last_step = Cell::new((0usize, 0usize));
+    let lines = args.progress == ProgressMode::Lines;
     let mut on_step = |p: &Progress| {
         progress.step(p);
-        true
+        last_step.set((p.step, p.total_steps));
+        if lines {
+            log::stderr_line("progress", &format!("step {}/{} ({:.2} s)", p.step, p.total_steps, secs(p.elapsed)));
+        }
+        // Ctrl-C also cancels through the cancel handle; this catches one that came before
+        // the run was registered.
+        !interrupt::interrupted()
     };
-    let result = if args.enhance {
-        progress.stage("enhancing prompt");
-        let enhancer = args.enhance_flags.load_for(&pipeline, &enhance::load_options(&args.model))?;
-        pipeline.generate_enhanced(&enhancer, &args.enhance_flags.options(), &request, Some(&mut on_step))
-    } else {
-        pipeline.generate(&request, Some(&mut on_step))
-    };
+    let result = interrupt::run_cancellable(|| {
+        if args.enhance {
+            progress.stage("enhancing prompt");
+            let enhancer = args.enhance_flags.load_for(&pipeline, &enhance::load_options(&args.model))?;
+            pipeline.generate_enhanced(&enhancer, &args.enhance_flags.options(), &request, Some(&mut on_step))
+        } else {
+            pipeline.generate(&request, Some(&mut on_step))
+        }
+    });
     progress.finish();
-    let generation = result?;
+    let generation = match result {
+        Err(zimage::Error::Cancelled) => {
+            let (done, total) = last_step.get();
+            return Err(Failure::Cancelled(if total > 0 {
+                format!("cancelled after {done} of {total} denoising steps")
+            } else {
+                "cancelled before the first denoising step".into()
+            }));
+        }
+        other => other?,
+    };
     if let Some(enhanced) = &generation.enhanced_prompt {
-        eprintln!("enhanced prompt: {enhanced}");
+        log::stderr_line("info", &format!("enhanced prompt: {enhanced}"));
     }
 
     warn_if_truncated("prompt", &generation.prompt_tokens);
     if let Some(tokens) = &generation.negative_prompt_tokens {
         warn_if_truncated("negative prompt", tokens);
     }
+    // Every output to a temporary file first, then all renamed into place: a failure (a full
+    // disk, Ctrl-C) leaves none of them, not a PNG without its latents.
+    let mut staged = Vec::with_capacity(files.len() + 1);
     for (index, (image, path)) in generation.images.iter().zip(&files).enumerate() {
         let text = png_text(&args, &request, &generation, &pipeline, index);
-        image_io::write_png(path, image, &text)?;
+        let mut file = interrupt::stage(path)?;
+        file.write_png(image, &text)?;
+        staged.push(file);
     }
-    if let (Some(path), Some(latents)) = (&args.save_latents, &generation.latents) {
-        image_io::write_npy(path, latents)?;
+    if let (Some(path), Some(latents)) = (&latents_file, &generation.latents) {
+        let mut file = interrupt::stage(path)?;
+        file.write_npy(latents)?;
+        staged.push(file);
     }
+    interrupt::commit_all(staged)?;
 
     if args.json {
-        let summary = summary_json(&args, &request, &generation, &pipeline, &files);
-        println!("{}", serde_json::to_string_pretty(&summary).expect("JSON values serialise"));
+        let summary = summary_json(&args, &request, &generation, &pipeline, &files, latents_file.as_deref());
+        out(&format!("{}\n", serde_json::to_string_pretty(&summary).expect("JSON values serialise")))?;
     } else {
+        let mut text = String::new();
         for path in &files {
-            println!("wrote {}", path.display());
+            text += &format!("wrote {}\n", path.display());
         }
-        if let Some(path) = &args.save_latents {
-            println!("wrote {} (latents)", path.display());
+        if let Some(path) = &latents_file {
+            text += &format!("wrote {} (latents)\n", path.display());
         }
-        println!(
-            "seed {}, {}x{}, {} steps, {:.2} s (+{:.2} s loading)",
+        text += &format!(
+            "seed {}, {}x{}, {} steps, {:.2} s (+{:.2} s loading)\n",
             generation.seed,
             request.width,
             request.height,
@@ -157,11 +225,14 @@ pub fn run(args: GenerateArgs) -> zimage::Result<()> {
             secs(generation.timings.total),
             secs(pipeline.load_time())
         );
+        out(&text)?;
     }
     Ok(())
 }
 
-fn build_request(args: &GenerateArgs) -> zimage::Result<GenerateRequest> {
+/// The request without its input pictures: those are decoded only once it is known to be valid.
+/// Without --width/--height an init image keeps its own size, as in diffusers' img2img.
+fn build_request(args: &GenerateArgs, init_size: Option<(u32, u32)>) -> GenerateRequest {
     let mut request = GenerateRequest::new(args.prompt.as_str());
     request.negative_prompt = args.negative_prompt.clone().map(Prompt::Text);
     request.steps = args.steps;
@@ -172,22 +243,42 @@ fn build_request(args: &GenerateArgs) -> zimage::Result<GenerateRequest> {
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = args.save_latents.is_some();
+    request.width = args.width.or(init_size.map(|s| s.0)).unwrap_or(request.width);
+    request.height = args.height.or(init_size.map(|s| s.1)).unwrap_or(request.height);
+    request
+}
 
-    let init = args.init_image.as_deref().map(image_io::load_rgb).transpose()?;
-    // Without --width/--height an init image keeps its own size, as in diffusers' img2img.
-    request.width = args.width.or(init.as_ref().map(|i| i.width)).unwrap_or(request.width);
-    request.height = args.height.or(init.as_ref().map(|i| i.height)).unwrap_or(request.height);
-    if let Some(image) = init {
-        let mask = args.mask.as_deref().map(image_io::load_gray).transpose()?;
-        let default_strength =
-            if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
-        request.init_image = Some(InitImage {
-            image: image_io::resize_rgb(&image, request.width, request.height)?,
-            mask,
-            strength: args.strength.unwrap_or(default_strength),
-        });
+/// An image error about `path`'s contents names the file.
+fn located(path: &Path, e: zimage::Error) -> zimage::Error {
+    match e {
+        zimage::Error::Image(m) => zimage::Error::Image(format!("{}: {m}", path.display())),
+        other => other,
     }
-    Ok(request)
+}
+
+/// A folder given as the output gets a file name inside it.
+fn resolve_output(path: &Path, default_name: &str) -> PathBuf {
+    let names_folder = path.is_dir() || path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    if names_folder {
+        path.join(default_name)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Whether two output paths (whose folders exist) name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    let normal = |p: &Path| -> Option<PathBuf> {
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+    };
+    match (normal(a), normal(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
@@ -208,22 +299,15 @@ pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
         .collect()
 }
 
-fn check_parent_exists(path: &Path) -> zimage::Result<()> {
-    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) if !parent.is_dir() => Err(zimage::Error::Io {
-            path: parent.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "output folder does not exist"),
-        }),
-        _ => Ok(()),
-    }
-}
-
 fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
     if tokens.truncated() {
-        eprintln!(
-            "zimage: warning: the {what} has {} tokens with the chat template; only the first {} are used (--max-sequence-length)",
-            tokens.full_length,
-            tokens.ids.len()
+        log::stderr_line(
+            "warning",
+            &format!(
+                "the {what} has {} tokens with the chat template; only the first {} are used (--max-sequence-length)",
+                tokens.full_length,
+                tokens.ids.len()
+            ),
         );
     }
 }
@@ -245,21 +329,8 @@ fn parse_lora(value: &str) -> Result<(PathBuf, f32), String> {
     Ok((PathBuf::from(value), 1.0))
 }
 
-/// Each adapter as `{"file", "sha256", "scale"}` (file name only: paths are machine-specific).
-fn loras_json(loras: &[LoraSetting]) -> Value {
-    Value::Array(
-        loras
-            .iter()
-            .map(|l| {
-                // The shortest decimal that reads back as the f32 (0.7, not 0.699999988...).
-                let scale = l.scale.to_string().parse::<f64>().unwrap_or(f64::from(l.scale));
-                json!({"file": l.adapter.file_name(), "sha256": l.adapter.sha256(), "scale": scale})
-            })
-            .collect(),
-    )
-}
-
-/// The generation parameters stored in each PNG (iTXt chunks, so any prompt text survives).
+/// The generation parameters stored in each PNG: the SDK's list (the server writes the same),
+/// with the input pictures named by the paths given.
 fn png_text(
     args: &GenerateArgs,
     request: &GenerateRequest,
@@ -267,39 +338,9 @@ fn png_text(
     pipeline: &Pipeline,
     index: usize,
 ) -> Vec<(&'static str, String)> {
-    let mut text = vec![
-        ("prompt", generation.enhanced_prompt.clone().unwrap_or_else(|| args.prompt.clone())),
-        ("negative_prompt", args.negative_prompt.clone().unwrap_or_default()),
-        ("seed", generation.seed.to_string()),
-        ("steps", request.steps.to_string()),
-        ("size", format!("{}x{}", request.width, request.height)),
-        ("guidance", request.guidance_scale.to_string()),
-        ("cfg_normalization", request.cfg_normalization.to_string()),
-        ("cfg_truncation", request.cfg_truncation.to_string()),
-        // An image is reproduced from the seed only together with the batch it came from.
-        ("count", request.count.to_string()),
-        ("batch_index", index.to_string()),
-        ("model", pipeline.package_dir().display().to_string()),
-        ("software", format!("zimage {}", zimage::VERSION)),
-    ];
-    if generation.enhanced_prompt.is_some() {
-        text.push(("original_prompt", args.prompt.clone()));
-    }
-    if let Some(n) = args.max_sequence_length {
-        text.push(("max_sequence_length", n.to_string()));
-    }
-    let loras = pipeline.loras();
-    if !loras.is_empty() {
-        text.push(("loras", loras_json(&loras).to_string()));
-    }
-    if let Some(init) = &request.init_image {
-        text.push(("init_image", args.init_image.as_deref().unwrap_or(Path::new("")).display().to_string()));
-        text.push(("strength", init.strength.to_string()));
-        if let Some(mask) = &args.mask {
-            text.push(("mask", mask.display().to_string()));
-        }
-    }
-    text
+    let name = |path: Option<&Path>| path.map(|p| p.display().to_string()).unwrap_or_default();
+    let inputs = InputNames { init_image: name(args.init_image.as_deref()), mask: name(args.mask.as_deref()) };
+    image_parameters(request, generation, index, pipeline.package_dir(), &pipeline.loras(), &inputs)
 }
 
 fn summary_json(
@@ -308,11 +349,13 @@ fn summary_json(
     generation: &Generation,
     pipeline: &Pipeline,
     files: &[PathBuf],
+    latents_file: Option<&Path>,
 ) -> Value {
+    let _ = args;
     let providers = pipeline.providers();
     json!({
         "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "latents_file": args.save_latents.as_ref().map(|p| p.display().to_string()),
+        "latents_file": latents_file.map(|p| p.display().to_string()),
         "seed": generation.seed,
         "enhanced_prompt": generation.enhanced_prompt,
         "width": request.width,
@@ -324,7 +367,7 @@ fn summary_json(
         "cfg_truncation": request.cfg_truncation,
         "strength": request.init_image.as_ref().map(|i| i.strength),
         "model": pipeline.package_dir().display().to_string(),
-        "loras": loras_json(&pipeline.loras()),
+        "loras": lora_records(&pipeline.loras()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "providers": {
             "text_encoder": providers.text_encoder.to_string(),
@@ -354,6 +397,23 @@ pub fn timings_json(t: &Timings, load: Duration) -> Value {
         "total_s": secs(t.total),
         "onnx_runtime_s": secs(t.onnx_runtime),
     })
+}
+
+/// How generation progress is shown on stderr.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, nothing otherwise.
+    Auto,
+    /// `zimage: progress: step N/M (S s)` after every denoising step.
+    Lines,
+    /// Nothing.
+    None,
+}
+
+impl ProgressMode {
+    fn visible(self) -> bool {
+        self == ProgressMode::Auto && std::io::stderr().is_terminal()
+    }
 }
 
 /// The terminal display: a spinner with the stage name, then a bar over the denoising steps.

@@ -6,16 +6,15 @@ mod bench;
 mod device_memory;
 mod enhance;
 mod generate;
+mod interrupt;
+mod log;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
-use zimage::{
-    CancelHandle, Device, ErrorKind, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision, Tf32,
-};
+use zimage::{Device, ErrorKind, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision, Tf32};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -30,7 +29,10 @@ Exit codes:
   8    inference failed (ONNX Runtime error, non-finite values)
   9    reading or writing a file failed
   10   LoRA file unreadable, malformed, or not for this model
-  130  cancelled (Ctrl-C)";
+  130  cancelled (Ctrl-C); no output or temporary file is left
+  141  standard output was closed before everything was printed (e.g. | head)
+
+Set ZIMAGE_LOG=off|warn|info|debug|trace for more or fewer log lines (ONNX Runtime's too).";
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +44,9 @@ Exit codes:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Also print informational log lines (the SDK's and ONNX Runtime's) on stderr.
+    #[arg(long, short, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -132,7 +137,7 @@ impl ModelArgs {
         let mut options = self.options(max_images, guidance);
         options.loras = loras;
         let pipeline = Pipeline::load(&self.model, &options)?;
-        set_cancel_handle(pipeline.cancel_handle());
+        interrupt::set_cancel_handle(pipeline.cancel_handle());
         Ok(pipeline)
     }
 
@@ -180,24 +185,69 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     Ok((parse(w)?, parse(h)?))
 }
 
+/// Why a command did not succeed.
+pub enum Failure {
+    /// The SDK's error: its kind sets the exit code.
+    Sdk(zimage::Error),
+    /// The arguments do not make sense together (exit 2, like clap's own errors).
+    Usage(String),
+    /// Ctrl-C stopped the SDK's run; the message says where (exit 130).
+    Cancelled(String),
+    /// Standard output was closed by its reader (`| head`): end quietly (exit 141, what a
+    /// shell reports for a process ended by SIGPIPE).
+    StdoutClosed,
+}
+
+impl From<zimage::Error> for Failure {
+    fn from(e: zimage::Error) -> Self {
+        Failure::Sdk(e)
+    }
+}
+
+/// Prints to stdout; a reader that went away is [`Failure::StdoutClosed`], not a panic.
+pub fn out(text: &str) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Failure::StdoutClosed
+        } else {
+            Failure::Sdk(zimage::Error::Io { path: "<standard output>".into(), source: e })
+        }
+    })
+}
+
 fn main() -> ExitCode {
     allocator::map_large_allocations();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    install_interrupt_handler();
+    if let Err(message) = log::install(cli.verbose) {
+        log::stderr_line("error", &message);
+        return ExitCode::from(2);
+    }
+    interrupt::install();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Enhance(args) => enhance::run(args),
     };
+    log::finish(result.is_ok());
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("zimage: error: {}", one_line(&e.to_string()));
+        Err(Failure::Sdk(e)) => {
+            log::stderr_line("error", &e.to_string());
             ExitCode::from(exit_code(e.kind()))
         }
+        Err(Failure::Usage(message)) => {
+            log::stderr_line("error", &message);
+            ExitCode::from(2)
+        }
+        Err(Failure::Cancelled(message)) => {
+            log::stderr_line("error", &message);
+            ExitCode::from(130)
+        }
+        Err(Failure::StdoutClosed) => ExitCode::from(141),
     }
 }
 
@@ -241,7 +291,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         Some(sub @ ("generate" | "bench")) => format!("zimage {sub} --help"),
         _ => "zimage --help".into(),
     };
-    eprintln!("zimage: error: {message} (see {help})");
+    log::stderr_line("error", &format!("{message} (see {help})"));
     ExitCode::from(e.exit_code() as u8)
 }
 
@@ -256,40 +306,6 @@ fn one_line(message: &str) -> String {
         out.push_str(line);
     }
     out
-}
-
-/// The pipeline whose runs the first Ctrl-C cancels (set once it is loaded).
-static CANCEL: OnceLock<CancelHandle> = OnceLock::new();
-
-pub fn set_cancel_handle(handle: CancelHandle) {
-    let _ = CANCEL.set(handle);
-}
-
-/// First Ctrl-C: cancel the running generation, which then ends with the Cancelled error
-/// (exit 130) after ONNX Runtime returns. Before the pipeline is loaded, or on a second
-/// Ctrl-C, exit at once with the same code.
-fn install_interrupt_handler() {
-    static PRESSES: AtomicU32 = AtomicU32::new(0);
-    let installed = ctrlc::set_handler(|| match (CANCEL.get(), PRESSES.fetch_add(1, Ordering::SeqCst)) {
-        (Some(handle), 0) => handle.cancel(),
-        _ => exit_now(130),
-    });
-    // Without a handler Ctrl-C keeps its default effect (the process ends), which is still
-    // correct, only less tidy.
-    let _ = installed;
-}
-
-/// Ends the process from the Ctrl-C handler's thread while the main thread may be inside ONNX
-/// Runtime (loading, or after a second Ctrl-C): `std::process::exit` would run ONNX Runtime's
-/// C++ static destructors while that thread still uses them.
-fn exit_now(code: i32) -> ! {
-    #[cfg(unix)]
-    // SAFETY: _exit ends the process at once; nothing after it runs.
-    unsafe {
-        libc::_exit(code)
-    }
-    #[cfg(not(unix))]
-    std::process::exit(code)
 }
 
 /// Seconds as a JSON number.

@@ -1,12 +1,18 @@
 //! Pixels in and out: decoder output → RGB8 exactly as diffusers post-processes it, PNG
 //! writing with the generation parameters in text chunks, and reading input images.
+//!
+//! Files in and out are handled as untrusted and fallible: every read is bounded
+//! ([`read_file_capped`]) and decoded within pixel limits, and every output is written to a
+//! temporary file beside its destination and renamed over it when complete ([`StagedFile`]).
 
-use std::io::BufWriter;
-use std::path::Path;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::{Array4, ArrayView3};
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_DECODE_BYTES, MAX_INPUT_FILE_BYTES, MAX_LATENTS_FILE_BYTES};
 
 /// An 8-bit RGB image, rows top to bottom, 3 bytes per pixel, no padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +46,12 @@ pub fn to_rgb8(image: ArrayView3<f32>) -> RgbImage {
     RgbImage { width: w as u32, height: h as u32, pixels }
 }
 
+/// True when every value of a decoder output `[3, H, W]` is clipped by [`to_rgb8`] (at or
+/// beyond -1 or 1): the picture is all 0s and 255s. An empty output counts as not clipped.
+pub fn all_clipped(image: ArrayView3<f32>) -> bool {
+    !image.is_empty() && image.iter().all(|&v| !(-1.0 < v && v < 1.0))
+}
+
 /// RGB8 → `[1, 3, H, W]` in [-1, 1], as diffusers' image processor normalises.
 pub fn to_model_input(image: &RgbImage) -> Array4<f32> {
     let (h, w) = (image.height as usize, image.width as usize);
@@ -55,21 +67,29 @@ pub fn to_model_input(image: &RgbImage) -> Array4<f32> {
     out
 }
 
-/// Writes a PNG with `tEXt` chunks (e.g. the generation parameters).
+/// Writes a PNG with `iTXt` chunks (e.g. the generation parameters), atomically: see
+/// [`StagedFile`]. A failed write is an I/O error and leaves nothing at `path`.
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    png_into(BufWriter::new(file), image, text, &path.display().to_string())
+    let mut staged = StagedFile::create(path)?;
+    staged.write_png(image, text)?;
+    staged.commit()
 }
 
 /// The bytes [`write_png`] writes to a file, in memory (a server's response).
 pub fn encode_png(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    png_into(&mut bytes, image, text, "PNG")?;
+    png_into(&mut bytes, image, text, Path::new("PNG"))?;
     Ok(bytes)
 }
 
-/// The one PNG encoding (`what` names the destination in error messages).
-fn png_into<W: std::io::Write>(out: W, image: &RgbImage, text: &[(&str, String)], what: &str) -> Result<()> {
+/// The one PNG encoding: RGB8 with `iTXt` chunks. `dest` names the destination in errors; a
+/// failed write is an I/O error, anything else an image error.
+fn png_into<W: std::io::Write>(out: W, image: &RgbImage, text: &[(&str, String)], dest: &Path) -> Result<()> {
+    image.check()?;
+    let encoding = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(io) => Error::io(dest, io),
+        other => Error::Image(format!("{}: {other}", dest.display())),
+    };
     let mut encoder = png::Encoder::new(out, image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -79,20 +99,244 @@ fn png_into<W: std::io::Write>(out: W, image: &RgbImage, text: &[(&str, String)]
             .add_itxt_chunk(key.to_string(), value.clone())
             .map_err(|e| Error::Image(format!("PNG text chunk {key}: {e}")))?;
     }
-    let mut writer = encoder.write_header().map_err(|e| Error::Image(format!("{what}: {e}")))?;
-    writer.write_image_data(&image.pixels).map_err(|e| Error::Image(format!("{what}: {e}")))?;
-    writer.finish().map_err(|e| Error::Image(format!("{what}: {e}")))
+    let mut writer = encoder.write_header().map_err(encoding)?;
+    writer.write_image_data(&image.pixels).map_err(encoding)?;
+    writer.finish().map_err(encoding)
+}
+
+/// Writes `[B, C, h, w]` latents as a float32 `.npy` file, atomically (see [`StagedFile`]).
+pub fn write_npy(path: &Path, latents: &Array4<f32>) -> Result<()> {
+    let mut staged = StagedFile::create(path)?;
+    staged.write_npy(latents)?;
+    staged.commit()
+}
+
+/// Writes `bytes` (a JSON summary, ...) to `path`, atomically (see [`StagedFile`]).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut staged = StagedFile::create(path)?;
+    staged.write_bytes(bytes)?;
+    staged.commit()
+}
+
+/// Checks, before any work is done, that an output can be written at `path`: its folder
+/// exists, `path` is not a folder, a device or anything but a regular file, is not
+/// read-only, and a file can be created beside it (a probe file is made and removed).
+pub fn check_writable(path: &Path) -> Result<()> {
+    let dest = destination(path)?;
+    drop(StagedFile::create(&dest)?);
+    Ok(())
+}
+
+/// An output file being written: a temporary file in the destination's folder (so that the
+/// final rename stays on one file system), renamed over the destination by
+/// [`commit`](StagedFile::commit) once complete and flushed to disk. Dropped before that (an
+/// error, a cancelled run), it removes the temporary file: readers of the destination never
+/// see half a file, and a failed or interrupted write leaves nothing behind.
+pub struct StagedFile {
+    dest: PathBuf,
+    temp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl StagedFile {
+    /// Creates the (empty) temporary file for `dest`, after the checks of [`check_writable`].
+    pub fn create(dest: &Path) -> Result<StagedFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dest = destination(dest)?;
+        let name = dest.file_name().expect("checked by destination()").to_string_lossy().into_owned();
+        let temp = dest.with_file_name(format!(
+            ".{name}.{}-{}.zimage-tmp",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Error::io(parent_of(&dest), e))?;
+        Ok(StagedFile { dest, temp, file: Some(file) })
+    }
+
+    /// Where the file goes once committed.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// The temporary file being written (removed on drop unless committed).
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    fn writer(&mut self) -> BufWriter<&std::fs::File> {
+        BufWriter::new(self.file.as_ref().expect("open until commit"))
+    }
+
+    /// Encodes `image` as PNG with `iTXt` chunks into the temporary file.
+    pub fn write_png(&mut self, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
+        let dest = self.dest.clone();
+        let mut out = self.writer();
+        png_into(&mut out, image, text, &dest)?;
+        out.flush().map_err(|e| Error::io(&dest, e))
+    }
+
+    /// Writes `latents` as a float32 `.npy` array into the temporary file.
+    pub fn write_npy(&mut self, latents: &Array4<f32>) -> Result<()> {
+        use ndarray_npy::WriteNpyExt;
+        let dest = self.dest.clone();
+        let mut out = self.writer();
+        latents.write_npy(&mut out).map_err(|e| match e {
+            ndarray_npy::WriteNpyError::Io(io) => Error::io(&dest, io),
+            other => Error::Image(format!("{}: {other}", dest.display())),
+        })?;
+        out.flush().map_err(|e| Error::io(&dest, e))
+    }
+
+    /// Writes raw bytes into the temporary file.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let dest = self.dest.clone();
+        let mut out = self.writer();
+        out.write_all(bytes).and_then(|()| out.flush()).map_err(|e| Error::io(&dest, e))
+    }
+
+    /// Flushes the temporary file to disk and renames it over the destination.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("open until commit");
+        file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
+        drop(file);
+        std::fs::rename(&self.temp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        // Renamed: nothing left to remove on drop.
+        self.temp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        if !self.temp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// The path an output is written to: `path` itself, or the file an existing symbolic link
+/// points to. Refuses what cannot be replaced by a regular file.
+fn destination(path: &Path) -> Result<PathBuf> {
+    let not_writable =
+        |message: &str| Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, message.to_string()));
+    if path.file_name().is_none() {
+        return Err(not_writable("not a file name"));
+    }
+    let dest = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?,
+        Ok(_) => path.to_path_buf(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    match std::fs::metadata(&dest) {
+        Ok(meta) if meta.is_dir() => return Err(not_writable("is a folder, not a file")),
+        Ok(meta) if !meta.is_file() => return Err(not_writable("is not a regular file (a device, pipe or socket)")),
+        Ok(meta) if meta.permissions().readonly() => {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only"),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    let parent = parent_of(&dest);
+    match std::fs::metadata(&parent) {
+        Ok(meta) if meta.is_dir() => Ok(dest),
+        Ok(_) => Err(Error::io(
+            &parent,
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, "the output folder is not a folder"),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::io(&parent, std::io::Error::new(std::io::ErrorKind::NotFound, "output folder does not exist")))
+        }
+        Err(e) => Err(Error::io(&parent, e)),
+    }
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Input images larger than this many pixels on a side are refused before decoding.
-pub const MAX_INPUT_SIDE: u32 = 16384;
-const MAX_DECODE_BYTES: u64 = 1 << 30;
+pub use crate::limits::MAX_INPUT_SIDE;
+
+/// Reads a whole file, refusing one larger than `max_bytes`: a regular file's size is checked
+/// before reading, and the read stops after `max_bytes + 1` bytes, so devices, pipes and files
+/// that grow meanwhile (`/dev/zero`) are bounded too. Too large is an I/O error of kind
+/// [`std::io::ErrorKind::FileTooLarge`].
+pub fn read_file_capped(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let too_large = || {
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("larger than the limit of {}", human_bytes(max_bytes)),
+            ),
+        )
+    };
+    if meta.is_dir() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a folder, not a file")));
+    }
+    if meta.is_file() && meta.len() > max_bytes {
+        return Err(too_large());
+    }
+    let expected = if meta.is_file() { meta.len() } else { 0 };
+    let mut bytes = Vec::with_capacity(expected.min(max_bytes) as usize);
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// Reads an input picture file (at most [`MAX_INPUT_FILE_BYTES`]): a file too large is an
+/// image error, other failures I/O errors.
+fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    read_file_capped(path, MAX_INPUT_FILE_BYTES).map_err(|e| match e {
+        Error::Io { path, source } if source.kind() == std::io::ErrorKind::FileTooLarge => {
+            Error::Image(format!("{}: the file is {source}", path.display()))
+        }
+        other => other,
+    })
+}
 
 /// Reads a PNG, JPEG or WebP file as RGB8. An alpha channel is dropped, as PIL's
-/// `convert("RGB")` does (no compositing).
+/// `convert("RGB")` does (no compositing). The file is read with [`read_file_capped`]
+/// ([`MAX_INPUT_FILE_BYTES`]) and decoded within [`MAX_INPUT_SIDE`] and [`MAX_DECODE_BYTES`].
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_image_file(path)?;
     decode_rgb(&bytes).map_err(|e| Error::Image(format!("{}: {}", path.display(), strip(e))))
+}
+
+/// Reads the whole file of an input picture, bounded like [`load_rgb`], without decoding it
+/// (see [`image_size`], [`decode_rgb`]).
+pub fn read_image_bytes(path: &Path) -> Result<Vec<u8>> {
+    read_image_file(path)
+}
+
+/// Width and height from an encoded picture's header, without decoding its pixels.
+pub fn image_size(bytes: &[u8]) -> Result<(u32, u32)> {
+    guard("reading the image header", || reader(bytes)?.into_dimensions().map_err(decode_error))
 }
 
 /// Decodes PNG, JPEG or WebP bytes as RGB8 (alpha dropped).
@@ -102,10 +346,28 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
 }
 
 /// Reads a mask file as 8-bit gray (colour converted with ITU-R 601 weights like PIL's
-/// `convert("L")`).
+/// `convert("L")`), bounded like [`load_rgb`].
 pub fn load_gray(path: &Path) -> Result<GrayImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_image_file(path)?;
     decode_gray(&bytes).map_err(|e| Error::Image(format!("{}: {}", path.display(), strip(e))))
+}
+
+/// Reads a mask that must be `width` x `height` (the request's size): the header is checked
+/// first, so a mask of another size is refused (invalid request) before it is decoded.
+pub fn load_gray_sized(path: &Path, width: u32, height: u32) -> Result<GrayImage> {
+    let bytes = read_image_file(path)?;
+    let located = |e: Error| match e {
+        Error::Image(m) => Error::Image(format!("{}: {m}", path.display())),
+        other => other,
+    };
+    let (w, h) = image_size(&bytes).map_err(located)?;
+    if (w, h) != (width, height) {
+        return Err(Error::invalid(format!(
+            "{}: the mask is {w}x{h} but the request is {width}x{height}; they must be the same size",
+            path.display()
+        )));
+    }
+    decode_gray(&bytes).map_err(located)
 }
 
 /// Decodes PNG, JPEG or WebP bytes as 8-bit gray.
@@ -124,14 +386,15 @@ fn pil_luma([r, g, b]: [u8; 3]) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
-fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
+/// A reader for PNG, JPEG or WebP bytes, with the decoding limits set.
+fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>> {
     if bytes.is_empty() {
         return Err(Error::Image("the image is empty (0 bytes)".into()));
     }
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Image(e.to_string()))?;
-    if reader.format().is_none() {
+    if !matches!(reader.format(), Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) {
         return Err(Error::Image("not a PNG, JPEG or WebP image".into()));
     }
     let mut limits = image::Limits::default();
@@ -139,12 +402,28 @@ fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
     limits.max_image_height = Some(MAX_INPUT_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    reader.decode().map_err(|e| match e {
+    Ok(reader)
+}
+
+fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
+    guard("decoding the image", || reader(bytes)?.decode().map_err(decode_error))
+}
+
+fn decode_error(e: image::ImageError) -> Error {
+    match e {
         image::ImageError::Limits(_) => Error::Image(format!(
-            "the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or 1 GiB decoded)"
+            "the image is too large (more than {MAX_INPUT_SIDE} pixels on a side or {} decoded)",
+            human_bytes(MAX_DECODE_BYTES)
         )),
         other => Error::Image(format!("cannot decode the image: {other}")),
-    })
+    }
+}
+
+/// Runs a decoder on untrusted bytes: a panic inside it (a decoder bug) becomes an image error
+/// instead of ending the process.
+fn guard<T>(what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|_| Err(Error::Image(format!("the decoder failed while {what} (malformed file)"))))
 }
 
 fn strip(e: Error) -> String {
@@ -156,11 +435,19 @@ fn strip(e: Error) -> String {
 
 /// Resizes to `width` x `height` with a Lanczos3 filter (the filter diffusers' image
 /// processor uses through PIL; results differ from PIL's by rounding, so feed images that
-/// are already at the target size when exact parity matters).
+/// are already at the target size when exact parity matters). The target is limited to
+/// [`MAX_INPUT_SIDE`] on a side (check the request against the model first: a target the
+/// model refuses should never be resized to).
 pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
     if width == 0 || height == 0 {
         return Err(Error::invalid("resize target must be at least 1x1"));
     }
+    if width > MAX_INPUT_SIDE || height > MAX_INPUT_SIDE {
+        return Err(Error::invalid(format!(
+            "resize target {width}x{height} exceeds {MAX_INPUT_SIDE} pixels on a side"
+        )));
+    }
+    image.check()?;
     if image.width == width && image.height == height {
         return Ok(image.clone());
     }
@@ -202,15 +489,63 @@ impl GrayImage {
     }
 }
 
-/// Writes `[B, C, h, w]` latents as a float32 `.npy` file.
-pub fn write_npy(path: &Path, latents: &Array4<f32>) -> Result<()> {
-    ndarray_npy::write_npy(path, latents).map_err(|e| match e {
-        ndarray_npy::WriteNpyError::Io(io) => Error::io(path, io),
-        other => Error::Image(format!("{}: {other}", path.display())),
-    })
+/// Reads `[B, C, h, w]` float32 latents from a `.npy` file.
+/// The file is read with [`read_file_capped`] ([`MAX_LATENTS_FILE_BYTES`]).
+pub fn read_npy(path: &Path) -> Result<Array4<f32>> {
+    use ndarray_npy::ReadNpyExt;
+    let bytes = read_file_capped(path, MAX_LATENTS_FILE_BYTES)?;
+    Array4::<f32>::read_npy(bytes.as_slice())
+        .map_err(|e| Error::invalid(format!("{}: cannot read latents: {e}", path.display())))
 }
 
-/// Reads `[B, C, h, w]` float32 latents from a `.npy` file.
-pub fn read_npy(path: &Path) -> Result<Array4<f32>> {
-    ndarray_npy::read_npy(path).map_err(|e| Error::invalid(format!("{}: cannot read latents: {e}", path.display())))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk that fills up while the PNG is written (/dev/full: every write fails with
+    /// ENOSPC) is an I/O error naming the destination, and leaves neither the destination nor
+    /// the temporary file.
+    #[cfg(unix)]
+    #[test]
+    fn a_full_disk_is_an_io_error_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("zimage-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dest = dir.join("out.png");
+        let image = RgbImage { width: 64, height: 64, pixels: vec![7; 64 * 64 * 3] };
+        for latents in [false, true] {
+            let mut staged = StagedFile::create(&dest).unwrap();
+            let temp = staged.temp_path().to_path_buf();
+            assert!(temp.exists());
+            staged.file = Some(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap());
+            let e = if latents {
+                staged.write_npy(&Array4::zeros((1, 16, 64, 64))).unwrap_err()
+            } else {
+                staged.write_png(&image, &[("prompt", "x".into())]).unwrap_err()
+            };
+            assert_eq!(e.kind(), crate::error::ErrorKind::Io, "{e}");
+            match &e {
+                Error::Io { path, source } => {
+                    assert_eq!(path, &dest);
+                    assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+                }
+                other => panic!("{other}"),
+            }
+            drop(staged);
+            assert!(!temp.exists() && !dest.exists());
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_stop_at_the_cap() {
+        let dir = std::env::temp_dir().join(format!("zimage-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, [1u8; 100]).unwrap();
+        assert_eq!(read_file_capped(&path, 100).unwrap().len(), 100);
+        let e = read_file_capped(&path, 99).unwrap_err();
+        assert!(matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

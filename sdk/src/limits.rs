@@ -1,7 +1,37 @@
 //! Caps that keep a request within what the graphs and memory can hold. One place, so the
 //! SDK's checks, the C ABI's documentation and the front ends' argument parsers agree.
+//!
+//! Every cap is checked before the allocation or read that depends on it: a request is
+//! validated before its images are resized or its latents drawn, a file's size before it is
+//! read (and the read itself stops at the cap, for devices and pipes whose size is unknown).
 
 /// Most denoising steps in one generation.
 pub const MAX_STEPS: u32 = 1000;
 /// Most images in one request (they share one batch through the transformer).
 pub const MAX_IMAGES_PER_REQUEST: u32 = 64;
+
+/// Largest classifier-free guidance scale. The guided prediction is `pos + g * (pos - neg)`:
+/// its size grows linearly with `g`, and far beyond the 0..20 that Z-Image and diffusers use
+/// the latents leave the range the VAE was trained on (the picture saturates to black or
+/// white, fp16 activations overflow). 100 leaves room for experiments and keeps every
+/// recorded golden (at most 4) valid.
+pub const MAX_GUIDANCE_SCALE: f32 = 100.0;
+/// Largest `cfg_normalization` factor (the guided prediction's norm is capped at this many
+/// times the conditional one's; 0 = off). Useful values are near 1 (the goldens use 1.2); a
+/// cap 100 times the conditional norm no longer limits anything a sane guidance scale
+/// produces, so larger values only hide typos.
+pub const MAX_CFG_NORMALIZATION: f32 = 100.0;
+
+/// Input pictures (init images, masks) with more pixels than this on a side are refused from
+/// their header, before decoding.
+pub const MAX_INPUT_SIDE: u32 = 16384;
+/// Most bytes a decoded input picture may take (its pixels and the decoder's buffers).
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Largest input picture file read (PNG, JPEG, WebP). A 16384 x 16384 photograph is well under
+/// this; the cap also bounds reads from devices and pipes (`/dev/zero`), whose size is unknown
+/// until read.
+pub const MAX_INPUT_FILE_BYTES: u64 = 256 << 20;
+/// Largest `manifest.json` read.
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+/// Largest latents file (`.npy`) read.
+pub const MAX_LATENTS_FILE_BYTES: u64 = 1 << 30;

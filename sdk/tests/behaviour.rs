@@ -38,6 +38,11 @@ fn invalid_requests_are_refused_with_their_kind() {
         ("NaN guidance", Box::new(|r| r.guidance_scale = f32::NAN)),
         ("infinite truncation", Box::new(|r| r.cfg_truncation = f32::INFINITY)),
         ("negative guidance", Box::new(|r| r.guidance_scale = -1.0)),
+        ("guidance above its bound", Box::new(|r| r.guidance_scale = 100.5)),
+        ("extreme guidance", Box::new(|r| r.guidance_scale = 1e38)),
+        ("cfg_normalization above its bound", Box::new(|r| r.cfg_normalization = 100.5)),
+        ("negative cfg_normalization", Box::new(|r| r.cfg_normalization = -0.5)),
+        ("negative cfg_truncation", Box::new(|r| r.cfg_truncation = -0.1)),
         ("zero images", Box::new(|r| r.count = 0)),
         ("65 images", Box::new(|r| r.count = 65)),
         ("max_sequence_length 0", Box::new(|r| r.max_sequence_length = Some(0))),
@@ -499,4 +504,149 @@ fn oversized_images_are_refused_before_decoding() {
     let err = zimage::image_io::decode_rgb(&bytes).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Image);
     assert!(err.to_string().contains("too large"), "{err}");
+}
+
+/// Decoded pictures are checked like the latents: latents that stay finite through the
+/// denoising step but decode to NaN (what guidance 1e38 produced: an all-black PNG) are an
+/// inference error of the VAE decoder. (The tiny VAE's normalisation layers keep even extreme
+/// latents from saturating it, so the saturation rule is tested on `image_io::all_clipped`.)
+#[test]
+fn decoded_pictures_are_checked() {
+    let p = pipeline("tiny-zimage");
+    let mut r = small("a cat");
+    r.steps = 1;
+    r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), 1e38));
+    let e = p.generate(&r, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Inference, "{e}");
+    assert!(e.to_string().contains("vae_decoder") && e.to_string().contains("non-finite"), "{e}");
+    // The bounds themselves are usable: guidance 100 with normalisation 100 runs.
+    let mut r = small("a cat");
+    r.steps = 1;
+    r.guidance_scale = zimage::limits::MAX_GUIDANCE_SCALE;
+    r.cfg_normalization = zimage::limits::MAX_CFG_NORMALIZATION;
+    let g = p.generate(&r, None).unwrap();
+    assert!(g.latents.unwrap().iter().all(|v| v.is_finite()));
+
+    let clipped = ndarray::Array3::from_shape_fn((3, 2, 2), |(c, _, _)| if c == 0 { -1.0f32 } else { 7.5 });
+    assert!(zimage::image_io::all_clipped(clipped.view()));
+    let mut one_inside = clipped.clone();
+    one_inside[[2, 1, 1]] = 0.999;
+    assert!(!zimage::image_io::all_clipped(one_inside.view()));
+    let with_nan = ndarray::Array3::from_elem((3, 2, 2), f32::NAN);
+    assert!(zimage::image_io::all_clipped(with_nan.view()), "NaN is not inside the range either");
+}
+
+/// Input files are read within a cap (devices and pipes too), and sizes the request sets are
+/// checked before anything is allocated from them.
+#[cfg(unix)]
+#[test]
+fn hostile_files_and_sizes_are_refused_before_allocating() {
+    use std::time::Instant;
+    use zimage::image_io;
+    let started = Instant::now();
+    let e = image_io::read_file_capped("/dev/zero".as_ref(), 1 << 20).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(e.to_string().contains("larger than the limit of 1 MiB"), "{e}");
+    let e = image_io::load_rgb("/dev/zero".as_ref()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    let e = image_io::load_gray("/dev/zero".as_ref()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    // A (sparse) file over the cap is refused from its size, without reading it.
+    let dir = std::env::temp_dir().join(format!("zimage-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let huge = dir.join("huge.png");
+    std::fs::File::create(&huge).unwrap().set_len(64 << 30).unwrap();
+    let e = image_io::load_rgb(&huge).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    assert!(started.elapsed().as_secs() < 20, "bounded reads took {:?}", started.elapsed());
+    // A folder is an I/O error, not an endless or failed read.
+    assert_eq!(image_io::load_rgb(&dir).unwrap_err().kind(), ErrorKind::Io);
+
+    // The request's size is checked before an init image is resized to it.
+    let manifest = zimage::Manifest::read(&repo().join("models/tiny-zimage")).unwrap();
+    let mut r = small("x");
+    (r.width, r.height) = (100_000, 100_000);
+    let e = zimage::pipeline::check_request(&r, &manifest).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let tiny = zimage::RgbImage { width: 2, height: 2, pixels: vec![9; 12] };
+    let e = image_io::resize_rgb(&tiny, 100_000, 100_000).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    // A mask of another size than the request is refused from its header.
+    let mask = golden("tiny-zimage/inputs/mask.png");
+    assert_eq!(image_io::load_gray_sized(&mask, 64, 64).unwrap().pixels.len(), 64 * 64);
+    let e = image_io::load_gray_sized(&mask, 32, 64).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Outputs are written to a temporary file and renamed: nothing is left at the destination
+/// or beside it when writing fails, and what is not a regular file is never replaced.
+#[cfg(unix)]
+#[test]
+fn outputs_are_written_atomically_and_never_over_devices() {
+    use std::os::unix::fs::FileTypeExt;
+    use zimage::image_io;
+    let dir = std::env::temp_dir().join(format!("zimage-outputs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = zimage::RgbImage { width: 4, height: 2, pixels: vec![200; 24] };
+    let listing = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+
+    image_io::write_png(&dir.join("a.png"), &image, &[("k", "v".into())]).unwrap();
+    assert_eq!(zimage::image_io::load_rgb(&dir.join("a.png")).unwrap(), image);
+    image_io::write_npy(&dir.join("l.npy"), &ndarray::Array4::zeros((1, 2, 3, 4))).unwrap();
+    image_io::write_file_atomic(&dir.join("s.json"), b"{}").unwrap();
+    assert_eq!(listing(), ["a.png", "l.npy", "s.json"], "no temporary file left");
+
+    // An uncommitted file leaves nothing; a committed one replaces the old content whole.
+    let staged = image_io::StagedFile::create(&dir.join("b.png")).unwrap();
+    assert!(staged.temp_path().exists());
+    drop(staged);
+    let mut staged = image_io::StagedFile::create(&dir.join("a.png")).unwrap();
+    staged.write_bytes(b"new").unwrap();
+    assert_eq!(zimage::image_io::load_rgb(&dir.join("a.png")).unwrap(), image, "untouched until commit");
+    staged.commit().unwrap();
+    assert_eq!(std::fs::read(dir.join("a.png")).unwrap(), b"new");
+    assert_eq!(listing(), ["a.png", "l.npy", "s.json"]);
+
+    // A folder, a device, a missing folder, a path without a file name: I/O errors, up front.
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    for bad in [dir.join("sub"), "/dev/null".into(), dir.join("missing/x.png"), "/".into()] {
+        let e = image_io::check_writable(&bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{}: {e}", bad.display());
+        let e = image_io::write_png(&bad, &image, &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{}: {e}", bad.display());
+    }
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    // A malformed image is refused before anything is written.
+    let short = zimage::RgbImage { width: 4, height: 2, pixels: vec![0; 5] };
+    assert_eq!(image_io::write_png(&dir.join("c.png"), &short, &[]).unwrap_err().kind(), ErrorKind::Image);
+    assert_eq!(listing(), ["a.png", "l.npy", "s.json", "sub"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A manifest that names a device (a link to /dev/zero) as a package file is refused: its
+/// checksum would otherwise be computed forever.
+#[cfg(unix)]
+#[test]
+fn package_files_must_be_regular_files() {
+    let src = repo().join("models/tiny-zimage");
+    let dir = std::env::temp_dir().join(format!("zimage-devfile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut manifest = json(&src.join("manifest.json"));
+    manifest["tokenizer"] = serde_json::json!({"path": "tokenizer.json", "bytes": 0, "sha256": "00"});
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("tokenizer.json")).unwrap();
+    let started = std::time::Instant::now();
+    let e = Pipeline::load(&dir, &LoadOptions::default()).err().expect("refused");
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    assert!(started.elapsed().as_secs() < 10);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

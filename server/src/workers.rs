@@ -330,7 +330,14 @@ fn run(
         .iter()
         .enumerate()
         .map(|(index, image)| {
-            let parameters = image_parameters(&spec.request, &generation, index, pipeline.package_dir(), &spec.inputs);
+            let parameters = image_parameters(
+                &spec.request,
+                &generation,
+                index,
+                pipeline.package_dir(),
+                &pipeline.loras(),
+                &spec.inputs,
+            );
             encode(image, spec.format, spec.compression, &parameters)
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -447,8 +447,13 @@ static void compare_latents(const zimage_image_list *images, const golden_case *
     CHECK(latents.batch == c->count && latents.height == 2 * (c->height / 16) && latents.width == 2 * (c->width / 16));
     CHECK(n * sizeof(float) == size);
     if (expected && n * sizeof(float) == size) {
-        for (i = 0; i < n; i++) worst = fmax(worst, fabs((double)latents.values[i] - (double)expected[i]));
-        if (worst > 1e-4) {
+        /* fmax would drop a NaN and pass it: a NaN difference is the worst one. */
+        for (i = 0; i < n; i++) {
+            double d = fabs((double)latents.values[i] - (double)expected[i]);
+            if (isnan(d) || d > worst) worst = d;
+            if (isnan(d)) break;
+        }
+        if (isnan(worst) || worst > 1e-4) {
             fprintf(stderr, "case %s: latents differ by up to %g\n", c->name, worst);
             failures++;
         }

@@ -41,6 +41,13 @@ impl Vae {
             if out.shape()[1] != 3 {
                 return Err(decoder.failed(format!("output shape {:?}", out.shape())));
             }
+            if let Some(bad) = out.iter().find(|v| !v.is_finite()) {
+                return Err(decoder.failed(format!(
+                    "the decoded image holds non-finite values ({bad}) for image {} of {}",
+                    b + 1,
+                    latents.shape()[0]
+                )));
+            }
             images.push(out);
         }
         Ok(images)

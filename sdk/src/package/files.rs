@@ -68,6 +68,10 @@ fn check_file(dir: &Path, entry: &FileEntry, verify_all: bool) -> Result<()> {
             Error::io(&path, e)
         }
     })?;
+    // A device or pipe (a link to /dev/zero) has no size to check and would be read forever.
+    if !meta.is_file() {
+        return Err(Error::package(dir, format!("{} is not a regular file", entry.path)));
+    }
     if meta.len() != entry.bytes {
         return Err(Error::package(
             dir,

@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::image_io::read_file_capped;
+use crate::limits::MAX_MANIFEST_BYTES;
 
 /// `format` of a Z-Image model package.
 pub const FORMAT_NAME: &str = "zimage-model-package";
@@ -15,11 +17,14 @@ pub const FORMAT_VERSION: u32 = 1;
 /// folder is not.
 pub(crate) fn read_manifest_json(dir: &Path, what_it_is_not: &str) -> Result<String> {
     let path = dir.join("manifest.json");
-    std::fs::read_to_string(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+    let bytes = read_file_capped(&path, MAX_MANIFEST_BYTES).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Error::package(dir, format!("no manifest.json: {what_it_is_not}"))
-        } else {
-            Error::io(&path, e)
         }
-    })
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge => {
+            Error::package(&path, format!("the file is {source}"))
+        }
+        other => other,
+    })?;
+    String::from_utf8(bytes).map_err(|_| Error::package(&path, "not UTF-8 text"))
 }

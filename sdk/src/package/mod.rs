@@ -121,6 +121,14 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Reads and checks `dir/manifest.json` alone, without looking at the files it names:
+    /// cheap, for checking a request against the package's limits before loading it
+    /// ([`check_request`](crate::pipeline::check_request)). [`Manifest::load`] does the rest.
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let text = read_manifest_json(dir, "not a zimage model package (export one with export-scripts/export.py)")?;
+        Manifest::parse(&text).map_err(|m| Error::package(dir.join("manifest.json"), m))
+    }
+
     /// Parses and checks the manifest text alone (no file access).
     pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
         let head: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -150,6 +158,24 @@ impl Manifest {
         }
         let t = &self.transformer;
         let v = &self.vae;
+        // Far above any real model, low enough that sizes computed from them (image limits,
+        // sequence lengths, tensor shapes) cannot overflow: a hostile manifest is refused here
+        // rather than panicking or wrapping around later.
+        for (name, value, max) in [
+            ("transformer.in_channels", t.in_channels, 1 << 16),
+            ("transformer.patch_size", t.patch_size, 64),
+            ("transformer.cap_feat_dim", t.cap_feat_dim, 1 << 20),
+            ("transformer.sequence_multiple", t.sequence_multiple, 1 << 16),
+            ("transformer.max_caption_tokens", t.max_caption_tokens, 1 << 20),
+            ("transformer.max_latent_height", t.max_latent_height, 1 << 16),
+            ("transformer.max_latent_width", t.max_latent_width, 1 << 16),
+            ("vae.scale_factor", v.scale_factor, 64),
+            ("text_encoder.max_sequence_length", self.text_encoder.max_sequence_length, 1 << 20),
+        ] {
+            if value > max {
+                return Err(format!("{name} {value} is beyond any supported model (at most {max})"));
+            }
+        }
         if t.in_channels == 0 || t.in_channels != v.latent_channels {
             return Err(format!(
                 "transformer.in_channels ({}) must equal vae.latent_channels ({}) and be > 0",
@@ -229,8 +255,11 @@ impl Manifest {
             .iter()
             .filter(|(kind, _)| *kind != GraphKind::VaeDecoderCpu)
             .map(|(_, g)| {
-                g.bytes + g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes)
+                let shared = g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes);
+                g.bytes.saturating_add(shared)
             })
-            .sum()
+            // Saturating: the sizes come from the manifest and are only checked against the
+            // files when the package loads.
+            .fold(0u64, u64::saturating_add)
     }
 }

@@ -237,9 +237,10 @@ impl Pipeline {
         self.captions.encode(prompt, max_sequence_length, &context)
     }
 
-    /// Checks `request` against this package (sizes, steps, guidance, counts, input pictures)
-    /// without running anything: the checks [`Pipeline::generate`] starts with, for a caller
-    /// that wants to refuse a request before queueing it.
+    /// Checks `request` against this pipeline (the package's limits, input pictures and, on
+    /// TensorRT, the profiles declared at load) without running anything: the checks
+    /// [`Pipeline::generate`] starts with, for a caller that wants to refuse a request before
+    /// queueing it.
     pub fn check_request(&self, request: &GenerateRequest) -> Result<()> {
         Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref()).map(|_| ())
     }
@@ -262,7 +263,7 @@ impl Pipeline {
         let latents =
             self.denoise(start, &prompts, &plan, &schedule, &context, &mut denoise_steps, progress, started)?;
         let decode_start = Instant::now();
-        let images = self.decode(&latents, &context)?;
+        let images = self.decode(&latents, &plan, &context)?;
         let timings = Timings {
             tokenize: prompts.tokenize_time,
             text_encode: prompts.encode_time,
@@ -347,9 +348,31 @@ impl Pipeline {
         Ok(latents)
     }
 
-    /// Latents to 8-bit pictures, one image at a time.
-    fn decode(&self, latents: &Array4<f32>, context: &RunContext) -> Result<Vec<image_io::RgbImage>> {
+    /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like
+    /// the latents are after each step: non-finite values, or a picture whose every value is
+    /// clipped (every channel of every pixel 0 or 255: what latents far outside the VAE's
+    /// range decode to, e.g. an extreme guidance scale), are inference errors rather than a
+    /// black or white PNG.
+    fn decode(&self, latents: &Array4<f32>, plan: &Plan, context: &RunContext) -> Result<Vec<image_io::RgbImage>> {
         let decoded = self.vae.decode(&*self.vae_decoder.acquire()?, latents, context)?;
+        let count = decoded.len();
+        for (index, image) in decoded.iter().enumerate() {
+            if image_io::all_clipped(image.index_axis(Axis(0), 0)) {
+                let which = if count > 1 { format!("image {} of {count}", index + 1) } else { "the image".into() };
+                let guidance = if plan.guidance.enabled() {
+                    format!(" at guidance_scale {}: lower it", plan.guidance.scale)
+                } else {
+                    String::new()
+                };
+                return Err(Error::inference(
+                    "vae_decoder",
+                    format!(
+                        "{which} is saturated: every pixel value is clipped to 0 or 255, the latents are far \
+                         outside the range the VAE decodes{guidance}"
+                    ),
+                ));
+            }
+        }
         Ok(decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect())
     }
 
@@ -407,6 +430,15 @@ impl Pipeline {
         result.enhanced_prompt = Some(enhancement.text);
         Ok(result)
     }
+}
+
+/// Checks `request` against a package's manifest ([`Manifest::read`] gives it without loading
+/// the package): sizes, steps, count, guidance settings, latents, and the input picture when
+/// the request has one. A front end calls it before reading, decoding or resizing anything
+/// whose size the request sets (an init image is resized to the request's size), so that an
+/// invalid request is refused before it allocates; [`Pipeline::generate`] checks again.
+pub fn check_request(request: &GenerateRequest, manifest: &Manifest) -> Result<()> {
+    Plan::new(request, manifest, None).map(|_| ())
 }
 
 /// The package's graphs must declare the interfaces the networks drive: those of the image

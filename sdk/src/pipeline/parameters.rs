@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::request::{GenerateRequest, Generation, Prompt};
+use crate::lora::LoraSetting;
 
 /// How the front end names the request's input pictures (a file path, an upload's file name).
 /// Recorded only when the request has an input picture (and a mask).
@@ -17,12 +18,14 @@ pub struct InputNames {
 /// The parameters of image `index` of `generation`, made from `request` with the package in
 /// `model`: prompt (the rewritten one when enhanced, then the original), negative prompt, seed,
 /// steps, size, guidance and CFG settings, batch size and index, model, software, and where set
-/// the sequence length and the input pictures with their strength.
+/// the sequence length, the LoRA adapters merged into the transformer (`loras`, see
+/// [`lora_records`]) and the input pictures with their strength.
 pub fn image_parameters(
     request: &GenerateRequest,
     generation: &Generation,
     index: usize,
     model: &Path,
+    loras: &[LoraSetting],
     inputs: &InputNames,
 ) -> Vec<(&'static str, String)> {
     let text_of = |prompt: Option<&Prompt>| match prompt {
@@ -51,6 +54,9 @@ pub fn image_parameters(
     if let Some(n) = request.max_sequence_length {
         text.push(("max_sequence_length", n.to_string()));
     }
+    if !loras.is_empty() {
+        text.push(("loras", lora_records(loras).to_string()));
+    }
     if let Some(init) = &request.init_image {
         text.push(("init_image", inputs.init_image.clone()));
         text.push(("strength", init.strength.to_string()));
@@ -59,4 +65,19 @@ pub fn image_parameters(
         }
     }
     text
+}
+
+/// Each adapter as `{"file", "sha256", "scale"}` (the file name only: paths are
+/// machine-specific), in the order they are merged.
+pub fn lora_records(loras: &[LoraSetting]) -> serde_json::Value {
+    serde_json::Value::Array(
+        loras
+            .iter()
+            .map(|l| {
+                // The shortest decimal that reads back as the f32 (0.7, not 0.699999988...).
+                let scale = l.scale.to_string().parse::<f64>().unwrap_or(f64::from(l.scale));
+                serde_json::json!({"file": l.adapter.file_name(), "sha256": l.adapter.sha256(), "scale": scale})
+            })
+            .collect(),
+    )
 }

@@ -4,7 +4,7 @@ use super::denoise::Guidance;
 use super::request::GenerateRequest;
 use super::start;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::limits::{MAX_CFG_NORMALIZATION, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 use crate::package::Manifest;
 use crate::runtime::gpu::TensorRtOptions;
 
@@ -47,8 +47,27 @@ impl Plan {
                 return Err(Error::invalid(format!("{name} must be finite (got {v})")));
             }
         }
-        if r.guidance_scale < 0.0 || r.cfg_normalization < 0.0 {
-            return Err(Error::invalid("guidance_scale and cfg_normalization must not be negative"));
+        // Documented bounds (limits.rs says why): beyond them the latents leave the range the
+        // VAE decodes and the picture saturates, or the setting cannot have an effect.
+        if !(0.0..=MAX_GUIDANCE_SCALE).contains(&r.guidance_scale) {
+            return Err(Error::invalid(format!(
+                "guidance_scale must be within [0, {MAX_GUIDANCE_SCALE}] (got {:?})",
+                r.guidance_scale
+            )));
+        }
+        if !(0.0..=MAX_CFG_NORMALIZATION).contains(&r.cfg_normalization) {
+            return Err(Error::invalid(format!(
+                "cfg_normalization must be within [0, {MAX_CFG_NORMALIZATION}] (0 = off; got {:?})",
+                r.cfg_normalization
+            )));
+        }
+        // Compared with the normalised time in [0, 1]: values of 1 or more never stop guidance
+        // (diffusers' rule); a negative one would switch guidance off at every step.
+        if r.cfg_truncation < 0.0 {
+            return Err(Error::invalid(format!(
+                "cfg_truncation must not be negative (1 or more = never stop guidance; got {:?})",
+                r.cfg_truncation
+            )));
         }
         if let Some(trt) = tensorrt {
             if !trt.covers(r.width, r.height, r.count) {

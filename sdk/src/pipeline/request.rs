@@ -50,12 +50,16 @@ pub struct GenerateRequest {
     pub negative_prompt: Option<Prompt>,
     pub width: u32,
     pub height: u32,
+    /// 1..=[`MAX_STEPS`](crate::limits::MAX_STEPS).
     pub steps: u32,
+    /// Classifier-free guidance scale, 0..=[`MAX_GUIDANCE_SCALE`](crate::limits::MAX_GUIDANCE_SCALE)
+    /// (100); 0 turns guidance off.
     pub guidance_scale: f32,
     /// 0 = off; otherwise the guided prediction's norm is capped at this factor times the
-    /// conditional one's.
+    /// conditional one's. At most [`MAX_CFG_NORMALIZATION`](crate::limits::MAX_CFG_NORMALIZATION) (100).
     pub cfg_normalization: f32,
-    /// Guidance stops at steps whose normalised time exceeds this (1.0 = never stops).
+    /// Guidance stops at steps whose normalised time exceeds this (1.0 or more = never stops);
+    /// finite and not negative.
     pub cfg_truncation: f32,
     /// `None` draws a random seed, reported in the result.
     pub seed: Option<u64>,

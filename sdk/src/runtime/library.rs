@@ -57,6 +57,7 @@ pub fn runtime(explicit_library: Option<&Path>) -> Result<&'static Runtime> {
                 let env = builder.with_name("zimage").with_telemetry(false).build().map_err(|e| {
                     Error::runtime(format!("creating the ONNX Runtime environment failed: {e}")).caused_by(e)
                 })?;
+                env.set_log_level(ort_log_level(tracing::level_filters::LevelFilter::current()));
                 let rt = Runtime { env, library_path: candidate };
                 return Ok(RUNTIME.get_or_init(|| rt));
             }
@@ -134,4 +135,21 @@ fn containing_library_dir() -> Option<PathBuf> {
 #[cfg(not(unix))]
 fn containing_library_dir() -> Option<PathBuf> {
     None
+}
+
+/// ONNX Runtime's own log lines arrive as `tracing` events (target `ort::…`). ONNX Runtime is
+/// asked for warnings and errors always (rare, and cheap when nobody listens), and for its
+/// informational or verbose lines only when a subscriber enables them as the library loads: it
+/// formats every line it logs, and at the verbose level it logs every node of every session it
+/// creates. A host that wants those lines installs its subscriber before the first load.
+fn ort_log_level(max: tracing::level_filters::LevelFilter) -> ort::logging::LogLevel {
+    use ort::logging::LogLevel;
+    use tracing::level_filters::LevelFilter;
+    if max >= LevelFilter::TRACE {
+        LogLevel::Verbose
+    } else if max >= LevelFilter::INFO {
+        LogLevel::Info
+    } else {
+        LogLevel::Warning
+    }
 }

@@ -63,9 +63,19 @@ pub fn tolerances() -> (f32, u8, f64) {
     }
 }
 
+/// Largest absolute difference; NaN as soon as either side holds one, so that a `<=` bound
+/// fails on it (folding with `f32::max` would drop the NaN and pass).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            return f32::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst
 }
 
 pub fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
