@@ -12,7 +12,8 @@ use zimage::{GenerateRequest, Timings};
 
 use crate::device_memory::DeviceMemorySampler;
 use crate::generate::{timings_json, StageProgress};
-use crate::{secs, ModelArgs};
+use crate::model_args::ModelArgs;
+use crate::output::secs;
 
 /// The default prompt; bench_reference.py uses the same one.
 const BENCH_PROMPT: &str = "a red fox sitting in fresh snow at sunrise, detailed fur, soft light";

@@ -10,7 +10,8 @@ use zimage::{
     EnhanceOptions, Enhancement, LoadOptions, Pipeline, PromptEnhancer, RandomSampling, Sampling, TokenEvent,
 };
 
-use crate::{secs, ModelArgs};
+use crate::model_args::ModelArgs;
+use crate::output::secs;
 
 /// Decoding options shared by `enhance` and `generate --enhance`.
 #[derive(Args, Clone)]
@@ -104,7 +105,7 @@ pub fn run(args: EnhanceArgs) -> zimage::Result<()> {
     options.threads = args.threads;
     let dir = args.flags.enhancer.clone().unwrap_or_else(|| args.model.clone());
     let enhancer = PromptEnhancer::load(&dir, &options)?;
-    crate::set_cancel_handle(enhancer.cancel_handle());
+    crate::interrupt::set_cancel_handle(enhancer.cancel_handle());
     let mut stream = |event: &TokenEvent| {
         if event.thinking {
             eprint!("{}", event.text);

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use zimage::{image_io, GenerateRequest, Generation, InitImage, Pipeline, Progress, Prompt, Timings, TokenizedPrompt};
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::{secs, ModelArgs};
+use crate::model_args::ModelArgs;
+use crate::output::secs;
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
 
