@@ -25,7 +25,7 @@
 
 /**
  * `seed` value that asks for a random seed; the one used is reported by
- * `zimage_image_list_seed()`.
+ * `zimage_image_list_seed()` (or `zimage_enhance()`'s `out_seed`).
  */
 #define ZIMAGE_RANDOM_SEED UINT64_MAX
 
@@ -130,12 +130,13 @@ enum zimage_log_level
 #endif // __cplusplus
  {
   /**
-   * An operation failed; the same text is in `zimage_last_error_message()`.
+   * An operation failed; the same text is in `zimage_last_error_message()`. Also ONNX
+   * Runtime's own errors (messages starting with "onnxruntime: ").
    */
   ZIMAGE_LOG_LEVEL_ERROR = 1,
   /**
-   * Something worked, but not as asked (e.g. a provider fell back to CPU, a prompt was
-   * truncated).
+   * Something worked, but not as asked (e.g. a graph fell back to CPU, a prompt was
+   * truncated). Also ONNX Runtime's own warnings ("onnxruntime: ...").
    */
   ZIMAGE_LOG_LEVEL_WARN = 2,
   /**
@@ -143,7 +144,8 @@ enum zimage_log_level
    */
   ZIMAGE_LOG_LEVEL_INFO = 3,
   /**
-   * Details: the parameters of each request.
+   * Details: the parameters of each request; ONNX Runtime's informational lines when the
+   * `ORT_LOG` environment variable asks for them (ffi/README.md, "Log messages").
    */
   ZIMAGE_LOG_LEVEL_DEBUG = 4,
 };
@@ -175,7 +177,7 @@ typedef uint32_t zimage_memory_mode;
 
 /**
  * Precision TensorRT may use inside its engines (inputs and outputs stay float32). Passed as a
- * `uint32_t` in `zimage_load_params`.
+ * `uint32_t` in `zimage_tensorrt_params`.
  */
 enum zimage_tensorrt_precision
 #ifdef __cplusplus
@@ -252,7 +254,8 @@ typedef struct zimage_pipeline zimage_pipeline;
 /**
  * An encoded prompt (the text encoder's output), made by `zimage_encode_prompt()` and freed
  * with `zimage_prompt_embedding_free()`. Immutable: one embedding can be used by several
- * generations on several threads at once, and with any pipeline of the same model.
+ * generations on several threads at once, and with any pipeline of the same model. It holds
+ * its own data: it stays valid after the pipeline that made it is freed.
  */
 typedef struct zimage_prompt_embedding zimage_prompt_embedding;
 
@@ -315,7 +318,59 @@ typedef struct zimage_enhance_params {
 typedef void (*zimage_log_callback)(uint32_t level, const char *message, void *user_data);
 
 /**
- * How a pipeline is loaded. Fill it with `zimage_load_params_init()`, then change fields.
+ * How TensorRT builds its engines. Fill it with `zimage_tensorrt_params_init()`, change fields,
+ * and point `zimage_load_params.tensorrt` at it (NULL there = these defaults). Read during the
+ * load call only; ignored unless a graph runs on TensorRT.
+ *
+ * The resolution range, `max_images`, `guidance` and `typical_caption_tokens` shape the engines'
+ * optimisation profiles: they are checked when a graph runs on TensorRT
+ * (`ZIMAGE_RESULT_INVALID_REQUEST` when out of range), and a request outside them is refused
+ * rather than rebuilding engines.
+ */
+typedef struct zimage_tensorrt_params {
+  /**
+   * `sizeof(zimage_tensorrt_params)`, set by `zimage_tensorrt_params_init()`. Lets later
+   * versions append fields without breaking callers built against this header.
+   */
+  size_t struct_size;
+  /**
+   * Where TensorRT keeps engines and timing caches (UTF-8); NULL =
+   * `$XDG_CACHE_HOME/zimage/tensorrt` (or `~/.cache/zimage/tensorrt`). Copied during the call.
+   */
+  const char *cache_dir;
+  /**
+   * A `zimage_tensorrt_precision`. Default: `ZIMAGE_TENSORRT_PRECISION_BF16`.
+   */
+  uint32_t precision;
+  /**
+   * Image sizes in pixels the engines serve: smallest, most common, largest (each side a
+   * multiple of 16; min <= opt <= max). Default: 512x512, 1024x1024, 1536x1536.
+   */
+  uint32_t min_width;
+  uint32_t min_height;
+  uint32_t opt_width;
+  uint32_t opt_height;
+  uint32_t max_width;
+  uint32_t max_height;
+  /**
+   * Most images per request the engines are built for, 1..=64 (doubled under guidance).
+   * Default 1.
+   */
+  uint32_t max_images;
+  /**
+   * Whether requests will use classifier-free guidance (a batch of 2 per image). Default
+   * false.
+   */
+  bool guidance;
+  /**
+   * Caption tokens the profiles optimise for, 1..=the model's limit. Default 128.
+   */
+  uint32_t typical_caption_tokens;
+} zimage_tensorrt_params;
+
+/**
+ * How a pipeline (or an enhancer) is loaded. Fill it with `zimage_load_params_init()`, then
+ * change fields.
  */
 typedef struct zimage_load_params {
   /**
@@ -346,8 +401,8 @@ typedef struct zimage_load_params {
    */
   bool verify_checksums;
   /**
-   * When the requested provider cannot be set up, run on CPU (and log a warning) instead
-   * of failing with `ZIMAGE_RESULT_PROVIDER`.
+   * When the requested provider cannot be set up, run on CPU (and log a warning per graph,
+   * with the provider's error) instead of failing with `ZIMAGE_RESULT_PROVIDER`.
    */
   bool allow_cpu_fallback;
   /**
@@ -368,46 +423,14 @@ typedef struct zimage_load_params {
    */
   uint32_t memory_mode;
   /**
-   * GPU settings (appended after `memory_mode`: a caller with an older, smaller struct gets the
-   * defaults; ignored on CPU). The resolution range, `max_images`, `guidance` and
-   * `typical_caption_tokens` shape the TensorRT optimisation profiles: they are checked when a
-   * graph runs on TensorRT (`ZIMAGE_RESULT_INVALID_REQUEST` when out of range), and a request
-   * outside them is refused rather than rebuilding engines.
-   *
-   * `tensorrt_cache_dir`: where TensorRT keeps engines and timing caches (UTF-8); NULL =
-   * `$XDG_CACHE_HOME/zimage/tensorrt` (or `~/.cache/zimage/tensorrt`). Copied during the call.
+   * TensorRT settings (fields from here on are read only when the caller's `struct_size`
+   * covers them; an older, smaller struct gets the defaults). NULL (the default) = the
+   * defaults of `zimage_tensorrt_params_init()`. Read during the call only; ignored unless a
+   * graph runs on TensorRT.
    */
-  const char *tensorrt_cache_dir;
+  const struct zimage_tensorrt_params *tensorrt;
   /**
-   * A `zimage_tensorrt_precision`. Default: `ZIMAGE_TENSORRT_PRECISION_BF16`.
-   */
-  uint32_t tensorrt_precision;
-  /**
-   * Image sizes in pixels the engines serve: smallest, most common, largest (each side a
-   * multiple of 16; min <= opt <= max). Default: 512x512, 1024x1024, 1536x1536.
-   */
-  uint32_t min_width;
-  uint32_t min_height;
-  uint32_t opt_width;
-  uint32_t opt_height;
-  uint32_t max_width;
-  uint32_t max_height;
-  /**
-   * Most images per request the engines are built for, 1..=64 (doubled under guidance).
-   * Default 1.
-   */
-  uint32_t max_images;
-  /**
-   * Whether requests will use classifier-free guidance (a batch of 2 per image). Default
-   * false.
-   */
-  bool guidance;
-  /**
-   * Caption tokens the profiles optimise for, 1..=the model's limit. Default 128.
-   */
-  uint32_t typical_caption_tokens;
-  /**
-   * Cap on the CUDA memory arena in bytes; 0 = no cap (the default).
+   * CUDA: cap on the memory arena in bytes; 0 = no cap (the default).
    */
   size_t cuda_memory_limit;
   /**
@@ -455,18 +478,6 @@ typedef struct zimage_image {
   uint32_t height;
   size_t stride;
 } zimage_image;
-
-/**
- * The final latents of a generation, `[batch, channels, height, width]`, row-major, before the
- * VAE's scaling. The values belong to the image list.
- */
-typedef struct zimage_latents {
-  const float *values;
-  size_t batch;
-  size_t channels;
-  size_t height;
-  size_t width;
-} zimage_latents;
 
 /**
  * Called after every denoising step with the steps done so far (1..=total) and the seconds
@@ -581,6 +592,18 @@ typedef struct zimage_generate_params {
   const struct zimage_enhance_params *enhance_params;
 } zimage_generate_params;
 
+/**
+ * The final latents of a generation, `[batch, channels, height, width]`, row-major, before the
+ * VAE's scaling. The values belong to the image list.
+ */
+typedef struct zimage_latents {
+  const float *values;
+  size_t batch;
+  size_t channels;
+  size_t height;
+  size_t width;
+} zimage_latents;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -651,12 +674,6 @@ zimage_result zimage_enhance(const struct zimage_enhancer *enhancer,
 zimage_result zimage_enhancer_cancel(const struct zimage_enhancer *enhancer);
 
 /**
- * Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
- * twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
- */
-void zimage_string_free(char *text);
-
-/**
  * The message describing the most recent call on this thread that returned a
  * `zimage_result`: empty when that call succeeded. Never NULL.
  *
@@ -670,6 +687,24 @@ const char *zimage_last_error_message(void);
  * code" for numbers this version does not define. Never NULL, never freed.
  */
 const char *zimage_result_string(uint32_t result);
+
+/**
+ * Generates images. On success `*out_images` receives a list to free with
+ * `zimage_image_list_free()`; on failure it is left untouched.
+ *
+ * Blocks until done. `ZIMAGE_RESULT_CANCELLED` when the progress callback returned false or
+ * `zimage_cancel()` was called meanwhile; the pipeline stays usable either way. Every failure
+ * is also sent to the pipeline's log callback (cancellation at INFO, the rest at ERROR).
+ */
+zimage_result zimage_generate(const struct zimage_pipeline *pipeline,
+                              const struct zimage_generate_params *params,
+                              struct zimage_image_list **out_images);
+
+/**
+ * Fills `params` with Z-Image-Turbo's recommended settings and sets `struct_size`; the
+ * prompt is left NULL.
+ */
+zimage_result zimage_generate_params_init(struct zimage_generate_params *params);
 
 /**
  * The number of images; 0 for NULL.
@@ -710,15 +745,10 @@ zimage_result zimage_image_list_latents(const struct zimage_image_list *list,
 void zimage_image_list_free(struct zimage_image_list *list);
 
 /**
- * Fills `params` with the defaults (CPU, no log callback) and sets `struct_size`.
+ * Fills `params` with the defaults (CPU, no log callback, TensorRT defaults) and sets
+ * `struct_size`.
  */
 zimage_result zimage_load_params_init(struct zimage_load_params *params);
-
-/**
- * Fills `params` with Z-Image-Turbo's recommended settings and sets `struct_size`; the
- * prompt is left NULL.
- */
-zimage_result zimage_generate_params_init(struct zimage_generate_params *params);
 
 /**
  * Loads the model package in the folder `package_dir` (UTF-8). `params` may be NULL for the
@@ -734,21 +764,19 @@ zimage_result zimage_pipeline_load(const char *package_dir,
 
 /**
  * Frees a pipeline and its sessions. No other call may be using it. NULL is fine; freeing
- * twice is not. Images and embeddings made with it stay valid.
+ * twice is not. What was made with it stays valid: images, prompt embeddings, attached
+ * enhancers.
  */
 void zimage_pipeline_free(struct zimage_pipeline *pipeline);
 
 /**
- * Generates images. On success `*out_images` receives a list to free with
- * `zimage_image_list_free()`; on failure it is left untouched.
- *
- * Blocks until done. `ZIMAGE_RESULT_CANCELLED` when the progress callback returned false or
- * `zimage_cancel()` was called meanwhile; the pipeline stays usable either way. Every failure
- * is also sent to the pipeline's log callback (cancellation at INFO, the rest at ERROR).
+ * Stops every generation and prompt encoding running on `pipeline` at the moment of the call;
+ * they return `ZIMAGE_RESULT_CANCELLED` soon after (the ONNX Runtime call in flight is
+ * interrupted). Calls started afterwards are not affected. Safe to call from any thread (a UI
+ * thread while a worker generates, say) and returns at once; not from a signal handler, as it
+ * takes a lock.
  */
-zimage_result zimage_generate(const struct zimage_pipeline *pipeline,
-                              const struct zimage_generate_params *params,
-                              struct zimage_image_list **out_images);
+zimage_result zimage_cancel(const struct zimage_pipeline *pipeline);
 
 /**
  * Encodes `prompt` (UTF-8) once, for use as `prompt_embedding` or `negative_prompt_embedding`
@@ -760,15 +788,6 @@ zimage_result zimage_encode_prompt(const struct zimage_pipeline *pipeline,
                                    const char *prompt,
                                    uint32_t max_sequence_length,
                                    struct zimage_prompt_embedding **out_embedding);
-
-/**
- * Stops every generation and prompt encoding running on `pipeline` at the moment of the call;
- * they return `ZIMAGE_RESULT_CANCELLED` soon after (the ONNX Runtime call in flight is
- * interrupted). Calls started afterwards are not affected. Safe to call from any thread (a UI
- * thread while a worker generates, say) and returns at once; not from a signal handler, as it
- * takes a lock.
- */
-zimage_result zimage_cancel(const struct zimage_pipeline *pipeline);
 
 /**
  * The number of tokens kept (chat template included); 0 for NULL.
@@ -786,6 +805,18 @@ bool zimage_prompt_embedding_truncated(const struct zimage_prompt_embedding *emb
  * NULL is fine; freeing twice is not.
  */
 void zimage_prompt_embedding_free(struct zimage_prompt_embedding *embedding);
+
+/**
+ * Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
+ * twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
+ */
+void zimage_string_free(char *text);
+
+/**
+ * Fills `params` with the defaults (the SDK's: bf16, 512..1536 pixels a side, one image, no
+ * guidance, 128 caption tokens) and sets `struct_size`.
+ */
+zimage_result zimage_tensorrt_params_init(struct zimage_tensorrt_params *params);
 
 #ifdef __cplusplus
 }  // extern "C"

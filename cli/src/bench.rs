@@ -12,7 +12,9 @@ use zimage::{GenerateRequest, Manifest, Timings};
 
 use crate::device_memory::DeviceMemorySampler;
 use crate::generate::{timings_json, StageProgress};
-use crate::{interrupt, out, secs, Failure, ModelArgs};
+use crate::interrupt;
+use crate::model_args::ModelArgs;
+use crate::output::{out, secs, Failure};
 
 /// Most timed runs, and most warmup runs (each run keeps its timings for the report).
 pub const MAX_RUNS: u32 = 1000;

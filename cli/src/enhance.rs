@@ -10,7 +10,9 @@ use zimage::{
     EnhanceOptions, Enhancement, LoadOptions, Pipeline, PromptEnhancer, RandomSampling, Sampling, TokenEvent,
 };
 
-use crate::{interrupt, log, out, secs, Failure, ModelArgs};
+use crate::model_args::ModelArgs;
+use crate::output::{out, secs, Failure};
+use crate::{interrupt, log};
 
 /// Decoding options shared by `enhance` and `generate --enhance`.
 #[derive(Args, Clone)]

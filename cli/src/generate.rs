@@ -17,7 +17,9 @@ use zimage::{
 };
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::{interrupt, log, out, secs, Failure, ModelArgs};
+use crate::model_args::ModelArgs;
+use crate::output::{out, secs, Failure};
+use crate::{interrupt, log};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
 

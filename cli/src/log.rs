@@ -71,7 +71,7 @@ pub fn finish(succeeded: bool) {
 /// One line on stderr, `zimage: LEVEL: message`; a closed stderr is ignored (there is nowhere
 /// left to report it).
 pub fn stderr_line(level: &str, message: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "zimage: {level}: {}", crate::one_line(message));
+    let _ = writeln!(std::io::stderr().lock(), "zimage: {level}: {}", crate::output::one_line(message));
 }
 
 struct Forward(&'static Logger);

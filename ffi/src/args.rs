@@ -1,9 +1,13 @@
-//! Checks on what C hands in: NULL pointers, UTF-8, and versioned structs.
+//! Checks on what C hands in: NULL pointers, UTF-8, versioned structs, sentinel values.
 
 use std::ffi::{c_char, CStr};
 use std::mem::size_of;
 
 use crate::error::Failure;
+
+/// `seed` value that asks for a random seed; the one used is reported by
+/// `zimage_image_list_seed()` (or `zimage_enhance()`'s `out_seed`).
+pub const ZIMAGE_RANDOM_SEED: u64 = u64::MAX;
 
 /// `ptr` as a reference, or `NullArgument` naming `what`.
 ///

@@ -1,18 +1,21 @@
 //! The prompt enhancer: a local Qwen3 that rewrites a prompt before generation. Load it on its
 //! own (`zimage_enhancer_load()`, a standalone enhancer package or a Z-Image package with a
-//! decoder) or beside a pipeline (`zimage_enhancer_attach()`, cancelled with it).
+//! decoder) or against a pipeline (`zimage_enhancer_attach()`, cancelled with it): the handle
+//! pattern of ffi/README.md ("Handles").
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 
 use sdk::{EnhanceOptions, PromptEnhancer, RandomSampling, Sampling, TokenEvent};
 
-use crate::args::{self, Versioned};
+use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
 use crate::error::{zimage_result, Failure};
+use crate::load_params::{self, zimage_load_params};
 use crate::log::{log, zimage_log_level, Logger};
+use crate::ort_log::CurrentLogger;
 use crate::panic::{guard, guard_value};
-use crate::params::{self, zimage_load_params, ZIMAGE_RANDOM_SEED};
 use crate::pipeline::zimage_pipeline;
+use crate::strings::c_string;
 
 /// A loaded prompt enhancer (its decoder session and tokenizer), freed with
 /// `zimage_enhancer_free()`.
@@ -176,7 +179,8 @@ unsafe fn load_into(
     load: impl FnOnce(&sdk::LoadOptions) -> sdk::Result<PromptEnhancer>,
 ) -> Result<(), Failure> {
     let out = args::output(out_enhancer, "out_enhancer")?;
-    let params::Load { options, logger } = unsafe { params::load_options(params) }?;
+    let load_params::Load { options, logger } = unsafe { load_params::load_options(params) }?;
+    let _current = CurrentLogger::enter(logger);
     log(logger.as_ref(), zimage_log_level::Info, || {
         format!("loading the prompt enhancer of {dir} on {}", options.device)
     });
@@ -189,6 +193,14 @@ fn loaded(enhancer: PromptEnhancer, logger: Option<Logger>) -> *mut zimage_enhan
     log(logger.as_ref(), zimage_log_level::Info, || {
         format!("loaded the prompt enhancer of {} on {}", enhancer.package_dir().display(), enhancer.device())
     });
+    if let Some(reason) = enhancer.provider_fallback() {
+        log(logger.as_ref(), zimage_log_level::Warn, || {
+            format!(
+                "{} runs on the CPU: the requested execution provider could not be set up: {reason}",
+                sdk::GraphKind::TextDecoder
+            )
+        });
+    }
     Box::into_raw(Box::new(zimage_enhancer { enhancer, logger }))
 }
 
@@ -226,6 +238,7 @@ pub unsafe extern "C" fn zimage_enhance(
 ) -> zimage_result {
     guard(|| {
         let handle = unsafe { args::reference(enhancer, "enhancer") }?;
+        let _current = CurrentLogger::enter(handle.logger);
         let result = unsafe { enhance(handle, prompt, params, callback, user_data, out_text, out_seed) };
         if let Err(f) = &result {
             let level =
@@ -275,12 +288,6 @@ unsafe fn enhance(
     Ok(())
 }
 
-/// A C copy of `s`; NUL bytes (which C cannot carry) are dropped.
-pub(crate) fn c_string(s: &str) -> CString {
-    let bytes: Vec<u8> = s.bytes().filter(|&b| b != 0).collect();
-    CString::new(bytes).expect("NUL bytes were removed")
-}
-
 /// Stops every enhancement running on `enhancer` at the moment of the call (they return
 /// `ZIMAGE_RESULT_CANCELLED` soon after); for an attached enhancer, the pipeline's generations
 /// too. Later calls are not affected. Safe to call from any thread; returns at once.
@@ -290,17 +297,6 @@ pub unsafe extern "C" fn zimage_enhancer_cancel(enhancer: *const zimage_enhancer
         let handle = unsafe { args::reference(enhancer, "enhancer") }?;
         handle.enhancer.cancel_handle().cancel();
         Ok(())
-    })
-}
-
-/// Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
-/// twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
-#[no_mangle]
-pub unsafe extern "C" fn zimage_string_free(text: *mut c_char) {
-    guard_value((), || {
-        if !text.is_null() {
-            drop(unsafe { CString::from_raw(text) });
-        }
     })
 }
 
@@ -325,13 +321,5 @@ mod tests {
         assert_eq!(o.sampling, Sampling::Random(RandomSampling { seed: Some(7), ..RandomSampling::default() }));
         p.struct_size = 3;
         assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap_err().code, zimage_result::InvalidArgument);
-    }
-
-    #[test]
-    fn strings_round_trip() {
-        let s = c_string("a\0b").into_raw();
-        assert_eq!(unsafe { std::ffi::CStr::from_ptr(s) }.to_str().unwrap(), "ab");
-        unsafe { zimage_string_free(s) };
-        unsafe { zimage_string_free(std::ptr::null_mut()) };
     }
 }

@@ -1,12 +1,31 @@
-//! The images of one generation, owned by zimage until `zimage_image_list_free()`.
+//! Images in memory: `zimage_image` (an RGB8 or mask view, in either direction) and the images
+//! of one generation, owned by zimage until `zimage_image_list_free()`.
 
 use std::ffi::{c_char, CString};
 
 use crate::args;
-use crate::enhancer::c_string;
 use crate::error::{zimage_result, Failure};
 use crate::panic::{guard, guard_value};
-use crate::params::zimage_image;
+use crate::strings::c_string;
+
+/// An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
+/// pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
+///
+/// As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
+/// during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
+/// As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct zimage_image {
+    pub pixels: *const u8,
+    pub width: u32,
+    pub height: u32,
+    pub stride: usize,
+}
+
+impl zimage_image {
+    pub(crate) const NONE: zimage_image = zimage_image { pixels: std::ptr::null(), width: 0, height: 0, stride: 0 };
+}
 
 /// The result of `zimage_generate()`: the images, the seed used and, when asked for, the final
 /// latents. Immutable; readable from any thread. Freed with `zimage_image_list_free()`, which

@@ -5,16 +5,27 @@
 //! them to SDK types, calls the SDK and converts the result back. Anything that decides how an
 //! image is made belongs in the SDK.
 //!
-//! One module per concern:
+//! One module per concern, in layers (each uses only those above it; `sdk/tests/module_graph.rs`
+//! fails on an import cycle):
 //! - [`error`]: the `zimage_result` codes and the thread-local last-error message;
 //! - [`panic`]: the boundary every entry point runs inside (panics become a code);
 //! - [`args`]: NULL, UTF-8 and `struct_size` checks on what C hands in;
+//! - `c_enum`: the macro that checks C enum numbers and converts them to SDK enums and back;
+//! - [`strings`]: text going out to C, and `zimage_string_free()`;
 //! - [`log`]: the per-pipeline log callback;
-//! - [`params`]: load and generate parameter structs and their conversion to SDK requests;
-//! - [`pipeline`]: load, generate, encode prompts, cancel;
-//! - [`image`]: the library-owned list of generated images;
-//! - [`prompt`]: the encode-once prompt embedding handle;
-//! - [`enhancer`]: the prompt enhancer handle and its parameters.
+//! - `ort_log`: ONNX Runtime's log lines (`tracing` events) to the current call's log callback;
+//! - [`tensorrt_params`]: the TensorRT sub-struct of the load parameters;
+//! - [`load_params`]: the load parameter struct, device / memory mode / TF32 enums, and their
+//!   conversion to `sdk::LoadOptions`;
+//! - [`pipeline`]: the pipeline handle: load, cancel, free;
+//! - [`prompt`]: the encode-once prompt embedding, a handle made against a pipeline;
+//! - [`enhancer`]: the prompt enhancer handle (standalone or attached to a pipeline) and its
+//!   parameters;
+//! - [`image`]: image views (`zimage_image`) and the library-owned list of generated images;
+//! - [`generate_params`]: the generate parameter struct, input images, and the conversion to an
+//!   `sdk::GenerateRequest`;
+//! - [`generate`]: `zimage_generate()`, which brings a pipeline, its parameters and the handles
+//!   they name together.
 //!
 //! Conventions, for readers of the header: outputs are the last arguments and are written only
 //! on success; every `*_free` accepts NULL; strings are UTF-8 and NUL-terminated; enums coming
@@ -28,14 +39,20 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod args;
+mod c_enum;
 pub mod enhancer;
 pub mod error;
+pub mod generate;
+pub mod generate_params;
 pub mod image;
+pub mod load_params;
 pub mod log;
+mod ort_log;
 mod panic;
-pub mod params;
 pub mod pipeline;
 pub mod prompt;
+pub mod strings;
+pub mod tensorrt_params;
 
 use std::ffi::{c_char, CStr};
 

@@ -1,20 +1,25 @@
 //! The log callback of one pipeline. It is set in the load parameters, never globally, so two
-//! pipelines in one process (two plugins in one engine) each get their own messages.
+//! pipelines in one process (two plugins in one engine) each get their own messages. ONNX
+//! Runtime's own lines reach the same callback through `ort_log`.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
+
+use crate::strings::c_string;
 
 /// How important a log message is. Passed to the log callback as a `uint32_t`.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum zimage_log_level {
-    /// An operation failed; the same text is in `zimage_last_error_message()`.
+    /// An operation failed; the same text is in `zimage_last_error_message()`. Also ONNX
+    /// Runtime's own errors (messages starting with "onnxruntime: ").
     Error = 1,
-    /// Something worked, but not as asked (e.g. a provider fell back to CPU, a prompt was
-    /// truncated).
+    /// Something worked, but not as asked (e.g. a graph fell back to CPU, a prompt was
+    /// truncated). Also ONNX Runtime's own warnings ("onnxruntime: ...").
     Warn = 2,
     /// Milestones: a package loaded, a generation finished.
     Info = 3,
-    /// Details: the parameters of each request.
+    /// Details: the parameters of each request; ONNX Runtime's informational lines when the
+    /// `ORT_LOG` environment variable asks for them (ffi/README.md, "Log messages").
     Debug = 4,
 }
 
@@ -43,8 +48,7 @@ impl Logger {
     }
 
     pub fn log(&self, level: zimage_log_level, message: &str) {
-        let bytes: Vec<u8> = message.bytes().filter(|&b| b != 0).collect();
-        let message = CString::new(bytes).expect("NUL bytes were removed");
+        let message = c_string(message);
         unsafe { (self.callback)(level as u32, message.as_ptr(), self.user_data) };
     }
 }

@@ -402,3 +402,21 @@ fn combined_package_shares_weights_and_cancel_handle() {
     let err = enhancer.enhance("a red fox", &EnhanceOptions::default(), Some(&mut cancel_first)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled);
 }
+
+/// CUDA asked of the CPU runtime: with `allow_cpu_fallback` the decoder runs on the CPU, and the
+/// enhancer keeps the provider's error; without a fallback it has none.
+#[test]
+fn a_cpu_fallback_keeps_its_reason() {
+    assert_eq!(enhancer().provider_fallback(), None);
+    let options = {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.device = zimage::Device::Cuda { device_id: 0 };
+        o.allow_cpu_fallback = true;
+        o
+    };
+    let fell_back = PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &options).unwrap();
+    assert_eq!(fell_back.device(), zimage::Device::Cpu);
+    let reason = fell_back.provider_fallback().expect("the reason is kept");
+    assert!(reason.contains("onnxruntime-gpu"), "{reason}");
+}

@@ -1,5 +1,6 @@
 //! The SDK's modules form layers: no module reaches, directly or through others, a module that
-//! reaches it back. Checked on the sources themselves (std only): every `crate::…`, `super::…`,
+//! reaches it back. The C ABI (`ffi/src`) and the CLI (`cli/src`) are checked the same way, from
+//! here, with their crate roots (`lib.rs`, `main.rs`) treated alike. Checked on the sources themselves (std only): every `crate::…`, `super::…`,
 //! `self::…` path and every path through a child module becomes an edge from the file that
 //! names it to the module file it names; the test fails on a cycle among files, and on a cycle
 //! among the top-level modules (package, runtime, model, pipeline, enhancer …).
@@ -20,7 +21,8 @@ fn module_graph(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>, String
         let rel = file.strip_prefix(src).unwrap().with_extension("");
         let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         match parts.last().map(String::as_str) {
-            Some("lib") if parts.len() == 1 => String::new(),
+            // The crate root: lib.rs of a library, main.rs of a binary.
+            Some("lib" | "main") if parts.len() == 1 => String::new(),
             Some("mod") => parts[..parts.len() - 1].join("::"),
             _ => parts.join("::"),
         }
@@ -255,6 +257,47 @@ fn sdk_modules_have_no_import_cycle() {
     }
 }
 
+/// The C ABI crate (`ffi/src`, root `lib.rs`) follows the same rule: its handles, parameter
+/// structs and entry points form layers too (ffi/README.md, "Handles").
+#[test]
+fn ffi_modules_have_no_import_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ffi/src");
+    let graph = module_graph(&src).unwrap();
+    assert!(
+        graph.contains_key("pipeline") && graph.contains_key("error"),
+        "expected the ffi modules, found {:?}",
+        graph.keys()
+    );
+    assert_eq!(find_cycle(&graph), None, "import cycle among ffi/src's files");
+    // The pipeline handle knows nothing of the handles loaded against it, nor of generation;
+    // those handles know nothing of the per-call parameters that name them.
+    for (module, forbidden) in [
+        ("pipeline", &["prompt", "enhancer", "image", "generate_params", "generate"][..]),
+        ("prompt", &["enhancer", "generate_params", "generate"][..]),
+        ("enhancer", &["prompt", "generate_params", "generate"][..]),
+        ("load_params", &["pipeline", "enhancer", "generate_params"][..]),
+    ] {
+        let deps = &graph[module];
+        for f in forbidden {
+            assert!(!deps.contains(*f), "ffi: {module} depends on {f}: {deps:?}");
+        }
+    }
+}
+
+/// The CLI (`cli/src`, root `main.rs`): the subcommands share what they need through modules,
+/// not through items of `main.rs`.
+#[test]
+fn cli_modules_have_no_import_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/src");
+    let graph = module_graph(&src).unwrap();
+    assert!(
+        graph.contains_key("generate") && graph.contains_key("bench"),
+        "expected the CLI's modules, found {:?}",
+        graph.keys()
+    );
+    assert_eq!(find_cycle(&graph), None, "import cycle among cli/src's files");
+}
+
 /// The checker itself finds cycles, child-module paths, `super` paths and root re-exports.
 #[test]
 fn the_checker_finds_what_it_should() {
@@ -278,5 +321,11 @@ fn the_checker_finds_what_it_should() {
     assert!(module_graph(&dir).unwrap_err().contains("crate root"));
     write("b.rs", "pub struct Z;");
     assert_eq!(find_cycle(&module_graph(&dir).unwrap()), None);
+    // A binary's root, main.rs, is the root like lib.rs: not a module, and its items are not
+    // to be reached from below.
+    std::fs::rename(dir.join("lib.rs"), dir.join("main.rs")).unwrap();
+    assert_eq!(module_graph(&dir).unwrap().keys().collect::<Vec<_>>(), ["a", "a::inner", "b"]);
+    write("b.rs", "pub struct Z; fn g() { crate::helper() }");
+    assert!(module_graph(&dir).unwrap_err().contains("crate root"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

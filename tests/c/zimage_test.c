@@ -181,6 +181,7 @@ typedef struct {
     pthread_mutex_t lock;
     int per_level[5];
     char last_error[1024];
+    char last_warn[1024];
 } log_record;
 
 static void on_log(uint32_t level, const char *message, void *user_data) {
@@ -190,6 +191,10 @@ static void on_log(uint32_t level, const char *message, void *user_data) {
     if (level == ZIMAGE_LOG_LEVEL_ERROR) {
         strncpy(record->last_error, message, sizeof record->last_error - 1);
         record->last_error[sizeof record->last_error - 1] = '\0';
+    }
+    if (level == ZIMAGE_LOG_LEVEL_WARN) {
+        strncpy(record->last_warn, message, sizeof record->last_warn - 1);
+        record->last_warn[sizeof record->last_warn - 1] = '\0';
     }
     pthread_mutex_unlock(&record->lock);
 }
@@ -341,7 +346,8 @@ static void test_load_errors(const char *package, const char *io_fixture) {
 static void test_provider(const char *package) {
     zimage_pipeline *pipeline = NULL;
     zimage_load_params params;
-    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+    zimage_tensorrt_params trt;
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, "", ""};
 
     zimage_load_params_init(&params);
     params.device = ZIMAGE_DEVICE_CUDA;
@@ -351,43 +357,55 @@ static void test_provider(const char *package) {
     CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_ERROR) == 1);
     CHECK(strcmp(logs.last_error, zimage_last_error_message()) == 0);
 
-    /* With fallback the load succeeds on CPU, and the log says so. */
+    /* With fallback the load succeeds on CPU, and the log says so: one warning per graph
+     * (text encoder, transformer, VAE decoder, VAE encoder), each with the provider's error. */
     params.allow_cpu_fallback = true;
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
     CHECK(pipeline != NULL);
-    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 1);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 4);
+    CHECK(strstr(logs.last_warn, "vae_encoder runs on the CPU") == logs.last_warn);
+    CHECK(strstr(logs.last_warn, "could not be set up: ") != NULL);
     zimage_pipeline_free(pipeline);
     pipeline = NULL;
 
     /* GPU settings: the SDK's defaults, checked values, and TensorRT profiles that are checked
      * against the package before any provider is set up. */
     zimage_load_params_init(&params);
-    CHECK(params.tensorrt_cache_dir == NULL && params.tensorrt_precision == ZIMAGE_TENSORRT_PRECISION_BF16);
-    CHECK(params.min_width == 512 && params.min_height == 512 && params.opt_width == 1024 &&
-          params.opt_height == 1024 && params.max_width == 1536 && params.max_height == 1536);
-    CHECK(params.max_images == 1 && !params.guidance && params.typical_caption_tokens == 128 &&
-          params.cuda_memory_limit == 0);
-    params.tensorrt_precision = 3; /* one past ZIMAGE_TENSORRT_PRECISION_FP32 */
+    CHECK(params.tensorrt == NULL && params.cuda_memory_limit == 0 && params.cuda_tf32 == ZIMAGE_TF32_LIKE_PYTORCH);
+    CHECK_CODE(zimage_tensorrt_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    zimage_tensorrt_params_init(&trt);
+    CHECK(trt.struct_size == sizeof trt);
+    CHECK(trt.cache_dir == NULL && trt.precision == ZIMAGE_TENSORRT_PRECISION_BF16);
+    CHECK(trt.min_width == 512 && trt.min_height == 512 && trt.opt_width == 1024 && trt.opt_height == 1024 &&
+          trt.max_width == 1536 && trt.max_height == 1536);
+    CHECK(trt.max_images == 1 && !trt.guidance && trt.typical_caption_tokens == 128);
+    params.tensorrt = &trt;
+    trt.precision = 3; /* one past ZIMAGE_TENSORRT_PRECISION_FP32 */
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
-    zimage_load_params_init(&params);
+    CHECK(strstr(zimage_last_error_message(), "params->tensorrt->precision is 3") != NULL);
+    zimage_tensorrt_params_init(&trt);
+    trt.struct_size = 0; /* not initialised */
+    CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
+    zimage_tensorrt_params_init(&trt);
     params.device = ZIMAGE_DEVICE_TENSORRT;
-    params.max_images = 0;
+    trt.max_images = 0;
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_REQUEST);
-    params.max_images = 1;
-    params.min_width = 2048; /* min > opt */
+    trt.max_images = 1;
+    trt.min_width = 2048; /* min > opt */
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_INVALID_REQUEST);
     CHECK(strstr(zimage_last_error_message(), "TensorRT") != NULL);
     /* Ignored on CPU, whatever their values. */
     params.device = ZIMAGE_DEVICE_CPU;
-    params.tensorrt_cache_dir = "/nonexistent/cache";
+    trt.cache_dir = "/nonexistent/cache";
     params.cuda_memory_limit = 1;
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
     zimage_pipeline_free(pipeline);
     pipeline = NULL;
     /* A caller built against the first header (no GPU fields) still loads, with the defaults. */
     zimage_load_params_init(&params);
-    params.struct_size = offsetof(zimage_load_params, tensorrt_cache_dir);
-    params.max_images = 0; /* beyond that caller's struct: never read */
+    params.struct_size = offsetof(zimage_load_params, tensorrt);
+    trt.max_images = 0;
+    params.tensorrt = &trt; /* beyond that caller's struct: never read */
     params.device = ZIMAGE_DEVICE_TENSORRT;
     params.allow_cpu_fallback = true;
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
@@ -769,7 +787,8 @@ static void test_enhancer(const char *enhancer_package, const char *package, con
     zimage_load_params load;
     zimage_enhance_params params;
     token_record tokens;
-    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, "", ""};
+    log_record fallback_logs = {PTHREAD_MUTEX_INITIALIZER, {0}, "", ""};
     char *text = NULL, *again = NULL;
     char *const sentinel = (char *)&params; /* failed calls leave outputs untouched */
     uint64_t seed = 1, first_seed = 0;
@@ -782,9 +801,22 @@ static void test_enhancer(const char *enhancer_package, const char *package, con
     CHECK_CODE(zimage_enhancer_load("/nonexistent/package", NULL, &enhancer), ZIMAGE_RESULT_PACKAGE);
     CHECK(enhancer == NULL);
 
+    /* CUDA on the CPU runtime with fallback: the decoder runs on the CPU, and a warning says why. */
+    zimage_load_params_init(&load);
+    load.device = ZIMAGE_DEVICE_CUDA;
+    load.allow_cpu_fallback = true;
+    load.log_callback = on_log;
+    load.log_user_data = &fallback_logs;
+    CHECK_CODE(zimage_enhancer_load(enhancer_package, &load, &enhancer), ZIMAGE_RESULT_OK);
+    CHECK(log_count(&fallback_logs, ZIMAGE_LOG_LEVEL_WARN) == 1);
+    CHECK(strstr(fallback_logs.last_warn, "text_decoder runs on the CPU") == fallback_logs.last_warn);
+    CHECK(strstr(fallback_logs.last_warn, "could not be set up: ") != NULL);
+    zimage_enhancer_free(enhancer);
+    enhancer = NULL;
+
     /* Load parameters of the first header version (no GPU fields) are still accepted. */
     zimage_load_params_init(&load);
-    load.struct_size = offsetof(zimage_load_params, tensorrt_cache_dir);
+    load.struct_size = offsetof(zimage_load_params, tensorrt);
     load.log_callback = on_log;
     load.log_user_data = &logs;
     CHECK_CODE(zimage_enhancer_load(enhancer_package, &load, &enhancer), ZIMAGE_RESULT_OK);
@@ -974,7 +1006,7 @@ int main(int argc, char **argv) {
     int n_enhancer_cases;
     zimage_pipeline *pipeline = NULL;
     zimage_load_params load;
-    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, ""};
+    log_record logs = {PTHREAD_MUTEX_INITIALIZER, {0}, "", ""};
     golden_case cases[64];
     char *cases_text;
     size_t cases_size = 0;

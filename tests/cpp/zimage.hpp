@@ -46,6 +46,13 @@ inline zimage_load_params load_params() {
     return params;
 }
 
+// Point zimage_load_params::tensorrt at one of these (it is read during the load call only).
+inline zimage_tensorrt_params tensorrt_params() {
+    zimage_tensorrt_params params;
+    check(zimage_tensorrt_params_init(&params));
+    return params;
+}
+
 inline zimage_generate_params generate_params() {
     zimage_generate_params params;
     check(zimage_generate_params_init(&params));

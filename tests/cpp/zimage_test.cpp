@@ -182,6 +182,11 @@ void test_errors(const std::string &io_fixture, const std::string &mismatched_pa
     params.device = 7;
     CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(io_fixture, params));
     params = zimage::load_params();
+    zimage_tensorrt_params trt = zimage::tensorrt_params();
+    trt.precision = 7;
+    params.tensorrt = &trt;
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(io_fixture, params));
+    params = zimage::load_params();
     params.device = ZIMAGE_DEVICE_TENSORRT;
     CHECK_THROWS(ZIMAGE_RESULT_PROVIDER, zimage::Pipeline::load(mismatched_package, params));
     zimage::Pipeline mismatched = zimage::Pipeline::load(mismatched_package);

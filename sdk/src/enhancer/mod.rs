@@ -55,6 +55,8 @@ pub struct PromptEnhancer {
     registry: Arc<Registry>,
     think_tags: [String; 2],
     dir: PathBuf,
+    /// The provider's error when the decoder fell back to the CPU.
+    fallback_reason: Option<String>,
 }
 
 impl PromptEnhancer {
@@ -85,7 +87,9 @@ impl PromptEnhancer {
         );
         let built = build_session(rt, GraphKind::TextDecoder, &path, &provider, &settings)?;
         let decoder = Decoder::new(Graph::new(GraphKind::TextDecoder, built.session), built.device, info.clone());
-        Self::new(dir, &tokenizer_path, info, decoder, registry)
+        let mut enhancer = Self::new(dir, &tokenizer_path, info, decoder, registry)?;
+        enhancer.fallback_reason = built.fallback_reason;
+        Ok(enhancer)
     }
 
     pub(crate) fn new(
@@ -103,7 +107,15 @@ impl PromptEnhancer {
                 .ok_or_else(|| Error::package(tokenizer_path, format!("think token {id} is not in the tokenizer")))
         };
         let think_tags = [tag(info.think_token_ids[0])?, tag(info.think_token_ids[1])?];
-        Ok(PromptEnhancer { tokenizer, info, decoder, registry, think_tags, dir: dir.to_path_buf() })
+        Ok(PromptEnhancer {
+            tokenizer,
+            info,
+            decoder,
+            registry,
+            think_tags,
+            dir: dir.to_path_buf(),
+            fallback_reason: None,
+        })
     }
 
     pub fn package_dir(&self) -> &Path {
@@ -116,6 +128,13 @@ impl PromptEnhancer {
 
     pub fn device(&self) -> Device {
         self.decoder.device
+    }
+
+    /// Why the decoder runs on the CPU although another provider was asked for (with
+    /// [`LoadOptions::allow_cpu_fallback`]): the provider's error. `None` when it runs where
+    /// asked (a TensorRT device runs it with CUDA, by design, not as a fallback).
+    pub fn provider_fallback(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
     }
 
     /// Cancels the enhancements (and, after `Pipeline::attach_enhancer`, the generations)

@@ -1,0 +1,307 @@
+//! Generate parameters: `zimage_generate_params`, its `*_init` function, the reading of the
+//! caller's input images (`zimage_image` views), and the conversion to an SDK
+//! `GenerateRequest`. Fields are only ever appended (see `struct_size`).
+//!
+//! Per-call references to handles live here: a prompt embedding, an enhancer with its
+//! parameters (and, later, adapters as a pointer + count array; see ffi/README.md, "Handles").
+
+use std::ffi::{c_char, c_void};
+use std::mem::{offset_of, size_of};
+
+use sdk::{EnhanceOptions, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage};
+
+use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
+use crate::enhancer::{self, zimage_enhance_params, zimage_enhancer};
+use crate::error::{zimage_result, Failure};
+use crate::image::zimage_image;
+use crate::panic::guard;
+use crate::prompt::zimage_prompt_embedding;
+
+/// Called after every denoising step with the steps done so far (1..=total) and the seconds
+/// since the generation started. Return true to go on, false to stop: the generation then
+/// fails with `ZIMAGE_RESULT_CANCELLED`. Called on the thread that called `zimage_generate()`.
+pub type zimage_progress_callback =
+    Option<unsafe extern "C" fn(step: u32, total: u32, elapsed_seconds: f64, user_data: *mut c_void) -> bool>;
+
+/// One generation. Fill it with `zimage_generate_params_init()` (Z-Image-Turbo's recommended
+/// settings: 1024x1024, 8 steps, no guidance, a random seed), then change fields. Pointers in it
+/// are borrowed for the duration of `zimage_generate()` only.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct zimage_generate_params {
+    /// `sizeof(zimage_generate_params)`, set by `zimage_generate_params_init()`.
+    pub struct_size: usize,
+    /// The prompt, UTF-8. Exactly one of `prompt` and `prompt_embedding` must be set.
+    pub prompt: *const c_char,
+    /// A prompt encoded once with `zimage_encode_prompt()`, instead of `prompt`.
+    pub prompt_embedding: *const zimage_prompt_embedding,
+    /// Used only with guidance (`guidance_scale > 0`). At most one of `negative_prompt` and
+    /// `negative_prompt_embedding`; neither means the empty prompt.
+    pub negative_prompt: *const c_char,
+    pub negative_prompt_embedding: *const zimage_prompt_embedding,
+    /// Image size in pixels: positive multiples of the package's size multiple (16 for
+    /// Z-Image-Turbo).
+    pub width: u32,
+    pub height: u32,
+    /// Denoising steps, 1..=1000.
+    pub steps: u32,
+    /// Classifier-free guidance scale; 0 turns guidance off (Z-Image-Turbo needs none).
+    pub guidance_scale: f32,
+    /// 0 = off; otherwise the guided prediction's norm is capped at this factor times the
+    /// conditional one's.
+    pub cfg_normalization: f32,
+    /// Guidance stops at steps whose normalised time exceeds this (1.0, the default, = never).
+    pub cfg_truncation: f32,
+    /// The noise seed; `ZIMAGE_RANDOM_SEED` (the default) draws one.
+    pub seed: u64,
+    /// Images generated from this prompt, 1..=64.
+    pub count: u32,
+    /// Prompt tokens kept (chat template included); 0 = the package's default (512).
+    pub max_sequence_length: u32,
+    /// Keep the final latents, for `zimage_image_list_latents()`.
+    pub return_latents: bool,
+    /// Image-to-image: start from this RGB picture (same size as the request) instead of pure
+    /// noise. `init_image.pixels == NULL` (the default) means text-to-image.
+    pub init_image: zimage_image,
+    /// Inpainting: a 1-channel mask of the same size, white (>= 128) = repaint. Needs
+    /// `init_image`. `mask.pixels == NULL` means no mask.
+    pub mask: zimage_image,
+    /// How much of `init_image` is re-generated, 0..=1 (1 = all of it).
+    pub strength: f64,
+    /// Called after every denoising step; NULL for none.
+    pub progress_callback: zimage_progress_callback,
+    /// Passed back to `progress_callback` unchanged.
+    pub progress_user_data: *mut c_void,
+    /// Prompt enhancement (appended after `progress_user_data`: an older, smaller struct means
+    /// none). When set, the text `prompt` is first rewritten by this enhancer (no token callback is
+    /// called), and the images are made from the rewritten prompt, which
+    /// `zimage_image_list_enhanced_prompt()` reports. The request is checked before the enhancer
+    /// runs. NULL (the default): the prompt is used as given. Needs a text `prompt` (not an
+    /// embedding); `ZIMAGE_RESULT_INFERENCE` when the enhancer produced no text. `zimage_cancel()`
+    /// stops the enhancement too when the enhancer was attached to this pipeline; a standalone one
+    /// is stopped with `zimage_enhancer_cancel()`.
+    pub enhancer: *const zimage_enhancer,
+    /// How to enhance; NULL = the defaults of `zimage_enhance_params_init()`. Ignored without
+    /// `enhancer`.
+    pub enhance_params: *const zimage_enhance_params,
+}
+
+/// diffusers' default image-to-image strength.
+const DEFAULT_STRENGTH: f64 = 0.6;
+
+unsafe impl Versioned for zimage_generate_params {
+    const FIRST_VERSION_SIZE: usize = offset_of!(zimage_generate_params, progress_user_data) + size_of::<*mut c_void>();
+
+    fn defaults() -> Self {
+        // The SDK's defaults, so the C API cannot drift from them.
+        let sdk = GenerateRequest::default();
+        zimage_generate_params {
+            struct_size: size_of::<Self>(),
+            prompt: std::ptr::null(),
+            prompt_embedding: std::ptr::null(),
+            negative_prompt: std::ptr::null(),
+            negative_prompt_embedding: std::ptr::null(),
+            width: sdk.width,
+            height: sdk.height,
+            steps: sdk.steps,
+            guidance_scale: sdk.guidance_scale,
+            cfg_normalization: sdk.cfg_normalization,
+            cfg_truncation: sdk.cfg_truncation,
+            seed: sdk.seed.unwrap_or(ZIMAGE_RANDOM_SEED),
+            count: sdk.count,
+            max_sequence_length: sdk.max_sequence_length.map_or(0, |n| n as u32),
+            return_latents: sdk.return_latents,
+            init_image: zimage_image::NONE,
+            mask: zimage_image::NONE,
+            strength: DEFAULT_STRENGTH,
+            progress_callback: None,
+            progress_user_data: std::ptr::null_mut(),
+            enhancer: std::ptr::null(),
+            enhance_params: std::ptr::null(),
+        }
+    }
+}
+
+/// Fills `params` with Z-Image-Turbo's recommended settings and sets `struct_size`; the
+/// prompt is left NULL.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_generate_params_init(params: *mut zimage_generate_params) -> zimage_result {
+    guard(|| {
+        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
+        *params = zimage_generate_params::defaults();
+        Ok(())
+    })
+}
+
+/// A generate request converted for the SDK, plus the progress callback the C layer calls.
+pub(crate) struct Generate {
+    pub request: GenerateRequest,
+    pub progress: zimage_progress_callback,
+    pub progress_user_data: *mut c_void,
+    /// The enhancer to run first, with its options.
+    pub enhance: Option<(*const zimage_enhancer, EnhanceOptions)>,
+}
+
+/// Reads generate parameters and copies everything they point to.
+pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> Result<Generate, Failure> {
+    let p = unsafe { args::versioned(params, "params") }?;
+    let positive = unsafe { prompt(p.prompt, p.prompt_embedding, "params->prompt") }?
+        .ok_or_else(|| Failure::null("params->prompt (and params->prompt_embedding)"))?;
+    let negative = unsafe { prompt(p.negative_prompt, p.negative_prompt_embedding, "params->negative_prompt") }?;
+    let init_image = unsafe { init_image(&p) }?;
+    let mut request = GenerateRequest::new(positive);
+    request.negative_prompt = negative;
+    request.width = p.width;
+    request.height = p.height;
+    request.steps = p.steps;
+    request.guidance_scale = p.guidance_scale;
+    request.cfg_normalization = p.cfg_normalization;
+    request.cfg_truncation = p.cfg_truncation;
+    request.seed = (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed);
+    request.count = p.count;
+    request.max_sequence_length = (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize);
+    request.return_latents = p.return_latents;
+    request.init_image = init_image;
+    let enhance = if p.enhancer.is_null() {
+        None
+    } else {
+        let options = unsafe { enhancer::enhance_options(p.enhance_params, "params->enhance_params") }?;
+        Some((p.enhancer, options))
+    };
+    Ok(Generate { request, progress: p.progress_callback, progress_user_data: p.progress_user_data, enhance })
+}
+
+/// A prompt given as text or as an embedding handle (not both); `None` when neither is set.
+unsafe fn prompt(
+    text: *const c_char,
+    embedding: *const zimage_prompt_embedding,
+    what: &str,
+) -> Result<Option<Prompt>, Failure> {
+    match (text.is_null(), embedding.is_null()) {
+        (true, true) => Ok(None),
+        (false, false) => Err(Failure::invalid(format!("{what} and {what}_embedding are both set; give one"))),
+        (false, true) => Ok(Some(Prompt::Text(unsafe { args::string(text, what) }?.to_owned()))),
+        (true, false) => Ok(Some(Prompt::Embedded(unsafe { &*embedding }.embedding.clone()))),
+    }
+}
+
+unsafe fn init_image(p: &zimage_generate_params) -> Result<Option<InitImage>, Failure> {
+    let Some((width, height, pixels)) = (unsafe { read_pixels(&p.init_image, 3, "params->init_image") })? else {
+        if !p.mask.pixels.is_null() {
+            return Err(Failure::invalid("params->mask is set without params->init_image"));
+        }
+        return Ok(None);
+    };
+    let image = RgbImage { width, height, pixels };
+    let mask = unsafe { read_pixels(&p.mask, 1, "params->mask") }?.map(|(width, height, pixels)| GrayImage {
+        width,
+        height,
+        pixels,
+    });
+    Ok(Some(InitImage { image, mask, strength: p.strength }))
+}
+
+/// Copies a caller's image into packed rows; `None` when `pixels` is NULL.
+unsafe fn read_pixels(
+    image: &zimage_image,
+    channels: usize,
+    what: &str,
+) -> Result<Option<(u32, u32, Vec<u8>)>, Failure> {
+    if image.pixels.is_null() {
+        return Ok(None);
+    }
+    if image.width == 0 || image.height == 0 {
+        // Not a malformed argument but an unusable image: the SDK rejects it with
+        // ZIMAGE_RESULT_IMAGE, as it does any other picture it cannot use.
+        return Ok(Some((image.width, image.height, Vec::new())));
+    }
+    let (width, height) = (image.width as usize, image.height as usize);
+    let row = width.checked_mul(channels).ok_or_else(|| Failure::invalid(format!("{what} width {width} overflows")))?;
+    let stride = if image.stride == 0 { row } else { image.stride };
+    if stride < row {
+        return Err(Failure::invalid(format!("{what}->stride {stride} is less than a row of {row} bytes")));
+    }
+    // The last row needs only `row` bytes, so a tightly cropped view of a larger buffer works.
+    let total =
+        stride
+            .checked_mul(height - 1)
+            .and_then(|n| n.checked_add(row))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(|| Failure::invalid(format!("{what} of {width}x{height} with stride {stride} overflows")))?;
+    let bytes = unsafe { std::slice::from_raw_parts(image.pixels, total) };
+    let mut packed = Vec::with_capacity(row * height);
+    for y in 0..height {
+        packed.extend_from_slice(&bytes[y * stride..y * stride + row]);
+    }
+    Ok(Some((image.width, image.height, packed)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code<T>(r: Result<T, Failure>) -> zimage_result {
+        r.err().map_or(zimage_result::Ok, |f| f.code)
+    }
+
+    #[test]
+    fn generate_defaults_are_the_sdks() {
+        let mut p = std::mem::MaybeUninit::<zimage_generate_params>::uninit();
+        assert_eq!(unsafe { zimage_generate_params_init(p.as_mut_ptr()) }, zimage_result::Ok);
+        let mut p = unsafe { p.assume_init() };
+        assert_eq!(p.struct_size, size_of::<zimage_generate_params>());
+        assert_eq!((p.width, p.height, p.steps, p.count, p.seed), (1024, 1024, 8, 1, ZIMAGE_RANDOM_SEED));
+        assert_eq!(p.cfg_truncation, 1.0);
+        assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::NullArgument);
+        p.prompt = c"a fox".as_ptr();
+        let g = unsafe { generate_request(&p) }.unwrap();
+        assert!(matches!(&g.request.prompt, Prompt::Text(t) if t == "a fox"));
+        assert_eq!((g.request.seed, g.request.max_sequence_length), (None, None));
+        p.seed = 42;
+        assert_eq!(unsafe { generate_request(&p) }.unwrap().request.seed, Some(42));
+    }
+
+    /// A caller built against the first header: its struct ends at `progress_user_data`, so it
+    /// names no enhancer, whatever lies beyond.
+    #[test]
+    fn a_first_version_struct_gets_defaults_for_the_rest() {
+        let mut p = zimage_generate_params::defaults();
+        p.prompt = c"x".as_ptr();
+        p.struct_size = zimage_generate_params::FIRST_VERSION_SIZE;
+        p.enhancer = std::ptr::NonNull::<zimage_enhancer>::dangling().as_ptr(); // never read
+        p.enhance_params = std::ptr::NonNull::<zimage_enhance_params>::dangling().as_ptr();
+        assert!(unsafe { generate_request(&p) }.unwrap().enhance.is_none());
+        p.struct_size = size_of::<zimage_generate_params>() + 1;
+        assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::InvalidArgument);
+    }
+
+    #[test]
+    fn images_are_repacked_from_strided_rows() {
+        // 2x2 RGB in rows of 8 bytes: 6 pixel bytes and 2 padding bytes.
+        let buffer: Vec<u8> = (0..14).collect();
+        let view = zimage_image { pixels: buffer.as_ptr(), width: 2, height: 2, stride: 8 };
+        let (w, h, pixels) = unsafe { read_pixels(&view, 3, "img") }.unwrap().unwrap();
+        assert_eq!((w, h), (2, 2));
+        assert_eq!(pixels, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+        let packed = zimage_image { stride: 0, ..view };
+        assert_eq!(unsafe { read_pixels(&packed, 3, "img") }.unwrap().unwrap().2, (0..12).collect::<Vec<u8>>());
+        for bad in [zimage_image { stride: 5, ..view }, zimage_image { stride: usize::MAX, ..view }] {
+            assert_eq!(code(unsafe { read_pixels(&bad, 3, "img") }), zimage_result::InvalidArgument);
+        }
+        let empty = zimage_image { width: 0, ..view };
+        assert_eq!(unsafe { read_pixels(&empty, 3, "img") }.unwrap().unwrap(), (0, 2, Vec::new()));
+    }
+
+    #[test]
+    fn mask_needs_an_init_image() {
+        let mut p = zimage_generate_params::defaults();
+        p.prompt = c"x".as_ptr();
+        let mask = [255u8; 4];
+        p.mask = zimage_image { pixels: mask.as_ptr(), width: 2, height: 2, stride: 0 };
+        assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::InvalidArgument);
+        let rgb = [0u8; 12];
+        p.init_image = zimage_image { pixels: rgb.as_ptr(), width: 2, height: 2, stride: 0 };
+        let init = unsafe { generate_request(&p) }.unwrap().request.init_image.unwrap();
+        assert_eq!((init.mask.unwrap().pixels.len(), init.strength), (4, DEFAULT_STRENGTH));
+    }
+}
