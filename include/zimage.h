@@ -90,6 +90,11 @@ enum zimage_result
    * classify. The message says what; please report it.
    */
   ZIMAGE_RESULT_INTERNAL = 11,
+  /**
+   * A LoRA file is unreadable, malformed, or not for this model (the message names the first
+   * key that does not fit).
+   */
+  ZIMAGE_RESULT_LORA = 12,
 };
 #ifndef __cplusplus
 typedef uint32_t zimage_result;
@@ -223,6 +228,15 @@ typedef uint32_t zimage_tf32;
 #endif // __cplusplus
 
 /**
+ * A LoRA adapter read from a `.safetensors` file (diffusers/PEFT, kohya, ComfyUI/musubi, LoKr),
+ * made by `zimage_lora_adapter_init()` and freed with `zimage_adapter_free()`. Immutable: one
+ * adapter can be set on several pipelines of the same model. It holds its own data: it stays
+ * valid after the pipeline that made it is freed, and a pipeline it is set on keeps its own
+ * reference, so freeing the handle never changes a pipeline.
+ */
+typedef struct zimage_adapter zimage_adapter;
+
+/**
  * A loaded prompt enhancer (its decoder session and tokenizer), freed with
  * `zimage_enhancer_free()`.
  *
@@ -258,6 +272,15 @@ typedef struct zimage_pipeline zimage_pipeline;
  * its own data: it stays valid after the pipeline that made it is freed.
  */
 typedef struct zimage_prompt_embedding zimage_prompt_embedding;
+
+/**
+ * One adapter and its strength, for `zimage_pipeline_set_adapters()`. `scale` multiplies the
+ * adapter's update (diffusers' `set_adapters` weight; 1.0 = as trained, 0 = off); finite.
+ */
+typedef struct zimage_adapter_setting {
+  const struct zimage_adapter *adapter;
+  float scale;
+} zimage_adapter_setting;
 
 /**
  * How to enhance. Fill it with `zimage_enhance_params_init()` (the built-in system prompt,
@@ -612,6 +635,39 @@ extern "C" {
  * The zimage version as "MAJOR.MINOR.PATCH", a static string (never freed).
  */
 const char *zimage_version(void);
+
+/**
+ * Reads the LoRA file at `path` (UTF-8) and checks it against `pipeline`'s transformer (every
+ * module it changes exists, with matching shapes). On success `*out_adapter` receives an
+ * adapter to free with `zimage_adapter_free()`. `ZIMAGE_RESULT_LORA` when the file is not a
+ * readable LoRA or is for another model (the message names the first key that does not fit),
+ * `ZIMAGE_RESULT_IO` when it cannot be read. Nothing is applied until
+ * `zimage_pipeline_set_adapters()`.
+ */
+zimage_result zimage_lora_adapter_init(const struct zimage_pipeline *pipeline,
+                                       const char *path,
+                                       struct zimage_adapter **out_adapter);
+
+/**
+ * Frees an adapter. Pipelines it is set on keep applying it (they hold their own reference).
+ * NULL is fine; freeing twice is not.
+ */
+void zimage_adapter_free(struct zimage_adapter *adapter);
+
+/**
+ * Sets the adapters that `pipeline`'s later generations apply, merged into the transformer's
+ * weights with their scales (`W + Σ scale · B·A`); `count` 0 removes them all (`settings` may
+ * then be NULL) and gives back the base model exactly. Only the transformer's session is
+ * rebuilt (text encoder and VAE stay loaded). The array is copied and each adapter kept alive
+ * by the pipeline, so the caller may free both after the call.
+ *
+ * All or nothing: a set that does not fit (an adapter for another model, a non-finite scale)
+ * is refused before anything changes, and the previous set stays active. A generation already
+ * running finishes with the set it started with. Must not race with `zimage_pipeline_free()`.
+ */
+zimage_result zimage_pipeline_set_adapters(const struct zimage_pipeline *pipeline,
+                                           const struct zimage_adapter_setting *settings,
+                                           size_t count);
 
 /**
  * Fills `params` with the defaults and sets `struct_size`.

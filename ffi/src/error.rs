@@ -41,6 +41,9 @@ pub enum zimage_result {
     /// A bug in zimage: a caught panic, or an SDK error this version of the C ABI cannot
     /// classify. The message says what; please report it.
     Internal = 11,
+    /// A LoRA file is unreadable, malformed, or not for this model (the message names the first
+    /// key that does not fit).
+    Lora = 12,
 }
 
 impl zimage_result {
@@ -58,6 +61,7 @@ impl zimage_result {
             zimage_result::Inference => c"inference error",
             zimage_result::Io => c"I/O error",
             zimage_result::Internal => c"internal error",
+            zimage_result::Lora => c"LoRA adapter error",
         }
     }
 }
@@ -94,6 +98,7 @@ impl From<sdk::Error> for Failure {
             ErrorKind::Cancelled => zimage_result::Cancelled,
             ErrorKind::Inference => zimage_result::Inference,
             ErrorKind::Io => zimage_result::Io,
+            ErrorKind::Lora => zimage_result::Lora,
             // ErrorKind is non_exhaustive: a kind added to the SDK but not yet given a code.
             _ => zimage_result::Internal,
         };

@@ -19,6 +19,7 @@
 //!   conversion to `sdk::LoadOptions`;
 //! - [`pipeline`]: the pipeline handle: load, cancel, free;
 //! - [`prompt`]: the encode-once prompt embedding, a handle made against a pipeline;
+//! - [`adapter`]: LoRA adapters, handles made against a pipeline, and setting them on it;
 //! - [`enhancer`]: the prompt enhancer handle (standalone or attached to a pipeline) and its
 //!   parameters;
 //! - [`image`]: image views (`zimage_image`) and the library-owned list of generated images;
@@ -38,6 +39,7 @@
 // that goes into the header.
 #![allow(clippy::missing_safety_doc)]
 
+pub mod adapter;
 mod args;
 mod c_enum;
 pub mod enhancer;

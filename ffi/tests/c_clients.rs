@@ -59,6 +59,7 @@ struct Prepared {
     work: PathBuf,
     cases_file: PathBuf,
     enhancer_cases_file: PathBuf,
+    lora_cases_file: PathBuf,
     io_fixture: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
@@ -73,6 +74,7 @@ fn prepared() -> &'static Prepared {
         std::fs::create_dir_all(&work).unwrap();
         let cases_file = write_cases_file(&work);
         let enhancer_cases_file = write_enhancer_cases_file(&work);
+        let lora_cases_file = write_lora_cases_file(&work);
 
         // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
         let io_fixture = work.join("io-package");
@@ -85,8 +87,59 @@ fn prepared() -> &'static Prepared {
         std::fs::create_dir_all(&shared_lib_dir).unwrap();
         std::os::unix::fs::symlink(library_dir().join("libzimage.so"), shared_lib_dir.join("libzimage.so.0")).unwrap();
         std::os::unix::fs::symlink("libzimage.so.0", shared_lib_dir.join("libzimage.so")).unwrap();
-        Prepared { work, cases_file, enhancer_cases_file, io_fixture, mismatched_package, shared_lib_dir }
+        Prepared {
+            work,
+            cases_file,
+            enhancer_cases_file,
+            lora_cases_file,
+            io_fixture,
+            mismatched_package,
+            shared_lib_dir,
+        }
     })
+}
+
+/// The LoRA goldens (`tests/golden/tiny-zimage/lora.json`) for the C client's `test_lora`, one
+/// case per line, tab-separated: name, prompt, seed, width, height, steps, expected raw RGB,
+/// then adapter file and scale pairs.
+fn write_lora_cases_file(work: &Path) -> PathBuf {
+    let golden_dir = root().join("tests/golden/tiny-zimage");
+    let goldens: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir.join("lora.json")).expect("lora.json")).unwrap();
+    let raw_dir = work.join("raw-lora");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    let mut lines = String::new();
+    for case in goldens["cases"].as_array().expect("lora.json has cases") {
+        let name = case["name"].as_str().unwrap();
+        let images = case["image_files"].as_array().unwrap();
+        assert_eq!(images.len(), 1, "{name}: the C test takes one image per case");
+        assert_eq!(case["num_images_per_prompt"], 1, "{name}");
+        assert!(case["negative_prompt"].is_null() && case["guidance_scale"] == 0.0, "{name}: no guidance");
+        let (pixels, channels) = decode_png(&golden_dir.join(images[0].as_str().unwrap()));
+        assert_eq!(channels, 3);
+        let raw = raw_dir.join(format!("{name}.rgb"));
+        std::fs::write(&raw, pixels).unwrap();
+        let prompt = case["prompt"].as_str().unwrap();
+        assert!(!prompt.contains(['\t', '\n']), "{name}: the cases file cannot carry tabs or newlines");
+        let mut fields: Vec<String> = vec![
+            name.into(),
+            prompt.into(),
+            case["seed"].to_string(),
+            case["width"].to_string(),
+            case["height"].to_string(),
+            case["num_inference_steps"].to_string(),
+            raw.display().to_string(),
+        ];
+        for lora in case["loras"].as_array().unwrap() {
+            fields.push(golden_dir.join(lora["file"].as_str().unwrap()).display().to_string());
+            fields.push(lora["scale"].to_string());
+        }
+        lines.push_str(&fields.join("\t"));
+        lines.push('\n');
+    }
+    let path = work.join("lora-cases.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
 }
 
 /// tiny-zimage with tiny-zimage-alt's transformer, listed with its true size and checksum: the
@@ -351,6 +404,8 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(root().join("models/tiny-qwen3-enhancer"))
         .arg(&p.enhancer_cases_file)
         .arg(max_cases)
+        .env("ZIMAGE_TEST_LORA_CASES", &p.lora_cases_file)
+        .env("ZIMAGE_TEST_WRONG_LORA", root().join("tests/golden/tiny-zimage-alt/loras/peft.safetensors"))
         .current_dir(root());
     let result = command.output().unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
     let stdout = String::from_utf8_lossy(&result.stdout);

@@ -37,7 +37,7 @@
 static int failures = 0;
 
 /* Result codes that some check expected and got; main() requires all the reachable ones. */
-#define CODE_COUNT 12
+#define CODE_COUNT 13
 static int codes_seen[CODE_COUNT];
 
 #define CHECK(cond)                                                                    \
@@ -999,6 +999,97 @@ static void test_generate_enhanced(const char *enhancer_package, const zimage_pi
     zimage_enhancer_free(enhancer);
 }
 
+/* LoRA adapters (ZIMAGE_TEST_LORA_CASES, written by c_clients.rs from the diffusers goldens in
+ * tests/golden/tiny-zimage/lora.json, one case per line, tab-separated: name, prompt, seed, width,
+ * height, steps, expected raw RGB, then adapter file and scale pairs): each set on one pipeline
+ * gives diffusers' images within 1 level; removing them all gives the base model back; an
+ * adapter for another model (ZIMAGE_TEST_WRONG_LORA), a missing file and a NaN scale are
+ * refused with their codes and leave the pipeline usable. */
+static void test_lora(const char *package, int max_cases) {
+    const char *cases_path = getenv("ZIMAGE_TEST_LORA_CASES"), *wrong = getenv("ZIMAGE_TEST_WRONG_LORA");
+    zimage_pipeline *pipeline = NULL;
+    zimage_adapter *bad = NULL;
+    char *text, *line, *save_line = NULL;
+    size_t size = 0;
+    int n = 0;
+
+    if (!cases_path || !wrong) {
+        fprintf(stderr, "ZIMAGE_TEST_LORA_CASES and ZIMAGE_TEST_WRONG_LORA must be set\n");
+        failures++;
+        return;
+    }
+    text = (char *)read_file(cases_path, &size);
+    CHECK(text != NULL);
+    if (!text) return;
+    CHECK_CODE(zimage_pipeline_load(package, NULL, &pipeline), ZIMAGE_RESULT_OK);
+    if (!pipeline) {
+        free(text);
+        return;
+    }
+    CHECK_CODE(zimage_lora_adapter_init(pipeline, wrong, &bad), ZIMAGE_RESULT_LORA);
+    CHECK(bad == NULL);
+    CHECK_CODE(zimage_lora_adapter_init(pipeline, "no/such/lora.safetensors", &bad), ZIMAGE_RESULT_IO);
+    CHECK_CODE(zimage_lora_adapter_init(pipeline, NULL, &bad), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_pipeline_set_adapters(pipeline, NULL, 1), ZIMAGE_RESULT_NULL_ARGUMENT);
+
+    for (line = strtok_r(text, "\n", &save_line); line && n < max_cases; line = strtok_r(NULL, "\n", &save_line), n++) {
+        char *fields[16], *save_field = NULL, *field;
+        int n_fields = 0, n_adapters, a;
+        zimage_adapter *adapters[4] = {NULL, NULL, NULL, NULL};
+        zimage_adapter_setting settings[4];
+        zimage_generate_params params;
+        zimage_image_list *images = NULL;
+        golden_case c;
+        unsigned char *expected;
+        size_t expected_size = 0;
+
+        for (field = strtok_r(line, "\t", &save_field); field && n_fields < 16; field = strtok_r(NULL, "\t", &save_field))
+            fields[n_fields++] = field;
+        n_adapters = (n_fields - 7) / 2;
+        CHECK(n_fields >= 9 && (n_fields - 7) % 2 == 0 && n_adapters <= 4);
+        if (n_fields < 9 || n_adapters > 4) continue;
+        memset(&c, 0, sizeof c);
+        c.name = fields[0];
+        c.seed = strtoull(fields[2], NULL, 10);
+        c.width = (uint32_t)atoi(fields[3]);
+        c.height = (uint32_t)atoi(fields[4]);
+        c.count = 1;
+        expected = read_file(fields[6], &expected_size);
+        CHECK(expected != NULL && expected_size == (size_t)c.width * c.height * 3);
+        for (a = 0; a < n_adapters; a++) {
+            CHECK_CODE(zimage_lora_adapter_init(pipeline, fields[7 + 2 * a], &adapters[a]), ZIMAGE_RESULT_OK);
+            settings[a].adapter = adapters[a];
+            settings[a].scale = (float)atof(fields[8 + 2 * a]);
+        }
+        CHECK_CODE(zimage_pipeline_set_adapters(pipeline, settings, (size_t)n_adapters), ZIMAGE_RESULT_OK);
+        /* The pipeline keeps its own reference: the handles can go before generating. */
+        for (a = 0; a < n_adapters; a++) zimage_adapter_free(adapters[a]);
+
+        zimage_generate_params_init(&params);
+        params.prompt = fields[1];
+        params.width = c.width;
+        params.height = c.height;
+        params.steps = (uint32_t)atoi(fields[5]);
+        params.seed = c.seed;
+        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        if (images && expected) compare_images(images, &c, expected);
+        zimage_image_list_free(images);
+        images = NULL;
+
+        /* A bad set changes nothing: the same images again. */
+        settings[0].scale = NAN;
+        CHECK_CODE(zimage_pipeline_set_adapters(pipeline, settings, 1), ZIMAGE_RESULT_INVALID_ARGUMENT);
+        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        if (images && expected) compare_images(images, &c, expected);
+        zimage_image_list_free(images);
+        free(expected);
+    }
+    CHECK(n > 0);
+    CHECK_CODE(zimage_pipeline_set_adapters(pipeline, NULL, 0), ZIMAGE_RESULT_OK);
+    zimage_pipeline_free(pipeline);
+    free(text);
+}
+
 int main(int argc, char **argv) {
     const char *package, *cases_path, *io_fixture, *mismatched_package, *enhancer_package;
     enhancer_case enhancer_cases[16];
@@ -1065,13 +1156,15 @@ int main(int argc, char **argv) {
     test_cancel_from_thread(pipeline);
     test_enhancer(enhancer_package, package, pipeline, enhancer_cases, n_enhancer_cases);
     test_generate_enhanced(enhancer_package, pipeline, &enhancer_cases[0]);
+    test_lora(package, max_cases);
     zimage_pipeline_free(pipeline);
     free(cases_text);
     free(enhancer_text);
 
     /* Every result code C can reach was produced. ZIMAGE_RESULT_INTERNAL (a caught panic) is
      * a bug path; ffi/src/panic.rs tests it. */
-    for (code = ZIMAGE_RESULT_OK; code <= ZIMAGE_RESULT_IO; code++) {
+    for (code = ZIMAGE_RESULT_OK; code <= ZIMAGE_RESULT_LORA; code++) {
+        if (code == ZIMAGE_RESULT_INTERNAL) continue;
         if (!codes_seen[code]) {
             fprintf(stderr, "result code %d (%s) was never produced\n", code, zimage_result_string((uint32_t)code));
             failures++;

@@ -34,7 +34,7 @@ use crate::enhancer::{EnhanceOptions, PromptEnhancer};
 use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
-use crate::lora::{LoraSetting, Targets};
+use crate::lora::{LoraAdapter, LoraSetting, Targets};
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
@@ -131,6 +131,14 @@ impl Pipeline {
     /// The LoRA adapters merged into the transformer now, with their scales.
     pub fn loras(&self) -> Vec<LoraSetting> {
         self.active_transformer().loras.clone()
+    }
+
+    /// Checks that `adapter` fits this pipeline's transformer (every module it changes exists,
+    /// with matching shapes) without applying it: a `Lora` error naming the first key that does
+    /// not fit. [`Pipeline::set_loras`] checks the same.
+    pub fn check_lora(&self, adapter: &Arc<LoraAdapter>) -> Result<()> {
+        let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
+        Targets::read(&path, &self.manifest)?.check(&[LoraSetting::new(Arc::clone(adapter), 1.0)])
     }
 
     /// Replaces the LoRA set (empty: the package's own weights). Only the transformer's
