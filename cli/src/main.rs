@@ -6,6 +6,7 @@ mod bench;
 mod device_memory;
 mod enhance;
 mod generate;
+mod triton_repo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,9 @@ enum Command {
     /// Rewrite a prompt into a detailed visual description with the local Qwen3 decoder.
     #[command(after_help = EXIT_CODES)]
     Enhance(enhance::EnhanceArgs),
+    /// Write a Triton Inference Server model repository for a package (zimage backend).
+    #[command(after_help = EXIT_CODES)]
+    TritonRepo(triton_repo::TritonRepoArgs),
 }
 
 /// How the model package is loaded; shared by every subcommand.
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Enhance(args) => enhance::run(args),
+        Command::TritonRepo(args) => triton_repo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
