@@ -362,6 +362,18 @@ fn free_instance(api: &Api, state: Box<InstanceState>) {
     drop(state);
 }
 
+/// Hands the pages freed with a pipeline back to the system. Triton loads and unloads models
+/// on whichever of its threads is free, and glibc gives each thread its own malloc arena that
+/// keeps freed memory for reuse by that thread only: without this, each reload on a new thread
+/// grows the resident size until every arena holds a pipeline's worth of free pages.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of every arena to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn TRITONBACKEND_ModelInstanceFinalize(instance: *mut api::ModelInstance) -> *mut api::TritonError {
     entry("TRITONBACKEND_ModelInstanceFinalize", |api| {
@@ -372,6 +384,7 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceFinalize(instance: *mut api::ModelI
             let state = unsafe { Box::from_raw(state.cast::<InstanceState>()) };
             api.log(api::LOG_VERBOSE, &format!("zimage backend: instance {} finalised", state.name));
             free_instance(api, state);
+            release_free_memory();
         }
         Ok(())
     })
@@ -448,6 +461,20 @@ fn execute_one(
             &format!("zimage backend: instance {}: request {id:?} failed: {}", state.name, e.message),
         );
     }
+    if let Some(metric) = &state.requests {
+        // SAFETY: this instance's metric.
+        let _ = api.take_error(unsafe { (api.metric_increment)(metric.0, 1.0) });
+    }
+    let success = outcome.is_ok();
+    // Statistics first, then the response: a client that has its answer finds it counted in
+    // /metrics and the statistics already.
+    // SAFETY: the request is still held.
+    let error = unsafe {
+        (api.instance_report_statistics)(instance, request, success, exec_start, compute_start, compute_end, now_ns())
+    };
+    if let Some((_, message)) = api.take_error(error) {
+        api.log(api::LOG_ERROR, &format!("zimage backend: request statistics: {message}"));
+    }
     if !response.is_null() {
         let error = match &outcome {
             Ok(()) => std::ptr::null_mut(),
@@ -463,28 +490,9 @@ fn execute_one(
             api.log(api::LOG_ERROR, &format!("zimage backend: sending a response: {message}"));
         }
     }
-    if let Some(metric) = &state.requests {
-        // SAFETY: this instance's metric.
-        let _ = api.take_error(unsafe { (api.metric_increment)(metric.0, 1.0) });
-    }
-    let success = outcome.is_ok();
-    // SAFETY: statistics before the request is released; then it is released once.
-    unsafe {
-        let error = (api.instance_report_statistics)(
-            instance,
-            request,
-            success,
-            exec_start,
-            compute_start,
-            compute_end,
-            now_ns(),
-        );
-        if let Some((_, message)) = api.take_error(error) {
-            api.log(api::LOG_ERROR, &format!("zimage backend: request statistics: {message}"));
-        }
-        if let Some((_, message)) = api.take_error((api.request_release)(request, api::REQUEST_RELEASE_ALL)) {
-            api.log(api::LOG_ERROR, &format!("zimage backend: releasing a request: {message}"));
-        }
+    // SAFETY: released once, after its response and statistics.
+    if let Some((_, message)) = api.take_error(unsafe { (api.request_release)(request, api::REQUEST_RELEASE_ALL) }) {
+        api.log(api::LOG_ERROR, &format!("zimage backend: releasing a request: {message}"));
     }
     (success, compute_start, compute_end)
 }
