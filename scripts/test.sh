@@ -2,7 +2,8 @@
 # Sets everything up and runs the whole test suite: Rust unit and integration tests (parity
 # with the diffusers goldens, SDK behaviour, CLI, C ABI header), the export scripts' pure
 # Python helpers (pytest in a venv with only pytest and numpy), then the C and C++ clients
-# against the shared and static libraries, under valgrind when it is installed.
+# against the shared and static libraries, under valgrind when it is installed, and the Triton
+# backend in a real tritonserver on the CPU (scripts/test-triton.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -13,4 +14,7 @@ if [ -x scripts/test-python.sh ]; then
 fi
 if [ -x scripts/test-c.sh ]; then
   scripts/test-c.sh
+fi
+if [ -x scripts/test-triton.sh ]; then
+  scripts/test-triton.sh
 fi
