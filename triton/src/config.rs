@@ -26,6 +26,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("max_count", "largest COUNT accepted (also sizes TensorRT profiles) [4]"),
     ("allow_cpu_fallback", "true: run on the CPU when the GPU provider cannot be set up [false]"),
     ("tensorrt_cache", "TensorRT engine and timing cache folder, kept per node [~/.cache/zimage/tensorrt]"),
+    ("tensorrt_guidance", "true: TensorRT profiles also cover GUIDANCE > 0 (twice the batch) [false]"),
     ("winograd_vae", "true: decode with the package's Winograd VAE decoder on the CPU [false]"),
 ];
 
@@ -45,6 +46,7 @@ pub struct ModelSettings {
     pub max_count: u32,
     pub allow_cpu_fallback: bool,
     pub tensorrt_cache: Option<PathBuf>,
+    pub tensorrt_guidance: bool,
     pub winograd_vae: bool,
 }
 
@@ -71,6 +73,7 @@ impl ModelSettings {
             max_count: DEFAULT_MAX_COUNT,
             allow_cpu_fallback: false,
             tensorrt_cache: None,
+            tensorrt_guidance: false,
             winograd_vae: false,
         };
         let empty = serde_json::Map::new();
@@ -105,6 +108,7 @@ impl ModelSettings {
                 "max_count" => settings.max_count = number(key, text, 1, zimage::MAX_IMAGES_PER_REQUEST as u64)? as u32,
                 "allow_cpu_fallback" => settings.allow_cpu_fallback = boolean(key, text)?,
                 "tensorrt_cache" => settings.tensorrt_cache = Some(PathBuf::from(nonempty(key, text)?)),
+                "tensorrt_guidance" => settings.tensorrt_guidance = boolean(key, text)?,
                 "winograd_vae" => settings.winograd_vae = boolean(key, text)?,
                 _ => {
                     let known: Vec<&str> = PARAMETERS.iter().map(|(k, _)| *k).collect();
@@ -143,6 +147,7 @@ impl ModelSettings {
         options.winograd_vae = self.winograd_vae;
         options.gpu.tensorrt.cache_dir = self.tensorrt_cache.clone();
         options.gpu.tensorrt.max_images = self.max_count;
+        options.gpu.tensorrt.guidance = self.tensorrt_guidance;
         options
     }
 }

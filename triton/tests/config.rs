@@ -73,6 +73,9 @@ fn parameters_are_parsed_and_checked() {
     assert_eq!(settings(&with_parameter("max_prompt_bytes", "100")).unwrap().max_prompt_bytes, 100);
     assert!(settings(&with_parameter("allow_cpu_fallback", "true")).unwrap().allow_cpu_fallback);
     assert!(settings(&with_parameter("winograd_vae", "yes")).unwrap().winograd_vae);
+    let guided = settings(&with_parameter("tensorrt_guidance", "true")).unwrap();
+    assert!(guided.load_options(Device::TensorRt { device_id: 0 }).gpu.tensorrt.guidance);
+    assert!(!s.load_options(Device::Cpu).gpu.tensorrt.guidance);
     assert_eq!(settings(&with_parameter("device", "tensorrt")).unwrap().device, Some(DeviceKind::TensorRt));
     assert_eq!(
         settings(&with_parameter("tensorrt_cache", "/var/cache/trt")).unwrap().tensorrt_cache,

@@ -349,6 +349,18 @@ def test_bounded_load_run(server, results_dir):
     """200 requests, 16 at a time, through Triton on loopback: every one answered, and every
     answer equal to the others with the same seed."""
     total, concurrency = 200, 16
+    # First one request at a time: the latency without queueing, and the part of it spent in
+    # the pipeline (Triton's compute_infer).
+    serial = []
+    stats_before = stats(server)
+    for i in range(20):
+        started = time.monotonic()
+        generate_http(server, prompt="a small boat on a lake", width=64, height=64, steps=2, seed=i % 8)
+        serial.append(time.monotonic() - started)
+    stats_after = stats(server)
+    compute = stats_after["inference_stats"]["compute_infer"]
+    compute_before = stats_before["inference_stats"]["compute_infer"]
+    compute_ms = (compute["ns"] - compute_before["ns"]) / (compute["count"] - compute_before["count"]) / 1e6
     before = server.metrics()
 
     def one(i):
@@ -386,6 +398,8 @@ def test_bounded_load_run(server, results_dir):
         "latency_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 1),
         "latency_max_ms": round(1000 * latencies[-1], 1),
         "latency_mean_ms": round(1000 * statistics.mean(latencies), 1),
+        "serial_latency_p50_ms": round(1000 * statistics.median(serial), 1),
+        "serial_compute_infer_mean_ms": round(compute_ms, 1),
     }
     (results_dir / "load.json").write_text(json.dumps(numbers, indent=2) + "\n")
     print("load run:", json.dumps(numbers))
