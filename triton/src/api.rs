@@ -241,7 +241,7 @@ impl Api {
     }
 
     /// Takes a Triton error apart (and frees it): `None` for success.
-    pub fn take_error(&self, error: *mut TritonError) -> Option<(ErrorCode, String)> {
+    pub(crate) fn take_error(&self, error: *mut TritonError) -> Option<(ErrorCode, String)> {
         if error.is_null() {
             return None;
         }
@@ -255,7 +255,7 @@ impl Api {
     }
 
     /// Runs a Triton call that returns an error object: the error becomes a Rust one.
-    pub fn check(&self, what: &str, error: *mut TritonError) -> Result<(), BackendError> {
+    pub(crate) fn check(&self, what: &str, error: *mut TritonError) -> Result<(), BackendError> {
         match self.take_error(error) {
             None => Ok(()),
             Some((code, message)) => Err(BackendError::new(code, format!("{what}: {message}"))),
@@ -346,7 +346,7 @@ impl Api {
     }
 
     /// A Triton message (model or backend configuration) as JSON text; the message is freed.
-    pub fn message_json(&self, message: *mut Message) -> Result<String, BackendError> {
+    pub(crate) fn message_json(&self, message: *mut Message) -> Result<String, BackendError> {
         let mut base: *const c_char = std::ptr::null();
         let mut size = 0usize;
         // SAFETY: a live message; its buffer is copied before the message is deleted.
