@@ -3,7 +3,8 @@
 # with the diffusers goldens, SDK behaviour, CLI, C ABI header), the export scripts' pure
 # Python helpers (pytest in a venv with only pytest and numpy), the image server driven by the
 # official OpenAI Python client (scripts/test-server.sh), then the C and C++ clients against the
-# shared and static libraries, under valgrind when it is installed.
+# shared and static libraries, under valgrind when it is installed, and the Triton backend in a
+# real tritonserver on the CPU (scripts/test-triton.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -17,4 +18,7 @@ if [ -x scripts/test-server.sh ]; then
 fi
 if [ -x scripts/test-c.sh ]; then
   scripts/test-c.sh
+fi
+if [ -x scripts/test-triton.sh ]; then
+  scripts/test-triton.sh
 fi

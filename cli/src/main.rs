@@ -10,6 +10,7 @@ mod interrupt;
 mod log;
 mod model_args;
 mod output;
+mod triton_repo;
 
 use std::process::ExitCode;
 
@@ -61,6 +62,9 @@ enum Command {
     /// Rewrite a prompt into a detailed visual description with the local Qwen3 decoder.
     #[command(after_help = EXIT_CODES)]
     Enhance(enhance::EnhanceArgs),
+    /// Write a Triton Inference Server model repository for a package (zimage backend).
+    #[command(after_help = EXIT_CODES)]
+    TritonRepo(triton_repo::TritonRepoArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Enhance(args) => enhance::run(args),
+        Command::TritonRepo(args) => triton_repo::run(args),
     };
     log::finish(result.is_ok());
     match result {

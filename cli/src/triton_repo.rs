@@ -1,0 +1,66 @@
+//! `zimage triton-repo`: a ready Triton model repository for a package (config.pbtxt and the
+//! package, linked or copied), served by the zimage backend (crate zimage-triton).
+
+use crate::output::{out, Failure};
+use std::path::PathBuf;
+
+use clap::Args;
+use triton_zimage::config::DeviceKind;
+use triton_zimage::repository::{self, RepositoryOptions};
+
+#[derive(Args)]
+pub struct TritonRepoArgs {
+    /// Model package folder (made by export-scripts/export.py).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The model repository to write into (created if missing); the model goes to REPO/NAME.
+    #[arg(long, value_name = "REPO")]
+    out: PathBuf,
+    /// The model's name in Triton.
+    #[arg(long, value_name = "NAME", default_value = "zimage")]
+    name: String,
+    /// Instances (one pipeline each) per device: per GPU for cuda/tensorrt.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    instances: u32,
+    /// Where the instances run: cpu (KIND_CPU), cuda or tensorrt (KIND_GPU).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt"])]
+    device: String,
+    /// cuda/tensorrt: the GPUs to use, e.g. 0,1 [default: every GPU Triton sees].
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    gpus: Option<Vec<u32>>,
+    /// Copy the package into the repository instead of linking to it.
+    #[arg(long)]
+    copy: bool,
+    /// ONNX Runtime intra-op threads per graph and instance [default: one per physical core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Largest COUNT one request may ask for [default: 4].
+    #[arg(long, value_name = "K")]
+    max_count: Option<u32>,
+    /// tensorrt: the engine cache folder on each node [default: ~/.cache/zimage/tensorrt].
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+}
+
+pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
+    let device = match args.device.as_str() {
+        "cuda" => DeviceKind::Cuda,
+        "tensorrt" => DeviceKind::TensorRt,
+        _ => DeviceKind::Cpu,
+    };
+    let mut options = RepositoryOptions::new(device);
+    options.name = args.name;
+    options.instances = args.instances;
+    options.gpus = args.gpus;
+    options.copy = args.copy;
+    options.threads = args.threads;
+    options.max_count = args.max_count;
+    options.tensorrt_cache = args.trt_cache;
+    let model_dir = repository::write_repository(&args.model, &args.out, &options)?;
+    out(&format!(
+        "wrote {}\nserve it with: tritonserver --model-repository {} --backend-directory DIR \
+         (DIR/zimage/libtriton_zimage.so)\n",
+        model_dir.display(),
+        args.out.display()
+    ))
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The zimage Triton backend in a real tritonserver on this machine's CPU: PyPI's nvidia-pytriton
+# wheel (0.7.0) ships Triton 2.51.0's server binary with its libraries. Builds the backend and
+# the CLI, lays out a backend directory and a model repository (zimage triton-repo), then runs
+# triton/tests/python with pytest; the tests start the server on free loopback ports (HTTP,
+# gRPC, metrics, all on 127.0.0.1) and stop it. The load run's numbers go to
+# target/triton-tests/load.json.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+venv=triton/.venv-test
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+"${pip[@]}" install -r triton/tests/python/requirements.txt
+# Only the server binary is used, so the wheel goes to its own folder, without its Python
+# dependencies; its RPATH finds the bundled libraries in nvidia_pytriton.libs beside it.
+server_dir=triton/.venv-test/nvidia-pytriton-0.7.0
+if [ ! -x "$server_dir/pytriton/tritonserver/bin/tritonserver" ]; then
+  rm -rf "$server_dir"
+  "${pip[@]}" install --no-deps --target "$server_dir" nvidia-pytriton==0.7.0
+fi
+tritonserver="$root/$server_dir/pytriton/tritonserver/bin/tritonserver"
+
+cargo build --locked -p zimage-triton -p zimage-cli
+target=$(cargo metadata --format-version 1 --no-deps | "$venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+
+work="$target/triton-tests"
+rm -rf "$work/backends" "$work/repository"
+mkdir -p "$work/backends/zimage"
+# A copy, not a link: the backend looks for ONNX Runtime beside the file it was loaded from.
+cp "$target/debug/libtriton_zimage.so" "$work/backends/zimage/"
+ln -s "$root/.runtime/lib/libonnxruntime.so.1.31.1" "$work/backends/zimage/libonnxruntime.so.1.31.1"
+package="$root/models/tiny-zimage"
+"$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --instances 2 --threads 1
+"$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --name zimage_reload --threads 1
+
+export TRITONSERVER="$tritonserver" ZIMAGE_BACKENDS="$work/backends" ZIMAGE_REPOSITORY="$work/repository"
+export ZIMAGE_CLI="$target/debug/zimage" ZIMAGE_PACKAGE="$package" ZIMAGE_RESULTS="$work"
+timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs triton/tests/python "$@"

@@ -1,0 +1,216 @@
+//! One inference request's input tensors → a [`GenerateRequest`]; the images → output bytes.
+//! No Triton calls here: the backend copies the tensors out first.
+
+use std::collections::HashMap;
+
+use zimage::{image_io, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage};
+
+use crate::interface::{self, DataType};
+
+/// An input tensor as received: its type, shape and bytes (gathered from Triton's buffers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub data_type: DataType,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Elements the shape holds (`None` for a negative dimension or an overflow).
+    pub fn elements(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+    }
+}
+
+/// Per-model caps on a request (from the model's parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_prompt_bytes: usize,
+    pub max_count: u32,
+}
+
+/// A request the backend rejects before it reaches the pipeline (Triton INVALID_ARG).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputError(pub String);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn bad(message: impl Into<String>) -> InputError {
+    InputError(message.into())
+}
+
+/// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
+/// flags: without WIDTH/HEIGHT an INIT_IMAGE keeps its size, otherwise it is resized.
+pub fn build_request(inputs: &HashMap<String, Tensor>, limits: &Limits) -> Result<GenerateRequest, InputError> {
+    for (name, tensor) in inputs {
+        let spec = interface::input_spec(name).ok_or_else(|| bad(format!("unknown input {name}")))?;
+        if tensor.data_type != spec.data_type {
+            return Err(bad(format!(
+                "input {name} must be {} (got {})",
+                spec.data_type.wire_name(),
+                tensor.data_type.wire_name()
+            )));
+        }
+        if let Some(size) = spec.data_type.size() {
+            let expected = tensor.elements().and_then(|n| n.checked_mul(size));
+            if expected != Some(tensor.data.len()) {
+                return Err(bad(format!(
+                    "input {name}: shape {:?} does not match its {} bytes",
+                    tensor.shape,
+                    tensor.data.len()
+                )));
+            }
+        }
+    }
+    let prompt = text(inputs, "PROMPT", limits)?.ok_or_else(|| bad("the input PROMPT is required"))?;
+    let mut request = GenerateRequest::new(prompt);
+    request.negative_prompt = text(inputs, "NEGATIVE_PROMPT", limits)?.map(Prompt::Text);
+    if let Some(steps) = scalar_i32(inputs, "STEPS")? {
+        request.steps = positive("STEPS", steps)?;
+    }
+    if let Some(guidance) = scalar(inputs, "GUIDANCE", 4)? {
+        let guidance = f32::from_le_bytes(guidance.try_into().expect("4 bytes"));
+        if !guidance.is_finite() {
+            return Err(bad(format!("GUIDANCE must be a finite number (got {guidance})")));
+        }
+        request.guidance_scale = guidance;
+    }
+    if let Some(seed) = scalar(inputs, "SEED", 8)? {
+        request.seed = Some(u64::from_le_bytes(seed.try_into().expect("8 bytes")));
+    }
+    if let Some(count) = scalar_i32(inputs, "COUNT")? {
+        let count = positive("COUNT", count)?;
+        if count > limits.max_count {
+            return Err(bad(format!(
+                "COUNT is {count}; this model serves at most {} (parameter max_count)",
+                limits.max_count
+            )));
+        }
+        request.count = count;
+    }
+    let width = scalar_i32(inputs, "WIDTH")?.map(|w| positive("WIDTH", w)).transpose()?;
+    let height = scalar_i32(inputs, "HEIGHT")?.map(|h| positive("HEIGHT", h)).transpose()?;
+
+    let init = inputs.get("INIT_IMAGE").map(init_image).transpose()?;
+    let mask = inputs.get("MASK").map(mask).transpose()?;
+    let strength = match scalar(inputs, "STRENGTH", 8)? {
+        Some(bytes) => {
+            let s = f64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+            if !(0.0..=1.0).contains(&s) {
+                return Err(bad(format!("STRENGTH must be within 0..1 (got {s})")));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    request.width = width.or(init.as_ref().map(|i| i.width)).unwrap_or(request.width);
+    request.height = height.or(init.as_ref().map(|i| i.height)).unwrap_or(request.height);
+    match init {
+        Some(image) => {
+            let default_strength =
+                if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
+            let image = image_io::resize_rgb(&image, request.width, request.height).map_err(|e| bad(e.to_string()))?;
+            request.init_image = Some(InitImage { image, mask, strength: strength.unwrap_or(default_strength) });
+        }
+        None if mask.is_some() => return Err(bad("MASK needs INIT_IMAGE")),
+        None if strength.is_some() => return Err(bad("STRENGTH needs INIT_IMAGE")),
+        None => {}
+    }
+    Ok(request)
+}
+
+/// A one-element BYTES input as UTF-8 text. Triton's BYTES elements are a 4-byte
+/// little-endian length, then the bytes.
+fn text(inputs: &HashMap<String, Tensor>, name: &str, limits: &Limits) -> Result<Option<String>, InputError> {
+    let Some(tensor) = inputs.get(name) else { return Ok(None) };
+    if tensor.elements() != Some(1) {
+        return Err(bad(format!("{name} must hold one string (shape {:?})", tensor.shape)));
+    }
+    let data = &tensor.data;
+    let length = data
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| bad(format!("{name}: BYTES element without its length")))?;
+    if data.len() != 4 + length {
+        return Err(bad(format!("{name}: BYTES element of {length} bytes in a buffer of {}", data.len())));
+    }
+    if length > limits.max_prompt_bytes {
+        return Err(bad(format!(
+            "{name} is {length} bytes long; this model accepts at most {} (parameter max_prompt_bytes)",
+            limits.max_prompt_bytes
+        )));
+    }
+    String::from_utf8(data[4..].to_vec()).map(Some).map_err(|_| bad(format!("{name} is not UTF-8")))
+}
+
+/// The bytes of a one-element input.
+fn scalar<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, size: usize) -> Result<Option<&'a [u8]>, InputError> {
+    match inputs.get(name) {
+        None => Ok(None),
+        Some(t) if t.elements() == Some(1) && t.data.len() == size => Ok(Some(&t.data)),
+        Some(t) => Err(bad(format!("{name} must hold one value (shape {:?})", t.shape))),
+    }
+}
+
+fn scalar_i32(inputs: &HashMap<String, Tensor>, name: &str) -> Result<Option<i32>, InputError> {
+    Ok(scalar(inputs, name, 4)?.map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))))
+}
+
+fn positive(name: &str, value: i32) -> Result<u32, InputError> {
+    u32::try_from(value).ok().filter(|v| *v > 0).ok_or_else(|| bad(format!("{name} must be positive (got {value})")))
+}
+
+fn dims(tensor: &Tensor, name: &str, rank: usize) -> Result<Vec<u32>, InputError> {
+    if tensor.shape.len() != rank {
+        return Err(bad(format!("{name} must have {rank} dimensions (got shape {:?})", tensor.shape)));
+    }
+    tensor
+        .shape
+        .iter()
+        .map(|&d| {
+            u32::try_from(d).ok().filter(|d| *d > 0).ok_or_else(|| bad(format!("{name}: bad shape {:?}", tensor.shape)))
+        })
+        .collect()
+}
+
+fn init_image(tensor: &Tensor) -> Result<RgbImage, InputError> {
+    let d = dims(tensor, "INIT_IMAGE", 3)?;
+    if d[2] != 3 {
+        return Err(bad(format!("INIT_IMAGE must be [H, W, 3] RGB (got shape {:?})", tensor.shape)));
+    }
+    let image = RgbImage { width: d[1], height: d[0], pixels: tensor.data.clone() };
+    image.check().map_err(|e| bad(e.to_string()))?;
+    Ok(image)
+}
+
+fn mask(tensor: &Tensor) -> Result<GrayImage, InputError> {
+    let d = dims(tensor, "MASK", 2)?;
+    let mask = GrayImage { width: d[1], height: d[0], pixels: tensor.data.clone() };
+    mask.check().map_err(|e| bad(e.to_string()))?;
+    Ok(mask)
+}
+
+/// The IMAGE output: `[N, H, W, 3]` and its bytes, the images one after another.
+pub fn image_output(images: &[RgbImage]) -> Result<([i64; 4], Vec<u8>), String> {
+    let first = images.first().ok_or("the pipeline returned no image")?;
+    let (width, height) = (first.width, first.height);
+    if images.iter().any(|i| i.width != width || i.height != height) {
+        return Err("the pipeline returned images of different sizes".into());
+    }
+    let mut bytes = Vec::with_capacity(images.len() * first.pixels.len());
+    for image in images {
+        bytes.extend_from_slice(&image.pixels);
+    }
+    Ok(([images.len() as i64, height as i64, width as i64, 3], bytes))
+}
+
+/// A BYTES element as Triton lays it out (for tests and clients of this module).
+pub fn bytes_element(text: &str) -> Vec<u8> {
+    let mut out = (text.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}

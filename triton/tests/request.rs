@@ -1,0 +1,248 @@
+//! Input tensors → the SDK request, and the IMAGE output's layout.
+
+use std::collections::HashMap;
+
+use triton_zimage::interface::{self, DataType, INPUTS, OUTPUTS};
+use triton_zimage::request::{build_request, bytes_element, image_output, InputError, Limits, Tensor};
+use zimage::{InitImage, Prompt, RgbImage};
+
+const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4 };
+
+fn text(s: &str) -> Tensor {
+    Tensor { data_type: DataType::Bytes, shape: vec![1], data: bytes_element(s) }
+}
+
+fn i32s(v: i32) -> Tensor {
+    Tensor { data_type: DataType::Int32, shape: vec![1], data: v.to_le_bytes().to_vec() }
+}
+
+fn f32s(v: f32) -> Tensor {
+    Tensor { data_type: DataType::Fp32, shape: vec![1], data: v.to_le_bytes().to_vec() }
+}
+
+fn f64s(v: f64) -> Tensor {
+    Tensor { data_type: DataType::Fp64, shape: vec![1], data: v.to_le_bytes().to_vec() }
+}
+
+fn u64s(v: u64) -> Tensor {
+    Tensor { data_type: DataType::Uint64, shape: vec![1], data: v.to_le_bytes().to_vec() }
+}
+
+fn pixels(h: usize, w: usize, c: usize) -> Tensor {
+    let mut shape = vec![h as i64, w as i64];
+    if c > 0 {
+        shape.push(c as i64);
+    }
+    let n = h * w * c.max(1);
+    Tensor { data_type: DataType::Uint8, shape, data: (0..n).map(|i| (i * 7 % 256) as u8).collect() }
+}
+
+fn inputs(items: &[(&str, Tensor)]) -> HashMap<String, Tensor> {
+    items.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+fn refused(items: &[(&str, Tensor)]) -> String {
+    let InputError(message) = build_request(&inputs(items), &LIMITS).expect_err("must be refused");
+    message
+}
+
+#[test]
+fn a_full_text_to_image_request() {
+    let request = build_request(
+        &inputs(&[
+            ("PROMPT", text("a red fox")),
+            ("NEGATIVE_PROMPT", text("blurry")),
+            ("WIDTH", i32s(96)),
+            ("HEIGHT", i32s(64)),
+            ("STEPS", i32s(3)),
+            ("GUIDANCE", f32s(2.5)),
+            ("SEED", u64s(u64::MAX)),
+            ("COUNT", i32s(2)),
+        ]),
+        &LIMITS,
+    )
+    .unwrap();
+    assert!(matches!(&request.prompt, Prompt::Text(t) if t == "a red fox"));
+    assert!(matches!(&request.negative_prompt, Some(Prompt::Text(t)) if t == "blurry"));
+    assert_eq!((request.width, request.height, request.steps, request.count), (96, 64, 3, 2));
+    assert_eq!(request.guidance_scale, 2.5);
+    assert_eq!(request.seed, Some(u64::MAX));
+    assert!(request.init_image.is_none());
+}
+
+#[test]
+fn defaults_are_the_sdks() {
+    let request = build_request(&inputs(&[("PROMPT", text(""))]), &LIMITS).unwrap();
+    let default = zimage::GenerateRequest::default();
+    assert_eq!((request.width, request.height, request.steps, request.count), (1024, 1024, default.steps, 1));
+    assert_eq!(request.guidance_scale, default.guidance_scale);
+    assert_eq!(request.seed, None);
+    assert!(request.negative_prompt.is_none());
+}
+
+#[test]
+fn an_init_image_keeps_its_size_or_is_resized() {
+    let image = pixels(32, 48, 3);
+    let request = build_request(&inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS).unwrap();
+    assert_eq!((request.width, request.height), (48, 32));
+    let init = request.init_image.unwrap();
+    assert_eq!(init.strength, InitImage::DEFAULT_STRENGTH);
+    assert_eq!((init.image.width, init.image.height), (48, 32));
+    assert_eq!(init.image.pixels, image.data);
+
+    let request = build_request(
+        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
+        &LIMITS,
+    )
+    .unwrap();
+    let init = request.init_image.unwrap();
+    assert_eq!((init.image.width, init.image.height), (64, 64));
+}
+
+#[test]
+fn inpainting_takes_the_mask_and_its_default_strength() {
+    let request = build_request(
+        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("MASK", pixels(16, 32, 0))]),
+        &LIMITS,
+    )
+    .unwrap();
+    let init = request.init_image.unwrap();
+    assert_eq!(init.strength, InitImage::DEFAULT_INPAINT_STRENGTH);
+    let mask = init.mask.unwrap();
+    assert_eq!((mask.width, mask.height, mask.pixels.len()), (32, 16, 512));
+
+    let request = build_request(
+        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("STRENGTH", f64s(0.35))]),
+        &LIMITS,
+    )
+    .unwrap();
+    assert_eq!(request.init_image.unwrap().strength, 0.35);
+}
+
+#[test]
+fn bad_inputs_are_refused_with_the_reason() {
+    assert_eq!(refused(&[("WIDTH", i32s(64))]), "the input PROMPT is required");
+    assert_eq!(refused(&[("PROMPT", text("x")), ("WIDTH", i32s(-64))]), "WIDTH must be positive (got -64)");
+    assert_eq!(refused(&[("PROMPT", text("x")), ("STEPS", i32s(0))]), "STEPS must be positive (got 0)");
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("COUNT", i32s(5))]),
+        "COUNT is 5; this model serves at most 4 (parameter max_count)"
+    );
+    assert_eq!(
+        refused(&[("PROMPT", text(&"a".repeat(65)))]),
+        "PROMPT is 65 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
+    );
+    assert!(build_request(&inputs(&[("PROMPT", text(&"a".repeat(64)))]), &LIMITS).is_ok());
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("NEGATIVE_PROMPT", text(&"b".repeat(100)))]),
+        "NEGATIVE_PROMPT is 100 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
+    );
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("GUIDANCE", f32s(f32::NAN))]),
+        "GUIDANCE must be a finite number (got NaN)"
+    );
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("GUIDANCE", f32s(f32::INFINITY))]),
+        "GUIDANCE must be a finite number (got inf)"
+    );
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(8, 8, 3)), ("STRENGTH", f64s(f64::NAN))]),
+        "STRENGTH must be within 0..1 (got NaN)"
+    );
+    assert_eq!(refused(&[("PROMPT", text("x")), ("MASK", pixels(8, 8, 0))]), "MASK needs INIT_IMAGE");
+    assert_eq!(refused(&[("PROMPT", text("x")), ("STRENGTH", f64s(0.5))]), "STRENGTH needs INIT_IMAGE");
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(8, 8, 4))]),
+        "INIT_IMAGE must be [H, W, 3] RGB (got shape [8, 8, 4])"
+    );
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(8, 8, 0))]),
+        "INIT_IMAGE must have 3 dimensions (got shape [8, 8])"
+    );
+}
+
+#[test]
+fn malformed_tensors_are_refused() {
+    // A BYTES element whose length prefix disagrees with the buffer.
+    let mut short = text("hello");
+    short.data.truncate(6);
+    assert_eq!(refused(&[("PROMPT", short)]), "PROMPT: BYTES element of 5 bytes in a buffer of 6");
+    let empty = Tensor { data_type: DataType::Bytes, shape: vec![1], data: vec![] };
+    assert_eq!(refused(&[("PROMPT", empty)]), "PROMPT: BYTES element without its length");
+    let two =
+        Tensor { data_type: DataType::Bytes, shape: vec![2], data: [bytes_element("a"), bytes_element("b")].concat() };
+    assert_eq!(refused(&[("PROMPT", two)]), "PROMPT must hold one string (shape [2])");
+    let latin1 = Tensor { data_type: DataType::Bytes, shape: vec![1], data: vec![1, 0, 0, 0, 0xff] };
+    assert_eq!(refused(&[("PROMPT", latin1)]), "PROMPT is not UTF-8");
+    // Types and sizes (Triton checks them too; the backend does not rely on it).
+    assert_eq!(refused(&[("PROMPT", text("x")), ("WIDTH", f32s(64.0))]), "input WIDTH must be INT32 (got FP32)");
+    let wrong_size = Tensor { data_type: DataType::Int32, shape: vec![1], data: vec![0; 8] };
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("WIDTH", wrong_size)]),
+        "input WIDTH: shape [1] does not match its 8 bytes"
+    );
+    let two_values = Tensor { data_type: DataType::Int32, shape: vec![2], data: vec![0; 8] };
+    assert_eq!(refused(&[("PROMPT", text("x")), ("WIDTH", two_values)]), "WIDTH must hold one value (shape [2])");
+    let negative = Tensor { data_type: DataType::Uint8, shape: vec![-1, 4, 3], data: vec![] };
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("INIT_IMAGE", negative)]),
+        "input INIT_IMAGE: shape [-1, 4, 3] does not match its 0 bytes"
+    );
+    assert_eq!(refused(&[("PROMPT", text("x")), ("LORA", i32s(1))]), "unknown input LORA");
+}
+
+#[test]
+fn the_image_output_is_n_h_w_3() {
+    let a = RgbImage { width: 3, height: 2, pixels: (0..18).collect() };
+    let b = RgbImage { width: 3, height: 2, pixels: (100..118).collect() };
+    let (shape, bytes) = image_output(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(shape, [2, 2, 3, 3]);
+    assert_eq!(bytes, [a.pixels.clone(), b.pixels].concat());
+    assert!(image_output(&[]).is_err());
+    let other = RgbImage { width: 2, height: 3, pixels: vec![0; 18] };
+    assert_eq!(image_output(&[a, other]).unwrap_err(), "the pipeline returned images of different sizes");
+}
+
+#[test]
+fn the_tensor_table_is_consistent() {
+    let names: Vec<&str> = INPUTS.iter().map(|t| t.name).collect();
+    assert_eq!(
+        names,
+        [
+            "PROMPT",
+            "NEGATIVE_PROMPT",
+            "WIDTH",
+            "HEIGHT",
+            "STEPS",
+            "GUIDANCE",
+            "SEED",
+            "COUNT",
+            "INIT_IMAGE",
+            "MASK",
+            "STRENGTH"
+        ]
+    );
+    assert_eq!(INPUTS.iter().filter(|t| !t.optional).map(|t| t.name).collect::<Vec<_>>(), ["PROMPT"]);
+    assert_eq!(OUTPUTS.iter().map(|t| t.name).collect::<Vec<_>>(), ["IMAGE", "SEED"]);
+    assert_eq!(interface::output_spec("IMAGE").unwrap().dims, [-1, -1, -1, 3]);
+    for spec in INPUTS.iter().chain(OUTPUTS) {
+        assert_eq!(DataType::from_code(spec.data_type.code()), Some(spec.data_type));
+    }
+    // The values of TRITONSERVER_DataType in tritonserver.h (r24.10).
+    let codes: Vec<(DataType, u32)> =
+        [DataType::Uint8, DataType::Uint64, DataType::Int32, DataType::Fp32, DataType::Fp64, DataType::Bytes]
+            .into_iter()
+            .map(|d| (d, d.code()))
+            .collect();
+    assert_eq!(
+        codes,
+        [
+            (DataType::Uint8, 2),
+            (DataType::Uint64, 5),
+            (DataType::Int32, 8),
+            (DataType::Fp32, 11),
+            (DataType::Fp64, 12),
+            (DataType::Bytes, 13)
+        ]
+    );
+}
