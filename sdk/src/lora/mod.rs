@@ -99,6 +99,12 @@ impl LoraAdapter {
     pub fn max_rank(&self) -> usize {
         self.modules.values().map(|m| m.update.rank()).max().unwrap_or(0)
     }
+
+    /// Elements of the weights it changes (`out · in` summed over its modules): one merged
+    /// copy of them is what applying it holds besides the package's weights.
+    pub fn target_elements(&self) -> usize {
+        self.modules.values().map(|m| m.update.target_shape()).map(|(out, inn)| out * inn).sum()
+    }
 }
 
 /// One adapter of an active set, with its strength: `1.0` is the adapter as trained (what
