@@ -70,7 +70,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     zimage::pipeline::check_request(&request, &Manifest::read(&args.model.model)?)?;
 
     let progress = StageProgress::new(std::io::stderr().is_terminal());
-    let on_gpu = [Some(args.model.device), args.model.transformer_device]
+    let on_gpu = [Some(args.model.load.device), args.model.load.transformer_device]
         .iter()
         .any(|d| matches!(d, Some(zimage::Device::Cuda { .. } | zimage::Device::TensorRt { .. })));
     let device_memory = if on_gpu { DeviceMemorySampler::start() } else { None };
@@ -108,8 +108,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             "warmup": args.warmup,
             "runs": args.runs,
             "guidance": args.guidance,
-            "threads": args.model.threads,
-            "device": args.model.device.to_string(),
+            "threads": args.model.load.threads,
+            "device": args.model.load.device.to_string(),
             "prompt": args.prompt,
             "seed": args.seed,
         },

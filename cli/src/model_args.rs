@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use zimage::{Device, LoadOptions, MemoryMode, Pipeline, ResolutionRange, TensorRtPrecision, Tf32};
+use zimage::{LoadOptions, Pipeline};
+use zimage_load_flags::LoadFlags;
 
 use crate::interrupt;
 
@@ -14,56 +15,8 @@ pub struct ModelArgs {
     /// Model package folder (made by export-scripts/export.py).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Where the graphs run: cpu, cuda[:N] or tensorrt[:N].
-    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
-    pub device: Device,
-    /// ONNX Runtime intra-op threads per graph [default: one per physical core].
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// ONNX Runtime shared library [default: $ORT_DYLIB_PATH, beside the executable, then the
-    /// copy installed by scripts/setup.sh].
-    #[arg(long, value_name = "PATH")]
-    pub ort_library: Option<PathBuf>,
-    /// Where the transformer runs when it should differ from --device (e.g. tensorrt with
-    /// --device cuda).
-    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
-    pub transformer_device: Option<Device>,
-    /// Use the CPU when the requested provider cannot be set up, instead of failing.
-    #[arg(long)]
-    pub allow_cpu_fallback: bool,
-    /// Load each graph only for its stage (text encoder, transformer, VAE) to save memory.
-    #[arg(long)]
-    pub sequential: bool,
-    /// CPU: decode with the package's Winograd VAE decoder (vae_decoder_cpu): about 15-20 %
-    /// faster decoding, more memory while decoding, images within one level.
-    #[arg(long)]
-    pub winograd_vae: bool,
-    /// Check the sha256 of every package file, the large ones too.
-    #[arg(long)]
-    pub verify_checksums: bool,
-    /// TensorRT: smallest image size (WxH) the engines serve.
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "512x512")]
-    pub trt_min: (u32, u32),
-    /// TensorRT: the size the engines are tuned for.
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1024x1024")]
-    pub trt_opt: (u32, u32),
-    /// TensorRT: largest image size the engines serve (no rebuild for sizes in between).
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1536x1536")]
-    pub trt_max: (u32, u32),
-    /// TensorRT: precision inside the engines (bf16 avoids fp16 overflow; fp32 for GPUs
-    /// older than Ampere).
-    #[arg(long, value_name = "P", default_value = "bf16", value_parser = ["fp32", "fp16", "bf16"])]
-    pub trt_precision: String,
-    /// TensorRT: folder for engine and timing caches [default: ~/.cache/zimage/tensorrt].
-    #[arg(long, value_name = "DIR")]
-    pub trt_cache: Option<PathBuf>,
-    /// CPU: keep optimised graphs in this folder so later loads are faster.
-    #[arg(long, value_name = "DIR")]
-    pub optimized_cache: Option<PathBuf>,
-    /// CUDA: where float32 work may run in TF32: like-pytorch (the VAE's convolutions only, the
-    /// reference's image), off, or on (fastest; the transformer drifts from the reference).
-    #[arg(long, value_name = "WHEN", default_value = "like-pytorch", value_parser = ["like-pytorch", "off", "on"])]
-    pub cuda_tf32: String,
+    #[command(flatten)]
+    pub load: LoadFlags,
 }
 
 impl ModelArgs {
@@ -88,45 +41,6 @@ impl ModelArgs {
     }
 
     pub fn options(&self, max_images: u32, guidance: bool) -> LoadOptions {
-        let precision = match self.trt_precision.as_str() {
-            "fp32" => TensorRtPrecision::Fp32,
-            "fp16" => TensorRtPrecision::Fp16,
-            _ => TensorRtPrecision::Bf16,
-        };
-        let mut options = LoadOptions::default();
-        options.runtime_library = self.ort_library.clone();
-        options.device = self.device;
-        options.transformer_device = self.transformer_device;
-        options.threads = self.threads;
-        options.verify_checksums = self.verify_checksums;
-        options.allow_cpu_fallback = self.allow_cpu_fallback;
-        options.memory_mode = if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident };
-        let trt = &mut options.gpu.tensorrt;
-        trt.cache_dir = self.trt_cache.clone();
-        trt.precision = precision;
-        trt.resolutions = ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max };
-        trt.max_images = max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST);
-        trt.guidance = guidance;
-        options.gpu.cuda_tf32 = match self.cuda_tf32.as_str() {
-            "off" => Tf32::Off,
-            "on" => Tf32::On,
-            _ => Tf32::LikePyTorch,
-        };
-        options.optimized_model_cache = self.optimized_cache.clone();
-        options.winograd_vae = self.winograd_vae;
-        options
+        self.load.options(max_images, guidance)
     }
-}
-
-fn parse_device(s: &str) -> Result<Device, String> {
-    s.parse::<Device>().map_err(|e| match e {
-        zimage::Error::InvalidRequest(message) => message,
-        other => other.to_string(),
-    })
-}
-
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?} is not WxH"))?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{s:?} is not WxH"));
-    Ok((parse(w)?, parse(h)?))
 }

@@ -21,10 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use zimage::{
-    Device, EnhanceOptions, ErrorKind, LoadOptions, MemoryMode, Pipeline, PromptEnhancer, ResolutionRange,
-    TensorRtPrecision, Tf32,
-};
+use zimage::{EnhanceOptions, ErrorKind, LoadOptions, Pipeline, PromptEnhancer};
+use zimage_load_flags::LoadFlags;
 
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
@@ -88,55 +86,11 @@ struct Args {
     /// Most tokens the prompt enhancer generates (greedy decoding, no thinking).
     #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
     enhance_max_new_tokens: usize,
-    /// Where the graphs run: cpu, cuda[:N] or tensorrt[:N].
-    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
-    device: Device,
-    /// Where the transformer runs when it should differ from --device.
-    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
-    transformer_device: Option<Device>,
-    /// ONNX Runtime intra-op threads per graph [default: one per physical core].
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
-    /// ONNX Runtime shared library [default: $ORT_DYLIB_PATH, beside the executable, then the
-    /// copy installed by scripts/setup.sh].
-    #[arg(long, value_name = "PATH")]
-    ort_library: Option<PathBuf>,
-    /// Use the CPU when the requested provider cannot be set up, instead of failing.
-    #[arg(long)]
-    allow_cpu_fallback: bool,
-    /// Load each graph only for its stage to save memory.
-    #[arg(long)]
-    sequential: bool,
-    /// CPU: decode with the package's Winograd VAE decoder.
-    #[arg(long)]
-    winograd_vae: bool,
-    /// Check the sha256 of every package file, the large ones too.
-    #[arg(long)]
-    verify_checksums: bool,
-    /// TensorRT: smallest image size (WxH) the engines serve.
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "512x512")]
-    trt_min: (u32, u32),
-    /// TensorRT: the size the engines are tuned for.
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1024x1024")]
-    trt_opt: (u32, u32),
-    /// TensorRT: largest image size the engines serve.
-    #[arg(long, value_name = "WxH", value_parser = parse_size, default_value = "1536x1536")]
-    trt_max: (u32, u32),
+    #[command(flatten)]
+    load: LoadFlags,
     /// TensorRT: most images per request (`n`) the engines serve.
     #[arg(long, value_name = "N", default_value_t = 4)]
     trt_max_images: u32,
-    /// TensorRT: precision inside the engines.
-    #[arg(long, value_name = "P", default_value = "bf16", value_parser = ["fp32", "fp16", "bf16"])]
-    trt_precision: String,
-    /// TensorRT: folder for engine and timing caches [default: ~/.cache/zimage/tensorrt].
-    #[arg(long, value_name = "DIR")]
-    trt_cache: Option<PathBuf>,
-    /// CPU: keep optimised graphs in this folder so later loads are faster.
-    #[arg(long, value_name = "DIR")]
-    optimized_cache: Option<PathBuf>,
-    /// CUDA: where float32 work may run in TF32: like-pytorch, off, or on.
-    #[arg(long, value_name = "WHEN", default_value = "like-pytorch", value_parser = ["like-pytorch", "off", "on"])]
-    cuda_tf32: String,
     /// Testing: wait this long before loading the models (to observe the loading state).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     startup_delay_ms: u64,
@@ -144,45 +98,9 @@ struct Args {
 
 impl Args {
     fn load_options(&self) -> LoadOptions {
-        let mut options = LoadOptions::default();
-        options.runtime_library = self.ort_library.clone();
-        options.device = self.device;
-        options.transformer_device = self.transformer_device;
-        options.threads = self.threads;
-        options.verify_checksums = self.verify_checksums;
-        options.allow_cpu_fallback = self.allow_cpu_fallback;
-        options.memory_mode = if self.sequential { MemoryMode::Sequential } else { MemoryMode::Resident };
-        let trt = &mut options.gpu.tensorrt;
-        trt.cache_dir = self.trt_cache.clone();
-        trt.precision = match self.trt_precision.as_str() {
-            "fp32" => TensorRtPrecision::Fp32,
-            "fp16" => TensorRtPrecision::Fp16,
-            _ => TensorRtPrecision::Bf16,
-        };
-        trt.resolutions = ResolutionRange { min: self.trt_min, opt: self.trt_opt, max: self.trt_max };
-        trt.max_images = self.trt_max_images.clamp(1, zimage::MAX_IMAGES_PER_REQUEST);
         // Requests may ask for guidance, so the profiles allow its doubled batch.
-        trt.guidance = true;
-        options.gpu.cuda_tf32 = match self.cuda_tf32.as_str() {
-            "off" => Tf32::Off,
-            "on" => Tf32::On,
-            _ => Tf32::LikePyTorch,
-        };
-        options.optimized_model_cache = self.optimized_cache.clone();
-        options.winograd_vae = self.winograd_vae;
-        options
+        self.load.options(self.trt_max_images, true)
     }
-}
-
-fn parse_device(s: &str) -> Result<Device, String> {
-    s.parse::<Device>().map_err(|e| match e {
-        zimage::Error::InvalidRequest(message) => message,
-        other => other.to_string(),
-    })
-}
-
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    api::parse_size(s).ok_or_else(|| format!("{s:?} is not WxH"))
 }
 
 /// `NAME=DIR` or `DIR` (named after its folder).
