@@ -21,6 +21,9 @@ cargo test --release --locked -p zimage-ffi
 work="$root/target/tmp/c_clients" # prepared by ffi/tests/c_clients.rs
 client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/io-package" "$work/mismatched-package"
   "$root/models/tiny-qwen3-enhancer" "$work/enhancer-cases.tsv" 1)
+# The C client's LoRA test (test_lora) reads these; c_clients.rs writes the cases file.
+export ZIMAGE_TEST_LORA_CASES="$work/lora-cases.tsv"
+export ZIMAGE_TEST_WRONG_LORA="$root/tests/golden/tiny-zimage-alt/loras/peft.safetensors"
 
 if command -v valgrind >/dev/null; then
   echo "== the C and C++ clients under valgrind memcheck (slow: minutes)" >&2

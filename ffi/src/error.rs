@@ -161,6 +161,7 @@ fn all_results() -> &'static [zimage_result] {
         Inference,
         Io,
         Internal,
+        Lora,
     ]
 }
 
@@ -197,7 +198,8 @@ mod tests {
         assert_eq!(s(0), "ok");
         assert_eq!(s(8), "cancelled");
         assert_eq!(s(11), "internal error");
-        assert_eq!(s(12), "unknown result code");
+        assert_eq!(s(12), "LoRA adapter error");
+        assert_eq!(s(13), "unknown result code");
         // Every code has a name, and the numbers are 0..n without gaps.
         for (i, r) in all_results().iter().enumerate() {
             assert_eq!(*r as usize, i);
