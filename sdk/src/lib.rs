@@ -55,6 +55,7 @@ pub use limits::{MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 pub use load_options::LoadOptions;
 pub use lora::{LoraAdapter, LoraSetting};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+pub use package::generation_defaults::{GenerationDefaults, Variant};
 pub use package::graph::GraphKind;
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};

@@ -7,11 +7,13 @@
 //! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
+//! - [`generation_defaults`]: the settings the model is meant to run with (steps, guidance);
 //! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package.
 
 pub mod enhancer;
 pub mod files;
 pub mod format;
+pub mod generation_defaults;
 pub mod graph;
 pub mod initializers;
 pub mod precision;
@@ -27,6 +29,7 @@ use enhancer::EnhancerInfo;
 use files::{check_package_files, FileEntry};
 use format::read_manifest_json;
 pub use format::{FORMAT_NAME, FORMAT_VERSION};
+use generation_defaults::GenerationDefaults;
 use graph::{GraphKind, Graphs};
 pub use precision::Precision;
 use scheduler_config::SchedulerConfig;
@@ -45,6 +48,9 @@ pub struct Manifest {
     pub transformer: TransformerInfo,
     pub vae: VaeInfo,
     pub scheduler: SchedulerConfig,
+    /// Recommended steps and guidance; absent = Z-Image-Turbo's (8 steps, no guidance).
+    #[serde(default)]
+    pub generation_defaults: GenerationDefaults,
     /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
     #[serde(default)]
     pub enhancer: Option<EnhancerInfo>,
@@ -214,6 +220,7 @@ impl Manifest {
             }
         }
         self.scheduler.check()?;
+        self.generation_defaults.check()?;
         match (&self.enhancer, &self.graphs.text_decoder) {
             (Some(info), Some(_)) => info.check()?,
             (None, None) => {}

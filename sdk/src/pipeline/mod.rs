@@ -183,6 +183,12 @@ impl Pipeline {
         &self.manifest
     }
 
+    /// A request for `prompt` with this package's recommended steps and guidance
+    /// ([`GenerateRequest::for_package`]).
+    pub fn request(&self, prompt: impl Into<Prompt>) -> GenerateRequest {
+        GenerateRequest::for_package(&self.manifest, prompt)
+    }
+
     pub fn package_dir(&self) -> &Path {
         &self.dir
     }

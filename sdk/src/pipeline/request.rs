@@ -7,6 +7,7 @@ use ndarray::Array4;
 
 use crate::image_io::{GrayImage, RgbImage};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+use crate::package::Manifest;
 use crate::runtime::device::Device;
 
 /// A prompt given as text, or already encoded with [`Pipeline::encode_prompt`](crate::Pipeline::encode_prompt).
@@ -125,8 +126,24 @@ impl Default for GenerateRequest {
 }
 
 impl GenerateRequest {
+    /// A request with Z-Image-Turbo's settings ([`Default`]); for a package that recommends
+    /// others (the base model), use [`GenerateRequest::for_package`].
     pub fn new(prompt: impl Into<Prompt>) -> Self {
         GenerateRequest { prompt: prompt.into(), ..Default::default() }
+    }
+
+    /// A request with the package's recommended steps and guidance (its manifest's
+    /// `generation_defaults`; Turbo's when it has none): what front ends start from before
+    /// applying what the user set.
+    pub fn for_package(manifest: &Manifest, prompt: impl Into<Prompt>) -> Self {
+        let d = &manifest.generation_defaults;
+        GenerateRequest {
+            steps: d.steps,
+            guidance_scale: d.guidance_scale,
+            cfg_normalization: d.cfg_normalization,
+            cfg_truncation: d.cfg_truncation,
+            ..GenerateRequest::new(prompt)
+        }
     }
 }
 
