@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 from zimage_export import onnx_io
-from zimage_export.manifest import OPTIONAL_GRAPHS, REQUIRED_GRAPHS, build_manifest
+from zimage_export.manifest import (
+    OPTIONAL_GRAPHS,
+    REQUIRED_GRAPHS,
+    VARIANT_DEFAULTS,
+    build_manifest,
+    detect_variant,
+    generation_defaults,
+)
 from zimage_export.winograd_math import DEFAULT_MIN_CHANNELS
 
 # Package precision -> torch dtype (by name: torch is imported once the arguments are parsed,
@@ -59,7 +66,21 @@ def main(argv=None) -> None:
     parser.add_argument("--winograd-min-channels", type=int, default=DEFAULT_MIN_CHANNELS,
                         help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
                              "use Winograd (lower only for tests: narrower ones are slower that way)")
+    parser.add_argument("--variant", choices=["auto", *VARIANT_DEFAULTS], default="auto",
+                        help="family member whose recommended steps/guidance the manifest records: turbo (8 steps, no "
+                             "guidance), base (the non-distilled Z-Image: 50 steps, guidance 4); auto: from the "
+                             "--name / --src folder name")
+    parser.add_argument("--default-steps", type=int, help="recommended steps (overrides the variant's)")
+    parser.add_argument("--default-guidance", type=float, help="recommended guidance scale (overrides the variant's)")
+    parser.add_argument("--default-cfg-normalization", type=float, help="recommended cfg_normalization (0 = off)")
+    parser.add_argument("--default-cfg-truncation", type=float, help="recommended cfg_truncation (1 = never)")
     args = parser.parse_args(argv)
+    variant = args.variant if args.variant != "auto" else detect_variant(args.name or str(args.src))
+    defaults = generation_defaults(variant, {
+        "steps": args.default_steps, "guidance_scale": args.default_guidance,
+        "cfg_normalization": args.default_cfg_normalization, "cfg_truncation": args.default_cfg_truncation,
+    })
+    print(f"variant {variant}: recommended settings {defaults or VARIANT_DEFAULTS['turbo']}", flush=True)
     options = {"vae_decoder_cpu": {"winograd_min_channels": args.winograd_min_channels}}
 
     import torch  # only now, so that --help works without it
@@ -88,7 +109,7 @@ def main(argv=None) -> None:
     if not all((out / f"{name}.onnx").exists() for name in REQUIRED_GRAPHS):
         print("some graphs are missing: manifest.json not written (partial export)")
         return
-    manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src))
+    manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src), defaults)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out / 'manifest.json'}")
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from zimage_export.fixtures.configs import FIXTURES, MID, TINY_A, TINY_B
+from zimage_export.fixtures.configs import BASE_VARIANT, FIXTURES, MID, TINY_A, TINY_B, TINY_BASE
 from zimage_export.fixtures.tokenizer import tokenizer_source
 
 HERE = Path(__file__).resolve().parent
@@ -52,9 +52,11 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from zimage_export.fixtures.build import build_pipeline_folder
+    from zimage_export.fixtures.goldens_base import write_base_goldens
     from zimage_export.fixtures.goldens_common import write_common
     from zimage_export.fixtures.goldens_lora import write_lora_goldens
     from zimage_export.fixtures.goldens_pipeline import write_package_goldens
+    from zimage_export.manifest import generation_defaults
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok_src = tokenizer_source(args.cache, args.tokenizer)
@@ -66,9 +68,16 @@ def main(argv=None) -> None:
         package = REPO / "models" / name
         # Their VAEs are 8 to 32 channels wide: a low threshold gives them a vae_decoder_cpu,
         # so that the Winograd graph is exported, verified and run by the parity tests.
-        run("export.py", "--src", src, "--out", package, "--name", name, "--winograd-min-channels", 8)
+        variant = BASE_VARIANT if cfg is TINY_BASE else "turbo"
+        run("export.py", "--src", src, "--out", package, "--name", name, "--winograd-min-channels", 8,
+            "--variant", variant)
         run("verify.py", package, "--src", src)
-        if not args.skip_goldens:
+        if cfg is TINY_BASE:
+            # A's weights again (byte-identical graphs): only the recommended settings and the
+            # scheduler are new, so only they get goldens.
+            if not args.skip_goldens:
+                write_base_goldens(cfg, src, golden / name, generation_defaults(BASE_VARIANT))
+        elif not args.skip_goldens:
             if name == TINY_A.name:
                 tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
                 write_common(tokenizer, TINY_A.scheduler | _class(), TINY_B.scheduler | _class(), golden / "common")

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from zimage_export.fixtures.configs import TINY_A, TINY_B
+from zimage_export.fixtures.configs import BASE_VARIANT, TINY_A, TINY_B, TINY_BASE
 from zimage_export.manifest import (
     OPTIONAL_GRAPHS,
     REQUIRED_GRAPHS,
     file_entry,
+    generation_defaults,
     manifest_dict,
     package_graphs,
     transformer_limits,
@@ -66,7 +67,7 @@ def test_external_data_sits_beside_its_graph():
     assert external_data_path(Path("pkg/transformer.onnx")) == Path("pkg/transformer.onnx.data")
 
 
-@pytest.mark.parametrize("cfg", [TINY_A, TINY_B], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY_A, TINY_B, TINY_BASE], ids=lambda c: c.name)
 def test_manifest_dict_reproduces_the_committed_fixture_manifests(cfg):
     """From the fixture configs that make_fixtures.py built the diffusers folders from, the
     assembly gives the committed manifest.json byte for byte. The graph entries and the LoRA
@@ -95,6 +96,33 @@ def test_manifest_dict_reproduces_the_committed_fixture_manifests(cfg):
         graphs=committed["graphs"],
         pad_token_id=151643,  # <|endoftext|>, the Qwen3 tokenizer's pad token
         lora_parameters=committed["transformer"]["lora_parameters"],
+        generation_defaults=generation_defaults(BASE_VARIANT) if cfg is TINY_BASE else None,
     )
     assert list(manifest["graphs"]) == package_graphs(package)
     assert json.dumps(manifest, indent=2, ensure_ascii=False) + "\n" == text
+
+
+def test_variant_is_read_from_the_folder_name():
+    from zimage_export.manifest import detect_variant
+
+    assert detect_variant("Z-Image-Turbo") == "turbo"
+    assert detect_variant("/models/Z-Image-Turbo/") == "turbo"
+    assert detect_variant("Tongyi-MAI/Z-Image") == "base"
+    assert detect_variant("z-image-base") == "base"
+    assert detect_variant("my-finetune") == "turbo"  # the historic default; --variant overrides
+
+
+def test_generation_defaults_are_written_only_when_not_turbos():
+    from zimage_export.manifest import generation_defaults
+
+    assert generation_defaults("turbo") is None
+    assert generation_defaults("turbo", {"steps": None}) is None
+    assert generation_defaults("base") == {
+        "variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.0, "cfg_truncation": 1.0,
+    }
+    assert generation_defaults("base", {"steps": 28, "guidance_scale": None}) == {
+        "variant": "custom", "steps": 28, "guidance_scale": 4.0, "cfg_normalization": 0.0, "cfg_truncation": 1.0,
+    }
+    assert generation_defaults("turbo", {"steps": 9})["steps"] == 9
+    with pytest.raises(ValueError):
+        generation_defaults("base", {"sampler": "heun"})

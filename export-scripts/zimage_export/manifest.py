@@ -15,6 +15,41 @@ MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
 SEQUENCE_MULTIPLE = 32  # SEQ_MULTI_OF in diffusers' transformer_z_image.py
 
 
+# The settings each member of the family is meant to run with (the examples on their model
+# cards). Turbo's (8 steps, no guidance) are what the runtime assumes when a manifest has no
+# generation_defaults, so Turbo packages do not write the section.
+VARIANT_DEFAULTS = {
+    "turbo": {"steps": 8, "guidance_scale": 0.0, "cfg_normalization": 0.0, "cfg_truncation": 1.0},
+    "base": {"steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.0, "cfg_truncation": 1.0},
+}
+
+
+def detect_variant(name: str) -> str:
+    """The family member a source folder's name says it is: anything with "turbo" is Turbo;
+    "Z-Image" or "Z-Image-Base" (the non-distilled base model) is base; anything else is taken
+    for Turbo, the historic default (export.py says so; --variant overrides)."""
+    lower = name.lower().rstrip("/").rsplit("/", 1)[-1]
+    if "turbo" in lower:
+        return "turbo"
+    if lower in ("z-image", "z-image-base", "z_image", "z_image_base"):
+        return "base"
+    return "turbo"
+
+
+def generation_defaults(variant: str, overrides: dict | None = None) -> dict | None:
+    """The manifest's generation_defaults section: the variant's settings with `overrides`
+    (keys of VARIANT_DEFAULTS' entries, None = keep) applied; None when they are Turbo's."""
+    values = dict(VARIANT_DEFAULTS[variant])
+    changed = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(changed) - set(values)
+    if unknown:
+        raise ValueError(f"unknown generation defaults: {sorted(unknown)}")
+    values.update(changed)
+    if variant == "turbo" and values == VARIANT_DEFAULTS["turbo"]:
+        return None
+    return {"variant": variant if not changed else "custom", **values}
+
+
 # Graphs every package has, and those it has only where they differ from these.
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
 OPTIONAL_GRAPHS = ("vae_decoder_cpu",)
@@ -60,7 +95,8 @@ def package_graphs(package: Path) -> list[str]:
             if g in REQUIRED_GRAPHS or (package / f"{g}.onnx").exists()]
 
 
-def build_manifest(src: Path, package: Path, precision: str, name: str, pad_token_id: int) -> dict:
+def build_manifest(src: Path, package: Path, precision: str, name: str, pad_token_id: int,
+                   defaults: dict | None = None) -> dict:
     import diffusers
     import torch
 
@@ -89,16 +125,19 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
         graphs={g: graph_entry(package, g) for g in package_graphs(package)},
         pad_token_id=pad_token_id,
         lora_parameters=lora_table,
+        generation_defaults=defaults,
     )
 
 
 def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version: str, model_index_sha256: str,
-                  tokenizer: dict, graphs: dict, pad_token_id: int, lora_parameters: dict | None = None) -> dict:
+                  tokenizer: dict, graphs: dict, pad_token_id: int, lora_parameters: dict | None = None,
+                  generation_defaults: dict | None = None) -> dict:
     """The manifest, in the order manifest.json has it. `configs`: the diffusers folder's JSON
     files by component ("model_index", "transformer", "text_encoder", "vae", "scheduler");
     `tokenizer` and `graphs`: their finished entries (file_entry, graph_entry);
     `lora_parameters`: the transformer's LoRA table (lora_targets.lora_parameters), left out
-    when None."""
+    when None; `generation_defaults`: the recommended steps and guidance (generation_defaults()),
+    left out when None (Turbo's)."""
     tcfg, tecfg, vcfg = configs["transformer"], configs["text_encoder"], configs["vae"]
     patch = tcfg["all_patch_size"][0]
     return {
@@ -139,4 +178,5 @@ def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version
             "shift_factor": vcfg["shift_factor"],
         },
         "scheduler": configs["scheduler"],
+        **({"generation_defaults": generation_defaults} if generation_defaults is not None else {}),
     }
