@@ -763,6 +763,15 @@ zimage_result zimage_generate(const struct zimage_pipeline *pipeline,
 zimage_result zimage_generate_params_init(struct zimage_generate_params *params);
 
 /**
+ * Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
+ * settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
+ * without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
+ * Nothing is written on failure.
+ */
+zimage_result zimage_generate_params_init_for_pipeline(const struct zimage_pipeline *pipeline,
+                                                       struct zimage_generate_params *params);
+
+/**
  * The number of images; 0 for NULL.
  */
 size_t zimage_image_list_count(const struct zimage_image_list *list);

@@ -39,18 +39,20 @@ pub struct GenerateArgs {
     /// Image height in pixels, a multiple of 16 [default: 1024, or the --init-image height].
     #[arg(long, value_name = "H")]
     height: Option<u32>,
-    /// Denoising steps.
-    #[arg(long, value_name = "N", default_value_t = GenerateRequest::default().steps)]
-    steps: u32,
-    /// Classifier-free guidance scale; 0 turns guidance off (Z-Image-Turbo's setting).
-    #[arg(long, value_name = "G", default_value_t = GenerateRequest::default().guidance_scale)]
-    guidance: f32,
-    /// Cap the guided prediction's norm at F times the conditional one's; 0 = off.
-    #[arg(long, value_name = "F", default_value_t = GenerateRequest::default().cfg_normalization)]
-    cfg_normalization: f32,
-    /// Stop guidance once the normalised time exceeds F; 1 = never.
-    #[arg(long, value_name = "F", default_value_t = GenerateRequest::default().cfg_truncation)]
-    cfg_truncation: f32,
+    /// Denoising steps [default: the package's recommendation: 8 for Z-Image-Turbo].
+    #[arg(long, value_name = "N")]
+    steps: Option<u32>,
+    /// Classifier-free guidance scale; 0 turns guidance off [default: the package's
+    /// recommendation: 0 for Z-Image-Turbo].
+    #[arg(long, value_name = "G")]
+    guidance: Option<f32>,
+    /// Cap the guided prediction's norm at F times the conditional one's; 0 = off [default: the
+    /// package's, 0].
+    #[arg(long, value_name = "F")]
+    cfg_normalization: Option<f32>,
+    /// Stop guidance once the normalised time exceeds F; 1 = never [default: the package's, 1].
+    #[arg(long, value_name = "F")]
+    cfg_truncation: Option<f32>,
     /// Noise seed (same seed, same settings: same image as diffusers) [default: random, reported].
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
@@ -108,7 +110,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         (Some(bytes), Some(path)) => Some(image_io::image_size(bytes).map_err(|e| located(path, e))?),
         _ => None,
     };
-    let mut request = build_request(&args, init_size);
+    let mut request = build_request(&args, &manifest, init_size);
     zimage::pipeline::check_request(&request, &manifest)?;
 
     // Adapters are read and checked before the model load too.
@@ -147,7 +149,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
 
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
-    let pipeline = args.model.load_with_loras(args.count, args.guidance > 0.0, loras)?;
+    let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras)?;
 
     progress.stage("encoding prompt");
     let last_step = Cell::new((0usize, 0usize));
@@ -234,13 +236,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
 
 /// The request without its input pictures: those are decoded only once it is known to be valid.
 /// Without --width/--height an init image keeps its own size, as in diffusers' img2img.
-fn build_request(args: &GenerateArgs, init_size: Option<(u32, u32)>) -> GenerateRequest {
-    let mut request = GenerateRequest::new(args.prompt.as_str());
+/// The package's recommended settings, overridden by what the user gave.
+fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u32, u32)>) -> GenerateRequest {
+    let mut request = GenerateRequest::for_package(manifest, args.prompt.as_str());
     request.negative_prompt = args.negative_prompt.clone().map(Prompt::Text);
-    request.steps = args.steps;
-    request.guidance_scale = args.guidance;
-    request.cfg_normalization = args.cfg_normalization;
-    request.cfg_truncation = args.cfg_truncation;
+    request.steps = args.steps.unwrap_or(request.steps);
+    request.guidance_scale = args.guidance.unwrap_or(request.guidance_scale);
+    request.cfg_normalization = args.cfg_normalization.unwrap_or(request.cfg_normalization);
+    request.cfg_truncation = args.cfg_truncation.unwrap_or(request.cfg_truncation);
     request.seed = args.seed;
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;

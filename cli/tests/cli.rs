@@ -892,3 +892,66 @@ fn lora_flags_match_the_golden_and_are_recorded() {
     assert!(err.contains("lora_A.weight") && err.contains("[64, 64]"), "{err}");
     assert!(!dir.join("bad.png").exists());
 }
+
+#[test]
+fn a_base_model_package_generates_with_its_recommended_steps_and_guidance() {
+    // Only prompt, negative prompt, size and seed given: steps 50 and guidance 4 come from the
+    // package's manifest, and the image is diffusers' with those settings.
+    let base = "models/tiny-zimage-base";
+    let golden = root().join("tests/golden/tiny-zimage-base");
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(golden.join("cases.json")).unwrap()).unwrap();
+    let c = cases["text_to_image"].as_array().unwrap().iter().find(|c| c["name"] == "recommended").unwrap();
+    let dir = scratch("base-model");
+    let output = dir.join("out.png");
+    let (width, height, seed) = (c["width"].to_string(), c["height"].to_string(), c["seed"].to_string());
+    let out = zimage(&[
+        "generate",
+        "--model",
+        base,
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        c["negative_prompt"].as_str().unwrap(),
+        "--width",
+        &width,
+        "--height",
+        &height,
+        "--seed",
+        &seed,
+        "--output",
+        output.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["steps"].as_u64(), Some(50));
+    let png = read_png(&output);
+    let diff = max_level_diff(&png, &golden.join(c["image_files"][0].as_str().unwrap()));
+    assert!(diff <= 1, "differs from diffusers by {diff} levels");
+    assert_eq!((png.text["steps"].as_str(), png.text["guidance"].as_str()), ("50", "4"));
+
+    // What the user gives wins over the recommendation.
+    let out = zimage(&[
+        "generate",
+        "--model",
+        base,
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "1",
+        "--steps",
+        "2",
+        "--guidance",
+        "0",
+        "--output",
+        dir.join("given.png").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_code(&out, 0);
+    let png = read_png(&dir.join("given.png"));
+    assert_eq!((png.text["steps"].as_str(), png.text["guidance"].as_str()), ("2", "0"));
+}

@@ -15,6 +15,7 @@ use crate::enhancer::{self, zimage_enhance_params, zimage_enhancer};
 use crate::error::{zimage_result, Failure};
 use crate::image::zimage_image;
 use crate::panic::guard;
+use crate::pipeline::zimage_pipeline;
 use crate::prompt::zimage_prompt_embedding;
 
 /// Called after every denoising step with the steps done so far (1..=total) and the seconds
@@ -129,6 +130,29 @@ pub unsafe extern "C" fn zimage_generate_params_init(params: *mut zimage_generat
     guard(|| {
         let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
         *params = zimage_generate_params::defaults();
+        Ok(())
+    })
+}
+
+/// Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
+/// settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
+/// without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
+/// Nothing is written on failure.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_generate_params_init_for_pipeline(
+    pipeline: *const zimage_pipeline,
+    params: *mut zimage_generate_params,
+) -> zimage_result {
+    guard(|| {
+        let pipeline = unsafe { pipeline.as_ref() }.ok_or_else(|| Failure::null("pipeline"))?;
+        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
+        let recommended = GenerateRequest::for_package(pipeline.pipeline.manifest(), "");
+        let mut filled = zimage_generate_params::defaults();
+        filled.steps = recommended.steps;
+        filled.guidance_scale = recommended.guidance_scale;
+        filled.cfg_normalization = recommended.cfg_normalization;
+        filled.cfg_truncation = recommended.cfg_truncation;
+        *params = filled;
         Ok(())
     })
 }

@@ -406,6 +406,7 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(max_cases)
         .env("ZIMAGE_TEST_LORA_CASES", &p.lora_cases_file)
         .env("ZIMAGE_TEST_WRONG_LORA", root().join("tests/golden/tiny-zimage-alt/loras/peft.safetensors"))
+        .env("ZIMAGE_TEST_BASE_PACKAGE", root().join("models/tiny-zimage-base"))
         .current_dir(root());
     let result = command.output().unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
     let stdout = String::from_utf8_lossy(&result.stdout);

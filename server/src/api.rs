@@ -1,12 +1,16 @@
 //! The request fields of `/v1/images/generations` (JSON) and `/v1/images/edits` (multipart),
 //! OpenAI's and zimage's extensions, turned into an SDK request.
 //!
-//! `quality` chooses the number of denoising steps when `num_inference_steps` is not given:
-//! `low` 4, `medium` / `standard` / `auto` 8 (Z-Image-Turbo's setting), `high` / `hd` 12,
-//! `xhigh` / `max` 16.
+//! Steps, guidance and the CFG settings start from the model's recommendation (its package's
+//! `generation_defaults`: 8 steps without guidance for Z-Image-Turbo, more steps with guidance
+//! for the base model). `quality` scales the recommended steps when `num_inference_steps` is not
+//! given: `low` half, `medium` / `standard` / `auto` as recommended, `high` / `hd` 1.5x,
+//! `xhigh` / `max` 2x (for Turbo: 4, 8, 12, 16).
 
 use serde::Deserialize;
-use zimage::{GenerateRequest, GrayImage, InitImage, InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST};
+use zimage::{
+    GenerateRequest, GenerationDefaults, GrayImage, InitImage, InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST,
+};
 
 use crate::error::ApiError;
 use crate::output::OutputFormat;
@@ -124,15 +128,23 @@ pub struct EditInput {
     pub mask: Option<(GrayImage, String)>,
 }
 
-/// Builds the SDK request. `edit` carries the decoded input picture for `/v1/images/edits`.
-pub fn prepare(params: ImageParams, edit: Option<EditInput>) -> Result<Prepared, ApiError> {
+/// Builds the SDK request from the model's recommended settings (`defaults`) and the request's
+/// fields. `edit` carries the decoded input picture for `/v1/images/edits`.
+pub fn prepare(
+    params: ImageParams,
+    edit: Option<EditInput>,
+    defaults: &GenerationDefaults,
+) -> Result<Prepared, ApiError> {
     let prompt = params
         .prompt
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
     let mut request = GenerateRequest::new(prompt.as_str());
+    request.guidance_scale = defaults.guidance_scale;
+    request.cfg_normalization = defaults.cfg_normalization;
+    request.cfg_truncation = defaults.cfg_truncation;
     request.negative_prompt = params.negative_prompt.map(Prompt::Text);
-    let (steps, quality) = steps_for_quality(params.quality.as_deref())?;
+    let (steps, quality) = steps_for_quality(params.quality.as_deref(), defaults.steps)?;
     request.steps = params.num_inference_steps.unwrap_or(steps);
     if let Some(g) = params.guidance_scale {
         request.guidance_scale = g;
@@ -225,15 +237,18 @@ pub fn prepare(params: ImageParams, edit: Option<EditInput>) -> Result<Prepared,
     })
 }
 
-/// Steps for OpenAI's `quality` (see the module's documentation), and the quality to echo.
-fn steps_for_quality(quality: Option<&str>) -> Result<(u32, &'static str), ApiError> {
+/// Steps for OpenAI's `quality` from the model's recommended steps (see the module's
+/// documentation), and the quality to echo.
+fn steps_for_quality(quality: Option<&str>, recommended: u32) -> Result<(u32, &'static str), ApiError> {
+    // Halves and 1.5x round up, and never below one step.
+    let scaled = |num: u32, den: u32| (recommended.saturating_mul(num).div_ceil(den)).max(1);
     Ok(match quality {
-        None | Some("auto") => (8, "medium"),
-        Some("low") => (4, "low"),
-        Some("medium") | Some("standard") => (8, "medium"),
-        Some("high") | Some("hd") => (12, "high"),
-        Some("xhigh") => (16, "xhigh"),
-        Some("max") => (16, "max"),
+        None | Some("auto") => (recommended, "medium"),
+        Some("low") => (scaled(1, 2), "low"),
+        Some("medium") | Some("standard") => (recommended, "medium"),
+        Some("high") | Some("hd") => (scaled(3, 2), "high"),
+        Some("xhigh") => (scaled(2, 1), "xhigh"),
+        Some("max") => (scaled(2, 1), "max"),
         Some(q) => {
             return Err(ApiError::invalid(format!(
                 "quality must be low, medium, high, xhigh, max, standard, hd or auto (got {q:?})"
@@ -257,6 +272,30 @@ mod tests {
         ImageParams::from_json(json.as_bytes()).unwrap()
     }
 
+    fn turbo() -> GenerationDefaults {
+        GenerationDefaults::default()
+    }
+
+    #[test]
+    fn the_models_recommended_settings_are_the_starting_point() {
+        let base: GenerationDefaults = serde_json::from_str(
+            r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.5, "cfg_truncation": 0.9}"#,
+        )
+        .unwrap();
+        let r = prepare(params(r#"{"prompt":"x"}"#), None, &base).unwrap().spec.request;
+        assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.5, 0.9));
+        let steps = |q: &str, d: &GenerationDefaults| {
+            prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, d).unwrap().spec.request.steps
+        };
+        assert_eq!(["low", "medium", "high", "xhigh"].map(|q| steps(q, &base)), [25, 50, 75, 100]);
+        assert_eq!(["low", "medium", "high", "max"].map(|q| steps(q, &turbo())), [4, 8, 12, 16]);
+        let given = prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, &base)
+            .unwrap()
+            .spec
+            .request;
+        assert_eq!((given.steps, given.guidance_scale), (9, 0.0));
+    }
+
     #[test]
     fn fields_map_onto_the_sdk_request() {
         let p = prepare(
@@ -266,6 +305,7 @@ mod tests {
                     "response_format":"url","user":"ignored"}"#,
             ),
             None,
+            &turbo(),
         )
         .unwrap();
         let r = &p.spec.request;
@@ -277,7 +317,8 @@ mod tests {
             (p.meta.response_format, p.meta.size.as_str(), p.meta.quality),
             (ResponseFormat::Url, "64x48", "low")
         );
-        let steps = prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None).unwrap();
+        let steps =
+            prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, &turbo()).unwrap();
         assert_eq!(steps.spec.request.steps, 3);
     }
 
@@ -294,7 +335,7 @@ mod tests {
             (r#"{"prompt":"x","background":"transparent"}"#, "background"),
             (r#"{"prompt":"x","strength":0.5}"#, "strength"),
         ] {
-            let e = prepare(params(body), None).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            let e = prepare(params(body), None, &turbo()).err().unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);
         }
         let e = ImageParams::from_json(br#"{"prompt":"x","n":"two"}"#).err().unwrap();

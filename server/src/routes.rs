@@ -326,7 +326,9 @@ async fn generations(
     let prepared = (|| {
         let body = body.map_err(|e| body_error(e.status(), e.body_text(), &state))?;
         state.available()?;
-        prepare(ImageParams::from_json(&body)?, None)
+        let params = ImageParams::from_json(&body)?;
+        let defaults = state.pool(params.model.as_deref())?.checker.manifest().generation_defaults;
+        prepare(params, None, &defaults)
     })();
     match prepared {
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
@@ -386,6 +388,7 @@ async fn read_edit(
         }
     }
     let params = ImageParams::from_fields(&fields)?;
+    let defaults = state.pool(params.model.as_deref())?.checker.manifest().generation_defaults;
     let (image_name, image_bytes) =
         image.ok_or_else(|| ApiError::invalid("'image' is required").with_param("image"))?;
     let max_side = state.settings.max_input_side;
@@ -401,7 +404,7 @@ async fn read_edit(
             Some((name, bytes)) => Some((decode_mask(&bytes).map_err(|e| e.with_param("mask"))?, name)),
             None => None,
         };
-        prepare(params, Some(EditInput { image, image_name, mask }))
+        prepare(params, Some(EditInput { image, image_name, mask }), &defaults)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?

@@ -1005,6 +1005,33 @@ static void test_generate_enhanced(const char *enhancer_package, const zimage_pi
  * gives diffusers' images within 1 level; removing them all gives the base model back; an
  * adapter for another model (ZIMAGE_TEST_WRONG_LORA), a missing file and a NaN scale are
  * refused with their codes and leave the pipeline usable. */
+/* The package's recommended settings (ZIMAGE_TEST_BASE_PACKAGE: a package exported as the base
+ * model, which recommends 50 steps with guidance 4; Turbo packages recommend 8 without). */
+static void test_recommended_params(const zimage_pipeline *turbo) {
+    const char *base_package = getenv("ZIMAGE_TEST_BASE_PACKAGE");
+    zimage_pipeline *base = NULL;
+    zimage_generate_params p;
+
+    CHECK_CODE(zimage_generate_params_init_for_pipeline(NULL, &p), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate_params_init_for_pipeline(turbo, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    memset(&p, 0, sizeof p);
+    CHECK_CODE(zimage_generate_params_init_for_pipeline(turbo, &p), ZIMAGE_RESULT_OK);
+    CHECK(p.struct_size == sizeof p && p.steps == 8 && p.guidance_scale == 0.0f && p.cfg_truncation == 1.0f);
+    CHECK(p.width == 1024 && p.height == 1024 && p.count == 1 && p.prompt == NULL);
+    if (!base_package) {
+        fprintf(stderr, "ZIMAGE_TEST_BASE_PACKAGE must be set\n");
+        failures++;
+        return;
+    }
+    CHECK_CODE(zimage_pipeline_load(base_package, NULL, &base), ZIMAGE_RESULT_OK);
+    if (!base) return;
+    memset(&p, 0, sizeof p);
+    CHECK_CODE(zimage_generate_params_init_for_pipeline(base, &p), ZIMAGE_RESULT_OK);
+    CHECK(p.struct_size == sizeof p && p.steps == 50 && p.guidance_scale == 4.0f);
+    CHECK(p.cfg_normalization == 0.0f && p.cfg_truncation == 1.0f && p.seed == ZIMAGE_RANDOM_SEED);
+    zimage_pipeline_free(base);
+}
+
 static void test_lora(const char *package, int max_cases) {
     const char *cases_path = getenv("ZIMAGE_TEST_LORA_CASES"), *wrong = getenv("ZIMAGE_TEST_WRONG_LORA");
     zimage_pipeline *pipeline = NULL;
@@ -1157,6 +1184,7 @@ int main(int argc, char **argv) {
     test_enhancer(enhancer_package, package, pipeline, enhancer_cases, n_enhancer_cases);
     test_generate_enhanced(enhancer_package, pipeline, &enhancer_cases[0]);
     test_lora(package, max_cases);
+    test_recommended_params(pipeline);
     zimage_pipeline_free(pipeline);
     free(cases_text);
     free(enhancer_text);

@@ -506,7 +506,8 @@ fn run(
 ) -> Result<(), BackendError> {
     let inputs = read_inputs(api, request)?;
     let outputs = requested_outputs(api, request)?;
-    let generate = request::build_request(&inputs, &state.limits).map_err(|e| BackendError::invalid(e.0))?;
+    let generate = request::build_request(&inputs, &state.limits, &state.pipeline.manifest().generation_defaults)
+        .map_err(|e| BackendError::invalid(e.0))?;
     let generation = state.pipeline.generate(&generate, None).map_err(sdk_error)?;
     write_outputs(api, response, &outputs, &generation)
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use zimage::{image_io, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage};
+use zimage::{image_io, GenerateRequest, GenerationDefaults, GrayImage, InitImage, Prompt, RgbImage};
 
 use crate::interface::{self, DataType};
 
@@ -45,7 +45,13 @@ fn bad(message: impl Into<String>) -> InputError {
 
 /// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
 /// flags: without WIDTH/HEIGHT an INIT_IMAGE keeps its size, otherwise it is resized.
-pub fn build_request(inputs: &HashMap<String, Tensor>, limits: &Limits) -> Result<GenerateRequest, InputError> {
+/// Inputs left out take the model's recommended settings (`defaults`, the package's
+/// `generation_defaults`).
+pub fn build_request(
+    inputs: &HashMap<String, Tensor>,
+    limits: &Limits,
+    defaults: &GenerationDefaults,
+) -> Result<GenerateRequest, InputError> {
     for (name, tensor) in inputs {
         let spec = interface::input_spec(name).ok_or_else(|| bad(format!("unknown input {name}")))?;
         if tensor.data_type != spec.data_type {
@@ -68,6 +74,10 @@ pub fn build_request(inputs: &HashMap<String, Tensor>, limits: &Limits) -> Resul
     }
     let prompt = text(inputs, "PROMPT", limits)?.ok_or_else(|| bad("the input PROMPT is required"))?;
     let mut request = GenerateRequest::new(prompt);
+    request.steps = defaults.steps;
+    request.guidance_scale = defaults.guidance_scale;
+    request.cfg_normalization = defaults.cfg_normalization;
+    request.cfg_truncation = defaults.cfg_truncation;
     request.negative_prompt = text(inputs, "NEGATIVE_PROMPT", limits)?.map(Prompt::Text);
     if let Some(steps) = scalar_i32(inputs, "STEPS")? {
         request.steps = positive("STEPS", steps)?;

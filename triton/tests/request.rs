@@ -4,9 +4,13 @@ use std::collections::HashMap;
 
 use triton_zimage::interface::{self, DataType, INPUTS, OUTPUTS};
 use triton_zimage::request::{build_request, bytes_element, image_output, InputError, Limits, Tensor};
-use zimage::{InitImage, Prompt, RgbImage};
+use zimage::{GenerationDefaults, InitImage, Prompt, RgbImage};
 
 const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4 };
+
+fn turbo() -> GenerationDefaults {
+    GenerationDefaults::default()
+}
 
 fn text(s: &str) -> Tensor {
     Tensor { data_type: DataType::Bytes, shape: vec![1], data: bytes_element(s) }
@@ -42,7 +46,7 @@ fn inputs(items: &[(&str, Tensor)]) -> HashMap<String, Tensor> {
 }
 
 fn refused(items: &[(&str, Tensor)]) -> String {
-    let InputError(message) = build_request(&inputs(items), &LIMITS).expect_err("must be refused");
+    let InputError(message) = build_request(&inputs(items), &LIMITS, &turbo()).expect_err("must be refused");
     message
 }
 
@@ -60,6 +64,7 @@ fn a_full_text_to_image_request() {
             ("COUNT", i32s(2)),
         ]),
         &LIMITS,
+        &turbo(),
     )
     .unwrap();
     assert!(matches!(&request.prompt, Prompt::Text(t) if t == "a red fox"));
@@ -72,7 +77,7 @@ fn a_full_text_to_image_request() {
 
 #[test]
 fn defaults_are_the_sdks() {
-    let request = build_request(&inputs(&[("PROMPT", text(""))]), &LIMITS).unwrap();
+    let request = build_request(&inputs(&[("PROMPT", text(""))]), &LIMITS, &turbo()).unwrap();
     let default = zimage::GenerateRequest::default();
     assert_eq!((request.width, request.height, request.steps, request.count), (1024, 1024, default.steps, 1));
     assert_eq!(request.guidance_scale, default.guidance_scale);
@@ -81,9 +86,24 @@ fn defaults_are_the_sdks() {
 }
 
 #[test]
+fn left_out_inputs_take_the_models_recommended_settings() {
+    let base: GenerationDefaults = serde_json::from_str(
+        r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.25, "cfg_truncation": 0.8}"#,
+    )
+    .unwrap();
+    let r = build_request(&inputs(&[("PROMPT", text("x"))]), &LIMITS, &base).unwrap();
+    assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.25, 0.8));
+    let r =
+        build_request(&inputs(&[("PROMPT", text("x")), ("STEPS", i32s(12)), ("GUIDANCE", f32s(0.0))]), &LIMITS, &base)
+            .unwrap();
+    assert_eq!((r.steps, r.guidance_scale), (12, 0.0));
+}
+
+#[test]
 fn an_init_image_keeps_its_size_or_is_resized() {
     let image = pixels(32, 48, 3);
-    let request = build_request(&inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS).unwrap();
+    let request =
+        build_request(&inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS, &turbo()).unwrap();
     assert_eq!((request.width, request.height), (48, 32));
     let init = request.init_image.unwrap();
     assert_eq!(init.strength, InitImage::DEFAULT_STRENGTH);
@@ -93,6 +113,7 @@ fn an_init_image_keeps_its_size_or_is_resized() {
     let request = build_request(
         &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
         &LIMITS,
+        &turbo(),
     )
     .unwrap();
     let init = request.init_image.unwrap();
@@ -104,6 +125,7 @@ fn inpainting_takes_the_mask_and_its_default_strength() {
     let request = build_request(
         &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("MASK", pixels(16, 32, 0))]),
         &LIMITS,
+        &turbo(),
     )
     .unwrap();
     let init = request.init_image.unwrap();
@@ -114,6 +136,7 @@ fn inpainting_takes_the_mask_and_its_default_strength() {
     let request = build_request(
         &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("STRENGTH", f64s(0.35))]),
         &LIMITS,
+        &turbo(),
     )
     .unwrap();
     assert_eq!(request.init_image.unwrap().strength, 0.35);
@@ -132,7 +155,7 @@ fn bad_inputs_are_refused_with_the_reason() {
         refused(&[("PROMPT", text(&"a".repeat(65)))]),
         "PROMPT is 65 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
     );
-    assert!(build_request(&inputs(&[("PROMPT", text(&"a".repeat(64)))]), &LIMITS).is_ok());
+    assert!(build_request(&inputs(&[("PROMPT", text(&"a".repeat(64)))]), &LIMITS, &turbo()).is_ok());
     assert_eq!(
         refused(&[("PROMPT", text("x")), ("NEGATIVE_PROMPT", text(&"b".repeat(100)))]),
         "NEGATIVE_PROMPT is 100 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
