@@ -151,6 +151,14 @@ public:
         return pipeline;
     }
 
+    // Generate parameters with this package's recommended steps and guidance (the base model's
+    // differ from Turbo's); fill in the prompt and change what else differs.
+    zimage_generate_params recommended_params() const {
+        zimage_generate_params params;
+        check(zimage_generate_params_init_for_pipeline(handle_.get(), &params));
+        return params;
+    }
+
     Images generate(zimage_generate_params params, const ProgressFunction &progress = nullptr) const {
         ProgressContext context{&progress, nullptr};
         if (progress) {

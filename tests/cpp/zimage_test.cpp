@@ -367,6 +367,19 @@ void test_enhancer(const std::string &enhancer_package, const std::string &packa
 
 }  // namespace
 
+// Recommended settings: Turbo's for the test package; the base model's (50 steps, guidance 4)
+// for ZIMAGE_TEST_BASE_PACKAGE.
+void test_recommended_params(const zimage::Pipeline &turbo) {
+    zimage_generate_params p = turbo.recommended_params();
+    CHECK(p.steps == 8 && p.guidance_scale == 0.0f && p.prompt == nullptr);
+    const char *base_package = std::getenv("ZIMAGE_TEST_BASE_PACKAGE");
+    CHECK(base_package != nullptr);
+    if (!base_package) return;
+    zimage::Pipeline base = zimage::Pipeline::load(base_package);
+    p = base.recommended_params();
+    CHECK(p.steps == 50 && p.guidance_scale == 4.0f && p.cfg_truncation == 1.0f && p.width == 1024);
+}
+
 int main(int argc, char **argv) {
     if (argc < 7) {
         std::cerr << "usage: " << argv[0]
@@ -399,6 +412,7 @@ int main(int argc, char **argv) {
         test_cancel(moved);
         test_progress_exception(moved);
         test_enhancer(enhancer_package, package, moved, enhancer_cases);
+        test_recommended_params(moved);
         std::lock_guard<std::mutex> guard(log_lock);
         CHECK(messages.size() >= 2 && messages[1].rfind("3 loaded ", 0) == 0);
     } catch (const std::exception &e) {
