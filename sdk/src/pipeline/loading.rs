@@ -58,8 +58,12 @@ impl GraphLoader<'_> {
         settings.optimized_cache = match kind {
             _ if replaced => None,
             // The text encoder loads faster without (see `LoadOptions::optimized_model_cache`).
-            GraphKind::TextEncoder | GraphKind::TextDecoder => None,
-            GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
+            GraphKind::TextEncoder | GraphKind::TextDecoder | GraphKind::VisionEncoder => None,
+            GraphKind::Transformer
+            | GraphKind::TransformerOmni
+            | GraphKind::VaeDecoder
+            | GraphKind::VaeDecoderCpu
+            | GraphKind::VaeEncoder => {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
         };
@@ -86,7 +90,9 @@ impl GraphLoader<'_> {
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
-            GraphKind::Transformer | GraphKind::TextDecoder => base,
+            GraphKind::Transformer | GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => {
+                base
+            }
         }
     }
 }
