@@ -62,7 +62,7 @@ pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
 pub use pipeline::edit::EditRequest;
 pub use pipeline::noise::TorchGenerator;
-pub use pipeline::parameters::{image_parameters, lora_records, InputNames};
+pub use pipeline::parameters::{edit_parameters, image_parameters, lora_records, InputNames, ReferenceRecord};
 pub use pipeline::request::{GenerateRequest, Generation, InitImage, Progress, Prompt, Providers, Timings};
 pub use pipeline::scheduler::Schedule;
 pub use pipeline::Pipeline;

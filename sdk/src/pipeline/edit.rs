@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
 
 use super::denoise::{guide, Guidance};
+use super::loading::EditGraphs;
 use super::noise::TorchGenerator;
 use super::references::{self, PreparedReference};
 use super::request::{Generation, Progress, Timings};
@@ -25,7 +26,7 @@ use crate::model::omni::{self, References};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 use crate::model::{siglip_processor, vision};
 use crate::package::edit::EditInfo;
-use crate::runtime::graph::{Graph, GraphSlot};
+use crate::runtime::graph::Graph;
 use crate::runtime::run_context::RunContext;
 
 /// An edit request. Build with [`EditRequest::new`] and assign fields; `None` fields take
@@ -72,12 +73,6 @@ impl EditRequest {
             return_latents: false,
         }
     }
-}
-
-/// The editing graphs of a pipeline whose package has them.
-pub(crate) struct EditGraphs {
-    pub vision: GraphSlot,
-    pub transformer: GraphSlot,
 }
 
 /// A checked edit request with its defaults filled in.
@@ -162,12 +157,7 @@ impl Pipeline {
         let started = Instant::now();
         let (info, graphs) = match (&self.manifest.edit, &self.edit) {
             (Some(info), Some(graphs)) => (info, graphs),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "the package {} does not support editing (it has no siglip / transformer_omni graphs)",
-                    self.dir.display()
-                )))
-            }
+            _ => return Err(not_editing(&self.dir)),
         };
         let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
         let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
@@ -261,6 +251,43 @@ impl Pipeline {
         })
     }
 
+    /// Rewrites the instruction with `enhancer` first, then edits with it; the result's
+    /// `enhanced_prompt` holds it. The request is checked before the enhancer runs.
+    pub fn edit_enhanced(
+        &self,
+        enhancer: &crate::enhancer::PromptEnhancer,
+        options: &crate::enhancer::EnhanceOptions,
+        request: &EditRequest,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        self.check_edit(request)?;
+        let enhancement = enhancer.enhance(&request.prompt, options, None)?;
+        if enhancement.text.trim().is_empty() {
+            return Err(Error::inference(
+                "prompt enhancer",
+                format!("no rewritten instruction within {} new tokens", options.max_new_tokens),
+            ));
+        }
+        let mut rewritten = request.clone();
+        rewritten.prompt = enhancement.text.clone();
+        let mut result = self.edit(&rewritten, progress)?;
+        result.enhanced_prompt = Some(enhancement.text);
+        Ok(result)
+    }
+
+    /// Checks an edit request against this pipeline (editing support, references, sizes,
+    /// settings) without running anything.
+    pub fn check_edit(&self, request: &EditRequest) -> Result<()> {
+        let Some(info) = (match (&self.manifest.edit, &self.edit) {
+            (Some(info), Some(_)) => Some(info),
+            _ => None,
+        }) else {
+            return Err(not_editing(&self.dir));
+        };
+        let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
+        plan(request, info, max_side, self.manifest.size_multiple()).map(|_| ())
+    }
+
     /// SigLIP2 vision tokens `[rows, columns, hidden]` of one picture (processor + vision
     /// graph), as the editing pipeline computes them. Low-level: for checking a package
     /// against a reference.
@@ -322,6 +349,29 @@ impl Pipeline {
         }
         Ok(out)
     }
+}
+
+/// Checks, from the manifest alone ([`Manifest::read`](crate::Manifest::read)), that a package
+/// edits and takes `images` references: what a front end checks before decoding pictures or
+/// loading the model. [`Pipeline::edit`] checks everything again.
+pub fn check_edit_package(manifest: &crate::package::Manifest, dir: &std::path::Path, images: usize) -> Result<()> {
+    let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
+        return Err(not_editing(dir));
+    };
+    if images == 0 || images > info.reference.max_images {
+        return Err(Error::invalid(format!(
+            "{images} reference images: this model takes 1 to {}",
+            info.reference.max_images
+        )));
+    }
+    Ok(())
+}
+
+fn not_editing(dir: &std::path::Path) -> Error {
+    Error::invalid(format!(
+        "the package {} does not support editing (it has no siglip / transformer_omni graphs)",
+        dir.display()
+    ))
 }
 
 fn images_count(request: &EditRequest) -> usize {

@@ -170,3 +170,26 @@ fn ort_initializers(merged: Vec<MergedWeight>, key: String) -> Result<ExternalIn
     }
     Ok(ExternalInitializers::new(tensors, key, bytes))
 }
+
+/// The editing graphs of a pipeline whose package has them (`pipeline::edit` runs them).
+pub(crate) struct EditGraphs {
+    pub vision: GraphSlot,
+    pub transformer: GraphSlot,
+}
+
+/// Loads `siglip` (on `device`) and `transformer_omni` (on `transformer_device`) when the
+/// package has them.
+pub(crate) fn load_edit_graphs(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    transformer_device: Device,
+) -> Result<Option<EditGraphs>> {
+    let g = &graphs.manifest.graphs;
+    match (&g.siglip, &g.transformer_omni) {
+        (Some(vision), Some(omni)) => Ok(Some(EditGraphs {
+            vision: graphs.load(GraphKind::VisionEncoder, vision, device)?,
+            transformer: graphs.load(GraphKind::TransformerOmni, omni, transformer_device)?,
+        })),
+        _ => Ok(None),
+    }
+}

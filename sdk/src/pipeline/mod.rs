@@ -79,7 +79,7 @@ pub struct Pipeline {
     /// transformer with.
     options: LoadOptions,
     /// The editing graphs, when the package has them.
-    edit: Option<edit::EditGraphs>,
+    edit: Option<loading::EditGraphs>,
 }
 
 struct ActiveTransformer {
@@ -116,13 +116,7 @@ impl Pipeline {
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
         let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
         let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
-        let edit = match (&manifest.graphs.siglip, &manifest.graphs.transformer_omni) {
-            (Some(vision), Some(omni)) => Some(edit::EditGraphs {
-                vision: graphs.load(GraphKind::VisionEncoder, vision, options.device)?,
-                transformer: graphs.load(GraphKind::TransformerOmni, omni, transformer_device(options))?,
-            }),
-            _ => None,
-        };
+        let edit = loading::load_edit_graphs(&graphs, options.device, transformer_device(options))?;
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
