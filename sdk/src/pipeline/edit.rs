@@ -14,6 +14,7 @@ use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
 
 use super::denoise::{guide, Guidance};
 use super::loading::EditGraphs;
+pub use super::references::MAX_REFERENCE_PIXELS;
 use super::noise::TorchGenerator;
 use super::references::{self, PreparedReference};
 use super::request::{Generation, Progress, Timings};
