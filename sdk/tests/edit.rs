@@ -154,7 +154,16 @@ fn bad_edit_requests_are_typed_errors() {
     r.images = vec![picture(64, 600)];
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
 
+    // An instruction past the RoPE table (1024 caption positions in this package).
     r.images = vec![picture(64, 64)];
+    r.prompt = "word ".repeat(1100);
+    r.max_sequence_length = Some(4096);
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("caption position"), "{e}");
+    r.prompt = "x".into();
+    r.max_sequence_length = None;
+
     r.width = Some(64);
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
     r.height = Some(72);
@@ -167,4 +176,35 @@ fn bad_edit_requests_are_typed_errors() {
     assert!(e.to_string().contains("does not support editing"), "{e}");
     assert!(!pipeline("tiny-zimage").manifest().supports("edit"));
     assert!(pipeline(PACKAGE).manifest().supports("edit") && pipeline(PACKAGE).manifest().supports("text_to_image"));
+}
+
+#[test]
+fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
+    let pipeline = pipeline(PACKAGE);
+    let mut options = zimage::LoadOptions::default();
+    options.threads = Some(1);
+    let enhancer = zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &options).unwrap();
+    let mut enhance = zimage::EnhanceOptions::default();
+    enhance.max_new_tokens = 24;
+    let mut request =
+        EditRequest::new("make the sky pink", vec![png_rgb(&golden(&format!("{PACKAGE}/inputs/ref_96x64.png")))]);
+    request.steps = Some(2);
+    request.guidance_scale = Some(0.0);
+    request.seed = Some(7);
+    request.return_latents = true;
+    let enhanced = pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap();
+    let rewritten = enhanced.enhanced_prompt.clone().expect("the rewritten instruction is reported");
+    let want = enhancer.enhance("make the sky pink", &enhance, None).unwrap();
+    assert_eq!(rewritten, want.text);
+    let mut direct = request.clone();
+    direct.prompt = rewritten;
+    let plain = pipeline.edit(&direct, None).unwrap();
+    assert_eq!(enhanced.latents, plain.latents);
+    assert_eq!(enhanced.images, plain.images);
+    // A request the pipeline refuses is refused before the enhancer runs.
+    request.images.clear();
+    assert_eq!(
+        pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap_err().kind(),
+        ErrorKind::InvalidRequest
+    );
 }

@@ -177,6 +177,20 @@ fn pack_item(segments: &[&Array2<f32>], refs: &References, target: ArrayView3<f3
     [x, cap, sig]
 }
 
+/// The highest RoPE position (axis 0) an item with caption segments of these lengths uses:
+/// a segment's grid runs to its start + its padded length - 1, and each reference's vision
+/// tokens sit one past its segment's end.
+pub(crate) fn highest_caption_position(segment_lengths: &[usize]) -> usize {
+    let (mut cu, mut highest) = (1usize, 0usize);
+    for &n in segment_lengths {
+        highest = highest.max(cu + n + pad_len(n) - 1);
+        cu += n;
+        highest = highest.max(cu + 1);
+        cu += 2;
+    }
+    highest
+}
+
 /// The graph's padded tensors for a batch, one stream.
 struct Batched {
     feats: Array3<f32>,

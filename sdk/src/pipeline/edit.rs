@@ -14,8 +14,8 @@ use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
 
 use super::denoise::{guide, Guidance};
 use super::loading::EditGraphs;
-pub use super::references::MAX_REFERENCE_PIXELS;
 use super::noise::TorchGenerator;
+pub use super::references::MAX_REFERENCE_PIXELS;
 use super::references::{self, PreparedReference};
 use super::request::{Generation, Progress, Timings};
 use super::scheduler::Schedule;
@@ -170,6 +170,17 @@ impl Pipeline {
             .iter()
             .map(|image| references::prepare(image, &info.reference, plan.size))
             .collect::<Result<_>>()?;
+        for (i, reference) in prepared.iter().enumerate() {
+            let (h, w) = (reference.for_vae.shape()[2], reference.for_vae.shape()[3]);
+            if w > max_side.0 || h > max_side.1 {
+                return Err(Error::invalid(format!(
+                    "reference image {} is {w}x{h} after cropping; this model takes at most {}x{}",
+                    i + 1,
+                    max_side.0,
+                    max_side.1
+                )));
+            }
+        }
         let refs = self.encode_references(&prepared, info, graphs, &context)?;
         let last = &prepared[prepared.len() - 1].for_vae;
         let (width, height) = plan.size.unwrap_or((last.shape()[3] as u32, last.shape()[2] as u32));
@@ -332,23 +343,23 @@ impl Pipeline {
         max_sequence_length: usize,
         context: &RunContext,
     ) -> Result<Vec<PromptEmbedding>> {
-        let graph = self.captions.graph.acquire()?;
         let segments = info.prompt_segments.for_prompt(prompt, images);
-        let mut total = 0;
-        let mut out = Vec::with_capacity(segments.len());
-        for text in &segments {
-            let tokens = self.captions.text.tokenize_text(text, max_sequence_length)?;
-            total += tokens.ids.len() + 2;
-            if total > self.captions.max_tokens {
-                return Err(Error::invalid(format!(
-                    "the instruction and its {images} references take more than the {} caption positions this \
-                     model has: shorten the instruction or use fewer references",
-                    self.captions.max_tokens
-                )));
-            }
-            out.push(self.captions.text.encode(&graph, tokens, context)?);
+        let tokens: Vec<TokenizedPrompt> = segments
+            .iter()
+            .map(|text| self.captions.text.tokenize_text(text, max_sequence_length))
+            .collect::<Result<_>>()?;
+        // Every position the stream uses (see model::omni) must be a row of the RoPE table.
+        let rows = self.manifest.transformer.axes_lens.first().copied().unwrap_or(0);
+        let lengths: Vec<usize> = tokens.iter().map(|t| t.ids.len()).collect();
+        let highest = omni::highest_caption_position(&lengths);
+        if highest >= rows {
+            return Err(Error::invalid(format!(
+                "the instruction and its {images} reference(s) need caption position {highest}; this model's \
+                 table has {rows}: shorten the instruction or use fewer references"
+            )));
         }
-        Ok(out)
+        let graph = self.captions.graph.acquire()?;
+        tokens.into_iter().map(|t| self.captions.text.encode(&graph, t, context)).collect()
     }
 }
 
