@@ -208,3 +208,15 @@ fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
         ErrorKind::InvalidRequest
     );
 }
+
+#[test]
+fn an_edit_with_loras_is_refused_not_silently_without_them() {
+    let mut options = zimage::LoadOptions::default();
+    options.threads = Some(1);
+    let adapter = zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).unwrap();
+    options.loras = vec![zimage::LoraSetting::new(std::sync::Arc::new(adapter), 1.0)];
+    let with_lora = zimage::Pipeline::load(repo().join("models").join(PACKAGE), &options).unwrap();
+    let e = with_lora.edit(&EditRequest::new("x", vec![picture(64, 64)]), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("LoRA"), "{e}");
+}

@@ -162,6 +162,13 @@ impl Pipeline {
         };
         let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
         let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
+        if !self.loras().is_empty() {
+            // LoRAs are merged into transformer.onnx only; editing them in is not supported yet,
+            // and an edit silently without them would not be what was asked for.
+            return Err(Error::invalid(
+                "LoRA adapters apply to text-to-image only: remove them (set_loras(&[])) to edit",
+            ));
+        }
         let context = self.registry.begin()?;
 
         // References: VAE latents and vision tokens.
