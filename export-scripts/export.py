@@ -40,7 +40,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # batch size. The VAEs stay at 18: their group norms would become GroupNormalization, which
 # ONNX Runtime's CPU runs slower (VAE decode 14.0 -> 15-17 s on the mid-size model) than the
 # InstanceNormalization form.
-DEFAULT_OPSETS = {"text_encoder": 18, "transformer": 23, "vae_decoder": 18, "vae_encoder": 18, "vae_decoder_cpu": 18}
+DEFAULT_OPSETS = {"text_encoder": 18, "transformer": 23, "vae_decoder": 18, "vae_encoder": 18, "vae_decoder_cpu": 18,
+                  "siglip": 18, "transformer_omni": 23}
 
 
 def pad_token_id(src: Path) -> int:
@@ -96,10 +97,12 @@ def main(argv=None) -> None:
         start = time.time()
         opset = args.opset or DEFAULT_OPSETS[name]
         spec = GRAPHS[name](src, dtype, **options.get(name, {}))
-        if spec is None:  # an optional graph that would equal a required one
+        if spec is None:  # an optional graph this folder has no use for
             for stale in (out / f"{name}.onnx", onnx_io.external_data_path(out / f"{name}.onnx")):
                 stale.unlink(missing_ok=True)
-            print(f"skipped {name}: no convolution is wide enough for it to differ from vae_decoder", flush=True)
+            why = ("no convolution is wide enough for it to differ from vae_decoder" if name == "vae_decoder_cpu"
+                   else "not an Omni (editing) folder")
+            print(f"skipped {name}: {why}", flush=True)
             continue
         onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
         del spec

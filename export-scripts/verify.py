@@ -96,13 +96,67 @@ def vae_cases(src: Path, package: Path, gen: torch.Generator):
             yield f"vae_encoder.{name}", f"image {b}x{h * f}x{w * f}", rel_l2(got, want.numpy()), float(np.abs(got - want.numpy()).max())
 
 
+def siglip_cases(src: Path, package: Path, gen: torch.Generator):
+    """siglip.onnx (real patches as a grid) vs Siglip2VisionModel on the processor's padded
+    input with its attention mask: grids smaller and larger than the position table."""
+    from transformers import Siglip2VisionModel
+
+    model = Siglip2VisionModel.from_pretrained(src / "siglip", dtype=torch.float32).eval()
+    sess = session(package, "siglip")
+    depth = model.config.num_channels * model.config.patch_size**2
+    for h, w, padded in ((1, 1, 4), (2, 7, 20), (5, 3, 15), (6, 6, 40)):
+        pixels = torch.randn(1, padded, depth, generator=gen)
+        mask = (torch.arange(padded) < h * w).long()[None]
+        with torch.no_grad():
+            want = model(pixel_values=pixels, pixel_attention_mask=mask,
+                         spatial_shapes=torch.tensor([[h, w]])).last_hidden_state[0, : h * w].numpy()
+        (got,) = sess.run(None, {"pixel_patches": pixels[:, : h * w].reshape(1, h, w, depth).numpy()})
+        got = got.reshape(h * w, -1)
+        yield f"grid {h}x{w} (padded to {padded})", rel_l2(got, want), float(np.abs(got - want).max())
+
+
+def transformer_omni_cases(src: Path, package: Path, gen: torch.Generator):
+    """transformer_omni.onnx fed by zimage_export.omni_pack (what the runtime does) vs
+    diffusers' transformer in Omni mode (lists, as ZImageOmniPipeline calls it)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_export.omni_pack import pack_batch, pack_item, target_output
+
+    model = ZImageTransformer2DModel.from_pretrained(src / "transformer", dtype=torch.float32).eval()
+    sess = session(package, "transformer_omni")
+    cfg = model.config
+    p, c = cfg.all_patch_size[0], cfg.in_channels
+    # (caption segment lengths per item, latent sizes (conditions..., target), SigLIP grids)
+    for caps, sizes, grids in (
+        ([[7, 20, 4]], [(4, 6), (4, 6)], [(2, 3)]),
+        ([[7, 3, 45, 4], [7, 3, 9, 4]], [(8, 4), (6, 10), (6, 10)], [(4, 2), (1, 5)]),
+        ([[30, 2, 33, 40, 4]], [(2, 2), (10, 6), (4, 4), (6, 8)], [(3, 3), (2, 6), (1, 1)]),
+    ):
+        lats = [torch.randn(c, h * p, w * p, generator=gen) for h, w in sizes]
+        sigs = [torch.randn(h, w, cfg.siglip_feat_dim, generator=gen) for h, w in grids]
+        feats = [[torch.randn(n, cfg.cap_feat_dim, generator=gen) for n in lens] for lens in caps]
+        noise = [0] * len(grids) + [1]
+        t = torch.rand(len(caps), generator=gen)
+        with torch.no_grad():
+            out = model(x=[[lat.unsqueeze(1) for lat in lats] for _ in caps], t=t, cap_feats=feats,
+                        siglip_feats=[[*sigs, None] for _ in caps], image_noise_mask=[noise for _ in caps],
+                        return_dict=False)[0]
+        np_lats = [lat.numpy() for lat in lats]
+        items = [pack_item([f.numpy() for f in item], np_lats, [s.numpy() for s in sigs] + [None], noise, p)
+                 for item in feats]
+        (x_out,) = sess.run(None, pack_batch(items, t.numpy()))
+        got = np.stack([target_output(x_out[i], np_lats, p) for i in range(len(caps))])
+        want = torch.stack(out).squeeze(2).numpy()
+        yield f"caps={caps} images={len(sizes)}", rel_l2(got, want), float(np.abs(got - want).max())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package", type=Path)
     parser.add_argument("--src", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--graphs", nargs="+", choices=["text_encoder", "transformer", "vae"],
-                        default=["text_encoder", "transformer", "vae"], help="check only these")
+    parser.add_argument("--graphs", nargs="+", choices=["text_encoder", "transformer", "vae", "siglip", "transformer_omni"],
+                        help="check only these (default: every graph the package has)")
     parser.add_argument("--precision", choices=["fp32", "fp16"],
                         help="package precision (default: from manifest.json; needed without one)")
     args = parser.parse_args(argv)
@@ -111,12 +165,19 @@ def main(argv=None) -> int:
     precision = args.precision or json.loads(manifest_path.read_text())["precision"]
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
+    if args.graphs is None:  # the editing graphs are checked where the package has them
+        args.graphs = ["text_encoder", "transformer", "vae"] + [
+            g for g in ("siglip", "transformer_omni") if (args.package / f"{g}.onnx").exists()]
     if "text_encoder" in args.graphs:
         rows += [("text_encoder", *r) for r in text_encoder_cases(args.src, args.package, gen)]
     if "transformer" in args.graphs:
         rows += [("transformer", *r) for r in transformer_cases(args.src, args.package, gen)]
     if "vae" in args.graphs:
         rows += list(vae_cases(args.src, args.package, gen))
+    if "siglip" in args.graphs:
+        rows += [("siglip", *r) for r in siglip_cases(args.src, args.package, gen)]
+    if "transformer_omni" in args.graphs:
+        rows += [("transformer_omni", *r) for r in transformer_omni_cases(args.src, args.package, gen)]
 
     failed = False
     print(f"package {args.package} ({precision}) vs PyTorch float32")

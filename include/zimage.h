@@ -30,6 +30,11 @@
 #define ZIMAGE_RANDOM_SEED UINT64_MAX
 
 /**
+ * `guidance_scale` / `cfg_truncation` value meaning "the package's default".
+ */
+#define ZIMAGE_EDIT_PACKAGE_DEFAULT -1.0
+
+/**
  * What a zimage call returned. Every function that can fail returns one of these; the detail
  * is in `zimage_last_error_message()`.
  *
@@ -283,6 +288,106 @@ typedef struct zimage_adapter_setting {
 } zimage_adapter_setting;
 
 /**
+ * An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
+ * pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
+ *
+ * As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
+ * during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
+ * As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+ */
+typedef struct zimage_image {
+  const uint8_t *pixels;
+  uint32_t width;
+  uint32_t height;
+  size_t stride;
+} zimage_image;
+
+/**
+ * Called after every denoising step with the steps done so far (1..=total) and the seconds
+ * since the generation started. Return true to go on, false to stop: the generation then
+ * fails with `ZIMAGE_RESULT_CANCELLED`. Called on the thread that called `zimage_generate()`.
+ */
+typedef bool (*zimage_progress_callback)(uint32_t step,
+                                         uint32_t total,
+                                         double elapsed_seconds,
+                                         void *user_data);
+
+/**
+ * One edit. Fill it with `zimage_edit_params_init()` (the package's defaults: for
+ * ZImageOmniPipeline 50 steps and guidance 5.0; the output takes the last reference's size;
+ * a random seed), then set `prompt` and `images`. Pointers in it are borrowed for the duration
+ * of `zimage_edit()` only.
+ */
+typedef struct zimage_edit_params {
+  /**
+   * `sizeof(zimage_edit_params)`, set by `zimage_edit_params_init()`.
+   */
+  size_t struct_size;
+  /**
+   * The instruction, UTF-8 (may be empty, not NULL).
+   */
+  const char *prompt;
+  /**
+   * Used only with guidance; NULL means the empty prompt.
+   */
+  const char *negative_prompt;
+  /**
+   * The reference pictures (RGB8 views, `stride == 0` for packed rows), in order:
+   * `image_count` of them, 1..=the package's maximum (8 for the exported Omni models).
+   */
+  const struct zimage_image *images;
+  size_t image_count;
+  /**
+   * Output size: both 0 (the default) = the last reference's size cropped to the package's
+   * size multiple; otherwise both positive multiples of it.
+   */
+  uint32_t width;
+  uint32_t height;
+  /**
+   * Denoising steps, 1..=1000; 0 (the default) = the package's.
+   */
+  uint32_t steps;
+  /**
+   * Guidance scale (0 = off); `ZIMAGE_EDIT_PACKAGE_DEFAULT` (the default) = the package's.
+   */
+  float guidance_scale;
+  /**
+   * 0 = off; otherwise the guided prediction's norm is capped at this factor times the
+   * conditional one's.
+   */
+  float cfg_normalization;
+  /**
+   * Guidance stops at steps whose normalised time exceeds this; `ZIMAGE_EDIT_PACKAGE_DEFAULT`
+   * (the default) = the package's (1.0 = never).
+   */
+  float cfg_truncation;
+  /**
+   * The noise seed; `ZIMAGE_RANDOM_SEED` (the default) draws one.
+   */
+  uint64_t seed;
+  /**
+   * Images generated, 1..=64.
+   */
+  uint32_t count;
+  /**
+   * Tokens kept per text segment; 0 = the package's default (512).
+   */
+  uint32_t max_sequence_length;
+  /**
+   * Keep the final latents, for `zimage_image_list_latents()`.
+   */
+  bool return_latents;
+  /**
+   * Called after every denoising step; NULL for none.
+   */
+  zimage_progress_callback progress_callback;
+  /**
+   * Passed back to `progress_callback` unchanged.
+   */
+  void *progress_user_data;
+} zimage_edit_params;
+
+/**
  * How to enhance. Fill it with `zimage_enhance_params_init()` (the built-in system prompt,
  * thinking off, greedy decoding, at most 512 new tokens), then change fields. Pointers in it
  * are borrowed for the duration of the call only.
@@ -488,31 +593,6 @@ typedef bool (*zimage_token_callback)(uint32_t index,
                                       void *user_data);
 
 /**
- * An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
- * pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
- *
- * As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
- * during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
- * As an output (`zimage_image_list_get()`), the pixels belong to the image list.
- */
-typedef struct zimage_image {
-  const uint8_t *pixels;
-  uint32_t width;
-  uint32_t height;
-  size_t stride;
-} zimage_image;
-
-/**
- * Called after every denoising step with the steps done so far (1..=total) and the seconds
- * since the generation started. Return true to go on, false to stop: the generation then
- * fails with `ZIMAGE_RESULT_CANCELLED`. Called on the thread that called `zimage_generate()`.
- */
-typedef bool (*zimage_progress_callback)(uint32_t step,
-                                         uint32_t total,
-                                         double elapsed_seconds,
-                                         void *user_data);
-
-/**
  * One generation. Fill it with `zimage_generate_params_init()` (Z-Image-Turbo's recommended
  * settings: 1024x1024, 8 steps, no guidance, a random seed), then change fields. Pointers in it
  * are borrowed for the duration of `zimage_generate()` only.
@@ -668,6 +748,21 @@ void zimage_adapter_free(struct zimage_adapter *adapter);
 zimage_result zimage_pipeline_set_adapters(const struct zimage_pipeline *pipeline,
                                            const struct zimage_adapter_setting *settings,
                                            size_t count);
+
+/**
+ * Fills `params` with the defaults and sets `struct_size`; `prompt` and `images` are left NULL.
+ */
+zimage_result zimage_edit_params_init(struct zimage_edit_params *params);
+
+/**
+ * Edits: images from the reference pictures and the instruction (packages that list the
+ * "edit" pipeline; others fail with `ZIMAGE_RESULT_INVALID_REQUEST`). On success
+ * `*out_images` receives a list to free with `zimage_image_list_free()`; on failure it is
+ * left untouched. Blocks until done; cancellation as for `zimage_generate()`.
+ */
+zimage_result zimage_edit(const struct zimage_pipeline *pipeline,
+                          const struct zimage_edit_params *params,
+                          struct zimage_image_list **out_images);
 
 /**
  * Fills `params` with the defaults and sets `struct_size`.

@@ -26,6 +26,9 @@ export ZIMAGE_TEST_LORA_CASES="$work/lora-cases.tsv"
 export ZIMAGE_TEST_WRONG_LORA="$root/tests/golden/tiny-zimage-alt/loras/peft.safetensors"
 # test_recommended_params: a package exported as the base model.
 export ZIMAGE_TEST_BASE_PACKAGE="$root/models/tiny-zimage-base"
+# The C client's editing test (test_edit) reads these; c_clients.rs writes the cases file.
+export ZIMAGE_TEST_EDIT_CASES="$work/edit-cases.tsv"
+export ZIMAGE_TEST_OMNI_PACKAGE="$root/models/tiny-zimage-omni"
 
 if command -v valgrind >/dev/null; then
   echo "== the C and C++ clients under valgrind memcheck (slow: minutes)" >&2

@@ -419,6 +419,11 @@ impl ProgressMode {
     fn visible(self) -> bool {
         self == ProgressMode::Auto && std::io::stderr().is_terminal()
     }
+
+    /// The same for `zimage edit`.
+    pub fn visible_for_edit(self) -> bool {
+        self.visible()
+    }
 }
 
 /// The terminal display: a spinner with the stage name, then a bar over the denoising steps.

@@ -4,6 +4,7 @@
 mod allocator;
 mod bench;
 mod device_memory;
+mod edit;
 mod enhance;
 mod generate;
 mod interrupt;
@@ -56,6 +57,9 @@ enum Command {
     /// Generate images from a prompt (text-to-image, image-to-image, inpainting).
     #[command(after_help = EXIT_CODES)]
     Generate(generate::GenerateArgs),
+    /// Edit pictures with an instruction (Z-Image Omni / Edit packages): --image A.png [--image B.png].
+    #[command(after_help = EXIT_CODES)]
+    Edit(edit::EditArgs),
     /// Time every stage of a generation, with peak memory, over several runs.
     #[command(after_help = EXIT_CODES)]
     Bench(bench::BenchArgs),
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
     interrupt::install();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Edit(args) => edit::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Enhance(args) => enhance::run(args),
         Command::TritonRepo(args) => triton_repo::run(args),
@@ -140,7 +145,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = parts.join("; ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     let help = match std::env::args().nth(1).as_deref() {
-        Some(sub @ ("generate" | "bench")) => format!("zimage {sub} --help"),
+        Some(sub @ ("generate" | "edit" | "bench")) => format!("zimage {sub} --help"),
         _ => "zimage --help".into(),
     };
     log::stderr_line("error", &format!("{message} (see {help})"));

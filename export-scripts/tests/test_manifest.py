@@ -56,8 +56,12 @@ def test_package_graphs_lists_optional_graphs_only_when_exported(tmp_path):
         (tmp_path / f"{name}.onnx").write_bytes(b"")
     assert package_graphs(tmp_path) == ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]
     (tmp_path / "vae_decoder_cpu.onnx").write_bytes(b"")
+    assert package_graphs(tmp_path) == [*REQUIRED_GRAPHS, "vae_decoder_cpu"]
+    # The editing graphs (Omni folders), in manifest order.
+    (tmp_path / "transformer_omni.onnx").write_bytes(b"")
+    (tmp_path / "siglip.onnx").write_bytes(b"")
     assert package_graphs(tmp_path) == [*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS]
-    assert OPTIONAL_GRAPHS == ("vae_decoder_cpu",)
+    assert OPTIONAL_GRAPHS == ("vae_decoder_cpu", "siglip", "transformer_omni")
     # Required graphs are listed even when missing: export.py writes no manifest then.
     (tmp_path / "transformer.onnx").unlink()
     assert "transformer" in package_graphs(tmp_path)

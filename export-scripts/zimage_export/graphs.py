@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from .omni_pack import pack_batch, pack_item
+from .omni_wrapper import ZImageOmniTransformerExport
+from .siglip import Siglip2VisionExport
 from .text_encoder import TextEncoderExport
 from .transformer_wrapper import ZImageTransformerExport
 from .vae import VaeDecoderExport, VaeEncoderExport
@@ -148,6 +151,75 @@ def vae_encoder_spec(src: Path, dtype: torch.dtype) -> GraphSpec:
     )
 
 
+def is_omni(src: Path) -> bool:
+    """An Omni (editing) folder: a transformer with siglip_feat_dim and a siglip/ component."""
+    import json
+
+    config = json.loads((src / "transformer" / "config.json").read_text())
+    return config.get("siglip_feat_dim") is not None and (src / "siglip" / "config.json").exists()
+
+
+def siglip_spec(src: Path, dtype: torch.dtype) -> GraphSpec | None:
+    """SigLIP2 vision encoder (Omni folders only; None elsewhere)."""
+    if not is_omni(src):
+        return None
+    from transformers import Siglip2VisionModel
+
+    model = Siglip2VisionModel.from_pretrained(src / "siglip", dtype=dtype).eval()
+    cfg = model.config
+    depth = cfg.num_channels * cfg.patch_size**2
+    patches = torch.randn(2, 3, 5, depth, generator=torch.Generator().manual_seed(0))
+    batch, rows, cols = Dim("batch", min=1, max=MAX), Dim("patch_rows", min=1, max=MAX), Dim("patch_cols", min=1, max=MAX)
+    return GraphSpec(
+        Siglip2VisionExport(model),
+        (patches,),
+        "siglip.onnx",
+        ["pixel_patches"],
+        ["hidden_states"],
+        {"pixel_patches": {0: batch, 1: rows, 2: cols}},
+    )
+
+
+OMNI_INPUTS = [
+    "timestep",
+    *(f"{s}_{k}" if k != "feats" else n for s, n in (("x", "x_tokens"), ("cap", "cap_feats"), ("siglip", "siglip_feats"))
+      for k in ("feats", "pos", "pad", "noisy", "valid")),
+]
+
+
+def transformer_omni_spec(src: Path, dtype: torch.dtype) -> GraphSpec | None:
+    """The transformer in Omni mode (Omni folders only; None elsewhere), traced on a CFG-like
+    batch of two items with two condition images and captions of unequal lengths."""
+    if not is_omni(src):
+        return None
+    model = load_transformer(src, dtype)
+    cfg = model.config
+    p, c = cfg.all_patch_size[0], cfg.in_channels
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).numpy()  # noqa: E731
+    latents = [rnd(c, 3 * p, 5 * p), rnd(c, 4 * p, 2 * p), rnd(c, 3 * p, 5 * p)]
+    siglips = [rnd(2, 3, cfg.siglip_feat_dim), rnd(3, 2, cfg.siglip_feat_dim), None]
+    items = [pack_item([rnd(n, cfg.cap_feat_dim) for n in lens], latents, siglips, [0, 0, 1], p)
+             for lens in ([5, 3, 40, 4], [5, 3, 9, 4])]
+    feeds = pack_batch(items, [0.25, 0.25])
+    args = tuple(torch.from_numpy(feeds[name]) for name in OMNI_INPUTS)
+    batch = Dim("batch", min=1, max=MAX)
+    seqs = {"x": Dim("x_tokens", min=1, max=MAX), "cap": Dim("cap_tokens", min=1, max=MAX),
+            "siglip": Dim("siglip_tokens", min=1, max=MAX)}
+    dynamic = {"timestep": {0: batch}}
+    for name in OMNI_INPUTS[1:]:
+        stream = name.split("_")[0]
+        dynamic[name] = {0: batch, 1: seqs[stream]}
+    return GraphSpec(
+        ZImageOmniTransformerExport(model),
+        args,
+        "transformer_omni.onnx",
+        list(OMNI_INPUTS),
+        ["x_out"],
+        dynamic,
+    )
+
+
 # Each is called as f(src, dtype, **options); export.py passes vae_decoder_cpu its
 # winograd_min_channels.
 GRAPHS = {
@@ -156,4 +228,6 @@ GRAPHS = {
     "vae_decoder": vae_decoder_spec,
     "vae_decoder_cpu": vae_decoder_cpu_spec,
     "vae_encoder": vae_encoder_spec,
+    "siglip": siglip_spec,
+    "transformer_omni": transformer_omni_spec,
 }

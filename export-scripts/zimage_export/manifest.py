@@ -52,7 +52,10 @@ def generation_defaults(variant: str, overrides: dict | None = None) -> dict | N
 
 # Graphs every package has, and those it has only where they differ from these.
 REQUIRED_GRAPHS = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
-OPTIONAL_GRAPHS = ("vae_decoder_cpu",)
+OPTIONAL_GRAPHS = ("vae_decoder_cpu", "siglip", "transformer_omni")
+# What a package without an explicit "pipelines" list supports (every package exported before
+# editing existed); packages with the editing graphs list "edit" too (docs/editing.md).
+BASE_PIPELINES = ["text_to_image", "image_to_image", "inpaint"]
 
 
 def file_entry(path: Path) -> dict:
@@ -115,8 +118,12 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
     print(f"LoRA: {len(lora_table)} transformer Linear weights located in transformer.onnx", flush=True)
     if unmatched:
         print(f"LoRA: not located (LoRAs cannot change them): {', '.join(unmatched)}", flush=True)
+    from .edit_manifest import edit_section
+
+    edit = edit_section(src, package)
     return manifest_dict(
         configs,
+        edit=edit,
         precision=precision,
         name=name,
         diffusers_version=diffusers.__version__,
@@ -131,13 +138,16 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
 
 def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version: str, model_index_sha256: str,
                   tokenizer: dict, graphs: dict, pad_token_id: int, lora_parameters: dict | None = None,
-                  generation_defaults: dict | None = None) -> dict:
+                  generation_defaults: dict | None = None, edit: dict | None = None) -> dict:
     """The manifest, in the order manifest.json has it. `configs`: the diffusers folder's JSON
     files by component ("model_index", "transformer", "text_encoder", "vae", "scheduler");
     `tokenizer` and `graphs`: their finished entries (file_entry, graph_entry);
     `lora_parameters`: the transformer's LoRA table (lora_targets.lora_parameters), left out
     when None; `generation_defaults`: the recommended steps and guidance (generation_defaults()),
-    left out when None (Turbo's)."""
+    left out when None (Turbo's);
+    `edit`: the editing section (edit_manifest.edit_section), which also adds a
+    "pipelines" list with "edit"; both are left out when None (packages without editing
+    keep their manifests unchanged)."""
     tcfg, tecfg, vcfg = configs["transformer"], configs["text_encoder"], configs["vae"]
     patch = tcfg["all_patch_size"][0]
     return {
@@ -179,4 +189,5 @@ def manifest_dict(configs: dict, *, precision: str, name: str, diffusers_version
         },
         "scheduler": configs["scheduler"],
         **({"generation_defaults": generation_defaults} if generation_defaults is not None else {}),
+        **({"pipelines": [*BASE_PIPELINES, "edit"], "edit": edit} if edit is not None else {}),
     }

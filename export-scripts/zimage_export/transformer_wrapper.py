@@ -90,8 +90,8 @@ class ZImageTransformerExport(nn.Module):
         cfg = model.config
         if len(cfg.all_f_patch_size) != 1 or cfg.all_f_patch_size[0] != 1:
             raise ValueError("only image models (f_patch_size 1) are supported")
-        if getattr(cfg, "siglip_feat_dim", None) is not None:
-            raise ValueError("omni models (siglip_feat_dim set) are not supported")
+        # An Omni transformer (siglip_feat_dim set) runs here in diffusers' basic mode, as
+        # ZImagePipeline runs it: its SigLIP modules are unused (transformer_omni.onnx has them).
         self.patch = cfg.all_patch_size[0]
         key = f"{self.patch}-1"
         self.channels = cfg.in_channels

@@ -226,7 +226,7 @@ unsafe fn init_image(p: &zimage_generate_params) -> Result<Option<InitImage>, Fa
 }
 
 /// Copies a caller's image into packed rows; `None` when `pixels` is NULL.
-unsafe fn read_pixels(
+pub(crate) unsafe fn read_pixels(
     image: &zimage_image,
     channels: usize,
     what: &str,

@@ -42,6 +42,7 @@
 pub mod adapter;
 mod args;
 mod c_enum;
+pub mod edit;
 pub mod enhancer;
 pub mod error;
 pub mod generate;

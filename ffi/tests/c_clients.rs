@@ -60,6 +60,7 @@ struct Prepared {
     cases_file: PathBuf,
     enhancer_cases_file: PathBuf,
     lora_cases_file: PathBuf,
+    edit_cases_file: PathBuf,
     io_fixture: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
@@ -75,6 +76,7 @@ fn prepared() -> &'static Prepared {
         let cases_file = write_cases_file(&work);
         let enhancer_cases_file = write_enhancer_cases_file(&work);
         let lora_cases_file = write_lora_cases_file(&work);
+        let edit_cases_file = write_edit_cases_file(&work);
 
         // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
         let io_fixture = work.join("io-package");
@@ -92,6 +94,7 @@ fn prepared() -> &'static Prepared {
             cases_file,
             enhancer_cases_file,
             lora_cases_file,
+            edit_cases_file,
             io_fixture,
             mismatched_package,
             shared_lib_dir,
@@ -289,6 +292,64 @@ fn write_enhancer_cases_file(work: &Path) -> PathBuf {
     path
 }
 
+/// The edit goldens (`tests/golden/tiny-zimage-omni/cases.json`) with a non-empty instruction,
+/// for the C client's `test_edit`, one case per line, tab-separated: name, prompt, negative
+/// prompt ("-" for none), seed, steps, guidance, cfg_normalization, cfg_truncation, output
+/// width, height, expected raw RGB, then per reference its raw RGB file, width and height.
+fn write_edit_cases_file(work: &Path) -> PathBuf {
+    let golden_dir = root().join("tests/golden/tiny-zimage-omni");
+    let goldens: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir.join("cases.json")).expect("cases.json")).unwrap();
+    let raw_dir = work.join("raw-edit");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    let mut lines = String::new();
+    for case in goldens["edit"].as_array().expect("edit cases") {
+        let name = case["name"].as_str().unwrap();
+        let prompt = case["prompt"].as_str().unwrap();
+        // strtok in C cannot carry empty fields; the SDK test covers the empty instruction.
+        if prompt.is_empty() || !case["width"].is_null() {
+            continue;
+        }
+        let (pixels, channels) = decode_png(&golden_dir.join(case["output_files"][0].as_str().unwrap()));
+        assert_eq!(channels, 3);
+        let expected = raw_dir.join(format!("{name}.rgb"));
+        std::fs::write(&expected, &pixels).unwrap();
+        let out_png =
+            png::Decoder::new(std::fs::File::open(golden_dir.join(case["output_files"][0].as_str().unwrap())).unwrap())
+                .read_info()
+                .unwrap();
+        let (width, height) = (out_png.info().width, out_png.info().height);
+        let mut fields: Vec<String> = vec![
+            name.into(),
+            prompt.into(),
+            case["negative_prompt"].as_str().unwrap_or("-").into(),
+            case["seed"].to_string(),
+            case["num_inference_steps"].to_string(),
+            case["guidance_scale"].to_string(),
+            case["cfg_normalization"].to_string(),
+            case["cfg_truncation"].to_string(),
+            width.to_string(),
+            height.to_string(),
+            expected.display().to_string(),
+        ];
+        for (k, image) in case["image_files"].as_array().unwrap().iter().enumerate() {
+            let path = golden_dir.join(image.as_str().unwrap());
+            let (pixels, channels) = decode_png(&path);
+            assert_eq!(channels, 3);
+            let info = png::Decoder::new(std::fs::File::open(&path).unwrap()).read_info().unwrap();
+            let raw = raw_dir.join(format!("{name}-{k}.rgb"));
+            std::fs::write(&raw, pixels).unwrap();
+            fields.extend([raw.display().to_string(), info.info().width.to_string(), info.info().height.to_string()]);
+        }
+        assert!(fields.iter().all(|f| !f.contains(['\t', '\n'])), "{name}: tabs or newlines");
+        lines += &(fields.join("\t") + "\n");
+    }
+    assert!(!lines.is_empty(), "no edit case for the C client");
+    let path = work.join("edit-cases.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 /// Pixels and channel count of an 8-bit PNG.
 fn decode_png(path: &Path) -> (Vec<u8>, usize) {
     let decoder = png::Decoder::new(std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
@@ -405,6 +466,8 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(&p.enhancer_cases_file)
         .arg(max_cases)
         .env("ZIMAGE_TEST_LORA_CASES", &p.lora_cases_file)
+        .env("ZIMAGE_TEST_EDIT_CASES", &p.edit_cases_file)
+        .env("ZIMAGE_TEST_OMNI_PACKAGE", root().join("models/tiny-zimage-omni"))
         .env("ZIMAGE_TEST_WRONG_LORA", root().join("tests/golden/tiny-zimage-alt/loras/peft.safetensors"))
         .env("ZIMAGE_TEST_BASE_PACKAGE", root().join("models/tiny-zimage-base"))
         .current_dir(root());

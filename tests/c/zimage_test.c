@@ -1117,6 +1117,109 @@ static void test_lora(const char *package, int max_cases) {
     free(text);
 }
 
+/* Editing (ZIMAGE_TEST_OMNI_PACKAGE, ZIMAGE_TEST_EDIT_CASES: written by c_clients.rs from
+ * tests/golden/tiny-zimage-omni, one case per line, tab-separated: name, prompt, negative prompt
+ * ("-" for none), seed, steps, guidance, cfg_normalization, cfg_truncation, output width, height,
+ * expected raw RGB, then per reference: raw RGB file, width, height). References go in as views
+ * with a padded stride; the images equal diffusers' within 1 level. Then the typed errors: a
+ * text-to-image package asked to edit, too many references, an empty one, NULL arguments. */
+static void test_edit(const zimage_pipeline *text_to_image, int max_cases) {
+    const char *package = getenv("ZIMAGE_TEST_OMNI_PACKAGE"), *cases_path = getenv("ZIMAGE_TEST_EDIT_CASES");
+    zimage_pipeline *pipeline = NULL;
+    zimage_edit_params params;
+    zimage_image_list *images = NULL;
+    zimage_image refs[9];
+    unsigned char *buffers[8];
+    char *text, *line, *save_line = NULL;
+    size_t size = 0;
+    int n = 0, r;
+
+    if (!package || !cases_path) {
+        fprintf(stderr, "ZIMAGE_TEST_OMNI_PACKAGE and ZIMAGE_TEST_EDIT_CASES must be set\n");
+        failures++;
+        return;
+    }
+    text = (char *)read_file(cases_path, &size);
+    CHECK(text != NULL);
+    if (!text) return;
+    CHECK_CODE(zimage_pipeline_load(package, NULL, &pipeline), ZIMAGE_RESULT_OK);
+    if (!pipeline) {
+        free(text);
+        return;
+    }
+    for (line = strtok_r(text, "\n", &save_line); line && n < max_cases; line = strtok_r(NULL, "\n", &save_line), n++) {
+        char *fields[11 + 3 * 8], *save_field = NULL, *field;
+        int n_fields = 0, n_refs;
+        golden_case c;
+        unsigned char *expected;
+        size_t expected_size = 0;
+
+        for (field = strtok_r(line, "\t", &save_field); field && n_fields < 11 + 3 * 8;
+             field = strtok_r(NULL, "\t", &save_field))
+            fields[n_fields++] = field;
+        n_refs = (n_fields - 11) / 3;
+        CHECK(n_fields >= 14 && (n_fields - 11) % 3 == 0);
+        if (n_fields < 14) continue;
+        memset(&c, 0, sizeof c);
+        c.name = fields[0];
+        c.seed = strtoull(fields[3], NULL, 10);
+        c.width = (unsigned)atoi(fields[8]);
+        c.height = (unsigned)atoi(fields[9]);
+        c.count = 1;
+        expected = read_file(fields[10], &expected_size);
+        CHECK(expected != NULL && expected_size == (size_t)c.width * c.height * 3);
+        for (r = 0; r < n_refs; r++) {
+            size_t raw_size = 0, y;
+            unsigned w = (unsigned)atoi(fields[12 + 3 * r]), h = (unsigned)atoi(fields[13 + 3 * r]);
+            size_t stride = (size_t)w * 3 + 5; /* rows padded: the stride is honoured */
+            unsigned char *raw = read_file(fields[11 + 3 * r], &raw_size);
+            CHECK(raw != NULL && raw_size == (size_t)w * h * 3);
+            buffers[r] = calloc(stride * h, 1);
+            for (y = 0; raw && y < h; y++) memcpy(buffers[r] + y * stride, raw + y * (size_t)w * 3, (size_t)w * 3);
+            free(raw);
+            refs[r].pixels = buffers[r];
+            refs[r].width = w;
+            refs[r].height = h;
+            refs[r].stride = stride;
+        }
+        CHECK_CODE(zimage_edit_params_init(&params), ZIMAGE_RESULT_OK);
+        params.prompt = fields[1];
+        params.negative_prompt = strcmp(fields[2], "-") == 0 ? NULL : fields[2];
+        params.seed = c.seed;
+        params.steps = (uint32_t)atoi(fields[4]);
+        params.guidance_scale = (float)atof(fields[5]);
+        params.cfg_normalization = (float)atof(fields[6]);
+        params.cfg_truncation = (float)atof(fields[7]);
+        params.images = refs;
+        params.image_count = (size_t)n_refs;
+        CHECK_CODE(zimage_edit(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        if (images && expected) compare_images(images, &c, expected);
+        zimage_image_list_free(images);
+        images = NULL;
+        free(expected);
+
+        if (n == 0) {
+            /* The typed errors, on this case's parameters. */
+            CHECK_CODE(zimage_edit(text_to_image, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            CHECK_CODE(zimage_edit(pipeline, NULL, &images), ZIMAGE_RESULT_NULL_ARGUMENT);
+            CHECK_CODE(zimage_edit(pipeline, &params, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+            for (r = 0; r < 9; r++) refs[r] = refs[0];
+            params.image_count = 9;
+            CHECK_CODE(zimage_edit(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            refs[1].width = 0;
+            params.image_count = 2;
+            CHECK_CODE(zimage_edit(pipeline, &params, &images), ZIMAGE_RESULT_IMAGE);
+            refs[1].width = 60; /* under 64 pixels */
+            CHECK_CODE(zimage_edit(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            CHECK(images == NULL);
+        }
+        for (r = 0; r < n_refs; r++) free(buffers[r]);
+    }
+    CHECK(n > 0);
+    zimage_pipeline_free(pipeline);
+    free(text);
+}
+
 int main(int argc, char **argv) {
     const char *package, *cases_path, *io_fixture, *mismatched_package, *enhancer_package;
     enhancer_case enhancer_cases[16];
@@ -1185,6 +1288,7 @@ int main(int argc, char **argv) {
     test_generate_enhanced(enhancer_package, pipeline, &enhancer_cases[0]);
     test_lora(package, max_cases);
     test_recommended_params(pipeline);
+    test_edit(pipeline, max_cases);
     zimage_pipeline_free(pipeline);
     free(cases_text);
     free(enhancer_text);

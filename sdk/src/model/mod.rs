@@ -3,11 +3,18 @@
 //!
 //! - [`text_encoder`]: prompt -> token ids -> caption features (Qwen3);
 //! - [`transformer`]: one denoising prediction (the DiT);
-//! - [`vae`]: latents -> pixels and pixels -> latent distribution.
+//! - [`vae`]: latents -> pixels and pixels -> latent distribution;
+//! - [`siglip_processor`]: reference picture -> SigLIP2 patches (transformers' processor);
+//! - [`vision`]: SigLIP2 patches -> vision tokens (editing);
+//! - [`omni`]: the transformer in Omni mode: packing of captions, reference latents and
+//!   vision tokens into one stream, one denoising prediction (editing).
 
+pub(crate) mod omni;
+pub mod siglip_processor;
 pub(crate) mod text_encoder;
 pub(crate) mod transformer;
 pub(crate) mod vae;
+pub(crate) mod vision;
 
 use crate::package::graph::GraphKind;
 use crate::package::Manifest;
@@ -22,6 +29,8 @@ pub(crate) fn check_interfaces(manifest: &Manifest) -> Result<(), String> {
             GraphKind::Transformer => (transformer::INPUTS, transformer::OUTPUTS),
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu => (vae::DECODER_INPUTS, vae::DECODER_OUTPUTS),
             GraphKind::VaeEncoder => (vae::ENCODER_INPUTS, vae::ENCODER_OUTPUTS),
+            GraphKind::VisionEncoder => (vision::INPUTS, vision::OUTPUTS),
+            GraphKind::TransformerOmni => (omni::INPUTS, omni::OUTPUTS),
             GraphKind::TextDecoder => continue,
         };
         entry.check_interface(kind, inputs, outputs)?;

@@ -72,6 +72,18 @@ impl TextEncoder {
         Ok(TokenizedPrompt { ids: ids[..keep].to_vec(), full_length: ids.len() })
     }
 
+    /// Tokenizes `text` as it is (no chat template: the editing pipeline's prompt segments
+    /// carry their own markup) and keeps the first `max_sequence_length` ids.
+    pub fn tokenize_text(&self, text: &str, max_sequence_length: usize) -> Result<TokenizedPrompt> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::invalid(format!("the prompt cannot be tokenized: {e}")))?;
+        let ids = encoding.get_ids();
+        let keep = ids.len().min(max_sequence_length);
+        Ok(TokenizedPrompt { ids: ids[..keep].to_vec(), full_length: ids.len() })
+    }
+
     /// Runs the text encoder on the real tokens only (no padding: with causal attention and
     /// right padding the features of real tokens are the same).
     pub fn encode(&self, graph: &Graph, tokens: TokenizedPrompt, context: &RunContext) -> Result<PromptEmbedding> {

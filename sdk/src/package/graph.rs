@@ -23,17 +23,25 @@ pub enum GraphKind {
     VaeEncoder,
     /// The prompt enhancer's causal-LM decoder with a KV cache, optional.
     TextDecoder,
+    /// SigLIP2 vision encoder of the editing (Omni) models: reference patches -> vision
+    /// tokens, optional (`siglip`).
+    VisionEncoder,
+    /// The transformer in Omni mode (caption, reference latents and vision tokens in one
+    /// stream, per-token timesteps), optional: the editing pipeline's denoiser.
+    TransformerOmni,
 }
 
 impl GraphKind {
     /// Every kind, in manifest order.
-    pub const ALL: [GraphKind; 6] = [
+    pub const ALL: [GraphKind; 8] = [
         GraphKind::TextEncoder,
         GraphKind::Transformer,
         GraphKind::VaeDecoder,
         GraphKind::VaeDecoderCpu,
         GraphKind::VaeEncoder,
         GraphKind::TextDecoder,
+        GraphKind::VisionEncoder,
+        GraphKind::TransformerOmni,
     ];
 
     /// The graph's key in `manifest.json` (`graphs.<name>`), also its name in messages.
@@ -45,6 +53,8 @@ impl GraphKind {
             GraphKind::VaeDecoderCpu => "vae_decoder_cpu",
             GraphKind::VaeEncoder => "vae_encoder",
             GraphKind::TextDecoder => "text_decoder",
+            GraphKind::VisionEncoder => "siglip",
+            GraphKind::TransformerOmni => "transformer_omni",
         }
     }
 
@@ -52,7 +62,10 @@ impl GraphKind {
     pub fn is_required(self) -> bool {
         match self {
             GraphKind::TextEncoder | GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeEncoder => true,
-            GraphKind::VaeDecoderCpu | GraphKind::TextDecoder => false,
+            GraphKind::VaeDecoderCpu
+            | GraphKind::TextDecoder
+            | GraphKind::VisionEncoder
+            | GraphKind::TransformerOmni => false,
         }
     }
 
@@ -60,7 +73,11 @@ impl GraphKind {
     pub fn is_vae(self) -> bool {
         match self {
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => true,
-            GraphKind::TextEncoder | GraphKind::Transformer | GraphKind::TextDecoder => false,
+            GraphKind::TextEncoder
+            | GraphKind::Transformer
+            | GraphKind::TextDecoder
+            | GraphKind::VisionEncoder
+            | GraphKind::TransformerOmni => false,
         }
     }
 }
@@ -141,6 +158,12 @@ pub struct Graphs {
     /// Causal-LM decoder with a KV cache for the prompt enhancer (optional).
     #[serde(default)]
     pub text_decoder: Option<GraphEntry>,
+    /// SigLIP2 vision encoder for editing (optional; comes with `transformer_omni`).
+    #[serde(default)]
+    pub siglip: Option<GraphEntry>,
+    /// The Omni-mode transformer for editing (optional; comes with `siglip`).
+    #[serde(default)]
+    pub transformer_omni: Option<GraphEntry>,
 }
 
 impl Graphs {
@@ -153,6 +176,8 @@ impl Graphs {
             GraphKind::VaeDecoderCpu => self.vae_decoder_cpu.as_ref(),
             GraphKind::VaeEncoder => Some(&self.vae_encoder),
             GraphKind::TextDecoder => self.text_decoder.as_ref(),
+            GraphKind::VisionEncoder => self.siglip.as_ref(),
+            GraphKind::TransformerOmni => self.transformer_omni.as_ref(),
         }
     }
 
@@ -171,7 +196,16 @@ mod tests {
         let names: Vec<&str> = GraphKind::ALL.iter().map(|k| k.name()).collect();
         assert_eq!(
             names,
-            ["text_encoder", "transformer", "vae_decoder", "vae_decoder_cpu", "vae_encoder", "text_decoder"]
+            [
+                "text_encoder",
+                "transformer",
+                "vae_decoder",
+                "vae_decoder_cpu",
+                "vae_encoder",
+                "text_decoder",
+                "siglip",
+                "transformer_omni"
+            ]
         );
         let required: Vec<&str> = GraphKind::ALL.iter().filter(|k| k.is_required()).map(|k| k.name()).collect();
         assert_eq!(required, ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]);

@@ -8,8 +8,10 @@
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
 //! - [`generation_defaults`]: the settings the model is meant to run with (steps, guidance);
-//! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package.
+//! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package;
+//! - [`edit`]: the editing (Omni) section.
 
+pub mod edit;
 pub mod enhancer;
 pub mod files;
 pub mod format;
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use edit::EditInfo;
 use enhancer::EnhancerInfo;
 use files::{check_package_files, FileEntry};
 use format::read_manifest_json;
@@ -54,6 +57,13 @@ pub struct Manifest {
     /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
     #[serde(default)]
     pub enhancer: Option<EnhancerInfo>,
+    /// The pipelines the package supports ("text_to_image", "image_to_image", "inpaint",
+    /// "edit"); absent in packages exported before editing: the first three.
+    #[serde(default)]
+    pub pipelines: Option<Vec<String>>,
+    /// Editing (Omni): with `graphs.siglip` and `graphs.transformer_omni`.
+    #[serde(default)]
+    pub edit: Option<EditInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +231,15 @@ impl Manifest {
         }
         self.scheduler.check()?;
         self.generation_defaults.check()?;
+        let edit_graphs = (self.graphs.siglip.is_some(), self.graphs.transformer_omni.is_some());
+        match (&self.edit, edit_graphs) {
+            (Some(info), (true, true)) => info.check(t.cap_feat_dim)?,
+            (None, (false, false)) => {}
+            _ => return Err("graphs.siglip, graphs.transformer_omni and the edit section come together".into()),
+        }
+        if self.supports("edit") != self.edit.is_some() {
+            return Err("pipelines lists \"edit\" exactly when the package has the edit section".into());
+        }
         match (&self.enhancer, &self.graphs.text_decoder) {
             (Some(info), Some(_)) => info.check()?,
             (None, None) => {}
@@ -232,6 +251,16 @@ impl Manifest {
     fn check_files(&self, dir: &Path, verify_all: bool) -> Result<()> {
         let graph_files = self.graphs.iter().flat_map(|(_, entry)| entry.files());
         check_package_files(dir, std::iter::once(self.tokenizer.clone()).chain(graph_files), verify_all)
+    }
+
+    /// Whether the package supports `pipeline` ("text_to_image", "image_to_image",
+    /// "inpaint", "edit"): from its `pipelines` list, or the first three for packages
+    /// without one.
+    pub fn supports(&self, pipeline: &str) -> bool {
+        match &self.pipelines {
+            Some(list) => list.iter().any(|p| p == pipeline),
+            None => matches!(pipeline, "text_to_image" | "image_to_image" | "inpaint"),
+        }
     }
 
     /// Absolute path of a file named in the manifest (already checked to stay inside `dir`).

@@ -28,7 +28,7 @@ impl Guidance {
         self.scale > 0.0
     }
 
-    fn scale_at(&self, t_norm: f32) -> f32 {
+    pub(crate) fn scale_at(&self, t_norm: f32) -> f32 {
         if self.enabled() && self.truncation <= 1.0 && t_norm as f64 > self.truncation as f64 {
             0.0
         } else {
@@ -115,7 +115,7 @@ impl Denoiser<'_> {
 
 /// `pos + g * (pos - neg)` per image, optionally rescaled so its norm stays within
 /// `normalization * |pos|`.
-fn guide(pos: ArrayView4<f32>, neg: ArrayView4<f32>, scale: f32, normalization: f32) -> Array4<f32> {
+pub(crate) fn guide(pos: ArrayView4<f32>, neg: ArrayView4<f32>, scale: f32, normalization: f32) -> Array4<f32> {
     let mut pred = Array4::<f32>::zeros(pos.raw_dim());
     Zip::from(&mut pred).and(&pos).and(&neg).for_each(|p, &a, &b| *p = a + scale * (a - b));
     if normalization > 0.0 {

@@ -58,8 +58,12 @@ impl GraphLoader<'_> {
         settings.optimized_cache = match kind {
             _ if replaced => None,
             // The text encoder loads faster without (see `LoadOptions::optimized_model_cache`).
-            GraphKind::TextEncoder | GraphKind::TextDecoder => None,
-            GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
+            GraphKind::TextEncoder | GraphKind::TextDecoder | GraphKind::VisionEncoder => None,
+            GraphKind::Transformer
+            | GraphKind::TransformerOmni
+            | GraphKind::VaeDecoder
+            | GraphKind::VaeDecoderCpu
+            | GraphKind::VaeEncoder => {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
         };
@@ -86,7 +90,9 @@ impl GraphLoader<'_> {
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
-            GraphKind::Transformer | GraphKind::TextDecoder => base,
+            GraphKind::Transformer | GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => {
+                base
+            }
         }
     }
 }
@@ -163,4 +169,27 @@ fn ort_initializers(merged: Vec<MergedWeight>, key: String) -> Result<ExternalIn
         tensors.push((weight.initializer, Arc::new(value), weight.external));
     }
     Ok(ExternalInitializers::new(tensors, key, bytes))
+}
+
+/// The editing graphs of a pipeline whose package has them (`pipeline::edit` runs them).
+pub(crate) struct EditGraphs {
+    pub vision: GraphSlot,
+    pub transformer: GraphSlot,
+}
+
+/// Loads `siglip` (on `device`) and `transformer_omni` (on `transformer_device`) when the
+/// package has them.
+pub(crate) fn load_edit_graphs(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    transformer_device: Device,
+) -> Result<Option<EditGraphs>> {
+    let g = &graphs.manifest.graphs;
+    match (&g.siglip, &g.transformer_omni) {
+        (Some(vision), Some(omni)) => Ok(Some(EditGraphs {
+            vision: graphs.load(GraphKind::VisionEncoder, vision, device)?,
+            transformer: graphs.load(GraphKind::TransformerOmni, omni, transformer_device)?,
+        })),
+        _ => Ok(None),
+    }
 }

@@ -9,17 +9,20 @@
 //! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
 //! - `denoise`: the loop with classifier-free guidance;
 //! - `loading`: which graph each stage loads, where and how;
-//! - [`parameters`]: the generation parameters stored with an image.
+//! - [`parameters`]: the generation parameters stored with an image;
+//! - [`edit`]: image editing (Omni: reference pictures + instruction), with `references`.
 //!
 //! New conditioning (ControlNet, reference images) plugs in as a start strategy or as extra
 //! transformer inputs assembled in `model::transformer`, decided by the plan.
 
 pub(crate) mod captions;
 pub(crate) mod denoise;
+pub mod edit;
 pub(crate) mod loading;
 pub mod noise;
 pub mod parameters;
 pub(crate) mod plan;
+pub(crate) mod references;
 pub mod request;
 pub mod scheduler;
 pub(crate) mod start;
@@ -75,6 +78,8 @@ pub struct Pipeline {
     /// How the pipeline was loaded (without its LoRAs): what a LoRA switch rebuilds the
     /// transformer with.
     options: LoadOptions,
+    /// The editing graphs, when the package has them.
+    edit: Option<loading::EditGraphs>,
 }
 
 struct ActiveTransformer {
@@ -111,7 +116,9 @@ impl Pipeline {
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
         let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
         let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
+        let edit = loading::load_edit_graphs(&graphs, options.device, transformer_device(options))?;
         Ok(Pipeline {
+            edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone() },
             transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone() }),

@@ -81,3 +81,60 @@ pub fn lora_records(loras: &[LoraSetting]) -> serde_json::Value {
             .collect(),
     )
 }
+
+/// A reference picture of an edit as recorded with its images: the file name (no folder:
+/// paths are machine-specific) and the sha256 of the file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceRecord {
+    pub file: String,
+    pub sha256: String,
+}
+
+impl ReferenceRecord {
+    /// The record of a picture read from `name` (a path or an upload's name) with `bytes`.
+    pub fn new(name: &str, bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        let file = Path::new(name).file_name().map_or_else(|| name.to_string(), |f| f.to_string_lossy().into_owned());
+        let sha256 = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        ReferenceRecord { file, sha256 }
+    }
+}
+
+/// The parameters of image `index` of an edit: the instruction (the rewritten one when
+/// enhanced, then the original), negative prompt, the references (`[{"file", "sha256"}]` in
+/// order), seed, the steps / guidance / size actually used (the package's defaults where the
+/// request left them unset), batch size and index, model and software.
+pub fn edit_parameters(
+    request: &super::edit::EditRequest,
+    generation: &Generation,
+    index: usize,
+    model: &Path,
+    defaults: &crate::package::edit::EditDefaults,
+    references: &[ReferenceRecord],
+) -> Vec<(&'static str, String)> {
+    let refs: Vec<serde_json::Value> =
+        references.iter().map(|r| serde_json::json!({"file": r.file, "sha256": r.sha256})).collect();
+    let size = generation.images.get(index).map_or_else(String::new, |i| format!("{}x{}", i.width, i.height));
+    let mut text = vec![
+        ("prompt", generation.enhanced_prompt.clone().unwrap_or_else(|| request.prompt.clone())),
+        ("negative_prompt", request.negative_prompt.clone().unwrap_or_default()),
+        ("reference_images", serde_json::Value::Array(refs).to_string()),
+        ("seed", generation.seed.to_string()),
+        ("steps", request.steps.unwrap_or(defaults.num_inference_steps).to_string()),
+        ("size", size),
+        ("guidance", request.guidance_scale.unwrap_or(defaults.guidance_scale).to_string()),
+        ("cfg_normalization", request.cfg_normalization.to_string()),
+        ("cfg_truncation", request.cfg_truncation.unwrap_or(defaults.cfg_truncation).to_string()),
+        ("count", request.count.to_string()),
+        ("batch_index", index.to_string()),
+        ("model", model.display().to_string()),
+        ("software", format!("zimage {}", env!("CARGO_PKG_VERSION"))),
+    ];
+    if generation.enhanced_prompt.is_some() {
+        text.push(("original_prompt", request.prompt.clone()));
+    }
+    if let Some(n) = request.max_sequence_length {
+        text.push(("max_sequence_length", n.to_string()));
+    }
+    text
+}

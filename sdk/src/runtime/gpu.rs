@@ -201,7 +201,8 @@ impl TensorRtOptions {
                 let s = |(w, h): (u32, u32)| format!("image:1x3x{h}x{w}");
                 ShapeProfile { min: s(r.min), opt: s(r.opt), max: s(r.max) }
             }
-            GraphKind::TextDecoder => return None,
+            // Editing graphs: TensorRT builds them with dynamic shapes (no declared profile).
+            GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => return None,
         };
         Some(profile)
     }

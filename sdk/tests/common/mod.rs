@@ -33,9 +33,11 @@ pub fn png_rgb(path: &Path) -> zimage::RgbImage {
 pub fn pipeline(package: &str) -> &'static Pipeline {
     static A: OnceLock<Pipeline> = OnceLock::new();
     static B: OnceLock<Pipeline> = OnceLock::new();
+    static OMNI: OnceLock<Pipeline> = OnceLock::new();
     let cell = match package {
         "tiny-zimage" => &A,
         "tiny-zimage-alt" => &B,
+        "tiny-zimage-omni" => &OMNI,
         other => panic!("unknown package {other}"),
     };
     cell.get_or_init(|| {

@@ -1,0 +1,192 @@
+//! `zimage edit`: reference pictures + an instruction -> edited PNG files (ZImageOmniPipeline),
+//! the parameters (with the references' names and sha256) in text chunks.
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, ReferenceRecord};
+
+use crate::enhance::{self, EnhanceFlags};
+use crate::generate::{output_files, timings_json, ProgressMode, StageProgress};
+use crate::model_args::ModelArgs;
+use crate::output::{out, secs, Failure};
+use crate::{interrupt, log};
+
+#[derive(Args)]
+pub struct EditArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A reference picture (PNG, JPEG, WebP); repeat for several, in order. The output takes
+    /// the last one's size (cropped to a multiple of 16) unless --width and --height are given.
+    #[arg(long = "image", value_name = "FILE", required = true)]
+    images: Vec<PathBuf>,
+    /// The edit instruction (may be empty).
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    /// What to steer away from under guidance [default: ""].
+    #[arg(long, value_name = "TEXT")]
+    negative_prompt: Option<String>,
+    /// Output width (with --height), a multiple of 16.
+    #[arg(long, value_name = "W", requires = "height")]
+    width: Option<u32>,
+    /// Output height (with --width), a multiple of 16.
+    #[arg(long, value_name = "H", requires = "width")]
+    height: Option<u32>,
+    /// Denoising steps [default: the package's, 50 for ZImageOmniPipeline].
+    #[arg(long, value_name = "N")]
+    steps: Option<usize>,
+    /// Guidance scale; 0 turns guidance off [default: the package's, 5.0].
+    #[arg(long, value_name = "G")]
+    guidance: Option<f32>,
+    /// Cap the guided prediction's norm at F times the conditional one's; 0 = off.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    cfg_normalization: f32,
+    /// Stop guidance once the normalised time exceeds F [default: the package's, 1 = never].
+    #[arg(long, value_name = "F")]
+    cfg_truncation: Option<f32>,
+    /// Noise seed [default: random, reported].
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Images to generate; with K > 1 they go to FILE-0.png, FILE-1.png, ...
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    count: u32,
+    /// Where the PNG goes (written to a temporary file beside it, renamed when complete).
+    #[arg(long, short, value_name = "FILE.png", default_value = "zimage-edit.png")]
+    output: PathBuf,
+    /// Also write the final latents as one float32 .npy array [K, C, h, w].
+    #[arg(long, value_name = "FILE.npy")]
+    save_latents: Option<PathBuf>,
+    /// Tokens kept per text segment [default: the package's, 512].
+    #[arg(long, value_name = "N")]
+    max_sequence_length: Option<usize>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Progress display on stderr.
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+    /// Rewrite the instruction with the local prompt enhancer first.
+    #[arg(long)]
+    enhance: bool,
+    #[command(flatten)]
+    enhance_flags: EnhanceFlags,
+}
+
+pub fn run(args: EditArgs) -> Result<(), Failure> {
+    // The package must edit at all before anything is decoded or loaded.
+    let manifest = Manifest::read(&args.model.model)?;
+    zimage::pipeline::edit::check_edit_package(&manifest, &args.model.model, args.images.len())?;
+    let files = output_files(&args.output, args.count);
+    let latents_file = args.save_latents.clone();
+    for path in files.iter().chain(latents_file.as_ref()) {
+        image_io::check_writable(path)?;
+    }
+    let mut images = Vec::with_capacity(args.images.len());
+    let mut records = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let bytes = image_io::read_image_bytes(path)?;
+        images.push(image_io::decode_rgb(&bytes).map_err(|e| located(path, e))?);
+        records.push(ReferenceRecord::new(&path.to_string_lossy(), &bytes));
+    }
+    let mut request = EditRequest::new(args.prompt.clone(), images);
+    request.negative_prompt = args.negative_prompt.clone();
+    request.width = args.width;
+    request.height = args.height;
+    request.steps = args.steps;
+    request.guidance_scale = args.guidance;
+    request.cfg_normalization = args.cfg_normalization;
+    request.cfg_truncation = args.cfg_truncation;
+    request.seed = args.seed;
+    request.count = args.count;
+    request.max_sequence_length = args.max_sequence_length;
+    request.return_latents = latents_file.is_some();
+
+    let progress = StageProgress::new(args.progress.visible_for_edit());
+    progress.stage("loading model");
+    let guidance = args.guidance.unwrap_or(manifest.edit.as_ref().map_or(0.0, |e| e.defaults.guidance_scale)) > 0.0;
+    let pipeline = args.model.load(args.count, guidance)?;
+    pipeline.check_edit(&request)?;
+    let last_step = Cell::new((0usize, 0usize));
+    let lines = args.progress == ProgressMode::Lines;
+    let mut on_step = |p: &Progress| {
+        progress.step(p);
+        last_step.set((p.step, p.total_steps));
+        if lines {
+            log::stderr_line("progress", &format!("step {}/{} ({:.2} s)", p.step, p.total_steps, secs(p.elapsed)));
+        }
+        !interrupt::interrupted()
+    };
+    progress.stage("encoding references");
+    let result = interrupt::run_cancellable(|| {
+        if args.enhance {
+            let enhancer = args.enhance_flags.load_for(&pipeline, &enhance::load_options(&args.model))?;
+            pipeline.edit_enhanced(&enhancer, &args.enhance_flags.options(), &request, Some(&mut on_step))
+        } else {
+            pipeline.edit(&request, Some(&mut on_step))
+        }
+    });
+    progress.finish();
+    let generation = match result {
+        Err(zimage::Error::Cancelled) => {
+            let (done, total) = last_step.get();
+            return Err(Failure::Cancelled(format!("cancelled after {done} of {total} denoising steps")));
+        }
+        other => other?,
+    };
+    if let Some(enhanced) = &generation.enhanced_prompt {
+        log::stderr_line("info", &format!("enhanced instruction: {enhanced}"));
+    }
+    let defaults = &manifest.edit.as_ref().expect("checked above").defaults;
+    let mut staged = Vec::with_capacity(files.len() + 1);
+    for (index, (image, path)) in generation.images.iter().zip(&files).enumerate() {
+        let text = edit_parameters(&request, &generation, index, pipeline.package_dir(), defaults, &records);
+        let mut file = interrupt::stage(path)?;
+        file.write_png(image, &text)?;
+        staged.push(file);
+    }
+    if let (Some(path), Some(latents)) = (&latents_file, &generation.latents) {
+        let mut file = interrupt::stage(path)?;
+        file.write_npy(latents)?;
+        staged.push(file);
+    }
+    interrupt::commit_all(staged)?;
+
+    let (width, height) = generation.images.first().map_or((0, 0), |i| (i.width, i.height));
+    if args.json {
+        let summary = json!({
+            "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "latents_file": latents_file.as_ref().map(|p| p.display().to_string()),
+            "seed": generation.seed,
+            "width": width,
+            "height": height,
+            "reference_images": records.iter().map(|r| json!({"file": r.file, "sha256": r.sha256})).collect::<Vec<_>>(),
+            "enhanced_prompt": generation.enhanced_prompt,
+            "model": pipeline.package_dir().display().to_string(),
+            "timings": timings_json(&generation.timings, pipeline.load_time()),
+        });
+        out(&format!("{}\n", serde_json::to_string_pretty(&summary).expect("JSON values serialise")))?;
+    } else {
+        let mut text = String::new();
+        for path in &files {
+            text += &format!("wrote {}\n", path.display());
+        }
+        text += &format!(
+            "seed {}, {width}x{height}, {} references, {:.2} s (+{:.2} s loading)\n",
+            generation.seed,
+            records.len(),
+            secs(generation.timings.total),
+            secs(pipeline.load_time())
+        );
+        out(&text)?;
+    }
+    Ok(())
+}
+
+fn located(path: &Path, e: zimage::Error) -> zimage::Error {
+    match e {
+        zimage::Error::Image(m) => zimage::Error::Image(format!("{}: {m}", path.display())),
+        other => other,
+    }
+}

@@ -1,0 +1,56 @@
+"""Re-create the committed Omni (editing) fixture: models/tiny-zimage-omni and
+tests/golden/tiny-zimage-omni (layout: docs/goldens.md, "Omni").
+
+    export-scripts/.venv/bin/python export-scripts/make_omni_fixtures.py [--tokenizer tokenizer.json]
+
+1. build the tiny random-weight ZImageOmniPipeline folder (zimage_export/fixtures/omni.py:
+   tiny-zimage's text encoder, tokenizer and VAE, an Omni transformer, a tiny SigLIP2) in
+   export-scripts/.cache/src/tiny-zimage-omni (not committed);
+2. export it with export.py (no vae_decoder_cpu: tiny-zimage's parity tests cover that graph)
+   and check every graph with verify.py;
+3. record the goldens from ZImageOmniPipeline and transformers' Siglip2ImageProcessor.
+Everything is seeded: a re-run rewrites identical files.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zimage_export.fixtures.tokenizer import tokenizer_source
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+GRAPHS = ["text_encoder", "transformer", "vae_decoder", "vae_encoder", "siglip", "transformer_omni"]
+
+
+def run(script: str, *args) -> None:
+    subprocess.run([sys.executable, str(HERE / script), *map(str, args)], check=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, help="official Qwen3 tokenizer.json (default: fetch with npm)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="work folder (gitignored)")
+    parser.add_argument("--skip-export", action="store_true", help="only re-record the goldens")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from zimage_export.fixtures.goldens_omni import write_omni_goldens
+    from zimage_export.fixtures.omni import NAME, build_omni_folder
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.time()
+    src = build_omni_folder(tokenizer_source(args.cache, args.tokenizer), args.cache / "src" / NAME)
+    package = REPO / "models" / NAME
+    if not args.skip_export:
+        run("export.py", "--src", src, "--out", package, "--name", NAME, "--graphs", *GRAPHS)
+        run("verify.py", package, "--src", src)
+    write_omni_goldens(src, REPO / "tests" / "golden" / NAME, f"models/{NAME}")
+    print(f"{NAME}: done in {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+//! The manifest's `edit` section (docs/editing.md): what the editing (Omni) pipeline needs
+//! besides its graphs: the SigLIP2 image processor's settings, the reference picture rules,
+//! the prompt segments around each reference, and the pipeline's defaults.
+
+use serde::Deserialize;
+
+/// The `edit` section.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EditInfo {
+    pub siglip: SiglipInfo,
+    pub image_processor: SiglipProcessorSettings,
+    pub reference: ReferenceRules,
+    pub prompt_segments: PromptSegments,
+    pub defaults: EditDefaults,
+}
+
+/// The SigLIP2 vision encoder's shape.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SiglipInfo {
+    /// Width of a vision token (the transformer's `siglip_feat_dim`).
+    pub hidden_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+}
+
+/// transformers' `Siglip2ImageProcessor` settings (`preprocessor_config.json`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SiglipProcessorSettings {
+    pub patch_size: usize,
+    pub max_num_patches: usize,
+    /// PIL filter: "bilinear", "bicubic", "lanczos" or "nearest".
+    pub resample: String,
+    pub do_resize: bool,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+}
+
+impl SiglipProcessorSettings {
+    /// transformers' defaults (patch 16, 256 patches, bilinear, mean = std = 0.5).
+    pub fn transformers_defaults() -> Self {
+        SiglipProcessorSettings {
+            patch_size: 16,
+            max_num_patches: 256,
+            resample: "bilinear".into(),
+            do_resize: true,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+        }
+    }
+}
+
+/// diffusers' `Flux2ImageProcessor.check_image_input` limits and the VAE crop multiple.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReferenceRules {
+    pub min_side: u32,
+    pub max_aspect_ratio: f64,
+    /// Larger references are first resized (Lanczos) to about this many pixels.
+    pub max_area: u64,
+    /// References are centre-cropped to multiples of this for the VAE.
+    pub multiple: u32,
+    pub max_images: usize,
+}
+
+/// `ZImageOmniPipeline._encode_prompt`'s text segments for N >= 1 references: `first`,
+/// N - 1 times `between`, `prompt_prefix + prompt + prompt_suffix`, `last`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PromptSegments {
+    pub first: String,
+    pub between: String,
+    pub prompt_prefix: String,
+    pub prompt_suffix: String,
+    pub last: String,
+}
+
+impl PromptSegments {
+    /// The N + 2 segments for `images` references around `prompt`.
+    pub fn for_prompt(&self, prompt: &str, images: usize) -> Vec<String> {
+        let mut segments = vec![self.first.clone()];
+        segments.extend(std::iter::repeat_n(self.between.clone(), images.saturating_sub(1)));
+        segments.push(format!("{}{prompt}{}", self.prompt_prefix, self.prompt_suffix));
+        segments.push(self.last.clone());
+        segments
+    }
+}
+
+/// The pipeline's defaults (`ZImageOmniPipeline.__call__`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EditDefaults {
+    pub num_inference_steps: usize,
+    pub guidance_scale: f32,
+    pub cfg_truncation: f32,
+    pub max_sequence_length: usize,
+}
+
+impl EditInfo {
+    /// Value checks (a hostile manifest is refused at load rather than overflowing later).
+    pub fn check(&self, cap_feat_dim: usize) -> std::result::Result<(), String> {
+        let p = &self.image_processor;
+        if !matches!(p.resample.as_str(), "bilinear" | "bicubic" | "lanczos" | "nearest") {
+            return Err(format!("edit.image_processor.resample {:?} is not supported", p.resample));
+        }
+        if p.patch_size == 0 || p.patch_size > 1024 || p.max_num_patches == 0 || p.max_num_patches > 1 << 16 {
+            return Err("edit.image_processor: patch_size must be 1..=1024 and max_num_patches 1..=65536".into());
+        }
+        if p.patch_size != self.siglip.patch_size || self.siglip.num_channels != 3 {
+            return Err("edit: the processor's patch_size must equal siglip.patch_size, with 3 channels".into());
+        }
+        if p.image_std.iter().any(|&s| s == 0.0 || !s.is_finite())
+            || p.image_mean.iter().any(|m| !m.is_finite())
+            || !p.rescale_factor.is_finite()
+        {
+            return Err("edit.image_processor: image_std must be non-zero, every value finite".into());
+        }
+        let r = &self.reference;
+        if r.multiple == 0 || r.multiple > 1024 || r.min_side < r.multiple || r.max_images == 0 || r.max_images > 64 {
+            return Err("edit.reference: multiple 1..=1024, min_side >= multiple, max_images 1..=64".into());
+        }
+        if r.max_aspect_ratio.is_nan() || r.max_aspect_ratio < 1.0 || r.max_area == 0 || r.max_area > 1 << 26 {
+            return Err("edit.reference: max_aspect_ratio >= 1 and max_area 1..=2^26".into());
+        }
+        let d = &self.defaults;
+        if d.num_inference_steps == 0 || !d.guidance_scale.is_finite() || d.max_sequence_length == 0 {
+            return Err("edit.defaults: steps and max_sequence_length > 0, guidance finite".into());
+        }
+        if self.siglip.hidden_size == 0 || self.siglip.hidden_size > 1 << 20 || cap_feat_dim == 0 {
+            return Err("edit.siglip.hidden_size must be 1..=2^20".into());
+        }
+        Ok(())
+    }
+}

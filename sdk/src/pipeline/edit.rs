@@ -1,0 +1,471 @@
+//! Image editing (diffusers' ZImageOmniPipeline): one or more reference pictures and an
+//! instruction. Each reference enters the transformer's single stream twice: as clean VAE
+//! latents (modulated at t = 1) and as SigLIP2 vision tokens; the instruction is encoded as
+//! N + 2 text segments that wrap each reference in `<|vision_start|>…<|vision_end|>`
+//! (`package::edit::PromptSegments`). The output takes the last reference's (cropped) size
+//! unless the request sets both width and height.
+//!
+//! Stages: check, prepare references (`references`), encode them (VAE, SigLIP2), encode the
+//! segments, noise, denoise with guidance (`model::omni` per step), decode.
+
+use std::time::{Duration, Instant};
+
+use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
+
+use super::denoise::{guide, Guidance};
+use super::loading::EditGraphs;
+use super::noise::TorchGenerator;
+pub use super::references::MAX_REFERENCE_PIXELS;
+use super::references::{self, PreparedReference};
+use super::request::{Generation, Progress, Timings};
+use super::scheduler::Schedule;
+use super::Pipeline;
+use crate::error::{Error, Result};
+use crate::image_io::RgbImage;
+use crate::limits::{MAX_CFG_NORMALIZATION, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::model::omni::{self, References};
+use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+use crate::model::{siglip_processor, vision};
+use crate::package::edit::EditInfo;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
+
+/// An edit request. Build with [`EditRequest::new`] and assign fields; `None` fields take
+/// the package's defaults (`manifest.edit.defaults`: 50 steps, guidance 5.0 for
+/// ZImageOmniPipeline).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EditRequest {
+    /// The instruction (may be empty).
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// Reference pictures, in order (the last one sets the output size).
+    pub images: Vec<RgbImage>,
+    /// Output size: both or neither (then the last reference's size, cropped to the VAE's
+    /// multiple).
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f32>,
+    /// Caps |pred| at this times |pos| under guidance; 0 turns it off.
+    pub cfg_normalization: f32,
+    pub cfg_truncation: Option<f32>,
+    pub seed: Option<u64>,
+    pub count: u32,
+    pub max_sequence_length: Option<usize>,
+    pub return_latents: bool,
+}
+
+impl EditRequest {
+    pub fn new(prompt: impl Into<String>, images: Vec<RgbImage>) -> Self {
+        EditRequest {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            images,
+            width: None,
+            height: None,
+            steps: None,
+            guidance_scale: None,
+            cfg_normalization: 0.0,
+            cfg_truncation: None,
+            seed: None,
+            count: 1,
+            max_sequence_length: None,
+            return_latents: false,
+        }
+    }
+}
+
+/// A checked edit request with its defaults filled in.
+struct EditPlan {
+    steps: usize,
+    guidance: Guidance,
+    size: Option<(u32, u32)>,
+    max_sequence_length: usize,
+}
+
+fn plan(r: &EditRequest, info: &EditInfo, max_side: (usize, usize), multiple: usize) -> Result<EditPlan> {
+    let rules = &info.reference;
+    if r.images.is_empty() {
+        return Err(Error::invalid("an edit needs at least one reference image"));
+    }
+    if r.images.len() > rules.max_images {
+        return Err(Error::invalid(format!(
+            "{} reference images: this model takes at most {}",
+            r.images.len(),
+            rules.max_images
+        )));
+    }
+    for (i, image) in r.images.iter().enumerate() {
+        references::check(image, i + 1, rules)?;
+    }
+    let size = match (r.width, r.height) {
+        (Some(w), Some(h)) => Some((w, h)),
+        (None, None) => None,
+        _ => return Err(Error::invalid("give both width and height, or neither (the last reference's size)")),
+    };
+    if let Some((w, h)) = size {
+        for (name, value, max) in [("width", w, max_side.0), ("height", h, max_side.1)] {
+            if value == 0 || !(value as usize).is_multiple_of(multiple) || value as usize > max {
+                return Err(Error::invalid(format!(
+                    "{name} {value} must be a positive multiple of {multiple}, at most {max}"
+                )));
+            }
+        }
+    }
+    let steps = r.steps.unwrap_or(info.defaults.num_inference_steps);
+    if steps == 0 || steps > MAX_STEPS as usize {
+        return Err(Error::invalid(format!("steps must be 1..={MAX_STEPS} (got {steps})")));
+    }
+    if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
+        return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
+    }
+    let scale = r.guidance_scale.unwrap_or(info.defaults.guidance_scale);
+    let truncation = r.cfg_truncation.unwrap_or(info.defaults.cfg_truncation);
+    if !(0.0..=MAX_GUIDANCE_SCALE).contains(&scale) {
+        return Err(Error::invalid(format!("guidance_scale must be within [0, {MAX_GUIDANCE_SCALE}] (got {scale})")));
+    }
+    if !(0.0..=MAX_CFG_NORMALIZATION).contains(&r.cfg_normalization) {
+        return Err(Error::invalid(format!(
+            "cfg_normalization must be within [0, {MAX_CFG_NORMALIZATION}] (got {})",
+            r.cfg_normalization
+        )));
+    }
+    if !truncation.is_finite() {
+        return Err(Error::invalid(format!("cfg_truncation must be finite (got {truncation})")));
+    }
+    let max_sequence_length = r.max_sequence_length.unwrap_or(info.defaults.max_sequence_length);
+    if max_sequence_length == 0 {
+        return Err(Error::invalid("max_sequence_length must be at least 1"));
+    }
+    Ok(EditPlan {
+        steps,
+        guidance: Guidance { scale, normalization: r.cfg_normalization, truncation },
+        size,
+        max_sequence_length,
+    })
+}
+
+impl Pipeline {
+    /// Edits: generates `request.count` images from the reference pictures and the
+    /// instruction, as ZImageOmniPipeline does. A package without the editing graphs is an
+    /// invalid request. `progress` as for [`Pipeline::generate`].
+    pub fn edit(
+        &self,
+        request: &EditRequest,
+        mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        let started = Instant::now();
+        let (info, graphs) = match (&self.manifest.edit, &self.edit) {
+            (Some(info), Some(graphs)) => (info, graphs),
+            _ => return Err(not_editing(&self.dir)),
+        };
+        let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
+        let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
+        if !self.loras().is_empty() {
+            // LoRAs are merged into transformer.onnx only; editing them in is not supported yet,
+            // and an edit silently without them would not be what was asked for.
+            return Err(Error::invalid(
+                "LoRA adapters apply to text-to-image only: remove them (set_loras(&[])) to edit",
+            ));
+        }
+        let context = self.registry.begin()?;
+
+        // References: VAE latents and vision tokens.
+        let prepared: Vec<PreparedReference> = request
+            .images
+            .iter()
+            .map(|image| references::prepare(image, &info.reference, plan.size))
+            .collect::<Result<_>>()?;
+        for (i, reference) in prepared.iter().enumerate() {
+            let (h, w) = (reference.for_vae.shape()[2], reference.for_vae.shape()[3]);
+            if w > max_side.0 || h > max_side.1 {
+                return Err(Error::invalid(format!(
+                    "reference image {} is {w}x{h} after cropping; this model takes at most {}x{}",
+                    i + 1,
+                    max_side.0,
+                    max_side.1
+                )));
+            }
+        }
+        let refs = self.encode_references(&prepared, info, graphs, &context)?;
+        let last = &prepared[prepared.len() - 1].for_vae;
+        let (width, height) = plan.size.unwrap_or((last.shape()[3] as u32, last.shape()[2] as u32));
+        let multiple = self.manifest.size_multiple();
+        if !(width as usize).is_multiple_of(multiple) || !(height as usize).is_multiple_of(multiple) {
+            return Err(Error::invalid(format!("the output {width}x{height} is not a multiple of {multiple}")));
+        }
+        if width as usize > max_side.0 || height as usize > max_side.1 {
+            return Err(Error::invalid(format!(
+                "the output {width}x{height} exceeds this model's limit of {}x{}",
+                max_side.0, max_side.1
+            )));
+        }
+
+        // Instruction segments.
+        let t0 = Instant::now();
+        let images = request.images.len();
+        let positive = self.encode_segments(&request.prompt, images, info, plan.max_sequence_length, &context)?;
+        let negative = if plan.guidance.enabled() {
+            let text = request.negative_prompt.as_deref().unwrap_or("");
+            Some(self.encode_segments(text, images, info, plan.max_sequence_length, &context)?)
+        } else {
+            None
+        };
+        let text_time = t0.elapsed();
+
+        // Noise, schedule, loop.
+        let seed = request.seed.unwrap_or_else(super::random_seed);
+        let f = self.manifest.vae.scale_factor;
+        let c = self.manifest.transformer.in_channels;
+        let shape = [request.count as usize, c, height as usize / f, width as usize / f];
+        let mut latents =
+            TorchGenerator::new(seed).randn(&shape).into_dimensionality::<ndarray::Ix4>().expect("rank 4 shape");
+        let image_seq_len = (shape[2] / 2) * (shape[3] / 2);
+        let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, image_seq_len);
+        let transformer = graphs.transformer.acquire()?;
+        let loop_ = EditLoop {
+            transformer: &transformer,
+            refs: &refs,
+            positive: positive.iter().map(|e| &*e.features).collect(),
+            negative: negative.as_ref().map(|n| n.iter().map(|e| &*e.features).collect()),
+            guidance: plan.guidance,
+            patch: self.manifest.transformer.patch_size,
+        };
+        let mut step_times = Vec::with_capacity(plan.steps);
+        let mut on_step = |step: usize, total: usize| -> bool {
+            match progress.as_deref_mut() {
+                Some(callback) => callback(&Progress { step, total_steps: total, elapsed: started.elapsed() }),
+                None => true,
+            }
+        };
+        loop_.run(&mut latents, &schedule, &context, &mut step_times, &mut on_step)?;
+        drop(transformer);
+
+        let decode_start = Instant::now();
+        let plan_for_decode = super::plan::Plan {
+            latent_shape: shape.to_vec(),
+            image_seq_len,
+            steps: plan.steps,
+            guidance: plan.guidance,
+        };
+        let images = self.decode(&latents, &plan_for_decode, &context)?;
+        let prompt_segment = images_segment_tokens(&positive, images_count(request));
+        let negative_segment = negative.as_ref().map(|n| images_segment_tokens(n, images_count(request)));
+        Ok(Generation {
+            images,
+            latents: request.return_latents.then_some(latents),
+            seed,
+            prompt_tokens: prompt_segment,
+            negative_prompt_tokens: negative_segment,
+            enhanced_prompt: None,
+            timings: Timings {
+                tokenize: Duration::ZERO,
+                text_encode: text_time,
+                denoise_steps: step_times,
+                vae_decode: decode_start.elapsed(),
+                total: started.elapsed(),
+                onnx_runtime: context.ort_time(),
+            },
+        })
+    }
+
+    /// Rewrites the instruction with `enhancer` first, then edits with it; the result's
+    /// `enhanced_prompt` holds it. The request is checked before the enhancer runs.
+    pub fn edit_enhanced(
+        &self,
+        enhancer: &crate::enhancer::PromptEnhancer,
+        options: &crate::enhancer::EnhanceOptions,
+        request: &EditRequest,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+    ) -> Result<Generation> {
+        self.check_edit(request)?;
+        let enhancement = enhancer.enhance(&request.prompt, options, None)?;
+        if enhancement.text.trim().is_empty() {
+            return Err(Error::inference(
+                "prompt enhancer",
+                format!("no rewritten instruction within {} new tokens", options.max_new_tokens),
+            ));
+        }
+        let mut rewritten = request.clone();
+        rewritten.prompt = enhancement.text.clone();
+        let mut result = self.edit(&rewritten, progress)?;
+        result.enhanced_prompt = Some(enhancement.text);
+        Ok(result)
+    }
+
+    /// Checks an edit request against this pipeline (editing support, references, sizes,
+    /// settings) without running anything.
+    pub fn check_edit(&self, request: &EditRequest) -> Result<()> {
+        let Some(info) = (match (&self.manifest.edit, &self.edit) {
+            (Some(info), Some(_)) => Some(info),
+            _ => None,
+        }) else {
+            return Err(not_editing(&self.dir));
+        };
+        let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
+        plan(request, info, max_side, self.manifest.size_multiple()).map(|_| ())
+    }
+
+    /// SigLIP2 vision tokens `[rows, columns, hidden]` of one picture (processor + vision
+    /// graph), as the editing pipeline computes them. Low-level: for checking a package
+    /// against a reference.
+    pub fn vision_tokens(&self, image: &RgbImage) -> Result<ndarray::Array3<f32>> {
+        let (Some(info), Some(graphs)) = (&self.manifest.edit, &self.edit) else {
+            return Err(Error::invalid("this package has no vision encoder (no editing support)"));
+        };
+        let context = self.registry.begin()?;
+        let inputs = siglip_processor::siglip_inputs(image, &info.image_processor)?;
+        vision::encode(&*graphs.vision.acquire()?, &inputs.patch_grid(), info.siglip.hidden_size, &context)
+    }
+
+    /// VAE latents `(mean - shift) * scaling` and SigLIP2 vision tokens of each reference.
+    fn encode_references(
+        &self,
+        prepared: &[PreparedReference],
+        info: &EditInfo,
+        graphs: &EditGraphs,
+        context: &RunContext,
+    ) -> Result<References> {
+        let encoder = self.vae_encoder.acquire()?;
+        let vision_graph = graphs.vision.acquire()?;
+        let (scaling, shift) = (self.manifest.vae.scaling_factor as f32, self.manifest.vae.shift_factor as f32);
+        let mut refs = References { latents: Vec::new(), vision: Vec::new() };
+        for reference in prepared {
+            let (mean, _) = self.vae.encode(&encoder, &reference.for_vae, context)?;
+            refs.latents.push(mean.index_axis_move(Axis(0), 0).mapv(|v| (v - shift) * scaling));
+            let inputs = siglip_processor::siglip_inputs(&reference.for_vision, &info.image_processor)?;
+            let tokens = vision::encode(&vision_graph, &inputs.patch_grid(), info.siglip.hidden_size, context)?;
+            refs.vision.push(tokens);
+        }
+        Ok(refs)
+    }
+
+    /// The instruction's N + 2 segments, each tokenized as is and encoded on its own.
+    fn encode_segments(
+        &self,
+        prompt: &str,
+        images: usize,
+        info: &EditInfo,
+        max_sequence_length: usize,
+        context: &RunContext,
+    ) -> Result<Vec<PromptEmbedding>> {
+        let segments = info.prompt_segments.for_prompt(prompt, images);
+        let tokens: Vec<TokenizedPrompt> = segments
+            .iter()
+            .map(|text| self.captions.text.tokenize_text(text, max_sequence_length))
+            .collect::<Result<_>>()?;
+        // Every position the stream uses (see model::omni) must be a row of the RoPE table.
+        let rows = self.manifest.transformer.axes_lens.first().copied().unwrap_or(0);
+        let lengths: Vec<usize> = tokens.iter().map(|t| t.ids.len()).collect();
+        let highest = omni::highest_caption_position(&lengths);
+        if highest >= rows {
+            return Err(Error::invalid(format!(
+                "the instruction and its {images} reference(s) need caption position {highest}; this model's \
+                 table has {rows}: shorten the instruction or use fewer references"
+            )));
+        }
+        let graph = self.captions.graph.acquire()?;
+        tokens.into_iter().map(|t| self.captions.text.encode(&graph, t, context)).collect()
+    }
+}
+
+/// Checks, from the manifest alone ([`Manifest::read`](crate::Manifest::read)), that a package
+/// edits and takes `images` references: what a front end checks before decoding pictures or
+/// loading the model. [`Pipeline::edit`] checks everything again.
+pub fn check_edit_package(manifest: &crate::package::Manifest, dir: &std::path::Path, images: usize) -> Result<()> {
+    let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
+        return Err(not_editing(dir));
+    };
+    if images == 0 || images > info.reference.max_images {
+        return Err(Error::invalid(format!(
+            "{images} reference images: this model takes 1 to {}",
+            info.reference.max_images
+        )));
+    }
+    Ok(())
+}
+
+fn not_editing(dir: &std::path::Path) -> Error {
+    Error::invalid(format!(
+        "the package {} does not support editing (it has no siglip / transformer_omni graphs)",
+        dir.display()
+    ))
+}
+
+fn images_count(request: &EditRequest) -> usize {
+    request.images.len()
+}
+
+/// The tokens of the segment that holds the instruction (index N of N + 2).
+fn images_segment_tokens(segments: &[PromptEmbedding], images: usize) -> TokenizedPrompt {
+    segments[images].tokens.clone()
+}
+
+/// The denoising loop of an edit.
+struct EditLoop<'a> {
+    transformer: &'a Graph,
+    refs: &'a References,
+    positive: Vec<&'a Array2<f32>>,
+    negative: Option<Vec<&'a Array2<f32>>>,
+    guidance: Guidance,
+    patch: usize,
+}
+
+impl EditLoop<'_> {
+    fn run(
+        &self,
+        latents: &mut Array4<f32>,
+        schedule: &Schedule,
+        context: &RunContext,
+        step_times: &mut Vec<Duration>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<()> {
+        let count = latents.shape()[0];
+        let total = schedule.len();
+        for i in 0..total {
+            context.check()?;
+            let start = Instant::now();
+            let t_norm = schedule.model_timestep(i);
+            let last = i + 1 == total;
+            let scale = self.guidance.scale_at(t_norm);
+            let prediction = match &self.negative {
+                Some(negative) if self.guidance.enabled() && scale > 0.0 => {
+                    let input = concatenate![Axis(0), latents.view(), latents.view()];
+                    let mut captions = vec![self.positive.clone(); count];
+                    captions.extend(std::iter::repeat_n(negative.clone(), count));
+                    let out = self.predict(&captions, &input, t_norm, context, last)?;
+                    guide(
+                        out.slice(s![..count, .., .., ..]),
+                        out.slice(s![count.., .., .., ..]),
+                        scale,
+                        self.guidance.normalization,
+                    )
+                }
+                _ => self.predict(&vec![self.positive.clone(); count], latents, t_norm, context, last)?,
+            };
+            let dt = schedule.sigmas[i + 1] - schedule.sigmas[i];
+            Zip::from(&mut *latents).and(&prediction).for_each(|x, &p| *x += dt * -p);
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(Error::inference("denoising", format!("latents became non-finite at step {}", i + 1)));
+            }
+            step_times.push(start.elapsed());
+            if !on_step(i + 1, total) {
+                context.cancel();
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    fn predict(
+        &self,
+        captions: &[Vec<&Array2<f32>>],
+        latents: &Array4<f32>,
+        t_norm: f32,
+        context: &RunContext,
+        last: bool,
+    ) -> Result<Array4<f32>> {
+        omni::predict(self.transformer, captions, self.refs, latents, t_norm, self.patch, context, last)
+    }
+}

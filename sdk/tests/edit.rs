@@ -1,0 +1,222 @@
+//! Editing (Omni) against diffusers' ZImageOmniPipeline and transformers' Siglip2ImageProcessor
+//! on the committed tiny Omni package (tests/golden/tiny-zimage-omni, docs/goldens.md): the
+//! SigLIP2 pixel inputs within 1e-6, the vision tokens, whole edits (final latents within
+//! 1e-4, images within 1 level), and the typed errors of bad edit requests.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use zimage::package::edit::SiglipProcessorSettings;
+use zimage::{EditRequest, ErrorKind, RgbImage};
+
+const PACKAGE: &str = "tiny-zimage-omni";
+
+fn cases() -> Value {
+    json(&golden(&format!("{PACKAGE}/cases.json")))
+}
+
+fn file(rel: &Value) -> std::path::PathBuf {
+    golden(PACKAGE).join(rel.as_str().unwrap())
+}
+
+fn floats3(v: &Value) -> [f64; 3] {
+    let a: Vec<f64> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    [a[0], a[1], a[2]]
+}
+
+#[test]
+fn siglip_inputs_equal_transformers_processor() {
+    let rows = cases()["siglip_processor"].as_array().unwrap().clone();
+    assert!(rows.len() >= 14, "expected every picture with two settings, found {}", rows.len());
+    for row in rows {
+        let mut settings = SiglipProcessorSettings::transformers_defaults();
+        settings.patch_size = row["patch_size"].as_u64().unwrap() as usize;
+        settings.max_num_patches = row["max_num_patches"].as_u64().unwrap() as usize;
+        settings.resample = row["resample"].as_str().unwrap().to_string();
+        settings.image_mean = floats3(&row["image_mean"]);
+        settings.image_std = floats3(&row["image_std"]);
+        settings.rescale_factor = row["rescale_factor"].as_f64().unwrap();
+        let name = format!("{} ({})", row["image_file"], row["settings"]);
+        let image = png_rgb(&file(&row["image_file"]));
+        let got = zimage::siglip_inputs(&image, &settings).unwrap();
+        let shape: Vec<usize> =
+            row["spatial_shapes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(got.spatial_shapes, (shape[0], shape[1]), "{name}");
+        let want_mask: ndarray::Array1<i32> = ndarray_npy::read_npy(file(&row["pixel_attention_mask_file"])).unwrap();
+        assert_eq!(got.pixel_attention_mask, want_mask.to_vec(), "{name}");
+        let want = npy_f32(&file(&row["pixel_values_file"]));
+        let real = shape[0] * shape[1];
+        assert_eq!(want.shape(), &[real, got.pixel_values.ncols()], "{name}");
+        let head = got.pixel_values.slice(ndarray::s![..real, ..]).to_owned();
+        let diff = max_abs_diff(head.as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(diff <= 1e-6, "{name}: pixel values differ by {diff}");
+        assert!(got.pixel_values.slice(ndarray::s![real.., ..]).iter().all(|&v| v == 0.0), "{name}: padding");
+    }
+}
+
+#[test]
+fn vision_tokens_match_transformers() {
+    let pipeline = pipeline(PACKAGE);
+    for row in cases()["siglip_features"].as_array().unwrap() {
+        let image = png_rgb(&file(&row["image_file"]));
+        let got = pipeline.vision_tokens(&image).unwrap();
+        let want = npy_f32(&file(&row["features_file"]));
+        assert_eq!(got.shape(), want.shape(), "{}", row["image_file"]);
+        let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(err <= tolerances().2, "{}: vision tokens rel err {err}", row["image_file"]);
+    }
+}
+
+fn edit_request(case: &Value) -> EditRequest {
+    let images: Vec<RgbImage> = case["image_files"].as_array().unwrap().iter().map(|f| png_rgb(&file(f))).collect();
+    let mut r = EditRequest::new(case["prompt"].as_str().unwrap(), images);
+    r.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
+    r.width = case["width"].as_u64().map(|v| v as u32);
+    r.height = case["height"].as_u64().map(|v| v as u32);
+    r.steps = Some(case["num_inference_steps"].as_u64().unwrap() as usize);
+    r.guidance_scale = Some(case["guidance_scale"].as_f64().unwrap() as f32);
+    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap() as f32;
+    r.cfg_truncation = Some(case["cfg_truncation"].as_f64().unwrap() as f32);
+    r.seed = Some(case["seed"].as_u64().unwrap());
+    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.return_latents = true;
+    r
+}
+
+#[test]
+fn edits_match_diffusers() {
+    let pipeline = pipeline(PACKAGE);
+    let all = cases();
+    let list = all["edit"].as_array().unwrap();
+    assert!(list.len() >= 5);
+    for case in list {
+        let name = case["name"].as_str().unwrap();
+        let mut request = edit_request(case);
+        if name == "defaults" {
+            // The package's defaults are the pipeline's: leave them unset.
+            assert_eq!(case["num_inference_steps"], 50);
+            assert_eq!(case["guidance_scale"], 5.0);
+            request.steps = None;
+            request.guidance_scale = None;
+            request.cfg_truncation = None;
+        }
+        let result = pipeline.edit(&request, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = npy_f32(&file(&case["latents_file"]));
+        let got = result.latents.as_ref().unwrap();
+        assert_eq!(got.shape(), want.shape(), "{name}");
+        let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+        eprintln!("{name}: final latents max abs diff {diff:e}");
+        assert!(diff <= tolerances().0, "{name}: final latents max abs diff {diff}");
+        let want_image = png_rgb(&file(&case["output_files"][0]));
+        let d = max_pixel_diff(&result.images[0], &want_image);
+        assert!(d <= tolerances().1, "{name}: image differs by {d} levels");
+    }
+}
+
+fn picture(width: u32, height: u32) -> RgbImage {
+    let pixels = (0..width * height * 3).map(|i| (i * 7 % 251) as u8).collect();
+    RgbImage { width, height, pixels }
+}
+
+fn edit_error(package: &str, request: &EditRequest) -> zimage::Error {
+    match pipeline(package).edit(request, None) {
+        Ok(_) => panic!("the edit should have been refused"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn bad_edit_requests_are_typed_errors() {
+    let mut r = EditRequest::new("x", vec![picture(64, 64); 9]);
+    r.steps = Some(1);
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("at most 8"), "{e}");
+
+    r.images = vec![];
+    assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
+
+    r.images = vec![RgbImage { width: 0, height: 0, pixels: vec![] }];
+    assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::Image);
+
+    // 16384 x 4097 is past 64 megapixels: refused from its size alone (no pixel buffer).
+    r.images = vec![RgbImage { width: 16384, height: 4097, pixels: vec![] }];
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("pixels"), "{e}");
+
+    r.images = vec![picture(63, 80)];
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("at least 64"), "{e}");
+
+    r.images = vec![picture(64, 600)];
+    assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
+
+    // An instruction past the RoPE table (1024 caption positions in this package).
+    r.images = vec![picture(64, 64)];
+    r.prompt = "word ".repeat(1100);
+    r.max_sequence_length = Some(4096);
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("caption position"), "{e}");
+    r.prompt = "x".into();
+    r.max_sequence_length = None;
+
+    r.width = Some(64);
+    assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
+    r.height = Some(72);
+    assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
+
+    // A text-to-image package cannot edit.
+    let r = EditRequest::new("x", vec![picture(64, 64)]);
+    let e = edit_error("tiny-zimage", &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("does not support editing"), "{e}");
+    assert!(!pipeline("tiny-zimage").manifest().supports("edit"));
+    assert!(pipeline(PACKAGE).manifest().supports("edit") && pipeline(PACKAGE).manifest().supports("text_to_image"));
+}
+
+#[test]
+fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
+    let pipeline = pipeline(PACKAGE);
+    let mut options = zimage::LoadOptions::default();
+    options.threads = Some(1);
+    let enhancer = zimage::PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &options).unwrap();
+    let mut enhance = zimage::EnhanceOptions::default();
+    enhance.max_new_tokens = 24;
+    let mut request =
+        EditRequest::new("make the sky pink", vec![png_rgb(&golden(&format!("{PACKAGE}/inputs/ref_96x64.png")))]);
+    request.steps = Some(2);
+    request.guidance_scale = Some(0.0);
+    request.seed = Some(7);
+    request.return_latents = true;
+    let enhanced = pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap();
+    let rewritten = enhanced.enhanced_prompt.clone().expect("the rewritten instruction is reported");
+    let want = enhancer.enhance("make the sky pink", &enhance, None).unwrap();
+    assert_eq!(rewritten, want.text);
+    let mut direct = request.clone();
+    direct.prompt = rewritten;
+    let plain = pipeline.edit(&direct, None).unwrap();
+    assert_eq!(enhanced.latents, plain.latents);
+    assert_eq!(enhanced.images, plain.images);
+    // A request the pipeline refuses is refused before the enhancer runs.
+    request.images.clear();
+    assert_eq!(
+        pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap_err().kind(),
+        ErrorKind::InvalidRequest
+    );
+}
+
+#[test]
+fn an_edit_with_loras_is_refused_not_silently_without_them() {
+    let mut options = zimage::LoadOptions::default();
+    options.threads = Some(1);
+    let adapter = zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).unwrap();
+    options.loras = vec![zimage::LoraSetting::new(std::sync::Arc::new(adapter), 1.0)];
+    let with_lora = zimage::Pipeline::load(repo().join("models").join(PACKAGE), &options).unwrap();
+    let e = with_lora.edit(&EditRequest::new("x", vec![picture(64, 64)]), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("LoRA"), "{e}");
+}
