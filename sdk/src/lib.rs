@@ -60,7 +60,9 @@ pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
 pub use pipeline::noise::TorchGenerator;
 pub use pipeline::parameters::{image_parameters, lora_records, InputNames};
-pub use pipeline::request::{GenerateRequest, Generation, InitImage, Progress, Prompt, Providers, Timings};
+pub use pipeline::request::{
+    GenerateRequest, Generation, HostTraffic, InitImage, Progress, Prompt, Providers, Timings,
+};
 pub use pipeline::scheduler::Schedule;
 pub use pipeline::Pipeline;
 pub use runtime::device::Device;

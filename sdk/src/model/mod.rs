@@ -3,8 +3,10 @@
 //!
 //! - [`text_encoder`]: prompt -> token ids -> caption features (Qwen3);
 //! - [`transformer`]: one denoising prediction (the DiT);
-//! - [`vae`]: latents -> pixels and pixels -> latent distribution.
+//! - [`vae`]: latents -> pixels and pixels -> latent distribution;
+//! - `step`: the denoising step's arithmetic as a graph on the transformer's device.
 
+pub(crate) mod step;
 pub(crate) mod text_encoder;
 pub(crate) mod transformer;
 pub(crate) mod vae;

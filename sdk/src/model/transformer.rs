@@ -81,3 +81,22 @@ pub(crate) fn predict(
     let timestep = Array1::<f32>::from_elem(latents.shape()[0], t_norm);
     forward(graph, latents, &timestep, &captions.feats, &captions.mask, context, release_arena)
 }
+
+/// Binds one transformer call's buffers (device-resident ones in the device loop) to
+/// `binding`: the call then reads and writes them in place.
+pub(crate) fn bind<V: ort::value::ValueTypeMarker + ?Sized>(
+    binding: &mut ort::session::IoBinding,
+    latents: &ort::value::Value<V>,
+    timestep: &ort::value::Value<V>,
+    cap_feats: &ort::value::DynValue,
+    cap_mask: &ort::value::DynValue,
+    noise_pred: &mut ort::value::Value<V>,
+) -> Result<()> {
+    let err = |e: ort::Error| Error::ort("transformer", e);
+    binding.bind_input(LATENTS, latents).map_err(err)?;
+    binding.bind_input(TIMESTEP, timestep).map_err(err)?;
+    binding.bind_input(CAP_FEATS, cap_feats).map_err(err)?;
+    binding.bind_input(CAP_MASK, cap_mask).map_err(err)?;
+    binding.bind_output(NOISE_PRED, noise_pred).map_err(err)?;
+    Ok(())
+}

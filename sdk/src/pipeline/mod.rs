@@ -8,6 +8,7 @@
 //! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
 //! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
 //! - `denoise`: the loop with classifier-free guidance;
+//! - `device_loop`: the same loop with its state on the transformer's device (the default);
 //! - `loading`: which graph each stage loads, where and how;
 //! - [`parameters`]: the generation parameters stored with an image.
 //!
@@ -16,6 +17,7 @@
 
 pub(crate) mod captions;
 pub(crate) mod denoise;
+pub(crate) mod device_loop;
 pub(crate) mod loading;
 pub mod noise;
 pub mod parameters;
@@ -35,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
 use crate::lora::{LoraAdapter, LoraSetting, Targets};
+use crate::model::step::StepKind;
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
@@ -49,7 +52,7 @@ use captions::{CaptionEncoder, EncodedPrompts};
 use denoise::Denoiser;
 use loading::GraphLoader;
 use plan::Plan;
-use request::{GenerateRequest, Generation, Progress, Prompt, Providers, Timings};
+use request::{GenerateRequest, Generation, HostTraffic, Progress, Prompt, Providers, Timings};
 use scheduler::Schedule;
 use start::Start;
 
@@ -75,6 +78,8 @@ pub struct Pipeline {
     /// How the pipeline was loaded (without its LoRAs): what a LoRA switch rebuilds the
     /// transformer with.
     options: LoadOptions,
+    /// The device loop's step graphs, loaded on first use.
+    step_graphs: device_loop::StepGraphs,
 }
 
 struct ActiveTransformer {
@@ -123,6 +128,7 @@ impl Pipeline {
             runtime_library: rt.library_path.clone(),
             runtime: rt,
             options: LoadOptions { loras: Vec::new(), ..options.clone() },
+            step_graphs: Default::default(),
             dir,
             manifest,
         })
@@ -268,7 +274,7 @@ impl Pipeline {
         let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);
-        let latents =
+        let (latents, host_traffic) =
             self.denoise(start, &prompts, &plan, &schedule, &context, &mut denoise_steps, progress, started)?;
         let decode_start = Instant::now();
         let images = self.decode(&latents, &plan, &context)?;
@@ -279,6 +285,7 @@ impl Pipeline {
             vae_decode: decode_start.elapsed(),
             total: started.elapsed(),
             onnx_runtime: context.ort_time(),
+            host_traffic,
         };
         Ok(Generation {
             images,
@@ -321,7 +328,7 @@ impl Pipeline {
         step_times: &mut Vec<Duration>,
         mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
         started: Instant,
-    ) -> Result<Array4<f32>> {
+    ) -> Result<(Array4<f32>, Option<HostTraffic>)> {
         let count = plan.latent_shape[0];
         let positive: Vec<&PromptEmbedding> = std::iter::repeat_n(&prompts.positive, count).collect();
         let positive_and_negative = prompts.negative.as_ref().map(|negative| {
@@ -346,14 +353,30 @@ impl Pipeline {
             }
         };
         let inpaint = start.inpaint;
+        let mut latents = start.latents;
+        if !self.options.host_denoise_loop {
+            let provider = self.active_transformer().slot.provider().clone();
+            let kind = if inpaint.is_some() { StepKind::Inpaint } else { StepKind::Plain };
+            let step_graph = self.step_graphs.get(self.runtime, kind, &provider)?;
+            let traffic = device_loop::run(
+                &denoiser,
+                &step_graph,
+                &provider,
+                inpaint.as_ref(),
+                &mut latents,
+                context,
+                step_times,
+                &mut on_step,
+            )?;
+            return Ok((latents, Some(traffic)));
+        }
         let mut after_step = |step: usize, latents: &mut Array4<f32>| {
             if let Some(blend) = &inpaint {
                 blend.apply(step, schedule, latents);
             }
         };
-        let mut latents = start.latents;
         denoiser.run(&mut latents, context, step_times, &mut on_step, &mut after_step)?;
-        Ok(latents)
+        Ok((latents, None))
     }
 
     /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like

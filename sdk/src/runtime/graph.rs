@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ndarray::ArrayD;
-use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 
 use super::device::Device;
 use super::library::Runtime;
@@ -75,6 +75,26 @@ impl Graph {
         Ok(taken)
     }
 
+    /// Runs the graph on bound inputs and outputs (device-resident buffers; see
+    /// `pipeline::device_loop`), with the same cancellation, timing and error naming as
+    /// [`Graph::run_then`]. The outputs stay where they are bound.
+    pub fn run_binding(&self, binding: &IoBinding, context: &RunContext, release_arena: bool) -> Result<()> {
+        context.check()?;
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let options = context.run_options(release_arena);
+        let result = context.time_ort(|| session.run_binding_with_options(binding, options).map(drop));
+        if context.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        result.map_err(|e| Error::ort(self.kind.name(), e))
+    }
+
+    /// Hands the session to `f` (to create bindings and allocators on it) while holding it.
+    pub fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut session)
+    }
+
     /// An inference error of this graph.
     pub fn failed(&self, message: impl std::fmt::Display) -> Error {
         Error::inference(self.kind.name(), message)
@@ -141,6 +161,11 @@ impl GraphSlot {
     /// The provider that runs this graph.
     pub fn device(&self) -> Device {
         self.used_device
+    }
+
+    /// The provider configuration sessions of this graph are built with.
+    pub(crate) fn provider(&self) -> &ProviderConfig {
+        &self.provider
     }
 
     /// Why the graph runs on the CPU instead of the requested provider, when it fell back.
