@@ -65,6 +65,7 @@ pub use pipeline::request::{
 };
 pub use pipeline::scheduler::Schedule;
 pub use pipeline::Pipeline;
+pub use runtime::cuda_graph::CudaGraphs;
 pub use runtime::device::Device;
 pub use runtime::gpu::{GpuOptions, ResolutionRange, TensorRtOptions, TensorRtPrecision, Tf32};
 pub use runtime::graph::MemoryMode;

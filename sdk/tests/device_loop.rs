@@ -151,3 +151,58 @@ fn cancelling_from_progress_stops_the_device_loop() {
     // The pipeline stays usable.
     assert!(device.generate(&r, None).is_ok());
 }
+
+#[test]
+fn buffers_kept_per_shape_serve_later_and_concurrent_generations() {
+    // The device loop keeps its transformer buffers per shape on the session (a CUDA graph
+    // replays those addresses) and refills them: later generations of the same shape, and of
+    // other shapes in between, must come out exactly as the host loop computes them; two at
+    // once (one of them runs on buffers of its own) too.
+    let mut a = request("a red bicycle", 21);
+    a.guidance_scale = 2.0;
+    let mut b = request("a blue bicycle", 22);
+    b.guidance_scale = 2.0;
+    let mut other_size = request("a red bicycle", 23);
+    other_size.width = 48;
+    other_size.height = 64;
+    for (name, r) in [("a", &a), ("b", &b), ("other size", &other_size), ("a again", &a), ("b again", &b)] {
+        same_both_ways(name, r);
+    }
+    let (device, host) = pipelines();
+    let expected: Vec<_> = [&a, &b].iter().map(|r| host.generate(r, None).unwrap().latents.unwrap()).collect();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = [&a, &b, &a]
+            .into_iter()
+            .map(|r| scope.spawn(move || device.generate(r, None).unwrap().latents.unwrap()))
+            .collect();
+        let got: Vec<_> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(got[0], expected[0], "concurrent a");
+        assert_eq!(got[1], expected[1], "concurrent b");
+        assert_eq!(got[2], expected[0], "concurrent a, second");
+    });
+}
+
+#[test]
+fn cuda_graph_fallback_is_reported() {
+    let (device, _) = pipelines();
+    let reason = device.cuda_graph_fallback();
+    match test_device() {
+        zimage::Device::Cpu => {
+            let reason = reason.expect("no capture on the CPU");
+            assert!(reason.contains("runs on the CPU"), "{reason}");
+        }
+        // On CUDA: either captured (None) or a reason naming what stopped it.
+        _ => {
+            if let Some(reason) = reason {
+                assert!(reason.starts_with("CUDA graphs not used: "), "{reason}");
+            }
+        }
+    }
+    let mut options = LoadOptions::default();
+    options.device = test_device();
+    options.gpu.cuda_graphs = zimage::CudaGraphs::Off;
+    options.memory_mode = zimage::MemoryMode::Sequential;
+    let off = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    let reason = off.cuda_graph_fallback().unwrap();
+    assert!(reason.contains("turned off"), "{reason}");
+}

@@ -73,6 +73,8 @@ pub(crate) fn provider_for(transformer: &ProviderConfig) -> ProviderConfig {
             memory_limit: *memory_limit,
             tf32: false,
             exact_arena: *exact_arena,
+            // Tiny and not bound to fixed buffers from one generation to the next.
+            cuda_graph: false,
         },
     }
 }

@@ -3,7 +3,7 @@
 //! [`Pipeline::transformer_forward`](crate::Pipeline::transformer_forward) both call it here.
 
 use ndarray::{s, Array1, Array2, Array3, Array4, Ix4};
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 
 use crate::error::{Error, Result};
 use crate::model::text_encoder::PromptEmbedding;
@@ -84,13 +84,13 @@ pub(crate) fn predict(
 
 /// Binds one transformer call's buffers (device-resident ones in the device loop) to
 /// `binding`: the call then reads and writes them in place.
-pub(crate) fn bind<V: ort::value::ValueTypeMarker + ?Sized>(
+pub(crate) fn bind(
     binding: &mut ort::session::IoBinding,
-    latents: &ort::value::Value<V>,
-    timestep: &ort::value::Value<V>,
-    cap_feats: &ort::value::DynValue,
-    cap_mask: &ort::value::DynValue,
-    noise_pred: &mut ort::value::Value<V>,
+    latents: &Tensor<f32>,
+    timestep: &Tensor<f32>,
+    cap_feats: &Tensor<f32>,
+    cap_mask: &Tensor<bool>,
+    noise_pred: &mut Tensor<f32>,
 ) -> Result<()> {
     let err = |e: ort::Error| Error::ort("transformer", e);
     binding.bind_input(LATENTS, latents).map_err(err)?;

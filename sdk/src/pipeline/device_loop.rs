@@ -83,6 +83,21 @@ impl Device<'_> {
         Ok(device)
     }
 
+    /// Copies `data` into an existing buffer of the same shape (its address stays).
+    fn upload_into<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        &mut self,
+        target: &mut Tensor<T>,
+        data: Vec<T>,
+    ) -> Result<()> {
+        let shape: Vec<usize> = target.shape().iter().map(|&d| d as usize).collect();
+        let bytes = (data.len() * std::mem::size_of::<T>()) as u64;
+        let host = Tensor::from_array((shape, data.into_boxed_slice()))
+            .map_err(|e| Error::runtime(format!("device loop: host tensor: {e}")).caused_by(e))?;
+        host.copy_into(target).map_err(|e| Error::runtime(format!("device loop: upload: {e}")).caused_by(e))?;
+        self.copied += bytes;
+        Ok(())
+    }
+
     fn download<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
         &mut self,
         value: &Tensor<T>,
@@ -98,18 +113,25 @@ impl Device<'_> {
 }
 
 /// Buffers of one batch layout of the transformer call: `k` = 2 under guidance (conditional
-/// and unconditional rows), 1 without.
-struct Layout {
-    k: usize,
+/// and unconditional rows), 1 without. Kept by the transformer's session per shape and reused
+/// by later generations of that shape (see `runtime::cuda_graph`: a replayed CUDA graph reads
+/// and writes exactly these addresses).
+struct LayoutBuffers {
     model_input: Tensor<f32>,
     timestep: Tensor<f32>,
     noise_pred: Tensor<f32>,
     /// Row indices `[0..B) * k`: how the step graph builds the next model input.
     rows: Tensor<i64>,
+    cap_feats: Tensor<f32>,
+    cap_mask: Tensor<bool>,
+}
+
+struct Layout {
+    k: usize,
+    buffers: LayoutBuffers,
     binding: ort::session::IoBinding,
-    // Kept alive while bound.
-    _cap_feats: DynValue,
-    _cap_mask: DynValue,
+    /// The shape key the buffers are kept under and the capture id, when checked out.
+    kept: Option<(Vec<usize>, i32)>,
 }
 
 /// Per-step values, indexed by the absolute step `i` (length steps + 1: the last step reads
@@ -180,15 +202,15 @@ pub(crate) fn run(
     let allocator = allocator(graph, provider)?;
     let mut dev = Device { allocator: &allocator, copied: 0 };
     let shape = latents.shape().to_vec();
-    let b = shape[0];
-    let per_image = |k: usize| [vec![k * b], shape[1..].to_vec()].concat();
     let t_len = [n + 1];
 
     // Tables and counters.
-    let dt = dev.upload(&t_len, tables.dt.clone())?;
-    let scale = dev.upload(&t_len, tables.scale.clone())?;
-    let normalization = dev.upload(&t_len, tables.normalization.clone())?;
-    let model_timestep = dev.upload(&t_len, tables.model_timestep.clone())?;
+    let tables_on_device = [
+        dev.upload(&t_len, tables.dt.clone())?,
+        dev.upload(&t_len, tables.scale.clone())?,
+        dev.upload(&t_len, tables.normalization.clone())?,
+        dev.upload(&t_len, tables.model_timestep.clone())?,
+    ];
     let mut counters = [dev.upload(&[1], vec![first as i64])?, dev.empty::<i64>(&[1])?];
     let mut bad = [dev.upload(&[1], vec![0i64])?, dev.empty::<i64>(&[1])?];
     let mut lat = [dev.upload(&shape, latents.iter().copied().collect())?, dev.empty::<f32>(&shape)?];
@@ -206,8 +228,55 @@ pub(crate) fn run(
         None => None,
     };
 
-    // One layout per batch shape the steps use; the first step's inputs uploaded.
+    // One layout per batch shape the steps use, with the first step's inputs and the captions
+    // in its buffers.
     let mut layouts: Vec<Layout> = Vec::new();
+    let made = make_layouts(denoiser, &tables, latents, &mut dev, &mut layouts);
+    let result = made.and_then(|()| {
+        let buffers = StepBuffers {
+            tables: &tables_on_device,
+            lat: &mut lat,
+            counters: &mut counters,
+            bad: &mut bad,
+            inpaint: inpaint_buffers.as_ref(),
+        };
+        steps(denoiser, step_graph, &tables, &mut layouts, &mut dev, buffers, context, step_times, on_step)
+    });
+    // The kept buffers go back to the session also after a failure: their addresses are what
+    // matters, not their contents.
+    for layout in layouts {
+        if let Some((key, _)) = layout.kept {
+            drop(layout.binding);
+            graph.captures().checkin(&key, Box::new(layout.buffers));
+        }
+    }
+    let (setup_bytes, max_step_bytes, current) = result?;
+
+    let before = dev.copied;
+    let (_, bad_step) = dev.download(&bad[current])?;
+    let (_, values) = dev.download(&lat[current])?;
+    let final_bytes = dev.copied - before;
+    if bad_step[0] > 0 {
+        return Err(super::denoise::non_finite(bad_step[0] as usize - first, total, denoiser.precision));
+    }
+    *latents = Array4::from_shape_vec(latents.raw_dim(), values)
+        .map_err(|e| Error::inference("denoising", format!("device loop: latents shape: {e}")))?;
+    Ok(HostTraffic { setup_bytes, max_step_bytes, final_bytes })
+}
+
+/// Takes (or allocates) the buffers of each batch layout the steps use and fills them.
+fn make_layouts(
+    denoiser: &Denoiser<'_>,
+    tables: &Tables,
+    latents: &Array4<f32>,
+    dev: &mut Device<'_>,
+    layouts: &mut Vec<Layout>,
+) -> Result<()> {
+    let graph = denoiser.transformer;
+    let (first, n) = (denoiser.first_step, denoiser.schedule.len());
+    let shape = latents.shape().to_vec();
+    let b = shape[0];
+    let per_image = |k: usize| [vec![k * b], shape[1..].to_vec()].concat();
     for k in [1usize, 2] {
         if !(first..n).any(|i| tables.guided[i] == (k == 2)) {
             continue;
@@ -217,33 +286,77 @@ pub(crate) fn run(
         } else {
             &denoiser.positive
         };
-        let feats =
-            DynValue::from(dev.upload(captions.feats.shape(), captions.feats.iter().copied().collect::<Vec<f32>>())?);
-        let mask =
-            DynValue::from(dev.upload(captions.mask.shape(), captions.mask.iter().copied().collect::<Vec<bool>>())?);
-        let starts_here = tables.guided[first] == (k == 2);
-        let (model_input, timestep) = if starts_here {
-            let repeated = concatenate(Axis(0), &vec![latents.view(); k]).expect("same shapes");
-            let t0 = Array1::from_elem(k * b, tables.model_timestep[first]);
-            (dev.upload(&per_image(k), repeated.iter().copied().collect())?, dev.upload(&[k * b], t0.to_vec())?)
-        } else {
-            (dev.empty::<f32>(&per_image(k))?, dev.empty::<f32>(&[k * b])?)
+        let key: Vec<usize> = [&[k][..], &shape, &captions.feats.shape()[1..]].concat();
+        let (kept, reused) = match graph.captures().checkout(&key) {
+            Ok(checkout) => {
+                let reused = checkout.buffers.map(|b| b.downcast::<LayoutBuffers>().expect("layout buffers"));
+                (Some((key, checkout.id)), reused)
+            }
+            Err(reason) => {
+                if graph.is_capturing() {
+                    tracing::info!(reason = %reason, "denoising steps run without CUDA graph replay");
+                }
+                (None, None)
+            }
         };
-        let mut noise_pred = dev.empty::<f32>(&per_image(k))?;
-        let rows = dev.upload(&[k * b], (0..k * b).map(|r| (r % b) as i64).collect())?;
+        let feats: Vec<f32> = captions.feats.iter().copied().collect();
+        let mask: Vec<bool> = captions.mask.iter().copied().collect();
+        let mut buffers = match reused {
+            Some(mut buffers) => {
+                dev.upload_into(&mut buffers.cap_feats, feats)?;
+                dev.upload_into(&mut buffers.cap_mask, mask)?;
+                *buffers
+            }
+            None => LayoutBuffers {
+                model_input: dev.empty::<f32>(&per_image(k))?,
+                timestep: dev.empty::<f32>(&[k * b])?,
+                noise_pred: dev.empty::<f32>(&per_image(k))?,
+                rows: dev.upload(&[k * b], (0..k * b).map(|r| (r % b) as i64).collect())?,
+                cap_feats: dev.upload(captions.feats.shape(), feats)?,
+                cap_mask: dev.upload(captions.mask.shape(), mask)?,
+            },
+        };
+        if tables.guided[first] == (k == 2) {
+            let repeated = concatenate(Axis(0), &vec![latents.view(); k]).expect("same shapes");
+            dev.upload_into(&mut buffers.model_input, repeated.iter().copied().collect())?;
+            dev.upload_into(&mut buffers.timestep, Array1::from_elem(k * b, tables.model_timestep[first]).to_vec())?;
+        }
         let mut binding = graph.with_session(|s| s.create_binding()).map_err(|e| Error::ort("transformer", e))?;
-        transformer::bind(&mut binding, &model_input, &timestep, &feats, &mask, &mut noise_pred)?;
-        layouts.push(Layout {
-            k,
-            model_input,
-            timestep,
-            noise_pred,
-            rows,
-            binding,
-            _cap_feats: feats,
-            _cap_mask: mask,
-        });
+        let LayoutBuffers { model_input, timestep, noise_pred, cap_feats, cap_mask, .. } = &mut buffers;
+        transformer::bind(&mut binding, model_input, timestep, cap_feats, cap_mask, noise_pred)?;
+        layouts.push(Layout { k, buffers, binding, kept });
     }
+    Ok(())
+}
+
+/// The step graph's own buffers: tables, and the ping-pong pairs of latents, step counter and
+/// non-finite flag.
+struct StepBuffers<'a> {
+    tables: &'a [Tensor<f32>; 4],
+    lat: &'a mut [Tensor<f32>; 2],
+    counters: &'a mut [Tensor<i64>; 2],
+    bad: &'a mut [Tensor<i64>; 2],
+    inpaint: Option<&'a [DynValue; 5]>,
+}
+
+/// The steps; returns the bytes uploaded before them, the most copied by one step, and which
+/// of the ping-pong buffers holds the result.
+#[allow(clippy::too_many_arguments)]
+fn steps(
+    denoiser: &Denoiser<'_>,
+    step_graph: &StepGraph,
+    tables: &Tables,
+    layouts: &mut [Layout],
+    dev: &mut Device<'_>,
+    buffers: StepBuffers<'_>,
+    context: &RunContext,
+    step_times: &mut Vec<Duration>,
+    on_step: &mut StepCallback<'_>,
+) -> Result<(u64, u64, usize)> {
+    let graph = denoiser.transformer;
+    let (first, n) = (denoiser.first_step, denoiser.schedule.len());
+    let total = n - first;
+    let StepBuffers { tables: tables_on_device, lat, counters, bad, inpaint: inpaint_buffers } = buffers;
     let setup_bytes = dev.copied;
     let kinds: Vec<usize> = layouts.iter().map(|l| l.k).collect();
     let layout_of = |i: usize| kinds.iter().position(|&k| (k == 2) == tables.guided[i]).expect("layout made");
@@ -256,7 +369,8 @@ pub(crate) fn run(
         let before = dev.copied;
         let last = i + 1 == n;
         let this = layout_of(i);
-        graph.run_binding(&layouts[this].binding, context, last)?;
+        let capture = layouts[this].kept.as_ref().map(|(_, id)| *id);
+        graph.run_binding(&layouts[this].binding, context, last, capture)?;
         let next = if last { this } else { layout_of(i + 1) };
         let mut binding = step_graph.binding()?;
         {
@@ -279,16 +393,16 @@ pub(crate) fn run(
                 let (a, b) = bad.split_at_mut(1);
                 (b, a)
             };
-            binding.bind_input(step::NOISE_PRED, &layouts[this].noise_pred).map_err(err)?;
+            binding.bind_input(step::NOISE_PRED, &layouts[this].buffers.noise_pred).map_err(err)?;
             binding.bind_input(step::LATENTS, &src[0]).map_err(err)?;
             binding.bind_input(step::STEP_INDEX, &c_src[0]).map_err(err)?;
             binding.bind_input(step::BAD_STEP, &b_src[0]).map_err(err)?;
-            binding.bind_input(step::DT, &dt).map_err(err)?;
-            binding.bind_input(step::SCALE, &scale).map_err(err)?;
-            binding.bind_input(step::NORMALIZATION, &normalization).map_err(err)?;
-            binding.bind_input(step::MODEL_TIMESTEP, &model_timestep).map_err(err)?;
-            binding.bind_input(step::NEXT_ROWS, &layouts[next].rows).map_err(err)?;
-            if let Some(extra) = &inpaint_buffers {
+            binding.bind_input(step::DT, &tables_on_device[0]).map_err(err)?;
+            binding.bind_input(step::SCALE, &tables_on_device[1]).map_err(err)?;
+            binding.bind_input(step::NORMALIZATION, &tables_on_device[2]).map_err(err)?;
+            binding.bind_input(step::MODEL_TIMESTEP, &tables_on_device[3]).map_err(err)?;
+            binding.bind_input(step::NEXT_ROWS, &layouts[next].buffers.rows).map_err(err)?;
+            if let Some(extra) = inpaint_buffers {
                 let names = [step::IMAGE_LATENTS, step::NOISE, step::MASK, step::SIGMA_NEXT, step::KNOWN_IS_IMAGE];
                 for (name, value) in names.into_iter().zip(extra) {
                     binding.bind_input(name, value).map_err(err)?;
@@ -297,7 +411,7 @@ pub(crate) fn run(
             binding.bind_output(step::LATENTS_OUT, &mut dst[0]).map_err(err)?;
             binding.bind_output(step::STEP_OUT, &mut c_dst[0]).map_err(err)?;
             binding.bind_output(step::BAD_STEP_OUT, &mut b_dst[0]).map_err(err)?;
-            let layout = &mut layouts[next];
+            let layout = &mut layouts[next].buffers;
             binding.bind_output(step::MODEL_INPUT, &mut layout.model_input).map_err(err)?;
             binding.bind_output(step::TIMESTEP_OUT, &mut layout.timestep).map_err(err)?;
         }
@@ -311,14 +425,5 @@ pub(crate) fn run(
         }
     }
 
-    let before = dev.copied;
-    let (_, bad_step) = dev.download(&bad[current])?;
-    let (_, values) = dev.download(&lat[current])?;
-    let final_bytes = dev.copied - before;
-    if bad_step[0] > 0 {
-        return Err(super::denoise::non_finite(bad_step[0] as usize - first, total, denoiser.precision));
-    }
-    *latents = Array4::from_shape_vec(latents.raw_dim(), values)
-        .map_err(|e| Error::inference("denoising", format!("device loop: latents shape: {e}")))?;
-    Ok(HostTraffic { setup_bytes, max_step_bytes, final_bytes })
+    Ok((setup_bytes, max_step_bytes, current))
 }

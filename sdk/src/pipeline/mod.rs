@@ -212,6 +212,14 @@ impl Pipeline {
         }
     }
 
+    /// Why the transformer's denoising calls are not recorded and replayed as CUDA graphs, or
+    /// `None` when they are (a resident CUDA transformer whose every node runs on CUDA; see
+    /// [`crate::runtime::cuda_graph`]). A generation whose shape cannot replay a capture (more
+    /// shapes than are kept, or the same shape running concurrently) runs uncaptured.
+    pub fn cuda_graph_fallback(&self) -> Option<String> {
+        self.active_transformer().slot.capture_refusal().map(str::to_string)
+    }
+
     /// The graphs that run on the CPU because their requested provider could not be set up
     /// (with [`LoadOptions::allow_cpu_fallback`]), each with the provider's error.
     pub fn provider_fallbacks(&self) -> Vec<(GraphKind, String)> {
