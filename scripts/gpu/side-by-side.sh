@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU check of issue 20 on a lent machine (no Rust, no network): run from the repository root
+# with the bundles of scripts/gpu/prepare.sh. Two sub-commands, one device-tool call each (the
+# machine keeps /opt between calls while it stays warm):
+#   side-by-side.sh install   (carry .gpu/ort)  ONNX Runtime GPU libraries -> /opt/ortgpu
+#   side-by-side.sh run       (carry .gpu/run)  everything below, results in $OUT
+# `run` does, on one card, in about 8 minutes:
+#   1. the CUDA parity tests (diffusers goldens) and the device-loop tests on CUDA;
+#   2. zimage bench, real-width 2+2+2 fp16 at 1024x1024, 8 steps: device loop with CUDA graphs
+#      (default), without (--cuda-graphs off), the host loop (--host-loop), the sequential mode;
+#      fp32 with TF32 like PyTorch;
+#   3. diffusers ZImagePipeline (PyTorch SDPA) bf16 and fp16, real-width and real-size (30 blocks,
+#      6.15 B parameters, random weights drawn on the card), with the card's measured matmul rate;
+#   4. summary.json / summary.md (scripts/gpu/summarize.py) with the card, driver and versions.
+# Stages that cannot run say why in the summary; nothing is filled in. Env: OUT (default out/gpu),
+# SKIP_REAL_SIZE=1 (diffusers real-size), RUNS (timed runs, default 3).
+set -u
+OUT=${OUT:-out/gpu}; ORT=/opt/ortgpu; RUNS=${RUNS:-3}
+mkdir -p "$OUT"
+stage() { echo "=== $* ($(date +%T))"; }
+
+ld_path() {
+  # CUDA 13 and cuDNN 9 from the machine's PyTorch wheels (nvidia-* packages).
+  python3 - <<'EOF'
+import glob, os, site
+dirs = set()
+for base in site.getsitepackages():
+    for lib in glob.glob(os.path.join(base, "nvidia", "**", "lib*.so*"), recursive=True):
+        dirs.add(os.path.dirname(lib))
+print(":".join(sorted(dirs)))
+EOF
+}
+
+case "${1:-}" in
+  install)
+    stage "ONNX Runtime GPU libraries -> $ORT"
+    mkdir -p "$ORT" && xz -dc .gpu/ort/ort.tar.xz | tar -C "$ORT" -xf - && ld_path > "$ORT/ldpath"
+    ls -la "$ORT"; exit 0 ;;
+  run) ;;
+  *) echo "usage: $0 install|run" >&2; exit 2 ;;
+esac
+
+[ -f "$ORT/libonnxruntime.so.1.31.1" ] || { echo "no $ORT: run '$0 install' first (same warm machine)" >&2; exit 3; }
+export ORT_DYLIB_PATH=$ORT/libonnxruntime.so.1.31.1
+export LD_LIBRARY_PATH=$ORT:$(cat "$ORT/ldpath")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+BIN=/opt/zimage-bin; PKGS=/opt/zimage-pkgs
+mkdir -p "$BIN" "$PKGS"
+xz -dc .gpu/run/bin.tar.xz | tar -C "$BIN" -xf -
+[ -f .gpu/run/rw.tar.xz ] && xz -dc .gpu/run/rw.tar.xz | tar -C "$PKGS" -xf -
+# The test binaries look for the fixtures where they were built.
+built=$(cat .gpu/run/build-root); if [ "$PWD" != "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/run/diffusers-*.whl && export PYTHONPATH=/tmp/site
+notes=()
+notes+=("card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)")
+notes+=("$(python3 -c 'import torch, diffusers, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}, transformers {transformers.__version__}")' 2>&1 | tail -1)")
+notes+=("ONNX Runtime 1.31.1 (onnxruntime-gpu wheel, CUDA provider trimmed to this card's architecture)")
+
+stage "parity (diffusers goldens) and the device loop on CUDA"
+for t in parity device_loop; do
+  ZIMAGE_TEST_DEVICE=cuda timeout 240 "$BIN/$t" --test-threads 1 > "$OUT/$t-cuda.log" 2>&1
+  notes+=("$t tests on CUDA: $(grep -E '^test result' "$OUT/$t-cuda.log" | tail -1 || echo 'no result (see log)')")
+done
+
+bench() {  # label, package, extra flags...
+  local label=$1 pkg=$2; shift 2
+  timeout 240 "$BIN/zimage" bench --model "$pkg" --width 1024 --height 1024 --steps 8 --device cuda --warmup 1 \
+    --runs "$RUNS" --json "$@" > "$OUT/bench-$label.json" 2> "$OUT/bench-$label.err"
+  local rc=$?; echo "$label: exit $rc"; [ $rc = 0 ] && zimage_args+=(--zimage "$label=$OUT/bench-$label.json")
+  [ $rc = 0 ] || notes+=("zimage $label failed (exit $rc): $(tail -1 "$OUT/bench-$label.err")")
+}
+zimage_args=()
+for precision in fp16 fp32; do
+  pkg=$PKGS/rw-$precision
+  [ -f "$pkg/skeleton.json" ] || { notes+=("no real-width $precision package carried"); continue; }
+  stage "real-width 2+2+2 $precision: weights drawn, zimage bench"
+  python3 scripts/gpu/weights_skeleton.py fill "$pkg"
+  if [ $precision = fp16 ]; then
+    bench rw-fp16 "$pkg"
+    bench rw-fp16-nographs "$pkg" --cuda-graphs off
+    bench rw-fp16-hostloop "$pkg" --host-loop --cuda-graphs off
+    bench rw-fp16-sequential "$pkg" --sequential
+  else
+    bench rw-fp32 "$pkg"
+  fi
+  rm -f "$pkg"/*.data
+done
+
+torch_args=()
+for config in real-width real-size; do
+  [ "$config" = real-size ] && [ "${SKIP_REAL_SIZE:-0}" = 1 ] && continue
+  stage "diffusers ZImagePipeline, $config, bf16 and fp16"
+  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu/side_by_side.py --config "$config" --dtype bf16 --dtype fp16 \
+    --runs "$RUNS" --peak-check --out "$OUT/torch-$config.json" 2>&1 | grep -v "should be kept in float32"
+  torch_args+=(--torch "$OUT/torch-$config.json")
+done
+
+stage "summary"
+note_args=(); for n in "${notes[@]}"; do note_args+=(--note "$n"); done
+python3 scripts/gpu/summarize.py --out-dir "$OUT" "${torch_args[@]}" "${zimage_args[@]}" "${note_args[@]}" \
+  --pair rw-fp16=real-width --pair rw-fp16-nographs=real-width --pair rw-fp16-hostloop=real-width
+cat "$OUT/summary.md"
