@@ -68,6 +68,10 @@ if [ "$packages" = 1 ]; then
     rm -rf ".gpu/cache/skel/rw-$precision"; mkdir -p .gpu/cache/skel
     "$python" scripts/gpu/weights_skeleton.py strip "$pkg" ".gpu/cache/skel/rw-$precision"
   done
+  stage "real-size 2+2+30 fp16 package: the real-width one deepened (scripts/gpu/deepen.py), as a skeleton"
+  "$python" scripts/gpu/deepen.py .gpu/cache/rw-fp16 .gpu/cache/rs-fp16 --layers 30
+  rm -rf .gpu/cache/skel/rs-fp16
+  "$python" scripts/gpu/weights_skeleton.py strip .gpu/cache/rs-fp16 .gpu/cache/skel/rs-fp16
   tar -C .gpu/cache/skel -cf - . | xz -9 -T0 > .gpu/run/rw.tar.xz
 fi
 

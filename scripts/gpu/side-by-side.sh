@@ -6,7 +6,8 @@
 #   side-by-side.sh run       (carry .gpu/run)  everything below, results in $OUT
 # `run` does, on one card, in about 8 minutes:
 #   1. the CUDA parity tests (diffusers goldens) and the device-loop tests on CUDA;
-#   2. zimage bench, real-width 2+2+2 fp16 at 1024x1024, 8 steps: device loop with CUDA graphs
+#   2. zimage bench at 1024x1024, 8 steps: the real-size 2+2+30 fp16 package (deepened from the
+#      real-width one, scripts/gpu/deepen.py), resident and sequential; real-width 2+2+2 fp16: device loop with CUDA graphs
 #      (default), without (--cuda-graphs off), the host loop (--host-loop), the sequential mode;
 #      fp32 with TF32 like PyTorch;
 #   3. diffusers ZImagePipeline (PyTorch SDPA) bf16 and fp16, real-width and real-size (30 blocks,
@@ -69,6 +70,16 @@ bench() {  # label, package, extra flags...
   [ $rc = 0 ] || notes+=("zimage $label failed (exit $rc): $(tail -1 "$OUT/bench-$label.err")")
 }
 zimage_args=()
+pkg=$PKGS/rs-fp16
+if [ -f "$pkg/skeleton.json" ]; then
+  stage "real-size 2+2+30 fp16 (deepened): weights drawn, zimage bench, resident and sequential"
+  python3 scripts/gpu/weights_skeleton.py fill "$pkg"
+  bench rs-fp16 "$pkg"
+  bench rs-fp16-sequential "$pkg" --sequential
+  rm -f "$pkg"/*.data
+else
+  notes+=("no real-size package carried")
+fi
 for precision in fp16 fp32; do
   pkg=$PKGS/rw-$precision
   [ -f "$pkg/skeleton.json" ] || { notes+=("no real-width $precision package carried"); continue; }
@@ -97,5 +108,6 @@ done
 stage "summary"
 note_args=(); for n in "${notes[@]}"; do note_args+=(--note "$n"); done
 python3 scripts/gpu/summarize.py --out-dir "$OUT" "${torch_args[@]}" "${zimage_args[@]}" "${note_args[@]}" \
-  --pair rw-fp16=real-width --pair rw-fp16-nographs=real-width --pair rw-fp16-hostloop=real-width
+  --pair rw-fp16=real-width --pair rw-fp16-nographs=real-width --pair rw-fp16-hostloop=real-width \
+  --pair rs-fp16=real-size --pair rs-fp16-sequential=real-size
 cat "$OUT/summary.md"
