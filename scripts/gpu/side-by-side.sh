@@ -2,7 +2,8 @@
 # The GPU check of issue 20 on a lent machine (no Rust, no network): run from the repository root
 # with the bundles of scripts/gpu/prepare.sh. Two sub-commands, one device-tool call each (the
 # machine keeps /opt between calls while it stays warm):
-#   side-by-side.sh install   (carry .gpu/ort)  ONNX Runtime GPU libraries -> /opt/ortgpu
+#   side-by-side.sh install   (carry one .gpu/ort/ort.tar.xz.part-NN and .gpu/ort/sha256 per call,
+#                              until it says installed) ONNX Runtime GPU libraries -> /opt/ortgpu
 #   side-by-side.sh run       (carry .gpu/run)  everything below, results in $OUT
 # `run` does, on one card, in about 8 minutes:
 #   1. the CUDA parity tests (diffusers goldens) and the device-loop tests on CUDA;
@@ -16,7 +17,7 @@
 # Stages that cannot run say why in the summary; nothing is filled in. Env: OUT (default out/gpu),
 # SKIP_REAL_SIZE=1 (diffusers real-size), RUNS (timed runs, default 3).
 set -u
-OUT=${OUT:-out/gpu}; ORT=/opt/ortgpu; RUNS=${RUNS:-3}
+OUT=${OUT:-out/gpu}; ORT=${ORT_DIR:-/opt/ortgpu}; RUNS=${RUNS:-3}
 mkdir -p "$OUT"
 stage() { echo "=== $* ($(date +%T))"; }
 
@@ -34,9 +35,14 @@ EOF
 
 case "${1:-}" in
   install)
+    # Parts arrive one per call; the machine keeps /opt while it stays warm.
+    mkdir -p $ORT.parts && cp .gpu/ort/ort.tar.xz.part-* $ORT.parts/ 2>/dev/null
+    if [ "$(cat $ORT.parts/ort.tar.xz.part-* | sha256sum | cut -d' ' -f1)" != "$(cat .gpu/ort/sha256)" ]; then
+      echo "parts so far: $(ls $ORT.parts | tr '\n' ' '); carry the next part"; exit 0
+    fi
     stage "ONNX Runtime GPU libraries -> $ORT"
-    mkdir -p "$ORT" && xz -dc .gpu/ort/ort.tar.xz | tar -C "$ORT" -xf - && ld_path > "$ORT/ldpath"
-    ls -la "$ORT"; exit 0 ;;
+    mkdir -p "$ORT" && cat $ORT.parts/ort.tar.xz.part-* | xz -dc | tar -C "$ORT" -xf - && ld_path > "$ORT/ldpath"
+    echo installed; ls -la "$ORT"; exit 0 ;;
   run) ;;
   *) echo "usage: $0 install|run" >&2; exit 2 ;;
 esac
