@@ -64,7 +64,7 @@ xz -dc .gpu/run/bin.tar.xz | tar -C "$BIN" -xf -
 [ -f .gpu/run/rw.tar.xz ] && xz -dc .gpu/run/rw.tar.xz | tar -C "$PKGS" -xf -
 # The test binaries look for the fixtures where they were built.
 built=$(cat .gpu/run/build-root); if [ "$PWD" != "$built" ]; then mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"; fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/run/diffusers-*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target "${SITE:-/tmp/site}" .gpu/run/diffusers-*.whl && export PYTHONPATH=${SITE:-/tmp/site}
 notes=()
 [ -f "$OUT/notes.txt" ] && mapfile -t notes < "$OUT/notes.txt"
 notes+=("card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)")
