@@ -14,7 +14,7 @@ use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::Manifest;
 use crate::runtime::cuda_graph::session_refusal;
 use crate::runtime::device::Device;
-use crate::runtime::graph::GraphSlot;
+use crate::runtime::graph::{GraphSlot, MemoryMode};
 use crate::runtime::library::Runtime;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
@@ -44,7 +44,8 @@ impl GraphLoader<'_> {
         initializers: ExternalInitializers,
     ) -> Result<GraphSlot> {
         let options = self.options;
-        let capture_refusal = session_refusal(options.gpu.cuda_graphs, kind, device, options.memory_mode);
+        let capture_refusal =
+            session_refusal(options.gpu.cuda_graphs, kind, device, options.memory_mode == MemoryMode::Sequential);
         let provider = ProviderConfig::new(
             device,
             kind,

@@ -22,7 +22,6 @@ use std::any::Any;
 use std::sync::Mutex;
 
 use super::device::Device;
-use super::graph::MemoryMode;
 use crate::package::graph::GraphKind;
 
 /// Whether the transformer's CUDA session replays its denoising calls as CUDA graphs.
@@ -46,7 +45,7 @@ pub(crate) fn session_refusal(
     setting: CudaGraphs,
     kind: GraphKind,
     device: Device,
-    mode: MemoryMode,
+    sequential_memory: bool,
 ) -> Option<String> {
     let reason = if setting == CudaGraphs::Off {
         "turned off (GpuOptions::cuda_graphs)"
@@ -57,7 +56,7 @@ pub(crate) fn session_refusal(
             Device::Cpu => "the transformer runs on the CPU",
             _ => "the transformer runs on TensorRT, whose engines are not captured by zimage",
         }
-    } else if mode == MemoryMode::Sequential {
+    } else if sequential_memory {
         "the sequential memory mode builds the transformer's session per generation: a capture would never be replayed"
     } else {
         return None;
@@ -132,7 +131,7 @@ mod tests {
     #[test]
     fn the_session_captures_only_a_resident_cuda_transformer() {
         let cuda = Device::Cuda { device_id: 0 };
-        let resident = MemoryMode::Resident;
+        let resident = false;
         assert_eq!(session_refusal(CudaGraphs::Auto, GraphKind::Transformer, cuda, resident), None);
         let refused = |setting, kind, device, mode| session_refusal(setting, kind, device, mode).expect("refused");
         assert!(refused(CudaGraphs::Off, GraphKind::Transformer, cuda, resident).contains("turned off"));
@@ -140,7 +139,7 @@ mod tests {
         assert!(refused(CudaGraphs::Auto, GraphKind::Transformer, Device::Cpu, resident).contains("CPU"));
         let trt = Device::TensorRt { device_id: 0 };
         assert!(refused(CudaGraphs::Auto, GraphKind::Transformer, trt, resident).contains("TensorRT"));
-        assert!(refused(CudaGraphs::Auto, GraphKind::Transformer, cuda, MemoryMode::Sequential).contains("sequential"));
+        assert!(refused(CudaGraphs::Auto, GraphKind::Transformer, cuda, true).contains("sequential"));
     }
 
     #[test]
