@@ -16,6 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 
 for device in cuda tensorrt; do
   ZIMAGE_TEST_DEVICE=$device cargo test --release -p zimage --test parity -- --test-threads 1 2>&1 | tee "$out/parity-$device.log"
+  # The device-resident loop against the host loop on the GPU (bit-identical on the CPU).
+  ZIMAGE_TEST_DEVICE=$device cargo test --release -p zimage --test device_loop -- --test-threads 1 2>&1 | tee "$out/device-loop-$device.log"
 done
 
 if [ ! -f models/mid-zimage/manifest.json ]; then
@@ -24,6 +26,8 @@ fi
 cargo build --release -p zimage-cli
 bench() { ./target/release/zimage bench --model models/mid-zimage --width 1024 --height 1024 --warmup 1 --runs 3 --json "$@"; }
 bench --device cuda > "$out/bench-cuda.json"
+bench --device cuda --cuda-graphs off > "$out/bench-cuda-nographs.json"
+bench --device cuda --host-loop --cuda-graphs off > "$out/bench-cuda-hostloop.json"
 bench --device tensorrt --trt-precision bf16 --trt-min 512x512 --trt-max 1024x1024 > "$out/bench-trt-bf16.json"
 bench --device tensorrt --trt-precision fp16 --trt-min 512x512 --trt-max 1024x1024 > "$out/bench-trt-fp16.json"
 echo "results in $out/"

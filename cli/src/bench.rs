@@ -122,6 +122,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         "vae_decoder_graph": pipeline.vae_decoder_file().file_name().map(|n| n.to_string_lossy().into_owned()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "load_s": secs(pipeline.load_time()),
+        // Why the transformer's calls are not replayed as CUDA graphs (null: they are).
+        "cuda_graph_fallback": pipeline.cuda_graph_fallback(),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_after_load_bytes": rss_after_load,
         // Sampled every 20 ms over loading and all runs; null on CPU or without NVML.

@@ -401,6 +401,12 @@ pub fn timings_json(t: &Timings, load: Duration) -> Value {
         "vae_decode_s": secs(t.vae_decode),
         "total_s": secs(t.total),
         "onnx_runtime_s": secs(t.onnx_runtime),
+        // Bytes the denoising loop copied between host and device (null: the host loop ran).
+        "host_traffic": t.host_traffic.map(|h| json!({
+            "setup_bytes": h.setup_bytes,
+            "max_step_bytes": h.max_step_bytes,
+            "final_bytes": h.final_bytes,
+        })),
     })
 }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use zimage::{Device, LoadOptions, MemoryMode, ResolutionRange, TensorRtPrecision, Tf32};
+use zimage::{CudaGraphs, Device, LoadOptions, MemoryMode, ResolutionRange, TensorRtPrecision, Tf32};
 
 /// How the graphs of a package are loaded (flatten it into a front end's arguments).
 #[derive(Args, Debug, Clone)]
@@ -60,6 +60,14 @@ pub struct LoadFlags {
     /// reference's image), off, or on (fastest; the transformer drifts from the reference).
     #[arg(long, value_name = "WHEN", default_value = "like-pytorch", value_parser = ["like-pytorch", "off", "on"])]
     pub cuda_tf32: String,
+    /// CUDA: record the transformer's denoising calls once per shape and replay them as CUDA
+    /// graphs where it is safe (auto), or never (off).
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "off"])]
+    pub cuda_graphs: String,
+    /// Run the denoising loop on the host (latents copied to the device and back every step)
+    /// instead of on the transformer's device: for comparison; same latents.
+    #[arg(long)]
+    pub host_loop: bool,
 }
 
 impl LoadFlags {
@@ -91,6 +99,11 @@ impl LoadFlags {
             "on" => Tf32::On,
             _ => Tf32::LikePyTorch,
         };
+        options.gpu.cuda_graphs = match self.cuda_graphs.as_str() {
+            "off" => CudaGraphs::Off,
+            _ => CudaGraphs::Auto,
+        };
+        options.host_denoise_loop = self.host_loop;
         options.optimized_model_cache = self.optimized_cache.clone();
         options.winograd_vae = self.winograd_vae;
         options

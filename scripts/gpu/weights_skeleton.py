@@ -47,8 +47,10 @@ def strip(package: Path, out: Path) -> None:
     for graph in package.glob("*.onnx"):
         for dtype, location, offset, length in external_tensors(graph):
             entry = ranges.setdefault(location, {"bytes": (package / location).stat().st_size, "large": []})
-            if dtype in FLOAT_TYPES and length >= LARGE:
-                entry["large"].append([offset, length, onnx.TensorProto.DataType.Name(dtype)])
+            # Several initializers may read one range (scripts/gpu/deepen.py): list it once.
+            item = [offset, length, onnx.TensorProto.DataType.Name(dtype)]
+            if dtype in FLOAT_TYPES and length >= LARGE and item not in entry["large"]:
+                entry["large"].append(item)
     for location, entry in ranges.items():
         data = np.memmap(package / location, dtype=np.uint8, mode="r")
         entry["large"].sort()

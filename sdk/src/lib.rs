@@ -64,9 +64,12 @@ pub use package::{Manifest, Precision};
 pub use pipeline::edit::EditRequest;
 pub use pipeline::noise::TorchGenerator;
 pub use pipeline::parameters::{edit_parameters, image_parameters, lora_records, InputNames, ReferenceRecord};
-pub use pipeline::request::{GenerateRequest, Generation, InitImage, Progress, Prompt, Providers, Timings};
+pub use pipeline::request::{
+    GenerateRequest, Generation, HostTraffic, InitImage, Progress, Prompt, Providers, Timings,
+};
 pub use pipeline::scheduler::Schedule;
 pub use pipeline::Pipeline;
+pub use runtime::cuda_graph::CudaGraphs;
 pub use runtime::device::Device;
 pub use runtime::gpu::{GpuOptions, ResolutionRange, TensorRtOptions, TensorRtPrecision, Tf32};
 pub use runtime::graph::MemoryMode;

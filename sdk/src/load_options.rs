@@ -48,6 +48,10 @@ pub struct LoadOptions {
     /// LoRA adapters merged into the transformer's weights at load time, each with its scale
     /// (see [`crate::lora`]); change them later with `Pipeline::set_loras`. Empty: none.
     pub loras: Vec<LoraSetting>,
+    /// Run the denoising loop on the host (latents copied to and from the transformer's device
+    /// every step) instead of the device-resident loop (`pipeline::device_loop`), which is
+    /// the default. Both give the same latents; this is for comparison and diagnosis.
+    pub host_denoise_loop: bool,
 }
 
 impl LoadOptions {

@@ -7,10 +7,12 @@
 //! - [`siglip_processor`]: reference picture -> SigLIP2 patches (transformers' processor);
 //! - [`vision`]: SigLIP2 patches -> vision tokens (editing);
 //! - [`omni`]: the transformer in Omni mode: packing of captions, reference latents and
-//!   vision tokens into one stream, one denoising prediction (editing).
+//!   vision tokens into one stream, one denoising prediction (editing);
+//! - `step`: the denoising step's arithmetic as a graph on the transformer's device.
 
 pub(crate) mod omni;
 pub mod siglip_processor;
+pub(crate) mod step;
 pub(crate) mod text_encoder;
 pub(crate) mod transformer;
 pub(crate) mod vae;

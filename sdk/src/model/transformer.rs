@@ -3,7 +3,7 @@
 //! [`Pipeline::transformer_forward`](crate::Pipeline::transformer_forward) both call it here.
 
 use ndarray::{s, Array1, Array2, Array3, Array4, Ix4};
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 
 use crate::error::{Error, Result};
 use crate::model::text_encoder::PromptEmbedding;
@@ -80,4 +80,23 @@ pub(crate) fn predict(
 ) -> Result<Array4<f32>> {
     let timestep = Array1::<f32>::from_elem(latents.shape()[0], t_norm);
     forward(graph, latents, &timestep, &captions.feats, &captions.mask, context, release_arena)
+}
+
+/// Binds one transformer call's buffers (device-resident ones in the device loop) to
+/// `binding`: the call then reads and writes them in place.
+pub(crate) fn bind(
+    binding: &mut ort::session::IoBinding,
+    latents: &Tensor<f32>,
+    timestep: &Tensor<f32>,
+    cap_feats: &Tensor<f32>,
+    cap_mask: &Tensor<bool>,
+    noise_pred: &mut Tensor<f32>,
+) -> Result<()> {
+    let err = |e: ort::Error| Error::ort("transformer", e);
+    binding.bind_input(LATENTS, latents).map_err(err)?;
+    binding.bind_input(TIMESTEP, timestep).map_err(err)?;
+    binding.bind_input(CAP_FEATS, cap_feats).map_err(err)?;
+    binding.bind_input(CAP_MASK, cap_mask).map_err(err)?;
+    binding.bind_output(NOISE_PRED, noise_pred).map_err(err)?;
+    Ok(())
 }

@@ -93,15 +93,7 @@ impl Denoiser<'_> {
             Zip::from(&mut *latents).and(&prediction).for_each(|x, &p| *x += dt * -p);
             after_step(i, latents);
             if latents.iter().any(|v| !v.is_finite()) {
-                return Err(Error::inference(
-                    "denoising",
-                    format!(
-                        "latents became non-finite at step {} of {total} with the {} package; \
-                         fp16 activations can overflow: use a bf16 or fp32 package, or TensorRT in bf16",
-                        done + 1,
-                        self.precision
-                    ),
-                ));
+                return Err(non_finite(done + 1, total, self.precision));
             }
             step_times.push(start.elapsed());
             if !on_step(done + 1, total) {
@@ -111,6 +103,17 @@ impl Denoiser<'_> {
         }
         Ok(())
     }
+}
+
+/// The error for latents that became NaN or infinite at `step` (1-based) of `total`.
+pub(crate) fn non_finite(step: usize, total: usize, precision: Precision) -> Error {
+    Error::inference(
+        "denoising",
+        format!(
+            "latents became non-finite at step {step} of {total} with the {precision} package; \
+             fp16 activations can overflow: use a bf16 or fp32 package, or TensorRT in bf16"
+        ),
+    )
 }
 
 /// `pos + g * (pos - neg)` per image, optionally rescaled so its norm stays within

@@ -266,6 +266,8 @@ impl Pipeline {
                 vae_decode: decode_start.elapsed(),
                 total: started.elapsed(),
                 onnx_runtime: context.ort_time(),
+                // Edits run the host loop (their stream packing is not in the step graph).
+                host_traffic: None,
             },
         })
     }

@@ -12,8 +12,9 @@ use crate::lora::{self, LoraSetting, MergedData, MergedWeight, Targets};
 use crate::package::files::resolve;
 use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::Manifest;
+use crate::runtime::cuda_graph::session_refusal;
 use crate::runtime::device::Device;
-use crate::runtime::graph::GraphSlot;
+use crate::runtime::graph::{GraphSlot, MemoryMode};
 use crate::runtime::library::Runtime;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
@@ -43,6 +44,8 @@ impl GraphLoader<'_> {
         initializers: ExternalInitializers,
     ) -> Result<GraphSlot> {
         let options = self.options;
+        let capture_refusal =
+            session_refusal(options.gpu.cuda_graphs, kind, device, options.memory_mode == MemoryMode::Sequential);
         let provider = ProviderConfig::new(
             device,
             kind,
@@ -51,7 +54,8 @@ impl GraphLoader<'_> {
             &options.gpu,
             options.exact_gpu_arena(),
             initializers.key(),
-        );
+        )
+        .with_capture(capture_refusal.is_none());
         let mut settings = self.settings(kind);
         let replaced = !initializers.is_empty();
         settings.initializers = initializers;
@@ -67,7 +71,16 @@ impl GraphLoader<'_> {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
         };
-        GraphSlot::load(self.runtime, kind, resolve(self.dir, &entry.path), provider, &settings, options.memory_mode)
+        let mut slot = GraphSlot::load(
+            self.runtime,
+            kind,
+            resolve(self.dir, &entry.path),
+            provider,
+            &settings,
+            options.memory_mode,
+        )?;
+        slot.set_capture_refusal(capture_refusal);
+        Ok(slot)
     }
 
     /// Loads the package's graph of `kind`, which every package has.

@@ -8,6 +8,7 @@
 //! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
 //! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
 //! - `denoise`: the loop with classifier-free guidance;
+//! - `device_loop`: the same loop with its state on the transformer's device (the default);
 //! - `loading`: which graph each stage loads, where and how;
 //! - [`parameters`]: the generation parameters stored with an image;
 //! - [`edit`]: image editing (Omni: reference pictures + instruction), with `references`.
@@ -17,6 +18,7 @@
 
 pub(crate) mod captions;
 pub(crate) mod denoise;
+pub(crate) mod device_loop;
 pub mod edit;
 pub(crate) mod loading;
 pub mod noise;
@@ -38,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
 use crate::lora::{LoraAdapter, LoraSetting, Targets};
+use crate::model::step::StepKind;
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
@@ -52,7 +55,7 @@ use captions::{CaptionEncoder, EncodedPrompts};
 use denoise::Denoiser;
 use loading::GraphLoader;
 use plan::Plan;
-use request::{GenerateRequest, Generation, Progress, Prompt, Providers, Timings};
+use request::{GenerateRequest, Generation, HostTraffic, Progress, Prompt, Providers, Timings};
 use scheduler::Schedule;
 use start::Start;
 
@@ -80,6 +83,8 @@ pub struct Pipeline {
     options: LoadOptions,
     /// The editing graphs, when the package has them.
     edit: Option<loading::EditGraphs>,
+    /// The device loop's step graphs, loaded on first use.
+    step_graphs: device_loop::StepGraphs,
 }
 
 struct ActiveTransformer {
@@ -130,6 +135,7 @@ impl Pipeline {
             runtime_library: rt.library_path.clone(),
             runtime: rt,
             options: LoadOptions { loras: Vec::new(), ..options.clone() },
+            step_graphs: Default::default(),
             dir,
             manifest,
         })
@@ -219,6 +225,14 @@ impl Pipeline {
         }
     }
 
+    /// Why the transformer's denoising calls are not recorded and replayed as CUDA graphs, or
+    /// `None` when they are (a resident CUDA transformer whose every node runs on CUDA; see
+    /// [`crate::runtime::cuda_graph`]). A generation whose shape cannot replay a capture (more
+    /// shapes than are kept, or the same shape running concurrently) runs uncaptured.
+    pub fn cuda_graph_fallback(&self) -> Option<String> {
+        self.active_transformer().slot.capture_refusal().map(str::to_string)
+    }
+
     /// The graphs that run on the CPU because their requested provider could not be set up
     /// (with [`LoadOptions::allow_cpu_fallback`]), each with the provider's error.
     pub fn provider_fallbacks(&self) -> Vec<(GraphKind, String)> {
@@ -281,7 +295,7 @@ impl Pipeline {
         let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);
-        let latents =
+        let (latents, host_traffic) =
             self.denoise(start, &prompts, &plan, &schedule, &context, &mut denoise_steps, progress, started)?;
         let decode_start = Instant::now();
         let images = self.decode(&latents, &plan, &context)?;
@@ -292,6 +306,7 @@ impl Pipeline {
             vae_decode: decode_start.elapsed(),
             total: started.elapsed(),
             onnx_runtime: context.ort_time(),
+            host_traffic,
         };
         Ok(Generation {
             images,
@@ -334,7 +349,7 @@ impl Pipeline {
         step_times: &mut Vec<Duration>,
         mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
         started: Instant,
-    ) -> Result<Array4<f32>> {
+    ) -> Result<(Array4<f32>, Option<HostTraffic>)> {
         let count = plan.latent_shape[0];
         let positive: Vec<&PromptEmbedding> = std::iter::repeat_n(&prompts.positive, count).collect();
         let positive_and_negative = prompts.negative.as_ref().map(|negative| {
@@ -359,14 +374,30 @@ impl Pipeline {
             }
         };
         let inpaint = start.inpaint;
+        let mut latents = start.latents;
+        if !self.options.host_denoise_loop {
+            let provider = self.active_transformer().slot.provider().clone();
+            let kind = if inpaint.is_some() { StepKind::Inpaint } else { StepKind::Plain };
+            let step_graph = self.step_graphs.get(self.runtime, kind, &provider)?;
+            let traffic = device_loop::run(
+                &denoiser,
+                &step_graph,
+                &provider,
+                inpaint.as_ref(),
+                &mut latents,
+                context,
+                step_times,
+                &mut on_step,
+            )?;
+            return Ok((latents, Some(traffic)));
+        }
         let mut after_step = |step: usize, latents: &mut Array4<f32>| {
             if let Some(blend) = &inpaint {
                 blend.apply(step, schedule, latents);
             }
         };
-        let mut latents = start.latents;
         denoiser.run(&mut latents, context, step_times, &mut on_step, &mut after_step)?;
-        Ok(latents)
+        Ok((latents, None))
     }
 
     /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like

@@ -166,6 +166,23 @@ pub struct Timings {
     pub total: Duration,
     /// Time inside ONNX Runtime calls, summed over all stages.
     pub onnx_runtime: Duration,
+    /// What the denoising loop copied between host and device; `None` when the host loop ran
+    /// (`LoadOptions::host_denoise_loop`).
+    pub host_traffic: Option<HostTraffic>,
+}
+
+/// Bytes the denoising loop copied between host and device memory, by the copies its code
+/// path issues (uploads, downloads). Copies ONNX Runtime makes inside a graph call (for nodes
+/// it places on the CPU) are not seen here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostTraffic {
+    /// Before the first step: latents, caption features and masks, per-step tables.
+    pub setup_bytes: u64,
+    /// The most copied by any one step (0: the steps ran without host traffic).
+    pub max_step_bytes: u64,
+    /// After the last step: the latents and the non-finite flag.
+    pub final_bytes: u64,
 }
 
 /// The result of [`Pipeline::generate`](crate::Pipeline::generate).

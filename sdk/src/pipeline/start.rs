@@ -191,6 +191,12 @@ pub(crate) struct InpaintBlend {
 }
 
 impl InpaintBlend {
+    /// The clean image latents, the noise they are re-noised with, and the latent-grid mask
+    /// (1 = repaint): what the device loop's step graph blends with.
+    pub fn parts(&self) -> (&Array4<f32>, &Array4<f32>, &Array2<f32>) {
+        (&self.image_latents, &self.noise, &self.mask)
+    }
+
     pub fn apply(&self, step: usize, schedule: &Schedule, latents: &mut Array4<f32>) {
         let known = if step + 1 < schedule.len() {
             scale_noise(&self.image_latents, &self.noise, schedule.sigmas[step + 1])

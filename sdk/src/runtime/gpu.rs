@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::cuda_graph::CudaGraphs;
 use crate::error::{Error, Result};
 use crate::limits::MAX_IMAGES_PER_REQUEST;
 use crate::package::files::sha256_hex;
@@ -76,11 +77,19 @@ pub struct GpuOptions {
     pub cuda_tf32: Tf32,
     /// Engines, caches and optimisation profiles for graphs that run on TensorRT.
     pub tensorrt: TensorRtOptions,
+    /// CUDA graph capture of the transformer's denoising calls where it is safe (see
+    /// [`crate::runtime::cuda_graph`]); `Pipeline::cuda_graph_fallback` says why not when not.
+    pub cuda_graphs: CudaGraphs,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { cuda_memory_limit: None, cuda_tf32: Tf32::LikePyTorch, tensorrt: TensorRtOptions::default() }
+        GpuOptions {
+            cuda_memory_limit: None,
+            cuda_tf32: Tf32::LikePyTorch,
+            tensorrt: TensorRtOptions::default(),
+            cuda_graphs: CudaGraphs::default(),
+        }
     }
 }
 

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ndarray::ArrayD;
-use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 
+use super::cuda_graph::CaptureTable;
 use super::device::Device;
 use super::library::Runtime;
 use super::provider::ProviderConfig;
@@ -23,11 +24,31 @@ pub(crate) struct Graph {
     pub kind: GraphKind,
     // `Session::run` takes `&mut self`: concurrent runs take turns per graph call.
     session: Mutex<Session>,
+    /// The session was built for CUDA graph capture.
+    capturing: bool,
+    /// Buffers bound to this session's calls, kept per shape (and replayed under one capture
+    /// each when `capturing`).
+    captures: CaptureTable,
 }
 
 impl Graph {
     pub fn new(kind: GraphKind, session: Session) -> Self {
-        Graph { kind, session: Mutex::new(session) }
+        Graph { kind, session: Mutex::new(session), capturing: false, captures: CaptureTable::default() }
+    }
+
+    fn capturing(mut self, on: bool) -> Self {
+        self.capturing = on;
+        self
+    }
+
+    /// Whether calls with a capture id are captured and replayed as CUDA graphs.
+    pub fn is_capturing(&self) -> bool {
+        self.capturing
+    }
+
+    /// The session's bound buffers per shape (see `runtime::cuda_graph`).
+    pub fn captures(&self) -> &CaptureTable {
+        &self.captures
     }
 
     /// Runs the graph and copies out the named float outputs. `release_arena` gives ONNX
@@ -75,6 +96,38 @@ impl Graph {
         Ok(taken)
     }
 
+    /// Runs the graph on bound inputs and outputs (device-resident buffers; see
+    /// `pipeline::device_loop`), with the same cancellation, timing and error naming as
+    /// [`Graph::run_then`]. The outputs stay where they are bound.
+    /// `capture`: the capture id to record or replay the call under (see `runtime::cuda_graph`);
+    /// `None` runs it plainly.
+    pub fn run_binding(
+        &self,
+        binding: &IoBinding,
+        context: &RunContext,
+        release_arena: bool,
+        capture: Option<i32>,
+    ) -> Result<()> {
+        context.check()?;
+        let replay = match capture.filter(|_| self.capturing) {
+            Some(id) => Some(context.capture_options(id)?),
+            None => None,
+        };
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let options = replay.as_deref().unwrap_or_else(|| context.run_options(release_arena));
+        let result = context.time_ort(|| session.run_binding_with_options(binding, options).map(drop));
+        if context.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        result.map_err(|e| Error::ort(self.kind.name(), e))
+    }
+
+    /// Hands the session to `f` (to create bindings and allocators on it) while holding it.
+    pub fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut session)
+    }
+
     /// An inference error of this graph.
     pub fn failed(&self, message: impl std::fmt::Display) -> Error {
         Error::inference(self.kind.name(), message)
@@ -100,6 +153,8 @@ pub(crate) struct GraphSlot {
     provider: ProviderConfig,
     used_device: Device,
     fallback_reason: Option<String>,
+    /// Why the transformer's calls are not captured as CUDA graphs (`None`: they are).
+    capture_refusal: Option<String>,
     settings: SessionSettings,
     runtime: &'static Runtime,
     resident: Option<Arc<Graph>>,
@@ -119,14 +174,22 @@ impl GraphSlot {
         mode: MemoryMode,
     ) -> Result<GraphSlot> {
         let built = build_session(runtime, kind, &path, &provider, settings)?;
-        let graph = Arc::new(Graph::new(kind, built.session));
+        // Later sessions (sequential mode) go straight to the provider that worked.
+        let provider = match (&built.fallback_reason, &built.capture_refusal) {
+            (Some(_), _) => ProviderConfig::Cpu,
+            (None, Some(_)) => provider.with_capture(false),
+            (None, None) => provider,
+        };
+        let graph = Arc::new(Graph::new(kind, built.session).capturing(provider.captures()));
         Ok(GraphSlot {
             kind,
             path,
-            // Later sessions (sequential mode) go straight to the provider that worked.
-            provider: if built.fallback_reason.is_some() { ProviderConfig::Cpu } else { provider },
             used_device: built.device,
             fallback_reason: built.fallback_reason,
+            capture_refusal: built.capture_refusal.or_else(|| {
+                (!provider.captures()).then(|| "CUDA graphs not used: the session was not built for capture".into())
+            }),
+            provider,
             settings: settings.clone(),
             runtime,
             resident: (mode == MemoryMode::Resident).then_some(graph),
@@ -141,6 +204,23 @@ impl GraphSlot {
     /// The provider that runs this graph.
     pub fn device(&self) -> Device {
         self.used_device
+    }
+
+    /// Why this graph's calls are not captured as CUDA graphs; `None` when they are.
+    pub fn capture_refusal(&self) -> Option<&str> {
+        self.capture_refusal.as_deref()
+    }
+
+    /// Records why capture was not asked for (the conditions of `runtime::cuda_graph`).
+    pub(crate) fn set_capture_refusal(&mut self, reason: Option<String>) {
+        if reason.is_some() {
+            self.capture_refusal = reason;
+        }
+    }
+
+    /// The provider configuration sessions of this graph are built with.
+    pub(crate) fn provider(&self) -> &ProviderConfig {
+        &self.provider
     }
 
     /// Why the graph runs on the CPU instead of the requested provider, when it fell back.
@@ -166,7 +246,8 @@ impl GraphSlot {
             return Ok(Arc::clone(graph));
         }
         let built = build_session(self.runtime, self.kind, &self.path, &self.provider, &self.settings)?;
-        Ok(Arc::new(Graph::new(self.kind, built.session)))
+        let capturing = self.provider.captures() && built.capture_refusal.is_none();
+        Ok(Arc::new(Graph::new(self.kind, built.session).capturing(capturing)))
     }
 
     /// Drops the slot's own session and replaced weights (a caller still holding the

@@ -1,12 +1,14 @@
 //! Everything about ONNX Runtime, and nothing about Z-Image:
 //! - [`library`]: finding and loading the shared library (one environment per process);
 //! - [`device`]: [`Device`], where a graph runs;
+//! - [`cuda_graph`]: when the transformer's CUDA calls are captured and replayed;
 //! - [`gpu`]: CUDA settings, TensorRT profiles and engine caches;
 //! - `provider`: each graph's execution provider, registered on its session;
 //! - [`session`]: building one session (options, CPU fallback, optimised-graph cache);
 //! - `graph`: a loaded graph shared between threads, resident or loaded per stage;
 //! - [`run_context`]: one run's options, cancellation and time spent in ONNX Runtime.
 
+pub mod cuda_graph;
 pub mod device;
 pub mod gpu;
 pub(crate) mod graph;

@@ -21,6 +21,8 @@ pub(crate) enum ProviderConfig {
         memory_limit: Option<usize>,
         tf32: bool,
         exact_arena: bool,
+        /// Build the session with `enable_cuda_graph` (see `runtime::cuda_graph`).
+        cuda_graph: bool,
     },
     TensorRt {
         device_id: i32,
@@ -84,7 +86,22 @@ impl ProviderConfig {
             memory_limit: gpu.cuda_memory_limit,
             tf32: gpu.cuda_tf32.for_graph(graph),
             exact_arena,
+            cuda_graph: false,
         }
+    }
+
+    /// Whether the session is to be built for CUDA graph capture.
+    pub fn captures(&self) -> bool {
+        matches!(self, ProviderConfig::Cuda { cuda_graph: true, .. })
+    }
+
+    /// The same provider with CUDA graph capture on or off (CUDA only).
+    pub fn with_capture(&self, on: bool) -> ProviderConfig {
+        let mut provider = self.clone();
+        if let ProviderConfig::Cuda { cuda_graph, .. } = &mut provider {
+            *cuda_graph = on;
+        }
+        provider
     }
 
     pub fn device(&self) -> Device {
@@ -102,9 +119,10 @@ fn cuda_dispatch(
     memory_limit: Option<usize>,
     tf32: bool,
     exact_arena: bool,
+    cuda_graph: bool,
 ) -> ort::ep::ExecutionProviderDispatch {
     // ONNX Runtime turns TF32 on by default; zimage decides per graph (`Tf32`).
-    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(tf32);
+    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(tf32).with_cuda_graph(cuda_graph);
     if exact_arena {
         cuda = cuda.with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested);
     }
@@ -120,8 +138,8 @@ pub(crate) fn register_provider(builder: SessionBuilder, provider: &ProviderConf
     let dispatches = match provider {
         ProviderConfig::Cpu => return Ok(builder),
         #[cfg(feature = "cuda")]
-        ProviderConfig::Cuda { device_id, memory_limit, tf32, exact_arena } => {
-            vec![cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena)]
+        ProviderConfig::Cuda { device_id, memory_limit, tf32, exact_arena, cuda_graph } => {
+            vec![cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena, *cuda_graph)]
         }
         #[cfg(all(feature = "tensorrt", feature = "cuda"))]
         ProviderConfig::TensorRt { device_id, profile, cache_dir, precision, memory_limit, tf32, exact_arena } => {
@@ -141,7 +159,7 @@ pub(crate) fn register_provider(builder: SessionBuilder, provider: &ProviderConf
                 .build()
                 .error_on_failure();
             // Nodes TensorRT cannot take run on CUDA rather than silently on the CPU.
-            vec![trt, cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena)]
+            vec![trt, cuda_dispatch(*device_id, *memory_limit, *tf32, *exact_arena, false)]
         }
         #[allow(unreachable_patterns)]
         _ => return Err(unavailable(format!("this zimage was built without the `{name}` feature"))),

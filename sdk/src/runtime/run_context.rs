@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use ort::session::RunOptions;
 
+use super::cuda_graph::SKIP_CAPTURE;
 use crate::error::{Error, Result};
+
+/// ONNX Runtime's run option naming the CUDA graph a call is captured or replayed as.
+const CAPTURE_ID: &str = "gpu_graph_id";
 
 /// The part of a run other threads can reach: its run options and its cancelled flag.
 struct RunControl {
@@ -19,6 +23,8 @@ struct RunControl {
     /// graph's last call in a generation, so the transformer's activations are not still held
     /// while the VAE decodes.
     releasing_options: RunOptions,
+    /// Options of calls recorded or replayed as CUDA graphs, one per capture id.
+    capture_options: Mutex<Vec<(i32, Arc<RunOptions>)>>,
     cancelled: AtomicBool,
 }
 
@@ -27,6 +33,9 @@ impl RunControl {
         self.cancelled.store(true, Ordering::SeqCst);
         let _ = self.options.terminate();
         let _ = self.releasing_options.terminate();
+        for (_, options) in self.capture_options.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = options.terminate();
+        }
     }
 }
 
@@ -44,6 +53,24 @@ impl RunContext {
         } else {
             &self.control.options
         }
+    }
+
+    /// The options of a call recorded or replayed as the CUDA graph `id` (see
+    /// `runtime::cuda_graph`); the run's other calls are never captured.
+    pub fn capture_options(&self, id: i32) -> Result<Arc<RunOptions>> {
+        let mut all = self.control.capture_options.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, options)) = all.iter().find(|(i, _)| *i == id) {
+            return Ok(Arc::clone(options));
+        }
+        let fail = |e: ort::Error| Error::runtime(format!("run options: {e}")).caused_by(e);
+        let mut options = RunOptions::new().map_err(fail)?;
+        options.set(CAPTURE_ID, id.to_string()).map_err(fail)?;
+        if self.is_cancelled() {
+            let _ = options.terminate();
+        }
+        let options = Arc::new(options);
+        all.push((id, Arc::clone(&options)));
+        Ok(options)
     }
 
     /// Stops this run: the ONNX Runtime call in flight ends and later stages refuse to start.
@@ -88,10 +115,19 @@ impl Registry {
     /// Starts tracking a new run; it stops being tracked when the returned context drops.
     pub fn begin(&self) -> Result<RunContext> {
         let fail = |e: ort::Error| Error::runtime(format!("run options: {e}")).caused_by(e);
-        let options = RunOptions::new().map_err(fail)?;
+        let mut options = RunOptions::new().map_err(fail)?;
         let mut releasing_options = RunOptions::new().map_err(fail)?;
         releasing_options.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(fail)?;
-        let control = Arc::new(RunControl { options, releasing_options, cancelled: AtomicBool::new(false) });
+        // Plain calls are never captured nor replayed, also on a session built for capture.
+        let skip = SKIP_CAPTURE.to_string();
+        options.set(CAPTURE_ID, &skip).map_err(fail)?;
+        releasing_options.set(CAPTURE_ID, &skip).map_err(fail)?;
+        let control = Arc::new(RunControl {
+            options,
+            releasing_options,
+            capture_options: Mutex::new(Vec::new()),
+            cancelled: AtomicBool::new(false),
+        });
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         active.retain(|w| w.strong_count() > 0);
         active.push(Arc::downgrade(&control));

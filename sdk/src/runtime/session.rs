@@ -112,6 +112,9 @@ pub(crate) struct BuiltSession {
     pub session: Session,
     pub device: Device,
     pub fallback_reason: Option<String>,
+    /// Why the session was built without CUDA graph capture although it was asked for: ONNX
+    /// Runtime refused it (a node not on CUDA, control flow).
+    pub capture_refusal: Option<String>,
 }
 
 /// Builds a session for one graph.
@@ -151,7 +154,7 @@ pub(crate) fn build_session(
         b.commit_from_file(path)
             .map_err(|e| Error::package(path, format!("ONNX Runtime could not load graph {graph}: {e}")).caused_by(e))
     };
-    let on_cpu = |session| BuiltSession { session, device: Device::Cpu, fallback_reason: None };
+    let on_cpu = |session| BuiltSession { session, device: Device::Cpu, fallback_reason: None, capture_refusal: None };
     if *provider == ProviderConfig::Cpu {
         if let Some(cache) = &settings.optimized_cache {
             return Ok(on_cpu(load_through_cache(graph, cache, &base, &commit)?));
@@ -159,7 +162,25 @@ pub(crate) fn build_session(
         return Ok(on_cpu(commit(base()?)?));
     }
     match register_provider(base()?, provider) {
-        Ok(b) => Ok(BuiltSession { session: commit(b)?, device: provider.device(), fallback_reason: None }),
+        Ok(b) => match commit(b) {
+            Ok(session) => {
+                Ok(BuiltSession { session, device: provider.device(), fallback_reason: None, capture_refusal: None })
+            }
+            // ONNX Runtime checks the capture conditions only when it builds the session: build
+            // it again without, and keep why.
+            Err(e) if provider.captures() => {
+                let reason = format!("CUDA graphs not used: ONNX Runtime refused to capture this graph: {e}");
+                tracing::warn!(graph = graph.name(), reason = %reason, "building the session without CUDA graphs");
+                let session = commit(register_provider(base()?, &provider.with_capture(false))?)?;
+                Ok(BuiltSession {
+                    session,
+                    device: provider.device(),
+                    fallback_reason: None,
+                    capture_refusal: Some(reason),
+                })
+            }
+            Err(e) => Err(e),
+        },
         Err(e) if settings.allow_cpu_fallback => {
             let reason = e.to_string();
             tracing::warn!(graph = graph.name(), reason = %reason, "provider unavailable, running on the CPU");
