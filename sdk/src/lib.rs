@@ -32,6 +32,7 @@
 //! # Ok::<(), zimage::Error>(())
 //! ```
 
+pub mod control_preprocess;
 pub mod enhancer;
 pub mod error;
 pub mod image_io;
@@ -44,6 +45,7 @@ pub mod pipeline;
 mod random;
 pub mod runtime;
 
+pub use control_preprocess::ControlPreprocess;
 pub use enhancer::sampling::{RandomSampling, Sampling};
 pub use enhancer::{
     default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, PromptEnhancer, TokenEvent,
@@ -58,8 +60,9 @@ pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 pub use package::graph::GraphKind;
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
+pub use pipeline::control::{ControlCondition, ControlInpaint};
 pub use pipeline::noise::TorchGenerator;
-pub use pipeline::parameters::{image_parameters, lora_records, InputNames};
+pub use pipeline::parameters::{control_parameters, image_parameters, lora_records, ControlNames, InputNames};
 pub use pipeline::request::{GenerateRequest, Generation, InitImage, Progress, Prompt, Providers, Timings};
 pub use pipeline::scheduler::Schedule;
 pub use pipeline::Pipeline;

@@ -3,8 +3,10 @@
 //!
 //! - [`text_encoder`]: prompt -> token ids -> caption features (Qwen3);
 //! - [`transformer`]: one denoising prediction (the DiT);
-//! - [`vae`]: latents -> pixels and pixels -> latent distribution.
+//! - [`vae`]: latents -> pixels and pixels -> latent distribution;
+//! - [`controlnet`]: the transformer with a ControlNet attached (control inputs).
 
+pub(crate) mod controlnet;
 pub(crate) mod text_encoder;
 pub(crate) mod transformer;
 pub(crate) mod vae;

@@ -7,8 +7,10 @@
 //! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
-//! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package.
+//! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package;
+//! - [`controlnet`]: the ControlNet add-ons' section.
 
+pub mod controlnet;
 pub mod enhancer;
 pub mod files;
 pub mod format;
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use controlnet::ControlNetInfo;
 use enhancer::EnhancerInfo;
 use files::{check_package_files, FileEntry};
 use format::read_manifest_json;
@@ -48,6 +51,9 @@ pub struct Manifest {
     /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
     #[serde(default)]
     pub enhancer: Option<EnhancerInfo>,
+    /// ControlNet add-ons by name (docs/controlnet.md); empty in a package without them.
+    #[serde(default)]
+    pub controlnets: BTreeMap<String, ControlNetInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
