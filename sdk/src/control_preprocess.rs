@@ -16,7 +16,8 @@ pub enum ControlPreprocess {
     /// The image is the control map already (edges, depth, pose ... made elsewhere).
     #[default]
     None,
-    /// Canny edges (white on black), hysteresis thresholds on the Sobel gradient magnitude.
+    /// Canny edges (white on black): imageproc's Gaussian blur (sigma 1.4), Sobel gradient
+    /// magnitude, non-maximum suppression, hysteresis between `low` and `high`.
     Canny { low: f32, high: f32 },
 }
 
@@ -69,7 +70,9 @@ impl FromStr for ControlPreprocess {
 
 fn check_thresholds(low: f32, high: f32) -> Result<()> {
     if !(low.is_finite() && high.is_finite() && 0.0 <= low && low <= high) {
-        return Err(Error::invalid(format!("canny thresholds must be finite with 0 <= low <= high (got {low}, {high})")));
+        return Err(Error::invalid(format!(
+            "canny thresholds must be finite with 0 <= low <= high (got {low}, {high})"
+        )));
     }
     Ok(())
 }

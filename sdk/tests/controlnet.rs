@@ -189,7 +189,8 @@ fn bad_control_input_is_a_typed_error() {
     assert_eq!(pipeline.generate(&r, None).unwrap_err().kind(), ErrorKind::InvalidRequest);
     // Inpainting with a ControlNet of control_in_dim 16 (union-v1 cannot inpaint).
     let mut r = small_request(case);
-    let mask = zimage::GrayImage { width: image.width, height: image.height, pixels: vec![255; image.pixels.len() / 3] };
+    let mask =
+        zimage::GrayImage { width: image.width, height: image.height, pixels: vec![255; image.pixels.len() / 3] };
     r.control = Some(ControlCondition::inpaint(image.clone(), image, mask));
     let err = pipeline.generate(&r, None).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
@@ -242,4 +243,41 @@ fn controlnet_for_another_transformer_is_refused() {
     }
     pipeline.set_controlnet(Some(&a_name)).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Canny control maps: edges where the picture has a step, nothing in flat regions; the
+/// preprocess names parse and bad thresholds are refused.
+#[test]
+fn canny_marks_the_step_edge_only() {
+    use zimage::ControlPreprocess;
+    let (w, h) = (40u32, 24u32);
+    let mut pixels = Vec::new();
+    for _y in 0..h {
+        for x in 0..w {
+            let v = if x < 20 { 10 } else { 240 };
+            pixels.extend([v, v, v]);
+        }
+    }
+    let image = zimage::RgbImage { width: w, height: h, pixels };
+    let map = ControlPreprocess::CANNY_DEFAULT.apply(&image).unwrap();
+    assert_eq!((map.width, map.height), (w, h));
+    let at = |x: u32, y: u32| map.pixels[((y * w + x) * 3) as usize];
+    for y in 4..h - 4 {
+        assert!((18..=21).any(|x| at(x, y) == 255), "row {y}: no edge at the step");
+        for x in (0..14).chain(26..w) {
+            assert_eq!(at(x, y), 0, "edge at ({x}, {y}) in a flat region");
+        }
+    }
+    assert!(map.pixels.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2] && (p[0] == 0 || p[0] == 255)));
+    assert_eq!("canny".parse::<ControlPreprocess>().unwrap(), ControlPreprocess::CANNY_DEFAULT);
+    assert_eq!("none".parse::<ControlPreprocess>().unwrap(), ControlPreprocess::None);
+    assert_eq!("canny:50:80".parse::<ControlPreprocess>().unwrap(), ControlPreprocess::Canny { low: 50.0, high: 80.0 });
+    assert_eq!("canny:50:80".parse::<ControlPreprocess>().unwrap().name(), "canny:50:80");
+    for bad in ["canny:80:50", "canny:nan:1", "canny:-1:5", "sobel", "canny:1"] {
+        let err = bad.parse::<ControlPreprocess>().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{bad}");
+    }
+    let mut broken = image.clone();
+    broken.pixels.pop();
+    assert_eq!(ControlPreprocess::CANNY_DEFAULT.apply(&broken).unwrap_err().kind(), ErrorKind::Image);
 }

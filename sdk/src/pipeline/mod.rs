@@ -17,8 +17,8 @@
 
 pub(crate) mod captions;
 pub mod control;
-pub(crate) mod latent_mask;
 pub(crate) mod denoise;
+pub(crate) mod latent_mask;
 pub(crate) mod loading;
 pub mod noise;
 pub mod parameters;
@@ -38,8 +38,8 @@ use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
 use crate::lora::{LoraAdapter, LoraSetting, Targets};
-use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::controlnet::{self as controlnet_graph, ControlInputs};
+use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
 use crate::package::controlnet::ControlNetInfo;
@@ -122,7 +122,11 @@ impl Pipeline {
         Ok(Pipeline {
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone() },
-            transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone(), controlnet: None }),
+            transformer: RwLock::new(ActiveTransformer {
+                slot: transformer,
+                loras: options.loras.clone(),
+                controlnet: None,
+            }),
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
@@ -216,7 +220,12 @@ impl Pipeline {
 
     /// The control latents of `request`: its condition's, or neutral ones when a ControlNet is
     /// attached and the request has none; `None` without a ControlNet.
-    fn control_inputs(&self, request: &GenerateRequest, plan: &Plan, context: &RunContext) -> Result<Option<ControlInputs>> {
+    fn control_inputs(
+        &self,
+        request: &GenerateRequest,
+        plan: &Plan,
+        context: &RunContext,
+    ) -> Result<Option<ControlInputs>> {
         let attached = self.active_transformer().controlnet.clone();
         match (&request.control, attached) {
             (None, None) => Ok(None),
