@@ -233,6 +233,27 @@ typedef uint32_t zimage_tf32;
 #endif // __cplusplus
 
 /**
+ * How a ControlNet control image is prepared (`zimage_generate_params.control_preprocess`).
+ */
+enum zimage_control_preprocess
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  /**
+   * The image is the control map already (edges, depth, pose ...).
+   */
+  ZIMAGE_CONTROL_PREPROCESS_NONE = 0,
+  /**
+   * Canny edges of the image (thresholds 100 and 200, as the ControlNet annotators).
+   */
+  ZIMAGE_CONTROL_PREPROCESS_CANNY = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t zimage_control_preprocess;
+#endif // __cplusplus
+
+/**
  * A LoRA adapter read from a `.safetensors` file (diffusers/PEFT, kohya, ComfyUI/musubi, LoKr),
  * made by `zimage_lora_adapter_init()` and freed with `zimage_adapter_free()`. Immutable: one
  * adapter can be set on several pipelines of the same model. It holds its own data: it stays
@@ -693,6 +714,24 @@ typedef struct zimage_generate_params {
    * `enhancer`.
    */
   const struct zimage_enhance_params *enhance_params;
+  /**
+   * ControlNet (appended after `enhance_params`: an older, smaller struct means none): the
+   * control map, RGB8 at the request's size (resize it first), guiding the generation through
+   * the ControlNet attached with `zimage_pipeline_set_controlnet()`. With `init_image` and
+   * `mask` also set: ControlNet inpainting, which starts from noise (`strength` is not used;
+   * a ControlNet with 2C+1 control channels is needed). `control_image.pixels == NULL` (the
+   * default): no ControlNet condition.
+   */
+  struct zimage_image control_image;
+  /**
+   * ControlNet conditioning scale (default 0.75, diffusers'); finite.
+   */
+  float control_scale;
+  /**
+   * How `control_image` is made into the control map first (a `zimage_control_preprocess`,
+   * as `uint32_t`); default `ZIMAGE_CONTROL_PREPROCESS_NONE`.
+   */
+  uint32_t control_preprocess;
 } zimage_generate_params;
 
 /**
@@ -937,6 +976,17 @@ void zimage_pipeline_free(struct zimage_pipeline *pipeline);
  * takes a lock.
  */
 zimage_result zimage_cancel(const struct zimage_pipeline *pipeline);
+
+/**
+ * Attaches the package's ControlNet `name` (added with export_controlnet.py; UTF-8), or
+ * detaches it with NULL: the transformer's session is replaced by the combined transformer +
+ * ControlNet graph (the shared weights stay in memory once). Requests with a `control_image`
+ * need one attached. `ZIMAGE_RESULT_PACKAGE` when the package has no such ControlNet or it was
+ * made for another transformer (the pipeline keeps what it had). Not while a generation runs
+ * on `pipeline` from another thread (it waits for it).
+ */
+zimage_result zimage_pipeline_set_controlnet(const struct zimage_pipeline *pipeline,
+                                             const char *name);
 
 /**
  * Encodes `prompt` (UTF-8) once, for use as `prompt_embedding` or `negative_prompt_embedding`

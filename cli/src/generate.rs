@@ -12,8 +12,9 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use zimage::{
-    image_io, image_parameters, lora_records, GenerateRequest, Generation, InitImage, InputNames, LoraAdapter,
-    LoraSetting, Manifest, Pipeline, Progress, Prompt, Timings, TokenizedPrompt,
+    control_parameters, image_io, image_parameters, lora_records, ControlCondition, ControlNames, ControlPreprocess,
+    GenerateRequest, Generation, InitImage, InputNames, LoraAdapter, LoraSetting, Manifest, Pipeline, Progress, Prompt,
+    Timings, TokenizedPrompt,
 };
 
 use crate::enhance::{self, EnhanceFlags};
@@ -78,8 +79,24 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "S", requires = "init_image")]
     strength: Option<f64>,
     /// Inpainting mask for --init-image, at the output size: white = repaint, black = keep.
+    /// With --controlnet: ControlNet inpainting (from noise, no --strength).
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask: Option<PathBuf>,
+    /// A ControlNet added to the package (export_controlnet.py): its name, or the path of its
+    /// controlnet_NAME.onnx in the package folder. Needs --control-image.
+    #[arg(long, value_name = "NAME_OR_FILE", requires = "control_image")]
+    controlnet: Option<String>,
+    /// The control map (edges, depth, pose ...; PNG, JPEG, WebP), resized to the output size
+    /// [sets the size when --width/--height are not given].
+    #[arg(long, value_name = "FILE", requires = "controlnet")]
+    control_image: Option<PathBuf>,
+    /// ControlNet conditioning scale.
+    #[arg(long, value_name = "S", default_value_t = ControlCondition::DEFAULT_SCALE, requires = "controlnet")]
+    control_scale: f32,
+    /// Make the control map from --control-image first: none (it is a map already), canny
+    /// (edges, thresholds 100/200) or canny:LOW:HIGH.
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_preprocess, requires = "controlnet")]
+    control_preprocess: ControlPreprocess,
     /// A LoRA (.safetensors: diffusers/PEFT, kohya, ComfyUI, LoKr) merged into the transformer at
     /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
@@ -106,12 +123,35 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     // and only then the input pictures are decoded and resized.
     let manifest = Manifest::read(&args.model.model)?;
     let init_bytes = args.init_image.as_deref().map(image_io::read_image_bytes).transpose()?;
-    let init_size = match (&init_bytes, &args.init_image) {
-        (Some(bytes), Some(path)) => Some(image_io::image_size(bytes).map_err(|e| located(path, e))?),
+    let control_bytes = args.control_image.as_deref().map(image_io::read_image_bytes).transpose()?;
+    let init_size = match (&init_bytes, &args.init_image, &control_bytes, &args.control_image) {
+        (Some(bytes), Some(path), _, _) | (None, _, Some(bytes), Some(path)) => {
+            Some(image_io::image_size(bytes).map_err(|e| located(path, e))?)
+        }
         _ => None,
     };
     let mut request = build_request(&args, &manifest, init_size);
     zimage::pipeline::check_request(&request, &manifest)?;
+    let controlnet = match &args.controlnet {
+        Some(value) => Some(
+            zimage::package::controlnet::find_controlnet(&manifest.controlnets, &args.model.model, value).ok_or_else(
+                || {
+                    let known: Vec<&str> = manifest.controlnets.keys().map(String::as_str).collect();
+                    Failure::Usage(format!(
+                        "--controlnet {value}: the package has no such ControlNet (it has: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ))
+                },
+            )?,
+        ),
+        None => None,
+    };
+    if controlnet.is_some() && args.init_image.is_some() && (args.mask.is_none() || args.strength.is_some()) {
+        return Err(Failure::Usage(
+            "with --controlnet, --init-image needs --mask (ControlNet inpainting, which starts from noise and takes no              --strength)"
+                .into(),
+        ));
+    }
 
     // Adapters are read and checked before the model load too.
     let loras = args
@@ -133,7 +173,22 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
             )));
         }
     }
-    if let (Some(bytes), Some(path)) = (&init_bytes, &args.init_image) {
+    if let (Some(bytes), Some(path)) = (&control_bytes, &args.control_image) {
+        let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
+        let map = args.control_preprocess.apply(&image_io::resize_rgb(&image, request.width, request.height)?)?;
+        let mut control = ControlCondition::new(map);
+        control.conditioning_scale = args.control_scale;
+        request.control = Some(control);
+    }
+    drop(control_bytes);
+    if let (Some(bytes), Some(path), Some(control)) = (&init_bytes, &args.init_image, request.control.as_mut()) {
+        let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
+        let mask_path = args.mask.as_deref().expect("checked: --init-image with --controlnet needs --mask");
+        let mask = image_io::load_gray_sized(mask_path, request.width, request.height)?;
+        let picture = image_io::resize_rgb(&image, request.width, request.height)?;
+        *control = ControlCondition::inpaint(control.image.clone(), picture, mask);
+        control.conditioning_scale = args.control_scale;
+    } else if let (Some(bytes), Some(path)) = (&init_bytes, &args.init_image) {
         let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
         let mask =
             args.mask.as_deref().map(|m| image_io::load_gray_sized(m, request.width, request.height)).transpose()?;
@@ -150,6 +205,10 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
     let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras)?;
+    if let Some(name) = &controlnet {
+        progress.stage("attaching ControlNet");
+        pipeline.set_controlnet(Some(name))?;
+    }
 
     progress.stage("encoding prompt");
     let last_step = Cell::new((0usize, 0usize));
@@ -334,6 +393,10 @@ fn parse_lora(value: &str) -> Result<(PathBuf, f32), String> {
     Ok((PathBuf::from(value), 1.0))
 }
 
+fn parse_preprocess(value: &str) -> Result<ControlPreprocess, String> {
+    value.parse().map_err(|e: zimage::Error| e.to_string())
+}
+
 /// The generation parameters stored in each PNG: the SDK's list (the server writes the same),
 /// with the input pictures named by the paths given.
 fn png_text(
@@ -345,7 +408,16 @@ fn png_text(
 ) -> Vec<(&'static str, String)> {
     let name = |path: Option<&Path>| path.map(|p| p.display().to_string()).unwrap_or_default();
     let inputs = InputNames { init_image: name(args.init_image.as_deref()), mask: name(args.mask.as_deref()) };
-    image_parameters(request, generation, index, pipeline.package_dir(), &pipeline.loras(), &inputs)
+    let mut text = image_parameters(request, generation, index, pipeline.package_dir(), &pipeline.loras(), &inputs);
+    let control = ControlNames {
+        controlnet: pipeline.controlnet().unwrap_or_default(),
+        control_image: name(args.control_image.as_deref()),
+        preprocess: args.control_preprocess.name(),
+        inpaint_image: name(args.init_image.as_deref()),
+        mask: name(args.mask.as_deref()),
+    };
+    text.extend(control_parameters(request, &control));
+    text
 }
 
 fn summary_json(
@@ -371,6 +443,8 @@ fn summary_json(
         "cfg_normalization": request.cfg_normalization,
         "cfg_truncation": request.cfg_truncation,
         "strength": request.init_image.as_ref().map(|i| i.strength),
+        "controlnet": pipeline.controlnet(),
+        "control_scale": request.control.as_ref().map(|c| c.conditioning_scale),
         "model": pipeline.package_dir().display().to_string(),
         "loras": lora_records(&pipeline.loras()),
         "runtime_library": pipeline.runtime_library().display().to_string(),

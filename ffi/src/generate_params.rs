@@ -8,9 +8,12 @@
 use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 
-use sdk::{EnhanceOptions, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage};
+use sdk::{
+    ControlCondition, ControlPreprocess, EnhanceOptions, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage,
+};
 
 use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
+use crate::c_enum::{c_enum, CEnum};
 use crate::enhancer::{self, zimage_enhance_params, zimage_enhancer};
 use crate::error::{zimage_result, Failure};
 use crate::image::zimage_image;
@@ -85,7 +88,31 @@ pub struct zimage_generate_params {
     /// How to enhance; NULL = the defaults of `zimage_enhance_params_init()`. Ignored without
     /// `enhancer`.
     pub enhance_params: *const zimage_enhance_params,
+    /// ControlNet (appended after `enhance_params`: an older, smaller struct means none): the
+    /// control map, RGB8 at the request's size (resize it first), guiding the generation through
+    /// the ControlNet attached with `zimage_pipeline_set_controlnet()`. With `init_image` and
+    /// `mask` also set: ControlNet inpainting, which starts from noise (`strength` is not used;
+    /// a ControlNet with 2C+1 control channels is needed). `control_image.pixels == NULL` (the
+    /// default): no ControlNet condition.
+    pub control_image: zimage_image,
+    /// ControlNet conditioning scale (default 0.75, diffusers'); finite.
+    pub control_scale: f32,
+    /// How `control_image` is made into the control map first (a `zimage_control_preprocess`,
+    /// as `uint32_t`); default `ZIMAGE_CONTROL_PREPROCESS_NONE`.
+    pub control_preprocess: u32,
 }
+
+/// How a ControlNet control image is prepared (`zimage_generate_params.control_preprocess`).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum zimage_control_preprocess {
+    /// The image is the control map already (edges, depth, pose ...).
+    None = 0,
+    /// Canny edges of the image (thresholds 100 and 200, as the ControlNet annotators).
+    Canny = 1,
+}
+
+c_enum!(zimage_control_preprocess { None, Canny });
 
 /// diffusers' default image-to-image strength.
 const DEFAULT_STRENGTH: f64 = 0.6;
@@ -119,6 +146,9 @@ unsafe impl Versioned for zimage_generate_params {
             progress_user_data: std::ptr::null_mut(),
             enhancer: std::ptr::null(),
             enhance_params: std::ptr::null(),
+            control_image: zimage_image::NONE,
+            control_scale: ControlCondition::DEFAULT_SCALE,
+            control_preprocess: zimage_control_preprocess::None as u32,
         }
     }
 }
@@ -172,7 +202,8 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
     let positive = unsafe { prompt(p.prompt, p.prompt_embedding, "params->prompt") }?
         .ok_or_else(|| Failure::null("params->prompt (and params->prompt_embedding)"))?;
     let negative = unsafe { prompt(p.negative_prompt, p.negative_prompt_embedding, "params->negative_prompt") }?;
-    let init_image = unsafe { init_image(&p) }?;
+    let mut init_image = unsafe { init_image(&p) }?;
+    let control = unsafe { control(&p, &mut init_image) }?;
     let mut request = GenerateRequest::new(positive);
     request.negative_prompt = negative;
     request.width = p.width;
@@ -186,6 +217,7 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
     request.max_sequence_length = (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize);
     request.return_latents = p.return_latents;
     request.init_image = init_image;
+    request.control = control;
     let enhance = if p.enhancer.is_null() {
         None
     } else {
@@ -223,6 +255,32 @@ unsafe fn init_image(p: &zimage_generate_params) -> Result<Option<InitImage>, Fa
         pixels,
     });
     Ok(Some(InitImage { image, mask, strength: p.strength }))
+}
+
+/// The ControlNet condition, taking the init image and mask for ControlNet inpainting.
+unsafe fn control(
+    p: &zimage_generate_params,
+    init: &mut Option<InitImage>,
+) -> Result<Option<ControlCondition>, Failure> {
+    let Some((width, height, pixels)) = (unsafe { read_pixels(&p.control_image, 3, "params->control_image") })? else {
+        return Ok(None);
+    };
+    let preprocess = match zimage_control_preprocess::from_c(p.control_preprocess, "params->control_preprocess")? {
+        zimage_control_preprocess::None => ControlPreprocess::None,
+        zimage_control_preprocess::Canny => ControlPreprocess::CANNY_DEFAULT,
+    };
+    let map = preprocess.apply(&RgbImage { width, height, pixels })?;
+    let mut condition =
+        match init.take() {
+            None => ControlCondition::new(map),
+            Some(InitImage { image, mask: Some(mask), .. }) => ControlCondition::inpaint(map, image, mask),
+            Some(InitImage { mask: None, .. }) => return Err(Failure::invalid(
+                "params->control_image with params->init_image needs params->mask (ControlNet inpainting); there is \
+                 no ControlNet image-to-image",
+            )),
+        };
+    condition.conditioning_scale = p.control_scale;
+    Ok(Some(condition))
 }
 
 /// Copies a caller's image into packed rows; `None` when `pixels` is NULL.

@@ -122,3 +122,22 @@ pub unsafe extern "C" fn zimage_cancel(pipeline: *const zimage_pipeline) -> zima
         Ok(())
     })
 }
+
+/// Attaches the package's ControlNet `name` (added with export_controlnet.py; UTF-8), or
+/// detaches it with NULL: the transformer's session is replaced by the combined transformer +
+/// ControlNet graph (the shared weights stay in memory once). Requests with a `control_image`
+/// need one attached. `ZIMAGE_RESULT_PACKAGE` when the package has no such ControlNet or it was
+/// made for another transformer (the pipeline keeps what it had). Not while a generation runs
+/// on `pipeline` from another thread (it waits for it).
+#[no_mangle]
+pub unsafe extern "C" fn zimage_pipeline_set_controlnet(
+    pipeline: *const zimage_pipeline,
+    name: *const c_char,
+) -> zimage_result {
+    guard(|| {
+        let handle = unsafe { args::reference(pipeline, "pipeline") }?;
+        let name = if name.is_null() { None } else { Some(unsafe { args::string(name, "name") }?) };
+        handle.pipeline.set_controlnet(name)?;
+        Ok(())
+    })
+}

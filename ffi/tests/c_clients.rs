@@ -61,6 +61,7 @@ struct Prepared {
     enhancer_cases_file: PathBuf,
     lora_cases_file: PathBuf,
     edit_cases_file: PathBuf,
+    controlnet_cases_file: PathBuf,
     io_fixture: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
@@ -77,6 +78,7 @@ fn prepared() -> &'static Prepared {
         let enhancer_cases_file = write_enhancer_cases_file(&work);
         let lora_cases_file = write_lora_cases_file(&work);
         let edit_cases_file = write_edit_cases_file(&work);
+        let controlnet_cases_file = write_controlnet_cases_file(&work);
 
         // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
         let io_fixture = work.join("io-package");
@@ -95,6 +97,7 @@ fn prepared() -> &'static Prepared {
             enhancer_cases_file,
             lora_cases_file,
             edit_cases_file,
+            controlnet_cases_file,
             io_fixture,
             mismatched_package,
             shared_lib_dir,
@@ -141,6 +144,59 @@ fn write_lora_cases_file(work: &Path) -> PathBuf {
         lines.push('\n');
     }
     let path = work.join("lora-cases.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// The ControlNet goldens (`tests/golden/controlnet/cases.json`) for the C client's
+/// `test_controlnet`, one case per line, tab-separated: name, package, controlnet, prompt,
+/// negative prompt, seed, width, height, steps, guidance, scale, control RGB, expected RGB, and
+/// for inpainting the picture's RGB and the mask (raw files).
+fn write_controlnet_cases_file(work: &Path) -> PathBuf {
+    let golden_dir = root().join("tests/golden/controlnet");
+    let goldens: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir.join("cases.json")).expect("cases.json")).unwrap();
+    let raw_dir = work.join("raw-controlnet");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    let raw = |rel: &Value, channels: usize, name: String| -> String {
+        let (pixels, got) = decode_png(&golden_dir.join(rel.as_str().unwrap()));
+        assert_eq!(got, channels, "{rel}");
+        let path = raw_dir.join(name);
+        std::fs::write(&path, pixels).unwrap();
+        path.display().to_string()
+    };
+    let mut lines = String::new();
+    for entry in goldens.as_array().unwrap() {
+        let controlnet = entry["controlnet"].as_str().unwrap();
+        for case in entry["text_to_image"].as_array().unwrap().iter().chain(entry["inpaint"].as_array().unwrap()) {
+            let name = case["name"].as_str().unwrap();
+            let tag = format!("{controlnet}-{name}-{}", lines.lines().count());
+            assert_eq!(case["image_files"].as_array().unwrap().len(), 1, "{tag}: one image per case");
+            let mut fields: Vec<String> = vec![
+                name.into(),
+                root().join(entry["package"].as_str().unwrap()).display().to_string(),
+                controlnet.into(),
+                case["prompt"].as_str().unwrap().into(),
+                case["negative_prompt"].as_str().unwrap_or("").into(),
+                case["seed"].to_string(),
+                case["width"].to_string(),
+                case["height"].to_string(),
+                case["num_inference_steps"].to_string(),
+                case["guidance_scale"].to_string(),
+                case["controlnet_conditioning_scale"].to_string(),
+                raw(&case["control_image_file"], 3, format!("{tag}-control.rgb")),
+                raw(&case["image_files"][0], 3, format!("{tag}-expected.rgb")),
+            ];
+            if case.get("init_image_file").is_some() {
+                fields.push(raw(&case["init_image_file"], 3, format!("{tag}-picture.rgb")));
+                fields.push(raw(&case["mask_file"], 1, format!("{tag}-mask.gray")));
+            }
+            assert!(fields.iter().all(|f| !f.contains(['\t', '\n'])), "{tag}: no tabs or newlines");
+            lines.push_str(&fields.join("\t"));
+            lines.push('\n');
+        }
+    }
+    let path = work.join("controlnet-cases.tsv");
     std::fs::write(&path, lines).unwrap();
     path
 }
@@ -468,6 +524,7 @@ fn run(name: &str, language: Language, linking: Linking) {
         .env("ZIMAGE_TEST_LORA_CASES", &p.lora_cases_file)
         .env("ZIMAGE_TEST_EDIT_CASES", &p.edit_cases_file)
         .env("ZIMAGE_TEST_OMNI_PACKAGE", root().join("models/tiny-zimage-omni"))
+        .env("ZIMAGE_TEST_CONTROLNET_CASES", &p.controlnet_cases_file)
         .env("ZIMAGE_TEST_WRONG_LORA", root().join("tests/golden/tiny-zimage-alt/loras/peft.safetensors"))
         .env("ZIMAGE_TEST_BASE_PACKAGE", root().join("models/tiny-zimage-base"))
         .current_dir(root());

@@ -32,6 +32,7 @@
 //! # Ok::<(), zimage::Error>(())
 //! ```
 
+pub mod control_preprocess;
 pub mod enhancer;
 pub mod error;
 pub mod image_io;
@@ -45,6 +46,7 @@ pub mod pipeline;
 mod random;
 pub mod runtime;
 
+pub use control_preprocess::ControlPreprocess;
 pub use enhancer::sampling::{RandomSampling, Sampling};
 pub use enhancer::{
     default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, PromptEnhancer, TokenEvent,
@@ -61,9 +63,12 @@ pub use package::generation_defaults::{GenerationDefaults, Variant};
 pub use package::graph::GraphKind;
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
+pub use pipeline::control::{ControlCondition, ControlInpaint};
 pub use pipeline::edit::EditRequest;
 pub use pipeline::noise::TorchGenerator;
-pub use pipeline::parameters::{edit_parameters, image_parameters, lora_records, InputNames, ReferenceRecord};
+pub use pipeline::parameters::{
+    control_parameters, edit_parameters, image_parameters, lora_records, ControlNames, InputNames, ReferenceRecord,
+};
 pub use pipeline::request::{
     GenerateRequest, Generation, HostTraffic, InitImage, Progress, Prompt, Providers, Timings,
 };

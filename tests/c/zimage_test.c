@@ -1220,6 +1220,121 @@ static void test_edit(const zimage_pipeline *text_to_image, int max_cases) {
     free(text);
 }
 
+/* Reads a raw file of exactly `size` bytes into an image view (stride: packed rows). */
+static unsigned char *read_raw(const char *path, size_t size) {
+    size_t got = 0;
+    unsigned char *data = read_file(path, &got);
+    CHECK(data != NULL && got == size);
+    if (data && got != size) {
+        free(data);
+        return NULL;
+    }
+    return data;
+}
+
+/* ControlNet (ZIMAGE_TEST_CONTROLNET_CASES, written by c_clients.rs from the diffusers goldens in
+ * tests/golden/controlnet/cases.json, one case per line, tab-separated: name, package, controlnet,
+ * prompt, negative prompt ("" = none), seed, width, height, steps, guidance, scale, control RGB,
+ * expected RGB, then for ControlNet inpainting the picture's RGB and the mask): each case through
+ * zimage_pipeline_set_controlnet() and the control fields gives diffusers' image within 1 level;
+ * a NaN scale, a control image of the wrong size, a missing ControlNet and a control image without
+ * one attached are refused with their codes. */
+static void test_controlnet(int max_cases) {
+    const char *cases_path = getenv("ZIMAGE_TEST_CONTROLNET_CASES");
+    char *text, *line, *save_line = NULL;
+    size_t size = 0;
+    int n = 0;
+
+    if (!cases_path) {
+        fprintf(stderr, "ZIMAGE_TEST_CONTROLNET_CASES must be set\n");
+        failures++;
+        return;
+    }
+    text = (char *)read_file(cases_path, &size);
+    CHECK(text != NULL);
+    if (!text) return;
+    for (line = strtok_r(text, "\n", &save_line); line && n < max_cases; line = strtok_r(NULL, "\n", &save_line), n++) {
+        char *f[16];
+        int n_fields = split_tabs(line, f, 16);
+        zimage_pipeline *pipeline = NULL;
+        zimage_generate_params params;
+        zimage_image_list *images = NULL;
+        golden_case c;
+        size_t rgb_bytes;
+        unsigned char *control, *expected, *picture = NULL, *mask = NULL;
+
+        CHECK(n_fields == 13 || n_fields == 15);
+        if (n_fields != 13 && n_fields != 15) continue;
+        memset(&c, 0, sizeof c);
+        c.name = f[0];
+        c.seed = strtoull(f[5], NULL, 10);
+        c.width = (unsigned)atoi(f[6]);
+        c.height = (unsigned)atoi(f[7]);
+        c.count = 1;
+        fprintf(stderr, "controlnet case %s/%s\n", f[2], c.name);
+        rgb_bytes = (size_t)c.width * c.height * 3;
+        control = read_raw(f[11], rgb_bytes);
+        expected = read_raw(f[12], rgb_bytes);
+        if (n_fields == 15) {
+            picture = read_raw(f[13], rgb_bytes);
+            mask = read_raw(f[14], (size_t)c.width * c.height);
+        }
+        CHECK_CODE(zimage_pipeline_load(f[1], NULL, &pipeline), ZIMAGE_RESULT_OK);
+        if (pipeline && control && expected) {
+            zimage_generate_params_init(&params);
+            CHECK(params.control_image.pixels == NULL && params.control_scale == 0.75f &&
+                  params.control_preprocess == ZIMAGE_CONTROL_PREPROCESS_NONE);
+            params.prompt = f[3];
+            if (f[4][0] != '\0') params.negative_prompt = f[4];
+            params.seed = c.seed;
+            params.width = c.width;
+            params.height = c.height;
+            params.steps = (uint32_t)atoi(f[8]);
+            params.guidance_scale = (float)atof(f[9]);
+            params.control_scale = (float)atof(f[10]);
+            params.control_image.pixels = control;
+            params.control_image.width = c.width;
+            params.control_image.height = c.height;
+            params.control_image.stride = 0;
+            if (picture && mask) {
+                params.init_image.pixels = picture;
+                params.init_image.width = c.width;
+                params.init_image.height = c.height;
+                params.mask.pixels = mask;
+                params.mask.width = c.width;
+                params.mask.height = c.height;
+            }
+            /* Nothing attached yet: the condition is refused. */
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, "no-such-controlnet"), ZIMAGE_RESULT_PACKAGE);
+            CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, f[2]), ZIMAGE_RESULT_OK);
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+            if (images) compare_images(images, &c, expected);
+            zimage_image_list_free(images);
+            images = NULL;
+
+            params.control_scale = NAN;
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            params.control_scale = 1.0f;
+            params.control_image.width = c.width / 2; /* fewer pixels than the request's size */
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            params.control_image.width = c.width;
+            params.control_preprocess = 7;
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
+            CHECK(images == NULL);
+            CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, NULL), ZIMAGE_RESULT_OK);
+        }
+        zimage_pipeline_free(pipeline);
+        free(control);
+        free(expected);
+        free(picture);
+        free(mask);
+    }
+    CHECK(n > 0);
+    free(text);
+}
+
+
 int main(int argc, char **argv) {
     const char *package, *cases_path, *io_fixture, *mismatched_package, *enhancer_package;
     enhancer_case enhancer_cases[16];
@@ -1289,6 +1404,7 @@ int main(int argc, char **argv) {
     test_lora(package, max_cases);
     test_recommended_params(pipeline);
     test_edit(pipeline, max_cases);
+    test_controlnet(max_cases);
     zimage_pipeline_free(pipeline);
     free(cases_text);
     free(enhancer_text);

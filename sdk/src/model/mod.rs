@@ -8,8 +8,10 @@
 //! - [`vision`]: SigLIP2 patches -> vision tokens (editing);
 //! - [`omni`]: the transformer in Omni mode: packing of captions, reference latents and
 //!   vision tokens into one stream, one denoising prediction (editing);
-//! - `step`: the denoising step's arithmetic as a graph on the transformer's device.
+//! - `step`: the denoising step's arithmetic as a graph on the transformer's device;
+//! - [`controlnet`]: the transformer with a ControlNet attached (control inputs).
 
+pub(crate) mod controlnet;
 pub(crate) mod omni;
 pub mod siglip_processor;
 pub(crate) mod step;

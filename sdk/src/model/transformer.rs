@@ -7,7 +7,7 @@ use ort::value::{Tensor, TensorRef};
 
 use crate::error::{Error, Result};
 use crate::model::text_encoder::PromptEmbedding;
-use crate::runtime::graph::Graph;
+use crate::runtime::graph::{Graph, Inputs};
 use crate::runtime::run_context::RunContext;
 
 const LATENTS: &str = "latents";
@@ -54,13 +54,30 @@ pub(crate) fn forward(
     context: &RunContext,
     release_arena: bool,
 ) -> Result<Array4<f32>> {
+    forward_with(graph, latents, timestep, cap_feats, cap_mask, Vec::new(), context, release_arena)
+}
+
+/// [`forward`] with more inputs after the transformer's own (a ControlNet's control inputs,
+/// named by `model::controlnet`).
+#[allow(clippy::too_many_arguments)] // the graph's inputs, one argument each
+pub(crate) fn forward_with<'a>(
+    graph: &Graph,
+    latents: &'a Array4<f32>,
+    timestep: &'a Array1<f32>,
+    cap_feats: &'a Array3<f32>,
+    cap_mask: &'a Array2<bool>,
+    extra: Inputs<'a>,
+    context: &RunContext,
+    release_arena: bool,
+) -> Result<Array4<f32>> {
     let err = |e: ort::Error| Error::ort("transformer", e);
-    let inputs = vec![
+    let mut inputs: Inputs<'a> = vec![
         (LATENTS.into(), TensorRef::from_array_view(latents).map_err(err)?.into()),
         (TIMESTEP.into(), TensorRef::from_array_view(timestep).map_err(err)?.into()),
         (CAP_FEATS.into(), TensorRef::from_array_view(cap_feats).map_err(err)?.into()),
         (CAP_MASK.into(), TensorRef::from_array_view(cap_mask).map_err(err)?.into()),
     ];
+    inputs.extend(extra);
     let out = graph.run(inputs, &[NOISE_PRED], context, release_arena)?.remove(0);
     let out = out.into_dimensionality::<Ix4>().map_err(|e| graph.failed(format!("output rank: {e}")))?;
     if out.shape() != latents.shape() {

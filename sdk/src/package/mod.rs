@@ -9,8 +9,10 @@
 //! - [`scheduler_config`]: the scheduler section;
 //! - [`generation_defaults`]: the settings the model is meant to run with (steps, guidance);
 //! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package;
-//! - [`edit`]: the editing (Omni) section.
+//! - [`edit`]: the editing (Omni) section;
+//! - [`controlnet`]: the ControlNet add-ons' section.
 
+pub mod controlnet;
 pub mod edit;
 pub mod enhancer;
 pub mod files;
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use controlnet::ControlNetInfo;
 use edit::EditInfo;
 use enhancer::EnhancerInfo;
 use files::{check_package_files, FileEntry};
@@ -64,6 +67,9 @@ pub struct Manifest {
     /// Editing (Omni): with `graphs.siglip` and `graphs.transformer_omni`.
     #[serde(default)]
     pub edit: Option<EditInfo>,
+    /// ControlNet add-ons by name (docs/controlnet.md); empty in a package without them.
+    #[serde(default)]
+    pub controlnets: BTreeMap<String, ControlNetInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,7 @@ use ndarray::{concatenate, s, Array4, ArrayView4, Axis, Zip};
 
 use super::scheduler::Schedule;
 use crate::error::{Error, Result};
+use crate::model::controlnet::{self, ControlInputs};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::package::Precision;
 use crate::runtime::graph::Graph;
@@ -54,6 +55,8 @@ pub(crate) struct Denoiser<'a> {
     pub positive_and_negative: Option<CaptionBatch>,
     /// The package's precision, named when values overflow.
     pub precision: Precision,
+    /// With a ControlNet attached: the control latents and scale the combined graph takes.
+    pub control: Option<&'a ControlInputs>,
 }
 
 impl Denoiser<'_> {
@@ -77,7 +80,7 @@ impl Denoiser<'_> {
             let prediction = if apply_cfg {
                 let input = concatenate![Axis(0), latents.view(), latents.view()];
                 let captions = self.positive_and_negative.as_ref().expect("checked");
-                let out = transformer::predict(self.transformer, &input, t_norm, captions, context, last)?;
+                let out = self.predict(&input, t_norm, captions, context, last)?;
                 let batch = latents.shape()[0];
                 guide(
                     out.slice(s![..batch, .., .., ..]),
@@ -86,7 +89,7 @@ impl Denoiser<'_> {
                     self.guidance.normalization,
                 )
             } else {
-                transformer::predict(self.transformer, latents, t_norm, &self.positive, context, last)?
+                self.predict(latents, t_norm, &self.positive, context, last)?
             };
             // Euler step with v = -prediction: x + dt * v.
             let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
@@ -102,6 +105,20 @@ impl Denoiser<'_> {
             }
         }
         Ok(())
+    }
+
+    fn predict(
+        &self,
+        latents: &Array4<f32>,
+        t_norm: f32,
+        captions: &CaptionBatch,
+        context: &RunContext,
+        last: bool,
+    ) -> Result<Array4<f32>> {
+        match self.control {
+            Some(control) => controlnet::predict(self.transformer, latents, t_norm, captions, control, context, last),
+            None => transformer::predict(self.transformer, latents, t_norm, captions, context, last),
+        }
     }
 }
 

@@ -12,14 +12,17 @@
 //! - `loading`: which graph each stage loads, where and how;
 //! - [`parameters`]: the generation parameters stored with an image;
 //! - [`edit`]: image editing (Omni: reference pictures + instruction), with `references`.
+//! - [`control`]: ControlNet conditioning (control latents, inpainting through the control channels).
 //!
 //! New conditioning (ControlNet, reference images) plugs in as a start strategy or as extra
 //! transformer inputs assembled in `model::transformer`, decided by the plan.
 
 pub(crate) mod captions;
+pub mod control;
 pub(crate) mod denoise;
 pub(crate) mod device_loop;
 pub mod edit;
+pub(crate) mod latent_mask;
 pub(crate) mod loading;
 pub mod noise;
 pub mod parameters;
@@ -41,9 +44,12 @@ use crate::image_io;
 use crate::load_options::LoadOptions;
 use crate::lora::{LoraAdapter, LoraSetting, Targets};
 use crate::model::step::StepKind;
+use crate::model::controlnet::{self as controlnet_graph, ControlInputs};
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
+use crate::package::controlnet::ControlNetInfo;
+use crate::package::files::check_package_files;
 use crate::package::graph::GraphKind;
 use crate::package::Manifest;
 use crate::runtime::device::Device;
@@ -90,6 +96,8 @@ pub struct Pipeline {
 struct ActiveTransformer {
     slot: GraphSlot,
     loras: Vec<LoraSetting>,
+    /// The attached ControlNet (name, manifest entry): `slot` is then its combined graph.
+    controlnet: Option<(String, ControlNetInfo)>,
 }
 
 impl Pipeline {
@@ -126,7 +134,11 @@ impl Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone() },
-            transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone() }),
+            transformer: RwLock::new(ActiveTransformer {
+                slot: transformer,
+                loras: options.loras.clone(),
+                controlnet: None,
+            }),
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
@@ -144,6 +156,102 @@ impl Pipeline {
     /// The LoRA adapters merged into the transformer now, with their scales.
     pub fn loras(&self) -> Vec<LoraSetting> {
         self.active_transformer().loras.clone()
+    }
+
+    /// The ControlNet add-ons this package carries, by name (`zimage generate --controlnet NAME`).
+    pub fn controlnets(&self) -> Vec<String> {
+        self.manifest.controlnets.keys().cloned().collect()
+    }
+
+    /// The ControlNet attached now, if any.
+    pub fn controlnet(&self) -> Option<String> {
+        self.active_transformer().controlnet.as_ref().map(|(name, _)| name.clone())
+    }
+
+    /// Attaches the package's ControlNet `name` (or detaches it with `None`): the transformer's
+    /// session is replaced by the combined transformer + ControlNet graph, which reads the
+    /// shared weights from the transformer's own file, so the weights are in memory once. The
+    /// entry is checked first (made for this transformer file and width, its files intact, its
+    /// interface): a ControlNet that does not fit is refused with a `Package` error and the
+    /// pipeline keeps what it had. Requests with a [`control::ControlCondition`] need one
+    /// attached; requests without run it at scale 0 (the plain transformer's prediction).
+    pub fn set_controlnet(&self, name: Option<&str>) -> Result<()> {
+        let wanted = match name {
+            Some(name) => Some((name.to_string(), self.controlnet_entry(name)?)),
+            None => None,
+        };
+        let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
+        if wanted.is_some() && !active.loras.is_empty() {
+            return Err(Error::invalid(
+                "LoRAs and a ControlNet cannot be combined yet: clear the LoRAs first (set_loras(&[]))",
+            ));
+        }
+        let graphs =
+            GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
+        let device = transformer_device(&self.options);
+        let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| match which {
+            Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, device),
+            None => loading::load_transformer(&graphs, device, loras),
+        };
+        active.slot.release();
+        match load(&wanted, &active.loras) {
+            Ok(slot) => {
+                active.slot = slot;
+                active.controlnet = wanted;
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(slot) = load(&active.controlnet, &active.loras) {
+                    active.slot = slot;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The manifest entry of ControlNet `name`, checked against this package and its files.
+    fn controlnet_entry(&self, name: &str) -> Result<ControlNetInfo> {
+        let manifest_path = self.dir.join("manifest.json");
+        let info = self.manifest.controlnets.get(name).ok_or_else(|| {
+            let known = self.controlnets();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            Error::package(
+                &manifest_path,
+                format!("no ControlNet {name:?} in this package (it has: {known}); add one with export_controlnet.py"),
+            )
+        })?;
+        let transformer = &self.manifest.transformer;
+        let dim = transformer.other.get("dim").and_then(|v| v.as_u64());
+        info.check(name, transformer.in_channels, dim, &self.manifest.graphs.transformer.sha256)
+            .map_err(|m| Error::package(&manifest_path, m))?;
+        info.graph
+            .check_interface(GraphKind::Transformer, &controlnet_graph::inputs(), controlnet_graph::OUTPUTS)
+            .map_err(|m| Error::package(&manifest_path, format!("controlnets.{name}: {m}")))?;
+        check_package_files(&self.dir, info.graph.files(), self.options.verify_checksums)?;
+        Ok(info.clone())
+    }
+
+    /// The control latents of `request`: its condition's, or neutral ones when a ControlNet is
+    /// attached and the request has none; `None` without a ControlNet.
+    fn control_inputs(
+        &self,
+        request: &GenerateRequest,
+        plan: &Plan,
+        context: &RunContext,
+    ) -> Result<Option<ControlInputs>> {
+        let attached = self.active_transformer().controlnet.clone();
+        match (&request.control, attached) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(Error::invalid(
+                "the request has a ControlNet condition but no ControlNet is attached (Pipeline::set_controlnet)",
+            )),
+            (None, Some((_, info))) => Ok(Some(control::neutral(&info, plan.latent_shape[2], plan.latent_shape[3]))),
+            (Some(condition), Some((name, info))) => {
+                control::check_fits(condition, &name, &info, self.manifest.vae.latent_channels)?;
+                let encoder = self.vae_encoder.acquire()?;
+                control::prepare(&self.vae, &encoder, &info, condition, context).map(Some)
+            }
+        }
     }
 
     /// Checks that `adapter` fits this pipeline's transformer (every module it changes exists,
@@ -164,6 +272,11 @@ impl Pipeline {
     /// that start during the switch wait for it. On a GPU with TensorRT the engine is the
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
+        if !loras.is_empty() && self.active_transformer().controlnet.is_some() {
+            return Err(Error::invalid(
+                "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
+            ));
+        }
         if !loras.is_empty() {
             let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
             Targets::read(&path, &self.manifest)?.check(loras)?;
@@ -293,10 +406,20 @@ impl Pipeline {
         let prompts = self.captions.encode_request(request, plan.guidance.enabled(), &context)?;
         let seed = request.seed.unwrap_or_else(random_seed);
         let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
+        let control = self.control_inputs(request, &plan, &context)?;
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);
-        let (latents, host_traffic) =
-            self.denoise(start, &prompts, &plan, &schedule, &context, &mut denoise_steps, progress, started)?;
+        let (latents, host_traffic) = self.denoise(
+            start,
+            &prompts,
+            &plan,
+            &schedule,
+            control.as_ref(),
+            &context,
+            &mut denoise_steps,
+            progress,
+            started,
+        )?;
         let decode_start = Instant::now();
         let images = self.decode(&latents, &plan, &context)?;
         let timings = Timings {
@@ -345,6 +468,7 @@ impl Pipeline {
         prompts: &EncodedPrompts,
         plan: &Plan,
         schedule: &Schedule,
+        control: Option<&ControlInputs>,
         context: &RunContext,
         step_times: &mut Vec<Duration>,
         mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
@@ -366,6 +490,7 @@ impl Pipeline {
             positive: CaptionBatch::new(&positive),
             positive_and_negative,
             precision: self.manifest.precision,
+            control,
         };
         let mut on_step = |step: usize, total: usize| -> bool {
             match progress.as_deref_mut() {
@@ -375,7 +500,9 @@ impl Pipeline {
         };
         let inpaint = start.inpaint;
         let mut latents = start.latents;
-        if !self.options.host_denoise_loop {
+        // The step graph binds the plain transformer's inputs only: a ControlNet's control
+        // latents and scale go through the host loop.
+        if !self.options.host_denoise_loop && control.is_none() {
             let provider = self.active_transformer().slot.provider().clone();
             let kind = if inpaint.is_some() { StepKind::Inpaint } else { StepKind::Plain };
             let step_graph = self.step_graphs.get(self.runtime, kind, &provider)?;

@@ -138,3 +138,35 @@ pub fn edit_parameters(
     }
     text
 }
+
+/// How the front end names a ControlNet request's inputs, and how the control map was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlNames {
+    /// The ControlNet's name in the package.
+    pub controlnet: String,
+    pub control_image: String,
+    /// `none`, `canny`, `canny:LOW:HIGH` (`ControlPreprocess::name`).
+    pub preprocess: String,
+    /// ControlNet inpainting's picture and mask.
+    pub inpaint_image: String,
+    pub mask: String,
+}
+
+/// The ControlNet parameters of `request`, appended after [`image_parameters`]' by front ends
+/// that ran a ControlNet: its name, the control image and how it was prepared, the
+/// conditioning scale, and for ControlNet inpainting the picture and mask. Empty without a
+/// control condition.
+pub fn control_parameters(request: &GenerateRequest, names: &ControlNames) -> Vec<(&'static str, String)> {
+    let Some(control) = &request.control else { return Vec::new() };
+    let mut text = vec![
+        ("controlnet", names.controlnet.clone()),
+        ("control_image", names.control_image.clone()),
+        ("control_preprocess", names.preprocess.clone()),
+        ("control_scale", control.conditioning_scale.to_string()),
+    ];
+    if control.inpaint.is_some() {
+        text.push(("control_inpaint_image", names.inpaint_image.clone()));
+        text.push(("mask", names.mask.clone()));
+    }
+    text
+}

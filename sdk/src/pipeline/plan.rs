@@ -1,5 +1,6 @@
 //! Checking a request against the package before anything runs, and deriving its shapes.
 
+use super::control;
 use super::denoise::Guidance;
 use super::request::GenerateRequest;
 use super::start;
@@ -96,6 +97,9 @@ impl Plan {
         if let Some(init) = &r.init_image {
             start::check(init, r.width, r.height)?;
             start::first_step(r.steps as usize, init.strength)?;
+        }
+        if let Some(c) = &r.control {
+            control::check(c, r.width, r.height, r.init_image.is_some())?;
         }
         let p = m.transformer.patch_size;
         Ok(Plan {

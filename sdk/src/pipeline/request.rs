@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ndarray::Array4;
 
+use super::control::ControlCondition;
 use crate::image_io::{GrayImage, RgbImage};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 use crate::package::Manifest;
@@ -74,6 +75,9 @@ pub struct GenerateRequest {
     pub return_latents: bool,
     /// Image-to-image or inpainting: start from this picture instead of pure noise.
     pub init_image: Option<InitImage>,
+    /// ControlNet conditioning (text-to-image or ControlNet inpainting); needs a ControlNet
+    /// attached to the pipeline. Not together with `init_image`.
+    pub control: Option<ControlCondition>,
 }
 
 /// The picture an image-to-image or inpainting request starts from.
@@ -121,6 +125,7 @@ impl Default for GenerateRequest {
             latents: None,
             return_latents: false,
             init_image: None,
+            control: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use ndarray::{s, Array2, Array4, Axis, Ix4, Zip};
 
+use super::latent_mask::latent_mask;
 use super::noise::TorchGenerator;
 use super::request::InitImage;
 use super::scheduler::Schedule;
@@ -162,24 +163,6 @@ fn scale_noise(sample: &Array4<f32>, noise: &Array4<f32>, sigma: f32) -> Array4<
     let mut out = Array4::<f32>::zeros(sample.raw_dim());
     Zip::from(&mut out).and(sample).and(noise).for_each(|o, &x, &n| *o = sigma * n + (1.0f32 - sigma) * x);
     out
-}
-
-/// Binarises the mask (>= 0.5 after /255 means repaint) and resizes it to the latent grid
-/// with torch's nearest-neighbour rule (`floor(dst * in / out)` in float32).
-fn latent_mask(mask: &image_io::GrayImage, h: usize, w: usize) -> Array2<f32> {
-    let (mh, mw) = (mask.height as usize, mask.width as usize);
-    let scale_y = mh as f32 / h as f32;
-    let scale_x = mw as f32 / w as f32;
-    Array2::from_shape_fn((h, w), |(y, x)| {
-        let sy = ((y as f32 * scale_y).floor() as usize).min(mh - 1);
-        let sx = ((x as f32 * scale_x).floor() as usize).min(mw - 1);
-        let v = mask.pixels[sy * mw + sx] as f32 / 255.0;
-        if v >= 0.5 {
-            1.0
-        } else {
-            0.0
-        }
-    })
 }
 
 /// Inpainting's per-step blend: outside the mask, the input picture noised to the next

@@ -1,0 +1,195 @@
+"""The ControlNet add-on: load a ZImageControlNetModel (diffusers folder or a single
+safetensors file with only the ControlNet's own keys), export the combined
+transformer+ControlNet graph, and point its shared weights at the transformer's bytes on disk
+(docs/controlnet.md).
+
+Shared weights are found by content, not by name: an initializer of the combined graph whose
+bytes equal a stretch of the transformer's weight file (transformer.onnx.data, or for small
+packages transformer.onnx itself, where the weights are raw bytes inside the protobuf) gets an
+external-data reference to that stretch. Equal bytes read back as equal values, so the match
+cannot be wrong, whatever the exporter named or folded. Everything else (the ControlNet's own
+weights) goes to `<graph>.onnx.data`.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from .onnx_io import external_data_path
+
+# Published Z-Image-Turbo-Fun-Controlnet-Union layouts (alibaba-pai; diffusers' hlky/* configs),
+# used to fill in the config of a single-file checkpoint by its number of control layers.
+PUBLISHED_PLACES = {
+    6: dict(control_layers_places=[0, 5, 10, 15, 20, 25], control_refiner_layers_places=None),
+    15: dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1]),
+}
+CONTROL_FILE_PREFIX = "controlnet_"
+ALIGN_BIG = 65536  # ONNX Runtime maps page-aligned external tensors instead of copying them
+BIG = 1 << 20
+EMBED_BELOW = 1024
+FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+def config_from_single_file(state: dict, transformer_cfg: dict, overrides: dict | None = None) -> dict:
+    """A ZImageControlNetModel config for a single-file checkpoint, inferred as diffusers'
+    single-file loader classifies the published files: 2.x files have control_noise_refiner keys
+    (all-zero before_proj: 2.0, "control_layers"; trained: 2.1, "control_noise_refiner")."""
+    import torch
+
+    embed = [k for k in state if k.startswith("control_all_x_embedder.") and k.endswith(".weight")]
+    if len(embed) != 1:
+        raise ValueError("not a Z-Image ControlNet checkpoint: no control_all_x_embedder.*.weight")
+    patch = transformer_cfg["all_patch_size"][0]
+    dim, fan_in = state[embed[0]].shape
+    n_layers = len({k.split(".")[1] for k in state if k.startswith("control_layers.")})
+    refiner_keys = [k for k in state if k.startswith("control_noise_refiner.")]
+    before = state.get("control_noise_refiner.0.before_proj.weight")
+    if not refiner_keys:
+        mode = None  # 1.0 files carry plain control_noise_refiner blocks; none at all is unusual
+    elif before is None:
+        mode = None
+    elif bool(torch.all(before == 0)):
+        mode = "control_layers"
+    else:
+        mode = "control_noise_refiner"
+    cfg = dict(
+        control_in_dim=fan_in // (patch * patch),
+        add_control_noise_refiner=mode,
+        all_patch_size=tuple(transformer_cfg["all_patch_size"]),
+        all_f_patch_size=tuple(transformer_cfg["all_f_patch_size"]),
+        dim=dim,
+        n_refiner_layers=transformer_cfg["n_refiner_layers"],
+        n_heads=transformer_cfg["n_heads"],
+        n_kv_heads=transformer_cfg["n_kv_heads"],
+        norm_eps=transformer_cfg["norm_eps"],
+        qk_norm=transformer_cfg["qk_norm"],
+    )
+    if n_layers in PUBLISHED_PLACES:
+        cfg.update(PUBLISHED_PLACES[n_layers])
+    cfg.update(overrides or {})
+    if "control_layers_places" not in cfg or len(cfg["control_layers_places"]) != n_layers:
+        raise ValueError(f"{n_layers} control layers match no published layout: pass --config with "
+                         "control_layers_places (and control_refiner_layers_places)")
+    return cfg
+
+
+def load_controlnet(path: Path, transformer_cfg: dict, dtype, config: Path | None = None):
+    """A diffusers folder (config.json + weights) or one .safetensors file of ControlNet keys.
+    Keys of the transformer's shared modules, which ZImageControlNetPipeline.save_pretrained
+    copies into the folder, are dropped as diffusers drops them."""
+    from diffusers import ZImageControlNetModel
+    from diffusers.loaders.single_file_utils import convert_z_image_controlnet_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        cfg = json.loads((path / "config.json").read_text())
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path} has no .safetensors weights")
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+    else:
+        state = load_file(path)
+        overrides = json.loads(config.read_text()) if config else None
+        cfg = config_from_single_file(state, transformer_cfg, overrides)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    model = ZImageControlNetModel(**cfg)
+    state = convert_z_image_controlnet_checkpoint_to_diffusers(dict(state), cfg)
+    own = set(model.state_dict())
+    unexpected = [k for k in state if k not in own and not _is_shared_key(k)]
+    if unexpected:
+        raise ValueError(f"keys the ControlNet does not have: {unexpected[:5]}")
+    missing = own - set(state)
+    if missing:
+        raise ValueError(f"the checkpoint lacks {sorted(missing)[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own})
+    return model.to(dtype).eval()
+
+
+SHARED_PREFIXES = ("t_embedder.", "all_x_embedder.", "cap_embedder.", "noise_refiner.", "context_refiner.",
+                   "x_pad_token", "cap_pad_token")
+
+
+def _is_shared_key(key: str) -> bool:
+    return key.startswith(SHARED_PREFIXES)
+
+
+def control_graph_name(name: str) -> str:
+    return f"{CONTROL_FILE_PREFIX}{name}"
+
+
+# ---------------------------------------------------------------- shared-weight relocation
+
+def _transformer_weight_index(package: Path) -> dict:
+    """sha256 of every weight blob of transformer.onnx -> (file name, offset, length)."""
+    import onnx
+
+    graph_path = package / "transformer.onnx"
+    model = onnx.load(str(graph_path), load_external_data=False)
+    index = {}
+    raw_file = graph_path.read_bytes()
+    data_files = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            loc, off, length = info["location"], int(info.get("offset", 0)), int(info["length"])
+            if loc not in data_files:
+                data_files[loc] = open(package / loc, "rb")
+            f = data_files[loc]
+            f.seek(off)
+            blob = f.read(length)
+        elif t.raw_data:
+            blob = t.raw_data
+            off = raw_file.find(blob)
+            if off < 0:
+                continue
+            loc, length = graph_path.name, len(blob)
+        else:
+            continue
+        index.setdefault(hashlib.sha256(blob).digest(), (loc, off, length))
+    for f in data_files.values():
+        f.close()
+    return index
+
+
+def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
+    """Rewrite the exported combined graph `exported` (weights in `exported`.data or embedded)
+    as `out_graph`: shared weights point into the transformer's file(s), the others go to
+    `out_graph`.data. Returns byte counts."""
+    import onnx
+
+    index = _transformer_weight_index(package)
+    model = onnx.load(str(exported), load_external_data=True)
+    own_path = external_data_path(out_graph)
+    own_path.unlink(missing_ok=True)
+    shared = own = 0
+    with open(own_path, "wb") as own_file:
+        for t in model.graph.initializer:
+            blob = t.raw_data
+            # Small tensors stay embedded: shape constants must (ONNX Runtime's shape inference
+            # reads them at load), and moving a few bytes saves nothing.
+            if len(blob) < EMBED_BELOW or t.data_type not in FLOAT_TYPES:
+                continue
+            hit = index.get(hashlib.sha256(blob).digest())
+            if hit is not None:
+                loc, off, length = hit
+                shared += length
+            else:
+                pos = own_file.tell()
+                align = ALIGN_BIG if len(blob) >= BIG else 64
+                pad = (-pos) % align
+                own_file.write(b"\0" * pad)
+                loc, off, length = own_path.name, pos + pad, len(blob)
+                own_file.write(blob)
+                own += length
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (("location", loc), ("offset", str(off)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+    if own == 0:
+        own_path.unlink()
+    onnx.save(model, str(out_graph))
+    return {"shared_bytes": shared, "own_bytes": own}

@@ -1,0 +1,164 @@
+//! ControlNet conditioning (docs/controlnet.md): what a request gives (a control image, its
+//! conditioning scale, and for ControlNet inpainting a picture and a mask), the checks, and
+//! the control latents the combined transformer + ControlNet graph takes, prepared as
+//! diffusers' ZImageControlNetPipeline / ZImageControlNetInpaintPipeline do:
+//!
+//! - control latents: the control image VAE-encoded, the distribution's mode (mean), shifted
+//!   and scaled like latents;
+//! - `control_in_dim == C`: those alone; wider: zero-padded (diffusers' text-to-image path);
+//! - inpainting (`control_in_dim == 2C + 1`): `[control latents, 1 - mask at latent size
+//!   (nearest), latents of the picture with the repainted region zeroed in pixel space]`.
+//!   It starts from pure noise: there is no strength, the picture and mask enter only here.
+
+use ndarray::{concatenate, Array4, Axis, Zip};
+
+use super::latent_mask::latent_mask;
+use crate::error::{Error, Result};
+use crate::image_io::{self, GrayImage, RgbImage};
+use crate::model::controlnet::ControlInputs;
+use crate::model::vae::Vae;
+use crate::package::controlnet::ControlNetInfo;
+use crate::runtime::graph::Graph;
+use crate::runtime::run_context::RunContext;
+
+/// A request's ControlNet condition. Needs a ControlNet attached to the pipeline
+/// ([`Pipeline::set_controlnet`](super::Pipeline::set_controlnet)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ControlCondition {
+    /// The control map (edges, depth, pose ...), at the request's width and height
+    /// (`image_io::resize_rgb` resizes one; `control_preprocess::canny` makes edges from a photo).
+    pub image: RgbImage,
+    /// Multiplies the ControlNet's hints; diffusers' default 0.75. Finite.
+    pub conditioning_scale: f32,
+    /// ControlNet inpainting: the picture and the mask to repaint (white), both at the
+    /// request's size. Only for a ControlNet with `control_in_dim = 2C + 1` (Union 2.x).
+    pub inpaint: Option<ControlInpaint>,
+}
+
+/// The picture and mask of a ControlNet inpainting request.
+#[derive(Debug, Clone)]
+pub struct ControlInpaint {
+    pub image: RgbImage,
+    /// White (>= 128 after binarising) = repaint.
+    pub mask: GrayImage,
+}
+
+impl ControlCondition {
+    /// diffusers' `controlnet_conditioning_scale` default.
+    pub const DEFAULT_SCALE: f32 = 0.75;
+
+    /// Text-to-image guided by `image`, at the default scale.
+    pub fn new(image: RgbImage) -> ControlCondition {
+        ControlCondition { image, conditioning_scale: Self::DEFAULT_SCALE, inpaint: None }
+    }
+
+    /// ControlNet inpainting: repaint `picture` where `mask` is white, guided by `image`.
+    pub fn inpaint(image: RgbImage, picture: RgbImage, mask: GrayImage) -> ControlCondition {
+        ControlCondition { inpaint: Some(ControlInpaint { image: picture, mask }), ..ControlCondition::new(image) }
+    }
+}
+
+/// Checks a condition against the request's size (no model needed).
+pub(crate) fn check(control: &ControlCondition, width: u32, height: u32, has_init_image: bool) -> Result<()> {
+    if has_init_image {
+        return Err(Error::invalid(
+            "a request has either an init image or a ControlNet condition: for ControlNet inpainting give the \
+             picture and mask in the control condition (it starts from noise, without strength)",
+        ));
+    }
+    if !control.conditioning_scale.is_finite() {
+        return Err(Error::invalid(format!(
+            "controlnet conditioning scale must be finite (got {})",
+            control.conditioning_scale
+        )));
+    }
+    let sized = |what: &str, w: u32, h: u32| -> Result<()> {
+        if (w, h) != (width, height) {
+            return Err(Error::invalid(format!(
+                "{what} is {w}x{h} but the request is {width}x{height}; resize it first (image_io::resize_rgb)"
+            )));
+        }
+        Ok(())
+    };
+    control.image.check()?;
+    sized("control image", control.image.width, control.image.height)?;
+    if let Some(inpaint) = &control.inpaint {
+        inpaint.image.check()?;
+        inpaint.mask.check()?;
+        sized("inpainting picture", inpaint.image.width, inpaint.image.height)?;
+        sized("inpainting mask", inpaint.mask.width, inpaint.mask.height)?;
+    }
+    Ok(())
+}
+
+/// Checks a condition against the attached ControlNet.
+pub(crate) fn check_fits(control: &ControlCondition, name: &str, info: &ControlNetInfo, channels: usize) -> Result<()> {
+    if control.inpaint.is_some() && !info.supports_inpainting(channels) {
+        return Err(Error::invalid(format!(
+            "ControlNet {name} takes {} control channels, not the {} of inpainting (control, mask, picture): it \
+             cannot inpaint",
+            info.control_in_dim,
+            2 * channels + 1
+        )));
+    }
+    Ok(())
+}
+
+/// The control latents `[1, control_in_dim, h, w]` and scale for the combined graph.
+pub(crate) fn prepare(
+    vae: &Vae,
+    encoder: &Graph,
+    info: &ControlNetInfo,
+    control: &ControlCondition,
+    context: &RunContext,
+) -> Result<ControlInputs> {
+    let channels = vae.info.latent_channels;
+    let control_latents = encode_mode(vae, encoder, image_io::to_model_input(&control.image), context)?;
+    let (_, _, h, w) = control_latents.dim();
+    let context_latents = match &control.inpaint {
+        Some(inpaint) => {
+            let mut pixels = image_io::to_model_input(&inpaint.image);
+            // diffusers: image * (mask < 0.5), the mask binarised at pixel level.
+            let mw = inpaint.mask.width as usize;
+            for ((_, _, y, x), v) in pixels.indexed_iter_mut() {
+                if inpaint.mask.pixels[y * mw + x] as f32 / 255.0 >= 0.5 {
+                    *v = 0.0;
+                }
+            }
+            let picture = encode_mode(vae, encoder, pixels, context)?;
+            let keep = latent_mask(&inpaint.mask, h, w).mapv(|m| 1.0 - m);
+            let keep = keep.into_shape_with_order((1, 1, h, w)).expect("same element count");
+            concatenate![Axis(1), control_latents, keep, picture]
+        }
+        None => {
+            let pad = Array4::<f32>::zeros((1, info.control_in_dim - channels, h, w));
+            concatenate![Axis(1), control_latents, pad]
+        }
+    };
+    if context_latents.shape()[1] != info.control_in_dim {
+        return Err(Error::invalid(format!(
+            "the ControlNet takes {} control channels; this condition makes {}",
+            info.control_in_dim,
+            context_latents.shape()[1]
+        )));
+    }
+    Ok(ControlInputs { context: context_latents, scale: control.conditioning_scale })
+}
+
+/// Inputs for a generation without a control condition on a pipeline that has a ControlNet
+/// attached: zero control latents at scale 0. Every hint is then multiplied by 0 before it is
+/// added, so the prediction is the plain transformer's (at the ControlNet's extra cost).
+pub(crate) fn neutral(info: &ControlNetInfo, h: usize, w: usize) -> ControlInputs {
+    ControlInputs { context: Array4::zeros((1, info.control_in_dim, h, w)), scale: 0.0 }
+}
+
+/// VAE-encodes `pixels` and takes the distribution's mode (diffusers' `sample_mode="argmax"`),
+/// shifted and scaled like latents: `(mean - shift) * scaling`.
+fn encode_mode(vae: &Vae, encoder: &Graph, pixels: Array4<f32>, context: &RunContext) -> Result<Array4<f32>> {
+    let (mut mean, _) = vae.encode(encoder, &pixels, context)?;
+    let shift = vae.info.shift_factor as f32;
+    let scaling = vae.info.scaling_factor as f32;
+    Zip::from(&mut mean).for_each(|z| *z = (*z - shift) * scaling);
+    Ok(mean)
+}
