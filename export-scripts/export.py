@@ -7,6 +7,9 @@ vae_decoder_cpu.onnx (the decoder with Winograd convolutions, for --winograd-vae
 each graph with one .onnx.data file beside it when its weights exceed 32 MiB), tokenizer.json
 and manifest.json, as described in docs/package-format.md. Components are loaded one at a time, directly in the package precision,
 so peak memory is about one component's weights (plus the exporter's working set).
+
+`--weights int8|int4` then quantizes the transformer and text encoder (quantize_package.py,
+docs/quantization.md).
 """
 
 import argparse
@@ -19,6 +22,7 @@ from pathlib import Path
 from zimage_export import onnx_io
 from zimage_export.manifest import OPTIONAL_GRAPHS, REQUIRED_GRAPHS, build_manifest
 from zimage_export.winograd_math import DEFAULT_MIN_CHANNELS
+from quantize_package import add_arguments as add_quantize_arguments, options_from as quantize_options
 
 # Package precision -> torch dtype (by name: torch is imported once the arguments are parsed,
 # so that --help works without it). No bf16: the graphs export, but ONNX Runtime 1.31's CUDA
@@ -59,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--winograd-min-channels", type=int, default=DEFAULT_MIN_CHANNELS,
                         help="vae_decoder_cpu: 3x3 convolutions with at least this many input and output channels "
                              "use Winograd (lower only for tests: narrower ones are slower that way)")
+    add_quantize_arguments(parser, required=False)
     args = parser.parse_args(argv)
     options = {"vae_decoder_cpu": {"winograd_min_channels": args.winograd_min_channels}}
 
@@ -91,6 +96,14 @@ def main(argv=None) -> None:
     manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out / 'manifest.json'}")
+    if args.weights:
+        from zimage_export.quantize import quantize_package
+
+        start = time.time()
+        manifest = quantize_package(out, out, quantize_options(args), args.external_data_threshold)
+        for graph, rep in manifest["quantization"]["graphs"].items():
+            print(f"{args.weights} {graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
+        print(f"quantized in {time.time() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
