@@ -149,16 +149,12 @@ def gemm_to_matmul(model, should_rewrite) -> list[str]:
     return rewritten
 
 
-def _quantize_gather_8bit(model, node, block_size: int):
-    """`Gather(table, ids)` -> `GatherBlockQuantized(..., bits=8)`: uint8, blocks of `block_size`
-    along the hidden axis, a scale and a zero point per block (ONNX Runtime's quantizer writes
-    4-bit tables only)."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    table_proto = _initializers(graph)[node.input[0]]
-    table = numpy_helper.to_array(table_proto)
+def quantize_rows_uint8(table: np.ndarray, block_size: int):
+    """Asymmetric uint8 block quantization of a 2-D table along its rows (axis 1), as
+    GatherBlockQuantized reads it: value = (q - zero) * scale, one scale and zero point per
+    block of `block_size` columns (the last block may be partial). Each block's range is widened
+    to include 0 so that 0 is exact. Returns (q [R, C] uint8, scale [R, blocks] float32,
+    zero [R, blocks] uint8)."""
     rows, cols = table.shape
     blocks = -(-cols // block_size)
     padded = np.zeros((rows, blocks * block_size), np.float32)
@@ -170,13 +166,26 @@ def _quantize_gather_8bit(model, node, block_size: int):
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     zero = np.clip(np.round(-lo / scale), 0, 255)
     q = np.clip(np.round(b / scale[:, :, None]) + zero[:, :, None], 0, 255).astype(np.uint8)
-    q = q.reshape(rows, blocks * block_size)[:, :cols]
+    return np.ascontiguousarray(q.reshape(rows, blocks * block_size)[:, :cols]), scale, zero.astype(np.uint8)
+
+
+def _quantize_gather_8bit(model, node, block_size: int):
+    """`Gather(table, ids)` -> `GatherBlockQuantized(..., bits=8)`: uint8, blocks of `block_size`
+    along the hidden axis, a scale and a zero point per block (ONNX Runtime's quantizer writes
+    4-bit tables only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    table_proto = _initializers(graph)[node.input[0]]
+    table = numpy_helper.to_array(table_proto)
+    q, scale, zero = quantize_rows_uint8(table, block_size)
     name = table_proto.name
     graph.initializer.remove(table_proto)
     graph.initializer.extend([
         numpy_helper.from_array(np.ascontiguousarray(q), name + "_Q8"),
         numpy_helper.from_array(scale.astype(table.dtype), name + "_scales"),
-        numpy_helper.from_array(zero.astype(np.uint8), name + "_zero_points"),
+        numpy_helper.from_array(zero, name + "_zero_points"),
     ])
     gather_axis = _attr(node, "axis", 0)
     return onnx.helper.make_node(
