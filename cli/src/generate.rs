@@ -369,6 +369,10 @@ fn summary_json(
         "cfg_truncation": request.cfg_truncation,
         "strength": request.init_image.as_ref().map(|i| i.strength),
         "model": pipeline.package_dir().display().to_string(),
+        "precision": pipeline.manifest().precision.name(),
+        "quantization": pipeline.manifest().quantization.as_ref().map(|q| json!({
+            "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
+        })),
         "loras": lora_records(&pipeline.loras()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "providers": {

@@ -56,6 +56,7 @@ pub use load_options::LoadOptions;
 pub use lora::{LoraAdapter, LoraSetting};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 pub use package::graph::GraphKind;
+pub use package::quantization::{QuantizationInfo, WeightQuantization};
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
 pub use pipeline::noise::TorchGenerator;

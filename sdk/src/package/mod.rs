@@ -4,6 +4,7 @@
 //!
 //! - [`graph`]: [`GraphKind`], a graph's manifest entry;
 //! - [`precision`]: [`Precision`];
+//! - [`quantization`]: the `quantization` section of int8 / int4 packages;
 //! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
@@ -15,6 +16,7 @@ pub mod format;
 pub mod graph;
 pub mod initializers;
 pub mod precision;
+pub mod quantization;
 pub mod scheduler_config;
 
 use std::collections::BTreeMap;
@@ -29,6 +31,7 @@ use format::read_manifest_json;
 pub use format::{FORMAT_NAME, FORMAT_VERSION};
 use graph::{GraphKind, Graphs};
 pub use precision::Precision;
+use quantization::QuantizationInfo;
 use scheduler_config::SchedulerConfig;
 
 /// A Z-Image model package's `manifest.json`.
@@ -48,6 +51,10 @@ pub struct Manifest {
     /// The prompt enhancer (`graphs.text_decoder`), when the package carries one.
     #[serde(default)]
     pub enhancer: Option<EnhancerInfo>,
+    /// How the transformer and text-encoder weights were quantized (int8 / int4 weight-only),
+    /// when they were (docs/quantization.md).
+    #[serde(default)]
+    pub quantization: Option<QuantizationInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +220,9 @@ impl Manifest {
                 }
             }
         }
+        if let Some(q) = &self.quantization {
+            q.check()?;
+        }
         self.scheduler.check()?;
         match (&self.enhancer, &self.graphs.text_decoder) {
             (Some(info), Some(_)) => info.check()?,
@@ -230,6 +240,14 @@ impl Manifest {
     /// Absolute path of a file named in the manifest (already checked to stay inside `dir`).
     pub fn resolve(dir: &Path, relative: &str) -> PathBuf {
         files::resolve(dir, relative)
+    }
+
+    /// The package's weights in one line: `fp32`, or `fp32, int8 rtn, block 32` when quantized.
+    pub fn weights_summary(&self) -> String {
+        match &self.quantization {
+            Some(q) => format!("{}, {}", self.precision, q.summary()),
+            None => self.precision.to_string(),
+        }
     }
 
     /// The largest image side (pixels) the transformer's position table allows.
