@@ -10,7 +10,7 @@ exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
 import argparse
 from pathlib import Path
 
-from zimage_export.quantize import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
+from zimage_export.quantize import ACCURACY_LEVEL, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
 
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -21,12 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="weights per quantization block (along the input dimension)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
                         help="rtn: round to nearest; hqq: half-quadratic (int4 only)")
+    parser.add_argument("--accuracy-level", type=int, choices=range(5), default=ACCURACY_LEVEL,
+                        help="MatMulNBits accuracy_level: 4 = int8 compute on the CPU (fast), 0 = float compute")
     parser.add_argument("--keep-embedding", action="store_true",
                         help="keep the text encoder's token embedding table in full precision")
 
 
 def options_from(args) -> QuantizeOptions:
-    return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding)
+    return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
+                          accuracy_level=args.accuracy_level)
 
 
 def main(argv=None) -> None:

@@ -45,6 +45,9 @@ class QuantizeOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "rtn"
     quantize_embedding: bool = True
+    # MatMulNBits' accuracy_level: 4 computes in int8 on the CPU (fast); 0 lets the kernel pick
+    # (the CPU then dequantizes to float: the int8 rounding of the activations is avoided).
+    accuracy_level: int = ACCURACY_LEVEL
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -55,6 +58,8 @@ class QuantizeOptions:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.method == "hqq" and self.weights != "int4":
             raise ValueError("hqq is a 4-bit method (ONNX Runtime's HQQ quantizer writes 4-bit weights only)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, not {self.accuracy_level}")
 
     @property
     def bits(self) -> int:
@@ -70,7 +75,7 @@ class QuantizeOptions:
             "block_size": self.block_size,
             "method": self.method,
             "symmetric": False,
-            "accuracy_level": ACCURACY_LEVEL,
+            "accuracy_level": self.accuracy_level,
             "quantizer": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
         }
 
@@ -265,20 +270,20 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     else:
         op_types = ("MatMul", "Gather") if embeddings and options.quantize_embedding else ("MatMul",)
         algo = DefaultWeightOnlyQuantConfig(
-            block_size=options.block_size, is_symmetric=False, accuracy_level=ACCURACY_LEVEL,
+            block_size=options.block_size, is_symmetric=False, accuracy_level=options.accuracy_level or None,
             bits=options.bits, op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     if options.method == "hqq" and embeddings and options.quantize_embedding:
         raise ValueError("hqq cannot quantize the embedding table (ONNX Runtime's HQQ has no Gather); pass --keep-embedding")
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=exclude,
-                                     accuracy_level=ACCURACY_LEVEL)
+                                     accuracy_level=options.accuracy_level or None)
     quantizer.process()
-    if options.method == "hqq":  # HQQ's config has no accuracy_level: set it on its nodes
+    if options.method == "hqq" and options.accuracy_level:  # HQQ's config has no accuracy_level
         for node in quantizer.model.model.graph.node:
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 import onnx
 
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", ACCURACY_LEVEL))
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", options.accuracy_level))
     result = quantizer.model.model
     if result is not model:
         model.CopyFrom(result)
@@ -401,7 +406,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         # Text encoder (+ the enhancer decoder sharing its weights, quantized the same way; the
         # token embedding then stays in full precision: the decoder's tied LM head reads it).
         text_options = QuantizeOptions(options.weights, options.block_size, options.method,
-                                       options.quantize_embedding and not enhanced)
+                                       options.quantize_embedding and not enhanced, options.accuracy_level)
         text_models = {"text_encoder": onnx.load(str(src / graphs["text_encoder"]["path"]))}
         rep = quantize_model(text_models["text_encoder"], text_options, token_embedding=True)
         report["text_encoder"] = rep.section()
