@@ -373,7 +373,6 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     """Writes a quantized copy of package `src` to `out` (which may be `src`: then it is
     rewritten in place). Returns the new manifest (also written to `out/manifest.json`)."""
     import json
-    import os
     import shutil
     import tempfile
     from pathlib import Path
@@ -431,13 +430,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
                 if name not in rewritten:
                     keep |= {e["path"] for e in (g, g.get("external_data")) if e}
             for rel in sorted(keep):
-                # Unchanged files (the VAE graphs: 0.5 GB for the mid-size model) are
-                # hard-linked where the file system allows: the package never writes them.
-                (out / rel).unlink(missing_ok=True)
-                try:
-                    os.link(src / rel, out / rel)
-                except OSError:
-                    shutil.copyfile(src / rel, out / rel)
+                shutil.copyfile(src / rel, out / rel)
         for rel in old:
             (out / rel).unlink(missing_ok=True)
         for f in tmp.iterdir():
