@@ -23,13 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="rtn: round to nearest; hqq: half-quadratic (int4 only)")
     parser.add_argument("--accuracy-level", type=int, choices=range(5), default=ACCURACY_LEVEL,
                         help="MatMulNBits accuracy_level: 4 = int8 compute on the CPU (fast), 0 = float compute")
+    parser.add_argument("--quantize-adaln", action="store_true",
+                        help="quantize the transformer's adaLN modulations too (kept in full precision by default)")
     parser.add_argument("--keep-embedding", action="store_true",
                         help="keep the text encoder's token embedding table in full precision")
 
 
 def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
-                          accuracy_level=args.accuracy_level)
+                          accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln)
 
 
 def main(argv=None) -> None:

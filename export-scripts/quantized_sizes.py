@@ -6,7 +6,7 @@ configs alone (torch's meta device: nothing is allocated), by the rules quantize
         --text-encoder-config SRC/text_encoder/config.json --precision fp32   # any other model
 
 Every nn.Linear weight [N, K] of the transformer becomes MatMulNBits (except the kept ones,
-TRANSFORMER_KEEP) and so does every Linear of the text encoder's first n-1 layers (the last is
+TRANSFORMER_KEEP and the adaLN modulations unless --quantize-adaln) and so does every Linear of the text encoder's first n-1 layers (the last is
 pruned, docs/package-format.md); the token embedding becomes GatherBlockQuantized. Per weight:
 N * ceil(K/B) blocks of B*bits/8 bytes, one scale per block in the package precision, and
 ceil(blocks*bits/8) zero-point bytes per output column. Everything else (norms, biases, kept
@@ -18,7 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-from zimage_export.quantize import DEFAULT_BLOCK_SIZE, TRANSFORMER_KEEP, WEIGHTS
+from fnmatch import fnmatchcase
+
+from zimage_export.quantize import ADALN, DEFAULT_BLOCK_SIZE, TRANSFORMER_KEEP, WEIGHTS
 
 # Z-Image-Turbo (docs: /work/shared/reference/zimage-pipeline.md; REAL_WIDTH.md).
 REAL_TRANSFORMER = dict(
@@ -55,7 +57,8 @@ def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes) -
     quantized, qbytes = set(), 0
     if bits is not None:
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.startswith(kept_prefixes):
+            kept = any(fnmatchcase(f"{name}.weight", p) for p in kept_prefixes)
+            if isinstance(module, torch.nn.Linear) and not kept:
                 n, k = module.weight.shape
                 qbytes += nbits_bytes(n, k, bits, block, fbytes)
                 quantized.add(f"{name}.weight")
@@ -92,6 +95,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--precision", choices=sorted(FLOAT_BYTES), default="fp16")
+    parser.add_argument("--quantize-adaln", action="store_true", help="as quantize_package.py's flag")
     parser.add_argument("--transformer-config", type=Path, help="a diffusers transformer config.json (default: Z-Image-Turbo)")
     parser.add_argument("--text-encoder-config", type=Path, help="a Qwen3 config.json (default: Qwen3-4B)")
     args = parser.parse_args(argv)
@@ -100,7 +104,8 @@ def main(argv=None) -> None:
         return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")} if path else default
 
     fbytes = FLOAT_BYTES[args.precision]
-    models = (("transformer", transformer(read(args.transformer_config, REAL_TRANSFORMER)), TRANSFORMER_KEEP, None),
+    keep = TRANSFORMER_KEEP if args.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)
+    models = (("transformer", transformer(read(args.transformer_config, REAL_TRANSFORMER)), keep, None),
               ("text_encoder", text_encoder(read(args.text_encoder_config, REAL_TEXT_ENCODER)), (), "embed_tokens.weight"))
     print(f"precision {args.precision}, block {args.block_size}; GB = 1e9 bytes")
     print(f"{'component':<13} {'weights':<8} {'float part':>11} {'quantized':>10} {'total':>9}")

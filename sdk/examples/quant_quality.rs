@@ -80,7 +80,10 @@ fn main() -> zimage::Result<()> {
             _ => packages.push(a),
         }
     }
-    assert!(packages.len() >= 2, "usage: quant_quality REFERENCE PACKAGE... [--size N] [--steps N] [--prompts N] [--threads N]");
+    assert!(
+        packages.len() >= 2,
+        "usage: quant_quality REFERENCE PACKAGE... [--size N] [--steps N] [--prompts N] [--threads N]"
+    );
     let mut options = LoadOptions::default();
     options.threads = threads;
     let reference = run(&packages[0], &options, size, steps, prompts)?;
@@ -88,7 +91,8 @@ fn main() -> zimage::Result<()> {
     for package in &packages[1..] {
         let outputs = run(package, &options, size, steps, prompts)?;
         let rels: Vec<f64> = outputs.iter().zip(&reference).map(|(o, r)| rel_l2(&o.latents, &r.latents)).collect();
-        let images: Vec<(f64, u8)> = outputs.iter().zip(&reference).map(|(o, r)| image_distance(&o.image, &r.image)).collect();
+        let images: Vec<(f64, u8)> =
+            outputs.iter().zip(&reference).map(|(o, r)| image_distance(&o.image, &r.image)).collect();
         rows.push((package.clone(), rels, images));
     }
     println!("{} prompts, {size}x{size}, {steps} steps, seeds 1000.., against {}", reference.len(), packages[0]);
