@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         cells = []
         for side in sides:
             value = med(side, f)
-            text = f"{value:.2f} {unit}" if unit != "MiB" else f"{value:.0f} MiB"
+            text = f"{value:.3g} {unit}" if unit != "MiB" else f"{value:.0f} MiB"
             if side != "diffusers" and not args.no_reference and unit == "s":
                 text += f" ({med('diffusers', f) / value:.2f}x)"
             cells.append(text)
