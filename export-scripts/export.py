@@ -7,6 +7,9 @@ vae_decoder_cpu.onnx (the decoder with Winograd convolutions, for --winograd-vae
 each graph with one .onnx.data file beside it when its weights exceed 32 MiB), tokenizer.json
 and manifest.json, as described in docs/package-format.md. Components are loaded one at a time, directly in the package precision,
 so peak memory is about one component's weights (plus the exporter's working set).
+
+`--weights int8|int4` then quantizes the transformer and text encoder (quantize_package.py,
+docs/quantization.md).
 """
 
 import argparse
@@ -26,6 +29,7 @@ from zimage_export.manifest import (
     generation_defaults,
 )
 from zimage_export.winograd_math import DEFAULT_MIN_CHANNELS
+from quantize_package import add_arguments as add_quantize_arguments, options_from as quantize_options
 
 # Package precision -> torch dtype (by name: torch is imported once the arguments are parsed,
 # so that --help works without it). No bf16: the graphs export, but ONNX Runtime 1.31's CUDA
@@ -75,6 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--default-guidance", type=float, help="recommended guidance scale (overrides the variant's)")
     parser.add_argument("--default-cfg-normalization", type=float, help="recommended cfg_normalization (0 = off)")
     parser.add_argument("--default-cfg-truncation", type=float, help="recommended cfg_truncation (1 = never)")
+    add_quantize_arguments(parser, required=False)
     args = parser.parse_args(argv)
     variant = args.variant if args.variant != "auto" else detect_variant(args.name or str(args.src))
     defaults = generation_defaults(variant, {
@@ -115,6 +120,14 @@ def main(argv=None) -> None:
     manifest = build_manifest(src, out, args.precision, args.name or src.name, pad_token_id(src), defaults)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out / 'manifest.json'}")
+    if args.weights:
+        from zimage_export.quantize import quantize_package
+
+        start = time.time()
+        manifest = quantize_package(out, out, quantize_options(args), args.external_data_threshold)
+        for graph, rep in manifest["quantization"]["graphs"].items():
+            print(f"{args.weights} {graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
+        print(f"quantized in {time.time() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -446,6 +446,10 @@ fn summary_json(
         "controlnet": pipeline.controlnet(),
         "control_scale": request.control.as_ref().map(|c| c.conditioning_scale),
         "model": pipeline.package_dir().display().to_string(),
+        "precision": pipeline.manifest().precision.name(),
+        "quantization": pipeline.manifest().quantization.as_ref().map(|q| json!({
+            "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
+        })),
         "loras": lora_records(&pipeline.loras()),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "providers": {

@@ -67,6 +67,7 @@ impl LoadOptions {
             intra_threads: self.threads,
             allow_cpu_fallback: self.allow_cpu_fallback,
             shares_weights: false,
+            skip_prepacking: false,
             release_activations: false,
             optimized_cache: None,
             initializers: ExternalInitializers::default(),

@@ -149,6 +149,18 @@ pub(crate) struct Targets<'a> {
 impl<'a> Targets<'a> {
     /// Reads the table from the manifest and the initializers' places from the graph file.
     pub fn read(graph: &Path, manifest: &'a Manifest) -> Result<Targets<'a>> {
+        // A LoRA is merged by adding B·A to each float weight; a block-quantized MatMulNBits
+        // weight cannot take that (the sum would need re-quantizing, i.e. a new package).
+        if let Some(q) = &manifest.quantization {
+            return Err(Error::lora(
+                graph,
+                format!(
+                    "this package's transformer is quantized ({}): LoRAs cannot be merged into its block-quantized \
+                     weights; use an fp32 or fp16 package of the model (or quantize after merging the LoRA)",
+                    q.weights
+                ),
+            ));
+        }
         let table = manifest.transformer.lora_parameters.as_ref().ok_or_else(|| {
             Error::lora(
                 graph,

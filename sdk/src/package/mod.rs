@@ -4,6 +4,7 @@
 //!
 //! - [`graph`]: [`GraphKind`], a graph's manifest entry;
 //! - [`precision`]: [`Precision`];
+//! - [`quantization`]: the `quantization` section of int8 / int4 packages;
 //! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;
 //! - [`scheduler_config`]: the scheduler section;
@@ -21,6 +22,7 @@ pub mod generation_defaults;
 pub mod graph;
 pub mod initializers;
 pub mod precision;
+pub mod quantization;
 pub mod scheduler_config;
 
 use std::collections::BTreeMap;
@@ -38,6 +40,7 @@ pub use format::{FORMAT_NAME, FORMAT_VERSION};
 use generation_defaults::GenerationDefaults;
 use graph::{GraphKind, Graphs};
 pub use precision::Precision;
+use quantization::QuantizationInfo;
 use scheduler_config::SchedulerConfig;
 
 /// A Z-Image model package's `manifest.json`.
@@ -70,6 +73,10 @@ pub struct Manifest {
     /// ControlNet add-ons by name (docs/controlnet.md); empty in a package without them.
     #[serde(default)]
     pub controlnets: BTreeMap<String, ControlNetInfo>,
+    /// How the transformer and text-encoder weights were quantized (int8 / int4 weight-only),
+    /// when they were (docs/quantization.md).
+    #[serde(default)]
+    pub quantization: Option<QuantizationInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +242,9 @@ impl Manifest {
                 }
             }
         }
+        if let Some(q) = &self.quantization {
+            q.check()?;
+        }
         self.scheduler.check()?;
         self.generation_defaults.check()?;
         let edit_graphs = (self.graphs.siglip.is_some(), self.graphs.transformer_omni.is_some());
@@ -272,6 +282,14 @@ impl Manifest {
     /// Absolute path of a file named in the manifest (already checked to stay inside `dir`).
     pub fn resolve(dir: &Path, relative: &str) -> PathBuf {
         files::resolve(dir, relative)
+    }
+
+    /// The package's weights in one line: `fp32`, or `fp32, int8 rtn, block 32` when quantized.
+    pub fn weights_summary(&self) -> String {
+        match &self.quantization {
+            Some(q) => format!("{}, {}", self.precision, q.summary()),
+            None => self.precision.to_string(),
+        }
     }
 
     /// The largest image side (pixels) the transformer's position table allows.

@@ -259,6 +259,7 @@ impl Pipeline {
             prompt_tokens: prompt_segment,
             negative_prompt_tokens: negative_segment,
             enhanced_prompt: None,
+            quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
             timings: Timings {
                 tokenize: Duration::ZERO,
                 text_encode: text_time,

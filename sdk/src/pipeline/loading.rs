@@ -97,9 +97,12 @@ impl GraphLoader<'_> {
         let base = self.options.session_settings();
         match kind {
             // With an enhancer decoder in the package, the text encoder shares its weights file.
-            GraphKind::TextEncoder => {
-                SessionSettings { shares_weights: self.manifest.graphs.text_decoder.is_some(), ..base }
-            }
+            // A float one runs once per generation: its weights are not worth packing at load.
+            GraphKind::TextEncoder => SessionSettings {
+                shares_weights: self.manifest.graphs.text_decoder.is_some(),
+                skip_prepacking: self.manifest.quantization.is_none(),
+                ..base
+            },
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }

@@ -439,6 +439,7 @@ impl Pipeline {
             negative_prompt_tokens: prompts.negative.map(|n| n.tokens.clone()),
             enhanced_prompt: None,
             timings,
+            quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
         })
     }
 

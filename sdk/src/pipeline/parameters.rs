@@ -18,7 +18,7 @@ pub struct InputNames {
 /// The parameters of image `index` of `generation`, made from `request` with the package in
 /// `model`: prompt (the rewritten one when enhanced, then the original), negative prompt, seed,
 /// steps, size, guidance and CFG settings, batch size and index, model, software, and where set
-/// the sequence length, the LoRA adapters merged into the transformer (`loras`, see
+/// the package's quantization, the sequence length, the LoRA adapters merged into the transformer (`loras`, see
 /// [`lora_records`]) and the input pictures with their strength.
 pub fn image_parameters(
     request: &GenerateRequest,
@@ -48,6 +48,9 @@ pub fn image_parameters(
         ("model", model.display().to_string()),
         ("software", format!("zimage {}", env!("CARGO_PKG_VERSION"))),
     ];
+    if let Some(q) = &generation.quantization {
+        text.push(("quantization", q.clone()));
+    }
     if generation.enhanced_prompt.is_some() {
         text.push(("original_prompt", prompt));
     }

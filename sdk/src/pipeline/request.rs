@@ -204,6 +204,9 @@ pub struct Generation {
     /// The rewritten prompt the images were made from, when the prompt was enhanced.
     pub enhanced_prompt: Option<String>,
     pub timings: Timings,
+    /// How the package's weights are quantized (`int8 rtn, block 32`), when they are: the
+    /// images then differ slightly from the float package's (docs/quantization.md).
+    pub quantization: Option<String>,
 }
 
 impl Generation {

@@ -1,0 +1,50 @@
+"""Quantize an existing zimage package's transformer and text encoder (weight-only int8/int4,
+ONNX Runtime MatMulNBits; docs/quantization.md):
+
+    python quantize_package.py --package zimage-turbo --out zimage-turbo-int8 --weights int8
+
+Every other file is copied unchanged. `export.py --weights ...` does the same right after
+exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
+"""
+
+import argparse
+from pathlib import Path
+
+from zimage_export.quantize import ACCURACY_LEVEL, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
+
+
+def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The quantization flags, shared with export.py."""
+    parser.add_argument("--weights", choices=sorted(WEIGHTS), required=required,
+                        help="weight-only quantization of the transformer and text encoder (MatMulNBits)")
+    parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
+                        help="weights per quantization block (along the input dimension)")
+    parser.add_argument("--method", choices=METHODS, default="rtn",
+                        help="rtn: round to nearest; hqq: half-quadratic (int4 only)")
+    parser.add_argument("--accuracy-level", type=int, choices=range(5), default=ACCURACY_LEVEL,
+                        help="MatMulNBits accuracy_level: 4 = int8 compute on the CPU (fast), 0 = float compute")
+    parser.add_argument("--quantize-adaln", action="store_true",
+                        help="quantize the transformer's adaLN modulations too (kept in full precision by default)")
+    parser.add_argument("--keep-embedding", action="store_true",
+                        help="keep the text encoder's token embedding table in full precision")
+
+
+def options_from(args) -> QuantizeOptions:
+    return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
+                          accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", type=Path, required=True, help="an fp32 or fp16 package")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write (may be --package: rewritten in place)")
+    add_arguments(parser, required=True)
+    args = parser.parse_args(argv)
+    manifest = quantize_package(args.package, args.out, options_from(args))
+    for graph, rep in manifest["quantization"]["graphs"].items():
+        print(f"{graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
+    print(f"wrote {args.out / 'manifest.json'}")
+
+
+if __name__ == "__main__":
+    main()

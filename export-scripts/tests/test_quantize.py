@@ -1,0 +1,39 @@
+"""The quantizer's pure parts (numpy only): options, and the uint8 row quantization of the token
+embedding table."""
+
+import numpy as np
+import pytest
+
+from zimage_export.quantize import QuantizeOptions, quantize_rows_uint8
+
+
+def dequantize(q, scale, zero, block_size):
+    cols = q.shape[1]
+    s = np.repeat(scale, block_size, axis=1)[:, :cols]
+    z = np.repeat(zero.astype(np.float32), block_size, axis=1)[:, :cols]
+    return (q.astype(np.float32) - z) * s
+
+
+@pytest.mark.parametrize("cols,block", [(64, 32), (40, 16), (16, 32), (7, 16)])
+def test_uint8_rows_round_trip_within_half_a_step(cols, block):
+    table = np.random.default_rng(cols).standard_normal((50, cols)).astype(np.float32) * 3
+    table[3] = 0.0  # an all-zero row: scale 1, exact
+    table[4] = 2.5  # an all-positive row: the range still includes 0
+    q, scale, zero = quantize_rows_uint8(table, block)
+    blocks = -(-cols // block)
+    assert q.shape == table.shape and q.dtype == np.uint8
+    assert scale.shape == zero.shape == (50, blocks) and zero.dtype == np.uint8
+    back = dequantize(q, scale, zero, block)
+    step = np.repeat(scale, block, axis=1)[:, :cols]
+    assert np.all(np.abs(back - table) <= step / 2 * (1 + 1e-5))
+    assert np.all(back[3] == 0) and np.all(scale[3] == 1)
+    assert np.all(zero[4] == 0)
+    assert np.all(back[table == 0] == 0)  # zero is exact
+
+
+def test_options_are_checked():
+    assert QuantizeOptions("int8").bits == 8 and QuantizeOptions("int4", 64, "hqq").bits == 4
+    for bad in (dict(weights="int3"), dict(weights="int8", block_size=48), dict(weights="int8", block_size=512),
+                dict(weights="int8", method="gptq"), dict(weights="int8", method="hqq")):
+        with pytest.raises(ValueError):
+            QuantizeOptions(**bad)

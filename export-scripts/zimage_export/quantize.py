@@ -1,0 +1,466 @@
+"""Weight-only int8 / int4 quantization of a package's transformer and text encoder with ONNX
+Runtime's `MatMulNBits` (docs/quantization.md).
+
+The graphs are exported in float32 or float16 first; this rewrites them in place of a copy:
+
+- every `MatMul` whose right operand is a constant `[K, N]` weight becomes `MatMulNBits`
+  (block-wise along K, asymmetric with a zero point per block), unless its weight is kept;
+- a `Gemm` with a constant weight (`nn.Linear` on a 2-D input: the transformer's adaLN
+  modulations) is first rewritten as `MatMul` + `Add` with the weight transposed to `[K, N]`,
+  because the quantizer only rewrites `MatMul`;
+- the text encoder's token-embedding `Gather` becomes `GatherBlockQuantized` (blocks along the
+  hidden dimension): for Qwen3-4B it is 0.39 B of the 4.0 B parameters.
+
+`accuracy_level=4` lets ONNX Runtime's CPU provider compute the products in int8 (activations
+quantized per block on the fly); the CUDA provider ignores it.
+
+Which layers stay in full precision is decided by name: for the transformer, by the diffusers
+parameter name found through the manifest's `lora_parameters` table (the exporter renames
+constant-folded weights `val_<n>`); the kept names and the counts go into the manifest's
+`quantization` section.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+WEIGHTS = {"int8": 8, "int4": 4}
+METHODS = ("rtn", "hqq")
+# ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+# MatMulNBits accuracy_level: 4 = int8 compute on the CPU.
+ACCURACY_LEVEL = 4
+# Transformer layers that stay in full precision, by diffusers parameter-name pattern
+# (fnmatch): the embedders (input patches, caption features, timestep) and the final layer,
+# which every token's value goes through, and the adaLN modulations, which turn the timestep
+# into every block's scales and gates. Together 2 % of the real model's weights, and no time:
+# the modulations run on [batch, 256], not on the tokens. Measured on the mid-size model (8
+# prompts, docs/quantization.md): quantizing the modulations too raises int8's final-latent
+# error from 0.97e-2 to 1.10e-2.
+TRANSFORMER_KEEP = ("t_embedder.*", "all_x_embedder.*", "cap_embedder.*", "all_final_layer.*")
+ADALN = "*.adaLN_modulation.*"
+TEXT_ENCODER_KEEP = ()
+COM_MICROSOFT = "com.microsoft"
+
+
+@dataclass
+class QuantizeOptions:
+    weights: str  # "int8" | "int4"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    method: str = "rtn"
+    quantize_embedding: bool = True
+    # Quantize the transformer's adaLN modulations too (saves 2 % of the real model's weights).
+    quantize_adaln: bool = False
+    # MatMulNBits' accuracy_level: 4 computes in int8 on the CPU (fast); 0 lets the kernel pick
+    # (the CPU then dequantizes to float: the int8 rounding of the activations is avoided).
+    accuracy_level: int = ACCURACY_LEVEL
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {sorted(WEIGHTS)}, not {self.weights!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {BLOCK_SIZES}, not {self.block_size}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.method == "hqq" and self.weights != "int4":
+            raise ValueError("hqq is a 4-bit method (ONNX Runtime's HQQ quantizer writes 4-bit weights only)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, not {self.accuracy_level}")
+
+    @property
+    def bits(self) -> int:
+        return WEIGHTS[self.weights]
+
+    def section(self) -> dict:
+        """The manifest's `quantization` section, without the per-graph part."""
+        import onnxruntime
+
+        return {
+            "weights": self.weights,
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "method": self.method,
+            "symmetric": False,
+            "accuracy_level": self.accuracy_level,
+            "quantize_adaln": self.quantize_adaln,
+            "quantizer": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
+        }
+
+
+@dataclass
+class GraphReport:
+    """What happened to one graph: how many weights were quantized, which were kept."""
+
+    quantized: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+
+    def section(self) -> dict:
+        return {"quantized": len(self.quantized), "kept": sorted(self.kept)}
+
+
+def _initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
+
+
+def _name_nodes(graph) -> None:
+    """The quantizer excludes nodes by name: give every unnamed node a unique one."""
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def _attr(node, name, default):
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def gemm_to_matmul(model, should_rewrite) -> list[str]:
+    """Rewrites `Gemm(A, W, C)` with a constant W (transA 0, alpha = beta = 1) as
+    `MatMul(A, W')` (+ `Add(C)`), W' the `[K, N]` weight, for every W with `should_rewrite(W's
+    name)`. Returns the rewritten weights' names. The result is the same function: Gemm only
+    takes 2-D A, where MatMul is the same product."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    users = {}
+    for node in graph.node:
+        for i in node.input:
+            users[i] = users.get(i, 0) + 1
+    nodes, rewritten = [], []
+    for node in graph.node:
+        if not (node.op_type == "Gemm" and node.input[1] in inits and should_rewrite(node.input[1])
+                and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
+                and _attr(node, "beta", 1.0) == 1.0 and users[node.input[1]] == 1):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if _attr(node, "transB", 0):
+            w = w.T
+        w_name = node.input[1] + "_kn"
+        graph.initializer.remove(inits.pop(node.input[1]))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = node.output[0] + "_matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w_name], [product], name=node.name + "_matmul"))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        rewritten.append(node.input[1])
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def quantize_rows_uint8(table: np.ndarray, block_size: int):
+    """Asymmetric uint8 block quantization of a 2-D table along its rows (axis 1), as
+    GatherBlockQuantized reads it: value = (q - zero) * scale, one scale and zero point per
+    block of `block_size` columns (the last block may be partial). Each block's range is widened
+    to include 0 so that 0 is exact. Returns (q [R, C] uint8, scale [R, blocks] float32,
+    zero [R, blocks] uint8)."""
+    rows, cols = table.shape
+    blocks = -(-cols // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :cols] = table
+    b = padded.reshape(rows, blocks, block_size)
+    lo = np.minimum(b.min(axis=2), 0.0)
+    hi = np.maximum(b.max(axis=2), 0.0)
+    scale = (hi - lo) / 255.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    q = np.clip(np.round(b / scale[:, :, None]) + zero[:, :, None], 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(q.reshape(rows, blocks * block_size)[:, :cols]), scale, zero.astype(np.uint8)
+
+
+def _quantize_gather_8bit(model, node, block_size: int):
+    """`Gather(table, ids)` -> `GatherBlockQuantized(..., bits=8)`: uint8, blocks of `block_size`
+    along the hidden axis, a scale and a zero point per block (ONNX Runtime's quantizer writes
+    4-bit tables only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    table_proto = _initializers(graph)[node.input[0]]
+    table = numpy_helper.to_array(table_proto)
+    q, scale, zero = quantize_rows_uint8(table, block_size)
+    name = table_proto.name
+    graph.initializer.remove(table_proto)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(q), name + "_Q8"),
+        numpy_helper.from_array(scale.astype(table.dtype), name + "_scales"),
+        numpy_helper.from_array(zero, name + "_zero_points"),
+    ])
+    gather_axis = _attr(node, "axis", 0)
+    return onnx.helper.make_node(
+        "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales", name + "_zero_points"],
+        [node.output[0]], name=node.name + "_Q8", domain=COM_MICROSOFT,
+        gather_axis=gather_axis, quantize_axis=1, block_size=block_size, bits=8)
+
+
+def _embedding_gathers(model) -> list:
+    """Gathers reading a constant 2-D float table on axis 0 (token embeddings)."""
+    inits = _initializers(model.graph)
+    out = []
+    for node in model.graph.node:
+        t = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if t is not None and len(t.dims) == 2 and t.data_type in (1, 10) and _attr(node, "axis", 0) == 0:
+            out.append(node)
+    return out
+
+
+def quantize_model(model, options: QuantizeOptions, names: dict | None = None, keep=(),
+                   token_embedding: bool = False) -> GraphReport:
+    """Quantizes `model` (an onnx.ModelProto with its weights loaded) in place.
+
+    `token_embedding`: the graph's constant-table Gathers are token embeddings (the text
+    encoder's), quantized unless `options.quantize_embedding` is off. Other graphs' Gathers
+    (the transformer's RoPE tables) are never touched.
+
+    `names`: initializer name -> the name to report and match `keep` prefixes against (the
+    diffusers parameter name); weights without one are reported by initializer name."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from fnmatch import fnmatchcase
+
+    names = names or {}
+    label = lambda init: names.get(init, init)  # noqa: E731
+    kept_by_name = lambda init: any(fnmatchcase(label(init), p) for p in keep)  # noqa: E731
+    report = GraphReport()
+
+    rewritten = gemm_to_matmul(model, lambda w: not kept_by_name(w))
+    for w in rewritten:  # the rewritten weight is `<w>_kn`; report it under its old name
+        names[w + "_kn"] = label(w)
+    _name_nodes(model.graph)
+    inits = _initializers(model.graph)
+
+    exclude = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            if kept_by_name(node.input[1]):
+                exclude.append(node.name)
+                report.kept.append(label(node.input[1]))
+            else:
+                report.quantized.append(label(node.input[1]))
+        elif node.op_type == "Gemm" and node.input[1] in inits:
+            report.kept.append(label(node.input[1]))
+
+    embeddings = _embedding_gathers(model) if token_embedding else []
+    if options.quantize_embedding and options.bits == 8:
+        replaced = {}
+        for node in embeddings:
+            replaced[node.name] = _quantize_gather_8bit(model, node, options.block_size)
+            report.quantized.append(label(node.input[0]))
+        new_nodes = [replaced.get(n.name, n) for n in model.graph.node]
+        model.graph.ClearField("node")
+        model.graph.node.extend(new_nodes)
+        embeddings = []
+    elif options.quantize_embedding:
+        report.quantized.extend(label(n.input[0]) for n in embeddings)
+    else:
+        report.kept.extend(label(n.input[0]) for n in embeddings)
+
+    if options.method == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
+    else:
+        op_types = ("MatMul", "Gather") if embeddings and options.quantize_embedding else ("MatMul",)
+        algo = DefaultWeightOnlyQuantConfig(
+            block_size=options.block_size, is_symmetric=False, accuracy_level=options.accuracy_level or None,
+            bits=options.bits, op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    if options.method == "hqq" and embeddings and options.quantize_embedding:
+        raise ValueError("hqq cannot quantize the embedding table (ONNX Runtime's HQQ has no Gather); pass --keep-embedding")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=exclude,
+                                     accuracy_level=options.accuracy_level or None)
+    quantizer.process()
+    if options.method == "hqq" and options.accuracy_level:  # HQQ's config has no accuracy_level
+        for node in quantizer.model.model.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                import onnx
+
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", options.accuracy_level))
+    result = quantizer.model.model
+    if result is not model:
+        model.CopyFrom(result)
+    count = sum(1 for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    if count != len(report.quantized):
+        raise RuntimeError(f"expected {len(report.quantized)} quantized nodes, the quantizer wrote {count}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+
+# Graphs that are quantized; every other file of the package is copied unchanged.
+QUANTIZED_GRAPHS = ("transformer", "text_encoder")
+# The enhancer's decoder shares the text encoder's weights file (docs/enhancer.md): it is
+# quantized with it, and the two graphs keep one weights file.
+SHARING_GRAPH = "text_decoder"
+# Initializers at least this large go to the external data file when a graph has one.
+EXTERNAL_MIN_BYTES = 1024
+# Page-aligned offsets let ONNX Runtime map tensors straight from the file.
+ALIGNMENT = 4096
+
+
+def transformer_keep(options: QuantizeOptions) -> tuple:
+    """The transformer's kept-weight patterns under `options`."""
+    return TRANSFORMER_KEEP if options.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)
+
+
+def _transformer_names(manifest: dict) -> dict:
+    """Transformer initializer name -> diffusers parameter name, from the LoRA table."""
+    table = manifest.get("transformer", {}).get("lora_parameters")
+    if not table:
+        raise ValueError("the package's manifest has no transformer.lora_parameters (exported before LoRA support): "
+                         "the transformer's layers cannot be named, so the kept ones cannot be found; re-export it")
+    return {entry["initializer"]: name for name, entry in table.items()}
+
+
+def _tensor_bytes(t) -> bytes:
+    from onnx import numpy_helper
+
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def save_graphs(models: dict, out_dir, data_file: str | None) -> None:
+    """Writes `models` (graph name -> ModelProto with its weights loaded) as `<name>.onnx` in
+    `out_dir`. With `data_file`, every initializer of at least EXTERNAL_MIN_BYTES goes to that
+    one file, written once per name even when several graphs read it (the enhancer's sharing);
+    the same name with different bytes in two graphs is an error."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto
+
+    out_dir = Path(out_dir)
+    if data_file is None:
+        for name, model in models.items():
+            onnx.save(model, out_dir / f"{name}.onnx")
+        return
+    places, digests = {}, {}
+    with open(out_dir / data_file, "wb") as f:
+        for model in models.values():
+            for t in model.graph.initializer:
+                data = _tensor_bytes(t)
+                if len(data) < EXTERNAL_MIN_BYTES:
+                    continue
+                if t.name in places:
+                    if digests[t.name] != hash(data) or places[t.name][1] != len(data):
+                        raise ValueError(f"two graphs hold different tensors named {t.name}: they cannot share {data_file}")
+                else:
+                    offset = f.tell()
+                    pad = (-offset) % ALIGNMENT
+                    f.write(b"\0" * pad)
+                    places[t.name] = (offset + pad, len(data))
+                    digests[t.name] = hash(data)
+                    f.write(data)
+                offset, length = places[t.name]
+                t.ClearField("raw_data")
+                for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                    t.ClearField(field_name)
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+    for name, model in models.items():
+        onnx.save(model, out_dir / f"{name}.onnx")
+
+
+def quantize_package(src, out, options: QuantizeOptions, external_data_threshold: int | None = None) -> dict:
+    """Writes a quantized copy of package `src` to `out` (which may be `src`: then it is
+    rewritten in place). Returns the new manifest (also written to `out/manifest.json`)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from .manifest import file_entry, graph_entry
+    from .onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD
+
+    threshold = DEFAULT_EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+    src, out = Path(src).resolve(), Path(out).resolve()
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest.get("quantization"):
+        raise ValueError(f"{src} is already quantized ({manifest['quantization']['weights']})")
+    if manifest.get("precision") not in ("fp32", "fp16"):
+        raise ValueError(f"only fp32 and fp16 packages can be quantized, not {manifest.get('precision')}")
+    graphs = manifest["graphs"]
+    enhanced = SHARING_GRAPH in graphs
+    rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".quantize-") as tmp:
+        tmp = Path(tmp)
+        report = {}
+        # Transformer alone.
+        model = onnx.load(str(src / graphs["transformer"]["path"]))
+        rep = quantize_model(model, options, _transformer_names(manifest), transformer_keep(options))
+        report["transformer"] = rep.section()
+        big = sum(len(_tensor_bytes(t)) for t in model.graph.initializer) > threshold
+        save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
+        del model
+        # Text encoder (+ the enhancer decoder sharing its weights, quantized the same way; the
+        # token embedding then stays in full precision: the decoder's tied LM head reads it).
+        text_options = QuantizeOptions(options.weights, options.block_size, options.method,
+                                       options.quantize_embedding and not enhanced, options.accuracy_level)
+
+        text_models = {"text_encoder": onnx.load(str(src / graphs["text_encoder"]["path"]))}
+        rep = quantize_model(text_models["text_encoder"], text_options, token_embedding=True)
+        report["text_encoder"] = rep.section()
+        if enhanced:
+            text_models[SHARING_GRAPH] = onnx.load(str(src / graphs[SHARING_GRAPH]["path"]))
+            rep = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
+            report[SHARING_GRAPH] = rep.section()
+            data_file = graphs["text_encoder"]["external_data"]["path"]
+        else:
+            big = sum(len(_tensor_bytes(t)) for t in text_models["text_encoder"].graph.initializer) > threshold
+            data_file = "text_encoder.onnx.data" if big else None
+        save_graphs(text_models, tmp, data_file)
+        del text_models
+
+        # Everything else is copied (skipped when rewriting in place).
+        out.mkdir(parents=True, exist_ok=True)
+        old = {e["path"] for g in rewritten.values() for e in (g, g.get("external_data")) if e}
+        if out != src:
+            keep = {manifest["tokenizer"]["path"]}
+            for name, g in graphs.items():
+                if name not in rewritten:
+                    keep |= {e["path"] for e in (g, g.get("external_data")) if e}
+            for rel in sorted(keep):
+                shutil.copyfile(src / rel, out / rel)
+        for rel in old:
+            (out / rel).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            shutil.move(str(f), out / f.name)
+
+    for name in rewritten:
+        entry = graph_entry(out, name)
+        if enhanced and name in (SHARING_GRAPH, "text_encoder"):
+            entry["external_data"] = file_entry(out / data_file)
+        graphs[name] = entry
+    manifest["quantization"] = {**options.section(), "graphs": report}
+    # The LoRA table points at float weights that are now quantized: LoRAs cannot be merged into
+    # MatMulNBits weights by adding deltas, so a quantized package carries no table (the SDK
+    # refuses LoRAs on it with ErrorKind::Unsupported).
+    manifest["transformer"].pop("lora_parameters", None)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest

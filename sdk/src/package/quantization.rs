@@ -1,0 +1,120 @@
+//! The `quantization` section of a manifest: how a package's transformer and text encoder
+//! weights were quantized (weight-only int8 / int4, ONNX Runtime `MatMulNBits`;
+//! docs/quantization.md). Absent in unquantized packages.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The integer width of a package's quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum WeightQuantization {
+    Int8,
+    Int4,
+}
+
+impl WeightQuantization {
+    /// The name used in `manifest.json` (`quantization.weights`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightQuantization::Int8 => "int8",
+            WeightQuantization::Int4 => "int4",
+        }
+    }
+
+    pub fn bits(self) -> u32 {
+        match self {
+            WeightQuantization::Int8 => 8,
+            WeightQuantization::Int4 => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightQuantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the quantizer did to one graph.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct QuantizedGraph {
+    /// How many weights became `MatMulNBits` / `GatherBlockQuantized`.
+    pub quantized: usize,
+    /// The weights kept in the package precision (diffusers / transformers parameter names).
+    #[serde(default)]
+    pub kept: Vec<String>,
+}
+
+/// `manifest.json`'s `quantization` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct QuantizationInfo {
+    pub weights: WeightQuantization,
+    pub bits: u32,
+    /// Weights per block along a product's input dimension (one scale and zero point each).
+    pub block_size: u32,
+    /// The quantization method (`rtn`, `hqq`).
+    pub method: String,
+    #[serde(default)]
+    pub symmetric: bool,
+    /// `MatMulNBits`' accuracy_level (4: int8 compute on the CPU).
+    #[serde(default)]
+    pub accuracy_level: u32,
+    /// The tool and version that wrote the weights.
+    #[serde(default)]
+    pub quantizer: String,
+    /// By graph name (`transformer`, `text_encoder`, `text_decoder`).
+    #[serde(default)]
+    pub graphs: BTreeMap<String, QuantizedGraph>,
+}
+
+impl QuantizationInfo {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        if self.bits != self.weights.bits() {
+            return Err(format!("quantization.bits {} does not match weights {}", self.bits, self.weights));
+        }
+        if !(16..=256).contains(&self.block_size) || !self.block_size.is_power_of_two() {
+            return Err(format!("quantization.block_size {} is not a power of two in 16..=256", self.block_size));
+        }
+        Ok(())
+    }
+
+    /// One line for people and image metadata: `int8 rtn, block 32`.
+    pub fn summary(&self) -> String {
+        format!("{} {}, block {}", self.weights, self.method, self.block_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> QuantizationInfo {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn parses_and_checks_a_section() {
+        let q = parse(
+            r#"{"weights": "int4", "bits": 4, "block_size": 32, "method": "rtn", "symmetric": false,
+                "accuracy_level": 4, "quantizer": "onnxruntime 1.31.1 MatMulNBitsQuantizer",
+                "graphs": {"transformer": {"quantized": 31, "kept": ["cap_embedder.1.weight"]}}}"#,
+        );
+        assert_eq!(q.weights, WeightQuantization::Int4);
+        assert_eq!(q.graphs["transformer"].quantized, 31);
+        assert_eq!(q.summary(), "int4 rtn, block 32");
+        assert_eq!(q.check(), Ok(()));
+        let wrong_bits = QuantizationInfo { bits: 8, ..q.clone() };
+        assert!(wrong_bits.check().unwrap_err().contains("does not match"));
+        let odd_block = QuantizationInfo { block_size: 48, ..q.clone() };
+        assert!(odd_block.check().unwrap_err().contains("block_size 48"));
+        let huge_block = QuantizationInfo { block_size: 512, ..q };
+        assert!(huge_block.check().is_err());
+        assert!(serde_json::from_str::<QuantizationInfo>(
+            r#"{"weights": "int3", "bits": 3, "block_size": 32, "method": "rtn"}"#
+        )
+        .is_err());
+    }
+}

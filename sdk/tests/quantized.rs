@@ -1,0 +1,248 @@
+//! The int8 / int4 weight-only packages (`models/tiny-zimage-int8`, `-int4`: tiny-zimage with
+//! its transformer and text encoder quantized by export-scripts/make_quantized_fixtures.py):
+//! they load with no other change, describe their quantization, generate deterministically,
+//! and stay within the distances to tiny-zimage's fp32 goldens written in
+//! docs/quantization.md. A tiny random-weight model has none of a trained model's structure,
+//! so its quantization error is far larger than the mid-size model's (docs/quantization.md);
+//! the bounds sit between the measured error and what a broken quantization gives (a zero
+//! point off by one: transformer forward 2.8e-2 for int8, 0.53 for int4).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use common::*;
+use ndarray::{Array1, Array2, Array3};
+use serde_json::Value;
+use zimage::{
+    image_parameters, ErrorKind, GenerateRequest, InputNames, LoadOptions, LoraAdapter, LoraSetting, Manifest,
+    Pipeline, WeightQuantization,
+};
+
+/// Bounds against the fp32 goldens, about 1.3-1.4x the measured distances (CPU, 2026-11-30;
+/// measured / bound): int8 transformer 1.26e-2 / 1.7e-2, text 3.33e-2 / 4.5e-2, latents
+/// 1.23e-2 / 1.7e-2, images 6 / 10 levels; int4 0.127 / 0.17, 0.353 / 0.45, 0.129 / 0.18, 42 / 56.
+struct Bounds {
+    weights: WeightQuantization,
+    /// Transformer forward, relative L2.
+    transformer: f64,
+    /// Text features, relative L2.
+    text: f64,
+    /// Final latents of a generation, relative L2.
+    latents: f64,
+    /// Images, largest 8-bit difference.
+    levels: u8,
+}
+
+const PACKAGES: [(&str, Bounds); 2] = [
+    (
+        "tiny-zimage-int8",
+        Bounds { weights: WeightQuantization::Int8, transformer: 1.7e-2, text: 4.5e-2, latents: 1.7e-2, levels: 10 },
+    ),
+    (
+        "tiny-zimage-int4",
+        Bounds { weights: WeightQuantization::Int4, transformer: 0.17, text: 0.45, latents: 0.18, levels: 56 },
+    ),
+];
+
+fn model(package: &str) -> PathBuf {
+    repo().join("models").join(package)
+}
+
+fn quantized(package: &str) -> &'static Pipeline {
+    static INT8: OnceLock<Pipeline> = OnceLock::new();
+    static INT4: OnceLock<Pipeline> = OnceLock::new();
+    let cell = if package.ends_with("int8") { &INT8 } else { &INT4 };
+    cell.get_or_init(|| {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        Pipeline::load(model(package), &o).expect("a quantized package loads like any other")
+    })
+}
+
+fn cases() -> Value {
+    json(&golden("tiny-zimage/cases.json"))
+}
+
+fn file(rel: &Value) -> PathBuf {
+    golden("tiny-zimage").join(rel.as_str().unwrap())
+}
+
+#[test]
+fn quantized_packages_describe_their_weights() {
+    for (package, bounds) in &PACKAGES {
+        let manifest = Manifest::load(&model(package), true).unwrap();
+        let q = manifest.quantization.as_ref().expect("a quantization section");
+        assert_eq!(q.weights, bounds.weights);
+        assert_eq!((q.bits, q.block_size, q.method.as_str(), q.accuracy_level), (q.weights.bits(), 32, "rtn", 4));
+        let transformer = &q.graphs["transformer"];
+        // The attention and feed-forward MatMuls of the 2 + 1 + 1 blocks.
+        assert_eq!(transformer.quantized, 28, "{package}");
+        assert_eq!(
+            transformer.kept,
+            [
+                "all_final_layer.2-1.adaLN_modulation.1.weight",
+                "all_final_layer.2-1.linear.weight",
+                "all_x_embedder.2-1.weight",
+                "cap_embedder.1.weight",
+                "layers.0.adaLN_modulation.0.weight",
+                "layers.1.adaLN_modulation.0.weight",
+                "noise_refiner.0.adaLN_modulation.0.weight",
+                "t_embedder.mlp.0.weight",
+                "t_embedder.mlp.2.weight",
+            ]
+        );
+        // 2 layers x 7 Linear weights + the token embedding.
+        assert_eq!(q.graphs["text_encoder"].quantized, 15, "{package}");
+        assert!(manifest.transformer.lora_parameters.is_none());
+        assert_eq!(manifest.weights_summary(), format!("fp32, {} rtn, block 32", bounds.weights));
+    }
+    let fp32 = Manifest::load(&model("tiny-zimage"), false).unwrap();
+    assert!(fp32.quantization.is_none());
+    assert_eq!(fp32.weights_summary(), "fp32");
+}
+
+#[test]
+fn a_bad_quantization_section_is_refused() {
+    let text = std::fs::read_to_string(model("tiny-zimage-int8").join("manifest.json")).unwrap();
+    let mut manifest: Value = serde_json::from_str(&text).unwrap();
+    assert!(Manifest::parse(&text).is_ok());
+    manifest["quantization"]["bits"] = 4.into();
+    let e = Manifest::parse(&manifest.to_string()).unwrap_err();
+    assert!(e.contains("does not match weights int8"), "{e}");
+    manifest["quantization"]["bits"] = 8.into();
+    manifest["quantization"]["block_size"] = 24.into();
+    let e = Manifest::parse(&manifest.to_string()).unwrap_err();
+    assert!(e.contains("block_size 24"), "{e}");
+    manifest["quantization"]["block_size"] = 32.into();
+    manifest["quantization"]["weights"] = "int2".into();
+    assert!(Manifest::parse(&manifest.to_string()).is_err());
+}
+
+#[test]
+fn transformer_forward_stays_near_fp32() {
+    let case = &cases()["transformer_forward"];
+    let latents = as4(npy_f32(&file(&case["latents_file"])));
+    let timestep: Array1<f32> = npy_f32(&file(&case["timestep_file"])).into_dimensionality().unwrap();
+    let cap_feats: Array3<f32> = npy_f32(&file(&case["cap_feats_file"])).into_dimensionality().unwrap();
+    let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(&case["cap_mask_file"])).unwrap();
+    let want = npy_f32(&file(&case["output_file"]));
+    for (package, bounds) in &PACKAGES {
+        let got = quantized(package).transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
+        let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+        eprintln!("{package}: transformer forward rel L2 {err:.3e}");
+        assert!(err > 1e-6, "{package}: identical to fp32: the weights are not quantized");
+        assert!(err <= bounds.transformer, "{package}: transformer rel L2 {err} > {}", bounds.transformer);
+    }
+}
+
+#[test]
+fn text_features_stay_near_fp32() {
+    for (package, bounds) in &PACKAGES {
+        let pipeline = quantized(package);
+        let mut worst = 0.0f64;
+        for case in cases()["text_features"].as_array().unwrap() {
+            let max = case["max_sequence_length"].as_u64().unwrap() as usize;
+            let embedding = pipeline.encode_prompt(case["prompt"].as_str().unwrap(), Some(max)).unwrap();
+            let want = npy_f32(&file(&case["features_file"]));
+            assert_eq!(embedding.features.shape(), want.shape());
+            let err = rel_l2(embedding.features.as_slice().unwrap(), want.as_slice().unwrap());
+            assert!(err.is_finite(), "{package}: {err}");
+            worst = worst.max(err);
+        }
+        eprintln!("{package}: text features worst rel L2 {worst:.3e}");
+        assert!(
+            worst > 1e-6 && worst <= bounds.text,
+            "{package}: text features rel L2 {worst} (bound {})",
+            bounds.text
+        );
+    }
+}
+
+fn request_from(case: &Value) -> GenerateRequest {
+    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
+    r.negative_prompt = case["negative_prompt"].as_str().map(|s| zimage::Prompt::Text(s.to_string()));
+    r.width = case["width"].as_u64().unwrap() as u32;
+    r.height = case["height"].as_u64().unwrap() as u32;
+    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
+    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
+    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
+    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32;
+    r.seed = Some(case["seed"].as_u64().unwrap());
+    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
+    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.return_latents = true;
+    r
+}
+
+#[test]
+fn generations_are_deterministic_and_near_fp32() {
+    let all = cases();
+    let chosen = ["turbo", "cfg", "nonsquare", "two_images"];
+    for (package, bounds) in &PACKAGES {
+        let pipeline = quantized(package);
+        for case in
+            all["text_to_image"].as_array().unwrap().iter().filter(|c| chosen.contains(&c["name"].as_str().unwrap()))
+        {
+            let name = case["name"].as_str().unwrap();
+            let request = request_from(case);
+            let first = pipeline.generate(&request, None).unwrap();
+            let again = pipeline.generate(&request, None).unwrap();
+            let got = first.latents.as_ref().unwrap();
+            assert_eq!(got, again.latents.as_ref().unwrap(), "{package}/{name}: not deterministic");
+            assert_eq!(first.images, again.images, "{package}/{name}: not deterministic");
+            let want = npy_f32(&file(&case["latents_file"]));
+            assert_eq!(got.shape(), want.shape());
+            let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+            let pixels = first
+                .images
+                .iter()
+                .zip(case["image_files"].as_array().unwrap())
+                .map(|(img, path)| max_pixel_diff(img, &png_rgb(&file(path))))
+                .max()
+                .unwrap();
+            eprintln!("{package}/{name}: final latents rel L2 {err:.3e}, images max diff {pixels} levels");
+            assert!(
+                err > 1e-6 && err <= bounds.latents,
+                "{package}/{name}: latents rel L2 {err} (bound {})",
+                bounds.latents
+            );
+            assert!(
+                pixels <= bounds.levels,
+                "{package}/{name}: images differ by {pixels} levels (bound {})",
+                bounds.levels
+            );
+            // Images record the quantization beside the other parameters.
+            let summary = format!("{} rtn, block 32", bounds.weights);
+            assert_eq!(first.quantization.as_deref(), Some(summary.as_str()));
+            let params = image_parameters(&request, &first, 0, pipeline.package_dir(), &[], &InputNames::default());
+            assert!(params.contains(&("quantization", summary)), "{params:?}");
+        }
+    }
+    // The float package records no quantization.
+    let fp32 = pipeline("tiny-zimage");
+    let request = request_from(&all["text_to_image"][0]);
+    let generation = fp32.generate(&request, None).unwrap();
+    assert_eq!(generation.quantization, None);
+    let params = image_parameters(&request, &generation, 0, fp32.package_dir(), &[], &InputNames::default());
+    assert!(params.iter().all(|(k, _)| *k != "quantization"));
+}
+
+#[test]
+fn loras_are_refused_on_quantized_packages() {
+    let path = golden("tiny-zimage").join("loras/peft.safetensors");
+    let adapter = Arc::new(LoraAdapter::load(&path).unwrap());
+    for (package, bounds) in &PACKAGES {
+        let e = quantized(package).set_loras(&[LoraSetting::new(Arc::clone(&adapter), 1.0)]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Lora, "{package}: {e}");
+        assert!(e.to_string().contains(&format!("quantized ({})", bounds.weights)), "{e}");
+        assert!(quantized(package).loras().is_empty());
+        // And at load time.
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.loras = vec![LoraSetting::new(Arc::clone(&adapter), 0.5)];
+        let e = Pipeline::load(model(package), &o).err().expect("refused");
+        assert_eq!(e.kind(), ErrorKind::Lora, "{package}: {e}");
+    }
+}
