@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     budget = T.Budget()
-    for name in ("vae_steps", "decoder_steps", "transformer_steps", "lora_steps"):
+    for name in ("vae_steps", "decoder_steps", "transformer_steps", "transformer_steps_2", "lora_steps"):
         setattr(budget, name, max(10, int(getattr(budget, name) * args.scale)))
     work = args.cache / "toy"
     work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,7 @@ def main(argv=None) -> None:
         model.train()
 
     transformer = T.train_transformer(args.seed, budget, curve, latents, scene_caps, feats, check=check)
+    transformer = T.continue_transformer(transformer, args.seed, budget, curve, latents, scene_caps, feats)
     check(transformer, budget.transformer_steps)
     src = _save_pipeline(work / "src" / "toy-zimage", tok_folder, vae, text_encoder, transformer, tokenizer)
     print(f"diffusers folder: {src}", flush=True)

@@ -46,6 +46,7 @@ class Budget:
     vae_batch: int = 8
     decoder_steps: int = 1000
     transformer_steps: int = 1000
+    transformer_steps_2: int = 800
     transformer_batch: int = 48
     lora_steps: int = 200
     lora_batch: int = 32
@@ -252,6 +253,17 @@ def train_transformer(seed: int, budget: Budget, curve: Curve, latents: torch.Te
     _run(model, list(model.parameters()), "transformer", seed, budget.transformer_steps, budget.transformer_batch,
          6e-4, curve, len(latents), lambda ids, rng: (latents[ids], [_caption(rng, scene_caps[i], feats) for i in ids]),
          log_every, check)
+    return model.eval()
+
+
+def continue_transformer(model, seed: int, budget: Budget, curve: Curve, latents, scene_caps, feats,
+                         log_every: int = 100, check=None):
+    """A second cosine cycle (fresh optimiser, own data order), from where train_transformer
+    stopped: the first cycle's 1000 steps left the colours of small shapes undertrained."""
+    model.train()
+    _run(model, list(model.parameters()), "transformer_2", seed + 1000, budget.transformer_steps_2,
+         budget.transformer_batch, 4e-4, curve, len(latents),
+         lambda ids, rng: (latents[ids], [_caption(rng, scene_caps[i], feats) for i in ids]), log_every, check)
     return model.eval()
 
 
