@@ -143,7 +143,15 @@ pub fn measure(img: &RgbImage) -> Measured {
     }
     let scale = 64.0 / w.max(h) as f32;
     if inside.len() < 8 {
-        return Measured { background, background_share, colour: None, colour_share: 0.0, centre: None, half_extent: 0.0, fill: 0.0 };
+        return Measured {
+            background,
+            background_share,
+            colour: None,
+            colour_share: 0.0,
+            centre: None,
+            half_extent: 0.0,
+            fill: 0.0,
+        };
     }
     let names: Vec<&'static str> = inside.iter().map(|p| p.2).collect();
     let (colour, ccount) = mode(&names);
@@ -184,7 +192,10 @@ fn mode(names: &[&'static str]) -> (&'static str, usize) {
 pub fn mismatches(m: &Measured, want: &Scene) -> Vec<String> {
     let mut out = vec![];
     if m.background != want.background || m.background_share < 0.9 {
-        out.push(format!("background {} ({:.2} of the border), want {}", m.background, m.background_share, want.background));
+        out.push(format!(
+            "background {} ({:.2} of the border), want {}",
+            m.background, m.background_share, want.background
+        ));
     }
     let Some((cx, cy)) = m.centre else {
         out.push("no shape".into());
@@ -197,7 +208,8 @@ pub fn mismatches(m: &Measured, want: &Scene) -> Vec<String> {
     if (cx - wx).hypot(cy - wy) > 6.0 {
         out.push(format!("centre ({cx:.1}, {cy:.1}), want {} ({wx}, {wy})", want.position));
     }
-    let size = SIZES.iter().min_by(|a, b| (a.1 - m.half_extent).abs().total_cmp(&(b.1 - m.half_extent).abs())).unwrap().0;
+    let size =
+        SIZES.iter().min_by(|a, b| (a.1 - m.half_extent).abs().total_cmp(&(b.1 - m.half_extent).abs())).unwrap().0;
     if size != want.size {
         out.push(format!("size {size} (half extent {:.1}), want {}", m.half_extent, want.size));
     }
