@@ -97,7 +97,10 @@ def check_against_diffusers(transformer, controlnet, graph: Path) -> float:
         })
         if not np.isfinite(out).all():
             raise AssertionError("the combined graph returned non-finite values")
-        worst = max(worst, float(np.abs(out - ref).max()))
+        diff = float(np.abs(out - ref).max())
+        if not np.isfinite(diff):  # a NaN in the reference: max() below would skip it
+            raise AssertionError("diffusers' ControlNet output is not finite; nothing to compare against")
+        worst = max(worst, diff)
     return worst
 
 

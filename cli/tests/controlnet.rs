@@ -2,6 +2,8 @@
 //! equal to diffusers' ZImageControlNetPipeline / ZImageControlNetInpaintPipeline goldens, the
 //! control settings in the PNG parameters, Canny preprocessing, and bad input.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -110,13 +112,7 @@ fn check_case(controlnet: &str, section: &str, name: &str) -> Png {
     let got = zimage::image_io::read_npy(&latents).unwrap();
     let want = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
     assert_eq!(got.shape(), want.shape());
-    let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
-        if d.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(d)
-        }
-    });
+    let worst = common::max_abs_diff(got.iter(), want.iter());
     assert!(worst <= 1e-4, "{controlnet}/{name}: latents max abs diff {worst}");
     assert_eq!(png.text["controlnet"], controlnet);
     assert_eq!(png.text["control_scale"], c["controlnet_conditioning_scale"].as_f64().unwrap().to_string());

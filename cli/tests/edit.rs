@@ -3,6 +3,8 @@
 //! the references' names and sha256 in the PNG parameters, the latents, and the exit codes of
 //! bad edits (nothing written).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -103,7 +105,7 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
     let got = zimage::image_io::read_npy(&latents).unwrap();
     let want = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
     assert_eq!(got.shape(), want.shape());
-    let worst = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = common::max_abs_diff(got.iter(), want.iter());
     assert!(worst <= 1e-4 && got.iter().all(|v| v.is_finite()), "latents differ by {worst}");
 
     let refs: Value = serde_json::from_str(&png.text["reference_images"]).unwrap();

@@ -139,10 +139,7 @@ pub fn prepare(
         .prompt
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
-    let mut request = GenerateRequest::new(prompt.as_str());
-    request.guidance_scale = defaults.guidance_scale;
-    request.cfg_normalization = defaults.cfg_normalization;
-    request.cfg_truncation = defaults.cfg_truncation;
+    let mut request = GenerateRequest::with_defaults(defaults, prompt.as_str());
     request.negative_prompt = params.negative_prompt.map(Prompt::Text);
     let (steps, quality) = steps_for_quality(params.quality.as_deref(), defaults.steps)?;
     request.steps = params.num_inference_steps.unwrap_or(steps);

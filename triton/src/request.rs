@@ -73,11 +73,7 @@ pub fn build_request(
         }
     }
     let prompt = text(inputs, "PROMPT", limits)?.ok_or_else(|| bad("the input PROMPT is required"))?;
-    let mut request = GenerateRequest::new(prompt);
-    request.steps = defaults.steps;
-    request.guidance_scale = defaults.guidance_scale;
-    request.cfg_normalization = defaults.cfg_normalization;
-    request.cfg_truncation = defaults.cfg_truncation;
+    let mut request = GenerateRequest::with_defaults(defaults, prompt);
     request.negative_prompt = text(inputs, "NEGATIVE_PROMPT", limits)?.map(Prompt::Text);
     if let Some(steps) = scalar_i32(inputs, "STEPS")? {
         request.steps = positive("STEPS", steps)?;

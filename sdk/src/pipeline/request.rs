@@ -8,6 +8,7 @@ use ndarray::Array4;
 use super::control::ControlCondition;
 use crate::image_io::{GrayImage, RgbImage};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+use crate::package::generation_defaults::GenerationDefaults;
 use crate::package::Manifest;
 use crate::runtime::device::Device;
 
@@ -141,12 +142,16 @@ impl GenerateRequest {
     /// `generation_defaults`; Turbo's when it has none): what front ends start from before
     /// applying what the user set.
     pub fn for_package(manifest: &Manifest, prompt: impl Into<Prompt>) -> Self {
-        let d = &manifest.generation_defaults;
+        Self::with_defaults(&manifest.generation_defaults, prompt)
+    }
+
+    /// A request with these recommended steps, guidance and CFG settings.
+    pub fn with_defaults(defaults: &GenerationDefaults, prompt: impl Into<Prompt>) -> Self {
         GenerateRequest {
-            steps: d.steps,
-            guidance_scale: d.guidance_scale,
-            cfg_normalization: d.cfg_normalization,
-            cfg_truncation: d.cfg_truncation,
+            steps: defaults.steps,
+            guidance_scale: defaults.guidance_scale,
+            cfg_normalization: defaults.cfg_normalization,
+            cfg_truncation: defaults.cfg_truncation,
             ..GenerateRequest::new(prompt)
         }
     }
