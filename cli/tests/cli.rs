@@ -4,48 +4,21 @@
 //! ONNX Runtime is found the way the SDK always finds it (ORT_DYLIB_PATH or the copy that
 //! scripts/setup.sh installs); nothing here names a path to it.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
+
+use common::{assert_code, assert_one_line_error, max_level_diff, read_png, root, stderr, zimage, Png};
 
 const PACKAGE: &str = "models/tiny-zimage";
 const GOLDEN: &str = "tests/golden/tiny-zimage";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// The binary, run from the workspace root so that relative package paths work.
-fn zimage(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zimage")).args(args).current_dir(root()).output().expect("run zimage")
-}
-
 /// A fresh, empty folder for one test's outputs.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Exit code, with stderr in the message when it differs.
-fn assert_code(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "stderr: {}", stderr(out));
-}
-
-/// Errors are exactly one line, `zimage: error: ...`.
-fn assert_one_line_error(out: &Output) -> String {
-    let err = stderr(out);
-    assert_eq!(err.lines().count(), 1, "expected one line, got: {err:?}");
-    assert!(err.starts_with("zimage: error: "), "{err:?}");
-    assert!(out.stdout.is_empty(), "stdout: {:?}", String::from_utf8_lossy(&out.stdout));
-    err
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("cli-tests", name)
 }
 
 fn case(section: &str, name: &str) -> Value {
@@ -90,38 +63,6 @@ fn case_args(c: &Value) -> Vec<String> {
     args
 }
 
-struct Png {
-    width: u32,
-    height: u32,
-    rgb: Vec<u8>,
-    text: BTreeMap<String, String>,
-}
-
-fn read_png(path: &Path) -> Png {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let frame = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((frame.color_type, frame.bit_depth), (png::ColorType::Rgb, png::BitDepth::Eight), "{}", path.display());
-    buf.truncate(frame.buffer_size());
-    let info = reader.info();
-    let mut text = BTreeMap::new();
-    for chunk in &info.utf8_text {
-        text.insert(chunk.keyword.clone(), chunk.get_text().unwrap());
-    }
-    for chunk in &info.uncompressed_latin1_text {
-        text.insert(chunk.keyword.clone(), chunk.text.clone());
-    }
-    Png { width: frame.width, height: frame.height, rgb: buf, text }
-}
-
-/// Largest per-channel difference between an output PNG and a golden one.
-fn max_level_diff(out: &Png, golden: &Path) -> u8 {
-    let golden = read_png(golden);
-    assert_eq!((out.width, out.height), (golden.width, golden.height));
-    out.rgb.iter().zip(&golden.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
-}
-
 /// Runs a golden case through the CLI and checks every image against diffusers' (<= 1 level).
 fn run_case(section: &str, name: &str, dir: &Path) -> (Value, Vec<Png>) {
     let c = case(section, name);
@@ -154,7 +95,7 @@ fn argument_errors_exit_2_with_one_line() {
         &["paint"],
     ];
     for args in cases {
-        let out = zimage(args);
+        let out = zimage(*args);
         assert_code(&out, 2);
         assert_one_line_error(&out);
     }

@@ -4,38 +4,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
+use common::{assert_code, assert_one_line_error as one_line_error, read_png, root, zimage, Png};
+
 const GOLDEN: &str = "tests/golden/controlnet";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn zimage(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zimage")).args(args).current_dir(root()).output().expect("run zimage")
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-controlnet").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn assert_code(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn one_line_error(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.lines().count(), 1, "expected one line, got: {err:?}");
-    assert!(err.starts_with("zimage: error: "), "{err:?}");
-    err
+    common::scratch("cli-controlnet", name)
 }
 
 /// (package, ControlNet name, case) of a golden case.
@@ -70,28 +48,6 @@ fn case_args(package: &str, controlnet: &str, c: &Value) -> Vec<String> {
         push("--mask", format!("{GOLDEN}/{}", c["mask_file"].as_str().unwrap()));
     }
     args
-}
-
-struct Png {
-    rgb: Vec<u8>,
-    text: BTreeMap<String, String>,
-}
-
-fn read_png(path: &Path) -> Png {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let frame = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(frame.buffer_size());
-    let info = reader.info();
-    let mut text = BTreeMap::new();
-    for chunk in &info.utf8_text {
-        text.insert(chunk.keyword.clone(), chunk.get_text().unwrap());
-    }
-    for chunk in &info.uncompressed_latin1_text {
-        text.insert(chunk.keyword.clone(), chunk.text.clone());
-    }
-    Png { rgb: buf, text }
 }
 
 /// Runs a golden case through the CLI: the image within 1 level and the latents within 1e-4

@@ -5,57 +5,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
 use serde_json::Value;
+
+use common::{read_png, root, stderr, zimage};
 use sha2::Digest;
 
 const PACKAGE: &str = "models/tiny-zimage-omni";
 const GOLDEN: &str = "tests/golden/tiny-zimage-omni";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn zimage(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zimage")).args(args).current_dir(root()).output().expect("run zimage")
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-edit-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-struct Png {
-    width: u32,
-    height: u32,
-    rgb: Vec<u8>,
-    text: BTreeMap<String, String>,
-}
-
-fn read_png(path: &Path) -> Png {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let frame = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(frame.buffer_size());
-    let info = reader.info();
-    let mut text = BTreeMap::new();
-    for chunk in &info.utf8_text {
-        text.insert(chunk.keyword.clone(), chunk.get_text().unwrap());
-    }
-    for chunk in &info.uncompressed_latin1_text {
-        text.insert(chunk.keyword.clone(), chunk.text.clone());
-    }
-    Png { width: frame.width, height: frame.height, rgb: buf, text }
+    common::scratch("cli-edit-tests", name)
 }
 
 fn golden_case(name: &str) -> Value {
