@@ -31,10 +31,7 @@ fn file_name(init: &Initializer) -> String {
 /// counts of the package's transformer.
 fn layer_count(manifest: &Value, prefix: &str) -> usize {
     let table = manifest["transformer"]["lora_parameters"].as_object().expect("lora_parameters");
-    let layers: HashSet<&str> = table
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next())
-        .collect();
+    let layers: HashSet<&str> = table.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()).collect();
     layers.len()
 }
 
@@ -57,11 +54,7 @@ fn expected_own_bytes(manifest: &Value, cn: &Value) -> usize {
     let hidden = (dim as f64 / 3.0 * 8.0) as usize;
     let adaln_in = dim.min(256);
     let bytes = |shapes: &[&[usize]]| -> usize {
-        shapes
-            .iter()
-            .map(|s| s.iter().product::<usize>() * element)
-            .filter(|&b| b >= EMBED_BELOW)
-            .sum()
+        shapes.iter().map(|s| s.iter().product::<usize>() * element).filter(|&b| b >= EMBED_BELOW).sum()
     };
     let block = bytes(&[
         &[dim, dim],
@@ -98,8 +91,8 @@ fn expected_own_bytes(manifest: &Value, cn: &Value) -> usize {
         _ => places.iter().enumerate().filter(|(_, &p)| p < main_layers).map(|(k, _)| k + 1).max().unwrap_or(0),
     };
     let refiner = match mode {
-        None => refiner_layers * block,                             // 1.0: plain blocks
-        Some("control_layers") => 0,                                // 2.0: none
+        None => refiner_layers * block,                                  // 1.0: plain blocks
+        Some("control_layers") => 0,                                     // 2.0: none
         Some("control_noise_refiner") => control_blocks(refiner_layers), // 2.1: control blocks
         Some(other) => panic!("mode {other}"),
     };
