@@ -72,6 +72,10 @@ fn controlnet_at_load_is_the_only_transformer_session_and_matches_set_controlnet
         assert_eq!(pipeline.controlnet().as_deref(), Some(name));
         assert_eq!(sessions_created(&dir.join("transformer.onnx")), 0, "{name}: the plain transformer was loaded");
         assert_eq!(sessions_created(&dir.join(format!("controlnet_{name}.onnx"))), 1);
+        // Clearing LoRAs (there are none with a ControlNet) keeps the ControlNet's graph.
+        pipeline.set_loras(&[]).unwrap();
+        assert_eq!(pipeline.controlnet().as_deref(), Some(name));
+        assert_eq!(sessions_created(&dir.join("transformer.onnx")), 0);
         let request = control_request();
         let at_load = pipeline.generate(&request, None).unwrap();
 

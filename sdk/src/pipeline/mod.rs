@@ -261,10 +261,15 @@ impl Pipeline {
     /// that start during the switch wait for it. On a GPU with TensorRT the engine is the
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
-        if !loras.is_empty() && self.active_transformer().controlnet.is_some() {
-            return Err(Error::invalid(
-                "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
-            ));
+        if self.active_transformer().controlnet.is_some() {
+            if !loras.is_empty() {
+                return Err(Error::invalid(
+                    "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
+                ));
+            }
+            // No LoRA is merged into an attached ControlNet's graph: nothing to change (reloading
+            // the plain transformer here would leave the ControlNet attached to no graph).
+            return Ok(());
         }
         if !loras.is_empty() {
             let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
