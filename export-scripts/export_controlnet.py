@@ -109,7 +109,8 @@ def add_controlnet(package: Path, src: Path, controlnet_path: Path, name: str, c
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from zimage_export.controlnet import control_graph_name, load_controlnet, relocate_weights
+    from zimage_export.controlnet import (check_package_accepts_controlnet, control_graph_name, load_controlnet,
+                                          own_weight_bytes, relocate_weights)
     from zimage_export.manifest import file_entry, graph_entry
     from zimage_export.onnx_io import export_graph
 
@@ -117,6 +118,10 @@ def add_controlnet(package: Path, src: Path, controlnet_path: Path, name: str, c
         raise SystemExit(f"--name {name!r}: letters, digits, '.', '_' and '-' only (at most 64)")
     manifest_path = package / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
+    try:
+        check_package_accepts_controlnet(manifest)
+    except ValueError as e:
+        raise SystemExit(f"{package}: {e}") from None
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest["precision"]]
     if file_entry(src / "model_index.json")["sha256"] != manifest["source"]["model_index_sha256"]:
         raise SystemExit(f"{src} is not the folder {package} was exported from (model_index.json differs)")
@@ -129,8 +134,12 @@ def add_controlnet(package: Path, src: Path, controlnet_path: Path, name: str, c
     graph = package / f"{stem}.onnx"
     with tempfile.TemporaryDirectory(dir=package) as tmp:
         spec = control_spec(transformer, controlnet)
-        exported = export_graph(spec, Path(tmp), CONTROL_OPSET, external_data_threshold=0)
+        expected_own = own_weight_bytes(spec.module.own_modules())
+        exported = export_graph(spec, Path(tmp), CONTROL_OPSET, external_data_threshold=0, fold_shared_weights=True)
         sizes = relocate_weights(package, exported, graph)
+    if sizes["own_bytes"] > expected_own:
+        raise SystemExit(f"{sizes['own_bytes']} bytes stored as the ControlNet's own, but its weights are "
+                         f"{expected_own}: weights shared with the transformer were stored again")
     import onnx
 
     onnx.checker.check_model(str(graph))
@@ -153,7 +162,8 @@ def add_controlnet(package: Path, src: Path, controlnet_path: Path, name: str, c
     }
     manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"added ControlNet {name!r} to {package}: {sizes['own_bytes']} own bytes, "
-          f"{sizes['shared_bytes']} shared with transformer.onnx; max abs diff vs diffusers {diff:.3g}")
+          f"{sizes['shared_bytes']} shared with transformer.onnx, {sizes['merged_bytes']} of repeated "
+          f"initializers merged; max abs diff vs diffusers {diff:.3g}")
     return manifest["controlnets"][name]
 
 

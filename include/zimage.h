@@ -598,6 +598,13 @@ typedef struct zimage_load_params {
    * fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the package has none. Default false.
    */
   bool winograd_vae;
+  /**
+   * The package's ControlNet (its name in the manifest, UTF-8) to load as the transformer:
+   * its combined graph is then the only transformer session ever created, instead of the
+   * plain transformer first and `zimage_pipeline_set_controlnet()` after. NULL (the
+   * default): none. Unknown or not fitting: `ZIMAGE_RESULT_PACKAGE`. Copied during the call.
+   */
+  const char *controlnet;
 } zimage_load_params;
 
 /**

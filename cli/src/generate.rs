@@ -204,11 +204,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
 
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
-    let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras)?;
-    if let Some(name) = &controlnet {
-        progress.stage("attaching ControlNet");
-        pipeline.set_controlnet(Some(name))?;
-    }
+    // The ControlNet's combined graph is loaded instead of the plain transformer, not after it.
+    let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras, controlnet)?;
 
     progress.stage("encoding prompt");
     let last_step = Cell::new((0usize, 0usize));

@@ -115,6 +115,19 @@ def _is_shared_key(key: str) -> bool:
     return key.startswith(SHARED_PREFIXES)
 
 
+def check_package_accepts_controlnet(manifest: dict) -> None:
+    """Refuses a package whose transformer is quantized (ValueError): the combined graph reads
+    the weights it shares with the transformer as float tensors at their offsets in the
+    transformer's file, and a quantized transformer holds MatMulNBits blocks instead (storing
+    float copies would double the weights). Add the ControlNet to the float package."""
+    quantization = manifest.get("quantization")
+    if quantization and "transformer" in quantization.get("graphs", {"transformer": None}):
+        raise ValueError(f"the package's transformer is quantized ({quantization.get('weights')}): ControlNets run "
+                         "on float (fp32 / fp16) packages only; add it to the package it was quantized from")
+    if manifest.get("precision") not in ("fp32", "fp16"):
+        raise ValueError(f"ControlNets need an fp32 or fp16 package, not {manifest.get('precision')!r}")
+
+
 def control_graph_name(name: str) -> str:
     return f"{CONTROL_FILE_PREFIX}{name}"
 
@@ -156,22 +169,37 @@ def _transformer_weight_index(package: Path) -> dict:
 def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
     """Rewrite the exported combined graph `exported` (weights in `exported`.data or embedded)
     as `out_graph`: shared weights point into the transformer's file(s), the others go to
-    `out_graph`.data. Returns byte counts."""
+    `out_graph`.data. Returns byte counts.
+
+    Initializers with equal bytes, dtype and shape are merged into one first: a module the
+    graph calls twice (the noise refiner in 2.x, the control layers in 2.0) leaves one folded
+    copy of a small weight per call, which onnxscript deduplicates only below 1024 elements.
+    Merged, each weight is one initializer: one reference on disk, one buffer in memory."""
     import onnx
 
     index = _transformer_weight_index(package)
     model = onnx.load(str(exported), load_external_data=True)
     own_path = external_data_path(out_graph)
     own_path.unlink(missing_ok=True)
-    shared = own = 0
+    shared = own = merged = 0
+    canonical, renames, duplicates = {}, {}, []
     with open(own_path, "wb") as own_file:
-        for t in model.graph.initializer:
+        for position, t in enumerate(model.graph.initializer):
             blob = t.raw_data
             # Small tensors stay embedded: shape constants must (ONNX Runtime's shape inference
             # reads them at load), and moving a few bytes saves nothing.
             if len(blob) < EMBED_BELOW or t.data_type not in FLOAT_TYPES:
                 continue
-            hit = index.get(hashlib.sha256(blob).digest())
+            digest = hashlib.sha256(blob).digest()
+            key = (digest, t.data_type, tuple(t.dims))
+            if key in canonical:
+                renames[t.name] = canonical[key]
+                duplicates.append(position)
+                merged += len(blob)
+                t.ClearField("raw_data")
+                continue
+            canonical[key] = t.name
+            hit = index.get(digest)
             if hit is not None:
                 loc, off, length = hit
                 shared += length
@@ -191,5 +219,36 @@ def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
                 entry.key, entry.value = k, v
     if own == 0:
         own_path.unlink()
+    _rename_inputs(model.graph, renames)
+    for position in reversed(duplicates):
+        del model.graph.initializer[position]
     onnx.save(model, str(out_graph))
-    return {"shared_bytes": shared, "own_bytes": own}
+    return {"shared_bytes": shared, "own_bytes": own, "merged_bytes": merged}
+
+
+def _rename_inputs(graph, renames: dict) -> None:
+    """Point every node input named in `renames` at its new name. The exported graph is flat
+    (functions inlined, no control flow); a subgraph would hide uses, so it is refused."""
+    outputs = {o.name for o in graph.output}
+    if outputs & renames.keys():
+        raise ValueError("a graph output is a merged initializer")
+    for node in graph.node:
+        if any(a.type in (5, 10) for a in node.attribute):  # GRAPH, GRAPHS
+            raise ValueError(f"node {node.name} ({node.op_type}) has a subgraph")
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def own_weight_bytes(modules) -> int:
+    """Bytes of the ControlNet's own weights the combined graph stores in its own data file:
+    the parameters of `modules` (the ControlNet modules the graph runs) of at least
+    EMBED_BELOW bytes. A relocation that stored more than this stored a shared weight again."""
+    seen, total = set(), 0
+    for module in modules:
+        for t in module.parameters():
+            size = t.numel() * t.element_size()
+            if id(t) not in seen and size >= EMBED_BELOW:
+                seen.add(id(t))
+                total += size
+    return total

@@ -73,6 +73,16 @@ class ZImageControlTransformerExport(ZImageTransformerExport):
         for block in [*self.control_layers, *(self.control_noise_refiner or [])]:
             block.attention.set_processor(processor)
 
+    def own_modules(self) -> list:
+        """The ControlNet modules the graph runs (its weights that are not the transformer's):
+        the control embedder, the control layers up to the last one whose place is a main
+        layer (all of them in "control_layers" mode, which also runs them on the image stream),
+        and the control noise refiner."""
+        n_main = len(self.layers)
+        used = max((k + 1 for k, place in enumerate(self.places) if place < n_main), default=0)
+        layers = list(self.control_layers if self.mode == "control_layers" else self.control_layers[:used])
+        return [self.control_x_embedder, *layers, *(self.control_noise_refiner or [])]
+
     def refine_image(self, x, c, freqs, adaln, scale):
         """Noise refiner of the main transformer, and the ControlNet's view of it.
         Returns (x_main, x_control, c)."""

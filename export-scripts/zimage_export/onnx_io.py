@@ -53,7 +53,8 @@ def strip_debug_metadata(model) -> None:
 
 
 def export_graph(spec, out_dir: Path, opset: int,
-                 external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD) -> Path:
+                 external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+                 fold_shared_weights: bool = False) -> Path:
     """Export `spec.module(*spec.args)` to `out_dir / spec.filename`. Weights go to ONE
     `<file>.data` beside the graph when they exceed `external_data_threshold` bytes; smaller
     graphs are self-contained.
@@ -61,7 +62,16 @@ def export_graph(spec, out_dir: Path, opset: int,
     The graph is optimised (constant folding, e.g. of transposed weight matrices) only after
     the module and the exporter's traced program are released: each folded matrix then
     replaces its source instead of doubling it, so peak memory stays near one copy of the
-    weights."""
+    weights.
+
+    `fold_shared_weights`, for graphs that call a module twice (the ControlNet graph runs the
+    noise refiner twice): torch.export emits one Transpose per call of a Linear, so a weight
+    used twice feeds two Transposes. onnxscript's constant folding skips a Transpose of a large
+    (> 8192 elements) initializer that has more than one consumer, and only its later
+    common-subexpression pass merges the two Transposes into one. The weight would then stay in
+    its [out, in] layout behind a runtime Transpose, where the plain transformer graph holds it
+    folded as [in, out]. A second optimizer pass folds the merged Transpose, so the weight is
+    stored once, in the same layout and with the same bytes as in transformer.onnx."""
     import onnx
     import torch
 
@@ -87,6 +97,8 @@ def export_graph(spec, out_dir: Path, opset: int,
     program.exported_program = None
     gc.collect()
     program.optimize()
+    if fold_shared_weights:
+        program.optimize()
     strip_debug_metadata(program.model)
     program.save(str(path), external_data=external)
     del program

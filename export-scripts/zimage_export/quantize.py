@@ -404,6 +404,9 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         raise ValueError(f"{src} is already quantized ({manifest['quantization']['weights']})")
     if manifest.get("precision") not in ("fp32", "fp16"):
         raise ValueError(f"only fp32 and fp16 packages can be quantized, not {manifest.get('precision')}")
+    if manifest.get("controlnets"):
+        # Their graphs read the float transformer's weights at fixed offsets (docs/controlnet.md).
+        raise ValueError(f"{src} has ControlNets, which run on float packages only: quantize a copy without them")
     graphs = manifest["graphs"]
     enhanced = SHARING_GRAPH in graphs
     rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}

@@ -108,6 +108,11 @@ pub struct zimage_load_params {
     /// faster decoding, more memory while decoding, images within one 8-bit level. Loading
     /// fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the package has none. Default false.
     pub winograd_vae: bool,
+    /// The package's ControlNet (its name in the manifest, UTF-8) to load as the transformer:
+    /// its combined graph is then the only transformer session ever created, instead of the
+    /// plain transformer first and `zimage_pipeline_set_controlnet()` after. NULL (the
+    /// default): none. Unknown or not fitting: `ZIMAGE_RESULT_PACKAGE`. Copied during the call.
+    pub controlnet: *const c_char,
 }
 
 // The first version ended at `memory_mode`; its layout is unchanged. zimage 0.1 (before the
@@ -138,6 +143,7 @@ unsafe impl Versioned for zimage_load_params {
             optimized_model_cache: std::ptr::null(),
             cuda_tf32: zimage_tf32::from(sdk.gpu.cuda_tf32).value(),
             winograd_vae: sdk.winograd_vae,
+            controlnet: std::ptr::null(),
         }
     }
 }
@@ -169,6 +175,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
         unsafe { args::optional_string(p.runtime_library, "params->runtime_library") }?.map(PathBuf::from);
     let optimized_model_cache =
         unsafe { args::optional_string(p.optimized_model_cache, "params->optimized_model_cache") }?.map(PathBuf::from);
+    let controlnet = unsafe { args::optional_string(p.controlnet, "params->controlnet") }?;
     let mut gpu = GpuOptions::default();
     gpu.tensorrt = unsafe { tensorrt_params::tensorrt_options(p.tensorrt, "params->tensorrt") }?;
     gpu.cuda_memory_limit = (p.cuda_memory_limit > 0).then_some(p.cuda_memory_limit);
@@ -184,6 +191,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
     options.memory_mode = zimage_memory_mode::from_c(p.memory_mode, "params->memory_mode")?.into();
     options.optimized_model_cache = optimized_model_cache;
     options.winograd_vae = p.winograd_vae;
+    options.controlnet = controlnet.map(|name| name.to_string());
     Ok(Load { options, logger: Logger::new(p.log_callback, p.log_user_data) })
 }
 
@@ -294,6 +302,18 @@ mod tests {
         assert!(unsafe { load_options(&p) }.unwrap().options.winograd_vae);
     }
 
+    #[test]
+    fn controlnet_reaches_the_sdk() {
+        let mut p = zimage_load_params::defaults();
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.controlnet, None);
+        p.controlnet = c"union-v1".as_ptr();
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.controlnet.as_deref(), Some("union-v1"));
+        p.controlnet = c"\xff".as_ptr();
+        let bad = unsafe { load_options(&p) }.err().unwrap();
+        assert_eq!(bad.code, zimage_result::InvalidArgument);
+        assert!(bad.message.starts_with("params->controlnet"), "{}", bad.message);
+    }
+
     /// A caller built against the first header: its struct ends at `memory_mode`, and whatever
     /// lies beyond it is never read; every later field takes its default.
     #[test]
@@ -306,11 +326,13 @@ mod tests {
         old.cuda_memory_limit = 5;
         old.cuda_tf32 = 99;
         old.winograd_vae = true;
+        old.controlnet = c"union-v1".as_ptr();
         let options = unsafe { load_options(&old) }.unwrap().options;
         assert_eq!(options.memory_mode, MemoryMode::Sequential);
         assert_eq!(options.gpu, GpuOptions::default());
         assert_eq!(options.gpu.tensorrt, TensorRtOptions::default());
         assert!(!options.winograd_vae);
+        assert_eq!(options.controlnet, None);
         // Bigger than this library's struct (zimage 0.1's flat layout was 136 bytes): refused.
         old.struct_size = 136;
         assert_eq!(code(unsafe { load_options(&old) }), zimage_result::InvalidArgument);

@@ -2,10 +2,11 @@
 //! each peak is its own):
 //!
 //!     cargo run --release -p zimage --example controlnet_bench -- PACKAGE [CONTROLNET] \
-//!         [--size 512] [--steps 4] [--threads N] [--runs 2] [--inpaint]
+//!         [--size 512] [--steps 4] [--threads N] [--runs 2] [--inpaint] [--attach-after-load]
 //!
-//! Without CONTROLNET: the plain transformer. With it: `Pipeline::set_controlnet(CONTROLNET)`
-//! and a control condition (a synthetic edge map; `--inpaint` adds a picture and mask, for a
+//! Without CONTROLNET: the plain transformer. With it: loaded with `LoadOptions::controlnet`
+//! (`--attach-after-load`: the plain transformer loaded, then `Pipeline::set_controlnet`, to
+//! compare the load time and peak) and a control condition (a synthetic edge map; `--inpaint` adds a picture and mask, for a
 //! ControlNet with 2C+1 channels). Reports the median step time over the timed runs (the first
 //! run is a warmup), and the process's resident memory after loading/attaching and its peak
 //! (Linux: VmRSS / VmHWM).
@@ -47,6 +48,7 @@ fn main() -> zimage::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut package, mut controlnet) = (None, None);
     let (mut size, mut steps, mut runs, mut threads, mut inpaint) = (512u32, 4u32, 2usize, None, false);
+    let mut attach_after_load = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size" => size = args.next().expect("--size N").parse().expect("a number"),
@@ -54,6 +56,7 @@ fn main() -> zimage::Result<()> {
             "--runs" => runs = args.next().expect("--runs N").parse().expect("a number"),
             "--threads" => threads = Some(args.next().expect("--threads N").parse().expect("a number")),
             "--inpaint" => inpaint = true,
+            "--attach-after-load" => attach_after_load = true,
             _ if package.is_none() => package = Some(a),
             _ => controlnet = Some(a),
         }
@@ -61,15 +64,22 @@ fn main() -> zimage::Result<()> {
     let package = package.expect("PACKAGE");
     let mut options = LoadOptions::default();
     options.threads = threads;
+    if !attach_after_load {
+        options.controlnet = controlnet.clone();
+    }
     let t = Instant::now();
     let pipeline = Pipeline::load(&package, &options)?;
-    if let Some(name) = &controlnet {
+    if let (Some(name), true) = (&controlnet, attach_after_load) {
         pipeline.set_controlnet(Some(name))?;
     }
     println!(
         "mode: {}; load{}: {:.2} s; RSS {:.0} MiB, peak {:.0} MiB",
         controlnet.as_deref().unwrap_or("plain transformer"),
-        if controlnet.is_some() { " + attach" } else { "" },
+        match (&controlnet, attach_after_load) {
+            (Some(_), true) => " + set_controlnet",
+            (Some(_), false) => " with LoadOptions::controlnet",
+            _ => "",
+        },
         t.elapsed().as_secs_f64(),
         status_mib("VmRSS:"),
         status_mib("VmHWM:")

@@ -52,6 +52,12 @@ pub struct LoadOptions {
     /// every step) instead of the device-resident loop (`pipeline::device_loop`), which is
     /// the default. Both give the same latents; this is for comparison and diagnosis.
     pub host_denoise_loop: bool,
+    /// The package's ControlNet (its name in the manifest's `controlnets`) to run from the
+    /// start: its combined transformer + ControlNet graph is then the only transformer session
+    /// ever created (no plain transformer loaded first, as with `Pipeline::set_controlnet`
+    /// after loading). A name the package does not have, or a ControlNet that does not fit, is
+    /// a `Package` error at load; together with `loras`, an `InvalidRequest` error.
+    pub controlnet: Option<String>,
 }
 
 impl LoadOptions {

@@ -9,7 +9,8 @@
 
 use serde::Deserialize;
 use zimage::{
-    GenerateRequest, GenerationDefaults, GrayImage, InitImage, InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST,
+    ControlCondition, ControlNames, ControlPreprocess, GenerateRequest, GenerationDefaults, GrayImage, InitImage,
+    InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST,
 };
 
 use crate::error::ApiError;
@@ -42,10 +43,18 @@ pub struct ImageParams {
     pub max_sequence_length: Option<usize>,
     /// Edits: how much of the picture is regenerated (0.6 image-to-image, 1.0 inpainting).
     pub strength: Option<f64>,
+    /// Generations with a ControlNet loaded (`zimage-server --controlnet`): the control map
+    /// (edges, depth, pose ...) as a base64 PNG, JPEG or WebP file (a `data:` URL too), resized
+    /// to the output size (which it sets when `size` is not given).
+    pub control_image: Option<String>,
+    /// The ControlNet's conditioning scale (default 0.75, as diffusers).
+    pub control_scale: Option<f32>,
+    /// `none` (the default: a ready-made map), `canny` or `canny:LOW:HIGH` (edges from a photo).
+    pub control_preprocess: Option<String>,
 }
 
 /// Multipart fields that are numbers or booleans (multipart sends everything as text).
-const TYPED_FIELDS: [&str; 12] = [
+const TYPED_FIELDS: [&str; 13] = [
     "n",
     "output_compression",
     "partial_images",
@@ -58,6 +67,7 @@ const TYPED_FIELDS: [&str; 12] = [
     "strength",
     "stream",
     "enhance_prompt",
+    "control_scale",
 ];
 
 impl ImageParams {
@@ -121,6 +131,13 @@ pub struct Meta {
     pub edit: bool,
 }
 
+/// The control map of a generation, decoded, and the ControlNet the model was loaded with.
+pub struct ControlInput {
+    pub image: RgbImage,
+    /// `None`: the model was loaded without a ControlNet (the request is refused).
+    pub controlnet: Option<String>,
+}
+
 /// The input picture of an edit, decoded.
 pub struct EditInput {
     pub image: RgbImage,
@@ -133,8 +150,25 @@ pub struct EditInput {
 pub fn prepare(
     params: ImageParams,
     edit: Option<EditInput>,
+    control: Option<ControlInput>,
     defaults: &GenerationDefaults,
 ) -> Result<Prepared, ApiError> {
+    if control.is_none() {
+        for (given, name) in [
+            (params.control_image.is_some(), "control_image"),
+            (params.control_scale.is_some(), "control_scale"),
+            (params.control_preprocess.is_some(), "control_preprocess"),
+        ] {
+            if given {
+                let message = if edit.is_some() {
+                    format!("{name} applies to /v1/images/generations only")
+                } else {
+                    format!("{name} needs a control_image")
+                };
+                return Err(ApiError::invalid(message).with_param(name));
+            }
+        }
+    }
     let prompt = params
         .prompt
         .filter(|p| !p.is_empty())
@@ -165,9 +199,10 @@ pub fn prepare(
         (Some(s), _) => parse_size(s).ok_or_else(|| {
             ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
         })?,
-        // An edit keeps its picture's size, as `zimage generate --init-image` does.
+        // An edit keeps its picture's size, as `zimage generate --init-image` does; a control
+        // map sets it too, as `zimage generate --control-image` does.
         (None, Some(e)) => (e.image.width, e.image.height),
-        (None, None) => (request.width, request.height),
+        (None, None) => control.as_ref().map_or((request.width, request.height), |c| (c.image.width, c.image.height)),
     };
     request.width = width;
     request.height = height;
@@ -190,6 +225,11 @@ pub fn prepare(
             return Err(ApiError::invalid("strength applies to /v1/images/edits only").with_param("strength"))
         }
         None => {}
+    }
+    let mut control_names = ControlNames::default();
+    if let Some(control) = control {
+        control_names =
+            control_condition(&mut request, control, params.control_scale, params.control_preprocess.as_deref())?;
     }
 
     let format = match params.output_format.as_deref() {
@@ -222,7 +262,14 @@ pub fn prepare(
     let edit = request.init_image.is_some();
     Ok(Prepared {
         model: params.model,
-        spec: JobSpec { request, enhance: params.enhance_prompt.unwrap_or(false), format, compression, inputs },
+        spec: JobSpec {
+            request,
+            enhance: params.enhance_prompt.unwrap_or(false),
+            format,
+            compression,
+            inputs,
+            control: control_names,
+        },
         meta: Meta {
             stream: params.stream.unwrap_or(false),
             response_format,
@@ -231,6 +278,38 @@ pub fn prepare(
             quality,
             edit,
         },
+    })
+}
+
+/// Sets `request.control` from the decoded control map (resized to the request's size, then
+/// preprocessed) and the scale; returns the names the PNG parameters record.
+fn control_condition(
+    request: &mut GenerateRequest,
+    control: ControlInput,
+    scale: Option<f32>,
+    preprocess: Option<&str>,
+) -> Result<ControlNames, ApiError> {
+    let controlnet = control.controlnet.ok_or_else(|| {
+        ApiError::invalid("this model was loaded without a ControlNet (zimage-server --controlnet)")
+            .with_param("control_image")
+    })?;
+    let preprocess: ControlPreprocess = match preprocess {
+        None => ControlPreprocess::None,
+        Some(p) => p.parse().map_err(|e: zimage::Error| ApiError::from_sdk(&e).with_param("control_preprocess"))?,
+    };
+    let resized = zimage::image_io::resize_rgb(&control.image, request.width, request.height)
+        .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
+    let map = preprocess.apply(&resized).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
+    let mut condition = ControlCondition::new(map);
+    if let Some(scale) = scale {
+        condition.conditioning_scale = scale;
+    }
+    request.control = Some(condition);
+    Ok(ControlNames {
+        controlnet,
+        control_image: "control_image".into(),
+        preprocess: preprocess.name(),
+        ..ControlNames::default()
     })
 }
 
@@ -279,14 +358,14 @@ mod tests {
             r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.5, "cfg_truncation": 0.9}"#,
         )
         .unwrap();
-        let r = prepare(params(r#"{"prompt":"x"}"#), None, &base).unwrap().spec.request;
+        let r = prepare(params(r#"{"prompt":"x"}"#), None, None, &base).unwrap().spec.request;
         assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.5, 0.9));
         let steps = |q: &str, d: &GenerationDefaults| {
-            prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, d).unwrap().spec.request.steps
+            prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, None, d).unwrap().spec.request.steps
         };
         assert_eq!(["low", "medium", "high", "xhigh"].map(|q| steps(q, &base)), [25, 50, 75, 100]);
         assert_eq!(["low", "medium", "high", "max"].map(|q| steps(q, &turbo())), [4, 8, 12, 16]);
-        let given = prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, &base)
+        let given = prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, None, &base)
             .unwrap()
             .spec
             .request;
@@ -302,6 +381,7 @@ mod tests {
                     "response_format":"url","user":"ignored"}"#,
             ),
             None,
+            None,
             &turbo(),
         )
         .unwrap();
@@ -314,8 +394,8 @@ mod tests {
             (p.meta.response_format, p.meta.size.as_str(), p.meta.quality),
             (ResponseFormat::Url, "64x48", "low")
         );
-        let steps =
-            prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, &turbo()).unwrap();
+        let steps = prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, None, &turbo())
+            .unwrap();
         assert_eq!(steps.spec.request.steps, 3);
     }
 
@@ -332,7 +412,7 @@ mod tests {
             (r#"{"prompt":"x","background":"transparent"}"#, "background"),
             (r#"{"prompt":"x","strength":0.5}"#, "strength"),
         ] {
-            let e = prepare(params(body), None, &turbo()).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            let e = prepare(params(body), None, None, &turbo()).err().unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);
         }
         let e = ImageParams::from_json(br#"{"prompt":"x","n":"two"}"#).err().unwrap();

@@ -86,6 +86,11 @@ struct Args {
     /// Most tokens the prompt enhancer generates (greedy decoding, no thinking).
     #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
     enhance_max_new_tokens: usize,
+    /// A ControlNet of the package (added with export_controlnet.py) to load with it, for
+    /// `control_image` requests on /v1/images/generations: NAME for every model, MODEL=NAME for
+    /// one. Repeat for several models.
+    #[arg(long, value_name = "[MODEL=]NAME")]
+    controlnet: Vec<String>,
     #[command(flatten)]
     load: LoadFlags,
     /// TensorRT: most images per request (`n`) the engines serve.
@@ -119,6 +124,30 @@ fn model_spec(arg: &str) -> (String, PathBuf) {
     (name, dir)
 }
 
+/// The ControlNet each model loads with, from `--controlnet [MODEL=]NAME` values, in the
+/// order of `models`; an error names a MODEL that is not served or a model given two.
+fn controlnets_for(models: &[String], values: &[String]) -> Result<Vec<Option<String>>, String> {
+    let mut chosen: Vec<Option<String>> = vec![None; models.len()];
+    for value in values {
+        let (targets, name): (Vec<usize>, &str) = match value.split_once('=') {
+            Some((model, name)) => match models.iter().position(|m| m == model) {
+                Some(i) => (vec![i], name),
+                None => return Err(format!("--controlnet {value}: no model '{model}' is served")),
+            },
+            None => ((0..models.len()).collect(), value.as_str()),
+        };
+        if name.is_empty() {
+            return Err(format!("--controlnet {value}: the ControlNet's name is empty"));
+        }
+        for i in targets {
+            if chosen[i].replace(name.to_string()).is_some() {
+                return Err(format!("--controlnet: model '{}' is given two ControlNets", models[i]));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
 fn main() -> ExitCode {
     map_large_allocations();
     let args = Args::parse();
@@ -137,6 +166,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
+    let controlnets = match controlnets_for(&names, &args.controlnet) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("zimage-server: error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -144,10 +181,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(args, specs))
+    runtime.block_on(serve(args, specs, controlnets))
 }
 
-async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
+async fn serve(args: Args, specs: Vec<(String, PathBuf)>, controlnets: Vec<Option<String>>) -> ExitCode {
     let address = format!("{}:{}", args.host, args.port);
     let listener = match tokio::net::TcpListener::bind(&address).await {
         Ok(l) => l,
@@ -188,6 +225,7 @@ async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
         let state = Arc::clone(&state);
         let plan = LoadPlan {
             options: args.load_options(),
+            controlnets,
             enhancer: args.enhancer.clone(),
             enhance,
             workers: args.workers as usize,
@@ -250,6 +288,8 @@ async fn serve(args: Args, specs: Vec<(String, PathBuf)>) -> ExitCode {
 /// What to load and how.
 struct LoadPlan {
     options: LoadOptions,
+    /// Per model (in the order served): the ControlNet loaded as its transformer.
+    controlnets: Vec<Option<String>>,
     enhancer: Option<PathBuf>,
     enhance: EnhanceOptions,
     workers: usize,
@@ -268,10 +308,12 @@ fn load_models(
     let (options, workers, max_queue) = (&plan.options, plan.workers, plan.max_queue);
     let loads: Vec<Vec<std::thread::JoinHandle<zimage::Result<LoadedWorker>>>> = specs
         .iter()
-        .map(|(_, dir)| {
+        .zip(&plan.controlnets)
+        .map(|((_, dir), controlnet)| {
             (0..workers)
                 .map(|_| {
-                    let (dir, options, separate) = (dir.clone(), options.clone(), plan.enhancer.clone());
+                    let (dir, mut options, separate) = (dir.clone(), options.clone(), plan.enhancer.clone());
+                    options.controlnet = controlnet.clone();
                     std::thread::spawn(move || {
                         let pipeline = Pipeline::load(&dir, &options)?;
                         let manifest = pipeline.manifest();

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use zimage::{GrayImage, Progress};
 
-use crate::api::{prepare, EditInput, ImageParams, Meta, Prepared, ResponseFormat};
+use crate::api::{prepare, ControlInput, EditInput, ImageParams, Meta, Prepared, ResponseFormat};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
@@ -323,13 +323,29 @@ async fn generations(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = (|| {
+    let prepared = async {
         let body = body.map_err(|e| body_error(e.status(), e.body_text(), &state))?;
         state.available()?;
         let params = ImageParams::from_json(&body)?;
-        let defaults = state.pool(params.model.as_deref())?.checker.manifest().generation_defaults;
-        prepare(params, None, &defaults)
-    })();
+        let pool = state.pool(params.model.as_deref())?;
+        let defaults = pool.checker.manifest().generation_defaults;
+        let Some(encoded) = params.control_image.clone() else {
+            return prepare(params, None, None, &defaults);
+        };
+        let controlnet = pool.checker.controlnet();
+        let max_side = state.settings.max_input_side;
+        // Decoding and resizing are CPU work: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let bytes = decode_base64_file(&encoded).map_err(|e| e.with_param("control_image"))?;
+            check_dimensions(&bytes, max_side, "control_image")?;
+            let image =
+                zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
+            prepare(params, None, Some(ControlInput { image, controlnet }), &defaults)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("decoding the control image failed: {e}")))?
+    }
+    .await;
     match prepared {
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
         Err(e) => e.into_response(),
@@ -404,10 +420,24 @@ async fn read_edit(
             Some((name, bytes)) => Some((decode_mask(&bytes).map_err(|e| e.with_param("mask"))?, name)),
             None => None,
         };
-        prepare(params, Some(EditInput { image, image_name, mask }), &defaults)
+        prepare(params, Some(EditInput { image, image_name, mask }), None, &defaults)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
+}
+
+/// The bytes of a file sent as base64 in JSON, plain or as a `data:` URL.
+fn decode_base64_file(text: &str) -> Result<Vec<u8>, ApiError> {
+    let payload = match text.strip_prefix("data:") {
+        Some(url) => url.split_once(";base64,").map(|(_, data)| data).ok_or_else(|| {
+            ApiError::invalid("a data: URL must be base64 (data:image/png;base64,...)").with_code("invalid_image")
+        })?,
+        None => text,
+    };
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| ApiError::invalid(format!("the image is not valid base64: {e}")).with_code("invalid_image"))
 }
 
 /// Refuses a picture from its header alone when a side exceeds `max_side`.

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use zimage::{
-    image_parameters, CancelHandle, EnhanceOptions, GenerateRequest, InputNames, Pipeline, Progress, PromptEnhancer,
+    control_parameters, image_parameters, CancelHandle, ControlNames, EnhanceOptions, GenerateRequest, InputNames,
+    Pipeline, Progress, PromptEnhancer,
 };
 
 use crate::error::ApiError;
@@ -26,6 +27,8 @@ pub struct JobSpec {
     pub compression: Option<u8>,
     /// Upload names recorded in the PNG parameters.
     pub inputs: InputNames,
+    /// The ControlNet and control map recorded in the PNG parameters (when the request has one).
+    pub control: ControlNames,
 }
 
 /// One queued generation.
@@ -330,7 +333,7 @@ fn run(
         .iter()
         .enumerate()
         .map(|(index, image)| {
-            let parameters = image_parameters(
+            let mut parameters = image_parameters(
                 &spec.request,
                 &generation,
                 index,
@@ -338,6 +341,7 @@ fn run(
                 &pipeline.loras(),
                 &spec.inputs,
             );
+            parameters.extend(control_parameters(&spec.request, &spec.control));
             encode(image, spec.format, spec.compression, &parameters)
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -492,3 +492,78 @@ fn unavailable_while_loading_and_draining_then_exit_0() {
     assert_eq!(done.json()["seed"], 5);
     assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
 }
+
+/// ControlNet on /v1/images/generations: a server started with `--controlnet` takes a base64
+/// control map and scale and returns diffusers' golden image (tests/golden/controlnet, within
+/// one level) with the ControlNet recorded in the PNG parameters; bad control input is a 400.
+#[test]
+fn generations_take_a_control_image_with_a_controlnet_loaded() {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let golden = root().join("tests/golden/controlnet");
+    let cases: Value = serde_json::from_slice(&std::fs::read(golden.join("cases.json")).unwrap()).unwrap();
+    let entry = &cases[0];
+    let case = &entry["text_to_image"][0];
+    let package = root().join(entry["package"].as_str().unwrap()).display().to_string();
+    let controlnet = entry["controlnet"].as_str().unwrap();
+    let server = Server::start(&[
+        "--model",
+        &format!("control={package}"),
+        "--model",
+        &tiny(),
+        "--controlnet",
+        &format!("control={controlnet}"),
+    ]);
+    let control_png = std::fs::read(golden.join(case["control_image_file"].as_str().unwrap())).unwrap();
+    let body = json!({
+        "model": "control",
+        "prompt": case["prompt"],
+        "seed": case["seed"],
+        "num_inference_steps": case["num_inference_steps"],
+        "guidance_scale": case["guidance_scale"],
+        "size": format!("{}x{}", case["width"], case["height"]),
+        "control_image": format!("data:image/png;base64,{}", b64(&control_png)),
+        "control_scale": case["controlnet_conditioning_scale"],
+    });
+    let response = server.generate(body.clone());
+    assert_eq!(response.status, 200, "{}", response.text());
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(response.json()["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    let got = image::load_from_memory(&png).unwrap().to_rgb8();
+    let expected = image::open(golden.join(case["image_files"][0].as_str().unwrap())).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), expected.dimensions());
+    let worst = got.as_raw().iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "the server's ControlNet image differs from diffusers' by {worst} levels");
+    let text = String::from_utf8_lossy(&png);
+    assert!(text.contains(controlnet) && text.contains("control_scale"), "PNG parameters lack the ControlNet");
+
+    // Bad control input: typed 400s naming the field.
+    let mut bad = body.clone();
+    bad["control_image"] = json!("not base64!");
+    let e = server.generate(bad).assert_error(400, "invalid_request_error", Some("invalid_image"));
+    assert_eq!(e["param"], "control_image");
+    let mut bad = body.clone();
+    bad["control_preprocess"] = json!("sobel");
+    let e = server.generate(bad).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "control_preprocess");
+    let mut bad = body.clone();
+    bad.as_object_mut().unwrap().remove("control_image");
+    let e = server.generate(bad).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "control_scale");
+    // The other model was loaded without a ControlNet.
+    let mut bad = body.clone();
+    bad["model"] = json!("tiny-zimage");
+    let e = server.generate(bad).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "control_image");
+}
+
+#[test]
+fn controlnet_for_a_model_not_served_is_a_usage_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+        .args(["--port", "0", "--model", &tiny(), "--controlnet", "other=union-v1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no model 'other' is served"));
+}

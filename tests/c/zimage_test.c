@@ -1262,6 +1262,7 @@ static void test_controlnet(int max_cases) {
         golden_case c;
         size_t rgb_bytes;
         unsigned char *control, *expected, *picture = NULL, *mask = NULL;
+        int params_ready = 0;
 
         CHECK(n_fields == 13 || n_fields == 15);
         if (n_fields != 13 && n_fields != 15) continue;
@@ -1323,8 +1324,31 @@ static void test_controlnet(int max_cases) {
             CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
             CHECK(images == NULL);
             CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, NULL), ZIMAGE_RESULT_OK);
+            params.control_preprocess = ZIMAGE_CONTROL_PREPROCESS_NONE;
+            params.control_scale = (float)atof(f[10]);
+            params_ready = 1;
         }
         zimage_pipeline_free(pipeline);
+        pipeline = NULL;
+        if (params_ready) {
+            /* The ControlNet chosen at load (the combined graph is the only transformer session):
+             * the same image; an unknown name is a package error at load. */
+            zimage_load_params load;
+            zimage_load_params_init(&load);
+            CHECK(load.controlnet == NULL);
+            load.controlnet = "no-such-controlnet";
+            CHECK_CODE(zimage_pipeline_load(f[1], &load, &pipeline), ZIMAGE_RESULT_PACKAGE);
+            CHECK(pipeline == NULL);
+            load.controlnet = f[2];
+            CHECK_CODE(zimage_pipeline_load(f[1], &load, &pipeline), ZIMAGE_RESULT_OK);
+            if (pipeline) {
+                CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+                if (images) compare_images(images, &c, expected);
+                zimage_image_list_free(images);
+                images = NULL;
+            }
+            zimage_pipeline_free(pipeline);
+        }
         free(control);
         free(expected);
         free(picture);

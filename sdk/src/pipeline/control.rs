@@ -10,14 +10,19 @@
 //!   (nearest), latents of the picture with the repainted region zeroed in pixel space]`.
 //!   It starts from pure noise: there is no strength, the picture and mask enter only here.
 
+use std::path::Path;
+
 use ndarray::{concatenate, Array4, Axis, Zip};
 
 use super::latent_mask::latent_mask;
 use crate::error::{Error, Result};
 use crate::image_io::{self, GrayImage, RgbImage};
-use crate::model::controlnet::ControlInputs;
+use crate::model::controlnet::{self as controlnet_graph, ControlInputs};
 use crate::model::vae::Vae;
 use crate::package::controlnet::ControlNetInfo;
+use crate::package::files::check_package_files;
+use crate::package::graph::GraphKind;
+use crate::package::Manifest;
 use crate::runtime::graph::Graph;
 use crate::runtime::run_context::RunContext;
 
@@ -161,4 +166,40 @@ fn encode_mode(vae: &Vae, encoder: &Graph, pixels: Array4<f32>, context: &RunCon
     let scaling = vae.info.scaling_factor as f32;
     Zip::from(&mut mean).for_each(|z| *z = (*z - shift) * scaling);
     Ok(mean)
+}
+
+/// The manifest entry of the package's ControlNet `name`, checked against the package (made
+/// for this transformer file and width, its interface) and its files: a `Package` error when
+/// it does not fit. Packages whose transformer is quantized are refused: the combined graph
+/// reads the float weights it shares with the transformer at their offsets in the float
+/// transformer's file, which a quantized package does not have.
+pub(crate) fn entry(dir: &Path, manifest: &Manifest, verify_checksums: bool, name: &str) -> Result<ControlNetInfo> {
+    let manifest_path = dir.join("manifest.json");
+    let info = manifest.controlnets.get(name).ok_or_else(|| {
+        let known: Vec<&str> = manifest.controlnets.keys().map(String::as_str).collect();
+        let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+        Error::package(
+            &manifest_path,
+            format!("no ControlNet {name:?} in this package (it has: {known}); add one with export_controlnet.py"),
+        )
+    })?;
+    if let Some(q) = manifest.quantization.as_ref().filter(|q| q.graphs.contains_key("transformer")) {
+        return Err(Error::package(
+            &manifest_path,
+            format!(
+                "controlnets.{name}: ControlNets run on float packages only; this package's transformer is quantized \
+                 ({}): add the ControlNet to the fp32/fp16 package",
+                q.summary()
+            ),
+        ));
+    }
+    let transformer = &manifest.transformer;
+    let dim = transformer.other.get("dim").and_then(|v| v.as_u64());
+    info.check(name, transformer.in_channels, dim, &manifest.graphs.transformer.sha256)
+        .map_err(|m| Error::package(&manifest_path, m))?;
+    info.graph
+        .check_interface(GraphKind::Transformer, &controlnet_graph::inputs(), controlnet_graph::OUTPUTS)
+        .map_err(|m| Error::package(&manifest_path, format!("controlnets.{name}: {m}")))?;
+    check_package_files(dir, info.graph.files(), verify_checksums)?;
+    Ok(info.clone())
 }

@@ -43,13 +43,12 @@ use crate::error::{Error, Result};
 use crate::image_io;
 use crate::load_options::LoadOptions;
 use crate::lora::{LoraAdapter, LoraSetting, Targets};
-use crate::model::controlnet::{self as controlnet_graph, ControlInputs};
+use crate::model::controlnet::ControlInputs;
 use crate::model::step::StepKind;
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
 use crate::package::controlnet::ControlNetInfo;
-use crate::package::files::check_package_files;
 use crate::package::graph::GraphKind;
 use crate::package::Manifest;
 use crate::runtime::device::Device;
@@ -113,6 +112,13 @@ impl Pipeline {
         }
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         check_interfaces(&dir, &manifest)?;
+        let controlnet = match &options.controlnet {
+            Some(_) if !options.loras.is_empty() => {
+                return Err(Error::invalid("LoRAs and a ControlNet cannot be combined yet: load with one of them"))
+            }
+            Some(name) => Some((name.clone(), control::entry(&dir, &manifest, options.verify_checksums, name)?)),
+            None => None,
+        };
         loading::check_precision_runs_on(&manifest, options)?;
         let rt = runtime(options.runtime_library.as_deref())?;
         let uses_tensorrt = [Some(options.device), options.transformer_device]
@@ -125,7 +131,11 @@ impl Pipeline {
         let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
         let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone())?;
         let text_encoder = graphs.load_required(GraphKind::TextEncoder, options.device)?;
-        let transformer = loading::load_transformer(&graphs, transformer_device(options), &options.loras)?;
+        let transformer = match &controlnet {
+            // The combined graph is the transformer: the plain one is never loaded.
+            Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, transformer_device(options))?,
+            None => loading::load_transformer(&graphs, transformer_device(options), &options.loras)?,
+        };
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
         let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
         let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
@@ -134,11 +144,7 @@ impl Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone() },
-            transformer: RwLock::new(ActiveTransformer {
-                slot: transformer,
-                loras: options.loras.clone(),
-                controlnet: None,
-            }),
+            transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone(), controlnet }),
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
@@ -146,7 +152,7 @@ impl Pipeline {
             load_time: start.elapsed(),
             runtime_library: rt.library_path.clone(),
             runtime: rt,
-            options: LoadOptions { loras: Vec::new(), ..options.clone() },
+            options: LoadOptions { loras: Vec::new(), controlnet: None, ..options.clone() },
             step_graphs: Default::default(),
             dir,
             manifest,
@@ -211,24 +217,7 @@ impl Pipeline {
 
     /// The manifest entry of ControlNet `name`, checked against this package and its files.
     fn controlnet_entry(&self, name: &str) -> Result<ControlNetInfo> {
-        let manifest_path = self.dir.join("manifest.json");
-        let info = self.manifest.controlnets.get(name).ok_or_else(|| {
-            let known = self.controlnets();
-            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            Error::package(
-                &manifest_path,
-                format!("no ControlNet {name:?} in this package (it has: {known}); add one with export_controlnet.py"),
-            )
-        })?;
-        let transformer = &self.manifest.transformer;
-        let dim = transformer.other.get("dim").and_then(|v| v.as_u64());
-        info.check(name, transformer.in_channels, dim, &self.manifest.graphs.transformer.sha256)
-            .map_err(|m| Error::package(&manifest_path, m))?;
-        info.graph
-            .check_interface(GraphKind::Transformer, &controlnet_graph::inputs(), controlnet_graph::OUTPUTS)
-            .map_err(|m| Error::package(&manifest_path, format!("controlnets.{name}: {m}")))?;
-        check_package_files(&self.dir, info.graph.files(), self.options.verify_checksums)?;
-        Ok(info.clone())
+        control::entry(&self.dir, &self.manifest, self.options.verify_checksums, name)
     }
 
     /// The control latents of `request`: its condition's, or neutral ones when a ControlNet is
@@ -272,10 +261,15 @@ impl Pipeline {
     /// that start during the switch wait for it. On a GPU with TensorRT the engine is the
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
-        if !loras.is_empty() && self.active_transformer().controlnet.is_some() {
-            return Err(Error::invalid(
-                "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
-            ));
+        if self.active_transformer().controlnet.is_some() {
+            if !loras.is_empty() {
+                return Err(Error::invalid(
+                    "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
+                ));
+            }
+            // No LoRA is merged into an attached ControlNet's graph: nothing to change (reloading
+            // the plain transformer here would leave the ControlNet attached to no graph).
+            return Ok(());
         }
         if !loras.is_empty() {
             let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);

@@ -5,6 +5,7 @@
 //! - [`gpu`]: CUDA settings, TensorRT profiles and engine caches;
 //! - `provider`: each graph's execution provider, registered on its session;
 //! - [`session`]: building one session (options, CPU fallback, optimised-graph cache);
+//! - [`session_count`]: how many sessions were created from each graph file (diagnostics);
 //! - `graph`: a loaded graph shared between threads, resident or loaded per stage;
 //! - [`run_context`]: one run's options, cancellation and time spent in ONNX Runtime.
 
@@ -16,6 +17,7 @@ pub mod library;
 pub(crate) mod provider;
 pub mod run_context;
 pub mod session;
+pub mod session_count;
 
 pub use device::Device;
 pub use library::{library_candidates, runtime, Runtime, ORT_VERSION};

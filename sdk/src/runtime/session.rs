@@ -132,6 +132,7 @@ pub(crate) fn build_session(
     provider: &ProviderConfig,
     settings: &SessionSettings,
 ) -> Result<BuiltSession> {
+    super::session_count::record(path);
     let failed = |what: &str, e: ort::Error<SessionBuilder>| {
         Error::runtime(format!("{graph}: {what}: {e}")).caused_by(Error::detach_ort(e))
     };

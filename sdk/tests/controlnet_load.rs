@@ -1,0 +1,155 @@
+//! A ControlNet chosen at load time (`LoadOptions::controlnet`): the combined graph is the only
+//! transformer session created, the results are bit-identical to attaching it after loading
+//! (`Pipeline::set_controlnet`), and what does not fit is a typed error at load, quantized
+//! packages included.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+use zimage::runtime::session_count::sessions_created;
+use zimage::{ControlCondition, ErrorKind, GenerateRequest, LoadOptions, Pipeline};
+
+fn options(controlnet: Option<&str>) -> LoadOptions {
+    let mut options = LoadOptions::default();
+    options.threads = Some(1);
+    options.device = test_device();
+    options.controlnet = controlnet.map(str::to_string);
+    options
+}
+
+/// A private folder for one test, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zimage-controlnet-load-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of `package` (links followed) in its own folder, so the sessions counted for its
+/// files are this test's alone.
+fn copy_package(package: &Path, name: &str) -> PathBuf {
+    let dir = scratch(name);
+    for entry in fs::read_dir(package).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// A small request with a control map: a bright square on a dark ground.
+fn control_request() -> GenerateRequest {
+    let (width, height) = (64u32, 48u32);
+    let mut pixels = vec![20u8; (width * height * 3) as usize];
+    for y in 12..36 {
+        for x in 16..48 {
+            let i = ((y * width + x) * 3) as usize;
+            pixels[i..i + 3].copy_from_slice(&[230, 230, 230]);
+        }
+    }
+    let mut request = GenerateRequest::new("a lighthouse on a cliff");
+    request.width = width;
+    request.height = height;
+    request.steps = 2;
+    request.seed = Some(11);
+    request.guidance_scale = 0.0;
+    request.return_latents = true;
+    let mut condition = ControlCondition::new(zimage::RgbImage { width, height, pixels });
+    condition.conditioning_scale = 0.9;
+    request.control = Some(condition);
+    request
+}
+
+#[test]
+fn controlnet_at_load_is_the_only_transformer_session_and_matches_set_controlnet() {
+    let source = repo().join("models/tiny-zimage-control");
+    for name in ["union-v1", "union-v2.1"] {
+        let dir = copy_package(&source, name);
+        let pipeline = Pipeline::load(&dir, &options(Some(name))).expect("load with a ControlNet");
+        assert_eq!(pipeline.controlnet().as_deref(), Some(name));
+        assert_eq!(sessions_created(&dir.join("transformer.onnx")), 0, "{name}: the plain transformer was loaded");
+        assert_eq!(sessions_created(&dir.join(format!("controlnet_{name}.onnx"))), 1);
+        // Clearing LoRAs (there are none with a ControlNet) keeps the ControlNet's graph.
+        pipeline.set_loras(&[]).unwrap();
+        assert_eq!(pipeline.controlnet().as_deref(), Some(name));
+        assert_eq!(sessions_created(&dir.join("transformer.onnx")), 0);
+        let request = control_request();
+        let at_load = pipeline.generate(&request, None).unwrap();
+
+        let attached = Pipeline::load(&source, &options(None)).unwrap();
+        attached.set_controlnet(Some(name)).unwrap();
+        let after = attached.generate(&request, None).unwrap();
+        let (a, b) = (at_load.latents.unwrap(), after.latents.unwrap());
+        assert!(a.iter().all(|v| v.is_finite()));
+        assert_eq!(a, b, "{name}: loading with the ControlNet differs from set_controlnet");
+        assert_eq!(at_load.images, after.images);
+
+        // Detaching still gives the plain transformer (loaded only now).
+        pipeline.set_controlnet(None).unwrap();
+        assert_eq!(sessions_created(&dir.join("transformer.onnx")), 1);
+        drop(pipeline);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn a_controlnet_that_does_not_fit_is_a_typed_error_at_load() {
+    let package = repo().join("models/tiny-zimage-control");
+    let err = Pipeline::load(&package, &options(Some("no-such-controlnet"))).err().expect("unknown name");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    assert!(err.to_string().contains("union-v1, union-v2.1"), "{err}");
+    // The other package's ControlNet (another transformer, another width).
+    let err = Pipeline::load(&package, &options(Some("union-v2.0"))).err().expect("other package's name");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    // A package without ControlNets.
+    let err = Pipeline::load(repo().join("models/tiny-zimage"), &options(Some("union-v1"))).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+}
+
+#[test]
+fn loras_and_a_controlnet_at_load_are_refused() {
+    let package = repo().join("models/tiny-zimage-control");
+    let adapter = std::sync::Arc::new(
+        zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).expect("committed LoRA fixture"),
+    );
+    let mut with_both = options(Some("union-v1"));
+    with_both.loras = vec![zimage::LoraSetting::new(adapter, 1.0)];
+    let err = Pipeline::load(&package, &with_both).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+}
+
+/// A quantized package carrying a `controlnets` section (copied in by hand: the exporter
+/// refuses quantized packages) is refused at load, before any file of the entry is read.
+#[test]
+fn controlnet_on_a_quantized_package_is_refused_at_load() {
+    let int8 = repo().join("models/tiny-zimage-int8");
+    let control = repo().join("models/tiny-zimage-control");
+    let dir = scratch("int8");
+    for entry in fs::read_dir(&int8).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    for file in ["controlnet_union-v1.onnx", "controlnet_union-v1.onnx.data"] {
+        std::os::unix::fs::symlink(control.join(file), dir.join(file)).unwrap();
+    }
+    let mut manifest: Value = json(&int8.join("manifest.json"));
+    let control_manifest: Value = json(&control.join("manifest.json"));
+    manifest["controlnets"] = control_manifest["controlnets"].clone();
+    fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+
+    let err = Pipeline::load(&dir, &options(Some("union-v1"))).err().expect("quantized package");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    assert!(err.to_string().contains("quantized (int8"), "{err}");
+    // Attaching later is refused the same way, and the pipeline keeps its transformer.
+    let pipeline = Pipeline::load(&dir, &options(None)).expect("the quantized package itself loads");
+    let err = pipeline.set_controlnet(Some("union-v1")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    assert_eq!(pipeline.controlnet(), None);
+    drop(pipeline);
+    fs::remove_dir_all(&dir).unwrap();
+}
