@@ -161,10 +161,11 @@ fn onnx_runtime_errors_are_kept_as_the_source() {
     let garbage = b"this is not an ONNX protobuf".to_vec();
     let sha = zimage::package::files::sha256_hex(&garbage);
     let bytes = garbage.len();
-    let dir = tiny_package_with_manifest("garbage encoder", |m| {
-        m["graphs"]["vae_encoder"]["path"] = "garbage.onnx".into();
-        m["graphs"]["vae_encoder"]["bytes"] = bytes.into();
-        m["graphs"]["vae_encoder"]["sha256"] = sha.clone().into();
+    // (The VAE decoder: the encoder's session is only made by its first use, tests/loading.rs.)
+    let dir = tiny_package_with_manifest("garbage decoder", |m| {
+        m["graphs"]["vae_decoder"]["path"] = "garbage.onnx".into();
+        m["graphs"]["vae_decoder"]["bytes"] = bytes.into();
+        m["graphs"]["vae_decoder"]["sha256"] = sha.clone().into();
     });
     std::fs::write(dir.join("garbage.onnx"), &garbage).unwrap();
     let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("garbage graph");

@@ -123,12 +123,20 @@ impl Pipeline {
         }
         let graphs = GraphLoader { runtime: rt, dir: &dir, manifest: &manifest, options };
         let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
-        let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone())?;
-        let text_encoder = graphs.load_required(GraphKind::TextEncoder, options.device)?;
-        let transformer = loading::load_transformer(&graphs, transformer_device(options), &options.loras)?;
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
-        let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
-        let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
+        // The stages every generation uses, built concurrently (the transformer, the slowest,
+        // on this thread); errors are reported in this order whichever finished first.
+        let (text, text_encoder, vae_decoder, transformer) = loading::run_jobs(
+            loading::load_in_parallel(options, uses_tensorrt),
+            || TextEncoder::new(&tokenizer, manifest.text_encoder.clone()),
+            || graphs.load_required(GraphKind::TextEncoder, options.device),
+            || graphs.load_required(decoder_kind, options.device),
+            || loading::load_transformer(&graphs, transformer_device(options), &options.loras),
+        );
+        let (text, text_encoder, transformer, vae_decoder) = (text?, text_encoder?, transformer?, vae_decoder?);
+        // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
+        // encoder's session is made by the first of those.
+        let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
         let edit = loading::load_edit_graphs(&graphs, options.device, transformer_device(options))?;
         Ok(Pipeline {
             edit,
