@@ -128,7 +128,12 @@ impl Pipeline {
         // on this thread); errors are reported in this order whichever finished first.
         let (text, text_encoder, vae_decoder, transformer) = loading::run_jobs(
             loading::load_in_parallel(options, uses_tensorrt),
-            || TextEncoder::new(&tokenizer, manifest.text_encoder.clone()),
+            || {
+                let started = Instant::now();
+                let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone());
+                tracing::debug!(seconds = started.elapsed().as_secs_f64(), "tokenizer loaded");
+                text
+            },
             || graphs.load_required(GraphKind::TextEncoder, options.device),
             || graphs.load_required(decoder_kind, options.device),
             || loading::load_transformer(&graphs, transformer_device(options), &options.loras),
