@@ -161,10 +161,11 @@ fn onnx_runtime_errors_are_kept_as_the_source() {
     let garbage = b"this is not an ONNX protobuf".to_vec();
     let sha = zimage::package::files::sha256_hex(&garbage);
     let bytes = garbage.len();
-    let dir = tiny_package_with_manifest("garbage encoder", |m| {
-        m["graphs"]["vae_encoder"]["path"] = "garbage.onnx".into();
-        m["graphs"]["vae_encoder"]["bytes"] = bytes.into();
-        m["graphs"]["vae_encoder"]["sha256"] = sha.clone().into();
+    // (The VAE decoder: the encoder's session is only made by its first use, tests/loading.rs.)
+    let dir = tiny_package_with_manifest("garbage decoder", |m| {
+        m["graphs"]["vae_decoder"]["path"] = "garbage.onnx".into();
+        m["graphs"]["vae_decoder"]["bytes"] = bytes.into();
+        m["graphs"]["vae_decoder"]["sha256"] = sha.clone().into();
     });
     std::fs::write(dir.join("garbage.onnx"), &garbage).unwrap();
     let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("garbage graph");
@@ -218,6 +219,15 @@ fn cuda_on_the_cpu_runtime_is_a_provider_error() {
     let p = Pipeline::load(repo().join("models/tiny-zimage"), &fallback).unwrap();
     assert_eq!(p.providers().transformer, Device::Cpu);
     // Every graph fell back, and each says why (the provider's own error).
+    let fallbacks = p.provider_fallbacks();
+    let kinds: Vec<GraphKind> = fallbacks.iter().map(|(kind, _)| *kind).collect();
+    assert_eq!(kinds, [GraphKind::TextEncoder, GraphKind::Transformer, GraphKind::VaeDecoder]);
+    // The VAE encoder's session is made (and falls back) on first use.
+    let mut r = small("a cat");
+    r.init_image =
+        Some(InitImage::image_to_image(zimage::RgbImage { width: 64, height: 64, pixels: vec![90; 64 * 64 * 3] }));
+    p.generate(&r, None).unwrap();
+    assert_eq!(p.providers().vae_encoder, Device::Cpu);
     let fallbacks = p.provider_fallbacks();
     let kinds: Vec<GraphKind> = fallbacks.iter().map(|(kind, _)| *kind).collect();
     assert_eq!(kinds, [GraphKind::TextEncoder, GraphKind::Transformer, GraphKind::VaeDecoder, GraphKind::VaeEncoder]);
@@ -446,7 +456,16 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
         .map(|e| e.file_name().to_string_lossy().split('-').next().unwrap().to_string())
         .collect();
     cached.sort();
-    assert_eq!(cached, ["transformer", "vae_decoder", "vae_encoder"]);
+    // The VAE encoder's session (and its cached graph) is made by its first use.
+    assert_eq!(cached, ["transformer", "vae_decoder"]);
+    let mut to_image = small("a windmill");
+    to_image.init_image =
+        Some(InitImage::image_to_image(zimage::RgbImage { width: 64, height: 64, pixels: vec![90; 64 * 64 * 3] }));
+    let encoded = first.generate(&to_image, None).unwrap();
+    assert!(std::fs::read_dir(&cache).unwrap().any(|e| {
+        let e = e.unwrap();
+        e.file_name().to_string_lossy().starts_with("vae_encoder-") && e.path().join("model.onnx").is_file()
+    }));
     let second = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
     let mut r = small("a windmill");
     r.guidance_scale = 2.0;
@@ -460,6 +479,12 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
                 reference.latents.as_ref().unwrap().as_slice().unwrap()
             ) <= 1e-5
         );
+    }
+    // The cached encoder gives the same picture as a pipeline that built its own.
+    let again = second.generate(&to_image, None).unwrap();
+    let plain = pipeline("tiny-zimage").generate(&to_image, None).unwrap();
+    for result in [&encoded, &again] {
+        assert!(max_pixel_diff(&result.images[0], &plain.images[0]) <= 1);
     }
     std::fs::remove_dir_all(&cache).unwrap();
 }

@@ -43,6 +43,46 @@ impl GraphLoader<'_> {
         device: Device,
         initializers: ExternalInitializers,
     ) -> Result<GraphSlot> {
+        let (provider, settings, capture_refusal) = self.session_setup(kind, entry, device, initializers);
+        let mut slot = GraphSlot::load(
+            self.runtime,
+            kind,
+            resolve(self.dir, &entry.path),
+            provider,
+            &settings,
+            self.options.memory_mode,
+        )?;
+        slot.set_capture_refusal(capture_refusal);
+        Ok(slot)
+    }
+
+    /// The package's graph of `kind` (which every package has) in a slot that creates its
+    /// session on first use: for graphs only some requests need (the VAE encoder: image-to-image,
+    /// inpainting, ControlNet, editing), so that loading does not pay for them.
+    pub fn defer_required(&self, kind: GraphKind, device: Device) -> Result<GraphSlot> {
+        let entry = self.required_entry(kind)?;
+        let (provider, settings, capture_refusal) =
+            self.session_setup(kind, entry, device, ExternalInitializers::default());
+        let mut slot = GraphSlot::deferred(
+            self.runtime,
+            kind,
+            resolve(self.dir, &entry.path),
+            provider,
+            &settings,
+            self.options.memory_mode,
+        );
+        slot.set_capture_refusal(capture_refusal);
+        Ok(slot)
+    }
+
+    /// The provider, session settings and CUDA-graph refusal a session of `entry` is built with.
+    fn session_setup(
+        &self,
+        kind: GraphKind,
+        entry: &GraphEntry,
+        device: Device,
+        initializers: ExternalInitializers,
+    ) -> (ProviderConfig, SessionSettings, Option<String>) {
         let options = self.options;
         let capture_refusal =
             session_refusal(options.gpu.cuda_graphs, kind, device, options.memory_mode == MemoryMode::Sequential);
@@ -71,25 +111,19 @@ impl GraphLoader<'_> {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
         };
-        let mut slot = GraphSlot::load(
-            self.runtime,
-            kind,
-            resolve(self.dir, &entry.path),
-            provider,
-            &settings,
-            options.memory_mode,
-        )?;
-        slot.set_capture_refusal(capture_refusal);
-        Ok(slot)
+        (provider, settings, capture_refusal)
+    }
+
+    fn required_entry(&self, kind: GraphKind) -> Result<&GraphEntry> {
+        self.manifest
+            .graphs
+            .get(kind)
+            .ok_or_else(|| Error::package(self.dir, format!("the package has no {kind} graph")))
     }
 
     /// Loads the package's graph of `kind`, which every package has.
     pub fn load_required(&self, kind: GraphKind, device: Device) -> Result<GraphSlot> {
-        let entry = self
-            .manifest
-            .graphs
-            .get(kind)
-            .ok_or_else(|| Error::package(self.dir, format!("the package has no {kind} graph")))?;
+        let entry = self.required_entry(kind)?;
         self.load(kind, entry, device)
     }
 
@@ -208,4 +242,40 @@ pub(crate) fn load_edit_graphs(
         })),
         _ => Ok(None),
     }
+}
+
+/// Runs the four loading jobs, on threads of their own when `parallel` (the last on the
+/// calling thread), otherwise one after the other in order. Sessions are independent, and
+/// building one is mostly single-threaded work (graph optimisation, weight prepacking), so
+/// on a machine with cores to spare a load takes about as long as its slowest session.
+/// A job that panics panics here too, with its own payload.
+pub(crate) fn run_jobs<A: Send, B: Send, C: Send, D>(
+    parallel: bool,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+    c: impl FnOnce() -> C + Send,
+    d: impl FnOnce() -> D,
+) -> (A, B, C, D) {
+    if !parallel {
+        return (a(), b(), c(), d());
+    }
+    std::thread::scope(|scope| {
+        let a = scope.spawn(a);
+        let b = scope.spawn(b);
+        let c = scope.spawn(c);
+        let d = d();
+        (joined(a.join()), joined(b.join()), joined(c.join()), d)
+    })
+}
+
+/// A job's result, or its panic resumed on this thread.
+fn joined<T>(result: std::thread::Result<T>) -> T {
+    result.unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+}
+
+/// Whether a pipeline's sessions are built concurrently: not in sequential mode (it promises
+/// one model in memory at a time, also while loading) and not when TensorRT builds engines
+/// (each build takes GPU workspace and all of the GPU's time).
+pub(crate) fn load_in_parallel(options: &LoadOptions, uses_tensorrt: bool) -> bool {
+    options.memory_mode == MemoryMode::Resident && !uses_tensorrt
 }

@@ -129,16 +129,29 @@ impl Pipeline {
         }
         let graphs = GraphLoader { runtime: rt, dir: &dir, manifest: &manifest, options };
         let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
-        let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone())?;
-        let text_encoder = graphs.load_required(GraphKind::TextEncoder, options.device)?;
-        let transformer = match &controlnet {
-            // The combined graph is the transformer: the plain one is never loaded.
-            Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, transformer_device(options))?,
-            None => loading::load_transformer(&graphs, transformer_device(options), &options.loras)?,
-        };
         let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
-        let vae_decoder = graphs.load_required(decoder_kind, options.device)?;
-        let vae_encoder = graphs.load_required(GraphKind::VaeEncoder, options.device)?;
+        // The stages every generation uses, built concurrently (the transformer, the slowest,
+        // on this thread); errors are reported in this order whichever finished first.
+        let (text, text_encoder, vae_decoder, transformer) = loading::run_jobs(
+            loading::load_in_parallel(options, uses_tensorrt),
+            || {
+                let started = Instant::now();
+                let text = TextEncoder::new(&tokenizer, manifest.text_encoder.clone());
+                tracing::debug!(seconds = started.elapsed().as_secs_f64(), "tokenizer loaded");
+                text
+            },
+            || graphs.load_required(GraphKind::TextEncoder, options.device),
+            || graphs.load_required(decoder_kind, options.device),
+            || match &controlnet {
+                // The combined graph is the transformer: the plain one is never loaded.
+                Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, transformer_device(options)),
+                None => loading::load_transformer(&graphs, transformer_device(options), &options.loras),
+            },
+        );
+        let (text, text_encoder, transformer, vae_decoder) = (text?, text_encoder?, transformer?, vae_decoder?);
+        // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
+        // encoder's session is made by the first of those.
+        let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
         let edit = loading::load_edit_graphs(&graphs, options.device, transformer_device(options))?;
         Ok(Pipeline {
             edit,

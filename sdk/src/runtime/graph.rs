@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ndarray::ArrayD;
 use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
@@ -160,6 +160,25 @@ pub(crate) struct GraphSlot {
     resident: Option<Arc<Graph>>,
     /// Set by [`GraphSlot::release`]: the slot gave up its session and weights and serves none.
     released: bool,
+    /// Set for a slot made by [`GraphSlot::deferred`]: its session is created on first use.
+    deferred: Option<Deferred>,
+}
+
+/// The state of a slot whose session is created on first use (a graph only some requests
+/// need, such as the VAE encoder: a text-to-image pipeline never pays for it).
+struct Deferred {
+    /// Keep the session once made (resident mode); sequential mode makes one per stage.
+    keep: bool,
+    /// Held while the first session is made, so that concurrent first uses make one.
+    building: Mutex<()>,
+    built: OnceLock<Built>,
+}
+
+/// A deferred slot's session, with the provider that ended up running it.
+struct Built {
+    graph: Arc<Graph>,
+    device: Device,
+    fallback_reason: Option<String>,
 }
 
 impl GraphSlot {
@@ -173,7 +192,9 @@ impl GraphSlot {
         settings: &SessionSettings,
         mode: MemoryMode,
     ) -> Result<GraphSlot> {
+        let started = std::time::Instant::now();
         let built = build_session(runtime, kind, &path, &provider, settings)?;
+        tracing::debug!(graph = kind.name(), seconds = started.elapsed().as_secs_f64(), "session created");
         // Later sessions (sequential mode) go straight to the provider that worked.
         let provider = match (&built.fallback_reason, &built.capture_refusal) {
             (Some(_), _) => ProviderConfig::Cpu,
@@ -194,7 +215,44 @@ impl GraphSlot {
             runtime,
             resident: (mode == MemoryMode::Resident).then_some(graph),
             released: false,
+            deferred: None,
         })
+    }
+
+    /// A slot that creates its session on first use ([`GraphSlot::acquire`]) instead of now:
+    /// nothing is read or built at load, so a broken graph file or an unavailable provider is
+    /// reported (with the same typed error) by the first stage that needs the graph. Until
+    /// then [`GraphSlot::device`] is the requested device.
+    pub fn deferred(
+        runtime: &'static Runtime,
+        kind: GraphKind,
+        path: PathBuf,
+        provider: ProviderConfig,
+        settings: &SessionSettings,
+        mode: MemoryMode,
+    ) -> GraphSlot {
+        GraphSlot {
+            kind,
+            path,
+            used_device: provider.device(),
+            fallback_reason: None,
+            capture_refusal: (!provider.captures())
+                .then(|| "CUDA graphs not used: the session was not built for capture".into()),
+            provider,
+            settings: settings.clone(),
+            runtime,
+            resident: None,
+            released: false,
+            deferred: Some(Deferred {
+                keep: mode == MemoryMode::Resident,
+                building: Mutex::new(()),
+                built: OnceLock::new(),
+            }),
+        }
+    }
+
+    fn built(&self) -> Option<&Built> {
+        self.deferred.as_ref().and_then(|d| d.built.get())
     }
 
     pub fn kind(&self) -> GraphKind {
@@ -203,7 +261,7 @@ impl GraphSlot {
 
     /// The provider that runs this graph.
     pub fn device(&self) -> Device {
-        self.used_device
+        self.built().map_or(self.used_device, |b| b.device)
     }
 
     /// Why this graph's calls are not captured as CUDA graphs; `None` when they are.
@@ -225,7 +283,7 @@ impl GraphSlot {
 
     /// Why the graph runs on the CPU instead of the requested provider, when it fell back.
     pub fn fallback_reason(&self) -> Option<&str> {
-        self.fallback_reason.as_deref()
+        self.built().map_or(self.fallback_reason.as_deref(), |b| b.fallback_reason.as_deref())
     }
 
     /// The graph file the sessions are made from.
@@ -245,9 +303,37 @@ impl GraphSlot {
         if let Some(graph) = &self.resident {
             return Ok(Arc::clone(graph));
         }
+        if let Some(deferred) = self.deferred.as_ref().filter(|d| d.keep) {
+            return self.acquire_deferred(deferred);
+        }
         let built = build_session(self.runtime, self.kind, &self.path, &self.provider, &self.settings)?;
         let capturing = self.provider.captures() && built.capture_refusal.is_none();
         Ok(Arc::new(Graph::new(self.kind, built.session).capturing(capturing)))
+    }
+
+    /// A deferred resident slot's session, made by the first call (later and concurrent
+    /// calls get the same one; a failed first call leaves the slot to try again).
+    fn acquire_deferred(&self, deferred: &Deferred) -> Result<Arc<Graph>> {
+        if let Some(built) = deferred.built.get() {
+            return Ok(Arc::clone(&built.graph));
+        }
+        let _building = deferred.building.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(built) = deferred.built.get() {
+            return Ok(Arc::clone(&built.graph));
+        }
+        let started = std::time::Instant::now();
+        let made = build_session(self.runtime, self.kind, &self.path, &self.provider, &self.settings)?;
+        tracing::debug!(
+            graph = self.kind.name(),
+            seconds = started.elapsed().as_secs_f64(),
+            "session created on first use"
+        );
+        let capturing = self.provider.captures() && made.capture_refusal.is_none();
+        let graph = Arc::new(Graph::new(self.kind, made.session).capturing(capturing));
+        let built = Built { graph: Arc::clone(&graph), device: made.device, fallback_reason: made.fallback_reason };
+        // Only this thread sets it (under `building`), so it cannot be set already.
+        let _ = deferred.built.set(built);
+        Ok(graph)
     }
 
     /// Drops the slot's own session and replaced weights (a caller still holding the
@@ -255,6 +341,7 @@ impl GraphSlot {
     /// without two sets in memory. The slot serves nothing afterwards.
     pub fn release(&mut self) {
         self.resident = None;
+        self.deferred = None;
         self.settings.initializers = Default::default();
         self.released = true;
     }

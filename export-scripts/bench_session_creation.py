@@ -1,0 +1,58 @@
+"""Where a package's load time goes: ONNX Runtime session creation per graph, split by graph
+optimisation level and weight prepacking (docs/loading.md).
+
+    python export-scripts/bench_session_creation.py PACKAGE [--threads 2] [--repeat 2]
+
+For each graph of the package's core (text encoder, transformer, VAE decoder, VAE encoder),
+times `InferenceSession` creation on the CPU at level ALL with prepacking (what zimage does for
+the transformer and VAE graphs), ALL without, BASIC without and no optimisation without, after
+one untimed creation (page cache warm), and prints the best of --repeat. ALL/pack - ALL/nopack
+is prepacking; ALL/nopack - BASIC/nopack is the level-ALL layout optimisation.
+"""
+
+import argparse
+import os
+import time
+
+import onnxruntime as ort
+
+LEVELS = {
+    "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+SETTINGS = [("ALL", True), ("ALL", False), ("BASIC", False), ("off", False)]
+GRAPHS = ["text_encoder", "transformer", "vae_decoder", "vae_encoder"]
+
+
+def create_seconds(path: str, level: str, prepack: bool, threads: int) -> float:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = LEVELS[level]
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+    start = time.perf_counter()
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    print("| graph | " + " | ".join(f"{lv}/{'pack' if p else 'nopack'}" for lv, p in SETTINGS) + " | load average |")
+    print("|---" * (len(SETTINGS) + 2) + "|")
+    for graph in GRAPHS:
+        path = os.path.join(args.package, f"{graph}.onnx")
+        cells = []
+        for level, prepack in SETTINGS:
+            create_seconds(path, level, prepack, args.threads)
+            best = min(create_seconds(path, level, prepack, args.threads) for _ in range(args.repeat))
+            cells.append(f"{best:.2f} s")
+        print(f"| {graph} | " + " | ".join(cells) + f" | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
