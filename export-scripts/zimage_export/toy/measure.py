@@ -22,7 +22,6 @@ class Measured:
     centre: tuple[float, float] | None
     half_extent: float
     fill: float
-    tilt: float
 
 
 def _nearest(pixels: np.ndarray) -> np.ndarray:
@@ -52,15 +51,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         if n > best_n:
             best, best_n = n_labels, n
         n_labels += 1
-    return label == best
+    return (label == best) & (best >= 0)
 
 
 def measure(img: np.ndarray) -> Measured:
     """`img`: HxWx3 uint8. Background = the palette colour most pixels of the 2-pixel border are
     nearest to; the shape = the largest connected region of pixels farther than 60 levels (RGB
-    distance) from it. Centre and half extent from its bounding box; `tilt` = how far its
-    centroid lies below the box centre, in half heights (1/3 for the toy's upward triangle, 0
-    for circles and squares)."""
+    distance) from it. Centre and half extent from its bounding box (its centroid would put the
+    triangle 1/3 of a half height low)."""
     h, w, _ = img.shape
     border = np.ones((h, w), bool)
     border[2:h - 2, 2:w - 2] = False
@@ -73,16 +71,15 @@ def measure(img: np.ndarray) -> Measured:
     ys, xs = np.nonzero(inside)
     scale = 64.0 / max(w, h)
     if len(xs) < 8:
-        return Measured(_NAMES[bg], background_share, None, 0.0, None, 0.0, 0.0, 0.0)
+        return Measured(_NAMES[bg], background_share, None, 0.0, None, 0.0, 0.0)
     ccounts = np.bincount(near[inside], minlength=len(_NAMES))
     colour = int(ccounts.argmax())
     bw = float(xs.max() - xs.min() + 1)
     bh = float(ys.max() - ys.min() + 1)
     bx = (xs.min() + xs.max() + 1) / 2.0
     by = (ys.min() + ys.max() + 1) / 2.0
-    tilt = ((ys + 0.5).mean() - by) / (bh / 2.0)
     return Measured(_NAMES[bg], background_share, _NAMES[colour], float(ccounts[colour] / len(xs)),
-                    (bx * scale, by * scale), (bw + bh) / 4.0 * scale, len(xs) / (bw * bh), float(tilt))
+                    (bx * scale, by * scale), (bw + bh) / 4.0 * scale, len(xs) / (bw * bh))
 
 
 def mismatches(m: Measured, want: Scene) -> list[str]:
