@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     budget = T.Budget()
-    for name in ("vae_steps", "decoder_steps", "transformer_steps", "transformer_steps_2", "lora_steps"):
+    for name in ("vae_steps", "decoder_steps", "transformer_steps", "lora_steps"):
         setattr(budget, name, max(10, int(getattr(budget, name) * args.scale)))
     work = args.cache / "toy"
     work.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,7 @@ def main(argv=None) -> None:
         vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     else:
         vae = T.train_vae(args.seed, budget, curve)
+        _check_vae(vae, scenes, work / "check-vae-joint.png")
         vae = T.finetune_decoder(vae, args.seed, budget, curve)
         vae.save_pretrained(work / "vae")
     latents = T.set_latent_normalisation(vae, T.encode_scenes(vae, scenes))
@@ -105,8 +106,8 @@ def main(argv=None) -> None:
         model.train()
 
     transformer = T.train_transformer(args.seed, budget, curve, latents, scene_caps, feats, check=check)
-    transformer = T.continue_transformer(transformer, args.seed, budget, curve, latents, scene_caps, feats)
     check(transformer, budget.transformer_steps)
+    _check_semantics("transformer, measured from pixels", transformer, vae, feats, scenes, scene_caps, args.seed)
     src = _save_pipeline(work / "src" / "toy-zimage", tok_folder, vae, text_encoder, transformer, tokenizer)
     print(f"diffusers folder: {src}", flush=True)
 
@@ -114,6 +115,8 @@ def main(argv=None) -> None:
     T.train_lora(lora_model, args.seed + 100, budget, curve, vae, scenes, scene_caps, feats)
     _save_lora(lora_model, args.lora_out)
     check(lora_model, 99999)
+    _check_semantics("LoRA (want: circles green), measured from pixels", lora_model, vae, feats, scenes, scene_caps,
+                     args.seed, lora_scene=T.lora_scene)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     curve.write(args.curve)
     print(f"trained in {time.time() - curve.start:.0f} s; curve in {args.curve}", flush=True)
@@ -124,19 +127,45 @@ def main(argv=None) -> None:
 
 
 def _check_vae(vae, scenes, path: Path) -> None:
-    """Reconstruction error of the VAE on every 100th scene (levels, 0-255), and a strip of them."""
+    """Reconstruction error of the VAE on every 10th scene (levels, 0-255) and what its pictures
+    show, measured from pixels; a strip of every 100th."""
     import numpy as np
     import torch
 
     from zimage_export.toy.scenes import render
 
-    x = torch.from_numpy(np.stack([render(s) for s in scenes[::100]])).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.stack([render(s) for s in scenes[::10]])).permute(0, 3, 1, 2)
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     err = float((y - x).abs().mean()) * 127.5
-    print(f"VAE reconstruction: mean abs error {err:.1f} levels", flush=True)
-    _save_strip(((torch.cat([x, y], 2) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), path)
+    from zimage_export.toy.measure import score
+
+    images = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    print(f"VAE reconstruction: mean abs error {err:.1f} levels; measured from pixels: "
+          f"{_fmt(score(images, scenes[::10]))}", flush=True)
+    _save_strip(((torch.cat([x, y], 2)[::10] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), path)
     return err
+
+
+def _fmt(scores: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+
+
+def _check_semantics(label: str, model, vae, feats, scenes, scene_caps, seed: int, lora_scene=None) -> None:
+    """What the model draws for 126 random scenes (a random one of each one's captions), 8 steps,
+    measured from pixels (zimage_export/toy/measure.py, the twin of the Rust semantic tests)."""
+    import random
+
+    from zimage_export.toy import train as T
+    from zimage_export.toy.measure import score
+
+    rng = random.Random(seed)
+    ids = rng.sample(range(len(scenes)), 126)
+    picked = [scenes[i] for i in ids]
+    caps = [rng.choice(scene_caps[i]) for i in ids]
+    images = T.sample(model, vae, [feats[c] for c in caps], seed=seed)
+    want = [lora_scene(s) for s in picked] if lora_scene else picked
+    print(f"{label}: {_fmt(score(images, want))}", flush=True)
 
 
 def _save_strip(images, path: Path) -> None:

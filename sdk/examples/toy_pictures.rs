@@ -1,5 +1,6 @@
-//! Writes the toy model's pictures for the README (docs/images/toy-*.png) with the request
-//! `scripts/demo.sh` makes (64x64, 8 steps, seed 42, no guidance):
+//! Writes the toy model's pictures for the README (docs/images/toy-*.png, 64x64) with the
+//! request `scripts/demo.sh` makes (64x64, 8 steps, seed 42, no guidance); the committed ones
+//! are demo.sh's outputs upscaled 4x nearest-neighbour (the same pixels, 256x256):
 //!     cargo run -p zimage --example toy_pictures -- models/toy-zimage docs/images
 use std::path::PathBuf;
 
