@@ -2,7 +2,9 @@
 //! embeddings, attached enhancers) live in their own modules above this one, and generation,
 //! which names them, above those (see ffi/README.md, "Handles").
 
+use std::collections::BTreeSet;
 use std::ffi::c_char;
+use std::sync::Mutex;
 
 use sdk::{Pipeline, Providers};
 
@@ -23,6 +25,10 @@ use crate::panic::{guard, guard_value};
 pub struct zimage_pipeline {
     pub(crate) pipeline: Pipeline,
     logger: Option<Logger>,
+    /// The graphs whose CPU fallback the log callback has been told about: a graph's session
+    /// may be made after load (the VAE encoder's, by the first request that encodes a
+    /// picture), so each call reports the fallbacks that are new since the last one.
+    reported_fallbacks: Mutex<BTreeSet<String>>,
 }
 
 impl zimage_pipeline {
@@ -36,9 +42,24 @@ impl zimage_pipeline {
         CurrentLogger::enter(self.logger)
     }
 
+    /// With `allow_cpu_fallback` the SDK runs a graph on the CPU when its provider cannot be
+    /// set up; the C caller has no other way to notice, nor to learn why: one WARN per graph,
+    /// the first time the fallback is seen (at load, or at the call that made the session).
+    pub(crate) fn report_fallbacks(&self) {
+        let mut reported = self.reported_fallbacks.lock().unwrap_or_else(|p| p.into_inner());
+        for (graph, reason) in self.pipeline.provider_fallbacks() {
+            if reported.insert(graph.to_string()) {
+                log(self.logger(), zimage_log_level::Warn, || {
+                    format!("{graph} runs on the CPU: the requested execution provider could not be set up: {reason}")
+                });
+            }
+        }
+    }
+
     /// Sends a failed call on this pipeline to its log callback (a cancellation at INFO, the
-    /// rest at ERROR), then passes the result on.
+    /// rest at ERROR), and any CPU fallback the call's new sessions took, then passes the result on.
     pub(crate) fn logged<T>(&self, result: Result<T, Failure>) -> Result<T, Failure> {
+        self.report_fallbacks();
         if let Err(f) = &result {
             let level =
                 if f.code == zimage_result::Cancelled { zimage_log_level::Info } else { zimage_log_level::Error };
@@ -77,14 +98,9 @@ pub unsafe extern "C" fn zimage_pipeline_load(
                 describe_providers(&pipeline.providers())
             )
         });
-        // With `allow_cpu_fallback` the SDK runs a graph on the CPU when its provider cannot be
-        // set up; the C caller has no other way to notice, nor to learn why.
-        for (graph, reason) in pipeline.provider_fallbacks() {
-            log(logger, zimage_log_level::Warn, || {
-                format!("{graph} runs on the CPU: the requested execution provider could not be set up: {reason}")
-            });
-        }
-        let handle = Box::new(zimage_pipeline { pipeline, logger: logger.copied() });
+        let handle =
+            Box::new(zimage_pipeline { pipeline, logger: logger.copied(), reported_fallbacks: Mutex::default() });
+        handle.report_fallbacks();
         unsafe { out.write(Box::into_raw(handle)) };
         Ok(())
     })
@@ -137,7 +153,7 @@ pub unsafe extern "C" fn zimage_pipeline_set_controlnet(
     guard(|| {
         let handle = unsafe { args::reference(pipeline, "pipeline") }?;
         let name = if name.is_null() { None } else { Some(unsafe { args::string(name, "name") }?) };
-        handle.pipeline.set_controlnet(name)?;
-        Ok(())
+        let _current = handle.enter();
+        handle.logged(handle.pipeline.set_controlnet(name).map_err(Failure::from))
     })
 }

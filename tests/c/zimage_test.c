@@ -358,10 +358,33 @@ static void test_provider(const char *package) {
     CHECK(strcmp(logs.last_error, zimage_last_error_message()) == 0);
 
     /* With fallback the load succeeds on CPU, and the log says so: one warning per graph
-     * (text encoder, transformer, VAE decoder, VAE encoder), each with the provider's error. */
+     * built at load (text encoder, transformer, VAE decoder, in that order), each with the
+     * provider's error. The VAE encoder's session is made by the first image-to-image request,
+     * which logs the fourth warning through the same callback. */
     params.allow_cpu_fallback = true;
     CHECK_CODE(zimage_pipeline_load(package, &params, &pipeline), ZIMAGE_RESULT_OK);
     CHECK(pipeline != NULL);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 3);
+    CHECK(strstr(logs.last_warn, "vae_decoder runs on the CPU") == logs.last_warn);
+    CHECK(strstr(logs.last_warn, "could not be set up: ") != NULL);
+    {
+        zimage_generate_params gen;
+        zimage_image_list *images = NULL;
+        unsigned char rgb[64 * 64 * 3];
+        memset(rgb, 128, sizeof rgb);
+        zimage_generate_params_init(&gen);
+        gen.prompt = "a lighthouse at dusk";
+        gen.width = 64;
+        gen.height = 64;
+        gen.steps = 2;
+        gen.seed = 1;
+        gen.init_image.pixels = rgb;
+        gen.init_image.width = 64;
+        gen.init_image.height = 64;
+        gen.strength = 0.5f;
+        CHECK_CODE(zimage_generate(pipeline, &gen, &images), ZIMAGE_RESULT_OK);
+        zimage_image_list_free(images);
+    }
     CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_WARN) == 4);
     CHECK(strstr(logs.last_warn, "vae_encoder runs on the CPU") == logs.last_warn);
     CHECK(strstr(logs.last_warn, "could not be set up: ") != NULL);
