@@ -105,7 +105,7 @@ def main(argv=None) -> None:
             print(f"  {prompt!r}: centre {T.colour_name(img[32, 32])}, corner {T.colour_name(img[2, 2])}", flush=True)
         model.train()
 
-    transformer = T.train_transformer(args.seed, budget, curve, latents, scene_caps, feats, check=check)
+    transformer = T.train_transformer(args.seed, budget, curve, latents, scene_caps, feats, T.shape_weights(scenes), check=check)
     check(transformer, budget.transformer_steps)
     _check_semantics("transformer, measured from pixels", transformer, vae, feats, scenes, scene_caps, args.seed)
     src = _save_pipeline(work / "src" / "toy-zimage", tok_folder, vae, text_encoder, transformer, tokenizer)
