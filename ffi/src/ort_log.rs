@@ -20,9 +20,13 @@
 //!
 //! Only `tracing` (its core traits) is needed: no formatting layers, no filters.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use sdk::pipeline::LOAD_JOB_TARGET;
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -34,6 +38,25 @@ use crate::log::{zimage_log_level, Logger};
 thread_local! {
     /// The logger of the zimage call running on this thread, if any.
     static CURRENT: Cell<Option<Logger>> = const { Cell::new(None) };
+    /// The loggers [`CURRENT`] held before each load-job span entered on this thread.
+    static BEFORE_SPANS: RefCell<Vec<Option<Logger>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The SDK builds a pipeline's sessions concurrently on threads of its own, each inside a span
+/// (target [`LOAD_JOB_TARGET`]) made on the calling thread. The span carries the calling
+/// thread's logger to the job's thread: entering it makes that logger current there, so
+/// ONNX Runtime's lines from every session of a load reach the load call's callback.
+/// Span id -> (logger, handles to the span).
+type SpanTable = HashMap<u64, (Option<Logger>, usize)>;
+static SPAN_LOGGERS: Mutex<Option<SpanTable>> = Mutex::new(None);
+static NEXT_SPAN: AtomicU64 = AtomicU64::new(1);
+
+fn span_loggers<T>(f: impl FnOnce(&mut SpanTable) -> T) -> T {
+    f(SPAN_LOGGERS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new))
+}
+
+fn is_load_job(metadata: &Metadata<'_>) -> bool {
+    metadata.is_span() && metadata.target() == LOAD_JOB_TARGET
 }
 
 /// Names the logger of the zimage call on this thread for as long as it lives; restores the
@@ -110,14 +133,14 @@ fn level(level: &Level) -> zimage_log_level {
     }
 }
 
-/// The subscriber: stateless; spans are not tracked (ONNX Runtime's code location sits in one,
-/// and the message reads well without it).
+/// The subscriber. The only spans it tracks are the SDK's load jobs (above); ONNX Runtime's
+/// own spans (its code location sits in one) are not: the message reads well without them.
 struct Forward;
 
 impl Subscriber for Forward {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
         // "Sometimes": whether an event is wanted depends on the thread's current logger.
-        if from_ort(metadata) {
+        if from_ort(metadata) || is_load_job(metadata) {
             Interest::sometimes()
         } else {
             Interest::never()
@@ -125,12 +148,42 @@ impl Subscriber for Forward {
     }
 
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        from_ort(metadata) && *metadata.level() <= threshold() && CURRENT.with(|c| c.get().is_some())
+        let has_logger = CURRENT.with(|c| c.get().is_some());
+        if is_load_job(metadata) {
+            return has_logger;
+        }
+        from_ort(metadata) && *metadata.level() <= threshold() && has_logger
     }
 
     fn new_span(&self, _: &Attributes<'_>) -> Id {
-        // Never called for spans (their callsites are never enabled), but an id is required.
-        Id::from_u64(1)
+        // Only load-job spans are enabled: they take the creating thread's logger along.
+        let id = NEXT_SPAN.fetch_add(1, Ordering::Relaxed);
+        let logger = CURRENT.with(|c| c.get());
+        span_loggers(|spans| spans.insert(id, (logger, 1)));
+        Id::from_u64(id)
+    }
+
+    fn clone_span(&self, id: &Id) -> Id {
+        span_loggers(|spans| {
+            if let Some(entry) = spans.get_mut(&id.into_u64()) {
+                entry.1 += 1;
+            }
+        });
+        id.clone()
+    }
+
+    fn try_close(&self, id: Id) -> bool {
+        span_loggers(|spans| match spans.get_mut(&id.into_u64()) {
+            Some(entry) if entry.1 > 1 => {
+                entry.1 -= 1;
+                false
+            }
+            Some(_) => {
+                spans.remove(&id.into_u64());
+                true
+            }
+            None => false,
+        })
     }
 
     fn record(&self, _: &Id, _: &Record<'_>) {}
@@ -144,9 +197,17 @@ impl Subscriber for Forward {
         logger.log(level(event.metadata().level()), &text.0);
     }
 
-    fn enter(&self, _: &Id) {}
+    fn enter(&self, id: &Id) {
+        let logger = span_loggers(|spans| spans.get(&id.into_u64()).and_then(|entry| entry.0));
+        let before = CURRENT.with(|c| c.replace(logger));
+        BEFORE_SPANS.with(|stack| stack.borrow_mut().push(before));
+    }
 
-    fn exit(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {
+        if let Some(before) = BEFORE_SPANS.with(|stack| stack.borrow_mut().pop()) {
+            CURRENT.with(|c| c.set(before));
+        }
+    }
 }
 
 /// The event's message, then its other fields as ` name=value`.
@@ -232,6 +293,33 @@ mod tests {
         let lines = lines.lock().unwrap();
         let got: Vec<(u32, &str)> = lines.iter().map(|(l, m)| (*l, m.as_str())).collect();
         assert_eq!(got, expected);
+    }
+
+    /// A pipeline's sessions are built on several threads at once: ONNX Runtime's lines from
+    /// every one of them reach the load call's logger (one "Session successfully initialized."
+    /// per session built at load: text encoder, transformer, VAE decoder; the VAE encoder's is
+    /// made by its first use).
+    #[test]
+    fn onnx_runtime_lines_of_every_loading_thread_reach_the_load_calls_logger() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let lines: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+        let mut params = std::mem::MaybeUninit::<crate::load_params::zimage_load_params>::uninit();
+        unsafe { crate::load_params::zimage_load_params_init(params.as_mut_ptr()) };
+        let mut params = unsafe { params.assume_init() };
+        params.log_callback = Some(collect);
+        params.log_user_data = &lines as *const _ as *mut c_void;
+        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage\0");
+        let mut pipeline = std::ptr::null_mut();
+        *THRESHOLD.lock().unwrap() = Some(Level::INFO);
+        let code = unsafe { crate::pipeline::zimage_pipeline_load(package.as_ptr().cast(), &params, &mut pipeline) };
+        *THRESHOLD.lock().unwrap() = None;
+        unsafe { crate::pipeline::zimage_pipeline_free(pipeline) };
+        assert_eq!(code, crate::error::zimage_result::Ok);
+        let lines = lines.lock().unwrap();
+        let initialised = lines.iter().filter(|(_, m)| m == "onnxruntime: Session successfully initialized.").count();
+        assert_eq!(initialised, 3, "ONNX Runtime's lines of {initialised} of the 3 sessions arrived");
+        // The load-job spans are closed: nothing is left behind in the span table.
+        assert!(span_loggers(|spans| spans.is_empty()));
     }
 
     #[test]

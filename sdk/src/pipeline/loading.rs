@@ -244,6 +244,9 @@ pub(crate) fn load_edit_graphs(
     }
 }
 
+/// The target of the span each concurrent loading job runs in (see [`run_jobs`]).
+pub const LOAD_JOB_TARGET: &str = "zimage::load_job";
+
 /// Runs the four loading jobs, on threads of their own when `parallel` (the last on the
 /// calling thread), otherwise one after the other in order. Sessions are independent, and
 /// building one is mostly single-threaded work (graph optimisation, weight prepacking), so
@@ -259,10 +262,16 @@ pub(crate) fn run_jobs<A: Send, B: Send, C: Send, D>(
     if !parallel {
         return (a(), b(), c(), d());
     }
+    // One span, made on the calling thread and entered by each job's thread, so that a
+    // `tracing` subscriber that routes events by the call they belong to (libzimage sends
+    // ONNX Runtime's log lines to the log callback of the C call that caused them) sees the
+    // jobs' events as the load call's. Disabled (free) when no subscriber asks for it.
+    let span = tracing::info_span!(target: LOAD_JOB_TARGET, "load_job");
     std::thread::scope(|scope| {
-        let a = scope.spawn(a);
-        let b = scope.spawn(b);
-        let c = scope.spawn(c);
+        let (sa, sb, sc) = (span.clone(), span.clone(), span.clone());
+        let a = scope.spawn(move || sa.in_scope(a));
+        let b = scope.spawn(move || sb.in_scope(b));
+        let c = scope.spawn(move || sc.in_scope(c));
         let d = d();
         (joined(a.join()), joined(b.join()), joined(c.join()), d)
     })

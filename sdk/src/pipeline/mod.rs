@@ -64,6 +64,10 @@ use request::{GenerateRequest, Generation, HostTraffic, Progress, Prompt, Provid
 use scheduler::Schedule;
 use start::Start;
 
+/// The `tracing` target of the span concurrent loading jobs run in (a subscriber that routes
+/// events per call can follow it onto the jobs' threads).
+pub use loading::LOAD_JOB_TARGET;
+
 /// A loaded model package. `Send + Sync`: one pipeline can serve several threads (each graph
 /// call takes a per-graph lock, so concurrent generations interleave rather than run in
 /// parallel inside one graph).
