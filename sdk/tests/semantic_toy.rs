@@ -44,18 +44,19 @@ const SEEDS: [u64; 2] = [1, 2];
 /// Least shares of the pictures right on each asked attribute, set from the committed
 /// package's measurement with two pictures of margin per language (16 pictures each), so that
 /// another CPU's last-bit differences cannot flip a test on one borderline picture. Measured
-/// (docs/toy-model.md): background English 9/16, Chinese 14/16, int8 25/32; shape colour 11/16,
-/// 8/16, 18/32; position 11/16, 13/16, 23/32. Random weights: background 0/32, colour 0/32,
-/// position 8/32 (chance for a colour is 1/6 or 1/7, for a position 1/5). Size (0.50-0.53
-/// measured, chance 1/3, random 0.375) and kind are printed, not asserted: too close to chance.
-const MIN_BACKGROUND: f32 = 7.0 / 16.0;
-const MIN_SHAPE_COLOUR: f32 = 6.0 / 16.0;
-const MIN_POSITION: f32 = 9.0 / 16.0;
+/// (docs/toy-model.md): background English 14/16, Chinese 14/16, int8 28/32; shape colour 16/16,
+/// 16/16, 32/32; position 15/16, 16/16, 31/32; size 14/16, 15/16, 28/32. Random weights:
+/// background 0/32, colour 0/32, position 8/32, size 12/32. Kind (English 8/16, Chinese 11/16,
+/// chance 1/3) is printed, not asserted.
+const MIN_BACKGROUND: f32 = 12.0 / 16.0;
+const MIN_SHAPE_COLOUR: f32 = 14.0 / 16.0;
+const MIN_POSITION: f32 = 13.0 / 16.0;
+const MIN_SIZE: f32 = 12.0 / 16.0;
 /// Least rise of the green share of the drawn pixels the LoRA makes on circle prompts (the
-/// committed LoRA: 0.010 -> 0.164), and how many times the rise on square prompts it must be
-/// (measured: squares 0.014 -> 0.090, so circles rise 2.0x as much).
-const MIN_LORA_GREEN_GAIN: f32 = 0.08;
-const MIN_CIRCLE_OVER_SQUARE_GAIN: f32 = 1.5;
+/// committed LoRA: 0.008 -> 0.372), and how many times the rise on square prompts it must be
+/// (measured: squares 0.008 -> 0.087, so circles rise 4.6x as much).
+const MIN_LORA_GREEN_GAIN: f32 = 0.2;
+const MIN_CIRCLE_OVER_SQUARE_GAIN: f32 = 3.0;
 
 fn options() -> LoadOptions {
     let mut o = LoadOptions::default();
@@ -129,14 +130,16 @@ fn scores(pipeline: &Pipeline, prompts: &[&str], seeds: &[u64]) -> Scores {
     }
 }
 
-/// The committed toy paints the asked background and draws the shape in the asked colour at the
-/// asked position well above chance (docs/toy-model.md); size and kind are near chance, so they
-/// are printed with every result, not asserted. `mismatches` is the full check.
+/// The committed toy paints the asked background and draws the shape in the asked colour, at
+/// the asked position and size (docs/toy-model.md); the kind (circle, square, triangle) is only
+/// somewhat above chance, so it is printed with every result, not asserted. `mismatches` is the
+/// full check.
 fn assert_draws_what_is_asked(label: &str, s: &Scores) {
     eprintln!("{label}: {s:#?}");
     assert!(s.background >= MIN_BACKGROUND, "{label} background: {s:#?}");
     assert!(s.colour >= MIN_SHAPE_COLOUR, "{label} shape colour: {s:#?}");
     assert!(s.position >= MIN_POSITION, "{label} position: {s:#?}");
+    assert!(s.size >= MIN_SIZE, "{label} size: {s:#?}");
 }
 
 #[test]
@@ -169,6 +172,7 @@ fn random_weights_fail_the_same_measurement() {
     assert!(s.background < MIN_BACKGROUND, "{s:#?}");
     assert!(s.colour < MIN_SHAPE_COLOUR, "{s:#?}");
     assert!(s.position < MIN_POSITION, "{s:#?}");
+    assert!(s.size < MIN_SIZE, "{s:#?}");
     assert_eq!(s.wrong.len(), all.len() * SEEDS.len(), "random weights passed the full check: {s:#?}");
 }
 

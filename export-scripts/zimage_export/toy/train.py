@@ -41,14 +41,14 @@ INFERENCE_STEPS = 8
 
 @dataclass
 class Budget:
-    # Sized for ~35 minutes on one busy CPU core: steps cost ~0.28 s (VAE, batch 8), ~0.2 s
+    # Sized for ~45 minutes on one busy CPU core (35 on an idle one): steps cost ~0.28 s (VAE, batch 8), ~0.2 s
     # (decoder only), ~0.38 s (transformer, batch 48). The VAE learns the hues of the palette
     # late (brightness and blue-yellow first; measured: after 400 joint steps only 7 % of
     # shape colours are right): it gets as many steps as the transformer.
     vae_steps: int = 2000
     vae_batch: int = 8
     decoder_steps: int = 2000
-    transformer_steps: int = 2400
+    transformer_steps: int = 4800
     transformer_batch: int = 48
     # Measured on 400-step runs: peak 2e-3 reaches the loss 6e-4 reaches in twice the steps.
     transformer_lr: float = 2e-3
