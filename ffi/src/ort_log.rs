@@ -295,12 +295,12 @@ mod tests {
         assert_eq!(got, expected);
     }
 
-    /// A pipeline's sessions are built on several threads at once: ONNX Runtime's lines from
-    /// every one of them reach the load call's logger (one "Session successfully initialized."
-    /// per session built at load: text encoder, transformer, VAE decoder; the VAE encoder's is
-    /// made by its first use).
-    #[test]
-    fn onnx_runtime_lines_of_every_loading_thread_reach_the_load_calls_logger() {
+    /// Runs `load` (a load call, which frees what it loaded) with load parameters whose log
+    /// callback collects the lines, ONNX Runtime's INFO lines included; checks it succeeded and
+    /// returns the lines.
+    fn load_at_info(
+        load: impl FnOnce(&crate::load_params::zimage_load_params) -> crate::error::zimage_result,
+    ) -> Vec<(u32, String)> {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let lines: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
         let mut params = std::mem::MaybeUninit::<crate::load_params::zimage_load_params>::uninit();
@@ -308,14 +308,26 @@ mod tests {
         let mut params = unsafe { params.assume_init() };
         params.log_callback = Some(collect);
         params.log_user_data = &lines as *const _ as *mut c_void;
-        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage\0");
-        let mut pipeline = std::ptr::null_mut();
         *THRESHOLD.lock().unwrap() = Some(Level::INFO);
-        let code = unsafe { crate::pipeline::zimage_pipeline_load(package.as_ptr().cast(), &params, &mut pipeline) };
+        let code = load(&params);
         *THRESHOLD.lock().unwrap() = None;
-        unsafe { crate::pipeline::zimage_pipeline_free(pipeline) };
         assert_eq!(code, crate::error::zimage_result::Ok);
-        let lines = lines.lock().unwrap();
+        lines.into_inner().unwrap()
+    }
+
+    /// A pipeline's sessions are built on several threads at once: ONNX Runtime's lines from
+    /// every one of them reach the load call's logger (one "Session successfully initialized."
+    /// per session built at load: text encoder, transformer, VAE decoder; the VAE encoder's is
+    /// made by its first use).
+    #[test]
+    fn onnx_runtime_lines_of_every_loading_thread_reach_the_load_calls_logger() {
+        let lines = load_at_info(|params| {
+            let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage\0");
+            let mut pipeline = std::ptr::null_mut();
+            let code = unsafe { crate::pipeline::zimage_pipeline_load(package.as_ptr().cast(), params, &mut pipeline) };
+            unsafe { crate::pipeline::zimage_pipeline_free(pipeline) };
+            code
+        });
         let initialised = lines.iter().filter(|(_, m)| m == "onnxruntime: Session successfully initialized.").count();
         assert_eq!(initialised, 3, "ONNX Runtime's lines of {initialised} of the 3 sessions arrived");
         // The load-job spans are closed: nothing is left behind in the span table.
@@ -340,21 +352,13 @@ mod tests {
     /// `tracing` events, and they reach the logger of the load call as DEBUG messages.
     #[test]
     fn onnx_runtime_lines_reach_the_loading_calls_logger() {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let lines: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
-        let mut params = std::mem::MaybeUninit::<crate::load_params::zimage_load_params>::uninit();
-        unsafe { crate::load_params::zimage_load_params_init(params.as_mut_ptr()) };
-        let mut params = unsafe { params.assume_init() };
-        params.log_callback = Some(collect);
-        params.log_user_data = &lines as *const _ as *mut c_void;
-        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-qwen3-enhancer\0");
-        let mut enhancer = std::ptr::null_mut();
-        *THRESHOLD.lock().unwrap() = Some(Level::INFO);
-        let code = unsafe { crate::enhancer::zimage_enhancer_load(package.as_ptr().cast(), &params, &mut enhancer) };
-        *THRESHOLD.lock().unwrap() = None;
-        unsafe { crate::enhancer::zimage_enhancer_free(enhancer) };
-        assert_eq!(code, crate::error::zimage_result::Ok);
-        let lines = lines.lock().unwrap();
+        let lines = load_at_info(|params| {
+            let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-qwen3-enhancer\0");
+            let mut enhancer = std::ptr::null_mut();
+            let code = unsafe { crate::enhancer::zimage_enhancer_load(package.as_ptr().cast(), params, &mut enhancer) };
+            unsafe { crate::enhancer::zimage_enhancer_free(enhancer) };
+            code
+        });
         let initialised =
             (zimage_log_level::Debug as u32, "onnxruntime: Session successfully initialized.".to_string());
         assert!(lines.contains(&initialised), "no ONNX Runtime line among {lines:?}");
