@@ -21,7 +21,7 @@
 //! Only `tracing` (its core traits) is needed: no formatting layers, no filters.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -47,12 +47,12 @@ thread_local! {
 /// thread's logger to the job's thread: entering it makes that logger current there, so
 /// ONNX Runtime's lines from every session of a load reach the load call's callback.
 /// Span id -> (logger, handles to the span).
-type SpanTable = HashMap<u64, (Option<Logger>, usize)>;
-static SPAN_LOGGERS: Mutex<Option<SpanTable>> = Mutex::new(None);
+type SpanTable = BTreeMap<u64, (Option<Logger>, usize)>;
+static SPAN_LOGGERS: Mutex<SpanTable> = Mutex::new(BTreeMap::new());
 static NEXT_SPAN: AtomicU64 = AtomicU64::new(1);
 
 fn span_loggers<T>(f: impl FnOnce(&mut SpanTable) -> T) -> T {
-    f(SPAN_LOGGERS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new))
+    f(&mut SPAN_LOGGERS.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn is_load_job(metadata: &Metadata<'_>) -> bool {
