@@ -83,15 +83,17 @@ def main(argv=None) -> None:
     feats = T.caption_features(tokenizer, text_encoder, texts)
     print(f"{len(scenes)} scenes, {len(texts)} captions encoded ({time.time() - curve.start:.0f} s)", flush=True)
 
-    if args.reuse_vae and (work / "vae").exists():  # for iterating on the later phases only
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(work / "vae").eval()
-    else:
+    if not (args.reuse_vae and (work / "vae").exists()):  # --reuse-vae: for iterating on the later phases only
         vae = T.train_vae(args.seed, budget, curve)
         _check_vae(vae, scenes, work / "check-vae-joint.png")
         vae = T.finetune_decoder(vae, args.seed, budget, curve)
         vae.save_pretrained(work / "vae")
+    # The later phases always start from the saved VAE, so that a full run and a --reuse-vae run
+    # of the same VAE take the same path and give the same bytes (the in-memory trained module
+    # and its reloaded copy differed in the transformer's last bits).
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     latents = T.set_latent_normalisation(vae, T.encode_scenes(vae, scenes))
     print(f"latent shift {vae.config.shift_factor}, scale {vae.config.scaling_factor}", flush=True)
     if _check_vae(vae, scenes, work / "check-vae.png") > args.max_vae_error:
@@ -207,6 +209,24 @@ def _save_lora(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ZImagePipeline.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
                                      transformer_lora_adapter_metadata=metadata)
+    _sort_safetensors_metadata(path)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """safetensors writes its `__metadata__` keys in hash order, which changes from run to run;
+    rewrite the header with them sorted so that equal contents give equal bytes. Only the order
+    changes: the header keeps its length and the tensor data is not touched."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        raise SystemExit(f"{path}: the rewritten safetensors header is longer than the original")
+    path.write_bytes(raw[:8] + text.ljust(n, b" ") + raw[8 + n:])
 
 
 if __name__ == "__main__":
