@@ -458,11 +458,12 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
             rep_dec = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
             lm_head = quantize_tied_embedding(text_models["text_encoder"], text_models[SHARING_GRAPH], options.lm_head_bits,
                                               options.block_size, options.accuracy_level, options.quantize_embedding)
-            # The table is no longer kept in float where it was quantized.
-            rep_dec.kept.remove(TIED_TABLE)
+            # The head is quantized; the table is no longer kept in float where the lookups
+            # read the quantized one (with --keep-embedding they still read the float table).
             rep_dec.quantized.append(lm_head["tensor"])
             if options.quantize_embedding:
                 rep.kept.remove(TIED_TABLE)
+                rep_dec.kept.remove(TIED_TABLE)
                 rep.quantized.append(TIED_TABLE)
                 rep_dec.quantized.append(TIED_TABLE)
             report["text_encoder"] = rep.section()
