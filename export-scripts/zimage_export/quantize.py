@@ -456,8 +456,9 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         if enhanced:
             text_models[SHARING_GRAPH] = onnx.load(str(src / graphs[SHARING_GRAPH]["path"]))
             rep_dec = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
-            lm_head = quantize_tied_embedding(text_models["text_encoder"], text_models[SHARING_GRAPH], options.lm_head_bits,
-                                              options.block_size, options.accuracy_level, options.quantize_embedding)
+            lm_head = quantize_tied_embedding(text_models["text_encoder"], text_models[SHARING_GRAPH],
+                                              options.lm_head_bits, options.block_size, options.accuracy_level,
+                                              options.quantize_embedding)
             # The head is quantized; the table is no longer kept in float where the lookups
             # read the quantized one (with --keep-embedding they still read the float table).
             rep_dec.quantized.append(lm_head["tensor"])
