@@ -27,11 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="quantize the transformer's adaLN modulations too (kept in full precision by default)")
     parser.add_argument("--keep-embedding", action="store_true",
                         help="keep the text encoder's token embedding table in full precision")
+    parser.add_argument("--lm-head-weights", choices=sorted(WEIGHTS), default=None,
+                        help="packages with the enhancer: width of the tied embedding table / LM head (default: --weights)")
 
 
 def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
-                          accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln)
+                          accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln,
+                          lm_head_weights=args.lm_head_weights)
 
 
 def main(argv=None) -> None:

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .quantize_lm_head import TABLE as TIED_TABLE
+from .quantize_lm_head import quantize_tied_embedding
+
 WEIGHTS = {"int8": 8, "int4": 4}
 METHODS = ("rtn", "hqq")
 # ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
@@ -55,6 +58,9 @@ class QuantizeOptions:
     # MatMulNBits' accuracy_level: 4 computes in int8 on the CPU (fast); 0 lets the kernel pick
     # (the CPU then dequantizes to float: the int8 rounding of the activations is avoided).
     accuracy_level: int = ACCURACY_LEVEL
+    # Packages with the enhancer: the width of the tied token-embedding table / LM head
+    # ("int8" | "int4"; None: `weights`). See quantize_lm_head.
+    lm_head_weights: str | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -67,6 +73,12 @@ class QuantizeOptions:
             raise ValueError("hqq is a 4-bit method (ONNX Runtime's HQQ quantizer writes 4-bit weights only)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4, not {self.accuracy_level}")
+        if self.lm_head_weights is not None and self.lm_head_weights not in WEIGHTS:
+            raise ValueError(f"lm_head_weights must be one of {sorted(WEIGHTS)}, not {self.lm_head_weights!r}")
+
+    @property
+    def lm_head_bits(self) -> int:
+        return WEIGHTS[self.lm_head_weights or self.weights]
 
     @property
     def bits(self) -> int:
@@ -342,8 +354,9 @@ def _tensor_bytes(t) -> bytes:
 def save_graphs(models: dict, out_dir, data_file: str | None) -> None:
     """Writes `models` (graph name -> ModelProto with its weights loaded) as `<name>.onnx` in
     `out_dir`. With `data_file`, every initializer of at least EXTERNAL_MIN_BYTES goes to that
-    one file, written once per name even when several graphs read it (the enhancer's sharing);
-    the same name with different bytes in two graphs is an error."""
+    one file, written once per name even when several graphs read it (the enhancer's sharing),
+    and once per content (tensors of different names with the same bytes share one place); the
+    same name with different bytes in two graphs is an error."""
     from pathlib import Path
 
     import onnx
@@ -354,22 +367,31 @@ def save_graphs(models: dict, out_dir, data_file: str | None) -> None:
         for name, model in models.items():
             onnx.save(model, out_dir / f"{name}.onnx")
         return
-    places, digests = {}, {}
+    import hashlib
+
+    places, digests, by_content = {}, {}, {}
     with open(out_dir / data_file, "wb") as f:
         for model in models.values():
             for t in model.graph.initializer:
                 data = _tensor_bytes(t)
                 if len(data) < EXTERNAL_MIN_BYTES:
                     continue
+                digest = hashlib.sha256(data).digest()
                 if t.name in places:
-                    if digests[t.name] != hash(data) or places[t.name][1] != len(data):
+                    if digests[t.name] != digest:
                         raise ValueError(f"two graphs hold different tensors named {t.name}: they cannot share {data_file}")
+                elif digest in by_content:
+                    # The same bytes under another name (the quantized tied embedding, read as
+                    # MatMulNBits and as GatherBlockQuantized weights): stored once.
+                    places[t.name] = by_content[digest]
+                    digests[t.name] = digest
                 else:
                     offset = f.tell()
                     pad = (-offset) % ALIGNMENT
                     f.write(b"\0" * pad)
                     places[t.name] = (offset + pad, len(data))
-                    digests[t.name] = hash(data)
+                    digests[t.name] = digest
+                    by_content[digest] = places[t.name]
                     f.write(data)
                 offset, length = places[t.name]
                 t.ClearField("raw_data")
@@ -421,18 +443,32 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         big = sum(len(_tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
         del model
-        # Text encoder (+ the enhancer decoder sharing its weights, quantized the same way; the
-        # token embedding then stays in full precision: the decoder's tied LM head reads it).
+        # Text encoder (+ the enhancer decoder sharing its weights, its layers quantized the same
+        # way; the token-embedding table, which is also the decoder's tied LM head, is quantized
+        # once for both by quantize_lm_head: see there).
         text_options = QuantizeOptions(options.weights, options.block_size, options.method,
                                        options.quantize_embedding and not enhanced, options.accuracy_level)
 
         text_models = {"text_encoder": onnx.load(str(src / graphs["text_encoder"]["path"]))}
         rep = quantize_model(text_models["text_encoder"], text_options, token_embedding=True)
         report["text_encoder"] = rep.section()
+        lm_head = None
         if enhanced:
             text_models[SHARING_GRAPH] = onnx.load(str(src / graphs[SHARING_GRAPH]["path"]))
-            rep = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
-            report[SHARING_GRAPH] = rep.section()
+            rep_dec = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
+            lm_head = quantize_tied_embedding(text_models["text_encoder"], text_models[SHARING_GRAPH],
+                                              options.lm_head_bits, options.block_size, options.accuracy_level,
+                                              options.quantize_embedding)
+            # The head is quantized; the table is no longer kept in float where the lookups
+            # read the quantized one (with --keep-embedding they still read the float table).
+            rep_dec.quantized.append(lm_head["tensor"])
+            if options.quantize_embedding:
+                rep.kept.remove(TIED_TABLE)
+                rep_dec.kept.remove(TIED_TABLE)
+                rep.quantized.append(TIED_TABLE)
+                rep_dec.quantized.append(TIED_TABLE)
+            report["text_encoder"] = rep.section()
+            report[SHARING_GRAPH] = rep_dec.section()
             data_file = graphs["text_encoder"]["external_data"]["path"]
         else:
             big = sum(len(_tensor_bytes(t)) for t in text_models["text_encoder"].graph.initializer) > threshold
@@ -461,6 +497,8 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
             entry["external_data"] = file_entry(out / data_file)
         graphs[name] = entry
     manifest["quantization"] = {**options.section(), "graphs": report}
+    if lm_head is not None:
+        manifest["quantization"]["lm_head"] = lm_head
     # The LoRA table points at float weights that are now quantized: LoRAs cannot be merged into
     # MatMulNBits weights by adding deltas, so a quantized package carries no table (the SDK
     # refuses LoRAs on it with ErrorKind::Unsupported).

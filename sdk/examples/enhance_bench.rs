@@ -1,6 +1,10 @@
 //! Prompt-enhancer throughput and memory on CPU.
 //!
-//!     cargo run --release -p zimage --example enhance_bench -- PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT]
+//!     cargo run --release -p zimage --example enhance_bench -- PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT] [--pipeline]
+//!
+//! `--pipeline` loads the whole pipeline first (text encoder, transformer, VAE), encodes the
+//! prompt once with the text encoder, then attaches the enhancer (which shares the text
+//! encoder's weights file): the memory of a Z-Image package's text graphs together.
 //!
 //! PACKAGE is a Z-Image package with an enhancer or a standalone enhancer package. Greedy
 //! decoding with the end token ignored is not possible through the API, so use a model that
@@ -10,7 +14,7 @@
 
 use std::time::Instant;
 
-use zimage::{EnhanceOptions, LoadOptions, PromptEnhancer};
+use zimage::{EnhanceOptions, LoadOptions, Pipeline, PromptEnhancer};
 
 fn memory_mib() -> String {
     let field = |file: &str, key: &str| -> Option<f64> {
@@ -27,7 +31,7 @@ fn memory_mib() -> String {
 fn main() -> zimage::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut package = None;
-    let (mut tokens, mut threads, mut runs) = (64usize, None, 3usize);
+    let (mut tokens, mut threads, mut runs, mut with_pipeline) = (64usize, None, 3usize, false);
     let mut prompt = "A cat holding a sign that says hello world, studio lighting".to_string();
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("option value");
@@ -36,17 +40,33 @@ fn main() -> zimage::Result<()> {
             "--threads" => threads = Some(value().parse().expect("--threads N")),
             "--runs" => runs = value().parse().expect("--runs N"),
             "--prompt" => prompt = value(),
+            "--pipeline" => with_pipeline = true,
             _ => package = Some(a),
         }
     }
     let package = package.expect("usage: enhance_bench PACKAGE [--tokens N] [--threads N] [--runs N] [--prompt TEXT]");
     println!("before load: {}", memory_mib());
-    let start = Instant::now();
-    let enhancer = PromptEnhancer::load(&package, &{
+    let load_options = {
         let mut o = LoadOptions::default();
         o.threads = threads;
         o
-    })?;
+    };
+    let pipeline = if with_pipeline {
+        let start = Instant::now();
+        let pipeline = Pipeline::load(&package, &load_options)?;
+        println!("pipeline loaded in {:.2} s: {}", start.elapsed().as_secs_f64(), memory_mib());
+        let start = Instant::now();
+        pipeline.encode_prompt(&prompt, None)?;
+        println!("prompt encoded in {:.3} s: {}", start.elapsed().as_secs_f64(), memory_mib());
+        Some(pipeline)
+    } else {
+        None
+    };
+    let start = Instant::now();
+    let enhancer = match &pipeline {
+        Some(p) => p.attach_enhancer(&load_options)?,
+        None => PromptEnhancer::load(&package, &load_options)?,
+    };
     let info = enhancer.info();
     println!(
         "loaded {package} in {:.2} s (hidden {}, {} layers, {} KV heads x {}): {}",

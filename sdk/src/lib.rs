@@ -61,7 +61,7 @@ pub use model::siglip_processor::{siglip_inputs, SiglipInputs};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 pub use package::generation_defaults::{GenerationDefaults, Variant};
 pub use package::graph::GraphKind;
-pub use package::quantization::{QuantizationInfo, WeightQuantization};
+pub use package::quantization::{QuantizationInfo, QuantizedLmHead, WeightQuantization};
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
 pub use pipeline::control::{ControlCondition, ControlInpaint};

@@ -72,10 +72,25 @@ impl PromptEnhancer {
         options: &LoadOptions,
         registry: Arc<Registry>,
     ) -> Result<PromptEnhancer> {
-        let (tokenizer_path, graph, info) = read_package(dir, options.verify_checksums)?;
+        let (tokenizer_path, graph, info, weights) = read_package(dir, options.verify_checksums)?;
         let rt = runtime(options.runtime_library.as_deref())?;
-        // Mapped, not copied: in a Z-Image package the text encoder reads the same file.
-        let settings = SessionSettings { shares_weights: true, ..options.session_settings() };
+        // Float weights: mapped, not copied (in a Z-Image package the text encoder reads the
+        // same file), so no prepacking. Quantized ones: prepacked, or MatMulNBits dequantizes
+        // every weight on every one-token call (docs/quantization.md, "The enhancer").
+        let prepack = match weights {
+            DecoderWeights::Float => false,
+            DecoderWeights::Quantized { lm_head: true } => true,
+            DecoderWeights::Quantized { lm_head: false } => {
+                tracing::warn!(
+                    package = %dir.display(),
+                    "this quantized package's enhancer has a float LM head over the shared embedding table \
+                     (made before quantized LM heads): it decodes without prepacked weights, several times slower; \
+                     re-quantize its float package with export-scripts/quantize_package.py"
+                );
+                false
+            }
+        };
+        let settings = SessionSettings { shares_weights: !prepack, ..options.session_settings() };
         let path = resolve(dir, &graph.path);
         // TensorRT would rebuild engines as the cache grows (every step has a new past length),
         // so a TensorRT device runs the decoder with CUDA instead.
@@ -277,19 +292,33 @@ impl PromptEnhancer {
     }
 }
 
-/// Tokenizer path, decoder graph entry and enhancer section of a package of either kind, the
-/// decoder's interface checked.
-fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo)> {
+/// What the decoder's weights are, for choosing its session settings.
+enum DecoderWeights {
+    Float,
+    /// `lm_head`: the package has the quantized LM head (`quantization.lm_head`), so the
+    /// decoder's sessions can prepack without copying the float embedding table.
+    Quantized {
+        lm_head: bool,
+    },
+}
+
+/// Tokenizer path, decoder graph entry, enhancer section and weights of a package of either
+/// kind, the decoder's interface checked.
+fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo, DecoderWeights)> {
     let path = dir.join("manifest.json");
     let text = read_manifest_json(dir, "not a zimage model or enhancer package")?;
     let format: Option<String> = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
-    let (tokenizer, graph, info) = match format.as_deref() {
+    let (tokenizer, graph, info, weights) = match format.as_deref() {
         Some(FORMAT_NAME) => {
             let m = Manifest::load(dir, verify_all)?;
+            let weights = match &m.quantization {
+                None => DecoderWeights::Float,
+                Some(q) => DecoderWeights::Quantized { lm_head: q.text_graphs_prepack(true) },
+            };
             match (m.enhancer, m.graphs.text_decoder) {
-                (Some(info), Some(graph)) => (resolve(dir, &m.tokenizer.path), graph, info),
+                (Some(info), Some(graph)) => (resolve(dir, &m.tokenizer.path), graph, info, weights),
                 _ => {
                     return Err(Error::package(
                         dir,
@@ -300,7 +329,7 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
         }
         Some(ENHANCER_FORMAT_NAME) => {
             let m = EnhancerManifest::load(dir, verify_all)?;
-            (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer)
+            (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer, DecoderWeights::Float)
         }
         other => {
             return Err(Error::package(
@@ -310,5 +339,5 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
         }
     };
     kv_decoder::check_interface(&info, &graph).map_err(|m| Error::package(&path, m))?;
-    Ok((tokenizer, graph, info))
+    Ok((tokenizer, graph, info, weights))
 }

@@ -48,6 +48,28 @@ pub struct QuantizedGraph {
     pub kept: Vec<String>,
 }
 
+/// The enhancer decoder's quantized LM head (`quantization.lm_head`): Qwen3 ties its LM head
+/// to the token-embedding table, which a quantized package with the enhancer stores once,
+/// block-quantized, read by the decoder's `MatMulNBits` head and (unless `embedding` is
+/// `float`) by the token-embedding `GatherBlockQuantized` of both text graphs. Absent in
+/// quantized packages made before it (their decoder's head is a float `Gemm` over the table).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct QuantizedLmHead {
+    /// The `MatMulNBits` weight's initializer name.
+    pub tensor: String,
+    /// The float table it was quantized from (`embed_tokens.weight`).
+    #[serde(default)]
+    pub tied_to: String,
+    pub bits: u32,
+    pub block_size: u32,
+    #[serde(default)]
+    pub method: String,
+    /// `quantized`: the token embeddings read the same quantized bytes; `float`: they read the
+    /// float table (`--keep-embedding`).
+    #[serde(default)]
+    pub embedding: String,
+}
+
 /// `manifest.json`'s `quantization` section.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct QuantizationInfo {
@@ -68,6 +90,9 @@ pub struct QuantizationInfo {
     /// By graph name (`transformer`, `text_encoder`, `text_decoder`).
     #[serde(default)]
     pub graphs: BTreeMap<String, QuantizedGraph>,
+    /// Packages with the enhancer: its decoder's quantized LM head.
+    #[serde(default)]
+    pub lm_head: Option<QuantizedLmHead>,
 }
 
 impl QuantizationInfo {
@@ -78,7 +103,29 @@ impl QuantizationInfo {
         if !(16..=256).contains(&self.block_size) || !self.block_size.is_power_of_two() {
             return Err(format!("quantization.block_size {} is not a power of two in 16..=256", self.block_size));
         }
+        if let Some(head) = &self.lm_head {
+            if head.bits != 4 && head.bits != 8 {
+                return Err(format!("quantization.lm_head.bits {} is neither 4 nor 8", head.bits));
+            }
+            if !(16..=256).contains(&head.block_size) || !head.block_size.is_power_of_two() {
+                return Err(format!(
+                    "quantization.lm_head.block_size {} is not a power of two in 16..=256",
+                    head.block_size
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the text encoder and the enhancer's decoder of a package with `has_decoder`
+    /// may prepack their weights. Quantized text graphs must (unpacked, ONNX Runtime's CPU
+    /// `MatMulNBits` dequantizes every weight on every call: an int4 decoder ran 5.7x slower
+    /// than fp32). But in a package with the enhancer made before the quantized LM head, the
+    /// decoder's head is a float `Gemm` over the shared embedding table, and prepacking would
+    /// copy that whole table into each session: those packages keep sharing the mapped file
+    /// unpacked (slow; re-quantize them with export-scripts/quantize_package.py).
+    pub fn text_graphs_prepack(&self, has_decoder: bool) -> bool {
+        !has_decoder || self.lm_head.is_some()
     }
 
     /// One line for people and image metadata: `int8 rtn, block 32`.
@@ -96,6 +143,24 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_lm_head_of_an_enhanced_package() {
+        let q = parse(
+            r#"{"weights": "int4", "bits": 4, "block_size": 32, "method": "rtn",
+                "lm_head": {"tensor": "lm_head.weight_Q4", "tied_to": "embed_tokens.weight", "bits": 4,
+                            "block_size": 32, "method": "rtn", "embedding": "quantized",
+                            "embedding_tensor": "embed_tokens.weight_Q4", "gathers_quantized": 2}}"#,
+        );
+        let head = q.lm_head.as_ref().unwrap();
+        assert_eq!((head.tensor.as_str(), head.bits, head.block_size), ("lm_head.weight_Q4", 4, 32));
+        assert_eq!(head.embedding, "quantized");
+        assert_eq!(q.check(), Ok(()));
+        assert!(q.text_graphs_prepack(true));
+        let mut odd = q.clone();
+        odd.lm_head.as_mut().unwrap().bits = 3;
+        assert!(odd.check().unwrap_err().contains("lm_head.bits 3"));
+    }
+
+    #[test]
     fn parses_and_checks_a_section() {
         let q = parse(
             r#"{"weights": "int4", "bits": 4, "block_size": 32, "method": "rtn", "symmetric": false,
@@ -110,8 +175,14 @@ mod tests {
         assert!(wrong_bits.check().unwrap_err().contains("does not match"));
         let odd_block = QuantizationInfo { block_size: 48, ..q.clone() };
         assert!(odd_block.check().unwrap_err().contains("block_size 48"));
-        let huge_block = QuantizationInfo { block_size: 512, ..q };
+        let huge_block = QuantizationInfo { block_size: 512, ..q.clone() };
         assert!(huge_block.check().is_err());
+        assert!(q.lm_head.is_none());
+        assert!(q.text_graphs_prepack(false));
+        assert!(
+            !q.text_graphs_prepack(true),
+            "an enhanced package without a quantized LM head shares its file unpacked"
+        );
         assert!(serde_json::from_str::<QuantizationInfo>(
             r#"{"weights": "int3", "bits": 3, "block_size": 32, "method": "rtn"}"#
         )

@@ -130,13 +130,18 @@ impl GraphLoader<'_> {
     fn settings(&self, kind: GraphKind) -> SessionSettings {
         let base = self.options.session_settings();
         match kind {
-            // With an enhancer decoder in the package, the text encoder shares its weights file.
-            // A float one runs once per generation: its weights are not worth packing at load.
-            GraphKind::TextEncoder => SessionSettings {
-                shares_weights: self.manifest.graphs.text_decoder.is_some(),
-                skip_prepacking: self.manifest.quantization.is_none(),
-                ..base
-            },
+            // A float text encoder runs once per generation: its weights are not worth packing
+            // at load, and with an enhancer decoder in the package it shares the mapped
+            // weights file with it. A quantized one prepacks (MatMulNBits needs it), except in
+            // an enhanced package made before the quantized LM head
+            // (`QuantizationInfo::text_graphs_prepack`).
+            GraphKind::TextEncoder => {
+                let has_decoder = self.manifest.graphs.text_decoder.is_some();
+                match &self.manifest.quantization {
+                    None => SessionSettings { shares_weights: has_decoder, skip_prepacking: true, ..base },
+                    Some(q) => SessionSettings { shares_weights: !q.text_graphs_prepack(has_decoder), ..base },
+                }
+            }
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
