@@ -46,7 +46,6 @@ const SCALE: f32 = 1.0;
 /// the centre: position 8/40 (the centre maps), colour 40/40, in both languages.
 const MIN_POSITION: usize = 36;
 const MIN_COLOUR: usize = 33;
-const PICTURES: usize = 40;
 
 fn pipeline() -> &'static Pipeline {
     static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
@@ -151,13 +150,14 @@ fn placement(prompts: &[&str], scale: f32) -> Placement {
 fn assert_placed_by_the_map(label: &str, prompts: &[&str]) {
     let with = placement(prompts, SCALE);
     let without = placement(prompts, 0.0);
+    let pictures = prompts.len() * POSITIONS.len() * SEEDS.len();
     eprintln!("{label}, scale {SCALE}: {with:#?}\n{label}, scale 0: {without:#?}");
     assert!(
         with.position >= MIN_POSITION,
-        "{label}: shape where the map says in {}/{PICTURES}: {with:#?}",
+        "{label}: shape where the map says in {}/{pictures}: {with:#?}",
         with.position
     );
-    assert!(with.colour >= MIN_COLOUR, "{label}: the prompt's colour in {}/{PICTURES}: {with:#?}", with.colour);
+    assert!(with.colour >= MIN_COLOUR, "{label}: the prompt's colour in {}/{pictures}: {with:#?}", with.colour);
     // Without the hints the position comes from the caption alone (the centre): far below.
     assert!(without.position < MIN_POSITION, "{label}: scale 0 reaches the map's positions: {without:#?}");
     assert!(without.centre > with.centre, "{label}: the ControlNet did not move shapes out of the centre");
