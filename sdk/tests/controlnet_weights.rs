@@ -142,10 +142,10 @@ fn check_package(package: &Path) -> usize {
 
 #[test]
 fn controlnet_shares_every_transformer_weight_by_reference() {
-    let checked: usize = ["tiny-zimage-control", "tiny-zimage-alt-control"]
+    let checked: usize = ["tiny-zimage-control", "tiny-zimage-alt-control", "toy-zimage-control"]
         .iter()
         .map(|p| check_package(&repo().join("models").join(p)))
         .sum();
-    // union-v1 (1.0), union-v2.1 (2.1), union-v2.0 (2.0)
-    assert_eq!(checked, 3);
+    // union-v1 (1.0), union-v2.1 (2.1), union-v2.0 (2.0), the trained toy's edges (2.1)
+    assert_eq!(checked, 4);
 }

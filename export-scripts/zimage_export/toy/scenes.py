@@ -10,7 +10,7 @@ table and the geometry there in step with this file.
 
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -108,3 +108,11 @@ def render(scene: Scene, supersample: int = 4, jitter: tuple[float, float, float
 def random_scene(rng: random.Random) -> Scene:
     colour, background = rng.sample(list(COLOURS), 2)
     return Scene(rng.choice(list(SHAPES)), colour, background, rng.choice(list(POSITIONS)), rng.choice(list(SIZES)))
+
+
+def unplaced_captions(scene: Scene) -> list[str]:
+    """The scene's captions without a position word (English and Chinese), for the toy
+    ControlNet, whose edge map gives the position: the captions of the same scene centred, less
+    those that say "in the centre" / 中间. The size stays named where it is not medium."""
+    centred = captions(replace(scene, position="centre"))
+    return [c for c in centred if ENGLISH_POSITION["centre"] not in c and POSITIONS["centre"][1] not in c]
