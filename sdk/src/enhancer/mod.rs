@@ -33,6 +33,7 @@ use crate::package::enhancer::{EnhancerInfo, EnhancerManifest, ENHANCER_FORMAT_N
 use crate::package::files::resolve;
 use crate::package::format::{read_manifest_json, FORMAT_NAME};
 use crate::package::graph::{GraphEntry, GraphKind};
+use crate::package::quantization::QuantizationInfo;
 use crate::package::Manifest;
 use crate::runtime::device::Device;
 use crate::runtime::graph::Graph;
@@ -72,15 +73,15 @@ impl PromptEnhancer {
         options: &LoadOptions,
         registry: Arc<Registry>,
     ) -> Result<PromptEnhancer> {
-        let (tokenizer_path, graph, info, weights) = read_package(dir, options.verify_checksums)?;
+        let (tokenizer_path, graph, info, quantization) = read_package(dir, options.verify_checksums)?;
         let rt = runtime(options.runtime_library.as_deref())?;
         // Float weights: mapped, not copied (in a Z-Image package the text encoder reads the
         // same file), so no prepacking. Quantized ones: prepacked, or MatMulNBits dequantizes
         // every weight on every one-token call (docs/quantization.md, "The enhancer").
-        let prepack = match weights {
-            DecoderWeights::Float => false,
-            DecoderWeights::Quantized { lm_head: true } => true,
-            DecoderWeights::Quantized { lm_head: false } => {
+        let prepack = match &quantization {
+            None => false,
+            Some(q) if q.text_graphs_prepack(true) => true,
+            Some(_) => {
                 tracing::warn!(
                     package = %dir.display(),
                     "this quantized package's enhancer has a float LM head over the shared embedding table \
@@ -292,33 +293,19 @@ impl PromptEnhancer {
     }
 }
 
-/// What the decoder's weights are, for choosing its session settings.
-enum DecoderWeights {
-    Float,
-    /// `lm_head`: the package has the quantized LM head (`quantization.lm_head`), so the
-    /// decoder's sessions can prepack without copying the float embedding table.
-    Quantized {
-        lm_head: bool,
-    },
-}
-
-/// Tokenizer path, decoder graph entry, enhancer section and weights of a package of either
-/// kind, the decoder's interface checked.
-fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo, DecoderWeights)> {
+/// Tokenizer path, decoder graph entry, enhancer section and quantization section (standalone
+/// enhancer packages are float) of a package of either kind, the decoder's interface checked.
+fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo, Option<QuantizationInfo>)> {
     let path = dir.join("manifest.json");
     let text = read_manifest_json(dir, "not a zimage model or enhancer package")?;
     let format: Option<String> = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
-    let (tokenizer, graph, info, weights) = match format.as_deref() {
+    let (tokenizer, graph, info, quantization) = match format.as_deref() {
         Some(FORMAT_NAME) => {
             let m = Manifest::load(dir, verify_all)?;
-            let weights = match &m.quantization {
-                None => DecoderWeights::Float,
-                Some(q) => DecoderWeights::Quantized { lm_head: q.text_graphs_prepack(true) },
-            };
             match (m.enhancer, m.graphs.text_decoder) {
-                (Some(info), Some(graph)) => (resolve(dir, &m.tokenizer.path), graph, info, weights),
+                (Some(info), Some(graph)) => (resolve(dir, &m.tokenizer.path), graph, info, m.quantization),
                 _ => {
                     return Err(Error::package(
                         dir,
@@ -329,7 +316,7 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
         }
         Some(ENHANCER_FORMAT_NAME) => {
             let m = EnhancerManifest::load(dir, verify_all)?;
-            (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer, DecoderWeights::Float)
+            (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer, None)
         }
         other => {
             return Err(Error::package(
@@ -339,5 +326,5 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
         }
     };
     kv_decoder::check_interface(&info, &graph).map_err(|m| Error::package(&path, m))?;
-    Ok((tokenizer, graph, info, weights))
+    Ok((tokenizer, graph, info, quantization))
 }
