@@ -59,6 +59,7 @@ pub use load_options::LoadOptions;
 pub use lora::{LoraAdapter, LoraSetting};
 pub use model::siglip_processor::{siglip_inputs, SiglipInputs};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
+pub use model::vae_tiling::VaeTiling;
 pub use package::generation_defaults::{GenerationDefaults, Variant};
 pub use package::graph::GraphKind;
 pub use package::quantization::{QuantizationInfo, QuantizedLmHead, WeightQuantization};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
-use zimage::{ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, Pipeline, Prompt};
+use zimage::{ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, Pipeline};
 
 fn cases() -> Value {
     json(&golden("controlnet/cases.json"))
@@ -26,18 +26,7 @@ fn load(package: &Path) -> Pipeline {
 }
 
 fn request_from(case: &Value) -> GenerateRequest {
-    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
-    r.negative_prompt = case["negative_prompt"].as_str().map(|s| Prompt::Text(s.to_string()));
-    r.width = case["width"].as_u64().unwrap() as u32;
-    r.height = case["height"].as_u64().unwrap() as u32;
-    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
-    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
-    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap() as f32;
-    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap() as f32;
-    r.seed = Some(case["seed"].as_u64().unwrap());
-    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
-    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
-    r.return_latents = true;
+    let mut r = golden_request(case);
     let mut control = ControlCondition::new(png_rgb(&file(&case["control_image_file"])));
     control.conditioning_scale = case["controlnet_conditioning_scale"].as_f64().unwrap() as f32;
     if let Some(init) = case.get("init_image_file") {

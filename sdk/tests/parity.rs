@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
-use zimage::{GenerateRequest, InitImage, Prompt};
+use zimage::InitImage;
 
 const PACKAGES: [&str; 2] = ["tiny-zimage", "tiny-zimage-alt"];
 
@@ -76,22 +76,6 @@ fn transformer_forward_matches_with_unequal_captions() {
     }
 }
 
-fn request_from(case: &Value) -> GenerateRequest {
-    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
-    r.negative_prompt = case["negative_prompt"].as_str().map(|s| Prompt::Text(s.to_string()));
-    r.width = case["width"].as_u64().unwrap() as u32;
-    r.height = case["height"].as_u64().unwrap() as u32;
-    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
-    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
-    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
-    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32;
-    r.seed = Some(case["seed"].as_u64().unwrap());
-    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
-    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
-    r.return_latents = true;
-    r
-}
-
 /// Runs every case of one kind and checks final latents (max abs <= 1e-4) and images
 /// (max 1 level) on CPU; wider bounds on a GPU (`tolerances`).
 fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
@@ -100,7 +84,7 @@ fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
     let Some(list) = all[kind].as_array() else { return 0 };
     for case in list {
         let name = case["name"].as_str().unwrap();
-        let mut request = request_from(case);
+        let mut request = golden_request(case);
         if with_init {
             request.init_image = Some(InitImage {
                 image: png_rgb(&file(package, &case["init_image_file"])),

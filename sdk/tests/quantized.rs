@@ -16,8 +16,8 @@ use common::*;
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
 use zimage::{
-    image_parameters, ErrorKind, GenerateRequest, InputNames, LoadOptions, LoraAdapter, LoraSetting, Manifest,
-    Pipeline, WeightQuantization,
+    image_parameters, ErrorKind, InputNames, LoadOptions, LoraAdapter, LoraSetting, Manifest, Pipeline,
+    WeightQuantization,
 };
 
 /// Bounds against the fp32 goldens, about 1.3-1.4x the measured distances (CPU, 2026-11-30;
@@ -160,22 +160,6 @@ fn text_features_stay_near_fp32() {
     }
 }
 
-fn request_from(case: &Value) -> GenerateRequest {
-    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
-    r.negative_prompt = case["negative_prompt"].as_str().map(|s| zimage::Prompt::Text(s.to_string()));
-    r.width = case["width"].as_u64().unwrap() as u32;
-    r.height = case["height"].as_u64().unwrap() as u32;
-    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
-    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
-    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
-    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32;
-    r.seed = Some(case["seed"].as_u64().unwrap());
-    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
-    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
-    r.return_latents = true;
-    r
-}
-
 #[test]
 fn generations_are_deterministic_and_near_fp32() {
     let all = cases();
@@ -186,7 +170,7 @@ fn generations_are_deterministic_and_near_fp32() {
             all["text_to_image"].as_array().unwrap().iter().filter(|c| chosen.contains(&c["name"].as_str().unwrap()))
         {
             let name = case["name"].as_str().unwrap();
-            let request = request_from(case);
+            let request = golden_request(case);
             let first = pipeline.generate(&request, None).unwrap();
             let again = pipeline.generate(&request, None).unwrap();
             let got = first.latents.as_ref().unwrap();
@@ -222,7 +206,7 @@ fn generations_are_deterministic_and_near_fp32() {
     }
     // The float package records no quantization.
     let fp32 = pipeline("tiny-zimage");
-    let request = request_from(&all["text_to_image"][0]);
+    let request = golden_request(&all["text_to_image"][0]);
     let generation = fp32.generate(&request, None).unwrap();
     assert_eq!(generation.quantization, None);
     let params = image_parameters(&request, &generation, 0, fp32.package_dir(), &[], &InputNames::default());

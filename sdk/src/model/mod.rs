@@ -4,6 +4,7 @@
 //! - [`text_encoder`]: prompt -> token ids -> caption features (Qwen3);
 //! - [`transformer`]: one denoising prediction (the DiT);
 //! - [`vae`]: latents -> pixels and pixels -> latent distribution;
+//! - [`vae_tiling`]: the decoder run over overlapping tiles of the latents, blended;
 //! - [`siglip_processor`]: reference picture -> SigLIP2 patches (transformers' processor);
 //! - [`vision`]: SigLIP2 patches -> vision tokens (editing);
 //! - [`omni`]: the transformer in Omni mode: packing of captions, reference latents and
@@ -18,6 +19,7 @@ pub(crate) mod step;
 pub(crate) mod text_encoder;
 pub(crate) mod transformer;
 pub(crate) mod vae;
+pub mod vae_tiling;
 pub(crate) mod vision;
 
 use crate::package::graph::GraphKind;

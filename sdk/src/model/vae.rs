@@ -4,6 +4,7 @@
 use ndarray::{s, Array4, ArrayD, Ix4};
 use ort::value::TensorRef;
 
+use super::vae_tiling::TileGeometry;
 use crate::error::{Error, Result};
 use crate::package::VaeInfo;
 use crate::runtime::graph::Graph;
@@ -22,22 +23,33 @@ pub(crate) const ENCODER_OUTPUTS: &[(&str, &str)] = &[(MEAN, "float32"), (LOGVAR
 
 pub(crate) struct Vae {
     pub info: VaeInfo,
+    /// Decode in tiles (`LoadOptions::vae_tiling`, checked against `info` at load).
+    pub tiling: Option<TileGeometry>,
 }
 
 impl Vae {
-    /// Decodes each image of the batch on its own (bounded memory at large sizes) into
-    /// `[1, 3, H, W]` decoder outputs.
+    /// Whether latents of this height and width are decoded in tiles.
+    pub fn tiles(&self, height: usize, width: usize) -> bool {
+        self.tiling.is_some_and(|t| t.applies(height, width))
+    }
+
+    /// Decodes each image of the batch on its own (bounded memory at large sizes), in tiles when
+    /// [`Vae::tiles`], into `[1, 3, H, W]` decoder outputs.
     pub fn decode(&self, decoder: &Graph, latents: &Array4<f32>, context: &RunContext) -> Result<Vec<Array4<f32>>> {
         let scaling = self.info.scaling_factor as f32;
         let shift = self.info.shift_factor as f32;
+        let run = |z: ndarray::ArrayView4<f32>| -> Result<Array4<f32>> {
+            let inputs =
+                vec![(LATENTS.into(), TensorRef::from_array_view(z).map_err(|e| Error::ort("vae_decoder", e))?.into())];
+            to4(decoder, decoder.run(inputs, &[IMAGE], context, false)?.remove(0))
+        };
         let mut images = Vec::with_capacity(latents.shape()[0]);
         for b in 0..latents.shape()[0] {
             let z = latents.slice(s![b..b + 1, .., .., ..]).mapv(|v| v / scaling + shift);
-            let inputs = vec![(
-                LATENTS.into(),
-                TensorRef::from_array_view(&z).map_err(|e| Error::ort("vae_decoder", e))?.into(),
-            )];
-            let out = to4(decoder, decoder.run(inputs, &[IMAGE], context, false)?.remove(0))?;
+            let out = match self.tiling.filter(|t| t.applies(z.shape()[2], z.shape()[3])) {
+                Some(tiling) => tiling.decode(z.view(), |tile| run(tile.as_standard_layout().view()))?,
+                None => run(z.view())?,
+            };
             if out.shape()[1] != 3 {
                 return Err(decoder.failed(format!("output shape {:?}", out.shape())));
             }

@@ -250,6 +250,7 @@ impl Pipeline {
             guidance: plan.guidance,
         };
         let images = self.decode(&latents, &plan_for_decode, &context)?;
+        let vae_tiling = self.tiling_used(&latents);
         let prompt_segment = images_segment_tokens(&positive, images_count(request));
         let negative_segment = negative.as_ref().map(|n| images_segment_tokens(n, images_count(request)));
         Ok(Generation {
@@ -260,6 +261,7 @@ impl Pipeline {
             negative_prompt_tokens: negative_segment,
             enhanced_prompt: None,
             quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
+            vae_tiling,
             timings: Timings {
                 tokenize: Duration::ZERO,
                 text_encode: text_time,

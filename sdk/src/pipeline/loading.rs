@@ -9,6 +9,7 @@ use ort::value::Tensor;
 use crate::error::{Error, Result};
 use crate::load_options::LoadOptions;
 use crate::lora::{self, LoraSetting, MergedData, MergedWeight, Targets};
+use crate::model::vae_tiling::TileGeometry;
 use crate::package::files::resolve;
 use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::Manifest;
@@ -163,6 +164,18 @@ pub(crate) fn vae_decoder_kind(manifest: &Manifest, device: Device, winograd_vae
         )),
         _ => Ok(GraphKind::VaeDecoder),
     }
+}
+
+/// `LoadOptions::vae_tiling` checked against the package's VAE and the device it decodes on.
+pub(crate) fn vae_tiling(manifest: &Manifest, options: &LoadOptions) -> Result<Option<TileGeometry>> {
+    let Some(tiling) = options.vae_tiling else { return Ok(None) };
+    if matches!(options.device, Device::TensorRt { .. }) {
+        return Err(Error::invalid(
+            "vae_tiling: a TensorRT engine serves the image sizes of its profile, not the tiles' (edge tiles are \
+             smaller): decode on cuda (--device cuda --transformer-device tensorrt) or leave tiling off",
+        ));
+    }
+    tiling.geometry(manifest.vae.scale_factor).map(Some)
 }
 
 /// ONNX Runtime's CPU provider lacks kernels some precisions need: say so before it fails on

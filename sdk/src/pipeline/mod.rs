@@ -48,6 +48,7 @@ use crate::model::step::StepKind;
 use crate::model::text_encoder::{PromptEmbedding, TextEncoder, TokenizedPrompt};
 use crate::model::transformer::{self, CaptionBatch};
 use crate::model::vae::Vae;
+use crate::model::vae_tiling::VaeTiling;
 use crate::package::controlnet::ControlNetInfo;
 use crate::package::graph::GraphKind;
 use crate::package::Manifest;
@@ -124,6 +125,7 @@ impl Pipeline {
             None => None,
         };
         loading::check_precision_runs_on(&manifest, options)?;
+        let vae_tiling = loading::vae_tiling(&manifest, options)?;
         let rt = runtime(options.runtime_library.as_deref())?;
         let uses_tensorrt = [Some(options.device), options.transformer_device]
             .iter()
@@ -160,7 +162,7 @@ impl Pipeline {
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
-            vae: Vae { info: manifest.vae.clone() },
+            vae: Vae { info: manifest.vae.clone(), tiling: vae_tiling },
             transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone(), controlnet }),
             vae_decoder,
             vae_encoder,
@@ -433,6 +435,7 @@ impl Pipeline {
         )?;
         let decode_start = Instant::now();
         let images = self.decode(&latents, &plan, &context)?;
+        let vae_tiling = self.tiling_used(&latents);
         let timings = Timings {
             tokenize: prompts.tokenize_time,
             text_encode: prompts.encode_time,
@@ -451,6 +454,7 @@ impl Pipeline {
             enhanced_prompt: None,
             timings,
             quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
+            vae_tiling,
         })
     }
 
@@ -537,6 +541,11 @@ impl Pipeline {
         };
         denoiser.run(&mut latents, context, step_times, &mut on_step, &mut after_step)?;
         Ok((latents, None))
+    }
+
+    /// The tiling the decode of these latents used, if it was tiled.
+    fn tiling_used(&self, latents: &Array4<f32>) -> Option<VaeTiling> {
+        self.options.vae_tiling.filter(|_| self.vae.tiles(latents.shape()[2], latents.shape()[3]))
     }
 
     /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like

@@ -18,7 +18,7 @@ pub struct InputNames {
 /// The parameters of image `index` of `generation`, made from `request` with the package in
 /// `model`: prompt (the rewritten one when enhanced, then the original), negative prompt, seed,
 /// steps, size, guidance and CFG settings, batch size and index, model, software, and where set
-/// the package's quantization, the sequence length, the LoRA adapters merged into the transformer (`loras`, see
+/// the package's quantization, the VAE tiling, the sequence length, the LoRA adapters merged into the transformer (`loras`, see
 /// [`lora_records`]) and the input pictures with their strength.
 pub fn image_parameters(
     request: &GenerateRequest,
@@ -50,6 +50,9 @@ pub fn image_parameters(
     ];
     if let Some(q) = &generation.quantization {
         text.push(("quantization", q.clone()));
+    }
+    if let Some(t) = &generation.vae_tiling {
+        text.push(("vae_tiling", format!("tile {}, overlap {}", t.tile_size, t.overlap)));
     }
     if generation.enhanced_prompt.is_some() {
         text.push(("original_prompt", prompt));

@@ -212,6 +212,9 @@ pub struct Generation {
     /// How the package's weights are quantized (`int8 rtn, block 32`), when they are: the
     /// images then differ slightly from the float package's (docs/quantization.md).
     pub quantization: Option<String>,
+    /// The tiles the images were decoded in (`LoadOptions::vae_tiling`), when they were larger
+    /// than one: the pixels then differ slightly from a whole-image decode's.
+    pub vae_tiling: Option<crate::VaeTiling>,
 }
 
 impl Generation {

@@ -31,6 +31,24 @@ pub fn png_rgb(path: &Path) -> zimage::RgbImage {
     zimage::image_io::load_rgb(path).unwrap()
 }
 
+/// The request a golden generation case describes (cases.json's diffusers call arguments), with
+/// its final latents returned.
+pub fn golden_request(case: &Value) -> zimage::GenerateRequest {
+    let mut r = zimage::GenerateRequest::new(case["prompt"].as_str().unwrap());
+    r.negative_prompt = case["negative_prompt"].as_str().map(|s| zimage::Prompt::Text(s.to_string()));
+    r.width = case["width"].as_u64().unwrap() as u32;
+    r.height = case["height"].as_u64().unwrap() as u32;
+    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
+    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
+    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32;
+    r.cfg_truncation = case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32;
+    r.seed = Some(case["seed"].as_u64().unwrap());
+    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
+    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.return_latents = true;
+    r
+}
+
 /// One pipeline per package per test binary: loading is the slow part.
 pub fn pipeline(package: &str) -> &'static Pipeline {
     static A: OnceLock<Pipeline> = OnceLock::new();
