@@ -605,6 +605,16 @@ typedef struct zimage_load_params {
    * default): none. Unknown or not fitting: `ZIMAGE_RESULT_PACKAGE`. Copied during the call.
    */
   const char *controlnet;
+  /**
+   * Decode images larger than `vae_tile_size` pixels in overlapping square tiles of that
+   * size, blended over `vae_tile_overlap` pixels (diffusers' `vae.enable_tiling()`; a
+   * quarter of the tile is its usual overlap): a fraction of the decode's memory, slightly
+   * different pixels. Both multiples of the VAE's scale factor (8), the overlap smaller than
+   * the tile, and not with a VAE on TensorRT: otherwise loading fails with
+   * `ZIMAGE_RESULT_INVALID_REQUEST`. 0 (the default): whole images.
+   */
+  uint32_t vae_tile_size;
+  uint32_t vae_tile_overlap;
 } zimage_load_params;
 
 /**

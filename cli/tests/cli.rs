@@ -213,6 +213,47 @@ fn turbo_case_matches_the_golden_and_records_its_parameters() {
 }
 
 #[test]
+fn vae_tiling_matches_diffusers_tiled_decode_and_is_recorded() {
+    // The SDK's golden case grid_3x4: the nonsquare case's latents decoded in 32-pixel tiles
+    // overlapping by 8 (tests/golden/tiny-zimage/vae_tiling).
+    let tiled: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(GOLDEN).join("vae_tiling/cases.json")).expect("tiling cases"),
+    )
+    .unwrap();
+    let golden = tiled.as_array().unwrap().iter().find(|c| c["name"] == "grid_3x4").unwrap();
+    let dir = scratch("vae-tiling");
+    let output = dir.join("out.png");
+    let mut args = case_args(&case("text_to_image", "nonsquare"));
+    args.extend([
+        "--vae-tiling".into(),
+        "32:8".into(),
+        "--output".into(),
+        output.display().to_string(),
+        "--json".into(),
+    ]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["vae_tiling"], serde_json::json!({ "tile_size": 32, "overlap": 8 }));
+    let png = read_png(&output);
+    let diff = max_level_diff(&png, &root().join(GOLDEN).join(golden["image_files"][0].as_str().unwrap()));
+    assert!(diff <= 1, "tiled image differs from diffusers' by {diff} levels");
+    assert_eq!(png.text.get("vae_tiling").map(String::as_str), Some("tile 32, overlap 8"));
+
+    // SIZE alone takes a quarter of it as the overlap; sizes the VAE cannot tile by are request
+    // errors (exit 6) before anything is written.
+    let mut args = case_args(&case("text_to_image", "nonsquare"));
+    args.extend(["--vae-tiling".into(), "36".into(), "--output".into(), dir.join("bad.png").display().to_string()]);
+    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 6);
+    assert!(assert_one_line_error(&out).contains("vae_tiling (tile 36, overlap 8)"), "{}", stderr(&out));
+    assert!(!dir.join("bad.png").exists());
+    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--vae-tiling", "big"]);
+    assert_code(&out, 2);
+    assert!(assert_one_line_error(&out).contains("is not SIZE or SIZE:OVERLAP"), "{}", stderr(&out));
+}
+
+#[test]
 fn guidance_flags_reach_the_sdk() {
     // Negative prompt, CFG scale, normalisation and truncation all change the image: matching
     // this golden means each flag was passed through.

@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 use std::path::PathBuf;
 
-use sdk::{Device, GpuOptions, LoadOptions, MemoryMode, Tf32};
+use sdk::{Device, GpuOptions, LoadOptions, MemoryMode, Tf32, VaeTiling};
 
 use crate::args::{self, Versioned};
 use crate::c_enum::{c_enum, CEnum};
@@ -113,6 +113,14 @@ pub struct zimage_load_params {
     /// plain transformer first and `zimage_pipeline_set_controlnet()` after. NULL (the
     /// default): none. Unknown or not fitting: `ZIMAGE_RESULT_PACKAGE`. Copied during the call.
     pub controlnet: *const c_char,
+    /// Decode images larger than `vae_tile_size` pixels in overlapping square tiles of that
+    /// size, blended over `vae_tile_overlap` pixels (diffusers' `vae.enable_tiling()`; a
+    /// quarter of the tile is its usual overlap): a fraction of the decode's memory, slightly
+    /// different pixels. Both multiples of the VAE's scale factor (8), the overlap smaller than
+    /// the tile, and not with a VAE on TensorRT: otherwise loading fails with
+    /// `ZIMAGE_RESULT_INVALID_REQUEST`. 0 (the default): whole images.
+    pub vae_tile_size: u32,
+    pub vae_tile_overlap: u32,
 }
 
 // The first version ended at `memory_mode`; its layout is unchanged. zimage 0.1 (before the
@@ -144,6 +152,8 @@ unsafe impl Versioned for zimage_load_params {
             cuda_tf32: zimage_tf32::from(sdk.gpu.cuda_tf32).value(),
             winograd_vae: sdk.winograd_vae,
             controlnet: std::ptr::null(),
+            vae_tile_size: sdk.vae_tiling.map_or(0, |t| t.tile_size),
+            vae_tile_overlap: sdk.vae_tiling.map_or(0, |t| t.overlap),
         }
     }
 }
@@ -192,6 +202,8 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
     options.optimized_model_cache = optimized_model_cache;
     options.winograd_vae = p.winograd_vae;
     options.controlnet = controlnet.map(|name| name.to_string());
+    options.vae_tiling =
+        (p.vae_tile_size > 0).then_some(VaeTiling { tile_size: p.vae_tile_size, overlap: p.vae_tile_overlap });
     Ok(Load { options, logger: Logger::new(p.log_callback, p.log_user_data) })
 }
 
@@ -314,6 +326,19 @@ mod tests {
         assert!(bad.message.starts_with("params->controlnet"), "{}", bad.message);
     }
 
+    #[test]
+    fn vae_tiling_reaches_the_sdk() {
+        let mut p = zimage_load_params::defaults();
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.vae_tiling, None);
+        p.vae_tile_size = 512;
+        p.vae_tile_overlap = 128;
+        let tiling = unsafe { load_options(&p) }.unwrap().options.vae_tiling;
+        assert_eq!(tiling, Some(VaeTiling { tile_size: 512, overlap: 128 }));
+        // An overlap without a tile size is off, like a tile size of 0.
+        p.vae_tile_size = 0;
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.vae_tiling, None);
+    }
+
     /// A caller built against the first header: its struct ends at `memory_mode`, and whatever
     /// lies beyond it is never read; every later field takes its default.
     #[test]
@@ -327,11 +352,13 @@ mod tests {
         old.cuda_tf32 = 99;
         old.winograd_vae = true;
         old.controlnet = c"union-v1".as_ptr();
+        old.vae_tile_size = 64;
         let options = unsafe { load_options(&old) }.unwrap().options;
         assert_eq!(options.memory_mode, MemoryMode::Sequential);
         assert_eq!(options.gpu, GpuOptions::default());
         assert_eq!(options.gpu.tensorrt, TensorRtOptions::default());
         assert!(!options.winograd_vae);
+        assert_eq!(options.vae_tiling, None);
         assert_eq!(options.controlnet, None);
         // Bigger than this library's struct (zimage 0.1's flat layout was 136 bytes): refused.
         old.struct_size = 136;

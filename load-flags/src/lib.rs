@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use zimage::{CudaGraphs, Device, LoadOptions, MemoryMode, ResolutionRange, TensorRtPrecision, Tf32};
+use zimage::{CudaGraphs, Device, LoadOptions, MemoryMode, ResolutionRange, TensorRtPrecision, Tf32, VaeTiling};
 
 /// How the graphs of a package are loaded (flatten it into a front end's arguments).
 #[derive(Args, Debug, Clone)]
@@ -34,6 +34,11 @@ pub struct LoadFlags {
     /// faster decoding, more memory while decoding, images within one level.
     #[arg(long)]
     pub winograd_vae: bool,
+    /// Decode images larger than SIZE pixels in overlapping SIZE x SIZE tiles blended over
+    /// OVERLAP pixels (default SIZE/4), as diffusers' vae.enable_tiling(): a fraction of the
+    /// decode's memory, slightly different pixels. Multiples of the VAE's scale factor (8).
+    #[arg(long, value_name = "SIZE[:OVERLAP]", value_parser = parse_vae_tiling)]
+    pub vae_tiling: Option<VaeTiling>,
     /// Check the sha256 of every package file, the large ones too.
     #[arg(long)]
     pub verify_checksums: bool,
@@ -106,12 +111,22 @@ impl LoadFlags {
         options.host_denoise_loop = self.host_loop;
         options.optimized_model_cache = self.optimized_cache.clone();
         options.winograd_vae = self.winograd_vae;
+        options.vae_tiling = self.vae_tiling;
         options
     }
 }
 
 pub fn parse_device(s: &str) -> Result<Device, String> {
     s.parse::<Device>().map_err(|e| match e {
+        zimage::Error::InvalidRequest(message) => message,
+        other => other.to_string(),
+    })
+}
+
+/// `SIZE` or `SIZE:OVERLAP` in pixels (the SDK's syntax); whether they fit the package's VAE is
+/// checked at load.
+pub fn parse_vae_tiling(s: &str) -> Result<VaeTiling, String> {
+    s.parse::<VaeTiling>().map_err(|e| match e {
         zimage::Error::InvalidRequest(message) => message,
         other => other.to_string(),
     })

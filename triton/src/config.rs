@@ -28,6 +28,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("tensorrt_cache", "TensorRT engine and timing cache folder, kept per node [~/.cache/zimage/tensorrt]"),
     ("tensorrt_guidance", "true: TensorRT profiles also cover GUIDANCE > 0 (twice the batch) [false]"),
     ("winograd_vae", "true: decode with the package's Winograd VAE decoder on the CPU [false]"),
+    ("vae_tiling", "SIZE or SIZE:OVERLAP pixels: decode larger images in overlapping tiles, less memory [off]"),
 ];
 
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 16384;
@@ -48,6 +49,7 @@ pub struct ModelSettings {
     pub tensorrt_cache: Option<PathBuf>,
     pub tensorrt_guidance: bool,
     pub winograd_vae: bool,
+    pub vae_tiling: Option<zimage::VaeTiling>,
 }
 
 impl ModelSettings {
@@ -75,6 +77,7 @@ impl ModelSettings {
             tensorrt_cache: None,
             tensorrt_guidance: false,
             winograd_vae: false,
+            vae_tiling: None,
         };
         let empty = serde_json::Map::new();
         let parameters = match config.get("parameters") {
@@ -110,6 +113,9 @@ impl ModelSettings {
                 "tensorrt_cache" => settings.tensorrt_cache = Some(PathBuf::from(nonempty(key, text)?)),
                 "tensorrt_guidance" => settings.tensorrt_guidance = boolean(key, text)?,
                 "winograd_vae" => settings.winograd_vae = boolean(key, text)?,
+                "vae_tiling" => {
+                    settings.vae_tiling = Some(text.parse().map_err(|e| format!("parameter vae_tiling: {e}"))?)
+                }
                 _ => {
                     let known: Vec<&str> = PARAMETERS.iter().map(|(k, _)| *k).collect();
                     return Err(format!("unknown parameter {key:?} (known: {})", known.join(", ")));
@@ -145,6 +151,7 @@ impl ModelSettings {
         options.runtime_library = self.onnxruntime_library.clone();
         options.allow_cpu_fallback = self.allow_cpu_fallback;
         options.winograd_vae = self.winograd_vae;
+        options.vae_tiling = self.vae_tiling;
         options.gpu.tensorrt.cache_dir = self.tensorrt_cache.clone();
         options.gpu.tensorrt.max_images = self.max_count;
         options.gpu.tensorrt.guidance = self.tensorrt_guidance;

@@ -73,6 +73,14 @@ fn parameters_are_parsed_and_checked() {
     assert_eq!(settings(&with_parameter("max_prompt_bytes", "100")).unwrap().max_prompt_bytes, 100);
     assert!(settings(&with_parameter("allow_cpu_fallback", "true")).unwrap().allow_cpu_fallback);
     assert!(settings(&with_parameter("winograd_vae", "yes")).unwrap().winograd_vae);
+    let tiled = settings(&with_parameter("vae_tiling", "512")).unwrap();
+    assert_eq!(tiled.load_options(Device::Cpu).vae_tiling, Some(zimage::VaeTiling { tile_size: 512, overlap: 128 }));
+    assert_eq!(
+        settings(&with_parameter("vae_tiling", "256:32")).unwrap().vae_tiling,
+        Some(zimage::VaeTiling { tile_size: 256, overlap: 32 })
+    );
+    assert!(error(&with_parameter("vae_tiling", "wide"))
+        .contains("parameter vae_tiling: invalid request: \"wide\" is not SIZE"));
     let guided = settings(&with_parameter("tensorrt_guidance", "true")).unwrap();
     assert!(guided.load_options(Device::TensorRt { device_id: 0 }).gpu.tensorrt.guidance);
     assert!(!s.load_options(Device::Cpu).gpu.tensorrt.guidance);
