@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     from zimage_export.fixtures.goldens_common import write_common
     from zimage_export.fixtures.goldens_lora import write_lora_goldens
     from zimage_export.fixtures.goldens_pipeline import write_package_goldens
+    from zimage_export.fixtures.goldens_vae_tiling import write_vae_tiling_goldens
     from zimage_export.manifest import generation_defaults
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -83,6 +84,7 @@ def main(argv=None) -> None:
                 write_common(tokenizer, TINY_A.scheduler | _class(), TINY_B.scheduler | _class(), golden / "common")
             write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             write_lora_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
+            write_vae_tiling_goldens(cfg, golden / name)
             run("check_goldens.py", package, "--golden", golden / name)
         print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
 
