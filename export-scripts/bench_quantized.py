@@ -3,7 +3,8 @@ one run, printed as one table (docs/quantization.md):
 
     python export-scripts/bench_quantized.py --zimage target/release/zimage --src MID_SRC \\
         --package fp32=MID_PKG --package int8=MID_PKG_INT8 [--package int4=...] \\
-        [--width 512 --height 512 --steps 8 --threads 2 --warmup 1 --runs 2 --repeat 1 --winograd-vae]
+        [--width 512 --height 512 --steps 8 --threads 2 --warmup 1 --runs 2 --repeat 1 --winograd-vae] \\
+        [--package int8-tiled=MID_PKG_INT8 --flags "int8-tiled=--vae-tiling 288:32"]
 
 Runs `zimage bench --json` on each package and `bench_reference.py` (diffusers, in this
 Python) on --src, in that order, --repeat times (ABAB..., so that load drifts hit every side),
@@ -16,6 +17,7 @@ machine's load average is printed before and after: timings on a busy machine ar
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,8 +56,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all sides, back to back")
     ap.add_argument("--winograd-vae", action="store_true", help="zimage decodes with vae_decoder_cpu")
     ap.add_argument("--no-reference", action="store_true", help="skip diffusers")
+    ap.add_argument("--flags", action="append", default=[], metavar="LABEL=FLAGS",
+                    help="more `zimage bench` flags for one package's side (e.g. a memory setting)")
     args = ap.parse_args(argv)
     packages = [p.split("=", 1) for p in args.package]
+    flags = {label: shlex.split(rest) for label, rest in (f.split("=", 1) for f in args.flags)}
+    unknown = set(flags) - {label for label, _ in packages}
+    if unknown:
+        ap.error(f"--flags for sides that are not packages: {sorted(unknown)}")
     common = ["--width", str(args.width), "--height", str(args.height), "--steps", str(args.steps),
               "--threads", str(args.threads), "--warmup", str(args.warmup), "--runs", str(args.runs), "--json"]
     load_before = os.getloadavg()
@@ -63,7 +71,7 @@ def main(argv=None) -> None:
     reports["diffusers"] = []
     for _ in range(args.repeat):
         for label, pkg in packages:
-            extra = ["--winograd-vae"] if args.winograd_vae else []
+            extra = (["--winograd-vae"] if args.winograd_vae else []) + flags.get(label, [])
             reports[label].append(run_json([str(args.zimage), "bench", "--model", pkg, *common, *extra]))
         if not args.no_reference:
             reports["diffusers"].append(run_json([sys.executable, str(HERE / "bench_reference.py"), "--src", str(args.src), *common]))
