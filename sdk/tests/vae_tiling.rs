@@ -96,4 +96,12 @@ fn tile_sizes_that_do_not_fit_the_vae_are_refused_at_load() {
         assert!(err.to_string().contains("vae_tiling"), "{err}");
     }
     assert!(load("tiny-zimage-alt", Some(VaeTiling { tile_size: 20, overlap: 4 })).is_ok());
+    // A TensorRT engine serves its profile's sizes, not the tiles': refused before anything
+    // is built (no GPU needed to see it).
+    let mut options = LoadOptions::default();
+    options.device = zimage::Device::TensorRt { device_id: 0 };
+    options.vae_tiling = Some(VaeTiling::new(512));
+    let err = Pipeline::load(repo().join("models/tiny-zimage"), &options).err().expect("refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("TensorRT"), "{err}");
 }
