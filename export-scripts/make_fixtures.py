@@ -84,7 +84,7 @@ def main(argv=None) -> None:
                 write_common(tokenizer, TINY_A.scheduler | _class(), TINY_B.scheduler | _class(), golden / "common")
             write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             write_lora_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
-            write_vae_tiling_goldens(cfg, golden / name)
+            write_vae_tiling_goldens(cfg, src, golden / name)
             run("check_goldens.py", package, "--golden", golden / name)
         print(f"{name}: done in {time.time() - start:.0f} s", flush=True)
 

@@ -220,7 +220,7 @@ fn vae_tiling_matches_diffusers_tiled_decode_and_is_recorded() {
         &std::fs::read_to_string(root().join(GOLDEN).join("vae_tiling/cases.json")).expect("tiling cases"),
     )
     .unwrap();
-    let golden = tiled.as_array().unwrap().iter().find(|c| c["name"] == "grid_3x4").unwrap();
+    let golden = tiled["decode"].as_array().unwrap().iter().find(|c| c["name"] == "grid_3x4").unwrap();
     let dir = scratch("vae-tiling");
     let output = dir.join("out.png");
     let mut args = case_args(&case("text_to_image", "nonsquare"));

@@ -113,10 +113,11 @@ pub struct zimage_load_params {
     /// plain transformer first and `zimage_pipeline_set_controlnet()` after. NULL (the
     /// default): none. Unknown or not fitting: `ZIMAGE_RESULT_PACKAGE`. Copied during the call.
     pub controlnet: *const c_char,
-    /// Decode images larger than `vae_tile_size` pixels in overlapping square tiles of that
-    /// size, blended over `vae_tile_overlap` pixels (diffusers' `vae.enable_tiling()`; a
-    /// quarter of the tile is its usual overlap): a fraction of the decode's memory, slightly
-    /// different pixels. Both multiples of the VAE's scale factor (8), the overlap smaller than
+    /// Decode (and encode input pictures) larger than `vae_tile_size` pixels in overlapping
+    /// square tiles of that size, blended over `vae_tile_overlap` pixels (diffusers'
+    /// `vae.enable_tiling()`; a quarter of the tile is its usual overlap): a fraction of the
+    /// VAE's memory, different pixels (each tile is normalised on its own: keep tiles large).
+    /// Both multiples of the VAE's scale factor (8), the overlap smaller than
     /// the tile, and not with a VAE on TensorRT: otherwise loading fails with
     /// `ZIMAGE_RESULT_INVALID_REQUEST`. 0 (the default): whole images.
     pub vae_tile_size: u32,

@@ -36,7 +36,7 @@ pub struct LoadFlags {
     pub winograd_vae: bool,
     /// Decode images larger than SIZE pixels in overlapping SIZE x SIZE tiles blended over
     /// OVERLAP pixels (default SIZE/4), as diffusers' vae.enable_tiling(): a fraction of the
-    /// decode's memory, slightly different pixels. Multiples of the VAE's scale factor (8).
+    /// decode's memory, different pixels (per-tile normalisation; keep tiles large). Multiples of 8.
     #[arg(long, value_name = "SIZE[:OVERLAP]", value_parser = parse_vae_tiling)]
     pub vae_tiling: Option<VaeTiling>,
     /// Check the sha256 of every package file, the large ones too.

@@ -46,14 +46,15 @@ pub struct LoadOptions {
     /// (mid-size model at 512x512: +0.2 to +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
     /// the decoder runs on a GPU; an InvalidRequest error when the package has no such graph.
     pub winograd_vae: bool,
-    /// Decode images larger than a tile in overlapping tiles, as diffusers'
-    /// `vae.enable_tiling()` does (same tiles, same blending: see [`VaeTiling`]): the decode
-    /// then needs one tile's activations instead of the whole image's (mid-size model, 512x512
-    /// on the CPU: see docs/loading.md), costs the overlaps' extra arithmetic, and gives
-    /// slightly different pixels (the decoder normalises each tile on its own). Sizes that are
-    /// not multiples of the VAE's scale factor, or a VAE decoder on TensorRT (whose engines
-    /// serve their profile's sizes, not the tiles'), are `InvalidRequest` errors at load.
-    /// `None` (the default): whole images.
+    /// Decode images larger than a tile in overlapping tiles, and encode input pictures (image to
+    /// image, inpainting, ControlNet conditions, editing references) larger than one the same way,
+    /// as diffusers' `vae.enable_tiling()` does (same tiles, same blending: see [`VaeTiling`]): the
+    /// VAE then needs one tile's activations instead of the whole image's (mid-size model, 512x512
+    /// on the CPU: see docs/loading.md), costs the overlaps' extra arithmetic, and gives different
+    /// pixels (the VAE normalises each tile on its own, visibly so on small tiles). Sizes that are not multiples
+    /// of the VAE's scale factor, or a VAE decoder on TensorRT (whose engines serve their profile's
+    /// sizes, not the tiles'), are `InvalidRequest` errors at load. `None` (the default): whole
+    /// images.
     pub vae_tiling: Option<VaeTiling>,
     /// LoRA adapters merged into the transformer's weights at load time, each with its scale
     /// (see [`crate::lora`]); change them later with `Pipeline::set_loras`. Empty: none.

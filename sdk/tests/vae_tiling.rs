@@ -1,7 +1,8 @@
-//! Tiled VAE decoding (`LoadOptions::vae_tiling`) against diffusers' tiled decode
-//! (`vae.enable_tiling()`), on the committed tiny packages: the goldens decode the final latents
-//! of text-to-image goldens in tiles of several geometries (tests/golden/*/vae_tiling, made by
-//! export-scripts/zimage_export/fixtures/goldens_vae_tiling.py).
+//! Tiled VAE decoding and encoding (`LoadOptions::vae_tiling`) against diffusers with
+//! `vae.enable_tiling()`, on the committed tiny packages: the goldens decode the final latents of
+//! text-to-image goldens in tiles of several geometries, and run image-to-image and inpainting
+//! (tiled encode of the input picture, tiled decode) through diffusers' pipelines
+//! (tests/golden/*/vae_tiling, made by export-scripts/zimage_export/fixtures/goldens_vae_tiling.py).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
-use zimage::{image_parameters, ErrorKind, InputNames, LoadOptions, Pipeline, VaeTiling};
+use zimage::{image_parameters, ErrorKind, InitImage, InputNames, LoadOptions, Pipeline, VaeTiling};
 
 const PACKAGES: [&str; 2] = ["tiny-zimage", "tiny-zimage-alt"];
 
@@ -30,12 +31,9 @@ fn tiled_images_match_diffusers_tiled_decode() {
     let mut checked = 0;
     for package in PACKAGES {
         let t2i = json(&golden(package).join("cases.json"))["text_to_image"].as_array().unwrap().clone();
-        for case in json(&golden(package).join("vae_tiling/cases.json")).as_array().unwrap() {
+        for case in json(&golden(package).join("vae_tiling/cases.json"))["decode"].as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
-            let tiling = VaeTiling {
-                tile_size: case["tile_size"].as_u64().unwrap() as u32,
-                overlap: case["overlap"].as_u64().unwrap() as u32,
-            };
+            let tiling = tiling_of(case);
             let source = t2i.iter().find(|c| c["name"] == case["text_to_image_case"]).unwrap();
             let pipeline = load(package, Some(tiling)).unwrap();
             let request = golden_request(source);
@@ -67,6 +65,45 @@ fn tiled_images_match_diffusers_tiled_decode() {
         }
     }
     assert_eq!(checked, 6, "expected the six golden tiling cases");
+}
+
+fn tiling_of(case: &Value) -> VaeTiling {
+    VaeTiling {
+        tile_size: case["tile_size"].as_u64().unwrap() as u32,
+        overlap: case["overlap"].as_u64().unwrap() as u32,
+    }
+}
+
+#[test]
+fn image_to_image_and_inpainting_encode_in_tiles_like_diffusers() {
+    let mut checked = 0;
+    for package in PACKAGES {
+        for case in json(&golden(package).join("vae_tiling/cases.json"))["pipeline"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let pipeline = load(package, Some(tiling_of(case))).unwrap();
+            let mut request = golden_request(case);
+            request.init_image = Some(InitImage {
+                image: png_rgb(&file(package, &case["init_image_file"])),
+                mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(package, m)).unwrap()),
+                strength: case["strength"].as_f64().unwrap(),
+            });
+            let result = pipeline.generate(&request, None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
+            // The tiled encode moves the final latents far beyond the tolerance (the golden
+            // records how far): matching them means the picture was encoded in the same tiles.
+            let moved = case["max_latent_change_from_untiled"].as_f64().unwrap() as f32;
+            assert!(moved > 100.0 * tolerances().0, "{package}/{name}: the golden barely differs from untiled");
+            let want = npy_f32(&file(package, &case["latents_file"]));
+            let got = result.latents.as_ref().unwrap();
+            let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+            assert!(diff <= tolerances().0, "{package}/{name}: final latents max abs diff {diff}");
+            for (got, path) in result.images.iter().zip(case["image_files"].as_array().unwrap()) {
+                let d = max_pixel_diff(got, &png_rgb(&file(package, path)));
+                assert!(d <= tolerances().1, "{package}/{name}: image differs from diffusers' by {d} levels");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "expected the three golden tiled image-to-image and inpainting cases");
 }
 
 #[test]

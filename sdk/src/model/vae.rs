@@ -1,7 +1,7 @@
 //! VAE: latents -> pixels (decoder) and pixels -> latent distribution (encoder), with the
 //! package's scaling and shift factors applied here rather than in the graphs.
 
-use ndarray::{s, Array4, ArrayD, Ix4};
+use ndarray::{s, Array4, ArrayD, Axis, Ix4};
 use ort::value::TensorRef;
 
 use super::vae_tiling::TileGeometry;
@@ -65,22 +65,40 @@ impl Vae {
         Ok(images)
     }
 
-    /// Encodes `[1, 3, H, W]` pixels in [-1, 1] to the latent distribution's mean and log-variance.
+    /// Encodes `[1, 3, H, W]` pixels in [-1, 1] to the latent distribution's mean and
+    /// log-variance, in tiles when the picture is larger than one (`LoadOptions::vae_tiling`).
     pub fn encode(
         &self,
         encoder: &Graph,
         image: &Array4<f32>,
         context: &RunContext,
     ) -> Result<(Array4<f32>, Array4<f32>)> {
-        let inputs =
-            vec![(IMAGE.into(), TensorRef::from_array_view(image).map_err(|e| Error::ort("vae_encoder", e))?.into())];
-        let mut out = encoder.run(inputs, &[MEAN, LOGVAR], context, false)?;
-        let logvar = to4(encoder, out.pop().expect("two outputs"))?;
-        let mean = to4(encoder, out.pop().expect("two outputs"))?;
-        if mean.shape()[1] != self.info.latent_channels || mean.shape() != logvar.shape() {
-            return Err(encoder.failed(format!("output shape {:?}", mean.shape())));
+        let run = |pixels: ndarray::ArrayView4<f32>| -> Result<(Array4<f32>, Array4<f32>)> {
+            let inputs = vec![(
+                IMAGE.into(),
+                TensorRef::from_array_view(pixels).map_err(|e| Error::ort("vae_encoder", e))?.into(),
+            )];
+            let mut out = encoder.run(inputs, &[MEAN, LOGVAR], context, false)?;
+            let logvar = to4(encoder, out.pop().expect("two outputs"))?;
+            let mean = to4(encoder, out.pop().expect("two outputs"))?;
+            if mean.shape()[1] != self.info.latent_channels || mean.shape() != logvar.shape() {
+                return Err(encoder.failed(format!("output shape {:?}", mean.shape())));
+            }
+            Ok((mean, logvar))
+        };
+        match self.tiling.filter(|t| t.applies_to_pixels(image.shape()[2], image.shape()[3])) {
+            None => run(image.view()),
+            Some(tiling) => {
+                // Mean and log-variance travel side by side through the blending, as diffusers'
+                // moments do, and are split again after.
+                let moments = tiling.encode(image.view(), |tile| {
+                    let (mean, logvar) = run(tile.as_standard_layout().view())?;
+                    Ok(ndarray::concatenate(Axis(1), &[mean.view(), logvar.view()]).expect("same shapes"))
+                })?;
+                let c = self.info.latent_channels;
+                Ok((moments.slice(s![.., ..c, .., ..]).to_owned(), moments.slice(s![.., c.., .., ..]).to_owned()))
+            }
         }
-        Ok((mean, logvar))
     }
 }
 

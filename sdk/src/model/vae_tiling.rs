@@ -1,14 +1,17 @@
-//! Tiled VAE decoding: the latents are decoded in overlapping square tiles, each tile blended
-//! linearly into its upper and left neighbours over the overlap, and the tiles stitched. The
+//! Tiled VAE decoding (and encoding): the latents are decoded in overlapping square tiles, each
+//! tile blended linearly into its upper and left neighbours over the overlap, and the tiles
+//! stitched; a picture going in is encoded the same way, blended in latent space. The
 //! decoder then holds one tile's activations at a time instead of the whole image's (the
 //! untiled float32 decode of a 512x512 image alone takes about 1.1 GB on the CPU, a 1024x1024
 //! one about four times that, on a GPU too), at the price of more arithmetic (the overlaps are
-//! decoded twice) and slightly different pixels: the decoder's GroupNorm statistics are taken
-//! per tile.
+//! decoded twice) and different pixels: the decoder's GroupNorm statistics are taken per tile,
+//! so a tile that sees little of the picture decodes it differently (docs/loading.md: visible on
+//! small tiles).
 //!
 //! The tiles, their order and the blending are those of the reference, diffusers'
-//! `AutoencoderKL.tiled_decode` (what `pipe.vae.enable_tiling()` runs), so a tiled image matches
-//! diffusers' tiled image for the same tile size and overlap (tests/golden/*/vae_tiling). Where
+//! `AutoencoderKL.tiled_decode` and `_tiled_encode` (what `pipe.vae.enable_tiling()` runs), so a
+//! tiled image matches diffusers' tiled image for the same tile size and overlap, image to image
+//! and inpainting included (tests/golden/*/vae_tiling). Where
 //! diffusers derives the tile stride and the blend width from a float overlap factor (and for
 //! some factors stitches an image of the wrong size), both are whole numbers of latents here.
 
@@ -16,11 +19,11 @@ use ndarray::{s, Array4, ArrayView4, ArrayViewMut4, Axis};
 
 use crate::error::{Error, Result};
 
-/// Decode images in overlapping tiles ([`crate::LoadOptions::vae_tiling`]). Sizes are in
-/// pixels and must be multiples of the package's VAE scale factor (8 for Z-Image).
+/// Decode (and encode) images in overlapping tiles ([`crate::LoadOptions::vae_tiling`]). Sizes
+/// are in pixels and must be multiples of the package's VAE scale factor (8 for Z-Image).
 ///
-/// An image no larger than `tile_size` in either direction is decoded whole, as without
-/// tiling. diffusers' `enable_tiling()` on Z-Image's VAE is `tile_size` 1024 with `overlap`
+/// An image no larger than `tile_size` in either direction is decoded (encoded) whole, as
+/// without tiling. diffusers' `enable_tiling()` on Z-Image's VAE is `tile_size` 1024 with `overlap`
 /// 256; 512 / 128 (or 256 / 64) keeps a CPU decode of 512x512 or 1024x1024 images within a
 /// few hundred MB of activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,7 +61,7 @@ impl VaeTiling {
         Ok(TileGeometry {
             tile_latents: tile / scale_factor,
             stride_latents: (tile - overlap) / scale_factor,
-            blend_pixels: overlap,
+            overlap_latents: overlap / scale_factor,
             scale_factor,
         })
     }
@@ -89,7 +92,7 @@ const MAX_TILE_SIZE: usize = 16384;
 pub(crate) struct TileGeometry {
     tile_latents: usize,
     stride_latents: usize,
-    blend_pixels: usize,
+    overlap_latents: usize,
     scale_factor: usize,
 }
 
@@ -99,30 +102,89 @@ impl TileGeometry {
         height > self.tile_latents || width > self.tile_latents
     }
 
+    /// Whether a picture of this height and width is encoded in tiles at all.
+    pub fn applies_to_pixels(&self, height: usize, width: usize) -> bool {
+        let tile = self.tile_latents * self.scale_factor;
+        height > tile || width > tile
+    }
+
     /// Decodes `latents` (`[1, C, h, w]`, already scaled for the decoder) with `decode_tile`
     /// called once per tile, rows top to bottom, each row left to right; returns the stitched
-    /// `[1, 3, h * f, w * f]` picture.
+    /// `[1, 3, h * f, w * f]` picture, blended over the overlap in pixels.
     pub fn decode(
         &self,
         latents: ArrayView4<f32>,
-        mut decode_tile: impl FnMut(ArrayView4<f32>) -> Result<Array4<f32>>,
+        decode_tile: impl FnMut(ArrayView4<f32>) -> Result<Array4<f32>>,
     ) -> Result<Array4<f32>> {
-        let (height, width) = (latents.shape()[2], latents.shape()[3]);
-        let starts = |len: usize| (0..len).step_by(self.stride_latents).collect::<Vec<_>>();
+        let f = self.scale_factor;
+        let plan = Plan {
+            tile: self.tile_latents,
+            stride: self.stride_latents,
+            output_size: |n| n * f,
+            blend: self.overlap_latents * f,
+            stage: "vae_decoder",
+        };
+        plan.run(latents, decode_tile)
+    }
+
+    /// Encodes `pixels` (`[1, 3, H, W]`) with `encode_tile` called once per tile of
+    /// `tile_size` pixels, in the same order; returns the stitched `[1, K, H / f, W / f]` of the
+    /// encoder's outputs (mean and log-variance side by side in K), blended over the overlap in
+    /// latents, as diffusers' `_tiled_encode` blends its moments. (Its log-variance is clamped
+    /// after blending, ours before: the same unless a tile's log-variance leaves [-30, 20].)
+    pub fn encode(
+        &self,
+        pixels: ArrayView4<f32>,
+        encode_tile: impl FnMut(ArrayView4<f32>) -> Result<Array4<f32>>,
+    ) -> Result<Array4<f32>> {
+        let f = self.scale_factor;
+        let plan = Plan {
+            tile: self.tile_latents * f,
+            stride: self.stride_latents * f,
+            output_size: |n| n / f,
+            blend: self.overlap_latents,
+            stage: "vae_encoder",
+        };
+        plan.run(pixels, encode_tile)
+    }
+}
+
+/// One tiled run: tiles of `tile` input elements every `stride`, each mapped to
+/// `output_size(n)` output elements by the graph, blended over `blend` output elements.
+struct Plan<F: Fn(usize) -> usize> {
+    tile: usize,
+    stride: usize,
+    output_size: F,
+    blend: usize,
+    stage: &'static str,
+}
+
+impl<F: Fn(usize) -> usize> Plan<F> {
+    fn run(
+        &self,
+        input: ArrayView4<f32>,
+        mut run_tile: impl FnMut(ArrayView4<f32>) -> Result<Array4<f32>>,
+    ) -> Result<Array4<f32>> {
+        let (height, width) = (input.shape()[2], input.shape()[3]);
+        let starts = |len: usize| (0..len).step_by(self.stride).collect::<Vec<_>>();
         let (rows, cols) = (starts(height), starts(width));
         let mut tiles: Vec<Vec<Array4<f32>>> = Vec::with_capacity(rows.len());
         for &top in &rows {
             let mut row = Vec::with_capacity(cols.len());
             for &left in &cols {
-                let bottom = (top + self.tile_latents).min(height);
-                let right = (left + self.tile_latents).min(width);
-                let tile = decode_tile(latents.slice(s![.., .., top..bottom, left..right]))?;
-                let expected = [(bottom - top) * self.scale_factor, (right - left) * self.scale_factor];
-                if tile.shape()[0] != 1 || tile.shape()[2..] != expected[..] {
+                let bottom = (top + self.tile).min(height);
+                let right = (left + self.tile).min(width);
+                let tile = run_tile(input.slice(s![.., .., top..bottom, left..right]))?;
+                let expected = [(self.output_size)(bottom - top), (self.output_size)(right - left)];
+                let same_channels = tiles
+                    .first()
+                    .and_then(|r| r.first())
+                    .map_or(true, |t: &Array4<f32>| t.shape()[1] == tile.shape()[1]);
+                if tile.shape()[0] != 1 || tile.shape()[2..] != expected[..] || !same_channels {
                     return Err(Error::inference(
-                        "vae_decoder",
+                        self.stage,
                         format!(
-                            "a tile decoded to shape {:?}, expected [1, C, {}, {}]",
+                            "a tile came out with shape {:?}, expected [1, C, {}, {}]",
                             tile.shape(),
                             expected[0],
                             expected[1]
@@ -139,27 +201,27 @@ impl TileGeometry {
             for j in 0..cols.len() {
                 if i > 0 {
                     let (above, below) = tiles.split_at_mut(i);
-                    blend_rows(above[i - 1][j].view(), below[0][j].view_mut(), self.blend_pixels);
+                    blend_rows(above[i - 1][j].view(), below[0][j].view_mut(), self.blend);
                 }
                 if j > 0 {
                     let (left, right) = tiles[i].split_at_mut(j);
-                    blend_columns(left[j - 1].view(), right[0].view_mut(), self.blend_pixels);
+                    blend_columns(left[j - 1].view(), right[0].view_mut(), self.blend);
                 }
             }
         }
-        // Each tile keeps its first `stride` pixels (the next tile starts there), the last of a
-        // row or column all it has: the pieces add up to exactly h * f by w * f.
-        let keep = self.stride_latents * self.scale_factor;
+        // Each tile keeps its first `stride` (mapped) elements, where the next tile starts; the
+        // last of a row or column all it has: the pieces add up to exactly the output's size.
+        let keep = (self.output_size)(self.stride);
         let channels = tiles[0][0].shape()[1];
-        let mut image = Array4::<f32>::zeros((1, channels, height * self.scale_factor, width * self.scale_factor));
+        let mut output = Array4::<f32>::zeros((1, channels, (self.output_size)(height), (self.output_size)(width)));
         for (i, row) in tiles.iter().enumerate() {
             for (j, tile) in row.iter().enumerate() {
                 let (th, tw) = (tile.shape()[2].min(keep), tile.shape()[3].min(keep));
                 let (y, x) = (i * keep, j * keep);
-                image.slice_mut(s![.., .., y..y + th, x..x + tw]).assign(&tile.slice(s![.., .., ..th, ..tw]));
+                output.slice_mut(s![.., .., y..y + th, x..x + tw]).assign(&tile.slice(s![.., .., ..th, ..tw]));
             }
         }
-        Ok(image)
+        Ok(output)
     }
 }
 
@@ -230,6 +292,34 @@ mod tests {
                         assert!(worst <= 1e-6, "f {f} tiling {tiling:?} size {h}x{w}: off by {worst}");
                         let stride = tile_latents - overlap_latents;
                         assert_eq!(calls, h.div_ceil(stride) * w.div_ceil(stride));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_encoding_covers_the_latents_exactly_for_every_geometry() {
+        // A stand-in encoder that keeps every f-th pixel: tiled must equal whole.
+        for f in [4usize, 8] {
+            for tile_latents in 1..=6 {
+                for overlap_latents in 0..tile_latents {
+                    let tiling =
+                        VaeTiling { tile_size: (tile_latents * f) as u32, overlap: (overlap_latents * f) as u32 };
+                    let geometry = tiling.geometry(f).unwrap();
+                    for (h, w) in [(1, 1), (3, 9), (13, 5), (16, 17)] {
+                        let pixels = latents(h * f, w * f);
+                        let subsample = |p: ArrayView4<f32>| {
+                            Array4::from_shape_fn((1, 4, p.shape()[2] / f, p.shape()[3] / f), |(_, c, y, x)| {
+                                p[[0, c, y * f, x * f]]
+                            })
+                        };
+                        let tiled = geometry.encode(pixels.view(), |t| Ok(subsample(t))).unwrap();
+                        let whole = subsample(pixels.view());
+                        assert_eq!(tiled.shape(), whole.shape());
+                        let worst = tiled.iter().zip(whole.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                        assert!(worst <= 1e-6, "f {f} tiling {tiling:?} size {h}x{w}: off by {worst}");
+                        assert_eq!(geometry.applies_to_pixels(h * f, w * f), geometry.applies(h, w));
                     }
                 }
             }
