@@ -10,6 +10,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/setup.sh
 cargo test --workspace --locked
+# A CPU-only build of the SDK (no CUDA/TensorRT bindings), as a game engine would embed it: the
+# workspace build unifies the GPU features on, so this combination is checked on its own.
+cargo check -p zimage --no-default-features --locked
 if [ -x scripts/test-python.sh ]; then
   scripts/test-python.sh
 fi

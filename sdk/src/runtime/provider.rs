@@ -132,10 +132,14 @@ fn cuda_dispatch(
     cuda.build().error_on_failure()
 }
 
+// Without GPU features every provider but the CPU is refused before the registration below.
+#[cfg_attr(not(feature = "cuda"), allow(unreachable_code, unused_variables))]
 pub(crate) fn register_provider(builder: SessionBuilder, provider: &ProviderConfig) -> Result<SessionBuilder> {
     let name = provider.device().provider_name();
     let unavailable = |message: String| Error::provider(name, message);
-    let dispatches = match provider {
+    // Typed: in a build without GPU features every arm below returns, and the type would
+    // otherwise be inferred as `()` (a CPU-only build failed to compile).
+    let dispatches: Vec<ort::ep::ExecutionProviderDispatch> = match provider {
         ProviderConfig::Cpu => return Ok(builder),
         #[cfg(feature = "cuda")]
         ProviderConfig::Cuda { device_id, memory_limit, tf32, exact_arena, cuda_graph } => {
