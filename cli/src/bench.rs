@@ -120,6 +120,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         },
         // vae_decoder_cpu.onnx (Winograd) with --winograd-vae on the CPU, else vae_decoder.onnx.
         "vae_decoder_graph": pipeline.vae_decoder_file().file_name().map(|n| n.to_string_lossy().into_owned()),
+        // --vae-tiling as asked (null: whole images); it applies to images larger than a tile.
+        "vae_tiling": args.model.load.vae_tiling.map(|t| json!({ "tile_size": t.tile_size, "overlap": t.overlap })),
         "runtime_library": pipeline.runtime_library().display().to_string(),
         "load_s": secs(pipeline.load_time()),
         // Why the transformer's calls are not replayed as CUDA graphs (null: they are).

@@ -403,6 +403,29 @@ fn bench_reports_every_stage() {
     assert_code(&out, 0);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["vae_decoder_graph"], "vae_decoder_cpu.onnx");
+    assert!(report["vae_tiling"].is_null());
+
+    let out = zimage(&[
+        "bench",
+        "--model",
+        PACKAGE,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--json",
+        "--vae-tiling",
+        "32",
+    ]);
+    assert_code(&out, 0);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["vae_tiling"], serde_json::json!({ "tile_size": 32, "overlap": 8 }));
 
     let out = zimage(&[
         "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "2", "--warmup", "0", "--runs", "1",
