@@ -62,6 +62,7 @@ struct Prepared {
     lora_cases_file: PathBuf,
     edit_cases_file: PathBuf,
     controlnet_cases_file: PathBuf,
+    tiling_case_file: PathBuf,
     io_fixture: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
@@ -79,6 +80,7 @@ fn prepared() -> &'static Prepared {
         let lora_cases_file = write_lora_cases_file(&work);
         let edit_cases_file = write_edit_cases_file(&work);
         let controlnet_cases_file = write_controlnet_cases_file(&work);
+        let tiling_case_file = write_tiling_case_file(&work);
 
         // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
         let io_fixture = work.join("io-package");
@@ -98,6 +100,7 @@ fn prepared() -> &'static Prepared {
             lora_cases_file,
             edit_cases_file,
             controlnet_cases_file,
+            tiling_case_file,
             io_fixture,
             mismatched_package,
             shared_lib_dir,
@@ -145,6 +148,43 @@ fn write_lora_cases_file(work: &Path) -> PathBuf {
     }
     let path = work.join("lora-cases.tsv");
     std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// The VAE tiling golden `grid_3x4` (`tests/golden/tiny-zimage/vae_tiling`) for the C client's
+/// `test_vae_tiling`, one line, tab-separated: name, prompt, seed, width, height, steps, tile
+/// size, overlap, expected raw RGB.
+fn write_tiling_case_file(work: &Path) -> PathBuf {
+    let golden_dir = root().join("tests/golden/tiny-zimage");
+    let read = |rel: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(golden_dir.join(rel)).expect(rel)).unwrap()
+    };
+    let tiling = read("vae_tiling/cases.json");
+    let case = tiling["decode"].as_array().unwrap().iter().find(|c| c["name"] == "grid_3x4").expect("grid_3x4");
+    let cases = read("cases.json");
+    let source =
+        cases["text_to_image"].as_array().unwrap().iter().find(|c| c["name"] == case["text_to_image_case"]).unwrap();
+    assert!(source["negative_prompt"].is_null() && source["guidance_scale"] == 0.0, "the C test sets no guidance");
+    assert_eq!(source["num_images_per_prompt"], 1);
+    let (pixels, channels) = decode_png(&golden_dir.join(case["image_files"][0].as_str().unwrap()));
+    assert_eq!(channels, 3);
+    let raw = work.join("tiling-grid_3x4.rgb");
+    std::fs::write(&raw, pixels).unwrap();
+    let prompt = source["prompt"].as_str().unwrap();
+    assert!(!prompt.contains(['\t', '\n']));
+    let fields = [
+        "grid_3x4".to_string(),
+        prompt.to_string(),
+        source["seed"].to_string(),
+        source["width"].to_string(),
+        source["height"].to_string(),
+        source["num_inference_steps"].to_string(),
+        case["tile_size"].to_string(),
+        case["overlap"].to_string(),
+        raw.display().to_string(),
+    ];
+    let path = work.join("tiling-case.tsv");
+    std::fs::write(&path, fields.join("\t") + "\n").unwrap();
     path
 }
 
@@ -525,6 +565,7 @@ fn run(name: &str, language: Language, linking: Linking) {
         .env("ZIMAGE_TEST_EDIT_CASES", &p.edit_cases_file)
         .env("ZIMAGE_TEST_OMNI_PACKAGE", root().join("models/tiny-zimage-omni"))
         .env("ZIMAGE_TEST_CONTROLNET_CASES", &p.controlnet_cases_file)
+        .env("ZIMAGE_TEST_TILING_CASE", &p.tiling_case_file)
         .env("ZIMAGE_TEST_WRONG_LORA", root().join("tests/golden/tiny-zimage-alt/loras/peft.safetensors"))
         .env("ZIMAGE_TEST_BASE_PACKAGE", root().join("models/tiny-zimage-base"))
         .current_dir(root());

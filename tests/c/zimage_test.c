@@ -1140,6 +1140,72 @@ static void test_lora(const char *package, int max_cases) {
     free(text);
 }
 
+/* VAE tiling (ZIMAGE_TEST_TILING_CASE, written by c_clients.rs from the decode golden grid_3x4
+ * of tests/golden/tiny-zimage/vae_tiling, one line, tab-separated: name, prompt, seed, width,
+ * height, steps, tile size, overlap, expected raw RGB): a pipeline loaded with
+ * vae_tile_size / vae_tile_overlap gives diffusers' tiled image within 1 level; a tile size the
+ * VAE cannot tile by fails the load with ZIMAGE_RESULT_INVALID_REQUEST and no pipeline. */
+static void test_vae_tiling(const char *package) {
+    const char *path = getenv("ZIMAGE_TEST_TILING_CASE");
+    char *text, *fields[9], *field, *save = NULL;
+    int n_fields = 0;
+    size_t size = 0, expected_size = 0;
+    unsigned char *expected = NULL;
+    zimage_load_params load;
+    zimage_pipeline *pipeline = NULL;
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    golden_case c;
+
+    if (!path) {
+        fprintf(stderr, "ZIMAGE_TEST_TILING_CASE must be set\n");
+        failures++;
+        return;
+    }
+    text = (char *)read_file(path, &size);
+    CHECK(text != NULL);
+    if (!text) return;
+    for (field = strtok_r(text, "\t\n", &save); field && n_fields < 9; field = strtok_r(NULL, "\t\n", &save))
+        fields[n_fields++] = field;
+    CHECK(n_fields == 9);
+    if (n_fields != 9) {
+        free(text);
+        return;
+    }
+    memset(&c, 0, sizeof c);
+    c.name = fields[0];
+    c.seed = strtoull(fields[2], NULL, 10);
+    c.width = (uint32_t)atoi(fields[3]);
+    c.height = (uint32_t)atoi(fields[4]);
+    c.count = 1;
+    expected = read_file(fields[8], &expected_size);
+    CHECK(expected != NULL && expected_size == (size_t)c.width * c.height * 3);
+
+    zimage_load_params_init(&load);
+    CHECK(load.vae_tile_size == 0 && load.vae_tile_overlap == 0);
+    load.vae_tile_size = (uint32_t)atoi(fields[6]);
+    load.vae_tile_overlap = (uint32_t)atoi(fields[7]);
+    CHECK_CODE(zimage_pipeline_load(package, &load, &pipeline), ZIMAGE_RESULT_OK);
+    if (pipeline) {
+        zimage_generate_params_init(&params);
+        params.prompt = fields[1];
+        params.width = c.width;
+        params.height = c.height;
+        params.steps = (uint32_t)atoi(fields[5]);
+        params.seed = c.seed;
+        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        if (images && expected) compare_images(images, &c, expected);
+        zimage_image_list_free(images);
+        zimage_pipeline_free(pipeline);
+        pipeline = NULL;
+    }
+    load.vae_tile_size = 36; /* not a multiple of the VAE's scale factor 8 */
+    CHECK_CODE(zimage_pipeline_load(package, &load, &pipeline), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(pipeline == NULL);
+    free(expected);
+    free(text);
+}
+
 /* Editing (ZIMAGE_TEST_OMNI_PACKAGE, ZIMAGE_TEST_EDIT_CASES: written by c_clients.rs from
  * tests/golden/tiny-zimage-omni, one case per line, tab-separated: name, prompt, negative prompt
  * ("-" for none), seed, steps, guidance, cfg_normalization, cfg_truncation, output width, height,
@@ -1452,6 +1518,7 @@ int main(int argc, char **argv) {
     test_recommended_params(pipeline);
     test_edit(pipeline, max_cases);
     test_controlnet(max_cases);
+    test_vae_tiling(package);
     zimage_pipeline_free(pipeline);
     free(cases_text);
     free(enhancer_text);
