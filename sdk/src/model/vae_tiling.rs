@@ -169,6 +169,7 @@ impl<F: Fn(usize) -> usize> Plan<F> {
         let starts = |len: usize| (0..len).step_by(self.stride).collect::<Vec<_>>();
         let (rows, cols) = (starts(height), starts(width));
         let mut tiles: Vec<Vec<Array4<f32>>> = Vec::with_capacity(rows.len());
+        let mut first_channels = None;
         for &top in &rows {
             let mut row = Vec::with_capacity(cols.len());
             for &left in &cols {
@@ -176,11 +177,8 @@ impl<F: Fn(usize) -> usize> Plan<F> {
                 let right = (left + self.tile).min(width);
                 let tile = run_tile(input.slice(s![.., .., top..bottom, left..right]))?;
                 let expected = [(self.output_size)(bottom - top), (self.output_size)(right - left)];
-                let same_channels = tiles
-                    .first()
-                    .and_then(|r| r.first())
-                    .map_or(true, |t: &Array4<f32>| t.shape()[1] == tile.shape()[1]);
-                if tile.shape()[0] != 1 || tile.shape()[2..] != expected[..] || !same_channels {
+                let channels = *first_channels.get_or_insert(tile.shape()[1]);
+                if tile.shape()[0] != 1 || tile.shape()[2..] != expected[..] || tile.shape()[1] != channels {
                     return Err(Error::inference(
                         self.stage,
                         format!(
@@ -353,6 +351,25 @@ mod tests {
         }
         assert_eq!(VaeTiling::new(512), VaeTiling { tile_size: 512, overlap: 128 });
         assert_eq!(VaeTiling::new(100), VaeTiling { tile_size: 100, overlap: 24 });
+    }
+
+    #[test]
+    fn a_tile_of_the_wrong_shape_is_an_inference_error() {
+        let geometry = VaeTiling { tile_size: 16, overlap: 8 }.geometry(8).unwrap();
+        let z = latents(4, 4);
+        // Too small a picture for its tile, and then a tile whose channels change mid-image.
+        let err = geometry.decode(z.view(), |t| Ok(pointwise(t, 4))).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Inference);
+        let mut n = 0;
+        let err = geometry
+            .decode(z.view(), |t| {
+                n += 1;
+                let full = pointwise(t, 8);
+                Ok(if n == 2 { full.slice(s![.., ..2, .., ..]).to_owned() } else { full })
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Inference);
+        assert_eq!(n, 2, "stops at the first bad tile");
     }
 
     #[test]
