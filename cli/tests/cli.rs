@@ -383,48 +383,19 @@ fn bench_reports_every_stage() {
         assert!(report["peak_device_memory"].is_null());
     }
 
-    let out = zimage(&[
-        "bench",
-        "--model",
-        PACKAGE,
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--json",
-        "--winograd-vae",
-    ]);
-    assert_code(&out, 0);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One quick run with a load flag more: the report says how the VAE decoded.
+    let quick = |flag: &[&str]| -> Value {
+        let mut args = vec!["bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "1"];
+        args.extend(["--warmup", "0", "--runs", "1", "--json"]);
+        args.extend(flag);
+        let out = zimage(&args);
+        assert_code(&out, 0);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let report = quick(&["--winograd-vae"]);
     assert_eq!(report["vae_decoder_graph"], "vae_decoder_cpu.onnx");
     assert!(report["vae_tiling"].is_null());
-
-    let out = zimage(&[
-        "bench",
-        "--model",
-        PACKAGE,
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--json",
-        "--vae-tiling",
-        "32",
-    ]);
-    assert_code(&out, 0);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = quick(&["--vae-tiling", "32"]);
     assert_eq!(report["vae_tiling"], serde_json::json!({ "tile_size": 32, "overlap": 8 }));
 
     let out = zimage(&[

@@ -1022,6 +1022,38 @@ static void test_generate_enhanced(const char *enhancer_package, const zimage_pi
     zimage_enhancer_free(enhancer);
 }
 
+/* The cases files of test_lora and test_vae_tiling start alike (name, prompt, seed, width,
+ * height, steps, ...): the case they describe, with its expected raw RGB file read. */
+static unsigned char *simple_case(char **fields, const char *expected_file, golden_case *c) {
+    size_t expected_size = 0;
+    unsigned char *expected;
+    memset(c, 0, sizeof *c);
+    c->name = fields[0];
+    c->seed = strtoull(fields[2], NULL, 10);
+    c->width = (uint32_t)atoi(fields[3]);
+    c->height = (uint32_t)atoi(fields[4]);
+    c->count = 1;
+    expected = read_file(expected_file, &expected_size);
+    CHECK(expected != NULL && expected_size == (size_t)c->width * c->height * 3);
+    return expected;
+}
+
+/* Generates `c` (no guidance) with `prompt` and `steps`, and compares with `expected`. */
+static void generate_simple_case(const zimage_pipeline *pipeline, const char *prompt, uint32_t steps,
+                                 const golden_case *c, const unsigned char *expected) {
+    zimage_generate_params params;
+    zimage_image_list *images = NULL;
+    zimage_generate_params_init(&params);
+    params.prompt = prompt;
+    params.width = c->width;
+    params.height = c->height;
+    params.steps = steps;
+    params.seed = c->seed;
+    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+    if (images && expected) compare_images(images, c, expected);
+    zimage_image_list_free(images);
+}
+
 /* LoRA adapters (ZIMAGE_TEST_LORA_CASES, written by c_clients.rs from the diffusers goldens in
  * tests/golden/tiny-zimage/lora.json, one case per line, tab-separated: name, prompt, seed, width,
  * height, steps, expected raw RGB, then adapter file and scale pairs): each set on one pipeline
@@ -1087,25 +1119,15 @@ static void test_lora(const char *package, int max_cases) {
         int n_fields = 0, n_adapters, a;
         zimage_adapter *adapters[4] = {NULL, NULL, NULL, NULL};
         zimage_adapter_setting settings[4];
-        zimage_generate_params params;
-        zimage_image_list *images = NULL;
         golden_case c;
         unsigned char *expected;
-        size_t expected_size = 0;
 
         for (field = strtok_r(line, "\t", &save_field); field && n_fields < 16; field = strtok_r(NULL, "\t", &save_field))
             fields[n_fields++] = field;
         n_adapters = (n_fields - 7) / 2;
         CHECK(n_fields >= 9 && (n_fields - 7) % 2 == 0 && n_adapters <= 4);
         if (n_fields < 9 || n_adapters > 4) continue;
-        memset(&c, 0, sizeof c);
-        c.name = fields[0];
-        c.seed = strtoull(fields[2], NULL, 10);
-        c.width = (uint32_t)atoi(fields[3]);
-        c.height = (uint32_t)atoi(fields[4]);
-        c.count = 1;
-        expected = read_file(fields[6], &expected_size);
-        CHECK(expected != NULL && expected_size == (size_t)c.width * c.height * 3);
+        expected = simple_case(fields, fields[6], &c);
         for (a = 0; a < n_adapters; a++) {
             CHECK_CODE(zimage_lora_adapter_init(pipeline, fields[7 + 2 * a], &adapters[a]), ZIMAGE_RESULT_OK);
             settings[a].adapter = adapters[a];
@@ -1115,23 +1137,12 @@ static void test_lora(const char *package, int max_cases) {
         /* The pipeline keeps its own reference: the handles can go before generating. */
         for (a = 0; a < n_adapters; a++) zimage_adapter_free(adapters[a]);
 
-        zimage_generate_params_init(&params);
-        params.prompt = fields[1];
-        params.width = c.width;
-        params.height = c.height;
-        params.steps = (uint32_t)atoi(fields[5]);
-        params.seed = c.seed;
-        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
-        if (images && expected) compare_images(images, &c, expected);
-        zimage_image_list_free(images);
-        images = NULL;
+        generate_simple_case(pipeline, fields[1], (uint32_t)atoi(fields[5]), &c, expected);
 
         /* A bad set changes nothing: the same images again. */
         settings[0].scale = NAN;
         CHECK_CODE(zimage_pipeline_set_adapters(pipeline, settings, 1), ZIMAGE_RESULT_INVALID_ARGUMENT);
-        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
-        if (images && expected) compare_images(images, &c, expected);
-        zimage_image_list_free(images);
+        generate_simple_case(pipeline, fields[1], (uint32_t)atoi(fields[5]), &c, expected);
         free(expected);
     }
     CHECK(n > 0);
@@ -1149,12 +1160,10 @@ static void test_vae_tiling(const char *package) {
     const char *path = getenv("ZIMAGE_TEST_TILING_CASE");
     char *text, *fields[9], *field, *save = NULL;
     int n_fields = 0;
-    size_t size = 0, expected_size = 0;
+    size_t size = 0;
     unsigned char *expected = NULL;
     zimage_load_params load;
     zimage_pipeline *pipeline = NULL;
-    zimage_generate_params params;
-    zimage_image_list *images = NULL;
     golden_case c;
 
     if (!path) {
@@ -1172,14 +1181,7 @@ static void test_vae_tiling(const char *package) {
         free(text);
         return;
     }
-    memset(&c, 0, sizeof c);
-    c.name = fields[0];
-    c.seed = strtoull(fields[2], NULL, 10);
-    c.width = (uint32_t)atoi(fields[3]);
-    c.height = (uint32_t)atoi(fields[4]);
-    c.count = 1;
-    expected = read_file(fields[8], &expected_size);
-    CHECK(expected != NULL && expected_size == (size_t)c.width * c.height * 3);
+    expected = simple_case(fields, fields[8], &c);
 
     zimage_load_params_init(&load);
     CHECK(load.vae_tile_size == 0 && load.vae_tile_overlap == 0);
@@ -1187,15 +1189,7 @@ static void test_vae_tiling(const char *package) {
     load.vae_tile_overlap = (uint32_t)atoi(fields[7]);
     CHECK_CODE(zimage_pipeline_load(package, &load, &pipeline), ZIMAGE_RESULT_OK);
     if (pipeline) {
-        zimage_generate_params_init(&params);
-        params.prompt = fields[1];
-        params.width = c.width;
-        params.height = c.height;
-        params.steps = (uint32_t)atoi(fields[5]);
-        params.seed = c.seed;
-        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
-        if (images && expected) compare_images(images, &c, expected);
-        zimage_image_list_free(images);
+        generate_simple_case(pipeline, fields[1], (uint32_t)atoi(fields[5]), &c, expected);
         zimage_pipeline_free(pipeline);
         pipeline = NULL;
     }
