@@ -214,7 +214,7 @@ pub struct Generation {
     pub quantization: Option<String>,
     /// The tiles the images were decoded in (`LoadOptions::vae_tiling`), when they were larger
     /// than one: the pixels then differ slightly from a whole-image decode's.
-    pub vae_tiling: Option<crate::VaeTiling>,
+    pub vae_tiling: Option<crate::model::vae_tiling::VaeTiling>,
 }
 
 impl Generation {
