@@ -24,6 +24,7 @@ client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/io-package" "$w
 # The C client's LoRA test (test_lora) reads these; c_clients.rs writes the cases file.
 export ZIMAGE_TEST_LORA_CASES="$work/lora-cases.tsv"
 export ZIMAGE_TEST_CONTROLNET_CASES="$work/controlnet-cases.tsv"
+export ZIMAGE_TEST_TILING_CASE="$work/tiling-case.tsv"
 export ZIMAGE_TEST_WRONG_LORA="$root/tests/golden/tiny-zimage-alt/loras/peft.safetensors"
 # test_recommended_params: a package exported as the base model.
 export ZIMAGE_TEST_BASE_PACKAGE="$root/models/tiny-zimage-base"
