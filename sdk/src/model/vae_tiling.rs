@@ -267,10 +267,17 @@ mod tests {
         })
     }
 
-    /// Largest difference of two arrays of the same shape.
+    /// Largest difference of two arrays of the same shape; NaN as soon as one difference is
+    /// (`f32::max` would drop it and let a `<=` bound pass).
     fn worst(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
         assert_eq!(a.shape(), b.shape());
-        a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+        a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
     }
 
     /// With stand-in networks whose output at a point depends only on the input under it
