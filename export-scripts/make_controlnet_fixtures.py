@@ -11,7 +11,8 @@ diffusers goldens (tests/golden/controlnet/cases.json).
    so both input forms of export_controlnet.py are exercised;
 3. models/<base>-control: manifest.json and transformer.onnx copied, links to the other files of
    models/<base> (the package without the add-on stays as it is), then `export_controlnet.py` adds the ControlNets;
-4. goldens from ZImageControlNetPipeline / ZImageControlNetInpaintPipeline.
+4. goldens from ZImageControlNetPipeline / ZImageControlNetInpaintPipeline, also with the base
+   package's LoRA fixtures loaded (tests/golden/<base>/loras).
 """
 
 import argparse
@@ -97,7 +98,8 @@ def main(argv=None) -> None:
             run("export_controlnet.py", "--package", package, "--src", src, "--controlnet", folder, "--name", fx.name)
         if not args.skip_goldens:
             entries.append(write_controlnet_goldens(FIXTURES[fx.base], src, folder, fx.name,
-                                                    f"models/{PACKAGES[fx.base]}", golden))
+                                                    f"models/{PACKAGES[fx.base]}", golden,
+                                                    REPO / "tests" / "golden" / fx.base / "loras"))
     if not args.skip_goldens:
         write_cases(golden, entries)
 

@@ -998,8 +998,9 @@ zimage_result zimage_cancel(const struct zimage_pipeline *pipeline);
 /**
  * Attaches the package's ControlNet `name` (added with export_controlnet.py; UTF-8), or
  * detaches it with NULL: the transformer's session is replaced by the combined transformer +
- * ControlNet graph (the shared weights stay in memory once). Requests with a `control_image`
- * need one attached. `ZIMAGE_RESULT_PACKAGE` when the package has no such ControlNet or it was
+ * ControlNet graph (the shared weights stay in memory once). LoRAs set on the pipeline stay
+ * merged, into the weights the transformer and the ControlNet share. Requests with a
+ * `control_image` need one attached. `ZIMAGE_RESULT_PACKAGE` when the package has no such ControlNet or it was
  * made for another transformer (the pipeline keeps what it had). Not while a generation runs
  * on `pipeline` from another thread (it waits for it).
  */

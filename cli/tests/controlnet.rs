@@ -47,6 +47,9 @@ fn case_args(package: &str, controlnet: &str, c: &Value) -> Vec<String> {
         push("--init-image", format!("{GOLDEN}/{init}"));
         push("--mask", format!("{GOLDEN}/{}", c["mask_file"].as_str().unwrap()));
     }
+    for lora in c["loras"].as_array().into_iter().flatten() {
+        push("--lora", format!("{GOLDEN}/{}:{}", lora["file"].as_str().unwrap(), lora["scale"]));
+    }
     args
 }
 
@@ -81,6 +84,13 @@ fn check_case(controlnet: &str, section: &str, name: &str) -> Png {
 fn controlnet_text_to_image_matches_the_golden() {
     let png = check_case("union-v2.0", "text_to_image", "scale_1.0_cfg_nonsquare");
     assert!(!png.text.contains_key("mask"));
+}
+
+#[test]
+fn controlnet_with_loras_matches_the_golden() {
+    let png = check_case("union-v2.1", "lora", "peft_0.7_kohya_1.3_cfg_nonsquare");
+    let loras = &png.text["loras"];
+    assert!(loras.contains("peft.safetensors") && loras.contains("kohya.safetensors"), "{:?}", png.text);
 }
 
 #[test]

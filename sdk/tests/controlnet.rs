@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
-use zimage::{ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, Pipeline};
+use std::sync::Arc;
+use zimage::{
+    ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, LoraAdapter, LoraSetting, Pipeline,
+};
 
 fn cases() -> Value {
     json(&golden("controlnet/cases.json"))
@@ -41,7 +44,36 @@ fn request_from(case: &Value) -> GenerateRequest {
     r
 }
 
-/// Every case of every ControlNet: final latents within 1e-4, images within 1 level.
+/// The case's LoRA set (cases of kind "lora"), its files relative to tests/golden/controlnet.
+fn lora_settings(case: &Value) -> Vec<LoraSetting> {
+    let loras = case["loras"].as_array().expect("a lora case lists its LoRAs");
+    loras
+        .iter()
+        .map(|l| {
+            let adapter = LoraAdapter::load(file(&l["file"])).expect("committed LoRA fixture");
+            LoraSetting::new(Arc::new(adapter), l["scale"].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+/// Final latents within 1e-4 of diffusers', images within 1 level.
+fn check_result(label: &str, result: &zimage::Generation, case: &Value) {
+    let want = npy_f32(&file(&case["latents_file"]));
+    let got = result.latents.as_ref().unwrap();
+    assert_eq!(got.shape(), want.shape(), "{label}");
+    let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+    assert!(diff <= tolerances().0, "{label}: final latents max abs diff {diff}");
+    eprintln!("{label}: final latents max abs diff {diff:e}");
+    let images = case["image_files"].as_array().unwrap();
+    assert_eq!(result.images.len(), images.len(), "{label}");
+    for (got, path) in result.images.iter().zip(images) {
+        let d = max_pixel_diff(got, &png_rgb(&file(path)));
+        assert!(d <= tolerances().1, "{label}: image differs by {d} levels");
+    }
+}
+
+/// Every case of every ControlNet, on a pipeline that attaches it with `set_controlnet` (and,
+/// for "lora" cases, then sets the case's LoRAs with `set_loras`).
 fn check_kind(kind: &str) -> usize {
     let mut n = 0;
     for entry in cases().as_array().unwrap() {
@@ -55,19 +87,12 @@ fn check_kind(kind: &str) -> usize {
         assert_eq!(pipeline.controlnet().as_deref(), Some(name));
         for case in list {
             let label = format!("{name}/{kind}/{}", case["name"].as_str().unwrap());
-            let result = pipeline.generate(&request_from(case), None).unwrap_or_else(|e| panic!("{label}: {e}"));
-            let want = npy_f32(&file(&case["latents_file"]));
-            let got = result.latents.as_ref().unwrap();
-            assert_eq!(got.shape(), want.shape(), "{label}");
-            let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-            assert!(diff <= tolerances().0, "{label}: final latents max abs diff {diff}");
-            eprintln!("{label}: final latents max abs diff {diff:e}");
-            let images = case["image_files"].as_array().unwrap();
-            assert_eq!(result.images.len(), images.len(), "{label}");
-            for (got, path) in result.images.iter().zip(images) {
-                let d = max_pixel_diff(got, &png_rgb(&file(path)));
-                assert!(d <= tolerances().1, "{label}: image differs by {d} levels");
+            if case.get("loras").is_some() {
+                pipeline.set_loras(&lora_settings(case)).unwrap_or_else(|e| panic!("{label}: {e}"));
+                assert_eq!(pipeline.controlnet().as_deref(), Some(name), "{label}: set_loras kept the ControlNet");
             }
+            let result = pipeline.generate(&request_from(case), None).unwrap_or_else(|e| panic!("{label}: {e}"));
+            check_result(&label, &result, case);
             n += 1;
         }
     }
@@ -78,6 +103,32 @@ fn check_kind(kind: &str) -> usize {
 fn controlnet_text_to_image_matches_diffusers() {
     let n = check_kind("text_to_image");
     assert!(n >= 7, "expected the golden ControlNet cases, found {n}");
+}
+
+/// LoRAs with a ControlNet, as diffusers' ZImageControlNetPipeline with `load_lora_weights`:
+/// set on a pipeline with the ControlNet attached (check_kind), and both given at load. The
+/// LoRAs change noise-refiner layers that the ControlNet shares with the transformer.
+#[test]
+fn controlnet_with_loras_matches_diffusers() {
+    let n = check_kind("lora");
+    assert!(n >= 3, "expected the golden ControlNet + LoRA cases, found {n}");
+    let entry = &cases()[1];
+    let case = &entry["lora"][0];
+    let mut options = LoadOptions::default();
+    options.threads = Some(1);
+    options.device = test_device();
+    options.controlnet = Some(entry["controlnet"].as_str().unwrap().to_string());
+    options.loras = lora_settings(case);
+    let pipeline = Pipeline::load(repo().join(entry["package"].as_str().unwrap()), &options).unwrap();
+    assert_eq!(pipeline.loras().len(), 2);
+    let result = pipeline.generate(&request_from(case), None).unwrap();
+    check_result("both at load", &result, case);
+    // Without the LoRAs the same request is the plain ControlNet's: the LoRAs did change it.
+    pipeline.set_loras(&[]).unwrap();
+    let plain = pipeline.generate(&request_from(case), None).unwrap();
+    let (a, b) = (plain.latents.unwrap(), result.latents.unwrap());
+    let moved = max_abs_diff(a.as_slice().unwrap(), b.as_slice().unwrap());
+    assert!(moved > 1e-2, "the LoRAs moved the latents by only {moved}");
 }
 
 #[test]

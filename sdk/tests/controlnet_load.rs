@@ -109,16 +109,48 @@ fn a_controlnet_that_does_not_fit_is_a_typed_error_at_load() {
     assert_eq!(err.kind(), ErrorKind::Package, "{err}");
 }
 
+/// LoRAs and a ControlNet together (parity with diffusers in controlnet.rs): every order of
+/// getting there gives the same latents, and detaching the ControlNet keeps the LoRAs.
 #[test]
-fn loras_and_a_controlnet_at_load_are_refused() {
+fn loras_and_a_controlnet_combine_in_any_order() {
     let package = repo().join("models/tiny-zimage-control");
     let adapter = std::sync::Arc::new(
         zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).expect("committed LoRA fixture"),
     );
+    let set = vec![zimage::LoraSetting::new(adapter, 0.9)];
+    let request = control_request();
     let mut with_both = options(Some("union-v1"));
-    with_both.loras = vec![zimage::LoraSetting::new(adapter, 1.0)];
-    let err = Pipeline::load(&package, &with_both).err().unwrap();
-    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    with_both.loras = set.clone();
+    let at_load = Pipeline::load(&package, &with_both).expect("LoRAs and a ControlNet at load");
+    assert_eq!((at_load.loras().len(), at_load.controlnet().as_deref()), (1, Some("union-v1")));
+    let want = at_load.generate(&request, None).unwrap().latents.unwrap();
+    assert!(want.iter().all(|v| v.is_finite()));
+    let without_loras = Pipeline::load(&package, &options(Some("union-v1"))).unwrap();
+    let plain = without_loras.generate(&request, None).unwrap().latents.unwrap();
+    assert_ne!(plain, want, "the LoRA changed nothing");
+
+    let controlnet_first = Pipeline::load(&package, &options(None)).unwrap();
+    controlnet_first.set_controlnet(Some("union-v1")).unwrap();
+    controlnet_first.set_loras(&set).unwrap();
+    assert_eq!(controlnet_first.generate(&request, None).unwrap().latents.unwrap(), want);
+
+    let mut loras_only = options(None);
+    loras_only.loras = set.clone();
+    let loras_first = Pipeline::load(&package, &loras_only).unwrap();
+    loras_first.set_controlnet(Some("union-v1")).unwrap();
+    assert_eq!(loras_first.loras().len(), 1);
+    assert_eq!(loras_first.generate(&request, None).unwrap().latents.unwrap(), want);
+
+    // Detached: the plain transformer with the LoRAs, as loaded with the LoRAs alone.
+    loras_first.set_controlnet(None).unwrap();
+    assert_eq!(loras_first.loras().len(), 1);
+    let mut no_control = request.clone();
+    no_control.control = None;
+    let reference = Pipeline::load(&package, &loras_only).unwrap();
+    assert_eq!(
+        loras_first.generate(&no_control, None).unwrap().latents.unwrap(),
+        reference.generate(&no_control, None).unwrap().latents.unwrap()
+    );
 }
 
 /// A quantized package carrying a `controlnets` section (copied in by hand: the exporter

@@ -280,6 +280,60 @@ impl<'a> Targets<'a> {
     }
 }
 
+impl Targets<'_> {
+    /// `merged` (weights of this transformer graph) re-addressed to `graph`, a graph that reads
+    /// the same weights from the transformer's files: a ControlNet's combined graph, whose
+    /// shared weights `export_controlnet.py` points at the transformer's bytes. Each merged
+    /// weight replaces every initializer of `graph` that reads the same bytes, so a weight the
+    /// ControlNet uses too (the noise and context refiners, which diffusers' ControlNet borrows
+    /// from the transformer) gets the LoRA there as well, as in diffusers. A weight `graph`
+    /// does not read from there is a `Package` error: the LoRA would silently not apply to it.
+    pub fn retarget(&self, merged: Vec<MergedWeight>, graph: &Path) -> Result<Vec<MergedWeight>> {
+        let theirs = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
+        let canonical = |file: &Path| std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        let mut readers: BTreeMap<(PathBuf, u64, u64), Vec<(&String, &Initializer)>> = BTreeMap::new();
+        for (name, init) in &theirs {
+            if let Some((file, offset, length)) = &init.bytes {
+                readers.entry((canonical(file), *offset, *length)).or_default().push((name, init));
+            }
+        }
+        let own_file = canonical(graph);
+        let mut out = Vec::with_capacity(merged.len());
+        for weight in merged {
+            let place = self.initializers[&weight.initializer].bytes.as_ref().map(|(f, o, l)| (canonical(f), *o, *l));
+            let found = place.as_ref().and_then(|p| readers.get(p)).map(Vec::as_slice).unwrap_or_default();
+            if found.is_empty() {
+                return Err(Error::package(
+                    graph,
+                    format!(
+                        "this ControlNet graph does not read the transformer's weight {} from the transformer's file, \
+                         so a LoRA cannot change it there; re-export the ControlNet with export_controlnet.py",
+                        weight.initializer
+                    ),
+                ));
+            }
+            for (name, init) in found {
+                if init.dims != weight.dims {
+                    return Err(Error::package(
+                        graph,
+                        format!(
+                            "initializer {name} reads the bytes of the transformer's {} but has dims {:?}, not {:?}",
+                            weight.initializer, init.dims, weight.dims
+                        ),
+                    ));
+                }
+                out.push(MergedWeight {
+                    initializer: (*name).clone(),
+                    dims: weight.dims.clone(),
+                    data: weight.data.clone(),
+                    external: init.bytes.as_ref().is_some_and(|(file, _, _)| canonical(file) != own_file),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Little-endian safetensors data to float32.
 fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     let values = match dtype {
@@ -293,4 +347,45 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
         _ => return None,
     };
     Some(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// The merged weights land on the combined graph's initializers that read the same bytes,
+    /// every one of them; a graph that reads none of them refuses the set by name.
+    #[test]
+    fn retargeting_follows_the_shared_bytes_and_refuses_a_graph_without_them() {
+        let dir = repo().join("models/tiny-zimage-control");
+        let manifest = Manifest::load(&dir, false).unwrap();
+        let transformer = dir.join("transformer.onnx");
+        let targets = Targets::read(&transformer, &manifest).unwrap();
+        let adapter = LoraAdapter::load(repo().join("tests/golden/tiny-zimage/loras/peft.safetensors")).unwrap();
+        let merged = targets.merge(&[LoraSetting::new(Arc::new(adapter), 1.0)]).unwrap();
+        assert_eq!(merged.len(), 28);
+
+        let combined = dir.join("controlnet_union-v1.onnx");
+        let retargeted = targets.retarget(merged.clone(), &combined).unwrap();
+        assert!(retargeted.len() >= merged.len());
+        let theirs = read_initializers(&combined).unwrap();
+        for weight in &retargeted {
+            let init = &theirs[&weight.initializer];
+            assert_eq!(init.dims, weight.dims);
+            assert!(weight.external, "{}: shared weights are external data of the combined graph", weight.initializer);
+            let place = init.bytes.as_ref().unwrap();
+            let source = merged.iter().find(|m| targets.initializers[&m.initializer].bytes.as_ref() == Some(place));
+            assert!(source.is_some(), "{} reads bytes no merged weight came from", weight.initializer);
+        }
+
+        let other = repo().join("models/tiny-zimage-alt/transformer.onnx");
+        let err = targets.retarget(merged, &other).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Package);
+        assert!(err.to_string().contains("does not read the transformer's weight"), "{err}");
+    }
 }

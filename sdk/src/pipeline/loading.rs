@@ -11,6 +11,7 @@ use crate::load_options::LoadOptions;
 use crate::lora::{self, LoraSetting, MergedData, MergedWeight, Targets};
 use crate::model::vae_tiling::TileGeometry;
 use crate::package::files::resolve;
+use crate::package::controlnet::ControlNetInfo;
 use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::Manifest;
 use crate::runtime::cuda_graph::session_refusal;
@@ -193,13 +194,24 @@ pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions
 }
 
 /// The transformer with a LoRA set merged into its weights (the package's own weights for an
-/// empty set, or one whose scales are all 0).
-pub(crate) fn load_transformer(graphs: &GraphLoader<'_>, device: Device, loras: &[LoraSetting]) -> Result<GraphSlot> {
-    let entry = &graphs.manifest.graphs.transformer;
+/// empty set, or one whose scales are all 0); with `controlnet`, that ControlNet's combined
+/// transformer + ControlNet graph instead, the LoRA merged into the transformer weights it
+/// shares (the ControlNet's own weights are never changed, as in diffusers, whose LoRA loader
+/// targets the transformer).
+pub(crate) fn load_transformer(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    loras: &[LoraSetting],
+    controlnet: Option<&ControlNetInfo>,
+) -> Result<GraphSlot> {
+    let entry = controlnet.map_or(&graphs.manifest.graphs.transformer, |info| &info.graph);
     let mut initializers = ExternalInitializers::default();
     if !loras.is_empty() {
-        let targets = Targets::read(&resolve(graphs.dir, &entry.path), graphs.manifest)?;
-        let merged = targets.merge(loras)?;
+        let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
+        let mut merged = targets.merge(loras)?;
+        if controlnet.is_some() {
+            merged = targets.retarget(merged, &resolve(graphs.dir, &entry.path))?;
+        }
         // A weight kept inside the .onnx protobuf can only be overridden when the session's
         // weights are set up (AddInitializer), after TensorRT has built its engine from the
         // graph's own values: refuse rather than run the package's weights silently.

@@ -118,9 +118,6 @@ impl Pipeline {
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         check_interfaces(&dir, &manifest)?;
         let controlnet = match &options.controlnet {
-            Some(_) if !options.loras.is_empty() => {
-                return Err(Error::invalid("LoRAs and a ControlNet cannot be combined yet: load with one of them"))
-            }
             Some(name) => Some((name.clone(), control::entry(&dir, &manifest, options.verify_checksums, name)?)),
             None => None,
         };
@@ -148,10 +145,10 @@ impl Pipeline {
             },
             || graphs.load_required(GraphKind::TextEncoder, options.device),
             || graphs.load_required(decoder_kind, options.device),
-            || match &controlnet {
-                // The combined graph is the transformer: the plain one is never loaded.
-                Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, transformer_device(options)),
-                None => loading::load_transformer(&graphs, transformer_device(options), &options.loras),
+            // With a ControlNet, its combined graph is the transformer: the plain one is never loaded.
+            || {
+                let controlnet = controlnet.as_ref().map(|(_, info)| info);
+                loading::load_transformer(&graphs, transformer_device(options), &options.loras, controlnet)
             },
         );
         let (text, text_encoder, transformer, vae_decoder) = (text?, text_encoder?, transformer?, vae_decoder?);
@@ -206,17 +203,11 @@ impl Pipeline {
             None => None,
         };
         let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
-        if wanted.is_some() && !active.loras.is_empty() {
-            return Err(Error::invalid(
-                "LoRAs and a ControlNet cannot be combined yet: clear the LoRAs first (set_loras(&[]))",
-            ));
-        }
         let graphs =
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
         let device = transformer_device(&self.options);
-        let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| match which {
-            Some((_, info)) => graphs.load(GraphKind::Transformer, &info.graph, device),
-            None => loading::load_transformer(&graphs, device, loras),
+        let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| {
+            loading::load_transformer(&graphs, device, loras, which.as_ref().map(|(_, info)| info))
         };
         active.slot.release();
         match load(&wanted, &active.loras) {
@@ -280,16 +271,6 @@ impl Pipeline {
     /// that start during the switch wait for it. On a GPU with TensorRT the engine is the
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
-        if self.active_transformer().controlnet.is_some() {
-            if !loras.is_empty() {
-                return Err(Error::invalid(
-                    "LoRAs and a ControlNet cannot be combined yet: detach the ControlNet first (set_controlnet(None))",
-                ));
-            }
-            // No LoRA is merged into an attached ControlNet's graph: nothing to change (reloading
-            // the plain transformer here would leave the ControlNet attached to no graph).
-            return Ok(());
-        }
         if !loras.is_empty() {
             let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
             Targets::read(&path, &self.manifest)?.check(loras)?;
@@ -298,15 +279,16 @@ impl Pipeline {
         let graphs =
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
         let device = transformer_device(&self.options);
+        let controlnet = active.controlnet.as_ref().map(|(_, info)| info.clone());
         active.slot.release();
-        match loading::load_transformer(&graphs, device, loras) {
+        match loading::load_transformer(&graphs, device, loras, controlnet.as_ref()) {
             Ok(slot) => {
                 active.slot = slot;
                 active.loras = loras.to_vec();
                 Ok(())
             }
             Err(e) => {
-                if let Ok(slot) = loading::load_transformer(&graphs, device, &active.loras) {
+                if let Ok(slot) = loading::load_transformer(&graphs, device, &active.loras, controlnet.as_ref()) {
                     active.slot = slot;
                 }
                 Err(e)
