@@ -99,7 +99,7 @@ pub struct GenerateArgs {
     control_preprocess: ControlPreprocess,
     /// A LoRA (.safetensors: diffusers/PEFT, kohya, ComfyUI, LoKr) merged into the transformer at
     /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
-    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = zimage_load_flags::parse_lora)]
     loras: Vec<(PathBuf, f32)>,
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
@@ -371,23 +371,6 @@ fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
             ),
         );
     }
-}
-
-/// `FILE[:SCALE]`: the scale is what follows the last `:` when that parses as a number (so a
-/// path with colons still works without a scale).
-fn parse_lora(value: &str) -> Result<(PathBuf, f32), String> {
-    if let Some((file, scale)) = value.rsplit_once(':') {
-        if let Ok(scale) = scale.parse::<f32>() {
-            if !scale.is_finite() {
-                return Err(format!("LoRA scale {scale} is not finite"));
-            }
-            if file.is_empty() {
-                return Err("no LoRA file before the scale".into());
-            }
-            return Ok((PathBuf::from(file), scale));
-        }
-    }
-    Ok((PathBuf::from(value), 1.0))
 }
 
 fn parse_preprocess(value: &str) -> Result<ControlPreprocess, String> {

@@ -14,14 +14,15 @@ mod workers;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use zimage::{EnhanceOptions, ErrorKind, LoadOptions, Pipeline, PromptEnhancer};
+use zimage::{EnhanceOptions, ErrorKind, LoadOptions, LoraAdapter, LoraSetting, Pipeline, PromptEnhancer};
 use zimage_load_flags::LoadFlags;
 
 use crate::metrics::Metrics;
@@ -91,6 +92,11 @@ struct Args {
     /// one. Repeat for several models.
     #[arg(long, value_name = "[MODEL=]NAME")]
     controlnet: Vec<String>,
+    /// A LoRA adapter merged into the transformer at load (diffusers/PEFT, kohya, ComfyUI or
+    /// LoKr .safetensors), with its scale (default 1): FILE[:SCALE] for every model,
+    /// MODEL=FILE[:SCALE] for one. Repeat for several; they add up, with a ControlNet too.
+    #[arg(long = "lora", value_name = "[MODEL=]FILE[:SCALE]")]
+    loras: Vec<String>,
     #[command(flatten)]
     load: LoadFlags,
     /// TensorRT: most images per request (`n`) the engines serve.
@@ -124,28 +130,49 @@ fn model_spec(arg: &str) -> (String, PathBuf) {
     (name, dir)
 }
 
-/// The ControlNet each model loads with, from `--controlnet [MODEL=]NAME` values, in the
-/// order of `models`; an error names a MODEL that is not served or a model given two.
-fn controlnets_for(models: &[String], values: &[String]) -> Result<Vec<Option<String>>, String> {
-    let mut chosen: Vec<Option<String>> = vec![None; models.len()];
+/// Per model (in the order of `models`), the values of a repeatable `--FLAG [MODEL=]VALUE`
+/// meant for it: `MODEL=VALUE` for that model (an error when no such model is served), a plain
+/// VALUE for every model.
+fn per_model(flag: &str, models: &[String], values: &[String]) -> Result<Vec<Vec<String>>, String> {
+    let mut chosen: Vec<Vec<String>> = vec![Vec::new(); models.len()];
     for value in values {
-        let (targets, name): (Vec<usize>, &str) = match value.split_once('=') {
-            Some((model, name)) => match models.iter().position(|m| m == model) {
-                Some(i) => (vec![i], name),
-                None => return Err(format!("--controlnet {value}: no model '{model}' is served")),
+        let (targets, item): (Vec<usize>, &str) = match value.split_once('=') {
+            Some((model, item)) => match models.iter().position(|m| m == model) {
+                Some(i) => (vec![i], item),
+                None => return Err(format!("--{flag} {value}: no model '{model}' is served")),
             },
             None => ((0..models.len()).collect(), value.as_str()),
         };
-        if name.is_empty() {
-            return Err(format!("--controlnet {value}: the ControlNet's name is empty"));
-        }
         for i in targets {
-            if chosen[i].replace(name.to_string()).is_some() {
-                return Err(format!("--controlnet: model '{}' is given two ControlNets", models[i]));
-            }
+            chosen[i].push(item.to_string());
         }
     }
     Ok(chosen)
+}
+
+/// The ControlNet each model loads with, from `--controlnet [MODEL=]NAME` values, in the
+/// order of `models`; an error names a MODEL that is not served or a model given two.
+fn controlnets_for(models: &[String], values: &[String]) -> Result<Vec<Option<String>>, String> {
+    let mut chosen = Vec::with_capacity(models.len());
+    for (model, names) in models.iter().zip(per_model("controlnet", models, values)?) {
+        match names.as_slice() {
+            [] => chosen.push(None),
+            [name] if name.is_empty() => return Err("--controlnet: the ControlNet's name is empty".to_string()),
+            [name] => chosen.push(Some(name.clone())),
+            _ => return Err(format!("--controlnet: model '{model}' is given two ControlNets")),
+        }
+    }
+    Ok(chosen)
+}
+
+/// The LoRA files and scales each model loads with, from `--lora [MODEL=]FILE[:SCALE]`.
+fn loras_for(models: &[String], values: &[String]) -> Result<Vec<Vec<(PathBuf, f32)>>, String> {
+    per_model("lora", models, values)?
+        .into_iter()
+        .map(|files| {
+            files.iter().map(|f| zimage_load_flags::parse_lora(f).map_err(|e| format!("--lora {f}: {e}"))).collect()
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -167,9 +194,9 @@ fn main() -> ExitCode {
         }
     }
     let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
-    let controlnets = match controlnets_for(&names, &args.controlnet) {
-        Ok(c) => c,
-        Err(message) => {
+    let (controlnets, loras) = match (controlnets_for(&names, &args.controlnet), loras_for(&names, &args.loras)) {
+        (Ok(c), Ok(l)) => (c, l),
+        (Err(message), _) | (_, Err(message)) => {
             eprintln!("zimage-server: error: {message}");
             return ExitCode::from(2);
         }
@@ -181,10 +208,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(args, specs, controlnets))
+    runtime.block_on(serve(args, specs, controlnets, loras))
 }
 
-async fn serve(args: Args, specs: Vec<(String, PathBuf)>, controlnets: Vec<Option<String>>) -> ExitCode {
+async fn serve(
+    args: Args,
+    specs: Vec<(String, PathBuf)>,
+    controlnets: Vec<Option<String>>,
+    loras: Vec<Vec<(PathBuf, f32)>>,
+) -> ExitCode {
     let address = format!("{}:{}", args.host, args.port);
     let listener = match tokio::net::TcpListener::bind(&address).await {
         Ok(l) => l,
@@ -226,6 +258,7 @@ async fn serve(args: Args, specs: Vec<(String, PathBuf)>, controlnets: Vec<Optio
         let plan = LoadPlan {
             options: args.load_options(),
             controlnets,
+            loras,
             enhancer: args.enhancer.clone(),
             enhance,
             workers: args.workers as usize,
@@ -290,14 +323,32 @@ struct LoadPlan {
     options: LoadOptions,
     /// Per model (in the order served): the ControlNet loaded as its transformer.
     controlnets: Vec<Option<String>>,
+    /// Per model: the LoRA files and scales merged into its transformer.
+    loras: Vec<Vec<(PathBuf, f32)>>,
     enhancer: Option<PathBuf>,
     enhance: EnhanceOptions,
     workers: usize,
     max_queue: usize,
 }
 
+/// Logs why model `name` cannot load and gives the exit code for it (as the CLI's: 3 package,
+/// 4 runtime, 5 provider, 6 request, 9 I/O, 10 LoRA, 1 otherwise).
+fn load_failure(name: &str, kind: ErrorKind, message: &str) -> u8 {
+    tracing::error!(model = %name, "cannot load the model: {message}");
+    eprintln!("zimage-server: error: model '{name}': {message}");
+    match kind {
+        ErrorKind::Package => 3,
+        ErrorKind::Runtime => 4,
+        ErrorKind::Provider => 5,
+        ErrorKind::InvalidRequest => 6,
+        ErrorKind::Io => 9,
+        ErrorKind::Lora => 10,
+        _ => 1,
+    }
+}
+
 /// Loads `workers` pipelines per model, in parallel, and starts their queues. On failure the
-/// error is logged and its exit code returned (3 package, 4 runtime, 5 provider, 6 request).
+/// error is logged and its exit code returned ([`load_failure`]).
 fn load_models(
     state: &AppState,
     specs: &[(String, PathBuf)],
@@ -306,15 +357,35 @@ fn load_models(
 ) -> Result<(), u8> {
     let started = Instant::now();
     let (options, workers, max_queue) = (&plan.options, plan.workers, plan.max_queue);
+    // Each LoRA file is read and checked once, whatever the number of models and workers; a
+    // bad one fails the start as a model that cannot load does.
+    let mut adapters: BTreeMap<&Path, Arc<LoraAdapter>> = BTreeMap::new();
+    let mut lora_sets = Vec::with_capacity(specs.len());
+    for ((name, _), files) in specs.iter().zip(&plan.loras) {
+        let mut set = Vec::with_capacity(files.len());
+        for (path, scale) in files {
+            let adapter = match adapters.get(path.as_path()) {
+                Some(adapter) => Arc::clone(adapter),
+                None => match LoraAdapter::load(path) {
+                    Ok(adapter) => Arc::clone(adapters.entry(path.as_path()).or_insert(Arc::new(adapter))),
+                    Err(e) => return Err(load_failure(name, e.kind(), &error::one_line(&e.to_string()))),
+                },
+            };
+            set.push(LoraSetting::new(adapter, *scale));
+        }
+        lora_sets.push(set);
+    }
     let loads: Vec<Vec<std::thread::JoinHandle<zimage::Result<LoadedWorker>>>> = specs
         .iter()
-        .zip(&plan.controlnets)
-        .map(|((_, dir), controlnet)| {
+        .zip(plan.controlnets.iter().zip(lora_sets))
+        .map(|((_, dir), (controlnet, loras))| {
             (0..workers)
                 .map(|_| {
                     let (dir, mut options, separate) = (dir.clone(), options.clone(), plan.enhancer.clone());
                     options.controlnet = controlnet.clone();
+                    let loras = loras.clone();
                     std::thread::spawn(move || {
+                        options.loras = loras;
                         let pipeline = Pipeline::load(&dir, &options)?;
                         let manifest = pipeline.manifest();
                         let enhancer = if manifest.enhancer.is_some() && manifest.graphs.text_decoder.is_some() {
@@ -348,17 +419,8 @@ fn load_models(
         loaded.push((name.clone(), dir.clone(), model));
     }
     if let Some((name, kind, message)) = failure {
-        tracing::error!(model = %name, "cannot load the model: {message}");
-        eprintln!("zimage-server: error: model '{name}': {message}");
         drop(loaded);
-        return Err(match kind {
-            ErrorKind::Package => 3,
-            ErrorKind::Runtime => 4,
-            ErrorKind::Provider => 5,
-            ErrorKind::InvalidRequest => 6,
-            ErrorKind::Io => 9,
-            _ => 1,
-        });
+        return Err(load_failure(&name, kind, &message));
     }
     let pools = loaded
         .into_iter()

@@ -567,3 +567,92 @@ fn controlnet_for_a_model_not_served_is_a_usage_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no model 'other' is served"));
 }
+
+/// `--lora FILE[:SCALE]` merges the adapter into every served model's transformer, with a
+/// ControlNet too: each model returns diffusers' golden image for its case (LoRA on the plain
+/// package: tests/golden/tiny-zimage/lora.json; LoRA with the ControlNet:
+/// tests/golden/controlnet, "lora" cases), and the PNG parameters record the LoRA.
+#[test]
+fn loras_given_at_start_apply_to_every_model_with_a_controlnet_too() {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let controlnet_golden = root().join("tests/golden/controlnet");
+    let cases: Value = serde_json::from_slice(&std::fs::read(controlnet_golden.join("cases.json")).unwrap()).unwrap();
+    let entry = &cases[0];
+    let control_case = &entry["lora"][0];
+    let lora = &control_case["loras"][0];
+    let lora_file = controlnet_golden.join(lora["file"].as_str().unwrap()).display().to_string();
+    let lora_golden = root().join("tests/golden/tiny-zimage");
+    let plain: Value = serde_json::from_slice(&std::fs::read(lora_golden.join("lora.json")).unwrap()).unwrap();
+    let plain_case = plain["cases"].as_array().unwrap().iter().find(|c| c["name"] == "peft_1.0").unwrap();
+    assert_eq!(plain_case["loras"].as_array().unwrap().len(), 1);
+    assert!(lora_file.ends_with(plain_case["loras"][0]["file"].as_str().unwrap()), "the same adapter");
+    assert_eq!((lora["scale"].as_f64(), plain_case["loras"][0]["scale"].as_f64()), (Some(1.0), Some(1.0)));
+
+    let package = root().join(entry["package"].as_str().unwrap()).display().to_string();
+    let controlnet = entry["controlnet"].as_str().unwrap();
+    let server = Server::start(&[
+        "--model",
+        &format!("control={package}"),
+        "--model",
+        &tiny(),
+        "--controlnet",
+        &format!("control={controlnet}"),
+        "--lora",
+        &lora_file,
+    ]);
+    let request = |model: &str, case: &Value| {
+        json!({
+            "model": model,
+            "prompt": case["prompt"],
+            "seed": case["seed"],
+            "num_inference_steps": case["num_inference_steps"],
+            "guidance_scale": case["guidance_scale"],
+            "size": format!("{}x{}", case["width"], case["height"]),
+        })
+    };
+    let check = |body: Value, expected: PathBuf| {
+        let response = server.generate(body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let png = engine.decode(response.json()["data"][0]["b64_json"].as_str().unwrap()).unwrap();
+        let got = image::load_from_memory(&png).unwrap().to_rgb8();
+        let want = image::open(&expected).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), want.dimensions());
+        let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 1, "{}: {worst} levels from diffusers' image", expected.display());
+        let text = String::from_utf8_lossy(&png).into_owned();
+        assert!(text.contains("peft.safetensors"), "PNG parameters lack the LoRA");
+    };
+    let mut body = request("control", control_case);
+    let control_png = std::fs::read(controlnet_golden.join(control_case["control_image_file"].as_str().unwrap())).unwrap();
+    body["control_image"] = json!(format!("data:image/png;base64,{}", engine.encode(&control_png)));
+    body["control_scale"] = control_case["controlnet_conditioning_scale"].clone();
+    check(body, controlnet_golden.join(control_case["image_files"][0].as_str().unwrap()));
+    check(request("tiny-zimage", plain_case), lora_golden.join(plain_case["image_files"][0].as_str().unwrap()));
+}
+
+/// Bad `--lora` values: a model that is not served and a bad scale are usage errors (2), an
+/// adapter that does not fit the model fails the start with the LoRA exit code (10).
+#[test]
+fn bad_loras_at_start_are_usage_or_lora_errors() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+            .args(["--port", "0", "--threads", "1", "--model", &tiny()])
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    let output = run(&["--lora", "other=tests/golden/tiny-zimage/loras/peft.safetensors"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--lora other="), "{output:?}");
+    let output = run(&["--lora", "tests/golden/tiny-zimage/loras/peft.safetensors:inf"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not finite"), "{output:?}");
+    // tiny-zimage-alt's adapter: another width.
+    let output = run(&["--lora", "tests/golden/tiny-zimage-alt/loras/peft.safetensors"]);
+    assert_eq!(output.status.code(), Some(10), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("model 'tiny-zimage'"), "{output:?}");
+    let output = run(&["--lora", "Cargo.toml"]);
+    assert_eq!(output.status.code(), Some(10), "{output:?}");
+}
