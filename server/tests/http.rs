@@ -493,6 +493,19 @@ fn unavailable_while_loading_and_draining_then_exit_0() {
     assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
 }
 
+/// A server of two models: "control", the package of ControlNet golden `entry` loaded with that
+/// ControlNet, and the plain tiny package; `extra` flags added.
+fn control_server(entry: &Value, extra: &[&str]) -> Server {
+    let package = root().join(entry["package"].as_str().unwrap()).display().to_string();
+    let controlnet = format!("control={}", entry["controlnet"].as_str().unwrap());
+    let model = format!("control={package}");
+    let mut args = vec!["--model", model.as_str(), "--model"];
+    let tiny = tiny();
+    args.extend([tiny.as_str(), "--controlnet", controlnet.as_str()]);
+    args.extend(extra);
+    Server::start(&args)
+}
+
 /// ControlNet on /v1/images/generations: a server started with `--controlnet` takes a base64
 /// control map and scale and returns diffusers' golden image (tests/golden/controlnet, within
 /// one level) with the ControlNet recorded in the PNG parameters; bad control input is a 400.
@@ -504,16 +517,8 @@ fn generations_take_a_control_image_with_a_controlnet_loaded() {
     let cases: Value = serde_json::from_slice(&std::fs::read(golden.join("cases.json")).unwrap()).unwrap();
     let entry = &cases[0];
     let case = &entry["text_to_image"][0];
-    let package = root().join(entry["package"].as_str().unwrap()).display().to_string();
     let controlnet = entry["controlnet"].as_str().unwrap();
-    let server = Server::start(&[
-        "--model",
-        &format!("control={package}"),
-        "--model",
-        &tiny(),
-        "--controlnet",
-        &format!("control={controlnet}"),
-    ]);
+    let server = control_server(entry, &[]);
     let control_png = std::fs::read(golden.join(case["control_image_file"].as_str().unwrap())).unwrap();
     let body = json!({
         "model": "control",
@@ -589,18 +594,7 @@ fn loras_given_at_start_apply_to_every_model_with_a_controlnet_too() {
     assert!(lora_file.ends_with(plain_case["loras"][0]["file"].as_str().unwrap()), "the same adapter");
     assert_eq!((lora["scale"].as_f64(), plain_case["loras"][0]["scale"].as_f64()), (Some(1.0), Some(1.0)));
 
-    let package = root().join(entry["package"].as_str().unwrap()).display().to_string();
-    let controlnet = entry["controlnet"].as_str().unwrap();
-    let server = Server::start(&[
-        "--model",
-        &format!("control={package}"),
-        "--model",
-        &tiny(),
-        "--controlnet",
-        &format!("control={controlnet}"),
-        "--lora",
-        &lora_file,
-    ]);
+    let server = control_server(entry, &["--lora", &lora_file]);
     let request = |model: &str, case: &Value| {
         json!({
             "model": model,
