@@ -134,6 +134,8 @@ pub struct Meta {
 /// The control map of a generation, decoded, and the ControlNet the model was loaded with.
 pub struct ControlInput {
     pub image: RgbImage,
+    /// What the PNG parameters call it: the uploaded file's name, or `control_image`.
+    pub name: String,
     /// `None`: the model was loaded without a ControlNet (the request is refused).
     pub controlnet: Option<String>,
 }
@@ -153,6 +155,21 @@ pub fn prepare(
     control: Option<ControlInput>,
     defaults: &GenerationDefaults,
 ) -> Result<Prepared, ApiError> {
+    if let (Some(edit), Some(_)) = (&edit, &control) {
+        // ControlNet inpainting: diffusers' ZImageControlNetInpaintPipeline starts from noise.
+        if edit.mask.is_none() {
+            return Err(ApiError::invalid(
+                "a control_image on /v1/images/edits is ControlNet inpainting, which needs a mask",
+            )
+            .with_param("mask"));
+        }
+        if params.strength.is_some() {
+            return Err(ApiError::invalid(
+                "strength does not apply to ControlNet inpainting (it starts from noise); leave it out",
+            )
+            .with_param("strength"));
+        }
+    }
     if control.is_none() {
         for (given, name) in [
             (params.control_image.is_some(), "control_image"),
@@ -160,11 +177,7 @@ pub fn prepare(
             (params.control_preprocess.is_some(), "control_preprocess"),
         ] {
             if given {
-                let message = if edit.is_some() {
-                    format!("{name} applies to /v1/images/generations only")
-                } else {
-                    format!("{name} needs a control_image")
-                };
+                let message = format!("{name} needs a control_image");
                 return Err(ApiError::invalid(message).with_param(name));
             }
         }
@@ -208,7 +221,15 @@ pub fn prepare(
     request.height = height;
 
     let mut inputs = InputNames::default();
+    let is_edit = edit.is_some();
+    let mut control_inpaint = None;
     match edit {
+        Some(edit) if control.is_some() => {
+            let image = zimage::image_io::resize_rgb(&edit.image, width, height)
+                .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+            let (mask, mask_name) = edit.mask.expect("checked above");
+            control_inpaint = Some((image, edit.image_name, mask, mask_name));
+        }
         Some(edit) => {
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
                 .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
@@ -228,8 +249,13 @@ pub fn prepare(
     }
     let mut control_names = ControlNames::default();
     if let Some(control) = control {
-        control_names =
-            control_condition(&mut request, control, params.control_scale, params.control_preprocess.as_deref())?;
+        control_names = control_condition(
+            &mut request,
+            control,
+            control_inpaint,
+            params.control_scale,
+            params.control_preprocess.as_deref(),
+        )?;
     }
 
     let format = match params.output_format.as_deref() {
@@ -259,7 +285,7 @@ pub fn prepare(
         return Err(ApiError::invalid(format!("background {b:?} is not supported: the images are opaque"))
             .with_param("background"));
     }
-    let edit = request.init_image.is_some();
+    let edit = is_edit;
     Ok(Prepared {
         model: params.model,
         spec: JobSpec {
@@ -282,10 +308,12 @@ pub fn prepare(
 }
 
 /// Sets `request.control` from the decoded control map (resized to the request's size, then
-/// preprocessed) and the scale; returns the names the PNG parameters record.
+/// preprocessed) and the scale, with `inpaint`'s picture (resized) and mask, and their names,
+/// for ControlNet inpainting; returns the names the PNG parameters record.
 fn control_condition(
     request: &mut GenerateRequest,
     control: ControlInput,
+    inpaint: Option<(RgbImage, String, GrayImage, String)>,
     scale: Option<f32>,
     preprocess: Option<&str>,
 ) -> Result<ControlNames, ApiError> {
@@ -300,17 +328,24 @@ fn control_condition(
     let resized = zimage::image_io::resize_rgb(&control.image, request.width, request.height)
         .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
     let map = preprocess.apply(&resized).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
-    let mut condition = ControlCondition::new(map);
+    let mut names = ControlNames {
+        controlnet,
+        control_image: control.name,
+        preprocess: preprocess.name(),
+        ..ControlNames::default()
+    };
+    let mut condition = match inpaint {
+        Some((picture, picture_name, mask, mask_name)) => {
+            (names.inpaint_image, names.mask) = (picture_name, mask_name);
+            ControlCondition::inpaint(map, picture, mask)
+        }
+        None => ControlCondition::new(map),
+    };
     if let Some(scale) = scale {
         condition.conditioning_scale = scale;
     }
     request.control = Some(condition);
-    Ok(ControlNames {
-        controlnet,
-        control_image: "control_image".into(),
-        preprocess: preprocess.name(),
-        ..ControlNames::default()
-    })
+    Ok(names)
 }
 
 /// Steps for OpenAI's `quality` from the model's recommended steps (see the module's

@@ -340,7 +340,8 @@ async fn generations(
             check_dimensions(&bytes, max_side, "control_image")?;
             let image =
                 zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
-            prepare(params, None, Some(ControlInput { image, controlnet }), &defaults)
+            let name = "control_image".to_string();
+            prepare(params, None, Some(ControlInput { image, name, controlnet }), &defaults)
         })
         .await
         .map_err(|e| ApiError::internal(format!("decoding the control image failed: {e}")))?
@@ -372,8 +373,9 @@ fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
     }
 }
 
-/// Reads the multipart form: `image` (or `image[]`, one picture), optional `mask`, and the
-/// text fields; checks the pictures' dimensions from their headers before decoding them.
+/// Reads the multipart form: `image` (or `image[]`, one picture), optional `mask`, optional
+/// `control_image` (with a ControlNet loaded: ControlNet inpainting; a file, or base64 text),
+/// and the text fields; checks the pictures' dimensions from their headers before decoding them.
 async fn read_edit(
     state: &Arc<AppState>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
@@ -385,13 +387,20 @@ async fn read_edit(
     let mut fields = Vec::new();
     let mut image: Option<(String, Bytes)> = None;
     let mut mask: Option<(String, Bytes)> = None;
+    let mut control: Option<(String, Bytes)> = None;
     while let Some(field) = multipart.next_field().await.map_err(read_error)? {
         let name = field.name().unwrap_or_default().to_string();
+        // A control map comes as a file part, or as base64 text (a client's extra field).
+        let control_file = name == "control_image" && field.file_name().is_some();
         match name.as_str() {
-            "image" | "image[]" | "mask" => {
+            "image" | "image[]" | "mask" | "control_image" if name != "control_image" || control_file => {
                 let file_name = field.file_name().unwrap_or(&name).to_string();
                 let bytes = field.bytes().await.map_err(read_error)?;
-                let slot = if name == "mask" { &mut mask } else { &mut image };
+                let slot = match name.as_str() {
+                    "mask" => &mut mask,
+                    "control_image" => &mut control,
+                    _ => &mut image,
+                };
                 if slot.is_some() {
                     return Err(ApiError::invalid(format!("one '{name}' picture per request")).with_param(name));
                 }
@@ -403,14 +412,29 @@ async fn read_edit(
             }
         }
     }
-    let params = ImageParams::from_fields(&fields)?;
-    let defaults = state.pool(params.model.as_deref())?.checker.manifest().generation_defaults;
+    let mut params = ImageParams::from_fields(&fields)?;
+    let pool = state.pool(params.model.as_deref())?;
+    let (defaults, controlnet) = (pool.checker.manifest().generation_defaults, pool.checker.controlnet());
     let (image_name, image_bytes) =
         image.ok_or_else(|| ApiError::invalid("'image' is required").with_param("image"))?;
+    let control = match (control, params.control_image.take()) {
+        (Some((name, bytes)), None) => Some((name, bytes.to_vec())),
+        (None, Some(text)) => {
+            Some(("control_image".to_string(), decode_base64_file(&text).map_err(|e| e.with_param("control_image"))?))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("one 'control_image' per request (a file or base64 text)")
+                .with_param("control_image"))
+        }
+        (None, None) => None,
+    };
     let max_side = state.settings.max_input_side;
     check_dimensions(&image_bytes, max_side, "image")?;
     if let Some((_, bytes)) = &mask {
         check_dimensions(bytes, max_side, "mask")?;
+    }
+    if let Some((_, bytes)) = &control {
+        check_dimensions(bytes, max_side, "control_image")?;
     }
     // Decoding and resizing are CPU work: off the async threads.
     tokio::task::spawn_blocking(move || {
@@ -420,7 +444,16 @@ async fn read_edit(
             Some((name, bytes)) => Some((decode_mask(&bytes).map_err(|e| e.with_param("mask"))?, name)),
             None => None,
         };
-        prepare(params, Some(EditInput { image, image_name, mask }), None, &defaults)
+        let control = match control {
+            Some((name, bytes)) => Some(ControlInput {
+                image: zimage::image_io::decode_rgb(&bytes)
+                    .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?,
+                name,
+                controlnet,
+            }),
+            None => None,
+        };
+        prepare(params, Some(EditInput { image, image_name, mask }), control, &defaults)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
