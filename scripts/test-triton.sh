@@ -35,7 +35,11 @@ ln -s "$root/.runtime/lib/libonnxruntime.so.1.31.1" "$work/backends/zimage/libon
 package="$root/models/tiny-zimage"
 "$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --instances 2 --threads 1
 "$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --name zimage_reload --threads 1
+control_package="$root/models/tiny-zimage-control"
+"$target/debug/zimage" triton-repo --model "$control_package" --out "$work/repository" --name zimage_control \
+  --threads 1 --controlnet union-v2.1
 
 export TRITONSERVER="$tritonserver" ZIMAGE_BACKENDS="$work/backends" ZIMAGE_REPOSITORY="$work/repository"
 export ZIMAGE_CLI="$target/debug/zimage" ZIMAGE_PACKAGE="$package" ZIMAGE_RESULTS="$work"
+export ZIMAGE_CONTROL_PACKAGE="$control_package"
 timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs triton/tests/python "$@"

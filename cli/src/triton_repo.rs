@@ -40,6 +40,10 @@ pub struct TritonRepoArgs {
     /// tensorrt: the engine cache folder on each node [default: ~/.cache/zimage/tensorrt].
     #[arg(long, value_name = "DIR")]
     trt_cache: Option<PathBuf>,
+    /// A ControlNet of the package (export_controlnet.py) the model loads, for requests with
+    /// CONTROL_IMAGE.
+    #[arg(long, value_name = "NAME")]
+    controlnet: Option<String>,
 }
 
 pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
@@ -56,6 +60,7 @@ pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
     options.threads = args.threads;
     options.max_count = args.max_count;
     options.tensorrt_cache = args.trt_cache;
+    options.controlnet = args.controlnet;
     let model_dir = repository::write_repository(&args.model, &args.out, &options)?;
     out(&format!(
         "wrote {}\nserve it with: tritonserver --model-repository {} --backend-directory DIR \

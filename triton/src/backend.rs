@@ -287,7 +287,11 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceInitialize(instance: *mut api::Mode
             ),
         );
         let requests = instance_metric(api, &model.name, model.version, &name);
-        let limits = Limits { max_prompt_bytes: settings.max_prompt_bytes, max_count: settings.max_count };
+        let limits = Limits {
+            max_prompt_bytes: settings.max_prompt_bytes,
+            max_count: settings.max_count,
+            controlnet: settings.controlnet.is_some(),
+        };
         let raw = Box::into_raw(Box::new(InstanceState { name, pipeline, limits, requests }));
         // SAFETY: Triton keeps the pointer until ModelInstanceFinalize, which frees it.
         let set =

@@ -29,6 +29,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("tensorrt_guidance", "true: TensorRT profiles also cover GUIDANCE > 0 (twice the batch) [false]"),
     ("winograd_vae", "true: decode with the package's Winograd VAE decoder on the CPU [false]"),
     ("vae_tiling", "SIZE or SIZE:OVERLAP pixels: decode larger images in overlapping tiles, less memory [off]"),
+    ("controlnet", "a ControlNet of the package (export_controlnet.py) to load, for CONTROL_IMAGE requests [none]"),
 ];
 
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 16384;
@@ -50,6 +51,8 @@ pub struct ModelSettings {
     pub tensorrt_guidance: bool,
     pub winograd_vae: bool,
     pub vae_tiling: Option<zimage::VaeTiling>,
+    /// The package's ControlNet loaded as the transformer (CONTROL_IMAGE requests).
+    pub controlnet: Option<String>,
 }
 
 impl ModelSettings {
@@ -78,6 +81,7 @@ impl ModelSettings {
             tensorrt_guidance: false,
             winograd_vae: false,
             vae_tiling: None,
+            controlnet: None,
         };
         let empty = serde_json::Map::new();
         let parameters = match config.get("parameters") {
@@ -116,6 +120,7 @@ impl ModelSettings {
                 "vae_tiling" => {
                     settings.vae_tiling = Some(text.parse().map_err(|e| format!("parameter vae_tiling: {e}"))?)
                 }
+                "controlnet" => settings.controlnet = Some(nonempty(key, text)?.to_string()),
                 _ => {
                     let known: Vec<&str> = PARAMETERS.iter().map(|(k, _)| *k).collect();
                     return Err(format!("unknown parameter {key:?} (known: {})", known.join(", ")));
@@ -152,6 +157,7 @@ impl ModelSettings {
         options.allow_cpu_fallback = self.allow_cpu_fallback;
         options.winograd_vae = self.winograd_vae;
         options.vae_tiling = self.vae_tiling;
+        options.controlnet = self.controlnet.clone();
         options.gpu.tensorrt.cache_dir = self.tensorrt_cache.clone();
         options.gpu.tensorrt.max_images = self.max_count;
         options.gpu.tensorrt.guidance = self.tensorrt_guidance;

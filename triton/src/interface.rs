@@ -102,6 +102,15 @@ pub const INPUTS: &[TensorSpec] = &[
     input("INIT_IMAGE", DataType::Uint8, &[-1, -1, 3], true, "image-to-image start picture, RGB [H, W, 3]"),
     input("MASK", DataType::Uint8, &[-1, -1], true, "inpainting mask at the output size [H, W], white = repaint"),
     input("STRENGTH", DataType::Fp64, &[1], true, "how much of INIT_IMAGE is regenerated, 0..1 [0.6; 1.0 with MASK]"),
+    input(
+        "CONTROL_IMAGE",
+        DataType::Uint8,
+        &[-1, -1, 3],
+        true,
+        "ControlNet control map, RGB [H, W, 3] (parameter controlnet); with INIT_IMAGE and MASK: ControlNet inpainting",
+    ),
+    input("CONTROL_SCALE", DataType::Fp32, &[1], true, "ControlNet conditioning scale [0.75]"),
+    input("CONTROL_PREPROCESS", DataType::Bytes, &[1], true, "none, canny or canny:LOW:HIGH (edges from a photo) [none]"),
 ];
 
 /// Outputs.

@@ -27,6 +27,8 @@ pub struct RepositoryOptions {
     pub max_count: Option<u32>,
     /// TensorRT engine cache folder on each node.
     pub tensorrt_cache: Option<PathBuf>,
+    /// The package's ControlNet to load (parameter `controlnet`).
+    pub controlnet: Option<String>,
 }
 
 impl RepositoryOptions {
@@ -40,6 +42,7 @@ impl RepositoryOptions {
             threads: None,
             max_count: None,
             tensorrt_cache: None,
+            controlnet: None,
         }
     }
 }
@@ -76,6 +79,9 @@ pub fn config_pbtxt(options: &RepositoryOptions) -> String {
     }
     if let Some(cache) = &options.tensorrt_cache {
         parameters.push(("tensorrt_cache", cache.display().to_string()));
+    }
+    if let Some(name) = &options.controlnet {
+        parameters.push(("controlnet", name.clone()));
     }
     for (key, value) in parameters {
         let _ = writeln!(out, "parameters: {{ key: \"{key}\" value: {{ string_value: \"{}\" }} }}", escape(&value));

@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use zimage::{image_io, GenerateRequest, GenerationDefaults, GrayImage, InitImage, Prompt, RgbImage};
+use zimage::{
+    image_io, ControlCondition, ControlPreprocess, GenerateRequest, GenerationDefaults, GrayImage, InitImage, Prompt,
+    RgbImage,
+};
 
 use crate::interface::{self, DataType};
 
@@ -27,6 +30,8 @@ impl Tensor {
 pub struct Limits {
     pub max_prompt_bytes: usize,
     pub max_count: u32,
+    /// Whether the model loads a ControlNet (parameter `controlnet`): CONTROL_IMAGE needs one.
+    pub controlnet: bool,
 }
 
 /// A request the backend rejects before it reaches the pipeline (Triton INVALID_ARG).
@@ -44,7 +49,9 @@ fn bad(message: impl Into<String>) -> InputError {
 }
 
 /// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
-/// flags: without WIDTH/HEIGHT an INIT_IMAGE keeps its size, otherwise it is resized.
+/// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) keeps its size, otherwise
+/// it is resized. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
+/// ControlNet inpainting (from noise, no STRENGTH), as `zimage generate --controlnet`.
 /// Inputs left out take the model's recommended settings (`defaults`, the package's
 /// `generation_defaults`).
 pub fn build_request(
@@ -101,8 +108,9 @@ pub fn build_request(
     let width = scalar_i32(inputs, "WIDTH")?.map(|w| positive("WIDTH", w)).transpose()?;
     let height = scalar_i32(inputs, "HEIGHT")?.map(|h| positive("HEIGHT", h)).transpose()?;
 
-    let init = inputs.get("INIT_IMAGE").map(init_image).transpose()?;
+    let init = inputs.get("INIT_IMAGE").map(|t| rgb_image(t, "INIT_IMAGE")).transpose()?;
     let mask = inputs.get("MASK").map(mask).transpose()?;
+    let control = inputs.get("CONTROL_IMAGE").map(|t| rgb_image(t, "CONTROL_IMAGE")).transpose()?;
     let strength = match scalar(inputs, "STRENGTH", 8)? {
         Some(bytes) => {
             let s = f64::from_le_bytes(bytes.try_into().expect("8 bytes"));
@@ -113,8 +121,33 @@ pub fn build_request(
         }
         None => None,
     };
-    request.width = width.or(init.as_ref().map(|i| i.width)).unwrap_or(request.width);
-    request.height = height.or(init.as_ref().map(|i| i.height)).unwrap_or(request.height);
+    let sized_by = init.as_ref().or(control.as_ref());
+    request.width = width.or(sized_by.map(|i| i.width)).unwrap_or(request.width);
+    request.height = height.or(sized_by.map(|i| i.height)).unwrap_or(request.height);
+    if let Some(control) = control {
+        if !limits.controlnet {
+            return Err(bad("CONTROL_IMAGE needs a ControlNet: this model has none (parameter controlnet)"));
+        }
+        let init = match (init, mask) {
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("INIT_IMAGE with CONTROL_IMAGE is ControlNet inpainting, which needs MASK")),
+            (None, Some(_)) => return Err(bad("MASK needs INIT_IMAGE")),
+            (Some(image), Some(mask)) => Some((image, mask)),
+        };
+        if init.is_some() && strength.is_some() {
+            return Err(bad("STRENGTH does not apply to ControlNet inpainting (it starts from noise)"));
+        }
+        if init.is_none() && strength.is_some() {
+            return Err(bad("STRENGTH needs INIT_IMAGE"));
+        }
+        request.control = Some(control_condition(inputs, limits, &control, init, request.width, request.height)?);
+        return Ok(request);
+    }
+    for name in ["CONTROL_SCALE", "CONTROL_PREPROCESS"] {
+        if inputs.contains_key(name) {
+            return Err(bad(format!("{name} needs CONTROL_IMAGE")));
+        }
+    }
     match init {
         Some(image) => {
             let default_strength =
@@ -127,6 +160,39 @@ pub fn build_request(
         None => {}
     }
     Ok(request)
+}
+
+/// The ControlNet condition: CONTROL_IMAGE resized to the output size and preprocessed, the
+/// scale, and for ControlNet inpainting the picture (resized) and mask.
+fn control_condition(
+    inputs: &HashMap<String, Tensor>,
+    limits: &Limits,
+    control: &RgbImage,
+    inpaint: Option<(RgbImage, GrayImage)>,
+    width: u32,
+    height: u32,
+) -> Result<ControlCondition, InputError> {
+    let preprocess: ControlPreprocess = match text(inputs, "CONTROL_PREPROCESS", limits)? {
+        None => ControlPreprocess::None,
+        Some(name) => name.parse().map_err(|e: zimage::Error| bad(format!("CONTROL_PREPROCESS: {e}")))?,
+    };
+    let resized = image_io::resize_rgb(control, width, height).map_err(|e| bad(e.to_string()))?;
+    let map = preprocess.apply(&resized).map_err(|e| bad(e.to_string()))?;
+    let mut condition = match inpaint {
+        Some((picture, mask)) => {
+            let picture = image_io::resize_rgb(&picture, width, height).map_err(|e| bad(e.to_string()))?;
+            ControlCondition::inpaint(map, picture, mask)
+        }
+        None => ControlCondition::new(map),
+    };
+    if let Some(scale) = scalar(inputs, "CONTROL_SCALE", 4)? {
+        let scale = f32::from_le_bytes(scale.try_into().expect("4 bytes"));
+        if !scale.is_finite() {
+            return Err(bad(format!("CONTROL_SCALE must be a finite number (got {scale})")));
+        }
+        condition.conditioning_scale = scale;
+    }
+    Ok(condition)
 }
 
 /// A one-element BYTES input as UTF-8 text. Triton's BYTES elements are a 4-byte
@@ -183,10 +249,10 @@ fn dims(tensor: &Tensor, name: &str, rank: usize) -> Result<Vec<u32>, InputError
         .collect()
 }
 
-fn init_image(tensor: &Tensor) -> Result<RgbImage, InputError> {
-    let d = dims(tensor, "INIT_IMAGE", 3)?;
+fn rgb_image(tensor: &Tensor, name: &str) -> Result<RgbImage, InputError> {
+    let d = dims(tensor, name, 3)?;
     if d[2] != 3 {
-        return Err(bad(format!("INIT_IMAGE must be [H, W, 3] RGB (got shape {:?})", tensor.shape)));
+        return Err(bad(format!("{name} must be [H, W, 3] RGB (got shape {:?})", tensor.shape)));
     }
     let image = RgbImage { width: d[1], height: d[0], pixels: tensor.data.clone() };
     image.check().map_err(|e| bad(e.to_string()))?;

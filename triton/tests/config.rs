@@ -40,6 +40,18 @@ fn the_generated_configuration_is_accepted_with_its_parameters() {
     assert_eq!(s.max_count, DEFAULT_MAX_COUNT);
     assert!(!s.allow_cpu_fallback);
     assert_eq!(s.onnxruntime_library, None);
+    assert_eq!(s.controlnet, None);
+    // Made before the ControlNet inputs existed: a configuration that leaves optional inputs
+    // out is still accepted.
+    assert!(!fixture().to_string().contains("CONTROL_IMAGE"));
+}
+
+#[test]
+fn the_controlnet_parameter_loads_it() {
+    let s = settings(&with_parameter("controlnet", "union-2.1")).unwrap();
+    assert_eq!(s.controlnet.as_deref(), Some("union-2.1"));
+    assert_eq!(s.load_options(Device::Cpu).controlnet.as_deref(), Some("union-2.1"));
+    assert!(error(&with_parameter("controlnet", " ")).contains("controlnet"));
 }
 
 #[test]

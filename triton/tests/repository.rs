@@ -44,10 +44,15 @@ fn a_cpu_repository_links_the_package() {
     assert!(!config.contains("gpus"));
     assert!(config.contains("{ name: \"PROMPT\" data_type: TYPE_STRING dims: [ 1 ] },"));
     assert!(config.contains("{ name: \"INIT_IMAGE\" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] optional: true },"));
-    assert!(config.contains("{ name: \"STRENGTH\" data_type: TYPE_FP64 dims: [ 1 ] optional: true }\n]"));
+    assert!(config.contains("{ name: \"STRENGTH\" data_type: TYPE_FP64 dims: [ 1 ] optional: true },"));
+    assert!(config.contains("{ name: \"CONTROL_PREPROCESS\" data_type: TYPE_STRING dims: [ 1 ] optional: true }\n]"));
+    assert!(!config.contains("key: \"controlnet\""), "no ControlNet parameter unless asked");
     assert!(config.contains("{ name: \"IMAGE\" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ] },"));
     assert!(config.contains("parameters: { key: \"device\" value: { string_value: \"cpu\" } }"));
     assert!(config.contains("parameters: { key: \"threads\" value: { string_value: \"1\" } }"));
+    options.controlnet = Some("union-2.1".into());
+    let config = config_pbtxt(&options);
+    assert!(config.contains("parameters: { key: \"controlnet\" value: { string_value: \"union-2.1\" } }"));
 }
 
 #[test]

@@ -6,7 +6,7 @@ use triton_zimage::interface::{self, DataType, INPUTS, OUTPUTS};
 use triton_zimage::request::{build_request, bytes_element, image_output, InputError, Limits, Tensor};
 use zimage::{GenerationDefaults, InitImage, Prompt, RgbImage};
 
-const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4 };
+const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false };
 
 fn turbo() -> GenerationDefaults {
     GenerationDefaults::default()
@@ -242,7 +242,10 @@ fn the_tensor_table_is_consistent() {
             "COUNT",
             "INIT_IMAGE",
             "MASK",
-            "STRENGTH"
+            "STRENGTH",
+            "CONTROL_IMAGE",
+            "CONTROL_SCALE",
+            "CONTROL_PREPROCESS"
         ]
     );
     assert_eq!(INPUTS.iter().filter(|t| !t.optional).map(|t| t.name).collect::<Vec<_>>(), ["PROMPT"]);
@@ -268,4 +271,72 @@ fn the_tensor_table_is_consistent() {
             (DataType::Bytes, 13)
         ]
     );
+}
+
+const WITH_CONTROLNET: Limits = Limits { controlnet: true, ..LIMITS };
+
+fn with_controlnet(items: &[(&str, Tensor)]) -> Result<zimage::GenerateRequest, InputError> {
+    build_request(&inputs(items), &WITH_CONTROLNET, &turbo())
+}
+
+/// CONTROL_IMAGE is a ControlNet condition at the output size (which it sets without
+/// WIDTH/HEIGHT), with its scale and preprocessing; with INIT_IMAGE and MASK it is ControlNet
+/// inpainting, as `zimage generate --controlnet --init-image --mask`.
+#[test]
+fn control_inputs_make_a_controlnet_condition() {
+    let request = with_controlnet(&[("PROMPT", text("a house")), ("CONTROL_IMAGE", pixels(48, 80, 3))]).unwrap();
+    assert_eq!((request.width, request.height), (80, 48));
+    let control = request.control.as_ref().unwrap();
+    assert_eq!(control.conditioning_scale, zimage::ControlCondition::DEFAULT_SCALE);
+    assert_eq!((control.image.width, control.image.height), (80, 48));
+    assert_eq!(control.image.pixels, pixels(48, 80, 3).data, "same size and no preprocessing: the map as sent");
+    assert!(control.inpaint.is_none() && request.init_image.is_none());
+
+    let request = with_controlnet(&[
+        ("PROMPT", text("a house")),
+        ("CONTROL_IMAGE", pixels(48, 80, 3)),
+        ("WIDTH", i32s(64)),
+        ("HEIGHT", i32s(64)),
+        ("CONTROL_SCALE", f32s(0.5)),
+        ("CONTROL_PREPROCESS", text("canny")),
+    ])
+    .unwrap();
+    let control = request.control.as_ref().unwrap();
+    assert_eq!((control.image.width, control.image.height), (64, 64));
+    assert_eq!(control.conditioning_scale, 0.5);
+    assert!(control.image.pixels.iter().all(|&p| p == 0 || p == 255), "a Canny edge map is black and white");
+
+    let request = with_controlnet(&[
+        ("PROMPT", text("a window")),
+        ("CONTROL_IMAGE", pixels(64, 64, 3)),
+        ("INIT_IMAGE", pixels(32, 32, 3)),
+        ("MASK", pixels(32, 32, 0)),
+    ])
+    .unwrap();
+    assert_eq!((request.width, request.height), (32, 32), "INIT_IMAGE sizes the output first");
+    assert!(request.init_image.is_none(), "ControlNet inpainting starts from noise");
+    let inpaint = request.control.as_ref().unwrap().inpaint.as_ref().expect("ControlNet inpainting");
+    assert_eq!(inpaint.image.pixels, pixels(32, 32, 3).data);
+    assert_eq!(inpaint.mask.pixels, pixels(32, 32, 0).data);
+}
+
+#[test]
+fn bad_control_inputs_are_refused_with_the_reason() {
+    let base = [("PROMPT", text("x")), ("CONTROL_IMAGE", pixels(32, 32, 3))];
+    let refused_with = |extra: &[(&str, Tensor)]| -> String {
+        let mut items: Vec<(&str, Tensor)> = base.to_vec();
+        items.extend_from_slice(extra);
+        with_controlnet(&items).expect_err("must be refused").0
+    };
+    assert!(refused(&base).contains("parameter controlnet"));
+    assert!(refused_with(&[("INIT_IMAGE", pixels(32, 32, 3))]).contains("needs MASK"));
+    let m = refused_with(&[("INIT_IMAGE", pixels(32, 32, 3)), ("MASK", pixels(32, 32, 0)), ("STRENGTH", f64s(0.5))]);
+    assert!(m.contains("STRENGTH does not apply"), "{m}");
+    assert!(refused_with(&[("STRENGTH", f64s(0.5))]).contains("STRENGTH needs INIT_IMAGE"));
+    assert!(refused_with(&[("CONTROL_SCALE", f32s(f32::NAN))]).contains("finite"));
+    assert!(refused_with(&[("CONTROL_PREPROCESS", text("sobel"))]).contains("CONTROL_PREPROCESS"));
+    assert!(refused(&[("PROMPT", text("x")), ("CONTROL_SCALE", f32s(0.5))]).contains("needs CONTROL_IMAGE"));
+    assert!(refused(&[("PROMPT", text("x")), ("CONTROL_PREPROCESS", text("canny"))]).contains("needs CONTROL_IMAGE"));
+    let m = with_controlnet(&[("PROMPT", text("x")), ("CONTROL_IMAGE", pixels(32, 32, 0))]).unwrap_err().0;
+    assert!(m.contains("CONTROL_IMAGE must have 3 dimensions"), "{m}");
 }

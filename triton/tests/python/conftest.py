@@ -4,9 +4,10 @@ backend and the model repository and sets the environment read here:
 
   TRITONSERVER        the tritonserver binary
   ZIMAGE_BACKENDS     the backend directory (holds zimage/libtriton_zimage.so)
-  ZIMAGE_REPOSITORY   the model repository (models "zimage" and "zimage_reload")
+  ZIMAGE_REPOSITORY   the model repository (models "zimage", "zimage_reload", "zimage_control")
   ZIMAGE_CLI          the zimage binary (reference images)
   ZIMAGE_PACKAGE      the model package both use
+  ZIMAGE_CONTROL_PACKAGE  the package of "zimage_control" (with ControlNet union-v2.1)
   ZIMAGE_RESULTS      a folder for the load run's numbers (load.json)
 """
 

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from conftest import check_clean_exit, start_server
+from conftest import check_clean_exit, env_path, start_server
 
 MODEL = "zimage"
 RELOAD_MODEL = "zimage_reload"
@@ -44,7 +44,7 @@ def tensor(module, name, value, datatype):
 
 
 def inputs(module, prompt, negative=None, width=None, height=None, steps=None, guidance=None, seed=None, count=None,
-           init_image=None, mask=None, strength=None):
+           init_image=None, mask=None, strength=None, control_image=None, control_scale=None, control_preprocess=None):
     items = [tensor(module, "PROMPT", np.array([prompt.encode()], dtype=object), "BYTES")]
     if negative is not None:
         items.append(tensor(module, "NEGATIVE_PROMPT", np.array([negative.encode()], dtype=object), "BYTES"))
@@ -56,6 +56,7 @@ def inputs(module, prompt, negative=None, width=None, height=None, steps=None, g
         ("SEED", seed, np.uint64, "UINT64"),
         ("COUNT", count, np.int32, "INT32"),
         ("STRENGTH", strength, np.float64, "FP64"),
+        ("CONTROL_SCALE", control_scale, np.float32, "FP32"),
     ]:
         if value is not None:
             items.append(tensor(module, name, np.array([value], dtype=dtype), wire))
@@ -63,6 +64,10 @@ def inputs(module, prompt, negative=None, width=None, height=None, steps=None, g
         items.append(tensor(module, "INIT_IMAGE", init_image.astype(np.uint8), "UINT8"))
     if mask is not None:
         items.append(tensor(module, "MASK", mask.astype(np.uint8), "UINT8"))
+    if control_image is not None:
+        items.append(tensor(module, "CONTROL_IMAGE", control_image.astype(np.uint8), "UINT8"))
+    if control_preprocess is not None:
+        items.append(tensor(module, "CONTROL_PREPROCESS", np.array([control_preprocess.encode()], dtype=object), "BYTES"))
     return items
 
 
@@ -73,14 +78,20 @@ def generate_http(server, model=MODEL, **params):
 
 
 def cli_reference(zimage_cli, package, tmp_path, prompt, negative=None, width=None, height=None, steps=None,
-                  guidance=None, seed=None, count=None, init_image=None, mask=None, strength=None):
+                  guidance=None, seed=None, count=None, init_image=None, mask=None, strength=None, controlnet=None,
+                  control_image=None, control_scale=None, control_preprocess=None):
     """`zimage generate` with the same parameters: its PNGs decoded to pixels [N, H, W, 3]."""
     out = tmp_path / "cli.png"
     command = [str(zimage_cli), "generate", "--model", str(package), "--threads", "1", "--prompt", prompt,
                "--output", str(out)]
+    if control_image is not None:
+        path = tmp_path / "control.png"
+        Image.fromarray(control_image.astype(np.uint8), "RGB").save(path)
+        command += ["--controlnet", controlnet, "--control-image", str(path)]
     for flag, value in [("--negative-prompt", negative), ("--width", width), ("--height", height),
                         ("--steps", steps), ("--guidance", guidance), ("--seed", seed), ("--count", count),
-                        ("--strength", strength)]:
+                        ("--strength", strength), ("--control-scale", control_scale),
+                        ("--control-preprocess", control_preprocess)]:
         if value is not None:
             command += [flag, str(value)]
     if init_image is not None:
@@ -162,6 +173,44 @@ def test_images_equal_zimage_generate(server, zimage_cli, package, tmp_path, cas
     assert image.dtype == np.uint8
     assert image.shape == reference.shape
     assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
+
+
+CONTROL_MODEL = "zimage_control"
+CONTROLNET = "union-v2.1"  # the tiny ControlNet with inpainting channels (models/tiny-zimage-control)
+CONTROL_CASES = {
+    "control": dict(prompt="a lighthouse", steps=3, seed=31, control_image=picture(48, 64), control_scale=0.9),
+    "control_canny_resized": dict(prompt="a red barn", width=48, height=48, steps=2, seed=32,
+                                  control_image=picture(64, 80), control_preprocess="canny"),
+    "control_inpainting": dict(prompt="a window", steps=3, seed=33, control_image=picture(64, 48),
+                               init_image=picture(64, 48)[::-1].copy(),
+                               mask=(np.arange(48)[None, :] >= 24).repeat(64, 0).astype(np.uint8) * 255),
+}
+
+
+@pytest.fixture(scope="module")
+def control_model(server):
+    """The ControlNet model (`zimage triton-repo --controlnet`), loaded for these tests only."""
+    with connect(server) as client:
+        client.load_model(CONTROL_MODEL)
+    yield CONTROL_MODEL
+    with connect(server) as client:
+        client.unload_model(CONTROL_MODEL)
+
+
+@pytest.mark.parametrize("case", sorted(CONTROL_CASES))
+def test_controlnet_images_equal_zimage_generate(server, control_model, zimage_cli, tmp_path, case):
+    params = CONTROL_CASES[case]
+    image, seed = generate_http(server, model=control_model, **params)
+    reference = cli_reference(zimage_cli, env_path("ZIMAGE_CONTROL_PACKAGE"), tmp_path, controlnet=CONTROLNET,
+                              **params)
+    assert seed == params["seed"]
+    assert image.shape == reference.shape
+    assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
+
+
+def test_control_inputs_without_a_controlnet_are_refused(server):
+    message = raw_request(server, inputs(httpclient, prompt="x", steps=1, control_image=picture(32, 32)))
+    assert "parameter controlnet" in message
 
 
 def test_grpc_gives_the_same_image(server):
