@@ -115,7 +115,7 @@ impl PromptEnhancer {
         decoder: Decoder,
         registry: Arc<Registry>,
     ) -> Result<Self> {
-        let tokenizer = crate::model::tokenizer_file::load(tokenizer_path)
+        let tokenizer = crate::package::tokenizer_file::load(tokenizer_path)
             .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
         let tag = |id: u32| {
             tokenizer

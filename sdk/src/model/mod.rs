@@ -2,7 +2,6 @@
 //! hold, how a call is assembled and what comes back. No other module names a graph input.
 //!
 //! - [`text_encoder`]: prompt -> token ids -> caption features (Qwen3);
-//! - [`tokenizer_file`]: a package's `tokenizer.json` read into a tokenizer;
 //! - [`transformer`]: one denoising prediction (the DiT);
 //! - [`vae`]: latents -> pixels and pixels -> latent distribution;
 //! - [`vae_tiling`]: the decoder run over overlapping tiles of the latents, blended;
@@ -18,7 +17,6 @@ pub(crate) mod omni;
 pub mod siglip_processor;
 pub(crate) mod step;
 pub(crate) mod text_encoder;
-pub(crate) mod tokenizer_file;
 pub(crate) mod transformer;
 pub(crate) mod vae;
 pub mod vae_tiling;

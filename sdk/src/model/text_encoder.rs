@@ -49,7 +49,7 @@ pub(crate) struct TextEncoder {
 
 impl TextEncoder {
     pub fn new(tokenizer_path: &Path, info: TextEncoderInfo) -> Result<Self> {
-        let tokenizer = super::tokenizer_file::load(tokenizer_path)
+        let tokenizer = crate::package::tokenizer_file::load(tokenizer_path)
             .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
         Ok(TextEncoder { tokenizer, info })
     }

@@ -11,7 +11,8 @@
 //! - [`generation_defaults`]: the settings the model is meant to run with (steps, guidance);
 //! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package;
 //! - [`edit`]: the editing (Omni) section;
-//! - [`controlnet`]: the ControlNet add-ons' section.
+//! - [`controlnet`]: the ControlNet add-ons' section;
+//! - [`tokenizer_file`]: `tokenizer.json` read into a tokenizer (fast for BPE files).
 
 pub mod controlnet;
 pub mod edit;
@@ -24,6 +25,7 @@ pub mod initializers;
 pub mod precision;
 pub mod quantization;
 pub mod scheduler_config;
+pub(crate) mod tokenizer_file;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
