@@ -208,7 +208,8 @@ fn write_controlnet_cases_file(work: &Path) -> PathBuf {
     let mut lines = String::new();
     for entry in goldens.as_array().unwrap() {
         let controlnet = entry["controlnet"].as_str().unwrap();
-        for case in entry["text_to_image"].as_array().unwrap().iter().chain(entry["inpaint"].as_array().unwrap()) {
+        let lists = ["text_to_image", "inpaint", "lora"].map(|kind| entry[kind].as_array().unwrap().iter());
+        for case in lists.into_iter().flatten() {
             let name = case["name"].as_str().unwrap();
             let tag = format!("{controlnet}-{name}-{}", lines.lines().count());
             assert_eq!(case["image_files"].as_array().unwrap().len(), 1, "{tag}: one image per case");
@@ -230,6 +231,13 @@ fn write_controlnet_cases_file(work: &Path) -> PathBuf {
             if case.get("init_image_file").is_some() {
                 fields.push(raw(&case["init_image_file"], 3, format!("{tag}-picture.rgb")));
                 fields.push(raw(&case["mask_file"], 1, format!("{tag}-mask.gray")));
+            }
+            if let Some(loras) = case.get("loras").and_then(Value::as_array) {
+                fields.push("lora".into());
+                for lora in loras {
+                    fields.push(golden_dir.join(lora["file"].as_str().unwrap()).display().to_string());
+                    fields.push(lora["scale"].to_string());
+                }
             }
             assert!(fields.iter().all(|f| !f.contains(['\t', '\n'])), "{tag}: no tabs or newlines");
             lines.push_str(&fields.join("\t"));

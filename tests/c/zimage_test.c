@@ -1315,13 +1315,31 @@ static unsigned char *read_raw(const char *path, size_t size) {
     return data;
 }
 
+/* Reads and sets `n` LoRA adapters (`specs`: path, scale, path, scale ...) on `pipeline`; the
+ * handles are freed at once (the pipeline keeps its own references). */
+static void set_adapters_from(zimage_pipeline *pipeline, char **specs, int n) {
+    zimage_adapter *adapters[4] = {NULL, NULL, NULL, NULL};
+    zimage_adapter_setting settings[4];
+    int a;
+    memset(settings, 0, sizeof settings);
+    for (a = 0; a < n && a < 4; a++) {
+        CHECK_CODE(zimage_lora_adapter_init(pipeline, specs[2 * a], &adapters[a]), ZIMAGE_RESULT_OK);
+        settings[a].adapter = adapters[a];
+        settings[a].scale = (float)atof(specs[2 * a + 1]);
+    }
+    CHECK_CODE(zimage_pipeline_set_adapters(pipeline, settings, (size_t)a), ZIMAGE_RESULT_OK);
+    for (a = 0; a < n && a < 4; a++) zimage_adapter_free(adapters[a]);
+}
+
 /* ControlNet (ZIMAGE_TEST_CONTROLNET_CASES, written by c_clients.rs from the diffusers goldens in
  * tests/golden/controlnet/cases.json, one case per line, tab-separated: name, package, controlnet,
  * prompt, negative prompt ("" = none), seed, width, height, steps, guidance, scale, control RGB,
- * expected RGB, then for ControlNet inpainting the picture's RGB and the mask): each case through
- * zimage_pipeline_set_controlnet() and the control fields gives diffusers' image within 1 level;
- * a NaN scale, a control image of the wrong size, a missing ControlNet and a control image without
- * one attached are refused with their codes. */
+ * expected RGB, then for ControlNet inpainting the picture's RGB and the mask, or for a case with
+ * LoRAs "lora" and path, scale pairs): each case through zimage_pipeline_set_controlnet() and the
+ * control fields gives diffusers' image within 1 level (LoRAs set before the ControlNet is
+ * attached, and after, on a pipeline loaded with it); a NaN scale, a control image of the wrong
+ * size, a missing ControlNet and a control image without one attached are refused with their
+ * codes. */
 static void test_controlnet(int max_cases) {
     const char *cases_path = getenv("ZIMAGE_TEST_CONTROLNET_CASES");
     char *text, *line, *save_line = NULL;
@@ -1337,8 +1355,9 @@ static void test_controlnet(int max_cases) {
     CHECK(text != NULL);
     if (!text) return;
     for (line = strtok_r(text, "\n", &save_line); line && n < max_cases; line = strtok_r(NULL, "\n", &save_line), n++) {
-        char *f[16];
-        int n_fields = split_tabs(line, f, 16);
+        char *f[22];
+        int n_fields = split_tabs(line, f, 22);
+        int n_adapters = n_fields >= 16 && strcmp(f[13], "lora") == 0 ? (n_fields - 14) / 2 : 0;
         zimage_pipeline *pipeline = NULL;
         zimage_generate_params params;
         zimage_image_list *images = NULL;
@@ -1347,8 +1366,8 @@ static void test_controlnet(int max_cases) {
         unsigned char *control, *expected, *picture = NULL, *mask = NULL;
         int params_ready = 0;
 
-        CHECK(n_fields == 13 || n_fields == 15);
-        if (n_fields != 13 && n_fields != 15) continue;
+        CHECK(n_fields == 13 || n_fields == 15 || (n_adapters > 0 && n_adapters <= 4 && n_fields % 2 == 0));
+        if (n_fields != 13 && n_fields != 15 && n_adapters == 0) continue;
         memset(&c, 0, sizeof c);
         c.name = f[0];
         c.seed = strtoull(f[5], NULL, 10);
@@ -1359,7 +1378,7 @@ static void test_controlnet(int max_cases) {
         rgb_bytes = (size_t)c.width * c.height * 3;
         control = read_raw(f[11], rgb_bytes);
         expected = read_raw(f[12], rgb_bytes);
-        if (n_fields == 15) {
+        if (n_fields == 15 && n_adapters == 0) {
             picture = read_raw(f[13], rgb_bytes);
             mask = read_raw(f[14], (size_t)c.width * c.height);
         }
@@ -1391,6 +1410,7 @@ static void test_controlnet(int max_cases) {
             /* Nothing attached yet: the condition is refused. */
             CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
             CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, "no-such-controlnet"), ZIMAGE_RESULT_PACKAGE);
+            if (n_adapters > 0) set_adapters_from(pipeline, f + 14, n_adapters);
             CHECK_CODE(zimage_pipeline_set_controlnet(pipeline, f[2]), ZIMAGE_RESULT_OK);
             CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
             if (images) compare_images(images, &c, expected);
@@ -1425,6 +1445,7 @@ static void test_controlnet(int max_cases) {
             load.controlnet = f[2];
             CHECK_CODE(zimage_pipeline_load(f[1], &load, &pipeline), ZIMAGE_RESULT_OK);
             if (pipeline) {
+                if (n_adapters > 0) set_adapters_from(pipeline, f + 14, n_adapters);
                 CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
                 if (images) compare_images(images, &c, expected);
                 zimage_image_list_free(images);
