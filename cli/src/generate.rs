@@ -5,7 +5,6 @@ use std::cell::Cell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -13,8 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use zimage::{
     control_parameters, image_io, image_parameters, lora_records, ControlCondition, ControlNames, ControlPreprocess,
-    GenerateRequest, Generation, InitImage, InputNames, LoraAdapter, LoraSetting, Manifest, Pipeline, Progress, Prompt,
-    Timings, TokenizedPrompt,
+    GenerateRequest, Generation, InitImage, InputNames, Manifest, Pipeline, Progress, Prompt, Timings, TokenizedPrompt,
 };
 
 use crate::enhance::{self, EnhanceFlags};
@@ -100,7 +98,7 @@ pub struct GenerateArgs {
     /// A LoRA (.safetensors: diffusers/PEFT, kohya, ComfyUI, LoKr) merged into the transformer at
     /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = zimage_load_flags::parse_lora)]
-    loras: Vec<(PathBuf, f32)>,
+    loras: Vec<zimage::LoraFile>,
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
@@ -154,11 +152,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     }
 
     // Adapters are read and checked before the model load too.
-    let loras = args
-        .loras
-        .iter()
-        .map(|(path, scale)| Ok(LoraSetting::new(Arc::new(LoraAdapter::load(path)?), *scale)))
-        .collect::<zimage::Result<Vec<_>>>()?;
+    let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
 
     let files = output_files(&resolve_output(&args.output, "zimage.png"), request.count);
     let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));

@@ -116,24 +116,12 @@ impl LoadFlags {
     }
 }
 
-/// `FILE[:SCALE]` of a LoRA adapter (`--lora`), scale 1 when absent: the scale is what follows
-/// the last `:` when that parses as a number (so a path with colons still works without one).
-pub fn parse_lora(value: &str) -> Result<(PathBuf, f32), String> {
-    if let Some((file, scale)) = value.rsplit_once(':') {
-        if let Ok(scale) = scale.parse::<f32>() {
-            if !scale.is_finite() {
-                return Err(format!("LoRA scale {scale} is not finite"));
-            }
-            if file.is_empty() {
-                return Err("no LoRA file before the scale".into());
-            }
-            return Ok((PathBuf::from(file), scale));
-        }
-    }
-    if value.is_empty() {
-        return Err("no LoRA file given".into());
-    }
-    Ok((PathBuf::from(value), 1.0))
+/// `FILE[:SCALE]` of a LoRA adapter (`--lora`), as [`zimage::LoraFile`] reads it.
+pub fn parse_lora(value: &str) -> Result<zimage::LoraFile, String> {
+    value.parse().map_err(|e: zimage::Error| match e {
+        zimage::Error::InvalidRequest(message) => message,
+        other => other.to_string(),
+    })
 }
 
 pub fn parse_device(s: &str) -> Result<Device, String> {

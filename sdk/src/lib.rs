@@ -56,7 +56,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use image_io::{GrayImage, RgbImage};
 pub use limits::{MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 pub use load_options::LoadOptions;
-pub use lora::{LoraAdapter, LoraSetting};
+pub use lora::{LoraAdapter, LoraFile, LoraSetting};
 pub use model::siglip_processor::{siglip_inputs, SiglipInputs};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 pub use model::vae_tiling::VaeTiling;

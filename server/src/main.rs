@@ -12,9 +12,9 @@ mod output;
 mod routes;
 mod workers;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use zimage::{EnhanceOptions, ErrorKind, LoadOptions, LoraAdapter, LoraSetting, Pipeline, PromptEnhancer};
+use zimage::{EnhanceOptions, ErrorKind, LoadOptions, LoraAdapter, LoraFile, LoraSetting, Pipeline, PromptEnhancer};
 use zimage_load_flags::LoadFlags;
 
 use crate::metrics::Metrics;
@@ -166,7 +166,7 @@ fn controlnets_for(models: &[String], values: &[String]) -> Result<Vec<Option<St
 }
 
 /// The LoRA files and scales each model loads with, from `--lora [MODEL=]FILE[:SCALE]`.
-fn loras_for(models: &[String], values: &[String]) -> Result<Vec<Vec<(PathBuf, f32)>>, String> {
+fn loras_for(models: &[String], values: &[String]) -> Result<Vec<Vec<LoraFile>>, String> {
     per_model("lora", models, values)?
         .into_iter()
         .map(|files| {
@@ -215,7 +215,7 @@ async fn serve(
     args: Args,
     specs: Vec<(String, PathBuf)>,
     controlnets: Vec<Option<String>>,
-    loras: Vec<Vec<(PathBuf, f32)>>,
+    loras: Vec<Vec<LoraFile>>,
 ) -> ExitCode {
     let address = format!("{}:{}", args.host, args.port);
     let listener = match tokio::net::TcpListener::bind(&address).await {
@@ -324,7 +324,7 @@ struct LoadPlan {
     /// Per model (in the order served): the ControlNet loaded as its transformer.
     controlnets: Vec<Option<String>>,
     /// Per model: the LoRA files and scales merged into its transformer.
-    loras: Vec<Vec<(PathBuf, f32)>>,
+    loras: Vec<Vec<LoraFile>>,
     enhancer: Option<PathBuf>,
     enhance: EnhanceOptions,
     workers: usize,
@@ -363,15 +363,15 @@ fn load_models(
     let mut lora_sets = Vec::with_capacity(specs.len());
     for ((name, _), files) in specs.iter().zip(&plan.loras) {
         let mut set = Vec::with_capacity(files.len());
-        for (path, scale) in files {
-            let adapter = match adapters.get(path.as_path()) {
+        for file in files {
+            let adapter = match adapters.get(file.path.as_path()) {
                 Some(adapter) => Arc::clone(adapter),
-                None => match LoraAdapter::load(path) {
-                    Ok(adapter) => Arc::clone(adapters.entry(path.as_path()).or_insert(Arc::new(adapter))),
+                None => match LoraAdapter::load(&file.path) {
+                    Ok(adapter) => Arc::clone(adapters.entry(file.path.as_path()).or_insert(Arc::new(adapter))),
                     Err(e) => return Err(load_failure(name, e.kind(), &error::one_line(&e.to_string()))),
                 },
             };
-            set.push(LoraSetting::new(adapter, *scale));
+            set.push(LoraSetting::new(adapter, file.scale));
         }
         lora_sets.push(set);
     }

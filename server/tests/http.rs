@@ -618,7 +618,8 @@ fn loras_given_at_start_apply_to_every_model_with_a_controlnet_too() {
         assert!(text.contains("peft.safetensors"), "PNG parameters lack the LoRA");
     };
     let mut body = request("control", control_case);
-    let control_png = std::fs::read(controlnet_golden.join(control_case["control_image_file"].as_str().unwrap())).unwrap();
+    let control_png =
+        std::fs::read(controlnet_golden.join(control_case["control_image_file"].as_str().unwrap())).unwrap();
     body["control_image"] = json!(format!("data:image/png;base64,{}", engine.encode(&control_png)));
     body["control_scale"] = control_case["controlnet_conditioning_scale"].clone();
     check(body, controlnet_golden.join(control_case["image_files"][0].as_str().unwrap()));
@@ -691,7 +692,8 @@ fn edits_take_a_control_image_for_controlnet_inpainting() {
         assert!(worst <= 1, "ControlNet inpainting differs from diffusers' by {worst} levels");
         String::from_utf8_lossy(&png).into_owned()
     };
-    let files = [("image", "init.png", init.as_slice()), ("mask", "mask.png", &mask), ("control_image", "edges.png", &control)];
+    let files =
+        [("image", "init.png", init.as_slice()), ("mask", "mask.png", &mask), ("control_image", "edges.png", &control)];
     let png_text = check(edit(&[], &files));
     for recorded in ["union-v2.1", "edges.png", "control_inpaint_image", "init.png", "mask.png", "control_scale"] {
         assert!(png_text.contains(recorded), "PNG parameters lack {recorded}");
@@ -709,8 +711,10 @@ fn edits_take_a_control_image_for_controlnet_inpainting() {
     let mut plain: Vec<(&str, &str)> = vec![("model", "tiny-zimage"), ("prompt", "x")];
     plain.push(("num_inference_steps", "1"));
     let (content_type, body) = multipart(&plain, &files);
-    let e = server
-        .request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body)
-        .assert_error(400, "invalid_request_error", None);
+    let e = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
     assert_eq!(e["param"], "control_image");
 }

@@ -110,7 +110,13 @@ pub const INPUTS: &[TensorSpec] = &[
         "ControlNet control map, RGB [H, W, 3] (parameter controlnet); with INIT_IMAGE and MASK: ControlNet inpainting",
     ),
     input("CONTROL_SCALE", DataType::Fp32, &[1], true, "ControlNet conditioning scale [0.75]"),
-    input("CONTROL_PREPROCESS", DataType::Bytes, &[1], true, "none, canny or canny:LOW:HIGH (edges from a photo) [none]"),
+    input(
+        "CONTROL_PREPROCESS",
+        DataType::Bytes,
+        &[1],
+        true,
+        "none, canny or canny:LOW:HIGH (edges from a photo) [none]",
+    ),
 ];
 
 /// Outputs.

@@ -130,7 +130,9 @@ pub fn build_request(
         }
         let init = match (init, mask) {
             (None, None) => None,
-            (Some(_), None) => return Err(bad("INIT_IMAGE with CONTROL_IMAGE is ControlNet inpainting, which needs MASK")),
+            (Some(_), None) => {
+                return Err(bad("INIT_IMAGE with CONTROL_IMAGE is ControlNet inpainting, which needs MASK"))
+            }
             (None, Some(_)) => return Err(bad("MASK needs INIT_IMAGE")),
             (Some(image), Some(mask)) => Some((image, mask)),
         };

@@ -139,6 +139,44 @@ pub struct MergedWeight {
     pub external: bool,
 }
 
+/// A LoRA file and its scale as the front ends take them: `FILE[:SCALE]`, scale 1 when absent.
+/// The scale is what follows the last `:` when that parses as a number, so a path with colons
+/// still works without one. [`LoraFile::load`] reads the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub scale: f32,
+}
+
+impl std::str::FromStr for LoraFile {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<LoraFile> {
+        if let Some((file, scale)) = value.rsplit_once(':') {
+            if let Ok(scale) = scale.parse::<f32>() {
+                if !scale.is_finite() {
+                    return Err(Error::invalid(format!("LoRA scale {scale} is not finite")));
+                }
+                if file.is_empty() {
+                    return Err(Error::invalid("no LoRA file before the scale"));
+                }
+                return Ok(LoraFile { path: PathBuf::from(file), scale });
+            }
+        }
+        if value.is_empty() {
+            return Err(Error::invalid("no LoRA file given"));
+        }
+        Ok(LoraFile { path: PathBuf::from(value), scale: 1.0 })
+    }
+}
+
+impl LoraFile {
+    /// Reads the adapter ([`LoraAdapter::load`]) and pairs it with the scale.
+    pub fn load(&self) -> Result<LoraSetting> {
+        Ok(LoraSetting::new(Arc::new(LoraAdapter::load(&self.path)?), self.scale))
+    }
+}
+
 /// The transformer's Linear weights a package lets LoRAs change, with where each one is.
 pub(crate) struct Targets<'a> {
     graph: PathBuf,
@@ -360,6 +398,18 @@ mod tests {
 
     /// The merged weights land on the combined graph's initializers that read the same bytes,
     /// every one of them; a graph that reads none of them refuses the set by name.
+    #[test]
+    fn lora_files_parse_with_and_without_a_scale() {
+        let parse = |s: &str| s.parse::<LoraFile>();
+        assert_eq!(parse("a.safetensors").unwrap(), LoraFile { path: "a.safetensors".into(), scale: 1.0 });
+        assert_eq!(parse("dir/a.safetensors:0.7").unwrap(), LoraFile { path: "dir/a.safetensors".into(), scale: 0.7 });
+        assert_eq!(parse("c:/x:y.safetensors").unwrap().path, PathBuf::from("c:/x:y.safetensors"));
+        assert_eq!(parse("a.safetensors:-1.5").unwrap().scale, -1.5);
+        for bad in ["", ":0.5", "a.safetensors:inf", "a.safetensors:NaN"] {
+            assert_eq!(parse(bad).unwrap_err().kind(), ErrorKind::InvalidRequest, "{bad:?}");
+        }
+    }
+
     #[test]
     fn retargeting_follows_the_shared_bytes_and_refuses_a_graph_without_them() {
         let dir = repo().join("models/tiny-zimage-control");
