@@ -44,6 +44,10 @@ pub struct TritonRepoArgs {
     /// CONTROL_IMAGE.
     #[arg(long, value_name = "NAME")]
     controlnet: Option<String>,
+    /// A LoRA adapter the model merges into its transformer, FILE[:SCALE] (repeatable; the path
+    /// is written as given: absolute, or relative to the version folder REPO/NAME/1).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = zimage_load_flags::parse_lora)]
+    loras: Vec<zimage::LoraFile>,
 }
 
 pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
@@ -52,6 +56,12 @@ pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
         "tensorrt" => DeviceKind::TensorRt,
         _ => DeviceKind::Cpu,
     };
+    if let Some(file) = args.loras.iter().find(|f| f.path.to_string_lossy().contains(';')) {
+        return Err(Failure::Usage(format!(
+            "--lora {}: the model parameter lists LoRAs separated by ';', so a path cannot contain one",
+            file.path.display()
+        )));
+    }
     let mut options = RepositoryOptions::new(device);
     options.name = args.name;
     options.instances = args.instances;
@@ -61,6 +71,7 @@ pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
     options.max_count = args.max_count;
     options.tensorrt_cache = args.trt_cache;
     options.controlnet = args.controlnet;
+    options.loras = args.loras;
     let model_dir = repository::write_repository(&args.model, &args.out, &options)?;
     out(&format!(
         "wrote {}\nserve it with: tritonserver --model-repository {} --backend-directory DIR \

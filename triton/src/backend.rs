@@ -20,6 +20,8 @@ struct ModelState {
     name: String,
     version: u64,
     settings: ModelSettings,
+    /// The `loras` adapters, read once for all instances.
+    loras: Vec<zimage::LoraSetting>,
 }
 
 /// One instance: its own pipeline on its own device.
@@ -215,7 +217,13 @@ pub extern "C" fn TRITONBACKEND_ModelInitialize(model: *mut api::Model) -> *mut 
             api::LOG_INFO,
             &format!("zimage backend: model {name} version {version}: package {}", settings.package.display()),
         );
-        let state = Box::new(ModelState { name, version, settings });
+        let loras = settings
+            .loras
+            .iter()
+            .map(zimage::LoraFile::load)
+            .collect::<zimage::Result<Vec<_>>>()
+            .map_err(|e| BackendError { message: format!("model {name}: {}", e.message_of()), ..sdk_error(e) })?;
+        let state = Box::new(ModelState { name, version, settings, loras });
         let raw = Box::into_raw(state);
         // SAFETY: Triton keeps the pointer until ModelFinalize, which frees it.
         let set = api.check("TRITONBACKEND_ModelSetState", unsafe { (api.model_set_state)(model, raw.cast()) });
@@ -269,7 +277,9 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceInitialize(instance: *mut api::Mode
         let device = settings
             .instance_device(kind, device_id)
             .map_err(|e| BackendError::invalid(format!("instance {name}: {e}")))?;
-        let pipeline = Pipeline::load(&settings.package, &settings.load_options(device)).map_err(|e| BackendError {
+        let mut options = settings.load_options(device);
+        options.loras = model.loras.clone();
+        let pipeline = Pipeline::load(&settings.package, &options).map_err(|e| BackendError {
             message: format!("instance {name}: loading {}: {}", settings.package.display(), e.message_of()),
             ..sdk_error(e)
         })?;

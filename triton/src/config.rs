@@ -30,6 +30,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("winograd_vae", "true: decode with the package's Winograd VAE decoder on the CPU [false]"),
     ("vae_tiling", "SIZE or SIZE:OVERLAP pixels: decode larger images in overlapping tiles, less memory [off]"),
     ("controlnet", "a ControlNet of the package (export_controlnet.py) to load, for CONTROL_IMAGE requests [none]"),
+    ("loras", "LoRA adapters merged into the transformer: FILE[:SCALE] separated by ';', relative to the version folder [none]"),
 ];
 
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 16384;
@@ -53,6 +54,8 @@ pub struct ModelSettings {
     pub vae_tiling: Option<zimage::VaeTiling>,
     /// The package's ControlNet loaded as the transformer (CONTROL_IMAGE requests).
     pub controlnet: Option<String>,
+    /// LoRA files (resolved against the version folder) merged into the transformer.
+    pub loras: Vec<zimage::LoraFile>,
 }
 
 impl ModelSettings {
@@ -82,6 +85,7 @@ impl ModelSettings {
             winograd_vae: false,
             vae_tiling: None,
             controlnet: None,
+            loras: Vec::new(),
         };
         let empty = serde_json::Map::new();
         let parameters = match config.get("parameters") {
@@ -121,6 +125,14 @@ impl ModelSettings {
                     settings.vae_tiling = Some(text.parse().map_err(|e| format!("parameter vae_tiling: {e}"))?)
                 }
                 "controlnet" => settings.controlnet = Some(nonempty(key, text)?.to_string()),
+                "loras" => {
+                    for item in text.split(';').map(str::trim).filter(|i| !i.is_empty()) {
+                        let mut file: zimage::LoraFile =
+                            item.parse().map_err(|e: zimage::Error| format!("parameter loras: {item:?}: {e}"))?;
+                        file.path = version_dir.join(&file.path);
+                        settings.loras.push(file);
+                    }
+                }
                 _ => {
                     let known: Vec<&str> = PARAMETERS.iter().map(|(k, _)| *k).collect();
                     return Err(format!("unknown parameter {key:?} (known: {})", known.join(", ")));

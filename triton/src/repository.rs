@@ -29,6 +29,9 @@ pub struct RepositoryOptions {
     pub tensorrt_cache: Option<PathBuf>,
     /// The package's ControlNet to load (parameter `controlnet`).
     pub controlnet: Option<String>,
+    /// LoRA files merged into the transformer (parameter `loras`; absolute paths are kept as
+    /// they are, relative ones are relative to the version folder).
+    pub loras: Vec<zimage::LoraFile>,
 }
 
 impl RepositoryOptions {
@@ -43,6 +46,7 @@ impl RepositoryOptions {
             max_count: None,
             tensorrt_cache: None,
             controlnet: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -82,6 +86,10 @@ pub fn config_pbtxt(options: &RepositoryOptions) -> String {
     }
     if let Some(name) = &options.controlnet {
         parameters.push(("controlnet", name.clone()));
+    }
+    if !options.loras.is_empty() {
+        let items: Vec<String> = options.loras.iter().map(|f| format!("{}:{}", f.path.display(), f.scale)).collect();
+        parameters.push(("loras", items.join(";")));
     }
     for (key, value) in parameters {
         let _ = writeln!(out, "parameters: {{ key: \"{key}\" value: {{ string_value: \"{}\" }} }}", escape(&value));

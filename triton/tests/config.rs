@@ -47,6 +47,19 @@ fn the_generated_configuration_is_accepted_with_its_parameters() {
 }
 
 #[test]
+fn the_loras_parameter_lists_files_with_scales() {
+    let s = settings(&with_parameter("loras", "loras/a.safetensors:0.5; /abs/b.safetensors ;")).unwrap();
+    let files: Vec<(PathBuf, f32)> = s.loras.iter().map(|f| (f.path.clone(), f.scale)).collect();
+    assert_eq!(
+        files,
+        [(PathBuf::from("/models/zimage/1/loras/a.safetensors"), 0.5), (PathBuf::from("/abs/b.safetensors"), 1.0)]
+    );
+    assert!(settings(&fixture()).unwrap().loras.is_empty());
+    let e = error(&with_parameter("loras", "a.safetensors:nan"));
+    assert!(e.contains("parameter loras") && e.contains("not finite"), "{e}");
+}
+
+#[test]
 fn the_controlnet_parameter_loads_it() {
     let s = settings(&with_parameter("controlnet", "union-2.1")).unwrap();
     assert_eq!(s.controlnet.as_deref(), Some("union-2.1"));

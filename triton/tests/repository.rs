@@ -51,8 +51,12 @@ fn a_cpu_repository_links_the_package() {
     assert!(config.contains("parameters: { key: \"device\" value: { string_value: \"cpu\" } }"));
     assert!(config.contains("parameters: { key: \"threads\" value: { string_value: \"1\" } }"));
     options.controlnet = Some("union-2.1".into());
+    options.loras = vec!["/loras/a.safetensors:0.7".parse().unwrap(), "b.safetensors".parse().unwrap()];
     let config = config_pbtxt(&options);
     assert!(config.contains("parameters: { key: \"controlnet\" value: { string_value: \"union-2.1\" } }"));
+    assert!(config.contains(
+        "parameters: { key: \"loras\" value: { string_value: \"/loras/a.safetensors:0.7;b.safetensors:1\" } }"
+    ));
 }
 
 #[test]

@@ -79,7 +79,7 @@ def generate_http(server, model=MODEL, **params):
 
 def cli_reference(zimage_cli, package, tmp_path, prompt, negative=None, width=None, height=None, steps=None,
                   guidance=None, seed=None, count=None, init_image=None, mask=None, strength=None, controlnet=None,
-                  control_image=None, control_scale=None, control_preprocess=None):
+                  control_image=None, control_scale=None, control_preprocess=None, lora=None):
     """`zimage generate` with the same parameters: its PNGs decoded to pixels [N, H, W, 3]."""
     out = tmp_path / "cli.png"
     command = [str(zimage_cli), "generate", "--model", str(package), "--threads", "1", "--prompt", prompt,
@@ -88,6 +88,8 @@ def cli_reference(zimage_cli, package, tmp_path, prompt, negative=None, width=No
         path = tmp_path / "control.png"
         Image.fromarray(control_image.astype(np.uint8), "RGB").save(path)
         command += ["--controlnet", controlnet, "--control-image", str(path)]
+    if lora is not None:
+        command += ["--lora", lora]
     for flag, value in [("--negative-prompt", negative), ("--width", width), ("--height", height),
                         ("--steps", steps), ("--guidance", guidance), ("--seed", seed), ("--count", count),
                         ("--strength", strength), ("--control-scale", control_scale),
@@ -206,6 +208,23 @@ def test_controlnet_images_equal_zimage_generate(server, control_model, zimage_c
     assert seed == params["seed"]
     assert image.shape == reference.shape
     assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
+
+
+def test_loras_parameter_equals_zimage_generate_with_lora(server, zimage_cli, package, tmp_path):
+    """A model whose config.pbtxt lists a LoRA (`zimage triton-repo --lora FILE:0.8`) gives
+    `zimage generate --lora FILE:0.8`'s image, which differs from the plain model's."""
+    params = CASES["text"]
+    with connect(server) as client:
+        client.load_model("zimage_lora")
+    try:
+        image, _ = generate_http(server, model="zimage_lora", **params)
+    finally:
+        with connect(server) as client:
+            client.unload_model("zimage_lora")
+    reference = cli_reference(zimage_cli, package, tmp_path, lora=f"{env_path('ZIMAGE_LORA_FILE')}:0.8", **params)
+    assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
+    plain, _ = generate_http(server, **params)
+    assert not np.array_equal(image, plain), "the LoRA changed nothing"
 
 
 def test_control_inputs_without_a_controlnet_are_refused(server):
