@@ -169,19 +169,21 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     }
     if let (Some(bytes), Some(path)) = (&control_bytes, &args.control_image) {
         let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
-        let map = args.control_preprocess.apply(&image_io::resize_rgb(&image, request.width, request.height)?)?;
-        let mut control = ControlCondition::new(map);
+        let picture = match (&init_bytes, &args.init_image) {
+            (Some(bytes), Some(path)) => Some(image_io::decode_rgb(bytes).map_err(|e| located(path, e))?),
+            _ => None,
+        };
+        let inpaint = match &picture {
+            Some(picture) => {
+                let mask_path = args.mask.as_deref().expect("checked: --init-image with --controlnet needs --mask");
+                Some((picture, image_io::load_gray_sized(mask_path, request.width, request.height)?))
+            }
+            None => None,
+        };
+        let mut control =
+            ControlCondition::resized(&image, args.control_preprocess, request.width, request.height, inpaint)?;
         control.conditioning_scale = args.control_scale;
         request.control = Some(control);
-    }
-    drop(control_bytes);
-    if let (Some(bytes), Some(path), Some(control)) = (&init_bytes, &args.init_image, request.control.as_mut()) {
-        let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
-        let mask_path = args.mask.as_deref().expect("checked: --init-image with --controlnet needs --mask");
-        let mask = image_io::load_gray_sized(mask_path, request.width, request.height)?;
-        let picture = image_io::resize_rgb(&image, request.width, request.height)?;
-        *control = ControlCondition::inpaint(control.image.clone(), picture, mask);
-        control.conditioning_scale = args.control_scale;
     } else if let (Some(bytes), Some(path)) = (&init_bytes, &args.init_image) {
         let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
         let mask =
@@ -194,7 +196,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
             strength: args.strength.unwrap_or(default_strength),
         });
     }
-    drop(init_bytes);
+    drop((control_bytes, init_bytes));
 
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");

@@ -225,10 +225,8 @@ pub fn prepare(
     let mut control_inpaint = None;
     match edit {
         Some(edit) if control.is_some() => {
-            let image = zimage::image_io::resize_rgb(&edit.image, width, height)
-                .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
             let (mask, mask_name) = edit.mask.expect("checked above");
-            control_inpaint = Some((image, edit.image_name, mask, mask_name));
+            control_inpaint = Some((edit.image, edit.image_name, mask, mask_name));
         }
         Some(edit) => {
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
@@ -307,9 +305,9 @@ pub fn prepare(
     })
 }
 
-/// Sets `request.control` from the decoded control map (resized to the request's size, then
-/// preprocessed) and the scale, with `inpaint`'s picture (resized) and mask, and their names,
-/// for ControlNet inpainting; returns the names the PNG parameters record.
+/// Sets `request.control` from the decoded control map and the scale, with `inpaint`'s picture
+/// and mask, and their names, for ControlNet inpainting (`ControlCondition::resized`: both
+/// pictures resized to the request's size); returns the names the PNG parameters record.
 fn control_condition(
     request: &mut GenerateRequest,
     control: ControlInput,
@@ -325,22 +323,27 @@ fn control_condition(
         None => ControlPreprocess::None,
         Some(p) => p.parse().map_err(|e: zimage::Error| ApiError::from_sdk(&e).with_param("control_preprocess"))?,
     };
-    let resized = zimage::image_io::resize_rgb(&control.image, request.width, request.height)
-        .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
-    let map = preprocess.apply(&resized).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
     let mut names = ControlNames {
         controlnet,
         control_image: control.name,
         preprocess: preprocess.name(),
         ..ControlNames::default()
     };
-    let mut condition = match inpaint {
+    let (picture, mask) = match inpaint {
         Some((picture, picture_name, mask, mask_name)) => {
             (names.inpaint_image, names.mask) = (picture_name, mask_name);
-            ControlCondition::inpaint(map, picture, mask)
+            (Some(picture), Some(mask))
         }
-        None => ControlCondition::new(map),
+        None => (None, None),
     };
+    let mut condition = ControlCondition::resized(
+        &control.image,
+        preprocess,
+        request.width,
+        request.height,
+        picture.as_ref().zip(mask),
+    )
+    .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
     if let Some(scale) = scale {
         condition.conditioning_scale = scale;
     }

@@ -178,15 +178,9 @@ fn control_condition(
         None => ControlPreprocess::None,
         Some(name) => name.parse().map_err(|e: zimage::Error| bad(format!("CONTROL_PREPROCESS: {e}")))?,
     };
-    let resized = image_io::resize_rgb(control, width, height).map_err(|e| bad(e.to_string()))?;
-    let map = preprocess.apply(&resized).map_err(|e| bad(e.to_string()))?;
-    let mut condition = match inpaint {
-        Some((picture, mask)) => {
-            let picture = image_io::resize_rgb(&picture, width, height).map_err(|e| bad(e.to_string()))?;
-            ControlCondition::inpaint(map, picture, mask)
-        }
-        None => ControlCondition::new(map),
-    };
+    let (picture, mask) = inpaint.map_or((None, None), |(picture, mask)| (Some(picture), Some(mask)));
+    let mut condition = ControlCondition::resized(control, preprocess, width, height, picture.as_ref().zip(mask))
+        .map_err(|e| bad(e.to_string()))?;
     if let Some(scale) = scalar(inputs, "CONTROL_SCALE", 4)? {
         let scale = f32::from_le_bytes(scale.try_into().expect("4 bytes"));
         if !scale.is_finite() {

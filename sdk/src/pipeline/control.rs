@@ -62,6 +62,26 @@ impl ControlCondition {
     pub fn inpaint(image: RgbImage, picture: RgbImage, mask: GrayImage) -> ControlCondition {
         ControlCondition { inpaint: Some(ControlInpaint { image: picture, mask }), ..ControlCondition::new(image) }
     }
+
+    /// The condition the front ends build from pictures of any size, as `zimage generate`
+    /// does: `control` resized to `width` x `height` (the request's size) and then
+    /// preprocessed; with `inpaint`, ControlNet inpainting of that picture (resized too) under
+    /// its mask (already at the request's size). Default scale.
+    pub fn resized(
+        control: &RgbImage,
+        preprocess: crate::control_preprocess::ControlPreprocess,
+        width: u32,
+        height: u32,
+        inpaint: Option<(&RgbImage, GrayImage)>,
+    ) -> Result<ControlCondition> {
+        let map = preprocess.apply(&image_io::resize_rgb(control, width, height)?)?;
+        Ok(match inpaint {
+            Some((picture, mask)) => {
+                ControlCondition::inpaint(map, image_io::resize_rgb(picture, width, height)?, mask)
+            }
+            None => ControlCondition::new(map),
+        })
+    }
 }
 
 /// Checks a condition against the request's size (no model needed).
