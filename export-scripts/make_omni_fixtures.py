@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     src = build_omni_folder(tokenizer_source(args.cache, args.tokenizer), args.cache / "src" / NAME)
     package = REPO / "models" / NAME
     if not args.skip_export:
-        run("export.py", "--src", src, "--out", package, "--name", NAME, "--graphs", *GRAPHS)
+        run("export.py", "--src", src, "--out", package, "--name", NAME, "--graphs", *GRAPHS, "--no-cpu-layouts")
         run("verify.py", package, "--src", src)
     write_omni_goldens(src, REPO / "tests" / "golden" / NAME, f"models/{NAME}")
     print(f"{NAME}: done in {time.time() - start:.0f} s", flush=True)

@@ -12,6 +12,7 @@ from zimage_export.manifest import (
     REQUIRED_GRAPHS,
     file_entry,
     generation_defaults,
+    graph_files,
     manifest_dict,
     package_graphs,
     transformer_limits,
@@ -65,6 +66,17 @@ def test_package_graphs_lists_optional_graphs_only_when_exported(tmp_path):
     # Required graphs are listed even when missing: export.py writes no manifest then.
     (tmp_path / "transformer.onnx").unlink()
     assert "transformer" in package_graphs(tmp_path)
+
+
+def test_graph_files_lists_a_graph_its_data_and_its_cpu_layout():
+    """What quantize_package.py copies for a graph it does not rewrite (tiny-zimage's committed
+    vae_decoder has a CPU layout without external data)."""
+    committed = json.loads((REPO / "models" / "tiny-zimage" / "manifest.json").read_text())["graphs"]
+    assert [e["path"] for e in graph_files(committed["vae_decoder"])] == ["vae_decoder.onnx", "vae_decoder.nchwc16.onnx"]
+    assert [e["path"] for e in graph_files(committed["transformer"])] == ["transformer.onnx"]
+    big = {"path": "g.onnx", "external_data": {"path": "g.onnx.data"},
+           "cpu_layout": {"path": "g.nchwc8.onnx", "external_data": {"path": "g.nchwc8.onnx.data"}}}
+    assert [e["path"] for e in graph_files(big)] == ["g.onnx", "g.onnx.data", "g.nchwc8.onnx", "g.nchwc8.onnx.data"]
 
 
 def test_external_data_sits_beside_its_graph():

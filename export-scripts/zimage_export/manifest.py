@@ -80,6 +80,13 @@ def graph_entry(package: Path, name: str) -> dict:
     }
 
 
+def graph_files(entry: dict) -> list[dict]:
+    """The file entries of one graph's manifest entry: the graph, its external data, and the
+    same for its prebuilt CPU layout (cpu_layout.py), where present."""
+    layout = entry.get("cpu_layout") or {}
+    return [e for e in (entry, entry.get("external_data"), layout or None, layout.get("external_data")) if e]
+
+
 def transformer_limits(axes_lens: list[int], patch_size: int) -> dict:
     """The RoPE tables have axes_lens[i] rows. Caption tokens sit at 1..P and the image at P+1,
     where P is the caption length padded to 32, so P + 1 <= axes_lens[0] - 1. Patch rows and

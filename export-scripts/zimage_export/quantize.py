@@ -416,7 +416,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
 
     import onnx
 
-    from .manifest import file_entry, graph_entry
+    from .manifest import file_entry, graph_entry, graph_files
     from .onnx_io import DEFAULT_EXTERNAL_DATA_THRESHOLD
 
     threshold = DEFAULT_EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
@@ -483,7 +483,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
             keep = {manifest["tokenizer"]["path"]}
             for name, g in graphs.items():
                 if name not in rewritten:
-                    keep |= {e["path"] for e in (g, g.get("external_data")) if e}
+                    keep |= {e["path"] for e in graph_files(g)}
             for rel in sorted(keep):
                 shutil.copyfile(src / rel, out / rel)
         for rel in old:

@@ -87,6 +87,7 @@ impl LoadOptions {
             skip_prepacking: false,
             release_activations: false,
             optimized_cache: None,
+            prebuilt_cpu_graph: None,
             initializers: ExternalInitializers::default(),
         }
     }

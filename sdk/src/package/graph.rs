@@ -98,13 +98,38 @@ pub struct GraphEntry {
     pub external_data: Option<FileEntry>,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// The same graph as ONNX Runtime's CPU provider rewrites it for one NCHWc block width,
+    /// saved at export so that a load on such a CPU skips the rewrite (optional).
+    #[serde(default)]
+    pub cpu_layout: Option<CpuLayout>,
+}
+
+/// A graph after ONNX Runtime's level-ALL CPU optimisation (its convolutions in the blocked
+/// NCHWc layout), as `export-scripts/zimage_export/cpu_layout.py` saves it: same inputs,
+/// outputs and results as the portable graph, but only valid where the CPU provider uses
+/// `nchwc_block`-wide channel blocks (16 with AVX-512, 8 with AVX2).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CpuLayout {
+    pub nchwc_block: u32,
+    /// The ONNX Runtime version that wrote it (a record; the runtime checks the block width).
+    #[serde(default)]
+    pub onnxruntime: Option<String>,
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    #[serde(default)]
+    pub external_data: Option<FileEntry>,
 }
 
 impl GraphEntry {
-    /// The graph file and its external data file, if any.
+    /// The graph file and its external data file, if any, then the same for its CPU layout.
     pub fn files(&self) -> impl Iterator<Item = FileEntry> + '_ {
         let graph = FileEntry { path: self.path.clone(), bytes: self.bytes, sha256: self.sha256.clone() };
-        std::iter::once(graph).chain(self.external_data.clone())
+        let layout = self.cpu_layout.iter().flat_map(|l| {
+            let file = FileEntry { path: l.path.clone(), bytes: l.bytes, sha256: l.sha256.clone() };
+            std::iter::once(file).chain(l.external_data.clone())
+        });
+        std::iter::once(graph).chain(self.external_data.clone()).chain(layout)
     }
 
     /// Checks the declared inputs and outputs against what the network that runs this graph

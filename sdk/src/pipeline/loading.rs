@@ -18,6 +18,7 @@ use crate::runtime::cuda_graph::session_refusal;
 use crate::runtime::device::Device;
 use crate::runtime::graph::{GraphSlot, MemoryMode};
 use crate::runtime::library::Runtime;
+use crate::runtime::nchwc;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
 
@@ -112,6 +113,18 @@ impl GraphLoader<'_> {
             | GraphKind::VaeEncoder => {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
+        };
+        // A prebuilt CPU layout fits only the NCHWc block width it was made for, and holds the
+        // graph file's own weights (a session with replaced initializers loads the file).
+        settings.prebuilt_cpu_graph = match &entry.cpu_layout {
+            Some(layout)
+                if !replaced
+                    && provider == ProviderConfig::Cpu
+                    && nchwc::block_width(self.runtime) == Some(layout.nchwc_block) =>
+            {
+                Some(resolve(self.dir, &layout.path))
+            }
+            _ => None,
         };
         (provider, settings, capture_refusal)
     }

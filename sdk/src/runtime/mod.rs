@@ -3,6 +3,7 @@
 //! - [`device`]: [`Device`], where a graph runs;
 //! - [`cuda_graph`]: when the transformer's CUDA calls are captured and replayed;
 //! - [`gpu`]: CUDA settings, TensorRT profiles and engine caches;
+//! - [`nchwc`]: the CPU provider's NCHWc block width (which prebuilt CPU layouts fit);
 //! - `provider`: each graph's execution provider, registered on its session;
 //! - [`session`]: building one session (options, CPU fallback, optimised-graph cache);
 //! - [`session_count`]: how many sessions were created from each graph file (diagnostics);
@@ -14,6 +15,7 @@ pub mod device;
 pub mod gpu;
 pub(crate) mod graph;
 pub mod library;
+pub mod nchwc;
 pub(crate) mod provider;
 pub mod run_context;
 pub mod session;
