@@ -7,10 +7,12 @@ For each graph of the package's core (text encoder, transformer, VAE decoder, VA
 times `InferenceSession` creation on the CPU at level ALL with prepacking (what zimage does for
 the transformer and VAE graphs), ALL without, BASIC without and no optimisation without, after
 one untimed creation (page cache warm), and prints the best of --repeat. ALL/pack - ALL/nopack
-is prepacking; ALL/nopack - BASIC/nopack is the level-ALL layout optimisation.
+is prepacking; ALL/nopack - BASIC/nopack is the level-ALL layout optimisation. A graph with
+a prebuilt CPU layout (manifest `cpu_layout`, docs/package-format.md) gets a second row for it.
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -44,8 +46,15 @@ def main() -> None:
     args = ap.parse_args()
     print("| graph | " + " | ".join(f"{lv}/{'pack' if p else 'nopack'}" for lv, p in SETTINGS) + " | load average |")
     print("|---" * (len(SETTINGS) + 2) + "|")
+    manifest = json.load(open(os.path.join(args.package, "manifest.json")))
+    rows = []
     for graph in GRAPHS:
-        path = os.path.join(args.package, f"{graph}.onnx")
+        entry = manifest["graphs"][graph]
+        rows.append((graph, entry["path"]))
+        if entry.get("cpu_layout"):
+            rows.append((f"{graph} (cpu_layout)", entry["cpu_layout"]["path"]))
+    for graph, file in rows:
+        path = os.path.join(args.package, file)
         cells = []
         for level, prepack in SETTINGS:
             create_seconds(path, level, prepack, args.threads)
