@@ -161,8 +161,10 @@ fn onnx_runtime_errors_are_kept_as_the_source() {
     let garbage = b"this is not an ONNX protobuf".to_vec();
     let sha = zimage::package::files::sha256_hex(&garbage);
     let bytes = garbage.len();
-    // (The VAE decoder: the encoder's session is only made by its first use, tests/loading.rs.)
+    // (The VAE decoder: the encoder's session is only made by its first use, tests/loading.rs.
+    // Without its prebuilt CPU layout, which would be loaded instead: tests/cpu_layout.rs.)
     let dir = tiny_package_with_manifest("garbage decoder", |m| {
+        m["graphs"]["vae_decoder"].as_object_mut().unwrap().remove("cpu_layout");
         m["graphs"]["vae_decoder"]["path"] = "garbage.onnx".into();
         m["graphs"]["vae_decoder"]["bytes"] = bytes.into();
         m["graphs"]["vae_decoder"]["sha256"] = sha.clone().into();
@@ -448,7 +450,14 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
         o.optimized_model_cache = Some(cache.clone());
         o
     };
-    let first = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    // tiny-zimage without its VAE graphs' prebuilt CPU layouts, which would be loaded instead
+    // of optimising the VAE graphs (and so of caching them; tests/cpu_layout.rs).
+    let package = tiny_package_with_manifest("without layouts", |m| {
+        for graph in ["vae_decoder", "vae_decoder_cpu", "vae_encoder"] {
+            m["graphs"][graph].as_object_mut().unwrap().remove("cpu_layout");
+        }
+    });
+    let first = Pipeline::load(&package, &options).unwrap();
     let mut cached: Vec<String> = std::fs::read_dir(&cache)
         .unwrap()
         .map(|e| e.unwrap())
@@ -466,7 +475,7 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
         let e = e.unwrap();
         e.file_name().to_string_lossy().starts_with("vae_encoder-") && e.path().join("model.onnx").is_file()
     }));
-    let second = Pipeline::load(repo().join("models/tiny-zimage"), &options).unwrap();
+    let second = Pipeline::load(&package, &options).unwrap();
     let mut r = small("a windmill");
     r.guidance_scale = 2.0;
     let reference = pipeline("tiny-zimage").generate(&r, None).unwrap();
@@ -487,6 +496,7 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
         assert!(max_pixel_diff(&result.images[0], &plain.images[0]) <= 1);
     }
     std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::remove_dir_all(&package).unwrap();
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! Runtime's block width is that one, they are loaded instead of the portable graphs and give
 //! exactly their pixels; a layout for another width, or one ONNX Runtime refuses, is passed over
 //! for the portable graph; a missing layout file is a package error like any missing file.
+//! (Other tests that need the portable VAE graphs' sessions drop the layouts from a copy's
+//! manifest: tests/behaviour.rs.)
 
 mod common;
 
@@ -153,6 +155,28 @@ fn a_layout_for_another_width_or_one_onnx_runtime_refuses_is_passed_over() {
     for dir in [other_width, refused] {
         fs::remove_dir_all(dir).unwrap();
     }
+}
+
+/// `LoadOptions::optimized_model_cache` has nothing to keep for a graph whose layout is loaded
+/// (the layout is what the cache would hold): only the transformer is cached then.
+#[test]
+fn the_optimized_model_cache_skips_graphs_loaded_from_their_layout() {
+    let dir = variant("cache", |_, _| {});
+    let cache = dir.join("cache");
+    let mut options = options(false);
+    options.optimized_model_cache = Some(cache.clone());
+    let pipeline = Pipeline::load(&dir, &options).expect("load");
+    pipeline.generate(&requests()[1], None).expect("image-to-image (the encoder too)");
+    let mut cached: Vec<String> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().split('-').next().unwrap().to_string())
+        .collect();
+    cached.sort();
+    let expected: &[&str] =
+        if layouts_fit() { &["transformer"] } else { &["transformer", "vae_decoder", "vae_encoder"] };
+    assert_eq!(cached, expected);
+    drop(pipeline);
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
