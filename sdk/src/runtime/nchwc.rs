@@ -42,6 +42,8 @@ pub fn block_width(rt: &Runtime) -> Option<u32> {
 fn probe(rt: &Runtime) -> std::result::Result<u32, String> {
     let mut builder = Session::builder(&rt.env).map_err(|e| e.to_string())?;
     builder = builder.with_intra_threads(1).map_err(|e| e.to_string())?;
+    // An internal question, not one of the user's sessions: kept out of the log.
+    builder = builder.with_log_level(ort::logging::LogLevel::Error).map_err(|e| e.to_string())?;
     let mut session = builder.commit_from_memory(PROBE).map_err(|e| e.to_string())?;
     let x = Tensor::from_array(Array4::<f32>::zeros((1, PROBE_CHANNELS, 1, 1))).map_err(|e| e.to_string())?;
     let outputs = session.run(ort::inputs!["x" => x]).map_err(|e| e.to_string())?;
