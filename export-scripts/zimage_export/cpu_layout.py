@@ -93,6 +93,7 @@ def prebuild(package: Path, manifest: dict, name: str, block: int) -> dict | Non
     outputs differ from the portable graph's."""
     import numpy as np
     import onnx
+    import onnxruntime as ort
 
     entry = manifest["graphs"][name]
     source = package / entry["path"]
@@ -124,8 +125,6 @@ def prebuild(package: Path, manifest: dict, name: str, block: int) -> dict | Non
             os.replace(f, package / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    import onnxruntime as ort
-
     return {
         "nchwc_block": block,
         "onnxruntime": ort.__version__,

@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
@@ -26,17 +26,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("zimage-controlnet-load-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A copy of `package` (links followed) in its own folder, so the sessions counted for its
-/// files are this test's alone.
-fn copy_package(package: &Path, name: &str) -> PathBuf {
-    let dir = scratch(name);
-    for entry in fs::read_dir(package).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
     dir
 }
 

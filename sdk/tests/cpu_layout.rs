@@ -37,13 +37,7 @@ fn layouts_fit() -> bool {
 /// A copy of tiny-zimage (its own folder, so the sessions counted for its files are this
 /// test's alone) whose manifest `edit` changes; `edit` may also change the copied files.
 fn variant(name: &str, edit: impl FnOnce(&mut Value, &Path)) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zimage-cpu-layout-{}-{name}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    for entry in fs::read_dir(repo().join("models/tiny-zimage")).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    let dir = copy_package(&repo().join("models/tiny-zimage"), &format!("cpu-layout-{name}"));
     let mut manifest = json(&dir.join("manifest.json"));
     edit(&mut manifest, &dir);
     fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
@@ -143,7 +137,7 @@ fn a_layout_for_another_width_or_one_onnx_runtime_refuses_is_passed_over() {
             fs::write(dir.join(layout_file(graph)), &garbage).unwrap();
             let entry = &mut m["graphs"][graph]["cpu_layout"];
             entry["bytes"] = garbage.len().into();
-            entry["sha256"] = sha256_hex(&garbage).into();
+            entry["sha256"] = zimage::package::files::sha256_hex(&garbage).into();
         }
     });
     assert_eq!(images(&refused, false), want);
@@ -186,9 +180,4 @@ fn a_missing_layout_file_is_a_package_error() {
     assert_eq!(err.kind(), ErrorKind::Package, "{err}");
     assert!(err.to_string().contains(&layout_file("vae_decoder")), "{err}");
     fs::remove_dir_all(dir).unwrap();
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -114,9 +114,9 @@ pub struct CpuLayout {
     /// The ONNX Runtime version that wrote it (a record; the runtime checks the block width).
     #[serde(default)]
     pub onnxruntime: Option<String>,
-    pub path: String,
-    pub bytes: u64,
-    pub sha256: String,
+    /// The layout's graph file (`path`, `bytes`, `sha256` in the entry).
+    #[serde(flatten)]
+    pub file: FileEntry,
     #[serde(default)]
     pub external_data: Option<FileEntry>,
 }
@@ -125,10 +125,8 @@ impl GraphEntry {
     /// The graph file and its external data file, if any, then the same for its CPU layout.
     pub fn files(&self) -> impl Iterator<Item = FileEntry> + '_ {
         let graph = FileEntry { path: self.path.clone(), bytes: self.bytes, sha256: self.sha256.clone() };
-        let layout = self.cpu_layout.iter().flat_map(|l| {
-            let file = FileEntry { path: l.path.clone(), bytes: l.bytes, sha256: l.sha256.clone() };
-            std::iter::once(file).chain(l.external_data.clone())
-        });
+        let layout =
+            self.cpu_layout.iter().flat_map(|l| std::iter::once(l.file.clone()).chain(l.external_data.clone()));
         std::iter::once(graph).chain(self.external_data.clone()).chain(layout)
     }
 

@@ -122,7 +122,7 @@ impl GraphLoader<'_> {
                     && provider == ProviderConfig::Cpu
                     && nchwc::block_width(self.runtime) == Some(layout.nchwc_block) =>
             {
-                Some(resolve(self.dir, &layout.path))
+                Some(resolve(self.dir, &layout.file.path))
             }
             _ => None,
         };

@@ -115,3 +115,16 @@ pub fn max_pixel_diff(a: &zimage::RgbImage, b: &zimage::RgbImage) -> u8 {
 pub fn as4(a: ArrayD<f32>) -> Array4<f32> {
     a.into_dimensionality().unwrap()
 }
+
+/// A copy of `package` (links followed) in a fresh temporary folder named by `name`, so that
+/// the sessions counted for its files (`session_count`) are the calling test's alone.
+pub fn copy_package(package: &Path, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zimage-package-copy-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(package).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    dir
+}
