@@ -133,6 +133,10 @@ def main(argv=None) -> None:
         for graph, rep in manifest["quantization"]["graphs"].items():
             print(f"{args.weights} {graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
         print(f"quantized in {time.time() - start:.1f} s", flush=True)
+    if args.int8_vae:
+        from zimage_export.vae_int8 import add_int8_decoder_and_report
+
+        add_int8_decoder_and_report(out)
     if not args.no_cpu_layouts:
         from zimage_export.cpu_layout import add_layouts
 

@@ -616,6 +616,13 @@ typedef struct zimage_load_params {
    */
   uint32_t vae_tile_size;
   uint32_t vae_tile_overlap;
+  /**
+   * CPU: decode with the package's int8 VAE decoder (`vae_decoder_int8`, written by
+   * `quantize_package.py --int8-vae`): about 2x faster decoding, at a cost in image quality
+   * (docs/quantization.md). Loading fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the
+   * package has none, or with `winograd_vae`. Default false.
+   */
+  bool int8_vae;
 } zimage_load_params;
 
 /**

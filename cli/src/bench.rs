@@ -118,7 +118,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             "transformer": providers.transformer.to_string(),
             "vae_decoder": providers.vae_decoder.to_string(),
         },
-        // vae_decoder_cpu.onnx (Winograd) with --winograd-vae on the CPU, else vae_decoder.onnx.
+        // vae_decoder_cpu.onnx (Winograd) with --winograd-vae on the CPU, vae_decoder_int8.onnx
+        // with --int8-vae, else vae_decoder.onnx.
         "vae_decoder_graph": pipeline.vae_decoder_file().file_name().map(|n| n.to_string_lossy().into_owned()),
         // --vae-tiling as asked (null: whole images); it applies to images larger than a tile.
         "vae_tiling": args.model.load.vae_tiling.map(|t| json!({ "tile_size": t.tile_size, "overlap": t.overlap })),

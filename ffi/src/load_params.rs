@@ -122,12 +122,18 @@ pub struct zimage_load_params {
     /// `ZIMAGE_RESULT_INVALID_REQUEST`. 0 (the default): whole images.
     pub vae_tile_size: u32,
     pub vae_tile_overlap: u32,
+    /// CPU: decode with the package's int8 VAE decoder (`vae_decoder_int8`, written by
+    /// `quantize_package.py --int8-vae`): about 2x faster decoding, at a cost in image quality
+    /// (docs/quantization.md). Loading fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the
+    /// package has none, or with `winograd_vae`. Default false.
+    pub int8_vae: bool,
 }
 
 // The first version ended at `memory_mode`; its layout is unchanged. zimage 0.1 (before the
-// TensorRT fields moved into `zimage_tensorrt_params`) had 120 to 136 bytes: larger than this
-// struct, so such callers are refused. If this struct ever grows past 120 bytes, bump the
-// SONAME (ffi/build.rs) so that those programs cannot load the new library.
+// TensorRT fields moved into `zimage_tensorrt_params`) had 120 to 136 bytes, which this struct
+// reached with `int8_vae`: the SONAME moved from libzimage.so.0 to libzimage.so.1 then
+// (ffi/build.rs), so those programs cannot load this library and their structs are never read
+// as this one.
 unsafe impl Versioned for zimage_load_params {
     const FIRST_VERSION_SIZE: usize = offset_of!(zimage_load_params, memory_mode) + size_of::<u32>();
 
@@ -155,6 +161,7 @@ unsafe impl Versioned for zimage_load_params {
             controlnet: std::ptr::null(),
             vae_tile_size: sdk.vae_tiling.map_or(0, |t| t.tile_size),
             vae_tile_overlap: sdk.vae_tiling.map_or(0, |t| t.overlap),
+            int8_vae: sdk.int8_vae,
         }
     }
 }
@@ -202,6 +209,7 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
     options.memory_mode = zimage_memory_mode::from_c(p.memory_mode, "params->memory_mode")?.into();
     options.optimized_model_cache = optimized_model_cache;
     options.winograd_vae = p.winograd_vae;
+    options.int8_vae = p.int8_vae;
     options.controlnet = controlnet.map(|name| name.to_string());
     options.vae_tiling =
         (p.vae_tile_size > 0).then_some(VaeTiling { tile_size: p.vae_tile_size, overlap: p.vae_tile_overlap });
@@ -313,6 +321,8 @@ mod tests {
         p.cuda_tf32 = zimage_tf32::Off as u32;
         p.winograd_vae = true;
         assert!(unsafe { load_options(&p) }.unwrap().options.winograd_vae);
+        p.int8_vae = true;
+        assert!(unsafe { load_options(&p) }.unwrap().options.int8_vae);
     }
 
     #[test]
@@ -354,15 +364,17 @@ mod tests {
         old.winograd_vae = true;
         old.controlnet = c"union-v1".as_ptr();
         old.vae_tile_size = 64;
+        old.int8_vae = true;
         let options = unsafe { load_options(&old) }.unwrap().options;
         assert_eq!(options.memory_mode, MemoryMode::Sequential);
         assert_eq!(options.gpu, GpuOptions::default());
         assert_eq!(options.gpu.tensorrt, TensorRtOptions::default());
         assert!(!options.winograd_vae);
+        assert!(!options.int8_vae);
         assert_eq!(options.vae_tiling, None);
         assert_eq!(options.controlnet, None);
-        // Bigger than this library's struct (zimage 0.1's flat layout was 136 bytes): refused.
-        old.struct_size = 136;
+        // Bigger than this library's struct: refused.
+        old.struct_size = size_of::<zimage_load_params>() + 8;
         assert_eq!(code(unsafe { load_options(&old) }), zimage_result::InvalidArgument);
     }
 }

@@ -34,6 +34,10 @@ pub struct LoadFlags {
     /// faster decoding, more memory while decoding, images within one level.
     #[arg(long)]
     pub winograd_vae: bool,
+    /// CPU: decode with the package's int8 VAE decoder (vae_decoder_int8, written by
+    /// quantize_package.py --int8-vae): about 2x faster decoding, lossy (docs/quantization.md).
+    #[arg(long, conflicts_with = "winograd_vae")]
+    pub int8_vae: bool,
     /// Decode images larger than SIZE pixels in overlapping SIZE x SIZE tiles blended over
     /// OVERLAP pixels (default SIZE/4), as diffusers' vae.enable_tiling(): a fraction of the
     /// decode's memory, different pixels (per-tile normalisation; keep tiles large). Multiples of 8.
@@ -111,6 +115,7 @@ impl LoadFlags {
         options.host_denoise_loop = self.host_loop;
         options.optimized_model_cache = self.optimized_cache.clone();
         options.winograd_vae = self.winograd_vae;
+        options.int8_vae = self.int8_vae;
         options.vae_tiling = self.vae_tiling;
         options
     }

@@ -1,12 +1,13 @@
 //! Quality of quantized packages against their float package: same prompts, same seeds.
 //!
-//!     cargo run --release -p zimage --example quant_quality -- REFERENCE PACKAGE... \
+//!     cargo run --release -p zimage --example quant_quality -- REFERENCE PACKAGE[:int8-vae]... \
 //!         [--size 512] [--steps 8] [--prompts 8] [--threads N]
 //!
 //! Generates each of the first `--prompts` built-in prompts (seed 1000 + i) with REFERENCE
 //! (the fp32 package), then with every PACKAGE (one pipeline loaded at a time), and prints per
 //! package the final-latent relative L2 (before VAE scaling), the image PSNR (8-bit RGB,
 //! 20·log10(255/RMSE)) and the largest 8-bit difference: mean and worst over the prompts.
+//! `PACKAGE:int8-vae` loads that package with `LoadOptions::int8_vae` (its int8 VAE decoder).
 
 use std::time::Instant;
 
@@ -89,7 +90,15 @@ fn main() -> zimage::Result<()> {
     let reference = run(&packages[0], &options, size, steps, prompts)?;
     let mut rows = Vec::new();
     for package in &packages[1..] {
-        let outputs = run(package, &options, size, steps, prompts)?;
+        let mut options = options.clone();
+        let path = match package.strip_suffix(":int8-vae") {
+            Some(path) => {
+                options.int8_vae = true;
+                path
+            }
+            None => package,
+        };
+        let outputs = run(path, &options, size, steps, prompts)?;
         let rels: Vec<f64> = outputs.iter().zip(&reference).map(|(o, r)| rel_l2(&o.latents, &r.latents)).collect();
         let images: Vec<(f64, u8)> =
             outputs.iter().zip(&reference).map(|(o, r)| image_distance(&o.image, &r.image)).collect();

@@ -46,6 +46,13 @@ pub struct LoadOptions {
     /// (mid-size model at 512x512: +0.2 to +0.5 GB peak RSS). Off: `vae_decoder`. Ignored where
     /// the decoder runs on a GPU; an InvalidRequest error when the package has no such graph.
     pub winograd_vae: bool,
+    /// CPU: decode with the package's `vae_decoder_int8`, whose high-resolution convolutions
+    /// compute in int8 (written by `quantize_package.py --int8-vae`): decoding about 2x faster,
+    /// at a cost in image quality that the exact decoders do not have (measured in
+    /// docs/quantization.md, "int8 VAE decoder"). Off: `vae_decoder`. Ignored where the decoder
+    /// runs on a GPU; an InvalidRequest error when the package has no such graph, or together
+    /// with `winograd_vae`.
+    pub int8_vae: bool,
     /// Decode images larger than a tile in overlapping tiles, and encode input pictures (image to
     /// image, inpainting, ControlNet conditions, editing references) larger than one the same way,
     /// as diffusers' `vae.enable_tiling()` does (same tiles, same blending: see [`VaeTiling`]): the

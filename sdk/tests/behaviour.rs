@@ -403,6 +403,40 @@ fn winograd_vae_needs_a_package_with_the_cpu_decoder() {
 }
 
 #[test]
+fn int8_vae_needs_a_package_with_the_int8_decoder_and_excludes_winograd() {
+    let options = |winograd_vae: bool| {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.int8_vae = true;
+        o.winograd_vae = winograd_vae;
+        o
+    };
+    // tiny-zimage has a Winograd decoder and no int8 one.
+    let err = Pipeline::load(repo().join("models/tiny-zimage"), &options(false)).err().expect("no vae_decoder_int8");
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("no vae_decoder_int8 graph"), "{err}");
+    // toy-zimage-int8 has an int8 decoder and no Winograd one: both asked is refused before either is looked up.
+    for package in ["models/tiny-zimage", "models/toy-zimage-int8"] {
+        let err = Pipeline::load(repo().join(package), &options(true)).err().expect("both decoders");
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+        assert!(err.to_string().contains("winograd_vae and int8_vae: choose one"), "{err}");
+    }
+}
+
+#[test]
+fn an_int8_vae_decoder_with_other_inputs_is_a_package_error() {
+    let dir = tiny_package_with_manifest("int8 decoder inputs", |m| {
+        let mut entry = m["graphs"]["vae_decoder"].clone();
+        entry["inputs"][0]["name"] = "sample".into();
+        m["graphs"]["vae_decoder_int8"] = entry;
+    });
+    let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("mismatched vae_decoder_int8");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    assert!(err.to_string().contains("graphs.vae_decoder_int8 must have vae_decoder's inputs and outputs"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn sequential_memory_mode_gives_the_same_images() {
     let resident = pipeline("tiny-zimage");
     let options = {

@@ -28,6 +28,7 @@ pub const PARAMETERS: &[(&str, &str)] = &[
     ("tensorrt_cache", "TensorRT engine and timing cache folder, kept per node [~/.cache/zimage/tensorrt]"),
     ("tensorrt_guidance", "true: TensorRT profiles also cover GUIDANCE > 0 (twice the batch) [false]"),
     ("winograd_vae", "true: decode with the package's Winograd VAE decoder on the CPU [false]"),
+    ("int8_vae", "true: decode with the package's int8 VAE decoder on the CPU: faster, lossy [false]"),
     ("vae_tiling", "SIZE or SIZE:OVERLAP pixels: decode larger images in overlapping tiles, less memory [off]"),
     ("controlnet", "a ControlNet of the package (export_controlnet.py) to load, for CONTROL_IMAGE requests [none]"),
     ("loras", "LoRA adapters merged into the transformer: FILE[:SCALE] separated by ';', relative to the version folder [none]"),
@@ -51,6 +52,7 @@ pub struct ModelSettings {
     pub tensorrt_cache: Option<PathBuf>,
     pub tensorrt_guidance: bool,
     pub winograd_vae: bool,
+    pub int8_vae: bool,
     pub vae_tiling: Option<zimage::VaeTiling>,
     /// The package's ControlNet loaded as the transformer (CONTROL_IMAGE requests).
     pub controlnet: Option<String>,
@@ -83,6 +85,7 @@ impl ModelSettings {
             tensorrt_cache: None,
             tensorrt_guidance: false,
             winograd_vae: false,
+            int8_vae: false,
             vae_tiling: None,
             controlnet: None,
             loras: Vec::new(),
@@ -121,6 +124,7 @@ impl ModelSettings {
                 "tensorrt_cache" => settings.tensorrt_cache = Some(PathBuf::from(nonempty(key, text)?)),
                 "tensorrt_guidance" => settings.tensorrt_guidance = boolean(key, text)?,
                 "winograd_vae" => settings.winograd_vae = boolean(key, text)?,
+                "int8_vae" => settings.int8_vae = boolean(key, text)?,
                 "vae_tiling" => {
                     settings.vae_tiling = Some(text.parse().map_err(|e| format!("parameter vae_tiling: {e}"))?)
                 }
@@ -168,6 +172,7 @@ impl ModelSettings {
         options.runtime_library = self.onnxruntime_library.clone();
         options.allow_cpu_fallback = self.allow_cpu_fallback;
         options.winograd_vae = self.winograd_vae;
+        options.int8_vae = self.int8_vae;
         options.vae_tiling = self.vae_tiling;
         options.controlnet = self.controlnet.clone();
         options.gpu.tensorrt.cache_dir = self.tensorrt_cache.clone();

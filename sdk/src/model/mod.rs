@@ -33,7 +33,9 @@ pub(crate) fn check_interfaces(manifest: &Manifest) -> Result<(), String> {
         let (inputs, outputs) = match kind {
             GraphKind::TextEncoder => (text_encoder::INPUTS, text_encoder::OUTPUTS),
             GraphKind::Transformer => (transformer::INPUTS, transformer::OUTPUTS),
-            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu => (vae::DECODER_INPUTS, vae::DECODER_OUTPUTS),
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 => {
+                (vae::DECODER_INPUTS, vae::DECODER_OUTPUTS)
+            }
             GraphKind::VaeEncoder => (vae::ENCODER_INPUTS, vae::ENCODER_OUTPUTS),
             GraphKind::VisionEncoder => (vision::INPUTS, vision::OUTPUTS),
             GraphKind::TransformerOmni => (omni::INPUTS, omni::OUTPUTS),

@@ -19,6 +19,9 @@ pub enum GraphKind {
     VaeDecoder,
     /// The same VAE decoder arranged for the CPU (Winograd convolutions), optional.
     VaeDecoderCpu,
+    /// The same VAE decoder with its high-resolution convolutions in int8 (faster on the CPU,
+    /// lossy), optional.
+    VaeDecoderInt8,
     /// VAE encoder: pixels -> latent distribution (image-to-image, inpainting).
     VaeEncoder,
     /// The prompt enhancer's causal-LM decoder with a KV cache, optional.
@@ -33,11 +36,12 @@ pub enum GraphKind {
 
 impl GraphKind {
     /// Every kind, in manifest order.
-    pub const ALL: [GraphKind; 8] = [
+    pub const ALL: [GraphKind; 9] = [
         GraphKind::TextEncoder,
         GraphKind::Transformer,
         GraphKind::VaeDecoder,
         GraphKind::VaeDecoderCpu,
+        GraphKind::VaeDecoderInt8,
         GraphKind::VaeEncoder,
         GraphKind::TextDecoder,
         GraphKind::VisionEncoder,
@@ -51,6 +55,7 @@ impl GraphKind {
             GraphKind::Transformer => "transformer",
             GraphKind::VaeDecoder => "vae_decoder",
             GraphKind::VaeDecoderCpu => "vae_decoder_cpu",
+            GraphKind::VaeDecoderInt8 => "vae_decoder_int8",
             GraphKind::VaeEncoder => "vae_encoder",
             GraphKind::TextDecoder => "text_decoder",
             GraphKind::VisionEncoder => "siglip",
@@ -63,6 +68,7 @@ impl GraphKind {
         match self {
             GraphKind::TextEncoder | GraphKind::Transformer | GraphKind::VaeDecoder | GraphKind::VaeEncoder => true,
             GraphKind::VaeDecoderCpu
+            | GraphKind::VaeDecoderInt8
             | GraphKind::TextDecoder
             | GraphKind::VisionEncoder
             | GraphKind::TransformerOmni => false,
@@ -72,7 +78,9 @@ impl GraphKind {
     /// Whether the graph is one of the VAE's (convolutional image networks).
     pub fn is_vae(self) -> bool {
         match self {
-            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => true,
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 | GraphKind::VaeEncoder => {
+                true
+            }
             GraphKind::TextEncoder
             | GraphKind::Transformer
             | GraphKind::TextDecoder
@@ -178,6 +186,11 @@ pub struct Graphs {
     /// `LoadOptions::winograd_vae` (optional, see docs/package-format.md).
     #[serde(default)]
     pub vae_decoder_cpu: Option<GraphEntry>,
+    /// The same VAE decoder with the convolutions of its up blocks after the first in int8
+    /// (static QDQ: `export-scripts/zimage_export/vae_int8.py`); used instead of `vae_decoder`
+    /// on the CPU with `LoadOptions::int8_vae` (optional, see docs/quantization.md).
+    #[serde(default)]
+    pub vae_decoder_int8: Option<GraphEntry>,
     /// Causal-LM decoder with a KV cache for the prompt enhancer (optional).
     #[serde(default)]
     pub text_decoder: Option<GraphEntry>,
@@ -197,6 +210,7 @@ impl Graphs {
             GraphKind::Transformer => Some(&self.transformer),
             GraphKind::VaeDecoder => Some(&self.vae_decoder),
             GraphKind::VaeDecoderCpu => self.vae_decoder_cpu.as_ref(),
+            GraphKind::VaeDecoderInt8 => self.vae_decoder_int8.as_ref(),
             GraphKind::VaeEncoder => Some(&self.vae_encoder),
             GraphKind::TextDecoder => self.text_decoder.as_ref(),
             GraphKind::VisionEncoder => self.siglip.as_ref(),
@@ -224,6 +238,7 @@ mod tests {
                 "transformer",
                 "vae_decoder",
                 "vae_decoder_cpu",
+                "vae_decoder_int8",
                 "vae_encoder",
                 "text_decoder",
                 "siglip",

@@ -181,10 +181,12 @@ impl Manifest {
     }
 
     fn check_values(&self) -> std::result::Result<(), String> {
-        if let Some(cpu) = &self.graphs.vae_decoder_cpu {
-            let decoder = &self.graphs.vae_decoder;
-            if cpu.inputs != decoder.inputs || cpu.outputs != decoder.outputs {
-                return Err("graphs.vae_decoder_cpu must have vae_decoder's inputs and outputs".into());
+        let decoder = &self.graphs.vae_decoder;
+        for (name, variant) in
+            [("vae_decoder_cpu", &self.graphs.vae_decoder_cpu), ("vae_decoder_int8", &self.graphs.vae_decoder_int8)]
+        {
+            if variant.as_ref().is_some_and(|v| v.inputs != decoder.inputs || v.outputs != decoder.outputs) {
+                return Err(format!("graphs.{name} must have vae_decoder's inputs and outputs"));
             }
         }
         let t = &self.transformer;
@@ -309,13 +311,14 @@ impl Manifest {
     }
 
     /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
-    /// A weights file shared by several graphs counts once; `vae_decoder_cpu` is loaded instead
-    /// of `vae_decoder`, not besides it, so it is not counted.
+    /// A weights file shared by several graphs counts once; `vae_decoder_cpu` and
+    /// `vae_decoder_int8` are loaded instead of `vae_decoder`, not besides it, so they are not
+    /// counted.
     pub fn weight_bytes(&self) -> u64 {
         let mut seen = std::collections::BTreeSet::new();
         self.graphs
             .iter()
-            .filter(|(kind, _)| *kind != GraphKind::VaeDecoderCpu)
+            .filter(|(kind, _)| !matches!(kind, GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8))
             .map(|(_, g)| {
                 let shared = g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes);
                 g.bytes.saturating_add(shared)

@@ -262,6 +262,7 @@ impl Pipeline {
             enhanced_prompt: None,
             quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
             vae_tiling,
+            vae_decoder: self.lossy_vae_decoder(),
             timings: Timings {
                 tokenize: Duration::ZERO,
                 text_encode: text_time,

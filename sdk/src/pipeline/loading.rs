@@ -110,6 +110,7 @@ impl GraphLoader<'_> {
             | GraphKind::TransformerOmni
             | GraphKind::VaeDecoder
             | GraphKind::VaeDecoderCpu
+            | GraphKind::VaeDecoderInt8
             | GraphKind::VaeEncoder => {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
@@ -157,7 +158,7 @@ impl GraphLoader<'_> {
                     Some(q) => SessionSettings { shares_weights: !q.text_graphs_prepack(has_decoder), ..base },
                 }
             }
-            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeEncoder => {
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
             GraphKind::Transformer | GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => {
@@ -167,15 +168,31 @@ impl GraphLoader<'_> {
     }
 }
 
-/// The graph that decodes images: `vae_decoder_cpu` when `winograd_vae` asks for it on the CPU
-/// (an error if the package has none), otherwise `vae_decoder`.
-pub(crate) fn vae_decoder_kind(manifest: &Manifest, device: Device, winograd_vae: bool) -> Result<GraphKind> {
-    match (device, winograd_vae, &manifest.graphs.vae_decoder_cpu) {
-        (Device::Cpu, true, Some(_)) => Ok(GraphKind::VaeDecoderCpu),
-        (Device::Cpu, true, None) => Err(Error::invalid(
+/// The graph that decodes images: `vae_decoder_cpu` when `winograd_vae` asks for it on the CPU,
+/// `vae_decoder_int8` when `int8_vae` does (an error if the package has none, or if both are
+/// asked for), otherwise `vae_decoder`.
+pub(crate) fn vae_decoder_kind(manifest: &Manifest, options: &LoadOptions) -> Result<GraphKind> {
+    let (kind, missing) = match (options.winograd_vae, options.int8_vae) {
+        (true, true) => {
+            return Err(Error::invalid(
+                "winograd_vae and int8_vae: choose one VAE decoder (the int8 one has no Winograd convolutions)",
+            ))
+        }
+        (true, false) => (
+            GraphKind::VaeDecoderCpu,
             "winograd_vae: this package has no vae_decoder_cpu graph (export-scripts/export.py writes one for VAEs \
              with convolutions of 256 channels or more)",
-        )),
+        ),
+        (false, true) => (
+            GraphKind::VaeDecoderInt8,
+            "int8_vae: this package has no vae_decoder_int8 graph (export-scripts/quantize_package.py --int8-vae \
+             or python -m zimage_export.vae_int8 writes one)",
+        ),
+        (false, false) => return Ok(GraphKind::VaeDecoder),
+    };
+    match (options.device, manifest.graphs.get(kind)) {
+        (Device::Cpu, Some(_)) => Ok(kind),
+        (Device::Cpu, None) => Err(Error::invalid(missing)),
         _ => Ok(GraphKind::VaeDecoder),
     }
 }

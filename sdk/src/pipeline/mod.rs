@@ -132,7 +132,7 @@ impl Pipeline {
         }
         let graphs = GraphLoader { runtime: rt, dir: &dir, manifest: &manifest, options };
         let tokenizer = Manifest::resolve(&dir, &manifest.tokenizer.path);
-        let decoder_kind = loading::vae_decoder_kind(&manifest, options.device, options.winograd_vae)?;
+        let decoder_kind = loading::vae_decoder_kind(&manifest, options)?;
         // The stages every generation uses, built concurrently (the transformer, the slowest,
         // on this thread); errors are reported in this order whichever finished first.
         let (text, text_encoder, vae_decoder, transformer) = loading::run_jobs(
@@ -351,8 +351,14 @@ impl Pipeline {
             .collect()
     }
 
+    /// `Generation::vae_decoder`: "int8" when the int8 decoder decodes, else None.
+    fn lossy_vae_decoder(&self) -> Option<String> {
+        (self.vae_decoder.kind() == GraphKind::VaeDecoderInt8).then(|| "int8".to_string())
+    }
+
     /// The graph file images are decoded with: the package's `vae_decoder_cpu` with
-    /// [`LoadOptions::winograd_vae`] on the CPU, otherwise its `vae_decoder`.
+    /// [`LoadOptions::winograd_vae`] on the CPU, its `vae_decoder_int8` with
+    /// [`LoadOptions::int8_vae`] on the CPU, otherwise its `vae_decoder`.
     pub fn vae_decoder_file(&self) -> &Path {
         self.vae_decoder.path()
     }
@@ -437,6 +443,7 @@ impl Pipeline {
             timings,
             quantization: self.manifest.quantization.as_ref().map(|q| q.summary()),
             vae_tiling,
+            vae_decoder: self.lossy_vae_decoder(),
         })
     }
 

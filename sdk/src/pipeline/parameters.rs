@@ -51,6 +51,9 @@ pub fn image_parameters(
     if let Some(q) = &generation.quantization {
         text.push(("quantization", q.clone()));
     }
+    if let Some(d) = &generation.vae_decoder {
+        text.push(("vae_decoder", d.clone()));
+    }
     if let Some(t) = &generation.vae_tiling {
         text.push(("vae_tiling", format!("tile {}, overlap {}", t.tile_size, t.overlap)));
     }

@@ -215,6 +215,10 @@ pub struct Generation {
     /// The tiles the images were decoded in (`LoadOptions::vae_tiling`), when they were larger
     /// than one: the pixels then differ slightly from a whole-image decode's.
     pub vae_tiling: Option<crate::model::vae_tiling::VaeTiling>,
+    /// `Some("int8")` when the images were decoded by the package's int8 VAE decoder
+    /// (`LoadOptions::int8_vae`): the pixels then differ visibly more than quantized weights
+    /// alone make them (docs/quantization.md). `None`: an exact decoder.
+    pub vae_decoder: Option<String>,
 }
 
 impl Generation {

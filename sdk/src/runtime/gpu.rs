@@ -202,7 +202,7 @@ impl TensorRtOptions {
                     max: s(max_batch, latent(r.max), max_caption),
                 }
             }
-            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu => {
+            GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 => {
                 let s = |(h, w): (u32, u32)| format!("latents:1x{c}x{h}x{w}");
                 ShapeProfile { min: s(latent(r.min)), opt: s(latent(r.opt)), max: s(latent(r.max)) }
             }
