@@ -254,6 +254,40 @@ fn vae_tiling_matches_diffusers_tiled_decode_and_is_recorded() {
 }
 
 #[test]
+fn int8_vae_decodes_with_the_int8_decoder_and_is_recorded() {
+    let dir = scratch("int8-vae");
+    let output = dir.join("out.png");
+    let generate = |model: &str, flags: &[&str], output: &Path| {
+        let mut args = vec!["generate", "--model", model, "--prompt", "a red circle on a blue background"];
+        args.extend(["--width", "64", "--height", "64", "--seed", "1", "--output", output.to_str().unwrap(), "--json"]);
+        args.extend(flags);
+        zimage(&args)
+    };
+    let out = generate("models/toy-zimage-int8", &["--int8-vae"], &output);
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["vae_decoder"], "int8");
+    assert_eq!(read_png(&output).text.get("vae_decoder").map(String::as_str), Some("int8"));
+    // The exact decoder records nothing, and its picture differs (the int8 decoder is lossy).
+    let exact = dir.join("exact.png");
+    let out = generate("models/toy-zimage-int8", &[], &exact);
+    assert_code(&out, 0);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["vae_decoder"].is_null());
+    assert!(!read_png(&exact).text.contains_key("vae_decoder"));
+    assert!(max_level_diff(&read_png(&output), &exact) > 0);
+    // A package without one: a request error (exit 6), nothing written; with --winograd-vae: a usage error.
+    let bad = dir.join("bad.png");
+    let out = generate(PACKAGE, &["--int8-vae"], &bad);
+    assert_code(&out, 6);
+    assert!(assert_one_line_error(&out).contains("no vae_decoder_int8 graph"), "{}", stderr(&out));
+    assert!(!bad.exists());
+    let out = generate("models/toy-zimage-int8", &["--int8-vae", "--winograd-vae"], &bad);
+    assert_code(&out, 2);
+    assert!(!bad.exists());
+}
+
+#[test]
 fn guidance_flags_reach_the_sdk() {
     // Negative prompt, CFG scale, normalisation and truncation all change the image: matching
     // this golden means each flag was passed through.

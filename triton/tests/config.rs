@@ -98,6 +98,9 @@ fn parameters_are_parsed_and_checked() {
     assert_eq!(settings(&with_parameter("max_prompt_bytes", "100")).unwrap().max_prompt_bytes, 100);
     assert!(settings(&with_parameter("allow_cpu_fallback", "true")).unwrap().allow_cpu_fallback);
     assert!(settings(&with_parameter("winograd_vae", "yes")).unwrap().winograd_vae);
+    let int8 = settings(&with_parameter("int8_vae", "true")).unwrap();
+    assert!(int8.int8_vae && int8.load_options(Device::Cpu).int8_vae);
+    assert!(!settings(&with_parameter("winograd_vae", "yes")).unwrap().load_options(Device::Cpu).int8_vae);
     let tiled = settings(&with_parameter("vae_tiling", "512")).unwrap();
     assert_eq!(tiled.load_options(Device::Cpu).vae_tiling, Some(zimage::VaeTiling { tile_size: 512, overlap: 128 }));
     assert_eq!(
