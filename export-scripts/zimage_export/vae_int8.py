@@ -150,6 +150,13 @@ def add_int8_decoder(package: Path) -> dict:
         nodes, kept = quantized_conv_nodes(model)
         if not nodes:
             raise RuntimeError("vae_decoder: no convolution of an up block after the first to quantize")
+        if not all(nodes):
+            raise RuntimeError("vae_decoder: a convolution to quantize has no node name (the quantizer selects by name)")
+        weights = {t.name: t.data_type for t in model.graph.initializer}
+        conv_weights = [n.input[1] for n in model.graph.node if n.name in set(nodes)]
+        if any(weights.get(w) != onnx.TensorProto.FLOAT for w in conv_weights):
+            raise RuntimeError("vae_decoder: the int8 decoder is made from a float32 VAE (the CPU's); this "
+                               "package's convolution weights are not all float32 initializers")
         out = tmp / "out" / f"{GRAPH}.onnx"
         out.parent.mkdir()
         external = source_entry.get("external_data") is not None
@@ -173,8 +180,13 @@ def add_int8_decoder(package: Path) -> dict:
             errors.append(float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)))
         if max(errors) > MAX_REL_L2:
             raise RuntimeError(f"vae_decoder_int8 is {max(errors):.3g} (relative L2) from the float decoder: broken")
+        old = manifest["graphs"].get(GRAPH)
         for f in out.parent.iterdir():
             os.replace(f, package / f.name)
+        # A rewrite without external data leaves no stale data file of the previous one behind.
+        for f in graph_files(old or {}):
+            if f["path"] not in expected:
+                (package / f["path"]).unlink(missing_ok=True)
     entry = graph_entry(package, GRAPH)
     entry["int8"] = {
         "quantized_convolutions": len(nodes),
