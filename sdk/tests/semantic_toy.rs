@@ -278,11 +278,11 @@ fn the_enhancer_path_runs_on_the_toy() {
 }
 
 /// Least PSNR of a picture decoded by the int8 VAE decoder against the same latents decoded
-/// exactly, and least mean over the 32 pictures: measured 44.26 dB worst, 47.37 dB mean on this
-/// machine (the toy's VAE is trained; docs/quantization.md, "int8 VAE decoder"), with 2 dB and
-/// 1.4 dB of margin for another CPU's int8 kernels.
+/// exactly, and least mean over the 32 pictures: measured 43.93 dB worst, 46.98 dB mean on this
+/// machine (the toy's VAE is trained; docs/quantization.md, "int8 VAE decoder"), with about 2 dB
+/// and 1.5 dB of margin for another CPU's int8 kernels.
 const MIN_INT8_VAE_PSNR: f64 = 42.0;
-const MIN_INT8_VAE_MEAN_PSNR: f64 = 46.0;
+const MIN_INT8_VAE_MEAN_PSNR: f64 = 45.5;
 
 fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
     assert_eq!((a.width, a.height), (b.width, b.height));
