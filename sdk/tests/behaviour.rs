@@ -423,6 +423,28 @@ fn int8_vae_needs_a_package_with_the_int8_decoder_and_excludes_winograd() {
     }
 }
 
+/// The sequential memory mode makes the VAE decoder's session per generation: with `int8_vae`
+/// it is the int8 decoder's, the same pictures as the resident mode's, not the exact decoder's.
+#[test]
+fn the_sequential_mode_decodes_with_the_int8_vae_decoder_too() {
+    let package = repo().join("models/toy-zimage-int8");
+    let load = |int8_vae: bool, memory_mode: zimage::MemoryMode| {
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        o.int8_vae = int8_vae;
+        o.memory_mode = memory_mode;
+        Pipeline::load(&package, &o).unwrap()
+    };
+    let mut request = GenerateRequest::new("a red circle on a blue background");
+    (request.width, request.height, request.seed) = (64, 64, Some(1));
+    let picture = |p: &Pipeline| p.generate(&request, None).unwrap().images.remove(0);
+    let sequential = load(true, zimage::MemoryMode::Sequential);
+    assert_eq!(sequential.vae_decoder_file(), package.join("vae_decoder_int8.onnx"));
+    let int8 = picture(&sequential);
+    assert_eq!(int8, picture(&load(true, zimage::MemoryMode::Resident)));
+    assert!(max_pixel_diff(&int8, &picture(&load(false, zimage::MemoryMode::Sequential))) > 0);
+}
+
 #[test]
 fn an_int8_vae_decoder_with_other_inputs_is_a_package_error() {
     let dir = tiny_package_with_manifest("int8 decoder inputs", |m| {
