@@ -131,7 +131,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         "peak_rss_after_load_bytes": rss_after_load,
         // Sampled every 20 ms over loading and all runs; null on CPU or without NVML.
         "peak_device_memory": peak_device_memory,
-        "weight_bytes": pipeline.manifest().weight_bytes(),
+        // The weights of the graphs this pipeline loads (with the VAE decoder it decodes with).
+        "weight_bytes": pipeline.weight_bytes(),
         "stages": stages(&samples),
         "images_per_s": summary(&samples.iter().map(|t| args.count as f64 / secs(t.total)).collect::<Vec<_>>()),
         // Orchestration overhead: 1.0 would mean every moment is spent inside ONNX Runtime.

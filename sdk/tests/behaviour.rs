@@ -442,6 +442,10 @@ fn the_sequential_mode_decodes_with_the_int8_vae_decoder_too() {
     assert_eq!(sequential.vae_decoder_file(), package.join("vae_decoder_int8.onnx"));
     let int8 = picture(&sequential);
     assert_eq!(int8, picture(&load(true, zimage::MemoryMode::Resident)));
+    // The weights it loads count the int8 decoder in place of the float one.
+    let m = sequential.manifest();
+    let (float, int8_bytes) = (m.graphs.vae_decoder.bytes, m.graphs.vae_decoder_int8.as_ref().unwrap().bytes);
+    assert_eq!(sequential.weight_bytes(), m.weight_bytes() - float + int8_bytes);
     assert!(max_pixel_diff(&int8, &picture(&load(false, zimage::MemoryMode::Sequential))) > 0);
 }
 

@@ -313,12 +313,19 @@ impl Manifest {
     /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
     /// A weights file shared by several graphs counts once; `vae_decoder_cpu` and
     /// `vae_decoder_int8` are loaded instead of `vae_decoder`, not besides it, so they are not
-    /// counted.
+    /// counted (see [`Manifest::weight_bytes_decoding_with`]).
     pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes_decoding_with(GraphKind::VaeDecoder)
+    }
+
+    /// [`Manifest::weight_bytes`] of a pipeline that decodes with `decoder` (`vae_decoder`,
+    /// `vae_decoder_cpu` or `vae_decoder_int8`): that decoder counts, the other two do not.
+    pub fn weight_bytes_decoding_with(&self, decoder: GraphKind) -> u64 {
+        let decoders = [GraphKind::VaeDecoder, GraphKind::VaeDecoderCpu, GraphKind::VaeDecoderInt8];
         let mut seen = std::collections::BTreeSet::new();
         self.graphs
             .iter()
-            .filter(|(kind, _)| !matches!(kind, GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8))
+            .filter(|(kind, _)| *kind == decoder || !decoders.contains(kind))
             .map(|(_, g)| {
                 let shared = g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes);
                 g.bytes.saturating_add(shared)

@@ -351,6 +351,12 @@ impl Pipeline {
             .collect()
     }
 
+    /// Bytes of the weights and graphs this pipeline loads: [`Manifest::weight_bytes`] with the
+    /// VAE decoder it decodes with (the int8 decoder's weights are a quarter of the float one's).
+    pub fn weight_bytes(&self) -> u64 {
+        self.manifest.weight_bytes_decoding_with(self.vae_decoder.kind())
+    }
+
     /// `Generation::vae_decoder`: "int8" when the int8 decoder decodes, else None.
     fn lossy_vae_decoder(&self) -> Option<String> {
         (self.vae_decoder.kind() == GraphKind::VaeDecoderInt8).then(|| "int8".to_string())
