@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .manifest import file_entry
+from .manifest import file_entry, write_manifest
 
 # Graphs that get a prebuilt layout: the convolutional ones (the rewrite is about convolutions).
 LAYOUT_GRAPHS = ("vae_decoder", "vae_decoder_cpu", "vae_encoder")
@@ -157,9 +157,7 @@ def add_layouts(package: Path, graphs: tuple[str, ...] = LAYOUT_GRAPHS) -> dict:
             continue
         entry["cpu_layout"] = layout
         print(f"{name}: CPU layout {layout['path']} (NCHWc block {block})", flush=True)
-    tmp = package / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, package / "manifest.json")
+    write_manifest(package, manifest)
     return manifest
 
 

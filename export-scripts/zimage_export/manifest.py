@@ -80,6 +80,16 @@ def graph_entry(package: Path, name: str) -> dict:
     }
 
 
+def write_manifest(package: Path, manifest: dict) -> None:
+    """Rewrites `package`/manifest.json through a temporary file, so that a reader never sees
+    half of it (the tools that add graphs to a package write it last)."""
+    import os
+
+    tmp = package / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, package / "manifest.json")
+
+
 def graph_files(entry: dict) -> list[dict]:
     """The file entries of one graph's manifest entry: the graph, its external data, and the
     same for its prebuilt CPU layout (cpu_layout.py), where present."""

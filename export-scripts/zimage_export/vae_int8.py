@@ -39,7 +39,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .manifest import graph_entry, graph_files
+from .manifest import graph_entry, graph_files, write_manifest
 
 GRAPH = "vae_decoder_int8"
 # Convolutions quantized: those of the up blocks after the first (by weight name).
@@ -159,7 +159,8 @@ def add_int8_decoder(package: Path) -> dict:
         if not all(nodes):
             raise RuntimeError("vae_decoder: a convolution to quantize has no node name (the quantizer selects by name)")
         weights = {t.name: t.data_type for t in model.graph.initializer}
-        conv_weights = [n.input[1] for n in model.graph.node if n.name in set(nodes)]
+        selected = set(nodes)
+        conv_weights = [n.input[1] for n in model.graph.node if n.name in selected]
         if any(weights.get(w) != onnx.TensorProto.FLOAT for w in conv_weights):
             raise RuntimeError("vae_decoder: the int8 decoder is made from a float32 VAE (the CPU's); this "
                                "package's convolution weights are not all float32 initializers")
@@ -207,9 +208,7 @@ def add_int8_decoder(package: Path) -> dict:
         "onnxruntime": ort.__version__,
     }
     manifest["graphs"][GRAPH] = entry
-    tmp_manifest = package / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp_manifest, package / "manifest.json")
+    write_manifest(package, manifest)
     return manifest
 
 
