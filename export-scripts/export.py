@@ -11,6 +11,9 @@ so peak memory is about one component's weights (plus the exporter's working set
 `--weights int8|int4` then quantizes the transformer and text encoder (quantize_package.py,
 docs/quantization.md). Last, the VAE graphs get their prebuilt CPU layouts
 (`<graph>.nchwc<B>.onnx`, zimage_export/cpu_layout.py; `--no-cpu-layouts` leaves them out).
+`--prepacked-transformer` adds the float transformer's prepacked CPU layout
+(zimage_export/prepacked.py: faster loads on CPUs that pack weights the same way, at about the
+transformer's bytes again on disk).
 """
 
 import argparse
@@ -84,8 +87,16 @@ def main(argv=None) -> None:
                         help="do not add the VAE graphs' prebuilt CPU layouts (zimage_export/cpu_layout.py: the "
                              "graphs as ONNX Runtime rewrites them for this CPU's NCHWc block width, which loads "
                              "faster on CPUs with the same width; about doubles the VAE's bytes on disk)")
+    parser.add_argument("--prepacked-transformer", action="store_true",
+                        help="add the float transformer's prepacked CPU layout (zimage_export/prepacked.py: the "
+                             "graph with its GEMM weights as this CPU's kernels pack them, so that a load maps them "
+                             "instead of packing; used only where a probe shows the same packing; about the "
+                             "transformer's bytes again on disk)")
     add_quantize_arguments(parser, required=False)
     args = parser.parse_args(argv)
+    if args.prepacked_transformer and args.weights:
+        parser.error("--prepacked-transformer is for float transformers (a quantized one packs a quarter of the "
+                     "bytes, and its kernels are not probed)")
     variant = args.variant if args.variant != "auto" else detect_variant(args.name or str(args.src))
     defaults = generation_defaults(variant, {
         "steps": args.default_steps, "guidance_scale": args.default_guidance,
@@ -141,6 +152,10 @@ def main(argv=None) -> None:
         from zimage_export.cpu_layout import add_layouts
 
         add_layouts(out)
+    if args.prepacked_transformer:
+        from zimage_export.prepacked import add_prepacked
+
+        add_prepacked(out)
 
 
 if __name__ == "__main__":

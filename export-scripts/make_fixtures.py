@@ -70,9 +70,10 @@ def main(argv=None) -> None:
         # Their VAEs are 8 to 32 channels wide: a low threshold gives them a vae_decoder_cpu,
         # so that the Winograd graph is exported, verified and run by the parity tests.
         # tiny-zimage also carries the VAE graphs' prebuilt CPU layouts (made for this machine's
-        # NCHWc block width), so that its parity tests run them; the others stay without.
+        # NCHWc block width) and the transformer's prepacked layout (for this machine's GEMM
+        # packing), so that its parity tests run them; the others stay without.
         variant = BASE_VARIANT if cfg is TINY_BASE else "turbo"
-        layouts = [] if name == TINY_A.name else ["--no-cpu-layouts"]
+        layouts = ["--prepacked-transformer"] if name == TINY_A.name else ["--no-cpu-layouts"]
         run("export.py", "--src", src, "--out", package, "--name", name, "--winograd-min-channels", 8,
             "--variant", variant, *layouts)
         run("verify.py", package, "--src", src)

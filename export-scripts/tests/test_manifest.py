@@ -68,12 +68,15 @@ def test_package_graphs_lists_optional_graphs_only_when_exported(tmp_path):
     assert "transformer" in package_graphs(tmp_path)
 
 
-def test_graph_files_lists_a_graph_its_data_and_its_cpu_layout():
+def test_graph_files_lists_a_graph_its_data_and_its_cpu_layouts():
     """What quantize_package.py copies for a graph it does not rewrite (tiny-zimage's committed
-    vae_decoder has a CPU layout without external data)."""
+    vae_decoder has a CPU layout without external data; its transformer keeps its weights in
+    the .onnx, so its prepacked layout has a data file of its own)."""
     committed = json.loads((REPO / "models" / "tiny-zimage" / "manifest.json").read_text())["graphs"]
     assert [e["path"] for e in graph_files(committed["vae_decoder"])] == ["vae_decoder.onnx", "vae_decoder.nchwc16.onnx"]
-    assert [e["path"] for e in graph_files(committed["transformer"])] == ["transformer.onnx"]
+    assert [e["path"] for e in graph_files(committed["transformer"])] == [
+        "transformer.onnx", "transformer.prepacked.onnx", "transformer.prepacked.onnx.data",
+        "transformer.prepack_probe.onnx", "transformer.prepack_probe.onnx.data"]
     big = {"path": "g.onnx", "external_data": {"path": "g.onnx.data"},
            "cpu_layout": {"path": "g.nchwc8.onnx", "external_data": {"path": "g.nchwc8.onnx.data"}}}
     assert [e["path"] for e in graph_files(big)] == ["g.onnx", "g.onnx.data", "g.nchwc8.onnx", "g.nchwc8.onnx.data"]

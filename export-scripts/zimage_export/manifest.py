@@ -91,10 +91,15 @@ def write_manifest(package: Path, manifest: dict) -> None:
 
 
 def graph_files(entry: dict) -> list[dict]:
-    """The file entries of one graph's manifest entry: the graph, its external data, and the
-    same for its prebuilt CPU layout (cpu_layout.py), where present."""
+    """The file entries of one graph's manifest entry: the graph, its external data, the same
+    for its prebuilt CPU layout (cpu_layout.py), then its prepacked layout and that layout's
+    probe (prepacked.py), where present."""
     layout = entry.get("cpu_layout") or {}
-    return [e for e in (entry, entry.get("external_data"), layout or None, layout.get("external_data")) if e]
+    prepacked = entry.get("cpu_prepacked") or {}
+    probe = prepacked.get("probe") or {}
+    return [e for e in (entry, entry.get("external_data"), layout or None, layout.get("external_data"),
+                        prepacked or None, prepacked.get("external_data"), probe or None, probe.get("external_data"))
+            if e]
 
 
 def transformer_limits(axes_lens: list[int], patch_size: int) -> dict:

@@ -478,7 +478,8 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
 
         # Everything else is copied (skipped when rewriting in place).
         out.mkdir(parents=True, exist_ok=True)
-        old = {e["path"] for g in rewritten.values() for e in (g, g.get("external_data")) if e}
+        # (with their CPU layouts: a prepacked float transformer's layout does not fit the new one)
+        old = {e["path"] for g in rewritten.values() for e in graph_files(g)}
         if out != src:
             keep = {manifest["tokenizer"]["path"]}
             for name, g in graphs.items():

@@ -110,6 +110,10 @@ pub struct GraphEntry {
     /// saved at export so that a load on such a CPU skips the rewrite (optional).
     #[serde(default)]
     pub cpu_layout: Option<CpuLayout>,
+    /// The same graph optimised for the CPU with its packed GEMM weights saved, read from this
+    /// graph's own external data file (optional; the float transformer).
+    #[serde(default)]
+    pub cpu_prepacked: Option<CpuPrepacked>,
 }
 
 /// A graph after ONNX Runtime's level-ALL CPU optimisation (its convolutions in the blocked
@@ -129,13 +133,62 @@ pub struct CpuLayout {
     pub external_data: Option<FileEntry>,
 }
 
+/// A graph after ONNX Runtime's level-ALL CPU optimisation with the weights its MatMul, Gemm
+/// and FusedMatMul kernels pack (MLAS's GEMM layout) saved beside the plain ones, as
+/// `export-scripts/zimage_export/prepacked.py` writes it. Loading it maps the packed copies
+/// from the file instead of writing them into fresh memory. The packed bytes are only valid for
+/// the kernels that wrote them, so the runtime loads the layout only where `probe` computes
+/// exactly ([`crate::runtime::prepack_probe`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CpuPrepacked {
+    /// The ONNX Runtime version that wrote it (a record; the probe decides).
+    #[serde(default)]
+    pub onnxruntime: Option<String>,
+    /// The processor architecture of the machine that wrote it, as Rust names it (`x86_64`,
+    /// `aarch64`): the layout is used only on the same one. MLAS packs differently on other
+    /// architectures (KleidiAI's kernels on Arm), and packed copies of another size could be
+    /// read past their end, so the probe is not even run there.
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// Bytes appended to the graph's external data file that only this layout reads (its packed
+    /// copies): not counted as weights.
+    #[serde(default)]
+    pub extra_bytes: u64,
+    /// The layout's graph file.
+    #[serde(flatten)]
+    pub file: FileEntry,
+    /// The layout's own data file, for a graph that keeps its weights inside the .onnx; without
+    /// one, the layout reads the graph's external data file (its unchanged tensors where the
+    /// graph reads them, the rest appended).
+    #[serde(default)]
+    pub external_data: Option<FileEntry>,
+    pub probe: PrepackProbe,
+}
+
+/// A small graph saved the same way as its [`CpuPrepacked`] layout, whose one output is 0
+/// exactly where this runtime reads those packed weights as they were written.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PrepackProbe {
+    #[serde(flatten)]
+    pub file: FileEntry,
+    #[serde(default)]
+    pub external_data: Option<FileEntry>,
+}
+
 impl GraphEntry {
-    /// The graph file and its external data file, if any, then the same for its CPU layout.
+    /// The graph file and its external data file, if any, then the same for its CPU layout,
+    /// then its prepacked layout and that layout's probe.
     pub fn files(&self) -> impl Iterator<Item = FileEntry> + '_ {
         let graph = FileEntry { path: self.path.clone(), bytes: self.bytes, sha256: self.sha256.clone() };
         let layout =
             self.cpu_layout.iter().flat_map(|l| std::iter::once(l.file.clone()).chain(l.external_data.clone()));
-        std::iter::once(graph).chain(self.external_data.clone()).chain(layout)
+        let prepacked = self.cpu_prepacked.iter().flat_map(|p| {
+            std::iter::once(p.file.clone())
+                .chain(p.external_data.clone())
+                .chain(std::iter::once(p.probe.file.clone()))
+                .chain(p.probe.external_data.clone())
+        });
+        std::iter::once(graph).chain(self.external_data.clone()).chain(layout).chain(prepacked)
     }
 
     /// Checks the declared inputs and outputs against what the network that runs this graph

@@ -327,11 +327,49 @@ impl Manifest {
             .iter()
             .filter(|(kind, _)| *kind == decoder || !decoders.contains(kind))
             .map(|(_, g)| {
-                let shared = g.external_data.as_ref().filter(|e| seen.insert(e.path.clone())).map_or(0, |e| e.bytes);
+                // The packed copies a prepacked CPU layout keeps in the same file are not weights.
+                let packed = g.cpu_prepacked.as_ref().map_or(0, |p| p.extra_bytes);
+                let shared = g
+                    .external_data
+                    .as_ref()
+                    .filter(|e| seen.insert(e.path.clone()))
+                    .map_or(0, |e| e.bytes.saturating_sub(packed));
                 g.bytes.saturating_add(shared)
             })
             // Saturating: the sizes come from the manifest and are only checked against the
             // files when the package loads.
             .fold(0u64, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Manifest;
+
+    /// tiny-zimage's manifest with its transformer's weights in a data file of `data_bytes`,
+    /// `extra_bytes` of which a prepacked layout appended.
+    fn with_transformer_data(data_bytes: u64, extra_bytes: Option<u64>) -> Manifest {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage/manifest.json");
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let t = &mut m["graphs"]["transformer"];
+        t["external_data"] = serde_json::json!({"path": "transformer.onnx.data", "bytes": data_bytes, "sha256": "00"});
+        match extra_bytes {
+            Some(extra) => {
+                t["cpu_prepacked"]["extra_bytes"] = extra.into();
+                t["cpu_prepacked"]["external_data"] = serde_json::Value::Null;
+            }
+            None => {
+                t.as_object_mut().unwrap().remove("cpu_prepacked");
+            }
+        }
+        Manifest::parse(&m.to_string()).unwrap()
+    }
+
+    #[test]
+    fn packed_copies_appended_to_a_graphs_data_file_are_not_weights() {
+        let plain = with_transformer_data(1_000_000, None).weight_bytes();
+        assert_eq!(with_transformer_data(1_900_000, Some(900_000)).weight_bytes(), plain);
+        // The same file without the layout's record counts all of it.
+        assert_eq!(with_transformer_data(1_900_000, None).weight_bytes(), plain + 900_000);
     }
 }

@@ -19,6 +19,7 @@ use crate::runtime::device::Device;
 use crate::runtime::graph::{GraphSlot, MemoryMode};
 use crate::runtime::library::Runtime;
 use crate::runtime::nchwc;
+use crate::runtime::prepack_probe;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
 
@@ -127,6 +128,28 @@ impl GraphLoader<'_> {
             }
             _ => None,
         };
+        // A prepacked layout holds the packed copies of the file's own weights (never of
+        // LoRA-merged ones), for the kernels its probe checks: used only where they pack the
+        // same way (and unpacked sessions gain nothing from it).
+        if settings.prebuilt_cpu_graph.is_none() {
+            settings.prebuilt_cpu_graph = match &entry.cpu_prepacked {
+                Some(prepacked)
+                    if !replaced
+                        && provider == ProviderConfig::Cpu
+                        && !settings.skip_prepacking
+                        && !settings.shares_weights
+                        && prepacked.arch.as_deref() == Some(std::env::consts::ARCH)
+                        && prepack_probe::packed_weights_readable(
+                            self.runtime,
+                            &resolve(self.dir, &prepacked.probe.file.path),
+                            &prepacked.probe.file.sha256,
+                        ) =>
+                {
+                    Some(resolve(self.dir, &prepacked.file.path))
+                }
+                _ => None,
+            };
+        }
         (provider, settings, capture_refusal)
     }
 

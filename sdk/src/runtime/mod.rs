@@ -16,6 +16,7 @@ pub mod gpu;
 pub(crate) mod graph;
 pub mod library;
 pub mod nchwc;
+pub mod prepack_probe;
 pub(crate) mod provider;
 pub mod run_context;
 pub mod session;
