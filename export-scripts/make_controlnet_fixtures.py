@@ -34,15 +34,16 @@ def run(script: str, *args) -> None:
 
 
 def linked_copy(base: Path, out: Path) -> None:
-    """out/ holds copies of base's manifest and transformer.onnx and relative links to its other
-    files. transformer.onnx is a real file: the ControlNet graph reads its shared weights from it
-    as external data, which ONNX and ONNX Runtime refuse to follow through a link (git stores the
-    identical copy once)."""
+    """out/ holds copies of base's manifest, transformer.onnx and external data files, and
+    relative links to its other files. transformer.onnx is a real file: the ControlNet graph reads
+    its shared weights from it as external data, which ONNX and ONNX Runtime refuse to follow
+    through a link, as they do for every `.data` file (the prepacked transformer's; git stores the
+    identical copies once)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for f in sorted(base.iterdir()):
-        if f.name in ("manifest.json", "transformer.onnx", "transformer.onnx.data"):
+        if f.name in ("manifest.json", "transformer.onnx") or f.name.endswith(".data"):
             shutil.copyfile(f, out / f.name)
         else:
             os.symlink(os.path.relpath(f.resolve(), out), out / f.name)

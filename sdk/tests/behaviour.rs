@@ -510,12 +510,14 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
         o.optimized_model_cache = Some(cache.clone());
         o
     };
-    // tiny-zimage without its VAE graphs' prebuilt CPU layouts, which would be loaded instead
-    // of optimising the VAE graphs (and so of caching them; tests/cpu_layout.rs).
+    // tiny-zimage without its VAE graphs' prebuilt CPU layouts and its transformer's prepacked
+    // one, which would be loaded instead of optimising those graphs (and so of caching them;
+    // tests/cpu_layout.rs, tests/cpu_prepacked.rs).
     let package = tiny_package_with_manifest("without layouts", |m| {
         for graph in ["vae_decoder", "vae_decoder_cpu", "vae_encoder"] {
             m["graphs"][graph].as_object_mut().unwrap().remove("cpu_layout");
         }
+        m["graphs"]["transformer"].as_object_mut().unwrap().remove("cpu_prepacked");
     });
     let first = Pipeline::load(&package, &options).unwrap();
     let mut cached: Vec<String> = std::fs::read_dir(&cache)

@@ -55,8 +55,10 @@ fn package_with_garbage(name: &str, graphs: &[&str]) -> std::path::PathBuf {
     std::fs::write(dir.join("garbage.onnx"), &garbage).unwrap();
     let mut m = json(&source.join("manifest.json"));
     for graph in graphs {
-        // Its prebuilt CPU layout would be loaded instead (tests/cpu_layout.rs): gone too.
+        // Its prebuilt CPU layouts would be loaded instead (tests/cpu_layout.rs,
+        // tests/cpu_prepacked.rs): gone too.
         m["graphs"][*graph].as_object_mut().unwrap().remove("cpu_layout");
+        m["graphs"][*graph].as_object_mut().unwrap().remove("cpu_prepacked");
         m["graphs"][*graph]["path"] = "garbage.onnx".into();
         m["graphs"][*graph]["bytes"] = garbage.len().into();
         m["graphs"][*graph]["sha256"] = zimage::package::files::sha256_hex(&garbage).into();
