@@ -280,7 +280,8 @@ def probe_model():
             b = _probe_weights(rng, (k, n))
             # Exact: products are multiples of 1/64, sums stay below 2^24 / 64 in magnitude.
             expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
-            assert np.array_equal(expected.astype(np.float64), a.astype(np.float64) @ b.astype(np.float64))
+            if not np.array_equal(expected.astype(np.float64), a.astype(np.float64) @ b.astype(np.float64)):
+                raise AssertionError(f"probe {tag}: the expected products are not exact in float32")
             inits += [numpy_helper.from_array(a, f"{tag}_a"),
                       numpy_helper.from_array(np.ascontiguousarray(b.T) if transposed else b, f"{tag}_b"),
                       numpy_helper.from_array(expected, f"{tag}_expected")]
@@ -339,9 +340,9 @@ def write_probe(staging: Path, name: str) -> dict:
     return ops
 
 
-def _probe_input(manifest: dict, graph) -> dict:
-    """Small inputs for a graph, from its declared shapes: symbolic dimensions 1, except
-    sequence-like ones, which get a few tokens."""
+def _sample_inputs(graph) -> dict:
+    """Small random inputs for a graph (a ModelProto), from its declared shapes: every symbolic
+    dimension 4 (batch 4, 4x4 latents, 4 caption tokens for the transformer)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -410,7 +411,7 @@ def prebuild(package: Path, manifest: dict, name: str, feeds: dict | None) -> di
         shutil.rmtree(staging / "ort")
         probe_ops = write_probe(staging, probe)
 
-        feeds = feeds if feeds is not None else _probe_input(manifest, onnx.load(str(source), load_external_data=False))
+        feeds = feeds if feeds is not None else _sample_inputs(onnx.load(str(source), load_external_data=False))
         options = _ort_options()
         want = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"]).run(None, feeds)
         # The layout reads its data file from the staging folder: check it there, before anything moves.
