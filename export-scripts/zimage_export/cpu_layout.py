@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from .manifest import file_entry, write_manifest
+from .onnx_io import name_nodes_by_position
 
 # Graphs that get a prebuilt layout: the convolutional ones (the rewrite is about convolutions).
 LAYOUT_GRAPHS = ("vae_decoder", "vae_decoder_cpu", "vae_encoder")
@@ -107,12 +108,7 @@ def prebuild(package: Path, manifest: dict, name: str, block: int) -> dict | Non
         model = onnx.load(str(staging / stem), load_external_data=False)
         if not any(n.domain == "com.microsoft.nchwc" for n in model.graph.node):
             return None
-        # ONNX Runtime names the nodes it adds from a process-wide counter ("..._token_61"), so
-        # the same graph would come out with other names after other sessions: name every node
-        # by its position instead, so that an export is byte-identical whatever ran before it.
-        # Only the protobuf is rewritten; the weights stay where ONNX Runtime wrote them.
-        for index, node in enumerate(model.graph.node):
-            node.name = f"{node.op_type}_{index}"
+        name_nodes_by_position(model)
         onnx.save(model, str(staging / stem))
         input_name, x = _probe_input(manifest, name)
         want = _session(source).run(None, {input_name: x})

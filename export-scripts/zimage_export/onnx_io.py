@@ -108,6 +108,15 @@ def export_graph(spec, out_dir: Path, opset: int,
     return path
 
 
+def name_nodes_by_position(model) -> None:
+    """Names every node of a graph ONNX Runtime saved `<op>_<position>`. ONNX Runtime names the
+    nodes it adds from a process-wide counter ("..._token_61"), so the same graph would come out
+    with other names after other sessions; by position, a re-export is byte-identical whatever
+    ran before it. Only the protobuf changes; the weights stay where ONNX Runtime wrote them."""
+    for index, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type}_{index}"
+
+
 def graph_io(path: Path) -> tuple[list[dict], list[dict]]:
     """Names and element types of a saved graph's inputs and outputs (weights not loaded)."""
     import onnx

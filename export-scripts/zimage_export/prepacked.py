@@ -43,6 +43,8 @@ import shutil
 from pathlib import Path
 
 from .manifest import file_entry, write_manifest
+from .onnx_io import name_nodes_by_position
+from .quantize import tensor_bytes
 
 DEFAULT_GRAPHS = ("transformer",)
 # Kernels whose packed weights the probe checks (all are MLAS's float GEMM packing).
@@ -77,11 +79,11 @@ def probe_name(graph_path: str) -> str:
     return f"{Path(graph_path).stem}.prepack_probe.onnx"
 
 
-def _ort_options(save_to: Path | None = None, threads: int = 1):
+def _ort_options(save_to: Path | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the "hardware specific optimizations" warning is the point here
     if save_to is not None:
@@ -149,14 +151,12 @@ class _Reader:
         return data
 
     def tensor(self, t) -> bytes:
-        from onnx import TensorProto, numpy_helper
+        from onnx import TensorProto
 
         if t.data_location == TensorProto.EXTERNAL:
             e = _external(t)
             return self.read(e["location"], int(e.get("offset", 0)), int(e["length"]))
-        if t.HasField("raw_data"):
-            return t.raw_data
-        return numpy_helper.to_array(t).tobytes()
+        return tensor_bytes(t)
 
     def close(self):
         for f in self.files.values():
@@ -321,8 +321,7 @@ def write_probe(staging: Path, name: str) -> dict:
     onnx.save(probe_model(), str(work / "source.onnx"))
     save_prepacked(work / "source.onnx", work / name)
     saved = onnx.load(str(work / name), load_external_data=False)
-    for index, node in enumerate(saved.graph.node):
-        node.name = f"{node.op_type}_{index}"
+    name_nodes_by_position(saved)
     data = _DataFile(staging / f"{name}.data")
     try:
         write_layout_data(saved, work, data, f"{name}.data")
@@ -393,8 +392,7 @@ def prebuild(package: Path, manifest: dict, name: str, feeds: dict | None) -> di
         if unprobed:
             raise RuntimeError(f"{name}: packed weights of {', '.join(unprobed)}, which the probe does not check "
                                f"(only {', '.join(PROBED_OPS)}): a quantized graph? Prepacked layouts are for float graphs")
-        for index, node in enumerate(saved.graph.node):
-            node.name = f"{node.op_type}_{index}"
+        name_nodes_by_position(saved)
         existing = {}
         if shared:
             if (package / shared["path"]).stat().st_size != shared["bytes"]:

@@ -343,7 +343,8 @@ def _transformer_names(manifest: dict) -> dict:
     return {entry["initializer"]: name for name, entry in table.items()}
 
 
-def _tensor_bytes(t) -> bytes:
+def tensor_bytes(t) -> bytes:
+    """A tensor's bytes, from a protobuf that holds them (raw or typed fields)."""
     from onnx import numpy_helper
 
     if t.HasField("raw_data"):
@@ -373,7 +374,7 @@ def save_graphs(models: dict, out_dir, data_file: str | None) -> None:
     with open(out_dir / data_file, "wb") as f:
         for model in models.values():
             for t in model.graph.initializer:
-                data = _tensor_bytes(t)
+                data = tensor_bytes(t)
                 if len(data) < EXTERNAL_MIN_BYTES:
                     continue
                 digest = hashlib.sha256(data).digest()
@@ -440,7 +441,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         model = onnx.load(str(src / graphs["transformer"]["path"]))
         rep = quantize_model(model, options, _transformer_names(manifest), transformer_keep(options))
         report["transformer"] = rep.section()
-        big = sum(len(_tensor_bytes(t)) for t in model.graph.initializer) > threshold
+        big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
         del model
         # Text encoder (+ the enhancer decoder sharing its weights, its layers quantized the same
@@ -471,7 +472,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
             report[SHARING_GRAPH] = rep_dec.section()
             data_file = graphs["text_encoder"]["external_data"]["path"]
         else:
-            big = sum(len(_tensor_bytes(t)) for t in text_models["text_encoder"].graph.initializer) > threshold
+            big = sum(len(tensor_bytes(t)) for t in text_models["text_encoder"].graph.initializer) > threshold
             data_file = "text_encoder.onnx.data" if big else None
         save_graphs(text_models, tmp, data_file)
         del text_models

@@ -37,11 +37,7 @@ fn layouts_fit() -> bool {
 /// A copy of tiny-zimage (its own folder, so the sessions counted for its files are this
 /// test's alone) whose manifest `edit` changes; `edit` may also change the copied files.
 fn variant(name: &str, edit: impl FnOnce(&mut Value, &Path)) -> PathBuf {
-    let dir = copy_package(&repo().join("models/tiny-zimage"), &format!("cpu-layout-{name}"));
-    let mut manifest = json(&dir.join("manifest.json"));
-    edit(&mut manifest, &dir);
-    fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
-    dir
+    edited_copy(&repo().join("models/tiny-zimage"), &format!("cpu-layout-{name}"), edit)
 }
 
 /// Text-to-image, image-to-image and inpainting: together they run all three VAE graphs.

@@ -30,11 +30,7 @@ fn options() -> LoadOptions {
 /// A copy of tiny-zimage (its own folder, so the sessions counted for its files are this
 /// test's alone) whose manifest `edit` changes; `edit` may also change the copied files.
 fn variant(name: &str, edit: impl FnOnce(&mut Value, &Path)) -> PathBuf {
-    let dir = copy_package(&repo().join("models/tiny-zimage"), &format!("cpu-prepacked-{name}"));
-    let mut manifest = json(&dir.join("manifest.json"));
-    edit(&mut manifest, &dir);
-    fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
-    dir
+    edited_copy(&repo().join("models/tiny-zimage"), &format!("cpu-prepacked-{name}"), edit)
 }
 
 /// tiny-zimage without its prepacked layout (the portable graph still reads the shared data

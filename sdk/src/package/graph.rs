@@ -110,8 +110,8 @@ pub struct GraphEntry {
     /// saved at export so that a load on such a CPU skips the rewrite (optional).
     #[serde(default)]
     pub cpu_layout: Option<CpuLayout>,
-    /// The same graph optimised for the CPU with its packed GEMM weights saved, read from this
-    /// graph's own external data file (optional; the float transformer).
+    /// The same graph optimised for the CPU with its packed GEMM weights saved (optional; the
+    /// float transformer).
     #[serde(default)]
     pub cpu_prepacked: Option<CpuPrepacked>,
 }

@@ -116,41 +116,33 @@ impl GraphLoader<'_> {
                 options.optimized_model_cache.as_ref().map(|base| optimized_cache_dir(base, kind, &entry.sha256))
             }
         };
-        // A prebuilt CPU layout fits only the NCHWc block width it was made for, and holds the
-        // graph file's own weights (a session with replaced initializers loads the file).
-        settings.prebuilt_cpu_graph = match &entry.cpu_layout {
-            Some(layout)
-                if !replaced
-                    && provider == ProviderConfig::Cpu
-                    && nchwc::block_width(self.runtime) == Some(layout.nchwc_block) =>
-            {
-                Some(resolve(self.dir, &layout.file.path))
-            }
-            _ => None,
-        };
-        // A prepacked layout holds the packed copies of the file's own weights (never of
-        // LoRA-merged ones), for the kernels its probe checks: used only where they pack the
-        // same way (and unpacked sessions gain nothing from it).
-        if settings.prebuilt_cpu_graph.is_none() {
-            settings.prebuilt_cpu_graph = match &entry.cpu_prepacked {
-                Some(prepacked)
-                    if !replaced
-                        && provider == ProviderConfig::Cpu
-                        && !settings.skip_prepacking
-                        && !settings.shares_weights
-                        && prepacked.arch.as_deref() == Some(std::env::consts::ARCH)
-                        && prepack_probe::packed_weights_readable(
-                            self.runtime,
-                            &resolve(self.dir, &prepacked.probe.file.path),
-                            &prepacked.probe.file.sha256,
-                        ) =>
-                {
-                    Some(resolve(self.dir, &prepacked.file.path))
-                }
-                _ => None,
-            };
+        // A prebuilt layout holds the graph file's own weights (a session with replaced
+        // initializers loads the file), and runs on the CPU provider only.
+        if !replaced && provider == ProviderConfig::Cpu {
+            settings.prebuilt_cpu_graph = self.nchwc_layout(entry).or_else(|| self.prepacked_layout(entry, &settings));
         }
         (provider, settings, capture_refusal)
+    }
+
+    /// The graph's NCHWc layout, where it fits this runtime's block width.
+    fn nchwc_layout(&self, entry: &GraphEntry) -> Option<std::path::PathBuf> {
+        let layout = entry.cpu_layout.as_ref()?;
+        (nchwc::block_width(self.runtime) == Some(layout.nchwc_block)).then(|| resolve(self.dir, &layout.file.path))
+    }
+
+    /// The graph's prepacked layout, where its packed copies are what this runtime's kernels
+    /// read: same architecture and an exact probe (a session that does not pack gains nothing).
+    fn prepacked_layout(&self, entry: &GraphEntry, settings: &SessionSettings) -> Option<std::path::PathBuf> {
+        let prepacked = entry.cpu_prepacked.as_ref()?;
+        let usable = !settings.skip_prepacking
+            && !settings.shares_weights
+            && prepacked.arch.as_deref() == Some(std::env::consts::ARCH)
+            && prepack_probe::packed_weights_readable(
+                self.runtime,
+                &resolve(self.dir, &prepacked.probe.file.path),
+                &prepacked.probe.file.sha256,
+            );
+        usable.then(|| resolve(self.dir, &prepacked.file.path))
     }
 
     fn required_entry(&self, kind: GraphKind) -> Result<&GraphEntry> {

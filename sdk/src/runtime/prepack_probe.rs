@@ -5,8 +5,10 @@
 //! ONNX Runtime's CPU kernels pack each constant GEMM weight into MLAS's blocked layout when a
 //! session is created, and it can save those packed copies with the optimised graph and map
 //! them at a later load. Their format belongs to the kernels MLAS picked on the machine that
-//! wrote them, and ONNX Runtime reads them back unchecked: another format would load and
-//! compute with misread weights. So a package carries a probe saved the same way (every kernel
+//! wrote them. ONNX Runtime 1.31.1 still packs each weight at load and uses a saved copy only
+//! when the hash of its own packing matches the saved key, but it reads a matching copy's bytes
+//! unchecked (docs/loading.md, "Prepacked transformer"); a runtime that trusted the file more
+//! would compute with misread weights. So a package carries a probe saved the same way (every kernel
 //! variant the layout packs for, on small and blocking-size weights, values that are small
 //! multiples of 1/8 so that every result is exact in float32), whose only output is the largest
 //! |y - expected|. A layout is used only where its probe gives exactly 0 here. Anything else (a

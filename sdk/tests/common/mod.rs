@@ -128,3 +128,12 @@ pub fn copy_package(package: &Path, name: &str) -> PathBuf {
     }
     dir
 }
+
+/// [`copy_package`], then `edit` changes the copy's manifest (and may change its files).
+pub fn edited_copy(package: &Path, name: &str, edit: impl FnOnce(&mut Value, &Path)) -> PathBuf {
+    let dir = copy_package(package, name);
+    let mut manifest = json(&dir.join("manifest.json"));
+    edit(&mut manifest, &dir);
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    dir
+}
