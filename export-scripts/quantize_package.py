@@ -24,8 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="rtn: round to nearest; hqq: half-quadratic (int4 only)")
     parser.add_argument("--accuracy-level", type=int, choices=range(5), default=ACCURACY_LEVEL,
                         help="MatMulNBits accuracy_level: 4 = int8 compute on the CPU (fast), 0 = float compute")
+    parser.add_argument("--text-encoder-accuracy-level", type=int, choices=range(5), default=None,
+                        help="the text encoder's accuracy_level (default: 0 for int8, float compute, which cuts "
+                             "its error by a third for little time; --accuracy-level for int4)")
     parser.add_argument("--quantize-adaln", action="store_true",
                         help="quantize the transformer's adaLN modulations too (kept in full precision by default)")
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                        help="keep more transformer weights in full precision: a glob over diffusers parameter "
+                             "names, e.g. 'layers.0.*' (repeatable)")
     parser.add_argument("--keep-embedding", action="store_true",
                         help="keep the text encoder's token embedding table in full precision")
     parser.add_argument("--lm-head-weights", choices=sorted(WEIGHTS), default=None,
@@ -38,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
 def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
                           accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln,
+                          keep=tuple(args.keep), text_encoder_accuracy_level=args.text_encoder_accuracy_level,
                           lm_head_weights=args.lm_head_weights)
 
 

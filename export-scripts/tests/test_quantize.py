@@ -4,7 +4,7 @@ embedding table."""
 import numpy as np
 import pytest
 
-from zimage_export.quantize import QuantizeOptions, quantize_rows_uint8
+from zimage_export.quantize import QuantizeOptions, check_keep_patterns, quantize_rows_uint8
 
 
 def dequantize(q, scale, zero, block_size):
@@ -34,6 +34,22 @@ def test_uint8_rows_round_trip_within_half_a_step(cols, block):
 def test_options_are_checked():
     assert QuantizeOptions("int8").bits == 8 and QuantizeOptions("int4", 64, "hqq").bits == 4
     for bad in (dict(weights="int3"), dict(weights="int8", block_size=48), dict(weights="int8", block_size=512),
-                dict(weights="int8", method="gptq"), dict(weights="int8", method="hqq")):
+                dict(weights="int8", method="gptq"), dict(weights="int8", method="hqq"),
+                dict(weights="int8", text_encoder_accuracy_level=5)):
         with pytest.raises(ValueError):
             QuantizeOptions(**bad)
+
+
+def test_the_text_encoder_multiplies_in_float_only_for_int8():
+    # int8: float compute cuts the text encoder's error by a third; int4: no gain, so the int8 compute.
+    assert QuantizeOptions("int8").text_encoder_accuracy_level == 0
+    assert QuantizeOptions("int4").text_encoder_accuracy_level == 4
+    assert QuantizeOptions("int4", accuracy_level=0).text_encoder_accuracy_level == 0
+    assert QuantizeOptions("int8", text_encoder_accuracy_level=4).text_encoder_accuracy_level == 4
+
+
+def test_keep_patterns_must_name_a_weight():
+    names = ["noise_refiner.0.attention.to_q.weight", "layers.3.feed_forward.w2.weight"]
+    check_keep_patterns(("noise_refiner.*", "layers.3.*", "*.w2.weight"), names)
+    with pytest.raises(ValueError, match="'noise_refinr.\\*' matches no transformer weight"):
+        check_keep_patterns(("noise_refiner.*", "noise_refinr.*"), names)

@@ -12,7 +12,8 @@ The graphs are exported in float32 or float16 first; this rewrites them in place
   hidden dimension): for Qwen3-4B it is 0.39 B of the 4.0 B parameters.
 
 `accuracy_level=4` lets ONNX Runtime's CPU provider compute the products in int8 (activations
-quantized per block on the fly); the CUDA provider ignores it.
+quantized per block on the fly); the CUDA provider ignores it. An int8 text encoder computes in
+float instead (`text_encoder_accuracy_level`, below).
 
 Which layers stay in full precision is decided by name: for the transformer, by the diffusers
 parameter name found through the manifest's `lora_parameters` table (the exporter renames
@@ -20,7 +21,7 @@ constant-folded weights `val_<n>`); the kept names and the counts go into the ma
 `quantization` section.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,6 +35,13 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits accuracy_level: 4 = int8 compute on the CPU.
 ACCURACY_LEVEL = 4
+# The text encoder runs once per generation, the transformer once per step: so the text
+# encoder's int8 weights are multiplied in float (accuracy_level 0: no int8 rounding of the
+# activations). Measured on the mid-size model (docs/quantization.md): its features' error
+# 3.1e-2 -> 2.1e-2, the final latents' 9.8e-3 -> 8.6e-3 (worst prompt 1.08e-2 -> 9.1e-3), for
+# 0.13 s more text encoding. int4 weights gain nothing from it (0.374 either way): they keep
+# the package's accuracy_level. The enhancer's decoder, which runs once per token, keeps that too.
+INT8_TEXT_ENCODER_ACCURACY_LEVEL = 0
 # Transformer layers that stay in full precision, by diffusers parameter-name pattern
 # (fnmatch): the embedders (input patches, caption features, timestep) and the final layer,
 # which every token's value goes through, and the adaLN modulations, which turn the timestep
@@ -55,9 +63,14 @@ class QuantizeOptions:
     quantize_embedding: bool = True
     # Quantize the transformer's adaLN modulations too (saves 2 % of the real model's weights).
     quantize_adaln: bool = False
+    # More transformer weights to keep in full precision: fnmatch patterns over diffusers
+    # parameter names (`--keep "layers.0.*"`), on top of the default kept set.
+    keep: tuple = ()
     # MatMulNBits' accuracy_level: 4 computes in int8 on the CPU (fast); 0 lets the kernel pick
     # (the CPU then dequantizes to float: the int8 rounding of the activations is avoided).
     accuracy_level: int = ACCURACY_LEVEL
+    # The text encoder's (None: INT8_TEXT_ENCODER_ACCURACY_LEVEL for int8, else accuracy_level).
+    text_encoder_accuracy_level: int | None = None
     # Packages with the enhancer: the width of the tied token-embedding table / LM head
     # ("int8" | "int4"; None: `weights`). See quantize_lm_head.
     lm_head_weights: str | None = None
@@ -73,6 +86,11 @@ class QuantizeOptions:
             raise ValueError("hqq is a 4-bit method (ONNX Runtime's HQQ quantizer writes 4-bit weights only)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4, not {self.accuracy_level}")
+        if self.text_encoder_accuracy_level is None:
+            self.text_encoder_accuracy_level = (INT8_TEXT_ENCODER_ACCURACY_LEVEL if self.weights == "int8"
+                                                else self.accuracy_level)
+        if self.text_encoder_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"text_encoder_accuracy_level must be 0..4, not {self.text_encoder_accuracy_level}")
         if self.lm_head_weights is not None and self.lm_head_weights not in WEIGHTS:
             raise ValueError(f"lm_head_weights must be one of {sorted(WEIGHTS)}, not {self.lm_head_weights!r}")
 
@@ -95,7 +113,9 @@ class QuantizeOptions:
             "method": self.method,
             "symmetric": False,
             "accuracy_level": self.accuracy_level,
+            "text_encoder_accuracy_level": self.text_encoder_accuracy_level,
             "quantize_adaln": self.quantize_adaln,
+            "keep": list(self.keep),
             "quantizer": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
         }
 
@@ -106,9 +126,10 @@ class GraphReport:
 
     quantized: list = field(default_factory=list)
     kept: list = field(default_factory=list)
+    accuracy_level: int = ACCURACY_LEVEL  # of the graph's MatMulNBits
 
     def section(self) -> dict:
-        return {"quantized": len(self.quantized), "kept": sorted(self.kept)}
+        return {"quantized": len(self.quantized), "kept": sorted(self.kept), "accuracy_level": self.accuracy_level}
 
 
 def _initializers(graph) -> dict:
@@ -253,7 +274,7 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
     kept_by_name = lambda init: any(fnmatchcase(label(init), p) for p in keep)  # noqa: E731
-    report = GraphReport()
+    report = GraphReport(accuracy_level=options.accuracy_level)
 
     rewritten = gemm_to_matmul(model, lambda w: not kept_by_name(w))
     for w in rewritten:  # the rewritten weight is `<w>_kn`; report it under its old name
@@ -331,7 +352,20 @@ ALIGNMENT = 4096
 
 def transformer_keep(options: QuantizeOptions) -> tuple:
     """The transformer's kept-weight patterns under `options`."""
-    return TRANSFORMER_KEEP if options.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)
+    default = TRANSFORMER_KEEP if options.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)
+    return (*default, *options.keep)
+
+
+def check_keep_patterns(patterns, parameter_names) -> None:
+    """A `--keep` pattern that names no weight is a typo, not a request: refuse it before
+    anything is written."""
+    from fnmatch import fnmatchcase
+
+    parameter_names = list(parameter_names)
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in parameter_names):
+            raise ValueError(f"--keep {pattern!r} matches no transformer weight (diffusers parameter names, "
+                             f"such as {parameter_names[0]!r})")
 
 
 def _transformer_names(manifest: dict) -> dict:
@@ -434,12 +468,15 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     enhanced = SHARING_GRAPH in graphs
     rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}
 
+    names = _transformer_names(manifest)
+    check_keep_patterns(options.keep, names.values())
+
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".quantize-") as tmp:
         tmp = Path(tmp)
         report = {}
         # Transformer alone.
         model = onnx.load(str(src / graphs["transformer"]["path"]))
-        rep = quantize_model(model, options, _transformer_names(manifest), transformer_keep(options))
+        rep = quantize_model(model, options, names, transformer_keep(options))
         report["transformer"] = rep.section()
         big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
@@ -447,16 +484,19 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         # Text encoder (+ the enhancer decoder sharing its weights, its layers quantized the same
         # way; the token-embedding table, which is also the decoder's tied LM head, is quantized
         # once for both by quantize_lm_head: see there).
-        text_options = QuantizeOptions(options.weights, options.block_size, options.method,
-                                       options.quantize_embedding and not enhanced, options.accuracy_level)
+        # The two share weight bytes whatever their accuracy levels: it is a node attribute.
+        encoder_options = QuantizeOptions(options.weights, options.block_size, options.method,
+                                          quantize_embedding=options.quantize_embedding and not enhanced,
+                                          accuracy_level=options.text_encoder_accuracy_level)
+        decoder_options = replace(encoder_options, accuracy_level=options.accuracy_level)
 
         text_models = {"text_encoder": onnx.load(str(src / graphs["text_encoder"]["path"]))}
-        rep = quantize_model(text_models["text_encoder"], text_options, token_embedding=True)
+        rep = quantize_model(text_models["text_encoder"], encoder_options, token_embedding=True)
         report["text_encoder"] = rep.section()
         lm_head = None
         if enhanced:
             text_models[SHARING_GRAPH] = onnx.load(str(src / graphs[SHARING_GRAPH]["path"]))
-            rep_dec = quantize_model(text_models[SHARING_GRAPH], text_options, token_embedding=False)
+            rep_dec = quantize_model(text_models[SHARING_GRAPH], decoder_options, token_embedding=False)
             lm_head = quantize_tied_embedding(text_models["text_encoder"], text_models[SHARING_GRAPH],
                                               options.lm_head_bits, options.block_size, options.accuracy_level,
                                               options.quantize_embedding)

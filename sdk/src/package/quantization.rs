@@ -46,6 +46,11 @@ pub struct QuantizedGraph {
     /// The weights kept in the package precision (diffusers / transformers parameter names).
     #[serde(default)]
     pub kept: Vec<String>,
+    /// Its `MatMulNBits`' accuracy_level, where it differs from the package's: an int8 text
+    /// encoder multiplies in float (0), since it runs once per generation. Absent in packages
+    /// made before it was recorded (their graphs all use the package's).
+    #[serde(default)]
+    pub accuracy_level: Option<u32>,
 }
 
 /// The enhancer decoder's quantized LM head (`quantization.lm_head`): Qwen3 ties its LM head
