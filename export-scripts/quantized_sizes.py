@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--precision", choices=sorted(FLOAT_BYTES), default="fp16")
     parser.add_argument("--quantize-adaln", action="store_true", help="as quantize_package.py's flag")
+    parser.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="as quantize_package.py's flag")
     parser.add_argument("--transformer-config", type=Path, help="a diffusers transformer config.json (default: Z-Image-Turbo)")
     parser.add_argument("--text-encoder-config", type=Path, help="a Qwen3 config.json (default: Qwen3-4B)")
     args = parser.parse_args(argv)
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
         return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")} if path else default
 
     fbytes = FLOAT_BYTES[args.precision]
-    keep = TRANSFORMER_KEEP if args.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)
+    keep = (*(TRANSFORMER_KEEP if args.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)), *args.keep)
     models = (("transformer", transformer(read(args.transformer_config, REAL_TRANSFORMER)), keep, None),
               ("text_encoder", text_encoder(read(args.text_encoder_config, REAL_TEXT_ENCODER)), (), "embed_tokens.weight"))
     print(f"precision {args.precision}, block {args.block_size}; GB = 1e9 bytes")

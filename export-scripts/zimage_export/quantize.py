@@ -39,7 +39,8 @@ ACCURACY_LEVEL = 4
 # encoder's int8 weights are multiplied in float (accuracy_level 0: no int8 rounding of the
 # activations). Measured on the mid-size model (docs/quantization.md): its features' error
 # 3.1e-2 -> 2.1e-2, the final latents' 9.8e-3 -> 8.6e-3 (worst prompt 1.08e-2 -> 9.1e-3), for
-# 0.13 s more text encoding. int4 weights gain nothing from it (0.374 either way): they keep
+# 0.5 s more text encoding (ONNX Runtime dequantizes 8-bit weights on every call for float
+# compute). int4 weights gain nothing from it (0.374 either way): they keep
 # the package's accuracy_level. The enhancer's decoder, which runs once per token, keeps that too.
 INT8_TEXT_ENCODER_ACCURACY_LEVEL = 0
 # Transformer layers that stay in full precision, by diffusers parameter-name pattern
@@ -368,7 +369,7 @@ def check_keep_patterns(patterns, parameter_names) -> None:
                              f"such as {parameter_names[0]!r})")
 
 
-def _transformer_names(manifest: dict) -> dict:
+def transformer_names(manifest: dict) -> dict:
     """Transformer initializer name -> diffusers parameter name, from the LoRA table."""
     table = manifest.get("transformer", {}).get("lora_parameters")
     if not table:
@@ -468,7 +469,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     enhanced = SHARING_GRAPH in graphs
     rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}
 
-    names = _transformer_names(manifest)
+    names = transformer_names(manifest)
     check_keep_patterns(options.keep, names.values())
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".quantize-") as tmp:
