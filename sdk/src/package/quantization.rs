@@ -46,9 +46,10 @@ pub struct QuantizedGraph {
     /// The weights kept in the package precision (diffusers / transformers parameter names).
     #[serde(default)]
     pub kept: Vec<String>,
-    /// Its `MatMulNBits`' accuracy_level, where it differs from the package's: an int8 text
-    /// encoder multiplies in float (0), since it runs once per generation. Absent in packages
-    /// made before it was recorded (their graphs all use the package's).
+    /// Its `MatMulNBits`' accuracy_level: the package's `accuracy_level` for the transformer
+    /// and the enhancer's decoder; 0 (float compute) for an int8 text encoder, which runs once
+    /// per generation. Absent in packages made before 2026-12-01 (all their graphs use the
+    /// package's).
     #[serde(default)]
     pub accuracy_level: Option<u32>,
 }
