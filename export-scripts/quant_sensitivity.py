@@ -27,13 +27,19 @@ import copy
 import json
 import time
 from dataclasses import replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
 
 from quantize_package import add_arguments as add_quantize_arguments, options_from
-from zimage_export.quantize import check_keep_patterns, quantize_model, tensor_bytes, transformer_keep, transformer_names
+from zimage_export.quantize import (
+    check_keep_patterns,
+    matches_any,
+    quantize_model,
+    tensor_bytes,
+    transformer_keep,
+    transformer_names,
+)
 
 PROMPTS = (
     "a red fox sitting in fresh snow at dawn, soft light",
@@ -139,8 +145,7 @@ def main(argv=None) -> None:
         group_options = replace(options, keep=(*options.keep, *patterns))
         quantize_model(model, group_options, dict(names), transformer_keep(group_options))
         err = rel_l2(forward(model.SerializeToString()), reference)
-        held = sum(n for init, n in init_bytes.items()
-                   if any(fnmatchcase(names.get(init, ""), p) for p in patterns))
+        held = sum(n for init, n in init_bytes.items() if matches_any(names.get(init, ""), patterns))
         print(f"| {name} | {err:.3e} | {held / 2**20:.1f} MiB | {time.time() - t0:.0f} |", flush=True)
         del model
 

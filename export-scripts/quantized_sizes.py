@@ -18,9 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fnmatch import fnmatchcase
-
-from zimage_export.quantize import ADALN, DEFAULT_BLOCK_SIZE, TRANSFORMER_KEEP, WEIGHTS
+from zimage_export.quantize import DEFAULT_BLOCK_SIZE, WEIGHTS, QuantizeOptions, matches_any, transformer_keep
 
 # Z-Image-Turbo (docs: /work/shared/reference/zimage-pipeline.md; REAL_WIDTH.md).
 REAL_TRANSFORMER = dict(
@@ -57,7 +55,7 @@ def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes) -
     quantized, qbytes = set(), 0
     if bits is not None:
         for name, module in model.named_modules():
-            kept = any(fnmatchcase(f"{name}.weight", p) for p in kept_prefixes)
+            kept = matches_any(f"{name}.weight", kept_prefixes)
             if isinstance(module, torch.nn.Linear) and not kept:
                 n, k = module.weight.shape
                 qbytes += nbits_bytes(n, k, bits, block, fbytes)
@@ -105,7 +103,8 @@ def main(argv=None) -> None:
         return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")} if path else default
 
     fbytes = FLOAT_BYTES[args.precision]
-    keep = (*(TRANSFORMER_KEEP if args.quantize_adaln else (*TRANSFORMER_KEEP, ADALN)), *args.keep)
+    # The kept set exactly as quantize_package.py computes it (the weights width does not enter).
+    keep = transformer_keep(QuantizeOptions("int8", quantize_adaln=args.quantize_adaln, keep=tuple(args.keep)))
     models = (("transformer", transformer(read(args.transformer_config, REAL_TRANSFORMER)), keep, None),
               ("text_encoder", text_encoder(read(args.text_encoder_config, REAL_TEXT_ENCODER)), (), "embed_tokens.weight"))
     print(f"precision {args.precision}, block {args.block_size}; GB = 1e9 bytes")

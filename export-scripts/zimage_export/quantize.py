@@ -22,6 +22,7 @@ constant-folded weights `val_<n>`); the kept names and the counts go into the ma
 """
 
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -270,11 +271,9 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
         MatMulNBitsQuantizer,
     )
 
-    from fnmatch import fnmatchcase
-
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
-    kept_by_name = lambda init: any(fnmatchcase(label(init), p) for p in keep)  # noqa: E731
+    kept_by_name = lambda init: matches_any(label(init), keep)  # noqa: E731
     report = GraphReport(accuracy_level=options.accuracy_level)
 
     rewritten = gemm_to_matmul(model, lambda w: not kept_by_name(w))
@@ -357,14 +356,17 @@ def transformer_keep(options: QuantizeOptions) -> tuple:
     return (*default, *options.keep)
 
 
+def matches_any(name: str, patterns) -> bool:
+    """Whether a parameter name matches one of the kept-weight patterns (fnmatch, case-sensitive)."""
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
 def check_keep_patterns(patterns, parameter_names) -> None:
     """A `--keep` pattern that names no weight is a typo, not a request: refuse it before
     anything is written."""
-    from fnmatch import fnmatchcase
-
     parameter_names = list(parameter_names)
     for pattern in patterns:
-        if not any(fnmatchcase(name, pattern) for name in parameter_names):
+        if not any(matches_any(name, (pattern,)) for name in parameter_names):
             raise ValueError(f"--keep {pattern!r} matches no transformer weight (diffusers parameter names, "
                              f"such as {parameter_names[0]!r})")
 

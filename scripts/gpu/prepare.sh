@@ -92,7 +92,7 @@ fi
 # What travels with every call besides the carried bundle: the working tree (git's tracked and
 # untracked-not-ignored files). The committed test models alone are ~260 MB: before the calls,
 # `scripts/gpu/travel.sh away` moves all but tiny-zimage aside (`back` afterwards).
-tracked=$(git ls-files -z --cached --others --exclude-standard | { xargs -0 du -cb 2>/dev/null || true; } | tail -1 | cut -f1)
+tracked=$(scripts/gpu/travel.sh bytes)
 for carried in .gpu/ort/ort.tar.xz.part-* .gpu/run; do
   size=$(du -cb "$carried" | tail -1 | cut -f1)
   total=$((tracked + size))

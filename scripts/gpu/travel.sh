@@ -5,6 +5,7 @@
 # and puts them back afterwards (the moved files are tracked: nothing is lost, and `git status`
 # shows them deleted until `back`).
 #   scripts/gpu/travel.sh size              MiB that would travel now (carried paths not counted)
+#   scripts/gpu/travel.sh bytes             the same in bytes (for prepare.sh's sums)
 #   scripts/gpu/travel.sh away [MODEL...]   move every models/ folder except MODEL... (default:
 #                                           tiny-zimage, which the CUDA parity tests read; `none`:
 #                                           keep none) to ../<repo>-aside/models/, print the size
@@ -27,6 +28,7 @@ size() {
 
 case "${1:-}" in
   size) size ;;
+  bytes) travelling_bytes ;;
   away)
     shift
     keep=("${@:-tiny-zimage}")
@@ -51,5 +53,5 @@ case "${1:-}" in
     rmdir "$aside/models" "$aside" 2>/dev/null || true
     git status --short -- models | head -5
     size ;;
-  *) echo "usage: $0 size | away [MODEL...] | back" >&2; exit 2 ;;
+  *) echo "usage: $0 size | bytes | away [MODEL...] | back" >&2; exit 2 ;;
 esac

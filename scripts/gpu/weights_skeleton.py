@@ -94,7 +94,9 @@ def fill(out: Path) -> None:
 if __name__ == "__main__":
     # strip PKG OUT [MIN_BYTES] | fill OUT
     command, *args = sys.argv[1:]
-    if command == "strip":
+    if command == "strip" and len(args) in (2, 3):
         strip(Path(args[0]), Path(args[1]), *map(int, args[2:]))
+    elif command == "fill" and len(args) == 1:
+        fill(Path(args[0]))
     else:
-        {"fill": fill}[command](*map(Path, args))
+        sys.exit("usage: weights_skeleton.py strip PKG OUT [MIN_BYTES] | fill OUT")
