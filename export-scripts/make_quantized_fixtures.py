@@ -8,6 +8,14 @@ a byte-identical copy (git stores it once). The quantization is deterministic: a
 rewrites the same bytes. sdk/tests/quantized.rs compares them with tiny-zimage's fp32 goldens
 (docs/quantization.md has the measured distances and the tolerances).
 
+models/tiny-zimage-w8a8: tiny-zimage-int8 with the transformer's products taking int8
+activations too (`--activations int8`, zimage_export/quantize_w8a8.py); its text encoder is
+tiny-zimage-int8's, byte for byte.
+
+tests/golden/w8a8/product_{fp32,w8a8}.onnx: one [64, 48] product (seeded weights) in float and
+rewritten by quantize_w8a8, for sdk/src/runtime/int8_products.rs's tests of the rewrite itself
+(its error, zero rows, NaN rows, the exact kernels).
+
 models/tiny-zimage-enhanced-int4: models/tiny-zimage-enhanced (the prompt enhancer's decoder
 sharing text_weights.data with the text encoder) quantized the same way, with the decoder's
 quantized tied LM head (docs/quantization.md, "The enhancer"); sdk/tests/quantized_enhancer.rs.
@@ -34,7 +42,33 @@ def main(argv=None) -> None:
         out = args.models / f"tiny-zimage-{weights}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions(weights))
         print(f"wrote {out}")
+    out = args.models / "tiny-zimage-w8a8"
+    quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations="int8"))
+    print(f"wrote {out}")
+    write_w8a8_products(args.models.parent / "tests" / "golden" / "w8a8")
     write_enhanced(args.models, "int4")
+
+
+def write_w8a8_products(out: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from zimage_export.quantize_w8a8 import quantize_model_w8a8
+
+    k, n = 64, 48
+    w = np.random.default_rng(17).standard_normal((k, n)).astype(np.float32) * 0.1
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "tokens", n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="product")], "product", [x], [y],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, out / "product_fp32.onnx")
+    quantize_model_w8a8(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, out / "product_w8a8.onnx")
+    print(f"wrote {out}")
 
 
 def write_enhanced(models: Path, weights: str) -> None:

@@ -11,13 +11,17 @@ exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
 import argparse
 from pathlib import Path
 
-from zimage_export.quantize import ACCURACY_LEVEL, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
+from zimage_export.quantize import ACCURACY_LEVEL, ACTIVATIONS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
 
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     """The quantization flags, shared with export.py."""
     parser.add_argument("--weights", choices=sorted(WEIGHTS), required=required,
                         help="weight-only quantization of the transformer and text encoder (MatMulNBits)")
+    parser.add_argument("--activations", choices=[a for a in ACTIVATIONS if a], default=None,
+                        help="int8: the transformer's products also take int8 activations (W8A8, per-token scales; "
+                             "fp32 packages, CPU only): several times faster products where ONNX Runtime has fast "
+                             "int8 kernels, about twice weight-only int8's error (docs/quantization.md)")
     parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block (along the input dimension)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
@@ -46,7 +50,7 @@ def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
                           accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln,
                           keep=tuple(args.keep), text_encoder_accuracy_level=args.text_encoder_accuracy_level,
-                          lm_head_weights=args.lm_head_weights)
+                          lm_head_weights=args.lm_head_weights, activations=args.activations)
 
 
 def main(argv=None) -> None:

@@ -53,3 +53,26 @@ def test_keep_patterns_must_name_a_weight():
     check_keep_patterns(("noise_refiner.*", "layers.3.*", "*.w2.weight"), names)
     with pytest.raises(ValueError, match="'noise_refinr.\\*' matches no transformer weight"):
         check_keep_patterns(("noise_refiner.*", "noise_refinr.*"), names)
+
+
+def test_int8_activations_take_int8_rtn_weights():
+    assert QuantizeOptions("int8", activations="int8").activations == "int8"
+    for bad in (dict(weights="int4", activations="int8"), dict(weights="int8", activations="int4"),
+                dict(weights="int4", method="hqq", activations="int8")):
+        with pytest.raises(ValueError):
+            QuantizeOptions(**bad)
+
+
+def test_per_channel_weights_round_trip_within_half_a_step():
+    from zimage_export.quantize_w8a8 import quantize_weight_per_channel
+
+    w = np.random.default_rng(3).standard_normal((96, 40)).astype(np.float32) * 0.05
+    w[:, 7] = 0.0  # a column of zeros: scale 1, codes 0
+    w[5, 9] = 3.0  # one outlier sets its column's scale alone
+    q, scale = quantize_weight_per_channel(w)
+    assert q.dtype == np.int8 and q.shape == w.shape and scale.shape == (40,) and scale.dtype == np.float32
+    assert np.abs(q).max() <= 127 and q[5, 9] == 127
+    back = q.astype(np.float32) * scale
+    assert np.all(np.abs(back - w) <= scale / 2 * (1 + 1e-5))
+    assert scale[7] == 1 and np.all(q[:, 7] == 0)
+    assert np.isclose(scale[9], 3.0 / 127)

@@ -30,6 +30,7 @@ from .quantize_lm_head import TABLE as TIED_TABLE
 from .quantize_lm_head import quantize_tied_embedding
 
 WEIGHTS = {"int8": 8, "int4": 4}
+ACTIVATIONS = (None, "int8")
 METHODS = ("rtn", "hqq")
 # ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -76,6 +77,10 @@ class QuantizeOptions:
     # Packages with the enhancer: the width of the tied token-embedding table / LM head
     # ("int8" | "int4"; None: `weights`). See quantize_lm_head.
     lm_head_weights: str | None = None
+    # "int8": the transformer's products also take int8 activations (W8A8, per-token scales,
+    # ONNX Runtime's MatMulInteger; quantize_w8a8.py): much faster on CPUs with fast int8
+    # kernels, less accurate than weight-only int8. None: weight-only.
+    activations: str | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -93,6 +98,10 @@ class QuantizeOptions:
                                                 else self.accuracy_level)
         if self.text_encoder_accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"text_encoder_accuracy_level must be 0..4, not {self.text_encoder_accuracy_level}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {[a for a in ACTIVATIONS if a]}, not {self.activations!r}")
+        if self.activations and (self.weights, self.method) != ("int8", "rtn"):
+            raise ValueError("int8 activations take int8 rtn weights (--weights int8 --method rtn)")
         if self.lm_head_weights is not None and self.lm_head_weights not in WEIGHTS:
             raise ValueError(f"lm_head_weights must be one of {sorted(WEIGHTS)}, not {self.lm_head_weights!r}")
 
@@ -108,7 +117,7 @@ class QuantizeOptions:
         """The manifest's `quantization` section, without the per-graph part."""
         import onnxruntime
 
-        return {
+        section = {
             "weights": self.weights,
             "bits": self.bits,
             "block_size": self.block_size,
@@ -120,6 +129,10 @@ class QuantizeOptions:
             "keep": list(self.keep),
             "quantizer": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
         }
+        if self.activations:  # (absent from weight-only packages, as before it existed)
+            section["activations"] = self.activations
+            section["quantizer"] += " + zimage_export.quantize_w8a8 (transformer)"
+        return section
 
 
 @dataclass
@@ -128,10 +141,15 @@ class GraphReport:
 
     quantized: list = field(default_factory=list)
     kept: list = field(default_factory=list)
-    accuracy_level: int = ACCURACY_LEVEL  # of the graph's MatMulNBits
+    accuracy_level: int | None = ACCURACY_LEVEL  # of the graph's MatMulNBits (None: it has none)
+    # "int8": its products take int8 activations (quantize_w8a8.py); None: weight-only.
+    activations: str | None = None
 
     def section(self) -> dict:
-        return {"quantized": len(self.quantized), "kept": sorted(self.kept), "accuracy_level": self.accuracy_level}
+        section = {"quantized": len(self.quantized), "kept": sorted(self.kept), "accuracy_level": self.accuracy_level}
+        if self.activations:
+            section["activations"] = self.activations
+        return section
 
 
 def _initializers(graph) -> dict:
@@ -464,6 +482,9 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         raise ValueError(f"{src} is already quantized ({manifest['quantization']['weights']})")
     if manifest.get("precision") not in ("fp32", "fp16"):
         raise ValueError(f"only fp32 and fp16 packages can be quantized, not {manifest.get('precision')}")
+    if options.activations and manifest["precision"] != "fp32":
+        # Its activations are quantized from float32 (a CPU format: the CPU computes in fp32).
+        raise ValueError(f"int8 activations are made from fp32 packages (the CPU's), not {manifest['precision']}")
     if manifest.get("controlnets"):
         # Their graphs read the float transformer's weights at fixed offsets (docs/controlnet.md).
         raise ValueError(f"{src} has ControlNets, which run on float packages only: quantize a copy without them")
@@ -479,7 +500,12 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         report = {}
         # Transformer alone.
         model = onnx.load(str(src / graphs["transformer"]["path"]))
-        rep = quantize_model(model, options, names, transformer_keep(options))
+        if options.activations:
+            from .quantize_w8a8 import quantize_model_w8a8
+
+            rep = quantize_model_w8a8(model, names, transformer_keep(options))
+        else:
+            rep = quantize_model(model, options, names, transformer_keep(options))
         report["transformer"] = rep.section()
         big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)

@@ -62,7 +62,7 @@ pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 pub use model::vae_tiling::VaeTiling;
 pub use package::generation_defaults::{GenerationDefaults, Variant};
 pub use package::graph::GraphKind;
-pub use package::quantization::{QuantizationInfo, QuantizedLmHead, WeightQuantization};
+pub use package::quantization::{ActivationQuantization, QuantizationInfo, QuantizedLmHead, WeightQuantization};
 pub use package::scheduler_config::SchedulerConfig;
 pub use package::{Manifest, Precision};
 pub use pipeline::control::{ControlCondition, ControlInpaint};

@@ -96,6 +96,7 @@ impl LoadOptions {
             optimized_cache: None,
             prebuilt_cpu_graph: None,
             initializers: ExternalInitializers::default(),
+            exact_int8_products: false,
         }
     }
 }

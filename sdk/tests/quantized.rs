@@ -16,16 +16,19 @@ use common::*;
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
 use zimage::{
-    image_parameters, ErrorKind, InputNames, LoadOptions, LoraAdapter, LoraSetting, Manifest, Pipeline,
-    WeightQuantization,
+    image_parameters, ActivationQuantization, Device, ErrorKind, InputNames, LoadOptions, LoraAdapter, LoraSetting,
+    Manifest, Pipeline, WeightQuantization,
 };
 
 /// Bounds against the fp32 goldens, about 1.3-1.4x the measured distances (CPU, 2026-11-30;
 /// measured / bound): int8 transformer 1.26e-2 / 1.7e-2, text 2.43e-2 / 3.2e-2 (its float
 /// compute, 2026-12-01; 3.33e-2 with the int8 compute), latents 1.23e-2 / 1.7e-2, images 6 / 10
-/// levels; int4 0.127 / 0.17, 0.353 / 0.45, 0.129 / 0.18, 42 / 56.
+/// levels; int4 0.127 / 0.17, 0.353 / 0.45, 0.129 / 0.18, 42 / 56; int8 with int8 activations
+/// (2026-12-01) 1.51e-2 / 2.0e-2, the int8 text encoder, 1.48e-2 / 2.0e-2, 7 / 10.
 struct Bounds {
     weights: WeightQuantization,
+    /// The transformer's products take int8 activations (`tiny-zimage-w8a8`).
+    activations: Option<ActivationQuantization>,
     /// Transformer forward, relative L2.
     transformer: f64,
     /// Text features, relative L2.
@@ -36,25 +39,55 @@ struct Bounds {
     levels: u8,
 }
 
-const PACKAGES: [(&str, Bounds); 2] = [
+const PACKAGES: [(&str, Bounds); 3] = [
     (
         "tiny-zimage-int8",
-        Bounds { weights: WeightQuantization::Int8, transformer: 1.7e-2, text: 3.2e-2, latents: 1.7e-2, levels: 10 },
+        Bounds {
+            weights: WeightQuantization::Int8,
+            activations: None,
+            transformer: 1.7e-2,
+            text: 3.2e-2,
+            latents: 1.7e-2,
+            levels: 10,
+        },
     ),
     (
         "tiny-zimage-int4",
-        Bounds { weights: WeightQuantization::Int4, transformer: 0.17, text: 0.45, latents: 0.18, levels: 56 },
+        Bounds {
+            weights: WeightQuantization::Int4,
+            activations: None,
+            transformer: 0.17,
+            text: 0.45,
+            latents: 0.18,
+            levels: 56,
+        },
+    ),
+    (
+        "tiny-zimage-w8a8",
+        Bounds {
+            weights: WeightQuantization::Int8,
+            activations: Some(ActivationQuantization::Int8),
+            transformer: 2.0e-2,
+            text: 3.2e-2,
+            latents: 2.0e-2,
+            levels: 10,
+        },
     ),
 ];
+
+/// `int8 rtn, block 32` (+ `, int8 activations`): the package's quantization as images record it.
+fn summary(bounds: &Bounds) -> String {
+    let activations = bounds.activations.map(|a| format!(", {a} activations")).unwrap_or_default();
+    format!("{} rtn, block 32{activations}", bounds.weights)
+}
 
 fn model(package: &str) -> PathBuf {
     repo().join("models").join(package)
 }
 
 fn quantized(package: &str) -> &'static Pipeline {
-    static INT8: OnceLock<Pipeline> = OnceLock::new();
-    static INT4: OnceLock<Pipeline> = OnceLock::new();
-    let cell = if package.ends_with("int8") { &INT8 } else { &INT4 };
+    static LOADED: [OnceLock<Pipeline>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let cell = &LOADED[PACKAGES.iter().position(|(name, _)| *name == package).expect("one of PACKAGES")];
     cell.get_or_init(|| {
         let mut o = LoadOptions::default();
         o.threads = Some(1);
@@ -98,11 +131,14 @@ fn quantized_packages_describe_their_weights() {
         assert_eq!(q.graphs["text_encoder"].quantized, 15, "{package}");
         // The transformer computes in int8; an int8 text encoder in float (it runs once per
         // generation: export-scripts/zimage_export/quantize.py, INT8_TEXT_ENCODER_ACCURACY_LEVEL).
-        assert_eq!(transformer.accuracy_level, Some(4), "{package}");
+        // (with int8 activations its products are MatMulInteger, which has no accuracy level)
+        let transformer_level = if bounds.activations.is_some() { None } else { Some(4) };
+        assert_eq!(transformer.accuracy_level, transformer_level, "{package}");
+        assert_eq!(q.activations, bounds.activations, "{package}");
         let text_level = if bounds.weights == WeightQuantization::Int8 { 0 } else { 4 };
         assert_eq!(q.graphs["text_encoder"].accuracy_level, Some(text_level), "{package}");
         assert!(manifest.transformer.lora_parameters.is_none());
-        assert_eq!(manifest.weights_summary(), format!("fp32, {} rtn, block 32", bounds.weights));
+        assert_eq!(manifest.weights_summary(), format!("fp32, {}", summary(bounds)));
     }
     let fp32 = Manifest::load(&model("tiny-zimage"), false).unwrap();
     assert!(fp32.quantization.is_none());
@@ -122,8 +158,40 @@ fn a_bad_quantization_section_is_refused() {
     let e = Manifest::parse(&manifest.to_string()).unwrap_err();
     assert!(e.contains("block_size 24"), "{e}");
     manifest["quantization"]["block_size"] = 32.into();
+    manifest["quantization"]["activations"] = "int4".into();
+    assert!(Manifest::parse(&manifest.to_string()).is_err(), "int8 is the only activation width");
+    manifest["quantization"]["activations"] = "int8".into();
+    assert!(Manifest::parse(&manifest.to_string()).is_ok());
+    manifest["quantization"]["weights"] = "int4".into();
+    manifest["quantization"]["bits"] = 4.into();
+    let e = Manifest::parse(&manifest.to_string()).unwrap_err();
+    assert!(e.contains("activations int8 needs int8 weights, not int4"), "{e}");
     manifest["quantization"]["weights"] = "int2".into();
     assert!(Manifest::parse(&manifest.to_string()).is_err());
+}
+
+/// int8 activations are a CPU format (ONNX Runtime's GPU providers have no uint8 x int8
+/// MatMulInteger): a GPU transformer is refused before any provider is set up, CPU fallback or not;
+/// the other stages may run on the GPU.
+#[test]
+fn int8_activations_are_refused_on_a_gpu() {
+    for device in [Device::Cuda { device_id: 0 }, Device::TensorRt { device_id: 0 }] {
+        for allow_cpu_fallback in [false, true] {
+            let mut o = LoadOptions::default();
+            o.threads = Some(1);
+            o.device = device;
+            o.allow_cpu_fallback = allow_cpu_fallback;
+            let e = Pipeline::load(model("tiny-zimage-w8a8"), &o).err().expect("refused");
+            assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+            assert!(e.to_string().contains("int8 activations"), "{e}");
+            assert!(e.to_string().contains("load it on the CPU"), "{e}");
+        }
+        let mut o = LoadOptions::default();
+        o.device = Device::Cpu;
+        o.transformer_device = Some(device);
+        let e = Pipeline::load(model("tiny-zimage-w8a8"), &o).err().expect("refused");
+        assert!(e.to_string().contains("int8 activations"), "{e}");
+    }
 }
 
 #[test]
@@ -204,7 +272,7 @@ fn generations_are_deterministic_and_near_fp32() {
                 bounds.levels
             );
             // Images record the quantization beside the other parameters.
-            let summary = format!("{} rtn, block 32", bounds.weights);
+            let summary = summary(bounds);
             assert_eq!(first.quantization.as_deref(), Some(summary.as_str()));
             let params = image_parameters(&request, &first, 0, pipeline.package_dir(), &[], &InputNames::default());
             assert!(params.contains(&("quantization", summary)), "{params:?}");

@@ -38,6 +38,30 @@ impl std::fmt::Display for WeightQuantization {
     }
 }
 
+/// The integer width of a package's quantized activations: the transformer's products then
+/// run in int8 x int8 (`--activations int8`; docs/quantization.md, "int8 activations").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ActivationQuantization {
+    Int8,
+}
+
+impl ActivationQuantization {
+    /// The name used in `manifest.json` (`quantization.activations`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ActivationQuantization::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for ActivationQuantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the quantizer did to one graph.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct QuantizedGraph {
@@ -99,6 +123,10 @@ pub struct QuantizationInfo {
     /// Packages with the enhancer: its decoder's quantized LM head.
     #[serde(default)]
     pub lm_head: Option<QuantizedLmHead>,
+    /// `int8`: the transformer's quantized products also take int8 activations, quantized per
+    /// token at run time (`MatMulInteger`; a CPU format). Absent: weight-only.
+    #[serde(default)]
+    pub activations: Option<ActivationQuantization>,
 }
 
 impl QuantizationInfo {
@@ -108,6 +136,13 @@ impl QuantizationInfo {
         }
         if !(16..=256).contains(&self.block_size) || !self.block_size.is_power_of_two() {
             return Err(format!("quantization.block_size {} is not a power of two in 16..=256", self.block_size));
+        }
+        if self.activations.is_some() && self.weights != WeightQuantization::Int8 {
+            return Err(format!(
+                "quantization.activations {} needs int8 weights, not {}",
+                self.activations.map_or("", ActivationQuantization::name),
+                self.weights
+            ));
         }
         if let Some(head) = &self.lm_head {
             if head.bits != 4 && head.bits != 8 {
@@ -134,9 +169,19 @@ impl QuantizationInfo {
         !has_decoder || self.lm_head.is_some()
     }
 
-    /// One line for people and image metadata: `int8 rtn, block 32`.
+    /// Whether the transformer's products take int8 activations (a CPU-only format).
+    pub fn int8_activations(&self) -> bool {
+        self.activations == Some(ActivationQuantization::Int8)
+    }
+
+    /// One line for people and image metadata: `int8 rtn, block 32`, and `, int8 activations`
+    /// when the transformer takes them.
     pub fn summary(&self) -> String {
-        format!("{} {}, block {}", self.weights, self.method, self.block_size)
+        let activations = match self.activations {
+            Some(a) => format!(", {a} activations"),
+            None => String::new(),
+        };
+        format!("{} {}, block {}{activations}", self.weights, self.method, self.block_size)
     }
 }
 

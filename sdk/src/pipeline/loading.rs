@@ -17,6 +17,7 @@ use crate::package::Manifest;
 use crate::runtime::cuda_graph::session_refusal;
 use crate::runtime::device::Device;
 use crate::runtime::graph::{GraphSlot, MemoryMode};
+use crate::runtime::int8_products;
 use crate::runtime::library::Runtime;
 use crate::runtime::nchwc;
 use crate::runtime::prepack_probe;
@@ -145,6 +146,10 @@ impl GraphLoader<'_> {
         usable.then(|| resolve(self.dir, &prepacked.file.path))
     }
 
+    fn int8_activations(&self) -> bool {
+        self.manifest.quantization.as_ref().is_some_and(|q| q.int8_activations())
+    }
+
     fn required_entry(&self, kind: GraphKind) -> Result<&GraphEntry> {
         self.manifest
             .graphs
@@ -176,9 +181,13 @@ impl GraphLoader<'_> {
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
-            GraphKind::Transformer | GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => {
-                base
-            }
+            // int8 activations (`quantization.activations`): exact int8 kernels where the fast
+            // ones can saturate.
+            GraphKind::Transformer => SessionSettings {
+                exact_int8_products: self.int8_activations() && int8_products::u8s8_products_may_saturate(),
+                ..base
+            },
+            GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => base,
         }
     }
 }
@@ -224,9 +233,20 @@ pub(crate) fn vae_tiling(manifest: &Manifest, options: &LoadOptions) -> Result<O
     tiling.geometry(manifest.vae.scale_factor).map(Some)
 }
 
-/// ONNX Runtime's CPU provider lacks kernels some precisions need: say so before it fails on
-/// the first node with "Could not find an implementation".
+/// ONNX Runtime's CPU provider lacks kernels some precisions need, and its GPU providers lack
+/// the uint8 x int8 `MatMulInteger` of a transformer with int8 activations: say so before it
+/// fails on the first node with "Could not find an implementation", or runs every product on
+/// the CPU between copies.
 pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions) -> Result<()> {
+    let int8_activations = manifest.quantization.as_ref().is_some_and(|q| q.int8_activations());
+    let transformer_device = options.transformer_device.unwrap_or(options.device);
+    if int8_activations && transformer_device != Device::Cpu {
+        return Err(Error::invalid(format!(
+            "this package's transformer computes with int8 activations (quantization.activations), a CPU format: \
+             load it on the CPU, not {}, or use a weight-only quantized or float package on the GPU",
+            transformer_device.provider_name()
+        )));
+    }
     let on_cpu = [Some(options.device), options.transformer_device].contains(&Some(Device::Cpu));
     if on_cpu && !manifest.precision.runs_on_cpu() {
         return Err(Error::invalid(format!(

@@ -3,6 +3,7 @@
 //! - [`device`]: [`Device`], where a graph runs;
 //! - [`cuda_graph`]: when the transformer's CUDA calls are captured and replayed;
 //! - [`gpu`]: CUDA settings, TensorRT profiles and engine caches;
+//! - [`int8_products`]: whether this CPU's uint8 x int8 products need the exact kernels;
 //! - [`nchwc`]: the CPU provider's NCHWc block width (which prebuilt CPU layouts fit);
 //! - `provider`: each graph's execution provider, registered on its session;
 //! - [`session`]: building one session (options, CPU fallback, optimised-graph cache);
@@ -14,6 +15,7 @@ pub mod cuda_graph;
 pub mod device;
 pub mod gpu;
 pub(crate) mod graph;
+pub mod int8_products;
 pub mod library;
 pub mod nchwc;
 pub mod prepack_probe;

@@ -57,6 +57,10 @@ pub struct SessionSettings {
     pub prebuilt_cpu_graph: Option<PathBuf>,
     /// Tensors that replace initializers of the graph file, by name (LoRA-merged weights).
     pub initializers: ExternalInitializers,
+    /// Use ONNX Runtime's exact uint8 x uint8 kernels for the graph's int8 products: for a
+    /// transformer with int8 activations on a CPU where uint8 x int8 can saturate
+    /// ([`super::int8_products`]).
+    pub exact_int8_products: bool,
 }
 
 /// Tensors handed to ONNX Runtime in place of the graph file's initializers of the same names.
@@ -150,6 +154,11 @@ pub(crate) fn build_session(
         }
         if settings.shares_weights || settings.skip_prepacking {
             b = b.with_prepacking(false).map_err(|e| failed("prepacking", e))?;
+        }
+        if settings.exact_int8_products {
+            b = b
+                .with_config_entry(super::int8_products::EXACT_PRODUCTS_KEY, "1")
+                .map_err(|e| failed("exact int8 products", e))?;
         }
         if settings.release_activations {
             disable_cpu_arena(&mut b).map_err(|e| Error::runtime(format!("{graph}: CPU arena: {e}")))?;

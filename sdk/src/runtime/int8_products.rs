@@ -1,0 +1,119 @@
+//! Whether ONNX Runtime's uint8 x int8 matrix products are exact on this CPU.
+//!
+//! MLAS (ONNX Runtime's CPU kernels) multiplies uint8 by int8 on x86 CPUs without VNNI (SSE4.1,
+//! AVX2, AVX-512 before Cascade Lake, Zen 2/3) with `vpmaddubsw`, which adds each pair of
+//! products in 16 bits with saturation: with full-range int8 weights a pair of large products
+//! is clipped, silently. VNNI (`vpdpbusd`: AVX-512 VNNI or AVX-VNNI) and AMX add in 32 bits, as
+//! do ARM's kernels. Where the pairs can saturate, a session asks for ONNX Runtime's exact
+//! uint8 x uint8 kernels instead (`session.x64quantprecision`: slower, same results).
+
+/// Whether a uint8 x int8 product with full-range weights may saturate on this CPU.
+pub fn u8s8_products_may_saturate() -> bool {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    {
+        !(std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86")))]
+    {
+        false
+    }
+}
+
+/// The session option that makes ONNX Runtime use its exact uint8 x uint8 kernels on x86.
+pub(crate) const EXACT_PRODUCTS_KEY: &str = "session.x64quantprecision";
+
+#[cfg(test)]
+mod tests {
+    //! The int8-activation rewrite itself (export-scripts/zimage_export/quantize_w8a8.py), on one
+    //! `[64, 48]` product written by export-scripts/make_quantized_fixtures.py in float and
+    //! rewritten: its error, zero and NaN tokens, and the exact kernels.
+    use std::path::{Path, PathBuf};
+
+    use ndarray::Array3;
+    use ort::session::Session;
+    use ort::value::Tensor;
+
+    fn graph(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/w8a8").join(name)
+    }
+
+    fn run(name: &str, exact: bool, x: &Array3<f32>) -> Array3<f32> {
+        let rt = crate::runtime::runtime(None).expect("ONNX Runtime");
+        let mut builder = Session::builder(&rt.env).unwrap().with_intra_threads(1).unwrap();
+        if exact {
+            builder = builder.with_config_entry(super::EXACT_PRODUCTS_KEY, "1").unwrap();
+        }
+        let mut session = builder.commit_from_file(graph(name)).unwrap();
+        let outputs = session.run(ort::inputs!["x" => Tensor::from_array(x.clone()).unwrap()]).unwrap();
+        let (shape, values) = outputs["y"].try_extract_tensor::<f32>().unwrap();
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        Array3::from_shape_vec((dims[0], dims[1], dims[2]), values.to_vec()).unwrap()
+    }
+
+    /// Deterministic activations with a different range per token, one token of zeros and one
+    /// channel of outliers (what per-token scales are for).
+    fn activations() -> Array3<f32> {
+        Array3::from_shape_fn((2, 6, 64), |(b, t, k)| {
+            if (b, t) == (1, 2) {
+                return 0.0;
+            }
+            let v = ((b * 389 + t * 97 + k * 13) as f32 * 0.37).sin() * (1.0 + t as f32);
+            if k == 5 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+    }
+
+    fn rel_l2(a: &Array3<f32>, b: &Array3<f32>) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn the_int8_product_stays_near_the_float_one() {
+        let x = activations();
+        let want = run("product_fp32.onnx", false, &x);
+        let got = run("product_w8a8.onnx", false, &x);
+        let err = rel_l2(&got, &want);
+        // Measured 2026-12-01: 1.31e-2 (the outlier channel coarsens its tokens' steps); the same
+        // rounding with one scale per tensor instead of per token gives 2.60e-2 (numpy).
+        eprintln!("int8-activation product rel L2 {err:.3e}");
+        assert!(err > 1e-5 && err < 1.5e-2, "int8-activation product rel L2 {err:.3e}");
+        // A token of zeros gives exact zeros (its scale is clamped, not 0/0).
+        assert!(got.slice(ndarray::s![1, 2, ..]).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn a_nan_token_stays_nan_and_alone() {
+        let mut x = activations();
+        x[[0, 3, 10]] = f32::NAN;
+        x[[1, 4, 20]] = f32::INFINITY;
+        let got = run("product_w8a8.onnx", false, &x);
+        for ((b, t), row_is_bad) in [((0, 3), true), ((1, 4), true), ((0, 2), false), ((1, 5), false)] {
+            let row = got.slice(ndarray::s![b, t, ..]);
+            if row_is_bad {
+                // ONNX Runtime's ReduceMax skips NaN: without the scale's NaN term this row was finite.
+                assert!(row.iter().all(|v| !v.is_finite()), "token {b},{t}: {row:?}");
+            } else {
+                assert!(row.iter().all(|v| v.is_finite()), "token {b},{t}: {row:?}");
+            }
+        }
+    }
+
+    /// ONNX Runtime's exact uint8 x uint8 kernels (what the runtime asks for where uint8 x int8
+    /// may saturate) give the same products, bit for bit, as the fast ones where those cannot
+    /// saturate: integer sums are exact either way.
+    #[test]
+    fn the_exact_kernels_give_the_same_products() {
+        let x = activations();
+        let exact = run("product_w8a8.onnx", true, &x);
+        let want = run("product_fp32.onnx", false, &x);
+        assert!(rel_l2(&exact, &want) < 1.5e-2);
+        if !super::u8s8_products_may_saturate() {
+            assert_eq!(exact, run("product_w8a8.onnx", false, &x));
+        }
+    }
+}
