@@ -4,6 +4,7 @@ float, on your own weights:
 
     python quant_sensitivity.py --package zimage-turbo-fp32 --weights int8
     python quant_sensitivity.py --package P --weights int4 --group "first layer=layers.0.*" --group "w2=*.feed_forward.w2.*"
+    python quant_sensitivity.py --package P --weights int8 --activations int8   # the int8-activation transformer
 
 For each group the transformer is quantized as `quantize_package.py` would (same options, same
 kept layers) plus the group kept in float, and run on the same inputs: the package's own text
@@ -36,8 +37,8 @@ from zimage_export.quantize import (
     check_keep_patterns,
     matches_any,
     quantize_model,
+    quantize_transformer,
     tensor_bytes,
-    transformer_keep,
     transformer_names,
 )
 
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
     reference = forward(str(transformer_path))
     base = onnx.load(str(transformer_path))
     init_bytes = {t.name: len(tensor_bytes(t)) for t in base.graph.initializer}
-    print(f"{args.package}: {options.weights}, block {options.block_size}, {options.method}; "
+    activations = f", {options.activations} activations" if options.activations else ""
+    print(f"{args.package}: {options.weights}, block {options.block_size}, {options.method}{activations}; "
           f"{len(inputs)} forwards at {args.size}x{args.size}")
     print("| transformer, kept in float | forward rel L2 | the group's float weights | seconds |")
     print("|---|---|---|---|")
@@ -143,7 +145,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         model = copy.deepcopy(base)
         group_options = replace(options, keep=(*options.keep, *patterns))
-        quantize_model(model, group_options, dict(names), transformer_keep(group_options))
+        quantize_transformer(model, group_options, dict(names))
         err = rel_l2(forward(model.SerializeToString()), reference)
         held = sum(n for init, n in init_bytes.items() if matches_any(names.get(init, ""), patterns))
         print(f"| {name} | {err:.3e} | {held / 2**20:.1f} MiB | {time.time() - t0:.0f} |", flush=True)

@@ -425,6 +425,7 @@ fn summary_json(
         "precision": pipeline.manifest().precision.name(),
         "quantization": pipeline.manifest().quantization.as_ref().map(|q| json!({
             "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
+            "activations": q.activations.map(|a| a.name()),
         })),
         "vae_decoder": generation.vae_decoder,
         "vae_tiling": generation.vae_tiling.map(|t| json!({ "tile_size": t.tile_size, "overlap": t.overlap })),

@@ -287,6 +287,24 @@ fn int8_vae_decodes_with_the_int8_decoder_and_is_recorded() {
     assert!(!bad.exists());
 }
 
+/// A package's quantization is in `--json` and the PNG parameters; int8 activations included.
+#[test]
+fn quantization_is_recorded_with_its_activations() {
+    let dir = scratch("quantization");
+    for (model, activations) in [("models/tiny-zimage-int8", Value::Null), ("models/tiny-zimage-w8a8", "int8".into())] {
+        let output = dir.join("out.png");
+        let args = ["generate", "--model", model, "--prompt", "a red cube", "--width", "32", "--height", "32"];
+        let out = zimage(&[&args[..], &["--seed", "3", "--output", output.to_str().unwrap(), "--json"]].concat());
+        assert_code(&out, 0);
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["quantization"]["weights"], "int8", "{model}");
+        assert_eq!(summary["quantization"]["activations"], activations, "{model}");
+        let recorded = read_png(&output).text.get("quantization").cloned();
+        let want = if activations.is_null() { "int8 rtn, block 32" } else { "int8 rtn, block 32, int8 activations" };
+        assert_eq!(recorded.as_deref(), Some(want), "{model}");
+    }
+}
+
 #[test]
 fn guidance_flags_reach_the_sdk() {
     // Negative prompt, CFG scale, normalisation and truncation all change the image: matching

@@ -374,6 +374,16 @@ def transformer_keep(options: QuantizeOptions) -> tuple:
     return (*default, *options.keep)
 
 
+def quantize_transformer(model, options: QuantizeOptions, names: dict) -> GraphReport:
+    """Quantizes a transformer graph in place as `options` say: weight-only (`quantize_model`)
+    or with int8 activations too (quantize_w8a8), keeping `transformer_keep(options)`."""
+    if options.activations:
+        from .quantize_w8a8 import quantize_model_w8a8
+
+        return quantize_model_w8a8(model, names, transformer_keep(options))
+    return quantize_model(model, options, names, transformer_keep(options))
+
+
 def matches_any(name: str, patterns) -> bool:
     """Whether a parameter name matches one of the kept-weight patterns (fnmatch, case-sensitive)."""
     return any(fnmatchcase(name, p) for p in patterns)
@@ -500,12 +510,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         report = {}
         # Transformer alone.
         model = onnx.load(str(src / graphs["transformer"]["path"]))
-        if options.activations:
-            from .quantize_w8a8 import quantize_model_w8a8
-
-            rep = quantize_model_w8a8(model, names, transformer_keep(options))
-        else:
-            rep = quantize_model(model, options, names, transformer_keep(options))
+        rep = quantize_transformer(model, options, names)
         report["transformer"] = rep.section()
         big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)

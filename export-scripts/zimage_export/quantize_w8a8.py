@@ -3,13 +3,14 @@ docs/quantization.md, "int8 activations").
 
 Why: `MatMulNBits` (the weight-only path in quantize.py) reaches ONNX Runtime's int8 kernels
 only through its own block-wise kernels, which on some CPUs are barely faster than float
-(1.05x on an AVX-512 VNNI + AMX Xeon), while ONNX Runtime's general int8 product,
-`MatMulInteger` (uint8 x int8, MLAS's QGEMM), ran 5.2x faster than float there. It needs the
+(1.05x on an AVX-512 VNNI + AMX Xeon), while ONNX Runtime's general int8 product
+(uint8 x int8, MLAS's QGEMM: `MatMulInteger`, `MatMulIntegerToFloat`) ran 5.2x faster than
+float there. It needs the
 activations in int8 too, so each transformer product becomes:
 
     s   = max(|x|, over the last axis) / 127       one scale per token (row), at run time
     x8  = uint8(round(x / s) + 128)                symmetric, the zero point 128
-    y   = float(MatMulInteger(x8, W8, 128)) * s * w_scale
+    y   = MatMulIntegerToFloat(x8, W8, 1, w_scale, 128, 0) * s
 
 with `W8` the weight quantized symmetrically per output channel (`w_scale`, one per column of
 the `[K, N]` weight). Per token and not per tensor because one token's outliers would
@@ -27,7 +28,7 @@ The same layers as the weight-only path stay in float (quantize.transformer_keep
 
 import numpy as np
 
-from .quantize import GraphReport, _initializers, _name_nodes, gemm_to_matmul, matches_any
+from .quantize import COM_MICROSOFT, GraphReport, _initializers, _name_nodes, gemm_to_matmul, matches_any
 
 # The quantized activation's range: symmetric int8 steps stored as uint8 around 128.
 ACTIVATION_STEPS = 127.0
@@ -57,6 +58,10 @@ def _constants(graph, opset: int) -> None:
         numpy_helper.from_array(np.array(ACTIVATION_ZERO_POINT, np.uint8), PREFIX + "zero"),
         numpy_helper.from_array(np.array(MIN_SCALE, np.float32), PREFIX + "min_scale"),
         numpy_helper.from_array(np.array(0.0, np.float32), PREFIX + "zero_times"),
+        numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"),
+        # Explicit (0): ONNX Runtime's exact-kernel rewrite (session.x64quantprecision) converts
+        # the int8 weights to uint8 together with this zero point.
+        numpy_helper.from_array(np.array(0, np.int8), PREFIX + "weight_zero"),
     ])
     if opset >= 13:  # ReduceSum (and from 18 ReduceMax) take their axes as an input
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), PREFIX + "last_axis"))
@@ -100,7 +105,7 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphRepor
     """Rewrites `model`'s constant-weight products (not matching `keep`) as int8 x int8
     `MatMulInteger` with per-token activation scales, in place. `names`: initializer name ->
     diffusers parameter name, for `keep` and the report (as quantize.quantize_model)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
@@ -135,14 +140,18 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphRepor
         codes, row_scale = quantized_inputs[x]
         p = node.name + "_w8a8_"
         nodes.extend([
-            helper.make_node("MatMulInteger", [codes, w + "_W8", PREFIX + "zero"], [p + "int"], name=p + "int"),
-            helper.make_node("Cast", [p + "int"], [p + "float"], name=p + "float", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [p + "float", row_scale], [p + "rows"], name=p + "rows"),
-            helper.make_node("Mul", [p + "rows", w + "_scale"], [node.output[0]], name=p + "out"),
+            # The int32 sums times the column scales, in ONNX Runtime's kernel (a_scale 1: the
+            # row scales follow, a tensor the kernel takes only as a scalar).
+            helper.make_node("MatMulIntegerToFloat",
+                             [codes, w + "_W8", PREFIX + "one", w + "_scale", PREFIX + "zero", PREFIX + "weight_zero"],
+                             [p + "columns"], name=p + "product", domain=COM_MICROSOFT),
+            helper.make_node("Mul", [p + "columns", row_scale], [node.output[0]], name=p + "out"),
         ])
         report.quantized.append(label(w))
     if quantized_inputs:
         _constants(graph, opset)
+        if not any(o.domain == COM_MICROSOFT for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(COM_MICROSOFT, 1))
     graph.ClearField("node")
     graph.node.extend(nodes)
     return report
