@@ -78,7 +78,7 @@ class QuantizeOptions:
     # ("int8" | "int4"; None: `weights`). See quantize_lm_head.
     lm_head_weights: str | None = None
     # "int8": the transformer's products also take int8 activations (W8A8, per-token scales,
-    # ONNX Runtime's MatMulInteger; quantize_w8a8.py): much faster on CPUs with fast int8
+    # ONNX Runtime's MatMulIntegerToFloat; quantize_w8a8.py): much faster on CPUs with fast int8
     # kernels, less accurate than weight-only int8. None: weight-only.
     activations: str | None = None
 

@@ -124,7 +124,7 @@ pub struct QuantizationInfo {
     #[serde(default)]
     pub lm_head: Option<QuantizedLmHead>,
     /// `int8`: the transformer's quantized products also take int8 activations, quantized per
-    /// token at run time (`MatMulInteger`; a CPU format). Absent: weight-only.
+    /// token at run time (`MatMulIntegerToFloat`; a CPU format). Absent: weight-only.
     #[serde(default)]
     pub activations: Option<ActivationQuantization>,
 }
