@@ -11,7 +11,9 @@ pruned, docs/package-format.md); the token embedding becomes GatherBlockQuantize
 N * ceil(K/B) blocks of B*bits/8 bytes, one scale per block in the package precision, and
 ceil(blocks*bits/8) zero-point bytes per output column. Everything else (norms, biases, kept
 layers, pad tokens) stays in the package precision. Graph constants (RoPE tables, shapes) are
-left out: well under 1 MB.
+left out: well under 1 MB. The transformer's `int8+act` line is `--activations int8`
+(quantize_w8a8.py): K*N int8 bytes and N float32 scales per weight, everything else float32
+(such packages are made from fp32 ones), whatever --precision says.
 """
 
 import argparse
@@ -48,8 +50,15 @@ def gather_bytes(v: int, h: int, bits: int, block: int, scale_bytes: int) -> int
     return v * h * bits // 8 + v * blocks * scale_bytes + zero_points
 
 
-def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes) -> tuple[int, int]:
-    """(float bytes, quantized bytes) of a meta-device module; bits None: nothing quantized."""
+def per_channel_bytes(n: int, k: int, block: int, scale_bytes: int) -> int:
+    """An [N, K] weight as int8 with one scale per output column (int8 activations): the block
+    size does not enter."""
+    return n * k + n * scale_bytes
+
+
+def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes, weight_bytes=None) -> tuple[int, int]:
+    """(float bytes, quantized bytes) of a meta-device module; bits None: nothing quantized.
+    `weight_bytes(n, k, block, fbytes)`: a quantized Linear's bytes (default: MatMulNBits')."""
     import torch
 
     quantized, qbytes = set(), 0
@@ -58,7 +67,8 @@ def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes) -
             kept = matches_any(f"{name}.weight", kept_prefixes)
             if isinstance(module, torch.nn.Linear) and not kept:
                 n, k = module.weight.shape
-                qbytes += nbits_bytes(n, k, bits, block, fbytes)
+                qbytes += (weight_bytes(n, k, block, fbytes) if weight_bytes
+                           else nbits_bytes(n, k, bits, block, fbytes))
                 quantized.add(f"{name}.weight")
         if embedding_name is not None:
             v, h = dict(model.named_parameters())[embedding_name].shape
@@ -113,6 +123,9 @@ def main(argv=None) -> None:
         for weights, bits in (("float", None), *WEIGHTS.items()):
             f, q = component_bytes(model, kept, embedding, bits, args.block_size, fbytes)
             print(f"{label:<13} {weights:<8} {f / 1e9:>10.3f}G {q / 1e9:>9.3f}G {(f + q) / 1e9:>8.3f}G")
+        if label == "transformer":
+            f, q = component_bytes(model, kept, embedding, 8, args.block_size, FLOAT_BYTES["fp32"], per_channel_bytes)
+            print(f"{label:<13} {'int8+act':<8} {f / 1e9:>10.3f}G {q / 1e9:>9.3f}G {(f + q) / 1e9:>8.3f}G")
 
 
 if __name__ == "__main__":
