@@ -3,6 +3,9 @@ ONNX Runtime MatMulNBits; docs/quantization.md):
 
     python quantize_package.py --package zimage-turbo --out zimage-turbo-int8 --weights int8
 
+`--activations int8` (fp32 packages) also quantizes the transformer's activations, per token at
+run time: a faster, less accurate CPU-only package (zimage_export/quantize_w8a8.py).
+
 Every other file is copied unchanged. `--int8-vae` also writes `vae_decoder_int8`, an int8
 VAE decoder for faster, lossy CPU decoding (zimage_export/vae_int8.py). `export.py --weights ...` does the same right after
 exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
