@@ -233,18 +233,23 @@ pub(crate) fn vae_tiling(manifest: &Manifest, options: &LoadOptions) -> Result<O
     tiling.geometry(manifest.vae.scale_factor).map(Some)
 }
 
+/// The device the transformer runs on: `transformer_device`, else `device`.
+pub(crate) fn transformer_device(options: &LoadOptions) -> Device {
+    options.transformer_device.unwrap_or(options.device)
+}
+
 /// ONNX Runtime's CPU provider lacks kernels some precisions need, and its GPU providers lack
 /// the uint8 x int8 products of a transformer with int8 activations: say so before it
 /// fails on the first node with "Could not find an implementation", or runs every product on
 /// the CPU between copies.
 pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions) -> Result<()> {
     let int8_activations = manifest.quantization.as_ref().is_some_and(|q| q.int8_activations());
-    let transformer_device = super::transformer_device(options);
-    if int8_activations && transformer_device != Device::Cpu {
+    let device = transformer_device(options);
+    if int8_activations && device != Device::Cpu {
         return Err(Error::invalid(format!(
             "this package's transformer computes with int8 activations (quantization.activations), a CPU format: \
              load it on the CPU, not {}, or use a weight-only quantized or float package on the GPU",
-            transformer_device.provider_name()
+            device.provider_name()
         )));
     }
     let on_cpu = [Some(options.device), options.transformer_device].contains(&Some(Device::Cpu));

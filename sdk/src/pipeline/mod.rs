@@ -148,14 +148,14 @@ impl Pipeline {
             // With a ControlNet, its combined graph is the transformer: the plain one is never loaded.
             || {
                 let controlnet = controlnet.as_ref().map(|(_, info)| info);
-                loading::load_transformer(&graphs, transformer_device(options), &options.loras, controlnet)
+                loading::load_transformer(&graphs, loading::transformer_device(options), &options.loras, controlnet)
             },
         );
         let (text, text_encoder, transformer, vae_decoder) = (text?, text_encoder?, transformer?, vae_decoder?);
         // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
-        let edit = loading::load_edit_graphs(&graphs, options.device, transformer_device(options))?;
+        let edit = loading::load_edit_graphs(&graphs, options.device, loading::transformer_device(options))?;
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
@@ -205,7 +205,7 @@ impl Pipeline {
         let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
         let graphs =
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
-        let device = transformer_device(&self.options);
+        let device = loading::transformer_device(&self.options);
         let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| {
             loading::load_transformer(&graphs, device, loras, which.as_ref().map(|(_, info)| info))
         };
@@ -278,7 +278,7 @@ impl Pipeline {
         let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
         let graphs =
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
-        let device = transformer_device(&self.options);
+        let device = loading::transformer_device(&self.options);
         let controlnet = active.controlnet.as_ref().map(|(_, info)| info.clone());
         active.slot.release();
         match loading::load_transformer(&graphs, device, loras, controlnet.as_ref()) {
@@ -647,10 +647,6 @@ fn check_interfaces(dir: &Path, manifest: &Manifest) -> Result<()> {
     crate::model::check_interfaces(manifest)
         .and(decoder)
         .map_err(|message| Error::package(dir.join("manifest.json"), message))
-}
-
-fn transformer_device(options: &LoadOptions) -> Device {
-    options.transformer_device.unwrap_or(options.device)
 }
 
 /// A seed from the OS-seeded hasher; the low 32 bits are all torch's generator uses.
