@@ -50,15 +50,15 @@ def gather_bytes(v: int, h: int, bits: int, block: int, scale_bytes: int) -> int
     return v * h * bits // 8 + v * blocks * scale_bytes + zero_points
 
 
-def per_channel_bytes(n: int, k: int, block: int, scale_bytes: int) -> int:
-    """An [N, K] weight as int8 with one scale per output column (int8 activations): the block
-    size does not enter."""
+def per_channel_bytes(n: int, k: int, scale_bytes: int) -> int:
+    """An [N, K] weight as int8 with one scale per output column (int8 activations)."""
     return n * k + n * scale_bytes
 
 
 def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes, weight_bytes=None) -> tuple[int, int]:
     """(float bytes, quantized bytes) of a meta-device module; bits None: nothing quantized.
-    `weight_bytes(n, k, block, fbytes)`: a quantized Linear's bytes (default: MatMulNBits')."""
+    `weight_bytes(n, k)`: a quantized Linear's bytes (default: MatMulNBits')."""
+    weight_bytes = weight_bytes or (lambda n, k: nbits_bytes(n, k, bits, block, fbytes))
     import torch
 
     quantized, qbytes = set(), 0
@@ -67,8 +67,7 @@ def component_bytes(model, kept_prefixes, embedding_name, bits, block, fbytes, w
             kept = matches_any(f"{name}.weight", kept_prefixes)
             if isinstance(module, torch.nn.Linear) and not kept:
                 n, k = module.weight.shape
-                qbytes += (weight_bytes(n, k, block, fbytes) if weight_bytes
-                           else nbits_bytes(n, k, bits, block, fbytes))
+                qbytes += weight_bytes(n, k)
                 quantized.add(f"{name}.weight")
         if embedding_name is not None:
             v, h = dict(model.named_parameters())[embedding_name].shape
@@ -124,7 +123,9 @@ def main(argv=None) -> None:
             f, q = component_bytes(model, kept, embedding, bits, args.block_size, fbytes)
             print(f"{label:<13} {weights:<8} {f / 1e9:>10.3f}G {q / 1e9:>9.3f}G {(f + q) / 1e9:>8.3f}G")
         if label == "transformer":
-            f, q = component_bytes(model, kept, embedding, 8, args.block_size, FLOAT_BYTES["fp32"], per_channel_bytes)
+            fp32 = FLOAT_BYTES["fp32"]
+            f, q = component_bytes(model, kept, embedding, 8, args.block_size, fp32,
+                                   lambda n, k: per_channel_bytes(n, k, fp32))
             print(f"{label:<13} {'int8+act':<8} {f / 1e9:>10.3f}G {q / 1e9:>9.3f}G {(f + q) / 1e9:>8.3f}G")
 
 

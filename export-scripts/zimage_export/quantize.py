@@ -271,6 +271,33 @@ def _embedding_gathers(model) -> list:
     return out
 
 
+def sort_products(model, names: dict, keep, report: GraphReport) -> tuple[list, list]:
+    """Prepares `model`'s products for quantization: rewrites the `Gemm`s not kept by `keep` as
+    `MatMul` (gemm_to_matmul), names every node, and sorts the `MatMul`s with a constant 2-D
+    weight into those to quantize and those `keep` keeps, returned as two lists of nodes. Each
+    weight goes into `report` (quantized or kept; kept `Gemm`s too) under its name in `names`
+    (initializer -> diffusers parameter name, or the initializer's own), which gains the
+    rewritten weights (`<w>_kn`, reported under their old name)."""
+    label = lambda init: names.get(init, init)  # noqa: E731
+    kept_by_name = lambda init: matches_any(label(init), keep)  # noqa: E731
+    for w in gemm_to_matmul(model, lambda w: not kept_by_name(w)):
+        names[w + "_kn"] = label(w)
+    _name_nodes(model.graph)
+    inits = _initializers(model.graph)
+    quantized, kept = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            if kept_by_name(node.input[1]):
+                kept.append(node)
+                report.kept.append(label(node.input[1]))
+            else:
+                quantized.append(node)
+                report.quantized.append(label(node.input[1]))
+        elif node.op_type == "Gemm" and node.input[1] in inits:
+            report.kept.append(label(node.input[1]))
+    return quantized, kept
+
+
 def quantize_model(model, options: QuantizeOptions, names: dict | None = None, keep=(),
                    token_embedding: bool = False) -> GraphReport:
     """Quantizes `model` (an onnx.ModelProto with its weights loaded) in place.
@@ -291,25 +318,9 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
 
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
-    kept_by_name = lambda init: matches_any(label(init), keep)  # noqa: E731
     report = GraphReport(accuracy_level=options.accuracy_level)
-
-    rewritten = gemm_to_matmul(model, lambda w: not kept_by_name(w))
-    for w in rewritten:  # the rewritten weight is `<w>_kn`; report it under its old name
-        names[w + "_kn"] = label(w)
-    _name_nodes(model.graph)
-    inits = _initializers(model.graph)
-
-    exclude = []
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
-            if kept_by_name(node.input[1]):
-                exclude.append(node.name)
-                report.kept.append(label(node.input[1]))
-            else:
-                report.quantized.append(label(node.input[1]))
-        elif node.op_type == "Gemm" and node.input[1] in inits:
-            report.kept.append(label(node.input[1]))
+    _, kept_products = sort_products(model, names, keep, report)
+    exclude = [node.name for node in kept_products]
 
     embeddings = _embedding_gathers(model) if token_embedding else []
     if options.quantize_embedding and options.bits == 8:

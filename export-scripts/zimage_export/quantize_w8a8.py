@@ -28,7 +28,7 @@ The same layers as the weight-only path stay in float (quantize.transformer_keep
 
 import numpy as np
 
-from .quantize import COM_MICROSOFT, GraphReport, _initializers, _name_nodes, gemm_to_matmul, matches_any
+from .quantize import COM_MICROSOFT, GraphReport, _initializers, sort_products
 
 # The quantized activation's range: symmetric int8 steps stored as uint8 around 128.
 ACTIVATION_STEPS = 127.0
@@ -107,28 +107,18 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphRepor
     diffusers parameter name, for `keep` and the report (as quantize.quantize_model)."""
     from onnx import helper, numpy_helper
 
-    names = names or {}
-    label = lambda init: names.get(init, init)  # noqa: E731
-    kept_by_name = lambda init: matches_any(label(init), keep)  # noqa: E731
     report = GraphReport(accuracy_level=None, activations="int8")
-
-    for w in gemm_to_matmul(model, lambda w: not kept_by_name(w)):
-        names[w + "_kn"] = label(w)
-    _name_nodes(model.graph)
+    to_quantize = {node.name for node in sort_products(model, names or {}, keep, report)[0]}
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = _initializers(graph)
     quantized_inputs = {}  # activation name -> (codes, scale)
     nodes = []
     for node in graph.node:
-        w = node.input[1] if node.op_type == "MatMul" else None
-        if w in inits and len(inits[w].dims) == 2 and kept_by_name(w):
-            report.kept.append(label(w))
-        if not (w in inits and len(inits[w].dims) == 2 and not kept_by_name(w)):
-            if node.op_type == "Gemm" and node.input[1] in inits:
-                report.kept.append(label(node.input[1]))
+        if node.name not in to_quantize:
             nodes.append(node)
             continue
+        w = node.input[1]
         q, scale = quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
         graph.initializer.remove(inits.pop(w))
         graph.initializer.extend([numpy_helper.from_array(q, w + "_W8"), numpy_helper.from_array(scale, w + "_scale")])
@@ -147,7 +137,6 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphRepor
                              [p + "columns"], name=p + "product", domain=COM_MICROSOFT),
             helper.make_node("Mul", [p + "columns", row_scale], [node.output[0]], name=p + "out"),
         ])
-        report.quantized.append(label(w))
     if quantized_inputs:
         _constants(graph, opset)
         if not any(o.domain == COM_MICROSOFT for o in model.opset_import):

@@ -296,6 +296,12 @@ impl Manifest {
         }
     }
 
+    /// Whether the transformer's products take int8 activations (`quantization.activations`: a
+    /// CPU-only format).
+    pub fn int8_activations(&self) -> bool {
+        self.quantization.as_ref().is_some_and(|q| q.int8_activations())
+    }
+
     /// The largest image side (pixels) the transformer's position table allows.
     pub fn max_image_height(&self) -> usize {
         self.transformer.max_latent_height * self.vae.scale_factor

@@ -146,10 +146,6 @@ impl GraphLoader<'_> {
         usable.then(|| resolve(self.dir, &prepacked.file.path))
     }
 
-    fn int8_activations(&self) -> bool {
-        self.manifest.quantization.as_ref().is_some_and(|q| q.int8_activations())
-    }
-
     fn required_entry(&self, kind: GraphKind) -> Result<&GraphEntry> {
         self.manifest
             .graphs
@@ -184,7 +180,7 @@ impl GraphLoader<'_> {
             // int8 activations (`quantization.activations`): exact int8 kernels where the fast
             // ones can saturate.
             GraphKind::Transformer => SessionSettings {
-                exact_int8_products: self.int8_activations() && int8_products::u8s8_products_may_saturate(),
+                exact_int8_products: self.manifest.int8_activations() && int8_products::u8s8_products_may_saturate(),
                 ..base
             },
             GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => base,
@@ -243,9 +239,8 @@ pub(crate) fn transformer_device(options: &LoadOptions) -> Device {
 /// fails on the first node with "Could not find an implementation", or runs every product on
 /// the CPU between copies.
 pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions) -> Result<()> {
-    let int8_activations = manifest.quantization.as_ref().is_some_and(|q| q.int8_activations());
     let device = transformer_device(options);
-    if int8_activations && device != Device::Cpu {
+    if manifest.int8_activations() && device != Device::Cpu {
         return Err(Error::invalid(format!(
             "this package's transformer computes with int8 activations (quantization.activations), a CPU format: \
              load it on the CPU, not {}, or use a weight-only quantized or float package on the GPU",
