@@ -1,7 +1,8 @@
 """Time one MatMul of the mid-size transformer's shape (M 1056 tokens of a 512x512 image, K 1024,
 N 2730) in float32, as MatMulNBits at several widths, block sizes and accuracy levels, and with
-int8 activations (MatMulInteger, quantize_w8a8.py: ONNX Runtime's fast kernels and its exact
-uint8 x uint8 ones), and the relative error of each product (docs/quantization.md):
+int8 activations in one term and in two (MatMulIntegerToFloat, quantize_w8a8.py: ONNX Runtime's
+fast kernels and its exact uint8 x uint8 ones), and the relative error of each product
+(docs/quantization.md):
 
     python export-scripts/bench_matmulnbits.py [THREADS]
 """
@@ -35,8 +36,9 @@ for w,b,acc in (("int8",32,4),("int8",32,0),("int8",128,4),("int4",32,4),("int4"
     m=model(); quantize_model(m,QuantizeOptions(w,b,accuracy_level=acc))
     y=bench(m,f"{w} b{b} acc{acc}",threads)
     print("   rel err %.2e"%(np.linalg.norm(y-ref)/np.linalg.norm(ref)))
-m=model(); quantize_model_w8a8(m)
-y=bench(m,"int8 x int8 activations",threads)
-print("   rel err %.2e"%(np.linalg.norm(y-ref)/np.linalg.norm(ref)))
-y_exact=bench(m,"  exact u8u8 kernels",threads,exact=True)
-print("   same result as the fast kernels:", bool(np.array_equal(y,y_exact)))
+for activations in ("int8","int8x2"):
+    m=model(); quantize_model_w8a8(m,activations=activations)
+    y=bench(m,f"{activations} activations",threads)
+    print("   rel err %.2e"%(np.linalg.norm(y-ref)/np.linalg.norm(ref)))
+    y_exact=bench(m,"  exact u8u8 kernels",threads,exact=True)
+    print("   same result as the fast kernels:", bool(np.array_equal(y,y_exact)))

@@ -8,13 +8,13 @@ a byte-identical copy (git stores it once). The quantization is deterministic: a
 rewrites the same bytes. sdk/tests/quantized.rs compares them with tiny-zimage's fp32 goldens
 (docs/quantization.md has the measured distances and the tolerances).
 
-models/tiny-zimage-w8a8: tiny-zimage-int8 with the transformer's products taking int8
-activations too (`--activations int8`, zimage_export/quantize_w8a8.py); its text encoder is
-tiny-zimage-int8's, byte for byte.
+models/tiny-zimage-w8a8 and -w8a8x2: tiny-zimage-int8 with the transformer's products taking
+int8 activations too (`--activations int8` and `int8x2`, zimage_export/quantize_w8a8.py); their
+text encoder is tiny-zimage-int8's, byte for byte.
 
-tests/golden/w8a8/product_{fp32,w8a8}.onnx: one [64, 48] product (seeded weights) in float and
-rewritten by quantize_w8a8, for sdk/src/runtime/int8_products.rs's tests of the rewrite itself
-(its error, zero rows, NaN rows, the exact kernels).
+tests/golden/w8a8/product_{fp32,w8a8,w8a8x2}.onnx: one [64, 48] product (seeded weights) in
+float and rewritten by quantize_w8a8 (one int8 term, two), for sdk/src/runtime/int8_products.rs's
+tests of the rewrite itself (its error, zero rows, NaN rows, the exact kernels).
 
 models/tiny-zimage-enhanced-int4: models/tiny-zimage-enhanced (the prompt enhancer's decoder
 sharing text_weights.data with the text encoder) quantized the same way, with the decoder's
@@ -42,9 +42,10 @@ def main(argv=None) -> None:
         out = args.models / f"tiny-zimage-{weights}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions(weights))
         print(f"wrote {out}")
-    out = args.models / "tiny-zimage-w8a8"
-    quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations="int8"))
-    print(f"wrote {out}")
+    for activations, name in (("int8", "w8a8"), ("int8x2", "w8a8x2")):
+        out = args.models / f"tiny-zimage-{name}"
+        quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations=activations))
+        print(f"wrote {out}")
     write_w8a8_products(args.models.parent / "tests" / "golden" / "w8a8")
     write_enhanced(args.models, "int4")
 
@@ -65,9 +66,12 @@ def write_w8a8_products(out: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out / "product_fp32.onnx")
-    quantize_model_w8a8(model)
-    onnx.checker.check_model(model)
-    onnx.save(model, out / "product_w8a8.onnx")
+    for activations, name in (("int8", "w8a8"), ("int8x2", "w8a8x2")):
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(model)
+        quantize_model_w8a8(rewritten, activations=activations)
+        onnx.checker.check_model(rewritten)
+        onnx.save(rewritten, out / f"product_{name}.onnx")
     print(f"wrote {out}")
 
 

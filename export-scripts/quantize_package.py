@@ -4,7 +4,9 @@ ONNX Runtime MatMulNBits; docs/quantization.md):
     python quantize_package.py --package zimage-turbo --out zimage-turbo-int8 --weights int8
 
 `--activations int8` (fp32 packages) also quantizes the transformer's activations, per token at
-run time: a faster, less accurate CPU-only package (zimage_export/quantize_w8a8.py).
+run time: a faster, less accurate CPU-only package; `--activations int8x2` quantizes them as two
+int8 terms, about 16-bit: half that speed-up, weight-only int8's accuracy
+(zimage_export/quantize_w8a8.py).
 
 Every other file is copied unchanged. `--int8-vae` also writes `vae_decoder_int8`, an int8
 VAE decoder for faster, lossy CPU decoding (zimage_export/vae_int8.py). `export.py --weights ...` does the same right after
@@ -24,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--activations", choices=[a for a in ACTIVATIONS if a], default=None,
                         help="int8: the transformer's products also take int8 activations (W8A8, per-token scales; "
                              "fp32 packages, CPU only): several times faster products where ONNX Runtime has fast "
-                             "int8 kernels, about twice weight-only int8's error (docs/quantization.md)")
+                             "int8 kernels, about twice weight-only int8's error; int8x2: each activation as two "
+                             "int8 terms (two products per weight), about weight-only int8's error and robust to "
+                             "outlier channels (docs/quantization.md)")
     parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block (along the input dimension)")
     parser.add_argument("--method", choices=METHODS, default="rtn",

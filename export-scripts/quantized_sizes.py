@@ -11,9 +11,10 @@ pruned, docs/package-format.md); the token embedding becomes GatherBlockQuantize
 N * ceil(K/B) blocks of B*bits/8 bytes, one scale per block in the package precision, and
 ceil(blocks*bits/8) zero-point bytes per output column. Everything else (norms, biases, kept
 layers, pad tokens) stays in the package precision. Graph constants (RoPE tables, shapes) are
-left out: well under 1 MB. The transformer's `int8+act` line is `--activations int8`
-(quantize_w8a8.py): K*N int8 bytes and N float32 scales per weight, everything else float32
-(such packages are made from fp32 ones), whatever --precision says.
+left out: well under 1 MB. The transformer's `int8+act` line is `--activations int8` and
+`int8x2` alike (quantize_w8a8.py; the same weights): K*N int8 bytes and N float32 scales per
+weight, everything else float32 (such packages are made from fp32 ones), whatever --precision
+says.
 """
 
 import argparse

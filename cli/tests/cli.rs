@@ -291,7 +291,11 @@ fn int8_vae_decodes_with_the_int8_decoder_and_is_recorded() {
 #[test]
 fn quantization_is_recorded_with_its_activations() {
     let dir = scratch("quantization");
-    for (model, activations) in [("models/tiny-zimage-int8", Value::Null), ("models/tiny-zimage-w8a8", "int8".into())] {
+    for (model, activations) in [
+        ("models/tiny-zimage-int8", Value::Null),
+        ("models/tiny-zimage-w8a8", "int8".into()),
+        ("models/tiny-zimage-w8a8x2", "int8x2".into()),
+    ] {
         let output = dir.join("out.png");
         let args = ["generate", "--model", model, "--prompt", "a red cube", "--width", "32", "--height", "32"];
         let out = zimage(&[&args[..], &["--seed", "3", "--output", output.to_str().unwrap(), "--json"]].concat());
@@ -300,8 +304,11 @@ fn quantization_is_recorded_with_its_activations() {
         assert_eq!(summary["quantization"]["weights"], "int8", "{model}");
         assert_eq!(summary["quantization"]["activations"], activations, "{model}");
         let recorded = read_png(&output).text.get("quantization").cloned();
-        let want = if activations.is_null() { "int8 rtn, block 32" } else { "int8 rtn, block 32, int8 activations" };
-        assert_eq!(recorded.as_deref(), Some(want), "{model}");
+        let want = match activations.as_str() {
+            None => "int8 rtn, block 32".to_string(),
+            Some(a) => format!("int8 rtn, block 32, {a} activations"),
+        };
+        assert_eq!(recorded.as_deref(), Some(want.as_str()), "{model}");
     }
 }
 

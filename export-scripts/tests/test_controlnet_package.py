@@ -20,7 +20,7 @@ def test_float_packages_are_accepted(package):
     check_package_accepts_controlnet(manifest(package))
 
 
-@pytest.mark.parametrize("package", ["tiny-zimage-int8", "tiny-zimage-int4", "tiny-zimage-w8a8"])
+@pytest.mark.parametrize("package", ["tiny-zimage-int8", "tiny-zimage-int4", "tiny-zimage-w8a8", "tiny-zimage-w8a8x2"])
 def test_quantized_packages_are_refused(package):
     m = manifest(package)
     assert m["precision"] == "fp32"  # the precision alone would let it through

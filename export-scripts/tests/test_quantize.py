@@ -57,8 +57,10 @@ def test_keep_patterns_must_name_a_weight():
 
 def test_int8_activations_take_int8_rtn_weights():
     assert QuantizeOptions("int8", activations="int8").activations == "int8"
+    assert QuantizeOptions("int8", activations="int8x2").activations == "int8x2"
     for bad in (dict(weights="int4", activations="int8"), dict(weights="int8", activations="int4"),
-                dict(weights="int4", method="hqq", activations="int8")):
+                dict(weights="int4", method="hqq", activations="int8"), dict(weights="int4", activations="int8x2"),
+                dict(weights="int8", activations="int16"), dict(weights="int8", activations="int8x3")):
         with pytest.raises(ValueError):
             QuantizeOptions(**bad)
 

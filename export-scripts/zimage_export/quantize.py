@@ -30,7 +30,9 @@ from .quantize_lm_head import TABLE as TIED_TABLE
 from .quantize_lm_head import quantize_tied_embedding
 
 WEIGHTS = {"int8": 8, "int4": 4}
-ACTIVATIONS = (None, "int8")
+# The transformer's activations: None (weight-only), or quantized as one int8 term or two
+# (quantize_w8a8.py; the manifest's quantization.activations).
+ACTIVATIONS = (None, "int8", "int8x2")
 METHODS = ("rtn", "hqq")
 # ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -79,7 +81,8 @@ class QuantizeOptions:
     lm_head_weights: str | None = None
     # "int8": the transformer's products also take int8 activations (W8A8, per-token scales,
     # ONNX Runtime's MatMulIntegerToFloat; quantize_w8a8.py): much faster on CPUs with fast int8
-    # kernels, less accurate than weight-only int8. None: weight-only.
+    # kernels, less accurate than weight-only int8. "int8x2": each activation as two int8 terms
+    # (two products per weight): about 16-bit activations, half int8's speed-up. None: weight-only.
     activations: str | None = None
 
     def __post_init__(self):
@@ -142,7 +145,7 @@ class GraphReport:
     quantized: list = field(default_factory=list)
     kept: list = field(default_factory=list)
     accuracy_level: int | None = ACCURACY_LEVEL  # of the graph's MatMulNBits (None: it has none)
-    # "int8": its products take int8 activations (quantize_w8a8.py); None: weight-only.
+    # "int8" / "int8x2": its products take int8 activations (quantize_w8a8.py); None: weight-only.
     activations: str | None = None
 
     def section(self) -> dict:
@@ -391,7 +394,7 @@ def quantize_transformer(model, options: QuantizeOptions, names: dict) -> GraphR
     if options.activations:
         from .quantize_w8a8 import quantize_model_w8a8
 
-        return quantize_model_w8a8(model, names, transformer_keep(options))
+        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations)
     return quantize_model(model, options, names, transformer_keep(options))
 
 

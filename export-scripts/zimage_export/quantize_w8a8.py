@@ -23,16 +23,33 @@ which can saturate two products' sum at 16 bits. The runtime avoids that there b
 Runtime for its exact uint8 x uint8 kernels (`session.x64quantprecision`, slower); 7-bit
 weights would have cost every CPU accuracy (2.1e-2 instead of 1.4e-2).
 
+Two int8 terms (`--activations int8x2`): one 8-bit code per value leaves the activations'
+rounding as large as the weights' (each about half of int8's error), and a trained model's
+outlier channels coarsen every other channel's steps of their token. So the rounding's
+remainder is quantized too, with steps 254 times finer (it lies within half a step):
+
+    x   ~= s * (c + r / 254)                       c, r: int8 codes, both stored around 128
+    P   = MatMulIntegerToFloat(concat(c8, r8 along axis 0), W8, 1, w_scale, 128, 0)
+    y   = (P's first half + P's second half / 254) * s
+
+about 16-bit activations for an int8 product of twice the rows: the error left is the
+weights' (mid-size model: final latents 1.07e-2; a function-preserving copy with outlier
+channels, x20 on 8 channels of each product's input, outlier_channels.py: 1.86e-2 where int8
+gives 6.5e-2 and weight-only int8 1.80e-2).
+
 The same layers as the weight-only path stay in float (quantize.transformer_keep).
 """
 
 import numpy as np
 
-from .quantize import COM_MICROSOFT, GraphReport, _initializers, sort_products
+from .quantize import ACTIVATIONS, COM_MICROSOFT, GraphReport, _initializers, sort_products
 
 # The quantized activation's range: symmetric int8 steps stored as uint8 around 128.
 ACTIVATION_STEPS = 127.0
 ACTIVATION_ZERO_POINT = 128
+# int8x2: the remainder of the first rounding, within [-0.5, 0.5] steps, in steps 254x finer
+# (codes within [-127, 127], as the first term's).
+RESIDUAL_STEPS = 254.0
 WEIGHT_STEPS = 127.0
 # The smallest scale: a token of zeros quantizes to zeros instead of dividing by zero.
 MIN_SCALE = 1e-30
@@ -49,7 +66,7 @@ def quantize_weight_per_channel(w: np.ndarray):
     return q, scale
 
 
-def _constants(graph, opset: int) -> None:
+def _constants(graph, opset: int, two_terms: bool) -> None:
     from onnx import numpy_helper
 
     graph.initializer.extend([
@@ -63,12 +80,18 @@ def _constants(graph, opset: int) -> None:
         # the int8 weights to uint8 together with this zero point.
         numpy_helper.from_array(np.array(0, np.int8), PREFIX + "weight_zero"),
     ])
+    if two_terms:
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(RESIDUAL_STEPS, np.float32), PREFIX + "residual_steps"),
+            numpy_helper.from_array(np.array(1.0 / RESIDUAL_STEPS, np.float32), PREFIX + "residual_scale"),
+        ])
     if opset >= 13:  # ReduceSum (and from 18 ReduceMax) take their axes as an input
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), PREFIX + "last_axis"))
 
 
-def _quantize_activation(x: str, p: str, opset: int) -> tuple[list, str, str]:
-    """Nodes turning activation `x` into (uint8 codes, per-row scale)."""
+def _quantize_activation(x: str, p: str, opset: int, two_terms: bool) -> tuple[list, str, str]:
+    """Nodes turning activation `x` into (uint8 codes, per-row scale); for `two_terms` the codes
+    are the first term's and the remainder's, stacked along axis 0."""
     from onnx import TensorProto, helper
 
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18, ReduceSum from 13
@@ -98,16 +121,34 @@ def _quantize_activation(x: str, p: str, opset: int) -> tuple[list, str, str]:
         helper.make_node("Add", [p + "rounded", PREFIX + "zero_float"], [p + "shifted"], name=p + "shifted"),
         helper.make_node("Cast", [p + "shifted"], [p + "codes"], name=p + "codes", to=TensorProto.UINT8),
     ]
-    return nodes, p + "codes", p + "scale"
+    if not two_terms:
+        return nodes, p + "codes", p + "scale"
+    nodes += [
+        helper.make_node("Sub", [p + "scaled", p + "rounded"], [p + "rest"], name=p + "rest"),
+        helper.make_node("Mul", [p + "rest", PREFIX + "residual_steps"], [p + "rest_scaled"], name=p + "rest_scaled"),
+        helper.make_node("Round", [p + "rest_scaled"], [p + "rest_rounded"], name=p + "rest_rounded"),
+        helper.make_node("Add", [p + "rest_rounded", PREFIX + "zero_float"], [p + "rest_shifted"], name=p + "rest_shifted"),
+        helper.make_node("Cast", [p + "rest_shifted"], [p + "rest_codes"], name=p + "rest_codes", to=TensorProto.UINT8),
+        # One product per weight, not two: ONNX Runtime's exact-kernel rewrite (below) converts
+        # each product's int8 weight to a new uint8 initializer of a fixed name, and a second
+        # product of the same weight then fails the session ("Attempt to replace the existing
+        # tensor"). Stacked, both terms go through one product of twice the rows.
+        helper.make_node("Concat", [p + "codes", p + "rest_codes"], [p + "both_codes"], name=p + "both_codes", axis=0),
+    ]
+    return nodes, p + "both_codes", p + "scale"
 
 
-def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphReport:
+def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: str = "int8") -> GraphReport:
     """Rewrites `model`'s constant-weight products (not matching `keep`) as int8 x int8
-    `MatMulIntegerToFloat` with per-token activation scales, in place. `names`: initializer name ->
-    diffusers parameter name, for `keep` and the report (as quantize.quantize_model)."""
+    `MatMulIntegerToFloat` with per-token activation scales, in place: for `activations` "int8x2"
+    each product takes the activations' two terms as twice the rows. `names`: initializer
+    name -> diffusers parameter name, for `keep` and the report (as quantize.quantize_model)."""
     from onnx import helper, numpy_helper
 
-    report = GraphReport(accuracy_level=None, activations="int8")
+    if activations is None or activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS[1:]}, not {activations!r}")
+    two_terms = activations == "int8x2"
+    report = GraphReport(accuracy_level=None, activations=activations)
     to_quantize = {node.name for node in sort_products(model, names or {}, keep, report)[0]}
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -124,21 +165,28 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=()) -> GraphRepor
         graph.initializer.extend([numpy_helper.from_array(q, w + "_W8"), numpy_helper.from_array(scale, w + "_scale")])
         x = node.input[0]
         if x not in quantized_inputs:
-            made, codes, row_scale = _quantize_activation(x, f"{PREFIX}{len(quantized_inputs)}_", opset)
+            made, codes, row_scale = _quantize_activation(x, f"{PREFIX}{len(quantized_inputs)}_", opset, two_terms)
             nodes.extend(made)
             quantized_inputs[x] = (codes, row_scale)
         codes, row_scale = quantized_inputs[x]
         p = node.name + "_w8a8_"
-        nodes.extend([
-            # The int32 sums times the column scales, in ONNX Runtime's kernel (a_scale 1: the
-            # row scales follow, a tensor the kernel takes only as a scalar).
-            helper.make_node("MatMulIntegerToFloat",
-                             [codes, w + "_W8", PREFIX + "one", w + "_scale", PREFIX + "zero", PREFIX + "weight_zero"],
-                             [p + "columns"], name=p + "product", domain=COM_MICROSOFT),
-            helper.make_node("Mul", [p + "columns", row_scale], [node.output[0]], name=p + "out"),
-        ])
+
+        # The int32 sums times the column scales, in ONNX Runtime's kernel (a_scale 1: the row
+        # scales follow, a tensor the kernel takes only as a scalar).
+        columns = p + ("both" if two_terms else "columns")
+        nodes.append(helper.make_node(
+            "MatMulIntegerToFloat", [codes, w + "_W8", PREFIX + "one", w + "_scale", PREFIX + "zero",
+                                     PREFIX + "weight_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
+        if two_terms:  # the two terms' rows back apart: first + remainder / 254
+            split = {"num_outputs": 2} if opset >= 18 else {}  # (before 18: equal parts by default)
+            nodes.extend([
+                helper.make_node("Split", [columns], [p + "coarse", p + "rest"], name=p + "split", axis=0, **split),
+                helper.make_node("Mul", [p + "rest", PREFIX + "residual_scale"], [p + "fine"], name=p + "fine"),
+                helper.make_node("Add", [p + "coarse", p + "fine"], [p + "columns"], name=p + "sum"),
+            ])
+        nodes.append(helper.make_node("Mul", [p + "columns", row_scale], [node.output[0]], name=p + "out"))
     if quantized_inputs:
-        _constants(graph, opset)
+        _constants(graph, opset, two_terms)
         if not any(o.domain == COM_MICROSOFT for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(COM_MICROSOFT, 1))
     graph.ClearField("node")

@@ -1,4 +1,4 @@
-//! The int8 / int4 weight-only packages (`models/tiny-zimage-int8`, `-int4`: tiny-zimage with
+//! The quantized packages (`models/tiny-zimage-int8`, `-int4`, `-w8a8`, `-w8a8x2`: tiny-zimage with
 //! its transformer and text encoder quantized by export-scripts/make_quantized_fixtures.py):
 //! they load with no other change, describe their quantization, generate deterministically,
 //! and stay within the distances to tiny-zimage's fp32 goldens written in
@@ -24,10 +24,12 @@ use zimage::{
 /// measured / bound): int8 transformer 1.26e-2 / 1.7e-2, text 2.43e-2 / 3.2e-2 (its float
 /// compute, 2026-12-01; 3.33e-2 with the int8 compute), latents 1.23e-2 / 1.7e-2, images 6 / 10
 /// levels; int4 0.127 / 0.17, 0.353 / 0.45, 0.129 / 0.18, 42 / 56; int8 with int8 activations
-/// (2026-12-01) 1.51e-2 / 2.0e-2, the int8 text encoder, 1.57e-2 / 2.0e-2, 8 / 10.
+/// (2026-12-01) 1.51e-2 / 2.0e-2, the int8 text encoder, 1.57e-2 / 2.0e-2, 8 / 10; with two-term
+/// int8 activations (2026-12-01) 9.13e-3 / 1.2e-2, the int8 text encoder, 8.84e-3 / 1.2e-2,
+/// 4 / 6 (one term's 1.51e-2, 1.57e-2 and 8 exceed them: a lost remainder fails).
 struct Bounds {
     weights: WeightQuantization,
-    /// The transformer's products take int8 activations (`tiny-zimage-w8a8`).
+    /// The transformer's products take int8 activations (`tiny-zimage-w8a8`, `-w8a8x2`).
     activations: Option<ActivationQuantization>,
     /// Transformer forward, relative L2.
     transformer: f64,
@@ -39,7 +41,7 @@ struct Bounds {
     levels: u8,
 }
 
-const PACKAGES: [(&str, Bounds); 3] = [
+const PACKAGES: [(&str, Bounds); 4] = [
     (
         "tiny-zimage-int8",
         Bounds {
@@ -73,9 +75,21 @@ const PACKAGES: [(&str, Bounds); 3] = [
             levels: 10,
         },
     ),
+    (
+        "tiny-zimage-w8a8x2",
+        Bounds {
+            weights: WeightQuantization::Int8,
+            activations: Some(ActivationQuantization::Int8x2),
+            transformer: 1.2e-2,
+            text: 3.2e-2,
+            latents: 1.2e-2,
+            levels: 6,
+        },
+    ),
 ];
 
-/// `int8 rtn, block 32` (+ `, int8 activations`): the package's quantization as images record it.
+/// `int8 rtn, block 32` (+ `, int8 activations` / `, int8x2 activations`): the package's
+/// quantization as images record it.
 fn summary(bounds: &Bounds) -> String {
     let activations = bounds.activations.map(|a| format!(", {a} activations")).unwrap_or_default();
     format!("{} rtn, block 32{activations}", bounds.weights)
@@ -86,7 +100,7 @@ fn model(package: &str) -> PathBuf {
 }
 
 fn quantized(package: &str) -> &'static Pipeline {
-    static LOADED: [OnceLock<Pipeline>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static LOADED: [OnceLock<Pipeline>; PACKAGES.len()] = [const { OnceLock::new() }; PACKAGES.len()];
     let cell = &LOADED[PACKAGES.iter().position(|(name, _)| *name == package).expect("one of PACKAGES")];
     cell.get_or_init(|| {
         let mut o = LoadOptions::default();
@@ -159,7 +173,11 @@ fn a_bad_quantization_section_is_refused() {
     assert!(e.contains("block_size 24"), "{e}");
     manifest["quantization"]["block_size"] = 32.into();
     manifest["quantization"]["activations"] = "int4".into();
-    assert!(Manifest::parse(&manifest.to_string()).is_err(), "int8 is the only activation width");
+    assert!(Manifest::parse(&manifest.to_string()).is_err(), "int8 and int8x2 are the only activation forms");
+    manifest["quantization"]["activations"] = "int8x3".into();
+    assert!(Manifest::parse(&manifest.to_string()).is_err(), "int8 and int8x2 are the only activation forms");
+    manifest["quantization"]["activations"] = "int8x2".into();
+    assert!(Manifest::parse(&manifest.to_string()).is_ok());
     manifest["quantization"]["activations"] = "int8".into();
     assert!(Manifest::parse(&manifest.to_string()).is_ok());
     manifest["quantization"]["weights"] = "int4".into();
@@ -181,10 +199,12 @@ fn int8_activations_are_refused_on_a_gpu() {
             o.threads = Some(1);
             o.device = device;
             o.allow_cpu_fallback = allow_cpu_fallback;
-            let e = Pipeline::load(model("tiny-zimage-w8a8"), &o).err().expect("refused");
-            assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
-            assert!(e.to_string().contains("int8 activations"), "{e}");
-            assert!(e.to_string().contains("load it on the CPU"), "{e}");
+            for package in ["tiny-zimage-w8a8", "tiny-zimage-w8a8x2"] {
+                let e = Pipeline::load(model(package), &o).err().expect("refused");
+                assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{package}: {e}");
+                assert!(e.to_string().contains("int8 activations"), "{package}: {e}");
+                assert!(e.to_string().contains("load it on the CPU"), "{package}: {e}");
+            }
         }
         let mut o = LoadOptions::default();
         o.device = Device::Cpu;

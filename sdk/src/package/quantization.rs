@@ -38,13 +38,18 @@ impl std::fmt::Display for WeightQuantization {
     }
 }
 
-/// The integer width of a package's quantized activations: the transformer's products then
-/// run in int8 x int8 (`--activations int8`; docs/quantization.md, "int8 activations").
+/// How a package's transformer quantizes its activations: its products then run in int8 x int8
+/// (docs/quantization.md, "int8 activations").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum ActivationQuantization {
+    /// One int8 code per value (`--activations int8`): the fastest, about twice weight-only
+    /// int8's error.
     Int8,
+    /// Two int8 terms per value, a code and its rounding's remainder (`--activations int8x2`):
+    /// about 16-bit activations for two int8 products per weight.
+    Int8x2,
 }
 
 impl ActivationQuantization {
@@ -52,6 +57,7 @@ impl ActivationQuantization {
     pub fn name(self) -> &'static str {
         match self {
             ActivationQuantization::Int8 => "int8",
+            ActivationQuantization::Int8x2 => "int8x2",
         }
     }
 }
@@ -123,8 +129,9 @@ pub struct QuantizationInfo {
     /// Packages with the enhancer: its decoder's quantized LM head.
     #[serde(default)]
     pub lm_head: Option<QuantizedLmHead>,
-    /// `int8`: the transformer's quantized products also take int8 activations, quantized per
-    /// token at run time (`MatMulIntegerToFloat`; a CPU format). Absent: weight-only.
+    /// `int8` / `int8x2`: the transformer's quantized products also take int8 activations,
+    /// quantized per token at run time (`MatMulIntegerToFloat`; a CPU format). Absent:
+    /// weight-only.
     #[serde(default)]
     pub activations: Option<ActivationQuantization>,
 }
@@ -169,9 +176,10 @@ impl QuantizationInfo {
         !has_decoder || self.lm_head.is_some()
     }
 
-    /// Whether the transformer's products take int8 activations (a CPU-only format).
+    /// Whether the transformer's products take int8 activations, in one term or two (a CPU-only
+    /// format).
     pub fn int8_activations(&self) -> bool {
-        self.activations == Some(ActivationQuantization::Int8)
+        self.activations.is_some()
     }
 
     /// One line for people and image metadata: `int8 rtn, block 32`, and `, int8 activations`

@@ -26,7 +26,8 @@ pub(crate) const EXACT_PRODUCTS_KEY: &str = "session.x64quantprecision";
 mod tests {
     //! The int8-activation rewrite itself (export-scripts/zimage_export/quantize_w8a8.py), on one
     //! `[64, 48]` product written by export-scripts/make_quantized_fixtures.py in float and
-    //! rewritten: its error, zero and NaN tokens, and the exact kernels.
+    //! rewritten with one int8 term (`product_w8a8.onnx`) and two (`product_w8a8x2.onnx`): its
+    //! error, zero and NaN tokens, and the exact kernels.
     use std::path::{Path, PathBuf};
 
     use ndarray::Array3;
@@ -72,18 +73,32 @@ mod tests {
         (num / den).sqrt()
     }
 
+    /// A rewritten product's relative L2 from the float one on `activations()`, after checking
+    /// that its token of zeros gives exact zeros (the scale is clamped, not 0/0).
+    fn product_error(graph: &str) -> f64 {
+        let x = activations();
+        let got = run(graph, false, &x);
+        assert!(got.slice(ndarray::s![1, 2, ..]).iter().all(|&v| v == 0.0), "{graph}");
+        let err = rel_l2(&got, &run("product_fp32.onnx", false, &x));
+        eprintln!("{graph}: rel L2 {err:.3e}");
+        err
+    }
+
     #[test]
     fn the_int8_product_stays_near_the_float_one() {
-        let x = activations();
-        let want = run("product_fp32.onnx", false, &x);
-        let got = run("product_w8a8.onnx", false, &x);
-        let err = rel_l2(&got, &want);
         // Measured 2026-12-01: 1.31e-2 (the outlier channel coarsens its tokens' steps); the same
         // rounding with one scale per tensor instead of per token gives 2.60e-2 (numpy).
-        eprintln!("int8-activation product rel L2 {err:.3e}");
+        let err = product_error("product_w8a8.onnx");
         assert!(err > 1e-5 && err < 1.5e-2, "int8-activation product rel L2 {err:.3e}");
-        // A token of zeros gives exact zeros (its scale is clamped, not 0/0).
-        assert!(got.slice(ndarray::s![1, 2, ..]).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn two_int8_terms_leave_only_the_weights_rounding() {
+        // Measured 2026-12-01: 5.80e-3 against one term's 1.31e-2. What is left is the weights'
+        // rounding: the same int8 weights, dequantized, times the float activations give 5.80e-3
+        // (numpy). The bound sits between that and one term's error.
+        let err = product_error("product_w8a8x2.onnx");
+        assert!(err > 1e-5 && err < 7.5e-3, "two-term int8-activation product rel L2 {err:.3e}");
     }
 
     #[test]
@@ -91,7 +106,12 @@ mod tests {
         let mut x = activations();
         x[[0, 3, 10]] = f32::NAN;
         x[[1, 4, 20]] = f32::INFINITY;
-        let got = run("product_w8a8.onnx", false, &x);
+        for graph in ["product_w8a8.onnx", "product_w8a8x2.onnx"] {
+            nan_rows_stay_alone(&run(graph, false, &x));
+        }
+    }
+
+    fn nan_rows_stay_alone(got: &Array3<f32>) {
         for ((b, t), row_is_bad) in [((0, 3), true), ((1, 4), true), ((0, 2), false), ((1, 5), false)] {
             let row = got.slice(ndarray::s![b, t, ..]);
             if row_is_bad {
@@ -109,11 +129,13 @@ mod tests {
     #[test]
     fn the_exact_kernels_give_the_same_products() {
         let x = activations();
-        let exact = run("product_w8a8.onnx", true, &x);
         let want = run("product_fp32.onnx", false, &x);
-        assert!(rel_l2(&exact, &want) < 1.5e-2);
-        if !super::u8s8_products_may_saturate() {
-            assert_eq!(exact, run("product_w8a8.onnx", false, &x));
+        for graph in ["product_w8a8.onnx", "product_w8a8x2.onnx"] {
+            let exact = run(graph, true, &x);
+            assert!(rel_l2(&exact, &want) < 1.5e-2, "{graph}");
+            if !super::u8s8_products_may_saturate() {
+                assert_eq!(exact, run(graph, false, &x), "{graph}");
+            }
         }
     }
 }
