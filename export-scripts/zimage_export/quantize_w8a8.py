@@ -76,9 +76,6 @@ def _constants(graph, opset: int, two_terms: bool) -> None:
         numpy_helper.from_array(np.array(MIN_SCALE, np.float32), PREFIX + "min_scale"),
         numpy_helper.from_array(np.array(0.0, np.float32), PREFIX + "zero_times"),
         numpy_helper.from_array(np.array(1.0, np.float32), PREFIX + "one"),
-        # Explicit (0): ONNX Runtime's exact-kernel rewrite (session.x64quantprecision) converts
-        # the int8 weights to uint8 together with this zero point.
-        numpy_helper.from_array(np.array(0, np.int8), PREFIX + "weight_zero"),
     ])
     if two_terms:
         graph.initializer.extend([
@@ -129,10 +126,10 @@ def _quantize_activation(x: str, p: str, opset: int, two_terms: bool) -> tuple[l
         helper.make_node("Round", [p + "rest_scaled"], [p + "rest_rounded"], name=p + "rest_rounded"),
         helper.make_node("Add", [p + "rest_rounded", PREFIX + "zero_float"], [p + "rest_shifted"], name=p + "rest_shifted"),
         helper.make_node("Cast", [p + "rest_shifted"], [p + "rest_codes"], name=p + "rest_codes", to=TensorProto.UINT8),
-        # One product per weight, not two: ONNX Runtime's exact-kernel rewrite (below) converts
-        # each product's int8 weight to a new uint8 initializer of a fixed name, and a second
-        # product of the same weight then fails the session ("Attempt to replace the existing
-        # tensor"). Stacked, both terms go through one product of twice the rows.
+        # One product per weight, not two: ONNX Runtime's exact-kernel rewrite converts each
+        # product's int8 weight to a new uint8 initializer of a fixed name, and a second product
+        # of the same weight then fails the session (quantize_model_w8a8's zero points).
+        # Stacked, both terms go through one product of twice the rows.
         helper.make_node("Concat", [p + "codes", p + "rest_codes"], [p + "both_codes"], name=p + "both_codes", axis=0),
     ]
     return nodes, p + "both_codes", p + "scale"
@@ -162,7 +159,15 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
         w = node.input[1]
         q, scale = quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
         graph.initializer.remove(inits.pop(w))
-        graph.initializer.extend([numpy_helper.from_array(q, w + "_W8"), numpy_helper.from_array(scale, w + "_scale")])
+        graph.initializer.extend([
+            numpy_helper.from_array(q, w + "_W8"),
+            numpy_helper.from_array(scale, w + "_scale"),
+            # The weight's zero point (0), explicit and its own: ONNX Runtime's exact-kernel
+            # rewrite (session.x64quantprecision) converts each product's int8 weight and zero
+            # point to new uint8 initializers of fixed names, so a zero point (or weight) that two
+            # products share fails the session ("Attempt to replace the existing tensor").
+            numpy_helper.from_array(np.array(0, np.int8), w + "_W8_zero"),
+        ])
         x = node.input[0]
         if x not in quantized_inputs:
             made, codes, row_scale = _quantize_activation(x, f"{PREFIX}{len(quantized_inputs)}_", opset, two_terms)
@@ -176,7 +181,7 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
         columns = p + ("both" if two_terms else "columns")
         nodes.append(helper.make_node(
             "MatMulIntegerToFloat", [codes, w + "_W8", PREFIX + "one", w + "_scale", PREFIX + "zero",
-                                     PREFIX + "weight_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
+                                     w + "_W8_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
         if two_terms:  # the two terms' rows back apart: first + remainder / 254
             split = {"num_outputs": 2} if opset >= 18 else {}  # (before 18: equal parts by default)
             nodes.extend([

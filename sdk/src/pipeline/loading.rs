@@ -178,9 +178,9 @@ impl GraphLoader<'_> {
                 SessionSettings { release_activations: true, ..base }
             }
             // int8 activations (`quantization.activations`): exact int8 kernels where the fast
-            // ones can saturate.
+            // ones can saturate (or where the environment asks for them).
             GraphKind::Transformer => SessionSettings {
-                exact_int8_products: self.manifest.int8_activations() && int8_products::u8s8_products_may_saturate(),
+                exact_int8_products: self.manifest.int8_activations() && int8_products::exact_products_wanted(),
                 ..base
             },
             GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => base,

@@ -19,6 +19,18 @@ pub fn u8s8_products_may_saturate() -> bool {
     }
 }
 
+/// Set to `1`, this environment variable makes a transformer with int8 activations use the exact
+/// kernels on every CPU (they are correct everywhere, slower where VNNI makes the fast ones
+/// exact): to run a package's exact path on a CPU with VNNI, as `sdk/tests/exact_int8_products.rs`
+/// does, or to rule the fast kernels out when a result looks wrong.
+pub const EXACT_PRODUCTS_ENV: &str = "ZIMAGE_EXACT_INT8_PRODUCTS";
+
+/// Whether a transformer with int8 activations should use the exact kernels here: where the fast
+/// ones may saturate, or where [`EXACT_PRODUCTS_ENV`] asks for them.
+pub fn exact_products_wanted() -> bool {
+    u8s8_products_may_saturate() || std::env::var_os(EXACT_PRODUCTS_ENV).is_some_and(|v| v == "1")
+}
+
 /// The session option that makes ONNX Runtime use its exact uint8 x uint8 kernels on x86.
 pub(crate) const EXACT_PRODUCTS_KEY: &str = "session.x64quantprecision";
 
