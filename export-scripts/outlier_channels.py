@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from zimage_export.manifest import graph_entry
-from zimage_export.quantize import (ADALN, TRANSFORMER_KEEP, _initializers, matches_any, save_graphs,
-                                    transformer_names)
+from zimage_export.quantize import (GraphReport, QuantizeOptions, _initializers, save_graphs, sort_products,
+                                    transformer_keep, transformer_names)
 
 # Relative L2 between the original and the rewritten transformer above which the rewrite is wrong
 # (float rounding of the scaled weights gives about 1e-7).
@@ -35,13 +35,12 @@ def add_outlier_channels(model, names: dict, factor: float, channels: int, seed:
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    # The products the quantizer would quantize at its defaults (the kept ones are left alone).
+    quantized, _ = sort_products(model, dict(names), transformer_keep(QuantizeOptions("int8")), GraphReport())
     inits = _initializers(graph)
-    keep = (*TRANSFORMER_KEEP, ADALN)  # the products quantization leaves in float: left alone
     consumers = {}
-    for node in graph.node:
-        w = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if w in inits and len(inits[w].dims) == 2 and not matches_any(names.get(w, w), keep):
-            consumers.setdefault(node.input[0], []).append(node)
+    for node in quantized:
+        consumers.setdefault(node.input[0], []).append(node)
     rng = np.random.default_rng(seed)
     scaled = {}
     for x, nodes in consumers.items():
@@ -56,15 +55,16 @@ def add_outlier_channels(model, names: dict, factor: float, channels: int, seed:
             w = node.input[1]
             inits[w].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[w]) / d[:, None], w))
             node.input[0] = scaled[x]
-    made = [helper.make_node("Mul", [x, x + "_outliers"], [scaled[x]], name=x + "_outliers")
-            for x in scaled if x in {i.name for i in graph.input}]
+    def outliers(x: str):  # x * d, right where x is made
+        return helper.make_node("Mul", [x, x + "_outliers"], [scaled[x]], name=x + "_outliers")
+
+    graph_inputs = {i.name for i in graph.input}
     nodes = list(graph.node)
     graph.ClearField("node")
-    graph.node.extend(made)
+    graph.node.extend(outliers(x) for x in scaled if x in graph_inputs)
     for node in nodes:
         graph.node.append(node)
-        graph.node.extend(helper.make_node("Mul", [o, o + "_outliers"], [scaled[o]], name=o + "_outliers")
-                          for o in node.output if o in scaled)
+        graph.node.extend(outliers(o) for o in node.output if o in scaled)
     return len(scaled)
 
 

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="int8: the transformer's products also take int8 activations (W8A8, per-token scales; "
                              "fp32 packages, CPU only): several times faster products where ONNX Runtime has fast "
                              "int8 kernels, about twice weight-only int8's error; int8x2: each activation as two "
-                             "int8 terms (two products per weight), about weight-only int8's error and robust to "
+                             "int8 terms (one product of twice the rows), about weight-only int8's error and robust to "
                              "outlier channels (docs/quantization.md)")
     parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block (along the input dimension)")

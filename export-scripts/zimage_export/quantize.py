@@ -82,7 +82,8 @@ class QuantizeOptions:
     # "int8": the transformer's products also take int8 activations (W8A8, per-token scales,
     # ONNX Runtime's MatMulIntegerToFloat; quantize_w8a8.py): much faster on CPUs with fast int8
     # kernels, less accurate than weight-only int8. "int8x2": each activation as two int8 terms
-    # (two products per weight): about 16-bit activations, half int8's speed-up. None: weight-only.
+    # (one product of twice the rows): about 16-bit activations, half int8's speed-up. None:
+    # weight-only.
     activations: str | None = None
 
     def __post_init__(self):

@@ -48,7 +48,7 @@ pub enum ActivationQuantization {
     /// int8's error.
     Int8,
     /// Two int8 terms per value, a code and its rounding's remainder (`--activations int8x2`):
-    /// about 16-bit activations for two int8 products per weight.
+    /// about 16-bit activations for one int8 product of twice the rows.
     Int8x2,
 }
 
