@@ -10,7 +10,9 @@ rewrites the same bytes. sdk/tests/quantized.rs compares them with tiny-zimage's
 
 models/tiny-zimage-w8a8 and -w8a8x2: tiny-zimage-int8 with the transformer's products taking
 int8 activations too (`--activations int8` and `int8x2`, zimage_export/quantize_w8a8.py); their
-text encoder is tiny-zimage-int8's, byte for byte.
+text encoder is tiny-zimage-int8's, byte for byte. models/tiny-zimage-w8a8x2-gptq: -w8a8x2 with
+the transformer's weights rounded by GPTQ (`--method gptq`), calibrated on the 16 built-in
+prompts at 64x64, 8 steps (zimage_export/calibration.py, gptq.py): the same format, other codes.
 
 tests/golden/w8a8/product_{fp32,w8a8,w8a8x2}.onnx: one [64, 48] product (seeded weights) in
 float and rewritten by quantize_w8a8 (one int8 term, two), for sdk/src/runtime/int8_products.rs's
@@ -29,6 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from zimage_export.calibration import CALIBRATION_PROMPTS, CalibrationOptions
 from zimage_export.quantize import QuantizeOptions, quantize_package
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +49,12 @@ def main(argv=None) -> None:
         out = args.models / f"tiny-zimage-{name}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations=activations))
         print(f"wrote {out}")
+    # GPTQ, calibrated on a few small generations of the fp32 tiny model (seconds).
+    out = args.models / "tiny-zimage-w8a8x2-gptq"
+    calibration = CalibrationOptions(CALIBRATION_PROMPTS, size=64, steps=8)
+    quantize_package(args.models / "tiny-zimage", out,
+                     QuantizeOptions("int8", method="gptq", activations="int8x2", calibration=calibration))
+    print(f"wrote {out}")
     write_w8a8_products(args.models.parent / "tests" / "golden" / "w8a8")
     write_enhanced(args.models, "int4")
 

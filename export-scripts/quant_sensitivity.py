@@ -5,6 +5,7 @@ float, on your own weights:
     python quant_sensitivity.py --package zimage-turbo-fp32 --weights int8
     python quant_sensitivity.py --package P --weights int4 --group "first layer=layers.0.*" --group "w2=*.feed_forward.w2.*"
     python quant_sensitivity.py --package P --weights int8 --activations int8   # the int8-activation transformer
+    python quant_sensitivity.py --package P --weights int8 --activations int8x2 --method gptq   # calibrated once
 
 For each group the transformer is quantized as `quantize_package.py` would (same options, same
 kept layers) plus the group kept in float, and run on the same inputs: the package's own text
@@ -141,11 +142,23 @@ def main(argv=None) -> None:
           f"{len(inputs)} forwards at {args.size}x{args.size}")
     print("| transformer, kept in float | forward rel L2 | the group's float weights | seconds |")
     print("|---|---|---|---|")
+    # gptq: calibrated once, on the defaults' products (the largest set); each group reuses the codes.
+    calibrated = {}
+
+    def calibrate(model, products):
+        if not calibrated:
+            from zimage_export.calibration import gptq_codes
+
+            calibrated["codes"], calibrated["summary"] = gptq_codes(
+                model, products, args.package, manifest, options.calibration, options.gptq_damping)
+        codes = calibrated["codes"]
+        return {n.input[1]: codes[n.input[1]] for n in products if n.input[1] in codes}, calibrated["summary"]
+
     for name, patterns in {"(defaults only)": (), **groups}.items():
         t0 = time.time()
         model = copy.deepcopy(base)
         group_options = replace(options, keep=(*options.keep, *patterns))
-        quantize_transformer(model, group_options, dict(names))
+        quantize_transformer(model, group_options, dict(names), calibrate=calibrate)
         err = rel_l2(forward(model.SerializeToString()), reference)
         held = sum(n for init, n in init_bytes.items() if matches_any(names.get(init, ""), patterns))
         print(f"| {name} | {err:.3e} | {held / 2**20:.1f} MiB | {time.time() - t0:.0f} |", flush=True)

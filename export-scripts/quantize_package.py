@@ -3,6 +3,10 @@ ONNX Runtime MatMulNBits; docs/quantization.md):
 
     python quantize_package.py --package zimage-turbo --out zimage-turbo-int8 --weights int8
 
+`--method gptq` (with int8 activations) rounds the transformer's weights against calibration
+activations instead of to nearest: it first generates a few built-in prompts with the float
+transformer (zimage_export/calibration.py, gptq.py).
+
 `--activations int8` (fp32 packages) also quantizes the transformer's activations, per token at
 run time: a faster, less accurate CPU-only package; `--activations int8x2` quantizes them as two
 int8 terms, about 16-bit: half that speed-up, weight-only int8's accuracy
@@ -16,6 +20,15 @@ exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
 import argparse
 from pathlib import Path
 
+from zimage_export.calibration import (
+    CALIBRATION_PROMPTS,
+    DEFAULT_MEMORY_GIB,
+    DEFAULT_PROMPTS,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    CalibrationOptions,
+)
+from zimage_export.gptq import DEFAULT_DAMPING
 from zimage_export.quantize import ACCURACY_LEVEL, ACTIVATIONS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
 
 
@@ -32,7 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block (along the input dimension)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
-                        help="rtn: round to nearest; hqq: half-quadratic (int4 only)")
+                        help="rtn: round to nearest; hqq: half-quadratic (int4 only); gptq: the transformer's int8 "
+                             "weights rounded against calibration activations, with --activations int8|int8x2 "
+                             "(runs the float transformer on the --calibration-* prompts first; docs/quantization.md)")
+    parser.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
+                        help="gptq: calibration prompts, one per line (default: built-in prompts)")
+    parser.add_argument("--calibration-count", type=int, default=DEFAULT_PROMPTS,
+                        help=f"gptq: how many built-in prompts (at most {len(CALIBRATION_PROMPTS)})")
+    parser.add_argument("--calibration-size", type=int, default=DEFAULT_SIZE, help="gptq: calibration image side (pixels)")
+    parser.add_argument("--calibration-steps", type=int, default=DEFAULT_STEPS, help="gptq: denoising steps per prompt")
+    parser.add_argument("--calibration-seed", type=int, default=0, help="gptq: the calibration noise's seed")
+    parser.add_argument("--calibration-memory", type=float, default=DEFAULT_MEMORY_GIB, metavar="GIB",
+                        help="gptq: the most calibration statistics held at once; more passes over the prompts "
+                             "where they need more (the real model's: about 40 GiB)")
+    parser.add_argument("--gptq-damping", type=float, default=None,
+                        help=f"gptq: added to H's diagonal, a fraction of its mean (default {DEFAULT_DAMPING})")
     parser.add_argument("--accuracy-level", type=int, choices=range(5), default=ACCURACY_LEVEL,
                         help="MatMulNBits accuracy_level: 4 = int8 compute on the CPU (fast), 0 = float compute")
     parser.add_argument("--text-encoder-accuracy-level", type=int, choices=range(5), default=None,
@@ -53,11 +80,27 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                              "(about 2x faster CPU decoding, lossy; zimage_export/vae_int8.py)")
 
 
+def calibration_from(args):
+    """The gptq calibration run's options (None for the other methods)."""
+    if args.method != "gptq":
+        return None
+    if args.calibration_prompts is not None:
+        prompts = [line.strip() for line in args.calibration_prompts.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p]
+    else:
+        if not 1 <= args.calibration_count <= len(CALIBRATION_PROMPTS):
+            raise ValueError(f"--calibration-count must be 1..{len(CALIBRATION_PROMPTS)}, not {args.calibration_count}")
+        prompts = CALIBRATION_PROMPTS[:args.calibration_count]
+    return CalibrationOptions(prompts, args.calibration_size, args.calibration_steps, args.calibration_seed,
+                              args.calibration_memory)
+
+
 def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
                           accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln,
                           keep=tuple(args.keep), text_encoder_accuracy_level=args.text_encoder_accuracy_level,
-                          lm_head_weights=args.lm_head_weights, activations=args.activations)
+                          lm_head_weights=args.lm_head_weights, activations=args.activations,
+                          calibration=calibration_from(args), gptq_damping=args.gptq_damping)
 
 
 def main(argv=None) -> None:

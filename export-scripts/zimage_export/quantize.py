@@ -33,7 +33,9 @@ WEIGHTS = {"int8": 8, "int4": 4}
 # The transformer's activations: None (weight-only), or quantized as one int8 term or two
 # (quantize_w8a8.py; the manifest's quantization.activations).
 ACTIVATIONS = (None, "int8", "int8x2")
-METHODS = ("rtn", "hqq")
+# rtn: round to nearest; hqq: half-quadratic (int4, ONNX Runtime's); gptq: calibrated rounding of
+# the transformer's per-channel int8 weights (int8 activation packages: gptq.py, calibration.py).
+METHODS = ("rtn", "hqq", "gptq")
 # ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
@@ -85,6 +87,10 @@ class QuantizeOptions:
     # (one product of twice the rows): about 16-bit activations, half int8's speed-up. None:
     # weight-only.
     activations: str | None = None
+    # gptq: the calibration run (calibration.CalibrationOptions; None: its defaults) and the
+    # damping added to H's diagonal.
+    calibration: object = None
+    gptq_damping: float | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -104,14 +110,33 @@ class QuantizeOptions:
             raise ValueError(f"text_encoder_accuracy_level must be 0..4, not {self.text_encoder_accuracy_level}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {[a for a in ACTIVATIONS if a]}, not {self.activations!r}")
-        if self.activations and (self.weights, self.method) != ("int8", "rtn"):
-            raise ValueError("int8 activations take int8 rtn weights (--weights int8 --method rtn)")
+        if self.activations and (self.weights, self.method) not in (("int8", "rtn"), ("int8", "gptq")):
+            raise ValueError("int8 activations take int8 rtn or gptq weights (--weights int8 --method rtn|gptq)")
+        if self.method == "gptq":
+            if not self.activations:
+                raise ValueError("gptq rounds the per-channel int8 weights of int8-activation packages "
+                                 "(--activations int8|int8x2); weight-only packages take rtn or hqq")
+            from .calibration import CalibrationOptions
+            from .gptq import DEFAULT_DAMPING
+
+            if self.calibration is None:
+                self.calibration = CalibrationOptions()
+            if self.gptq_damping is None:
+                self.gptq_damping = DEFAULT_DAMPING
+            if not self.gptq_damping > 0:
+                raise ValueError(f"gptq damping must be positive, not {self.gptq_damping}")
         if self.lm_head_weights is not None and self.lm_head_weights not in WEIGHTS:
             raise ValueError(f"lm_head_weights must be one of {sorted(WEIGHTS)}, not {self.lm_head_weights!r}")
 
     @property
     def lm_head_bits(self) -> int:
         return WEIGHTS[self.lm_head_weights or self.weights]
+
+    @property
+    def weight_only_method(self) -> str:
+        """The method of the weight-only graphs (the text encoder): gptq calibrates the
+        transformer only, the rest is rounded to nearest."""
+        return "rtn" if self.method == "gptq" else self.method
 
     @property
     def bits(self) -> int:
@@ -148,11 +173,18 @@ class GraphReport:
     accuracy_level: int | None = ACCURACY_LEVEL  # of the graph's MatMulNBits (None: it has none)
     # "int8" / "int8x2": its products take int8 activations (quantize_w8a8.py); None: weight-only.
     activations: str | None = None
+    # "gptq" where the graph's weights were rounded by GPTQ (calibration.gptq_codes), with its
+    # calibration's summary; None: the package's method.
+    method: str | None = None
+    calibration: dict | None = None
 
     def section(self) -> dict:
         section = {"quantized": len(self.quantized), "kept": sorted(self.kept), "accuracy_level": self.accuracy_level}
         if self.activations:
             section["activations"] = self.activations
+        if self.method:
+            section["method"] = self.method
+            section["calibration"] = self.calibration
         return section
 
 
@@ -389,13 +421,27 @@ def transformer_keep(options: QuantizeOptions) -> tuple:
     return (*default, *options.keep)
 
 
-def quantize_transformer(model, options: QuantizeOptions, names: dict) -> GraphReport:
+def quantize_transformer(model, options: QuantizeOptions, names: dict, package=None, manifest=None,
+                         calibrate=None) -> GraphReport:
     """Quantizes a transformer graph in place as `options` say: weight-only (`quantize_model`)
-    or with int8 activations too (quantize_w8a8), keeping `transformer_keep(options)`."""
+    or with int8 activations too (quantize_w8a8), keeping `transformer_keep(options)`. gptq
+    calibrates on the float `package` (its folder and manifest), or calls `calibrate` (see
+    quantize_model_w8a8) where given."""
     if options.activations:
         from .quantize_w8a8 import quantize_model_w8a8
 
-        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations)
+        if options.method == "gptq" and calibrate is None:
+            if package is None or manifest is None:
+                raise ValueError("gptq needs the float package to calibrate on")
+            from pathlib import Path
+
+            from .calibration import gptq_codes
+
+            def calibrate(model, products):
+                return gptq_codes(model, products, Path(package), manifest, options.calibration, options.gptq_damping)
+
+        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations,
+                                   calibrate if options.method == "gptq" else None)
     return quantize_model(model, options, names, transformer_keep(options))
 
 
@@ -525,7 +571,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         report = {}
         # Transformer alone.
         model = onnx.load(str(src / graphs["transformer"]["path"]))
-        rep = quantize_transformer(model, options, names)
+        rep = quantize_transformer(model, options, names, src, manifest)
         report["transformer"] = rep.section()
         big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
         save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
@@ -534,7 +580,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         # way; the token-embedding table, which is also the decoder's tied LM head, is quantized
         # once for both by quantize_lm_head: see there).
         # The two share weight bytes whatever their accuracy levels: it is a node attribute.
-        encoder_options = QuantizeOptions(options.weights, options.block_size, options.method,
+        encoder_options = QuantizeOptions(options.weights, options.block_size, options.weight_only_method,
                                           quantize_embedding=options.quantize_embedding and not enhanced,
                                           accuracy_level=options.text_encoder_accuracy_level)
         decoder_options = replace(encoder_options, accuracy_level=options.accuracy_level)

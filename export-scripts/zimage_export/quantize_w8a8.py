@@ -135,18 +135,28 @@ def _quantize_activation(x: str, p: str, opset: int, two_terms: bool) -> tuple[l
     return nodes, p + "both_codes", p + "scale"
 
 
-def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: str = "int8") -> GraphReport:
+def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: str = "int8",
+                        calibrate=None) -> GraphReport:
     """Rewrites `model`'s constant-weight products (not matching `keep`) as int8 x int8
     `MatMulIntegerToFloat` with per-token activation scales, in place: for `activations` "int8x2"
     each product takes the activations' two terms as twice the rows. `names`: initializer
-    name -> diffusers parameter name, for `keep` and the report (as quantize.quantize_model)."""
+    name -> diffusers parameter name, for `keep` and the report (as quantize.quantize_model).
+
+    `calibrate`: None rounds the weights to nearest; or a function (model, product nodes) ->
+    ({weight name: (int8 codes, scales)}, summary) giving calibrated codes (GPTQ:
+    calibration.gptq_codes), in RTN's format (a weight it leaves out is rounded to nearest)."""
     from onnx import helper, numpy_helper
 
     if activations is None or activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS[1:]}, not {activations!r}")
     two_terms = activations == "int8x2"
     report = GraphReport(accuracy_level=None, activations=activations)
-    to_quantize = {node.name for node in sort_products(model, names or {}, keep, report)[0]}
+    products = sort_products(model, names or {}, keep, report)[0]
+    to_quantize = {node.name for node in products}
+    calibrated = {}
+    if calibrate is not None and products:
+        calibrated, report.calibration = calibrate(model, products)
+        report.method = "gptq"
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = _initializers(graph)
@@ -157,7 +167,7 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
             nodes.append(node)
             continue
         w = node.input[1]
-        q, scale = quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
+        q, scale = calibrated.pop(w, None) or quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
         graph.initializer.remove(inits.pop(w))
         graph.initializer.extend([
             numpy_helper.from_array(q, w + "_W8"),

@@ -113,7 +113,8 @@ pub struct QuantizationInfo {
     pub bits: u32,
     /// Weights per block along a product's input dimension (one scale and zero point each).
     pub block_size: u32,
-    /// The quantization method (`rtn`, `hqq`).
+    /// The quantization method (`rtn`, `hqq`, `gptq`: the transformer's int8 weights rounded
+    /// against calibration activations, the rest `rtn`).
     pub method: String,
     #[serde(default)]
     pub symmetric: bool,
