@@ -109,7 +109,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write (may be --package: rewritten in place)")
     add_arguments(parser, required=True)
     args = parser.parse_args(argv)
-    manifest = quantize_package(args.package, args.out, options_from(args))
+    try:
+        options = options_from(args)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    manifest = quantize_package(args.package, args.out, options)
     for graph, rep in manifest["quantization"]["graphs"].items():
         print(f"{graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
     if args.int8_vae:

@@ -174,6 +174,8 @@ def hessian_passes(package: Path, manifest: dict, inputs: dict, options: Calibra
     if options.size % step:
         raise ValueError(f"calibration size must be a multiple of {step}, not {options.size}")
     side = options.size // manifest["vae"]["scale_factor"]
+    if side > min(spec.get("max_latent_height", side), spec.get("max_latent_width", side)):
+        raise ValueError(f"calibration size {options.size} is larger than the transformer takes")
     image_seq_len = (side // spec["patch_size"]) ** 2
     schedule = sigmas(manifest.get("scheduler", {}), options.steps, image_seq_len)
     captions = caption_inputs(package, manifest, options.prompts, options.threads)

@@ -237,17 +237,22 @@ fn int8_activations_are_refused_on_a_gpu() {
     }
 }
 
-#[test]
-fn transformer_forward_stays_near_fp32() {
+/// The relative L2 distance of `package`'s transformer forward from the fp32 golden's.
+fn forward_error(package: &str) -> f64 {
     let case = &cases()["transformer_forward"];
     let latents = as4(npy_f32(&file(&case["latents_file"])));
     let timestep: Array1<f32> = npy_f32(&file(&case["timestep_file"])).into_dimensionality().unwrap();
     let cap_feats: Array3<f32> = npy_f32(&file(&case["cap_feats_file"])).into_dimensionality().unwrap();
     let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(&case["cap_mask_file"])).unwrap();
     let want = npy_f32(&file(&case["output_file"]));
+    let got = quantized(package).transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
+    rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap())
+}
+
+#[test]
+fn transformer_forward_stays_near_fp32() {
     for (package, bounds) in &PACKAGES {
-        let got = quantized(package).transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
-        let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+        let err = forward_error(package);
         eprintln!("{package}: transformer forward rel L2 {err:.3e}");
         assert!(err > 1e-6, "{package}: identical to fp32: the weights are not quantized");
         assert!(err <= bounds.transformer, "{package}: transformer rel L2 {err} > {}", bounds.transformer);
@@ -259,17 +264,7 @@ fn transformer_forward_stays_near_fp32() {
 /// 9.13e-3 (2026-12-02). Both packages hold the same format, so only the codes can do it.
 #[test]
 fn gptq_rounding_beats_round_to_nearest() {
-    let case = &cases()["transformer_forward"];
-    let latents = as4(npy_f32(&file(&case["latents_file"])));
-    let timestep: Array1<f32> = npy_f32(&file(&case["timestep_file"])).into_dimensionality().unwrap();
-    let cap_feats: Array3<f32> = npy_f32(&file(&case["cap_feats_file"])).into_dimensionality().unwrap();
-    let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(&case["cap_mask_file"])).unwrap();
-    let want = npy_f32(&file(&case["output_file"]));
-    let error = |package| {
-        let got = quantized(package).transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
-        rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap())
-    };
-    let (rtn, gptq) = (error("tiny-zimage-w8a8x2"), error("tiny-zimage-w8a8x2-gptq"));
+    let (rtn, gptq) = (forward_error("tiny-zimage-w8a8x2"), forward_error("tiny-zimage-w8a8x2-gptq"));
     assert!(gptq.is_finite() && gptq < 0.9 * rtn, "gptq {gptq:.3e}, round to nearest {rtn:.3e}");
 }
 
