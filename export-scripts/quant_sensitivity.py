@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from quantize_package import add_arguments as add_quantize_arguments, options_from
+from zimage_export.calibration import cpu_session, gptq_codes, pad_caption
 from zimage_export.quantize import (
     check_keep_patterns,
     matches_any,
@@ -60,15 +61,6 @@ DEFAULT_GROUPS = {
     "feed-forward w1/w3": ("*.feed_forward.w1.*", "*.feed_forward.w3.*"),
     "feed-forward w2": ("*.feed_forward.w2.*",),
 }
-
-
-def session(model, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def rel_l2(a, b) -> float:
@@ -111,7 +103,7 @@ def main(argv=None) -> None:
     tokenizer = Tokenizer.from_file(str(args.package / manifest["tokenizer"]["path"]))
     ids = [np.array([tokenizer.encode(text["prompt_template"].format(prompt=p)).ids], np.int64) for p in PROMPTS]
     encoder_path = str(args.package / graphs["text_encoder"]["path"])
-    encoder = session(encoder_path, args.threads)
+    encoder = cpu_session(encoder_path, args.threads)
     features = [encoder.run(None, {"input_ids": i, "attention_mask": np.ones_like(i)})[0] for i in ids]
     del encoder
     step = scale * manifest["transformer"]["patch_size"]
@@ -121,16 +113,14 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     inputs = []
     for f in features:
-        pad = (-f.shape[1]) % multiple
-        cap = np.concatenate([f, np.zeros((1, pad, f.shape[2]), f.dtype)], axis=1)
-        mask = np.array([[True] * f.shape[1] + [False] * pad])
+        cap, mask = pad_caption(f, multiple)
         noise = rng.standard_normal((1, manifest["transformer"]["in_channels"], side, side)).astype(np.float32)
         for t in TIMESTEPS:
             inputs.append({"latents": noise * np.float32(1 - t), "timestep": np.array([t], np.float32),
-                           "cap_feats": cap.astype(np.float32), "cap_mask": mask})
+                           "cap_feats": cap, "cap_mask": mask})
 
     def forward(model) -> np.ndarray:
-        s = session(model, args.threads)
+        s = cpu_session(model, args.threads)
         return np.concatenate([s.run(None, x)[0].ravel() for x in inputs])
 
     transformer_path = args.package / graphs["transformer"]["path"]
@@ -147,8 +137,6 @@ def main(argv=None) -> None:
 
     def calibrate(model, products):
         if not calibrated:
-            from zimage_export.calibration import gptq_codes
-
             calibrated["codes"], calibrated["summary"] = gptq_codes(
                 model, products, args.package, manifest, options.calibration, options.gptq_damping)
         codes = calibrated["codes"]
@@ -179,7 +167,7 @@ def main(argv=None) -> None:
         except ValueError as e:  # hqq cannot quantize the embedding
             print(f"| {name} | not made: {e} |")
             continue
-        s = session(model.SerializeToString(), args.threads)
+        s = cpu_session(model.SerializeToString(), args.threads)
         worst = max(rel_l2(s.run(None, {"input_ids": i, "attention_mask": np.ones_like(i)})[0], f)
                     for i, f in zip(ids, features))
         print(f"| {name} | {worst:.3e} |", flush=True)

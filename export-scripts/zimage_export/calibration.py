@@ -93,23 +93,38 @@ def sigmas(scheduler: dict, steps: int, image_seq_len: int) -> list:
     return [float(v) for v in s] + [0.0]
 
 
-def _session(path: str, threads: int):
+def cpu_session(model, threads: int, external_data=None):
+    """A quiet CPU ONNX Runtime session of `model` (a path or serialized bytes), with
+    `external_data` ({file name: bytes-like}) handed over from memory where given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if external_data:
+        names = list(external_data)
+        buffers = [external_data[n] for n in names]
+        options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def pad_caption(features: np.ndarray, multiple: int):
+    """(cap_feats, cap_mask): text features padded to the transformer's sequence multiple with
+    masked zeros, as the runtime pads them."""
+    pad = (-features.shape[1]) % multiple
+    cap = np.concatenate([features, np.zeros((1, pad, features.shape[2]), features.dtype)], axis=1)
+    mask = np.array([[True] * features.shape[1] + [False] * pad])
+    return cap.astype(np.float32), mask
 
 
 def caption_inputs(package: Path, manifest: dict, prompts, threads: int) -> list:
-    """(cap_feats, cap_mask) per prompt: the float text encoder's features, padded to the
-    transformer's sequence multiple with masked zeros, as the runtime pads them."""
+    """(cap_feats, cap_mask) per prompt: the float text encoder's features, padded
+    (`pad_caption`)."""
     from tokenizers import Tokenizer
 
     text = manifest["text_encoder"]
     tokenizer = Tokenizer.from_file(str(package / manifest["tokenizer"]["path"]))
-    encoder = _session(str(package / manifest["graphs"]["text_encoder"]["path"]), threads)
+    encoder = cpu_session(str(package / manifest["graphs"]["text_encoder"]["path"]), threads)
     multiple = manifest["transformer"]["sequence_multiple"]
     limit = text.get("max_sequence_length", 512)
     out = []
@@ -117,10 +132,7 @@ def caption_inputs(package: Path, manifest: dict, prompts, threads: int) -> list
         ids = tokenizer.encode(text["prompt_template"].format(prompt=prompt)).ids[:limit]
         ids = np.array([ids], np.int64)
         features = encoder.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        pad = (-features.shape[1]) % multiple
-        cap = np.concatenate([features, np.zeros((1, pad, features.shape[2]), features.dtype)], axis=1)
-        mask = np.array([[True] * features.shape[1] + [False] * pad])
-        out.append((cap.astype(np.float32), mask))
+        out.append(pad_caption(features, multiple))
     return out
 
 
@@ -129,7 +141,6 @@ def _session_with_outputs(transformer: Path, outputs, threads: int):
     files are handed to ONNX Runtime mapped from the package (ONNX Runtime refuses a re-saved
     graph whose data lies elsewhere, links included), so nothing is copied to disk."""
     import onnx
-    import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(transformer), load_external_data=False)
@@ -139,13 +150,8 @@ def _session_with_outputs(transformer: Path, outputs, threads: int):
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     files = sorted({next(e.value for e in t.external_data if e.key == "location")
                     for t in model.graph.initializer if uses_external_data(t)})
-    buffers = [np.memmap(transformer.parent / f, dtype=np.uint8, mode="r") for f in files]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if files:
-        options.add_external_initializers_from_files_in_memory(files, buffers, [b.size for b in buffers])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    mapped = {f: np.memmap(transformer.parent / f, dtype=np.uint8, mode="r") for f in files}
+    return cpu_session(model.SerializeToString(), threads, mapped)
 
 
 def _passes(sizes: dict, memory_gib: float) -> list:
