@@ -13,6 +13,9 @@ int8 activations too (`--activations int8` and `int8x2`, zimage_export/quantize_
 text encoder is tiny-zimage-int8's, byte for byte. models/tiny-zimage-w8a8x2-gptq: -w8a8x2 with
 the transformer's weights rounded by GPTQ (`--method gptq`), calibrated on the 16 built-in
 prompts at 64x64, 8 steps (zimage_export/calibration.py, gptq.py): the same format, other codes.
+models/tiny-zimage-int4-gptq-te8: -int4 with the transformer's MatMulNBits codes chosen by GPTQ
+(zimage_export/matmul_nbits.py) on the same calibration, and an int8 text encoder
+(`--text-encoder-weights int8`): -int8's, byte for byte.
 
 tests/golden/w8a8/product_{fp32,w8a8,w8a8x2}.onnx: one [64, 48] product (seeded weights) in
 float and rewritten by quantize_w8a8 (one int8 term, two), for sdk/src/runtime/int8_products.rs's
@@ -50,11 +53,14 @@ def main(argv=None) -> None:
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations=activations))
         print(f"wrote {out}")
     # GPTQ, calibrated on a few small generations of the fp32 tiny model (seconds).
-    out = args.models / "tiny-zimage-w8a8x2-gptq"
     calibration = CalibrationOptions(CALIBRATION_PROMPTS, size=64, steps=8)
-    quantize_package(args.models / "tiny-zimage", out,
-                     QuantizeOptions("int8", method="gptq", activations="int8x2", calibration=calibration))
-    print(f"wrote {out}")
+    for name, options in (("w8a8x2-gptq", QuantizeOptions("int8", method="gptq", activations="int8x2",
+                                                          calibration=calibration)),
+                          ("int4-gptq-te8", QuantizeOptions("int4", method="gptq", text_encoder_weights="int8",
+                                                            calibration=calibration))):
+        out = args.models / f"tiny-zimage-{name}"
+        quantize_package(args.models / "tiny-zimage", out, options)
+        print(f"wrote {out}")
     write_w8a8_products(args.models.parent / "tests" / "golden" / "w8a8")
     write_enhanced(args.models, "int4")
 

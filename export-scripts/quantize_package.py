@@ -3,9 +3,10 @@ ONNX Runtime MatMulNBits; docs/quantization.md):
 
     python quantize_package.py --package zimage-turbo --out zimage-turbo-int8 --weights int8
 
-`--method gptq` (with int8 activations) rounds the transformer's weights against calibration
-activations instead of to nearest: it first generates a few built-in prompts with the float
-transformer (zimage_export/calibration.py, gptq.py).
+`--method gptq` rounds the transformer's weights (int8 or int4, with or without int8
+activations) against calibration activations instead of to nearest: it first generates a few
+built-in prompts with the float transformer (zimage_export/calibration.py, gptq.py,
+matmul_nbits.py). The text encoder is rounded to nearest.
 
 `--activations int8` (fp32 packages) also quantizes the transformer's activations, per token at
 run time: a faster, less accurate CPU-only package; `--activations int8x2` quantizes them as two
@@ -45,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=DEFAULT_BLOCK_SIZE,
                         help="weights per quantization block (along the input dimension)")
     parser.add_argument("--method", choices=METHODS, default="rtn",
-                        help="rtn: round to nearest; hqq: half-quadratic (int4 only); gptq: the transformer's int8 "
-                             "weights rounded against calibration activations, with --activations int8|int8x2 "
-                             "(runs the float transformer on the --calibration-* prompts first; docs/quantization.md)")
+                        help="rtn: round to nearest; hqq: half-quadratic (int4 only); gptq: the transformer's weights "
+                             "rounded against calibration activations (runs the float transformer on the "
+                             "--calibration-* prompts first; docs/quantization.md)")
     parser.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
                         help="gptq: calibration prompts, one per line (default: built-in prompts)")
     parser.add_argument("--calibration-count", type=int, default=DEFAULT_PROMPTS,
@@ -73,8 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                              "names, e.g. 'layers.0.*' (repeatable)")
     parser.add_argument("--keep-embedding", action="store_true",
                         help="keep the text encoder's token embedding table in full precision")
+    parser.add_argument("--text-encoder-weights", choices=sorted(WEIGHTS), default=None,
+                        help="the text encoder's weights (default: --weights); `--weights int4 --text-encoder-weights "
+                             "int8`: an int4 transformer with a more accurate text encoder (docs/quantization.md)")
     parser.add_argument("--lm-head-weights", choices=sorted(WEIGHTS), default=None,
-                        help="packages with the enhancer: width of the tied embedding table / LM head (default: --weights)")
+                        help="packages with the enhancer: width of the tied embedding table / LM head "
+                             "(default: the text encoder's)")
     parser.add_argument("--int8-vae", action="store_true",
                         help="also write vae_decoder_int8, an int8 VAE decoder the runtime uses with --int8-vae "
                              "(about 2x faster CPU decoding, lossy; zimage_export/vae_int8.py)")
@@ -99,6 +104,7 @@ def options_from(args) -> QuantizeOptions:
     return QuantizeOptions(args.weights, args.block_size, args.method, quantize_embedding=not args.keep_embedding,
                           accuracy_level=args.accuracy_level, quantize_adaln=args.quantize_adaln,
                           keep=tuple(args.keep), text_encoder_accuracy_level=args.text_encoder_accuracy_level,
+                          text_encoder_weights=args.text_encoder_weights,
                           lm_head_weights=args.lm_head_weights, activations=args.activations,
                           calibration=calibration_from(args), gptq_damping=args.gptq_damping)
 

@@ -426,6 +426,7 @@ fn summary_json(
         "quantization": pipeline.manifest().quantization.as_ref().map(|q| json!({
             "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
             "activations": q.activations.map(|a| a.name()),
+            "text_encoder_weights": q.text_encoder_weights().name(),
         })),
         "vae_decoder": generation.vae_decoder,
         "vae_tiling": generation.vae_tiling.map(|t| json!({ "tile_size": t.tile_size, "overlap": t.overlap })),

@@ -95,11 +95,13 @@ def test_calibration_statistics_are_split_into_passes_by_memory():
 
 
 def test_gptq_options_are_checked():
-    options = QuantizeOptions("int8", method="gptq", activations="int8x2")
-    assert options.calibration == CalibrationOptions() and options.gptq_damping == 0.1
-    assert options.weight_only_method == "rtn"  # the text encoder is rounded to nearest
+    for options in (QuantizeOptions("int8", method="gptq", activations="int8x2"),
+                    QuantizeOptions("int4", method="gptq"), QuantizeOptions("int8", method="gptq")):
+        assert options.calibration == CalibrationOptions() and options.gptq_damping == 0.1
+        assert options.weight_only_method == "rtn"  # the text encoder is rounded to nearest
     assert CalibrationOptions().prompts == CALIBRATION_PROMPTS[:8]
-    for bad in (dict(weights="int8", method="gptq"), dict(weights="int4", method="gptq", activations="int8"),
+    for bad in (dict(weights="int4", method="gptq", activations="int8"),
+                dict(weights="int4", method="gptq", gptq_damping=float("nan")),
                 dict(weights="int8", method="gptq", activations="int8", gptq_damping=0.0)):
         with pytest.raises(ValueError):
             QuantizeOptions(**bad)

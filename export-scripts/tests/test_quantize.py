@@ -1,6 +1,9 @@
 """The quantizer's pure parts (numpy only): options, and the uint8 row quantization of the token
 embedding table."""
 
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -34,7 +37,7 @@ def test_uint8_rows_round_trip_within_half_a_step(cols, block):
 def test_options_are_checked():
     assert QuantizeOptions("int8").bits == 8 and QuantizeOptions("int4", 64, "hqq").bits == 4
     for bad in (dict(weights="int3"), dict(weights="int8", block_size=48), dict(weights="int8", block_size=512),
-                dict(weights="int8", method="gptq"), dict(weights="int8", method="hqq"),
+                dict(weights="int8", method="gptq", gptq_damping=-1.0), dict(weights="int8", method="hqq"),
                 dict(weights="int8", text_encoder_accuracy_level=5)):
         with pytest.raises(ValueError):
             QuantizeOptions(**bad)
@@ -46,6 +49,25 @@ def test_the_text_encoder_multiplies_in_float_only_for_int8():
     assert QuantizeOptions("int4").text_encoder_accuracy_level == 4
     assert QuantizeOptions("int4", accuracy_level=0).text_encoder_accuracy_level == 0
     assert QuantizeOptions("int8", text_encoder_accuracy_level=4).text_encoder_accuracy_level == 4
+
+
+def test_the_text_encoder_may_be_wider_than_the_transformer(monkeypatch):
+    # section() names the quantizer's version; this venv has no ONNX Runtime.
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(__version__="1.31.1"))
+    same = QuantizeOptions("int4")
+    assert same.text_encoder_weights == "int4" and same.lm_head_bits == 4
+    assert "text_encoder_weights" not in same.section()  # (as in packages made before the option)
+    mixed = QuantizeOptions("int4", text_encoder_weights="int8")
+    assert mixed.bits == 4 and mixed.text_encoder_weights == "int8"
+    assert mixed.text_encoder_accuracy_level == 0  # an int8 text encoder multiplies in float
+    assert mixed.lm_head_bits == 8  # the tied table is the text encoder's embedding too
+    assert QuantizeOptions("int4", text_encoder_weights="int8", lm_head_weights="int4").lm_head_bits == 4
+    section = mixed.section()
+    assert (section["weights"], section["bits"], section["text_encoder_weights"]) == ("int4", 4, "int8")
+    for bad in (dict(weights="int4", text_encoder_weights="int2"),
+                dict(weights="int4", method="hqq", text_encoder_weights="int8")):
+        with pytest.raises(ValueError):
+            QuantizeOptions(**bad)
 
 
 def test_keep_patterns_must_name_a_weight():

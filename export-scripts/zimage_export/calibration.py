@@ -145,9 +145,16 @@ def _session_with_outputs(transformer: Path, outputs, threads: int):
 
     model = onnx.load(str(transformer), load_external_data=False)
     known = {o.name for o in model.graph.output}
+    # A product's input has its weight's type (float32, or float16 in fp16 packages).
+    weight_types = {t.name: t.data_type for t in model.graph.initializer}
+    input_types = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in weight_types:
+            input_types.setdefault(node.input[0], weight_types[node.input[1]])
     for name in outputs:
         if name not in known:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem_type = input_types.get(name, onnx.TensorProto.FLOAT)
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     files = sorted({next(e.value for e in t.external_data if e.key == "location")
                     for t in model.graph.initializer if uses_external_data(t)})
     mapped = {f: np.memmap(transformer.parent / f, dtype=np.uint8, mode="r") for f in files}
@@ -190,6 +197,8 @@ def hessian_passes(package: Path, manifest: dict, inputs: dict, options: Calibra
     for number, group in enumerate(groups, 1):
         session = _session_with_outputs(transformer, group, options.threads)
         names = [session.get_outputs()[0].name, *group]
+        # The graph's input types (fp16 packages may take float16).
+        types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
         acc = {name: np.zeros((inputs[name], inputs[name]), np.float64) for name in group}
         tokens = dict.fromkeys(group, 0)
         rng = np.random.default_rng(options.seed)
@@ -197,28 +206,39 @@ def hessian_passes(package: Path, manifest: dict, inputs: dict, options: Calibra
             latents = rng.standard_normal(shape).astype(np.float32)
             for i in range(options.steps):
                 t = np.array([1.0 - schedule[i]], np.float32)
-                out = session.run(names, {"latents": latents, "timestep": t, "cap_feats": cap, "cap_mask": mask})
+                feed = {"latents": latents, "timestep": t, "cap_feats": cap, "cap_mask": mask}
+                feed = {k: v.astype(types[k]) if k in types and v.dtype.kind == "f" else v for k, v in feed.items()}
+                out = session.run(names, feed)
                 for name, x in zip(group, out[1:]):
-                    x = x.reshape(-1, x.shape[-1])
+                    # (float16 activations are summed in float32, as float32 ones, then float64)
+                    x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
                     if not np.isfinite(x).all():
                         raise ValueError(f"calibration: the float transformer's activation {name!r} is not "
                                          f"finite (prompt {p + 1}, step {i + 1})")
                     acc[name] += (x.T @ x).astype(np.float64)
                     tokens[name] += x.shape[0]
-                latents = latents + np.float32(schedule[i + 1] - schedule[i]) * -out[0]
+                latents = latents + np.float32(schedule[i + 1] - schedule[i]) * -out[0].astype(np.float32)
             log(f"calibration pass {number}/{len(groups)}: prompt {p + 1}/{len(captions)}")
         del session
         yield {name: (acc[name], tokens[name]) for name in group}
 
 
-def gptq_codes(model, nodes, package: Path, manifest: dict, options: CalibrationOptions, damping: float,
-               log=print) -> tuple[dict, dict]:
-    """GPTQ codes for the weights of `nodes` (products `x @ W` of `model`, W a `[K, N]`
-    initializer), calibrated on `package`'s float transformer. Returns ({W name: (int8 codes,
-    float32 scales)}, a summary for the manifest)."""
-    from onnx import numpy_helper
-
+def per_channel_int8(w, h, damping):
+    """GPTQ in the int8 activation packages' format: ((int8 codes, float32 scales), errors...)."""
     from .gptq import gptq_per_channel
+
+    q, scale, err, rtn_err = gptq_per_channel(w, h, damping)
+    return (q, scale), err, rtn_err
+
+
+def gptq_codes(model, nodes, package: Path, manifest: dict, options: CalibrationOptions, damping: float,
+               log=print, rounding=per_channel_int8) -> tuple[dict, dict]:
+    """GPTQ codes for the weights of `nodes` (products `x @ W` of `model`, W a `[K, N]`
+    initializer), calibrated on `package`'s float transformer. `rounding(W, H, damping)` ->
+    (the weight in its package format, GPTQ's weighted error, RTN's): per_channel_int8 (the int8
+    activation packages), or matmul_nbits.gptq_matmul_nbits (weight-only int8 / int4). Returns
+    ({W name: the weight in that format}, a summary for the manifest)."""
+    from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     by_input = {}
@@ -230,8 +250,7 @@ def gptq_codes(model, nodes, package: Path, manifest: dict, options: Calibration
         for x, (h, count) in hessians.items():
             tokens = max(tokens, count)
             for w in by_input[x]:
-                q, scale, err, rtn_err = gptq_per_channel(numpy_helper.to_array(inits[w]), h, damping)
-                codes[w] = (q, scale)
+                codes[w], err, rtn_err = rounding(numpy_helper.to_array(inits[w]), h, damping)
                 if err < rtn_err:
                     gains.append(err / rtn_err)
                 else:

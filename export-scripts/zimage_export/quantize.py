@@ -34,7 +34,8 @@ WEIGHTS = {"int8": 8, "int4": 4}
 # (quantize_w8a8.py; the manifest's quantization.activations).
 ACTIVATIONS = (None, "int8", "int8x2")
 # rtn: round to nearest; hqq: half-quadratic (int4, ONNX Runtime's); gptq: calibrated rounding of
-# the transformer's per-channel int8 weights (int8 activation packages: gptq.py, calibration.py).
+# the transformer's weights (per-channel int8 with int8 activations, MatMulNBits blocks without:
+# gptq.py, matmul_nbits.py, calibration.py).
 METHODS = ("rtn", "hqq", "gptq")
 # ONNX Runtime's CPU kernels (MLAS) have int8-compute paths for these block lengths.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -78,6 +79,12 @@ class QuantizeOptions:
     accuracy_level: int = ACCURACY_LEVEL
     # The text encoder's (None: INT8_TEXT_ENCODER_ACCURACY_LEVEL for int8, else accuracy_level).
     text_encoder_accuracy_level: int | None = None
+    # The text encoder's weights ("int8" | "int4"; None: `weights`). An int4 transformer with an
+    # int8 text encoder: the text encoder's int4 rounding makes most of an int4 package's error
+    # (mid-size model, docs/quantization.md), and in sequential mode the two never share the
+    # device, so the larger text encoder does not raise the peak past the transformer's stage
+    # by much (the real model: "The real model's sizes").
+    text_encoder_weights: str | None = None
     # Packages with the enhancer: the width of the tied token-embedding table / LM head
     # ("int8" | "int4"; None: `weights`). See quantize_lm_head.
     lm_head_weights: str | None = None
@@ -103,8 +110,14 @@ class QuantizeOptions:
             raise ValueError("hqq is a 4-bit method (ONNX Runtime's HQQ quantizer writes 4-bit weights only)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0..4, not {self.accuracy_level}")
+        if self.text_encoder_weights is None:
+            self.text_encoder_weights = self.weights
+        if self.text_encoder_weights not in WEIGHTS:
+            raise ValueError(f"text_encoder_weights must be one of {sorted(WEIGHTS)}, not {self.text_encoder_weights!r}")
+        if self.method == "hqq" and self.text_encoder_weights != "int4":
+            raise ValueError("hqq is a 4-bit method: an int8 text encoder needs --method rtn or gptq")
         if self.text_encoder_accuracy_level is None:
-            self.text_encoder_accuracy_level = (INT8_TEXT_ENCODER_ACCURACY_LEVEL if self.weights == "int8"
+            self.text_encoder_accuracy_level = (INT8_TEXT_ENCODER_ACCURACY_LEVEL if self.text_encoder_weights == "int8"
                                                 else self.accuracy_level)
         if self.text_encoder_accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"text_encoder_accuracy_level must be 0..4, not {self.text_encoder_accuracy_level}")
@@ -113,9 +126,6 @@ class QuantizeOptions:
         if self.activations and (self.weights, self.method) not in (("int8", "rtn"), ("int8", "gptq")):
             raise ValueError("int8 activations take int8 rtn or gptq weights (--weights int8 --method rtn|gptq)")
         if self.method == "gptq":
-            if not self.activations:
-                raise ValueError("gptq rounds the per-channel int8 weights of int8-activation packages "
-                                 "(--activations int8|int8x2); weight-only packages take rtn or hqq")
             from .calibration import CalibrationOptions
             from .gptq import DEFAULT_DAMPING
 
@@ -130,12 +140,14 @@ class QuantizeOptions:
 
     @property
     def lm_head_bits(self) -> int:
-        return WEIGHTS[self.lm_head_weights or self.weights]
+        """The tied table's width: it is also the text encoder's token embedding, so by default
+        the text encoder's."""
+        return WEIGHTS[self.lm_head_weights or self.text_encoder_weights]
 
     @property
     def weight_only_method(self) -> str:
-        """The method of the weight-only graphs (the text encoder): gptq calibrates the
-        transformer only, the rest is rounded to nearest."""
+        """The method of the graphs other than the transformer (the text encoder): gptq
+        calibrates the transformer only, the rest is rounded to nearest."""
         return "rtn" if self.method == "gptq" else self.method
 
     @property
@@ -158,9 +170,13 @@ class QuantizeOptions:
             "keep": list(self.keep),
             "quantizer": f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer",
         }
+        if self.text_encoder_weights != self.weights:  # (absent where they are the same, as before)
+            section["text_encoder_weights"] = self.text_encoder_weights
         if self.activations:  # (absent from weight-only packages, as before it existed)
             section["activations"] = self.activations
             section["quantizer"] += " + zimage_export.quantize_w8a8 (transformer)"
+        if self.method == "gptq":
+            section["quantizer"] += " + zimage_export.gptq (the transformer's codes)"
         return section
 
 
@@ -335,7 +351,7 @@ def sort_products(model, names: dict, keep, report: GraphReport) -> tuple[list, 
 
 
 def quantize_model(model, options: QuantizeOptions, names: dict | None = None, keep=(),
-                   token_embedding: bool = False) -> GraphReport:
+                   token_embedding: bool = False, calibrate=None) -> GraphReport:
     """Quantizes `model` (an onnx.ModelProto with its weights loaded) in place.
 
     `token_embedding`: the graph's constant-table Gathers are token embeddings (the text
@@ -343,7 +359,12 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     (the transformer's RoPE tables) are never touched.
 
     `names`: initializer name -> the name to report and match `keep` prefixes against (the
-    diffusers parameter name); weights without one are reported by initializer name."""
+    diffusers parameter name); weights without one are reported by initializer name.
+
+    `calibrate`: None, or a function (model, product nodes) -> ({weight name: (B, scales,
+    zero_points)}, summary) giving calibrated codes in MatMulNBits' format with ONNX Runtime's
+    own scales and zero points (GPTQ: calibration.gptq_codes with
+    matmul_nbits.gptq_matmul_nbits); they replace the quantizer's round-to-nearest codes."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -355,8 +376,12 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
     report = GraphReport(accuracy_level=options.accuracy_level)
-    _, kept_products = sort_products(model, names, keep, report)
+    products, kept_products = sort_products(model, names, keep, report)
     exclude = [node.name for node in kept_products]
+    calibrated = {}
+    if calibrate is not None and products:
+        calibrated, report.calibration = calibrate(model, products)
+        report.method = "gptq"
 
     embeddings = _embedding_gathers(model) if token_embedding else []
     if options.quantize_embedding and options.bits == 8:
@@ -395,10 +420,33 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     result = quantizer.model.model
     if result is not model:
         model.CopyFrom(result)
+    if calibrated:
+        _replace_codes(model, calibrated, options.bits)
     count = sum(1 for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
     if count != len(report.quantized):
         raise RuntimeError(f"expected {len(report.quantized)} quantized nodes, the quantizer wrote {count}")
     return report
+
+
+def _replace_codes(model, calibrated: dict, bits: int) -> None:
+    """Puts calibrated MatMulNBits codes in place of the quantizer's: `calibrated` maps each float
+    weight's name to (B, scales, zero_points), written by the quantizer as `<name>_Q<bits>`,
+    `<name>_scales`, `<name>_zero_points`. Its scales and zero points must be the ones the codes
+    were chosen for."""
+    from onnx import numpy_helper
+
+    inits = _initializers(model.graph)
+    for w, (b, scales, zero_points) in calibrated.items():
+        names = (f"{w}_Q{bits}", f"{w}_scales", f"{w}_zero_points")
+        if any(name not in inits for name in names):
+            raise RuntimeError(f"the quantizer did not write {w!r}'s MatMulNBits weight under the expected names")
+        for name, ours in zip(names[1:], (scales, zero_points)):
+            written = numpy_helper.to_array(inits[name])
+            if written.shape != ours.shape or not np.array_equal(written, ours):
+                raise RuntimeError(f"the quantizer's {name!r} differs from the one GPTQ rounded against")
+        if numpy_helper.to_array(inits[names[0]]).shape != b.shape:
+            raise RuntimeError(f"{names[0]!r}: the quantizer's shape differs from GPTQ's {b.shape}")
+        inits[names[0]].CopyFrom(numpy_helper.from_array(b, names[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,23 +474,31 @@ def quantize_transformer(model, options: QuantizeOptions, names: dict, package=N
     """Quantizes a transformer graph in place as `options` say: weight-only (`quantize_model`)
     or with int8 activations too (quantize_w8a8), keeping `transformer_keep(options)`. gptq
     calibrates on the float `package` (its folder and manifest), or calls `calibrate` (see
-    quantize_model_w8a8) where given."""
+    quantize_model and quantize_model_w8a8) where given."""
+    if options.method != "gptq":
+        calibrate = None
+    elif calibrate is None:
+        if package is None or manifest is None:
+            raise ValueError("gptq needs the float package to calibrate on")
+        from pathlib import Path
+
+        from .calibration import gptq_codes, per_channel_int8
+        from .matmul_nbits import gptq_matmul_nbits
+
+        def matmul_nbits(w, h, damping):  # weight-only: MatMulNBits blocks of the package's width
+            return gptq_matmul_nbits(w, h, options.bits, options.block_size, damping)
+
+        rounding = per_channel_int8 if options.activations else matmul_nbits
+
+        def calibrate(model, products):
+            return gptq_codes(model, products, Path(package), manifest, options.calibration, options.gptq_damping,
+                              rounding=rounding)
+
     if options.activations:
         from .quantize_w8a8 import quantize_model_w8a8
 
-        if options.method == "gptq" and calibrate is None:
-            if package is None or manifest is None:
-                raise ValueError("gptq needs the float package to calibrate on")
-            from pathlib import Path
-
-            from .calibration import gptq_codes
-
-            def calibrate(model, products):
-                return gptq_codes(model, products, Path(package), manifest, options.calibration, options.gptq_damping)
-
-        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations,
-                                   calibrate if options.method == "gptq" else None)
-    return quantize_model(model, options, names, transformer_keep(options))
+        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations, calibrate)
+    return quantize_model(model, options, names, transformer_keep(options), calibrate=calibrate)
 
 
 def matches_any(name: str, patterns) -> bool:
@@ -580,7 +636,7 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         # way; the token-embedding table, which is also the decoder's tied LM head, is quantized
         # once for both by quantize_lm_head: see there).
         # The two share weight bytes whatever their accuracy levels: it is a node attribute.
-        encoder_options = QuantizeOptions(options.weights, options.block_size, options.weight_only_method,
+        encoder_options = QuantizeOptions(options.text_encoder_weights, options.block_size, options.weight_only_method,
                                           quantize_embedding=options.quantize_embedding and not enhanced,
                                           accuracy_level=options.text_encoder_accuracy_level)
         decoder_options = replace(encoder_options, accuracy_level=options.accuracy_level)

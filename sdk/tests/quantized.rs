@@ -1,11 +1,12 @@
-//! The quantized packages (`models/tiny-zimage-int8`, `-int4`, `-w8a8`, `-w8a8x2`: tiny-zimage with
-//! its transformer and text encoder quantized by export-scripts/make_quantized_fixtures.py):
-//! they load with no other change, describe their quantization, generate deterministically,
-//! and stay within the distances to tiny-zimage's fp32 goldens written in
-//! docs/quantization.md. A tiny random-weight model has none of a trained model's structure,
-//! so its quantization error is far larger than the mid-size model's (docs/quantization.md);
-//! the bounds sit between the measured error and what a broken quantization gives (a zero
-//! point off by one: transformer forward 2.8e-2 for int8, 0.53 for int4).
+//! The quantized packages (`models/tiny-zimage-int8`, `-int4`, `-w8a8`, `-w8a8x2`, and the GPTQ
+//! ones `-int4-gptq-te8`, with an int8 text encoder, and `-w8a8x2-gptq`: tiny-zimage with its
+//! transformer and text encoder quantized by export-scripts/make_quantized_fixtures.py): they
+//! load with no other change, describe their quantization, generate deterministically, and
+//! stay within the distances to tiny-zimage's fp32 goldens written in docs/quantization.md. A
+//! tiny random-weight model has none of a trained model's structure, so its quantization error
+//! is far larger than the mid-size model's (docs/quantization.md); the bounds sit between the
+//! measured error and what a broken quantization gives (a zero point off by one: transformer
+//! forward 2.8e-2 for int8, 0.53 for int4).
 
 mod common;
 
@@ -28,11 +29,15 @@ use zimage::{
 /// int8 activations (2026-12-01) 9.13e-3 / 1.2e-2, the int8 text encoder, 8.84e-3 / 1.2e-2,
 /// 4 / 6 (one term's 1.51e-2, 1.57e-2 and 8 exceed them: a lost remainder fails); the same with
 /// GPTQ weights (2026-12-02) 7.34e-3 / 9.0e-3 (round to nearest's 9.13e-3 fails it), latents
-/// 8.87e-3 / 1.2e-2, 4 / 6.
+/// 8.87e-3 / 1.2e-2, 4 / 6; int4 with GPTQ codes and an int8 text encoder (2026-12-02)
+/// 9.78e-2 / 0.12 (round to nearest's 0.127 fails it), the int8 text encoder's 2.43e-2 /
+/// 3.2e-2, latents 7.26e-2 / 0.10, 29 / 40 levels (the int4 package's 0.129 and 42 fail them).
 struct Bounds {
     weights: WeightQuantization,
-    /// `rtn`, or `gptq` (`tiny-zimage-w8a8x2-gptq`).
+    /// `rtn`, or `gptq` (`tiny-zimage-w8a8x2-gptq`, `tiny-zimage-int4-gptq-te8`).
     method: &'static str,
+    /// The text encoder's weights where they differ (`tiny-zimage-int4-gptq-te8`).
+    text_encoder: Option<WeightQuantization>,
     /// The transformer's products take int8 activations (`tiny-zimage-w8a8`, `-w8a8x2`).
     activations: Option<ActivationQuantization>,
     /// Transformer forward, relative L2.
@@ -45,12 +50,13 @@ struct Bounds {
     levels: u8,
 }
 
-const PACKAGES: [(&str, Bounds); 5] = [
+const PACKAGES: [(&str, Bounds); 6] = [
     (
         "tiny-zimage-int8",
         Bounds {
             weights: WeightQuantization::Int8,
             method: "rtn",
+            text_encoder: None,
             activations: None,
             transformer: 1.7e-2,
             text: 3.2e-2,
@@ -63,6 +69,7 @@ const PACKAGES: [(&str, Bounds); 5] = [
         Bounds {
             weights: WeightQuantization::Int4,
             method: "rtn",
+            text_encoder: None,
             activations: None,
             transformer: 0.17,
             text: 0.45,
@@ -71,10 +78,24 @@ const PACKAGES: [(&str, Bounds); 5] = [
         },
     ),
     (
+        "tiny-zimage-int4-gptq-te8",
+        Bounds {
+            weights: WeightQuantization::Int4,
+            method: "gptq",
+            text_encoder: Some(WeightQuantization::Int8),
+            activations: None,
+            transformer: 0.12,
+            text: 3.2e-2,
+            latents: 0.10,
+            levels: 40,
+        },
+    ),
+    (
         "tiny-zimage-w8a8",
         Bounds {
             weights: WeightQuantization::Int8,
             method: "rtn",
+            text_encoder: None,
             activations: Some(ActivationQuantization::Int8),
             transformer: 2.0e-2,
             text: 3.2e-2,
@@ -87,6 +108,7 @@ const PACKAGES: [(&str, Bounds); 5] = [
         Bounds {
             weights: WeightQuantization::Int8,
             method: "rtn",
+            text_encoder: None,
             activations: Some(ActivationQuantization::Int8x2),
             transformer: 1.2e-2,
             text: 3.2e-2,
@@ -99,6 +121,7 @@ const PACKAGES: [(&str, Bounds); 5] = [
         Bounds {
             weights: WeightQuantization::Int8,
             method: "gptq",
+            text_encoder: None,
             activations: Some(ActivationQuantization::Int8x2),
             transformer: 9.0e-3,
             text: 3.2e-2,
@@ -112,7 +135,8 @@ const PACKAGES: [(&str, Bounds); 5] = [
 /// quantization as images record it.
 fn summary(bounds: &Bounds) -> String {
     let activations = bounds.activations.map(|a| format!(", {a} activations")).unwrap_or_default();
-    format!("{} {}, block 32{activations}", bounds.weights, bounds.method)
+    let text_encoder = bounds.text_encoder.map(|w| format!(", {w} text encoder")).unwrap_or_default();
+    format!("{} {}, block 32{activations}{text_encoder}", bounds.weights, bounds.method)
 }
 
 fn model(package: &str) -> PathBuf {
@@ -172,7 +196,9 @@ fn quantized_packages_describe_their_weights() {
         let transformer_level = if bounds.activations.is_some() { None } else { Some(4) };
         assert_eq!(transformer.accuracy_level, transformer_level, "{package}");
         assert_eq!(q.activations, bounds.activations, "{package}");
-        let text_level = if bounds.weights == WeightQuantization::Int8 { 0 } else { 4 };
+        let text_weights = bounds.text_encoder.unwrap_or(bounds.weights);
+        assert_eq!(q.text_encoder_weights(), text_weights, "{package}");
+        let text_level = if text_weights == WeightQuantization::Int8 { 0 } else { 4 };
         assert_eq!(q.graphs["text_encoder"].accuracy_level, Some(text_level), "{package}");
         assert!(manifest.transformer.lora_parameters.is_none());
         assert_eq!(manifest.weights_summary(), format!("fp32, {}", summary(bounds)));
@@ -260,12 +286,18 @@ fn transformer_forward_stays_near_fp32() {
 }
 
 /// GPTQ's codes (calibrated on the fp32 tiny model's own generations) beat round to nearest on
-/// the golden forward, whose inputs the calibration never saw: measured 7.34e-3 against
-/// 9.13e-3 (2026-12-02). Both packages hold the same format, so only the codes can do it.
+/// the golden forward, whose inputs the calibration never saw: measured (2026-12-02) 7.34e-3
+/// against 9.13e-3 with two-term int8 activations (per-channel int8 weights), 9.78e-2 against
+/// 0.127 for weight-only int4 (MatMulNBits blocks, ONNX Runtime's scales and zero points). Each
+/// pair holds the same format, so only the codes can do it.
 #[test]
 fn gptq_rounding_beats_round_to_nearest() {
-    let (rtn, gptq) = (forward_error("tiny-zimage-w8a8x2"), forward_error("tiny-zimage-w8a8x2-gptq"));
-    assert!(gptq.is_finite() && gptq < 0.9 * rtn, "gptq {gptq:.3e}, round to nearest {rtn:.3e}");
+    for (rtn_package, gptq_package) in
+        [("tiny-zimage-w8a8x2", "tiny-zimage-w8a8x2-gptq"), ("tiny-zimage-int4", "tiny-zimage-int4-gptq-te8")]
+    {
+        let (rtn, gptq) = (forward_error(rtn_package), forward_error(gptq_package));
+        assert!(gptq.is_finite() && gptq < 0.9 * rtn, "{gptq_package} {gptq:.3e}, {rtn_package} {rtn:.3e}");
+    }
 }
 
 #[test]

@@ -113,7 +113,7 @@ pub struct QuantizationInfo {
     pub bits: u32,
     /// Weights per block along a product's input dimension (one scale and zero point each).
     pub block_size: u32,
-    /// The quantization method (`rtn`, `hqq`, `gptq`: the transformer's int8 weights rounded
+    /// The quantization method (`rtn`, `hqq`, `gptq`: the transformer's weights rounded
     /// against calibration activations, the rest `rtn`).
     pub method: String,
     #[serde(default)]
@@ -130,6 +130,10 @@ pub struct QuantizationInfo {
     /// Packages with the enhancer: its decoder's quantized LM head.
     #[serde(default)]
     pub lm_head: Option<QuantizedLmHead>,
+    /// The text encoder's weights where they differ from `weights` (`--weights int4
+    /// --text-encoder-weights int8`); absent: `weights`. The enhancer's decoder shares them.
+    #[serde(default)]
+    pub text_encoder_weights: Option<WeightQuantization>,
     /// `int8` / `int8x2`: the transformer's quantized products also take int8 activations,
     /// quantized per token at run time (`MatMulIntegerToFloat`; a CPU format). Absent:
     /// weight-only.
@@ -183,14 +187,23 @@ impl QuantizationInfo {
         self.activations.is_some()
     }
 
-    /// One line for people and image metadata: `int8 rtn, block 32`, and `, int8 activations`
-    /// when the transformer takes them.
+    /// The text encoder's (and the enhancer decoder's) weights.
+    pub fn text_encoder_weights(&self) -> WeightQuantization {
+        self.text_encoder_weights.unwrap_or(self.weights)
+    }
+
+    /// One line for people and image metadata: `int8 rtn, block 32`, then `, int8 activations`
+    /// when the transformer takes them and `, int8 text encoder` when its width differs.
     pub fn summary(&self) -> String {
         let activations = match self.activations {
             Some(a) => format!(", {a} activations"),
             None => String::new(),
         };
-        format!("{} {}, block {}{activations}", self.weights, self.method, self.block_size)
+        let text_encoder = match self.text_encoder_weights {
+            Some(w) if w != self.weights => format!(", {w} text encoder"),
+            _ => String::new(),
+        };
+        format!("{} {}, block {}{activations}{text_encoder}", self.weights, self.method, self.block_size)
     }
 }
 
@@ -230,7 +243,16 @@ mod tests {
         assert_eq!(q.weights, WeightQuantization::Int4);
         assert_eq!(q.graphs["transformer"].quantized, 31);
         assert_eq!(q.summary(), "int4 rtn, block 32");
+        assert_eq!(q.text_encoder_weights(), WeightQuantization::Int4);
         assert_eq!(q.check(), Ok(()));
+        let mixed = QuantizationInfo { text_encoder_weights: Some(WeightQuantization::Int8), ..q.clone() };
+        assert_eq!(mixed.summary(), "int4 rtn, block 32, int8 text encoder");
+        assert_eq!(mixed.text_encoder_weights(), WeightQuantization::Int8);
+        let parsed = parse(
+            r#"{"weights": "int4", "bits": 4, "block_size": 32, "method": "gptq", "text_encoder_weights": "int8"}"#,
+        );
+        assert_eq!(parsed.text_encoder_weights, Some(WeightQuantization::Int8));
+        assert_eq!(parsed.summary(), "int4 gptq, block 32, int8 text encoder");
         let wrong_bits = QuantizationInfo { bits: 8, ..q.clone() };
         assert!(wrong_bits.check().unwrap_err().contains("does not match"));
         let odd_block = QuantizationInfo { block_size: 48, ..q.clone() };
