@@ -235,6 +235,21 @@ fn a_bad_quantization_section_is_refused() {
     assert!(e.contains("activations int8 needs int8 weights, not int4"), "{e}");
     manifest["quantization"]["weights"] = "int2".into();
     assert!(Manifest::parse(&manifest.to_string()).is_err());
+    // The text encoder's own width: int8 or int4 only.
+    let mut mixed: Value = serde_json::from_str(&text).unwrap();
+    mixed["quantization"]["text_encoder_weights"] = "int4".into();
+    let parsed = Manifest::parse(&mixed.to_string()).unwrap();
+    assert_eq!(parsed.quantization.unwrap().text_encoder_weights(), WeightQuantization::Int4);
+    for bad in [Value::from("int3"), Value::from(8), Value::Null] {
+        mixed["quantization"]["text_encoder_weights"] = bad.clone();
+        let result = Manifest::parse(&mixed.to_string());
+        if bad.is_null() {
+            // (null reads as absent: the text encoder has the package's width)
+            assert_eq!(result.unwrap().quantization.unwrap().text_encoder_weights(), WeightQuantization::Int8);
+        } else {
+            assert!(result.is_err(), "text_encoder_weights {bad} was accepted");
+        }
+    }
 }
 
 /// int8 activations are a CPU format (ONNX Runtime's GPU providers have no uint8 x int8
