@@ -173,7 +173,10 @@ def main(argv=None) -> int:
     manifest_path = args.package / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     precision = args.precision or manifest["precision"]
-    weights = (manifest.get("quantization") or {}).get("weights")
+    quantization = manifest.get("quantization") or {}
+    weights = quantization.get("weights")
+    # Each quantized graph's width (--text-encoder-weights may make the text encoder wider).
+    graph_weights = {"transformer": weights, "text_encoder": quantization.get("text_encoder_weights", weights)}
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     if args.graphs is None:  # the editing graphs are checked where the package has them
@@ -194,7 +197,8 @@ def main(argv=None) -> int:
     print(f"package {args.package} ({precision}{', ' + weights + ' weights' if weights else ''}) vs PyTorch float32")
     print(f"{'graph':<20} {'case':<42} {'rel L2':>10} {'max abs':>10}  status")
     for graph, case, rel, max_abs in rows:
-        bound = QUANTIZED_TOLERANCE[weights] if weights and graph in QUANTIZED_GRAPHS else FP32_TOLERANCE
+        width = graph_weights.get(graph) if graph in QUANTIZED_GRAPHS else None
+        bound = QUANTIZED_TOLERANCE[width] if width else FP32_TOLERANCE
         ok = np.isfinite(rel) and (precision != "fp32" or rel <= bound)
         status = ("ok" if ok else "FAIL") if precision == "fp32" else ("report" if np.isfinite(rel) else "FAIL")
         failed |= not ok
