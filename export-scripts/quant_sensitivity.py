@@ -6,6 +6,7 @@ float, on your own weights:
     python quant_sensitivity.py --package P --weights int4 --group "first layer=layers.0.*" --group "w2=*.feed_forward.w2.*"
     python quant_sensitivity.py --package P --weights int8 --activations int8   # the int8-activation transformer
     python quant_sensitivity.py --package P --weights int8 --activations int8x2 --method gptq   # calibrated once
+    python quant_sensitivity.py --package P --weights int4 --method gptq --text-encoder-weights int8
 
 For each group the transformer is quantized as `quantize_package.py` would (same options, same
 kept layers) plus the group kept in float, and run on the same inputs: the package's own text
@@ -37,6 +38,7 @@ from quantize_package import add_arguments as add_quantize_arguments, options_fr
 from zimage_export.calibration import cpu_session, gptq_codes, pad_caption
 from zimage_export.quantize import (
     check_keep_patterns,
+    gptq_rounding,
     matches_any,
     quantize_model,
     quantize_transformer,
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
     def calibrate(model, products):
         if not calibrated:
             calibrated["codes"], calibrated["summary"] = gptq_codes(
-                model, products, args.package, manifest, options.calibration, options.gptq_damping)
+                model, products, args.package, manifest, options.calibration, options.gptq_damping,
+                rounding=gptq_rounding(options))
         codes = calibrated["codes"]
         return {n.input[1]: codes[n.input[1]] for n in products if n.input[1] in codes}, calibrated["summary"]
 
@@ -152,8 +155,10 @@ def main(argv=None) -> None:
         print(f"| {name} | {err:.3e} | {held / 2**20:.1f} MiB | {time.time() - t0:.0f} |", flush=True)
         del model
 
-    # The text encoder: int8 compute, float compute, embedding kept.
+    # The text encoder (at its own width): int8 compute, float compute, embedding kept.
     encoder = onnx.load(encoder_path)
+    options = replace(options, weights=options.text_encoder_weights, method=options.weight_only_method,
+                      activations=None)
     print("| text encoder | features rel L2 (worst prompt) |")
     print("|---|---|")
     for name, variant in {

@@ -482,23 +482,32 @@ def quantize_transformer(model, options: QuantizeOptions, names: dict, package=N
             raise ValueError("gptq needs the float package to calibrate on")
         from pathlib import Path
 
-        from .calibration import gptq_codes, per_channel_int8
-        from .matmul_nbits import gptq_matmul_nbits
-
-        def matmul_nbits(w, h, damping):  # weight-only: MatMulNBits blocks of the package's width
-            return gptq_matmul_nbits(w, h, options.bits, options.block_size, damping)
-
-        rounding = per_channel_int8 if options.activations else matmul_nbits
+        from .calibration import gptq_codes
 
         def calibrate(model, products):
             return gptq_codes(model, products, Path(package), manifest, options.calibration, options.gptq_damping,
-                              rounding=rounding)
+                              rounding=gptq_rounding(options))
 
     if options.activations:
         from .quantize_w8a8 import quantize_model_w8a8
 
         return quantize_model_w8a8(model, names, transformer_keep(options), options.activations, calibrate)
     return quantize_model(model, options, names, transformer_keep(options), calibrate=calibrate)
+
+
+def gptq_rounding(options: QuantizeOptions):
+    """GPTQ's rounding (for calibration.gptq_codes) in the transformer's format under `options`:
+    per-channel int8 with int8 activations, else MatMulNBits blocks of the package's width."""
+    from .calibration import per_channel_int8
+    from .matmul_nbits import gptq_matmul_nbits
+
+    if options.activations:
+        return per_channel_int8
+
+    def matmul_nbits(w, h, damping):
+        return gptq_matmul_nbits(w, h, options.bits, options.block_size, damping)
+
+    return matmul_nbits
 
 
 def matches_any(name: str, patterns) -> bool:
