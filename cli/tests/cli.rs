@@ -287,28 +287,27 @@ fn int8_vae_decodes_with_the_int8_decoder_and_is_recorded() {
     assert!(!bad.exists());
 }
 
-/// A package's quantization is in `--json` and the PNG parameters; int8 activations included.
+/// A package's quantization is in `--json` and the PNG parameters: its method, its int8
+/// activations, and a text encoder wider than its transformer.
 #[test]
 fn quantization_is_recorded_with_its_activations() {
     let dir = scratch("quantization");
-    for (model, activations) in [
-        ("models/tiny-zimage-int8", Value::Null),
-        ("models/tiny-zimage-w8a8", "int8".into()),
-        ("models/tiny-zimage-w8a8x2", "int8x2".into()),
+    for (model, weights, activations, text_encoder, want) in [
+        ("models/tiny-zimage-int8", "int8", Value::Null, "int8", "int8 rtn, block 32"),
+        ("models/tiny-zimage-w8a8", "int8", "int8".into(), "int8", "int8 rtn, block 32, int8 activations"),
+        ("models/tiny-zimage-w8a8x2", "int8", "int8x2".into(), "int8", "int8 rtn, block 32, int8x2 activations"),
+        ("models/tiny-zimage-int4-gptq-te8", "int4", Value::Null, "int8", "int4 gptq, block 32, int8 text encoder"),
     ] {
         let output = dir.join("out.png");
         let args = ["generate", "--model", model, "--prompt", "a red cube", "--width", "32", "--height", "32"];
         let out = zimage(&[&args[..], &["--seed", "3", "--output", output.to_str().unwrap(), "--json"]].concat());
         assert_code(&out, 0);
         let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(summary["quantization"]["weights"], "int8", "{model}");
+        assert_eq!(summary["quantization"]["weights"], weights, "{model}");
         assert_eq!(summary["quantization"]["activations"], activations, "{model}");
+        assert_eq!(summary["quantization"]["text_encoder_weights"], text_encoder, "{model}");
         let recorded = read_png(&output).text.get("quantization").cloned();
-        let want = match activations.as_str() {
-            None => "int8 rtn, block 32".to_string(),
-            Some(a) => format!("int8 rtn, block 32, {a} activations"),
-        };
-        assert_eq!(recorded.as_deref(), Some(want.as_str()), "{model}");
+        assert_eq!(recorded.as_deref(), Some(want), "{model}");
     }
 }
 

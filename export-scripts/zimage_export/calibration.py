@@ -236,7 +236,8 @@ def gptq_codes(model, nodes, package: Path, manifest: dict, options: Calibration
     """GPTQ codes for the weights of `nodes` (products `x @ W` of `model`, W a `[K, N]`
     initializer), calibrated on `package`'s float transformer. `rounding(W, H, damping)` ->
     (the weight in its package format, GPTQ's weighted error, RTN's): per_channel_int8 (the int8
-    activation packages), or matmul_nbits.gptq_matmul_nbits (weight-only int8 / int4). Returns
+    activation packages), or MatMulNBits blocks (weight-only int8 / int4): quantize.gptq_rounding
+    picks the one for a package's options. Returns
     ({W name: the weight in that format}, a summary for the manifest)."""
     from onnx import numpy_helper
 

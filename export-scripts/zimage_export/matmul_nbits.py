@@ -69,13 +69,12 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def weight_codes(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     """`B`'s codes as a `[K, N]` array, rows as the float weight's."""
-    n, k_blocks, _ = b.shape
-    return unpack(b, bits).reshape(n, -1)[:, :k].T
+    return unpack(b, bits).reshape(b.shape[0], -1)[:, :k].T
 
 
 def with_codes(b: np.ndarray, bits: int, codes: np.ndarray) -> np.ndarray:
     """`B` with its first K rows' codes replaced by `codes` (`[K, N]`); padding rows kept."""
-    n, k_blocks, blob = b.shape
+    n, k_blocks = b.shape[:2]
     full = unpack(b, bits).reshape(n, -1)
     k = codes.shape[0]
     if codes.shape != (k, n) or k > full.shape[1]:

@@ -363,8 +363,8 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
 
     `calibrate`: None, or a function (model, product nodes) -> ({weight name: (B, scales,
     zero_points)}, summary) giving calibrated codes in MatMulNBits' format with ONNX Runtime's
-    own scales and zero points (GPTQ: calibration.gptq_codes with
-    matmul_nbits.gptq_matmul_nbits); they replace the quantizer's round-to-nearest codes."""
+    own scales and zero points (GPTQ: calibration.gptq_codes with gptq_rounding(options)); they
+    replace the quantizer's round-to-nearest codes."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import (
