@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--calibration-size", type=int, default=DEFAULT_SIZE, help="gptq: calibration image side (pixels)")
     parser.add_argument("--calibration-steps", type=int, default=DEFAULT_STEPS, help="gptq: denoising steps per prompt")
     parser.add_argument("--calibration-seed", type=int, default=0, help="gptq: the calibration noise's seed")
+    parser.add_argument("--calibration-guidance", type=float, default=None,
+                        help="gptq: classifier-free guidance of the calibration generations, which then also run "
+                             "the empty negative prompt (default: the package's generation_defaults, 0 without)")
     parser.add_argument("--calibration-memory", type=float, default=DEFAULT_MEMORY_GIB, metavar="GIB",
                         help="gptq: the most calibration statistics held at once; more passes over the prompts "
                              "where they need more (the real model's: about 40 GiB)")
@@ -97,7 +100,7 @@ def calibration_from(args):
             raise ValueError(f"--calibration-count must be 1..{len(CALIBRATION_PROMPTS)}, not {args.calibration_count}")
         prompts = CALIBRATION_PROMPTS[:args.calibration_count]
     return CalibrationOptions(prompts, args.calibration_size, args.calibration_steps, args.calibration_seed,
-                              args.calibration_memory)
+                              args.calibration_memory, guidance=args.calibration_guidance)
 
 
 def options_from(args) -> QuantizeOptions:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from zimage_export.calibration import CALIBRATION_PROMPTS, CalibrationOptions, _passes, sigmas
+from zimage_export.calibration import CALIBRATION_PROMPTS, CalibrationOptions, _passes, guidance, sigmas
 from zimage_export.gptq import gptq_per_channel, weighted_error
 from zimage_export.quantize import QuantizeOptions
 from zimage_export.quantize_w8a8 import quantize_weight_per_channel
@@ -105,7 +105,8 @@ def test_gptq_options_are_checked():
                 dict(weights="int8", method="gptq", activations="int8", gptq_damping=0.0)):
         with pytest.raises(ValueError):
             QuantizeOptions(**bad)
-    for bad in (dict(prompts=()), dict(prompts=("a cat", " ")), dict(steps=0), dict(size=0), dict(memory_gib=0)):
+    for bad in (dict(prompts=()), dict(prompts=("a cat", " ")), dict(steps=0), dict(size=0), dict(memory_gib=0),
+                dict(guidance=-1.0), dict(guidance=float("nan")), dict(guidance=float("inf"))):
         with pytest.raises(ValueError):
             CalibrationOptions(**bad)
 
@@ -119,3 +120,13 @@ def test_calibration_prompts_are_not_the_quality_measurements():
     tested += (root / "export-scripts/quant_sensitivity.py").read_text(encoding="utf-8")
     for prompt in CALIBRATION_PROMPTS:
         assert prompt not in tested
+
+
+def test_calibration_guides_as_the_package_generates():
+    # Z-Image-Turbo packages have no generation_defaults: unguided, as they generate.
+    assert guidance(CalibrationOptions(), {}) == (0.0, 1.0)
+    base = {"generation_defaults": {"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_truncation": 0.9}}
+    assert guidance(CalibrationOptions(), base) == (4.0, 0.9)
+    assert guidance(CalibrationOptions(guidance=0.0), base) == (0.0, 0.9)  # --calibration-guidance 0
+    assert guidance(CalibrationOptions(guidance=2.5), {}) == (2.5, 1.0)
+    assert "guidance" not in CalibrationOptions(guidance=2.5).section()  # (the summary adds the resolved one)

@@ -55,6 +55,10 @@ class CalibrationOptions:
     seed: int = 0
     memory_gib: float = DEFAULT_MEMORY_GIB  # the most H held at once (float64)
     threads: int = 0  # ONNX Runtime's intra-op threads (0: its default)
+    # Classifier-free guidance of the calibration trajectories (None: the package's
+    # generation_defaults.guidance_scale, 0 where it has none, as Z-Image-Turbo). With guidance the
+    # transformer also runs on the empty negative prompt, whose activations are calibrated too.
+    guidance: float | None = None
 
     def __post_init__(self):
         self.prompts = tuple(self.prompts)
@@ -66,10 +70,23 @@ class CalibrationOptions:
             raise ValueError(f"calibration size must be positive, not {self.size}")
         if not self.memory_gib > 0:
             raise ValueError(f"calibration memory must be positive, not {self.memory_gib}")
+        if self.guidance is not None and not (np.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"calibration guidance must be finite and not negative, not {self.guidance}")
 
     def section(self) -> dict:
         """What the manifest records (the prompts by count: a user's own may be private)."""
         return {"prompts": len(self.prompts), "size": self.size, "steps": self.steps, "seed": self.seed}
+
+
+def guidance(options: CalibrationOptions, manifest: dict) -> tuple[float, float]:
+    """(scale, truncation) of the calibration's classifier-free guidance: `options.guidance`, or
+    the package's generation_defaults (scale 0 and truncation 1 where it has none). As the SDK
+    (sdk/src/pipeline/denoise.rs), a step whose normalised timestep exceeds a truncation <= 1
+    runs unguided; cfg_normalization is not applied (it rescales the prediction, not the
+    activations the statistics are made of)."""
+    defaults = manifest.get("generation_defaults") or {}
+    scale = options.guidance if options.guidance is not None else float(defaults.get("guidance_scale", 0.0))
+    return scale, float(defaults.get("cfg_truncation", 1.0))
 
 
 def sigmas(scheduler: dict, steps: int, image_seq_len: int) -> list:
@@ -192,6 +209,8 @@ def hessian_passes(package: Path, manifest: dict, inputs: dict, options: Calibra
     image_seq_len = (side // spec["patch_size"]) ** 2
     schedule = sigmas(manifest.get("scheduler", {}), options.steps, image_seq_len)
     captions = caption_inputs(package, manifest, options.prompts, options.threads)
+    scale, truncation = guidance(options, manifest)
+    negative = caption_inputs(package, manifest, [""], options.threads)[0] if scale > 0 else None
     shape = (1, spec["in_channels"], side, side)
     groups = _passes(inputs, options.memory_gib)
     for number, group in enumerate(groups, 1):
@@ -206,18 +225,26 @@ def hessian_passes(package: Path, manifest: dict, inputs: dict, options: Calibra
             latents = rng.standard_normal(shape).astype(np.float32)
             for i in range(options.steps):
                 t = np.array([1.0 - schedule[i]], np.float32)
-                feed = {"latents": latents, "timestep": t, "cap_feats": cap, "cap_mask": mask}
-                feed = {k: v.astype(types[k]) if k in types and v.dtype.kind == "f" else v for k, v in feed.items()}
-                out = session.run(names, feed)
-                for name, x in zip(group, out[1:]):
-                    # (float16 activations are summed in float32, as float32 ones, then float64)
-                    x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
-                    if not np.isfinite(x).all():
-                        raise ValueError(f"calibration: the float transformer's activation {name!r} is not "
-                                         f"finite (prompt {p + 1}, step {i + 1})")
-                    acc[name] += (x.T @ x).astype(np.float64)
-                    tokens[name] += x.shape[0]
-                latents = latents + np.float32(schedule[i + 1] - schedule[i]) * -out[0].astype(np.float32)
+                guided = scale > 0 and not (truncation <= 1.0 and float(t[0]) > truncation)
+                predictions = []
+                for caption, caption_mask in ((cap, mask), *((negative,) if guided else ())):
+                    feed = {"latents": latents, "timestep": t, "cap_feats": caption, "cap_mask": caption_mask}
+                    feed = {k: v.astype(types[k]) if k in types and v.dtype.kind == "f" else v
+                            for k, v in feed.items()}
+                    out = session.run(names, feed)
+                    for name, x in zip(group, out[1:]):
+                        # (float16 activations are summed in float32, as float32 ones, then float64)
+                        x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+                        if not np.isfinite(x).all():
+                            raise ValueError(f"calibration: the float transformer's activation {name!r} is not "
+                                             f"finite (prompt {p + 1}, step {i + 1})")
+                        acc[name] += (x.T @ x).astype(np.float64)
+                        tokens[name] += x.shape[0]
+                    predictions.append(out[0].astype(np.float32))
+                prediction = predictions[0]
+                if guided:  # pos + g * (pos - neg), as the SDK's guide()
+                    prediction = prediction + np.float32(scale) * (prediction - predictions[1])
+                latents = latents + np.float32(schedule[i + 1] - schedule[i]) * -prediction
             log(f"calibration pass {number}/{len(groups)}: prompt {p + 1}/{len(captions)}")
         del session
         yield {name: (acc[name], tokens[name]) for name in group}
@@ -257,8 +284,10 @@ def gptq_codes(model, nodes, package: Path, manifest: dict, options: Calibration
                 else:
                     fallbacks += 1
             del h
+    scale, _ = guidance(options, manifest)
     summary = {
         **options.section(),
+        **({"guidance": scale} if scale > 0 else {}),  # (absent without: as before it existed)
         "damping": damping,
         "tokens": tokens,
         "weights": len(codes),
