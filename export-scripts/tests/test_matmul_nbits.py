@@ -24,7 +24,8 @@ def asymmetric_blocks(w, bits, block_size):
     zero = np.pad(zero, ((0, 0), (0, -(-k_blocks // per_byte) * per_byte - k_blocks)))
     zero_points = pack(zero, bits)
     g = grid(scales, zero_points, bits, block_size)
-    codes = g.round_to_nearest(padded).astype(np.int64)
+    codes = g.round(padded, np.repeat(g.scale, block_size, axis=0), np.repeat(g.zero, block_size, axis=0))
+    codes = codes.astype(np.int64)
     b = pack(codes.T.reshape(n, k_blocks, block_size), bits)
     return b, scales, zero_points
 

@@ -60,10 +60,6 @@ class Grid:
         q = np.where(scale == 0, zero, np.round(values / safe + zero))
         return np.clip(q, self.low, self.high)
 
-    def round_to_nearest(self, w: np.ndarray) -> np.ndarray:
-        k = w.shape[0]
-        return self.round(np.asarray(w, np.float64), self._expand(self.scale, k), self._expand(self.zero, k))
-
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         k = q.shape[0]
         return (q - self._expand(self.zero, k)) * self._expand(self.scale, k)

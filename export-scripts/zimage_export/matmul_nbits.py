@@ -25,20 +25,14 @@ def _per_byte(bits: int) -> int:
 
 
 def block_quantize(w: np.ndarray, bits: int, block_size: int):
-    """ONNX Runtime's round-to-nearest block quantization of `w` (`[K, N]`, asymmetric), exactly
-    what its MatMulNBitsQuantizer writes (the same C++ kernels): `(B, scales, zero_points)`."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    """ONNX Runtime's round-to-nearest block quantization of `w` (`[K, N]`, asymmetric): the
+    function its MatMulNBitsQuantizer writes each weight with, so exactly its bytes:
+    `(B, scales, zero_points)`."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    per_byte = _per_byte(bits)
-    k, n = w.shape
-    k_blocks = -(-k // block_size)
-    padded = np.pad(np.ascontiguousarray(w), ((0, k_blocks * block_size - k), (0, 0)))
-    b = np.zeros((n, k_blocks, block_size // per_byte), np.uint8)
-    zero_points = np.zeros((n, -(-k_blocks // per_byte)), np.uint8)
-    scales = np.zeros((n, k_blocks), padded.dtype)
-    quantize = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
-    quantize(b, padded, scales, zero_points, block_size, n, k, False)
-    return b, scales, zero_points
+    _per_byte(bits)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -52,22 +52,19 @@ def quantize_table(table: np.ndarray, bits: int, block_size: int):
     """The `[vocab, hidden]` table quantized as the `MatMulNBits` weight E^T ([K = hidden,
     N = vocab]) by ONNX Runtime's round-to-nearest kernel: (packed [vocab, blocks, block_size *
     bits / 8] uint8, scales [vocab, blocks], zero points [vocab, ceil(blocks * bits / 8)] uint8)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    from .matmul_nbits import block_quantize  # (imported here: matmul_nbits imports quantize, which imports us)
 
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
-    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
-    return packed, scales, zero_points
+    return block_quantize(table.T, bits, block_size)
 
 
 def dequantize_table(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, block_size: int,
                      hidden: int) -> np.ndarray:
     """The float rows `quantize_table`'s output stands for (numpy; for checks)."""
+    from .matmul_nbits import unpack  # (imported here, as in quantize_table)
+
     vocab, blocks, _ = packed.shape
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(vocab, blocks, block_size)
-        z = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(vocab, -1)[:, :blocks]
-    else:
-        q, z = packed, zero_points[:, :blocks]
+    q = unpack(packed, bits).reshape(vocab, blocks, block_size)
+    z = unpack(zero_points, bits).reshape(vocab, -1)[:, :blocks]
     rows = (q.astype(np.float32) - z[:, :, None].astype(np.float32)) * scales[:, :, None].astype(np.float32)
     return rows.reshape(vocab, blocks * block_size)[:, :hidden]
 
