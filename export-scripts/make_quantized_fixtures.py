@@ -1,4 +1,5 @@
-"""Make the quantized test packages from models/tiny-zimage (no torch needed):
+"""Make the quantized test packages from models/tiny-zimage (torch only for -int4-hqq: ONNX
+Runtime's HQQ quantizer uses it):
 
     python make_quantized_fixtures.py
 
@@ -16,6 +17,9 @@ prompts at 64x64, 8 steps (zimage_export/calibration.py, gptq.py): the same form
 models/tiny-zimage-int4-gptq-te8: -int4 with the transformer's MatMulNBits codes chosen by GPTQ
 (zimage_export/matmul_nbits.py) on the same calibration, and an int8 text encoder
 (`--text-encoder-weights int8`): -int8's, byte for byte.
+models/tiny-zimage-int4-hqq: -int4 with the products rounded by ONNX Runtime's HQQ (`--method
+hqq`: float zero points) and the token embedding, which HQQ does not handle, rounded to nearest
+in a pass of its own.
 
 tests/golden/w8a8/product_{fp32,w8a8,w8a8x2}.onnx: one [64, 48] product (seeded weights) in
 float and rewritten by quantize_w8a8 (one int8 term, two), for sdk/src/runtime/int8_products.rs's
@@ -48,6 +52,9 @@ def main(argv=None) -> None:
         out = args.models / f"tiny-zimage-{weights}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions(weights))
         print(f"wrote {out}")
+    out = args.models / "tiny-zimage-int4-hqq"
+    quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int4", method="hqq"))
+    print(f"wrote {out}")
     for activations, name in (("int8", "w8a8"), ("int8x2", "w8a8x2")):
         out = args.models / f"tiny-zimage-{name}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations=activations))

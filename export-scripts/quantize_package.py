@@ -122,7 +122,12 @@ def main(argv=None) -> None:
         options = options_from(args)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    manifest = quantize_package(args.package, args.out, options)
+    try:
+        manifest = quantize_package(args.package, args.out, options)
+    except (ValueError, OSError) as e:
+        # A refused package or option: refusals come before the output folder is touched (the
+        # graphs are written to a temporary folder first).
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     for graph, rep in manifest["quantization"]["graphs"].items():
         print(f"{graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
     if args.int8_vae:

@@ -297,6 +297,7 @@ fn quantization_is_recorded_with_its_activations() {
         ("models/tiny-zimage-w8a8", "int8", "int8".into(), "int8", "int8 rtn, block 32, int8 activations"),
         ("models/tiny-zimage-w8a8x2", "int8", "int8x2".into(), "int8", "int8 rtn, block 32, int8x2 activations"),
         ("models/tiny-zimage-int4-gptq-te8", "int4", Value::Null, "int8", "int4 gptq, block 32, int8 text encoder"),
+        ("models/tiny-zimage-int4-hqq", "int4", Value::Null, "int4", "int4 hqq, block 32"),
     ] {
         let output = dir.join("out.png");
         let args = ["generate", "--model", model, "--prompt", "a red cube", "--width", "32", "--height", "32"];

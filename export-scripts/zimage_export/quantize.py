@@ -177,6 +177,8 @@ class QuantizeOptions:
             section["quantizer"] += " + zimage_export.quantize_w8a8 (transformer)"
         if self.method == "gptq":
             section["quantizer"] += " + zimage_export.gptq (the transformer's codes)"
+        if self.method == "hqq" and self.quantize_embedding:
+            section["quantizer"] += " (the token embedding to nearest: HQQ quantizes MatMuls only)"
         return section
 
 
@@ -367,11 +369,7 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     replace the quantizer's round-to-nearest codes."""
     import logging
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     names = names or {}
     label = lambda init: names.get(init, init)  # noqa: E731
@@ -398,16 +396,16 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     else:
         report.kept.extend(label(n.input[0]) for n in embeddings)
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     if options.method == "hqq":
+        if embeddings and options.quantize_embedding:
+            # ONNX Runtime's HQQ quantizes MatMuls only: the token-embedding table (a Gather) is
+            # rounded to nearest in a pass of its own, as the enhancer's tied table always is.
+            _quantize_gathers_to_nearest(model, options)
         algo = HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=options.bits)
     else:
         op_types = ("MatMul", "Gather") if embeddings and options.quantize_embedding else ("MatMul",)
-        algo = DefaultWeightOnlyQuantConfig(
-            block_size=options.block_size, is_symmetric=False, accuracy_level=options.accuracy_level or None,
-            bits=options.bits, op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
-    if options.method == "hqq" and embeddings and options.quantize_embedding:
-        raise ValueError("hqq cannot quantize the embedding table (ONNX Runtime's HQQ has no Gather); pass --keep-embedding")
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        algo = _round_to_nearest_config(options, op_types)
     quantizer = MatMulNBitsQuantizer(model, algo_config=algo, nodes_to_exclude=exclude,
                                      accuracy_level=options.accuracy_level or None)
     quantizer.process()
@@ -426,6 +424,27 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     if count != len(report.quantized):
         raise RuntimeError(f"expected {len(report.quantized)} quantized nodes, the quantizer wrote {count}")
     return report
+
+
+def _round_to_nearest_config(options: QuantizeOptions, op_types: tuple):
+    """ONNX Runtime's round-to-nearest configuration for `op_types` (MatMul weights blocked
+    along their input axis, Gather tables along the hidden one), asymmetric."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    return DefaultWeightOnlyQuantConfig(
+        block_size=options.block_size, is_symmetric=False, accuracy_level=options.accuracy_level or None,
+        bits=options.bits, op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+
+
+def _quantize_gathers_to_nearest(model, options: QuantizeOptions) -> None:
+    """Rounds `model`'s constant-table Gathers to nearest in place (GatherBlockQuantized),
+    leaving every MatMul to a later pass."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, algo_config=_round_to_nearest_config(options, ("Gather",)))
+    quantizer.process()
+    if quantizer.model.model is not model:
+        model.CopyFrom(quantizer.model.model)
 
 
 def _replace_codes(model, calibrated: dict, bits: int) -> None:

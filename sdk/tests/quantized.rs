@@ -1,5 +1,5 @@
-//! The quantized packages (`models/tiny-zimage-int8`, `-int4`, `-w8a8`, `-w8a8x2`, and the GPTQ
-//! ones `-int4-gptq-te8`, with an int8 text encoder, and `-w8a8x2-gptq`: tiny-zimage with its
+//! The quantized packages (`models/tiny-zimage-int8`, `-int4`, `-int4-hqq`, `-w8a8`, `-w8a8x2`, and
+//! the GPTQ ones `-int4-gptq-te8`, with an int8 text encoder, and `-w8a8x2-gptq`: tiny-zimage with its
 //! transformer and text encoder quantized by export-scripts/make_quantized_fixtures.py): they
 //! load with no other change, describe their quantization, generate deterministically, and
 //! stay within the distances to tiny-zimage's fp32 goldens written in docs/quantization.md. A
@@ -31,10 +31,13 @@ use zimage::{
 /// GPTQ weights (2026-12-02) 7.34e-3 / 9.0e-3 (round to nearest's 9.13e-3 fails it), latents
 /// 8.87e-3 / 1.2e-2, 4 / 6; int4 with GPTQ codes and an int8 text encoder (2026-12-02)
 /// 9.78e-2 / 0.12 (round to nearest's 0.127 fails it), the int8 text encoder's 2.43e-2 /
-/// 3.2e-2, latents 7.26e-2 / 0.10, 29 / 40 levels (the int4 package's 0.129 and 42 fail them).
+/// 3.2e-2, latents 7.26e-2 / 0.10, 29 / 40 levels (the int4 package's 0.129 and 42 fail them);
+/// int4 with HQQ (2026-12-02, the token embedding to nearest) 0.130 / 0.17, 0.315 / 0.42,
+/// 0.112 / 0.15, 45 / 56.
 struct Bounds {
     weights: WeightQuantization,
-    /// `rtn`, or `gptq` (`tiny-zimage-w8a8x2-gptq`, `tiny-zimage-int4-gptq-te8`).
+    /// `rtn`, `hqq` (`tiny-zimage-int4-hqq`) or `gptq` (`tiny-zimage-w8a8x2-gptq`,
+    /// `tiny-zimage-int4-gptq-te8`).
     method: &'static str,
     /// The text encoder's weights where they differ (`tiny-zimage-int4-gptq-te8`).
     text_encoder: Option<WeightQuantization>,
@@ -50,7 +53,7 @@ struct Bounds {
     levels: u8,
 }
 
-const PACKAGES: [(&str, Bounds); 6] = [
+const PACKAGES: [(&str, Bounds); 7] = [
     (
         "tiny-zimage-int8",
         Bounds {
@@ -74,6 +77,19 @@ const PACKAGES: [(&str, Bounds); 6] = [
             transformer: 0.17,
             text: 0.45,
             latents: 0.18,
+            levels: 56,
+        },
+    ),
+    (
+        "tiny-zimage-int4-hqq",
+        Bounds {
+            weights: WeightQuantization::Int4,
+            method: "hqq",
+            text_encoder: None,
+            activations: None,
+            transformer: 0.17,
+            text: 0.42,
+            latents: 0.15,
             levels: 56,
         },
     ),
