@@ -120,6 +120,9 @@ fn a_bad_model_folder_is_a_package_error() {
     let dir = scratch("bad-package");
     let out = zimage(&["generate", "--model", dir.join("missing").to_str().unwrap(), "--prompt", "x"]);
     assert_code(&out, 3);
+    assert!(assert_one_line_error(&out).trim_end().ends_with("no such folder"), "{out:?}");
+    let out = zimage(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    assert_code(&out, 3);
     assert!(assert_one_line_error(&out).contains("no manifest.json"));
 
     std::fs::write(dir.join("manifest.json"), r#"{"format": "something-else"}"#).unwrap();

@@ -18,6 +18,10 @@ pub const FORMAT_VERSION: u32 = 1;
 pub(crate) fn read_manifest_json(dir: &Path, what_it_is_not: &str) -> Result<String> {
     let path = dir.join("manifest.json");
     let bytes = read_file_capped(&path, MAX_MANIFEST_BYTES).map_err(|e| match e {
+        // (a mistyped path is the usual cause: say so rather than blame the folder's contents)
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
+            Error::package(dir, "no such folder")
+        }
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Error::package(dir, format!("no manifest.json: {what_it_is_not}"))
         }
