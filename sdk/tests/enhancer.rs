@@ -381,19 +381,18 @@ fn combined_package_shares_weights_and_cancel_handle() {
     let diff = max_abs_diff(a.features.iter(), b.features.iter());
     assert!(diff < 1e-5, "text features differ by {diff}");
 
+    // Attached, it takes the pipeline's tokenizer (the same file, read once) and decodes as the
+    // enhancer loaded on its own, token for token and character for character.
     let enhancer = pipeline.attach_enhancer(&options).unwrap();
-    let done = enhancer
-        .enhance(
-            "a red fox",
-            &{
-                let mut o = EnhanceOptions::default();
-                o.max_new_tokens = 4;
-                o
-            },
-            None,
-        )
-        .unwrap();
-    assert!(!done.token_ids.is_empty());
+    let short = {
+        let mut o = EnhanceOptions::default();
+        o.max_new_tokens = 4;
+        o
+    };
+    let done = enhancer.enhance("a red fox, 雪", &short, None).unwrap();
+    assert_eq!(done.token_ids.len(), 4);
+    let alone = zimage::PromptEnhancer::load(&dir, &options).unwrap().enhance("a red fox, 雪", &short, None).unwrap();
+    assert_eq!((&done.token_ids, &done.text), (&alone.token_ids, &alone.text));
     let handle = pipeline.cancel_handle();
     let mut cancel_first = |_: &zimage::TokenEvent| {
         handle.cancel();

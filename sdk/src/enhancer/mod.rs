@@ -50,7 +50,7 @@ use text::{split_thinking, TextStream};
 
 /// A loaded enhancer. `Send + Sync`; concurrent calls take turns per decoder call.
 pub struct PromptEnhancer {
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     info: EnhancerInfo,
     decoder: Decoder,
     registry: Arc<Registry>,
@@ -63,15 +63,18 @@ pub struct PromptEnhancer {
 impl PromptEnhancer {
     /// Loads the enhancer of a Z-Image package that has one, or of a standalone enhancer package.
     pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<PromptEnhancer> {
-        Self::load_with_registry(dir.as_ref(), options, Arc::new(Registry::default()))
+        Self::load_with_registry(dir.as_ref(), options, Arc::new(Registry::default()), None)
     }
 
     /// Loads with `registry` tracking its runs: the registry of a pipeline when attached to it
-    /// (`Pipeline::attach_enhancer`), so that the pipeline's cancel handle stops it too.
+    /// (`Pipeline::attach_enhancer`), so that the pipeline's cancel handle stops it too, and
+    /// with `tokenizer` when the caller already holds the package's `tokenizer.json` (the
+    /// pipeline's text encoder: the same file, read once).
     pub(crate) fn load_with_registry(
         dir: &Path,
         options: &LoadOptions,
         registry: Arc<Registry>,
+        tokenizer: Option<Arc<Tokenizer>>,
     ) -> Result<PromptEnhancer> {
         let (tokenizer_path, graph, info, quantization) = read_package(dir, options.verify_checksums)?;
         let rt = runtime(options.runtime_library.as_deref())?;
@@ -103,20 +106,24 @@ impl PromptEnhancer {
         );
         let built = build_session(rt, GraphKind::TextDecoder, &path, &provider, &settings)?;
         let decoder = Decoder::new(Graph::new(GraphKind::TextDecoder, built.session), built.device, info.clone());
-        let mut enhancer = Self::new(dir, &tokenizer_path, info, decoder, registry)?;
+        let mut enhancer = Self::new(dir, &tokenizer_path, tokenizer, info, decoder, registry)?;
         enhancer.fallback_reason = built.fallback_reason;
         Ok(enhancer)
     }
 
+    /// `tokenizer`: the one read from `tokenizer_path` already, or None to read it.
     pub(crate) fn new(
         dir: &Path,
         tokenizer_path: &Path,
+        tokenizer: Option<Arc<Tokenizer>>,
         info: EnhancerInfo,
         decoder: Decoder,
         registry: Arc<Registry>,
     ) -> Result<Self> {
-        let tokenizer = crate::package::tokenizer_file::load(tokenizer_path)
-            .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
+        let tokenizer = match tokenizer {
+            Some(tokenizer) => tokenizer,
+            None => Arc::new(crate::package::tokenizer_file::read(tokenizer_path)?),
+        };
         let tag = |id: u32| {
             tokenizer
                 .id_to_token(id)

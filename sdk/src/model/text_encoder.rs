@@ -43,15 +43,19 @@ pub struct PromptEmbedding {
 }
 
 pub(crate) struct TextEncoder {
-    tokenizer: Tokenizer,
+    /// Shared with a prompt enhancer attached to the pipeline (the same file).
+    tokenizer: Arc<Tokenizer>,
     info: TextEncoderInfo,
 }
 
 impl TextEncoder {
     pub fn new(tokenizer_path: &Path, info: TextEncoderInfo) -> Result<Self> {
-        let tokenizer = crate::package::tokenizer_file::load(tokenizer_path)
-            .map_err(|e| Error::package(tokenizer_path, format!("tokenizer.json cannot be loaded: {e}")))?;
-        Ok(TextEncoder { tokenizer, info })
+        let tokenizer = crate::package::tokenizer_file::read(tokenizer_path)?;
+        Ok(TextEncoder { tokenizer: Arc::new(tokenizer), info })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
     }
 
     pub fn default_max_sequence_length(&self) -> usize {

@@ -20,6 +20,11 @@ use tokenizers::{
     PreTokenizerWrapper, Tokenizer, TokenizerBuilder, TruncationParams,
 };
 
+/// Reads a package's `tokenizer.json`; a file that cannot be read or parsed is a package error.
+pub(crate) fn read(path: &Path) -> crate::error::Result<Tokenizer> {
+    load(path).map_err(|e| crate::error::Error::package(path, format!("tokenizer.json cannot be loaded: {e}")))
+}
+
 /// Reads `path` as a tokenizer; the error is the `tokenizers` crate's wording.
 pub(crate) fn load(path: &Path) -> Result<Tokenizer, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
