@@ -89,7 +89,9 @@ def denoise(pkg, case, x, sigmas, timesteps, start=0, after_step=None):
     neg = [pkg.encode(case["negative_prompt"] or "", msl)] * n if g > 0 else None
     for i in range(start, len(timesteps)):
         t_norm = (np.float32(1000) - timesteps[i]) / np.float32(1000)
-        scale = 0.0 if g > 0 and case["cfg_truncation"] <= 1 and t_norm > case["cfg_truncation"] else g
+        # As diffusers: the float32 t_norm as a Python float against the Python float (numpy would
+        # compare in float32, where float32 0.1 is not above 0.1).
+        scale = 0.0 if g > 0 and case["cfg_truncation"] <= 1 and float(t_norm) > case["cfg_truncation"] else g
         if scale > 0:
             out = pkg.transformer(np.concatenate([x, x]), t_norm, pos + neg)
             p, q = out[:n], out[n:]

@@ -30,12 +30,21 @@ impl Guidance {
     }
 
     pub(crate) fn scale_at(&self, t_norm: f32) -> f32 {
-        if self.enabled() && self.truncation <= 1.0 && t_norm as f64 > self.truncation as f64 {
+        if self.enabled() && self.truncation <= 1.0 && t_norm as f64 > as_decimal(self.truncation) {
             0.0
         } else {
             self.scale
         }
     }
+}
+
+/// `x` as the shortest decimal that reads back as `x` (0.6 for 0.6f32, whose exact value is
+/// 0.60000002384...), in f64. diffusers compares each step's float32 `t_norm` with the caller's
+/// `cfg_truncation`, a Python float: where a step's `t_norm` is the float32 nearest the decimal
+/// the caller wrote (shift 3, 8 steps: 0.1 at the third step; shift 2: 0.6 at the seventh), it
+/// is above that decimal, and guidance stops there. Compared with the f32 itself it would not be.
+fn as_decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
 }
 
 /// What the loop reports after each step; returning false stops the run.
@@ -154,4 +163,27 @@ pub(crate) fn guide(pos: ArrayView4<f32>, neg: ArrayView4<f32>, scale: f32, norm
 
 fn l2_norm<'a>(values: impl Iterator<Item = &'a f32>) -> f64 {
     values.map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers' comparison: the step's float32 t_norm, as a Python float, above the caller's
+    /// decimal. Checked end to end by the `cfg_truncation_boundary` golden.
+    #[test]
+    fn guidance_stops_where_diffusers_stops_it() {
+        let t_norm = |t: f32| (1000.0f32 - t) / 1000.0;
+        let guidance = |truncation| Guidance { scale: 3.0, normalization: 0.0, truncation };
+        // float32 0.1 and 0.6 are above the decimals 0.1 and 0.6: guidance stops.
+        assert_eq!(guidance(0.1).scale_at(t_norm(900.0)), 0.0);
+        assert_eq!(guidance(0.6).scale_at(t_norm(400.0)), 0.0);
+        // 0.5 and 0.25 are exact in float32: equal is not above.
+        assert_eq!(guidance(0.5).scale_at(t_norm(500.0)), 3.0);
+        assert_eq!(guidance(0.25).scale_at(t_norm(750.0)), 3.0);
+        assert_eq!(guidance(0.1).scale_at(t_norm(950.0)), 3.0);
+        // Truncation above 1 never stops it; no guidance stays none.
+        assert_eq!(guidance(1.5).scale_at(1.0), 3.0);
+        assert_eq!(Guidance { scale: 0.0, normalization: 0.0, truncation: 0.1 }.scale_at(0.9), 0.0);
+    }
 }
