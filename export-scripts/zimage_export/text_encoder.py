@@ -22,7 +22,10 @@ class TextEncoderExport(nn.Module):
         base = causal_lm.model  # Qwen3Model inside Qwen3ForCausalLM
         n_layers = len(base.layers)
         if n_layers < 2:
-            raise ValueError("hidden_states[-2] needs at least 2 decoder layers")
+            # (with one, hidden_states[-2] would be the token embedding alone, and the exported
+            # graph would have no use for its attention_mask input)
+            raise ValueError(f"the text encoder has {n_layers} decoder layer(s): Z-Image reads hidden_states[-2] "
+                             "(the second-to-last layer's output), which needs at least 2")
         self.embed_tokens = base.embed_tokens
         self.rotary_emb = base.rotary_emb
         self.layers = nn.ModuleList(base.layers[: n_layers - 1])

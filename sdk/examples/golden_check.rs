@@ -1,0 +1,136 @@
+//! Parity of any package with a goldens folder written by the fixture writers
+//! (`export-scripts/zimage_export/fixtures/goldens_pipeline.py`: diffusers' outputs for that
+//! package's source), the same checks and bounds as `tests/parity.rs` on the committed
+//! packages: token ids exact, text features and one transformer forward within 1e-5 relative
+//! L2, every generation's final latents within 1e-4 max abs and images within 1 level, and
+//! the same for the LoRA goldens (`lora.json`, goldens_lora.py) where the folder has them.
+//!
+//!     cargo run --release -p zimage --example golden_check -- PACKAGE GOLDEN_DIR
+//!
+//! `export-scripts/random_config_parity.py` runs it on random-weight models of drawn configs
+//! (docs/goldens.md, "Configs not in the repo"). Prints one line per check and exits 1 when
+//! any is out of bounds.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{as4, golden_request, json, max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, tolerances};
+use ndarray::{Array1, Array2, Array3};
+use serde_json::Value;
+use zimage::{GenerateRequest, InitImage, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [package, golden] = &args[..] else {
+        eprintln!("usage: golden_check PACKAGE GOLDEN_DIR");
+        std::process::exit(2);
+    };
+    let golden = PathBuf::from(golden);
+    let cases = json(&golden.join("cases.json"));
+    let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
+    let mut options = LoadOptions::default();
+    options.threads = Some(1);
+    let pipeline = Pipeline::load(Path::new(package), &options).unwrap_or_else(|e| panic!("{package}: {e}"));
+    let rel_bound = tolerances().2;
+    let mut failures = 0;
+    let mut report = |what: String, ok: bool| {
+        println!("{} {what}", if ok { "ok  " } else { "FAIL" });
+        failures += usize::from(!ok);
+    };
+
+    for case in cases["text_features"].as_array().unwrap() {
+        let max = case["max_sequence_length"].as_u64().map(|m| m as usize);
+        let embedding = pipeline.encode_prompt(case["prompt"].as_str().unwrap(), max).unwrap();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want = npy_f32(&file(&case["features_file"]));
+        let err = if embedding.features.shape() == want.shape() {
+            rel_l2(embedding.features.as_slice().unwrap(), want.as_slice().unwrap())
+        } else {
+            f64::NAN
+        };
+        let ok = embedding.tokens.ids == ids && err <= rel_bound;
+        report(
+            format!("text features {:?}: ids equal {}, rel L2 {err:.2e}", case["prompt"], embedding.tokens.ids == ids),
+            ok,
+        );
+    }
+
+    let case = &cases["transformer_forward"];
+    let latents = as4(npy_f32(&file(&case["latents_file"])));
+    let timestep: Array1<f32> = npy_f32(&file(&case["timestep_file"])).into_dimensionality().unwrap();
+    let cap_feats: Array3<f32> = npy_f32(&file(&case["cap_feats_file"])).into_dimensionality().unwrap();
+    let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(&case["cap_mask_file"])).unwrap();
+    let got = pipeline.transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
+    let err = rel_l2(got.as_slice().unwrap(), npy_f32(&file(&case["output_file"])).as_slice().unwrap());
+    report(format!("transformer forward: rel L2 {err:.2e}"), err <= rel_bound);
+
+    for kind in ["text_to_image", "image_to_image", "inpaint"] {
+        for case in cases[kind].as_array().into_iter().flatten() {
+            let mut request = golden_request(case);
+            if kind != "text_to_image" {
+                request.init_image = Some(InitImage {
+                    image: png_rgb(&file(&case["init_image_file"])),
+                    mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(m)).unwrap()),
+                    strength: case["strength"].as_f64().unwrap(),
+                });
+            }
+            let (line, ok) = check_generation(&pipeline, &request, case, &golden);
+            report(format!("{kind}/{}: {line}", case["name"].as_str().unwrap()), ok);
+        }
+    }
+
+    // LoRA goldens (goldens_lora.py), where the folder has them: each case's adapters set on the
+    // loaded pipeline, as `Pipeline::set_loras` switches them.
+    if golden.join("lora.json").exists() {
+        for case in json(&golden.join("lora.json"))["cases"].as_array().unwrap() {
+            let settings: Vec<LoraSetting> = case["loras"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    let adapter = LoraAdapter::load(file(&l["file"])).unwrap_or_else(|e| panic!("{}: {e}", l["file"]));
+                    LoraSetting::new(Arc::new(adapter), l["scale"].as_f64().unwrap() as f32)
+                })
+                .collect();
+            let name = format!("lora/{}", case["name"].as_str().unwrap());
+            match pipeline.set_loras(&settings) {
+                Ok(()) => {
+                    let (line, ok) = check_generation(&pipeline, &golden_request(case), case, &golden);
+                    report(format!("{name}: {line}"), ok);
+                }
+                Err(e) => report(format!("{name}: {e}"), false),
+            }
+        }
+    }
+    println!("{package}: {failures} failure(s)");
+    std::process::exit(i32::from(failures > 0));
+}
+
+/// Generates `request` and compares its final latents and images with the golden `case`'s:
+/// the report line and whether both are within the bounds.
+fn check_generation(pipeline: &Pipeline, request: &GenerateRequest, case: &Value, golden: &Path) -> (String, bool) {
+    let (latent_bound, level_bound, _) = tolerances();
+    let generation = match pipeline.generate(request, None) {
+        Ok(generation) => generation,
+        Err(e) => return (e.to_string(), false),
+    };
+    let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
+    let want = npy_f32(&file(&case["latents_file"]));
+    let got = generation.latents.as_ref().unwrap();
+    let diff = if got.shape() == want.shape() {
+        max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap())
+    } else {
+        f32::NAN
+    };
+    let images = case["image_files"].as_array().unwrap();
+    let levels = if generation.images.len() == images.len() {
+        generation.images.iter().zip(images).map(|(got, path)| max_pixel_diff(got, &png_rgb(&file(path)))).max()
+    } else {
+        None
+    };
+    let ok = diff <= latent_bound && levels.is_some_and(|l| l <= level_bound);
+    (format!("final latents max abs {diff:.2e}, images {levels:?} levels"), ok)
+}
