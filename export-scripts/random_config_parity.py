@@ -50,8 +50,7 @@ def draw_config(seed: int):
     blocks = rng.randint(1, 4)
     groups = rng.choice([2, 4, 8])
     channels = [groups * rng.randint(1, 4) for _ in range(blocks)]
-    scale = 2 ** (blocks - 1)
-    multiple = 2 * scale
+    multiple = 2 * 2 ** (blocks - 1)  # patch size 2 times the VAE's factor
     # Sizes of 16 to 96 pixels, multiples of twice the VAE factor.
     sizes = [multiple * rng.randint(max(1, -(-16 // multiple)), max(1, 96 // multiple)) for _ in range(4)]
     patches = max(sizes) // multiple
@@ -92,6 +91,11 @@ def draw_config(seed: int):
         t2i_size=(sizes[0], sizes[1]),
         t2i_alt_size=(sizes[2], sizes[3]),
     )
+
+
+def vae_factor(vae: dict) -> int:
+    """The VAE's scale factor: each block after the first halves the resolution."""
+    return 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 # --quantized: each package is also quantized these ways (quantize_package.py) and compared
@@ -138,7 +142,8 @@ def check_quantized(package: Path, folder: Path, size: int, log, worst: dict) ->
 
 
 def run(*args, log) -> bool:
-    return subprocess.run([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT).returncode == 0
+    """Runs a command from the repository root (cargo's workspace), its output into `log`."""
+    return subprocess.run([str(a) for a in args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0
 
 
 def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: bool) -> dict:
@@ -176,13 +181,12 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
                 traceback.print_exc(file=log)
                 result["reference_failed"] = f"diffusers could not make the LoRA goldens: {type(e).__name__}: {e}"
         if "failed" not in result:
-            check = ["cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
-                     package, folder / "golden"]
-            if not subprocess.run(check, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0:
+            if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
+                       package, folder / "golden", log=log):
                 result["failed"] = "golden_check"
             elif quantized:
                 log.flush()
-                multiple = 2 * 2 ** (len(cfg.vae["block_out_channels"]) - 1)
+                multiple = 2 * vae_factor(cfg.vae)
                 result["quantized_worst_latent_rel_l2"] = {}
                 failure = check_quantized(package, folder, multiple * -(-32 // multiple), log,
                                           result["quantized_worst_latent_rel_l2"])
@@ -226,7 +230,7 @@ def main(argv=None) -> None:
         results.append(result)
         t, v = result["config"]["transformer"], result["config"]["vae"]
         shape = (f"dim {t['dim']} heads {t['n_heads']} layers {t['n_layers']}+{t['n_refiner_layers']}, "
-                 f"caption {t['cap_feat_dim']}, VAE x{2 ** (len(v['block_out_channels']) - 1)} "
+                 f"caption {t['cap_feat_dim']}, VAE x{vae_factor(v)} "
                  f"{v['latent_channels']} channels, sizes {result['config']['t2i_size']} "
                  f"{result['config']['t2i_alt_size']}")
         status = f"FAILED at {result['failed']} (log: {args.out / result['config']['name'] / 'log.txt'})" \

@@ -17,10 +17,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{as4, golden_request, json, max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, tolerances};
+use common::{
+    as4, golden_init_image, golden_request, json, max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, tolerances,
+};
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
-use zimage::{GenerateRequest, InitImage, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
+use zimage::{GenerateRequest, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -71,11 +73,7 @@ fn main() {
         for case in cases[kind].as_array().into_iter().flatten() {
             let mut request = golden_request(case);
             if kind != "text_to_image" {
-                request.init_image = Some(InitImage {
-                    image: png_rgb(&file(&case["init_image_file"])),
-                    mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(m)).unwrap()),
-                    strength: case["strength"].as_f64().unwrap(),
-                });
+                request.init_image = Some(golden_init_image(case, &golden));
             }
             let (line, ok) = check_generation(&pipeline, &request, case, &golden);
             report(format!("{kind}/{}: {line}", case["name"].as_str().unwrap()), ok);

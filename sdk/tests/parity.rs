@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
-use zimage::InitImage;
 
 const PACKAGES: [&str; 2] = ["tiny-zimage", "tiny-zimage-alt"];
 
@@ -86,11 +85,7 @@ fn check_generations(package: &str, kind: &str, with_init: bool) -> usize {
         let name = case["name"].as_str().unwrap();
         let mut request = golden_request(case);
         if with_init {
-            request.init_image = Some(InitImage {
-                image: png_rgb(&file(package, &case["init_image_file"])),
-                mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(package, m)).unwrap()),
-                strength: case["strength"].as_f64().unwrap(),
-            });
+            request.init_image = Some(golden_init_image(case, &golden(package)));
         }
         let result = pipeline.generate(&request, None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
         let want = npy_f32(&file(package, &case["latents_file"]));

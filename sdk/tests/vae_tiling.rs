@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
-use zimage::{image_parameters, ErrorKind, InitImage, InputNames, LoadOptions, Pipeline, VaeTiling};
+use zimage::{image_parameters, ErrorKind, InputNames, LoadOptions, Pipeline, VaeTiling};
 
 const PACKAGES: [&str; 2] = ["tiny-zimage", "tiny-zimage-alt"];
 
@@ -82,11 +82,7 @@ fn image_to_image_and_inpainting_encode_in_tiles_like_diffusers() {
             let name = case["name"].as_str().unwrap();
             let pipeline = load(package, Some(tiling_of(case))).unwrap();
             let mut request = golden_request(case);
-            request.init_image = Some(InitImage {
-                image: png_rgb(&file(package, &case["init_image_file"])),
-                mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(package, m)).unwrap()),
-                strength: case["strength"].as_f64().unwrap(),
-            });
+            request.init_image = Some(golden_init_image(case, &golden(package)));
             let result = pipeline.generate(&request, None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
             // The tiled encode moves the final latents far beyond the tolerance (the golden
             // records how far): matching them means the picture was encoded in the same tiles.

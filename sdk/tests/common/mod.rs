@@ -49,6 +49,17 @@ pub fn golden_request(case: &Value) -> zimage::GenerateRequest {
     r
 }
 
+/// The input picture (and mask) of a golden image-to-image or inpainting case, its files
+/// relative to `dir` (the folder holding the case's JSON).
+pub fn golden_init_image(case: &Value, dir: &Path) -> zimage::InitImage {
+    let file = |rel: &Value| dir.join(rel.as_str().expect("a file name"));
+    zimage::InitImage {
+        image: png_rgb(&file(&case["init_image_file"])),
+        mask: case.get("mask_file").map(|m| zimage::image_io::load_gray(&file(m)).unwrap()),
+        strength: case["strength"].as_f64().unwrap(),
+    }
+}
+
 /// One pipeline per package per test binary: loading is the slow part.
 pub fn pipeline(package: &str) -> &'static Pipeline {
     static A: OnceLock<Pipeline> = OnceLock::new();
