@@ -11,7 +11,12 @@ blocks: scale factor 1 to 8, 4 to 16 latent channels, quant convs and the mid-bl
 on or off), the scheduler (a static shift or dynamic shifting with drawn parameters) and the
 image sizes (multiples of twice the VAE factor). The goldens are tiny-zimage's full list (text
 to image with and without guidance, truncation and normalisation, two images, empty and long
-prompts; image to image; inpainting; LoRAs in the four file formats, alone and two at once).
+prompts; image to image; inpainting; LoRAs in the four file formats, alone and two at once),
+then a ControlNet drawn for the transformer (any of diffusers' modes, a control input with or
+without inpainting channels, places on any layers, a folder or one file) is added with
+export_controlnet.py and checked against ZImageControlNetPipeline (and the inpainting one) with
+and without LoRAs; last, an Omni (editing) model on the same config with a drawn SigLIP2 and
+processor is built, exported, verified and checked against ZImageOmniPipeline.
 Needs torch and diffusers (export-scripts/.venv) and the Rust toolchain. Prints one line per
 seed and writes DIR/summary.json; exits 1 if any seed failed (where diffusers itself fails on
 the LoRA goldens, the line says so and the other goldens are still checked). Each seed's
@@ -91,6 +96,158 @@ def draw_config(seed: int):
         t2i_size=(sizes[0], sizes[1]),
         t2i_alt_size=(sizes[2], sizes[3]),
     )
+
+
+def draw_controlnet(seed: int, cfg):
+    """A random ControlNet for the seed's transformer (its own generator: the base draw is
+    unchanged): any mode diffusers has (none, "control_layers" as 2.0, "control_noise_refiner" as
+    2.1), a control input of C or 2C+1 channels (inpainting), places on any main and refiner
+    layers (0 always, as diffusers asserts), saved as a folder or, where diffusers' single-file
+    layout can say the mode, as one .safetensors file. Returns (fixture, single_file, cases) with
+    cases in goldens_controlnet's (T2I, INPAINT, LORA) formats."""
+    from zimage_export.fixtures.configs import NEGATIVE
+    from zimage_export.fixtures.controlnet_configs import ControlNetFixture
+
+    rng = random.Random(f"controlnet-{seed}")
+    t = cfg.transformer
+    mode = rng.choice([None, "control_layers", "control_noise_refiner"])
+    inpaint = rng.random() < 0.5
+    places = [0] + sorted(rng.sample(range(1, t["n_layers"]), rng.randint(0, t["n_layers"] - 1)))
+    refiner_places = None
+    if mode is not None:  # one hint per layer of the branch that runs over the noise refiner
+        hints = len(places) if mode == "control_layers" else t["n_refiner_layers"]
+        count = rng.randint(1, min(hints, t["n_refiner_layers"]))
+        refiner_places = sorted(rng.sample(range(t["n_refiner_layers"]), count))
+    config = dict(control_layers_places=places, control_refiner_layers_places=refiner_places,
+                  control_in_dim=2 * t["in_channels"] + 1 if inpaint else t["in_channels"],
+                  add_control_noise_refiner=mode)
+    # A single file says its mode by its keys: "control_layers" has none of its own (the published
+    # 2.0 file's zero refiner blocks are not in a model built by diffusers), so it stays a folder.
+    single_file = mode != "control_layers" and rng.random() < 0.5
+    t2i = [("scale_0.75", "english", "square", 42, 0.0, None, 0.75),
+           ("scale_1.0_cfg_nonsquare", "mixed_quoted", "alt", 11, 3.0, NEGATIVE, rng.choice([1.0, 0.6]))]
+    inpaint_cases = [("scale_0.7_cfg", 22, 2.0, NEGATIVE, 0.7)] if inpaint else []
+    lora = [("peft_0.8_kohya_1.2", "chinese", "square", 9, 0.0, None, 0.8, [("peft", 0.8), ("kohya", 1.2)])]
+    return ControlNetFixture("random-control", cfg.name, seed + 5000, config), single_file, (t2i, inpaint_cases, lora)
+
+
+def add_controlnet(seed: int, cfg, src: Path, package: Path, golden: Path, log, result: dict) -> str | None:
+    """Adds the seed's ControlNet (draw_controlnet) to `package` with export_controlnet.py, as a
+    user would, and writes its diffusers goldens to golden/controlnet (with the LoRA goldens'
+    files where diffusers made them). Returns the failed stage, or None."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    from zimage_export.fixtures.controlnet_configs import build_controlnet
+    from zimage_export.fixtures.goldens_controlnet import write_cases, write_controlnet_goldens
+
+    fixture, single_file, cases = draw_controlnet(seed, cfg)
+    result["controlnet"] = {**fixture.config, "single_file": single_file}
+    model = build_controlnet(fixture, dict(ZImageTransformer2DModel.load_config(src / "transformer")))
+    folder = golden.parent / "controlnet-src"
+    model.save_pretrained(folder)
+    given = folder
+    extra = []
+    if single_file:  # only the ControlNet's keys, as published; the places given as --config
+        given = golden.parent / "controlnet.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, given)
+        overrides = golden.parent / "controlnet.config.json"
+        places = ("control_layers_places", "control_refiner_layers_places")
+        overrides.write_text(json.dumps({k: fixture.config[k] for k in places}))
+        extra = ["--config", overrides]
+    if not run(sys.executable, HERE / "export_controlnet.py", "--package", package, "--src", src, "--controlnet",
+               given, "--name", fixture.name, *extra, log=log):
+        return "export_controlnet"
+    log.flush()
+    lora_dir = golden / "loras" if (golden / "lora.json").exists() else None
+    try:
+        entry = write_controlnet_goldens(cfg, src, folder, fixture.name, str(package), golden / "controlnet",
+                                         lora_dir, cases)
+    except Exception as e:
+        traceback.print_exc(file=log)
+        if lora_dir is None:
+            return f"the ControlNet goldens (diffusers: {type(e).__name__}: {e})"
+        # As with the LoRA goldens: where diffusers fails with LoRAs, the rest is still checked.
+        result["reference_failed"] = f"diffusers could not make the ControlNet + LoRA golden: {type(e).__name__}: {e}"
+        entry = write_controlnet_goldens(cfg, src, folder, fixture.name, str(package), golden / "controlnet",
+                                         None, cases)
+    write_cases(golden / "controlnet", [entry])
+    return None
+
+
+def draw_omni(seed: int, cfg):
+    """An Omni (editing) model on the seed's config (its own generator: the base draw is
+    unchanged): the transformer with a SigLIP2 input (`siglip_feat_dim`), a random tiny SigLIP2
+    (width, heads, depth, patch 8 or 16, a 2x2 to 5x5 position grid) and processor settings
+    (patch budget, resampling), and reference pictures of 64-112 px (the pipeline's minimum
+    side is 64), one not a multiple of twice the VAE factor (centre-cropped). Returns (config,
+    siglip, processor, references, cases): references as goldens_omni's, cases as the arguments
+    of its edit_case with the prompt's key in goldens_common.PROMPTS (torch-free)."""
+    from dataclasses import replace
+
+    from zimage_export.fixtures.configs import NEGATIVE
+
+    rng = random.Random(f"omni-{seed}")
+    heads = rng.choice([1, 2, 4])
+    patch = rng.choice([8, 16])
+    siglip = dict(hidden_size=heads * rng.choice([4, 6, 8]), intermediate_size=rng.choice([16, 32, 48]),
+                  num_hidden_layers=rng.randint(1, 2), num_attention_heads=heads, num_channels=3,
+                  num_patches=rng.randint(2, 5) ** 2, patch_size=patch, layer_norm_eps=1e-6,
+                  hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    processor = dict(patch_size=patch, max_num_patches=rng.randint(8, 48), resample=rng.choice([2, 3]))
+    multiple = 2 * vae_factor(cfg.vae)
+    whole = lambda: multiple * rng.randint(-(-64 // multiple), 112 // multiple)  # noqa: E731
+    cropped = [rng.randint(64, 112) for _ in range(2)]
+    if multiple > 1 and all(side % multiple == 0 for side in cropped):
+        cropped[0] += 1 if cropped[0] < 112 else -1
+    references = {"ref_a": (whole(), whole()), "ref_b": (whole(), whole()), "ref_c": tuple(cropped)}
+    t = dict(cfg.transformer, siglip_feat_dim=siglip["hidden_size"])
+    # Every latent patch of a reference has a position, and so does its SigLIP2 grid, which
+    # diffusers stretches over the reference's latent pixels (twice its patches).
+    latent_side = max(side for size in references.values() for side in size) // vae_factor(cfg.vae)
+    t["axes_lens"] = [t["axes_lens"][0], *(max(n, latent_side) for n in t["axes_lens"][1:])]
+    height, width = cfg.t2i_size
+    # (name, references, prompt key, seed, steps, guidance, negative, cfg normalization, truncation, size)
+    cases = [
+        ("one_ref", ["ref_a"], "english", 1, 4, 0.0, None, 0.0, 1.0, None),
+        ("two_refs_cfg", ["ref_b", "ref_c"], "mixed_quoted", 2, 4, 4.0, NEGATIVE, 1.3, 0.7, None),
+        ("empty_instruction", ["ref_c"], "empty", 3, 3, 5.0, None, 0.0, 1.0, None),
+        ("defaults", ["ref_a"], "chinese", 4, 50, 5.0, None, 0.0, 1.0, None),  # the package's defaults
+        ("explicit_size", ["ref_a", "ref_b"], "english", 5, 4, 0.0, None, 0.0, 1.0, (width, height)),
+    ]
+    omni = replace(cfg, name=f"{cfg.name}-omni", transformer=t)
+    return omni, siglip, processor, references, cases
+
+
+def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict) -> str | None:
+    """Builds the seed's Omni model (draw_omni) as a diffusers ZImageOmniPipeline folder, exports
+    and verifies it as a user would, writes its goldens with diffusers and transformers, and runs
+    golden_check on them. Returns the failed stage, or None."""
+    from zimage_export.fixtures.goldens_common import PROMPTS
+    from zimage_export.fixtures.goldens_omni import edit_case, write_omni_goldens
+    from zimage_export.fixtures.omni import build_omni_folder
+
+    omni, siglip, processor, references, drawn = draw_omni(seed, cfg)
+    cases = [edit_case(name, refs, PROMPTS[prompt], case_seed, steps, guidance, negative=negative, cfg_norm=norm,
+                       cfg_trunc=trunc, size=size)
+             for name, refs, prompt, case_seed, steps, guidance, negative, norm, trunc, size in drawn]
+    result["omni"] = {"siglip": siglip, "processor": processor, "references": references}
+    src = build_omni_folder(tokenizer, folder / "omni-src", omni, siglip, processor, seed + 7000)
+    package = folder / "omni-package"
+    if not run(sys.executable, HERE / "export.py", "--src", src, "--out", package, "--name", omni.name, log=log):
+        return "omni export"
+    if not run(sys.executable, HERE / "verify.py", package, "--src", src, log=log):
+        return "omni verify"
+    log.flush()
+    try:
+        write_omni_goldens(src, folder / "omni-golden", str(package), references, cases)
+    except Exception as e:
+        traceback.print_exc(file=log)
+        return f"the Omni goldens (diffusers: {type(e).__name__}: {e})"
+    if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--", package,
+               folder / "omni-golden", log=log):
+        return "omni golden_check"
+    return None
 
 
 def vae_factor(vae: dict) -> int:
@@ -180,18 +337,26 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
             except Exception as e:  # (lora.json is written last: golden_check then skips the LoRAs)
                 traceback.print_exc(file=log)
                 result["reference_failed"] = f"diffusers could not make the LoRA goldens: {type(e).__name__}: {e}"
+        if "failed" not in result and quantized:
+            # (before the ControlNet is added: quantize_package.py refuses packages with ControlNets)
+            log.flush()
+            multiple = 2 * vae_factor(cfg.vae)
+            result["quantized_worst_latent_rel_l2"] = {}
+            failure = check_quantized(package, folder, multiple * -(-32 // multiple), log,
+                                      result["quantized_worst_latent_rel_l2"])
+            if failure:
+                result["failed"] = failure
         if "failed" not in result:
-            if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
-                       package, folder / "golden", log=log):
+            failure = add_controlnet(seed, cfg, src, package, folder / "golden", log, result)
+            if failure:
+                result["failed"] = failure
+            elif not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
+                         package, folder / "golden", log=log):
                 result["failed"] = "golden_check"
-            elif quantized:
-                log.flush()
-                multiple = 2 * vae_factor(cfg.vae)
-                result["quantized_worst_latent_rel_l2"] = {}
-                failure = check_quantized(package, folder, multiple * -(-32 // multiple), log,
-                                          result["quantized_worst_latent_rel_l2"])
-                if failure:
-                    result["failed"] = failure
+        if "failed" not in result:
+            failure = check_omni(seed, cfg, tokenizer, folder, log, result)
+            if failure:
+                result["failed"] = failure
     result["seconds"] = round(time.time() - started)
     if "failed" not in result and "reference_failed" not in result and not keep:
         shutil.rmtree(folder)
@@ -237,6 +402,15 @@ def main(argv=None) -> None:
             if "failed" in result else "ok"
         if "reference_failed" in result:  # not the runtime's failure; said, not counted
             status += f" ({result['reference_failed']}; the other goldens checked)"
+        control = result.get("controlnet")
+        if control:
+            shape += (f"; ControlNet {control['add_control_noise_refiner']}, in {control['control_in_dim']}, "
+                      f"places {control['control_layers_places']} / {control['control_refiner_layers_places']}"
+                      f"{', one file' if control['single_file'] else ''}")
+        omni = result.get("omni")
+        if omni:
+            shape += (f"; Omni: SigLIP2 {omni['siglip']['hidden_size']} wide, patch {omni['siglip']['patch_size']}, "
+                      f"{omni['processor']['max_num_patches']} patches, references {list(omni['references'].values())}")
         quantized = result.get("quantized_worst_latent_rel_l2")
         if quantized:
             shape += "; quantized, worst final-latent rel L2: " + ", ".join(f"{k} {v:.2g}" for k, v in quantized.items())

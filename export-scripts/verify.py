@@ -141,6 +141,8 @@ def transformer_omni_cases(src: Path, package: Path, gen: torch.Generator):
         ([[7, 3, 45, 4], [7, 3, 9, 4]], [(8, 4), (6, 10), (6, 10)], [(4, 2), (1, 5)]),
         ([[30, 2, 33, 40, 4]], [(2, 2), (10, 6), (4, 4), (6, 8)], [(3, 3), (2, 6), (1, 1)]),
     ):
+        # Within the model's positions (a SigLIP2 grid is stretched over its latent's pixels).
+        sizes = [(min(h, (cfg.axes_lens[1] - 1) // p), min(w, (cfg.axes_lens[2] - 1) // p)) for h, w in sizes]
         lats = [torch.randn(c, h * p, w * p, generator=gen) for h, w in sizes]
         sigs = [torch.randn(h, w, cfg.siglip_feat_dim, generator=gen) for h, w in grids]
         feats = [[torch.randn(n, cfg.cap_feat_dim, generator=gen) for n in lens] for lens in caps]

@@ -10,11 +10,15 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "random_config_parity.py"
 
 
-def draw_config(seed):
+def script():
     spec = importlib.util.spec_from_file_location("random_config_parity", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.draw_config(seed)
+    return module
+
+
+def draw_config(seed):
+    return script().draw_config(seed)
 
 
 @pytest.mark.parametrize("seed", range(200))
@@ -45,3 +49,69 @@ def test_the_draw_is_the_seed_s_and_varies():
     assert len({c.transformer["dim"] for c in drawn}) >= 10
     assert {len(c.vae["block_out_channels"]) for c in drawn} == {1, 2, 3, 4}
     assert {c.scheduler["use_dynamic_shifting"] for c in drawn} == {False, True}
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_drawn_controlnets_are_ones_diffusers_runs(seed):
+    cfg = draw_config(seed)
+    fixture, single_file, (t2i, inpaint, lora) = script().draw_controlnet(seed, cfg)
+    t, c = cfg.transformer, fixture.config
+    places, refiner = c["control_layers_places"], c["control_refiner_layers_places"]
+    assert places[0] == 0 and places == sorted(set(places)) and places[-1] < t["n_layers"]  # diffusers asserts 0
+    assert c["control_in_dim"] in (t["in_channels"], 2 * t["in_channels"] + 1)
+    assert c["add_control_noise_refiner"] in (None, "control_layers", "control_noise_refiner")
+    if c["add_control_noise_refiner"] is None:
+        assert refiner is None
+    else:  # one hint per layer of the branch run over the noise refiner, each to a refiner layer
+        hints = len(places) if c["add_control_noise_refiner"] == "control_layers" else t["n_refiner_layers"]
+        assert 1 <= len(refiner) <= hints and refiner == sorted(set(refiner)) and refiner[-1] < t["n_refiner_layers"]
+    # A single file says "control_layers" by keys a model built by diffusers does not have.
+    assert not (single_file and c["add_control_noise_refiner"] == "control_layers")
+    # The inpainting pipeline refuses a ControlNet without mask channels; the text-to-image one
+    # takes either.
+    assert bool(inpaint) == (c["control_in_dim"] == 2 * t["in_channels"] + 1) and t2i and lora
+
+
+def test_the_controlnet_draw_is_the_seed_s_and_varies():
+    module = script()
+    assert module.draw_controlnet(3, draw_config(3)) == module.draw_controlnet(3, draw_config(3))
+    drawn = [module.draw_controlnet(seed, draw_config(seed)) for seed in range(40)]
+    assert {f.config["add_control_noise_refiner"] for f, _, _ in drawn} == {None, "control_layers",
+                                                                           "control_noise_refiner"}
+    assert {f.config["control_in_dim"] % 2 for f, _, _ in drawn} == {0, 1}
+    assert {single for _, single, _ in drawn} == {False, True}
+    assert max(len(f.config["control_layers_places"]) for f, _, _ in drawn) >= 2
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_drawn_omni_models_are_ones_diffusers_runs(seed):
+    module = script()
+    cfg = draw_config(seed)
+    omni, siglip, processor, references, cases = module.draw_omni(seed, cfg)
+    t = omni.transformer
+    # The base draw is kept: only the SigLIP2 input and the positions it needs are added.
+    added = ("siglip_feat_dim", "axes_lens")
+    assert {k: v for k, v in t.items() if k not in added} == {k: v for k, v in cfg.transformer.items() if k not in added}
+    assert omni.text_encoder == cfg.text_encoder and omni.vae == cfg.vae and omni.seed == cfg.seed
+    assert t["siglip_feat_dim"] == siglip["hidden_size"]
+    assert siglip["hidden_size"] % siglip["num_attention_heads"] == 0
+    assert round(siglip["num_patches"] ** 0.5) ** 2 == siglip["num_patches"]  # a square position grid
+    assert processor["patch_size"] == siglip["patch_size"]
+    factor = module.vae_factor(cfg.vae)
+    assert all(64 <= side <= 112 for size in references.values() for side in size)  # the pipeline's minimum
+    assert any(side % (2 * factor) for side in references["ref_c"])  # centre-cropped
+    # Positions: every latent pixel of a reference (its SigLIP2 grid is stretched over them).
+    assert min(t["axes_lens"][1:]) >= max(side for size in references.values() for side in size) // factor
+    assert t["axes_lens"][0] == cfg.transformer["axes_lens"][0]
+    for name, refs, *_, size in cases:
+        assert refs and set(refs) <= set(references), name
+        assert size is None or all(side % (2 * factor) == 0 for side in size), name
+
+
+def test_the_omni_draw_is_the_seed_s_and_varies():
+    module = script()
+    assert module.draw_omni(5, draw_config(5)) == module.draw_omni(5, draw_config(5))
+    drawn = [module.draw_omni(seed, draw_config(seed)) for seed in range(40)]
+    assert {siglip["patch_size"] for _, siglip, *_ in drawn} == {8, 16}
+    assert {processor["resample"] for _, _, processor, *_ in drawn} == {2, 3}
+    assert len({siglip["hidden_size"] for _, siglip, *_ in drawn}) >= 5

@@ -3,7 +3,10 @@
 //! package's source), the same checks and bounds as `tests/parity.rs` on the committed
 //! packages: token ids exact, text features and one transformer forward within 1e-5 relative
 //! L2, every generation's final latents within 1e-4 max abs and images within 1 level, and
-//! the same for the LoRA goldens (`lora.json`, goldens_lora.py) where the folder has them.
+//! the same for the LoRA goldens (`lora.json`, goldens_lora.py) and the ControlNet goldens
+//! (`controlnet/cases.json`, goldens_controlnet.py: the package must carry those ControlNets)
+//! where the folder has them. A folder of Omni goldens (goldens_omni.py: its cases.json has
+//! "edit") gets tests/edit.rs's checks instead: SigLIP2 inputs, vision tokens, whole edits.
 //!
 //!     cargo run --release -p zimage --example golden_check -- PACKAGE GOLDEN_DIR
 //!
@@ -15,14 +18,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use common::{
-    as4, golden_init_image, golden_request, json, max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, tolerances,
+    as4, golden_control_request, golden_edit_request, golden_init_image, golden_loras, golden_request, json,
+    max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, siglip_row_diff, tolerances,
 };
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
-use zimage::{GenerateRequest, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
+use zimage::{GenerateRequest, Generation, LoadOptions, Pipeline};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +35,9 @@ fn main() {
     };
     let golden = PathBuf::from(golden);
     let cases = json(&golden.join("cases.json"));
+    if cases.get("edit").is_some() {
+        std::process::exit(check_omni(Path::new(package), &golden, &cases));
+    }
     let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
     let mut options = LoadOptions::default();
     options.threads = Some(1);
@@ -84,17 +90,8 @@ fn main() {
     // loaded pipeline, as `Pipeline::set_loras` switches them.
     if golden.join("lora.json").exists() {
         for case in json(&golden.join("lora.json"))["cases"].as_array().unwrap() {
-            let settings: Vec<LoraSetting> = case["loras"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| {
-                    let adapter = LoraAdapter::load(file(&l["file"])).unwrap_or_else(|e| panic!("{}: {e}", l["file"]));
-                    LoraSetting::new(Arc::new(adapter), l["scale"].as_f64().unwrap() as f32)
-                })
-                .collect();
             let name = format!("lora/{}", case["name"].as_str().unwrap());
-            match pipeline.set_loras(&settings) {
+            match pipeline.set_loras(&golden_loras(case, &golden)) {
                 Ok(()) => {
                     let (line, ok) = check_generation(&pipeline, &golden_request(case), case, &golden);
                     report(format!("{name}: {line}"), ok);
@@ -102,19 +99,100 @@ fn main() {
                 Err(e) => report(format!("{name}: {e}"), false),
             }
         }
+        pipeline.set_loras(&[]).expect("no LoRAs");
+    }
+
+    // ControlNet goldens (goldens_controlnet.py) in controlnet/, where the folder has them: each
+    // ControlNet attached with `set_controlnet`, as tests/controlnet.rs does on the fixtures; the
+    // text-to-image and inpainting cases, then those with LoRAs set as well.
+    let controlnet_dir = golden.join("controlnet");
+    if controlnet_dir.join("cases.json").exists() {
+        for entry in json(&controlnet_dir.join("cases.json")).as_array().unwrap() {
+            let controlnet = entry["controlnet"].as_str().unwrap();
+            if let Err(e) = pipeline.set_controlnet(Some(controlnet)) {
+                report(format!("controlnet {controlnet}: {e}"), false);
+                continue;
+            }
+            for kind in ["text_to_image", "inpaint", "lora"] {
+                for case in entry[kind].as_array().into_iter().flatten() {
+                    let name = format!("controlnet {controlnet}/{kind}/{}", case["name"].as_str().unwrap());
+                    let loras = if kind == "lora" { golden_loras(case, &controlnet_dir) } else { Vec::new() };
+                    if let Err(e) = pipeline.set_loras(&loras) {
+                        report(format!("{name}: {e}"), false);
+                        continue;
+                    }
+                    let request = golden_control_request(case, &controlnet_dir);
+                    let (line, ok) = check_generation(&pipeline, &request, case, &controlnet_dir);
+                    report(format!("{name}: {line}"), ok);
+                }
+            }
+            pipeline.set_loras(&[]).expect("no LoRAs");
+        }
+        pipeline.set_controlnet(None).expect("detach");
     }
     println!("{package}: {failures} failure(s)");
     std::process::exit(i32::from(failures > 0));
 }
 
+/// An Omni (editing) package against its goldens (goldens_omni.py), the checks and bounds of
+/// tests/edit.rs: the SigLIP2 processor's pixel rows within 1e-6, the vision tokens within 1e-5
+/// relative L2, each edit's final latents within 1e-4 and its image within 1 level. The exit code.
+fn check_omni(package: &Path, golden: &Path, cases: &Value) -> i32 {
+    let mut options = LoadOptions::default();
+    options.threads = Some(1);
+    let pipeline = Pipeline::load(package, &options).unwrap_or_else(|e| panic!("{}: {e}", package.display()));
+    let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
+    let mut failures = 0;
+    let mut report = |what: String, ok: bool| {
+        println!("{} {what}", if ok { "ok  " } else { "FAIL" });
+        failures += usize::from(!ok);
+    };
+    for row in cases["siglip_processor"].as_array().unwrap() {
+        let name = format!("siglip inputs {} ({})", row["image_file"], row["settings"]);
+        match siglip_row_diff(row, golden) {
+            Ok(diff) => report(format!("{name}: max abs {diff:.2e}"), diff <= 1e-6),
+            Err(e) => report(format!("{name}: {e}"), false),
+        }
+    }
+    for row in cases["siglip_features"].as_array().unwrap() {
+        let name = format!("vision tokens {}", row["image_file"]);
+        let want = npy_f32(&file(&row["features_file"]));
+        match pipeline.vision_tokens(&png_rgb(&file(&row["image_file"]))) {
+            Ok(got) if got.shape() == want.shape() => {
+                let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+                report(format!("{name}: rel L2 {err:.2e}"), err <= tolerances().2);
+            }
+            Ok(got) => report(format!("{name}: shape {:?}, want {:?}", got.shape(), want.shape()), false),
+            Err(e) => report(format!("{name}: {e}"), false),
+        }
+    }
+    for case in cases["edit"].as_array().unwrap() {
+        let name = format!("edit/{}", case["name"].as_str().unwrap());
+        match pipeline.edit(&golden_edit_request(case, golden), None) {
+            Ok(generation) => {
+                let (line, ok) = compare(&generation, case, &case["output_files"], golden);
+                report(format!("{name}: {line}"), ok);
+            }
+            Err(e) => report(format!("{name}: {e}"), false),
+        }
+    }
+    println!("{}: {failures} failure(s)", package.display());
+    i32::from(failures > 0)
+}
+
 /// Generates `request` and compares its final latents and images with the golden `case`'s:
 /// the report line and whether both are within the bounds.
 fn check_generation(pipeline: &Pipeline, request: &GenerateRequest, case: &Value, golden: &Path) -> (String, bool) {
+    match pipeline.generate(request, None) {
+        Ok(generation) => compare(&generation, case, &case["image_files"], golden),
+        Err(e) => (e.to_string(), false),
+    }
+}
+
+/// A generation's final latents and images against the golden `case`'s latents file and
+/// `images` (files relative to `golden`): the report line and whether both are within bounds.
+fn compare(generation: &Generation, case: &Value, images: &Value, golden: &Path) -> (String, bool) {
     let (latent_bound, level_bound, _) = tolerances();
-    let generation = match pipeline.generate(request, None) {
-        Ok(generation) => generation,
-        Err(e) => return (e.to_string(), false),
-    };
     let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
     let want = npy_f32(&file(&case["latents_file"]));
     let got = generation.latents.as_ref().unwrap();
@@ -123,7 +201,7 @@ fn check_generation(pipeline: &Pipeline, request: &GenerateRequest, case: &Value
     } else {
         f32::NAN
     };
-    let images = case["image_files"].as_array().unwrap();
+    let images = images.as_array().unwrap();
     let levels = if generation.images.len() == images.len() {
         generation.images.iter().zip(images).map(|(got, path)| max_pixel_diff(got, &png_rgb(&file(path)))).max()
     } else {

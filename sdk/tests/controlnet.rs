@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
-use std::sync::Arc;
-use zimage::{
-    ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, LoraAdapter, LoraSetting, Pipeline,
-};
+use zimage::{ControlCondition, ErrorKind, GenerateRequest, InitImage, LoadOptions, LoraSetting, Pipeline};
 
 fn cases() -> Value {
     json(&golden("controlnet/cases.json"))
@@ -29,31 +26,12 @@ fn load(package: &Path) -> Pipeline {
 }
 
 fn request_from(case: &Value) -> GenerateRequest {
-    let mut r = golden_request(case);
-    let mut control = ControlCondition::new(png_rgb(&file(&case["control_image_file"])));
-    control.conditioning_scale = case["controlnet_conditioning_scale"].as_f64().unwrap() as f32;
-    if let Some(init) = case.get("init_image_file") {
-        control = ControlCondition::inpaint(
-            control.image,
-            png_rgb(&file(init)),
-            zimage::image_io::load_gray(&file(&case["mask_file"])).unwrap(),
-        );
-        control.conditioning_scale = case["controlnet_conditioning_scale"].as_f64().unwrap() as f32;
-    }
-    r.control = Some(control);
-    r
+    golden_control_request(case, &golden("controlnet"))
 }
 
 /// The case's LoRA set (cases of kind "lora"), its files relative to tests/golden/controlnet.
 fn lora_settings(case: &Value) -> Vec<LoraSetting> {
-    let loras = case["loras"].as_array().expect("a lora case lists its LoRAs");
-    loras
-        .iter()
-        .map(|l| {
-            let adapter = LoraAdapter::load(file(&l["file"])).expect("committed LoRA fixture");
-            LoraSetting::new(Arc::new(adapter), l["scale"].as_f64().unwrap() as f32)
-        })
-        .collect()
+    golden_loras(case, &golden("controlnet"))
 }
 
 /// Final latents within 1e-4 of diffusers', images within 1 level.

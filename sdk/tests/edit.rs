@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use zimage::package::edit::SiglipProcessorSettings;
 use zimage::{EditRequest, ErrorKind, RgbImage};
 
 const PACKAGE: &str = "tiny-zimage-omni";
@@ -20,38 +19,14 @@ fn file(rel: &Value) -> std::path::PathBuf {
     golden(PACKAGE).join(rel.as_str().unwrap())
 }
 
-fn floats3(v: &Value) -> [f64; 3] {
-    let a: Vec<f64> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    [a[0], a[1], a[2]]
-}
-
 #[test]
 fn siglip_inputs_equal_transformers_processor() {
     let rows = cases()["siglip_processor"].as_array().unwrap().clone();
     assert!(rows.len() >= 14, "expected every picture with two settings, found {}", rows.len());
     for row in rows {
-        let mut settings = SiglipProcessorSettings::transformers_defaults();
-        settings.patch_size = row["patch_size"].as_u64().unwrap() as usize;
-        settings.max_num_patches = row["max_num_patches"].as_u64().unwrap() as usize;
-        settings.resample = row["resample"].as_str().unwrap().to_string();
-        settings.image_mean = floats3(&row["image_mean"]);
-        settings.image_std = floats3(&row["image_std"]);
-        settings.rescale_factor = row["rescale_factor"].as_f64().unwrap();
         let name = format!("{} ({})", row["image_file"], row["settings"]);
-        let image = png_rgb(&file(&row["image_file"]));
-        let got = zimage::siglip_inputs(&image, &settings).unwrap();
-        let shape: Vec<usize> =
-            row["spatial_shapes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-        assert_eq!(got.spatial_shapes, (shape[0], shape[1]), "{name}");
-        let want_mask: ndarray::Array1<i32> = ndarray_npy::read_npy(file(&row["pixel_attention_mask_file"])).unwrap();
-        assert_eq!(got.pixel_attention_mask, want_mask.to_vec(), "{name}");
-        let want = npy_f32(&file(&row["pixel_values_file"]));
-        let real = shape[0] * shape[1];
-        assert_eq!(want.shape(), &[real, got.pixel_values.ncols()], "{name}");
-        let head = got.pixel_values.slice(ndarray::s![..real, ..]).to_owned();
-        let diff = max_abs_diff(head.as_slice().unwrap(), want.as_slice().unwrap());
+        let diff = siglip_row_diff(&row, &golden(PACKAGE)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(diff <= 1e-6, "{name}: pixel values differ by {diff}");
-        assert!(got.pixel_values.slice(ndarray::s![real.., ..]).iter().all(|&v| v == 0.0), "{name}: padding");
     }
 }
 
@@ -69,19 +44,7 @@ fn vision_tokens_match_transformers() {
 }
 
 fn edit_request(case: &Value) -> EditRequest {
-    let images: Vec<RgbImage> = case["image_files"].as_array().unwrap().iter().map(|f| png_rgb(&file(f))).collect();
-    let mut r = EditRequest::new(case["prompt"].as_str().unwrap(), images);
-    r.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
-    r.width = case["width"].as_u64().map(|v| v as u32);
-    r.height = case["height"].as_u64().map(|v| v as u32);
-    r.steps = Some(case["num_inference_steps"].as_u64().unwrap() as usize);
-    r.guidance_scale = Some(case["guidance_scale"].as_f64().unwrap() as f32);
-    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap() as f32;
-    r.cfg_truncation = Some(case["cfg_truncation"].as_f64().unwrap() as f32);
-    r.seed = Some(case["seed"].as_u64().unwrap());
-    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
-    r.return_latents = true;
-    r
+    golden_edit_request(case, &golden(PACKAGE))
 }
 
 #[test]
@@ -92,14 +55,12 @@ fn edits_match_diffusers() {
     assert!(list.len() >= 5);
     for case in list {
         let name = case["name"].as_str().unwrap();
-        let mut request = edit_request(case);
+        let request = edit_request(case);
         if name == "defaults" {
-            // The package's defaults are the pipeline's: leave them unset.
+            // The package's defaults are the pipeline's: edit_request leaves them unset.
             assert_eq!(case["num_inference_steps"], 50);
             assert_eq!(case["guidance_scale"], 5.0);
-            request.steps = None;
-            request.guidance_scale = None;
-            request.cfg_truncation = None;
+            assert_eq!((request.steps, request.guidance_scale, request.cfg_truncation), (None, None, None));
         }
         let result = pipeline.edit(&request, None).unwrap_or_else(|e| panic!("{name}: {e}"));
         let want = npy_f32(&file(&case["latents_file"]));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use serde_json::Value;
-use zimage::{ErrorKind, GenerateRequest, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
+use zimage::{ErrorKind, LoadOptions, LoraAdapter, LoraSetting, Pipeline};
 
 fn lora_cases(package: &str) -> Value {
     json(&golden(&format!("{package}/lora.json")))
@@ -21,24 +21,7 @@ fn adapter(package: &str, file: &str) -> Arc<LoraAdapter> {
 }
 
 fn settings(package: &str, case: &Value) -> Vec<LoraSetting> {
-    case["loras"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| LoraSetting::new(adapter(package, l["file"].as_str().unwrap()), l["scale"].as_f64().unwrap() as f32))
-        .collect()
-}
-
-fn request(case: &Value) -> GenerateRequest {
-    let mut r = GenerateRequest::new(case["prompt"].as_str().unwrap());
-    r.width = case["width"].as_u64().unwrap() as u32;
-    r.height = case["height"].as_u64().unwrap() as u32;
-    r.steps = case["num_inference_steps"].as_u64().unwrap() as u32;
-    r.guidance_scale = case["guidance_scale"].as_f64().unwrap() as f32;
-    r.seed = Some(case["seed"].as_u64().unwrap());
-    r.count = case["num_images_per_prompt"].as_u64().unwrap() as u32;
-    r.return_latents = true;
-    r
+    golden_loras(case, &golden(package))
 }
 
 fn options() -> LoadOptions {
@@ -51,7 +34,7 @@ fn options() -> LoadOptions {
 /// Latents within 1e-4 (NaN fails) and images within 1 level of the golden files.
 fn check(pipeline: &Pipeline, package: &str, case: &Value, latents_file: &str, image_files: &[Value]) {
     let name = case["name"].as_str().unwrap();
-    let result = pipeline.generate(&request(case), None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
+    let result = pipeline.generate(&golden_request(case), None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
     let want = npy_f32(&golden(package).join(latents_file));
     let got = result.latents.as_ref().unwrap();
     assert_eq!(got.shape(), want.shape(), "{package}/{name}");
@@ -107,8 +90,8 @@ fn switching_on_a_loaded_pipeline_matches_fresh_loads_and_goes_back_to_the_base(
     pipeline.set_loras(&[]).unwrap();
     assert!(pipeline.loras().is_empty());
     let base = base_case(package);
-    let switched_back = pipeline.generate(&request(&base), None).unwrap();
-    let fresh = common::pipeline(package).generate(&request(&base), None).unwrap();
+    let switched_back = pipeline.generate(&golden_request(&base), None).unwrap();
+    let fresh = common::pipeline(package).generate(&golden_request(&base), None).unwrap();
     assert_eq!(switched_back.latents, fresh.latents, "removing every LoRA must give the base weights back exactly");
     assert_eq!(switched_back.images[0].pixels, fresh.images[0].pixels);
     let (latents, images) = golden_case(&base);

@@ -60,6 +60,98 @@ pub fn golden_init_image(case: &Value, dir: &Path) -> zimage::InitImage {
     }
 }
 
+/// The LoRA set of a golden case with adapters ("loras": file and scale, lora.json and the
+/// ControlNet goldens), its files relative to `dir`.
+pub fn golden_loras(case: &Value, dir: &Path) -> Vec<zimage::LoraSetting> {
+    let loras = case["loras"].as_array().expect("a LoRA case lists its LoRAs");
+    loras
+        .iter()
+        .map(|l| {
+            let path = dir.join(l["file"].as_str().expect("a file name"));
+            let adapter = zimage::LoraAdapter::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            zimage::LoraSetting::new(std::sync::Arc::new(adapter), l["scale"].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+/// The request of a golden ControlNet case (goldens_controlnet.py): the generation, its control
+/// picture and scale, and for inpainting its input picture and mask, files relative to `dir`.
+pub fn golden_control_request(case: &Value, dir: &Path) -> zimage::GenerateRequest {
+    let file = |rel: &Value| dir.join(rel.as_str().expect("a file name"));
+    let control_image = png_rgb(&file(&case["control_image_file"]));
+    let mut control = match case.get("init_image_file") {
+        Some(init) => zimage::ControlCondition::inpaint(
+            control_image,
+            png_rgb(&file(init)),
+            zimage::image_io::load_gray(&file(&case["mask_file"])).unwrap(),
+        ),
+        None => zimage::ControlCondition::new(control_image),
+    };
+    control.conditioning_scale = case["controlnet_conditioning_scale"].as_f64().unwrap() as f32;
+    let mut request = golden_request(case);
+    request.control = Some(control);
+    request
+}
+
+/// The request of a golden edit case (goldens_omni.py), its pictures relative to `dir`. The case
+/// named "defaults" leaves steps, guidance and truncation unset: it holds the pipeline's defaults,
+/// which the package must give.
+pub fn golden_edit_request(case: &Value, dir: &Path) -> zimage::EditRequest {
+    let images = case["image_files"].as_array().unwrap().iter().map(|f| png_rgb(&dir.join(f.as_str().unwrap())));
+    let mut r = zimage::EditRequest::new(case["prompt"].as_str().unwrap(), images.collect());
+    r.negative_prompt = case["negative_prompt"].as_str().map(str::to_string);
+    r.width = case["width"].as_u64().map(|v| v as u32);
+    r.height = case["height"].as_u64().map(|v| v as u32);
+    r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap() as f32;
+    r.seed = Some(case["seed"].as_u64().unwrap());
+    r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.return_latents = true;
+    if case["name"] != "defaults" {
+        r.steps = Some(case["num_inference_steps"].as_u64().unwrap() as usize);
+        r.guidance_scale = Some(case["guidance_scale"].as_f64().unwrap() as f32);
+        r.cfg_truncation = Some(case["cfg_truncation"].as_f64().unwrap() as f32);
+    }
+    r
+}
+
+/// One SigLIP2 processor golden row (goldens_omni.py) against `zimage::siglip_inputs` with the
+/// row's settings: the max abs difference of the real patch rows, or what else differs (spatial
+/// shape, attention mask, padding rows not zero).
+pub fn siglip_row_diff(row: &Value, dir: &Path) -> Result<f32, String> {
+    let floats3 = |v: &Value| {
+        let a: Vec<f64> = v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        [a[0], a[1], a[2]]
+    };
+    let file = |rel: &Value| dir.join(rel.as_str().expect("a file name"));
+    let mut settings = zimage::package::edit::SiglipProcessorSettings::transformers_defaults();
+    settings.patch_size = row["patch_size"].as_u64().unwrap() as usize;
+    settings.max_num_patches = row["max_num_patches"].as_u64().unwrap() as usize;
+    settings.resample = row["resample"].as_str().unwrap().to_string();
+    settings.image_mean = floats3(&row["image_mean"]);
+    settings.image_std = floats3(&row["image_std"]);
+    settings.rescale_factor = row["rescale_factor"].as_f64().unwrap();
+    let got = zimage::siglip_inputs(&png_rgb(&file(&row["image_file"])), &settings).map_err(|e| e.to_string())?;
+    let shape: Vec<usize> =
+        row["spatial_shapes"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    if got.spatial_shapes != (shape[0], shape[1]) {
+        return Err(format!("spatial shapes {:?}, want {shape:?}", got.spatial_shapes));
+    }
+    let want_mask: ndarray::Array1<i32> = ndarray_npy::read_npy(file(&row["pixel_attention_mask_file"])).unwrap();
+    if got.pixel_attention_mask != want_mask.to_vec() {
+        return Err("the pixel attention masks differ".into());
+    }
+    let want = npy_f32(&file(&row["pixel_values_file"]));
+    let real = shape[0] * shape[1];
+    if want.shape() != [real, got.pixel_values.ncols()] {
+        return Err(format!("pixel values {:?}, want {:?}", got.pixel_values.shape(), want.shape()));
+    }
+    if !got.pixel_values.slice(ndarray::s![real.., ..]).iter().all(|&v| v == 0.0) {
+        return Err("padding rows are not zero".into());
+    }
+    let head = got.pixel_values.slice(ndarray::s![..real, ..]).to_owned();
+    Ok(max_abs_diff(head.as_slice().unwrap(), want.as_slice().unwrap()))
+}
+
 /// One pipeline per package per test binary: loading is the slow part.
 pub fn pipeline(package: &str) -> &'static Pipeline {
     static A: OnceLock<Pipeline> = OnceLock::new();
