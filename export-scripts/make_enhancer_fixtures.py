@@ -59,26 +59,29 @@ CASES = [
 ]
 
 
-def build_model():
+def build_model(config: dict = CONFIG, seed: int = SEED, im_end_scale: float = IM_END_SCALE):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    model = Qwen3ForCausalLM(Qwen3Config(**CONFIG))
-    randomize(model, SEED)
+    model = Qwen3ForCausalLM(Qwen3Config(**config))
+    randomize(model, seed)
     model.tie_weights()
     with torch.no_grad():
         w = model.model.embed_tokens.weight
         w.copy_(w / w.norm(dim=1, keepdim=True))
-        w[IM_END] *= IM_END_SCALE
+        w[IM_END] *= im_end_scale
     return model.eval()
 
 
-def build_hf_folder(folder: Path, tok_src: Path) -> Path:
+def build_hf_folder(folder: Path, tok_src: Path, config: dict = CONFIG, seed: int = SEED,
+                    im_end_scale: float = IM_END_SCALE) -> Path:
+    """A Hugging Face Qwen3 folder of the fixture's model (or, with the arguments, another:
+    random_config_parity.py), with the official tokenizer files beside the weights."""
     from transformers import GenerationConfig
 
     if folder.exists():
         shutil.rmtree(folder)
-    model = build_model()
+    model = build_model(config, seed, im_end_scale)
     model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=151643, do_sample=False)
     model.save_pretrained(folder)
     write_tokenizer_folder(tok_src, folder / "tok")
@@ -88,15 +91,18 @@ def build_hf_folder(folder: Path, tok_src: Path) -> Path:
     return folder
 
 
-def record_goldens(hf: Path, out: Path) -> None:
+def record_goldens(hf: Path, out: Path, cases_to_run: list = CASES, package: str = f"models/{NAME}",
+                   tokenizer_dir: Path | None = None, quiet: bool = False) -> None:
+    """Greedy generations of the causal LM in `hf` (its tokenizer there or in `tokenizer_dir`)
+    for `cases_to_run` (CASES' format), written to out/cases.json for `package`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or hf)
     default_system = SYSTEM_PROMPT_FILE.read_text().strip()
     cases = []
-    for name, prompt, thinking, max_new, system in CASES:
+    for name, prompt, thinking, max_new, system in cases_to_run:
         messages = [{"role": "system", "content": system or default_system}, {"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
         ids = tokenizer(text, return_tensors="pt")
@@ -119,12 +125,13 @@ def record_goldens(hf: Path, out: Path) -> None:
             "raw_text": tokenizer.decode(body, skip_special_tokens=True),
             "min_top2_logit_margin": min(margins),
         })
-        print(f"{name}: {len(ids['input_ids'][0])} prompt tokens, {len(new)} generated, {cases[-1]['finish']}, "
-              f"min margin {min(margins):.1e}", flush=True)
+        if not quiet:
+            print(f"{name}: {len(ids['input_ids'][0])} prompt tokens, {len(new)} generated, {cases[-1]['finish']}, "
+                  f"min margin {min(margins):.1e}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     golden = {
-        "about": "transformers generate() greedy on models/tiny-qwen3-enhancer; made by export-scripts/make_enhancer_fixtures.py",
-        "package": f"models/{NAME}",
+        "about": f"transformers generate() greedy on {package}; made by export-scripts/make_enhancer_fixtures.py",
+        "package": package,
         "eos_token_ids": EOS,
         "default_system_prompt": default_system,
         "cases": cases,

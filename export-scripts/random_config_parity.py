@@ -15,8 +15,11 @@ prompts; image to image; inpainting; LoRAs in the four file formats, alone and t
 then a ControlNet drawn for the transformer (any of diffusers' modes, a control input with or
 without inpainting channels, places on any layers, a folder or one file) is added with
 export_controlnet.py and checked against ZImageControlNetPipeline (and the inpainting one) with
-and without LoRAs; last, an Omni (editing) model on the same config with a drawn SigLIP2 and
-processor is built, exported, verified and checked against ZImageOmniPipeline.
+and without LoRAs; the prompt enhancer is added to the package (export_enhancer.py add: the text
+encoder rewritten to share the decoder's weights) and its greedy generations checked against
+transformers' token for token, as are those of a standalone enhancer of a drawn Qwen3 config;
+last, an Omni (editing) model on the same config with a drawn SigLIP2 and processor is built,
+exported, verified and checked against ZImageOmniPipeline.
 Needs torch and diffusers (export-scripts/.venv) and the Rust toolchain. Prints one line per
 seed and writes DIR/summary.json; exits 1 if any seed failed (where diffusers itself fails on
 the LoRA goldens, the line says so and the other goldens are still checked). Each seed's
@@ -172,6 +175,70 @@ def add_controlnet(seed: int, cfg, src: Path, package: Path, golden: Path, log, 
         entry = write_controlnet_goldens(cfg, src, folder, fixture.name, str(package), golden / "controlnet",
                                          None, cases)
     write_cases(golden / "controlnet", [entry])
+    return None
+
+
+def draw_enhancer(seed: int):
+    """A random standalone prompt enhancer (its own generator): a tied Qwen3 of any width, head
+    count, grouped-query ratio, head size, depth, RoPE base and norm epsilon, built as the
+    fixture's is (unit embedding rows, the <|im_end|> row scaled so that some answers stop).
+    Returns (config, seed, <|im_end|> scale, cases): cases in make_enhancer_fixtures.CASES'
+    format with the prompt's key in goldens_common.PROMPTS (torch-free)."""
+    from zimage_export.fixtures.configs import QWEN3_COMMON
+
+    rng = random.Random(f"enhancer-{seed}")
+    heads = rng.choice([1, 2, 3, 4])
+    config = dict(QWEN3_COMMON, hidden_size=rng.choice([8, 12, 16, 24, 32]),
+                  intermediate_size=rng.choice([16, 24, 40, 64]), num_hidden_layers=rng.randint(1, 4),
+                  num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, 2, 3, 4) if heads % k == 0]),
+                  head_dim=rng.choice([4, 6, 8]), rope_theta=rng.choice([10_000.0, 1_000_000.0]),
+                  rms_norm_eps=rng.choice([1e-6, 1e-5]))
+    cases = [("english_thinking", "english", True, 16, None), ("chinese", "chinese", False, 16, None),
+             ("quoted", "mixed_quoted", True, 12, None), ("custom_system", "emoji", False, 16, "Describe the picture."),
+             ("short_limit", "english", True, 3, None)]
+    return config, seed + 9000, round(rng.uniform(1.25, 1.6), 3), cases
+
+
+def enhancer_cases(drawn: list) -> list:
+    from zimage_export.fixtures.goldens_common import PROMPTS
+
+    return [(name, PROMPTS[key], thinking, max_new, system) for name, key, thinking, max_new, system in drawn]
+
+
+def add_enhancer(src: Path, package: Path, golden: Path, log) -> str | None:
+    """Adds the prompt enhancer to `package` with `export_enhancer.py add` (the text encoder is
+    rewritten to share its weights with the decoder) and records transformers' greedy
+    generations of the seed's text encoder as a causal LM in golden/enhancer (golden_check
+    attaches the enhancer to the pipeline). Returns the failed stage, or None."""
+    from make_enhancer_fixtures import record_goldens
+
+    if not run(sys.executable, HERE / "export_enhancer.py", "add", "--package", package, "--src", src, log=log):
+        return "export_enhancer add"
+    log.flush()
+    _, _, _, drawn = draw_enhancer(0)  # the same cases
+    record_goldens(src / "text_encoder", golden / "enhancer", enhancer_cases(drawn), str(package),
+                   tokenizer_dir=src / "tokenizer", quiet=True)
+    return None
+
+
+def check_standalone_enhancer(seed: int, tokenizer: Path, folder: Path, log, result: dict) -> str | None:
+    """The seed's standalone enhancer (draw_enhancer): a Hugging Face folder, exported with
+    `export_enhancer.py standalone`, transformers' greedy goldens, golden_check. Returns the
+    failed stage, or None."""
+    from make_enhancer_fixtures import build_hf_folder, record_goldens
+
+    config, model_seed, im_end_scale, drawn = draw_enhancer(seed)
+    result["enhancer"] = {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "num_key_value_heads", "head_dim", "rope_theta")}
+    hf = build_hf_folder(folder / "enhancer-hf", tokenizer, config, model_seed, im_end_scale)
+    package = folder / "enhancer-package"
+    if not run(sys.executable, HERE / "export_enhancer.py", "standalone", "--hf", hf, "--out", package, log=log):
+        return "export_enhancer standalone"
+    log.flush()
+    record_goldens(hf, folder / "enhancer-golden", enhancer_cases(drawn), str(package), quiet=True)
+    if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--", package,
+               folder / "enhancer-golden", log=log):
+        return "enhancer golden_check"
     return None
 
 
@@ -347,14 +414,16 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
             if failure:
                 result["failed"] = failure
         if "failed" not in result:
-            failure = add_controlnet(seed, cfg, src, package, folder / "golden", log, result)
+            failure = (add_controlnet(seed, cfg, src, package, folder / "golden", log, result)
+                       or add_enhancer(src, package, folder / "golden", log))
             if failure:
                 result["failed"] = failure
             elif not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
                          package, folder / "golden", log=log):
                 result["failed"] = "golden_check"
         if "failed" not in result:
-            failure = check_omni(seed, cfg, tokenizer, folder, log, result)
+            failure = (check_standalone_enhancer(seed, tokenizer, folder, log, result)
+                       or check_omni(seed, cfg, tokenizer, folder, log, result))
             if failure:
                 result["failed"] = failure
     result["seconds"] = round(time.time() - started)
@@ -407,6 +476,11 @@ def main(argv=None) -> None:
             shape += (f"; ControlNet {control['add_control_noise_refiner']}, in {control['control_in_dim']}, "
                       f"places {control['control_layers_places']} / {control['control_refiner_layers_places']}"
                       f"{', one file' if control['single_file'] else ''}")
+        enhancer = result.get("enhancer")
+        if enhancer:
+            shape += (f"; enhancer: width {enhancer['hidden_size']}, {enhancer['num_hidden_layers']} layers, "
+                      f"{enhancer['num_attention_heads']}/{enhancer['num_key_value_heads']} heads of "
+                      f"{enhancer['head_dim']}")
         omni = result.get("omni")
         if omni:
             shape += (f"; Omni: SigLIP2 {omni['siglip']['hidden_size']} wide, patch {omni['siglip']['patch_size']}, "

@@ -115,3 +115,22 @@ def test_the_omni_draw_is_the_seed_s_and_varies():
     assert {siglip["patch_size"] for _, siglip, *_ in drawn} == {8, 16}
     assert {processor["resample"] for _, _, processor, *_ in drawn} == {2, 3}
     assert len({siglip["hidden_size"] for _, siglip, *_ in drawn}) >= 5
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_drawn_enhancers_are_ones_transformers_builds(seed):
+    config, model_seed, im_end_scale, cases = script().draw_enhancer(seed)
+    assert config["num_attention_heads"] % config["num_key_value_heads"] == 0  # grouped queries
+    assert config["head_dim"] % 2 == 0 and config["num_hidden_layers"] >= 1  # RoPE pairs
+    assert config["tie_word_embeddings"]  # export_enhancer.py takes tied LM heads only
+    assert 1.0 < im_end_scale < 2.0 and model_seed != seed
+    assert {thinking for _, _, thinking, _, _ in cases} == {False, True}
+    assert all(max_new >= 1 for _, _, _, max_new, _ in cases)
+
+
+def test_the_enhancer_draw_is_the_seed_s_and_varies():
+    module = script()
+    assert module.draw_enhancer(9) == module.draw_enhancer(9)
+    drawn = [module.draw_enhancer(seed)[0] for seed in range(40)]
+    assert {c["num_hidden_layers"] for c in drawn} == {1, 2, 3, 4}
+    assert len({(c["num_attention_heads"], c["num_key_value_heads"]) for c in drawn}) >= 5

@@ -5,8 +5,12 @@
 //! L2, every generation's final latents within 1e-4 max abs and images within 1 level, and
 //! the same for the LoRA goldens (`lora.json`, goldens_lora.py) and the ControlNet goldens
 //! (`controlnet/cases.json`, goldens_controlnet.py: the package must carry those ControlNets)
-//! where the folder has them. A folder of Omni goldens (goldens_omni.py: its cases.json has
-//! "edit") gets tests/edit.rs's checks instead: SigLIP2 inputs, vision tokens, whole edits.
+//! and the enhancer goldens of the package's text encoder as a causal LM (`enhancer/cases.json`,
+//! make_enhancer_fixtures.py's format: the package must carry the enhancer) where the folder has
+//! them. A folder of Omni goldens (goldens_omni.py: its cases.json has "edit") gets
+//! tests/edit.rs's checks instead (SigLIP2 inputs, vision tokens, whole edits), and a folder of
+//! enhancer goldens (cases.json has "eos_token_ids") tests/enhancer.rs's on a standalone
+//! enhancer package (prompt and generated ids, finish reason and text equal).
 //!
 //!     cargo run --release -p zimage --example golden_check -- PACKAGE GOLDEN_DIR
 //!
@@ -20,12 +24,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    as4, golden_control_request, golden_edit_request, golden_init_image, golden_loras, golden_request, json,
-    max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, siglip_row_diff, tolerances,
+    as4, golden_control_request, golden_edit_request, golden_enhancement, golden_init_image, golden_loras,
+    golden_request, json, max_abs_diff, max_pixel_diff, npy_f32, png_rgb, rel_l2, siglip_row_diff, tolerances,
 };
 use ndarray::{Array1, Array2, Array3};
 use serde_json::Value;
-use zimage::{GenerateRequest, Generation, LoadOptions, Pipeline};
+use zimage::{GenerateRequest, Generation, LoadOptions, Pipeline, PromptEnhancer};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,22 +37,50 @@ fn main() {
         eprintln!("usage: golden_check PACKAGE GOLDEN_DIR");
         std::process::exit(2);
     };
-    let golden = PathBuf::from(golden);
+    let (package, golden) = (Path::new(package), PathBuf::from(golden));
     let cases = json(&golden.join("cases.json"));
+    let mut report = Report::default();
     if cases.get("edit").is_some() {
-        std::process::exit(check_omni(Path::new(package), &golden, &cases));
+        check_omni(&load(package), &golden, &cases, &mut report);
+    } else if cases.get("eos_token_ids").is_some() {
+        let enhancer =
+            PromptEnhancer::load(package, &options()).unwrap_or_else(|e| panic!("{}: {e}", package.display()));
+        check_enhancer(&enhancer, &cases, &mut report);
+    } else {
+        check_pipeline(&load(package), &golden, &cases, &mut report);
     }
-    let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
+    println!("{}: {} failure(s)", package.display(), report.failures);
+    std::process::exit(i32::from(report.failures > 0));
+}
+
+/// Prints one line per check and counts the failures.
+#[derive(Default)]
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn line(&mut self, what: String, ok: bool) {
+        println!("{} {what}", if ok { "ok  " } else { "FAIL" });
+        self.failures += usize::from(!ok);
+    }
+}
+
+fn options() -> LoadOptions {
     let mut options = LoadOptions::default();
     options.threads = Some(1);
-    let pipeline = Pipeline::load(Path::new(package), &options).unwrap_or_else(|e| panic!("{package}: {e}"));
-    let rel_bound = tolerances().2;
-    let mut failures = 0;
-    let mut report = |what: String, ok: bool| {
-        println!("{} {what}", if ok { "ok  " } else { "FAIL" });
-        failures += usize::from(!ok);
-    };
+    options
+}
 
+fn load(package: &Path) -> Pipeline {
+    Pipeline::load(package, &options()).unwrap_or_else(|e| panic!("{}: {e}", package.display()))
+}
+
+/// A Z-Image package against its goldens (goldens_pipeline.py) and, where the folder has them,
+/// its LoRA, ControlNet and enhancer goldens.
+fn check_pipeline(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Report) {
+    let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
+    let rel_bound = tolerances().2;
     for case in cases["text_features"].as_array().unwrap() {
         let max = case["max_sequence_length"].as_u64().map(|m| m as usize);
         let embedding = pipeline.encode_prompt(case["prompt"].as_str().unwrap(), max).unwrap();
@@ -60,10 +92,8 @@ fn main() {
             f64::NAN
         };
         let ok = embedding.tokens.ids == ids && err <= rel_bound;
-        report(
-            format!("text features {:?}: ids equal {}, rel L2 {err:.2e}", case["prompt"], embedding.tokens.ids == ids),
-            ok,
-        );
+        let ids_equal = embedding.tokens.ids == ids;
+        report.line(format!("text features {:?}: ids equal {ids_equal}, rel L2 {err:.2e}", case["prompt"]), ok);
     }
 
     let case = &cases["transformer_forward"];
@@ -73,16 +103,16 @@ fn main() {
     let cap_mask: Array2<bool> = ndarray_npy::read_npy(file(&case["cap_mask_file"])).unwrap();
     let got = pipeline.transformer_forward(&latents, &timestep, &cap_feats, &cap_mask).unwrap();
     let err = rel_l2(got.as_slice().unwrap(), npy_f32(&file(&case["output_file"])).as_slice().unwrap());
-    report(format!("transformer forward: rel L2 {err:.2e}"), err <= rel_bound);
+    report.line(format!("transformer forward: rel L2 {err:.2e}"), err <= rel_bound);
 
     for kind in ["text_to_image", "image_to_image", "inpaint"] {
         for case in cases[kind].as_array().into_iter().flatten() {
             let mut request = golden_request(case);
             if kind != "text_to_image" {
-                request.init_image = Some(golden_init_image(case, &golden));
+                request.init_image = Some(golden_init_image(case, golden));
             }
-            let (line, ok) = check_generation(&pipeline, &request, case, &golden);
-            report(format!("{kind}/{}: {line}", case["name"].as_str().unwrap()), ok);
+            let (line, ok) = check_generation(pipeline, &request, case, golden);
+            report.line(format!("{kind}/{}: {line}", case["name"].as_str().unwrap()), ok);
         }
     }
 
@@ -91,12 +121,12 @@ fn main() {
     if golden.join("lora.json").exists() {
         for case in json(&golden.join("lora.json"))["cases"].as_array().unwrap() {
             let name = format!("lora/{}", case["name"].as_str().unwrap());
-            match pipeline.set_loras(&golden_loras(case, &golden)) {
+            match pipeline.set_loras(&golden_loras(case, golden)) {
                 Ok(()) => {
-                    let (line, ok) = check_generation(&pipeline, &golden_request(case), case, &golden);
-                    report(format!("{name}: {line}"), ok);
+                    let (line, ok) = check_generation(pipeline, &golden_request(case), case, golden);
+                    report.line(format!("{name}: {line}"), ok);
                 }
-                Err(e) => report(format!("{name}: {e}"), false),
+                Err(e) => report.line(format!("{name}: {e}"), false),
             }
         }
         pipeline.set_loras(&[]).expect("no LoRAs");
@@ -110,7 +140,7 @@ fn main() {
         for entry in json(&controlnet_dir.join("cases.json")).as_array().unwrap() {
             let controlnet = entry["controlnet"].as_str().unwrap();
             if let Err(e) = pipeline.set_controlnet(Some(controlnet)) {
-                report(format!("controlnet {controlnet}: {e}"), false);
+                report.line(format!("controlnet {controlnet}: {e}"), false);
                 continue;
             }
             for kind in ["text_to_image", "inpaint", "lora"] {
@@ -118,40 +148,54 @@ fn main() {
                     let name = format!("controlnet {controlnet}/{kind}/{}", case["name"].as_str().unwrap());
                     let loras = if kind == "lora" { golden_loras(case, &controlnet_dir) } else { Vec::new() };
                     if let Err(e) = pipeline.set_loras(&loras) {
-                        report(format!("{name}: {e}"), false);
+                        report.line(format!("{name}: {e}"), false);
                         continue;
                     }
                     let request = golden_control_request(case, &controlnet_dir);
-                    let (line, ok) = check_generation(&pipeline, &request, case, &controlnet_dir);
-                    report(format!("{name}: {line}"), ok);
+                    let (line, ok) = check_generation(pipeline, &request, case, &controlnet_dir);
+                    report.line(format!("{name}: {line}"), ok);
                 }
             }
             pipeline.set_loras(&[]).expect("no LoRAs");
         }
         pipeline.set_controlnet(None).expect("detach");
     }
-    println!("{package}: {failures} failure(s)");
-    std::process::exit(i32::from(failures > 0));
+
+    // Enhancer goldens in enhancer/, where the folder has them: the package's enhancer attached
+    // to the pipeline (`Pipeline::attach_enhancer`, sharing the text encoder's weights).
+    let enhancer_cases = golden.join("enhancer/cases.json");
+    if enhancer_cases.exists() {
+        match pipeline.attach_enhancer(&options()) {
+            Ok(enhancer) => check_enhancer(&enhancer, &json(&enhancer_cases), report),
+            Err(e) => report.line(format!("attach_enhancer: {e}"), false),
+        }
+    }
+}
+
+/// Greedy generations against transformers' (make_enhancer_fixtures.py's cases.json), the
+/// checks of tests/enhancer.rs: prompt and generated ids, finish reason and text equal.
+fn check_enhancer(enhancer: &PromptEnhancer, cases: &Value, report: &mut Report) {
+    for case in cases["cases"].as_array().unwrap() {
+        let name = format!("enhancer/{}", case["name"].as_str().unwrap());
+        match golden_enhancement(enhancer, case) {
+            Ok(result) => {
+                report.line(format!("{name}: {} tokens equal, {:?}", result.token_ids.len(), result.finish), true)
+            }
+            Err(e) => report.line(format!("{name}: {e}"), false),
+        }
+    }
 }
 
 /// An Omni (editing) package against its goldens (goldens_omni.py), the checks and bounds of
 /// tests/edit.rs: the SigLIP2 processor's pixel rows within 1e-6, the vision tokens within 1e-5
-/// relative L2, each edit's final latents within 1e-4 and its image within 1 level. The exit code.
-fn check_omni(package: &Path, golden: &Path, cases: &Value) -> i32 {
-    let mut options = LoadOptions::default();
-    options.threads = Some(1);
-    let pipeline = Pipeline::load(package, &options).unwrap_or_else(|e| panic!("{}: {e}", package.display()));
+/// relative L2, each edit's final latents within 1e-4 and its image within 1 level.
+fn check_omni(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Report) {
     let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
-    let mut failures = 0;
-    let mut report = |what: String, ok: bool| {
-        println!("{} {what}", if ok { "ok  " } else { "FAIL" });
-        failures += usize::from(!ok);
-    };
     for row in cases["siglip_processor"].as_array().unwrap() {
         let name = format!("siglip inputs {} ({})", row["image_file"], row["settings"]);
         match siglip_row_diff(row, golden) {
-            Ok(diff) => report(format!("{name}: max abs {diff:.2e}"), diff <= 1e-6),
-            Err(e) => report(format!("{name}: {e}"), false),
+            Ok(diff) => report.line(format!("{name}: max abs {diff:.2e}"), diff <= 1e-6),
+            Err(e) => report.line(format!("{name}: {e}"), false),
         }
     }
     for row in cases["siglip_features"].as_array().unwrap() {
@@ -160,10 +204,10 @@ fn check_omni(package: &Path, golden: &Path, cases: &Value) -> i32 {
         match pipeline.vision_tokens(&png_rgb(&file(&row["image_file"]))) {
             Ok(got) if got.shape() == want.shape() => {
                 let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
-                report(format!("{name}: rel L2 {err:.2e}"), err <= tolerances().2);
+                report.line(format!("{name}: rel L2 {err:.2e}"), err <= tolerances().2);
             }
-            Ok(got) => report(format!("{name}: shape {:?}, want {:?}", got.shape(), want.shape()), false),
-            Err(e) => report(format!("{name}: {e}"), false),
+            Ok(got) => report.line(format!("{name}: shape {:?}, want {:?}", got.shape(), want.shape()), false),
+            Err(e) => report.line(format!("{name}: {e}"), false),
         }
     }
     for case in cases["edit"].as_array().unwrap() {
@@ -171,13 +215,11 @@ fn check_omni(package: &Path, golden: &Path, cases: &Value) -> i32 {
         match pipeline.edit(&golden_edit_request(case, golden), None) {
             Ok(generation) => {
                 let (line, ok) = compare(&generation, case, &case["output_files"], golden);
-                report(format!("{name}: {line}"), ok);
+                report.line(format!("{name}: {line}"), ok);
             }
-            Err(e) => report(format!("{name}: {e}"), false),
+            Err(e) => report.line(format!("{name}: {e}"), false),
         }
     }
-    println!("{}: {failures} failure(s)", package.display());
-    i32::from(failures > 0)
 }
 
 /// Generates `request` and compares its final latents and images with the golden `case`'s:

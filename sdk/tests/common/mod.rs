@@ -152,6 +152,41 @@ pub fn siglip_row_diff(row: &Value, dir: &Path) -> Result<f32, String> {
     Ok(max_abs_diff(head.as_slice().unwrap(), want.as_slice().unwrap()))
 }
 
+/// The greedy options of a golden enhancer case (make_enhancer_fixtures.py's cases.json).
+pub fn golden_enhance_options(case: &Value) -> zimage::EnhanceOptions {
+    let mut o = zimage::EnhanceOptions::default();
+    o.system_prompt = case["system_prompt"].as_str().map(str::to_string);
+    o.thinking = case["thinking"].as_bool().unwrap();
+    o.max_new_tokens = case["max_new_tokens"].as_u64().unwrap() as usize;
+    o.sampling = zimage::Sampling::Greedy;
+    o
+}
+
+/// A golden enhancer case run by `enhancer` against transformers' greedy generation: the first
+/// of prompt ids, generated ids, finish reason and text that differs, or the enhancement when
+/// all are equal.
+pub fn golden_enhancement(enhancer: &zimage::PromptEnhancer, case: &Value) -> Result<zimage::Enhancement, String> {
+    let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let options = golden_enhance_options(case);
+    let prompt = case["prompt"].as_str().unwrap();
+    let prompt_ids = enhancer.prompt_ids(prompt, &options).map_err(|e| e.to_string())?;
+    if prompt_ids != ids(&case["prompt_ids"]) {
+        return Err(format!("prompt ids {prompt_ids:?}, want {:?}", ids(&case["prompt_ids"])));
+    }
+    let result = enhancer.enhance(prompt, &options, None).map_err(|e| e.to_string())?;
+    if result.token_ids != ids(&case["generated_ids"]) {
+        return Err(format!("generated ids {:?}, want {:?}", result.token_ids, ids(&case["generated_ids"])));
+    }
+    let finish = if case["finish"] == "stop" { zimage::FinishReason::Stop } else { zimage::FinishReason::Length };
+    if result.finish != finish {
+        return Err(format!("finish {:?}, want {finish:?}", result.finish));
+    }
+    if result.raw_text != case["raw_text"].as_str().unwrap() {
+        return Err(format!("text {:?}, want {}", result.raw_text, case["raw_text"]));
+    }
+    Ok(result)
+}
+
 /// One pipeline per package per test binary: loading is the slow part.
 pub fn pipeline(package: &str) -> &'static Pipeline {
     static A: OnceLock<Pipeline> = OnceLock::new();
