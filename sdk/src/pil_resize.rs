@@ -141,58 +141,83 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Resu
     let (out_w, out_h) = (width as usize, height as usize);
     let horiz = coefficients(in_w, out_w, filter);
     let vert = coefficients(in_h, out_h, filter);
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    let half = 1i64 << (PRECISION_BITS - 1);
+    let (need_h, need_v) = (out_w != in_w, out_h != in_h);
+    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as
+    // many pixels as the width does (a faster horizontal pass). The 8-bit intermediate makes
+    // the order visible in the result: both orders round and clip in between.
+    let vertical_first = in_h > out_h && (in_h - out_h) as i64 > (in_w as i64 - out_w as i64) * 2;
+    let pixels = if vertical_first {
+        let narrow = vertical_pass(&image.pixels, in_w, &vert, 0);
+        if need_h {
+            horizontal_pass(&narrow, in_w, out_h, 0, &horiz)
+        } else {
+            narrow
+        }
+    } else if need_h {
+        // Only the rows the vertical pass reads.
+        let first = vert.first[0];
+        let last = vert.first[out_h - 1] + vert.len[out_h - 1];
+        let wide = horizontal_pass(&image.pixels, in_w, last - first, first, &horiz);
+        if need_v {
+            vertical_pass(&wide, out_w, &vert, first)
+        } else {
+            wide
+        }
+    } else {
+        vertical_pass(&image.pixels, in_w, &vert, 0)
+    };
+    Ok(RgbImage { width, height, pixels })
+}
 
-    // Horizontal pass over the rows the vertical pass reads.
-    let row_first = vert.first[0];
-    let row_last = vert.first[out_h - 1] + vert.len[out_h - 1];
-    let (temp, temp_w, temp_h, row_offset) = if need_h {
-        let rows = row_last - row_first;
-        let mut temp = vec![0u8; rows * out_w * 3];
-        for y in 0..rows {
-            let src = &image.pixels[(y + row_first) * in_w * 3..(y + row_first + 1) * in_w * 3];
-            for xx in 0..out_w {
-                let k = &horiz.weights[xx * horiz.ksize..];
-                let x0 = horiz.first[xx];
-                let mut acc = [half; 3];
-                for x in 0..horiz.len[xx] {
-                    let px = &src[(x0 + x) * 3..(x0 + x) * 3 + 3];
-                    for c in 0..3 {
-                        acc[c] += px[c] as i64 * k[x] as i64;
-                    }
-                }
+/// Pillow's horizontal pass: `rows` rows of `src` (`src_w` pixels wide) from row `row_first`,
+/// each resampled to the coefficients' output width.
+fn horizontal_pass(src: &[u8], src_w: usize, rows: usize, row_first: usize, horiz: &Coefficients) -> Vec<u8> {
+    let out_w = horiz.first.len();
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; rows * out_w * 3];
+    for y in 0..rows {
+        let line = &src[(y + row_first) * src_w * 3..(y + row_first + 1) * src_w * 3];
+        for xx in 0..out_w {
+            let k = &horiz.weights[xx * horiz.ksize..];
+            let x0 = horiz.first[xx];
+            let mut acc = [half; 3];
+            for x in 0..horiz.len[xx] {
+                let px = &line[(x0 + x) * 3..(x0 + x) * 3 + 3];
                 for c in 0..3 {
-                    temp[(y * out_w + xx) * 3 + c] = clip8(acc[c]);
+                    acc[c] += px[c] as i64 * k[x] as i64;
                 }
             }
+            for c in 0..3 {
+                out[(y * out_w + xx) * 3 + c] = clip8(acc[c]);
+            }
         }
-        (temp, out_w, rows, row_first)
-    } else {
-        (image.pixels.clone(), in_w, in_h, 0)
-    };
-    if !need_v {
-        return Ok(RgbImage { width, height: temp_h as u32, pixels: temp });
     }
-    let mut out = vec![0u8; out_h * temp_w * 3];
+    out
+}
+
+/// Pillow's vertical pass over `src` (`width` pixels wide; its row 0 is the source's row
+/// `row_offset`): one output row per coefficient window.
+fn vertical_pass(src: &[u8], width: usize, vert: &Coefficients, row_offset: usize) -> Vec<u8> {
+    let out_h = vert.first.len();
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; out_h * width * 3];
     for yy in 0..out_h {
         let k = &vert.weights[yy * vert.ksize..];
         let y0 = vert.first[yy] - row_offset;
-        for xx in 0..temp_w {
+        for xx in 0..width {
             let mut acc = [half; 3];
             for y in 0..vert.len[yy] {
-                let px = &temp[((y0 + y) * temp_w + xx) * 3..((y0 + y) * temp_w + xx) * 3 + 3];
+                let px = &src[((y0 + y) * width + xx) * 3..((y0 + y) * width + xx) * 3 + 3];
                 for c in 0..3 {
                     acc[c] += px[c] as i64 * k[y] as i64;
                 }
             }
             for c in 0..3 {
-                out[(yy * temp_w + xx) * 3 + c] = clip8(acc[c]);
+                out[(yy * width + xx) * 3 + c] = clip8(acc[c]);
             }
         }
     }
-    Ok(RgbImage { width: temp_w as u32, height, pixels: out })
+    out
 }
 
 /// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.
