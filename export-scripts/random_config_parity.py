@@ -3,7 +3,7 @@ random, each built in diffusers format, exported and verified by export.py / ver
 user would, given diffusers goldens by the fixture writers, and generated again by the runtime
 (`cargo run --example golden_check`, the bounds of tests/parity.rs).
 
-    python random_config_parity.py --seeds 1 2 3 [--quantized] [--out DIR] [--keep]
+    python random_config_parity.py --seeds 1 2 3 [--quantized] [--fp16] [--out DIR] [--keep]
 
 A seed draws every width, head count and depth of the transformer, its RoPE axes and lengths,
 the Qwen3 text encoder (its hidden size is the transformer's caption width), the VAE (1 to 4
@@ -337,31 +337,47 @@ QUANTIZED = {
 }
 
 
-def check_quantized(package: Path, folder: Path, size: int, log, worst: dict) -> str | None:
-    """Quantizes `package` each QUANTIZED way and puts each one's worst final-latent relative L2
-    in `worst`; returns the first failure's description, or None."""
-    made = []
-    for name, (flags, _) in QUANTIZED.items():
+# --fp16: the package is also exported in float16 (the GPU's precision; it runs on the CPU too)
+# and compared with the float32 package the same way. Measured on tiny-zimage: 6.1e-4.
+FP16_BOUND = 5e-3
+
+
+def check_variants(package: Path, src: Path, folder: Path, size: int, log, worst: dict, quantized: bool,
+                   fp16: bool) -> str | None:
+    """Makes the package's variants (an fp16 export with export.py and verify.py; each QUANTIZED
+    way with quantize_package.py), puts each one's worst final-latent relative L2 from `package`
+    (the quant_quality example) in `worst`, and returns the first failure's description, or None."""
+    made = {}  # name -> (folder, bound)
+    if fp16:
+        out = folder / "package-fp16"
+        if not run(sys.executable, HERE / "export.py", "--src", src, "--out", out, "--precision", "fp16", log=log):
+            return "fp16 export"
+        if not run(sys.executable, HERE / "verify.py", out, "--src", src, log=log):
+            return "fp16 verify"
+        made["fp16"] = (out, FP16_BOUND)
+    for name, (flags, bound) in QUANTIZED.items() if quantized else ():
         calibration = ["--calibration-size", str(size)] if "gptq" in flags else []
         out = folder / f"quantized-{name}"
         if not run(sys.executable, HERE / "quantize_package.py", "--package", package, "--out", out, *flags,
                    *calibration, log=log):
             return f"quantize {name}"
-        made.append(out)
+        made[name] = (out, bound)
     command = ["cargo", "run", "--release", "-q", "-p", "zimage", "--example", "quant_quality", "--", package,
-               *made, "--size", str(size), "--steps", "4", "--prompts", "2", "--threads", "1"]
+               *(out for out, _ in made.values()), "--size", str(size), "--steps", "4", "--prompts", "2",
+               "--threads", "1"]
     table = subprocess.run([str(a) for a in command], cwd=REPO, capture_output=True, text=True)
     log.write(table.stderr + table.stdout)
     if table.returncode != 0:
         return "quant_quality"
+    names = {str(out): name for name, (out, _) in made.items()}
     for line in table.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 6 and cells[0].startswith(str(folder)):
-            worst[Path(cells[0]).name.removeprefix("quantized-")] = float(cells[2])
-    for name, (_, bound) in QUANTIZED.items():
+        if len(cells) == 6 and cells[0] in names:
+            worst[names[cells[0]]] = float(cells[2])
+    for name, (_, bound) in made.items():
         error = worst.get(name, float("nan"))
         if not error <= bound:  # (NaN fails)
-            return f"quantized {name}: worst final-latent rel L2 {error} (bound {bound})"
+            return f"{name}: worst final-latent rel L2 {error} (bound {bound})"
     return None
 
 
@@ -370,7 +386,7 @@ def run(*args, log) -> bool:
     return subprocess.run([str(a) for a in args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0
 
 
-def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: bool) -> dict:
+def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: bool, fp16: bool) -> dict:
     from zimage_export.fixtures.build import build_pipeline_folder
     from zimage_export.fixtures.goldens_lora import write_lora_goldens
     from zimage_export.fixtures.goldens_pipeline import write_package_goldens
@@ -404,13 +420,13 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
             except Exception as e:  # (lora.json is written last: golden_check then skips the LoRAs)
                 traceback.print_exc(file=log)
                 result["reference_failed"] = f"diffusers could not make the LoRA goldens: {type(e).__name__}: {e}"
-        if "failed" not in result and quantized:
+        if "failed" not in result and (quantized or fp16):
             # (before the ControlNet is added: quantize_package.py refuses packages with ControlNets)
             log.flush()
             multiple = 2 * vae_factor(cfg.vae)
-            result["quantized_worst_latent_rel_l2"] = {}
-            failure = check_quantized(package, folder, multiple * -(-32 // multiple), log,
-                                      result["quantized_worst_latent_rel_l2"])
+            result["variants_worst_latent_rel_l2"] = {}
+            failure = check_variants(package, src, folder, multiple * -(-32 // multiple), log,
+                                     result["variants_worst_latent_rel_l2"], quantized, fp16)
             if failure:
                 result["failed"] = failure
         if "failed" not in result:
@@ -441,6 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quantized", action="store_true",
                         help="also quantize each package (int8, int4 rtn / hqq / gptq with an int8 text encoder, "
                              "int8x2 activations with gptq) and bound its distance from the float package")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also export each config in float16 and bound its distance from the float32 package")
     args = parser.parse_args(argv)
 
     import diffusers
@@ -460,7 +478,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in args.seeds:
-        result = check_seed(seed, args.out, tokenizer, args.keep, args.quantized)
+        result = check_seed(seed, args.out, tokenizer, args.keep, args.quantized, args.fp16)
         results.append(result)
         t, v = result["config"]["transformer"], result["config"]["vae"]
         shape = (f"dim {t['dim']} heads {t['n_heads']} layers {t['n_layers']}+{t['n_refiner_layers']}, "
@@ -485,9 +503,9 @@ def main(argv=None) -> None:
         if omni:
             shape += (f"; Omni: SigLIP2 {omni['siglip']['hidden_size']} wide, patch {omni['siglip']['patch_size']}, "
                       f"{omni['processor']['max_num_patches']} patches, references {list(omni['references'].values())}")
-        quantized = result.get("quantized_worst_latent_rel_l2")
-        if quantized:
-            shape += "; quantized, worst final-latent rel L2: " + ", ".join(f"{k} {v:.2g}" for k, v in quantized.items())
+        variants = result.get("variants_worst_latent_rel_l2")
+        if variants:
+            shape += "; worst final-latent rel L2: " + ", ".join(f"{k} {v:.2g}" for k, v in variants.items())
         print(f"seed {seed}: {status}, {result['seconds']} s; {shape}", flush=True)
     (args.out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(1 if any("failed" in r for r in results) else 0)
