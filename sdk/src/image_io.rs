@@ -433,11 +433,10 @@ fn strip(e: Error) -> String {
     }
 }
 
-/// Resizes to `width` x `height` with a Lanczos3 filter (the filter diffusers' image
-/// processor uses through PIL; results differ from PIL's by rounding, so feed images that
-/// are already at the target size when exact parity matters). The target is limited to
-/// [`MAX_INPUT_SIDE`] on a side (check the request against the model first: a target the
-/// model refuses should never be resized to).
+/// Resizes to `width` x `height` as diffusers' image processor does to an init, control or
+/// inpainting picture of another size: Pillow's Lanczos resize, byte for byte
+/// ([`crate::pil_resize`]). The target is limited to [`MAX_INPUT_SIDE`] on a side (check the
+/// request against the model first: a target the model refuses should never be resized to).
 pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
     if width == 0 || height == 0 {
         return Err(Error::invalid("resize target must be at least 1x1"));
@@ -451,10 +450,7 @@ pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage>
     if image.width == width && image.height == height {
         return Ok(image.clone());
     }
-    let buf = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
-        .ok_or_else(|| Error::Image("pixel buffer does not match width x height x 3".into()))?;
-    let out = image::imageops::resize(&buf, width, height, image::imageops::FilterType::Lanczos3);
-    Ok(RgbImage { width, height, pixels: out.into_raw() })
+    crate::pil_resize::resize(image, width, height, crate::pil_resize::Filter::Lanczos)
 }
 
 impl RgbImage {

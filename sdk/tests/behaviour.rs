@@ -562,7 +562,7 @@ fn optimized_model_cache_is_written_then_used_with_the_same_images() {
 }
 
 #[test]
-fn resizing_inputs_is_lanczos3_sized_and_deterministic() {
+fn resizing_inputs_is_sized_and_deterministic() {
     let source = png_rgb(
         &golden("tiny-zimage/inputs")
             .read_dir()
