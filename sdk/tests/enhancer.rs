@@ -3,13 +3,11 @@
 //! export-scripts/make_enhancer_fixtures.py). The random weights write gibberish; what is
 //! checked is that the same tokens come out.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
 mod common;
 
-use common::repo;
+use std::sync::OnceLock;
 
+use common::repo;
 use serde_json::Value;
 use zimage::{EnhanceOptions, ErrorKind, FinishReason, LoadOptions, PromptEnhancer, RandomSampling, Sampling};
 
