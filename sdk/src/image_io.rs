@@ -13,6 +13,7 @@ use ndarray::{Array4, ArrayView3};
 
 use crate::error::{Error, Result};
 use crate::limits::{MAX_DECODE_BYTES, MAX_INPUT_FILE_BYTES, MAX_LATENTS_FILE_BYTES};
+use crate::pil_resize::{self, Filter};
 
 /// An 8-bit RGB image, rows top to bottom, 3 bytes per pixel, no padding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -450,7 +451,42 @@ pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage>
     if image.width == width && image.height == height {
         return Ok(image.clone());
     }
-    crate::pil_resize::resize(image, width, height, crate::pil_resize::Filter::Lanczos)
+    resize_rgb_with(image, width, height, Filter::Lanczos)
+}
+
+/// Resizes with one of Pillow's filters, byte for byte as Pillow's `Image.resize` ([`pil_resize`]):
+/// what transformers' SigLIP2 processor and diffusers' Omni references do.
+pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
+    image.check()?;
+    if width == 0 || height == 0 {
+        return Err(Error::invalid(format!("cannot resize to {width}x{height}")));
+    }
+    let pixels = pil_resize::resize(
+        &image.pixels,
+        image.width as usize,
+        image.height as usize,
+        width as usize,
+        height as usize,
+        filter,
+    );
+    Ok(RgbImage { width, height, pixels })
+}
+
+/// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.
+pub fn crop_rgb(image: &RgbImage, left: u32, top: u32, width: u32, height: u32) -> Result<RgbImage> {
+    let fits = |start: u32, len: u32, side: u32| start.checked_add(len).is_some_and(|end| end <= side);
+    if !fits(left, width, image.width) || !fits(top, height, image.height) || width == 0 || height == 0 {
+        return Err(Error::invalid(format!(
+            "crop {width}x{height} at ({left}, {top}) does not fit in {}x{}",
+            image.width, image.height
+        )));
+    }
+    let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
+    for y in top..top + height {
+        let start = (y as usize * image.width as usize + left as usize) * 3;
+        pixels.extend_from_slice(&image.pixels[start..start + width as usize * 3]);
+    }
+    Ok(RgbImage { width, height, pixels })
 }
 
 impl RgbImage {

@@ -5,13 +5,13 @@
 //!
 //! The algorithm is Pillow's separable convolution (`libImaging/Resample.c`): per output
 //! column/row, float64 filter weights over the source window, normalised, converted to fixed
-//! point with 22 fractional bits; horizontal pass first (into an 8-bit intermediate holding
-//! only the rows the vertical pass reads), then vertical; each output rounded and clipped to
-//! 0..=255. Written from the algorithm's description, checked against Pillow's output in
-//! `sdk/tests/siglip_processor.rs` (through transformers' processor goldens).
-
-use crate::error::{Error, Result};
-use crate::image_io::RgbImage;
+//! point with 22 fractional bits; two passes through an 8-bit intermediate, each output
+//! rounded and clipped to 0..=255: horizontal first (over only the rows the vertical pass
+//! reads) or, as Pillow 13 does when the height shrinks by more than twice as many pixels as
+//! the width, vertical first. Written from the algorithm's description; checked byte for byte
+//! against Pillow 13.0.0 (`tests/golden/common/resize.json`, `sdk/tests/reference_tables.rs`)
+//! and through transformers' SigLIP2 processor goldens (`sdk/tests/edit.rs`). Pictures go
+//! through `image_io::resize_rgb_with`, which checks them; this module works on pixel buffers.
 
 /// Pillow's resampling filters (those the pipelines use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,18 +127,14 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes `image` to `width` x `height` as Pillow's `Image.resize(size, filter)` does for an
-/// RGB image (no box, no reducing_gap).
-pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
-    image.check()?;
-    if width == 0 || height == 0 {
-        return Err(Error::invalid(format!("cannot resize to {width}x{height}")));
+/// Resizes RGB `pixels` (`in_w` x `in_h`, 3 bytes a pixel) to `out_w` x `out_h` as Pillow's
+/// `Image.resize(size, filter)` does for an RGB image (no box, no reducing_gap). Every size is
+/// at least 1 and `pixels` holds `in_w * in_h * 3` bytes: `image_io::resize_rgb_with` checks
+/// both, and is the entry point for pictures.
+pub fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
+    if (in_w, in_h) == (out_w, out_h) {
+        return pixels.to_vec(); // Pillow returns a copy
     }
-    if (image.width, image.height) == (width, height) {
-        return Ok(image.clone()); // Pillow returns a copy
-    }
-    let (in_w, in_h) = (image.width as usize, image.height as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
     let horiz = coefficients(in_w, out_w, filter);
     let vert = coefficients(in_h, out_h, filter);
     let (need_h, need_v) = (out_w != in_w, out_h != in_h);
@@ -146,8 +142,8 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Resu
     // many pixels as the width does (a faster horizontal pass). The 8-bit intermediate makes
     // the order visible in the result: both orders round and clip in between.
     let vertical_first = in_h > out_h && (in_h - out_h) as i64 > (in_w as i64 - out_w as i64) * 2;
-    let pixels = if vertical_first {
-        let narrow = vertical_pass(&image.pixels, in_w, &vert, 0);
+    if vertical_first {
+        let narrow = vertical_pass(pixels, in_w, &vert, 0);
         if need_h {
             horizontal_pass(&narrow, in_w, out_h, 0, &horiz)
         } else {
@@ -157,16 +153,15 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Resu
         // Only the rows the vertical pass reads.
         let first = vert.first[0];
         let last = vert.first[out_h - 1] + vert.len[out_h - 1];
-        let wide = horizontal_pass(&image.pixels, in_w, last - first, first, &horiz);
+        let wide = horizontal_pass(pixels, in_w, last - first, first, &horiz);
         if need_v {
             vertical_pass(&wide, out_w, &vert, first)
         } else {
             wide
         }
     } else {
-        vertical_pass(&image.pixels, in_w, &vert, 0)
-    };
-    Ok(RgbImage { width, height, pixels })
+        vertical_pass(pixels, in_w, &vert, 0)
+    }
 }
 
 /// Pillow's horizontal pass: `rows` rows of `src` (`src_w` pixels wide) from row `row_first`,
@@ -218,20 +213,4 @@ fn vertical_pass(src: &[u8], width: usize, vert: &Coefficients, row_offset: usiz
         }
     }
     out
-}
-
-/// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.
-pub fn crop(image: &RgbImage, left: u32, top: u32, width: u32, height: u32) -> Result<RgbImage> {
-    if left + width > image.width || top + height > image.height || width == 0 || height == 0 {
-        return Err(Error::invalid(format!(
-            "crop {width}x{height} at ({left}, {top}) does not fit in {}x{}",
-            image.width, image.height
-        )));
-    }
-    let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
-    for y in top..top + height {
-        let start = (y as usize * image.width as usize + left as usize) * 3;
-        pixels.extend_from_slice(&image.pixels[start..start + width as usize * 3]);
-    }
-    Ok(RgbImage { width, height, pixels })
 }

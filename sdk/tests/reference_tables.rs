@@ -42,7 +42,7 @@ fn scheduler_tables_equal_diffusers() {
     }
 }
 
-/// `pil_resize::resize` against Pillow 13.0.0's `Image.resize` (tests/golden/common/resize.json:
+/// `image_io::resize_rgb_with` (`pil_resize`) against Pillow 13.0.0's `Image.resize` (tests/golden/common/resize.json:
 /// both pass orders, their boundary, one-axis and upscaling cases, three filters): the same
 /// bytes.
 #[test]
@@ -55,7 +55,7 @@ fn pil_resize_equals_pillow() {
         let want = png_rgb(&golden("common").join(case["output_file"].as_str().unwrap()));
         let filter = zimage::pil_resize::Filter::from_name(case["filter"].as_str().unwrap()).unwrap();
         let (width, height) = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
-        let got = zimage::pil_resize::resize(&input, width, height, filter).unwrap();
+        let got = zimage::image_io::resize_rgb_with(&input, width, height, filter).unwrap();
         assert_eq!((got.width, got.height), (want.width, want.height), "{}", case["output_file"]);
         let differing = got.pixels.iter().zip(&want.pixels).filter(|(a, b)| a != b).count();
         assert_eq!(differing, 0, "{}: {differing} bytes differ", case["output_file"]);

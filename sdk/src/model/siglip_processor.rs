@@ -12,9 +12,9 @@
 use ndarray::{Array2, Array4};
 
 use crate::error::{Error, Result};
-use crate::image_io::RgbImage;
+use crate::image_io::{self, RgbImage};
 use crate::package::edit::SiglipProcessorSettings;
-use crate::pil_resize::{self, Filter};
+use crate::pil_resize::Filter;
 
 /// What the processor gives the vision encoder for one picture.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,7 +71,7 @@ pub fn siglip_inputs(image: &RgbImage, settings: &SiglipProcessorSettings) -> Re
         let filter = Filter::from_name(&settings.resample).ok_or_else(|| {
             Error::invalid(format!("SigLIP processor: resample {:?} is not supported", settings.resample))
         })?;
-        pil_resize::resize(image, w as u32, h as u32, filter)?
+        image_io::resize_rgb_with(image, w as u32, h as u32, filter)?
     } else {
         image.clone()
     };

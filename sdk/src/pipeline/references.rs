@@ -13,7 +13,7 @@ use ndarray::Array4;
 use crate::error::{Error, Result};
 use crate::image_io::{self, RgbImage};
 use crate::package::edit::ReferenceRules;
-use crate::pil_resize::{self, Filter};
+use crate::pil_resize::Filter;
 
 /// Largest reference accepted, in pixels (larger ones would only be scaled down to
 /// `max_area` after costing their full decode): 64 megapixels.
@@ -71,7 +71,7 @@ pub(crate) fn prepare(image: &RgbImage, rules: &ReferenceRules, size: Option<(u3
         if w == 0 || h == 0 {
             return Err(Error::invalid(format!("reference of {}x{} scales to nothing", image.width, image.height)));
         }
-        pil_resize::resize(image, w, h, Filter::Lanczos)?
+        image_io::resize_rgb_with(image, w, h, Filter::Lanczos)?
     } else {
         image.clone()
     };
@@ -83,7 +83,7 @@ pub(crate) fn prepare(image: &RgbImage, rules: &ReferenceRules, size: Option<(u3
             for_vision.width, for_vision.height
         )));
     }
-    let cropped = pil_resize::crop(&for_vision, (for_vision.width - w) / 2, (for_vision.height - h) / 2, w, h)?;
+    let cropped = image_io::crop_rgb(&for_vision, (for_vision.width - w) / 2, (for_vision.height - h) / 2, w, h)?;
     let for_vae = image_io::to_model_input(&cropped).mapv(|v| half::bf16::from_f32(v).to_f32());
     Ok(PreparedReference { for_vision, for_vae })
 }
