@@ -178,6 +178,13 @@ def add_controlnet(seed: int, cfg, src: Path, package: Path, golden: Path, log, 
     return None
 
 
+# The enhancer goldens' cases (attached and standalone): make_enhancer_fixtures.CASES' format
+# with the prompt's key in goldens_common.PROMPTS (torch-free).
+ENHANCER_CASES = [("english_thinking", "english", True, 16, None), ("chinese", "chinese", False, 16, None),
+                  ("quoted", "mixed_quoted", True, 12, None),
+                  ("custom_system", "emoji", False, 16, "Describe the picture."), ("short_limit", "english", True, 3, None)]
+
+
 def draw_enhancer(seed: int):
     """A random standalone prompt enhancer (its own generator): a tied Qwen3 of any width, head
     count, grouped-query ratio, head size, depth, RoPE base and norm epsilon, built as the
@@ -193,10 +200,7 @@ def draw_enhancer(seed: int):
                   num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, 2, 3, 4) if heads % k == 0]),
                   head_dim=rng.choice([4, 6, 8]), rope_theta=rng.choice([10_000.0, 1_000_000.0]),
                   rms_norm_eps=rng.choice([1e-6, 1e-5]))
-    cases = [("english_thinking", "english", True, 16, None), ("chinese", "chinese", False, 16, None),
-             ("quoted", "mixed_quoted", True, 12, None), ("custom_system", "emoji", False, 16, "Describe the picture."),
-             ("short_limit", "english", True, 3, None)]
-    return config, seed + 9000, round(rng.uniform(1.25, 1.6), 3), cases
+    return config, seed + 9000, round(rng.uniform(1.25, 1.6), 3), ENHANCER_CASES
 
 
 def enhancer_cases(drawn: list) -> list:
@@ -215,8 +219,7 @@ def add_enhancer(src: Path, package: Path, golden: Path, log) -> str | None:
     if not run(sys.executable, HERE / "export_enhancer.py", "add", "--package", package, "--src", src, log=log):
         return "export_enhancer add"
     log.flush()
-    _, _, _, drawn = draw_enhancer(0)  # the same cases
-    record_goldens(src / "text_encoder", golden / "enhancer", enhancer_cases(drawn), str(package),
+    record_goldens(src / "text_encoder", golden / "enhancer", enhancer_cases(ENHANCER_CASES), str(package),
                    tokenizer_dir=src / "tokenizer", quiet=True)
     return None
 
@@ -236,8 +239,7 @@ def check_standalone_enhancer(seed: int, tokenizer: Path, folder: Path, log, res
         return "export_enhancer standalone"
     log.flush()
     record_goldens(hf, folder / "enhancer-golden", enhancer_cases(drawn), str(package), quiet=True)
-    if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--", package,
-               folder / "enhancer-golden", log=log):
+    if not golden_check(package, folder / "enhancer-golden", log):
         return "enhancer golden_check"
     return None
 
@@ -311,8 +313,7 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict)
     except Exception as e:
         traceback.print_exc(file=log)
         return f"the Omni goldens (diffusers: {type(e).__name__}: {e})"
-    if not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--", package,
-               folder / "omni-golden", log=log):
+    if not golden_check(package, folder / "omni-golden", log):
         return "omni golden_check"
     return None
 
@@ -381,6 +382,12 @@ def check_variants(package: Path, src: Path, folder: Path, size: int, log, worst
     return None
 
 
+def golden_check(package: Path, golden: Path, log) -> bool:
+    """The runtime against a goldens folder: the golden_check example (sdk/examples)."""
+    return run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--", package, golden,
+               log=log)
+
+
 def run(*args, log) -> bool:
     """Runs a command from the repository root (cargo's workspace), its output into `log`."""
     return subprocess.run([str(a) for a in args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode == 0
@@ -434,8 +441,7 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
                        or add_enhancer(src, package, folder / "golden", log))
             if failure:
                 result["failed"] = failure
-            elif not run("cargo", "run", "--release", "-q", "-p", "zimage", "--example", "golden_check", "--",
-                         package, folder / "golden", log=log):
+            elif not golden_check(package, folder / "golden", log):
                 result["failed"] = "golden_check"
         if "failed" not in result:
             failure = (check_standalone_enhancer(seed, tokenizer, folder, log, result)
