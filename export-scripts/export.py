@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from zimage_export import onnx_io
+from zimage_export.source_folder import require_source_folder
 from zimage_export.manifest import (
     OPTIONAL_GRAPHS,
     REQUIRED_GRAPHS,
@@ -97,6 +98,9 @@ def main(argv=None) -> None:
     if args.prepacked_transformer and args.weights:
         parser.error("--prepacked-transformer is for float transformers (a quantized one packs a quarter of the "
                      "bytes, and its kernels are not probed)")
+    require_source_folder(parser, args.src)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} exists and is not a folder")
     variant = args.variant if args.variant != "auto" else detect_variant(args.name or str(args.src))
     defaults = generation_defaults(variant, {
         "steps": args.default_steps, "guidance_scale": args.default_guidance,

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zimage_export.source_folder import require_source_folder
+
 CONTROL_OPSET = 23  # as the transformer (export.py DEFAULT_OPSETS)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -176,6 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, help="JSON config values for a single-file checkpoint")
     parser.add_argument("--tolerance", type=float, help="max abs diff vs diffusers (default 1e-4 fp32, 5e-2 fp16)")
     args = parser.parse_args(argv)
+    require_source_folder(parser, args.src)
     import torch
 
     torch.manual_seed(0)

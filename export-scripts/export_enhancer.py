@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from zimage_export.source_folder import require_source_folder
 from zimage_export.enhancer.package import (
     ENHANCER_FORMAT,
     WEIGHTS_FILE,
@@ -103,6 +104,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.time()
     if args.mode == "add":
+        require_source_folder(parser, args.src)
         add_to_package(args.package.resolve(), args.src.resolve())
     else:
         standalone(args.hf.resolve(), args.out.resolve(), args.name)

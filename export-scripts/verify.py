@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from zimage_export.source_folder import require_source_folder
+
 FP32_TOLERANCE = 1e-5
 # Relative L2 bounds of quantized graphs against the float32 module, by weights: several times
 # what a correct quantization gives on the tiny fixtures (random weights, the worst case
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=["fp32", "fp16"],
                         help="package precision (default: from manifest.json; needed without one)")
     args = parser.parse_args(argv)
+    require_source_folder(parser, args.src)
 
     manifest_path = args.package / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
