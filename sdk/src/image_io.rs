@@ -439,6 +439,13 @@ fn strip(e: Error) -> String {
 /// ([`crate::pil_resize`]). The target is limited to [`MAX_INPUT_SIDE`] on a side (check the
 /// request against the model first: a target the model refuses should never be resized to).
 pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
+    resize_rgb_with(image, width, height, Filter::Lanczos)
+}
+
+/// Resizes with one of Pillow's filters, byte for byte as Pillow's `Image.resize` ([`pil_resize`]):
+/// what transformers' SigLIP2 processor and diffusers' Omni references do. The target is
+/// limited as [`resize_rgb`]'s: a huge one is an error, not an allocation that aborts.
+pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
     if width == 0 || height == 0 {
         return Err(Error::invalid("resize target must be at least 1x1"));
     }
@@ -448,19 +455,6 @@ pub fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage>
         )));
     }
     image.check()?;
-    if image.width == width && image.height == height {
-        return Ok(image.clone());
-    }
-    resize_rgb_with(image, width, height, Filter::Lanczos)
-}
-
-/// Resizes with one of Pillow's filters, byte for byte as Pillow's `Image.resize` ([`pil_resize`]):
-/// what transformers' SigLIP2 processor and diffusers' Omni references do.
-pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
-    image.check()?;
-    if width == 0 || height == 0 {
-        return Err(Error::invalid(format!("cannot resize to {width}x{height}")));
-    }
     let pixels = pil_resize::resize(
         &image.pixels,
         image.width as usize,

@@ -131,7 +131,7 @@ fn clip8(acc: i64) -> u8 {
 /// `Image.resize(size, filter)` does for an RGB image (no box, no reducing_gap). Every size is
 /// at least 1 and `pixels` holds `in_w * in_h * 3` bytes: `image_io::resize_rgb_with` checks
 /// both, and is the entry point for pictures.
-pub fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
+pub(crate) fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
     if (in_w, in_h) == (out_w, out_h) {
         return pixels.to_vec(); // Pillow returns a copy
     }

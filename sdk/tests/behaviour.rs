@@ -668,6 +668,15 @@ fn hostile_files_and_sizes_are_refused_before_allocating() {
     let tiny = zimage::RgbImage { width: 2, height: 2, pixels: vec![9; 12] };
     let e = image_io::resize_rgb(&tiny, 100_000, 100_000).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    // Every filter's entry point has the same limit (it was unchecked: an abort on allocation).
+    for filter in [zimage::pil_resize::Filter::Bicubic, zimage::pil_resize::Filter::Bilinear] {
+        for (w, h) in [(image_io::MAX_INPUT_SIDE + 1, 1), (1, u32::MAX), (0, 4)] {
+            let e = image_io::resize_rgb_with(&tiny, w, h, filter).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{w}x{h}: {e}");
+        }
+        let bad = zimage::RgbImage { width: 2, height: 2, pixels: vec![9; 11] };
+        assert_eq!(image_io::resize_rgb_with(&bad, 4, 4, filter).unwrap_err().kind(), ErrorKind::Image);
+    }
     // A mask of another size than the request is refused from its header.
     let mask = golden("tiny-zimage/inputs/mask.png");
     assert_eq!(image_io::load_gray_sized(&mask, 64, 64).unwrap().pixels.len(), 64 * 64);
