@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from zimage_export.source_folder import require_source_folder
+from zimage_export.source_folder import check_qwen3_checkpoint, require_source_folder
 from zimage_export.enhancer.package import (
     ENHANCER_FORMAT,
     WEIGHTS_FILE,
@@ -107,6 +107,7 @@ def main(argv=None) -> None:
         require_source_folder(parser, args.src)
         add_to_package(args.package.resolve(), args.src.resolve())
     else:
+        require_source_folder(parser, args.hf, "--hf", check_qwen3_checkpoint)
         standalone(args.hf.resolve(), args.out.resolve(), args.name)
     print(f"done in {time.time() - start:.1f} s")
 

@@ -9,6 +9,7 @@ import pytest
 from zimage_export.source_folder import (
     REQUIRED_FILES,
     SourceFolderError,
+    check_qwen3_checkpoint,
     check_source_folder,
     require_source_folder,
 )
@@ -77,3 +78,16 @@ def test_the_command_line_form_exits_as_argparse_does(tmp_path, capsys):
     assert e.value.code == 2
     assert "export.py: error: --src:" in capsys.readouterr().err
     require_source_folder(parser, make_folder(tmp_path))  # no exit
+
+
+def test_a_qwen3_checkpoint_needs_config_tokenizer_and_weights(tmp_path):
+    with pytest.raises(SourceFolderError, match="is not a folder"):
+        check_qwen3_checkpoint(tmp_path / "nope")
+    with pytest.raises(SourceFolderError, match=r"missing config.json, tokenizer.json, \*.safetensors$"):
+        check_qwen3_checkpoint(tmp_path)
+    for f in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"):
+        (tmp_path / f).write_text("{}")
+    check_qwen3_checkpoint(tmp_path)
+    parser = argparse.ArgumentParser(prog="export_enhancer.py")
+    with pytest.raises(SystemExit):
+        require_source_folder(parser, tmp_path / "nope", "--hf", check_qwen3_checkpoint)

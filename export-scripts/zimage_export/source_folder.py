@@ -55,10 +55,23 @@ def _has_weights(folder: Path) -> bool:
     return any(f.suffix in WEIGHT_SUFFIXES for f in folder.iterdir() if f.is_file())
 
 
-def require_source_folder(parser, src: Path) -> None:
-    """check_source_folder for a command line: a bad folder ends the script as argparse ends it
-    on a bad argument (usage, the message, exit status 2)."""
+def check_qwen3_checkpoint(hf: Path) -> None:
+    """Raises SourceFolderError unless `hf` is a Hugging Face causal-LM checkpoint folder with
+    the files the standalone enhancer export reads (config.json, tokenizer.json, weights)."""
+    if not hf.is_dir():
+        raise SourceFolderError(f"{hf} is not a folder (want a Hugging Face Qwen3 checkpoint: config.json, "
+                                f"tokenizer.json, *.safetensors)")
+    missing = [f for f in ("config.json", "tokenizer.json") if not (hf / f).is_file()]
+    if not _has_weights(hf):
+        missing.append("*.safetensors")
+    if missing:
+        raise SourceFolderError(f"{hf} is not a complete Hugging Face checkpoint: missing {', '.join(missing)}")
+
+
+def require_source_folder(parser, src: Path, option: str = "--src", check=check_source_folder) -> None:
+    """A folder check for a command line: a bad folder ends the script as argparse ends it on a
+    bad argument (usage, the message, exit status 2)."""
     try:
-        check_source_folder(src)
+        check(src)
     except SourceFolderError as e:
-        parser.error(f"--src: {e}")
+        parser.error(f"{option}: {e}")
