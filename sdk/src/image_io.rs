@@ -53,8 +53,9 @@ pub fn all_clipped(image: ArrayView3<f32>) -> bool {
     !image.is_empty() && image.iter().all(|&v| !(-1.0 < v && v < 1.0))
 }
 
-/// RGB8 → `[1, 3, H, W]` in [-1, 1], as diffusers' image processor normalises.
-pub fn to_model_input(image: &RgbImage) -> Array4<f32> {
+/// RGB8 → `[1, 3, H, W]` in [-1, 1], as diffusers' image processor normalises. Crate-private:
+/// it trusts the buffer's size, which its callers have checked ([`RgbImage::check`]).
+pub(crate) fn to_model_input(image: &RgbImage) -> Array4<f32> {
     let (h, w) = (image.height as usize, image.width as usize);
     let mut out = Array4::<f32>::zeros((1, 3, h, w));
     for y in 0..h {
