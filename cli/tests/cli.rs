@@ -69,7 +69,7 @@ fn run_case(section: &str, name: &str, dir: &Path) -> (Value, Vec<Png>) {
     let output = dir.join("out.png");
     let mut args = case_args(&c);
     args.extend(["--output".into(), output.display().to_string(), "--json".into()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
     let summary: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     let mut images = Vec::new();
@@ -99,7 +99,7 @@ fn argument_errors_exit_2_with_one_line() {
         assert_code(&out, 2);
         assert_one_line_error(&out);
     }
-    let out = zimage(&["generate", "--model", PACKAGE, "--promt", "x"]);
+    let out = zimage(["generate", "--model", PACKAGE, "--promt", "x"]);
     assert!(stderr(&out).contains("'--prompt'"), "clap's suggestion is kept: {}", stderr(&out));
 }
 
@@ -118,15 +118,15 @@ fn help_documents_the_exit_codes() {
 #[test]
 fn a_bad_model_folder_is_a_package_error() {
     let dir = scratch("bad-package");
-    let out = zimage(&["generate", "--model", dir.join("missing").to_str().unwrap(), "--prompt", "x"]);
+    let out = zimage(["generate", "--model", dir.join("missing").to_str().unwrap(), "--prompt", "x"]);
     assert_code(&out, 3);
     assert!(assert_one_line_error(&out).trim_end().ends_with("no such folder"), "{out:?}");
-    let out = zimage(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    let out = zimage(["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
     assert_code(&out, 3);
     assert!(assert_one_line_error(&out).contains("no manifest.json"));
 
     std::fs::write(dir.join("manifest.json"), r#"{"format": "something-else"}"#).unwrap();
-    let out = zimage(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    let out = zimage(["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
     assert_code(&out, 3);
     assert_one_line_error(&out);
 }
@@ -134,23 +134,23 @@ fn a_bad_model_folder_is_a_package_error() {
 #[test]
 fn request_and_file_errors_have_their_own_codes() {
     // Invalid request: the SDK refuses a size that is not a multiple of 16.
-    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--width", "63", "--height", "64"]);
+    let out = zimage(["generate", "--model", PACKAGE, "--prompt", "x", "--width", "63", "--height", "64"]);
     assert_code(&out, 6);
     assert!(assert_one_line_error(&out).contains("multiple of 16"));
 
     let dir = scratch("file-errors");
     // Io: the init image does not exist; Image: it is not an image.
     let missing = dir.join("missing.png");
-    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", missing.to_str().unwrap()]);
+    let out = zimage(["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", missing.to_str().unwrap()]);
     assert_code(&out, 9);
     assert_one_line_error(&out);
     let not_image = dir.join("not-an-image.png");
     std::fs::write(&not_image, "plain text").unwrap();
-    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", not_image.to_str().unwrap()]);
+    let out = zimage(["generate", "--model", PACKAGE, "--prompt", "x", "--init-image", not_image.to_str().unwrap()]);
     assert_code(&out, 7);
     assert_one_line_error(&out);
     // Io: the output folder does not exist (checked before generating).
-    let out = zimage(&[
+    let out = zimage([
         "generate",
         "--model",
         PACKAGE,
@@ -234,7 +234,7 @@ fn vae_tiling_matches_diffusers_tiled_decode_and_is_recorded() {
         output.display().to_string(),
         "--json".into(),
     ]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["vae_tiling"], serde_json::json!({ "tile_size": 32, "overlap": 8 }));
@@ -247,11 +247,11 @@ fn vae_tiling_matches_diffusers_tiled_decode_and_is_recorded() {
     // errors (exit 6) before anything is written.
     let mut args = case_args(&case("text_to_image", "nonsquare"));
     args.extend(["--vae-tiling".into(), "36".into(), "--output".into(), dir.join("bad.png").display().to_string()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 6);
     assert!(assert_one_line_error(&out).contains("vae_tiling (tile 36, overlap 8)"), "{}", stderr(&out));
     assert!(!dir.join("bad.png").exists());
-    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--vae-tiling", "big"]);
+    let out = zimage(["generate", "--model", PACKAGE, "--prompt", "x", "--vae-tiling", "big"]);
     assert_code(&out, 2);
     assert!(assert_one_line_error(&out).contains("is not SIZE or SIZE:OVERLAP"), "{}", stderr(&out));
 }
@@ -304,7 +304,7 @@ fn quantization_is_recorded_with_its_activations() {
     ] {
         let output = dir.join("out.png");
         let args = ["generate", "--model", model, "--prompt", "a red cube", "--width", "32", "--height", "32"];
-        let out = zimage(&[&args[..], &["--seed", "3", "--output", output.to_str().unwrap(), "--json"]].concat());
+        let out = zimage([&args[..], &["--seed", "3", "--output", output.to_str().unwrap(), "--json"]].concat());
         assert_code(&out, 0);
         let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(summary["quantization"]["weights"], weights, "{model}");
@@ -334,7 +334,7 @@ fn a_truncated_prompt_is_reported_not_silent() {
     let c = case("text_to_image", "long_prompt");
     let mut args = case_args(&c);
     args.extend(["-o".into(), dir.join("out.png").display().to_string(), "--json".into()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     let tokens = &summary["prompt_tokens"];
@@ -363,7 +363,7 @@ fn count_2_writes_numbered_files_and_all_latents() {
         "--save-latents".into(),
         latents_path.display().to_string(),
     ]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
 
     let mut names: Vec<String> =
@@ -415,7 +415,7 @@ fn image_to_image_and_inpainting_flags_reach_the_sdk() {
 
 #[test]
 fn bench_reports_every_stage() {
-    let out = zimage(&[
+    let out = zimage([
         "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "3", "--warmup", "0", "--runs", "2",
         "--json",
     ]);
@@ -460,7 +460,7 @@ fn bench_reports_every_stage() {
     let report = quick(&["--vae-tiling", "32"]);
     assert_eq!(report["vae_tiling"], serde_json::json!({ "tile_size": 32, "overlap": 8 }));
 
-    let out = zimage(&[
+    let out = zimage([
         "bench", "--model", PACKAGE, "--width", "64", "--height", "64", "--steps", "2", "--warmup", "0", "--runs", "1",
     ]);
     assert_code(&out, 0);
@@ -645,7 +645,7 @@ fn hostile_inputs_fail_with_one_line_and_leave_nothing() {
         ),
     ];
     for (args, code, message) in &cases {
-        let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {}", stderr(&out));
         let err = assert_one_line_error(&out);
         assert!(err.contains(message), "{args:?}: {err}");
@@ -660,7 +660,7 @@ fn hostile_inputs_fail_with_one_line_and_leave_nothing() {
 
     // A folder given as the output gets proper file names inside it.
     let out = zimage(
-        &g(&["--width", "16", "--height", "16", "--seed", "1", "-o", &d("sub"), "--save-latents", &d("sub")])
+        g(&["--width", "16", "--height", "16", "--seed", "1", "-o", &d("sub"), "--save-latents", &d("sub")])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -761,7 +761,7 @@ fn a_failed_write_is_an_io_error_and_leaves_nothing() {
     assert!(assert_one_line_error(&out).contains("l.npy"), "{}", stderr(&out));
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no PNG without its latents");
     // Unlimited, the same command writes all 65 files.
-    let out = zimage(&args);
+    let out = zimage(args);
     assert_code(&out, 0);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 65);
 }
@@ -772,7 +772,7 @@ fn a_failed_write_is_an_io_error_and_leaves_nothing() {
 fn onnx_runtime_logs_are_one_line_each() {
     let dir = scratch("logs");
     let png = dir.join("x.png").display().to_string();
-    let out = zimage(&[
+    let out = zimage([
         "generate",
         "--model",
         PACKAGE,
@@ -794,7 +794,7 @@ fn onnx_runtime_logs_are_one_line_each() {
         assert!(!line.contains('\u{1b}'), "colour codes: {line:?}");
     }
     // Without --verbose a successful run prints nothing on stderr.
-    let out = zimage(&["generate", "--model", PACKAGE, "--prompt", "x", "--width", "16", "--height", "16", "-o", &png]);
+    let out = zimage(["generate", "--model", PACKAGE, "--prompt", "x", "--width", "16", "--height", "16", "-o", &png]);
     assert_code(&out, 0);
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
@@ -849,7 +849,7 @@ fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
 
     let dir = scratch("enhance");
     let png = dir.join("e.png");
-    let out = zimage(&[
+    let out = zimage([
         "generate",
         "--model",
         PACKAGE,
@@ -874,10 +874,10 @@ fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     let enhanced = summary["enhanced_prompt"].as_str().expect("enhanced prompt reported");
     let again =
-        zimage(&["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--max-new-tokens", "12"]);
+        zimage(["enhance", "--model", "models/tiny-qwen3-enhancer", "--prompt", "a cat", "--max-new-tokens", "12"]);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim_end_matches('\n'), enhanced);
 
-    let no_decoder = zimage(&["enhance", "--model", PACKAGE, "--prompt", "a cat"]);
+    let no_decoder = zimage(["enhance", "--model", PACKAGE, "--prompt", "a cat"]);
     assert_code(&no_decoder, 3);
 }
 
@@ -894,7 +894,7 @@ fn lora_flags_match_the_golden_and_are_recorded() {
         args.push(format!("{GOLDEN}/{}:{}", l["file"].as_str().unwrap(), l["scale"]));
     }
     args.extend(["--output".into(), output.display().to_string(), "--json".into()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 0);
     let png = read_png(&output);
     let golden = root().join(GOLDEN).join(c["image_files"][0].as_str().unwrap());
@@ -924,7 +924,7 @@ fn lora_flags_match_the_golden_and_are_recorded() {
     let mut args = case_args(&c);
     args.extend(["--lora".into(), "tests/golden/tiny-zimage-alt/loras/peft.safetensors".into()]);
     args.extend(["--output".into(), dir.join("bad.png").display().to_string()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_code(&out, 10);
     let err = assert_one_line_error(&out);
     assert!(err.contains("lora_A.weight") && err.contains("[64, 64]"), "{err}");
@@ -942,7 +942,7 @@ fn a_base_model_package_generates_with_its_recommended_steps_and_guidance() {
     let dir = scratch("base-model");
     let output = dir.join("out.png");
     let (width, height, seed) = (c["width"].to_string(), c["height"].to_string(), c["seed"].to_string());
-    let out = zimage(&[
+    let out = zimage([
         "generate",
         "--model",
         base,
@@ -969,7 +969,7 @@ fn a_base_model_package_generates_with_its_recommended_steps_and_guidance() {
     assert_eq!((png.text["steps"].as_str(), png.text["guidance"].as_str()), ("50", "4"));
 
     // What the user gives wins over the recommendation.
-    let out = zimage(&[
+    let out = zimage([
         "generate",
         "--model",
         base,

@@ -160,17 +160,17 @@ fn bad_controlnet_input_fails_with_one_line() {
         args
     };
     // Unknown ControlNet: a usage error before anything loads.
-    let out = zimage(&base(&["--controlnet", "nope", "--control-image", &control]));
+    let out = zimage(base(&["--controlnet", "nope", "--control-image", &control]));
     assert_code(&out, 2);
     assert!(one_line_error(&out).contains("union-v1"));
     // A non-finite scale: an invalid request.
-    let out = zimage(&base(&["--controlnet", "union-v1", "--control-image", &control, "--control-scale", "NaN"]));
+    let out = zimage(base(&["--controlnet", "union-v1", "--control-image", &control, "--control-scale", "NaN"]));
     assert_code(&out, 6);
     assert!(one_line_error(&out).contains("finite"));
     // ControlNet inpainting with a ControlNet that has no mask channels.
     let init = format!("{GOLDEN}/inputs/init_64x64.png");
     let mask = format!("{GOLDEN}/inputs/mask_64x64.png");
-    let out = zimage(&base(&[
+    let out = zimage(base(&[
         "--controlnet",
         "union-v1",
         "--control-image",
@@ -183,14 +183,13 @@ fn bad_controlnet_input_fails_with_one_line() {
     assert_code(&out, 6);
     assert!(one_line_error(&out).contains("cannot inpaint"));
     // --init-image without --mask (no ControlNet image-to-image), and --strength.
-    let out = zimage(&base(&["--controlnet", "union-v2.1", "--control-image", &control, "--init-image", &init]));
+    let out = zimage(base(&["--controlnet", "union-v2.1", "--control-image", &control, "--init-image", &init]));
     assert_code(&out, 2);
     one_line_error(&out);
     // A bad preprocess mode, and --control-image without --controlnet.
-    let out =
-        zimage(&base(&["--controlnet", "union-v1", "--control-image", &control, "--control-preprocess", "sobel"]));
+    let out = zimage(base(&["--controlnet", "union-v1", "--control-image", &control, "--control-preprocess", "sobel"]));
     assert_code(&out, 2);
-    let out = zimage(&base(&["--control-image", &control]));
+    let out = zimage(base(&["--control-image", &control]));
     assert_code(&out, 2);
     // The package without the add-on has no ControlNet.
     let mut args = base(&["--controlnet", "union-v1", "--control-image", &control]);

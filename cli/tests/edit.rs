@@ -52,7 +52,7 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
     }
     args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
     args.extend(["--json".into(), "--progress".into(), "none".into()]);
-    let out = zimage(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((summary["width"].as_u64(), summary["height"].as_u64()), (Some(96), Some(64)));
@@ -95,7 +95,7 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     let o = output.display().to_string();
     let reference = format!("{GOLDEN}/inputs/ref_96x64.png");
     // A text-to-image package: invalid request (6), before anything is loaded.
-    let out = zimage(&["edit", "--model", "models/tiny-zimage", "--image", &reference, "--prompt", "x", "-o", &o]);
+    let out = zimage(["edit", "--model", "models/tiny-zimage", "--image", &reference, "--prompt", "x", "-o", &o]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains("does not support editing"), "{}", stderr(&out));
     // Nine references: more than the package takes.
@@ -106,10 +106,10 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     let out = zimage(&args);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     // A missing reference file.
-    let out = zimage(&["edit", "--model", PACKAGE, "--image", "no/such.png", "--prompt", "x", "-o", &o]);
+    let out = zimage(["edit", "--model", PACKAGE, "--image", "no/such.png", "--prompt", "x", "-o", &o]);
     assert_ne!(out.status.code(), Some(0));
     // No --image at all: a usage error.
-    let out = zimage(&["edit", "--model", PACKAGE, "--prompt", "x", "-o", &o]);
+    let out = zimage(["edit", "--model", PACKAGE, "--prompt", "x", "-o", &o]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing may be written");
 }

@@ -80,7 +80,7 @@ fn the_vae_encoder_is_made_by_its_first_use_and_its_errors_stay_typed() {
         assert_eq!(text.latents, reference.latents);
         assert_eq!(text.images, reference.images);
         for _ in 0..2 {
-            let err = broken.generate(&image_to_image("a lighthouse", &picture()), None).err().expect("garbage");
+            let err = broken.generate(&image_to_image("a lighthouse", &picture()), None).expect_err("garbage");
             assert_eq!(err.kind(), ErrorKind::Package, "{err}");
             assert!(err.to_string().contains("vae_encoder"), "{err}");
             assert!(err.source().is_some(), "ONNX Runtime's error is kept: {err}");
