@@ -85,7 +85,11 @@ pub fn canny(image: &RgbImage, low: f32, high: f32) -> Result<RgbImage> {
     let rgb = ImageRgb::from_raw(image.width, image.height, image.pixels.clone())
         .ok_or_else(|| Error::Image("RGB buffer does not match its size".into()))?;
     let gray: LumaImage = image::DynamicImage::ImageRgb8(rgb).to_luma8();
-    let edges = imageproc::edges::canny(&gray, low, high);
+    // imageproc's hysteresis follows weak pixels (magnitude >= low) into the picture's
+    // zero-magnitude border and indexes past it when low is 0 (a panic). The smallest positive
+    // threshold selects the same edges but for zero-gradient pixels, which are no edges.
+    let low = low.max(f32::MIN_POSITIVE);
+    let edges = imageproc::edges::canny(&gray, low, high.max(low));
     let pixels = edges.pixels().flat_map(|Luma([v])| [*v, *v, *v]).collect();
     Ok(RgbImage { width: image.width, height: image.height, pixels })
 }

@@ -295,6 +295,13 @@ fn canny_marks_the_step_edge_only() {
         let err = bad.parse::<ControlPreprocess>().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{bad}");
     }
+    // A low threshold of 0 is allowed (0 <= low <= high): it panicked inside imageproc.
+    for (low, high) in [(0.0, 0.0), (0.0, 100.0), (-0.0, 200.0)] {
+        let zero = ControlPreprocess::Canny { low, high }.apply(&image).unwrap();
+        let tiny = zimage::control_preprocess::canny(&image, f32::MIN_POSITIVE, high.max(f32::MIN_POSITIVE)).unwrap();
+        assert_eq!(zero, tiny, "low {low}, high {high}");
+        assert!((18..=21).any(|x| zero.pixels[((8 * w + x) * 3) as usize] == 255), "low {low}: the step is an edge");
+    }
     let mut broken = image.clone();
     broken.pixels.pop();
     assert_eq!(ControlPreprocess::CANNY_DEFAULT.apply(&broken).unwrap_err().kind(), ErrorKind::Image);
