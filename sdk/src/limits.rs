@@ -31,6 +31,11 @@ pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// this; the cap also bounds reads from devices and pipes (`/dev/zero`), whose size is unknown
 /// until read.
 pub const MAX_INPUT_FILE_BYTES: u64 = 256 << 20;
+/// Largest LoRA file read (it is read whole). Rank-128 LoRAs of the 6B transformer in float32
+/// are about 1 GiB; 8 GiB leaves room for full-rank ones and refuses what cannot be a LoRA.
+pub const MAX_LORA_FILE_BYTES: u64 = 8 << 30;
+/// Largest safetensors header (the JSON before the tensors), as the safetensors crate's own cap.
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
 /// Largest `manifest.json` read.
 pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// Largest latents file (`.npy`) read.

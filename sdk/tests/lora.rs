@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -155,6 +155,26 @@ fn bad_adapters_are_typed_errors_and_the_pipeline_stays_usable() {
     let truncated = temp_file("truncated.safetensors", &good[..good.len() / 2]);
     let e = LoraAdapter::load(&truncated).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Lora, "{e}");
+
+    // What cannot be a LoRA is refused before it is read: a device that never ends (it was
+    // read whole, until memory ran out), a folder, a FIFO (opening it blocked), a first 8 bytes
+    // that are no safetensors header length.
+    for path in [Path::new("/dev/zero"), truncated.parent().unwrap()] {
+        let e = LoraAdapter::load(path).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Lora, "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+    let fifo = truncated.with_file_name("fifo.safetensors");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    assert!(LoraAdapter::load(&fifo).unwrap_err().to_string().contains("not a regular file"));
+    for header in [0u64, 1, 100_000_001, u64::MAX] {
+        let mut bytes = header.to_le_bytes().to_vec();
+        bytes.extend(b"{}");
+        let e = LoraAdapter::load(temp_file("header.safetensors", &bytes)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Lora, "{e}");
+        assert!(e.to_string().contains(&format!("header of {header} bytes")), "{e}");
+    }
 
     // A NaN in a weight: the key is named.
     let mut tensors = pair("layers.0.attention.to_q", 2, 64, 64);

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_LORA_FILE_BYTES, MAX_SAFETENSORS_HEADER_BYTES};
 use crate::package::files::sha256_hex;
 use crate::package::initializers::{read_initializers, ElementType, Initializer};
 use crate::package::{LoraParameter, Manifest};
@@ -48,6 +49,42 @@ impl std::fmt::Debug for LoraAdapter {
     }
 }
 
+/// Reads a LoRA file whole, refusing what cannot be one before reading much of it: anything
+/// but a regular file (a FIFO would block, `/dev/zero` never ends), a file over
+/// [`MAX_LORA_FILE_BYTES`], and a first 8 bytes that are no safetensors header length.
+fn read_lora_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    // Checked before opening: opening a FIFO for reading blocks until a writer comes.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::lora(path, "not a regular file (a LoRA is a .safetensors file)"));
+    }
+    if meta.len() > MAX_LORA_FILE_BYTES {
+        return Err(Error::lora(
+            path,
+            format!("the file is {} bytes, more than the limit of {MAX_LORA_FILE_BYTES} for a LoRA", meta.len()),
+        ));
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&mut file).take(8).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if let Ok(prefix) = <[u8; 8]>::try_from(bytes.as_slice()) {
+        let header = u64::from_le_bytes(prefix);
+        if !(2..=MAX_SAFETENSORS_HEADER_BYTES).contains(&header) {
+            return Err(Error::lora(
+                path,
+                format!("not a safetensors file: its first 8 bytes give a header of {header} bytes"),
+            ));
+        }
+    }
+    // The size can change between the check and the read: the read stops past the cap.
+    file.take(MAX_LORA_FILE_BYTES + 1 - bytes.len() as u64).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_LORA_FILE_BYTES {
+        return Err(Error::lora(path, format!("the file grew past the limit of {MAX_LORA_FILE_BYTES} bytes")));
+    }
+    Ok(bytes)
+}
+
 impl LoraAdapter {
     /// Reads a `.safetensors` LoRA file in any of the formats in [`formats`]. Every tensor is
     /// checked here (format, names, shapes, ranks, finite values), so a bad file fails now,
@@ -55,7 +92,7 @@ impl LoraAdapter {
     /// whether it fits a model is checked when it is applied.
     pub fn load(path: impl AsRef<Path>) -> Result<LoraAdapter> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = read_lora_file(&path)?;
         let sha256 = sha256_hex(&bytes);
         let bad = |message: String| Error::lora(&path, message);
         let (_, metadata) = SafeTensors::read_metadata(&bytes)
