@@ -85,9 +85,10 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     }
     let mut images = Vec::with_capacity(args.images.len());
     let mut records = Vec::with_capacity(args.images.len());
-    for path in &args.images {
+    for (index, path) in args.images.iter().enumerate() {
         let bytes = image_io::read_image_bytes(path)?;
-        images.push(image_io::decode_rgb(&bytes).map_err(|e| located(path, e))?);
+        let image = zimage::pipeline::edit::decode_reference(&manifest, &args.model.model, &bytes, index + 1);
+        images.push(image.map_err(|e| located(path, e))?);
         records.push(ReferenceRecord::new(&path.to_string_lossy(), &bytes));
     }
     let mut request = EditRequest::new(args.prompt.clone(), images);

@@ -181,3 +181,54 @@ fn an_edit_with_loras_is_refused_not_silently_without_them() {
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
     assert!(e.to_string().contains("LoRA"), "{e}");
 }
+
+/// A PNG file's first bytes: the signature, an IHDR chunk declaring `width` x `height` (8-bit
+/// RGB) and an empty IDAT chunk (where a decoder stops reading the header): no pixel data.
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    for chunk in [ihdr, b"IDAT".to_vec()] {
+        bytes.extend((chunk.len() as u32 - 4).to_be_bytes());
+        bytes.extend(&chunk);
+        bytes.extend(crc32(&chunk).to_be_bytes());
+    }
+    bytes
+}
+
+#[test]
+fn reference_files_are_refused_by_size_before_decoding() {
+    use zimage::pipeline::edit::decode_reference;
+    let dir = repo().join("models").join(PACKAGE);
+    let manifest = zimage::Manifest::read(&dir).unwrap();
+    // Header-only files: a size the rules refuse is an InvalidRequest (from the header: a
+    // decode would fail on the missing pixels with an Image error, or cost 16384 x 16384).
+    for (w, h, says) in [(16384, 16384, "pixels"), (63, 80, "at least 64"), (64, 600, "aspect ratio")] {
+        let e = decode_reference(&manifest, &dir, &png_header(w, h), 2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{w}x{h}: {e}");
+        assert!(e.to_string().contains("reference image 2") && e.to_string().contains(says), "{e}");
+    }
+    // A size the rules take goes on to the decoder, which finds no pixels.
+    let e = decode_reference(&manifest, &dir, &png_header(64, 64), 1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    // A real picture decodes to its pixels.
+    let image = picture(64, 80);
+    let png = zimage::image_io::encode_png(&image, &[]).unwrap();
+    assert_eq!(decode_reference(&manifest, &dir, &png, 1).unwrap(), image);
+    // A package that does not edit says so first.
+    let plain = repo().join("models/tiny-zimage");
+    let e = decode_reference(&zimage::Manifest::read(&plain).unwrap(), &plain, &png, 1).unwrap_err();
+    assert!(e.to_string().contains("does not support editing"), "{e}");
+}

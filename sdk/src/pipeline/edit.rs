@@ -392,6 +392,23 @@ pub fn check_edit_package(manifest: &crate::package::Manifest, dir: &std::path::
     Ok(())
 }
 
+/// Decodes reference picture `index` (1-based, for messages) from a PNG, JPEG or WebP file's
+/// bytes, refusing from the file's header, before decoding, a size the package's reference
+/// rules refuse ([`Pipeline::edit`] would, after a decode of up to 16384 x 16384 pixels).
+pub fn decode_reference(
+    manifest: &crate::package::Manifest,
+    dir: &std::path::Path,
+    bytes: &[u8],
+    index: usize,
+) -> Result<crate::RgbImage> {
+    let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
+        return Err(not_editing(dir));
+    };
+    let (width, height) = crate::image_io::image_size(bytes)?;
+    references::check_size(width, height, index, &info.reference)?;
+    crate::image_io::decode_rgb(bytes)
+}
+
 fn not_editing(dir: &std::path::Path) -> Error {
     Error::invalid(format!(
         "the package {} does not support editing (it has no siglip / transformer_omni graphs)",

@@ -29,7 +29,13 @@ pub(crate) struct PreparedReference {
 
 /// Checks one reference against the package's rules (index for messages, 1-based).
 pub(crate) fn check(image: &RgbImage, index: usize, rules: &ReferenceRules) -> Result<()> {
-    let (w, h) = (image.width, image.height);
+    check_size(image.width, image.height, index, rules)?;
+    // Sizes first (above), so that a hostile size is refused without touching the buffer.
+    image.check().map_err(|e| Error::Image(format!("reference image {index}: {e}")))
+}
+
+/// The size rules of [`check`], for a picture's size alone (a file's header, before decoding).
+pub(crate) fn check_size(w: u32, h: u32, index: usize, rules: &ReferenceRules) -> Result<()> {
     if w == 0 || h == 0 {
         return Err(Error::Image(format!("reference image {index} is {w}x{h}: empty")));
     }
@@ -51,8 +57,7 @@ pub(crate) fn check(image: &RgbImage, index: usize, rules: &ReferenceRules) -> R
             rules.max_aspect_ratio
         )));
     }
-    // Sizes first (above), so that a hostile size is refused without touching the buffer.
-    image.check().map_err(|e| Error::Image(format!("reference image {index}: {e}")))
+    Ok(())
 }
 
 /// `Flux2ImageProcessor._resize_to_target_area`: the size scaled by sqrt(target / area),
