@@ -756,3 +756,22 @@ fn package_files_must_be_regular_files() {
     assert!(started.elapsed().as_secs() < 10);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A manifest whose vae.scale_factor is not its decoder's: the decoded picture would be of
+/// another size than the request's (it was written, 32x32 for a 64x64 request). An inference
+/// error naming the factor, and no picture.
+#[test]
+fn a_vae_scale_factor_that_is_not_the_decoders_is_an_error() {
+    for factor in [16, 4] {
+        let dir = edited_copy(&repo().join("models/tiny-zimage"), &format!("scale-factor-{factor}"), |m, _| {
+            m["vae"]["scale_factor"] = factor.into();
+        });
+        let pipeline = Pipeline::load(&dir, &LoadOptions::default()).unwrap();
+        let mut request = small("x");
+        request.steps = 1;
+        let e = pipeline.generate(&request, None).err().expect("a picture of the wrong size");
+        assert_eq!(e.kind(), ErrorKind::Inference, "{e}");
+        assert!(e.to_string().contains(&format!("vae.scale_factor {factor}")), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -50,8 +50,16 @@ impl Vae {
                 Some(tiling) => tiling.decode(z.view(), |tile| run(tile.as_standard_layout().view()))?,
                 None => run(z.view())?,
             };
-            if out.shape()[1] != 3 {
-                return Err(decoder.failed(format!("output shape {:?}", out.shape())));
+            // The picture must be the latents' size times the manifest's scale factor: a package
+            // whose factor is not its decoder's gave a picture of another size than the request's.
+            let sf = self.info.scale_factor;
+            let expected = [1, 3, z.shape()[2] * sf, z.shape()[3] * sf];
+            if out.shape() != expected {
+                return Err(decoder.failed(format!(
+                    "output shape {:?}, expected {expected:?} (latents {:?} times vae.scale_factor {sf})",
+                    out.shape(),
+                    z.shape()
+                )));
             }
             if let Some(bad) = out.iter().find(|v| !v.is_finite()) {
                 return Err(decoder.failed(format!(
