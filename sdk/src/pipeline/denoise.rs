@@ -133,12 +133,14 @@ impl Denoiser<'_> {
 
 /// The error for latents that became NaN or infinite at `step` (1-based) of `total`.
 pub(crate) fn non_finite(step: usize, total: usize, precision: Precision) -> Error {
+    let advice = match precision {
+        Precision::Fp16 => "fp16 activations can overflow: use a bf16 or fp32 package, or TensorRT in bf16",
+        // In bf16 or fp32 the range is float32's: what overflowed came in with the request.
+        _ => "the values left float range: check the LoRA scales and the guidance scale",
+    };
     Error::inference(
         "denoising",
-        format!(
-            "latents became non-finite at step {step} of {total} with the {precision} package; \
-             fp16 activations can overflow: use a bf16 or fp32 package, or TensorRT in bf16"
-        ),
+        format!("latents became non-finite at step {step} of {total} with the {precision} package; {advice}"),
     )
 }
 
@@ -168,6 +170,16 @@ fn l2_norm<'a>(values: impl Iterator<Item = &'a f32>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_fp16_packages_are_told_about_fp16_overflow() {
+        let fp16 = non_finite(3, 8, Precision::Fp16).to_string();
+        assert!(fp16.contains("step 3 of 8") && fp16.contains("fp16 activations can overflow"), "{fp16}");
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let message = non_finite(3, 8, precision).to_string();
+            assert!(!message.contains("fp16") && message.contains("LoRA scales"), "{message}");
+        }
+    }
 
     /// diffusers' comparison: the step's float32 t_norm, as a Python float, above the caller's
     /// decimal. Checked end to end by the `cfg_truncation_boundary` golden.

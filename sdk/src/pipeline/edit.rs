@@ -222,7 +222,7 @@ impl Pipeline {
         let mut latents =
             TorchGenerator::new(seed).randn(&shape).into_dimensionality::<ndarray::Ix4>().expect("rank 4 shape");
         let image_seq_len = (shape[2] / 2) * (shape[3] / 2);
-        let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, image_seq_len);
+        let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, image_seq_len)?;
         let transformer = graphs.transformer.acquire()?;
         let loop_ = EditLoop {
             transformer: &transformer,

@@ -415,7 +415,7 @@ impl Pipeline {
         let context = self.registry.begin()?;
         let prompts = self.captions.encode_request(request, plan.guidance.enabled(), &context)?;
         let seed = request.seed.unwrap_or_else(random_seed);
-        let schedule = Schedule::new(&self.manifest.scheduler, plan.steps, plan.image_seq_len);
+        let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, plan.image_seq_len)?;
         let control = self.control_inputs(request, &plan, &context)?;
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);

@@ -2,6 +2,7 @@
 //! `FlowMatchEulerDiscreteScheduler.set_timesteps` does on the Z-Image pipelines' path
 //! (sigmas given as `linspace(1, 1/N, N)`, `mu` from the image sequence length).
 
+use crate::error::{Error, Result};
 use crate::package::scheduler_config::SchedulerConfig;
 
 /// Sigmas (N + 1 values, ending in 0) and timesteps (N values, `sigma * num_train_timesteps`).
@@ -36,6 +37,21 @@ impl Schedule {
         let timesteps = sigmas.iter().map(|&s| s * train).collect();
         sigmas.push(0.0);
         Schedule { sigmas, timesteps }
+    }
+
+    /// [`Schedule::new`] for a request: a schedule with a non-finite sigma (scheduler settings
+    /// at the edge of float range, or `shift_terminal` with one step: 0 / 0) is refused before
+    /// any inference, rather than found as non-finite latents after the first step.
+    pub fn for_request(config: &SchedulerConfig, steps: usize, image_seq_len: usize) -> Result<Schedule> {
+        let schedule = Schedule::new(config, steps, image_seq_len);
+        if schedule.sigmas.iter().chain(&schedule.timesteps).any(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!(
+                "the package's scheduler settings give a non-finite schedule for {steps} steps (sigmas {:?}); \
+                 try more steps, or check the manifest's scheduler section (shift {}, shift_terminal {:?})",
+                schedule.sigmas, config.shift, config.shift_terminal
+            )));
+        }
+        Ok(schedule)
     }
 
     pub fn len(&self) -> usize {
@@ -78,5 +94,21 @@ mod tests {
         }
         let t: Vec<f32> = (0..8).map(|i| s.model_timestep(i)).collect();
         assert!((t[7] - 0.7).abs() < 1e-6 && t[0] == 0.0, "{t:?}");
+    }
+
+    #[test]
+    fn a_non_finite_schedule_is_refused_for_the_request() {
+        let turbo = SchedulerConfig::z_image_turbo();
+        assert_eq!(Schedule::for_request(&turbo, 8, 4096).unwrap(), Schedule::new(&turbo, 8, 4096));
+        // shift_terminal rescales by 1 - sigma_last, which is 0 for one step: 0 / 0.
+        let terminal = SchedulerConfig { shift_terminal: Some(0.5), ..turbo.clone() };
+        let e = Schedule::for_request(&terminal, 1, 4096).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidRequest, "{e}");
+        assert!(e.to_string().contains("for 1 steps"), "{e}");
+        assert!(Schedule::for_request(&terminal, 2, 4096).is_ok());
+        // A shift at the edge of float range overflows in float32 (inf / inf).
+        let huge = SchedulerConfig { shift: 1e308, ..turbo };
+        assert!(huge.check().is_ok(), "finite, so the manifest check lets it through");
+        assert_eq!(Schedule::for_request(&huge, 8, 4096).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
     }
 }
