@@ -10,14 +10,19 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::error::{clear_last_error, record, zimage_result, Failure};
 
 /// Runs an entry point that returns a result code: clears the last error, runs `body`, and
-/// records its failure or panic.
+/// records its failure or panic. A success clears it again: the caller's callbacks (progress,
+/// log) may have made failing zimage calls meanwhile, and the header promises an empty
+/// message after a successful call.
 pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> zimage_result {
     clear_last_error();
     // AssertUnwindSafe: after a panic nothing observes the half-updated state except through
     // the handles the caller already holds, and the SDK keeps those consistent (its locks
     // recover from poisoning).
     match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => zimage_result::Ok,
+        Ok(Ok(())) => {
+            clear_last_error();
+            zimage_result::Ok
+        }
         Ok(Err(failure)) => record(failure),
         Err(payload) => {
             record(Failure::new(zimage_result::Internal, format!("zimage panicked: {}", panic_message(&*payload))))
@@ -55,5 +60,16 @@ mod tests {
         assert_eq!(guard(|| Ok(())), zimage_result::Ok);
         assert_eq!(unsafe { CStr::from_ptr(crate::error::zimage_last_error_message()) }.to_bytes(), b"");
         assert_eq!(guard_value(5usize, || panic!("boom")), 5);
+        // A failing call made inside a successful one (from a progress callback) leaves no
+        // message behind it.
+        let outer = guard(|| {
+            assert_eq!(
+                guard(|| Err(Failure::new(zimage_result::NullArgument, "params is NULL"))),
+                zimage_result::NullArgument
+            );
+            Ok(())
+        });
+        assert_eq!(outer, zimage_result::Ok);
+        assert_eq!(unsafe { CStr::from_ptr(crate::error::zimage_last_error_message()) }.to_bytes(), b"");
     }
 }
