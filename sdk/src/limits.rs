@@ -40,3 +40,32 @@ pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
 pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// Largest latents file (`.npy`) read.
 pub const MAX_LATENTS_FILE_BYTES: u64 = 1 << 30;
+
+/// The guidance settings' bounds, for generations and edits alike and for the settings a
+/// package recommends (it cannot recommend what it would refuse): the message says which
+/// value is out of bounds.
+pub(crate) fn check_guidance(scale: f32, normalization: f32, truncation: f32) -> Result<(), String> {
+    for (name, v) in [("guidance_scale", scale), ("cfg_normalization", normalization), ("cfg_truncation", truncation)] {
+        if !v.is_finite() {
+            return Err(format!("{name} must be finite (got {v})"));
+        }
+    }
+    // Beyond these the latents leave the range the VAE decodes and the picture saturates, or
+    // the setting cannot have an effect (the constants above say why).
+    if !(0.0..=MAX_GUIDANCE_SCALE).contains(&scale) {
+        return Err(format!("guidance_scale must be within [0, {MAX_GUIDANCE_SCALE}] (got {scale:?})"));
+    }
+    if !(0.0..=MAX_CFG_NORMALIZATION).contains(&normalization) {
+        return Err(format!(
+            "cfg_normalization must be within [0, {MAX_CFG_NORMALIZATION}] (0 = off; got {normalization:?})"
+        ));
+    }
+    // Compared with the normalised time in [0, 1]: values of 1 or more never stop guidance
+    // (diffusers' rule); a negative one would switch guidance off at every step.
+    if truncation < 0.0 {
+        return Err(format!(
+            "cfg_truncation must not be negative (1 or more = never stop guidance; got {truncation:?})"
+        ));
+    }
+    Ok(())
+}

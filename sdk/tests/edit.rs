@@ -125,6 +125,15 @@ fn bad_edit_requests_are_typed_errors() {
     r.prompt = "x".into();
     r.max_sequence_length = None;
 
+    // The guidance settings have generate's bounds (a negative cfg_truncation was taken).
+    for truncation in [-2.0, -1e30, f32::NAN] {
+        r.cfg_truncation = Some(truncation);
+        let e = edit_error(PACKAGE, &r);
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+        assert!(e.to_string().contains("cfg_truncation"), "{e}");
+    }
+    r.cfg_truncation = None;
+
     r.width = Some(64);
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
     r.height = Some(72);
@@ -231,4 +240,25 @@ fn reference_files_are_refused_by_size_before_decoding() {
     let plain = repo().join("models/tiny-zimage");
     let e = decode_reference(&zimage::Manifest::read(&plain).unwrap(), &plain, &png, 1).unwrap_err();
     assert!(e.to_string().contains("does not support editing"), "{e}");
+}
+
+/// The package's edit defaults meet the bounds a request meets: refused at load (a package
+/// cannot recommend what it would refuse), not at every request.
+#[test]
+fn edit_defaults_out_of_bounds_are_package_errors() {
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("num_inference_steps", 1_000_000_000u64.into(), "num_inference_steps"),
+        ("guidance_scale", (-1.0).into(), "guidance_scale"),
+        ("cfg_truncation", (-1.0).into(), "cfg_truncation"),
+        ("guidance_scale", 1e9.into(), "guidance_scale"),
+    ];
+    for (i, (key, value, says)) in cases.into_iter().enumerate() {
+        let dir = edited_copy(&repo().join("models").join(PACKAGE), &format!("edit-defaults-{i}"), |m, _| {
+            m["edit"]["defaults"][key] = value.clone();
+        });
+        let e = zimage::Pipeline::load(&dir, &zimage::LoadOptions::default()).err().expect("a bad default loads");
+        assert_eq!(e.kind(), ErrorKind::Package, "{key} {value}: {e}");
+        assert!(e.to_string().contains("edit.defaults") && e.to_string().contains(says), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -4,6 +4,8 @@
 
 use serde::Deserialize;
 
+use crate::limits::{check_guidance, MAX_STEPS};
+
 /// The `edit` section.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EditInfo {
@@ -125,9 +127,11 @@ impl EditInfo {
             return Err("edit.reference: max_aspect_ratio >= 1 and max_area 1..=2^26".into());
         }
         let d = &self.defaults;
-        if d.num_inference_steps == 0 || !d.guidance_scale.is_finite() || d.max_sequence_length == 0 {
-            return Err("edit.defaults: steps and max_sequence_length > 0, guidance finite".into());
+        if d.num_inference_steps == 0 || d.num_inference_steps > MAX_STEPS as usize || d.max_sequence_length == 0 {
+            return Err(format!("edit.defaults: num_inference_steps must be 1..={MAX_STEPS}, max_sequence_length > 0"));
         }
+        // The bounds a request's settings meet: a package cannot recommend what it would refuse.
+        check_guidance(d.guidance_scale, 0.0, d.cfg_truncation).map_err(|e| format!("edit.defaults: {e}"))?;
         if self.siglip.hidden_size == 0 || self.siglip.hidden_size > 1 << 20 || cap_feat_dim == 0 {
             return Err("edit.siglip.hidden_size must be 1..=2^20".into());
         }

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 
-use crate::limits::{MAX_CFG_NORMALIZATION, MAX_GUIDANCE_SCALE, MAX_STEPS};
+use crate::limits::{check_guidance, MAX_STEPS};
 
 /// The recommended generation settings of a package.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -62,25 +62,8 @@ impl GenerationDefaults {
         if self.steps == 0 || self.steps > MAX_STEPS {
             return Err(format!("generation_defaults.steps {} is not within 1..={MAX_STEPS}", self.steps));
         }
-        if !(self.guidance_scale.is_finite() && (0.0..=MAX_GUIDANCE_SCALE).contains(&self.guidance_scale)) {
-            return Err(format!(
-                "generation_defaults.guidance_scale {} is not within [0, {MAX_GUIDANCE_SCALE}]",
-                self.guidance_scale
-            ));
-        }
-        if !(self.cfg_normalization.is_finite() && (0.0..=MAX_CFG_NORMALIZATION).contains(&self.cfg_normalization)) {
-            return Err(format!(
-                "generation_defaults.cfg_normalization {} is not within [0, {MAX_CFG_NORMALIZATION}]",
-                self.cfg_normalization
-            ));
-        }
-        if !(self.cfg_truncation.is_finite() && self.cfg_truncation >= 0.0) {
-            return Err(format!(
-                "generation_defaults.cfg_truncation {} must be finite and not negative",
-                self.cfg_truncation
-            ));
-        }
-        Ok(())
+        check_guidance(self.guidance_scale, self.cfg_normalization, self.cfg_truncation)
+            .map_err(|e| format!("generation_defaults.{e}"))
     }
 }
 

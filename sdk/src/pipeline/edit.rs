@@ -22,7 +22,7 @@ use super::scheduler::Schedule;
 use super::Pipeline;
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::limits::{MAX_CFG_NORMALIZATION, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::limits::{check_guidance, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 use crate::model::omni::{self, References};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 use crate::model::{siglip_processor, vision};
@@ -122,18 +122,7 @@ fn plan(r: &EditRequest, info: &EditInfo, max_side: (usize, usize), multiple: us
     }
     let scale = r.guidance_scale.unwrap_or(info.defaults.guidance_scale);
     let truncation = r.cfg_truncation.unwrap_or(info.defaults.cfg_truncation);
-    if !(0.0..=MAX_GUIDANCE_SCALE).contains(&scale) {
-        return Err(Error::invalid(format!("guidance_scale must be within [0, {MAX_GUIDANCE_SCALE}] (got {scale})")));
-    }
-    if !(0.0..=MAX_CFG_NORMALIZATION).contains(&r.cfg_normalization) {
-        return Err(Error::invalid(format!(
-            "cfg_normalization must be within [0, {MAX_CFG_NORMALIZATION}] (got {})",
-            r.cfg_normalization
-        )));
-    }
-    if !truncation.is_finite() {
-        return Err(Error::invalid(format!("cfg_truncation must be finite (got {truncation})")));
-    }
+    check_guidance(scale, r.cfg_normalization, truncation).map_err(Error::invalid)?;
     let max_sequence_length = r.max_sequence_length.unwrap_or(info.defaults.max_sequence_length);
     if max_sequence_length == 0 {
         return Err(Error::invalid("max_sequence_length must be at least 1"));

@@ -5,7 +5,7 @@ use super::denoise::Guidance;
 use super::request::GenerateRequest;
 use super::start;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_CFG_NORMALIZATION, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::limits::{check_guidance, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 use crate::package::Manifest;
 use crate::runtime::gpu::TensorRtOptions;
 
@@ -39,37 +39,7 @@ impl Plan {
         if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
             return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
         }
-        for (name, v) in [
-            ("guidance_scale", r.guidance_scale),
-            ("cfg_normalization", r.cfg_normalization),
-            ("cfg_truncation", r.cfg_truncation),
-        ] {
-            if !v.is_finite() {
-                return Err(Error::invalid(format!("{name} must be finite (got {v})")));
-            }
-        }
-        // Documented bounds (limits.rs says why): beyond them the latents leave the range the
-        // VAE decodes and the picture saturates, or the setting cannot have an effect.
-        if !(0.0..=MAX_GUIDANCE_SCALE).contains(&r.guidance_scale) {
-            return Err(Error::invalid(format!(
-                "guidance_scale must be within [0, {MAX_GUIDANCE_SCALE}] (got {:?})",
-                r.guidance_scale
-            )));
-        }
-        if !(0.0..=MAX_CFG_NORMALIZATION).contains(&r.cfg_normalization) {
-            return Err(Error::invalid(format!(
-                "cfg_normalization must be within [0, {MAX_CFG_NORMALIZATION}] (0 = off; got {:?})",
-                r.cfg_normalization
-            )));
-        }
-        // Compared with the normalised time in [0, 1]: values of 1 or more never stop guidance
-        // (diffusers' rule); a negative one would switch guidance off at every step.
-        if r.cfg_truncation < 0.0 {
-            return Err(Error::invalid(format!(
-                "cfg_truncation must not be negative (1 or more = never stop guidance; got {:?})",
-                r.cfg_truncation
-            )));
-        }
+        check_guidance(r.guidance_scale, r.cfg_normalization, r.cfg_truncation).map_err(Error::invalid)?;
         if let Some(trt) = tensorrt {
             if !trt.covers(r.width, r.height, r.count) {
                 let range = trt.resolutions;
