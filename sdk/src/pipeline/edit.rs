@@ -389,7 +389,7 @@ pub fn decode_reference(
     dir: &std::path::Path,
     bytes: &[u8],
     index: usize,
-) -> Result<crate::RgbImage> {
+) -> Result<RgbImage> {
     let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
         return Err(not_editing(dir));
     };
