@@ -131,3 +131,62 @@ fn concurrent_loading_reports_errors_in_stage_order() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// What keeps a folder from being read as a package is a package error (exit 3 in the CLI)
+/// that says what is wrong, never an I/O error about a path inside it or a hang; and a
+/// manifest's format fields are quoted as JSON, not as Rust debug text.
+#[test]
+fn unreadable_manifests_are_package_errors_that_say_why() {
+    let package = repo().join("models/tiny-zimage");
+    let load = |dir: &std::path::Path| zimage::Manifest::read(dir).err().expect("not a package");
+    // The package's manifest given instead of its folder.
+    let e = load(&package.join("manifest.json"));
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    assert!(e.to_string().contains("not a folder"), "{e}");
+
+    let dir = copy_package(&package, "unreadable-manifest");
+    let manifest = dir.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+    // A folder, then a FIFO (opening it for reading would block), where the manifest should be.
+    std::fs::create_dir(&manifest).unwrap();
+    let e = load(&dir);
+    assert!(e.kind() == ErrorKind::Package && e.to_string().contains("not a regular file"), "{e}");
+    std::fs::remove_dir(&manifest).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&manifest).status().unwrap().success());
+    let e = load(&dir);
+    assert!(e.kind() == ErrorKind::Package && e.to_string().contains("not a regular file"), "{e}");
+    std::fs::remove_file(&manifest).unwrap();
+
+    let head: serde_json::Value = serde_json::from_str(&original).unwrap();
+    for (field, value, says) in [
+        ("format_version", serde_json::json!("1"), "format_version \"1\" is not supported"),
+        ("format_version", serde_json::json!(2), "format_version 2 is not supported"),
+        ("format_version", serde_json::Value::Null, "format_version null is not supported"),
+        ("format", serde_json::json!(7), "format is 7, expected"),
+    ] {
+        let mut edited = head.clone();
+        edited[field] = value;
+        std::fs::write(&manifest, edited.to_string()).unwrap();
+        let e = load(&dir);
+        assert!(e.kind() == ErrorKind::Package && e.to_string().contains(says), "{says}: {e}");
+    }
+    let mut edited = head.clone();
+    edited.as_object_mut().unwrap().remove("format_version");
+    std::fs::write(&manifest, edited.to_string()).unwrap();
+    assert!(load(&dir).to_string().contains("format_version missing is not supported"));
+    for (text, says) in [("null", "the manifest is null, not a JSON object"), ("[]", "is an array, not a JSON object")]
+    {
+        std::fs::write(&manifest, text).unwrap();
+        let e = load(&dir);
+        assert!(e.kind() == ErrorKind::Package && e.to_string().contains(says), "{e}");
+    }
+    // The enhancer's loader tells invalid JSON from another format.
+    std::fs::write(&manifest, "").unwrap();
+    let e = zimage::PromptEnhancer::load(&dir, &LoadOptions::default()).err().expect("an empty manifest");
+    assert!(e.kind() == ErrorKind::Package && e.to_string().contains("invalid JSON"), "{e}");
+    std::fs::write(&manifest, r#"{"format": "png"}"#).unwrap();
+    let e = zimage::PromptEnhancer::load(&dir, &LoadOptions::default()).err().expect("another format");
+    assert!(e.to_string().contains("format is \"png\", neither"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

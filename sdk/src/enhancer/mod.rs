@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::load_options::LoadOptions;
 use crate::package::enhancer::{EnhancerInfo, EnhancerManifest, ENHANCER_FORMAT_NAME};
 use crate::package::files::resolve;
-use crate::package::format::{read_manifest_json, FORMAT_NAME};
+use crate::package::format::{json_field, read_manifest_json, FORMAT_NAME};
 use crate::package::graph::{GraphEntry, GraphKind};
 use crate::package::quantization::QuantizationInfo;
 use crate::package::Manifest;
@@ -305,10 +305,10 @@ impl PromptEnhancer {
 fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, EnhancerInfo, Option<QuantizationInfo>)> {
     let path = dir.join("manifest.json");
     let text = read_manifest_json(dir, "not a zimage model or enhancer package")?;
-    let format: Option<String> = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
-    let (tokenizer, graph, info, quantization) = match format.as_deref() {
+    let head: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::package(&path, format!("invalid JSON: {e}")))?;
+    let format = head.get("format").and_then(|f| f.as_str());
+    let (tokenizer, graph, info, quantization) = match format {
         Some(FORMAT_NAME) => {
             let m = Manifest::load(dir, verify_all)?;
             match (m.enhancer, m.graphs.text_decoder) {
@@ -325,10 +325,10 @@ fn read_package(dir: &Path, verify_all: bool) -> Result<(PathBuf, GraphEntry, En
             let m = EnhancerManifest::load(dir, verify_all)?;
             (resolve(dir, &m.tokenizer.path), m.graphs.text_decoder, m.enhancer, None)
         }
-        other => {
+        _ => {
             return Err(Error::package(
                 &path,
-                format!("format {other:?} is neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}"),
+                format!("format is {}, neither {FORMAT_NAME} nor {ENHANCER_FORMAT_NAME}", json_field(&head, "format")),
             ))
         }
     };

@@ -14,9 +14,21 @@ pub const ENHANCER_FORMAT_NAME: &str = "zimage-enhancer-package";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Reads `dir/manifest.json` as text; a missing file is a package error that says what the
-/// folder is not.
+/// folder is not, and so is anything that keeps it from being read as a package (`dir` a
+/// file, the manifest a folder, a FIFO, a device or a link loop).
 pub(crate) fn read_manifest_json(dir: &Path, what_it_is_not: &str) -> Result<String> {
     let path = dir.join("manifest.json");
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    match std::fs::metadata(&path) {
+        Ok(meta) if !meta.is_file() => return Err(Error::package(&path, "not a regular file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(Error::package(dir, "not a folder (give the package's folder)"))
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::package(&path, format!("cannot be read: {e}")))
+        }
+        _ => {}
+    }
     let bytes = read_file_capped(&path, MAX_MANIFEST_BYTES).map_err(|e| match e {
         // (a mistyped path is the usual cause: say so rather than blame the folder's contents)
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
@@ -31,4 +43,21 @@ pub(crate) fn read_manifest_json(dir: &Path, what_it_is_not: &str) -> Result<Str
         other => other,
     })?;
     String::from_utf8(bytes).map_err(|_| Error::package(&path, "not UTF-8 text"))
+}
+
+/// What kind of JSON value `v` is, for messages.
+pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A manifest field as its JSON text, for messages: `2`, `"1"`, `1.5`, or `missing`.
+pub(crate) fn json_field(head: &serde_json::Value, key: &str) -> String {
+    head.get(key).map_or_else(|| "missing".to_string(), |v| v.to_string())
 }

@@ -37,7 +37,7 @@ use controlnet::ControlNetInfo;
 use edit::EditInfo;
 use enhancer::EnhancerInfo;
 use files::{check_package_files, FileEntry};
-use format::read_manifest_json;
+use format::{json_field, json_kind, read_manifest_json};
 pub use format::{FORMAT_NAME, FORMAT_VERSION};
 use generation_defaults::GenerationDefaults;
 use graph::{GraphKind, Graphs};
@@ -163,17 +163,17 @@ impl Manifest {
     /// Parses and checks the manifest text alone (no file access).
     pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
         let head: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        match head.get("format").and_then(|v| v.as_str()) {
-            Some(FORMAT_NAME) => {}
-            other => return Err(format!("format is {other:?}, expected \"{FORMAT_NAME}\"")),
+        if !head.is_object() {
+            return Err(format!("the manifest is {}, not a JSON object", json_kind(&head)));
         }
-        match head.get("format_version").and_then(|v| v.as_u64()) {
-            Some(v) if v == FORMAT_VERSION as u64 => {}
-            other => {
-                return Err(format!(
-                    "format_version {other:?} is not supported: this zimage reads version {FORMAT_VERSION}; re-export the package with a matching export-scripts/export.py"
-                ))
-            }
+        if head.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
+            return Err(format!("format is {}, expected \"{FORMAT_NAME}\"", json_field(&head, "format")));
+        }
+        if head.get("format_version").and_then(|v| v.as_u64()) != Some(FORMAT_VERSION as u64) {
+            return Err(format!(
+                "format_version {} is not supported: this zimage reads version {FORMAT_VERSION}; re-export the package with a matching export-scripts/export.py",
+                json_field(&head, "format_version")
+            ));
         }
         let manifest: Manifest = serde_json::from_value(head).map_err(|e| format!("manifest.json: {e}"))?;
         manifest.check_values()?;
