@@ -408,7 +408,25 @@ fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>> {
 }
 
 fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
-    guard("decoding the image", || reader(bytes)?.decode().map_err(decode_error))
+    guard("decoding the image", || {
+        let reader = reader(bytes)?;
+        if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+            return Err(Error::Image("the JPEG file is truncated (its last scan has no end-of-image marker)".into()));
+        }
+        reader.decode().map_err(decode_error)
+    })
+}
+
+/// Whether a JPEG's last scan is followed by an end-of-image marker. The decoder fills a scan
+/// cut short with grey and reports nothing, where Pillow (the reference) refuses the file as
+/// truncated. In a scan's entropy-coded data 0xFF is always followed by 0x00 or a restart
+/// marker, so an FF D9 after the last start-of-scan (FF DA) can only be its end; an EXIF
+/// thumbnail's own scan comes before the main one.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    match bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) {
+        Some(start) => bytes[start + 2..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => true, // no scan at all: the decoder's own error says more
+    }
 }
 
 fn decode_error(e: image::ImageError) -> Error {

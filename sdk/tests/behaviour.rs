@@ -775,3 +775,26 @@ fn a_vae_scale_factor_that_is_not_the_decoders_is_an_error() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// A JPEG cut short inside its scan is refused as truncated, as Pillow refuses it (the decoder
+/// filled the missing part with grey and said nothing); a complete one decodes, with bytes
+/// after its end too (as cameras append).
+#[test]
+fn truncated_jpegs_are_image_errors() {
+    let (w, h) = (64u32, 48u32);
+    let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode(&pixels, w, h, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let whole = zimage::image_io::decode_rgb(&jpeg).unwrap();
+    assert_eq!((whole.width, whole.height), (w, h));
+    let mut trailing = jpeg.clone();
+    trailing.extend([0u8; 100]);
+    assert_eq!(zimage::image_io::decode_rgb(&trailing).unwrap(), whole);
+    for cut in [jpeg.len() - 2, jpeg.len() / 2, jpeg.len() - 40] {
+        let e = zimage::image_io::decode_rgb(&jpeg[..cut]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Image, "cut at {cut}: {e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+}
