@@ -68,6 +68,12 @@ struct Args {
     /// Largest input picture side in pixels, checked from the file header before decoding.
     #[arg(long, value_name = "PX", default_value_t = 4096)]
     max_input_side: u32,
+    /// Most output pixels (width x height) per image a request may ask for, generations and
+    /// edits alike (an edit without `size` asks for its picture's); larger ones are refused
+    /// (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
+    /// for larger images on a machine with the memory (a generation's memory grows with it).
+    #[arg(long, value_name = "N", default_value_t = 1536 * 1536, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
     /// Seconds SIGTERM waits for queued and running generations before cancelling them.
     #[arg(long, value_name = "S", default_value_t = 600)]
     drain_timeout: u64,
@@ -230,6 +236,7 @@ async fn serve(
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         max_input_side: args.max_input_side,
+        max_pixels: args.max_pixels,
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         public_url: args.public_url.clone(),
     };

@@ -19,9 +19,9 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
-use zimage::{GrayImage, Progress};
+use zimage::{GenerateRequest, GrayImage, Progress};
 
-use crate::api::{prepare, ControlInput, EditInput, ImageParams, Meta, Prepared, ResponseFormat};
+use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Prepared, ResponseFormat};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
@@ -31,6 +31,8 @@ use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, SubmitEr
 pub struct Settings {
     pub max_body_bytes: usize,
     pub max_input_side: u32,
+    /// Most output pixels per image (`--max-pixels`).
+    pub max_pixels: u64,
     pub request_timeout: Duration,
     pub public_url: Option<String>,
 }
@@ -328,20 +330,22 @@ async fn generations(
         state.available()?;
         let params = ImageParams::from_json(&body)?;
         let pool = state.pool(params.model.as_deref())?;
-        let defaults = pool.checker.manifest().generation_defaults;
+        let max_pixels = state.settings.max_pixels;
         let Some(encoded) = params.control_image.clone() else {
-            return prepare(params, None, None, &defaults);
+            return prepare(params, None, None, &limits(&pool, max_pixels, &|r| pool.checker.check_request(r)));
         };
         let controlnet = pool.checker.controlnet();
         let max_side = state.settings.max_input_side;
         // Decoding and resizing are CPU work: off the async threads.
         tokio::task::spawn_blocking(move || {
+            let check = |r: &GenerateRequest| pool.checker.check_request(r);
+            let limits = limits(&pool, max_pixels, &check);
             let bytes = decode_base64_file(&encoded).map_err(|e| e.with_param("control_image"))?;
             check_dimensions(&bytes, max_side, "control_image")?;
             let image =
                 zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
             let name = "control_image".to_string();
-            prepare(params, None, Some(ControlInput { image, name, controlnet }), &defaults)
+            prepare(params, None, Some(ControlInput { image, name, controlnet }), &limits)
         })
         .await
         .map_err(|e| ApiError::internal(format!("decoding the control image failed: {e}")))?
@@ -363,6 +367,16 @@ async fn edits(
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The limits `prepare` checks a request for `pool`'s model against; `check` is the model's
+/// `check_request`.
+fn limits<'a>(
+    pool: &ModelPool,
+    max_pixels: u64,
+    check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
+) -> Limits<'a> {
+    Limits { defaults: pool.checker.manifest().generation_defaults, max_pixels, check }
 }
 
 fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
@@ -414,7 +428,7 @@ async fn read_edit(
     }
     let mut params = ImageParams::from_fields(&fields)?;
     let pool = state.pool(params.model.as_deref())?;
-    let (defaults, controlnet) = (pool.checker.manifest().generation_defaults, pool.checker.controlnet());
+    let (max_pixels, controlnet) = (state.settings.max_pixels, pool.checker.controlnet());
     let (image_name, image_bytes) =
         image.ok_or_else(|| ApiError::invalid("'image' is required").with_param("image"))?;
     let control = match (control, params.control_image.take()) {
@@ -438,6 +452,8 @@ async fn read_edit(
     }
     // Decoding and resizing are CPU work: off the async threads.
     tokio::task::spawn_blocking(move || {
+        let check = |r: &GenerateRequest| pool.checker.check_request(r);
+        let limits = limits(&pool, max_pixels, &check);
         let image =
             zimage::image_io::decode_rgb(&image_bytes).map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
         let mask = match mask {
@@ -453,7 +469,7 @@ async fn read_edit(
             }),
             None => None,
         };
-        prepare(params, Some(EditInput { image, image_name, mask }), control, &defaults)
+        prepare(params, Some(EditInput { image, image_name, mask }), control, &limits)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
