@@ -19,6 +19,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use zimage::{GenerateRequest, GrayImage, Progress};
 
 use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Prepared, ResponseFormat};
@@ -33,6 +34,8 @@ pub struct Settings {
     pub max_input_side: u32,
     /// Most output pixels per image (`--max-pixels`).
     pub max_pixels: u64,
+    /// Longest wait for the next part of a request body (`--header-timeout`).
+    pub body_timeout: Duration,
     pub request_timeout: Duration,
     pub public_url: Option<String>,
 }
@@ -119,6 +122,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        // A client that stops sending its body: reading it fails (a 400) and the connection
+        // closes, instead of a handler waiting for it forever.
+        .layer(RequestBodyTimeoutLayer::new(state.settings.body_timeout))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
 }

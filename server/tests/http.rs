@@ -773,3 +773,28 @@ fn the_models_size_limit_is_checked_before_resizing() {
     assert_eq!(e["param"], "size", "{e}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
+
+/// A client that stalls in its headers or its body is disconnected after --header-timeout.
+#[test]
+fn stalled_connections_are_closed() {
+    let server = Server::start(&["--model", &tiny(), "--header-timeout", "2"]);
+    // Reads until the server closes the connection; returns what it sent and when it closed.
+    let stall = |sent: &[u8]| {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        stream.write_all(sent).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("the server closes the connection");
+        (raw, started.elapsed())
+    };
+    let (raw, took) = stall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Ty");
+    assert!(took < Duration::from_secs(8), "closed after {took:?}");
+    assert!(raw.is_empty() || raw.starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&raw));
+    let head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    let (raw, took) = stall(format!("{head}Content-Length: 100\r\n\r\n{{").as_bytes());
+    assert!(took < Duration::from_secs(8), "closed after {took:?}");
+    parse_response(&raw).assert_error(400, "invalid_request_error", None);
+    // The server still serves.
+    assert_eq!(server.get("/health").status, 200);
+}
