@@ -74,22 +74,32 @@ impl ImageParams {
     /// From a JSON body; a type error names the field.
     pub fn from_json(body: &[u8]) -> Result<ImageParams, ApiError> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let params = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let error = ApiError::invalid(format!("invalid JSON body: {inner}"));
-            if path.is_empty() || path == "." {
+            // Only a type error is about a field: a syntax error or a truncated body is about
+            // the body (its path is where the parser stopped, `?` for an unnamed spot).
+            if inner.classify() != serde_json::error::Category::Data || path.is_empty() || path == "." {
                 error
             } else {
                 error.with_param(path)
             }
-        })
+        })?;
+        // deserialize stops after the object; `end` refuses what follows it (trailing garbage
+        // was accepted), as serde_json::from_slice does.
+        de.end().map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+        Ok(params)
     }
 
-    /// From multipart text fields (name, value).
+    /// From multipart text fields (name, value). A field sent twice is refused, as a JSON key
+    /// sent twice is (one of them would be silently dropped).
     pub fn from_fields(fields: &[(String, String)]) -> Result<ImageParams, ApiError> {
         let mut object = serde_json::Map::new();
         for (name, value) in fields {
+            if object.contains_key(name) {
+                return Err(ApiError::invalid(format!("the field '{name}' is sent twice")).with_param(name.clone()));
+            }
             let typed = if TYPED_FIELDS.contains(&name.as_str()) {
                 serde_json::from_str::<serde_json::Value>(value.trim())
                     .ok()

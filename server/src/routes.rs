@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -300,7 +300,16 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "object": "list", "data": state.names.iter().map(|n| model_object(n)).collect::<Vec<_>>() }))
 }
 
-async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// A path segment that is not UTF-8 once decoded (`%ff`): axum's rejection is plain text.
+fn path_error(rejection: PathRejection, param: &str) -> ApiError {
+    ApiError::invalid(rejection.body_text()).with_param(param)
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = id.map_err(|e| path_error(e, "id"))?;
     if state.names.contains(&id) {
         Ok(Json(model_object(&id)))
     } else {
@@ -308,7 +317,11 @@ async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     }
 }
 
-async fn get_file(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_file(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| path_error(e, "name"))?;
     let (content_type, bytes) =
         state.store.get(&name).ok_or_else(|| ApiError::not_found("no such image (URLs expire)"))?;
     Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
@@ -427,7 +440,12 @@ async fn read_edit(
                 *slot = Some((file_name, bytes));
             }
             _ => {
-                let text = field.text().await.map_err(read_error)?;
+                // Not `field.text()`: it turns bytes that are not UTF-8 into U+FFFD, a prompt
+                // the client did not send; the JSON route refuses them too.
+                let bytes = field.bytes().await.map_err(read_error)?;
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ApiError::invalid(format!("the field '{name}' is not UTF-8 text")).with_param(name.clone())
+                })?;
                 fields.push((name, text));
             }
         }

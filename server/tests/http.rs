@@ -749,6 +749,41 @@ fn sizes_over_max_pixels_are_refused_before_any_work() {
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
 
+/// Malformed JSON, path segments and multipart fields are 400s in OpenAI's shape, naming the
+/// field where there is one.
+#[test]
+fn malformed_requests_are_refused_in_openai_shape() {
+    let server = Server::start(&["--model", &tiny()]);
+    let json_headers = [("Content-Type", "application/json")];
+    let post = |body: &[u8]| server.request("POST", "/v1/images/generations", &json_headers, body);
+    let edit = |content_type: &str, body: &[u8]| {
+        server.request("POST", "/v1/images/edits", &[("Content-Type", content_type)], body)
+    };
+
+    // Trailing garbage after the object, a truncated body (no field to name).
+    let e = post(br#"{"prompt":"x","size":"64x64"} trailing garbage"#).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], Value::Null, "{e}");
+    let e = post(br#"{"prompt":"x","size":"#).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], Value::Null, "{e}");
+
+    // Path segments that are not UTF-8.
+    let e = server.get("/v1/images/files/%ff").assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "name", "{e}");
+    let e = server.get("/v1/models/%ff").assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "id", "{e}");
+
+    // Multipart: a field sent twice, a prompt that is not UTF-8.
+    let picture = png(64, 64, [40, 90, 160]);
+    let (content_type, body) = multipart(&[("prompt", "a"), ("prompt", "b")], &[("image", "a.png", &picture)]);
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "prompt", "{e}");
+    let (content_type, body) = multipart(&[("prompt", "PROMPT")], &[("image", "a.png", &picture)]);
+    let at = body.windows(6).position(|w| w == b"PROMPT").unwrap();
+    let body = [&body[..at], b"caf\xe9", &body[at + 6..]].concat();
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "prompt", "{e}");
+}
+
 /// The model's own size limit (8192 pixels a side for the tiny package) is checked before the
 /// uploaded picture is resized to the requested size (a 64x64 picture was resized to
 /// 16384x16384, ~1 GB, before the 400); the default --max-pixels allows this many pixels.
