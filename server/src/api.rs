@@ -74,22 +74,32 @@ impl ImageParams {
     /// From a JSON body; a type error names the field.
     pub fn from_json(body: &[u8]) -> Result<ImageParams, ApiError> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let params = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let error = ApiError::invalid(format!("invalid JSON body: {inner}"));
-            if path.is_empty() || path == "." {
+            // Only a type error is about a field: a syntax error or a truncated body is about
+            // the body (its path is where the parser stopped, `?` for an unnamed spot).
+            if inner.classify() != serde_json::error::Category::Data || path.is_empty() || path == "." {
                 error
             } else {
                 error.with_param(path)
             }
-        })
+        })?;
+        // deserialize stops after the object; `end` refuses what follows it (trailing garbage
+        // was accepted), as serde_json::from_slice does.
+        de.end().map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+        Ok(params)
     }
 
-    /// From multipart text fields (name, value).
+    /// From multipart text fields (name, value). A field sent twice is refused, as a JSON key
+    /// sent twice is (one of them would be silently dropped).
     pub fn from_fields(fields: &[(String, String)]) -> Result<ImageParams, ApiError> {
         let mut object = serde_json::Map::new();
         for (name, value) in fields {
+            if object.contains_key(name) {
+                return Err(ApiError::invalid(format!("the field '{name}' is sent twice")).with_param(name.clone()));
+            }
             let typed = if TYPED_FIELDS.contains(&name.as_str()) {
                 serde_json::from_str::<serde_json::Value>(value.trim())
                     .ok()
@@ -147,14 +157,49 @@ pub struct EditInput {
     pub mask: Option<(GrayImage, String)>,
 }
 
-/// Builds the SDK request from the model's recommended settings (`defaults`) and the request's
-/// fields. `edit` carries the decoded input picture for `/v1/images/edits`.
+/// What a request is checked against before any work is done for it (resizing an upload,
+/// queueing): the model's recommended settings and checks, and this server's pixel limit.
+pub struct Limits<'a> {
+    pub defaults: GenerationDefaults,
+    /// Most output pixels per image (`--max-pixels`).
+    pub max_pixels: u64,
+    /// The model's own checks (`Pipeline::check_request`: size multiple, largest side,
+    /// TensorRT profile, steps).
+    pub check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
+}
+
+impl Limits<'_> {
+    /// Refuses an output size over `max_pixels` or the model's limits, and steps out of range,
+    /// naming the field; every route calls it before resizing an upload or queueing.
+    fn check_size_and_steps(&self, width: u32, height: u32, steps: u32) -> Result<(), ApiError> {
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(ApiError::invalid(format!(
+                "size {width}x{height} is {pixels} pixels; this server makes images of at most {} pixels \
+                 (zimage-server --max-pixels)",
+                self.max_pixels
+            ))
+            .with_param("size"));
+        }
+        // The SDK's checks, one field at a time so that the error names it: the size alone
+        // (on the model's recommended settings), then with the steps.
+        let mut probe = GenerateRequest::with_defaults(&self.defaults, "");
+        (probe.width, probe.height) = (width, height);
+        (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("size"))?;
+        probe.steps = steps;
+        (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("num_inference_steps"))
+    }
+}
+
+/// Builds the SDK request from the model's recommended settings and the request's fields,
+/// within `limits`. `edit` carries the decoded input picture for `/v1/images/edits`.
 pub fn prepare(
     params: ImageParams,
     edit: Option<EditInput>,
     control: Option<ControlInput>,
-    defaults: &GenerationDefaults,
+    limits: &Limits,
 ) -> Result<Prepared, ApiError> {
+    let defaults = &limits.defaults;
     if let (Some(edit), Some(_)) = (&edit, &control) {
         // ControlNet inpainting: diffusers' ZImageControlNetInpaintPipeline starts from noise.
         if edit.mask.is_none() {
@@ -219,6 +264,7 @@ pub fn prepare(
     };
     request.width = width;
     request.height = height;
+    limits.check_size_and_steps(width, height, request.steps)?;
 
     let mut inputs = InputNames::default();
     let is_edit = edit.is_some();
@@ -229,6 +275,16 @@ pub fn prepare(
             control_inpaint = Some((edit.image, edit.image_name, mask, mask_name));
         }
         Some(edit) => {
+            if let Some((mask, _)) = &edit.mask {
+                // The SDK refuses it too, without naming the field.
+                if (mask.width, mask.height) != (width, height) {
+                    return Err(ApiError::invalid(format!(
+                        "the mask is {}x{} but the image is made at {width}x{height}; they must be the same size",
+                        mask.width, mask.height
+                    ))
+                    .with_param("mask"));
+                }
+            }
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
                 .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
             inputs.init_image = edit.image_name;
@@ -390,23 +446,37 @@ mod tests {
         GenerationDefaults::default()
     }
 
+    fn accept(_: &GenerateRequest) -> zimage::Result<()> {
+        Ok(())
+    }
+
+    /// No model checks (the HTTP tests run them), no pixel limit.
+    fn lim(defaults: &GenerationDefaults) -> Limits<'static> {
+        Limits { defaults: *defaults, max_pixels: u64::MAX, check: &accept }
+    }
+
     #[test]
     fn the_models_recommended_settings_are_the_starting_point() {
         let base: GenerationDefaults = serde_json::from_str(
             r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.5, "cfg_truncation": 0.9}"#,
         )
         .unwrap();
-        let r = prepare(params(r#"{"prompt":"x"}"#), None, None, &base).unwrap().spec.request;
+        let r = prepare(params(r#"{"prompt":"x"}"#), None, None, &lim(&base)).unwrap().spec.request;
         assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.5, 0.9));
         let steps = |q: &str, d: &GenerationDefaults| {
-            prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, None, d).unwrap().spec.request.steps
+            prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, None, &lim(d))
+                .unwrap()
+                .spec
+                .request
+                .steps
         };
         assert_eq!(["low", "medium", "high", "xhigh"].map(|q| steps(q, &base)), [25, 50, 75, 100]);
         assert_eq!(["low", "medium", "high", "max"].map(|q| steps(q, &turbo())), [4, 8, 12, 16]);
-        let given = prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, None, &base)
-            .unwrap()
-            .spec
-            .request;
+        let given =
+            prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, None, &lim(&base))
+                .unwrap()
+                .spec
+                .request;
         assert_eq!((given.steps, given.guidance_scale), (9, 0.0));
     }
 
@@ -420,7 +490,7 @@ mod tests {
             ),
             None,
             None,
-            &turbo(),
+            &lim(&turbo()),
         )
         .unwrap();
         let r = &p.spec.request;
@@ -432,8 +502,9 @@ mod tests {
             (p.meta.response_format, p.meta.size.as_str(), p.meta.quality),
             (ResponseFormat::Url, "64x48", "low")
         );
-        let steps = prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, None, &turbo())
-            .unwrap();
+        let steps =
+            prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, None, &lim(&turbo()))
+                .unwrap();
         assert_eq!(steps.spec.request.steps, 3);
     }
 
@@ -450,7 +521,9 @@ mod tests {
             (r#"{"prompt":"x","background":"transparent"}"#, "background"),
             (r#"{"prompt":"x","strength":0.5}"#, "strength"),
         ] {
-            let e = prepare(params(body), None, None, &turbo()).err().unwrap_or_else(|| panic!("{body} was accepted"));
+            let e = prepare(params(body), None, None, &lim(&turbo()))
+                .err()
+                .unwrap_or_else(|| panic!("{body} was accepted"));
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);
         }
         let e = ImageParams::from_json(br#"{"prompt":"x","n":"two"}"#).err().unwrap();

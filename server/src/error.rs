@@ -137,6 +137,17 @@ impl ApiError {
             ErrorKind::InvalidRequest => Self::invalid(message),
             ErrorKind::Image => Self::invalid(message).with_code("invalid_image"),
             ErrorKind::Cancelled => Self::cancelled(),
+            // ONNX Runtime's own words for it; its message names its source files and arena,
+            // which tell the client nothing: a short 503 instead (the log keeps the detail).
+            ErrorKind::Inference if OUT_OF_MEMORY.iter().any(|m| message.contains(m)) => {
+                tracing::error!("out of memory: {message}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    Some("out_of_memory"),
+                    "the server ran out of memory for this generation; ask for a smaller size or fewer images",
+                )
+            }
             ErrorKind::Inference => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("inference_failed"), message)
             }
@@ -152,6 +163,7 @@ impl ApiError {
             (_, Some("cancelled")) => "cancelled",
             (_, Some("inference_failed")) => "inference",
             (_, Some("invalid_image")) => "invalid_image",
+            (_, Some("out_of_memory")) => "out_of_memory",
             (400, _) => "invalid_request",
             (401, _) => "unauthorized",
             (404, _) => "not_found",
@@ -179,7 +191,35 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How ONNX Runtime reports an allocation that failed (its CPU arena, std::bad_alloc, CUDA).
+const OUT_OF_MEMORY: [&str; 4] = ["bad_alloc", "BFCArena", "Failed to allocate memory", "out of memory"];
+
 /// SDK messages can span lines; an API error is one line.
 pub fn one_line(message: &str) -> String {
     message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inference(message: &str) -> zimage::Error {
+        zimage::Error::Inference { stage: "transformer", message: message.to_string(), source: None }
+    }
+
+    #[test]
+    fn allocation_failures_are_a_short_503() {
+        // What ONNX Runtime said for an 8192x8192 generation on the tiny package.
+        let arena = "Non-zero status code returned while running Expand node. Name:'Expand_308' Status Message: \
+                     /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* \
+                     onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to \
+                     allocate memory for requested buffer of size 68736254976";
+        for message in [arena, "std::bad_alloc"] {
+            let e = ApiError::from_sdk(&inference(message));
+            assert_eq!((e.status.as_u16(), e.code, e.metric_kind()), (503, Some("out_of_memory"), "out_of_memory"));
+            assert!(!e.message.contains("onnxruntime"), "{}", e.message);
+        }
+        let e = ApiError::from_sdk(&inference("non-finite latents"));
+        assert_eq!((e.status.as_u16(), e.code), (500, Some("inference_failed")));
+    }
 }

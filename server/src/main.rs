@@ -68,6 +68,19 @@ struct Args {
     /// Largest input picture side in pixels, checked from the file header before decoding.
     #[arg(long, value_name = "PX", default_value_t = 4096)]
     max_input_side: u32,
+    /// Most output pixels (width x height) per image a request may ask for, generations and
+    /// edits alike (an edit without `size` asks for its picture's); larger ones are refused
+    /// (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
+    /// for larger images on a machine with the memory, lower it on a small one (a generation's
+    /// memory grows faster than its pixels: on the CPU the tiny test package peaks at about
+    /// 2 GB for 1024x1024 and 11 GB for 1536x1536).
+    #[arg(long, value_name = "N", default_value_t = 1536 * 1536, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pixels: u64,
+    /// Seconds a client may take to send a request's headers (a connection that sends none,
+    /// idle between requests too, is closed after it), and may stall while sending its body
+    /// (a 400, then the connection is closed): stalled clients cannot hold connections forever.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout: u64,
     /// Seconds SIGTERM waits for queued and running generations before cancelling them.
     #[arg(long, value_name = "S", default_value_t = 600)]
     drain_timeout: u64,
@@ -230,6 +243,8 @@ async fn serve(
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         max_input_side: args.max_input_side,
+        max_pixels: args.max_pixels,
+        body_timeout: Duration::from_secs(args.header_timeout),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         public_url: args.public_url.clone(),
     };
@@ -300,10 +315,7 @@ async fn serve(
         }
     };
     let app = routes::router(Arc::clone(&state));
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        tracing::error!("the server failed: {e}");
-        return ExitCode::from(1);
-    }
+    serve_connections(listener, app, Duration::from_secs(args.header_timeout), shutdown).await;
     if let Some(code) = *failed.lock().unwrap_or_else(|p| p.into_inner()) {
         return ExitCode::from(code);
     }
@@ -316,6 +328,67 @@ async fn serve(
     }
     tracing::info!("drained; exiting");
     ExitCode::SUCCESS
+}
+
+/// Serves HTTP/1 connections until `shutdown` completes, then waits for the open ones to
+/// finish their requests. This is axum::serve's loop, with hyper's header-read timeout set
+/// (axum::serve gives no way to set it, and without a timer hyper never applies it): a client
+/// that stalls while sending its headers is disconnected after `header_timeout`.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    // A send tells every connection to finish; each connection holds a receiver, so
+    // `closed()` resolves once they are all gone.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, as axum::serve does.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                        break;
+                    }
+                    _ = stop.changed(), if !stopping => {
+                        // Finishes the request in flight, then closes; an idle one closes now.
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(stop);
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stop_tx.send(());
+    stop_tx.closed().await;
 }
 
 /// What to load and how.

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,9 +19,10 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
-use zimage::{GrayImage, Progress};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use zimage::{GenerateRequest, GrayImage, Progress};
 
-use crate::api::{prepare, ControlInput, EditInput, ImageParams, Meta, Prepared, ResponseFormat};
+use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Prepared, ResponseFormat};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
@@ -31,6 +32,10 @@ use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, SubmitEr
 pub struct Settings {
     pub max_body_bytes: usize,
     pub max_input_side: u32,
+    /// Most output pixels per image (`--max-pixels`).
+    pub max_pixels: u64,
+    /// Longest wait for the next part of a request body (`--header-timeout`).
+    pub body_timeout: Duration,
     pub request_timeout: Duration,
     pub public_url: Option<String>,
 }
@@ -117,6 +122,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        // A client that stops sending its body: reading it fails (a 400) and the connection
+        // closes, instead of a handler waiting for it forever.
+        .layer(RequestBodyTimeoutLayer::new(state.settings.body_timeout))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
 }
@@ -292,7 +300,16 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "object": "list", "data": state.names.iter().map(|n| model_object(n)).collect::<Vec<_>>() }))
 }
 
-async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// A path segment that is not UTF-8 once decoded (`%ff`): axum's rejection is plain text.
+fn path_error(rejection: PathRejection, param: &str) -> ApiError {
+    ApiError::invalid(rejection.body_text()).with_param(param)
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = id.map_err(|e| path_error(e, "id"))?;
     if state.names.contains(&id) {
         Ok(Json(model_object(&id)))
     } else {
@@ -300,7 +317,11 @@ async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     }
 }
 
-async fn get_file(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_file(
+    State(state): State<Arc<AppState>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| path_error(e, "name"))?;
     let (content_type, bytes) =
         state.store.get(&name).ok_or_else(|| ApiError::not_found("no such image (URLs expire)"))?;
     Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
@@ -328,20 +349,22 @@ async fn generations(
         state.available()?;
         let params = ImageParams::from_json(&body)?;
         let pool = state.pool(params.model.as_deref())?;
-        let defaults = pool.checker.manifest().generation_defaults;
+        let max_pixels = state.settings.max_pixels;
         let Some(encoded) = params.control_image.clone() else {
-            return prepare(params, None, None, &defaults);
+            return prepare(params, None, None, &limits(&pool, max_pixels, &|r| pool.checker.check_request(r)));
         };
         let controlnet = pool.checker.controlnet();
         let max_side = state.settings.max_input_side;
         // Decoding and resizing are CPU work: off the async threads.
         tokio::task::spawn_blocking(move || {
+            let check = |r: &GenerateRequest| pool.checker.check_request(r);
+            let limits = limits(&pool, max_pixels, &check);
             let bytes = decode_base64_file(&encoded).map_err(|e| e.with_param("control_image"))?;
             check_dimensions(&bytes, max_side, "control_image")?;
             let image =
                 zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
             let name = "control_image".to_string();
-            prepare(params, None, Some(ControlInput { image, name, controlnet }), &defaults)
+            prepare(params, None, Some(ControlInput { image, name, controlnet }), &limits)
         })
         .await
         .map_err(|e| ApiError::internal(format!("decoding the control image failed: {e}")))?
@@ -363,6 +386,16 @@ async fn edits(
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The limits `prepare` checks a request for `pool`'s model against; `check` is the model's
+/// `check_request`.
+fn limits<'a>(
+    pool: &ModelPool,
+    max_pixels: u64,
+    check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
+) -> Limits<'a> {
+    Limits { defaults: pool.checker.manifest().generation_defaults, max_pixels, check }
 }
 
 fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
@@ -407,14 +440,19 @@ async fn read_edit(
                 *slot = Some((file_name, bytes));
             }
             _ => {
-                let text = field.text().await.map_err(read_error)?;
+                // Not `field.text()`: it turns bytes that are not UTF-8 into U+FFFD, a prompt
+                // the client did not send; the JSON route refuses them too.
+                let bytes = field.bytes().await.map_err(read_error)?;
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ApiError::invalid(format!("the field '{name}' is not UTF-8 text")).with_param(name.clone())
+                })?;
                 fields.push((name, text));
             }
         }
     }
     let mut params = ImageParams::from_fields(&fields)?;
     let pool = state.pool(params.model.as_deref())?;
-    let (defaults, controlnet) = (pool.checker.manifest().generation_defaults, pool.checker.controlnet());
+    let (max_pixels, controlnet) = (state.settings.max_pixels, pool.checker.controlnet());
     let (image_name, image_bytes) =
         image.ok_or_else(|| ApiError::invalid("'image' is required").with_param("image"))?;
     let control = match (control, params.control_image.take()) {
@@ -438,6 +476,8 @@ async fn read_edit(
     }
     // Decoding and resizing are CPU work: off the async threads.
     tokio::task::spawn_blocking(move || {
+        let check = |r: &GenerateRequest| pool.checker.check_request(r);
+        let limits = limits(&pool, max_pixels, &check);
         let image =
             zimage::image_io::decode_rgb(&image_bytes).map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
         let mask = match mask {
@@ -453,7 +493,7 @@ async fn read_edit(
             }),
             None => None,
         };
-        prepare(params, Some(EditInput { image, image_name, mask }), control, &defaults)
+        prepare(params, Some(EditInput { image, image_name, mask }), control, &limits)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?

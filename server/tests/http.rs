@@ -296,8 +296,8 @@ fn every_error_status_has_openai_shape() {
     bad(b"{not json").assert_error(400, "invalid_request_error", None);
     for (body, param) in [
         (json!({"size": "64x64"}), Some("prompt")),
-        (json!({"prompt": "x", "size": "60x64"}), None),
-        (json!({"prompt": "x", "size": "64x64", "num_inference_steps": 0}), None),
+        (json!({"prompt": "x", "size": "60x64"}), Some("size")),
+        (json!({"prompt": "x", "size": "64x64", "num_inference_steps": 0}), Some("num_inference_steps")),
         (json!({"prompt": "x", "size": "64x64", "guidance_scale": -1.0}), None),
         (json!({"prompt": "x", "size": "64x64", "n": 0}), Some("n")),
         (json!({"prompt": "x", "size": "64x64", "n": "two"}), Some("n")),
@@ -356,8 +356,9 @@ fn every_error_status_has_openai_shape() {
         Some("image_too_large"),
     );
     assert!(e["message"].as_str().unwrap().contains("300x16"), "{e}");
-    edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", &png(32, 32, [255, 255, 255]))])
+    let e = edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", &png(32, 32, [255, 255, 255]))])
         .assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "mask", "{e}");
     // The same edit is fine on the good model ...
     let fine = edit(&[("prompt", "x"), ("num_inference_steps", "2"), ("seed", "1")], &[("image", "a.png", &picture)]);
     assert_eq!(fine.status, 200, "{}", fine.text());
@@ -717,4 +718,118 @@ fn edits_take_a_control_image_for_controlnet_inpainting() {
         None,
     );
     assert_eq!(e["param"], "control_image");
+}
+
+/// `--max-pixels` refuses a size before any work, an edit's size inferred from its picture too.
+#[test]
+fn sizes_over_max_pixels_are_refused_before_any_work() {
+    // 128x128 at most.
+    let server = Server::start(&["--model", &tiny(), "--max-pixels", "16384"]);
+    let json_headers = [("Content-Type", "application/json")];
+    let post = |body: &[u8]| server.request("POST", "/v1/images/generations", &json_headers, body);
+    let edit = |content_type: &str, body: &[u8]| {
+        server.request("POST", "/v1/images/edits", &[("Content-Type", content_type)], body)
+    };
+
+    // Over --max-pixels: a generation, and an edit without `size` whose picture is too large.
+    let e = post(br#"{"prompt":"x","size":"256x256","num_inference_steps":1}"#).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
+    assert_eq!(e["param"], "size", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("--max-pixels"), "{e}");
+    let (content_type, body) =
+        multipart(&[("prompt", "x"), ("num_inference_steps", "1")], &[("image", "big.png", &png(256, 256, [9, 9, 9]))]);
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "size", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("256x256"), "{e}");
+    // At the limit is fine.
+    let ok = post(br#"{"prompt":"x","size":"128x128","num_inference_steps":1}"#);
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+/// Malformed JSON, path segments and multipart fields are 400s in OpenAI's shape, naming the
+/// field where there is one.
+#[test]
+fn malformed_requests_are_refused_in_openai_shape() {
+    let server = Server::start(&["--model", &tiny()]);
+    let json_headers = [("Content-Type", "application/json")];
+    let post = |body: &[u8]| server.request("POST", "/v1/images/generations", &json_headers, body);
+    let edit = |content_type: &str, body: &[u8]| {
+        server.request("POST", "/v1/images/edits", &[("Content-Type", content_type)], body)
+    };
+
+    // Trailing garbage after the object, a truncated body (no field to name).
+    let e = post(br#"{"prompt":"x","size":"64x64"} trailing garbage"#).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], Value::Null, "{e}");
+    let e = post(br#"{"prompt":"x","size":"#).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], Value::Null, "{e}");
+
+    // Path segments that are not UTF-8.
+    let e = server.get("/v1/images/files/%ff").assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "name", "{e}");
+    let e = server.get("/v1/models/%ff").assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "id", "{e}");
+
+    // Multipart: a field sent twice, a prompt that is not UTF-8.
+    let picture = png(64, 64, [40, 90, 160]);
+    let (content_type, body) = multipart(&[("prompt", "a"), ("prompt", "b")], &[("image", "a.png", &picture)]);
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "prompt", "{e}");
+    let (content_type, body) = multipart(&[("prompt", "PROMPT")], &[("image", "a.png", &picture)]);
+    let at = body.windows(6).position(|w| w == b"PROMPT").unwrap();
+    let body = [&body[..at], b"caf\xe9", &body[at + 6..]].concat();
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "prompt", "{e}");
+}
+
+/// The model's own size limit (8192 pixels a side for the tiny package) is checked before the
+/// uploaded picture is resized to the requested size (a 64x64 picture was resized to
+/// 16384x16384, ~1 GB, before the 400); the default --max-pixels allows this many pixels.
+#[test]
+fn the_models_size_limit_is_checked_before_resizing() {
+    let server = Server::start(&["--model", &tiny()]);
+    let e = server.post_json("/v1/images/generations", &json!({"prompt": "x", "size": "16384x128"}), &[]).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
+    assert_eq!(e["param"], "size", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("limit"), "{e}");
+    let (content_type, body) =
+        multipart(&[("prompt", "x"), ("size", "16384x128")], &[("image", "a.png", &png(64, 64, [1, 2, 3]))]);
+    let started = Instant::now();
+    let e = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
+    assert_eq!(e["param"], "size", "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+/// A client that stalls in its headers or its body is disconnected after --header-timeout.
+#[test]
+fn stalled_connections_are_closed() {
+    let server = Server::start(&["--model", &tiny(), "--header-timeout", "2"]);
+    // Reads until the server closes the connection; returns what it sent and when it closed.
+    let stall = |sent: &[u8]| {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        stream.write_all(sent).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("the server closes the connection");
+        (raw, started.elapsed())
+    };
+    let (raw, took) = stall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Ty");
+    assert!(took < Duration::from_secs(8), "closed after {took:?}");
+    assert!(raw.is_empty() || raw.starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&raw));
+    let head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    let (raw, took) = stall(format!("{head}Content-Length: 100\r\n\r\n{{").as_bytes());
+    assert!(took < Duration::from_secs(8), "closed after {took:?}");
+    parse_response(&raw).assert_error(400, "invalid_request_error", None);
+    // The server still serves.
+    assert_eq!(server.get("/health").status, 200);
 }
