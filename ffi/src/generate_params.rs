@@ -262,12 +262,13 @@ unsafe fn control(
     p: &zimage_generate_params,
     init: &mut Option<InitImage>,
 ) -> Result<Option<ControlCondition>, Failure> {
-    let Some((width, height, pixels)) = (unsafe { read_pixels(&p.control_image, 3, "params->control_image") })? else {
-        return Ok(None);
-    };
+    // The enum is checked whether or not a control image is given, as every enum is.
     let preprocess = match zimage_control_preprocess::from_c(p.control_preprocess, "params->control_preprocess")? {
         zimage_control_preprocess::None => ControlPreprocess::None,
         zimage_control_preprocess::Canny => ControlPreprocess::CANNY_DEFAULT,
+    };
+    let Some((width, height, pixels)) = (unsafe { read_pixels(&p.control_image, 3, "params->control_image") })? else {
+        return Ok(None);
     };
     let map = preprocess.apply(&RgbImage { width, height, pixels })?;
     let mut condition =
@@ -372,6 +373,16 @@ mod tests {
         }
         let empty = zimage_image { width: 0, ..view };
         assert_eq!(unsafe { read_pixels(&empty, 3, "img") }.unwrap().unwrap(), (0, 2, Vec::new()));
+    }
+
+    #[test]
+    fn the_control_enum_is_checked_without_a_control_image() {
+        let mut p = zimage_generate_params::defaults();
+        p.prompt = c"x".as_ptr();
+        p.control_preprocess = 99;
+        assert_eq!(code(unsafe { generate_request(&p) }), zimage_result::InvalidArgument);
+        p.control_preprocess = zimage_control_preprocess::Canny as u32;
+        assert!(unsafe { generate_request(&p) }.unwrap().request.control.is_none());
     }
 
     #[test]

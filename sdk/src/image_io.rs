@@ -503,34 +503,28 @@ pub fn crop_rgb(image: &RgbImage, left: u32, top: u32, width: u32, height: u32) 
 }
 
 impl RgbImage {
-    /// Checks that the buffer holds exactly width x height x 3 bytes.
+    /// Checks that the picture is not empty and the buffer holds exactly width x height x 3 bytes.
     pub fn check(&self) -> Result<()> {
-        if self.width == 0 || self.height == 0 || self.pixels.len() != self.width as usize * self.height as usize * 3 {
-            return Err(Error::Image(format!(
-                "RGB image of {}x{} needs {} bytes, has {}",
-                self.width,
-                self.height,
-                self.width as usize * self.height as usize * 3,
-                self.pixels.len()
-            )));
-        }
-        Ok(())
+        check_buffer("RGB", self.width, self.height, 3, self.pixels.len())
     }
 }
 
+/// The one buffer check of [`RgbImage`] and [`GrayImage`]: `channels` bytes a pixel.
+fn check_buffer(kind: &str, width: u32, height: u32, channels: usize, len: usize) -> Result<()> {
+    if width == 0 || height == 0 {
+        return Err(Error::Image(format!("{kind} image of {width}x{height} is empty (a side of 0 pixels)")));
+    }
+    let need = width as usize * height as usize * channels;
+    if len != need {
+        return Err(Error::Image(format!("{kind} image of {width}x{height} needs {need} bytes, has {len}")));
+    }
+    Ok(())
+}
+
 impl GrayImage {
-    /// Checks that the buffer holds exactly width x height bytes.
+    /// Checks that the picture is not empty and the buffer holds exactly width x height bytes.
     pub fn check(&self) -> Result<()> {
-        if self.width == 0 || self.height == 0 || self.pixels.len() != self.width as usize * self.height as usize {
-            return Err(Error::Image(format!(
-                "gray image of {}x{} needs {} bytes, has {}",
-                self.width,
-                self.height,
-                self.width as usize * self.height as usize,
-                self.pixels.len()
-            )));
-        }
-        Ok(())
+        check_buffer("gray", self.width, self.height, 1, self.pixels.len())
     }
 }
 

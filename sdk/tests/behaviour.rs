@@ -585,6 +585,11 @@ fn resizing_inputs_is_sized_and_deterministic() {
     let resized = zimage::image_io::resize_rgb(&flat, 64, 48).unwrap();
     assert!(resized.pixels.chunks(3).all(|p| p == [10, 200, 90]));
     assert_eq!(kind_of(zimage::image_io::resize_rgb(&flat, 0, 10)), ErrorKind::InvalidRequest);
+    // An empty picture says so (it said "needs 0 bytes, has 0"); a short buffer gives both sizes.
+    let empty = zimage::RgbImage { width: 0, height: 0, pixels: vec![] }.check().unwrap_err();
+    assert_eq!(empty.to_string(), "image: RGB image of 0x0 is empty (a side of 0 pixels)");
+    let short = zimage::GrayImage { width: 3, height: 2, pixels: vec![0; 5] }.check().unwrap_err();
+    assert_eq!(short.to_string(), "image: gray image of 3x2 needs 6 bytes, has 5");
 }
 
 #[test]
