@@ -231,3 +231,22 @@ fn a_package_without_the_lora_table_refuses_loras_clearly() {
     assert!(e.to_string().contains("lora_parameters"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A package whose LoRA table names initializers its graph lacks is a package error that names
+/// the package's transformer graph, not the LoRA file (which is not at fault).
+#[test]
+fn a_broken_lora_table_blames_the_package() {
+    let dir = edited_copy(&repo().join("models/tiny-zimage"), "broken-lora-table", |m, _| {
+        for place in m["transformer"]["lora_parameters"].as_object_mut().unwrap().values_mut() {
+            place["initializer"] = "nope".into();
+        }
+    });
+    let lora = adapter("tiny-zimage", "loras/peft.safetensors");
+    let pipeline = Pipeline::load(&dir, &options()).unwrap();
+    let e = pipeline.set_loras(&[LoraSetting::new(Arc::clone(&lora), 1.0)]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    let message = e.to_string();
+    assert!(message.contains("transformer.onnx") && message.contains("initializer nope"), "{message}");
+    assert!(!message.contains(&lora.path().display().to_string()), "{message}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -288,8 +288,9 @@ impl<'a> Targets<'a> {
         };
         let place = self.table.get(&parameter).ok_or_else(wrong_model)?;
         let init = self.initializers.get(&place.initializer).ok_or_else(|| {
+            // The package is at fault, not the LoRA: name the transformer graph.
             Error::package(
-                &adapter.path,
+                &self.graph,
                 format!("the manifest maps {parameter} to initializer {}, which the graph lacks", place.initializer),
             )
         })?;
@@ -297,7 +298,7 @@ impl<'a> Targets<'a> {
             [a, b] if place.transposed() => Ok((init, *b, *a)),
             [a, b] => Ok((init, *a, *b)),
             other => Err(Error::package(
-                &adapter.path,
+                &self.graph,
                 format!("initializer {} of {parameter} has dims {other:?}, not a matrix", place.initializer),
             )),
         }
@@ -323,9 +324,9 @@ impl<'a> Targets<'a> {
             let (init, out, inn) = self.find(adapter, module, first)?;
             let place = &self.table[&format!("{module}.weight")];
             let element = init.element_type.ok_or_else(|| {
-                Error::package(&adapter.path, format!("initializer {} is not a float tensor", place.initializer))
+                Error::package(&self.graph, format!("initializer {} is not a float tensor", place.initializer))
             })?;
-            let bytes = init.read_bytes().map_err(|m| Error::package(&adapter.path, m))?;
+            let bytes = init.read_bytes().map_err(|m| Error::package(&self.graph, m))?;
             let mut values = merge::to_f32(&bytes, element);
             drop(bytes);
             for (_, entry, factor) in &updates {
