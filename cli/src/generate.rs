@@ -132,15 +132,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     zimage::pipeline::check_request(&request, &manifest)?;
     let controlnet = match &args.controlnet {
         Some(value) => Some(
-            zimage::package::controlnet::find_controlnet(&manifest.controlnets, &args.model.model, value).ok_or_else(
-                || {
-                    let known: Vec<&str> = manifest.controlnets.keys().map(String::as_str).collect();
-                    Failure::Usage(format!(
-                        "--controlnet {value}: the package has no such ControlNet (it has: {})",
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                    ))
-                },
-            )?,
+            zimage::package::controlnet::require_controlnet(&manifest.controlnets, &args.model.model, value)
+                .map_err(Failure::Usage)?,
         ),
         None => None,
     };

@@ -62,5 +62,15 @@ fn bad_arguments_and_packages_have_their_exit_codes() {
     assert_code(&zimage(&["triton-repo", "--model", "models/missing", "--out", repo]), 3);
     let cpu_gpus = zimage(&["triton-repo", "--model", "models/tiny-zimage", "--out", repo, "--gpus", "0"]);
     assert_code(&cpu_gpus, 6);
+    // What the backend would refuse at load is refused before anything is written, as
+    // generate refuses it: an unknown ControlNet, a count out of range, a file that is no LoRA.
+    let base = ["triton-repo", "--model", "models/tiny-zimage-control", "--out", repo];
+    let unknown = zimage(&[&base[..], &["--controlnet", "nope"]].concat());
+    assert_code(&unknown, 6);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no such ControlNet (it has: "), "{unknown:?}");
+    for count in ["0", "65", "4294967295"] {
+        assert_code(&zimage(&[&base[..], &["--max-count", count]].concat()), 6);
+    }
+    assert_code(&zimage(&[&base[..], &["--lora", "Cargo.toml"]].concat()), 10);
     assert!(!out.join("zimage").exists());
 }

@@ -139,7 +139,22 @@ pub fn write_repository(package: &Path, out: &Path, options: &RepositoryOptions)
     if options.device == DeviceKind::Cpu && options.gpus.is_some() {
         return Err(Error::InvalidRequest("gpus apply to cuda and tensorrt, not cpu".into()));
     }
-    Manifest::load(package, false)?;
+    let manifest = Manifest::load(package, false)?;
+    // What the backend would refuse when it loads the model is refused now, before anything
+    // is written (generate checks the same).
+    if let Some(count) = options.max_count.filter(|c| !(1..=zimage::MAX_IMAGES_PER_REQUEST).contains(c)) {
+        return Err(Error::InvalidRequest(format!(
+            "max_count must be 1..={} (got {count})",
+            zimage::MAX_IMAGES_PER_REQUEST
+        )));
+    }
+    if let Some(value) = &options.controlnet {
+        zimage::package::controlnet::require_controlnet(&manifest.controlnets, package, value)
+            .map_err(Error::InvalidRequest)?;
+    }
+    for lora in &options.loras {
+        zimage::LoraAdapter::load(&lora.path)?;
+    }
     let package = std::fs::canonicalize(package).map_err(|source| Error::Io { path: package.to_path_buf(), source })?;
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let model_dir = out.join(&options.name);

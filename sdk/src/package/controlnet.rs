@@ -94,3 +94,19 @@ pub fn find_controlnet(controlnets: &BTreeMap<String, ControlNetInfo>, dir: &Pat
     let file = path.file_name()?.to_str()?;
     controlnets.iter().find(|(_, info)| info.graph.path == file && in_package(path)).map(|(name, _)| name.clone())
 }
+
+/// [`find_controlnet`], or the message for a value that names none of the package's
+/// ControlNets (it lists those it has), for the front ends to report in their own way.
+pub fn require_controlnet(
+    controlnets: &BTreeMap<String, ControlNetInfo>,
+    dir: &Path,
+    value: &str,
+) -> std::result::Result<String, String> {
+    find_controlnet(controlnets, dir, value).ok_or_else(|| {
+        let known: Vec<&str> = controlnets.keys().map(String::as_str).collect();
+        format!(
+            "--controlnet {value}: the package has no such ControlNet (it has: {})",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )
+    })
+}
