@@ -19,7 +19,7 @@ echo "== zimage-ffi tests (C and C++ clients on the goldens)" >&2
 cargo test --release --locked -p zimage-ffi
 
 work="$root/target/tmp/c_clients" # prepared by ffi/tests/c_clients.rs
-client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/io-package" "$work/mismatched-package"
+client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/folder-manifest-package" "$work/mismatched-package"
   "$root/models/tiny-qwen3-enhancer" "$work/enhancer-cases.tsv" 1)
 # The C client's LoRA test (test_lora) reads these; c_clients.rs writes the cases file.
 export ZIMAGE_TEST_LORA_CASES="$work/lora-cases.tsv"

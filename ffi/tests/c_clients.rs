@@ -63,7 +63,7 @@ struct Prepared {
     edit_cases_file: PathBuf,
     controlnet_cases_file: PathBuf,
     tiling_case_file: PathBuf,
-    io_fixture: PathBuf,
+    folder_manifest: PathBuf,
     mismatched_package: PathBuf,
     shared_lib_dir: PathBuf,
 }
@@ -82,9 +82,9 @@ fn prepared() -> &'static Prepared {
         let controlnet_cases_file = write_controlnet_cases_file(&work);
         let tiling_case_file = write_tiling_case_file(&work);
 
-        // A package folder whose manifest.json cannot be read as a file: ZIMAGE_RESULT_IO.
-        let io_fixture = work.join("io-package");
-        std::fs::create_dir_all(io_fixture.join("manifest.json")).unwrap();
+        // A package folder whose manifest.json is a folder: ZIMAGE_RESULT_PACKAGE.
+        let folder_manifest = work.join("folder-manifest-package");
+        std::fs::create_dir_all(folder_manifest.join("manifest.json")).unwrap();
         let mismatched_package = write_mismatched_package(&work);
 
         // libzimage.so carries the SONAME libzimage.so.1: the loader looks for that name, the
@@ -101,7 +101,7 @@ fn prepared() -> &'static Prepared {
             edit_cases_file,
             controlnet_cases_file,
             tiling_case_file,
-            io_fixture,
+            folder_manifest,
             mismatched_package,
             shared_lib_dir,
         }
@@ -564,7 +564,7 @@ fn run(name: &str, language: Language, linking: Linking) {
     command
         .arg(root().join("models/tiny-zimage"))
         .arg(&p.cases_file)
-        .arg(&p.io_fixture)
+        .arg(&p.folder_manifest)
         .arg(&p.mismatched_package)
         .arg(root().join("models/tiny-qwen3-enhancer"))
         .arg(&p.enhancer_cases_file)

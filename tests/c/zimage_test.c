@@ -311,7 +311,7 @@ static void test_null_arguments(void) {
 
 /* Load failures, each before any pipeline exists. RUNTIME must come first: once ONNX Runtime
  * is loaded, a process keeps it. */
-static void test_load_errors(const char *package, const char *io_fixture) {
+static void test_load_errors(const char *package, const char *folder_manifest) {
     zimage_pipeline *pipeline = NULL;
     zimage_load_params params;
     const char not_utf8[] = {'m', (char)0xff, 'x', '\0'};
@@ -324,7 +324,9 @@ static void test_load_errors(const char *package, const char *io_fixture) {
 
     CHECK_CODE(zimage_pipeline_load("/nonexistent/package", NULL, &pipeline), ZIMAGE_RESULT_PACKAGE);
     CHECK(strstr(zimage_last_error_message(), "/nonexistent/package: no such folder") != NULL);
-    CHECK_CODE(zimage_pipeline_load(io_fixture, NULL, &pipeline), ZIMAGE_RESULT_IO);
+    /* A folder where manifest.json should be: the package is unusable, not the disk. */
+    CHECK_CODE(zimage_pipeline_load(folder_manifest, NULL, &pipeline), ZIMAGE_RESULT_PACKAGE);
+    CHECK(strstr(zimage_last_error_message(), "manifest.json: not a regular file") != NULL);
     CHECK_CODE(zimage_pipeline_load(not_utf8, NULL, &pipeline), ZIMAGE_RESULT_INVALID_ARGUMENT);
     CHECK(strstr(zimage_last_error_message(), "UTF-8") != NULL);
 
@@ -1464,7 +1466,7 @@ static void test_controlnet(int max_cases) {
 
 
 int main(int argc, char **argv) {
-    const char *package, *cases_path, *io_fixture, *mismatched_package, *enhancer_package;
+    const char *package, *cases_path, *folder_manifest, *mismatched_package, *enhancer_package;
     enhancer_case enhancer_cases[16];
     char *enhancer_text;
     int n_enhancer_cases;
@@ -1485,7 +1487,7 @@ int main(int argc, char **argv) {
     }
     package = argv[1];
     cases_path = argv[2];
-    io_fixture = argv[3];
+    folder_manifest = argv[3];
     mismatched_package = argv[4];
     enhancer_package = argv[5];
     max_cases = argc > 7 ? atoi(argv[7]) : 64;
@@ -1504,7 +1506,7 @@ int main(int argc, char **argv) {
 
     test_version();
     test_null_arguments();
-    test_load_errors(package, io_fixture);
+    test_load_errors(package, folder_manifest);
 
     zimage_load_params_init(&load);
     load.log_callback = on_log;

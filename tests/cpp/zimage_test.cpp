@@ -175,17 +175,17 @@ zimage_generate_params small_params() {
     return p;
 }
 
-void test_errors(const std::string &io_fixture, const std::string &mismatched_package) {
+void test_errors(const std::string &folder_manifest, const std::string &mismatched_package) {
     CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, zimage::Pipeline::load("/nonexistent/package"));
-    CHECK_THROWS(ZIMAGE_RESULT_IO, zimage::Pipeline::load(io_fixture));
+    CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, zimage::Pipeline::load(folder_manifest));
     zimage_load_params params = zimage::load_params();
     params.device = 7;
-    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(io_fixture, params));
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(folder_manifest, params));
     params = zimage::load_params();
     zimage_tensorrt_params trt = zimage::tensorrt_params();
     trt.precision = 7;
     params.tensorrt = &trt;
-    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(io_fixture, params));
+    CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, zimage::Pipeline::load(folder_manifest, params));
     params = zimage::load_params();
     params.device = ZIMAGE_DEVICE_TENSORRT;
     CHECK_THROWS(ZIMAGE_RESULT_PROVIDER, zimage::Pipeline::load(mismatched_package, params));
@@ -387,7 +387,7 @@ int main(int argc, char **argv) {
                      " [MAX_CASES]\n";
         return 2;
     }
-    const std::string package = argv[1], io_fixture = argv[3], mismatched_package = argv[4],
+    const std::string package = argv[1], folder_manifest = argv[3], mismatched_package = argv[4],
                       enhancer_package = argv[5];
     std::vector<GoldenCase> cases = read_cases(argv[2]);
     std::vector<EnhancerCase> enhancer_cases = read_enhancer_cases(argv[6]);
@@ -406,7 +406,7 @@ int main(int argc, char **argv) {
                                                            });
         // Moving the pipeline keeps its log function valid.
         zimage::Pipeline moved = std::move(pipeline);
-        test_errors(io_fixture, mismatched_package);
+        test_errors(folder_manifest, mismatched_package);
         test_goldens(moved, cases);
         test_concurrent_generations(moved, cases);
         test_cancel(moved);
