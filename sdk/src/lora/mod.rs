@@ -23,6 +23,7 @@ use std::sync::Arc;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::image_io::read_file_capped;
 use crate::limits::{MAX_LORA_FILE_BYTES, MAX_SAFETENSORS_HEADER_BYTES};
 use crate::package::files::sha256_hex;
 use crate::package::initializers::{read_initializers, ElementType, Initializer};
@@ -49,38 +50,28 @@ impl std::fmt::Debug for LoraAdapter {
     }
 }
 
-/// Reads a LoRA file whole, refusing what cannot be one before reading much of it: anything
-/// but a regular file (a FIFO would block, `/dev/zero` never ends), a file over
-/// [`MAX_LORA_FILE_BYTES`], and a first 8 bytes that are no safetensors header length.
+/// Reads a LoRA file whole: only a regular file (checked before opening: opening a FIFO blocks
+/// until a writer comes, `/dev/zero` never ends), at most [`MAX_LORA_FILE_BYTES`]
+/// ([`read_file_capped`]), whose first 8 bytes give a plausible safetensors header length.
 fn read_lora_file(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    // Checked before opening: opening a FIFO for reading blocks until a writer comes.
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(Error::lora(path, "not a regular file (a LoRA is a .safetensors file)"));
     }
-    if meta.len() > MAX_LORA_FILE_BYTES {
-        return Err(Error::lora(
-            path,
-            format!("the file is {} bytes, more than the limit of {MAX_LORA_FILE_BYTES} for a LoRA", meta.len()),
-        ));
-    }
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    (&mut file).take(8).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    if let Ok(prefix) = <[u8; 8]>::try_from(bytes.as_slice()) {
-        let header = u64::from_le_bytes(prefix);
+    let bytes = read_file_capped(path, MAX_LORA_FILE_BYTES).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::FileTooLarge => {
+            Error::lora(path, format!("the file is {source} for a LoRA"))
+        }
+        other => other,
+    })?;
+    if let Some(prefix) = bytes.first_chunk::<8>() {
+        let header = u64::from_le_bytes(*prefix);
         if !(2..=MAX_SAFETENSORS_HEADER_BYTES).contains(&header) {
             return Err(Error::lora(
                 path,
                 format!("not a safetensors file: its first 8 bytes give a header of {header} bytes"),
             ));
         }
-    }
-    // The size can change between the check and the read: the read stops past the cap.
-    file.take(MAX_LORA_FILE_BYTES + 1 - bytes.len() as u64).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > MAX_LORA_FILE_BYTES {
-        return Err(Error::lora(path, format!("the file grew past the limit of {MAX_LORA_FILE_BYTES} bytes")));
     }
     Ok(bytes)
 }
