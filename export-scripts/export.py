@@ -129,7 +129,14 @@ def main(argv=None) -> None:
                    else "not an Omni (editing) folder")
             print(f"skipped {name}: {why}", flush=True)
             continue
-        onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
+        path = onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
+        if name.startswith("vae_"):
+            # The mid-block attention as one MultiHeadAttention node: it never stores the
+            # [S, S] scores (zimage_export/vae_attention.py). Checked on the traced input.
+            from zimage_export.vae_attention import fuse_file
+
+            fused = fuse_file(path, {spec.input_names[0]: spec.args[0].numpy()})
+            print(f"{name}: {fused} attention(s) as MultiHeadAttention", flush=True)
         del spec
         gc.collect()
         print(f"exported {name} in {time.time() - start:.1f} s", flush=True)
