@@ -391,10 +391,11 @@ fn every_error_status_has_openai_shape() {
     std::fs::remove_dir_all(broken).unwrap();
 }
 
-/// A generation that takes about 12 s with the tiny package on one thread (512x512: about 50 ms
-/// a step, 1.2 s to decode).
+/// A generation that takes far longer than the tests' --request-timeout 4 with the tiny package:
+/// 1000 steps (the most a request may ask) at 512x512, about 14 s on two threads (14 ms a step;
+/// the decode is 0.1 s). 200 steps were about 4 s once the VAE decode became fast: too close.
 fn slow(seed: u64) -> Value {
-    json!({"prompt": "a slow fox", "size": "512x512", "num_inference_steps": 200, "seed": seed})
+    json!({"prompt": "a slow fox", "size": "512x512", "num_inference_steps": 1000, "seed": seed})
 }
 
 #[test]
