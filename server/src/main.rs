@@ -72,8 +72,9 @@ struct Args {
     /// edits alike (an edit without `size` asks for its picture's); larger ones are refused
     /// (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
     /// for larger images on a machine with the memory, lower it on a small one (a generation's
-    /// memory grows faster than its pixels: on the CPU the tiny test package peaks at about
-    /// 2 GB for 1024x1024 and 11 GB for 1536x1536).
+    /// memory grows with its pixels: on the CPU the mid-size test model, which has the real
+    /// VAE's shape and 0.7 GB resident after loading, peaks at about 5.3 GB for 1024x1024 and
+    /// 10.3 GB for 1536x1536, most of it the VAE decode's activations).
     #[arg(long, value_name = "N", default_value_t = 1536 * 1536, value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
     /// Seconds a client may take to send a request's headers (a connection that sends none,
