@@ -242,6 +242,33 @@ fn reference_files_are_refused_by_size_before_decoding() {
     assert!(e.to_string().contains("does not support editing"), "{e}");
 }
 
+/// Reference rules no picture could meet are refused at load, not at every request: a minimum
+/// side above the largest input, a crop multiple the latents cannot be made of.
+#[test]
+fn reference_rules_no_picture_could_meet_are_package_errors() {
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("min_side", 1_000_000_000u64.into(), "above the largest input side, 16384"),
+        ("multiple", 7.into(), "edit.reference.multiple 7 must be a multiple of 16"),
+        ("multiple", 24.into(), "edit.reference.multiple 24 must be a multiple of 16"),
+        ("multiple", 8.into(), "edit.reference.multiple 8 must be a multiple of 16"),
+    ];
+    for (i, (key, value, says)) in cases.into_iter().enumerate() {
+        let dir = edited_copy(&repo().join("models").join(PACKAGE), &format!("edit-reference-{i}"), |m, _| {
+            m["edit"]["reference"][key] = value.clone();
+        });
+        let e = zimage::Pipeline::load(&dir, &zimage::LoadOptions::default()).err().expect("bad rules load");
+        assert_eq!(e.kind(), ErrorKind::Package, "{key} {value}: {e}");
+        assert!(e.to_string().contains(says), "{key} {value}: {e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    // A multiple of 16 other than 16 is a legitimate rule.
+    let dir = edited_copy(&repo().join("models").join(PACKAGE), "edit-reference-32", |m, _| {
+        m["edit"]["reference"]["multiple"] = 32.into();
+    });
+    zimage::Pipeline::load(&dir, &zimage::LoadOptions::default()).expect("multiple 32 loads");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The package's edit defaults meet the bounds a request meets: refused at load (a package
 /// cannot recommend what it would refuse), not at every request.
 #[test]

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use crate::limits::{check_guidance, MAX_STEPS};
+use crate::limits::{check_guidance, MAX_INPUT_SIDE, MAX_STEPS};
 
 /// The `edit` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -102,7 +102,8 @@ pub struct EditDefaults {
 
 impl EditInfo {
     /// Value checks (a hostile manifest is refused at load rather than overflowing later).
-    pub fn check(&self, cap_feat_dim: usize) -> std::result::Result<(), String> {
+    /// `size_multiple`: what image sides must be multiples of (`Manifest::size_multiple`).
+    pub fn check(&self, cap_feat_dim: usize, size_multiple: usize) -> std::result::Result<(), String> {
         let p = &self.image_processor;
         if !matches!(p.resample.as_str(), "bilinear" | "bicubic" | "lanczos" | "nearest") {
             return Err(format!("edit.image_processor.resample {:?} is not supported", p.resample));
@@ -125,6 +126,20 @@ impl EditInfo {
         }
         if r.max_aspect_ratio.is_nan() || r.max_aspect_ratio < 1.0 || r.max_area == 0 || r.max_area > 1 << 26 {
             return Err("edit.reference: max_aspect_ratio >= 1 and max_area 1..=2^26".into());
+        }
+        // Rules no reference could meet would load, then refuse every request.
+        if r.min_side > MAX_INPUT_SIDE {
+            return Err(format!(
+                "edit.reference.min_side {} is above the largest input side, {MAX_INPUT_SIDE}",
+                r.min_side
+            ));
+        }
+        if size_multiple == 0 || r.multiple as usize % size_multiple != 0 {
+            return Err(format!(
+                "edit.reference.multiple {} must be a multiple of {size_multiple} (vae.scale_factor x \
+                 transformer.patch_size): references are cropped to it and encoded as image latents",
+                r.multiple
+            ));
         }
         let d = &self.defaults;
         if d.num_inference_steps == 0 || d.num_inference_steps > MAX_STEPS as usize || d.max_sequence_length == 0 {
