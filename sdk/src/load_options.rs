@@ -97,6 +97,7 @@ impl LoadOptions {
             prebuilt_cpu_graph: None,
             initializers: ExternalInitializers::default(),
             exact_int8_products: false,
+            declared_io: None,
         }
     }
 }

@@ -178,6 +178,28 @@ fn onnx_runtime_errors_are_kept_as_the_source() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A graph file swapped for another graph of the package, its checksum re-recorded: refused at
+/// load as a package error naming what the file has and what the manifest declares, not at the
+/// first decode (an inference error then).
+#[test]
+fn a_graph_file_with_other_inputs_than_declared_is_a_package_error_at_load() {
+    let encoder = std::fs::read(repo().join("models/tiny-zimage/vae_encoder.onnx")).unwrap();
+    let sha = zimage::package::files::sha256_hex(&encoder);
+    let bytes = encoder.len();
+    let dir = tiny_package_with_manifest("swapped decoder", |m| {
+        m["graphs"]["vae_decoder"].as_object_mut().unwrap().remove("cpu_layout");
+        m["graphs"]["vae_decoder"]["path"] = "vae_encoder.onnx".into();
+        m["graphs"]["vae_decoder"]["bytes"] = bytes.into();
+        m["graphs"]["vae_decoder"]["sha256"] = sha.clone().into();
+    });
+    let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("an encoder as the decoder loads");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    let says = "graph vae_decoder: vae_encoder.onnx has inputs [image:float32] and outputs [logvar:float32, \
+                mean:float32], where the manifest declares inputs [latents:float32] and outputs [image:float32]";
+    assert!(err.to_string().contains(says), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A temporary package: links to tiny-zimage's files and its manifest changed by `edit`.
 fn tiny_package_with_manifest(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
     let source = repo().join("models/tiny-zimage");

@@ -40,7 +40,7 @@ use crate::runtime::graph::Graph;
 use crate::runtime::library::runtime;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::run_context::{CancelHandle, Registry};
-use crate::runtime::session::{build_session, SessionSettings};
+use crate::runtime::session::{build_session, DeclaredIo, SessionSettings};
 use kv_decoder::Decoder;
 pub use options::{
     default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, TokenEvent, MAX_NEW_TOKENS,
@@ -94,7 +94,11 @@ impl PromptEnhancer {
                 false
             }
         };
-        let settings = SessionSettings { shares_weights: !prepack, ..options.session_settings() };
+        let settings = SessionSettings {
+            shares_weights: !prepack,
+            declared_io: Some(DeclaredIo::of(&graph)),
+            ..options.session_settings()
+        };
         let path = resolve(dir, &graph.path);
         // TensorRT would rebuild engines as the cache grows (every step has a new past length),
         // so a TensorRT device runs the decoder with CUDA instead.

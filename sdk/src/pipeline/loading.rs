@@ -22,7 +22,7 @@ use crate::runtime::library::Runtime;
 use crate::runtime::nchwc;
 use crate::runtime::prepack_probe;
 use crate::runtime::provider::ProviderConfig;
-use crate::runtime::session::{optimized_cache_dir, ExternalInitializers, SessionSettings};
+use crate::runtime::session::{optimized_cache_dir, DeclaredIo, ExternalInitializers, SessionSettings};
 
 /// Loads the graphs of one package with one set of options.
 pub(crate) struct GraphLoader<'a> {
@@ -102,6 +102,7 @@ impl GraphLoader<'_> {
         )
         .with_capture(capture_refusal.is_none());
         let mut settings = self.settings(kind);
+        settings.declared_io = Some(DeclaredIo::of(entry));
         let replaced = !initializers.is_empty();
         settings.initializers = initializers;
         settings.optimized_cache = match kind {

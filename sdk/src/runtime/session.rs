@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
-use ort::value::DynValue;
+use ort::value::{DynValue, TensorElementType};
 
 use super::device::Device;
 use super::library::Runtime;
 use super::provider::{register_provider, ProviderConfig};
 use crate::error::{Error, Result};
 use crate::package::files::sha256_hex;
-use crate::package::graph::GraphKind;
+use crate::package::graph::{GraphEntry, GraphKind, TensorSpec};
 
 /// How sessions are built.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +61,79 @@ pub struct SessionSettings {
     /// transformer with int8 activations on a CPU where uint8 x int8 can saturate
     /// ([`super::int8_products`]).
     pub exact_int8_products: bool,
+    /// The graph's inputs and outputs as its manifest entry declares them (already checked
+    /// against what the runtime feeds it): a session whose file has others is refused at load,
+    /// as a package error, instead of failing on its first run.
+    pub declared_io: Option<Arc<DeclaredIo>>,
+}
+
+/// A graph's inputs and outputs as the package's manifest declares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredIo {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl DeclaredIo {
+    pub fn of(entry: &GraphEntry) -> Arc<DeclaredIo> {
+        Arc::new(DeclaredIo { inputs: entry.inputs.clone(), outputs: entry.outputs.clone() })
+    }
+
+    /// Whether `session` has exactly these inputs and outputs (names and element types; the
+    /// runtime binds them by name, so order does not matter); the error says what it has.
+    fn check(&self, session: &Session, graph: GraphKind, file: &Path) -> Result<()> {
+        let has = |outlets: &[ort::value::Outlet]| -> Vec<String> {
+            let mut specs: Vec<String> =
+                outlets.iter().map(|o| format!("{}:{}", o.name(), element_name(o.dtype().tensor_type()))).collect();
+            specs.sort();
+            specs
+        };
+        let declared = |specs: &[TensorSpec]| -> Vec<String> {
+            let mut specs: Vec<String> = specs.iter().map(|s| format!("{}:{}", s.name, s.dtype)).collect();
+            specs.sort();
+            specs
+        };
+        let (inputs, outputs) = (has(session.inputs()), has(session.outputs()));
+        let (want_inputs, want_outputs) = (declared(&self.inputs), declared(&self.outputs));
+        if inputs == want_inputs && outputs == want_outputs {
+            return Ok(());
+        }
+        let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Err(Error::package(
+            file,
+            format!(
+                "graph {graph}: {name} has inputs [{}] and outputs [{}], where the manifest declares inputs [{}] \
+                 and outputs [{}]: not this package's {graph} graph",
+                inputs.join(", "),
+                outputs.join(", "),
+                want_inputs.join(", "),
+                want_outputs.join(", ")
+            ),
+        ))
+    }
+}
+
+/// The manifest's name of an element type (numpy's), or what ONNX Runtime calls another.
+fn element_name(element: Option<TensorElementType>) -> String {
+    use TensorElementType as T;
+    let Some(element) = element else { return "not-a-tensor".into() };
+    match element {
+        T::Float32 => "float32",
+        T::Float16 => "float16",
+        T::Bfloat16 => "bfloat16",
+        T::Float64 => "float64",
+        T::Int64 => "int64",
+        T::Int32 => "int32",
+        T::Int16 => "int16",
+        T::Int8 => "int8",
+        T::Uint8 => "uint8",
+        T::Uint16 => "uint16",
+        T::Uint32 => "uint32",
+        T::Uint64 => "uint64",
+        T::Bool => "bool",
+        other => return format!("{other:?}").to_lowercase(),
+    }
+    .into()
 }
 
 /// Tensors handed to ONNX Runtime in place of the graph file's initializers of the same names.
@@ -174,8 +247,13 @@ pub(crate) fn build_session(
     };
     let commit_file = |mut b: SessionBuilder, file: &Path| -> Result<Session> {
         super::session_count::record(file);
-        b.commit_from_file(file)
-            .map_err(|e| Error::package(file, format!("ONNX Runtime could not load graph {graph}: {e}")).caused_by(e))
+        let session = b.commit_from_file(file).map_err(|e| {
+            Error::package(file, format!("ONNX Runtime could not load graph {graph}: {e}")).caused_by(e)
+        })?;
+        if let Some(declared) = &settings.declared_io {
+            declared.check(&session, graph, file)?;
+        }
+        Ok(session)
     };
     let commit = |b: SessionBuilder| commit_file(b, path);
     let on_cpu = |session| BuiltSession { session, device: Device::Cpu, fallback_reason: None, capture_refusal: None };
