@@ -20,8 +20,10 @@ from zimage_export.vae_attention import COM_MICROSOFT, fuse_file, fuse_model
 INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
 
 
-def exported_attention(channels=8, heads=1, dtype=np.float32, scaled=True, extra_softmax_use=False, seed=0):
-    """x [B, S, channels] -> attention -> to_out, as the exporter writes it. Returns (model, weights)."""
+def exported_attention(channels=8, heads=1, dtype=np.float32, scaled=True, extra_softmax_use=False, seed=0,
+                       input_name="x"):
+    """x [B, S, channels] -> attention -> to_out, as the exporter writes it. Returns (model, weights).
+    With another `input_name`, the input is a VAE's [B, channels, H, W], flattened to x first."""
     rng = np.random.default_rng(seed)
     d = channels // heads
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -34,7 +36,11 @@ def exported_attention(channels=8, heads=1, dtype=np.float32, scaled=True, extra
               "m1": np.array([-1], np.int64), "m2": np.array([-2], np.int64),
               "c": np.array([d ** -0.25], dtype)}
     n = helper.make_node
-    nodes = [n("Shape", ["x"], ["batch"], start=0, end=1)]
+    nodes = []
+    if input_name != "x":
+        consts["flat_shape"] = np.array([0, channels, -1], np.int64)
+        nodes += [n("Reshape", [input_name, "flat_shape"], ["x_flat"]), n("Transpose", ["x_flat"], ["x"], perm=[0, 2, 1])]
+    nodes.append(n("Shape", ["x"], ["batch"], start=0, end=1))
     for p in "qkv":
         nodes += [n("MatMul", ["x", f"w{p}"], [f"{p}0"]), n("Add", [f"{p}0", f"b{p}"], [f"{p}_lin"])]
     nodes.append(n("Concat", ["batch", "minus_one", "heads", "head_dim"], ["split"], axis=0))
@@ -70,7 +76,8 @@ def exported_attention(channels=8, heads=1, dtype=np.float32, scaled=True, extra
         nodes.append(n("Identity", ["p"], ["probabilities"]))
         outputs.append(helper.make_tensor_value_info("probabilities", elem, None))
     initializers = [numpy_helper.from_array(v, k) for k, v in {**weights, **biases, **consts}.items()]
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", elem, ["B", "S", channels])],
+    shape = ["B", "S", channels] if input_name == "x" else ["B", channels, "H", "W"]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info(input_name, elem, shape)],
                               outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10  # what ONNX Runtime 1.31 reads
@@ -179,3 +186,35 @@ def test_fuse_file_refuses_a_partial_rewrite(tmp_path):
         fuse_file(path, {"x": np.ones((1, 4, 8), np.float32)})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_decoder.onnx"]
+
+
+def test_fuse_package_replaces_nothing_unless_every_graph_passes(tmp_path):
+    """The decoder's attention is rewritable, the encoder's graph is not: the package is left
+    exactly as it was (no graph replaced, manifest unchanged, no staging file)."""
+    import json
+
+    from zimage_export.vae_attention import fuse_package
+
+    decoder, _ = exported_attention(channels=8, input_name="latents")
+    encoder, _ = exported_attention(channels=3, input_name="image")
+    encoder.graph.node.append(helper.make_node("Softmax", ["y"], ["y_softmax"], axis=-1))
+    encoder.graph.output.append(helper.make_tensor_value_info("y_softmax", TensorProto.FLOAT, None))
+    onnx.save(decoder, str(tmp_path / "vae_decoder.onnx"))
+    onnx.save(encoder, str(tmp_path / "vae_encoder.onnx"))
+    manifest = {"vae": {"scale_factor": 1, "latent_channels": 8},
+                "graphs": {"vae_decoder": {"path": "vae_decoder.onnx"}, "vae_encoder": {"path": "vae_encoder.onnx"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError, match="vae_encoder.onnx: 1 of its 2 Softmax nodes"):
+        fuse_package(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    # Without the odd encoder, the decoder is rewritten and its manifest entry follows.
+    onnx.save(exported_attention(channels=3, input_name="image")[0], str(tmp_path / "vae_encoder.onnx"))
+    written = fuse_package(tmp_path)
+    for name in ("vae_decoder", "vae_encoder"):
+        path = tmp_path / f"{name}.onnx"
+        assert len(attention_nodes(onnx.load(str(path)))) == 1
+        assert written["graphs"][name]["bytes"] == path.stat().st_size
+    assert json.loads((tmp_path / "manifest.json").read_text()) == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "vae_decoder.onnx", "vae_encoder.onnx"]

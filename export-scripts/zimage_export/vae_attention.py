@@ -231,11 +231,12 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def fuse_file(path: Path, inputs: dict) -> int:
-    """Rewrites the graph file `path` in place (its external data file, if any, is kept as it
-    is: the weights do not move). `inputs` (name -> array) is the probe the rewritten graph must
-    agree with the original on. Returns how many attentions were rewritten; the file is left
-    untouched when none was, or when the check fails (RuntimeError)."""
+def stage_fused(path: Path, inputs: dict) -> tuple[Path | None, int]:
+    """Writes the rewrite of graph file `path` beside it (a hidden temporary file; the external
+    data file, if any, is shared as it is: the weights do not move) and checks it against the
+    original on `inputs` (name -> array). Returns (the staged file, how many attentions were
+    rewritten), or (None, 0) when there is none to rewrite. Raises RuntimeError, leaving nothing
+    behind, when the check fails or a Softmax is not an attention it knows."""
     import numpy as np
     import onnx
 
@@ -244,7 +245,7 @@ def fuse_file(path: Path, inputs: dict) -> int:
     softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
     fused = fuse_model(model)
     if fused == 0:
-        return 0
+        return None, 0
     if fused != softmaxes:
         raise RuntimeError(f"{path.name}: {softmaxes - fused} of its {softmaxes} Softmax nodes are not an "
                            "attention this rewrite knows; nothing was changed")
@@ -263,9 +264,19 @@ def fuse_file(path: Path, inputs: dict) -> int:
                 raise RuntimeError(f"{path.name}: the rewritten attention's outputs differ from the graph's "
                                    f"(max {np.abs(w - o).max() / scale if w.shape == o.shape else 'shape'} of the "
                                    "output's largest value); nothing was changed")
-        os.replace(staged, path)
-    finally:
+    except BaseException:
         staged.unlink(missing_ok=True)
+        raise
+    return staged, fused
+
+
+def fuse_file(path: Path, inputs: dict) -> int:
+    """Rewrites the graph file `path` in place (`stage_fused`, then the staged file replaces it).
+    Returns how many attentions were rewritten; the file is left untouched when none was, or
+    when the check fails (RuntimeError)."""
+    staged, fused = stage_fused(path, inputs)
+    if staged is not None:
+        os.replace(staged, path)
     return fused
 
 
@@ -291,7 +302,7 @@ def fuse_package(package: Path) -> dict:
 
     package = Path(package)
     manifest = json.loads((package / "manifest.json").read_text())
-    relayout = []
+    relayout, staged = [], []
     for name in VAE_GRAPHS:
         entry = manifest["graphs"].get(name)
         if entry is None:
@@ -304,12 +315,22 @@ def fuse_package(package: Path) -> dict:
                     record.update(file_entry(package / record["path"]))
             print(f"{name}: a link to {os.readlink(package / entry['path'])}; manifest entry refreshed", flush=True)
             continue
-        fused = fuse_file(package / entry["path"], probe_input(manifest, name))
+        try:
+            file, fused = stage_fused(package / entry["path"], probe_input(manifest, name))
+        except BaseException:
+            for file, _ in staged:
+                file.unlink(missing_ok=True)
+            raise
         print(f"{name}: {fused} attention(s) rewritten as MultiHeadAttention", flush=True)
-        if fused:
-            entry.update(file_entry(package / entry["path"]))
-            if entry.get("cpu_layout"):
-                relayout.append(name)
+        if file is not None:
+            staged.append((file, name))
+    # Every graph checked: only now is anything replaced, then the manifest follows.
+    for file, name in staged:
+        entry = manifest["graphs"][name]
+        os.replace(file, package / entry["path"])
+        entry.update(file_entry(package / entry["path"]))
+        if entry.get("cpu_layout"):
+            relayout.append(name)
     write_manifest(package, manifest)
     if relayout:
         manifest = add_layouts(package, tuple(relayout))
