@@ -134,7 +134,7 @@ impl EditInfo {
                 r.min_side
             ));
         }
-        if size_multiple == 0 || r.multiple as usize % size_multiple != 0 {
+        if size_multiple == 0 || !(r.multiple as usize).is_multiple_of(size_multiple) {
             return Err(format!(
                 "edit.reference.multiple {} must be a multiple of {size_multiple} (vae.scale_factor x \
                  transformer.patch_size): references are cropped to it and encoded as image latents",
