@@ -62,7 +62,7 @@ def nchwc_block() -> int | None:
     return int(y.shape[1])
 
 
-def _session(path: Path, save_to: Path | None = None, external_data: str | None = None):
+def cpu_session(path: Path, save_to: Path | None = None, external_data: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -76,16 +76,17 @@ def _session(path: Path, save_to: Path | None = None, external_data: str | None 
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _probe_input(manifest: dict, name: str):
-    """A small random input of graph `name` (8x8 latents or the picture they decode to)."""
+def probe_input(manifest: dict, name: str, rows: int = 8, cols: int = 8) -> dict:
+    """A small random input of VAE graph `name` (input name -> array): rows x cols latents, or
+    the picture they decode to."""
     import numpy as np
 
     vae = manifest["vae"]
     rng = np.random.default_rng(0)
     if name == "vae_encoder":
-        side = 8 * vae["scale_factor"]
-        return "image", rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
-    return "latents", rng.standard_normal((1, vae["latent_channels"], 8, 8)).astype(np.float32)
+        f = vae["scale_factor"]
+        return {"image": rng.uniform(-1, 1, (1, 3, rows * f, cols * f)).astype(np.float32)}
+    return {"latents": rng.standard_normal((1, vae["latent_channels"], rows, cols)).astype(np.float32)}
 
 
 def prebuild(package: Path, manifest: dict, name: str, block: int) -> dict | None:
@@ -104,15 +105,15 @@ def prebuild(package: Path, manifest: dict, name: str, block: int) -> dict | Non
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _session(source, staging / stem, data)
+        cpu_session(source, staging / stem, data)
         model = onnx.load(str(staging / stem), load_external_data=False)
         if not any(n.domain == "com.microsoft.nchwc" for n in model.graph.node):
             return None
         name_nodes_by_position(model)
         onnx.save(model, str(staging / stem))
-        input_name, x = _probe_input(manifest, name)
-        want = _session(source).run(None, {input_name: x})
-        got = _session(staging / stem).run(None, {input_name: x})
+        inputs = probe_input(manifest, name)
+        want = cpu_session(source).run(None, inputs)
+        got = cpu_session(staging / stem).run(None, inputs)
         for w, g in zip(want, got):
             if w.shape != g.shape or not np.array_equal(w, g):
                 raise RuntimeError(f"{name}: the NCHWc layout's outputs differ from the graph's "

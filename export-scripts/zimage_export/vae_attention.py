@@ -35,6 +35,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .cpu_layout import add_layouts, cpu_session, probe_input
 from .manifest import file_entry, write_manifest
 
 COM_MICROSOFT = "com.microsoft"
@@ -223,14 +224,6 @@ def _live_nodes(nodes, outputs):
     return list(reversed(live))
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def stage_fused(path: Path, inputs: dict) -> tuple[Path | None, int]:
     """Writes the rewrite of graph file `path` beside it (a hidden temporary file; the external
     data file, if any, is shared as it is: the weights do not move) and checks it against the
@@ -256,8 +249,8 @@ def stage_fused(path: Path, inputs: dict) -> tuple[Path | None, int]:
         onnx.save(model, str(staged))
         shutil.copymode(path, staged)  # NamedTemporaryFile makes it private
         onnx.checker.check_model(str(staged))
-        want = _session(path).run(None, inputs)
-        got = _session(staged).run(None, inputs)
+        want = cpu_session(path).run(None, inputs)
+        got = cpu_session(staged).run(None, inputs)
         for w, o in zip(want, got):
             scale = max(float(np.abs(w).max()), 1e-30)
             if w.shape != o.shape or not np.isfinite(o).all() or np.abs(w - o).max() > RTOL * scale:
@@ -280,26 +273,11 @@ def fuse_file(path: Path, inputs: dict) -> int:
     return fused
 
 
-def probe_input(manifest: dict, name: str) -> dict:
-    """A small random input of VAE graph `name`: 6x10 latents, or the picture they decode to.
-    Not square, so that rows and columns cannot be confused."""
-    import numpy as np
-
-    vae = manifest["vae"]
-    rng = np.random.default_rng(0)
-    if name == "vae_encoder":
-        f = vae["scale_factor"]
-        return {"image": rng.uniform(-1, 1, (1, 3, 6 * f, 10 * f)).astype(np.float32)}
-    return {"latents": rng.standard_normal((1, vae["latent_channels"], 6, 10)).astype(np.float32)}
-
-
 def fuse_package(package: Path) -> dict:
     """Rewrites the VAE graphs of an existing package, updates their manifest entries and
     rebuilds the prebuilt CPU layouts of the graphs that had one (they are made from the
     rewritten graphs); manifest.json is rewritten last. Graphs that are links into another
     package are left to that package's rewrite (run it first). Returns the manifest."""
-    from .cpu_layout import add_layouts
-
     package = Path(package)
     manifest = json.loads((package / "manifest.json").read_text())
     relayout, staged = [], []
@@ -316,7 +294,8 @@ def fuse_package(package: Path) -> dict:
             print(f"{name}: a link to {os.readlink(package / entry['path'])}; manifest entry refreshed", flush=True)
             continue
         try:
-            file, fused = stage_fused(package / entry["path"], probe_input(manifest, name))
+            # Not square, so that rows and columns cannot be confused.
+            file, fused = stage_fused(package / entry["path"], probe_input(manifest, name, rows=6, cols=10))
         except BaseException:
             for file, _ in staged:
                 file.unlink(missing_ok=True)

@@ -216,7 +216,7 @@ fn check_specs(
         return Ok(());
     }
     let want: Vec<String> = expected.iter().map(|(n, t)| format!("{n}:{t}")).collect();
-    let got: Vec<String> = actual.iter().map(|s| format!("{}:{}", s.name, s.dtype)).collect();
+    let got: Vec<String> = actual.iter().map(TensorSpec::to_string).collect();
     Err(format!("graph {kind} has {what}s [{}], this runtime needs [{}]", got.join(", "), want.join(", ")))
 }
 
@@ -225,6 +225,13 @@ fn check_specs(
 pub struct TensorSpec {
     pub name: String,
     pub dtype: String,
+}
+
+/// `name:dtype`, as error messages list them.
+impl std::fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name, self.dtype)
+    }
 }
 
 /// The `graphs` section of a model package manifest.

@@ -89,7 +89,7 @@ impl DeclaredIo {
             specs
         };
         let declared = |specs: &[TensorSpec]| -> Vec<String> {
-            let mut specs: Vec<String> = specs.iter().map(|s| format!("{}:{}", s.name, s.dtype)).collect();
+            let mut specs: Vec<String> = specs.iter().map(TensorSpec::to_string).collect();
             specs.sort();
             specs
         };
