@@ -200,6 +200,29 @@ fn a_graph_file_with_other_inputs_than_declared_is_a_package_error_at_load() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A `tokenizer.json` whose normalizer multiplies the text (nine `Replace`s of "a" by ten
+/// "a"s: one letter would become 10^9), its checksum re-recorded: the crate's allocation of
+/// that aborted the process at the first prompt. Refused at load as a package error instead.
+#[test]
+fn a_tokenizer_that_multiplies_text_is_a_package_error_at_load() {
+    let mut tokenizer = json(&repo().join("models/tiny-zimage/tokenizer.json"));
+    let replace = serde_json::json!({"type": "Replace", "pattern": {"String": "a"}, "content": "aaaaaaaaaa"});
+    tokenizer["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": vec![replace; 9]});
+    let bytes = serde_json::to_vec(&tokenizer).unwrap();
+    let (sha, len) = (zimage::package::files::sha256_hex(&bytes), bytes.len());
+    let dir = tiny_package_with_manifest("multiplying tokenizer", |m| {
+        m["tokenizer"]["path"] = "tokenizer-multiplying.json".into();
+        m["tokenizer"]["bytes"] = len.into();
+        m["tokenizer"]["sha256"] = sha.clone().into();
+    });
+    std::fs::write(dir.join("tokenizer-multiplying.json"), &bytes).unwrap();
+    let err = Pipeline::load(&dir, &LoadOptions::default()).err().expect("the multiplying tokenizer loads");
+    assert_eq!(err.kind(), ErrorKind::Package, "{err}");
+    let says = "its normalizer and pre-tokenizer can lengthen a text up to 2.000e9 times (the limit is 64)";
+    assert!(err.to_string().contains(says), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A temporary package: links to tiny-zimage's files and its manifest changed by `edit`.
 fn tiny_package_with_manifest(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
     let source = repo().join("models/tiny-zimage");

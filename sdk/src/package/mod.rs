@@ -12,7 +12,8 @@
 //! - [`enhancer`]: the prompt enhancer's section and the standalone enhancer package;
 //! - [`edit`]: the editing (Omni) section;
 //! - [`controlnet`]: the ControlNet add-ons' section;
-//! - [`tokenizer_file`]: `tokenizer.json` read into a tokenizer (fast for BPE files).
+//! - [`tokenizer_file`]: `tokenizer.json` read into a tokenizer (fast for BPE files);
+//! - [`tokenizer_limits`]: how much its text stages may lengthen a text, checked at load.
 
 pub mod controlnet;
 pub mod edit;
@@ -26,6 +27,7 @@ pub mod precision;
 pub mod quantization;
 pub mod scheduler_config;
 pub(crate) mod tokenizer_file;
+pub(crate) mod tokenizer_limits;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

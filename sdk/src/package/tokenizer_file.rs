@@ -9,7 +9,7 @@
 //! deserializers, then assembles the tokenizer as the crate's deserializer does (the builder,
 //! then the added tokens in file order). Any other file (another model type, merges in the
 //! legacy `"a b"` form, another format version) goes through `Tokenizer::from_bytes`, which also
-//! words the error for a broken one.
+//! words the error for a broken one. Either way the result must pass [`tokenizer_limits`].
 
 use std::path::Path;
 
@@ -20,6 +20,8 @@ use tokenizers::{
     PreTokenizerWrapper, Tokenizer, TokenizerBuilder, TruncationParams,
 };
 
+use super::tokenizer_limits;
+
 /// Reads a package's `tokenizer.json`; a file that cannot be read or parsed is a package error.
 pub(crate) fn read(path: &Path) -> crate::error::Result<Tokenizer> {
     load(path).map_err(|e| crate::error::Error::package(path, format!("tokenizer.json cannot be loaded: {e}")))
@@ -28,10 +30,22 @@ pub(crate) fn read(path: &Path) -> crate::error::Result<Tokenizer> {
 /// Reads `path` as a tokenizer; the error is the `tokenizers` crate's wording.
 pub(crate) fn load(path: &Path) -> Result<Tokenizer, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    match from_bpe_file(&bytes) {
+    // The crate panics on some malformed parts (a `Precompiled` normalizer whose character map
+    // does not parse): that is a broken file here, not the end of the process.
+    let parsed = std::panic::catch_unwind(|| match from_bpe_file(&bytes) {
         Some(tokenizer) => Ok(tokenizer),
         None => Tokenizer::from_bytes(&bytes).map_err(|e| e.to_string()),
-    }
+    });
+    let tokenizer = parsed.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(format!("the tokenizers crate failed on it ({message})"))
+    })?;
+    tokenizer_limits::check(&tokenizer)?;
+    tokenizer_limits::without_padding_or_truncation(tokenizer)
 }
 
 /// The fast path: `None` when the file is not a version-1.0 BPE tokenizer with merges as
@@ -222,5 +236,21 @@ mod tests {
         assert!(truncated.contains("EOF"), "{truncated}");
         assert!(no_vocab.contains("vocab"), "{no_vocab}");
         assert!(missing.contains("No such file"), "{missing}");
+    }
+
+    /// The crate panics on a `Precompiled` normalizer whose character map does not parse; that
+    /// is an error for this file, and the next load works.
+    #[test]
+    fn a_part_the_crate_panics_on_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("zimage-tokenizer-panic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        let mut file: serde_json::Value = serde_json::from_slice(&committed_tokenizer()).unwrap();
+        file["normalizer"] = serde_json::json!({"type": "Precompiled", "precompiled_charsmap": ""});
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let err = load(&path).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(err, "the tokenizers crate failed on it (Precompiled: Error(\"Cannot parse precompiled_charsmap\", line: 0, column: 0))");
+        assert_eq!(ids(&from_bpe_file(&committed_tokenizer()).unwrap(), "hello world"), vec![14_990, 1_879]);
     }
 }
