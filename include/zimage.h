@@ -345,7 +345,7 @@ typedef struct zimage_edit_params {
    */
   size_t struct_size;
   /**
-   * The instruction, UTF-8 (may be empty, not NULL).
+   * The instruction, UTF-8 (may be empty, not NULL; at most 1 MiB).
    */
   const char *prompt;
   /**
@@ -649,7 +649,8 @@ typedef struct zimage_generate_params {
    */
   size_t struct_size;
   /**
-   * The prompt, UTF-8. Exactly one of `prompt` and `prompt_embedding` must be set.
+   * The prompt, UTF-8. Exactly one of `prompt` and `prompt_embedding` must be set. Text
+   * prompts (negative ones too) are at most 1 MiB (`ZIMAGE_RESULT_INVALID_REQUEST` past it).
    */
   const char *prompt;
   /**
@@ -861,9 +862,9 @@ zimage_result zimage_enhancer_attach(const struct zimage_pipeline *pipeline,
 void zimage_enhancer_free(struct zimage_enhancer *enhancer);
 
 /**
- * Rewrites `prompt` (UTF-8, not blank) into a detailed visual description. `params` may be
- * NULL for the defaults. `callback` (NULL for none) sees each token as it is generated, with
- * `user_data` passed back unchanged.
+ * Rewrites `prompt` (UTF-8, not blank; with the system prompt at most 1 MiB) into a detailed
+ * visual description. `params` may be NULL for the defaults. `callback` (NULL for none) sees
+ * each token as it is generated, with `user_data` passed back unchanged.
  *
  * On success `*out_text` receives the rewritten prompt (UTF-8, trimmed, without any think
  * block; empty when the model spent every token thinking), to free with `zimage_string_free()`,
@@ -1015,8 +1016,8 @@ zimage_result zimage_pipeline_set_controlnet(const struct zimage_pipeline *pipel
                                              const char *name);
 
 /**
- * Encodes `prompt` (UTF-8) once, for use as `prompt_embedding` or `negative_prompt_embedding`
- * in any number of generations. `max_sequence_length`: tokens kept, chat template included;
+ * Encodes `prompt` (UTF-8, at most 1 MiB) once, for use as `prompt_embedding` or
+ * `negative_prompt_embedding` in any number of generations. `max_sequence_length`: tokens kept, chat template included;
  * 0 = the package's default. On success `*out_embedding` receives an embedding to free with
  * `zimage_prompt_embedding_free()`.
  */

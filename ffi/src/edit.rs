@@ -28,7 +28,7 @@ pub const ZIMAGE_EDIT_PACKAGE_DEFAULT: f32 = -1.0;
 pub struct zimage_edit_params {
     /// `sizeof(zimage_edit_params)`, set by `zimage_edit_params_init()`.
     pub struct_size: usize,
-    /// The instruction, UTF-8 (may be empty, not NULL).
+    /// The instruction, UTF-8 (may be empty, not NULL; at most 1 MiB).
     pub prompt: *const c_char,
     /// Used only with guidance; NULL means the empty prompt.
     pub negative_prompt: *const c_char,

@@ -215,9 +215,9 @@ pub unsafe extern "C" fn zimage_enhancer_free(enhancer: *mut zimage_enhancer) {
     })
 }
 
-/// Rewrites `prompt` (UTF-8, not blank) into a detailed visual description. `params` may be
-/// NULL for the defaults. `callback` (NULL for none) sees each token as it is generated, with
-/// `user_data` passed back unchanged.
+/// Rewrites `prompt` (UTF-8, not blank; with the system prompt at most 1 MiB) into a detailed
+/// visual description. `params` may be NULL for the defaults. `callback` (NULL for none) sees
+/// each token as it is generated, with `user_data` passed back unchanged.
 ///
 /// On success `*out_text` receives the rewritten prompt (UTF-8, trimmed, without any think
 /// block; empty when the model spent every token thinking), to free with `zimage_string_free()`,

@@ -35,7 +35,8 @@ pub type zimage_progress_callback =
 pub struct zimage_generate_params {
     /// `sizeof(zimage_generate_params)`, set by `zimage_generate_params_init()`.
     pub struct_size: usize,
-    /// The prompt, UTF-8. Exactly one of `prompt` and `prompt_embedding` must be set.
+    /// The prompt, UTF-8. Exactly one of `prompt` and `prompt_embedding` must be set. Text
+    /// prompts (negative ones too) are at most 1 MiB (`ZIMAGE_RESULT_INVALID_REQUEST` past it).
     pub prompt: *const c_char,
     /// A prompt encoded once with `zimage_encode_prompt()`, instead of `prompt`.
     pub prompt_embedding: *const zimage_prompt_embedding,

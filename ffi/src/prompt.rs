@@ -16,8 +16,8 @@ pub struct zimage_prompt_embedding {
     pub(crate) embedding: sdk::PromptEmbedding,
 }
 
-/// Encodes `prompt` (UTF-8) once, for use as `prompt_embedding` or `negative_prompt_embedding`
-/// in any number of generations. `max_sequence_length`: tokens kept, chat template included;
+/// Encodes `prompt` (UTF-8, at most 1 MiB) once, for use as `prompt_embedding` or
+/// `negative_prompt_embedding` in any number of generations. `max_sequence_length`: tokens kept, chat template included;
 /// 0 = the package's default. On success `*out_embedding` receives an embedding to free with
 /// `zimage_prompt_embedding_free()`.
 #[no_mangle]

@@ -53,6 +53,14 @@ fn invalid_requests_are_refused_with_their_kind() {
                 r.max_sequence_length = Some(5000);
             }),
         ),
+        ("prompt over 1 MiB", Box::new(|r| r.prompt = Prompt::Text("a".repeat(zimage::MAX_PROMPT_BYTES + 1)))),
+        (
+            "negative prompt over 1 MiB",
+            Box::new(|r| {
+                r.guidance_scale = 2.0;
+                r.negative_prompt = Some(Prompt::Text("a".repeat(zimage::MAX_PROMPT_BYTES + 1)));
+            }),
+        ),
         ("latents of the wrong shape", Box::new(|r| r.latents = Some(ndarray::Array4::zeros((1, 16, 4, 4))))),
         ("non-finite latents", Box::new(|r| r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), f32::NAN)))),
     ];
@@ -61,6 +69,28 @@ fn invalid_requests_are_refused_with_their_kind() {
         edit(&mut r);
         assert_eq!(kind_of(p.generate(&r, None)), ErrorKind::InvalidRequest, "{name}");
     }
+}
+
+/// Text past `MAX_PROMPT_BYTES` is refused before it is tokenized (8 MiB took 4-5 s and up to
+/// 1 GB to tokenize); a prompt of exactly the limit is tokenized and cut as diffusers cuts it.
+#[test]
+fn prompts_over_the_byte_limit_are_refused_before_tokenizing() {
+    let p = pipeline("tiny-zimage");
+    let at_limit = "ab".repeat(zimage::MAX_PROMPT_BYTES / 2);
+    let tokens = p.tokenize(&at_limit, None).expect("a prompt of exactly the limit");
+    assert_eq!(tokens.ids.len(), 512);
+    assert!(tokens.full_length > 512, "{}", tokens.full_length);
+    let over = format!("{at_limit}!");
+    let err = p.tokenize(&over, None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+    assert!(
+        err.to_string().contains(
+            "the prompt is 1048577 bytes, more than the limit of 1048576 (1 MiB; the text encoder reads only its first \
+             max_sequence_length tokens)"
+        ),
+        "{err}"
+    );
+    assert_eq!(p.encode_prompt(&over, None).unwrap_err().kind(), ErrorKind::InvalidRequest);
 }
 
 #[test]

@@ -166,6 +166,20 @@ fn thinking_switch_changes_only_the_generation_prompt() {
     );
 }
 
+/// The enhancer's input, system prompt included, is refused past `MAX_PROMPT_BYTES` before it
+/// is tokenized; so is a long system prompt with a short prompt.
+#[test]
+fn enhancer_inputs_over_the_byte_limit_are_refused() {
+    let e = enhancer();
+    let err = e.prompt_ids(&"a".repeat(zimage::MAX_PROMPT_BYTES), &EnhanceOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+    assert!(err.to_string().contains("the enhancer's input (system prompt and prompt) is "), "{err}");
+    let mut long_system = EnhanceOptions::default();
+    long_system.system_prompt = Some("b".repeat(zimage::MAX_PROMPT_BYTES));
+    assert_eq!(e.enhance("a fox", &long_system, None).unwrap_err().kind(), ErrorKind::InvalidRequest);
+    assert!(e.prompt_ids("a fox", &EnhanceOptions::default()).is_ok());
+}
+
 #[test]
 fn streaming_callback_sees_every_token_and_can_stop() {
     let c = case("quoted");

@@ -9,6 +9,7 @@ use ort::value::TensorRef;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::limits::check_prompt_bytes;
 use crate::package::TextEncoderInfo;
 use crate::runtime::graph::Graph;
 use crate::runtime::run_context::RunContext;
@@ -65,6 +66,7 @@ impl TextEncoder {
     /// Applies the chat template, tokenizes, and keeps the first `max_sequence_length` ids
     /// (template tokens included), as diffusers does.
     pub fn tokenize(&self, prompt: &str, max_sequence_length: usize) -> Result<TokenizedPrompt> {
+        check_prompt_bytes("the prompt", prompt).map_err(Error::invalid)?;
         let (before, after) = self.info.prompt_template.split_once("{prompt}").expect("checked at load");
         let text = format!("{before}{prompt}{after}");
         let encoding = self
@@ -79,6 +81,7 @@ impl TextEncoder {
     /// Tokenizes `text` as it is (no chat template: the editing pipeline's prompt segments
     /// carry their own markup) and keeps the first `max_sequence_length` ids.
     pub fn tokenize_text(&self, text: &str, max_sequence_length: usize) -> Result<TokenizedPrompt> {
+        check_prompt_bytes("the prompt", text).map_err(Error::invalid)?;
         let encoding = self
             .tokenizer
             .encode(text, true)
