@@ -13,7 +13,9 @@ docs/quantization.md). Last, the VAE graphs get their prebuilt CPU layouts
 (`<graph>.nchwc<B>.onnx`, zimage_export/cpu_layout.py; `--no-cpu-layouts` leaves them out).
 `--prepacked-transformer` adds the float transformer's prepacked CPU layout
 (zimage_export/prepacked.py: faster loads on CPUs that pack weights the same way, at about the
-transformer's bytes again on disk).
+transformer's bytes again on disk). `--chunked-attention N` (opt-in, measured on the CPU only)
+computes the transformer's attention in N query chunks (zimage_export/transformer_attention.py:
+1/N of the score matrices alive at once; docs/loading.md).
 """
 
 import argparse
@@ -93,8 +95,14 @@ def main(argv=None) -> None:
                              "graph with its GEMM weights as this CPU's kernels pack them, so that a load maps them "
                              "instead of packing; used only where a probe shows the same packing; about the "
                              "transformer's bytes again on disk)")
+    parser.add_argument("--chunked-attention", type=int, default=0, metavar="N",
+                        help="compute the transformer's attention in N query chunks (zimage_export/"
+                             "transformer_attention.py: the CPU kernel holds 1/N of the scores at once; opt-in, the "
+                             "GPU side is not measured; 0, the default: one node)")
     add_quantize_arguments(parser, required=False)
     args = parser.parse_args(argv)
+    if args.chunked_attention == 1 or args.chunked_attention < 0:
+        parser.error("--chunked-attention: 0 (off) or at least 2 chunks")
     if args.prepacked_transformer and args.weights:
         parser.error("--prepacked-transformer is for float transformers (a quantized one packs a quarter of the "
                      "bytes, and its kernels are not probed)")
@@ -155,6 +163,10 @@ def main(argv=None) -> None:
         for graph, rep in manifest["quantization"]["graphs"].items():
             print(f"{args.weights} {graph}: {rep['quantized']} weights quantized, kept: {', '.join(rep['kept']) or 'none'}")
         print(f"quantized in {time.time() - start:.1f} s", flush=True)
+    if args.chunked_attention:
+        from zimage_export.transformer_attention import chunk_package
+
+        chunk_package(out, args.chunked_attention)
     if args.int8_vae:
         from zimage_export.vae_int8 import add_int8_decoder_and_report
 
