@@ -82,6 +82,15 @@ if [ "$packages" = 1 ]; then
   rm -rf .gpu/cache/skel/rw-int4
   # Its block scales are just under 1 MiB each: drawn there too, from 64 KiB up.
   "$python" scripts/gpu/weights_skeleton.py strip .gpu/cache/rw-int4 .gpu/cache/skel/rw-int4 65536
+  stage "real-width 2+2+2 fp16 with the transformer's attention in 16 query chunks (opt-in), as a skeleton"
+  # Whether the chunked attention (zimage_export/transformer_attention.py, CPU-measured only) may
+  # become the default: its speed and peak on the card against rw-fp16's, same weights.
+  if [ ! -f .gpu/cache/rw-fp16-chunked/manifest.json ]; then
+    rm -rf .gpu/cache/rw-fp16-chunked && cp -al .gpu/cache/rw-fp16 .gpu/cache/rw-fp16-chunked
+    PYTHONPATH=export-scripts "$python" -m zimage_export.transformer_attention --package .gpu/cache/rw-fp16-chunked
+  fi
+  rm -rf .gpu/cache/skel/rw-fp16-chunked
+  "$python" scripts/gpu/weights_skeleton.py strip .gpu/cache/rw-fp16-chunked .gpu/cache/skel/rw-fp16-chunked
   stage "real-size 2+2+30 fp16 package: the real-width one deepened (scripts/gpu/deepen.py), as a skeleton"
   "$python" scripts/gpu/deepen.py .gpu/cache/rw-fp16 .gpu/cache/rs-fp16 --layers 30
   rm -rf .gpu/cache/skel/rs-fp16

@@ -14,7 +14,8 @@
 #   2. zimage bench at 1024x1024, 8 steps: the real-size 2+2+30 fp16 package (deepened from the
 #      real-width one, scripts/gpu/deepen.py), resident and sequential; real-width 2+2+2 fp16: device loop with CUDA graphs
 #      (default), without (--cuda-graphs off), the host loop (--host-loop), the sequential mode;
-#      fp32 with TF32 like PyTorch; real-width 2+2+2 int4 (quantize_package.py), resident and
+#      fp32 with TF32 like PyTorch; the fp16 one with its attention in 16 query chunks
+#      (transformer_attention.py, resident and sequential); real-width 2+2+2 int4 (quantize_package.py), resident and
 #      sequential, for issue 17's 8 GB budget (peak device memory);
 #   3. diffusers ZImagePipeline (PyTorch SDPA) bf16 and fp16, real-width and real-size (30 blocks,
 #      6.15 B parameters, random weights drawn on the card), with the card's measured matmul rate;
@@ -97,7 +98,7 @@ if [ -f "$pkg/skeleton.json" ]; then
 else
   notes+=("no real-size package carried")
 fi
-for precision in fp16 fp32 int4; do
+for precision in fp16 fp16-chunked fp32 int4; do
   pkg=$PKGS/rw-$precision
   [ -f "$pkg/skeleton.json" ] || { notes+=("no real-width $precision package carried"); continue; }
   stage "real-width 2+2+2 $precision: weights drawn, zimage bench"
@@ -107,6 +108,10 @@ for precision in fp16 fp32 int4; do
     bench rw-fp16-nographs "$pkg" --cuda-graphs off
     bench rw-fp16-hostloop "$pkg" --host-loop --cuda-graphs off
     bench rw-fp16-sequential "$pkg" --sequential
+  elif [ $precision = fp16-chunked ]; then
+    # The transformer's attention in 16 query chunks (opt-in on the CPU): against rw-fp16.
+    bench rw-fp16-chunked "$pkg"
+    BENCH_RUNS=1 bench rw-fp16-chunked-sequential "$pkg" --sequential
   elif [ $precision = int4 ]; then
     # Issue 17's 8 GB budget: the int4 package's peak, resident and in the sequential mode.
     BENCH_RUNS=1 bench rw-int4 "$pkg"
