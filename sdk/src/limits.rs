@@ -25,9 +25,9 @@ pub const MAX_CFG_NORMALIZATION: f32 = 100.0;
 /// Longest text given to the tokenizer, in UTF-8 bytes: a prompt or negative prompt, an edit
 /// prompt, the prompt enhancer's input with its system prompt. The text encoder reads only the
 /// first `max_sequence_length` tokens (512 by default, at most the package's caption limit:
-/// a few kilobytes of text), but the whole text is tokenized first, at about 0.5 s and 160 MB
-/// per MiB on one core (8 MiB took 4-5 s and 0.7-1 GB), so megabytes of text from a server
-/// request or an application's buffer are refused instead. A longer text is refused, never
+/// a few kilobytes of text), but the whole text is tokenized first, at 0.3-0.5 s per MiB on one
+/// core (8 MiB took 4-5 s and 0.7-1 GB of memory), so megabytes of text from a server request
+/// or an application's buffer are refused instead. A longer text is refused, never
 /// cut: every accepted prompt gives the tokens diffusers gives.
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
