@@ -112,3 +112,12 @@ def test_the_tiny_package_is_rewritten_with_its_prepacked_layout(tmp_path):
     session = ort.InferenceSession(str(package / layout["path"]), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, f)[0], want, rtol=1e-5, atol=1e-6)
     assert not [p.name for p in package.iterdir() if p.name.startswith(".")], "no staging file left behind"
+
+
+def test_a_package_with_controlnets_is_refused_untouched(tmp_path):
+    package = tmp_path / "tiny-zimage-control"
+    shutil.copytree(REPO / "models/tiny-zimage-control", package, symlinks=False)
+    before = {p.name: p.read_bytes() for p in package.iterdir()}
+    with pytest.raises(ValueError, match="carries ControlNets \\(union-v1, union-v2.1\\)"):
+        chunk_package(package)
+    assert {p.name: p.read_bytes() for p in package.iterdir()} == before

@@ -160,11 +160,18 @@ def chunk_package(package: Path, chunks: int = DEFAULT_CHUNKS) -> dict:
     """Rewrites the transformer graphs of an existing package in place, updates their manifest
     entries and rebuilds a prepacked CPU layout made from the old graph; manifest.json is written
     last. Graphs that are links into another package are left to that package's rewrite (run it
-    first). Returns the manifest."""
+    first). A package with ControlNets is refused (ValueError), untouched. Returns the manifest."""
     from . import prepacked
 
     package = Path(package)
     manifest = json.loads((package / "manifest.json").read_text())
+    if manifest.get("controlnets"):
+        # A ControlNet graph reads the transformer's weights at fixed offsets of its files (of
+        # transformer.onnx itself when the weights are inline) and records the transformer's
+        # sha256; its own control blocks would keep one node. Not handled: refused whole.
+        raise ValueError(f"{package}: the package carries ControlNets ({', '.join(manifest['controlnets'])}), which "
+                         "read transformer.onnx at fixed offsets: rewrite the package without them, then add them "
+                         "again with export_controlnet.py")
     staged = []
     for name in TRANSFORMER_GRAPHS:
         entry = manifest["graphs"].get(name)
