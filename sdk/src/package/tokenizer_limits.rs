@@ -256,7 +256,7 @@ mod tests {
         tokenizer.with_pre_tokenizer(Some(serde_json::from_str::<PreTokenizerWrapper>(&byte_levels).unwrap()));
         assert!(check(&tokenizer).unwrap_err().contains("up to 1.100e12 times"));
         tokenizer.with_pre_tokenizer(None::<PreTokenizerWrapper>);
-        let decoders = format!(r#"{{"type":"Sequence","decoders":[{}]}}"#, vec![replace; 3].join(","));
+        let decoders = format!(r#"{{"type":"Sequence","decoders":[{}]}}"#, [replace; 3].join(","));
         tokenizer.with_decoder(Some(serde_json::from_str::<DecoderWrapper>(&decoders).unwrap()));
         assert_eq!(
             check(&tokenizer).unwrap_err(),
