@@ -166,6 +166,27 @@ fn thinking_switch_changes_only_the_generation_prompt() {
     );
 }
 
+/// A prompt fed in chunks through the KV cache (as `enhance` feeds prompts over `PREFILL_CHUNK`
+/// tokens) gives the logits of feeding it in one call, within float rounding; the chunk sizes
+/// cover one token, a size that does not divide the prompt, and more than the prompt.
+#[test]
+fn chunked_prefill_gives_the_one_call_logits() {
+    let e = enhancer();
+    let ids = e.prompt_ids(&"a red fox in the snow at dawn, ".repeat(4), &EnhanceOptions::default()).unwrap();
+    assert!(ids.len() > 40, "{}", ids.len());
+    let whole = e.logits_without_cache(&ids).unwrap();
+    let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for chunk in [1, 7, 16, ids.len() + 5] {
+        let chunked = e.logits_after_chunked_prefill(&ids, chunk).unwrap();
+        assert_eq!(chunked.len(), whole.len());
+        let worst = whole.iter().zip(&chunked).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-4 * scale, "chunk {chunk}: {worst} against {scale}");
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(argmax(&chunked), argmax(&whole), "chunk {chunk}");
+    }
+    assert_eq!(zimage::PREFILL_CHUNK, 512);
+}
+
 /// The enhancer's input, system prompt included, is refused past `MAX_PROMPT_BYTES` before it
 /// is tokenized; so is a long system prompt with a short prompt.
 #[test]

@@ -93,6 +93,18 @@ impl Decoder {
         Ok(KvCache { values, len: 0 })
     }
 
+    /// Feeds `ids` after what `cache` holds in calls of at most `chunk` tokens, and returns the
+    /// logits for the token after the last of them. The decoder's attention holds a
+    /// `heads x new x total` score matrix per call: in one call a prompt of S tokens needs
+    /// S x S per head (Qwen3-4B, 32 heads: 12.8 GB at 10,000 tokens), in chunks `chunk` x S.
+    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache, context: &RunContext, chunk: usize) -> Result<Vec<f32>> {
+        let mut logits = Err(Error::invalid("nothing to feed the decoder"));
+        for part in ids.chunks(chunk.max(1)) {
+            logits = Ok(self.step(part, cache, context)?);
+        }
+        logits
+    }
+
     /// Feeds `ids` after what `cache` holds, grows the cache, and returns the logits for the
     /// token after the last of `ids`.
     pub fn step(&self, ids: &[u32], cache: &mut KvCache, context: &RunContext) -> Result<Vec<f32>> {

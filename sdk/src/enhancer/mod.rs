@@ -49,6 +49,11 @@ pub use options::{
 use sampling::{Sampling, TokenPicker};
 use text::{split_thinking, TextStream};
 
+/// Most prompt tokens fed to the decoder in one call. Prompts are usually a few hundred tokens
+/// (one call, as before); a long one is fed in chunks, so that the decoder's attention holds
+/// `heads x 512 x S` scores instead of `heads x S x S` (the same logits up to float rounding).
+pub const PREFILL_CHUNK: usize = 512;
+
 /// A loaded enhancer. `Send + Sync`; concurrent calls take turns per decoder call.
 pub struct PromptEnhancer {
     tokenizer: Arc<Tokenizer>,
@@ -228,7 +233,7 @@ impl PromptEnhancer {
         let mut cache = self.decoder.empty_cache()?;
 
         let prefill_start = Instant::now();
-        let mut logits = self.decoder.step(&ids, &mut cache, &context)?;
+        let mut logits = self.decoder.prefill(&ids, &mut cache, &context, PREFILL_CHUNK)?;
         timings.prefill = prefill_start.elapsed();
 
         let mut generated = Vec::new();
@@ -291,6 +296,14 @@ impl PromptEnhancer {
         let context = self.registry.begin()?;
         let mut cache = self.decoder.empty_cache()?;
         self.decoder.step(ids, &mut cache, &context)
+    }
+
+    /// Logits after feeding `ids` in calls of at most `chunk` tokens, as [`PromptEnhancer::enhance`]
+    /// prefills with [`PREFILL_CHUNK`]: for checking the chunked prefill.
+    pub fn logits_after_chunked_prefill(&self, ids: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        let context = self.registry.begin()?;
+        let mut cache = self.decoder.empty_cache()?;
+        self.decoder.prefill(ids, &mut cache, &context, chunk)
     }
 
     /// Logits after each token of `ids`, fed one at a time through the KV cache after a
