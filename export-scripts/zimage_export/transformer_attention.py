@@ -28,10 +28,10 @@ Needs onnx, onnxruntime and numpy (no torch).
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from .manifest import file_entry, write_manifest
+from .graph_rewrite import rewrite_graphs
+from .manifest import write_manifest
 
 # Graphs holding the transformer blocks' attention.
 TRANSFORMER_GRAPHS = ("transformer", "transformer_omni")
@@ -172,33 +172,17 @@ def chunk_package(package: Path, chunks: int = DEFAULT_CHUNKS) -> dict:
         raise ValueError(f"{package}: the package carries ControlNets ({', '.join(manifest['controlnets'])}), which "
                          "read transformer.onnx at fixed offsets: rewrite the package without them, then add them "
                          "again with export_controlnet.py")
-    staged = []
-    for name in TRANSFORMER_GRAPHS:
-        entry = manifest["graphs"].get(name)
-        if entry is None:
-            continue
-        if (package / entry["path"]).is_symlink():
-            entry.update(file_entry(package / entry["path"]))
-            print(f"{name}: a link to {os.readlink(package / entry['path'])}; manifest entry refreshed", flush=True)
-            continue
-        try:
-            import onnx
 
-            feeds = prepacked._sample_inputs(onnx.load(str(package / entry["path"]), load_external_data=False))
-            file, count = stage_chunked(package / entry["path"], feeds, chunks)
-        except BaseException:
-            for file, _ in staged:
-                file.unlink(missing_ok=True)
-            raise
-        print(f"{name}: {count} attention(s) in {chunks} query chunks", flush=True)
-        if file is not None:
-            staged.append((file, name))
-    # Every graph checked: only now is anything replaced, then the layouts, then the manifest.
-    for file, name in staged:
+    def stage(name, path):
+        import onnx
+
+        feeds = prepacked._sample_inputs(onnx.load(str(path), load_external_data=False))
+        file, count = stage_chunked(path, feeds, chunks)
+        return file, f"{count} attention(s) in {chunks} query chunks"
+
+    for name in rewrite_graphs(package, manifest, TRANSFORMER_GRAPHS, stage):
         entry = manifest["graphs"][name]
-        os.replace(file, package / entry["path"])
-        entry.update(file_entry(package / entry["path"]))
-        if entry.get("cpu_prepacked"):
+        if entry.get("cpu_prepacked"):  # made from the old graph: made again from the new one
             prepacked.remove(package, manifest, name)
             entry["cpu_prepacked"] = prepacked.prebuild(package, manifest, name, None)
     write_manifest(package, manifest)

@@ -36,7 +36,8 @@ import tempfile
 from pathlib import Path
 
 from .cpu_layout import add_layouts, cpu_session, probe_input
-from .manifest import file_entry, write_manifest
+from .graph_rewrite import rewrite_graphs
+from .manifest import write_manifest
 
 COM_MICROSOFT = "com.microsoft"
 # The graphs of a package that hold a VAE (and so its mid-block attention).
@@ -280,37 +281,16 @@ def fuse_package(package: Path) -> dict:
     package are left to that package's rewrite (run it first). Returns the manifest."""
     package = Path(package)
     manifest = json.loads((package / "manifest.json").read_text())
-    relayout, staged = [], []
-    for name in VAE_GRAPHS:
-        entry = manifest["graphs"].get(name)
-        if entry is None:
-            continue
-        if (package / entry["path"]).is_symlink():
-            # A graph shared with another package through a link (the fixtures link identical
-            # graphs): that package's rewrite changes it; here only the manifest follows.
-            for record in (entry, entry.get("cpu_layout")):
-                if record:
-                    record.update(file_entry(package / record["path"]))
-            print(f"{name}: a link to {os.readlink(package / entry['path'])}; manifest entry refreshed", flush=True)
-            continue
-        try:
-            # Not square, so that rows and columns cannot be confused.
-            file, fused = stage_fused(package / entry["path"], probe_input(manifest, name, rows=6, cols=10))
-        except BaseException:
-            for file, _ in staged:
-                file.unlink(missing_ok=True)
-            raise
-        print(f"{name}: {fused} attention(s) rewritten as MultiHeadAttention", flush=True)
-        if file is not None:
-            staged.append((file, name))
-    # Every graph checked: only now is anything replaced, then the manifest follows.
-    for file, name in staged:
-        entry = manifest["graphs"][name]
-        os.replace(file, package / entry["path"])
-        entry.update(file_entry(package / entry["path"]))
-        if entry.get("cpu_layout"):
-            relayout.append(name)
+
+    def stage(name, path):
+        # Not square, so that rows and columns cannot be confused.
+        file, fused = stage_fused(path, probe_input(manifest, name, rows=6, cols=10))
+        return file, f"{fused} attention(s) rewritten as MultiHeadAttention"
+
+    replaced = rewrite_graphs(package, manifest, VAE_GRAPHS, stage,
+                              linked_records=lambda entry: [r for r in (entry, entry.get("cpu_layout")) if r])
     write_manifest(package, manifest)
+    relayout = [name for name in replaced if manifest["graphs"][name].get("cpu_layout")]
     if relayout:
         manifest = add_layouts(package, tuple(relayout))
     return manifest
