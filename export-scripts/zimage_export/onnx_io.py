@@ -108,6 +108,16 @@ def export_graph(spec, out_dir: Path, opset: int,
     return path
 
 
+def node_attribute(node, name: str, default=None):
+    """The value of `node`'s attribute `name`, or `default` when the node does not set it."""
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
 def name_nodes_by_position(model) -> None:
     """Names every node of a graph ONNX Runtime saved `<op>_<position>`. ONNX Runtime names the
     nodes it adds from a process-wide counter ("..._token_61"), so the same graph would come out

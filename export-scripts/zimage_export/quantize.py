@@ -26,6 +26,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
+from .onnx_io import node_attribute
 from .quantize_lm_head import TABLE as TIED_TABLE
 from .quantize_lm_head import quantize_tied_embedding
 
@@ -222,15 +223,6 @@ def _name_nodes(graph) -> None:
             used.add(name)
 
 
-def _attr(node, name, default):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def gemm_to_matmul(model, should_rewrite) -> list[str]:
     """Rewrites `Gemm(A, W, C)` with a constant W (transA 0, alpha = beta = 1) as
     `MatMul(A, W')` (+ `Add(C)`), W' the `[K, N]` weight, for every W with `should_rewrite(W's
@@ -248,12 +240,12 @@ def gemm_to_matmul(model, should_rewrite) -> list[str]:
     nodes, rewritten = [], []
     for node in graph.node:
         if not (node.op_type == "Gemm" and node.input[1] in inits and should_rewrite(node.input[1])
-                and _attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
-                and _attr(node, "beta", 1.0) == 1.0 and users[node.input[1]] == 1):
+                and node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0
+                and node_attribute(node, "beta", 1.0) == 1.0 and users[node.input[1]] == 1):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        if _attr(node, "transB", 0):
+        if node_attribute(node, "transB", 0):
             w = w.T
         w_name = node.input[1] + "_kn"
         graph.initializer.remove(inits.pop(node.input[1]))
@@ -307,7 +299,7 @@ def _quantize_gather_8bit(model, node, block_size: int):
         numpy_helper.from_array(scale.astype(table.dtype), name + "_scales"),
         numpy_helper.from_array(zero, name + "_zero_points"),
     ])
-    gather_axis = _attr(node, "axis", 0)
+    gather_axis = node_attribute(node, "axis", 0)
     return onnx.helper.make_node(
         "GatherBlockQuantized", [name + "_Q8", node.input[1], name + "_scales", name + "_zero_points"],
         [node.output[0]], name=node.name + "_Q8", domain=COM_MICROSOFT,
@@ -320,7 +312,7 @@ def _embedding_gathers(model) -> list:
     out = []
     for node in model.graph.node:
         t = inits.get(node.input[0]) if node.op_type == "Gather" else None
-        if t is not None and len(t.dims) == 2 and t.data_type in (1, 10) and _attr(node, "axis", 0) == 0:
+        if t is not None and len(t.dims) == 2 and t.data_type in (1, 10) and node_attribute(node, "axis", 0) == 0:
             out.append(node)
     return out
 

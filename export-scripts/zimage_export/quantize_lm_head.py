@@ -30,6 +30,8 @@ HQQ's are float.
 
 import numpy as np
 
+from .onnx_io import node_attribute
+
 COM_MICROSOFT = "com.microsoft"
 TABLE = "embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -37,15 +39,6 @@ LM_HEAD = "lm_head.weight"
 
 def _inits(graph) -> dict:
     return {t.name: t for t in graph.initializer}
-
-
-def _attr(node, name, default):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def quantize_table(table: np.ndarray, bits: int, block_size: int):
@@ -72,14 +65,14 @@ def dequantize_table(packed: np.ndarray, scales: np.ndarray, zero_points: np.nda
 def _find_lm_head(decoder):
     """The decoder's `Gemm(h, embed_tokens.weight, transB=1)` (graph_builder.build_decoder)."""
     heads = [n for n in decoder.graph.node if n.op_type == "Gemm" and len(n.input) >= 2 and n.input[1] == TABLE]
-    if len(heads) != 1 or _attr(heads[0], "transB", 0) != 1 or len(heads[0].input) > 2:
+    if len(heads) != 1 or node_attribute(heads[0], "transB", 0) != 1 or len(heads[0].input) > 2:
         raise ValueError(f"the enhancer decoder has no tied LM head Gemm(h, {TABLE}, transB=1) "
                          f"(found {len(heads)}): it was not written by export_enhancer.py")
     return heads[0]
 
 
 def _gathers(model):
-    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == TABLE and _attr(n, "axis", 0) == 0]
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == TABLE and node_attribute(n, "axis", 0) == 0]
 
 
 def _replace_nodes(model, replacements: dict) -> None:

@@ -5,8 +5,8 @@ The exporter writes each transformer block's attention as one opset-23 `Attentio
 (queries, keys and values `[B, H, S, D]`, a boolean mask `[B, 1, S, S]` where captions are
 batched). ONNX Runtime's CPU kernel computes every head's whole score matrix before the
 softmax: B x H x S x S floats, S the image tokens plus the padded caption, and the mask as
-floats besides. For the real model (30 heads) that is 2.1 GB at 1024x1024, 10 GB at 1536x1536
-and 33 GB at 2048x2048, per image in the batch.
+floats besides. For the real model (30 heads) that is 1.9 GiB at 1024x1024, 9.6 GiB at
+1536x1536 and 30 GiB at 2048x2048, per image in the batch.
 
 The softmax is per query row, so the rows can go through the same kernel in chunks: `chunks`
 `Attention` nodes, each with a slice of the queries (and of the mask's rows) against all keys
@@ -19,8 +19,8 @@ sixteenth of the scores is alive at a time.
 
 Only the CPU was measured (docs/loading.md): on a GPU the chunks are 16 kernel sequences instead
 of one, and neither CUDA's speed nor TensorRT's handling of the rewritten graph has been
-checked, so export.py does not apply it; `python -m zimage_export.transformer_attention
---package P` rewrites a package's transformer graphs in place (rebuilding the prepacked CPU
+checked, so export.py applies it only when asked (`--chunked-attention N`); `python -m
+zimage_export.transformer_attention --package P` rewrites a package's transformer graphs in place (rebuilding the prepacked CPU
 layout when the package has one).
 
 Needs onnx, onnxruntime and numpy (no torch).
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .graph_rewrite import rewrite_graphs
 from .manifest import write_manifest
+from .onnx_io import node_attribute
 
 # Graphs holding the transformer blocks' attention.
 TRANSFORMER_GRAPHS = ("transformer", "transformer_omni")
@@ -39,26 +40,20 @@ DEFAULT_CHUNKS = 16
 PREFIX = "chunked_attention_"
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+def _is_attention(node) -> bool:
+    return node.op_type == "Attention" and node.domain in ("", "ai.onnx")
 
 
 def _check_chunkable(node) -> None:
     """Only the form the exporter writes: 4-D inputs (no head-count attributes), no causal mask,
     no past keys or values, one output."""
-    inputs = [i for i in node.input]
-    if len(inputs) > 4 and any(inputs[4:]):
+    if any(node.input[4:]):
         raise ValueError(f"{node.name}: past keys or values: not the exporter's attention")
     if len([o for o in node.output if o]) != 1:
         raise ValueError(f"{node.name}: more than one output: not the exporter's attention")
-    if _attr(node, "is_causal", 0):
+    if node_attribute(node, "is_causal", 0):
         raise ValueError(f"{node.name}: causal attention cannot be cut into query chunks this way")
-    if _attr(node, "q_num_heads", 0) or _attr(node, "kv_num_heads", 0):
+    if node_attribute(node, "q_num_heads", 0) or node_attribute(node, "kv_num_heads", 0):
         raise ValueError(f"{node.name}: 3-D inputs: not the exporter's attention")
 
 
@@ -74,7 +69,7 @@ def chunk_model(model, chunks: int = DEFAULT_CHUNKS) -> int:
     graph = model.graph
     if any(i.name.startswith(PREFIX) for i in graph.initializer):
         raise ValueError("the attention is already in query chunks")
-    attention = [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    attention = [n for n in graph.node if _is_attention(n)]
     for node in attention:
         _check_chunkable(node)
     if not attention:
@@ -87,8 +82,8 @@ def chunk_model(model, chunks: int = DEFAULT_CHUNKS) -> int:
         numpy_helper.from_array(np.array([chunks - 1], np.int64), c + "chunks_less_one"),
     ])
     nodes = []
-    for index, node in enumerate(n for n in graph.node):
-        if not (node.op_type == "Attention" and node.domain in ("", "ai.onnx")):
+    for index, node in enumerate(graph.node):
+        if not _is_attention(node):
             nodes.append(node)
             continue
         p = f"{c}{index}_"

@@ -38,6 +38,7 @@ from pathlib import Path
 from .cpu_layout import add_layouts, cpu_session, probe_input
 from .graph_rewrite import rewrite_graphs
 from .manifest import write_manifest
+from .onnx_io import node_attribute
 
 COM_MICROSOFT = "com.microsoft"
 # The graphs of a package that hold a VAE (and so its mid-block attention).
@@ -82,18 +83,9 @@ class Graph:
         return self.to_array(tensor)
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _is_transpose(g, name, perm):
     node = g.op(name, "Transpose")
-    return node if node is not None and list(_attr(node, "perm", [])) == perm else None
+    return node if node is not None and list(node_attribute(node, "perm", [])) == perm else None
 
 
 def _split_heads(g, name):
@@ -160,7 +152,7 @@ def _float32(g, name):
 def match(g, softmax):
     """The rewrite of one Softmax's attention: (the Reshape whose output it replaces, q, k, v,
     heads, scale), or None when the Softmax is not one."""
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if node_attribute(softmax, "axis", -1) not in (-1, 3):
         return None
     scores = g.op(softmax.input[0], "MatMul")
     weighted = g.sole_consumer(softmax.output[0], "MatMul")
@@ -176,7 +168,7 @@ def match(g, softmax):
         return None
     key = _key_source(g, k_scaled, query[1])
     merge = g.sole_consumer(weighted.output[0], "Transpose")
-    if key is None or merge is None or list(_attr(merge, "perm", [])) != [0, 2, 1, 3]:
+    if key is None or merge is None or list(node_attribute(merge, "perm", [])) != [0, 2, 1, 3]:
         return None
     out = g.sole_consumer(merge.output[0], "Reshape")
     heads = _heads(g, query[1])
