@@ -9,6 +9,8 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use image::metadata::Orientation;
+use image::ImageDecoder;
 use ndarray::{Array4, ArrayView3};
 
 use crate::error::{Error, Result};
@@ -336,15 +338,23 @@ pub fn read_image_bytes(path: &Path) -> Result<Vec<u8>> {
     read_image_file(path)
 }
 
-/// Width and height from an encoded picture's header, without decoding its pixels.
+/// Width and height of an encoded picture as it will be decoded (upright: see [`decode_rgb`]),
+/// from its header, without decoding its pixels.
 pub fn image_size(bytes: &[u8]) -> Result<(u32, u32)> {
-    guard("reading the image header", || reader(bytes)?.into_dimensions().map_err(decode_error))
+    let ((width, height), orientation) = header(bytes)?;
+    Ok(if swaps_sides(orientation) { (height, width) } else { (width, height) })
 }
 
-/// Decodes PNG, JPEG or WebP bytes as RGB8 (alpha dropped).
+/// Decodes PNG, JPEG or WebP bytes as RGB8 (alpha dropped), upright: an EXIF orientation (a
+/// phone photograph's) is applied, as diffusers' `load_image` applies it
+/// (`PIL.ImageOps.exif_transpose`) before `convert("RGB")`.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
-    let img = decode(bytes)?.to_rgb8();
-    Ok(RgbImage { width: img.width(), height: img.height(), pixels: img.into_raw() })
+    let (decoded, orientation) = decode(bytes)?;
+    let mut rgb = image::DynamicImage::ImageRgb8(decoded.to_rgb8());
+    drop(decoded); // a rotation copies the picture: only the converted one is alive then
+    rgb.apply_orientation(orientation);
+    let rgb = rgb.into_rgb8();
+    Ok(RgbImage { width: rgb.width(), height: rgb.height(), pixels: rgb.into_raw() })
 }
 
 /// Reads a mask file as 8-bit gray (colour converted with ITU-R 601 weights like PIL's
@@ -372,15 +382,40 @@ pub fn load_gray_sized(path: &Path, width: u32, height: u32) -> Result<GrayImage
     decode_gray(&bytes).map_err(located)
 }
 
-/// Decodes PNG, JPEG or WebP bytes as 8-bit gray.
+/// Decodes PNG, JPEG or WebP bytes as 8-bit gray, upright like [`decode_rgb`].
 pub fn decode_gray(bytes: &[u8]) -> Result<GrayImage> {
-    let img = decode(bytes)?;
-    let (width, height) = (img.width(), img.height());
-    let pixels = match img {
-        image::DynamicImage::ImageLuma8(g) => g.into_raw(),
-        other => other.to_rgb8().pixels().map(|p| pil_luma(p.0)).collect(),
-    };
-    Ok(GrayImage { width, height, pixels })
+    let (decoded, orientation) = decode(bytes)?;
+    // Converted first: a rotation copies the picture, the gray one is the smallest.
+    let mut gray = image::DynamicImage::ImageLuma8(luma(decoded));
+    gray.apply_orientation(orientation);
+    let gray = gray.into_luma8();
+    Ok(GrayImage { width: gray.width(), height: gray.height(), pixels: gray.into_raw() })
+}
+
+/// Decodes PNG, JPEG or WebP bytes, upright like [`decode_rgb`], in the image crate's form, for
+/// a front end that reads more than the colours (the server reads a mask's transparency).
+pub fn decode_upright(bytes: &[u8]) -> Result<image::DynamicImage> {
+    let (mut decoded, orientation) = decode(bytes)?;
+    decoded.apply_orientation(orientation);
+    Ok(decoded)
+}
+
+/// A picture as 8-bit gray, as [`decode_gray`] converts it (PIL's `convert("L")`).
+pub fn to_gray(picture: image::DynamicImage) -> GrayImage {
+    let gray = luma(picture);
+    GrayImage { width: gray.width(), height: gray.height(), pixels: gray.into_raw() }
+}
+
+/// PIL's `convert("L")`: gray pictures as they are, colour ones by [`pil_luma`] (alpha dropped).
+fn luma(picture: image::DynamicImage) -> image::GrayImage {
+    match picture {
+        image::DynamicImage::ImageLuma8(gray) => gray,
+        other => {
+            let (width, height) = (other.width(), other.height());
+            let pixels = other.to_rgb8().pixels().map(|p| pil_luma(p.0)).collect();
+            image::GrayImage::from_raw(width, height, pixels).expect("one byte per pixel")
+        }
+    }
 }
 
 /// PIL's RGB → L conversion: `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16`.
@@ -407,14 +442,38 @@ fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>> {
     Ok(reader)
 }
 
-fn decode(bytes: &[u8]) -> Result<image::DynamicImage> {
-    guard("decoding the image", || {
+/// The pixels as stored, with the orientation to apply to them. The header is read twice (once
+/// here for the orientation, once by the decode), so that the decode keeps the image crate's own
+/// accounting of [`MAX_DECODE_BYTES`].
+fn decode(bytes: &[u8]) -> Result<(image::DynamicImage, Orientation)> {
+    let (_, orientation) = header(bytes)?;
+    let pixels = guard("decoding the image", || {
         let reader = reader(bytes)?;
         if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
             return Err(Error::Image("the JPEG file is truncated (its last scan has no end-of-image marker)".into()));
         }
         reader.decode().map_err(decode_error)
+    })?;
+    Ok((pixels, orientation))
+}
+
+/// The stored width and height, and the EXIF orientation (PNG `eXIf`, JPEG APP1, WebP `EXIF`).
+/// Metadata that cannot be read counts as no orientation, as Pillow ignores an orientation it
+/// cannot use; a header that cannot be read is the image error the decode would give.
+fn header(bytes: &[u8]) -> Result<((u32, u32), Orientation)> {
+    guard("reading the image header", || {
+        let mut decoder = reader(bytes)?.into_decoder().map_err(decode_error)?;
+        let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+        Ok((decoder.dimensions(), orientation))
     })
+}
+
+/// Whether applying `orientation` exchanges width and height (the EXIF values 5 to 8).
+fn swaps_sides(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    )
 }
 
 /// Whether a JPEG's last scan is followed by an end-of-image marker. The decoder fills a scan

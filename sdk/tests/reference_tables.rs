@@ -67,3 +67,53 @@ fn pil_resize_equals_pillow() {
         }
     }
 }
+
+/// Input pictures are turned upright by their EXIF orientation as diffusers' `load_image` turns
+/// them (`PIL.ImageOps.exif_transpose`, then `convert("RGB")`, or `convert("L")` for masks):
+/// tests/golden/common/orientation.json, a picture of 35 distinct colours as PNG, JPEG and WebP
+/// with each orientation 1-8. PNG and lossless WebP give Pillow's bytes. JPEG decoders differ
+/// by a level or two (Pillow's libjpeg against the image crate's), so a JPEG must give its
+/// unrotated decode moved pixel for pixel where Pillow moved the PNG's (the colours are
+/// distinct, so the PNG goldens say where each pixel goes). The header's size is the upright
+/// one too (the CLI, the server and editing size requests and masks from it before decoding).
+#[test]
+fn input_pictures_are_upright_as_diffusers_loads_them() {
+    let doc = json(&golden("common/orientation.json"));
+    let cases = doc["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 24);
+    let path = |case: &serde_json::Value, key: &str| golden("common").join(case[key].as_str().unwrap());
+    let case_of = |name: String| cases.iter().find(|c| c["file"] == name.as_str()).unwrap();
+    let stored = png_rgb(&path(case_of("orientation/o1.png".into()), "rgb_file"));
+    let stored_jpeg = std::fs::read(path(case_of("orientation/o1.jpg".into()), "file")).unwrap();
+    let (stored_jpeg_rgb, stored_jpeg_gray) =
+        (zimage::image_io::decode_rgb(&stored_jpeg).unwrap(), zimage::image_io::decode_gray(&stored_jpeg).unwrap());
+    for case in cases {
+        let name = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(path(case, "file")).unwrap();
+        let (width, height) = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
+        assert_eq!(zimage::image_io::image_size(&bytes).unwrap(), (width, height), "{name}");
+        let rgb = zimage::image_io::decode_rgb(&bytes).unwrap();
+        let gray = zimage::image_io::decode_gray(&bytes).unwrap();
+        assert_eq!(zimage::image_io::load_rgb(&path(case, "file")).unwrap(), rgb, "{name} from its file");
+        assert_eq!((rgb.width, rgb.height, gray.width, gray.height), (width, height, width, height), "{name}");
+        if name.ends_with(".jpg") {
+            // Where Pillow put each stored pixel of the PNG with the same orientation.
+            let png = case_of(name.replace(".jpg", ".png"));
+            let moved = png_rgb(&path(png, "rgb_file"));
+            let source: Vec<usize> = moved
+                .pixels
+                .chunks(3)
+                .map(|p| stored.pixels.chunks(3).position(|q| q == p).expect("distinct colours"))
+                .collect();
+            let want_rgb: Vec<u8> =
+                source.iter().flat_map(|&i| stored_jpeg_rgb.pixels[3 * i..3 * i + 3].to_vec()).collect();
+            let want_gray: Vec<u8> = source.iter().map(|&i| stored_jpeg_gray.pixels[i]).collect();
+            assert_eq!(rgb.pixels, want_rgb, "{name} as RGB");
+            assert_eq!(gray.pixels, want_gray, "{name} as gray");
+        } else {
+            assert_eq!(rgb, png_rgb(&path(case, "rgb_file")), "{name} as RGB");
+            let want_gray = image::open(path(case, "gray_file")).unwrap().into_luma8();
+            assert_eq!(gray.pixels, want_gray.into_raw(), "{name} as gray");
+        }
+    }
+}

@@ -513,16 +513,10 @@ fn decode_base64_file(text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the image is not valid base64: {e}")).with_code("invalid_image"))
 }
 
-/// Refuses a picture from its header alone when a side exceeds `max_side`.
+/// Refuses a picture from its header alone when a side exceeds `max_side` (the upright sides:
+/// the SDK turns pictures by their EXIF orientation).
 fn check_dimensions(bytes: &[u8], max_side: u32, param: &str) -> Result<(), ApiError> {
-    let bad = |message: String| ApiError::invalid(message).with_code("invalid_image").with_param(param);
-    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read the {param}: {e}")))?;
-    if reader.format().is_none() {
-        return Err(bad(format!("the {param} is not a PNG, JPEG or WebP image")));
-    }
-    let (w, h) = reader.into_dimensions().map_err(|e| bad(format!("cannot read the {param}'s size: {e}")))?;
+    let (w, h) = zimage::image_io::image_size(bytes).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
     if w > max_side || h > max_side {
         return Err(ApiError::invalid(format!(
             "the {param} is {w}x{h}; this server accepts at most {max_side} pixels on a side"
@@ -536,9 +530,7 @@ fn check_dimensions(bytes: &[u8], max_side: u32, param: &str) -> Result<(), ApiE
 /// A mask with transparency follows OpenAI's convention (fully transparent = edit here);
 /// an opaque one zimage's (white = repaint, black = keep, as `zimage generate --mask`).
 fn decode_mask(bytes: &[u8]) -> Result<GrayImage, ApiError> {
-    let invalid = |e: zimage::Error| ApiError::from_sdk(&e);
-    let decoded = image::load_from_memory(bytes)
-        .map_err(|e| ApiError::invalid(format!("cannot decode the mask: {e}")).with_code("invalid_image"))?;
+    let decoded = zimage::image_io::decode_upright(bytes).map_err(|e| ApiError::from_sdk(&e))?;
     if decoded.color().has_alpha() {
         let rgba = decoded.to_rgba8();
         if rgba.pixels().any(|p| p.0[3] < 255) {
@@ -546,7 +538,7 @@ fn decode_mask(bytes: &[u8]) -> Result<GrayImage, ApiError> {
             return Ok(GrayImage { width: rgba.width(), height: rgba.height(), pixels });
         }
     }
-    zimage::image_io::decode_gray(bytes).map_err(invalid)
+    Ok(zimage::image_io::to_gray(decoded))
 }
 
 fn unix_now() -> u64 {

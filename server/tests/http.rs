@@ -785,6 +785,68 @@ fn malformed_requests_are_refused_in_openai_shape() {
     assert_eq!(e["param"], "prompt", "{e}");
 }
 
+/// A PNG with an `eXIf` chunk holding one EXIF orientation (1-8), RGBA when `alpha` is given
+/// (every pixel that opacity, except the left half, which is opaque).
+fn png_oriented(width: u32, height: u32, orientation: u16, alpha: Option<u8>) -> Vec<u8> {
+    use image::ImageEncoder;
+    // A big-endian TIFF header, then one IFD entry: Orientation (0x0112), SHORT, one value.
+    let mut exif = b"MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+    exif.extend_from_slice(&orientation.to_be_bytes());
+    exif.extend_from_slice(&[0; 6]);
+    let mut bytes = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut bytes);
+    encoder.set_exif_metadata(exif).unwrap();
+    let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
+        let a = if x < width / 2 { 255 } else { alpha.unwrap_or(255) };
+        image::Rgba([(x * 3) as u8, (y * 5) as u8, 90, a])
+    });
+    match alpha {
+        Some(_) => encoder.write_image(rgba.as_raw(), width, height, image::ExtendedColorType::Rgba8),
+        None => {
+            let rgb = image::DynamicImage::ImageRgba8(rgba).to_rgb8();
+            encoder.write_image(rgb.as_raw(), width, height, image::ExtendedColorType::Rgb8)
+        }
+    }
+    .unwrap();
+    bytes
+}
+
+/// An edit's picture and mask are turned upright by their EXIF orientation (as diffusers'
+/// `load_image` turns them): a 64x32 phone picture rotated a quarter turn gives a 32x64 image,
+/// with an OpenAI mask (transparency) or an opaque one rotated the same way.
+#[test]
+fn edits_turn_pictures_upright_by_their_exif_orientation() {
+    use base64::Engine;
+    let server = Server::start(&["--model", &tiny()]);
+    let edit = |files: &[(&str, &str, &[u8])]| {
+        let (content_type, body) = multipart(&[("prompt", "x"), ("num_inference_steps", "1"), ("seed", "3")], files);
+        server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body)
+    };
+    let size_of = |response: Response| {
+        assert_eq!(response.status, 200, "{}", response.text());
+        let b64 = response.json()["data"][0]["b64_json"].as_str().unwrap().to_string();
+        let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        image::load_from_memory(&png).unwrap().to_rgb8().dimensions()
+    };
+    for orientation in [6, 8, 5, 7] {
+        let picture = png_oriented(64, 32, orientation, None);
+        assert_eq!(size_of(edit(&[("image", "phone.png", &picture)])), (32, 64), "orientation {orientation}");
+        for alpha in [Some(0), None] {
+            let mask = png_oriented(64, 32, orientation, alpha);
+            let files = [("image", "phone.png", picture.as_slice()), ("mask", "mask.png", &mask)];
+            assert_eq!(size_of(edit(&files)), (32, 64), "orientation {orientation}, mask alpha {alpha:?}");
+        }
+    }
+    // Upright already (1), or turned half a way (3): the stored size. A mask stored at the
+    // picture's upright size but with another orientation no longer fits it.
+    assert_eq!(size_of(edit(&[("image", "a.png", &png_oriented(64, 32, 3, None))])), (64, 32));
+    let files =
+        [("image", "phone.png", png_oriented(64, 32, 6, None)), ("mask", "mask.png", png_oriented(64, 32, 1, Some(0)))];
+    let files: Vec<(&str, &str, &[u8])> = files.iter().map(|(a, b, c)| (*a, *b, c.as_slice())).collect();
+    let e = edit(&files).assert_error(400, "invalid_request_error", None);
+    assert!(e["message"].as_str().unwrap().contains("64x32"), "{e}");
+}
+
 /// The model's own size limit (8192 pixels a side for the tiny package) is checked before the
 /// uploaded picture is resized to the requested size (a 64x64 picture was resized to
 /// 16384x16384, ~1 GB, before the 400); the default --max-pixels allows this many pixels.
