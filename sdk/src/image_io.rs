@@ -454,7 +454,32 @@ fn decode(bytes: &[u8]) -> Result<(image::DynamicImage, Orientation)> {
         }
         reader.decode().map_err(decode_error)
     })?;
-    Ok((pixels, orientation))
+    Ok((eight_bits_as_pillow_reads(pixels), orientation))
+}
+
+/// 16-bit PNGs as Pillow reads them (and so diffusers' `load_image`): colour ones, with or
+/// without alpha, and gray ones with alpha keep the high byte of each sample (Pillow's
+/// `RGB;16B` and `LA;16B` raw modes), where the image crate would round to the nearest 8-bit
+/// value (a level apart on half the samples); gray ones without alpha open as Pillow's `I;16`
+/// mode, whose `convert("RGB")` clips at 255 instead of scaling, so most of such a picture is
+/// white: that is the picture diffusers computes with, so it is the one used here too.
+fn eight_bits_as_pillow_reads(picture: image::DynamicImage) -> image::DynamicImage {
+    use image::DynamicImage::{ImageLuma16, ImageLumaA16, ImageRgb16, ImageRgba16};
+    fn map<P: image::Pixel<Subpixel = u16>, Q: image::Pixel<Subpixel = u8>>(
+        from: &image::ImageBuffer<P, Vec<u16>>,
+        sample: impl Fn(u16) -> u8,
+    ) -> image::ImageBuffer<Q, Vec<u8>> {
+        let samples = from.as_raw().iter().map(|&v| sample(v)).collect();
+        image::ImageBuffer::from_raw(from.width(), from.height(), samples).expect("as many samples")
+    }
+    let high = |v: u16| (v >> 8) as u8;
+    match &picture {
+        ImageLuma16(gray) => image::DynamicImage::ImageLuma8(map(gray, |v| v.min(255) as u8)),
+        ImageLumaA16(gray) => image::DynamicImage::ImageLumaA8(map(gray, high)),
+        ImageRgb16(rgb) => image::DynamicImage::ImageRgb8(map(rgb, high)),
+        ImageRgba16(rgba) => image::DynamicImage::ImageRgba8(map(rgba, high)),
+        _ => picture,
+    }
 }
 
 /// The stored width and height, and the EXIF orientation (PNG `eXIf`, JPEG APP1, WebP `EXIF`).
