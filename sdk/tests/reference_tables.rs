@@ -148,7 +148,11 @@ fn input_pictures_of_every_sample_format_decode_as_diffusers_loads_them() {
                 let worst = *levels.iter().max().unwrap();
                 let differing = levels.iter().filter(|&&d| d > 0).count();
                 assert!(worst <= JPEG_LEVELS, "{name} as {what}: {worst} levels from Pillow's");
-                assert!(differing * 2 < levels.len(), "{name} as {what}: {differing} of {} samples differ", levels.len());
+                assert!(
+                    differing * 2 < levels.len(),
+                    "{name} as {what}: {differing} of {} samples differ",
+                    levels.len()
+                );
             }
         } else {
             assert_eq!(rgb, want_rgb, "{name} as RGB (Pillow mode {})", case["pillow_mode"]);

@@ -21,9 +21,12 @@ const ATTENTION_MASK: &str = "attention_mask";
 const POSITION_IDS: &str = "position_ids";
 const LOGITS: &str = "logits";
 
+/// Graph inputs or outputs by name and element type.
+type Interface = Vec<(String, &'static str)>;
+
 /// Inputs and outputs `text_decoder` must have, in order: ids, mask and positions, then a key
 /// and a value per layer; logits, then the grown keys and values.
-fn interface(info: &EnhancerInfo) -> (Vec<(String, &'static str)>, Vec<(String, &'static str)>) {
+fn interface(info: &EnhancerInfo) -> (Interface, Interface) {
     let mut inputs = vec![
         (INPUT_IDS.to_string(), "int64"),
         (ATTENTION_MASK.to_string(), "int64"),

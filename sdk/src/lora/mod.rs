@@ -358,7 +358,9 @@ impl Targets<'_> {
     pub fn retarget(&self, merged: Vec<MergedWeight>, graph: &Path) -> Result<Vec<MergedWeight>> {
         let theirs = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
         let canonical = |file: &Path| std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-        let mut readers: BTreeMap<(PathBuf, u64, u64), Vec<(&String, &Initializer)>> = BTreeMap::new();
+        // (file, offset, length) -> the initializers of `graph` that read those bytes.
+        type Readers<'a> = BTreeMap<(PathBuf, u64, u64), Vec<(&'a String, &'a Initializer)>>;
+        let mut readers: Readers = BTreeMap::new();
         for (name, init) in &theirs {
             if let Some((file, offset, length)) = &init.bytes {
                 readers.entry((canonical(file), *offset, *length)).or_default().push((name, init));

@@ -3,7 +3,7 @@
 //! what a graph's inputs and outputs must be is known by the network that runs it (`model`).
 //!
 //! - [`graph`]: [`GraphKind`], a graph's manifest entry;
-//! - [`precision`]: [`Precision`];
+//! - [`precision`]: a graph's [`Precision`];
 //! - [`quantization`]: the `quantization` section of int8 / int4 packages;
 //! - [`format`](mod@format): format names and versions, reading `manifest.json`;
 //! - [`files`]: file entries, checksums, path safety;

@@ -39,7 +39,7 @@ pub fn packed_weights_readable(rt: &Runtime, probe: &Path, sha256: &str) -> bool
     }
     let verdict = match largest_error(rt, probe) {
         // Exactly 0: the probe's products are exact whatever order a kernel adds in. NaN fails.
-        Ok(error) if error == 0.0 => true,
+        Ok(0.0) => true,
         Ok(error) => {
             tracing::warn!(
                 probe = %probe.display(),
