@@ -32,10 +32,10 @@ pub struct GenerateArgs {
     /// What to steer away from; used only with --guidance above 0 [default: ""].
     #[arg(long, value_name = "TEXT")]
     negative_prompt: Option<String>,
-    /// Image width in pixels, a multiple of 16 [default: 1024, or the --init-image width].
+    /// Image width in pixels, a multiple of 16 [default: 1024, or the --init-image width floored to 16].
     #[arg(long, value_name = "W")]
     width: Option<u32>,
-    /// Image height in pixels, a multiple of 16 [default: 1024, or the --init-image height].
+    /// Image height in pixels, a multiple of 16 [default: 1024, or the --init-image height floored to 16].
     #[arg(long, value_name = "H")]
     height: Option<u32>,
     /// Denoising steps [default: the package's recommendation: 8 for Z-Image-Turbo].
@@ -76,7 +76,7 @@ pub struct GenerateArgs {
     /// How much of --init-image is regenerated, 0..1 [default: 0.6; 1.0 with --mask].
     #[arg(long, value_name = "S", requires = "init_image")]
     strength: Option<f64>,
-    /// Inpainting mask for --init-image, at the output size: white = repaint, black = keep.
+    /// Inpainting mask for --init-image (resized to the output size if another): white = repaint, black = keep.
     /// With --controlnet: ControlNet inpainting (from noise, no --strength).
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask: Option<PathBuf>,
@@ -139,7 +139,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     };
     if controlnet.is_some() && args.init_image.is_some() && (args.mask.is_none() || args.strength.is_some()) {
         return Err(Failure::Usage(
-            "with --controlnet, --init-image needs --mask (ControlNet inpainting, which starts from noise and takes no              --strength)"
+            "with --controlnet, --init-image needs --mask (ControlNet inpainting, which starts from noise and takes no \
+             --strength)"
                 .into(),
         ));
     }
@@ -169,7 +170,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         let inpaint = match &picture {
             Some(picture) => {
                 let mask_path = args.mask.as_deref().expect("checked: --init-image with --controlnet needs --mask");
-                Some((picture, image_io::load_gray_sized(mask_path, request.width, request.height)?))
+                Some((picture, image_io::load_mask(mask_path, request.width, request.height)?))
             }
             None => None,
         };
@@ -179,8 +180,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         request.control = Some(control);
     } else if let (Some(bytes), Some(path)) = (&init_bytes, &args.init_image) {
         let image = image_io::decode_rgb(bytes).map_err(|e| located(path, e))?;
-        let mask =
-            args.mask.as_deref().map(|m| image_io::load_gray_sized(m, request.width, request.height)).transpose()?;
+        let mask = args.mask.as_deref().map(|m| image_io::load_mask(m, request.width, request.height)).transpose()?;
         let default_strength =
             if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
         request.init_image = Some(InitImage {
@@ -280,7 +280,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
 }
 
 /// The request without its input pictures: those are decoded only once it is known to be valid.
-/// Without --width/--height an init image keeps its own size, as in diffusers' img2img.
+/// Without --width/--height an init image (else a control image) sets the size, floored to the
+/// package's size multiple as diffusers' image processor floors it (the picture is then resized).
 /// The package's recommended settings, overridden by what the user gave.
 fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u32, u32)>) -> GenerateRequest {
     let mut request = GenerateRequest::for_package(manifest, args.prompt.as_str());
@@ -293,8 +294,9 @@ fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u3
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = args.save_latents.is_some();
-    request.width = args.width.or(init_size.map(|s| s.0)).unwrap_or(request.width);
-    request.height = args.height.or(init_size.map(|s| s.1)).unwrap_or(request.height);
+    let picture_size = init_size.map(|(w, h)| manifest.size_for_picture(w, h));
+    request.width = args.width.or(picture_size.map(|s| s.0)).unwrap_or(request.width);
+    request.height = args.height.or(picture_size.map(|s| s.1)).unwrap_or(request.height);
     request
 }
 

@@ -364,22 +364,11 @@ pub fn load_gray(path: &Path) -> Result<GrayImage> {
     decode_gray(&bytes).map_err(|e| Error::Image(format!("{}: {}", path.display(), strip(e))))
 }
 
-/// Reads a mask that must be `width` x `height` (the request's size): the header is checked
-/// first, so a mask of another size is refused (invalid request) before it is decoded.
-pub fn load_gray_sized(path: &Path, width: u32, height: u32) -> Result<GrayImage> {
-    let bytes = read_image_file(path)?;
-    let located = |e: Error| match e {
-        Error::Image(m) => Error::Image(format!("{}: {m}", path.display())),
-        other => other,
-    };
-    let (w, h) = image_size(&bytes).map_err(located)?;
-    if (w, h) != (width, height) {
-        return Err(Error::invalid(format!(
-            "{}: the mask is {w}x{h} but the request is {width}x{height}; they must be the same size",
-            path.display()
-        )));
-    }
-    decode_gray(&bytes).map_err(located)
+/// Reads an inpainting mask for a request of `width` x `height`: 8-bit gray as [`load_gray`]
+/// reads it, resized by [`resize_gray`] when it has another size (as diffusers' mask processor
+/// brings a mask to the size the image is made at).
+pub fn load_mask(path: &Path, width: u32, height: u32) -> Result<GrayImage> {
+    resize_gray(&load_gray(path)?, width, height)
 }
 
 /// Decodes PNG, JPEG or WebP bytes as 8-bit gray, upright like [`decode_rgb`].
@@ -567,6 +556,24 @@ pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter
         filter,
     );
     Ok(RgbImage { width, height, pixels })
+}
+
+/// Resizes a mask to `width` x `height` as diffusers' mask processor does to an inpainting mask
+/// of another size than the image it is made at: Pillow's Lanczos resize of the gray picture
+/// (each band is resampled alike, so this is the RGB resize of the gray replicated), before the
+/// pipeline binarises it at 0.5. Limited like [`resize_rgb`].
+pub fn resize_gray(mask: &GrayImage, width: u32, height: u32) -> Result<GrayImage> {
+    mask.check()?;
+    if (mask.width, mask.height) == (width, height) {
+        return Ok(mask.clone());
+    }
+    let as_rgb = RgbImage {
+        width: mask.width,
+        height: mask.height,
+        pixels: mask.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+    };
+    let resized = resize_rgb(&as_rgb, width, height)?;
+    Ok(GrayImage { width, height, pixels: resized.pixels.chunks(3).map(|p| p[0]).collect() })
 }
 
 /// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.

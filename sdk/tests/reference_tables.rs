@@ -68,6 +68,22 @@ fn pil_resize_equals_pillow() {
     }
 }
 
+/// `image_io::resize_gray` against Pillow 13.0.0's `Image.resize` of a mode-L mask with Lanczos
+/// (tests/golden/common/resize.json, `gray_cases`: up, down, another aspect): the same bytes, as
+/// diffusers' mask processor resizes a mask of another size before binarising it.
+#[test]
+fn mask_resize_equals_pillow() {
+    let doc = json(&golden("common/resize.json"));
+    let cases = doc["gray_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let input = zimage::image_io::load_gray(&golden("common").join(case["input_file"].as_str().unwrap())).unwrap();
+        let want = zimage::image_io::load_gray(&golden("common").join(case["output_file"].as_str().unwrap())).unwrap();
+        let (width, height) = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
+        assert_eq!(zimage::image_io::resize_gray(&input, width, height).unwrap(), want, "{}", case["output_file"]);
+    }
+}
+
 /// Input pictures are turned upright by their EXIF orientation as diffusers' `load_image` turns
 /// them (`PIL.ImageOps.exif_transpose`, then `convert("RGB")`, or `convert("L")` for masks):
 /// tests/golden/common/orientation.json, a picture of 35 distinct colours as PNG, JPEG and WebP

@@ -8,6 +8,7 @@
 //! `xhigh` / `max` 2x (for Turbo: 4, 8, 12, 16).
 
 use serde::Deserialize;
+use zimage::pipeline::size_for_picture;
 use zimage::{
     ControlCondition, ControlNames, ControlPreprocess, GenerateRequest, GenerationDefaults, GrayImage, InitImage,
     InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST,
@@ -163,6 +164,9 @@ pub struct Limits<'a> {
     pub defaults: GenerationDefaults,
     /// Most output pixels per image (`--max-pixels`).
     pub max_pixels: u64,
+    /// The model's size multiple: a picture without `size` is made at its own size floored to
+    /// it ([`zimage::pipeline::size_for_picture`]).
+    pub size_multiple: usize,
     /// The model's own checks (`Pipeline::check_request`: size multiple, largest side,
     /// TensorRT profile, steps).
     pub check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
@@ -258,9 +262,12 @@ pub fn prepare(
             ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
         })?,
         // An edit keeps its picture's size, as `zimage generate --init-image` does; a control
-        // map sets it too, as `zimage generate --control-image` does.
-        (None, Some(e)) => (e.image.width, e.image.height),
-        (None, None) => control.as_ref().map_or((request.width, request.height), |c| (c.image.width, c.image.height)),
+        // map sets it too, as `zimage generate --control-image` does (floored to the model's
+        // multiple, as diffusers' image processor floors it; the picture is resized to it).
+        (None, Some(e)) => size_for_picture(limits.size_multiple, e.image.width, e.image.height),
+        (None, None) => control.as_ref().map_or((request.width, request.height), |c| {
+            size_for_picture(limits.size_multiple, c.image.width, c.image.height)
+        }),
     };
     request.width = width;
     request.height = height;
@@ -275,25 +282,22 @@ pub fn prepare(
             control_inpaint = Some((edit.image, edit.image_name, mask, mask_name));
         }
         Some(edit) => {
-            if let Some((mask, _)) = &edit.mask {
-                // The SDK refuses it too, without naming the field.
-                if (mask.width, mask.height) != (width, height) {
-                    return Err(ApiError::invalid(format!(
-                        "the mask is {}x{} but the image is made at {width}x{height}; they must be the same size",
-                        mask.width, mask.height
-                    ))
-                    .with_param("mask"));
-                }
-            }
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
                 .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
             inputs.init_image = edit.image_name;
             let default_strength =
                 if edit.mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
-            let mask = edit.mask.map(|(mask, name)| {
-                inputs.mask = name;
-                mask
-            });
+            // A mask of another size is resized to the image's, as diffusers' mask processor does.
+            let mask = match edit.mask {
+                Some((mask, name)) => {
+                    inputs.mask = name;
+                    Some(
+                        zimage::image_io::resize_gray(&mask, width, height)
+                            .map_err(|e| ApiError::from_sdk(&e).with_param("mask"))?,
+                    )
+                }
+                None => None,
+            };
             request.init_image = Some(InitImage { image, mask, strength: params.strength.unwrap_or(default_strength) });
         }
         None if params.strength.is_some() => {
@@ -452,7 +456,7 @@ mod tests {
 
     /// No model checks (the HTTP tests run them), no pixel limit.
     fn lim(defaults: &GenerationDefaults) -> Limits<'static> {
-        Limits { defaults: *defaults, max_pixels: u64::MAX, check: &accept }
+        Limits { defaults: *defaults, max_pixels: u64::MAX, size_multiple: 16, check: &accept }
     }
 
     #[test]

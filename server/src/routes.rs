@@ -395,7 +395,8 @@ fn limits<'a>(
     max_pixels: u64,
     check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
 ) -> Limits<'a> {
-    Limits { defaults: pool.checker.manifest().generation_defaults, max_pixels, check }
+    let manifest = pool.checker.manifest();
+    Limits { defaults: manifest.generation_defaults, max_pixels, size_multiple: manifest.size_multiple(), check }
 }
 
 fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {

@@ -337,7 +337,8 @@ fn every_error_status_has_openai_shape() {
     );
 
     // Edits: 400 for no image, a file that is not a picture, a picture over --max-input-side
-    // (refused from its header), a mask of the wrong size.
+    // (refused from its header), a mask that is not a picture (one of another size is resized,
+    // as diffusers' mask processor resizes it).
     let edit = |fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]| {
         let (content_type, body) = multipart(fields, files);
         server.request("POST", "/v1/images/edits", &[auth[0], ("Content-Type", &content_type)], &body)
@@ -356,8 +357,11 @@ fn every_error_status_has_openai_shape() {
         Some("image_too_large"),
     );
     assert!(e["message"].as_str().unwrap().contains("300x16"), "{e}");
-    let e = edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", &png(32, 32, [255, 255, 255]))])
-        .assert_error(400, "invalid_request_error", None);
+    let e = edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", b"not a mask")]).assert_error(
+        400,
+        "invalid_request_error",
+        Some("invalid_image"),
+    );
     assert_eq!(e["param"], "mask", "{e}");
     // The same edit is fine on the good model ...
     let fine = edit(&[("prompt", "x"), ("num_inference_steps", "2"), ("seed", "1")], &[("image", "a.png", &picture)]);
@@ -785,66 +789,102 @@ fn malformed_requests_are_refused_in_openai_shape() {
     assert_eq!(e["param"], "prompt", "{e}");
 }
 
-/// A PNG with an `eXIf` chunk holding one EXIF orientation (1-8), RGBA when `alpha` is given
-/// (every pixel that opacity, except the left half, which is opaque).
-fn png_oriented(width: u32, height: u32, orientation: u16, alpha: Option<u8>) -> Vec<u8> {
+/// Edits of picture files as a user has them (sides not multiples of 16, no `size`; a mask of
+/// another size) give diffusers' images for the same files (tests/golden/tiny-zimage/unsized.json:
+/// the picture floored to 16 and resized, the mask resized to it), within one level.
+#[test]
+fn edits_of_pictures_of_any_size_match_diffusers() {
+    use base64::Engine;
+    let golden = root().join("tests/golden/tiny-zimage");
+    let cases: Value = serde_json::from_slice(&std::fs::read(golden.join("unsized.json")).unwrap()).unwrap();
+    let server = Server::start(&["--model", &tiny()]);
+    for c in cases.as_array().unwrap() {
+        let text = |key: &str| c[key].to_string().trim_matches('"').to_string();
+        let fields = [
+            ("prompt", text("prompt")),
+            ("seed", text("seed")),
+            ("num_inference_steps", text("num_inference_steps")),
+            ("strength", text("strength")),
+        ];
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let read = |key: &str| std::fs::read(golden.join(c[key].as_str().unwrap())).unwrap();
+        let (picture, mask) = (read("init_image_file"), c.get("mask_file").map(|_| read("mask_file")));
+        let mut files: Vec<(&str, &str, &[u8])> = vec![("image", "init.png", &picture)];
+        if let Some(mask) = &mask {
+            files.push(("mask", "mask.png", mask));
+        }
+        let (content_type, body) = multipart(&fields, &files);
+        let response = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let b64 = response.json()["data"][0]["b64_json"].as_str().unwrap().to_string();
+        let got =
+            image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap().to_rgb8();
+        let want = image::open(golden.join(c["image_files"][0].as_str().unwrap())).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), want.dimensions(), "{}", c["name"]);
+        let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 1, "{}: {worst} levels from diffusers'", c["name"]);
+    }
+}
+
+/// `picture` as a PNG, with an `eXIf` chunk holding `orientation` (1-8) when given.
+fn png_with_orientation(picture: &image::DynamicImage, orientation: Option<u16>) -> Vec<u8> {
     use image::ImageEncoder;
-    // A big-endian TIFF header, then one IFD entry: Orientation (0x0112), SHORT, one value.
-    let mut exif = b"MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
-    exif.extend_from_slice(&orientation.to_be_bytes());
-    exif.extend_from_slice(&[0; 6]);
     let mut bytes = Vec::new();
     let mut encoder = image::codecs::png::PngEncoder::new(&mut bytes);
-    encoder.set_exif_metadata(exif).unwrap();
-    let rgba = image::RgbaImage::from_fn(width, height, |x, y| {
-        let a = if x < width / 2 { 255 } else { alpha.unwrap_or(255) };
-        image::Rgba([(x * 3) as u8, (y * 5) as u8, 90, a])
-    });
-    match alpha {
-        Some(_) => encoder.write_image(rgba.as_raw(), width, height, image::ExtendedColorType::Rgba8),
-        None => {
-            let rgb = image::DynamicImage::ImageRgba8(rgba).to_rgb8();
-            encoder.write_image(rgb.as_raw(), width, height, image::ExtendedColorType::Rgb8)
-        }
+    if let Some(orientation) = orientation {
+        // A big-endian TIFF header, then one IFD entry: Orientation (0x0112), SHORT, one value.
+        let mut exif = b"MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+        exif.extend_from_slice(&orientation.to_be_bytes());
+        exif.extend_from_slice(&[0; 6]);
+        encoder.set_exif_metadata(exif).unwrap();
     }
-    .unwrap();
+    encoder.write_image(picture.as_bytes(), picture.width(), picture.height(), picture.color().into()).unwrap();
     bytes
 }
 
 /// An edit's picture and mask are turned upright by their EXIF orientation (as diffusers'
-/// `load_image` turns them): a 64x32 phone picture rotated a quarter turn gives a 32x64 image,
-/// with an OpenAI mask (transparency) or an opaque one rotated the same way.
+/// `load_image` turns them): a 64x32 phone picture stored with each orientation gives the
+/// image of the same picture stored upright (a quarter turn makes it 32x64), alone, under an
+/// OpenAI mask (transparency) and under an opaque one, all three stored with the orientation.
 #[test]
 fn edits_turn_pictures_upright_by_their_exif_orientation() {
     use base64::Engine;
     let server = Server::start(&["--model", &tiny()]);
     let edit = |files: &[(&str, &str, &[u8])]| {
         let (content_type, body) = multipart(&[("prompt", "x"), ("num_inference_steps", "1"), ("seed", "3")], files);
-        server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body)
-    };
-    let size_of = |response: Response| {
+        let response = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
         assert_eq!(response.status, 200, "{}", response.text());
         let b64 = response.json()["data"][0]["b64_json"].as_str().unwrap().to_string();
         let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-        image::load_from_memory(&png).unwrap().to_rgb8().dimensions()
+        image::load_from_memory(&png).unwrap().to_rgb8()
     };
-    for orientation in [6, 8, 5, 7] {
-        let picture = png_oriented(64, 32, orientation, None);
-        assert_eq!(size_of(edit(&[("image", "phone.png", &picture)])), (32, 64), "orientation {orientation}");
-        for alpha in [Some(0), None] {
-            let mask = png_oriented(64, 32, orientation, alpha);
-            let files = [("image", "phone.png", picture.as_slice()), ("mask", "mask.png", &mask)];
-            assert_eq!(size_of(edit(&files)), (32, 64), "orientation {orientation}, mask alpha {alpha:?}");
+    // No symmetry: a gradient picture, masks covering the top-left quarter.
+    let picture = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 32, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 8) as u8, ((x + 2 * y) * 2) as u8])
+    }));
+    let openai_mask = image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(64, 32, |x, y| {
+        image::Rgba([10, 10, 10, if x < 32 && y < 16 { 0 } else { 255 }])
+    }));
+    let opaque_mask = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(64, 32, |x, y| {
+        image::Luma([if x < 32 && y < 16 { 255 } else { 0 }])
+    }));
+    for orientation in [6, 8, 5, 7, 3, 2] {
+        let stored = |p: &image::DynamicImage| png_with_orientation(p, Some(orientation));
+        let upright = |p: &image::DynamicImage| {
+            let mut p = p.clone();
+            p.apply_orientation(image::metadata::Orientation::from_exif(orientation as u8).unwrap());
+            png_with_orientation(&p, None)
+        };
+        let want_size = if orientation >= 5 { (32, 64) } else { (64, 32) };
+        let got = edit(&[("image", "a.png", &stored(&picture))]);
+        assert_eq!(got.dimensions(), want_size, "orientation {orientation}");
+        assert_eq!(got, edit(&[("image", "a.png", &upright(&picture))]), "orientation {orientation}");
+        for mask in [&openai_mask, &opaque_mask] {
+            let got = edit(&[("image", "a.png", &stored(&picture)), ("mask", "m.png", &stored(mask))]);
+            let want = edit(&[("image", "a.png", &upright(&picture)), ("mask", "m.png", &upright(mask))]);
+            assert_eq!(got, want, "orientation {orientation}, mask {:?}", mask.color());
         }
     }
-    // Upright already (1), or turned half a way (3): the stored size. A mask stored at the
-    // picture's upright size but with another orientation no longer fits it.
-    assert_eq!(size_of(edit(&[("image", "a.png", &png_oriented(64, 32, 3, None))])), (64, 32));
-    let files =
-        [("image", "phone.png", png_oriented(64, 32, 6, None)), ("mask", "mask.png", png_oriented(64, 32, 1, Some(0)))];
-    let files: Vec<(&str, &str, &[u8])> = files.iter().map(|(a, b, c)| (*a, *b, c.as_slice())).collect();
-    let e = edit(&files).assert_error(400, "invalid_request_error", None);
-    assert!(e["message"].as_str().unwrap().contains("64x32"), "{e}");
 }
 
 /// The model's own size limit (8192 pixels a side for the tiny package) is checked before the

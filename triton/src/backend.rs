@@ -301,6 +301,7 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceInitialize(instance: *mut api::Mode
             max_prompt_bytes: settings.max_prompt_bytes,
             max_count: settings.max_count,
             controlnet: settings.controlnet.is_some(),
+            size_multiple: pipeline.manifest().size_multiple(),
         };
         let raw = Box::into_raw(Box::new(InstanceState { name, pipeline, limits, requests }));
         // SAFETY: Triton keeps the pointer until ModelInstanceFinalize, which frees it.

@@ -32,6 +32,9 @@ pub struct Limits {
     pub max_count: u32,
     /// Whether the model loads a ControlNet (parameter `controlnet`): CONTROL_IMAGE needs one.
     pub controlnet: bool,
+    /// The model's size multiple: a picture without WIDTH/HEIGHT is made at its own size
+    /// floored to it ([`zimage::pipeline::size_for_picture`]).
+    pub size_multiple: usize,
 }
 
 /// A request the backend rejects before it reaches the pipeline (Triton INVALID_ARG).
@@ -49,8 +52,8 @@ fn bad(message: impl Into<String>) -> InputError {
 }
 
 /// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
-/// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) keeps its size, otherwise
-/// it is resized. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
+/// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) sets the size (its own,
+/// floored to the model's size multiple), and it is resized to the request's size; a MASK too. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
 /// ControlNet inpainting (from noise, no STRENGTH), as `zimage generate --controlnet`.
 /// Inputs left out take the model's recommended settings (`defaults`, the package's
 /// `generation_defaults`).
@@ -121,9 +124,12 @@ pub fn build_request(
         }
         None => None,
     };
-    let sized_by = init.as_ref().or(control.as_ref());
-    request.width = width.or(sized_by.map(|i| i.width)).unwrap_or(request.width);
-    request.height = height.or(sized_by.map(|i| i.height)).unwrap_or(request.height);
+    let picture_size = init
+        .as_ref()
+        .or(control.as_ref())
+        .map(|i| zimage::pipeline::size_for_picture(limits.size_multiple, i.width, i.height));
+    request.width = width.or(picture_size.map(|s| s.0)).unwrap_or(request.width);
+    request.height = height.or(picture_size.map(|s| s.1)).unwrap_or(request.height);
     if let Some(control) = control {
         if !limits.controlnet {
             return Err(bad("CONTROL_IMAGE needs a ControlNet: this model has none (parameter controlnet)"));
@@ -155,6 +161,11 @@ pub fn build_request(
             let default_strength =
                 if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
             let image = image_io::resize_rgb(&image, request.width, request.height).map_err(|e| bad(e.to_string()))?;
+            // A mask of another size is resized to the image's, as diffusers' mask processor does.
+            let mask = mask
+                .map(|m| image_io::resize_gray(&m, request.width, request.height))
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?;
             request.init_image = Some(InitImage { image, mask, strength: strength.unwrap_or(default_strength) });
         }
         None if mask.is_some() => return Err(bad("MASK needs INIT_IMAGE")),

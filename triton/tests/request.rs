@@ -6,7 +6,7 @@ use triton_zimage::interface::{self, DataType, INPUTS, OUTPUTS};
 use triton_zimage::request::{build_request, bytes_element, image_output, InputError, Limits, Tensor};
 use zimage::{GenerationDefaults, InitImage, Prompt, RgbImage};
 
-const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false };
+const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false, size_multiple: 16 };
 
 fn turbo() -> GenerationDefaults {
     GenerationDefaults::default()

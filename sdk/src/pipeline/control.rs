@@ -65,8 +65,8 @@ impl ControlCondition {
 
     /// The condition the front ends build from pictures of any size, as `zimage generate`
     /// does: `control` resized to `width` x `height` (the request's size) and then
-    /// preprocessed; with `inpaint`, ControlNet inpainting of that picture (resized too) under
-    /// its mask (already at the request's size). Default scale.
+    /// preprocessed; with `inpaint`, ControlNet inpainting of that picture under its mask, both
+    /// resized too (the mask as diffusers' mask processor resizes it). Default scale.
     pub fn resized(
         control: &RgbImage,
         preprocess: crate::control_preprocess::ControlPreprocess,
@@ -77,7 +77,9 @@ impl ControlCondition {
         let map = preprocess.apply(&image_io::resize_rgb(control, width, height)?)?;
         Ok(match inpaint {
             Some((picture, mask)) => {
-                ControlCondition::inpaint(map, image_io::resize_rgb(picture, width, height)?, mask)
+                let (picture, mask) =
+                    (image_io::resize_rgb(picture, width, height)?, image_io::resize_gray(&mask, width, height)?);
+                ControlCondition::inpaint(map, picture, mask)
             }
             None => ControlCondition::new(map),
         })

@@ -639,6 +639,17 @@ pub fn check_request(request: &GenerateRequest, manifest: &Manifest) -> Result<(
     Plan::new(request, manifest, None).map(|_| ())
 }
 
+/// The output size an input picture of `width` x `height` implies when a request names none
+/// (image-to-image, inpainting, a ControlNet's picture): each side floored to a multiple of
+/// `multiple` ([`Manifest::size_multiple`]), as diffusers' image processor derives it
+/// (`get_default_height_width`); the front ends then resize the picture to it. A side shorter
+/// than one multiple is kept, so that the request's check refuses it with its real size.
+pub fn size_for_picture(multiple: usize, width: u32, height: u32) -> (u32, u32) {
+    let multiple = u32::try_from(multiple.max(1)).unwrap_or(u32::MAX);
+    let floor = |side: u32| if side >= multiple { side - side % multiple } else { side };
+    (floor(width), floor(height))
+}
+
 /// The package's graphs must declare the interfaces the networks drive: those of the image
 /// pipeline, and the enhancer decoder's when the package carries one.
 fn check_interfaces(dir: &Path, manifest: &Manifest) -> Result<()> {

@@ -50,7 +50,7 @@ pub(crate) fn check(init: &InitImage, width: u32, height: u32) -> Result<()> {
         mask.check()?;
         if (mask.width, mask.height) != (width, height) {
             return Err(Error::invalid(format!(
-                "mask is {}x{} but the init image is {width}x{height}; they must be the same size",
+                "mask is {}x{} but the init image is {width}x{height}; resize it first (image_io::resize_gray)",
                 mask.width, mask.height
             )));
         }
