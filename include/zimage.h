@@ -703,13 +703,15 @@ typedef struct zimage_generate_params {
    */
   bool return_latents;
   /**
-   * Image-to-image: start from this RGB picture (same size as the request) instead of pure
-   * noise. `init_image.pixels == NULL` (the default) means text-to-image.
+   * Image-to-image: start from this RGB picture instead of pure noise; one of another size
+   * than the request's is resized to it as diffusers resizes it (Pillow's Lanczos).
+   * `init_image.pixels == NULL` (the default) means text-to-image.
    */
   struct zimage_image init_image;
   /**
-   * Inpainting: a 1-channel mask of the same size, white (>= 128) = repaint. Needs
-   * `init_image`. `mask.pixels == NULL` means no mask.
+   * Inpainting: a 1-channel mask, white (>= 128) = repaint, resized to the request's size
+   * when it has another (as diffusers' mask processor does). Needs `init_image`.
+   * `mask.pixels == NULL` means no mask.
    */
   struct zimage_image mask;
   /**
@@ -742,7 +744,7 @@ typedef struct zimage_generate_params {
   const struct zimage_enhance_params *enhance_params;
   /**
    * ControlNet (appended after `enhance_params`: an older, smaller struct means none): the
-   * control map, RGB8 at the request's size (resize it first), guiding the generation through
+   * control map, RGB8, resized to the request's size (then preprocessed), guiding the generation through
    * the ControlNet attached with `zimage_pipeline_set_controlnet()`. With `init_image` and
    * `mask` also set: ControlNet inpainting, which starts from noise (`strength` is not used;
    * a ControlNet with 2C+1 control channels is needed). `control_image.pixels == NULL` (the

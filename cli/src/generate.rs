@@ -294,7 +294,7 @@ fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u3
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = args.save_latents.is_some();
-    let picture_size = init_size.map(|(w, h)| manifest.size_for_picture(w, h));
+    let picture_size = init_size.map(|(w, h)| zimage::pipeline::size_for_picture(manifest.size_multiple(), w, h));
     request.width = args.width.or(picture_size.map(|s| s.0)).unwrap_or(request.width);
     request.height = args.height.or(picture_size.map(|s| s.1)).unwrap_or(request.height);
     request

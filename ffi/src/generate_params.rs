@@ -65,11 +65,13 @@ pub struct zimage_generate_params {
     pub max_sequence_length: u32,
     /// Keep the final latents, for `zimage_image_list_latents()`.
     pub return_latents: bool,
-    /// Image-to-image: start from this RGB picture (same size as the request) instead of pure
-    /// noise. `init_image.pixels == NULL` (the default) means text-to-image.
+    /// Image-to-image: start from this RGB picture instead of pure noise; one of another size
+    /// than the request's is resized to it as diffusers resizes it (Pillow's Lanczos).
+    /// `init_image.pixels == NULL` (the default) means text-to-image.
     pub init_image: zimage_image,
-    /// Inpainting: a 1-channel mask of the same size, white (>= 128) = repaint. Needs
-    /// `init_image`. `mask.pixels == NULL` means no mask.
+    /// Inpainting: a 1-channel mask, white (>= 128) = repaint, resized to the request's size
+    /// when it has another (as diffusers' mask processor does). Needs `init_image`.
+    /// `mask.pixels == NULL` means no mask.
     pub mask: zimage_image,
     /// How much of `init_image` is re-generated, 0..=1 (1 = all of it).
     pub strength: f64,
@@ -90,7 +92,7 @@ pub struct zimage_generate_params {
     /// `enhancer`.
     pub enhance_params: *const zimage_enhance_params,
     /// ControlNet (appended after `enhance_params`: an older, smaller struct means none): the
-    /// control map, RGB8 at the request's size (resize it first), guiding the generation through
+    /// control map, RGB8, resized to the request's size (then preprocessed), guiding the generation through
     /// the ControlNet attached with `zimage_pipeline_set_controlnet()`. With `init_image` and
     /// `mask` also set: ControlNet inpainting, which starts from noise (`strength` is not used;
     /// a ControlNet with 2C+1 control channels is needed). `control_image.pixels == NULL` (the
@@ -271,16 +273,20 @@ unsafe fn control(
     let Some((width, height, pixels)) = (unsafe { read_pixels(&p.control_image, 3, "params->control_image") })? else {
         return Ok(None);
     };
-    let map = preprocess.apply(&RgbImage { width, height, pixels })?;
-    let mut condition =
-        match init.take() {
-            None => ControlCondition::new(map),
-            Some(InitImage { image, mask: Some(mask), .. }) => ControlCondition::inpaint(map, image, mask),
-            Some(InitImage { mask: None, .. }) => return Err(Failure::invalid(
-                "params->control_image with params->init_image needs params->mask (ControlNet inpainting); there is \
-                 no ControlNet image-to-image",
-            )),
-        };
+    let control = RgbImage { width, height, pixels };
+    let mut condition = match init.take() {
+        None => ControlCondition::new(control),
+        Some(InitImage { image, mask: Some(mask), .. }) => ControlCondition::inpaint(control, image, mask),
+        Some(InitImage { mask: None, .. }) => {
+            return Err(Failure::invalid(
+                "params->control_image with params->init_image needs params->mask (ControlNet inpainting); there \
+                 is no ControlNet image-to-image",
+            ))
+        }
+    };
+    // The pipeline resizes the pictures to the request's size, then preprocesses the map, as
+    // `zimage generate` does.
+    condition.preprocess = preprocess;
     condition.conditioning_scale = p.control_scale;
     Ok(Some(condition))
 }

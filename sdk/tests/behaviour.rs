@@ -106,12 +106,47 @@ fn image_to_image_inputs_are_checked() {
     assert_eq!(kind_of(with(InitImage { strength: 1.5, ..base.clone() })), ErrorKind::InvalidRequest);
     assert_eq!(kind_of(with(InitImage { strength: -0.1, ..base.clone() })), ErrorKind::InvalidRequest);
     assert_eq!(kind_of(with(InitImage { strength: 0.0, ..base.clone() })), ErrorKind::InvalidRequest, "no steps left");
-    let wrong_mask = zimage::GrayImage { width: 32, height: 64, pixels: vec![255; 32 * 64] };
-    assert_eq!(kind_of(with(InitImage { mask: Some(wrong_mask), ..base.clone() })), ErrorKind::InvalidRequest);
     let short = zimage::RgbImage { width: 64, height: 64, pixels: vec![0; 10] };
     assert_eq!(kind_of(with(InitImage { image: short, ..base.clone() })), ErrorKind::Image);
-    let other_size = zimage::RgbImage { width: 32, height: 32, pixels: vec![0; 32 * 32 * 3] };
-    assert_eq!(kind_of(with(InitImage { image: other_size, ..base })), ErrorKind::InvalidRequest);
+    let short_mask = zimage::GrayImage { width: 20, height: 30, pixels: vec![255; 599] };
+    assert_eq!(kind_of(with(InitImage { mask: Some(short_mask), ..base.clone() })), ErrorKind::Image);
+    // A picture and a mask of other sizes than the request's are resized to it, as diffusers'
+    // processors resize them: the same result as with both resized first.
+    let picture = zimage::RgbImage { width: 40, height: 24, pixels: (0..40 * 24 * 3).map(|i| (i * 7) as u8).collect() };
+    let mask = zimage::GrayImage {
+        width: 20,
+        height: 30,
+        pixels: (0..600).map(|i| if i % 20 < 10 { 255 } else { 0 }).collect(),
+    };
+    let direct = with(InitImage { image: picture.clone(), mask: Some(mask.clone()), ..base.clone() }).unwrap();
+    let first = InitImage {
+        image: zimage::image_io::resize_rgb(&picture, 64, 64).unwrap(),
+        mask: Some(zimage::image_io::resize_gray(&mask, 64, 64).unwrap()),
+        ..base
+    };
+    let resized_first = with(first).unwrap();
+    assert_eq!(direct.images, resized_first.images);
+    assert_eq!(direct.latents, resized_first.latents);
+    assert_eq!((direct.images[0].width, direct.images[0].height), (64, 64));
+}
+
+/// The size a picture implies without one given: its sides floored to the package's multiple,
+/// as diffusers' image processor floors them; a side under one multiple is kept, so the request
+/// check refuses it with its own size.
+#[test]
+fn a_pictures_size_is_floored_to_the_size_multiple() {
+    use zimage::pipeline::size_for_picture;
+    assert_eq!(size_for_picture(16, 1000, 750), (992, 736));
+    assert_eq!(size_for_picture(16, 100, 75), (96, 64));
+    assert_eq!(size_for_picture(16, 64, 48), (64, 48));
+    assert_eq!(size_for_picture(16, 15, 40), (15, 32));
+    assert_eq!(size_for_picture(8, 17, 9), (16, 8));
+    assert_eq!(size_for_picture(16, u32::MAX, 0), (u32::MAX - 15, 0));
+    let manifest = zimage::Manifest::read(&repo().join("models/tiny-zimage")).unwrap();
+    let mut r = small("x");
+    (r.width, r.height) = size_for_picture(manifest.size_multiple(), 15, 40);
+    let e = zimage::pipeline::check_request(&r, &manifest).unwrap_err();
+    assert!(e.to_string().contains("width 15"), "{e}");
 }
 
 #[test]

@@ -190,12 +190,20 @@ fn bad_control_input_is_a_typed_error() {
         assert_eq!(err.kind(), ErrorKind::InvalidRequest, "scale {scale}: {err}");
         assert!(err.to_string().contains("finite"), "{err}");
     }
-    // Control image of another size (the SDK does not resize on its own).
+    // A control image of another size is resized to the request's (Pillow's Lanczos), then
+    // preprocessed: the same images as a map made at the size first.
     let mut r = small_request(case);
     r.width += 16;
-    let err = pipeline.check_request(&r).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
-    assert!(err.to_string().contains("control image"), "{err}");
+    let photo = r.control.as_ref().unwrap().image.clone();
+    let canny = zimage::ControlPreprocess::CANNY_DEFAULT;
+    r.control.as_mut().unwrap().preprocess = canny;
+    let direct = pipeline.generate(&r, None).unwrap();
+    let map = canny.apply(&zimage::image_io::resize_rgb(&photo, r.width, r.height).unwrap()).unwrap();
+    r.control.as_mut().unwrap().image = map;
+    r.control.as_mut().unwrap().preprocess = zimage::ControlPreprocess::None;
+    let made_first = pipeline.generate(&r, None).unwrap();
+    assert_eq!((direct.images[0].width, direct.images[0].height), (r.width, r.height));
+    assert_eq!(direct.images, made_first.images);
     // A broken pixel buffer.
     let mut r = small_request(case);
     r.control.as_mut().unwrap().image.pixels.pop();

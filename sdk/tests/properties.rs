@@ -67,7 +67,7 @@ fn rgb(width: u32, height: u32, short: bool) -> RgbImage {
 }
 
 /// A request of random fields; an input picture, a mask and caller latents sometimes, of the
-/// request's size or not.
+/// request's size or not (pictures of another size are valid: they are resized).
 fn request() -> impl Strategy<Value = GenerateRequest> {
     let sizes = (side(), side(), prop_oneof![1u32..=12, 0u32..=1100, Just(u32::MAX)]);
     let counts = prop_oneof![1u32..=4, 0u32..=70, Just(u32::MAX)];
@@ -120,9 +120,10 @@ fn documented_valid(r: &GenerateRequest) -> bool {
     }
     if let Some(init) = &r.init_image {
         let i = &init.image;
-        ok &= i.pixels.len() == i.width as usize * i.height as usize * 3 && (i.width, i.height) == (r.width, r.height);
+        // Any size: a picture or mask of another size than the request's is resized to it.
+        ok &= i.pixels.len() == i.width as usize * i.height as usize * 3;
         if let Some(m) = &init.mask {
-            ok &= (m.width, m.height) == (r.width, r.height);
+            ok &= m.pixels.len() == m.width as usize * m.height as usize;
         }
         let steps = r.steps as f64;
         ok &= (0.0..=1.0).contains(&init.strength) && steps - steps * init.strength < steps;

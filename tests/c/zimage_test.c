@@ -649,8 +649,8 @@ static void test_request_errors(const zimage_pipeline *pipeline, log_record *log
     params.guidance_scale = -1.0f;
     CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
 
-    /* Image-to-image inputs: a mask alone, a stride shorter than a row, an empty picture,
-     * a picture of the wrong size. */
+    /* Image-to-image inputs: a mask alone, a stride shorter than a row, an empty picture
+     * (one of another size than the request is resized to it: test_image_list). */
     small_params(&params);
     params.mask.pixels = gray;
     params.mask.width = 64;
@@ -665,18 +665,15 @@ static void test_request_errors(const zimage_pipeline *pipeline, log_record *log
     params.init_image.stride = 0;
     params.init_image.width = 0;
     CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_IMAGE);
-    params.init_image.width = 32;
-    params.init_image.height = 32;
-    CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
     params.init_image.width = 64;
     params.init_image.height = 64;
     params.strength = 1.5;
     CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
 
     CHECK(images == sentinel);
-    /* Each of the 18 failed generate and encode calls above is logged once at ERROR level,
+    /* Each of the 17 failed generate and encode calls above is logged once at ERROR level,
      * with the text of the last error message. */
-    CHECK(log_count(logs, ZIMAGE_LOG_LEVEL_ERROR) - errors_logged == 18);
+    CHECK(log_count(logs, ZIMAGE_LOG_LEVEL_ERROR) - errors_logged == 17);
     CHECK(strcmp(logs->last_error, zimage_last_error_message()) == 0);
 }
 
@@ -717,6 +714,27 @@ static void test_image_list(const zimage_pipeline *pipeline, log_record *logs) {
     CHECK_CODE(zimage_image_list_latents(images, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK(log_count(logs, ZIMAGE_LOG_LEVEL_INFO) == infos + 1); /* "generated 2 image(s) ..." */
     zimage_image_list_free(images);
+
+    /* An init picture and mask of other sizes than the 64x64 request are resized to it. */
+    {
+        static unsigned char rgb[40 * 24 * 3], gray[20 * 30];
+        size_t k;
+        for (k = 0; k < sizeof rgb; k++) rgb[k] = (unsigned char)(k * 7);
+        for (k = 0; k < sizeof gray; k++) gray[k] = (k % 20) < 10 ? 255 : 0;
+        small_params(&params);
+        params.init_image.pixels = rgb;
+        params.init_image.width = 40;
+        params.init_image.height = 24;
+        params.mask.pixels = gray;
+        params.mask.width = 20;
+        params.mask.height = 30;
+        params.strength = 0.8;
+        images = NULL;
+        CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+        CHECK_CODE(zimage_image_list_get(images, 0, &image), ZIMAGE_RESULT_OK);
+        CHECK(image.width == 64 && image.height == 64);
+        zimage_image_list_free(images);
+    }
 }
 
 static void test_progress(const zimage_pipeline *pipeline) {
@@ -1422,9 +1440,21 @@ static void test_controlnet(int max_cases) {
             params.control_scale = NAN;
             CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
             params.control_scale = 1.0f;
-            params.control_image.width = c.width / 2; /* fewer pixels than the request's size */
-            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_REQUEST);
+            params.control_image.width = 0; /* an empty picture */
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_IMAGE);
+            /* A narrower control map is resized to the request's size. */
+            params.control_image.width = c.width / 2;
+            params.control_image.stride = c.width * 3;
+            CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_OK);
+            if (images) {
+                zimage_image image;
+                CHECK_CODE(zimage_image_list_get(images, 0, &image), ZIMAGE_RESULT_OK);
+                CHECK(image.width == c.width && image.height == c.height);
+            }
+            zimage_image_list_free(images);
+            images = NULL;
             params.control_image.width = c.width;
+            params.control_image.stride = 0;
             params.control_preprocess = 7;
             CHECK_CODE(zimage_generate(pipeline, &params, &images), ZIMAGE_RESULT_INVALID_ARGUMENT);
             CHECK(images == NULL);

@@ -100,7 +100,13 @@ pub const INPUTS: &[TensorSpec] = &[
     input("SEED", DataType::Uint64, &[1], true, "noise seed [random, returned in the SEED output]"),
     input("COUNT", DataType::Int32, &[1], true, "images from one noise tensor [1]"),
     input("INIT_IMAGE", DataType::Uint8, &[-1, -1, 3], true, "image-to-image start picture, RGB [H, W, 3]"),
-    input("MASK", DataType::Uint8, &[-1, -1], true, "inpainting mask [H, W], resized to the output size if another, white = repaint"),
+    input(
+        "MASK",
+        DataType::Uint8,
+        &[-1, -1],
+        true,
+        "inpainting mask [H, W], resized to the output size if another, white = repaint",
+    ),
     input("STRENGTH", DataType::Fp64, &[1], true, "how much of INIT_IMAGE is regenerated, 0..1 [0.6; 1.0 with MASK]"),
     input(
         "CONTROL_IMAGE",

@@ -318,12 +318,6 @@ impl Manifest {
         self.vae.scale_factor * self.transformer.patch_size
     }
 
-    /// The output size an input picture of `width` x `height` implies when a request names
-    /// none: [`crate::pipeline::size_for_picture`] with this package's size multiple.
-    pub fn size_for_picture(&self, width: u32, height: u32) -> (u32, u32) {
-        crate::pipeline::size_for_picture(self.size_multiple(), width, height)
-    }
-
     /// Total bytes of weights and graphs: what a fully loaded pipeline should roughly hold.
     /// A weights file shared by several graphs counts once; `vae_decoder_cpu` and
     /// `vae_decoder_int8` are loaded instead of `vae_decoder`, not besides it, so they are not

@@ -31,14 +31,20 @@ use crate::runtime::run_context::RunContext;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ControlCondition {
-    /// The control map (edges, depth, pose ...), at the request's width and height
-    /// (`image_io::resize_rgb` resizes one; `control_preprocess::canny` makes edges from a photo).
+    /// The control map (edges, depth, pose ...), or with `preprocess` the picture it is made
+    /// from. One of another size than the request's is resized to it (Pillow's Lanczos, as
+    /// diffusers resizes a control image).
     pub image: RgbImage,
     /// Multiplies the ControlNet's hints; diffusers' default 0.75. Finite.
     pub conditioning_scale: f32,
-    /// ControlNet inpainting: the picture and the mask to repaint (white), both at the
-    /// request's size. Only for a ControlNet with `control_in_dim = 2C + 1` (Union 2.x).
+    /// ControlNet inpainting: the picture and the mask to repaint (white), resized to the
+    /// request's size like `image`. Only for a ControlNet with `control_in_dim = 2C + 1`
+    /// (Union 2.x).
     pub inpaint: Option<ControlInpaint>,
+    /// How `image` is made into the control map, by the pipeline once it is at the request's
+    /// size (as `zimage generate` resizes a photo, then finds its edges). Default: none, `image`
+    /// is the map.
+    pub preprocess: crate::control_preprocess::ControlPreprocess,
 }
 
 /// The picture and mask of a ControlNet inpainting request.
@@ -55,7 +61,12 @@ impl ControlCondition {
 
     /// Text-to-image guided by `image`, at the default scale.
     pub fn new(image: RgbImage) -> ControlCondition {
-        ControlCondition { image, conditioning_scale: Self::DEFAULT_SCALE, inpaint: None }
+        ControlCondition {
+            image,
+            conditioning_scale: Self::DEFAULT_SCALE,
+            inpaint: None,
+            preprocess: crate::control_preprocess::ControlPreprocess::None,
+        }
     }
 
     /// ControlNet inpainting: repaint `picture` where `mask` is white, guided by `image`.
@@ -86,8 +97,9 @@ impl ControlCondition {
     }
 }
 
-/// Checks a condition against the request's size (no model needed).
-pub(crate) fn check(control: &ControlCondition, width: u32, height: u32, has_init_image: bool) -> Result<()> {
+/// Checks a condition (no model needed). Its pictures may have any size: they are resized to
+/// the request's ([`super::request::GenerateRequest::pictures_at_size`]).
+pub(crate) fn check(control: &ControlCondition, has_init_image: bool) -> Result<()> {
     if has_init_image {
         return Err(Error::invalid(
             "a request has either an init image or a ControlNet condition: for ControlNet inpainting give the \
@@ -100,21 +112,10 @@ pub(crate) fn check(control: &ControlCondition, width: u32, height: u32, has_ini
             control.conditioning_scale
         )));
     }
-    let sized = |what: &str, w: u32, h: u32| -> Result<()> {
-        if (w, h) != (width, height) {
-            return Err(Error::invalid(format!(
-                "{what} is {w}x{h} but the request is {width}x{height}; resize it first (image_io::resize_rgb)"
-            )));
-        }
-        Ok(())
-    };
     control.image.check()?;
-    sized("control image", control.image.width, control.image.height)?;
     if let Some(inpaint) = &control.inpaint {
         inpaint.image.check()?;
         inpaint.mask.check()?;
-        sized("inpainting picture", inpaint.image.width, inpaint.image.height)?;
-        sized("inpainting mask", inpaint.mask.width, inpaint.mask.height)?;
     }
     Ok(())
 }

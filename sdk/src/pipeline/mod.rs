@@ -412,6 +412,7 @@ impl Pipeline {
     ) -> Result<Generation> {
         let started = Instant::now();
         let plan = Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref())?;
+        let request = &*request.pictures_at_size()?;
         let context = self.registry.begin()?;
         let prompts = self.captions.encode_request(request, plan.guidance.enabled(), &context)?;
         let seed = request.seed.unwrap_or_else(random_seed);

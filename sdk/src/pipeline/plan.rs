@@ -65,11 +65,11 @@ impl Plan {
             }
         }
         if let Some(init) = &r.init_image {
-            start::check(init, r.width, r.height)?;
+            start::check(init)?;
             start::first_step(r.steps as usize, init.strength)?;
         }
         if let Some(c) = &r.control {
-            control::check(c, r.width, r.height, r.init_image.is_some())?;
+            control::check(c, r.init_image.is_some())?;
         }
         let p = m.transformer.patch_size;
         Ok(Plan {

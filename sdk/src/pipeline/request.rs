@@ -84,9 +84,11 @@ pub struct GenerateRequest {
 /// The picture an image-to-image or inpainting request starts from.
 #[derive(Debug, Clone)]
 pub struct InitImage {
-    /// Must already have the request's width and height (see `image_io::resize_rgb`).
+    /// Any size: a picture of another size than the request's is resized to it as diffusers'
+    /// image processor resizes it (Pillow's Lanczos, `image_io::resize_rgb`).
     pub image: RgbImage,
-    /// Inpainting mask, same size as `image`: white (>= 128 after binarising) = repaint.
+    /// Inpainting mask: white (>= 128 after binarising) = repaint. Resized to the request's
+    /// size when it has another, as diffusers' mask processor does (`image_io::resize_gray`).
     pub mask: Option<GrayImage>,
     /// How much of the picture is re-generated, 0..=1 (1 = all of it).
     pub strength: f64,
@@ -236,4 +238,47 @@ pub struct Providers {
     pub transformer: Device,
     pub vae_decoder: Device,
     pub vae_encoder: Device,
+}
+
+impl GenerateRequest {
+    /// This request with its pictures (init image and mask, control image, ControlNet
+    /// inpainting picture and mask) at the request's width and height: those of another size
+    /// resized as diffusers' image and mask processors resize them (Pillow's Lanczos), then the
+    /// control map made by the condition's `preprocess`. Borrowed unchanged when every picture
+    /// already has the size and there is nothing to preprocess. Check the request first (a
+    /// resize allocates the target).
+    pub(crate) fn pictures_at_size(&self) -> crate::error::Result<std::borrow::Cow<'_, GenerateRequest>> {
+        use crate::control_preprocess::ControlPreprocess;
+        use crate::image_io::{resize_gray, resize_rgb};
+        let size = (self.width, self.height);
+        let rgb_fits = |p: &RgbImage| (p.width, p.height) == size;
+        let gray_fits = |p: &GrayImage| (p.width, p.height) == size;
+        let init_fits =
+            self.init_image.as_ref().is_none_or(|i| rgb_fits(&i.image) && i.mask.as_ref().is_none_or(gray_fits));
+        let control_fits = self.control.as_ref().is_none_or(|c| {
+            rgb_fits(&c.image)
+                && c.preprocess == ControlPreprocess::None
+                && c.inpaint.as_ref().is_none_or(|i| rgb_fits(&i.image) && gray_fits(&i.mask))
+        });
+        if init_fits && control_fits {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let (width, height) = size;
+        let mut resized = self.clone();
+        if let Some(init) = &mut resized.init_image {
+            init.image = resize_rgb(&init.image, width, height)?;
+            if let Some(mask) = &mut init.mask {
+                *mask = resize_gray(mask, width, height)?;
+            }
+        }
+        if let Some(control) = &mut resized.control {
+            control.image = control.preprocess.apply(&resize_rgb(&control.image, width, height)?)?;
+            control.preprocess = ControlPreprocess::None;
+            if let Some(inpaint) = &mut control.inpaint {
+                inpaint.image = resize_rgb(&inpaint.image, width, height)?;
+                inpaint.mask = resize_gray(&inpaint.mask, width, height)?;
+            }
+        }
+        Ok(std::borrow::Cow::Owned(resized))
+    }
 }

@@ -37,23 +37,12 @@ pub(crate) fn first_step(steps: usize, strength: f64) -> Result<usize> {
     Ok(start)
 }
 
-/// Checks the input picture and mask against the request's size.
-pub(crate) fn check(init: &InitImage, width: u32, height: u32) -> Result<()> {
+/// Checks the input picture and mask (their buffers; pictures of another size than the
+/// request's are resized to it: [`super::request::GenerateRequest::pictures_at_size`]).
+pub(crate) fn check(init: &InitImage) -> Result<()> {
     init.image.check()?;
-    if (init.image.width, init.image.height) != (width, height) {
-        return Err(Error::invalid(format!(
-            "init image is {}x{} but the request is {width}x{height}; resize it first (image_io::resize_rgb)",
-            init.image.width, init.image.height
-        )));
-    }
     if let Some(mask) = &init.mask {
         mask.check()?;
-        if (mask.width, mask.height) != (width, height) {
-            return Err(Error::invalid(format!(
-                "mask is {}x{} but the init image is {width}x{height}; resize it first (image_io::resize_gray)",
-                mask.width, mask.height
-            )));
-        }
     }
     Ok(())
 }
