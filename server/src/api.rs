@@ -8,15 +8,16 @@
 //! `xhigh` / `max` 2x (for Turbo: 4, 8, 12, 16).
 
 use serde::Deserialize;
+use zimage::package::edit::EditDefaults;
 use zimage::pipeline::size_for_picture;
 use zimage::{
-    ControlCondition, ControlNames, ControlPreprocess, GenerateRequest, GenerationDefaults, GrayImage, InitImage,
-    InputNames, Prompt, RgbImage, MAX_IMAGES_PER_REQUEST,
+    ControlCondition, ControlNames, ControlPreprocess, EditRequest, GenerateRequest, GenerationDefaults, GrayImage,
+    InitImage, InputNames, Prompt, ReferenceRecord, RgbImage, MAX_IMAGES_PER_REQUEST,
 };
 
 use crate::error::ApiError;
 use crate::output::OutputFormat;
-use crate::workers::JobSpec;
+use crate::workers::{JobSpec, Work};
 
 /// Every field either endpoint reads; unknown fields (`user`, `style`, `moderation` ...) are
 /// accepted and ignored, as OpenAI-compatible servers do.
@@ -231,6 +232,7 @@ pub fn prepare(
             }
         }
     }
+    let (format, compression, response_format) = output_options(&params)?;
     let prompt = params
         .prompt
         .filter(|p| !p.is_empty())
@@ -316,6 +318,117 @@ pub fn prepare(
         )?;
     }
 
+    Ok(Prepared {
+        model: params.model,
+        spec: JobSpec {
+            work: Work::Generate(Box::new(request)),
+            enhance: params.enhance_prompt.unwrap_or(false),
+            format,
+            compression,
+            inputs,
+            control: control_names,
+        },
+        meta: Meta {
+            stream: params.stream.unwrap_or(false),
+            response_format,
+            format,
+            size: format!("{width}x{height}"),
+            quality,
+            edit: is_edit,
+        },
+    })
+}
+
+/// An instruction edit on an editing (Omni / Edit) package, from `/v1/images/edits`: the
+/// uploaded pictures are the references, in order (`references`, decoded and checked by the
+/// SDK's reference rules), the prompt the instruction. Without `size` the image takes the last
+/// reference's size, floored to the model's multiple (`size_multiple`), as `zimage edit` and
+/// diffusers' `ZImageOmniPipeline` do. Steps and guidance start from the package's editing
+/// defaults (`defaults`); `quality` scales the steps as for generations. Masks, strength and
+/// ControlNet fields do not apply and are refused, naming the field.
+pub fn prepare_edit(
+    params: ImageParams,
+    references: Vec<(RgbImage, ReferenceRecord)>,
+    defaults: &EditDefaults,
+    max_pixels: u64,
+    size_multiple: usize,
+) -> Result<Prepared, ApiError> {
+    for (given, name) in [
+        (params.strength.is_some(), "strength"),
+        (params.control_image.is_some(), "control_image"),
+        (params.control_scale.is_some(), "control_scale"),
+        (params.control_preprocess.is_some(), "control_preprocess"),
+    ] {
+        if given {
+            return Err(ApiError::invalid(format!(
+                "{name} does not apply to this model: it edits by instruction (the pictures are references)"
+            ))
+            .with_param(name));
+        }
+    }
+    let prompt = params.prompt.clone().ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
+    let last = &references.last().expect("at least one reference").0;
+    let size = params.size.as_deref().filter(|s| *s != "auto");
+    let (width, height) = match size {
+        Some(s) => parse_size(s).ok_or_else(|| {
+            ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
+        })?,
+        None => size_for_picture(size_multiple, last.width, last.height),
+    };
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(ApiError::invalid(format!(
+            "size {width}x{height} is {pixels} pixels; this server makes images of at most {max_pixels} pixels \
+             (zimage-server --max-pixels)"
+        ))
+        .with_param("size"));
+    }
+    let n = params.n.unwrap_or(1);
+    if n == 0 || n > MAX_IMAGES_PER_REQUEST {
+        return Err(ApiError::invalid(format!("n must be 1..={MAX_IMAGES_PER_REQUEST} (got {n})")).with_param("n"));
+    }
+    let recommended = u32::try_from(defaults.num_inference_steps).unwrap_or(u32::MAX);
+    let (steps, quality) = steps_for_quality(params.quality.as_deref(), recommended)?;
+    let (images, records): (Vec<RgbImage>, Vec<ReferenceRecord>) = references.into_iter().unzip();
+    let mut request = EditRequest::new(prompt, images);
+    request.negative_prompt = params.negative_prompt.clone();
+    if size.is_some() {
+        (request.width, request.height) = (Some(width), Some(height));
+    }
+    request.steps = Some(params.num_inference_steps.unwrap_or(steps) as usize);
+    request.guidance_scale = params.guidance_scale;
+    if let Some(v) = params.cfg_normalization {
+        request.cfg_normalization = v;
+    }
+    request.cfg_truncation = params.cfg_truncation;
+    request.seed = params.seed;
+    request.count = n;
+    request.max_sequence_length = params.max_sequence_length;
+    let (format, compression, response_format) = output_options(&params)?;
+    Ok(Prepared {
+        model: params.model,
+        spec: JobSpec {
+            work: Work::Edit { request, references: records },
+            enhance: params.enhance_prompt.unwrap_or(false),
+            format,
+            compression,
+            inputs: InputNames::default(),
+            control: ControlNames::default(),
+        },
+        meta: Meta {
+            stream: params.stream.unwrap_or(false),
+            response_format,
+            format,
+            size: format!("{width}x{height}"),
+            quality,
+            edit: true,
+        },
+    })
+}
+
+/// The output file format, its JPEG quality and how images are returned; a transparent
+/// background is refused (the images are opaque).
+fn output_options(params: &ImageParams) -> Result<(OutputFormat, Option<u8>, ResponseFormat), ApiError> {
     let format = match params.output_format.as_deref() {
         None => OutputFormat::Png,
         Some(f) => OutputFormat::parse(f).ok_or_else(|| {
@@ -343,26 +456,7 @@ pub fn prepare(
         return Err(ApiError::invalid(format!("background {b:?} is not supported: the images are opaque"))
             .with_param("background"));
     }
-    let edit = is_edit;
-    Ok(Prepared {
-        model: params.model,
-        spec: JobSpec {
-            request,
-            enhance: params.enhance_prompt.unwrap_or(false),
-            format,
-            compression,
-            inputs,
-            control: control_names,
-        },
-        meta: Meta {
-            stream: params.stream.unwrap_or(false),
-            response_format,
-            format,
-            size: format!("{width}x{height}"),
-            quality,
-            edit,
-        },
-    })
+    Ok((format, compression, response_format))
 }
 
 /// Sets `request.control` from the decoded control map and the scale, with `inpaint`'s picture
@@ -465,13 +559,14 @@ mod tests {
             r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.5, "cfg_truncation": 0.9}"#,
         )
         .unwrap();
-        let r = prepare(params(r#"{"prompt":"x"}"#), None, None, &lim(&base)).unwrap().spec.request;
+        let r = prepare(params(r#"{"prompt":"x"}"#), None, None, &lim(&base)).unwrap().spec.work.into_generate();
         assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.5, 0.9));
         let steps = |q: &str, d: &GenerationDefaults| {
             prepare(params(&format!(r#"{{"prompt":"x","quality":"{q}"}}"#)), None, None, &lim(d))
                 .unwrap()
                 .spec
-                .request
+                .work
+                .into_generate()
                 .steps
         };
         assert_eq!(["low", "medium", "high", "xhigh"].map(|q| steps(q, &base)), [25, 50, 75, 100]);
@@ -480,7 +575,8 @@ mod tests {
             prepare(params(r#"{"prompt":"x","guidance_scale":0,"num_inference_steps":9}"#), None, None, &lim(&base))
                 .unwrap()
                 .spec
-                .request;
+                .work
+                .into_generate();
         assert_eq!((given.steps, given.guidance_scale), (9, 0.0));
     }
 
@@ -497,7 +593,7 @@ mod tests {
             &lim(&turbo()),
         )
         .unwrap();
-        let r = &p.spec.request;
+        let r = &p.spec.work.into_generate();
         assert_eq!((r.width, r.height, r.count, r.steps, r.seed), (64, 48, 2, 4, Some(7)));
         assert_eq!((r.guidance_scale, r.cfg_truncation), (1.5, 0.5));
         assert!(matches!(&r.negative_prompt, Some(Prompt::Text(t)) if t == "blur"));
@@ -509,7 +605,7 @@ mod tests {
         let steps =
             prepare(params(r#"{"prompt":"x","quality":"high","num_inference_steps":3}"#), None, None, &lim(&turbo()))
                 .unwrap();
-        assert_eq!(steps.spec.request.steps, 3);
+        assert_eq!(steps.spec.work.into_generate().steps, 3);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Pr
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
-use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, SubmitError};
+use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, SubmitError, Work};
 
 /// Limits and settings the handlers apply.
 pub struct Settings {
@@ -407,9 +407,10 @@ fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
     }
 }
 
-/// Reads the multipart form: `image` (or `image[]`, one picture), optional `mask`, optional
-/// `control_image` (with a ControlNet loaded: ControlNet inpainting; a file, or base64 text),
-/// and the text fields; checks the pictures' dimensions from their headers before decoding them.
+/// Reads the multipart form: `image` (or `image[]`; one picture, or on an editing package one
+/// per reference), optional `mask`, optional `control_image` (with a ControlNet loaded:
+/// ControlNet inpainting; a file, or base64 text), and the text fields; checks the pictures'
+/// dimensions from their headers before decoding them.
 async fn read_edit(
     state: &Arc<AppState>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
@@ -419,7 +420,7 @@ async fn read_edit(
         multipart.map_err(|e| ApiError::invalid(format!("expected a multipart/form-data body: {e}")))?;
     let read_error = |e: axum::extract::multipart::MultipartError| body_error(e.status(), e.body_text(), state);
     let mut fields = Vec::new();
-    let mut image: Option<(String, Bytes)> = None;
+    let mut images: Vec<(String, Bytes)> = Vec::new();
     let mut mask: Option<(String, Bytes)> = None;
     let mut control: Option<(String, Bytes)> = None;
     while let Some(field) = multipart.next_field().await.map_err(read_error)? {
@@ -433,7 +434,10 @@ async fn read_edit(
                 let slot = match name.as_str() {
                     "mask" => &mut mask,
                     "control_image" => &mut control,
-                    _ => &mut image,
+                    _ => {
+                        images.push((file_name, bytes));
+                        continue;
+                    }
                 };
                 if slot.is_some() {
                     return Err(ApiError::invalid(format!("one '{name}' picture per request")).with_param(name));
@@ -454,8 +458,20 @@ async fn read_edit(
     let mut params = ImageParams::from_fields(&fields)?;
     let pool = state.pool(params.model.as_deref())?;
     let (max_pixels, controlnet) = (state.settings.max_pixels, pool.checker.controlnet());
-    let (image_name, image_bytes) =
-        image.ok_or_else(|| ApiError::invalid("'image' is required").with_param("image"))?;
+    if images.is_empty() {
+        return Err(ApiError::invalid("'image' is required").with_param("image"));
+    }
+    if pool.checker.manifest().supports("edit") && pool.checker.manifest().edit.is_some() {
+        return read_instruction_edit(state, pool, params, images, mask.is_some() || control.is_some()).await;
+    }
+    if images.len() > 1 {
+        return Err(ApiError::invalid(format!(
+            "{} pictures: this model takes one 'image' (several are references for an editing model)",
+            images.len()
+        ))
+        .with_param("image"));
+    }
+    let (image_name, image_bytes) = images.pop().expect("one picture");
     let control = match (control, params.control_image.take()) {
         (Some((name, bytes)), None) => Some((name, bytes.to_vec())),
         (None, Some(text)) => {
@@ -495,6 +511,46 @@ async fn read_edit(
             None => None,
         };
         prepare(params, Some(EditInput { image, image_name, mask }), control, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
+}
+
+/// `/v1/images/edits` on an editing (Omni / Edit) package: the pictures are the instruction's
+/// references, checked from their headers (the server's side limit, the model's reference
+/// rules) and decoded off the async threads; a mask or a control image is refused.
+async fn read_instruction_edit(
+    state: &Arc<AppState>,
+    pool: Arc<ModelPool>,
+    params: ImageParams,
+    pictures: Vec<(String, Bytes)>,
+    mask_or_control: bool,
+) -> Result<Prepared, ApiError> {
+    if mask_or_control {
+        return Err(ApiError::invalid(
+            "this model edits by instruction: give the pictures as references and say what to change in the \
+             prompt (no mask or control_image)",
+        )
+        .with_param("mask"));
+    }
+    let manifest = pool.checker.manifest();
+    zimage::pipeline::edit::check_edit_package(manifest, pool.checker.package_dir(), pictures.len())
+        .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+    for (_, bytes) in &pictures {
+        check_dimensions(bytes, state.settings.max_input_side, "image")?;
+    }
+    let max_pixels = state.settings.max_pixels;
+    tokio::task::spawn_blocking(move || {
+        let manifest = pool.checker.manifest();
+        let mut references = Vec::with_capacity(pictures.len());
+        for (index, (name, bytes)) in pictures.iter().enumerate() {
+            let picture =
+                zimage::pipeline::edit::decode_reference(manifest, pool.checker.package_dir(), bytes, index + 1)
+                    .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+            references.push((picture, zimage::ReferenceRecord::new(name, bytes)));
+        }
+        let defaults = &manifest.edit.as_ref().expect("an editing package").defaults;
+        crate::api::prepare_edit(params, references, defaults, max_pixels, manifest.size_multiple())
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
@@ -548,14 +604,14 @@ fn unix_now() -> u64 {
 
 /// Checks the request against the model, queues it, then answers (JSON, or an event stream).
 async fn run(state: Arc<AppState>, id: String, prepared: Prepared, headers: &HeaderMap) -> Response {
-    let request = &prepared.spec.request;
+    let (count, steps, seed) = prepared.spec.work.count_steps_seed();
     let mut info = LogInfo {
         id: id.clone(),
         model: prepared.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.names[0].clone()),
-        images: request.count as usize,
+        images: count as usize,
         size: prepared.meta.size.clone(),
-        steps: request.steps,
-        seed: request.seed,
+        steps,
+        seed,
         ..LogInfo::default()
     };
     let meta = prepared.meta.clone();
@@ -597,7 +653,11 @@ fn queue(state: &AppState, id: String, prepared: Prepared) -> Result<Queued, Api
             ApiError::invalid(format!("the model '{}' has no prompt enhancer", pool.name)).with_param("enhance_prompt")
         );
     }
-    pool.checker.check_request(&prepared.spec.request).map_err(|e| ApiError::from_sdk(&e))?;
+    match &prepared.spec.work {
+        Work::Generate(request) => pool.checker.check_request(request),
+        Work::Edit { request, .. } => pool.checker.check_edit(request),
+    }
+    .map_err(|e| ApiError::from_sdk(&e))?;
     let cancel = Arc::new(JobCancel::default());
     let (reply_tx, reply_rx) = oneshot::channel();
     let (progress_tx, progress_rx) = if prepared.meta.stream {

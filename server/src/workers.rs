@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use zimage::{
-    control_parameters, image_parameters, CancelHandle, ControlNames, EnhanceOptions, GenerateRequest, InputNames,
-    Pipeline, Progress, PromptEnhancer,
+    control_parameters, edit_parameters, image_parameters, CancelHandle, ControlNames, EditRequest, EnhanceOptions,
+    GenerateRequest, InputNames, Pipeline, Progress, PromptEnhancer, ReferenceRecord,
 };
 
 use crate::error::ApiError;
@@ -21,7 +21,7 @@ use crate::output::{encode, OutputFormat};
 
 /// What a job asks for beyond the SDK request.
 pub struct JobSpec {
-    pub request: GenerateRequest,
+    pub work: Work,
     pub enhance: bool,
     pub format: OutputFormat,
     pub compression: Option<u8>,
@@ -29,6 +29,38 @@ pub struct JobSpec {
     pub inputs: InputNames,
     /// The ControlNet and control map recorded in the PNG parameters (when the request has one).
     pub control: ControlNames,
+}
+
+/// What a job makes.
+pub enum Work {
+    /// Text-to-image, image-to-image, inpainting, ControlNet: `Pipeline::generate`.
+    Generate(Box<GenerateRequest>),
+    /// Instruction editing on an editing (Omni / Edit) package: `Pipeline::edit`, with the
+    /// uploaded references' names and digests for the PNG parameters.
+    Edit { request: EditRequest, references: Vec<ReferenceRecord> },
+}
+
+impl Work {
+    /// The generation request (tests: a job that is not an edit).
+    #[cfg(test)]
+    pub fn into_generate(self) -> GenerateRequest {
+        match self {
+            Work::Generate(request) => *request,
+            Work::Edit { .. } => panic!("an edit, not a generation"),
+        }
+    }
+
+    /// Images asked for, steps, and the seed when one was given (for the request log; an
+    /// edit's steps are resolved when it is prepared).
+    pub fn count_steps_seed(&self) -> (u32, u32, Option<u64>) {
+        match self {
+            Work::Generate(r) => (r.count, r.steps, r.seed),
+            Work::Edit { request, .. } => {
+                let steps = request.steps.map_or(0, |s| u32::try_from(s).unwrap_or(u32::MAX));
+                (request.count, steps, request.seed)
+            }
+        }
+    }
 }
 
 /// One queued generation.
@@ -310,12 +342,17 @@ fn run(
         !job.cancel.is_cancelled()
     };
     let pipeline = &worker.pipeline;
-    let generation = match (&worker.enhancer, spec.enhance) {
-        (Some(enhancer), true) => {
-            pipeline.generate_enhanced(enhancer, &context.enhance, &spec.request, Some(&mut on_step))
-        }
+    let enhancer = match (&worker.enhancer, spec.enhance) {
         (None, true) => return Err(ApiError::invalid("this model has no prompt enhancer").with_param("enhance_prompt")),
-        (_, false) => pipeline.generate(&spec.request, Some(&mut on_step)),
+        (enhancer, enhance) => enhancer.as_ref().filter(|_| enhance),
+    };
+    let generation = match (&spec.work, enhancer) {
+        (Work::Generate(r), Some(e)) => pipeline.generate_enhanced(e, &context.enhance, r, Some(&mut on_step)),
+        (Work::Generate(r), None) => pipeline.generate(r, Some(&mut on_step)),
+        (Work::Edit { request, .. }, Some(e)) => {
+            pipeline.edit_enhanced(e, &context.enhance, request, Some(&mut on_step))
+        }
+        (Work::Edit { request, .. }, None) => pipeline.edit(request, Some(&mut on_step)),
     }
     .map_err(|e| ApiError::from_sdk(&e))?;
     let t = &generation.timings;
@@ -333,15 +370,18 @@ fn run(
         .iter()
         .enumerate()
         .map(|(index, image)| {
-            let mut parameters = image_parameters(
-                &spec.request,
-                &generation,
-                index,
-                pipeline.package_dir(),
-                &pipeline.loras(),
-                &spec.inputs,
-            );
-            parameters.extend(control_parameters(&spec.request, &spec.control));
+            let dir = pipeline.package_dir();
+            let parameters = match &spec.work {
+                Work::Generate(r) => {
+                    let mut parameters = image_parameters(r, &generation, index, dir, &pipeline.loras(), &spec.inputs);
+                    parameters.extend(control_parameters(r, &spec.control));
+                    parameters
+                }
+                Work::Edit { request, references } => {
+                    let defaults = &pipeline.manifest().edit.as_ref().expect("an editing package").defaults;
+                    edit_parameters(request, &generation, index, dir, defaults, references)
+                }
+            };
             encode(image, spec.format, spec.compression, &parameters)
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -32,6 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 BIN = pathlib.Path(os.environ.get("ZIMAGE_BIN_DIR", ROOT / "target" / "debug"))
 MODEL = str(ROOT / "models" / "tiny-zimage")
 ENHANCER = str(ROOT / "models" / "tiny-qwen3-enhancer")
+OMNI = str(ROOT / "models" / "tiny-zimage-omni")
 # One ONNX Runtime thread in the server and the CLI alike: same arithmetic, same bytes.
 THREADS = "1"
 
@@ -233,6 +234,34 @@ def test_edit_is_byte_identical_to_the_cli(client, tmp_path, inpaint):
     _, text = png_text(served)
     assert text["init_image"] == "init.png" and text["strength"] == str(strength)
     assert text.get("mask") == ("mask.png" if inpaint else None)
+
+
+def test_instruction_edit_is_byte_identical_to_zimage_edit(tmp_path):
+    """On an editing (Omni) package, `images.edit` with a list of pictures is an instruction edit
+    with those references: the PNG `zimage edit` writes for the same files and settings."""
+    golden = ROOT / "tests" / "golden" / "tiny-zimage-omni" / "inputs"
+    for k, name in enumerate(["ref_80x128.png", "ref_100x70.png"]):
+        (tmp_path / f"ref{k}.png").write_bytes((golden / name).read_bytes())
+    s = Server("--model", OMNI, log_name="omni")
+    try:
+        response = s.client().images.edit(
+            model="tiny-zimage-omni", image=[tmp_path / "ref0.png", tmp_path / "ref1.png"],
+            prompt="put the cat on the sofa", response_format="b64_json",
+            extra_body={"seed": 12, "num_inference_steps": 3, "guidance_scale": 2.0},
+        )
+    finally:
+        assert s.stop() == 0, s.log_path.read_text()[-4000:]
+    (served,) = b64_images(response)
+    out = subprocess.run(
+        [str(BIN / "zimage"), "edit", "--model", OMNI, "--threads", THREADS, "--image", "ref0.png", "--image",
+         "ref1.png", "--prompt", "put the cat on the sofa", "--seed", "12", "--steps", "3", "--guidance", "2.0",
+         "-o", "out.png"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert served == (tmp_path / "out.png").read_bytes()
+    _, text = png_text(served)
+    assert [r["file"] for r in json.loads(text["reference_images"])] == ["ref0.png", "ref1.png"]
 
 
 # --------------------------------------------------------------------------------------------
