@@ -1,5 +1,7 @@
 //! The request fields of `/v1/images/generations` (JSON) and `/v1/images/edits` (multipart),
-//! OpenAI's and zimage's extensions, turned into an SDK request.
+//! OpenAI's and zimage's extensions, turned into an SDK request: a generation ([`prepare`]), or
+//! on an editing (Omni / Edit) package an instruction edit of the uploaded references
+//! ([`prepare_edit`]).
 //!
 //! Steps, guidance and the CFG settings start from the model's recommendation (its package's
 //! `generation_defaults`: 8 steps without guidance for Z-Image-Turbo, more steps with guidance

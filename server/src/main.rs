@@ -69,7 +69,7 @@ struct Args {
     #[arg(long, value_name = "PX", default_value_t = 4096)]
     max_input_side: u32,
     /// Most output pixels (width x height) per image a request may ask for, generations and
-    /// edits alike (an edit without `size` asks for its picture's); larger ones are refused
+    /// edits alike (an edit without `size` asks for its picture's, floored to 16); larger ones are refused
     /// (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
     /// for larger images on a machine with the memory, lower it on a small one (a generation's
     /// memory grows with its pixels: on the CPU the mid-size test model, which has the real
