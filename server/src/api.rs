@@ -286,6 +286,8 @@ pub fn prepare(
             control_inpaint = Some((edit.image, edit.image_name, mask, mask_name));
         }
         Some(edit) => {
+            // Resized here (the SDK would resize it too) so that a queued job holds a picture of
+            // the output size, not an upload of up to --max-input-side.
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
                 .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
             inputs.init_image = edit.image_name;
