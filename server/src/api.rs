@@ -179,15 +179,7 @@ impl Limits<'_> {
     /// Refuses an output size over `max_pixels` or the model's limits, and steps out of range,
     /// naming the field; every route calls it before resizing an upload or queueing.
     fn check_size_and_steps(&self, width: u32, height: u32, steps: u32) -> Result<(), ApiError> {
-        let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.max_pixels {
-            return Err(ApiError::invalid(format!(
-                "size {width}x{height} is {pixels} pixels; this server makes images of at most {} pixels \
-                 (zimage-server --max-pixels)",
-                self.max_pixels
-            ))
-            .with_param("size"));
-        }
+        check_pixels(width, height, self.max_pixels)?;
         // The SDK's checks, one field at a time so that the error names it: the size alone
         // (on the model's recommended settings), then with the steps.
         let mut probe = GenerateRequest::with_defaults(&self.defaults, "");
@@ -195,6 +187,38 @@ impl Limits<'_> {
         (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("size"))?;
         probe.steps = steps;
         (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("num_inference_steps"))
+    }
+}
+
+/// Refuses an output size over `max_pixels` (`--max-pixels`), naming `size`.
+fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(ApiError::invalid(format!(
+            "size {width}x{height} is {pixels} pixels; this server makes images of at most {max_pixels} pixels \
+             (zimage-server --max-pixels)"
+        ))
+        .with_param("size"));
+    }
+    Ok(())
+}
+
+/// `n`, the images asked for: 1 by default, at most `MAX_IMAGES_PER_REQUEST`.
+fn image_count(params: &ImageParams) -> Result<u32, ApiError> {
+    let n = params.n.unwrap_or(1);
+    if n == 0 || n > MAX_IMAGES_PER_REQUEST {
+        return Err(ApiError::invalid(format!("n must be 1..={MAX_IMAGES_PER_REQUEST} (got {n})")).with_param("n"));
+    }
+    Ok(n)
+}
+
+/// `size` as WIDTHxHEIGHT; `None` when absent or `auto` (the caller's default).
+fn requested_size(params: &ImageParams) -> Result<Option<(u32, u32)>, ApiError> {
+    match params.size.as_deref().filter(|s| *s != "auto") {
+        None => Ok(None),
+        Some(s) => parse_size(s).map(Some).ok_or_else(|| {
+            ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
+        }),
     }
 }
 
@@ -234,7 +258,8 @@ pub fn prepare(
             }
         }
     }
-    let (format, compression, response_format) = output_options(&params)?;
+    let output = output_options(&params)?;
+    let (count, size) = (image_count(&params)?, requested_size(&params)?);
     let prompt = params
         .prompt
         .filter(|p| !p.is_empty())
@@ -254,17 +279,10 @@ pub fn prepare(
     }
     request.seed = params.seed;
     request.max_sequence_length = params.max_sequence_length;
-    let n = params.n.unwrap_or(1);
-    if n == 0 || n > MAX_IMAGES_PER_REQUEST {
-        return Err(ApiError::invalid(format!("n must be 1..={MAX_IMAGES_PER_REQUEST} (got {n})")).with_param("n"));
-    }
-    request.count = n;
+    request.count = count;
 
-    let size = params.size.as_deref().filter(|s| *s != "auto");
     let (width, height) = match (size, &edit) {
-        (Some(s), _) => parse_size(s).ok_or_else(|| {
-            ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
-        })?,
+        (Some(size), _) => size,
         // An edit keeps its picture's size, as `zimage generate --init-image` does; a control
         // map sets it too, as `zimage generate --control-image` does (floored to the model's
         // multiple, as diffusers' image processor floors it; the picture is resized to it).
@@ -322,25 +340,8 @@ pub fn prepare(
         )?;
     }
 
-    Ok(Prepared {
-        model: params.model,
-        spec: JobSpec {
-            work: Work::Generate(Box::new(request)),
-            enhance: params.enhance_prompt.unwrap_or(false),
-            format,
-            compression,
-            inputs,
-            control: control_names,
-        },
-        meta: Meta {
-            stream: params.stream.unwrap_or(false),
-            response_format,
-            format,
-            size: format!("{width}x{height}"),
-            quality,
-            edit: is_edit,
-        },
-    })
+    let work = Work::Generate(Box::new(request));
+    Ok(prepared(params.model, output, work, (inputs, control_names), (width, height), quality, is_edit))
 }
 
 /// An instruction edit on an editing (Omni / Edit) package, from `/v1/images/edits`: the
@@ -372,25 +373,10 @@ pub fn prepare_edit(
     }
     let prompt = params.prompt.clone().ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
     let last = &references.last().expect("at least one reference").0;
-    let size = params.size.as_deref().filter(|s| *s != "auto");
-    let (width, height) = match size {
-        Some(s) => parse_size(s).ok_or_else(|| {
-            ApiError::invalid(format!("size must be WIDTHxHEIGHT, e.g. 1024x1024 (got {s:?})")).with_param("size")
-        })?,
-        None => size_for_picture(size_multiple, last.width, last.height),
-    };
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(ApiError::invalid(format!(
-            "size {width}x{height} is {pixels} pixels; this server makes images of at most {max_pixels} pixels \
-             (zimage-server --max-pixels)"
-        ))
-        .with_param("size"));
-    }
-    let n = params.n.unwrap_or(1);
-    if n == 0 || n > MAX_IMAGES_PER_REQUEST {
-        return Err(ApiError::invalid(format!("n must be 1..={MAX_IMAGES_PER_REQUEST} (got {n})")).with_param("n"));
-    }
+    let size = requested_size(&params)?;
+    let (width, height) = size.unwrap_or_else(|| size_for_picture(size_multiple, last.width, last.height));
+    check_pixels(width, height, max_pixels)?;
+    let n = image_count(&params)?;
     let recommended = u32::try_from(defaults.num_inference_steps).unwrap_or(u32::MAX);
     let (steps, quality) = steps_for_quality(params.quality.as_deref(), recommended)?;
     let (images, records): (Vec<RgbImage>, Vec<ReferenceRecord>) = references.into_iter().unzip();
@@ -408,31 +394,43 @@ pub fn prepare_edit(
     request.seed = params.seed;
     request.count = n;
     request.max_sequence_length = params.max_sequence_length;
-    let (format, compression, response_format) = output_options(&params)?;
-    Ok(Prepared {
-        model: params.model,
-        spec: JobSpec {
-            work: Work::Edit { request, references: records },
-            enhance: params.enhance_prompt.unwrap_or(false),
-            format,
-            compression,
-            inputs: InputNames::default(),
-            control: ControlNames::default(),
-        },
-        meta: Meta {
-            stream: params.stream.unwrap_or(false),
-            response_format,
-            format,
-            size: format!("{width}x{height}"),
-            quality,
-            edit: true,
-        },
-    })
+    let output = output_options(&params)?;
+    let work = Work::Edit { request, references: records };
+    let names = (InputNames::default(), ControlNames::default());
+    Ok(prepared(params.model, output, work, names, (width, height), quality, true))
 }
 
-/// The output file format, its JPEG quality and how images are returned; a transparent
-/// background is refused (the images are opaque).
-fn output_options(params: &ImageParams) -> Result<(OutputFormat, Option<u8>, ResponseFormat), ApiError> {
+/// What a request asks of its output, read from its fields before the request is built.
+struct OutputOptions {
+    format: OutputFormat,
+    /// JPEG quality.
+    compression: Option<u8>,
+    response_format: ResponseFormat,
+    stream: bool,
+    enhance: bool,
+}
+
+/// The job and the response shape of a prepared request (a generation or an instruction edit).
+fn prepared(
+    model: Option<String>,
+    output: OutputOptions,
+    work: Work,
+    (inputs, control): (InputNames, ControlNames),
+    (width, height): (u32, u32),
+    quality: &'static str,
+    edit: bool,
+) -> Prepared {
+    let OutputOptions { format, compression, response_format, stream, enhance } = output;
+    Prepared {
+        model,
+        spec: JobSpec { work, enhance, format, compression, inputs, control },
+        meta: Meta { stream, response_format, format, size: format!("{width}x{height}"), quality, edit },
+    }
+}
+
+/// The output file format, its JPEG quality and how images are returned (a transparent
+/// background is refused: the images are opaque), whether to stream and to enhance the prompt.
+fn output_options(params: &ImageParams) -> Result<OutputOptions, ApiError> {
     let format = match params.output_format.as_deref() {
         None => OutputFormat::Png,
         Some(f) => OutputFormat::parse(f).ok_or_else(|| {
@@ -460,7 +458,13 @@ fn output_options(params: &ImageParams) -> Result<(OutputFormat, Option<u8>, Res
         return Err(ApiError::invalid(format!("background {b:?} is not supported: the images are opaque"))
             .with_param("background"));
     }
-    Ok((format, compression, response_format))
+    Ok(OutputOptions {
+        format,
+        compression,
+        response_format,
+        stream: params.stream.unwrap_or(false),
+        enhance: params.enhance_prompt.unwrap_or(false),
+    })
 }
 
 /// Sets `request.control` from the decoded control map and the scale, with `inpaint`'s picture
