@@ -21,14 +21,14 @@ cargo test --release --locked -p zimage-ffi
 work="$root/target/tmp/c_clients" # prepared by ffi/tests/c_clients.rs
 client_args=("$root/models/tiny-zimage" "$work/cases.tsv" "$work/folder-manifest-package" "$work/mismatched-package"
   "$root/models/tiny-qwen3-enhancer" "$work/enhancer-cases.tsv" 1)
-# The C client's LoRA test (test_lora) reads these; c_clients.rs writes the cases file.
+# The clients' LoRA, ControlNet and tiling tests read these; c_clients.rs writes the cases files.
 export ZIMAGE_TEST_LORA_CASES="$work/lora-cases.tsv"
 export ZIMAGE_TEST_CONTROLNET_CASES="$work/controlnet-cases.tsv"
 export ZIMAGE_TEST_TILING_CASE="$work/tiling-case.tsv"
 export ZIMAGE_TEST_WRONG_LORA="$root/tests/golden/tiny-zimage-alt/loras/peft.safetensors"
 # test_recommended_params: a package exported as the base model.
 export ZIMAGE_TEST_BASE_PACKAGE="$root/models/tiny-zimage-base"
-# The C client's editing test (test_edit) reads these; c_clients.rs writes the cases file.
+# The clients' editing tests (test_edit) read these; c_clients.rs writes the cases file.
 export ZIMAGE_TEST_EDIT_CASES="$work/edit-cases.tsv"
 export ZIMAGE_TEST_OMNI_PACKAGE="$root/models/tiny-zimage-omni"
 

@@ -23,6 +23,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace zimage {
 
@@ -56,6 +57,13 @@ inline zimage_tensorrt_params tensorrt_params() {
 inline zimage_generate_params generate_params() {
     zimage_generate_params params;
     check(zimage_generate_params_init(&params));
+    return params;
+}
+
+// For Pipeline::edit(): the package's steps and guidance, the last reference's size.
+inline zimage_edit_params edit_params() {
+    zimage_edit_params params;
+    check(zimage_edit_params_init(&params));
     return params;
 }
 
@@ -134,7 +142,26 @@ private:
     std::unique_ptr<zimage_image_list, detail::Deleter<zimage_image_list, zimage_image_list_free>> handle_;
 };
 
-// Called after each denoising step; return false to stop (generate() then throws
+// A LoRA file read and checked against one pipeline's transformer (Pipeline::load_lora()).
+// Nothing changes until Pipeline::set_adapters(); a pipeline keeps its own reference to the
+// adapters set on it, so an Adapter may be destroyed while they stay applied.
+class Adapter {
+public:
+    explicit Adapter(zimage_adapter *handle) : handle_(handle) {}
+    const zimage_adapter *get() const noexcept { return handle_.get(); }
+
+private:
+    std::unique_ptr<zimage_adapter, detail::Deleter<zimage_adapter, zimage_adapter_free>> handle_;
+};
+
+// One adapter and its strength for Pipeline::set_adapters() (diffusers' set_adapters weight:
+// 1.0 = as trained, 0 = off; finite).
+struct AdapterScale {
+    const Adapter &adapter;
+    float scale = 1.0f;
+};
+
+// Called after each denoising step; return false to stop (generate() or edit() then throws
 // Error(ZIMAGE_RESULT_CANCELLED)).
 using ProgressFunction = std::function<bool(std::uint32_t step, std::uint32_t total, double elapsed_seconds)>;
 
@@ -160,17 +187,36 @@ public:
     }
 
     Images generate(zimage_generate_params params, const ProgressFunction &progress = nullptr) const {
-        ProgressContext context{&progress, nullptr};
-        if (progress) {
-            params.progress_callback = &Pipeline::progress_trampoline;
-            params.progress_user_data = &context;
-        }
-        zimage_image_list *images = nullptr;
-        zimage_result result = zimage_generate(handle_.get(), &params, &images);
-        if (context.exception) std::rethrow_exception(context.exception);
-        check(result);
-        return Images(images);
+        return run(zimage_generate, params, progress);
     }
+
+    // Images from reference pictures and an instruction (packages with the "edit" pipeline:
+    // Z-Image-Omni). Fill `params.prompt` and `params.images` (views borrowed for the call).
+    Images edit(zimage_edit_params params, const ProgressFunction &progress = nullptr) const {
+        return run(zimage_edit, params, progress);
+    }
+
+    // Reads the LoRA file at `path` and checks it against this pipeline's transformer
+    // (Error(ZIMAGE_RESULT_LORA) when it is for another model, ZIMAGE_RESULT_IO when unreadable).
+    Adapter load_lora(const std::string &path) const {
+        zimage_adapter *adapter = nullptr;
+        check(zimage_lora_adapter_init(handle_.get(), path.c_str(), &adapter));
+        return Adapter(adapter);
+    }
+
+    // Replaces the adapters later generations apply, all or nothing (a refused set leaves the
+    // previous one active); an empty list gives back the base model exactly.
+    void set_adapters(const std::vector<AdapterScale> &adapters) const {
+        std::vector<zimage_adapter_setting> settings;
+        settings.reserve(adapters.size());
+        for (const AdapterScale &a : adapters) settings.push_back({a.adapter.get(), a.scale});
+        check(zimage_pipeline_set_adapters(handle_.get(), settings.data(), settings.size()));
+    }
+
+    // Attaches the package's ControlNet `name` (then generate() takes control_image), or
+    // detaches it; waits for generations running on this pipeline.
+    void set_controlnet(const std::string &name) const { check(zimage_pipeline_set_controlnet(handle_.get(), name.c_str())); }
+    void detach_controlnet() const { check(zimage_pipeline_set_controlnet(handle_.get(), nullptr)); }
 
     PromptEmbedding encode_prompt(const std::string &prompt, std::uint32_t max_sequence_length = 0) const {
         zimage_prompt_embedding *embedding = nullptr;
@@ -190,6 +236,23 @@ private:
         const ProgressFunction *function;
         std::exception_ptr exception;
     };
+
+    // Calls `call` (zimage_generate or zimage_edit) with `progress` behind the C callback; an
+    // exception thrown by it is rethrown here, after zimage has returned.
+    template <typename Params>
+    Images run(zimage_result (*call)(const zimage_pipeline *, const Params *, zimage_image_list **), Params &params,
+               const ProgressFunction &progress) const {
+        ProgressContext context{&progress, nullptr};
+        if (progress) {
+            params.progress_callback = &Pipeline::progress_trampoline;
+            params.progress_user_data = &context;
+        }
+        zimage_image_list *images = nullptr;
+        zimage_result result = call(handle_.get(), &params, &images);
+        if (context.exception) std::rethrow_exception(context.exception);
+        check(result);
+        return Images(images);
+    }
 
     static bool progress_trampoline(std::uint32_t step, std::uint32_t total, double elapsed, void *user_data) {
         auto *context = static_cast<ProgressContext *>(user_data);

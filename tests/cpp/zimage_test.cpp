@@ -1,14 +1,16 @@
 // A C++17 client of zimage through the RAII wrapper zimage.hpp: goldens on the tiny model,
 // errors as exceptions with their codes, two threads generating on one pipeline, cancel from
-// a std::thread, an exception thrown by a progress callback, and the prompt enhancer (goldens,
-// token callback, parameter errors, generation with enhancement).
+// a std::thread, an exception thrown by a progress callback, the prompt enhancer (goldens,
+// token callback, parameter errors, generation with enhancement), and LoRA adapters, editing
+// and ControlNet against their diffusers goldens.
 //
-// Same arguments as tests/c/zimage_test.c (run by ffi/tests/c_clients.rs):
+// Same arguments and environment as tests/c/zimage_test.c (run by ffi/tests/c_clients.rs):
 //   zimage_test PACKAGE_DIR CASES_FILE IO_FIXTURE_DIR MISMATCHED_PACKAGE_DIR ENHANCER_DIR
 //               ENHANCER_CASES_FILE [MAX_CASES]
 #include "zimage.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -91,16 +93,38 @@ struct GoldenCase {
     }
 };
 
+// The tab-separated fields of one line of a cases file (empty fields kept).
+std::vector<std::string> split_tabs(const std::string &line) {
+    std::vector<std::string> f;
+    std::stringstream fields(line);
+    std::string field;
+    while (std::getline(fields, field, '\t')) f.push_back(field);
+    if (!line.empty() && line.back() == '\t') f.push_back("");
+    return f;
+}
+
+// The lines of the cases file named by environment variable `name` (empty when unset).
+std::vector<std::vector<std::string>> cases_from_env(const char *name) {
+    std::vector<std::vector<std::string>> lines;
+    const char *path = std::getenv(name);
+    if (!path) {
+        std::cerr << name << " must be set" << std::endl;
+        failures++;
+        return lines;
+    }
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) lines.push_back(split_tabs(line));
+    CHECK(!lines.empty());
+    return lines;
+}
+
 std::vector<GoldenCase> read_cases(const std::string &path) {
     std::vector<GoldenCase> cases;
     std::ifstream in(path);
     std::string line;
     while (std::getline(in, line)) {
-        std::vector<std::string> f;
-        std::stringstream fields(line);
-        std::string field;
-        while (std::getline(fields, field, '\t')) f.push_back(field);
-        if (line.back() == '\t') f.push_back("");
+        std::vector<std::string> f = split_tabs(line);
         if (f.size() != 17) throw std::runtime_error("bad case line: " + line.substr(0, 80));
         GoldenCase c;
         c.name = f[0];
@@ -136,14 +160,31 @@ std::vector<EnhancerCase> read_enhancer_cases(const std::string &path) {
     std::ifstream in(path);
     std::string line;
     while (std::getline(in, line)) {
-        std::vector<std::string> f;
-        std::stringstream fields(line);
-        std::string field;
-        while (std::getline(fields, field, '\t')) f.push_back(field);
+        std::vector<std::string> f = split_tabs(line);
         if (f.size() != 5) throw std::runtime_error("bad enhancer case line: " + line.substr(0, 80));
         cases.push_back({f[0], f[1], std::uint32_t(std::stoul(f[2])), f[3], f[4]});
     }
     return cases;
+}
+
+// The first image is `width` x `height` and within 1 level of `expected`, channel by channel.
+bool same_pixels(const zimage::Images &images, std::size_t index, const std::vector<unsigned char> &expected,
+                 unsigned width, unsigned height, const std::string &name) {
+    const std::size_t bytes = std::size_t(width) * height * 3;
+    zimage_image image = images[index];
+    if (image.width != width || image.height != height || expected.size() < (index + 1) * bytes) {
+        std::cerr << name << " image " << index << ": " << image.width << "x" << image.height << ", golden " << width
+                  << "x" << height << std::endl;
+        return false;
+    }
+    for (std::size_t k = 0; k < bytes; k++) {
+        if (std::abs(int(image.pixels[k]) - int(expected[index * bytes + k])) > 1) {
+            std::cerr << name << " image " << index << ": byte " << k << " is " << int(image.pixels[k]) << ", golden "
+                      << int(expected[index * bytes + k]) << std::endl;
+            return false;
+        }
+    }
+    return true;
 }
 
 // Every image within 1 level of the golden, channel by channel.
@@ -152,15 +193,7 @@ bool matches_golden(const zimage::Images &images, const GoldenCase &c) {
     const std::size_t bytes = std::size_t(c.width) * c.height * 3;
     if (images.size() != c.count || expected.size() != bytes * c.count || images.seed() != c.seed) return false;
     for (std::size_t i = 0; i < images.size(); i++) {
-        zimage_image image = images[i];
-        if (image.width != c.width || image.height != c.height) return false;
-        for (std::size_t k = 0; k < bytes; k++) {
-            if (std::abs(int(image.pixels[k]) - int(expected[i * bytes + k])) > 1) {
-                std::cerr << c.name << " image " << i << ": byte " << k << " is " << int(image.pixels[k])
-                          << ", golden " << int(expected[i * bytes + k]) << std::endl;
-                return false;
-            }
-        }
+        if (!same_pixels(images, i, expected, c.width, c.height, c.name)) return false;
     }
     return true;
 }
@@ -365,6 +398,154 @@ void test_enhancer(const std::string &enhancer_package, const std::string &packa
     CHECK(!pipeline.generate(small_params()).enhanced_prompt().has_value());
 }
 
+// The pixels of an image list's first image (a copy that outlives the list).
+std::vector<unsigned char> first_image(const zimage::Images &images) {
+    zimage_image image = images[0];
+    return std::vector<unsigned char>(image.pixels, image.pixels + std::size_t(image.width) * image.height * 3);
+}
+
+// LoRA adapters through Pipeline::load_lora() and set_adapters() (ZIMAGE_TEST_LORA_CASES, the C
+// client's file: name, prompt, seed, width, height, steps, expected raw RGB, then adapter file
+// and scale pairs): diffusers' images within 1 level, also after the Adapter objects are gone;
+// an adapter for another model, a missing file and a NaN scale throw their codes and change
+// nothing; an empty set gives back the base model's image exactly.
+void test_lora(const std::string &package, std::size_t max_cases) {
+    const char *wrong = std::getenv("ZIMAGE_TEST_WRONG_LORA");
+    CHECK(wrong != nullptr);
+    if (!wrong) return;
+    zimage::Pipeline pipeline = zimage::Pipeline::load(package);
+    const std::vector<unsigned char> base = first_image(pipeline.generate(small_params()));
+    CHECK_THROWS(ZIMAGE_RESULT_LORA, pipeline.load_lora(wrong));
+    CHECK_THROWS(ZIMAGE_RESULT_IO, pipeline.load_lora("no/such/lora.safetensors"));
+    std::size_t n = 0;
+    for (const std::vector<std::string> &f : cases_from_env("ZIMAGE_TEST_LORA_CASES")) {
+        if (n++ == max_cases) break;
+        CHECK(f.size() >= 9 && (f.size() - 7) % 2 == 0);
+        if (f.size() < 9 || (f.size() - 7) % 2 != 0) continue;
+        std::cerr << "lora case " << f[0] << std::endl;
+        {
+            std::vector<zimage::Adapter> adapters;
+            for (std::size_t a = 7; a + 1 < f.size(); a += 2) adapters.push_back(pipeline.load_lora(f[a]));
+            std::vector<zimage::AdapterScale> scales;
+            for (std::size_t a = 0; a < adapters.size(); a++) scales.push_back({adapters[a], std::stof(f[8 + 2 * a])});
+            pipeline.set_adapters(scales);
+            CHECK_THROWS(ZIMAGE_RESULT_INVALID_ARGUMENT, pipeline.set_adapters({{adapters[0], std::nanf("")}}));
+        }  // the Adapter objects go; the pipeline keeps its own references
+        zimage_generate_params params = zimage::generate_params();
+        params.prompt = f[1].c_str();
+        params.seed = std::stoull(f[2]);
+        params.width = std::stoul(f[3]);
+        params.height = std::stoul(f[4]);
+        params.steps = std::stoul(f[5]);
+        CHECK(same_pixels(pipeline.generate(params), 0, read_file(f[6]), params.width, params.height, f[0]));
+    }
+    CHECK(n > 0);
+    pipeline.set_adapters({});
+    CHECK(first_image(pipeline.generate(small_params())) == base);
+}
+
+// Editing through Pipeline::edit() on ZIMAGE_TEST_OMNI_PACKAGE (ZIMAGE_TEST_EDIT_CASES, the C
+// client's file: name, prompt, negative prompt ("-" for none), seed, steps, guidance,
+// cfg_normalization, cfg_truncation, output width, height, expected raw RGB, then per reference
+// its raw RGB file, width and height): diffusers' images within 1 level, with progress; a
+// text-to-image pipeline and too many references throw ZIMAGE_RESULT_INVALID_REQUEST.
+void test_edit(const zimage::Pipeline &text_to_image, std::size_t max_cases) {
+    const char *package = std::getenv("ZIMAGE_TEST_OMNI_PACKAGE");
+    CHECK(package != nullptr);
+    if (!package) return;
+    zimage::Pipeline pipeline = zimage::Pipeline::load(package);
+    std::size_t n = 0;
+    for (const std::vector<std::string> &f : cases_from_env("ZIMAGE_TEST_EDIT_CASES")) {
+        if (n++ == max_cases) break;
+        CHECK(f.size() >= 14 && (f.size() - 11) % 3 == 0);
+        if (f.size() < 14 || (f.size() - 11) % 3 != 0) continue;
+        std::cerr << "edit case " << f[0] << std::endl;
+        std::vector<std::vector<unsigned char>> pixels;
+        std::vector<zimage_image> references;
+        for (std::size_t r = 11; r + 2 < f.size(); r += 3) pixels.push_back(read_file(f[r]));
+        for (std::size_t k = 0; k < pixels.size(); k++) {
+            const unsigned width = std::stoul(f[12 + 3 * k]), height = std::stoul(f[13 + 3 * k]);
+            CHECK(pixels[k].size() == std::size_t(width) * height * 3);
+            references.push_back(zimage_image{pixels[k].data(), width, height, 0});
+        }
+        zimage_edit_params params = zimage::edit_params();
+        params.prompt = f[1].c_str();
+        params.negative_prompt = f[2] == "-" ? nullptr : f[2].c_str();
+        params.seed = std::stoull(f[3]);
+        params.steps = std::stoul(f[4]);
+        params.guidance_scale = std::stof(f[5]);
+        params.cfg_normalization = std::stof(f[6]);
+        params.cfg_truncation = std::stof(f[7]);
+        params.images = references.data();
+        params.image_count = references.size();
+        std::uint32_t last_step = 0;
+        zimage::Images images = pipeline.edit(params, [&](std::uint32_t step, std::uint32_t, double) {
+            last_step = step;
+            return true;
+        });
+        CHECK(images.size() == 1 && images.seed() == params.seed && last_step == params.steps);
+        CHECK(same_pixels(images, 0, read_file(f[10]), std::stoul(f[8]), std::stoul(f[9]), f[0]));
+        if (n == 1) {
+            CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, text_to_image.edit(params));
+            std::vector<zimage_image> too_many(9, references[0]);
+            params.images = too_many.data();
+            params.image_count = too_many.size();
+            CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, pipeline.edit(params));
+        }
+    }
+    CHECK(n > 0);
+}
+
+// ControlNet through Pipeline::set_controlnet() (ZIMAGE_TEST_CONTROLNET_CASES, the C client's
+// file: name, package, controlnet, prompt, negative prompt ("" = none), seed, width, height,
+// steps, guidance, scale, control RGB, expected RGB, then the inpainting picture and mask, or
+// "lora" and adapter file and scale pairs): diffusers' images within 1 level; a control image
+// without a ControlNet attached (before, and after detaching) and an unknown ControlNet throw.
+void test_controlnet(std::size_t max_cases) {
+    std::size_t n = 0;
+    for (const std::vector<std::string> &f : cases_from_env("ZIMAGE_TEST_CONTROLNET_CASES")) {
+        if (n++ == max_cases) break;
+        const bool with_loras = f.size() >= 16 && f[13] == "lora" && f.size() % 2 == 0;
+        CHECK(f.size() == 13 || f.size() == 15 || with_loras);
+        if (f.size() != 13 && f.size() != 15 && !with_loras) continue;
+        std::cerr << "controlnet case " << f[2] << "/" << f[0] << std::endl;
+        const unsigned width = std::stoul(f[6]), height = std::stoul(f[7]);
+        const std::vector<unsigned char> control = read_file(f[11]);
+        std::vector<unsigned char> picture, mask;
+        zimage_generate_params params = zimage::generate_params();
+        params.prompt = f[3].c_str();
+        params.negative_prompt = f[4].empty() ? nullptr : f[4].c_str();
+        params.seed = std::stoull(f[5]);
+        params.width = width;
+        params.height = height;
+        params.steps = std::stoul(f[8]);
+        params.guidance_scale = std::stof(f[9]);
+        params.control_scale = std::stof(f[10]);
+        params.control_image = zimage_image{control.data(), width, height, 0};
+        if (f.size() == 15 && !with_loras) {
+            picture = read_file(f[13]);
+            mask = read_file(f[14]);
+            params.init_image = zimage_image{picture.data(), width, height, 0};
+            params.mask = zimage_image{mask.data(), width, height, 0};
+        }
+        zimage::Pipeline pipeline = zimage::Pipeline::load(f[1]);
+        CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, pipeline.generate(params));
+        CHECK_THROWS(ZIMAGE_RESULT_PACKAGE, pipeline.set_controlnet("no-such-controlnet"));
+        if (with_loras) {
+            std::vector<zimage::Adapter> adapters;
+            for (std::size_t a = 14; a + 1 < f.size(); a += 2) adapters.push_back(pipeline.load_lora(f[a]));
+            std::vector<zimage::AdapterScale> scales;
+            for (std::size_t a = 0; a < adapters.size(); a++) scales.push_back({adapters[a], std::stof(f[15 + 2 * a])});
+            pipeline.set_adapters(scales);
+        }
+        pipeline.set_controlnet(f[2]);
+        CHECK(same_pixels(pipeline.generate(params), 0, read_file(f[12]), width, height, f[0]));
+        pipeline.detach_controlnet();
+        CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, pipeline.generate(params));
+    }
+    CHECK(n > 0);
+}
+
 }  // namespace
 
 // Recommended settings: Turbo's for the test package; the base model's (50 steps, guidance 4)
@@ -413,6 +594,9 @@ int main(int argc, char **argv) {
         test_progress_exception(moved);
         test_enhancer(enhancer_package, package, moved, enhancer_cases);
         test_recommended_params(moved);
+        test_lora(package, max_cases);
+        test_edit(moved, max_cases);
+        test_controlnet(max_cases);
         std::lock_guard<std::mutex> guard(log_lock);
         CHECK(messages.size() >= 2 && messages[1].rfind("3 loaded ", 0) == 0);
     } catch (const std::exception &e) {
