@@ -38,11 +38,13 @@ package="$root/models/tiny-zimage"
 control_package="$root/models/tiny-zimage-control"
 "$target/debug/zimage" triton-repo --model "$control_package" --out "$work/repository" --name zimage_control \
   --threads 1 --controlnet union-v2.1
+omni_package="$root/models/tiny-zimage-omni"
+"$target/debug/zimage" triton-repo --model "$omni_package" --out "$work/repository" --name zimage_omni --threads 1
 lora_file="$root/tests/golden/tiny-zimage/loras/peft.safetensors"
 "$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --name zimage_lora --threads 1 \
   --lora "$lora_file:0.8"
 
 export TRITONSERVER="$tritonserver" ZIMAGE_BACKENDS="$work/backends" ZIMAGE_REPOSITORY="$work/repository"
 export ZIMAGE_CLI="$target/debug/zimage" ZIMAGE_PACKAGE="$package" ZIMAGE_RESULTS="$work"
-export ZIMAGE_CONTROL_PACKAGE="$control_package" ZIMAGE_LORA_FILE="$lora_file"
+export ZIMAGE_CONTROL_PACKAGE="$control_package" ZIMAGE_LORA_FILE="$lora_file" ZIMAGE_OMNI_PACKAGE="$omni_package"
 timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs triton/tests/python "$@"

@@ -512,7 +512,7 @@ fn execute_one(
     (success, compute_start, compute_end)
 }
 
-/// Reads the inputs, generates, and fills the response's requested outputs.
+/// Reads the inputs, generates or edits, and fills the response's requested outputs.
 fn run(
     api: &Api,
     state: &InstanceState,
@@ -521,9 +521,17 @@ fn run(
 ) -> Result<(), BackendError> {
     let inputs = read_inputs(api, request)?;
     let outputs = requested_outputs(api, request)?;
-    let generate = request::build_request(&inputs, &state.limits, &state.pipeline.manifest().generation_defaults)
-        .map_err(|e| BackendError::invalid(e.0))?;
-    let generation = state.pipeline.generate(&generate, None).map_err(sdk_error)?;
+    let pipeline = &state.pipeline;
+    let generation = if request::is_edit(&inputs) {
+        let edit = request::build_edit_request(&inputs, &state.limits, pipeline.manifest(), pipeline.package_dir())
+            .map_err(|e| BackendError::invalid(e.0))?;
+        pipeline.edit(&edit, None)
+    } else {
+        let generate = request::build_request(&inputs, &state.limits, &pipeline.manifest().generation_defaults)
+            .map_err(|e| BackendError::invalid(e.0))?;
+        pipeline.generate(&generate, None)
+    }
+    .map_err(sdk_error)?;
     write_outputs(api, response, &outputs, &generation)
 }
 

@@ -97,6 +97,20 @@ pub const INPUTS: &[TensorSpec] = &[
     input("HEIGHT", DataType::Int32, &[1], true, "image height, a multiple of 16 [1024, or INIT_IMAGE's]"),
     input("STEPS", DataType::Int32, &[1], true, "denoising steps [8]"),
     input("GUIDANCE", DataType::Fp32, &[1], true, "classifier-free guidance scale, 0 = off [0]"),
+    input(
+        "CFG_NORMALIZATION",
+        DataType::Fp32,
+        &[1],
+        true,
+        "with GUIDANCE: caps the guided prediction's norm at this times the conditional one's, 0 = off [the package's]",
+    ),
+    input(
+        "CFG_TRUNCATION",
+        DataType::Fp32,
+        &[1],
+        true,
+        "with GUIDANCE: guidance stops after this fraction of the denoising, 1 = never [the package's]",
+    ),
     input("SEED", DataType::Uint64, &[1], true, "noise seed [random, returned in the SEED output]"),
     input("COUNT", DataType::Int32, &[1], true, "images from one noise tensor [1]"),
     input("INIT_IMAGE", DataType::Uint8, &[-1, -1, 3], true, "image-to-image start picture, RGB [H, W, 3]"),
@@ -122,6 +136,14 @@ pub const INPUTS: &[TensorSpec] = &[
         &[1],
         true,
         "none, canny or canny:LOW:HIGH (edges from a photo) [none]",
+    ),
+    input(
+        "REFERENCE_IMAGES",
+        DataType::Bytes,
+        &[-1],
+        true,
+        "editing packages (Z-Image-Omni): pictures to edit by the PROMPT's instruction, encoded files (PNG, JPEG, \
+         WebP), in order; the last sets the output size without WIDTH/HEIGHT [none]",
     ),
 ];
 

@@ -2,10 +2,12 @@
 //! No Triton calls here: the backend copies the tensors out first.
 
 use std::collections::HashMap;
+use std::path::Path;
 
+use zimage::pipeline::edit;
 use zimage::{
-    image_io, ControlCondition, ControlPreprocess, GenerateRequest, GenerationDefaults, GrayImage, InitImage, Prompt,
-    RgbImage,
+    image_io, ControlCondition, ControlPreprocess, EditRequest, GenerateRequest, GenerationDefaults, GrayImage,
+    InitImage, Manifest, Prompt, RgbImage,
 };
 
 use crate::interface::{self, DataType};
@@ -51,17 +53,23 @@ fn bad(message: impl Into<String>) -> InputError {
     InputError(message.into())
 }
 
-/// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
-/// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) sets the size (its own,
-/// floored to the model's size multiple), and it is resized to the request's size; a MASK too. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
-/// ControlNet inpainting (from noise, no STRENGTH), as `zimage generate --controlnet`.
-/// Inputs left out take the model's recommended settings (`defaults`, the package's
-/// `generation_defaults`).
-pub fn build_request(
-    inputs: &HashMap<String, Tensor>,
-    limits: &Limits,
-    defaults: &GenerationDefaults,
-) -> Result<GenerateRequest, InputError> {
+/// The inputs a generation and an edit share, checked.
+struct CommonInputs {
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: Option<u32>,
+    guidance: Option<f32>,
+    cfg_normalization: Option<f32>,
+    cfg_truncation: Option<f32>,
+    seed: Option<u64>,
+    count: Option<u32>,
+    width: Option<u32>,
+    height: Option<u32>,
+}
+
+/// Checks every input's type and byte count against the interface, then reads the inputs
+/// every request may carry.
+fn common_inputs(inputs: &HashMap<String, Tensor>, limits: &Limits) -> Result<CommonInputs, InputError> {
     for (name, tensor) in inputs {
         let spec = interface::input_spec(name).ok_or_else(|| bad(format!("unknown input {name}")))?;
         if tensor.data_type != spec.data_type {
@@ -83,34 +91,62 @@ pub fn build_request(
         }
     }
     let prompt = text(inputs, "PROMPT", limits)?.ok_or_else(|| bad("the input PROMPT is required"))?;
-    let mut request = GenerateRequest::with_defaults(defaults, prompt);
-    request.negative_prompt = text(inputs, "NEGATIVE_PROMPT", limits)?.map(Prompt::Text);
-    if let Some(steps) = scalar_i32(inputs, "STEPS")? {
-        request.steps = positive("STEPS", steps)?;
-    }
-    if let Some(guidance) = scalar(inputs, "GUIDANCE", 4)? {
-        let guidance = f32::from_le_bytes(guidance.try_into().expect("4 bytes"));
-        if !guidance.is_finite() {
-            return Err(bad(format!("GUIDANCE must be a finite number (got {guidance})")));
+    let count = match scalar_i32(inputs, "COUNT")? {
+        Some(count) => {
+            let count = positive("COUNT", count)?;
+            if count > limits.max_count {
+                return Err(bad(format!(
+                    "COUNT is {count}; this model serves at most {} (parameter max_count)",
+                    limits.max_count
+                )));
+            }
+            Some(count)
         }
-        request.guidance_scale = guidance;
-    }
-    if let Some(seed) = scalar(inputs, "SEED", 8)? {
-        request.seed = Some(u64::from_le_bytes(seed.try_into().expect("8 bytes")));
-    }
-    if let Some(count) = scalar_i32(inputs, "COUNT")? {
-        let count = positive("COUNT", count)?;
-        if count > limits.max_count {
-            return Err(bad(format!(
-                "COUNT is {count}; this model serves at most {} (parameter max_count)",
-                limits.max_count
-            )));
-        }
-        request.count = count;
-    }
-    let width = scalar_i32(inputs, "WIDTH")?.map(|w| positive("WIDTH", w)).transpose()?;
-    let height = scalar_i32(inputs, "HEIGHT")?.map(|h| positive("HEIGHT", h)).transpose()?;
+        None => None,
+    };
+    Ok(CommonInputs {
+        prompt,
+        negative_prompt: text(inputs, "NEGATIVE_PROMPT", limits)?,
+        steps: scalar_i32(inputs, "STEPS")?.map(|s| positive("STEPS", s)).transpose()?,
+        guidance: finite_f32(inputs, "GUIDANCE")?,
+        cfg_normalization: finite_f32(inputs, "CFG_NORMALIZATION")?,
+        cfg_truncation: finite_f32(inputs, "CFG_TRUNCATION")?,
+        seed: scalar(inputs, "SEED", 8)?.map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        count,
+        width: scalar_i32(inputs, "WIDTH")?.map(|w| positive("WIDTH", w)).transpose()?,
+        height: scalar_i32(inputs, "HEIGHT")?.map(|h| positive("HEIGHT", h)).transpose()?,
+    })
+}
 
+/// Whether a request is an instruction edit (it carries REFERENCE_IMAGES).
+pub fn is_edit(inputs: &HashMap<String, Tensor>) -> bool {
+    inputs.contains_key("REFERENCE_IMAGES")
+}
+
+/// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
+/// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) sets the size (its own,
+/// floored to the model's size multiple), and it is resized to the request's size; a MASK too. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
+/// ControlNet inpainting (from noise, no STRENGTH), as `zimage generate --controlnet`.
+/// Inputs left out take the model's recommended settings (`defaults`, the package's
+/// `generation_defaults`).
+pub fn build_request(
+    inputs: &HashMap<String, Tensor>,
+    limits: &Limits,
+    defaults: &GenerationDefaults,
+) -> Result<GenerateRequest, InputError> {
+    let common = common_inputs(inputs, limits)?;
+    if is_edit(inputs) {
+        return Err(bad("REFERENCE_IMAGES makes an edit: build it with build_edit_request"));
+    }
+    let mut request = GenerateRequest::with_defaults(defaults, common.prompt);
+    request.negative_prompt = common.negative_prompt.map(Prompt::Text);
+    request.steps = common.steps.unwrap_or(request.steps);
+    request.guidance_scale = common.guidance.unwrap_or(request.guidance_scale);
+    request.cfg_normalization = common.cfg_normalization.unwrap_or(request.cfg_normalization);
+    request.cfg_truncation = common.cfg_truncation.unwrap_or(request.cfg_truncation);
+    request.seed = common.seed;
+    request.count = common.count.unwrap_or(request.count);
+    let (width, height) = (common.width, common.height);
     let init = inputs.get("INIT_IMAGE").map(|t| rgb_image(t, "INIT_IMAGE")).transpose()?;
     let mask = inputs.get("MASK").map(mask).transpose()?;
     let control = inputs.get("CONTROL_IMAGE").map(|t| rgb_image(t, "CONTROL_IMAGE")).transpose()?;
@@ -175,6 +211,52 @@ pub fn build_request(
     Ok(request)
 }
 
+/// Builds an instruction edit (diffusers' ZImageOmniPipeline, as `zimage edit`): PROMPT is the
+/// instruction and REFERENCE_IMAGES the pictures, encoded files (PNG, JPEG, WebP) as BYTES
+/// elements, in order; the last one sets the output size unless WIDTH and HEIGHT both do.
+/// STEPS and GUIDANCE left out take the package's editing defaults (50 and 5.0 for Omni).
+/// Only for an editing package (`manifest`, `dir`: the model's); pictures are checked against
+/// its reference rules from their headers before they are decoded.
+pub fn build_edit_request(
+    inputs: &HashMap<String, Tensor>,
+    limits: &Limits,
+    manifest: &Manifest,
+    dir: &Path,
+) -> Result<EditRequest, InputError> {
+    let common = common_inputs(inputs, limits)?;
+    for name in ["INIT_IMAGE", "MASK", "STRENGTH", "CONTROL_IMAGE", "CONTROL_SCALE", "CONTROL_PREPROCESS"] {
+        if inputs.contains_key(name) {
+            return Err(bad(format!(
+                "{name} does not apply to an edit: REFERENCE_IMAGES are the pictures and PROMPT says what to change"
+            )));
+        }
+    }
+    let files = bytes_elements(&inputs["REFERENCE_IMAGES"], "REFERENCE_IMAGES")?;
+    edit::check_edit_package(manifest, dir, files.len()).map_err(|e| bad(format!("REFERENCE_IMAGES: {e}")))?;
+    let images = files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| edit::decode_reference(manifest, dir, file, i + 1))
+        .collect::<zimage::Result<Vec<RgbImage>>>()
+        .map_err(|e| bad(format!("REFERENCE_IMAGES: {e}")))?;
+    let mut request = EditRequest::new(common.prompt, images);
+    request.negative_prompt = common.negative_prompt;
+    match (common.width, common.height) {
+        (Some(w), Some(h)) => (request.width, request.height) = (Some(w), Some(h)),
+        (None, None) => {}
+        _ => return Err(bad("give both WIDTH and HEIGHT, or neither (the last reference's size)")),
+    }
+    request.steps = common.steps.map(|s| s as usize);
+    request.guidance_scale = common.guidance;
+    if let Some(normalization) = common.cfg_normalization {
+        request.cfg_normalization = normalization;
+    }
+    request.cfg_truncation = common.cfg_truncation;
+    request.seed = common.seed;
+    request.count = common.count.unwrap_or(1);
+    Ok(request)
+}
+
 /// The ControlNet condition: CONTROL_IMAGE resized to the output size and preprocessed, the
 /// scale, and for ControlNet inpainting the picture (resized) and mask.
 fn control_condition(
@@ -192,11 +274,7 @@ fn control_condition(
     let (picture, mask) = inpaint.map_or((None, None), |(picture, mask)| (Some(picture), Some(mask)));
     let mut condition = ControlCondition::resized(control, preprocess, width, height, picture.as_ref().zip(mask))
         .map_err(|e| bad(e.to_string()))?;
-    if let Some(scale) = scalar(inputs, "CONTROL_SCALE", 4)? {
-        let scale = f32::from_le_bytes(scale.try_into().expect("4 bytes"));
-        if !scale.is_finite() {
-            return Err(bad(format!("CONTROL_SCALE must be a finite number (got {scale})")));
-        }
+    if let Some(scale) = finite_f32(inputs, "CONTROL_SCALE")? {
         condition.conditioning_scale = scale;
     }
     Ok(condition)
@@ -226,12 +304,46 @@ fn text(inputs: &HashMap<String, Tensor>, name: &str, limits: &Limits) -> Result
     String::from_utf8(data[4..].to_vec()).map(Some).map_err(|_| bad(format!("{name} is not UTF-8")))
 }
 
+/// The elements of a BYTES input, each a 4-byte little-endian length then its bytes, as many
+/// as the shape holds (at least one).
+fn bytes_elements<'a>(tensor: &'a Tensor, name: &str) -> Result<Vec<&'a [u8]>, InputError> {
+    let count = tensor.elements().ok_or_else(|| bad(format!("{name}: bad shape {:?}", tensor.shape)))?;
+    if count == 0 {
+        return Err(bad(format!("{name} holds no element")));
+    }
+    let mut rest = tensor.data.as_slice();
+    let mut elements = Vec::with_capacity(count.min(64));
+    for index in 0..count {
+        let length = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| bad(format!("{name}: element {index} without its length")))?;
+        let element = rest.get(4..4 + length).ok_or_else(|| {
+            bad(format!("{name}: element {index} of {length} bytes runs past the {} bytes sent", tensor.data.len()))
+        })?;
+        elements.push(element);
+        rest = &rest[4 + length..];
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!("{name}: {} bytes after its {count} element(s)", rest.len())));
+    }
+    Ok(elements)
+}
+
 /// The bytes of a one-element input.
 fn scalar<'a>(inputs: &'a HashMap<String, Tensor>, name: &str, size: usize) -> Result<Option<&'a [u8]>, InputError> {
     match inputs.get(name) {
         None => Ok(None),
         Some(t) if t.elements() == Some(1) && t.data.len() == size => Ok(Some(&t.data)),
         Some(t) => Err(bad(format!("{name} must hold one value (shape {:?})", t.shape))),
+    }
+}
+
+/// A one-element FP32 input, which must be finite.
+fn finite_f32(inputs: &HashMap<String, Tensor>, name: &str) -> Result<Option<f32>, InputError> {
+    match scalar(inputs, name, 4)?.map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))) {
+        Some(value) if !value.is_finite() => Err(bad(format!("{name} must be a finite number (got {value})"))),
+        value => Ok(value),
     }
 }
 

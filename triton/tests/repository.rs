@@ -45,7 +45,9 @@ fn a_cpu_repository_links_the_package() {
     assert!(config.contains("{ name: \"PROMPT\" data_type: TYPE_STRING dims: [ 1 ] },"));
     assert!(config.contains("{ name: \"INIT_IMAGE\" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] optional: true },"));
     assert!(config.contains("{ name: \"STRENGTH\" data_type: TYPE_FP64 dims: [ 1 ] optional: true },"));
-    assert!(config.contains("{ name: \"CONTROL_PREPROCESS\" data_type: TYPE_STRING dims: [ 1 ] optional: true }\n]"));
+    assert!(config.contains("{ name: \"CONTROL_PREPROCESS\" data_type: TYPE_STRING dims: [ 1 ] optional: true },"));
+    assert!(config.contains("{ name: \"CFG_TRUNCATION\" data_type: TYPE_FP32 dims: [ 1 ] optional: true },"));
+    assert!(config.contains("{ name: \"REFERENCE_IMAGES\" data_type: TYPE_STRING dims: [ -1 ] optional: true }\n]"));
     assert!(!config.contains("key: \"controlnet\""), "no ControlNet parameter unless asked");
     assert!(config.contains("{ name: \"IMAGE\" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ] },"));
     assert!(config.contains("parameters: { key: \"device\" value: { string_value: \"cpu\" } }"));

@@ -1,10 +1,13 @@
 //! Input tensors → the SDK request, and the IMAGE output's layout.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use triton_zimage::interface::{self, DataType, INPUTS, OUTPUTS};
-use triton_zimage::request::{build_request, bytes_element, image_output, InputError, Limits, Tensor};
-use zimage::{GenerationDefaults, InitImage, Prompt, RgbImage};
+use triton_zimage::request::{
+    build_edit_request, build_request, bytes_element, image_output, is_edit, InputError, Limits, Tensor,
+};
+use zimage::{image_io, GenerationDefaults, InitImage, Manifest, Prompt, RgbImage};
 
 const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false, size_multiple: 16 };
 
@@ -238,6 +241,8 @@ fn the_tensor_table_is_consistent() {
             "HEIGHT",
             "STEPS",
             "GUIDANCE",
+            "CFG_NORMALIZATION",
+            "CFG_TRUNCATION",
             "SEED",
             "COUNT",
             "INIT_IMAGE",
@@ -245,7 +250,8 @@ fn the_tensor_table_is_consistent() {
             "STRENGTH",
             "CONTROL_IMAGE",
             "CONTROL_SCALE",
-            "CONTROL_PREPROCESS"
+            "CONTROL_PREPROCESS",
+            "REFERENCE_IMAGES"
         ]
     );
     assert_eq!(INPUTS.iter().filter(|t| !t.optional).map(|t| t.name).collect::<Vec<_>>(), ["PROMPT"]);
@@ -339,4 +345,138 @@ fn bad_control_inputs_are_refused_with_the_reason() {
     assert!(refused(&[("PROMPT", text("x")), ("CONTROL_PREPROCESS", text("canny"))]).contains("needs CONTROL_IMAGE"));
     let m = with_controlnet(&[("PROMPT", text("x")), ("CONTROL_IMAGE", pixels(32, 32, 0))]).unwrap_err().0;
     assert!(m.contains("CONTROL_IMAGE must have 3 dimensions"), "{m}");
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A BYTES tensor of encoded files, one element each.
+fn files(contents: &[Vec<u8>]) -> Tensor {
+    let mut data = Vec::new();
+    for file in contents {
+        data.extend_from_slice(&(file.len() as u32).to_le_bytes());
+        data.extend_from_slice(file);
+    }
+    Tensor { data_type: DataType::Bytes, shape: vec![contents.len() as i64], data }
+}
+
+fn reference_file(name: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/golden/tiny-zimage-omni/inputs").join(name)).unwrap()
+}
+
+fn omni() -> (Manifest, PathBuf) {
+    let dir = root().join("models/tiny-zimage-omni");
+    (Manifest::read(&dir).unwrap(), dir)
+}
+
+fn edit_refused(items: &[(&str, Tensor)]) -> String {
+    let (manifest, dir) = omni();
+    let InputError(message) =
+        build_edit_request(&inputs(items), &LIMITS, &manifest, &dir).expect_err("must be refused");
+    message
+}
+
+#[test]
+fn reference_images_make_an_edit_with_the_packages_defaults() {
+    let (manifest, dir) = omni();
+    let (a, b) = (reference_file("ref_80x128.png"), reference_file("ref_100x70.png"));
+    let items = inputs(&[
+        ("PROMPT", text("make it night")),
+        ("NEGATIVE_PROMPT", text("blurry")),
+        ("SEED", u64s(2)),
+        ("COUNT", i32s(2)),
+        ("CFG_NORMALIZATION", f32s(1.3)),
+        ("CFG_TRUNCATION", f32s(0.7)),
+        ("REFERENCE_IMAGES", files(&[a.clone(), b.clone()])),
+    ]);
+    assert!(is_edit(&items));
+    let request = build_edit_request(&items, &LIMITS, &manifest, &dir).unwrap();
+    assert_eq!(request.prompt, "make it night");
+    assert_eq!(request.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!(request.images, [image_io::decode_rgb(&a).unwrap(), image_io::decode_rgb(&b).unwrap()]);
+    assert_eq!((request.images[0].width, request.images[0].height), (80, 128));
+    assert_eq!((request.width, request.height), (None, None));
+    // Left out: the package's editing defaults (50 steps, guidance 5 for Omni).
+    assert_eq!((request.steps, request.guidance_scale), (None, None));
+    assert_eq!((request.seed, request.count), (Some(2), 2));
+    assert_eq!((request.cfg_normalization, request.cfg_truncation), (1.3, Some(0.7)));
+
+    let items = inputs(&[
+        ("PROMPT", text("")),
+        ("WIDTH", i32s(64)),
+        ("HEIGHT", i32s(80)),
+        ("STEPS", i32s(4)),
+        ("GUIDANCE", f32s(0.0)),
+        ("REFERENCE_IMAGES", files(&[a])),
+    ]);
+    let request = build_edit_request(&items, &LIMITS, &manifest, &dir).unwrap();
+    assert_eq!(
+        (request.width, request.height, request.steps, request.guidance_scale),
+        (Some(64), Some(80), Some(4), Some(0.0))
+    );
+    assert_eq!((request.count, request.cfg_truncation), (1, None));
+}
+
+#[test]
+fn bad_edits_are_refused_before_decoding() {
+    let a = reference_file("ref_96x64.png");
+    let refs = || files(std::slice::from_ref(&a));
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs()), ("INIT_IMAGE", pixels(16, 16, 3))]);
+    assert!(e.starts_with("INIT_IMAGE does not apply to an edit"), "{e}");
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs()), ("CONTROL_SCALE", f32s(0.5))]);
+    assert!(e.starts_with("CONTROL_SCALE does not apply to an edit"), "{e}");
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs()), ("WIDTH", i32s(64))]);
+    assert_eq!(e, "give both WIDTH and HEIGHT, or neither (the last reference's size)");
+    let e = edit_refused(&[("REFERENCE_IMAGES", refs())]);
+    assert_eq!(e, "the input PROMPT is required");
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&vec![a.clone(); 9]))]);
+    assert!(e.contains("9 reference images: this model takes 1 to 8"), "{e}");
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&[]))]);
+    assert_eq!(e, "REFERENCE_IMAGES holds no element");
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&[b"not a picture".to_vec()]))]);
+    assert!(e.starts_with("REFERENCE_IMAGES: "), "{e}");
+    let e = edit_refused(&[("PROMPT", text("x")), ("CFG_TRUNCATION", f32s(f32::NAN)), ("REFERENCE_IMAGES", refs())]);
+    assert_eq!(e, "CFG_TRUNCATION must be a finite number (got NaN)");
+
+    // BYTES that do not add up: an element longer than the buffer, bytes left over, a shape
+    // that promises more elements than sent.
+    let mut short = refs();
+    short.data.truncate(short.data.len() - 1);
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", short)]);
+    assert!(e.contains("element 0 of") && e.contains("runs past"), "{e}");
+    let mut long = refs();
+    long.data.push(0);
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", long)]);
+    assert_eq!(e, "REFERENCE_IMAGES: 1 bytes after its 1 element(s)");
+    let mut two = refs();
+    two.shape = vec![2];
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", two)]);
+    assert_eq!(e, "REFERENCE_IMAGES: element 1 without its length");
+
+    // A package that does not edit, and a generation asked to take references.
+    let dir = root().join("models/tiny-zimage");
+    let manifest = Manifest::read(&dir).unwrap();
+    let items = inputs(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs())]);
+    let InputError(e) = build_edit_request(&items, &LIMITS, &manifest, &dir).unwrap_err();
+    assert!(e.contains("does not support editing"), "{e}");
+    let InputError(e) = build_request(&items, &LIMITS, &turbo()).unwrap_err();
+    assert!(e.starts_with("REFERENCE_IMAGES makes an edit"), "{e}");
+}
+
+#[test]
+fn cfg_inputs_reach_a_generation() {
+    let request = build_request(
+        &inputs(&[("PROMPT", text("x")), ("CFG_NORMALIZATION", f32s(1.5)), ("CFG_TRUNCATION", f32s(0.25))]),
+        &LIMITS,
+        &turbo(),
+    )
+    .unwrap();
+    assert_eq!((request.cfg_normalization, request.cfg_truncation), (1.5, 0.25));
+    let request = build_request(&inputs(&[("PROMPT", text("x"))]), &LIMITS, &turbo()).unwrap();
+    assert_eq!((request.cfg_normalization, request.cfg_truncation), (0.0, 1.0));
+    assert_eq!(
+        refused(&[("PROMPT", text("x")), ("CFG_NORMALIZATION", f32s(f32::INFINITY))]),
+        "CFG_NORMALIZATION must be a finite number (got inf)"
+    );
 }

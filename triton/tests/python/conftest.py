@@ -5,11 +5,12 @@ backend and the model repository and sets the environment read here:
   TRITONSERVER        the tritonserver binary
   ZIMAGE_BACKENDS     the backend directory (holds zimage/libtriton_zimage.so)
   ZIMAGE_REPOSITORY   the model repository (models "zimage", "zimage_reload", "zimage_control",
-                      "zimage_lora")
+                      "zimage_lora", "zimage_omni")
   ZIMAGE_CLI          the zimage binary (reference images)
   ZIMAGE_PACKAGE      the model package both use
   ZIMAGE_CONTROL_PACKAGE  the package of "zimage_control" (with ControlNet union-v2.1)
   ZIMAGE_LORA_FILE    the LoRA "zimage_lora" merges at scale 0.8
+  ZIMAGE_OMNI_PACKAGE the editing package of "zimage_omni"
   ZIMAGE_RESULTS      a folder for the load run's numbers (load.json)
 """
 

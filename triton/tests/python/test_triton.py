@@ -11,6 +11,7 @@ import json
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +232,87 @@ def test_loras_parameter_equals_zimage_generate_with_lora(server, zimage_cli, pa
     assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
     plain, _ = generate_http(server, **params)
     assert not np.array_equal(image, plain), "the LoRA changed nothing"
+
+
+OMNI_MODEL = "zimage_omni"
+OMNI_GOLDENS = Path(__file__).resolve().parents[3] / "tests/golden/tiny-zimage-omni"
+EDIT_CASES = ["one_ref", "two_refs_cfg", "explicit_size"]
+
+
+def edit_case(name):
+    cases = json.loads((OMNI_GOLDENS / "cases.json").read_text())["edit"]
+    return next(c for c in cases if c["name"] == name)
+
+
+def edit_inputs(module, case):
+    """An edit request: the golden case's parameters, its reference files as REFERENCE_IMAGES."""
+    items = inputs(module, prompt=case["prompt"], negative=case["negative_prompt"], width=case["width"],
+                   height=case["height"], steps=case["num_inference_steps"], guidance=case["guidance_scale"],
+                   seed=case["seed"])
+    for name in ["CFG_NORMALIZATION", "CFG_TRUNCATION"]:
+        items.append(tensor(module, name, np.array([case[name.lower()]], dtype=np.float32), "FP32"))
+    files = [(OMNI_GOLDENS / f).read_bytes() for f in case["image_files"]]
+    items.append(tensor(module, "REFERENCE_IMAGES", np.array(files, dtype=object), "BYTES"))
+    return items
+
+
+@pytest.fixture(scope="module")
+def omni_model(server):
+    """The editing model (an Omni package), loaded for these tests only."""
+    with connect(server) as client:
+        client.load_model(OMNI_MODEL)
+    yield OMNI_MODEL
+    with connect(server) as client:
+        client.unload_model(OMNI_MODEL)
+
+
+@pytest.mark.parametrize("name", EDIT_CASES)
+def test_edits_match_diffusers_and_zimage_edit(server, omni_model, zimage_cli, tmp_path, name):
+    """REFERENCE_IMAGES on an editing package: diffusers' ZImageOmniPipeline image within one
+    level (its golden), and `zimage edit`'s PNG byte for byte."""
+    case = edit_case(name)
+    with connect(server) as client:
+        result = client.infer(omni_model, edit_inputs(httpclient, case))
+    image, seed = result.as_numpy("IMAGE"), int(result.as_numpy("SEED")[0])
+    golden = np.asarray(Image.open(OMNI_GOLDENS / case["output_files"][0]).convert("RGB"))
+    assert seed == case["seed"]
+    assert image.shape == (1, *golden.shape)
+    assert np.abs(image[0].astype(int) - golden.astype(int)).max() <= 1
+    out = tmp_path / "edit.png"
+    command = [str(zimage_cli), "edit", "--model", env_path("ZIMAGE_OMNI_PACKAGE"), "--threads", "1", "--prompt",
+               case["prompt"], "--output", str(out), "--seed", str(case["seed"]),
+               "--steps", str(case["num_inference_steps"]), "--guidance", str(case["guidance_scale"]),
+               "--cfg-normalization", str(case["cfg_normalization"]),
+               "--cfg-truncation", str(case["cfg_truncation"])]
+    for f in case["image_files"]:
+        command += ["--image", str(OMNI_GOLDENS / f)]
+    if case["negative_prompt"] is not None:
+        command += ["--negative-prompt", case["negative_prompt"]]
+    if case["width"] is not None:
+        command += ["--width", str(case["width"]), "--height", str(case["height"])]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    assert np.array_equal(image[0], np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_edit_errors_are_the_requests_own(server, omni_model):
+    """Edit inputs the model or the request cannot take: INVALID_ARG with the reason, and the
+    models keep serving."""
+    case = edit_case("one_ref")
+    with pytest.raises(InferenceServerException) as failure, connect(server) as client:
+        client.infer(MODEL, edit_inputs(httpclient, case))
+    assert "does not support editing" in str(failure.value)
+    items = edit_inputs(httpclient, case) + [tensor(httpclient, "STRENGTH", np.array([0.5]), "FP64")]
+    with pytest.raises(InferenceServerException) as failure, connect(server) as client:
+        client.infer(omni_model, items)
+    assert "STRENGTH does not apply to an edit" in str(failure.value)
+    items = [i for i in edit_inputs(httpclient, case) if i.name() != "REFERENCE_IMAGES"]
+    items.append(tensor(httpclient, "REFERENCE_IMAGES", np.array([b"not a picture"], dtype=object), "BYTES"))
+    with pytest.raises(InferenceServerException) as failure, connect(server) as client:
+        client.infer(omni_model, items)
+    assert "REFERENCE_IMAGES" in str(failure.value)
+    with connect(server) as client:
+        result = client.infer(omni_model, edit_inputs(httpclient, dict(case, num_inference_steps=1)))
+    assert result.as_numpy("IMAGE").shape == (1, 64, 96, 3)
 
 
 def test_control_inputs_without_a_controlnet_are_refused(server):
