@@ -15,7 +15,9 @@ docs/quantization.md). Last, the VAE graphs get their prebuilt CPU layouts
 (zimage_export/prepacked.py: faster loads on CPUs that pack weights the same way, at about the
 transformer's bytes again on disk). `--chunked-attention N` (opt-in, measured on the CPU only)
 computes the transformer's attention in N query chunks (zimage_export/transformer_attention.py:
-1/N of the score matrices alive at once; docs/loading.md).
+1/N of the score matrices alive at once; docs/loading.md). For an Omni (editing) folder, the
+last step points transformer_omni.onnx's weights at transformer.onnx's bytes
+(zimage_export/shared_weights.py): the package stores the transformer's weights once.
 """
 
 import argparse
@@ -179,6 +181,13 @@ def main(argv=None) -> None:
         from zimage_export.prepacked import add_prepacked
 
         add_prepacked(out)
+    # Last, after every rewrite of transformer.onnx: the Omni transformer reads its weights.
+    from zimage_export.shared_weights import share_omni_weights
+
+    shared = share_omni_weights(out)
+    if shared is not None:
+        print(f"transformer_omni: {shared['shared_bytes']} bytes of weights read from transformer.onnx, "
+              f"{shared['own_bytes']} its own", flush=True)
 
 
 if __name__ == "__main__":

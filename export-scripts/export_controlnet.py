@@ -112,7 +112,8 @@ def add_controlnet(package: Path, src: Path, controlnet_path: Path, name: str, c
     from diffusers import ZImageTransformer2DModel
 
     from zimage_export.controlnet import (check_package_accepts_controlnet, control_graph_name, load_controlnet,
-                                          own_weight_bytes, relocate_weights)
+                                          own_weight_bytes)
+    from zimage_export.shared_weights import relocate_weights
     from zimage_export.manifest import file_entry, graph_entry
     from zimage_export.onnx_io import export_graph
 

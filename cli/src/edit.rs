@@ -67,6 +67,10 @@ pub struct EditArgs {
     /// Progress display on stderr.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// A LoRA (.safetensors: diffusers/PEFT, kohya, ComfyUI, LoKr) merged into the transformer at
+    /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = zimage_load_flags::parse_lora)]
+    loras: Vec<zimage::LoraFile>,
     /// Rewrite the instruction with the local prompt enhancer first.
     #[arg(long)]
     enhance: bool,
@@ -78,6 +82,8 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     // The package must edit at all before anything is decoded or loaded.
     let manifest = Manifest::read(&args.model.model)?;
     zimage::pipeline::edit::check_edit_package(&manifest, &args.model.model, args.images.len())?;
+    // Adapters are read and checked before the model load too.
+    let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
     let files = output_files(&args.output, args.count);
     let latents_file = args.save_latents.clone();
     for path in files.iter().chain(latents_file.as_ref()) {
@@ -107,7 +113,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     let progress = StageProgress::new(args.progress.visible_for_edit());
     progress.stage("loading model");
     let guidance = args.guidance.unwrap_or(manifest.edit.as_ref().map_or(0.0, |e| e.defaults.guidance_scale)) > 0.0;
-    let pipeline = args.model.load(args.count, guidance)?;
+    let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;
     pipeline.check_edit(&request)?;
     let last_step = Cell::new((0usize, 0usize));
     let lines = args.progress == ProgressMode::Lines;
@@ -142,7 +148,15 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     let defaults = &manifest.edit.as_ref().expect("checked above").defaults;
     let mut staged = Vec::with_capacity(files.len() + 1);
     for (index, (image, path)) in generation.images.iter().zip(&files).enumerate() {
-        let text = edit_parameters(&request, &generation, index, pipeline.package_dir(), defaults, &records);
+        let text = edit_parameters(
+            &request,
+            &generation,
+            index,
+            pipeline.package_dir(),
+            defaults,
+            &records,
+            &pipeline.loras(),
+        );
         let mut file = interrupt::stage(path)?;
         file.write_png(image, &text)?;
         staged.push(file);
@@ -164,6 +178,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
             "height": height,
             "reference_images": records.iter().map(|r| json!({"file": r.file, "sha256": r.sha256})).collect::<Vec<_>>(),
             "enhanced_prompt": generation.enhanced_prompt,
+            "loras": zimage::lora_records(&pipeline.loras()),
             "model": pipeline.package_dir().display().to_string(),
             "timings": timings_json(&generation.timings, pipeline.load_time()),
         });

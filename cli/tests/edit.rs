@@ -1,7 +1,7 @@
 //! `zimage edit` end to end on the committed tiny Omni package: a golden edit (two references
 //! of different sizes, CFG with normalization and truncation) within one level of diffusers,
-//! the references' names and sha256 in the PNG parameters, the latents, and the exit codes of
-//! bad edits (nothing written).
+//! the references' names and sha256 in the PNG parameters, the latents, an edit with LoRAs, and
+//! the exit codes of bad edits (nothing written).
 
 mod common;
 
@@ -19,18 +19,15 @@ fn scratch(name: &str) -> PathBuf {
     common::scratch("cli-edit-tests", name)
 }
 
-fn golden_case(name: &str) -> Value {
+/// Case `name` of the section `section` ("edit", "lora") of the Omni goldens.
+fn golden_case(section: &str, name: &str) -> Value {
     let text = std::fs::read_to_string(root().join(GOLDEN).join("cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
-    cases["edit"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+    cases[section].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
 }
 
-#[test]
-fn two_reference_edit_matches_the_golden_and_records_its_references() {
-    let c = golden_case("two_refs_cfg");
-    let dir = scratch("two_refs");
-    let output = dir.join("edit.png");
-    let latents = dir.join("latents.npy");
+/// `zimage edit` arguments for golden case `c` (its LoRAs as --lora FILE:SCALE).
+fn case_args(c: &Value) -> Vec<String> {
     let mut args: Vec<String> = vec!["edit".into(), "--model".into(), PACKAGE.into()];
     for image in c["image_files"].as_array().unwrap() {
         args.extend(["--image".into(), format!("{GOLDEN}/{}", image.as_str().unwrap())]);
@@ -48,26 +45,47 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        args.extend([flag.into(), value]);
+        if !c[key].is_null() {
+            args.extend([flag.into(), value]);
+        }
     }
+    for lora in c["loras"].as_array().into_iter().flatten() {
+        args.extend(["--lora".into(), format!("{GOLDEN}/{}:{}", lora["file"].as_str().unwrap(), lora["scale"])]);
+    }
+    args
+}
+
+/// The edit's PNG within one level of the golden image, its latents within 1e-4.
+fn check_against_golden(c: &Value, output: &std::path::Path, latents: &std::path::Path) {
+    let png = read_png(output);
+    let golden = read_png(&root().join(GOLDEN).join(c["output_files"][0].as_str().unwrap()));
+    assert_eq!((png.width, png.height), (golden.width, golden.height));
+    let diff = png.rgb.iter().zip(&golden.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(diff <= 1, "differs from diffusers by {diff} levels");
+    let got = zimage::image_io::read_npy(latents).unwrap();
+    let want = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
+    assert_eq!(got.shape(), want.shape());
+    let worst = common::max_abs_diff(got.iter(), want.iter());
+    assert!(worst <= 1e-4 && got.iter().all(|v| v.is_finite()), "latents differ by {worst}");
+}
+
+#[test]
+fn two_reference_edit_matches_the_golden_and_records_its_references() {
+    let c = golden_case("edit", "two_refs_cfg");
+    let dir = scratch("two_refs");
+    let output = dir.join("edit.png");
+    let latents = dir.join("latents.npy");
+    let mut args = case_args(&c);
     args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
     args.extend(["--json".into(), "--progress".into(), "none".into()]);
     let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((summary["width"].as_u64(), summary["height"].as_u64()), (Some(96), Some(64)));
-
+    assert_eq!(summary["loras"], serde_json::json!([]));
+    check_against_golden(&c, &output, &latents);
     let png = read_png(&output);
-    let golden = read_png(&root().join(GOLDEN).join(c["output_files"][0].as_str().unwrap()));
-    assert_eq!((png.width, png.height), (golden.width, golden.height));
-    let diff = png.rgb.iter().zip(&golden.rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-    assert!(diff <= 1, "differs from diffusers by {diff} levels");
-
-    let got = zimage::image_io::read_npy(&latents).unwrap();
-    let want = zimage::image_io::read_npy(&root().join(GOLDEN).join(c["latents_file"].as_str().unwrap())).unwrap();
-    assert_eq!(got.shape(), want.shape());
-    let worst = common::max_abs_diff(got.iter(), want.iter());
-    assert!(worst <= 1e-4 && got.iter().all(|v| v.is_finite()), "latents differ by {worst}");
+    assert!(!png.text.contains_key("loras"));
 
     let refs: Value = serde_json::from_str(&png.text["reference_images"]).unwrap();
     let refs = refs.as_array().unwrap();
@@ -86,6 +104,33 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
     assert_eq!(png.text["cfg_normalization"], "1.3");
     assert_eq!(png.text["cfg_truncation"], "0.7");
     assert_eq!(png.text["size"], "96x64");
+}
+
+/// `--lora` reaches edits: two adapters with CFG equal diffusers' edit with them loaded, and
+/// the PNG and the JSON summary record them (file, sha256, scale).
+#[test]
+fn an_edit_with_loras_matches_the_golden_and_records_them() {
+    let c = golden_case("lora", "lora_two_cfg");
+    let dir = scratch("loras");
+    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
+    let mut args = case_args(&c);
+    assert_eq!(args.iter().filter(|a| *a == "--lora").count(), 2);
+    args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
+    args.extend(["--json".into(), "--progress".into(), "none".into()]);
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    check_against_golden(&c, &output, &latents);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let png = read_png(&output);
+    let recorded: Value = serde_json::from_str(&png.text["loras"]).unwrap();
+    assert_eq!(recorded, summary["loras"]);
+    let files: Vec<&str> = recorded.as_array().unwrap().iter().map(|l| l["file"].as_str().unwrap()).collect();
+    assert_eq!(files, ["peft.safetensors", "kohya.safetensors"]);
+    let scales: Vec<f64> = recorded.as_array().unwrap().iter().map(|l| l["scale"].as_f64().unwrap()).collect();
+    assert_eq!(scales, [0.7, 1.3]);
+    let peft = root().join("tests/golden/tiny-zimage/loras/peft.safetensors");
+    let sha: String = sha2::Sha256::digest(std::fs::read(peft).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(recorded[0]["sha256"], sha.as_str());
 }
 
 #[test]

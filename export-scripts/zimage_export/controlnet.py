@@ -3,19 +3,14 @@ safetensors file with only the ControlNet's own keys), export the combined
 transformer+ControlNet graph, and point its shared weights at the transformer's bytes on disk
 (docs/controlnet.md).
 
-Shared weights are found by content, not by name: an initializer of the combined graph whose
-bytes equal a stretch of the transformer's weight file (transformer.onnx.data, or for small
-packages transformer.onnx itself, where the weights are raw bytes inside the protobuf) gets an
-external-data reference to that stretch. Equal bytes read back as equal values, so the match
-cannot be wrong, whatever the exporter named or folded. Everything else (the ControlNet's own
-weights) goes to `<graph>.onnx.data`.
+Shared weights are found by content (shared_weights.relocate_weights): the ControlNet's own
+weights go to `<graph>.onnx.data`, the transformer's are read from its file.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
-from .onnx_io import external_data_path
+from .shared_weights import EMBED_BELOW
 
 # Published Z-Image-Turbo-Fun-Controlnet-Union layouts (alibaba-pai; diffusers' hlky/* configs),
 # used to fill in the config of a single-file checkpoint by its number of control layers.
@@ -24,10 +19,6 @@ PUBLISHED_PLACES = {
     15: dict(control_layers_places=list(range(0, 30, 2)), control_refiner_layers_places=[0, 1]),
 }
 CONTROL_FILE_PREFIX = "controlnet_"
-ALIGN_BIG = 65536  # ONNX Runtime maps page-aligned external tensors instead of copying them
-BIG = 1 << 20
-EMBED_BELOW = 1024
-FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
 
 
 def config_from_single_file(state: dict, transformer_cfg: dict, overrides: dict | None = None) -> dict:
@@ -130,114 +121,6 @@ def check_package_accepts_controlnet(manifest: dict) -> None:
 
 def control_graph_name(name: str) -> str:
     return f"{CONTROL_FILE_PREFIX}{name}"
-
-
-# ---------------------------------------------------------------- shared-weight relocation
-
-def _transformer_weight_index(package: Path) -> dict:
-    """sha256 of every weight blob of transformer.onnx -> (file name, offset, length)."""
-    import onnx
-
-    graph_path = package / "transformer.onnx"
-    model = onnx.load(str(graph_path), load_external_data=False)
-    index = {}
-    raw_file = graph_path.read_bytes()
-    data_files = {}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            loc, off, length = info["location"], int(info.get("offset", 0)), int(info["length"])
-            if loc not in data_files:
-                data_files[loc] = open(package / loc, "rb")
-            f = data_files[loc]
-            f.seek(off)
-            blob = f.read(length)
-        elif t.raw_data:
-            blob = t.raw_data
-            off = raw_file.find(blob)
-            if off < 0:
-                continue
-            loc, length = graph_path.name, len(blob)
-        else:
-            continue
-        index.setdefault(hashlib.sha256(blob).digest(), (loc, off, length))
-    for f in data_files.values():
-        f.close()
-    return index
-
-
-def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
-    """Rewrite the exported combined graph `exported` (weights in `exported`.data or embedded)
-    as `out_graph`: shared weights point into the transformer's file(s), the others go to
-    `out_graph`.data. Returns byte counts.
-
-    Initializers with equal bytes, dtype and shape are merged into one first: a module the
-    graph calls twice (the noise refiner in 2.x, the control layers in 2.0) leaves one folded
-    copy of a small weight per call, which onnxscript deduplicates only below 1024 elements.
-    Merged, each weight is one initializer: one reference on disk, one buffer in memory."""
-    import onnx
-
-    index = _transformer_weight_index(package)
-    model = onnx.load(str(exported), load_external_data=True)
-    own_path = external_data_path(out_graph)
-    own_path.unlink(missing_ok=True)
-    shared = own = merged = 0
-    canonical, renames, duplicates = {}, {}, []
-    with open(own_path, "wb") as own_file:
-        for position, t in enumerate(model.graph.initializer):
-            blob = t.raw_data
-            # Small tensors stay embedded: shape constants must (ONNX Runtime's shape inference
-            # reads them at load), and moving a few bytes saves nothing.
-            if len(blob) < EMBED_BELOW or t.data_type not in FLOAT_TYPES:
-                continue
-            digest = hashlib.sha256(blob).digest()
-            key = (digest, t.data_type, tuple(t.dims))
-            if key in canonical:
-                renames[t.name] = canonical[key]
-                duplicates.append(position)
-                merged += len(blob)
-                t.ClearField("raw_data")
-                continue
-            canonical[key] = t.name
-            hit = index.get(digest)
-            if hit is not None:
-                loc, off, length = hit
-                shared += length
-            else:
-                pos = own_file.tell()
-                align = ALIGN_BIG if len(blob) >= BIG else 64
-                pad = (-pos) % align
-                own_file.write(b"\0" * pad)
-                loc, off, length = own_path.name, pos + pad, len(blob)
-                own_file.write(blob)
-                own += length
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", loc), ("offset", str(off)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-    if own == 0:
-        own_path.unlink()
-    _rename_inputs(model.graph, renames)
-    for position in reversed(duplicates):
-        del model.graph.initializer[position]
-    onnx.save(model, str(out_graph))
-    return {"shared_bytes": shared, "own_bytes": own, "merged_bytes": merged}
-
-
-def _rename_inputs(graph, renames: dict) -> None:
-    """Point every node input named in `renames` at its new name. The exported graph is flat
-    (functions inlined, no control flow); a subgraph would hide uses, so it is refused."""
-    outputs = {o.name for o in graph.output}
-    if outputs & renames.keys():
-        raise ValueError("a graph output is a merged initializer")
-    for node in graph.node:
-        if any(a.type in (5, 10) for a in node.attribute):  # GRAPH, GRAPHS
-            raise ValueError(f"node {node.name} ({node.op_type}) has a subgraph")
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
 
 
 def own_weight_bytes(modules) -> int:

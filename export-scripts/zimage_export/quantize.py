@@ -635,6 +635,10 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     if manifest.get("controlnets"):
         # Their graphs read the float transformer's weights at fixed offsets (docs/controlnet.md).
         raise ValueError(f"{src} has ControlNets, which run on float packages only: quantize a copy without them")
+    if (manifest.get("edit") or {}).get("transformer_weights"):
+        # transformer_omni.onnx reads transformer.onnx's bytes at fixed offsets (shared_weights.py).
+        raise ValueError(f"{src}: its Omni transformer reads transformer.onnx's weights, which quantizing would "
+                         "rewrite: quantize at export instead (export.py --weights)")
     graphs = manifest["graphs"]
     enhanced = SHARING_GRAPH in graphs
     rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}

@@ -155,7 +155,8 @@ def chunk_package(package: Path, chunks: int = DEFAULT_CHUNKS) -> dict:
     """Rewrites the transformer graphs of an existing package in place, updates their manifest
     entries and rebuilds a prepacked CPU layout made from the old graph; manifest.json is written
     last. Graphs that are links into another package are left to that package's rewrite (run it
-    first). A package with ControlNets is refused (ValueError), untouched. Returns the manifest."""
+    first). A package with ControlNets, or whose Omni transformer reads transformer.onnx's weights,
+    is refused (ValueError), untouched. Returns the manifest."""
     from . import prepacked
 
     package = Path(package)
@@ -167,6 +168,9 @@ def chunk_package(package: Path, chunks: int = DEFAULT_CHUNKS) -> dict:
         raise ValueError(f"{package}: the package carries ControlNets ({', '.join(manifest['controlnets'])}), which "
                          "read transformer.onnx at fixed offsets: rewrite the package without them, then add them "
                          "again with export_controlnet.py")
+    if (manifest.get("edit") or {}).get("transformer_weights"):
+        raise ValueError(f"{package}: its Omni transformer reads transformer.onnx's weights at fixed offsets (an "
+                         "editing package): chunk at export instead (export.py --chunked-attention)")
 
     def stage(name, path):
         import onnx

@@ -1,7 +1,8 @@
 //! Editing (Omni) against diffusers' ZImageOmniPipeline and transformers' Siglip2ImageProcessor
 //! on the committed tiny Omni package (tests/golden/tiny-zimage-omni, docs/goldens.md): the
 //! SigLIP2 pixel inputs within 1e-6, the vision tokens, whole edits (final latents within
-//! 1e-4, images within 1 level), and the typed errors of bad edit requests.
+//! 1e-4, images within 1 level), edits with LoRA adapters, and the typed errors of bad edit
+//! requests.
 
 mod common;
 
@@ -179,16 +180,97 @@ fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
     );
 }
 
-#[test]
-fn an_edit_with_loras_is_refused_not_silently_without_them() {
+/// A pipeline on the Omni package with `loras` set at load.
+fn pipeline_with(package: &std::path::Path, loras: Vec<zimage::LoraSetting>) -> zimage::Pipeline {
     let mut options = zimage::LoadOptions::default();
     options.threads = Some(1);
+    options.device = test_device();
+    options.loras = loras;
+    zimage::Pipeline::load(package, &options).unwrap()
+}
+
+/// `result` against a golden case's final latents and image; the latents' max abs difference.
+fn check_edit(name: &str, result: &zimage::Generation, case: &Value) -> f32 {
+    let want = npy_f32(&file(&case["latents_file"]));
+    let got = result.latents.as_ref().unwrap();
+    assert_eq!(got.shape(), want.shape(), "{name}");
+    let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+    eprintln!("{name}: final latents max abs diff {diff:e}");
+    assert!(diff <= tolerances().0, "{name}: final latents max abs diff {diff}");
+    let d = max_pixel_diff(&result.images[0], &png_rgb(&file(&case["output_files"][0])));
+    assert!(d <= tolerances().1, "{name}: image differs by {d} levels");
+    diff
+}
+
+/// LoRAs reach edits: the Omni graph reads the transformer's weights from transformer.onnx
+/// (export.py's last step), so the merged weights are re-addressed to it. The first case with
+/// the set given at load, the second through `set_loras`; each equals diffusers' edit with the
+/// adapters loaded, which differs from the edit without them; removing the set gives back the
+/// plain edit's golden.
+#[test]
+fn edits_with_loras_match_diffusers() {
+    let all = cases();
+    let lora_cases = all["lora"].as_array().expect("the lora section");
+    assert_eq!(lora_cases.len(), 2);
+    let package = repo().join("models").join(PACKAGE);
+    let manifest = json(&package.join("manifest.json"));
+    assert!(manifest["edit"]["transformer_weights"]["shared_bytes"].as_u64().unwrap() > 1_000_000);
+
+    let first = &lora_cases[0];
+    let with_lora = pipeline_with(&package, golden_loras(first, &golden(PACKAGE)));
+    let result = with_lora.edit(&edit_request(first), None).unwrap();
+    check_edit("lora_peft", &result, first);
+    let plain = pipeline(PACKAGE).edit(&edit_request(first), None).unwrap();
+    let changed = max_abs_diff(
+        plain.latents.as_ref().unwrap().as_slice().unwrap(),
+        result.latents.as_ref().unwrap().as_slice().unwrap(),
+    );
+    eprintln!("lora_peft: the LoRA moved the final latents by {changed}");
+    assert!(changed > 100.0 * tolerances().0, "the LoRA changed the edit by only {changed}");
+
+    with_lora.set_loras(&golden_loras(&lora_cases[1], &golden(PACKAGE))).unwrap();
+    assert_eq!(with_lora.loras().len(), 2);
+    check_edit("lora_two_cfg", &with_lora.edit(&edit_request(&lora_cases[1]), None).unwrap(), &lora_cases[1]);
+
+    with_lora.set_loras(&[]).unwrap();
+    let one_ref = &all["edit"][0];
+    assert_eq!(one_ref["name"], "one_ref");
+    check_edit("one_ref after removing the LoRAs", &with_lora.edit(&edit_request(one_ref), None).unwrap(), one_ref);
+}
+
+/// A package whose Omni graph keeps its own copy of the weights (exported before they were
+/// shared: no `edit.transformer_weights`) takes LoRAs for text-to-image, but an edit with them
+/// is refused, not run silently without them; and an Omni graph recorded for another
+/// transformer.onnx is a package error at load.
+#[test]
+fn loras_that_cannot_reach_an_edit_are_refused() {
+    let package = repo().join("models").join(PACKAGE);
+    let own_copy = edited_copy(&package, "omni-own-weights", |m, _| {
+        m["edit"].as_object_mut().unwrap().remove("transformer_weights");
+    });
     let adapter = zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).unwrap();
-    options.loras = vec![zimage::LoraSetting::new(std::sync::Arc::new(adapter), 1.0)];
-    let with_lora = zimage::Pipeline::load(repo().join("models").join(PACKAGE), &options).unwrap();
-    let e = with_lora.edit(&EditRequest::new("x", vec![picture(64, 64)]), None).unwrap_err();
+    let loras = vec![zimage::LoraSetting::new(std::sync::Arc::new(adapter), 1.0)];
+    let pipeline = pipeline_with(&own_copy, loras.clone());
+    let mut request = EditRequest::new("x", vec![picture(64, 64)]);
+    request.steps = Some(1);
+    let e = pipeline.edit(&request, None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
-    assert!(e.to_string().contains("LoRA"), "{e}");
+    assert!(e.to_string().contains("re-export it with export.py"), "{e}");
+    let mut generate = pipeline.request("x");
+    (generate.width, generate.height, generate.steps) = (64, 64, 1);
+    pipeline.generate(&generate, None).unwrap();
+    pipeline.set_loras(&[]).unwrap();
+    pipeline.edit(&request, None).unwrap();
+
+    let moved = edited_copy(&package, "omni-other-transformer", |m, _| {
+        m["edit"]["transformer_weights"]["sha256"] = Value::String("0".repeat(64));
+    });
+    let e = zimage::Pipeline::load(&moved, &zimage::LoadOptions::default()).err().expect("refused");
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    assert!(e.to_string().contains("another transformer.onnx"), "{e}");
+    for dir in [own_copy, moved] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
 
 /// A PNG file's first bytes: the signature, an IHDR chunk declaring `width` x `height` (8-bit

@@ -379,7 +379,7 @@ fn run(
                 }
                 Work::Edit { request, references } => {
                     let defaults = &pipeline.manifest().edit.as_ref().expect("an editing package").defaults;
-                    edit_parameters(request, &generation, index, dir, defaults, references)
+                    edit_parameters(request, &generation, index, dir, defaults, references, &pipeline.loras())
                 }
             };
             encode(image, spec.format, spec.compression, &parameters)

@@ -350,7 +350,8 @@ impl<'a> Targets<'a> {
 impl Targets<'_> {
     /// `merged` (weights of this transformer graph) re-addressed to `graph`, a graph that reads
     /// the same weights from the transformer's files: a ControlNet's combined graph, whose
-    /// shared weights `export_controlnet.py` points at the transformer's bytes. Each merged
+    /// shared weights `export_controlnet.py` points at the transformer's bytes, or the Omni
+    /// transformer of an editing package (export.py's last step). Each merged
     /// weight replaces every initializer of `graph` that reads the same bytes, so a weight the
     /// ControlNet uses too (the noise and context refiners, which diffusers' ControlNet borrows
     /// from the transformer) gets the LoRA there as well, as in diffusers. A weight `graph`
@@ -375,8 +376,9 @@ impl Targets<'_> {
                 return Err(Error::package(
                     graph,
                     format!(
-                        "this ControlNet graph does not read the transformer's weight {} from the transformer's file, \
-                         so a LoRA cannot change it there; re-export the ControlNet with export_controlnet.py",
+                        "this graph does not read the transformer's weight {} from the transformer's file, so a LoRA \
+                         cannot change it there; re-export it (a ControlNet with export_controlnet.py, an editing \
+                         package with export.py)",
                         weight.initializer
                     ),
                 ));

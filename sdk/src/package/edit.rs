@@ -14,6 +14,21 @@ pub struct EditInfo {
     pub reference: ReferenceRules,
     pub prompt_segments: PromptSegments,
     pub defaults: EditDefaults,
+    /// Set when `transformer_omni.onnx` reads the transformer's weights from `transformer.onnx`'s
+    /// files at fixed offsets (export.py's last step, `zimage_export/shared_weights.py`): the
+    /// weights are stored once, and LoRAs merged into them reach edits too. Absent in packages
+    /// whose Omni graph holds its own copy.
+    #[serde(default)]
+    pub transformer_weights: Option<SharedTransformerWeights>,
+}
+
+/// The transformer file the Omni graph reads its weights from.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SharedTransformerWeights {
+    /// `transformer.onnx`'s sha256 when the offsets were written: another file means other
+    /// offsets, so the package is refused rather than run with the wrong bytes.
+    pub sha256: String,
+    pub shared_bytes: u64,
 }
 
 /// The SigLIP2 vision encoder's shape.
@@ -103,7 +118,21 @@ pub struct EditDefaults {
 impl EditInfo {
     /// Value checks (a hostile manifest is refused at load rather than overflowing later).
     /// `size_multiple`: what image sides must be multiples of (`Manifest::size_multiple`).
-    pub fn check(&self, cap_feat_dim: usize, size_multiple: usize) -> std::result::Result<(), String> {
+    pub fn check(
+        &self,
+        cap_feat_dim: usize,
+        size_multiple: usize,
+        transformer_sha256: &str,
+    ) -> std::result::Result<(), String> {
+        if let Some(shared) = &self.transformer_weights {
+            if !shared.sha256.eq_ignore_ascii_case(transformer_sha256) {
+                return Err(format!(
+                    "transformer_omni.onnx reads the weights of another transformer.onnx (sha256 {}) at fixed \
+                     offsets; re-export the package with export.py",
+                    shared.sha256
+                ));
+            }
+        }
         let p = &self.image_processor;
         if !matches!(p.resample.as_str(), "bilinear" | "bicubic" | "lanczos" | "nearest") {
             return Err(format!("edit.image_processor.resample {:?} is not supported", p.resample));

@@ -255,7 +255,9 @@ impl Manifest {
         self.generation_defaults.check()?;
         let edit_graphs = (self.graphs.siglip.is_some(), self.graphs.transformer_omni.is_some());
         match (&self.edit, edit_graphs) {
-            (Some(info), (true, true)) => info.check(t.cap_feat_dim, self.size_multiple())?,
+            (Some(info), (true, true)) => {
+                info.check(t.cap_feat_dim, self.size_multiple(), &self.graphs.transformer.sha256)?
+            }
             (None, (false, false)) => {}
             _ => return Err("graphs.siglip, graphs.transformer_omni and the edit section come together".into()),
         }

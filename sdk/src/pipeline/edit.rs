@@ -151,11 +151,12 @@ impl Pipeline {
         };
         let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
         let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
-        if !self.loras().is_empty() {
-            // LoRAs are merged into transformer.onnx only; editing them in is not supported yet,
-            // and an edit silently without them would not be what was asked for.
+        if self.active_transformer().omni.as_ref().is_some_and(|omni| !omni.has_loras) {
+            // An edit silently without the set would not be what was asked for.
             return Err(Error::invalid(
-                "LoRA adapters apply to text-to-image only: remove them (set_loras(&[])) to edit",
+                "this package's Omni transformer keeps its own copy of the weights (exported before editing \
+                 packages shared them), so the LoRA adapters cannot reach edits: re-export it with export.py, or \
+                 remove the adapters (set_loras(&[])) to edit",
             ));
         }
         let context = self.registry.begin()?;
@@ -212,7 +213,10 @@ impl Pipeline {
             TorchGenerator::new(seed).randn(&shape).into_dimensionality::<ndarray::Ix4>().expect("rank 4 shape");
         let image_seq_len = (shape[2] / 2) * (shape[3] / 2);
         let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, image_seq_len)?;
-        let transformer = graphs.transformer.acquire()?;
+        let transformer = match self.active_transformer().omni.as_ref() {
+            Some(omni) => omni.slot.acquire()?,
+            None => return Err(not_editing(&self.dir)),
+        };
         let loop_ = EditLoop {
             transformer: &transformer,
             refs: &refs,

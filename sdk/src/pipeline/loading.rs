@@ -271,31 +271,68 @@ pub(crate) fn load_transformer(
     controlnet: Option<&ControlNetInfo>,
 ) -> Result<GraphSlot> {
     let entry = controlnet.map_or(&graphs.manifest.graphs.transformer, |info| &info.graph);
-    let mut initializers = ExternalInitializers::default();
-    if !loras.is_empty() {
-        let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
-        let mut merged = targets.merge(loras)?;
-        if controlnet.is_some() {
-            merged = targets.retarget(merged, &resolve(graphs.dir, &entry.path))?;
-        }
-        // A weight kept inside the .onnx protobuf can only be overridden when the session's
-        // weights are set up (AddInitializer), after TensorRT has built its engine from the
-        // graph's own values: refuse rather than run the package's weights silently.
-        if let (Device::TensorRt { .. }, Some(embedded)) = (device, merged.iter().find(|w| !w.external)) {
-            return Err(Error::lora(
-                resolve(graphs.dir, &entry.path),
-                format!(
-                    "initializer {} is stored inside the graph file, which TensorRT cannot take LoRA weights for; \
-                     run the transformer on cuda, or re-export with its weights in external data",
-                    embedded.initializer
-                ),
-            ));
-        }
-        if !merged.is_empty() {
-            initializers = ort_initializers(merged, lora::set_key(loras))?;
-        }
-    }
+    let initializers = lora_initializers(graphs, device, loras, entry, controlnet.is_some())?;
     graphs.load_with(GraphKind::Transformer, entry, device, initializers)
+}
+
+/// The Omni (editing) transformer, when the package has one, and whether `loras` are merged
+/// into it: they are when it reads the transformer's weights from the transformer's files
+/// (`edit.transformer_weights`, export.py's last step); a package whose Omni graph keeps its
+/// own copy of the weights gets its graph as exported, and edits refuse the set.
+pub(crate) fn load_omni_transformer(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    loras: &[LoraSetting],
+) -> Result<Option<OmniTransformer>> {
+    let Some(entry) = &graphs.manifest.graphs.transformer_omni else { return Ok(None) };
+    let shares_weights = graphs.manifest.edit.as_ref().is_some_and(|e| e.transformer_weights.is_some());
+    let merged = if shares_weights { loras } else { &[] };
+    let initializers = lora_initializers(graphs, device, merged, entry, true)?;
+    let slot = graphs.load_with(GraphKind::TransformerOmni, entry, device, initializers)?;
+    Ok(Some(OmniTransformer { slot, has_loras: shares_weights || loras.is_empty() }))
+}
+
+/// The Omni transformer's session and whether the pipeline's LoRA set is merged into it.
+pub(crate) struct OmniTransformer {
+    pub slot: GraphSlot,
+    pub has_loras: bool,
+}
+
+/// `loras` merged into the transformer's weights, as initializers of `entry`: the transformer
+/// itself, or (`reads_transformer`) a graph that reads the transformer's weights from its files
+/// (a ControlNet's combined graph, the Omni transformer), re-addressed to its initializers.
+fn lora_initializers(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    loras: &[LoraSetting],
+    entry: &GraphEntry,
+    reads_transformer: bool,
+) -> Result<ExternalInitializers> {
+    if loras.is_empty() {
+        return Ok(ExternalInitializers::default());
+    }
+    let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
+    let mut merged = targets.merge(loras)?;
+    if reads_transformer {
+        merged = targets.retarget(merged, &resolve(graphs.dir, &entry.path))?;
+    }
+    // A weight kept inside the .onnx protobuf can only be overridden when the session's
+    // weights are set up (AddInitializer), after TensorRT has built its engine from the
+    // graph's own values: refuse rather than run the package's weights silently.
+    if let (Device::TensorRt { .. }, Some(embedded)) = (device, merged.iter().find(|w| !w.external)) {
+        return Err(Error::lora(
+            resolve(graphs.dir, &entry.path),
+            format!(
+                "initializer {} is stored inside the graph file, which TensorRT cannot take LoRA weights for; \
+                 run the transformer on cuda, or re-export with its weights in external data",
+                embedded.initializer
+            ),
+        ));
+    }
+    if merged.is_empty() {
+        return Ok(ExternalInitializers::default());
+    }
+    ort_initializers(merged, lora::set_key(loras))
 }
 
 /// Merged weights as ONNX Runtime tensors (moved, not copied).
@@ -320,22 +357,16 @@ fn ort_initializers(merged: Vec<MergedWeight>, key: String) -> Result<ExternalIn
 /// The editing graphs of a pipeline whose package has them (`pipeline::edit` runs them).
 pub(crate) struct EditGraphs {
     pub vision: GraphSlot,
-    pub transformer: GraphSlot,
 }
 
-/// Loads `siglip` (on `device`) and `transformer_omni` (on `transformer_device`) when the
-/// package has them.
-pub(crate) fn load_edit_graphs(
-    graphs: &GraphLoader<'_>,
-    device: Device,
-    transformer_device: Device,
-) -> Result<Option<EditGraphs>> {
+/// Loads `siglip` (on `device`) when the package has the editing graphs (the Omni transformer
+/// is [`load_omni_transformer`]'s: it changes with the LoRA set).
+pub(crate) fn load_edit_graphs(graphs: &GraphLoader<'_>, device: Device) -> Result<Option<EditGraphs>> {
     let g = &graphs.manifest.graphs;
     match (&g.siglip, &g.transformer_omni) {
-        (Some(vision), Some(omni)) => Ok(Some(EditGraphs {
-            vision: graphs.load(GraphKind::VisionEncoder, vision, device)?,
-            transformer: graphs.load(GraphKind::TransformerOmni, omni, transformer_device)?,
-        })),
+        (Some(vision), Some(_)) => {
+            Ok(Some(EditGraphs { vision: graphs.load(GraphKind::VisionEncoder, vision, device)? }))
+        }
         _ => Ok(None),
     }
 }

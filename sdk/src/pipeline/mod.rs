@@ -99,6 +99,8 @@ pub struct Pipeline {
 
 struct ActiveTransformer {
     slot: GraphSlot,
+    /// The Omni (editing) transformer, rebuilt with `loras` alongside `slot`.
+    omni: Option<loading::OmniTransformer>,
     loras: Vec<LoraSetting>,
     /// The attached ControlNet (name, manifest entry): `slot` is then its combined graph.
     controlnet: Option<(String, ControlNetInfo)>,
@@ -155,12 +157,18 @@ impl Pipeline {
         // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
-        let edit = loading::load_edit_graphs(&graphs, options.device, loading::transformer_device(options))?;
+        let edit = loading::load_edit_graphs(&graphs, options.device)?;
+        let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), &options.loras)?;
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
             vae: Vae { info: manifest.vae.clone(), tiling: vae_tiling },
-            transformer: RwLock::new(ActiveTransformer { slot: transformer, loras: options.loras.clone(), controlnet }),
+            transformer: RwLock::new(ActiveTransformer {
+                slot: transformer,
+                omni,
+                loras: options.loras.clone(),
+                controlnet,
+            }),
             vae_decoder,
             vae_encoder,
             registry: Arc::new(Registry::default()),
@@ -262,7 +270,8 @@ impl Pipeline {
     }
 
     /// Replaces the LoRA set (empty: the package's own weights). Only the transformer's
-    /// session is rebuilt; the text encoder and the VAE are untouched. Every adapter is checked
+    /// session is rebuilt (with an editing package's Omni transformer, which reads the same
+    /// weights, so that edits apply the set too); the text encoder and the VAE are untouched. Every adapter is checked
     /// against the model first, so a set that does not fit is refused with
     /// [`ErrorKind::Lora`](crate::error::ErrorKind::Lora) and the pipeline keeps its current
     /// one. The current merged weights are freed before the new ones are computed (memory: the
@@ -281,15 +290,23 @@ impl Pipeline {
         let device = loading::transformer_device(&self.options);
         let controlnet = active.controlnet.as_ref().map(|(_, info)| info.clone());
         active.slot.release();
-        match loading::load_transformer(&graphs, device, loras, controlnet.as_ref()) {
-            Ok(slot) => {
-                active.slot = slot;
+        if let Some(omni) = active.omni.as_mut() {
+            omni.slot.release();
+        }
+        // The transformer and an editing package's Omni transformer take the set together.
+        let load = |loras: &[LoraSetting]| -> Result<(GraphSlot, Option<loading::OmniTransformer>)> {
+            let slot = loading::load_transformer(&graphs, device, loras, controlnet.as_ref())?;
+            Ok((slot, loading::load_omni_transformer(&graphs, device, loras)?))
+        };
+        match load(loras) {
+            Ok((slot, omni)) => {
+                (active.slot, active.omni) = (slot, omni);
                 active.loras = loras.to_vec();
                 Ok(())
             }
             Err(e) => {
-                if let Ok(slot) = loading::load_transformer(&graphs, device, &active.loras, controlnet.as_ref()) {
-                    active.slot = slot;
+                if let Ok((slot, omni)) = load(&active.loras) {
+                    (active.slot, active.omni) = (slot, omni);
                 }
                 Err(e)
             }

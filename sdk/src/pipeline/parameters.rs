@@ -112,7 +112,8 @@ impl ReferenceRecord {
 /// The parameters of image `index` of an edit: the instruction (the rewritten one when
 /// enhanced, then the original), negative prompt, the references (`[{"file", "sha256"}]` in
 /// order), seed, the steps / guidance / size actually used (the package's defaults where the
-/// request left them unset), batch size and index, model and software.
+/// request left them unset), batch size and index, model and software, and the LoRA adapters
+/// merged (`loras`, as for generations) when there are any.
 pub fn edit_parameters(
     request: &super::edit::EditRequest,
     generation: &Generation,
@@ -120,6 +121,7 @@ pub fn edit_parameters(
     model: &Path,
     defaults: &crate::package::edit::EditDefaults,
     references: &[ReferenceRecord],
+    loras: &[LoraSetting],
 ) -> Vec<(&'static str, String)> {
     let refs: Vec<serde_json::Value> =
         references.iter().map(|r| serde_json::json!({"file": r.file, "sha256": r.sha256})).collect();
@@ -144,6 +146,9 @@ pub fn edit_parameters(
     }
     if let Some(n) = request.max_sequence_length {
         text.push(("max_sequence_length", n.to_string()));
+    }
+    if !loras.is_empty() {
+        text.push(("loras", lora_records(loras).to_string()));
     }
     text
 }
