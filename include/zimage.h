@@ -802,10 +802,11 @@ zimage_result zimage_lora_adapter_init(const struct zimage_pipeline *pipeline,
 void zimage_adapter_free(struct zimage_adapter *adapter);
 
 /**
- * Sets the adapters that `pipeline`'s later generations apply, merged into the transformer's
- * weights with their scales (`W + Σ scale · B·A`); `count` 0 removes them all (`settings` may
- * then be NULL) and gives back the base model exactly. Only the transformer's session is
- * rebuilt (text encoder and VAE stay loaded). The array is copied and each adapter kept alive
+ * Sets the adapters that `pipeline`'s later generations (and edits, `zimage_edit()`) apply,
+ * merged into the transformer's weights with their scales (`W + Σ scale · B·A`); `count` 0
+ * removes them all (`settings` may then be NULL) and gives back the base model exactly. Only
+ * the transformer's session is rebuilt, with an editing package's Omni transformer (text
+ * encoder and VAE stay loaded). The array is copied and each adapter kept alive
  * by the pipeline, so the caller may free both after the call.
  *
  * All or nothing: a set that does not fit (an adapter for another model, a non-finite scale)
