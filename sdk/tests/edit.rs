@@ -273,6 +273,33 @@ fn loras_that_cannot_reach_an_edit_are_refused() {
     }
 }
 
+/// The editing graphs' sessions are made by the first edit: a pipeline on an editing package
+/// that only generates never holds the second transformer; later edits reuse them, and a LoRA
+/// switch makes the Omni transformer's again (with the set merged).
+#[test]
+fn editing_sessions_are_made_by_the_first_edit() {
+    use zimage::runtime::session_count::sessions_created;
+    let dir = copy_package(&repo().join("models").join(PACKAGE), "omni-deferred");
+    let (omni, siglip) = (dir.join("transformer_omni.onnx"), dir.join("siglip.onnx"));
+    let pipeline = pipeline_with(&dir, Vec::new());
+    let mut generate = pipeline.request("a lighthouse");
+    (generate.width, generate.height, generate.steps) = (64, 64, 1);
+    pipeline.generate(&generate, None).unwrap();
+    assert_eq!((sessions_created(&omni), sessions_created(&siglip)), (0, 0));
+    let mut request = EditRequest::new("make it night", vec![picture(64, 64)]);
+    request.steps = Some(1);
+    pipeline.edit(&request, None).unwrap();
+    pipeline.edit(&request, None).unwrap();
+    assert_eq!((sessions_created(&omni), sessions_created(&siglip)), (1, 1));
+    let adapter = zimage::LoraAdapter::load(golden("tiny-zimage/loras/peft.safetensors")).unwrap();
+    pipeline.set_loras(&[zimage::LoraSetting::new(std::sync::Arc::new(adapter), 0.5)]).unwrap();
+    assert_eq!(sessions_created(&omni), 1, "made again by the next edit, not by set_loras");
+    pipeline.edit(&request, None).unwrap();
+    assert_eq!((sessions_created(&omni), sessions_created(&siglip)), (2, 1));
+    drop(pipeline);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A PNG file's first bytes: the signature, an IHDR chunk declaring `width` x `height` (8-bit
 /// RGB) and an empty IDAT chunk (where a decoder stops reading the header): no pixel data.
 fn png_header(width: u32, height: u32) -> Vec<u8> {

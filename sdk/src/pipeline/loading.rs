@@ -65,9 +65,19 @@ impl GraphLoader<'_> {
     /// session on first use: for graphs only some requests need (the VAE encoder: image-to-image,
     /// inpainting, ControlNet, editing), so that loading does not pay for them.
     pub fn defer_required(&self, kind: GraphKind, device: Device) -> Result<GraphSlot> {
-        let entry = self.required_entry(kind)?;
-        let (provider, settings, capture_refusal) =
-            self.session_setup(kind, entry, device, ExternalInitializers::default());
+        Ok(self.defer_with(kind, self.required_entry(kind)?, device, ExternalInitializers::default()))
+    }
+
+    /// [`load_with`](Self::load_with), the session created on first use (see
+    /// [`defer_required`](Self::defer_required)).
+    pub fn defer_with(
+        &self,
+        kind: GraphKind,
+        entry: &GraphEntry,
+        device: Device,
+        initializers: ExternalInitializers,
+    ) -> GraphSlot {
+        let (provider, settings, capture_refusal) = self.session_setup(kind, entry, device, initializers);
         let mut slot = GraphSlot::deferred(
             self.runtime,
             kind,
@@ -77,7 +87,7 @@ impl GraphLoader<'_> {
             self.options.memory_mode,
         );
         slot.set_capture_refusal(capture_refusal);
-        Ok(slot)
+        slot
     }
 
     /// The provider, session settings and CUDA-graph refusal a session of `entry` is built with.
@@ -275,8 +285,9 @@ pub(crate) fn load_transformer(
     graphs.load_with(GraphKind::Transformer, entry, device, initializers)
 }
 
-/// The Omni (editing) transformer, when the package has one, and whether `loras` are merged
-/// into it: they are when it reads the transformer's weights from the transformer's files
+/// The Omni (editing) transformer, when the package has one (its session made by the first
+/// edit: a pipeline that only generates never holds the second graph), and whether `loras` are
+/// merged into it: they are when it reads the transformer's weights from the transformer's files
 /// (`edit.transformer_weights`, export.py's last step); a package whose Omni graph keeps its
 /// own copy of the weights gets its graph as exported, and edits refuse the set.
 pub(crate) fn load_omni_transformer(
@@ -288,7 +299,7 @@ pub(crate) fn load_omni_transformer(
     let shares_weights = graphs.manifest.edit.as_ref().is_some_and(|e| e.transformer_weights.is_some());
     let merged = if shares_weights { loras } else { &[] };
     let initializers = lora_initializers(graphs, device, merged, entry, true)?;
-    let slot = graphs.load_with(GraphKind::TransformerOmni, entry, device, initializers)?;
+    let slot = graphs.defer_with(GraphKind::TransformerOmni, entry, device, initializers);
     Ok(Some(OmniTransformer { slot, has_loras: shares_weights || loras.is_empty() }))
 }
 
@@ -359,15 +370,15 @@ pub(crate) struct EditGraphs {
     pub vision: GraphSlot,
 }
 
-/// Loads `siglip` (on `device`) when the package has the editing graphs (the Omni transformer
-/// is [`load_omni_transformer`]'s: it changes with the LoRA set).
-pub(crate) fn load_edit_graphs(graphs: &GraphLoader<'_>, device: Device) -> Result<Option<EditGraphs>> {
+/// `siglip` (on `device`, its session made by the first edit) when the package has the editing
+/// graphs (the Omni transformer is [`load_omni_transformer`]'s: it changes with the LoRA set).
+pub(crate) fn load_edit_graphs(graphs: &GraphLoader<'_>, device: Device) -> Option<EditGraphs> {
     let g = &graphs.manifest.graphs;
     match (&g.siglip, &g.transformer_omni) {
-        (Some(vision), Some(_)) => {
-            Ok(Some(EditGraphs { vision: graphs.load(GraphKind::VisionEncoder, vision, device)? }))
-        }
-        _ => Ok(None),
+        (Some(vision), Some(_)) => Some(EditGraphs {
+            vision: graphs.defer_with(GraphKind::VisionEncoder, vision, device, ExternalInitializers::default()),
+        }),
+        _ => None,
     }
 }
 

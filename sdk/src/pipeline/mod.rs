@@ -157,7 +157,7 @@ impl Pipeline {
         // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
-        let edit = loading::load_edit_graphs(&graphs, options.device)?;
+        let edit = loading::load_edit_graphs(&graphs, options.device);
         let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), &options.loras)?;
         Ok(Pipeline {
             edit,
