@@ -293,7 +293,7 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict)
     and verifies it as a user would, writes its goldens with diffusers and transformers, and runs
     golden_check on them. Returns the failed stage, or None."""
     from zimage_export.fixtures.goldens_common import PROMPTS
-    from zimage_export.fixtures.goldens_omni import edit_case, write_omni_goldens
+    from zimage_export.fixtures.goldens_omni import edit_case, write_omni_goldens, write_omni_lora_goldens
     from zimage_export.fixtures.omni import build_omni_folder
 
     omni, siglip, processor, references, drawn = draw_omni(seed, cfg)
@@ -310,6 +310,15 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict)
     log.flush()
     try:
         write_omni_goldens(src, folder / "omni-golden", str(package), references, cases)
+        # The base model's LoRAs fit the Omni transformer (the same config's layers): edits
+        # with them, where the base goldens wrote them.
+        lora_dir = folder / "golden" / "loras"
+        if (folder / "golden" / "lora.json").exists():
+            refs = list(references)
+            write_omni_lora_goldens(src, folder / "omni-golden", lora_dir, [
+                ("lora_peft", refs[:1], "english", seed + 11, 4, 0.0, None, [("peft", 0.8)]),
+                ("lora_two_cfg", refs[:2], "chinese", seed + 12, 3, 4.0, "blurry", [("peft", 0.7), ("kohya", 1.3)]),
+            ])
     except Exception as e:
         traceback.print_exc(file=log)
         return f"the Omni goldens (diffusers: {type(e).__name__}: {e})"

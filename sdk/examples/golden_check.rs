@@ -188,7 +188,8 @@ fn check_enhancer(enhancer: &PromptEnhancer, cases: &Value, report: &mut Report)
 
 /// An Omni (editing) package against its goldens (goldens_omni.py), the checks and bounds of
 /// tests/edit.rs: the SigLIP2 processor's pixel rows within 1e-6, the vision tokens within 1e-5
-/// relative L2, each edit's final latents within 1e-4 and its image within 1 level.
+/// relative L2, each edit's final latents within 1e-4 and its image within 1 level; the edits
+/// with LoRAs ("lora", where the folder has them) with each case's adapters set.
 fn check_omni(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Report) {
     let file = |rel: &Value| golden.join(rel.as_str().expect("a file name"));
     for row in cases["siglip_processor"].as_array().unwrap() {
@@ -210,9 +211,14 @@ fn check_omni(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Re
             Err(e) => report.line(format!("{name}: {e}"), false),
         }
     }
-    for case in cases["edit"].as_array().unwrap() {
-        let name = format!("edit/{}", case["name"].as_str().unwrap());
-        match pipeline.edit(&golden_edit_request(case, golden), None) {
+    for (section, case) in ["edit", "lora"]
+        .into_iter()
+        .flat_map(|section| cases[section].as_array().into_iter().flatten().map(move |case| (section, case)))
+    {
+        let name = format!("{section}/{}", case["name"].as_str().unwrap());
+        let loras = if section == "lora" { golden_loras(case, golden) } else { Vec::new() };
+        let edited = pipeline.set_loras(&loras).and_then(|()| pipeline.edit(&golden_edit_request(case, golden), None));
+        match edited {
             Ok(generation) => {
                 let (line, ok) = compare(&generation, case, &case["output_files"], golden);
                 report.line(format!("{name}: {line}"), ok);
@@ -220,6 +226,7 @@ fn check_omni(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Re
             Err(e) => report.line(format!("{name}: {e}"), false),
         }
     }
+    pipeline.set_loras(&[]).expect("no LoRAs");
 }
 
 /// Generates `request` and compares its final latents and images with the golden `case`'s:

@@ -64,15 +64,7 @@ fn edits_match_diffusers() {
             assert_eq!((request.steps, request.guidance_scale, request.cfg_truncation), (None, None, None));
         }
         let result = pipeline.edit(&request, None).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let want = npy_f32(&file(&case["latents_file"]));
-        let got = result.latents.as_ref().unwrap();
-        assert_eq!(got.shape(), want.shape(), "{name}");
-        let diff = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-        eprintln!("{name}: final latents max abs diff {diff:e}");
-        assert!(diff <= tolerances().0, "{name}: final latents max abs diff {diff}");
-        let want_image = png_rgb(&file(&case["output_files"][0]));
-        let d = max_pixel_diff(&result.images[0], &want_image);
-        assert!(d <= tolerances().1, "{name}: image differs by {d} levels");
+        check_edit(name, &result, case);
     }
 }
 

@@ -196,14 +196,23 @@ CONTROL_CASES = {
 }
 
 
+@contextlib.contextmanager
+def loaded(server, model):
+    """`model` loaded for the duration (explicit model control), unloaded afterwards."""
+    with connect(server) as client:
+        client.load_model(model)
+    try:
+        yield model
+    finally:
+        with connect(server) as client:
+            client.unload_model(model)
+
+
 @pytest.fixture(scope="module")
 def control_model(server):
     """The ControlNet model (`zimage triton-repo --controlnet`), loaded for these tests only."""
-    with connect(server) as client:
-        client.load_model(CONTROL_MODEL)
-    yield CONTROL_MODEL
-    with connect(server) as client:
-        client.unload_model(CONTROL_MODEL)
+    with loaded(server, CONTROL_MODEL) as model:
+        yield model
 
 
 @pytest.mark.parametrize("case", sorted(CONTROL_CASES))
@@ -221,13 +230,8 @@ def test_loras_parameter_equals_zimage_generate_with_lora(server, zimage_cli, pa
     """A model whose config.pbtxt lists a LoRA (`zimage triton-repo --lora FILE:0.8`) gives
     `zimage generate --lora FILE:0.8`'s image, which differs from the plain model's."""
     params = CASES["text"]
-    with connect(server) as client:
-        client.load_model("zimage_lora")
-    try:
-        image, _ = generate_http(server, model="zimage_lora", **params)
-    finally:
-        with connect(server) as client:
-            client.unload_model("zimage_lora")
+    with loaded(server, "zimage_lora") as model:
+        image, _ = generate_http(server, model=model, **params)
     reference = cli_reference(zimage_cli, package, tmp_path, lora=f"{env_path('ZIMAGE_LORA_FILE')}:0.8", **params)
     assert np.array_equal(image, reference), f"{np.count_nonzero(image != reference)} bytes differ"
     plain, _ = generate_http(server, **params)
@@ -259,11 +263,8 @@ def edit_inputs(module, case):
 @pytest.fixture(scope="module")
 def omni_model(server):
     """The editing model (an Omni package), loaded for these tests only."""
-    with connect(server) as client:
-        client.load_model(OMNI_MODEL)
-    yield OMNI_MODEL
-    with connect(server) as client:
-        client.unload_model(OMNI_MODEL)
+    with loaded(server, OMNI_MODEL) as model:
+        yield model
 
 
 @pytest.mark.parametrize("name", EDIT_CASES)
