@@ -827,6 +827,64 @@ fn edits_of_pictures_of_any_size_match_diffusers() {
     }
 }
 
+/// Posts golden edit case `c` (tests/golden/tiny-zimage-omni) to `server`'s /v1/images/edits
+/// and checks the image within one level of diffusers'; returns the PNG.
+fn golden_edit(server: &Server, golden: &std::path::Path, c: &Value) -> Vec<u8> {
+    use base64::Engine;
+    // Strings as they are (to_string would escape their quotes), numbers as JSON writes them.
+    let text = |key: &str| c[key].as_str().map_or_else(|| c[key].to_string(), str::to_string);
+    let mut fields = vec![
+        ("prompt", text("prompt")),
+        ("seed", text("seed")),
+        ("num_inference_steps", text("num_inference_steps")),
+        ("guidance_scale", text("guidance_scale")),
+        ("cfg_normalization", text("cfg_normalization")),
+        ("cfg_truncation", text("cfg_truncation")),
+    ];
+    if c["negative_prompt"].is_string() {
+        fields.push(("negative_prompt", text("negative_prompt")));
+    }
+    if c["width"].is_u64() {
+        fields.push(("size", format!("{}x{}", c["width"], c["height"])));
+    }
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let pictures: Vec<Vec<u8>> = c["image_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::read(golden.join(f.as_str().unwrap())).unwrap())
+        .collect();
+    let files: Vec<(&str, &str, &[u8])> = pictures.iter().map(|p| ("image[]", "ref.png", p.as_slice())).collect();
+    let (content_type, body) = multipart(&fields, &files);
+    let response = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
+    assert_eq!(response.status, 200, "{}: {}", c["name"], response.text());
+    let b64 = response.json()["data"][0]["b64_json"].as_str().unwrap().to_string();
+    let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let got = image::load_from_memory(&png).unwrap().to_rgb8();
+    let want = image::open(golden.join(c["output_files"][0].as_str().unwrap())).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions(), "{}", c["name"]);
+    let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "{}: {worst} levels from diffusers'", c["name"]);
+    png
+}
+
+/// A server started with `--lora` edits with the adapter merged: diffusers' edit with the LoRA
+/// loaded (the Omni goldens' `lora` section) within one level, the PNG recording it.
+#[test]
+fn edits_apply_the_servers_loras() {
+    let golden = root().join("tests/golden/tiny-zimage-omni");
+    let cases: Value = serde_json::from_slice(&std::fs::read(golden.join("cases.json")).unwrap()).unwrap();
+    let c = &cases["lora"][0];
+    assert_eq!(c["name"], "lora_peft");
+    let lora = golden.join(c["loras"][0]["file"].as_str().unwrap());
+    let lora = format!("{}:{}", lora.display(), c["loras"][0]["scale"]);
+    let omni = root().join("models/tiny-zimage-omni").to_string_lossy().into_owned();
+    let server = Server::start(&["--model", &omni, "--lora", &lora]);
+    let png = golden_edit(&server, &golden, c);
+    let text = String::from_utf8_lossy(&png);
+    assert!(text.contains("loras") && text.contains("peft.safetensors"), "the PNG records the LoRA");
+}
+
 /// `/v1/images/edits` on an editing (Omni) package edits by instruction: the uploaded pictures
 /// (`image[]`, in order) are the references, and the images are diffusers'
 /// `ZImageOmniPipeline` goldens (tests/golden/tiny-zimage-omni) within one level: one
@@ -835,7 +893,6 @@ fn edits_of_pictures_of_any_size_match_diffusers() {
 /// the model takes; a second picture on a plain package is refused too.
 #[test]
 fn edits_on_an_editing_package_follow_the_instruction() {
-    use base64::Engine;
     let golden = root().join("tests/golden/tiny-zimage-omni");
     let cases: Value = serde_json::from_slice(&std::fs::read(golden.join("cases.json")).unwrap()).unwrap();
     let omni = root().join("models/tiny-zimage-omni").to_string_lossy().into_owned();
@@ -849,39 +906,7 @@ fn edits_on_an_editing_package_follow_the_instruction() {
         if c["num_inference_steps"].as_u64().unwrap() > 10 {
             continue; // the 50-step defaults case: the SDK's edit tests run it
         }
-        // Strings as they are (to_string would escape their quotes), numbers as JSON writes them.
-        let text = |key: &str| c[key].as_str().map_or_else(|| c[key].to_string(), str::to_string);
-        let mut fields = vec![
-            ("prompt", text("prompt")),
-            ("seed", text("seed")),
-            ("num_inference_steps", text("num_inference_steps")),
-            ("guidance_scale", text("guidance_scale")),
-            ("cfg_normalization", text("cfg_normalization")),
-            ("cfg_truncation", text("cfg_truncation")),
-        ];
-        if c["negative_prompt"].is_string() {
-            fields.push(("negative_prompt", text("negative_prompt")));
-        }
-        if c["width"].is_u64() {
-            fields.push(("size", format!("{}x{}", c["width"], c["height"])));
-        }
-        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let pictures: Vec<Vec<u8>> = c["image_files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| std::fs::read(golden.join(f.as_str().unwrap())).unwrap())
-            .collect();
-        let files: Vec<(&str, &str, &[u8])> = pictures.iter().map(|p| ("image[]", "ref.png", p.as_slice())).collect();
-        let response = edit(&fields, &files);
-        assert_eq!(response.status, 200, "{}: {}", c["name"], response.text());
-        let b64 = response.json()["data"][0]["b64_json"].as_str().unwrap().to_string();
-        let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-        let got = image::load_from_memory(&png).unwrap().to_rgb8();
-        let want = image::open(golden.join(c["output_files"][0].as_str().unwrap())).unwrap().to_rgb8();
-        assert_eq!(got.dimensions(), want.dimensions(), "{}", c["name"]);
-        let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        assert!(worst <= 1, "{}: {worst} levels from diffusers'", c["name"]);
+        let png = golden_edit(&server, &golden, c);
         let text = String::from_utf8_lossy(&png);
         assert!(
             text.contains("reference_images") && text.contains("ref.png"),
