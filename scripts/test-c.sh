@@ -29,7 +29,8 @@ export ZIMAGE_TEST_WRONG_LORA="$root/tests/golden/tiny-zimage-alt/loras/peft.saf
 # test_recommended_params: a package exported as the base model.
 export ZIMAGE_TEST_BASE_PACKAGE="$root/models/tiny-zimage-base"
 # The clients' editing tests (test_edit) read these; c_clients.rs writes the cases file.
-export ZIMAGE_TEST_EDIT_CASES="$work/edit-cases.tsv"
+export ZIMAGE_TEST_EDIT_CASES="$work/omni-edit-cases.tsv"
+export ZIMAGE_TEST_EDIT_LORA_CASES="$work/omni-lora-cases.tsv"
 export ZIMAGE_TEST_OMNI_PACKAGE="$root/models/tiny-zimage-omni"
 
 if command -v valgrind >/dev/null; then

@@ -61,6 +61,7 @@ struct Prepared {
     enhancer_cases_file: PathBuf,
     lora_cases_file: PathBuf,
     edit_cases_file: PathBuf,
+    edit_lora_cases_file: PathBuf,
     controlnet_cases_file: PathBuf,
     tiling_case_file: PathBuf,
     folder_manifest: PathBuf,
@@ -78,7 +79,8 @@ fn prepared() -> &'static Prepared {
         let cases_file = write_cases_file(&work);
         let enhancer_cases_file = write_enhancer_cases_file(&work);
         let lora_cases_file = write_lora_cases_file(&work);
-        let edit_cases_file = write_edit_cases_file(&work);
+        let edit_cases_file = write_edit_cases_file(&work, "edit");
+        let edit_lora_cases_file = write_edit_cases_file(&work, "lora");
         let controlnet_cases_file = write_controlnet_cases_file(&work);
         let tiling_case_file = write_tiling_case_file(&work);
 
@@ -99,6 +101,7 @@ fn prepared() -> &'static Prepared {
             enhancer_cases_file,
             lora_cases_file,
             edit_cases_file,
+            edit_lora_cases_file,
             controlnet_cases_file,
             tiling_case_file,
             folder_manifest,
@@ -396,18 +399,20 @@ fn write_enhancer_cases_file(work: &Path) -> PathBuf {
     path
 }
 
-/// The edit goldens (`tests/golden/tiny-zimage-omni/cases.json`) with a non-empty instruction,
-/// for the C client's `test_edit`, one case per line, tab-separated: name, prompt, negative
-/// prompt ("-" for none), seed, steps, guidance, cfg_normalization, cfg_truncation, output
-/// width, height, expected raw RGB, then per reference its raw RGB file, width and height.
-fn write_edit_cases_file(work: &Path) -> PathBuf {
+/// The edit goldens (`tests/golden/tiny-zimage-omni/cases.json`, section `section`: "edit", or
+/// "lora" for the edits with LoRAs) with a non-empty instruction, for the clients' `test_edit`,
+/// one case per line, tab-separated: name, prompt, negative prompt ("-" for none), seed, steps,
+/// guidance, cfg_normalization, cfg_truncation, output width, height, expected raw RGB, then per
+/// reference its raw RGB file, width and height. A "lora" line starts with one more field, the
+/// adapters as `FILE:SCALE;FILE:SCALE` (the C++ client's `test_edit_with_loras`).
+fn write_edit_cases_file(work: &Path, section: &str) -> PathBuf {
     let golden_dir = root().join("tests/golden/tiny-zimage-omni");
     let goldens: Value =
         serde_json::from_str(&std::fs::read_to_string(golden_dir.join("cases.json")).expect("cases.json")).unwrap();
     let raw_dir = work.join("raw-edit");
     std::fs::create_dir_all(&raw_dir).unwrap();
     let mut lines = String::new();
-    for case in goldens["edit"].as_array().expect("edit cases") {
+    for case in goldens[section].as_array().expect("edit cases") {
         let name = case["name"].as_str().unwrap();
         let prompt = case["prompt"].as_str().unwrap();
         // strtok in C cannot carry empty fields; the SDK test covers the empty instruction.
@@ -423,7 +428,16 @@ fn write_edit_cases_file(work: &Path) -> PathBuf {
                 .read_info()
                 .unwrap();
         let (width, height) = (out_png.info().width, out_png.info().height);
-        let mut fields: Vec<String> = vec![
+        let mut fields: Vec<String> = Vec::new();
+        if let Some(loras) = case["loras"].as_array() {
+            // The "lora" section: first the adapters, "FILE:SCALE;FILE:SCALE".
+            let specs: Vec<String> = loras
+                .iter()
+                .map(|l| format!("{}:{}", golden_dir.join(l["file"].as_str().unwrap()).display(), l["scale"]))
+                .collect();
+            fields.push(specs.join(";"));
+        }
+        fields.extend([
             name.into(),
             prompt.into(),
             case["negative_prompt"].as_str().unwrap_or("-").into(),
@@ -435,7 +449,7 @@ fn write_edit_cases_file(work: &Path) -> PathBuf {
             width.to_string(),
             height.to_string(),
             expected.display().to_string(),
-        ];
+        ]);
         for (k, image) in case["image_files"].as_array().unwrap().iter().enumerate() {
             let path = golden_dir.join(image.as_str().unwrap());
             let (pixels, channels) = decode_png(&path);
@@ -448,8 +462,8 @@ fn write_edit_cases_file(work: &Path) -> PathBuf {
         assert!(fields.iter().all(|f| !f.contains(['\t', '\n'])), "{name}: tabs or newlines");
         lines += &(fields.join("\t") + "\n");
     }
-    assert!(!lines.is_empty(), "no edit case for the C client");
-    let path = work.join("edit-cases.tsv");
+    assert!(!lines.is_empty(), "no {section} case for the C client");
+    let path = work.join(format!("omni-{section}-cases.tsv"));
     std::fs::write(&path, lines).unwrap();
     path
 }
@@ -571,6 +585,7 @@ fn run(name: &str, language: Language, linking: Linking) {
         .arg(max_cases)
         .env("ZIMAGE_TEST_LORA_CASES", &p.lora_cases_file)
         .env("ZIMAGE_TEST_EDIT_CASES", &p.edit_cases_file)
+        .env("ZIMAGE_TEST_EDIT_LORA_CASES", &p.edit_lora_cases_file)
         .env("ZIMAGE_TEST_OMNI_PACKAGE", root().join("models/tiny-zimage-omni"))
         .env("ZIMAGE_TEST_CONTROLNET_CASES", &p.controlnet_cases_file)
         .env("ZIMAGE_TEST_TILING_CASE", &p.tiling_case_file)

@@ -444,11 +444,53 @@ void test_lora(const std::string &package, std::size_t max_cases) {
     CHECK(first_image(pipeline.generate(small_params())) == base);
 }
 
+// One edit case of the clients' edit cases file (fields from `first`: name, prompt, negative
+// prompt ("-" for none), seed, steps, guidance, cfg_normalization, cfg_truncation, output width,
+// height, expected raw RGB, then per reference its raw RGB file, width and height): its
+// references read, its parameters filled.
+struct EditCase {
+    std::vector<std::string> f;
+    std::size_t first = 0;
+    std::vector<std::vector<unsigned char>> pixels;
+    std::vector<zimage_image> references;
+    zimage_edit_params params = zimage::edit_params();
+
+    EditCase(std::vector<std::string> fields, std::size_t start) : f(std::move(fields)), first(start) {
+        const std::size_t n = f.size() - first;
+        if (n < 14 || (n - 11) % 3 != 0) throw std::runtime_error("bad edit case line");
+        for (std::size_t r = first + 11; r + 2 < f.size(); r += 3) pixels.push_back(read_file(f[r]));
+        for (std::size_t k = 0; k < pixels.size(); k++) {
+            const unsigned width = std::stoul(at(12 + 3 * k)), height = std::stoul(at(13 + 3 * k));
+            CHECK(pixels[k].size() == std::size_t(width) * height * 3);
+            references.push_back(zimage_image{pixels[k].data(), width, height, 0});
+        }
+        params.prompt = at(1).c_str();
+        params.negative_prompt = at(2) == "-" ? nullptr : at(2).c_str();
+        params.seed = std::stoull(at(3));
+        params.steps = std::stoul(at(4));
+        params.guidance_scale = std::stof(at(5));
+        params.cfg_normalization = std::stof(at(6));
+        params.cfg_truncation = std::stof(at(7));
+        params.images = references.data();
+        params.image_count = references.size();
+    }
+    EditCase(const EditCase &) = delete;  // params points into pixels and f
+
+    const std::string &at(std::size_t i) const { return f[first + i]; }
+    const std::string &name() const { return at(0); }
+    // The edit's image within 1 level of the golden.
+    bool matches(const zimage::Images &images) const {
+        return images.size() == 1 && images.seed() == params.seed &&
+               same_pixels(images, 0, read_file(at(10)), std::stoul(at(8)), std::stoul(at(9)), name());
+    }
+};
+
 // Editing through Pipeline::edit() on ZIMAGE_TEST_OMNI_PACKAGE (ZIMAGE_TEST_EDIT_CASES, the C
-// client's file: name, prompt, negative prompt ("-" for none), seed, steps, guidance,
-// cfg_normalization, cfg_truncation, output width, height, expected raw RGB, then per reference
-// its raw RGB file, width and height): diffusers' images within 1 level, with progress; a
-// text-to-image pipeline and too many references throw ZIMAGE_RESULT_INVALID_REQUEST.
+// client's file, EditCase's fields): diffusers' images within 1 level, with progress; a
+// text-to-image pipeline and too many references throw ZIMAGE_RESULT_INVALID_REQUEST. Then the
+// edits with LoRAs (ZIMAGE_TEST_EDIT_LORA_CASES: the adapters as FILE:SCALE;FILE:SCALE, then
+// EditCase's fields), set with set_adapters on the same pipeline: diffusers' edits with the
+// adapters loaded, within 1 level.
 void test_edit(const zimage::Pipeline &text_to_image, std::size_t max_cases) {
     const char *package = std::getenv("ZIMAGE_TEST_OMNI_PACKAGE");
     CHECK(package != nullptr);
@@ -457,43 +499,44 @@ void test_edit(const zimage::Pipeline &text_to_image, std::size_t max_cases) {
     std::size_t n = 0;
     for (const std::vector<std::string> &f : cases_from_env("ZIMAGE_TEST_EDIT_CASES")) {
         if (n++ == max_cases) break;
-        CHECK(f.size() >= 14 && (f.size() - 11) % 3 == 0);
-        if (f.size() < 14 || (f.size() - 11) % 3 != 0) continue;
-        std::cerr << "edit case " << f[0] << std::endl;
-        std::vector<std::vector<unsigned char>> pixels;
-        std::vector<zimage_image> references;
-        for (std::size_t r = 11; r + 2 < f.size(); r += 3) pixels.push_back(read_file(f[r]));
-        for (std::size_t k = 0; k < pixels.size(); k++) {
-            const unsigned width = std::stoul(f[12 + 3 * k]), height = std::stoul(f[13 + 3 * k]);
-            CHECK(pixels[k].size() == std::size_t(width) * height * 3);
-            references.push_back(zimage_image{pixels[k].data(), width, height, 0});
-        }
-        zimage_edit_params params = zimage::edit_params();
-        params.prompt = f[1].c_str();
-        params.negative_prompt = f[2] == "-" ? nullptr : f[2].c_str();
-        params.seed = std::stoull(f[3]);
-        params.steps = std::stoul(f[4]);
-        params.guidance_scale = std::stof(f[5]);
-        params.cfg_normalization = std::stof(f[6]);
-        params.cfg_truncation = std::stof(f[7]);
-        params.images = references.data();
-        params.image_count = references.size();
+        EditCase c(f, 0);
+        std::cerr << "edit case " << c.name() << std::endl;
         std::uint32_t last_step = 0;
-        zimage::Images images = pipeline.edit(params, [&](std::uint32_t step, std::uint32_t, double) {
+        zimage::Images images = pipeline.edit(c.params, [&](std::uint32_t step, std::uint32_t, double) {
             last_step = step;
             return true;
         });
-        CHECK(images.size() == 1 && images.seed() == params.seed && last_step == params.steps);
-        CHECK(same_pixels(images, 0, read_file(f[10]), std::stoul(f[8]), std::stoul(f[9]), f[0]));
+        CHECK(c.matches(images) && last_step == c.params.steps);
         if (n == 1) {
-            CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, text_to_image.edit(params));
-            std::vector<zimage_image> too_many(9, references[0]);
+            CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, text_to_image.edit(c.params));
+            std::vector<zimage_image> too_many(9, c.references[0]);
+            zimage_edit_params params = c.params;
             params.images = too_many.data();
             params.image_count = too_many.size();
             CHECK_THROWS(ZIMAGE_RESULT_INVALID_REQUEST, pipeline.edit(params));
         }
     }
     CHECK(n > 0);
+    n = 0;
+    for (const std::vector<std::string> &f : cases_from_env("ZIMAGE_TEST_EDIT_LORA_CASES")) {
+        if (n++ == max_cases) break;
+        EditCase c(f, 1);
+        std::cerr << "edit case with LoRAs " << c.name() << std::endl;
+        std::vector<zimage::Adapter> adapters;
+        std::vector<float> scales;
+        std::stringstream specs(f[0]);
+        for (std::string spec; std::getline(specs, spec, ';');) {
+            const std::size_t colon = spec.rfind(':');
+            adapters.push_back(pipeline.load_lora(spec.substr(0, colon)));
+            scales.push_back(std::stof(spec.substr(colon + 1)));
+        }
+        std::vector<zimage::AdapterScale> set;
+        for (std::size_t a = 0; a < adapters.size(); a++) set.push_back({adapters[a], scales[a]});
+        pipeline.set_adapters(set);
+        CHECK(c.matches(pipeline.edit(c.params)));
+    }
+    CHECK(n > 0);
+    pipeline.set_adapters({});
 }
 
 // ControlNet through Pipeline::set_controlnet() (ZIMAGE_TEST_CONTROLNET_CASES, the C client's
