@@ -105,6 +105,7 @@ pub fn golden_edit_request(case: &Value, dir: &Path) -> zimage::EditRequest {
     r.cfg_normalization = case["cfg_normalization"].as_f64().unwrap() as f32;
     r.seed = Some(case["seed"].as_u64().unwrap());
     r.max_sequence_length = case["max_sequence_length"].as_u64().map(|v| v as usize);
+    r.count = case["num_images_per_prompt"].as_u64().map_or(1, |n| n as u32);
     r.return_latents = true;
     if case["name"] != "defaults" {
         r.steps = Some(case["num_inference_steps"].as_u64().unwrap() as usize);
