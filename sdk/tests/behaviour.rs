@@ -26,10 +26,14 @@ fn kind_of(result: zimage::Result<impl Sized>) -> ErrorKind {
     }
 }
 
+/// A change made to a request, or to a manifest, by one case of a table test.
+type RequestChange = Box<dyn Fn(&mut GenerateRequest)>;
+type ManifestChange = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn invalid_requests_are_refused_with_their_kind() {
     let p = pipeline("tiny-zimage");
-    let cases: Vec<(&str, Box<dyn Fn(&mut GenerateRequest)>)> = vec![
+    let cases: Vec<(&str, RequestChange)> = vec![
         ("width not a multiple of 16", Box::new(|r| r.width = 72)),
         ("zero height", Box::new(|r| r.height = 0)),
         ("beyond the RoPE limit", Box::new(|r| r.width = 16 * 4096)),
@@ -176,7 +180,7 @@ fn package_problems_are_package_errors() {
     let options = LoadOptions::default();
     assert_eq!(kind_of(Pipeline::load(repo().join("models/does-not-exist"), &options)), ErrorKind::Package);
 
-    let variants: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let variants: Vec<(&str, ManifestChange)> = vec![
         ("future format version", Box::new(|m| m["format_version"] = 99.into())),
         ("wrong size", Box::new(|m| m["graphs"]["vae_decoder"]["bytes"] = 12.into())),
         ("wrong checksum", Box::new(|m| m["graphs"]["vae_decoder"]["sha256"] = "00".repeat(32).into())),
@@ -889,7 +893,7 @@ fn a_vae_scale_factor_that_is_not_the_decoders_is_an_error() {
         let pipeline = Pipeline::load(&dir, &LoadOptions::default()).unwrap();
         let mut request = small("x");
         request.steps = 1;
-        let e = pipeline.generate(&request, None).err().expect("a picture of the wrong size");
+        let e = pipeline.generate(&request, None).expect_err("a picture of the wrong size");
         assert_eq!(e.kind(), ErrorKind::Inference, "{e}");
         assert!(e.to_string().contains(&format!("vae.scale_factor {factor}")), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

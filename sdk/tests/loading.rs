@@ -138,7 +138,7 @@ fn concurrent_loading_reports_errors_in_stage_order() {
 #[test]
 fn unreadable_manifests_are_package_errors_that_say_why() {
     let package = repo().join("models/tiny-zimage");
-    let load = |dir: &std::path::Path| zimage::Manifest::read(dir).err().expect("not a package");
+    let load = |dir: &std::path::Path| zimage::Manifest::read(dir).expect_err("not a package");
     // The package's manifest given instead of its folder.
     let e = load(&package.join("manifest.json"));
     assert_eq!(e.kind(), ErrorKind::Package, "{e}");

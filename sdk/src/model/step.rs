@@ -87,7 +87,8 @@ impl StepGraph {
         // order of operations is what the goldens were made with).
         builder = builder
             .with_optimization_level(GraphOptimizationLevel::Level1)
-            .and_then(|b| b.with_intra_threads(1))
+            .map_err(|e| failed("options", e.to_string()))?
+            .with_intra_threads(1)
             .map_err(|e| failed("options", e.to_string()))?;
         let mut builder = register_provider(builder, provider)?;
         let session = builder.commit_from_memory(kind.bytes()).map_err(|e| failed("load", e.to_string()))?;

@@ -334,6 +334,8 @@ fn load_through_cache(
     let saving = std::fs::create_dir_all(&staging).is_ok();
     let mut builder = base()?;
     if saving {
+        // ort's error hands the builder back (a large Err), which is dropped here anyway.
+        #[allow(clippy::result_large_err)]
         let with_save = builder
             .with_optimized_model_path(staging.join(CACHED_MODEL))
             .and_then(|b| {
