@@ -216,9 +216,9 @@ fn check_omni(pipeline: &Pipeline, golden: &Path, cases: &Value, report: &mut Re
         .flat_map(|section| cases[section].as_array().into_iter().flatten().map(move |case| (section, case)))
     {
         let name = format!("{section}/{}", case["name"].as_str().unwrap());
-        let loras = if section == "lora" { golden_loras(case, golden) } else { Vec::new() };
-        let edited = pipeline.set_loras(&loras).and_then(|()| pipeline.edit(&golden_edit_request(case, golden), None));
-        match edited {
+        // The plain edits run first, on the package's weights; each LoRA case sets its own.
+        let set = if section == "lora" { pipeline.set_loras(&golden_loras(case, golden)) } else { Ok(()) };
+        match set.and_then(|()| pipeline.edit(&golden_edit_request(case, golden), None)) {
             Ok(generation) => {
                 let (line, ok) = compare(&generation, case, &case["output_files"], golden);
                 report.line(format!("{name}: {line}"), ok);

@@ -348,15 +348,17 @@ impl<'a> Targets<'a> {
 }
 
 impl Targets<'_> {
-    /// `merged` (weights of this transformer graph) re-addressed to `graph`, a graph that reads
-    /// the same weights from the transformer's files: a ControlNet's combined graph, whose
-    /// shared weights `export_controlnet.py` points at the transformer's bytes, or the Omni
-    /// transformer of an editing package (export.py's last step). Each merged
-    /// weight replaces every initializer of `graph` that reads the same bytes, so a weight the
-    /// ControlNet uses too (the noise and context refiners, which diffusers' ControlNet borrows
-    /// from the transformer) gets the LoRA there as well, as in diffusers. A weight `graph`
-    /// does not read from there is a `Package` error: the LoRA would silently not apply to it.
-    pub fn retarget(&self, merged: Vec<MergedWeight>, graph: &Path) -> Result<Vec<MergedWeight>> {
+    /// Where `graph`, a graph that reads the same weights from the transformer's files (a
+    /// ControlNet's combined graph, whose shared weights `export_controlnet.py` points at the
+    /// transformer's bytes, or the Omni transformer of an editing package: export.py's last
+    /// step), reads each of `weights` (initializers of this transformer graph, with their dims):
+    /// per weight, every initializer of `graph` that reads the same bytes, and whether it is
+    /// external data of `graph` (rather than inside its protobuf). A merged weight replaces all of
+    /// them, so a weight the ControlNet uses too (the noise and context refiners, which
+    /// diffusers' ControlNet borrows from the transformer) gets the LoRA there as well, as in
+    /// diffusers. A weight `graph` does not read from there is a `Package` error: the LoRA would
+    /// silently not apply to it.
+    pub fn readers_in(&self, weights: &[(&str, &[usize])], graph: &Path) -> Result<Vec<Vec<(String, bool)>>> {
         let theirs = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
         let canonical = |file: &Path| std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
         // (file, offset, length) -> the initializers of `graph` that read those bytes.
@@ -368,38 +370,36 @@ impl Targets<'_> {
             }
         }
         let own_file = canonical(graph);
-        let mut out = Vec::with_capacity(merged.len());
-        for weight in merged {
-            let place = self.initializers[&weight.initializer].bytes.as_ref().map(|(f, o, l)| (canonical(f), *o, *l));
+        let mut out = Vec::with_capacity(weights.len());
+        for &(initializer, dims) in weights {
+            let place = self.initializers[initializer].bytes.as_ref().map(|(f, o, l)| (canonical(f), *o, *l));
             let found = place.as_ref().and_then(|p| readers.get(p)).map(Vec::as_slice).unwrap_or_default();
             if found.is_empty() {
                 return Err(Error::package(
                     graph,
                     format!(
-                        "this graph does not read the transformer's weight {} from the transformer's file, so a LoRA \
-                         cannot change it there; re-export it (a ControlNet with export_controlnet.py, an editing \
-                         package with export.py)",
-                        weight.initializer
+                        "this graph does not read the transformer's weight {initializer} from the transformer's file, \
+                         so a LoRA cannot change it there; re-export it (a ControlNet with export_controlnet.py, an \
+                         editing package with export.py)"
                     ),
                 ));
             }
+            let mut names = Vec::with_capacity(found.len());
             for (name, init) in found {
-                if init.dims != weight.dims {
+                if init.dims != dims {
                     return Err(Error::package(
                         graph,
                         format!(
-                            "initializer {name} reads the bytes of the transformer's {} but has dims {:?}, not {:?}",
-                            weight.initializer, init.dims, weight.dims
+                            "initializer {name} reads the bytes of the transformer's {initializer} but has dims {:?}, \
+                             not {dims:?}",
+                            init.dims
                         ),
                     ));
                 }
-                out.push(MergedWeight {
-                    initializer: (*name).clone(),
-                    dims: weight.dims.clone(),
-                    data: weight.data.clone(),
-                    external: init.bytes.as_ref().is_some_and(|(file, _, _)| canonical(file) != own_file),
-                });
+                let external = init.bytes.as_ref().is_some_and(|(file, _, _)| canonical(file) != own_file);
+                names.push(((*name).clone(), external));
             }
+            out.push(names);
         }
         Ok(out)
     }
@@ -454,20 +454,23 @@ mod tests {
         assert_eq!(merged.len(), 28);
 
         let combined = dir.join("controlnet_union-v1.onnx");
-        let retargeted = targets.retarget(merged.clone(), &combined).unwrap();
-        assert!(retargeted.len() >= merged.len());
+        let weights: Vec<(&str, &[usize])> =
+            merged.iter().map(|m| (m.initializer.as_str(), m.dims.as_slice())).collect();
+        let readers = targets.readers_in(&weights, &combined).unwrap();
+        assert_eq!(readers.len(), merged.len());
         let theirs = read_initializers(&combined).unwrap();
-        for weight in &retargeted {
-            let init = &theirs[&weight.initializer];
-            assert_eq!(init.dims, weight.dims);
-            assert!(weight.external, "{}: shared weights are external data of the combined graph", weight.initializer);
-            let place = init.bytes.as_ref().unwrap();
-            let source = merged.iter().find(|m| targets.initializers[&m.initializer].bytes.as_ref() == Some(place));
-            assert!(source.is_some(), "{} reads bytes no merged weight came from", weight.initializer);
+        for (weight, names) in merged.iter().zip(&readers) {
+            assert!(!names.is_empty(), "{}", weight.initializer);
+            for (name, external) in names {
+                let init = &theirs[name];
+                assert_eq!(init.dims, weight.dims);
+                assert!(external, "{name}: shared weights are external data of the combined graph");
+                assert_eq!(init.bytes, targets.initializers[&weight.initializer].bytes, "{name} reads other bytes");
+            }
         }
 
         let other = repo().join("models/tiny-zimage-alt/transformer.onnx");
-        let err = targets.retarget(merged, &other).unwrap_err();
+        let err = targets.readers_in(&weights, &other).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Package);
         assert!(err.to_string().contains("does not read the transformer's weight"), "{err}");
     }

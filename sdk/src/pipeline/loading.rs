@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
 
 use crate::error::{Error, Result};
 use crate::load_options::LoadOptions;
-use crate::lora::{self, LoraSetting, MergedData, MergedWeight, Targets};
+use crate::lora::{self, LoraSetting, MergedData, Targets};
 use crate::model::vae_tiling::TileGeometry;
 use crate::package::controlnet::ControlNetInfo;
 use crate::package::files::resolve;
@@ -277,7 +277,7 @@ pub(crate) fn check_precision_runs_on(manifest: &Manifest, options: &LoadOptions
 pub(crate) fn load_transformer(
     graphs: &GraphLoader<'_>,
     device: Device,
-    loras: &[LoraSetting],
+    loras: Option<&MergedLoras>,
     controlnet: Option<&ControlNetInfo>,
 ) -> Result<GraphSlot> {
     let entry = controlnet.map_or(&graphs.manifest.graphs.transformer, |info| &info.graph);
@@ -293,14 +293,14 @@ pub(crate) fn load_transformer(
 pub(crate) fn load_omni_transformer(
     graphs: &GraphLoader<'_>,
     device: Device,
-    loras: &[LoraSetting],
+    loras: Option<&MergedLoras>,
 ) -> Result<Option<OmniTransformer>> {
     let Some(entry) = &graphs.manifest.graphs.transformer_omni else { return Ok(None) };
     let shares_weights = graphs.manifest.edit.as_ref().is_some_and(|e| e.transformer_weights.is_some());
-    let merged = if shares_weights { loras } else { &[] };
+    let merged = loras.filter(|_| shares_weights);
     let initializers = lora_initializers(graphs, device, merged, entry, true)?;
     let slot = graphs.defer_with(GraphKind::TransformerOmni, entry, device, initializers);
-    Ok(Some(OmniTransformer { slot, has_loras: shares_weights || loras.is_empty() }))
+    Ok(Some(OmniTransformer { slot, has_loras: shares_weights || loras.is_none() }))
 }
 
 /// The Omni transformer's session and whether the pipeline's LoRA set is merged into it.
@@ -309,60 +309,85 @@ pub(crate) struct OmniTransformer {
     pub has_loras: bool,
 }
 
-/// `loras` merged into the transformer's weights, as initializers of `entry`: the transformer
-/// itself, or (`reads_transformer`) a graph that reads the transformer's weights from its files
-/// (a ControlNet's combined graph, the Omni transformer), re-addressed to its initializers.
-fn lora_initializers(
-    graphs: &GraphLoader<'_>,
-    device: Device,
-    loras: &[LoraSetting],
-    entry: &GraphEntry,
-    reads_transformer: bool,
-) -> Result<ExternalInitializers> {
-    if loras.is_empty() {
-        return Ok(ExternalInitializers::default());
-    }
-    let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
-    let mut merged = targets.merge(loras)?;
-    if reads_transformer {
-        merged = targets.retarget(merged, &resolve(graphs.dir, &entry.path))?;
-    }
-    // A weight kept inside the .onnx protobuf can only be overridden when the session's
-    // weights are set up (AddInitializer), after TensorRT has built its engine from the
-    // graph's own values: refuse rather than run the package's weights silently.
-    if let (Device::TensorRt { .. }, Some(embedded)) = (device, merged.iter().find(|w| !w.external)) {
-        return Err(Error::lora(
-            resolve(graphs.dir, &entry.path),
-            format!(
-                "initializer {} is stored inside the graph file, which TensorRT cannot take LoRA weights for; \
-                 run the transformer on cuda, or re-export with its weights in external data",
-                embedded.initializer
-            ),
-        ));
-    }
-    if merged.is_empty() {
-        return Ok(ExternalInitializers::default());
-    }
-    ort_initializers(merged, lora::set_key(loras))
+/// A LoRA set merged once into the transformer's weights, as ONNX Runtime tensors that every
+/// graph reading those weights shares (the transformer, a ControlNet's combined graph, the Omni
+/// transformer): one merged copy in memory, however many sessions use it.
+pub(crate) struct MergedLoras<'a> {
+    targets: Targets<'a>,
+    /// Per merged weight: its initializer in the transformer graph, dims, whether it is external
+    /// data there, and the tensor.
+    weights: Vec<(String, Vec<usize>, bool, Arc<DynValue>)>,
+    key: String,
+    bytes: usize,
 }
 
-/// Merged weights as ONNX Runtime tensors (moved, not copied).
-fn ort_initializers(merged: Vec<MergedWeight>, key: String) -> Result<ExternalInitializers> {
-    let mut tensors = Vec::with_capacity(merged.len());
+/// `loras` merged into the transformer's weights; `None` for an empty set.
+pub(crate) fn merge_loras<'a>(graphs: &GraphLoader<'a>, loras: &[LoraSetting]) -> Result<Option<MergedLoras<'a>>> {
+    if loras.is_empty() {
+        return Ok(None);
+    }
+    let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
+    let merged = targets.merge(loras)?;
+    let mut weights = Vec::with_capacity(merged.len());
     let mut bytes = 0;
     for weight in merged {
         bytes += weight.data.bytes();
         let failed = |e: ort::Error| Error::runtime(format!("LoRA weight {}: {e}", weight.initializer)).caused_by(e);
         let dims = weight.dims.clone();
+        // Moved into the tensor, not copied.
         let value = match weight.data {
             MergedData::Float32(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
             MergedData::Float16(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
             MergedData::BFloat16(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
         }
         .map_err(failed)?;
-        tensors.push((weight.initializer, Arc::new(value), weight.external));
+        weights.push((weight.initializer, weight.dims, weight.external, Arc::new(value)));
     }
-    Ok(ExternalInitializers::new(tensors, key, bytes))
+    Ok(Some(MergedLoras { targets, weights, key: lora::set_key(loras), bytes }))
+}
+
+/// The merged weights as initializers of `entry`: the transformer itself, or
+/// (`reads_transformer`) a graph that reads the transformer's weights from its files (a
+/// ControlNet's combined graph, the Omni transformer), re-addressed to its initializers.
+fn lora_initializers(
+    graphs: &GraphLoader<'_>,
+    device: Device,
+    loras: Option<&MergedLoras>,
+    entry: &GraphEntry,
+    reads_transformer: bool,
+) -> Result<ExternalInitializers> {
+    let Some(merged) = loras else { return Ok(ExternalInitializers::default()) };
+    let mut tensors = Vec::with_capacity(merged.weights.len());
+    if reads_transformer {
+        let weights: Vec<(&str, &[usize])> =
+            merged.weights.iter().map(|(name, dims, _, _)| (name.as_str(), dims.as_slice())).collect();
+        let readers = merged.targets.readers_in(&weights, &resolve(graphs.dir, &entry.path))?;
+        for ((_, _, _, value), names) in merged.weights.iter().zip(readers) {
+            tensors.extend(names.into_iter().map(|(name, external)| (name, Arc::clone(value), external)));
+        }
+    } else {
+        tensors.extend(
+            merged.weights.iter().map(|(name, _, external, value)| (name.clone(), Arc::clone(value), *external)),
+        );
+    }
+    // A weight kept inside the .onnx protobuf can only be overridden when the session's
+    // weights are set up (AddInitializer), after TensorRT has built its engine from the
+    // graph's own values: refuse rather than run the package's weights silently.
+    if let (Device::TensorRt { .. }, Some((embedded, _, _))) =
+        (device, tensors.iter().find(|(_, _, external)| !external))
+    {
+        return Err(Error::lora(
+            resolve(graphs.dir, &entry.path),
+            format!(
+                "initializer {embedded} is stored inside the graph file, which TensorRT cannot take LoRA weights \
+                 for; run the transformer on cuda, or re-export with its weights in external data"
+            ),
+        ));
+    }
+    if tensors.is_empty() {
+        return Ok(ExternalInitializers::default());
+    }
+    Ok(ExternalInitializers::new(tensors, merged.key.clone(), merged.bytes))
 }
 
 /// The editing graphs of a pipeline whose package has them (`pipeline::edit` runs them).

@@ -148,17 +148,28 @@ impl Pipeline {
             || graphs.load_required(GraphKind::TextEncoder, options.device),
             || graphs.load_required(decoder_kind, options.device),
             // With a ControlNet, its combined graph is the transformer: the plain one is never loaded.
+            // The LoRA set is merged here, once: an editing package's Omni transformer (below)
+            // shares the merged tensors.
             || {
                 let controlnet = controlnet.as_ref().map(|(_, info)| info);
-                loading::load_transformer(&graphs, loading::transformer_device(options), &options.loras, controlnet)
+                let loras = loading::merge_loras(&graphs, &options.loras)?;
+                let slot = loading::load_transformer(
+                    &graphs,
+                    loading::transformer_device(options),
+                    loras.as_ref(),
+                    controlnet,
+                )?;
+                Ok((slot, loras))
             },
         );
-        let (text, text_encoder, transformer, vae_decoder) = (text?, text_encoder?, transformer?, vae_decoder?);
+        let (text, text_encoder, vae_decoder) = (text?, text_encoder?, vae_decoder?);
+        let (transformer, loras) = transformer?;
         // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
         let edit = loading::load_edit_graphs(&graphs, options.device);
-        let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), &options.loras)?;
+        let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), loras.as_ref())?;
+        drop(loras);
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
@@ -215,7 +226,8 @@ impl Pipeline {
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
         let device = loading::transformer_device(&self.options);
         let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| {
-            loading::load_transformer(&graphs, device, loras, which.as_ref().map(|(_, info)| info))
+            let merged = loading::merge_loras(&graphs, loras)?;
+            loading::load_transformer(&graphs, device, merged.as_ref(), which.as_ref().map(|(_, info)| info))
         };
         active.slot.release();
         match load(&wanted, &active.loras) {
@@ -293,10 +305,12 @@ impl Pipeline {
         if let Some(omni) = active.omni.as_mut() {
             omni.slot.release();
         }
-        // The transformer and an editing package's Omni transformer take the set together.
+        // The transformer and an editing package's Omni transformer take the set together,
+        // merged once (both sessions read the same merged tensors).
         let load = |loras: &[LoraSetting]| -> Result<(GraphSlot, Option<loading::OmniTransformer>)> {
-            let slot = loading::load_transformer(&graphs, device, loras, controlnet.as_ref())?;
-            Ok((slot, loading::load_omni_transformer(&graphs, device, loras)?))
+            let merged = loading::merge_loras(&graphs, loras)?;
+            let slot = loading::load_transformer(&graphs, device, merged.as_ref(), controlnet.as_ref())?;
+            Ok((slot, loading::load_omni_transformer(&graphs, device, merged.as_ref())?))
         };
         match load(loras) {
             Ok((slot, omni)) => {
