@@ -162,8 +162,9 @@ impl Pipeline {
                 Ok((slot, loras))
             },
         );
-        let (text, text_encoder, vae_decoder) = (text?, text_encoder?, vae_decoder?);
-        let (transformer, loras) = transformer?;
+        // Errors in stage order (text encoder, transformer, VAE decoder), whichever failed first.
+        let (text, text_encoder, (transformer, loras), vae_decoder) =
+            (text?, text_encoder?, transformer?, vae_decoder?);
         // Only image-to-image, inpainting, ControlNet and editing encode pictures: the VAE
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
