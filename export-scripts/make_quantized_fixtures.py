@@ -30,6 +30,12 @@ sharing text_weights.data with the text encoder) quantized the same way, with th
 quantized tied LM head (docs/quantization.md, "The enhancer"); sdk/tests/quantized_enhancer.rs.
 tiny-zimage-enhanced was made before the LoRA table existed; its transformer is tiny-zimage's
 (same sha256, checked), so tiny-zimage's table names its layers.
+
+models/tiny-zimage-omni-int8 and -omni-w8a8x2-gptq (`--omni-only` writes just these): the
+editing package models/tiny-zimage-omni quantized as -int8 and -w8a8x2-gptq are, its Omni
+transformer to the transformer's own codes and still reading them from transformer.onnx
+(zimage_export/quantize.py, CodeBook); sdk/tests/quantized.rs edits with them against the
+fp32 editing goldens.
 """
 
 import argparse
@@ -47,7 +53,12 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=REPO / "models")
+    parser.add_argument("--omni-only", action="store_true", help="write only the quantized editing packages")
     args = parser.parse_args(argv)
+    calibration = CalibrationOptions(CALIBRATION_PROMPTS, size=64, steps=8)
+    write_omni(args.models, calibration)
+    if args.omni_only:
+        return
     for weights in ("int8", "int4"):
         out = args.models / f"tiny-zimage-{weights}"
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions(weights))
@@ -60,7 +71,6 @@ def main(argv=None) -> None:
         quantize_package(args.models / "tiny-zimage", out, QuantizeOptions("int8", activations=activations))
         print(f"wrote {out}")
     # GPTQ, calibrated on a few small generations of the fp32 tiny model (seconds).
-    calibration = CalibrationOptions(CALIBRATION_PROMPTS, size=64, steps=8)
     for name, options in (("w8a8x2-gptq", QuantizeOptions("int8", method="gptq", activations="int8x2",
                                                           calibration=calibration)),
                           ("int4-gptq-te8", QuantizeOptions("int4", method="gptq", text_encoder_weights="int8",
@@ -70,6 +80,19 @@ def main(argv=None) -> None:
         print(f"wrote {out}")
     write_w8a8_products(args.models.parent / "tests" / "golden" / "w8a8")
     write_enhanced(args.models, "int4")
+
+
+def write_omni(models: Path, calibration: CalibrationOptions) -> None:
+    for name, options in (("int8", QuantizeOptions("int8")),
+                          ("w8a8x2-gptq", QuantizeOptions("int8", method="gptq", activations="int8x2",
+                                                          calibration=calibration))):
+        out = models / f"tiny-zimage-omni-{name}"
+        if out.exists():
+            shutil.rmtree(out)
+        manifest = quantize_package(models / "tiny-zimage-omni", out, options)
+        if not manifest["edit"].get("transformer_weights"):
+            raise SystemExit(f"{out}: its Omni transformer shares no weights with the transformer")
+        print(f"wrote {out} ({manifest['edit']['transformer_weights']['shared_bytes']} bytes shared)")
 
 
 def write_w8a8_products(out: Path) -> None:

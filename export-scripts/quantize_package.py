@@ -13,7 +13,9 @@ run time: a faster, less accurate CPU-only package; `--activations int8x2` quant
 int8 terms, about 16-bit: half that speed-up, weight-only int8's accuracy
 (zimage_export/quantize_w8a8.py).
 
-Every other file is copied unchanged. `--int8-vae` also writes `vae_decoder_int8`, an int8
+An editing package's Omni transformer (transformer_omni.onnx) is quantized with the
+transformer, to the transformer's own codes, and reads them from transformer.onnx (docs/quantization.md,
+"Editing (Omni) packages"). Every other file is copied unchanged. `--int8-vae` also writes `vae_decoder_int8`, an int8
 VAE decoder for faster, lossy CPU decoding (zimage_export/vae_int8.py). `export.py --weights ...` does the same right after
 exporting. Needs onnx and onnxruntime only (no torch, no diffusers folder).
 """

@@ -14,7 +14,9 @@ layers, pad tokens) stays in the package precision. Graph constants (RoPE tables
 left out: well under 1 MB. The transformer's `int8+act` line is `--activations int8` and
 `int8x2` alike (quantize_w8a8.py; the same weights): K*N int8 bytes and N float32 scales per
 weight, everything else float32 (such packages are made from fp32 ones), whatever --precision
-says.
+says. The `omni_only` rows are what an editing package's Omni transformer adds (its SigLIP
+embedder, kept in float as the other embedders, and its SigLIP refiner blocks): the rest of it
+reads the transformer's weights.
 """
 
 import argparse
@@ -35,6 +37,8 @@ REAL_TEXT_ENCODER = dict(
     rope_theta=1_000_000.0, rms_norm_eps=1e-6,
 )
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
+# SigLIP2 so400m's hidden width (ZImageOmniPipeline's vision encoder family).
+SIGLIP_FEAT_DIM = 1152
 
 
 def nbits_bytes(n: int, k: int, bits: int, block: int, scale_bytes: int) -> int:
@@ -86,6 +90,20 @@ def transformer(config: dict):
         return ZImageTransformer2DModel(**config)
 
 
+def omni_only(config: dict, siglip_feat_dim: int):
+    """The modules an editing (Omni) transformer adds to the transformer (SigLIP embedder and
+    refiner, pad token): what an editing package stores besides the transformer's weights,
+    which its Omni graph reads from transformer.onnx (docs/editing.md)."""
+    import torch
+
+    model = transformer(dict(config, siglip_feat_dim=siglip_feat_dim))
+    container = torch.nn.Module()
+    for name in ("siglip_embedder", "siglip_refiner"):
+        container.add_module(name, getattr(model, name))
+    container.siglip_pad_token = model.siglip_pad_token
+    return container
+
+
 def text_encoder(config: dict):
     """What the package's text encoder holds: the embedding and the first n-1 decoder layers
     (hidden_states[-2] needs no last layer, final norm or LM head)."""
@@ -107,6 +125,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="append", default=[], metavar="PATTERN", help="as quantize_package.py's flag")
     parser.add_argument("--transformer-config", type=Path, help="a diffusers transformer config.json (default: Z-Image-Turbo)")
     parser.add_argument("--text-encoder-config", type=Path, help="a Qwen3 config.json (default: Qwen3-4B)")
+    parser.add_argument("--siglip-feat-dim", type=int, default=SIGLIP_FEAT_DIM,
+                        help="the editing transformer's SigLIP feature width, for the omni_only rows (default: "
+                             "SigLIP2 so400m's 1152; the Omni weights are not published; 0 leaves the rows out)")
     args = parser.parse_args(argv)
 
     def read(path, default):
@@ -115,15 +136,18 @@ def main(argv=None) -> None:
     fbytes = FLOAT_BYTES[args.precision]
     # The kept set exactly as quantize_package.py computes it (the weights width does not enter).
     keep = transformer_keep(QuantizeOptions("int8", quantize_adaln=args.quantize_adaln, keep=tuple(args.keep)))
-    models = (("transformer", transformer(read(args.transformer_config, REAL_TRANSFORMER)), keep, None),
-              ("text_encoder", text_encoder(read(args.text_encoder_config, REAL_TEXT_ENCODER)), (), "embed_tokens.weight"))
+    transformer_config = read(args.transformer_config, REAL_TRANSFORMER)
+    models = [("transformer", transformer(transformer_config), keep, None),
+              ("text_encoder", text_encoder(read(args.text_encoder_config, REAL_TEXT_ENCODER)), (), "embed_tokens.weight")]
+    if args.siglip_feat_dim:
+        models.insert(1, ("omni_only", omni_only(transformer_config, args.siglip_feat_dim), keep, None))
     print(f"precision {args.precision}, block {args.block_size}; GB = 1e9 bytes")
     print(f"{'component':<13} {'weights':<8} {'float part':>11} {'quantized':>10} {'total':>9}")
     for label, model, kept, embedding in models:
         for weights, bits in (("float", None), *WEIGHTS.items()):
             f, q = component_bytes(model, kept, embedding, bits, args.block_size, fbytes)
             print(f"{label:<13} {weights:<8} {f / 1e9:>10.3f}G {q / 1e9:>9.3f}G {(f + q) / 1e9:>8.3f}G")
-        if label == "transformer":
+        if label in ("transformer", "omni_only"):
             fp32 = FLOAT_BYTES["fp32"]
             f, q = component_bytes(model, kept, embedding, 8, args.block_size, fp32,
                                    lambda n, k: per_channel_bytes(n, k, fp32))

@@ -143,6 +143,12 @@ def build_manifest(src: Path, package: Path, precision: str, name: str, pad_toke
     from .edit_manifest import edit_section
 
     edit = edit_section(src, package)
+    if edit is not None:
+        # The Omni graph's Linear weights by diffusers name, as the transformer's table: they
+        # name its layers for quantization (its kept layers, quantize.py).
+        edit["omni_parameters"], unmatched = lora_parameters(src, package / "transformer_omni.onnx", dtype)
+        if unmatched:
+            print(f"transformer_omni: Linear weights not located: {', '.join(unmatched)}", flush=True)
     return manifest_dict(
         configs,
         edit=edit,

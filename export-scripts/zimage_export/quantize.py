@@ -58,7 +58,10 @@ INT8_TEXT_ENCODER_ACCURACY_LEVEL = 0
 # the modulations run on [batch, 256], not on the tokens. Measured on the mid-size model (8
 # prompts, docs/quantization.md): quantizing the modulations too raises int8's final-latent
 # error from 0.97e-2 to 1.10e-2.
-TRANSFORMER_KEEP = ("t_embedder.*", "all_x_embedder.*", "cap_embedder.*", "all_final_layer.*")
+TRANSFORMER_KEEP = ("t_embedder.*", "all_x_embedder.*", "cap_embedder.*", "all_final_layer.*",
+                    # The Omni transformer's own embedder (SigLIP features -> tokens); the
+                    # basic-mode graph does not have it.
+                    "siglip_embedder.*")
 ADALN = "*.adaLN_modulation.*"
 TEXT_ENCODER_KEEP = ()
 COM_MICROSOFT = "com.microsoft"
@@ -198,7 +201,8 @@ class GraphReport:
     calibration: dict | None = None
 
     def section(self) -> dict:
-        section = {"quantized": len(self.quantized), "kept": sorted(self.kept), "accuracy_level": self.accuracy_level}
+        # (a kept weight the graph reads twice, as the Omni graph its modulations, is listed once)
+        section = {"quantized": len(self.quantized), "kept": sorted(set(self.kept)), "accuracy_level": self.accuracy_level}
         if self.activations:
             section["activations"] = self.activations
         if self.method:
@@ -368,10 +372,7 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     report = GraphReport(accuracy_level=options.accuracy_level)
     products, kept_products = sort_products(model, names, keep, report)
     exclude = [node.name for node in kept_products]
-    calibrated = {}
-    if calibrate is not None and products:
-        calibrated, report.calibration = calibrate(model, products)
-        report.method = "gptq"
+    calibrated = _calibrated_codes(calibrate, model, products, report)
 
     embeddings = _embedding_gathers(model) if token_embedding else []
     if options.quantize_embedding and options.bits == 8:
@@ -416,6 +417,19 @@ def quantize_model(model, options: QuantizeOptions, names: dict | None = None, k
     if count != len(report.quantized):
         raise RuntimeError(f"expected {len(report.quantized)} quantized nodes, the quantizer wrote {count}")
     return report
+
+
+def _calibrated_codes(calibrate, model, products, report: GraphReport) -> dict:
+    """`calibrate`'s codes for `products` (see quantize_model), recording its summary in
+    `report`: a summary marks the graph's codes as GPTQ's; a calibration without one (a
+    CodeBook's recording pass) leaves the report as the package's method says."""
+    if calibrate is None or not products:
+        return {}
+    calibrated, summary = calibrate(model, products)
+    if summary is not None:
+        report.method = summary.pop("method", "gptq")
+        report.calibration = summary
+    return calibrated
 
 
 def _round_to_nearest_config(options: QuantizeOptions, op_types: tuple):
@@ -463,11 +477,14 @@ def _replace_codes(model, calibrated: dict, bits: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Packages
 
-# Graphs that are quantized; every other file of the package is copied unchanged.
+# Graphs that are quantized (and OMNI_GRAPH, below); every other file of the package is copied
+# unchanged.
 QUANTIZED_GRAPHS = ("transformer", "text_encoder")
 # The enhancer's decoder shares the text encoder's weights file (docs/enhancer.md): it is
 # quantized with it, and the two graphs keep one weights file.
 SHARING_GRAPH = "text_decoder"
+# An editing package's transformer in Omni mode: quantized with the transformer, to its codes.
+OMNI_GRAPH = "transformer_omni"
 # Initializers at least this large go to the external data file when a graph has one.
 EXTERNAL_MIN_BYTES = 1024
 # Page-aligned offsets let ONNX Runtime map tensors straight from the file.
@@ -481,12 +498,15 @@ def transformer_keep(options: QuantizeOptions) -> tuple:
 
 
 def quantize_transformer(model, options: QuantizeOptions, names: dict, package=None, manifest=None,
-                         calibrate=None) -> GraphReport:
+                         calibrate=None, codes: "CodeBook | None" = None,
+                         always_calibrate: bool = False) -> GraphReport:
     """Quantizes a transformer graph in place as `options` say: weight-only (`quantize_model`)
     or with int8 activations too (quantize_w8a8), keeping `transformer_keep(options)`. gptq
     calibrates on the float `package` (its folder and manifest), or calls `calibrate` (see
-    quantize_model and quantize_model_w8a8) where given."""
-    if options.method != "gptq":
+    quantize_model and quantize_model_w8a8) where given; `always_calibrate` calls `calibrate`
+    whatever the method (quantize_omni's codes). `codes`: a CodeBook to fill with the
+    quantized weights (for the Omni graph)."""
+    if options.method != "gptq" and not always_calibrate:
         calibrate = None
     elif calibrate is None:
         if package is None or manifest is None:
@@ -499,11 +519,99 @@ def quantize_transformer(model, options: QuantizeOptions, names: dict, package=N
             return gptq_codes(model, products, Path(package), manifest, options.calibration, options.gptq_damping,
                               rounding=gptq_rounding(options))
 
+    if codes is not None:
+        calibrate = codes.recording(calibrate)
     if options.activations:
         from .quantize_w8a8 import quantize_model_w8a8
 
-        return quantize_model_w8a8(model, names, transformer_keep(options), options.activations, calibrate)
-    return quantize_model(model, options, names, transformer_keep(options), calibrate=calibrate)
+        report = quantize_model_w8a8(model, names, transformer_keep(options), options.activations, calibrate)
+    else:
+        report = quantize_model(model, options, names, transformer_keep(options), calibrate=calibrate)
+    if codes is not None:
+        codes.collect(model)
+    return report
+
+
+class CodeBook:
+    """The transformer's quantized weights by the float weight each was made from, so that the
+    Omni transformer (transformer_omni.onnx: the same model's weights in another graph) is
+    quantized to the same bytes, GPTQ's calibrated codes included, and the two graphs share them
+    (shared_weights.py). `recording(calibrate)` wraps the transformer's calibration to note its
+    products' float weights; `collect(model)` notes where the quantized graph put their codes;
+    `read_from(path)` names the saved graph to read them from (mapped, not copied: the real
+    model's int8 codes are 6.6 GB); `lookup` is the Omni graph's calibration: the codes of
+    every product whose float weight the transformer quantized (the Omni-only ones are rounded
+    to nearest)."""
+
+    def __init__(self, options: QuantizeOptions):
+        self.options = options
+        self._pending = {}  # the transformer's weight name -> its float weight's key
+        self._names_by_key = {}  # float weight's key -> the initializers holding its codes
+        self._graph = None
+
+    @staticmethod
+    def _key(t) -> tuple:
+        import hashlib
+
+        return hashlib.sha256(tensor_bytes(t)).hexdigest(), t.data_type, tuple(t.dims)
+
+    def _names(self, w: str) -> tuple:
+        """The quantized graph's initializers holding weight `w`'s codes (calibrate's format)."""
+        if self.options.activations:  # quantize_w8a8: (int8 codes, column scales)
+            return f"{w}_W8", f"{w}_scale"
+        return f"{w}_Q{self.options.bits}", f"{w}_scales", f"{w}_zero_points"
+
+    def recording(self, calibrate):
+        def record(model, products):
+            inits = _initializers(model.graph)
+            for node in products:
+                self._pending[node.input[1]] = self._key(inits[node.input[1]])
+            return calibrate(model, products) if calibrate is not None else ({}, None)
+
+        return record
+
+    def collect(self, model) -> None:
+        inits = _initializers(model.graph)
+        for w, key in self._pending.items():
+            names = self._names(w)
+            if any(n not in inits for n in names):
+                raise RuntimeError(f"the quantized transformer has no {names[0]!r} for weight {w!r}")
+            self._names_by_key[key] = names
+        self._pending.clear()
+
+    def read_from(self, graph) -> None:
+        """The quantized transformer as saved (save_graphs), whose codes `lookup` reads."""
+        self._graph = graph
+
+    def lookup(self, model, products) -> tuple[dict, dict | None]:
+        from .shared_weights import read_initializers
+
+        inits = _initializers(model.graph)
+        wanted = {}
+        for node in products:
+            names = self._names_by_key.get(self._key(inits[node.input[1]]))
+            if names is not None:
+                wanted[node.input[1]] = names
+        arrays = read_initializers(self._graph, {n for names in wanted.values() for n in names})
+        found = {w: tuple(arrays[n] for n in names) for w, names in wanted.items()}
+        # The report says where the codes came from where they are not rounded to nearest.
+        summary = {"method": "gptq", "codes_from": "transformer", "weights": len(found)} \
+            if self.options.method == "gptq" else None
+        return found, summary
+
+
+def quantize_omni(model, options: QuantizeOptions, names: dict, codes: CodeBook) -> GraphReport:
+    """Quantizes the Omni transformer (an onnx.ModelProto with its weights loaded) in place as
+    the transformer was (`quantize_transformer` with the same options and kept layers, whose
+    patterns also keep the Omni-only `siglip_embedder`), its shared weights to the transformer's
+    own codes (`codes`, filled while quantizing the transformer). `names`: its initializers'
+    diffusers names (the manifest's `edit.omni_parameters`)."""
+    if options.method == "hqq":
+        # HQQ's codes come from ONNX Runtime's quantizer with float zero points, which
+        # CodeBook does not read back: an Omni graph quantized by its own HQQ run would hold
+        # other bytes than the transformer, and the two graphs could not share them.
+        raise ValueError("--method hqq does not quantize editing (Omni) packages: use rtn or gptq")
+    return quantize_transformer(model, options, names, calibrate=codes.lookup, always_calibrate=True)
 
 
 def gptq_rounding(options: QuantizeOptions):
@@ -635,27 +743,40 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     if manifest.get("controlnets"):
         # Their graphs read the float transformer's weights at fixed offsets (docs/controlnet.md).
         raise ValueError(f"{src} has ControlNets, which run on float packages only: quantize a copy without them")
-    if (manifest.get("edit") or {}).get("transformer_weights"):
-        # transformer_omni.onnx reads transformer.onnx's bytes at fixed offsets (shared_weights.py).
-        raise ValueError(f"{src}: its Omni transformer reads transformer.onnx's weights, which quantizing would "
-                         "rewrite: quantize at export instead (export.py --weights)")
     graphs = manifest["graphs"]
     enhanced = SHARING_GRAPH in graphs
-    rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()))}
+    omni = OMNI_GRAPH in graphs
+    rewritten = {g: graphs[g] for g in (*QUANTIZED_GRAPHS, *((SHARING_GRAPH,) if enhanced else ()),
+                                        *((OMNI_GRAPH,) if omni else ()))}
 
     names = transformer_names(manifest)
-    check_keep_patterns(options.keep, names.values())
+    omni_names = omni_parameter_names(manifest) if omni else {}
+    if omni and options.method == "hqq":
+        raise ValueError("--method hqq does not quantize editing (Omni) packages: use rtn or gptq "
+                         "(the Omni transformer must be quantized to the transformer's own codes)")
+    check_keep_patterns(options.keep, [*names.values(), *omni_names.values()])
+    # The Omni graph reads the transformer's weights from transformer.onnx (shared_weights.py):
+    # both are quantized here (loading it reads those bytes), and it reads the quantized ones
+    # again afterwards.
+    shared = bool((manifest.get("edit") or {}).get("transformer_weights"))
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".quantize-") as tmp:
         tmp = Path(tmp)
         report = {}
         # Transformer alone.
         model = onnx.load(str(src / graphs["transformer"]["path"]))
-        rep = quantize_transformer(model, options, names, src, manifest)
+        codes = CodeBook(options) if omni else None
+        rep = quantize_transformer(model, options, names, src, manifest, codes=codes)
         report["transformer"] = rep.section()
-        big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
-        save_graphs({"transformer": model}, tmp, "transformer.onnx.data" if big else None)
+        _save_graph(model, "transformer", tmp, threshold)
         del model
+        if codes is not None:
+            codes.read_from(tmp / "transformer.onnx")
+        if omni:  # to the transformer's codes, weight for weight
+            model = onnx.load(str(src / graphs[OMNI_GRAPH]["path"]))
+            report[OMNI_GRAPH] = quantize_omni(model, options, omni_names, codes).section()
+            _save_graph(model, OMNI_GRAPH, tmp, threshold)
+            del model, codes
         # Text encoder (+ the enhancer decoder sharing its weights, its layers quantized the same
         # way; the token-embedding table, which is also the decoder's tied LM head, is quantized
         # once for both by quantize_lm_head: see there).
@@ -720,5 +841,32 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     # MatMulNBits weights by adding deltas, so a quantized package carries no table (the SDK
     # refuses LoRAs on it with ErrorKind::Unsupported).
     manifest["transformer"].pop("lora_parameters", None)
+    if omni:
+        # (its names, too, were the float weights'; the sharing is written again below)
+        manifest["edit"].pop("omni_parameters", None)
+        manifest["edit"].pop("transformer_weights", None)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if shared:
+        # A package that was shared stays so. export.py's own packages are shared by its last
+        # step, after the rewrites of transformer.onnx that follow quantization.
+        from .shared_weights import share_omni_weights
+
+        share_omni_weights(out)
+        manifest = json.loads((out / "manifest.json").read_text())
     return manifest
+
+
+def _save_graph(model, name: str, out_dir, threshold: int) -> None:
+    """Saves one graph as save_graphs does, its weights in `<name>.onnx.data` past `threshold`."""
+    big = sum(len(tensor_bytes(t)) for t in model.graph.initializer) > threshold
+    save_graphs({name: model}, out_dir, f"{name}.onnx.data" if big else None)
+
+
+def omni_parameter_names(manifest: dict) -> dict:
+    """Omni transformer initializer name -> diffusers parameter name (`edit.omni_parameters`)."""
+    table = (manifest.get("edit") or {}).get("omni_parameters")
+    if not table:
+        raise ValueError("the package's manifest has no edit.omni_parameters (exported before editing packages "
+                         "could be quantized): the Omni transformer's layers cannot be named, so its kept ones "
+                         "cannot be found; re-export it")
+    return {entry["initializer"]: name for name, entry in table.items()}

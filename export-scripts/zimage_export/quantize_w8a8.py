@@ -42,7 +42,7 @@ The same layers as the weight-only path stay in float (quantize.transformer_keep
 
 import numpy as np
 
-from .quantize import ACTIVATIONS, COM_MICROSOFT, GraphReport, _initializers, sort_products
+from .quantize import ACTIVATIONS, COM_MICROSOFT, GraphReport, _calibrated_codes, _initializers, sort_products
 
 # The quantized activation's range: symmetric int8 steps stored as uint8 around 128.
 ACTIVATION_STEPS = 127.0
@@ -153,10 +153,7 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
     report = GraphReport(accuracy_level=None, activations=activations)
     products = sort_products(model, names or {}, keep, report)[0]
     to_quantize = {node.name for node in products}
-    calibrated = {}
-    if calibrate is not None and products:
-        calibrated, report.calibration = calibrate(model, products)
-        report.method = "gptq"
+    calibrated = _calibrated_codes(calibrate, model, products, report)
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = _initializers(graph)

@@ -20,7 +20,9 @@ from .onnx_io import external_data_path
 ALIGN_BIG = 65536  # ONNX Runtime maps page-aligned external tensors instead of copying them
 BIG = 1 << 20
 EMBED_BELOW = 1024
-FLOAT_TYPES = (1, 10, 16)  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+# Weight types (onnx.TensorProto FLOAT, FLOAT16, BFLOAT16, and UINT8 / INT8 for a quantized
+# package's codes); integer shape constants are never moved.
+WEIGHT_TYPES = (1, 10, 16, 2, 3)
 
 
 def transformer_weight_index(package: Path) -> dict:
@@ -55,6 +57,35 @@ def transformer_weight_index(package: Path) -> dict:
     return index
 
 
+def read_initializers(graph_path: Path, names) -> dict:
+    """The initializers `names` of a saved graph as numpy arrays, those in external data files
+    mapped from the file (read-only views: nothing else of the graph is loaded)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    names = set(names)
+    arrays, maps = {}, {}
+    for t in model.graph.initializer:
+        if t.name not in names:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            path = graph_path.parent / info["location"]
+            if path not in maps:
+                maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            arrays[t.name] = maps[path][offset: offset + length].view(dtype).reshape(tuple(t.dims))
+        else:
+            arrays[t.name] = numpy_helper.to_array(t)
+    missing = names - arrays.keys()
+    if missing:
+        raise ValueError(f"{graph_path.name} has no initializer {sorted(missing)[0]!r}")
+    return arrays
+
+
 def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
     """Rewrite the exported graph `exported` (weights in `exported`.data or embedded) as
     `out_graph` (which may be `exported`): shared weights point into the transformer's file(s),
@@ -77,7 +108,7 @@ def relocate_weights(package: Path, exported: Path, out_graph: Path) -> dict:
             blob = t.raw_data
             # Small tensors stay embedded: shape constants must (ONNX Runtime's shape inference
             # reads them at load), and moving a few bytes saves nothing.
-            if len(blob) < EMBED_BELOW or t.data_type not in FLOAT_TYPES:
+            if len(blob) < EMBED_BELOW or t.data_type not in WEIGHT_TYPES:
                 continue
             digest = hashlib.sha256(blob).digest()
             key = (digest, t.data_type, tuple(t.dims))
@@ -135,7 +166,7 @@ def share_omni_weights(package: Path) -> dict | None:
     "transformer_weights" with the transformer's sha256 (the runtime refuses the package if
     transformer.onnx changes under it) and the bytes shared. The last step of export.py, after
     every rewrite of transformer.onnx. None (nothing done) for a package without editing graphs.
-    A transformer whose weights differ in bytes (a quantized one) shares nothing, correctly."""
+    A quantized package shares the quantized codes (quantize.py quantizes both graphs alike)."""
     from .manifest import graph_entry
 
     manifest_path = package / "manifest.json"

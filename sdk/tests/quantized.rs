@@ -6,7 +6,8 @@
 //! tiny random-weight model has none of a trained model's structure, so its quantization error
 //! is far larger than the mid-size model's (docs/quantization.md); the bounds sit between the
 //! measured error and what a broken quantization gives (a zero point off by one: transformer
-//! forward 2.8e-2 for int8, 0.53 for int4).
+//! forward 2.8e-2 for int8, 0.53 for int4). `models/tiny-zimage-omni-int8` and `-omni-w8a8x2-gptq` are
+//! the editing package quantized the same ways (`quantized_editing_packages_edit_near_fp32`).
 
 mod common;
 
@@ -422,5 +423,74 @@ fn loras_are_refused_on_quantized_packages() {
         o.loras = vec![LoraSetting::new(Arc::clone(&adapter), 0.5)];
         let e = Pipeline::load(model(package), &o).err().expect("refused");
         assert_eq!(e.kind(), ErrorKind::Lora, "{package}: {e}");
+    }
+}
+
+/// Editing packages quantized as `tiny-zimage-int8` and `-w8a8x2-gptq` are
+/// (`make_quantized_fixtures.py --omni-only`): the Omni transformer quantized to the
+/// transformer's own codes (GPTQ's included) and reading them from `transformer.onnx`, as the
+/// float package reads its float weights. Bounds against the fp32 editing goldens (final latents
+/// relative L2, images' largest difference), about 1.3x the measured distances (CPU,
+/// 2026-12-03; worst case measured / bound): int8 2.26e-2 / 3.0e-2 and 8 / 11 levels (the two
+/// cases with guidance; the others 4.7e-3 to 1.25e-2), w8a8x2-gptq 8.12e-3 / 1.1e-2 and 4 / 6,
+/// as text-to-image's ranking of the two (`generations_are_deterministic_and_near_fp32`).
+const EDIT_PACKAGES: [(&str, &str, f64, u8); 2] = [
+    ("tiny-zimage-omni-int8", "int8 rtn, block 32", 3.0e-2, 11),
+    ("tiny-zimage-omni-w8a8x2-gptq", "int8 gptq, block 32, int8x2 activations", 1.1e-2, 6),
+];
+
+#[test]
+fn quantized_editing_packages_edit_near_fp32() {
+    let goldens = golden("tiny-zimage-omni");
+    let all = json(&goldens.join("cases.json"));
+    for (package, summary, latents_bound, levels) in EDIT_PACKAGES {
+        let manifest = Manifest::load(&model(package), true).unwrap();
+        let q = manifest.quantization.as_ref().expect("a quantization section");
+        let (transformer, omni) = (&q.graphs["transformer"], &q.graphs["transformer_omni"]);
+        // The transformer's 28 products, and the SigLIP refiner's 7 (one block).
+        assert_eq!((transformer.quantized, omni.quantized), (28, 35), "{package}");
+        // The same layers stay float, and the SigLIP embedder with them.
+        let mut kept = transformer.kept.clone();
+        kept.push("siglip_embedder.1.weight".into());
+        kept.sort();
+        assert_eq!(omni.kept, kept, "{package}");
+        assert_eq!(omni.accuracy_level, transformer.accuracy_level, "{package}");
+        // The quantized codes are stored once: the Omni graph reads them from transformer.onnx.
+        let edit = manifest.edit.as_ref().unwrap();
+        let shared = edit.transformer_weights.as_ref().expect("the Omni graph reads the transformer's weights");
+        assert_eq!(shared.sha256, manifest.graphs.transformer.sha256);
+        assert!(shared.shared_bytes > 1_500_000, "{package}: {} bytes shared", shared.shared_bytes);
+
+        let mut o = LoadOptions::default();
+        o.threads = Some(1);
+        let pipeline = Pipeline::load(model(package), &o).unwrap();
+        for case in all["edit"].as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let request = golden_edit_request(case, &goldens);
+            let first = pipeline.edit(&request, None).unwrap_or_else(|e| panic!("{package}/{name}: {e}"));
+            let again = pipeline.edit(&request, None).unwrap();
+            let got = first.latents.as_ref().unwrap();
+            assert_eq!(got, again.latents.as_ref().unwrap(), "{package}/{name}: not deterministic");
+            assert_eq!(first.images, again.images, "{package}/{name}: not deterministic");
+            let want = npy_f32(&goldens.join(case["latents_file"].as_str().unwrap()));
+            assert_eq!(got.shape(), want.shape());
+            let err = rel_l2(got.as_slice().unwrap(), want.as_slice().unwrap());
+            let files = case["output_files"].as_array().unwrap();
+            assert_eq!(first.images.len(), files.len());
+            let pixels = first
+                .images
+                .iter()
+                .zip(files)
+                .map(|(img, path)| max_pixel_diff(img, &png_rgb(&goldens.join(path.as_str().unwrap()))))
+                .max()
+                .unwrap();
+            eprintln!("{package}/{name}: final latents rel L2 {err:.3e}, images max diff {pixels} levels");
+            assert!(
+                err > 1e-6 && err <= latents_bound,
+                "{package}/{name}: latents rel L2 {err} (bound {latents_bound})"
+            );
+            assert!(pixels <= levels, "{package}/{name}: images differ by {pixels} levels (bound {levels})");
+            assert_eq!(first.quantization.as_deref(), Some(summary), "{package}/{name}");
+        }
     }
 }

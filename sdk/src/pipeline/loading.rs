@@ -188,13 +188,14 @@ impl GraphLoader<'_> {
             GraphKind::VaeDecoder | GraphKind::VaeDecoderCpu | GraphKind::VaeDecoderInt8 | GraphKind::VaeEncoder => {
                 SessionSettings { release_activations: true, ..base }
             }
-            // int8 activations (`quantization.activations`): exact int8 kernels where the fast
-            // ones can saturate (or where the environment asks for them).
-            GraphKind::Transformer => SessionSettings {
+            // int8 activations (`quantization.activations`, in both transformer graphs of an
+            // editing package): exact int8 kernels where the fast ones can saturate (or where the
+            // environment asks for them).
+            GraphKind::Transformer | GraphKind::TransformerOmni => SessionSettings {
                 exact_int8_products: self.manifest.int8_activations() && int8_products::exact_products_wanted(),
                 ..base
             },
-            GraphKind::TextDecoder | GraphKind::VisionEncoder | GraphKind::TransformerOmni => base,
+            GraphKind::TextDecoder | GraphKind::VisionEncoder => base,
         }
     }
 }
