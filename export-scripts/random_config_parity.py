@@ -288,10 +288,16 @@ def draw_omni(seed: int, cfg):
     return omni, siglip, processor, references, cases
 
 
-def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict) -> str | None:
+# --quantized: the Omni package is also quantized these ways (QUANTIZED's flags), and verify.py
+# holds every graph, the Omni transformer quantized with the transformer included, to its bounds.
+OMNI_QUANTIZED = ("int8", "w8a8x2-gptq")
+
+
+def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict, quantized: bool = False) -> str | None:
     """Builds the seed's Omni model (draw_omni) as a diffusers ZImageOmniPipeline folder, exports
     and verifies it as a user would, writes its goldens with diffusers and transformers, and runs
-    golden_check on them. Returns the failed stage, or None."""
+    golden_check on them; with `quantized`, quantizes it (OMNI_QUANTIZED) and verifies that too.
+    Returns the failed stage, or None."""
     from zimage_export.fixtures.goldens_common import PROMPTS
     from zimage_export.fixtures.goldens_omni import edit_case, write_omni_goldens, write_omni_lora_goldens
     from zimage_export.fixtures.omni import build_omni_folder
@@ -324,6 +330,18 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict)
         return f"the Omni goldens (diffusers: {type(e).__name__}: {e})"
     if not golden_check(package, folder / "omni-golden", log):
         return "omni golden_check"
+    multiple = 2 * vae_factor(cfg.vae)
+    for name in OMNI_QUANTIZED if quantized else ():
+        flags = QUANTIZED[name][0]
+        calibration = ["--calibration-size", str(multiple * -(-32 // multiple))] if "gptq" in flags else []
+        out = folder / f"omni-quantized-{name}"
+        if not run(sys.executable, HERE / "quantize_package.py", "--package", package, "--out", out, *flags,
+                   *calibration, log=log):
+            return f"omni quantize {name}"
+        if not json.loads((out / "manifest.json").read_text())["edit"].get("transformer_weights"):
+            return f"omni {name}: the quantized Omni graph shares no weights with the transformer"
+        if not run(sys.executable, HERE / "verify.py", out, "--src", src, log=log):
+            return f"omni {name} verify"
     return None
 
 
@@ -454,7 +472,7 @@ def check_seed(seed: int, out: Path, tokenizer: Path, keep: bool, quantized: boo
                 result["failed"] = "golden_check"
         if "failed" not in result:
             failure = (check_standalone_enhancer(seed, tokenizer, folder, log, result)
-                       or check_omni(seed, cfg, tokenizer, folder, log, result))
+                       or check_omni(seed, cfg, tokenizer, folder, log, result, quantized))
             if failure:
                 result["failed"] = failure
     result["seconds"] = round(time.time() - started)

@@ -30,7 +30,6 @@ FP32_TOLERANCE = 1e-5
 # measured: int8 transformer 1.4e-2, text encoder 3.6e-2; int4 0.15 / 0.36; docs/quantization.md),
 # below what a broken one gives (int4 zero points off by one: 0.6).
 QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.5}
-QUANTIZED_GRAPHS = ("transformer", "text_encoder")
 
 
 def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
@@ -182,6 +181,8 @@ def main(argv=None) -> int:
     weights = quantization.get("weights")
     # Each quantized graph's width (--text-encoder-weights may make the text encoder wider).
     graph_weights = {"transformer": weights, "text_encoder": quantization.get("text_encoder_weights", weights)}
+    if "transformer_omni" in quantization.get("graphs", {}):  # (quantized with the transformer)
+        graph_weights["transformer_omni"] = weights
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     if args.graphs is None:  # the editing graphs are checked where the package has them
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     print(f"package {args.package} ({precision}{', ' + weights + ' weights' if weights else ''}) vs PyTorch float32")
     print(f"{'graph':<20} {'case':<42} {'rel L2':>10} {'max abs':>10}  status")
     for graph, case, rel, max_abs in rows:
-        width = graph_weights.get(graph) if graph in QUANTIZED_GRAPHS else None
+        width = graph_weights.get(graph)
         bound = QUANTIZED_TOLERANCE[width] if width else FP32_TOLERANCE
         ok = np.isfinite(rel) and (precision != "fp32" or rel <= bound)
         status = ("ok" if ok else "FAIL") if precision == "fp32" else ("report" if np.isfinite(rel) else "FAIL")
