@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-export", action="store_true", help="only re-record the goldens")
     parser.add_argument("--lora-goldens-only", action="store_true",
                         help="only (re-)record the edits with LoRAs (the \"lora\" section of cases.json)")
+    parser.add_argument("--lora-cases", nargs="+", metavar="NAME",
+                        help="with --lora-goldens-only: only these cases (the others' rows are kept)")
     args = parser.parse_args(argv)
 
     import torch
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     package = REPO / "models" / NAME
     goldens, lora_dir = REPO / "tests" / "golden" / NAME, REPO / "tests" / "golden" / "tiny-zimage" / "loras"
     if args.lora_goldens_only:
-        write_omni_lora_goldens(src, goldens, lora_dir)
+        write_omni_lora_goldens(src, goldens, lora_dir, only=args.lora_cases)
         return
     if not args.skip_export:
         run("export.py", "--src", src, "--out", package, "--name", NAME, "--graphs", *GRAPHS, "--no-cpu-layouts")

@@ -209,7 +209,7 @@ fn check_edit(name: &str, result: &zimage::Generation, case: &Value) -> f32 {
 fn edits_with_loras_match_diffusers() {
     let all = cases();
     let lora_cases = all["lora"].as_array().expect("the lora section");
-    assert_eq!(lora_cases.len(), 2);
+    assert_eq!(lora_cases.len(), 4);
     let package = repo().join("models").join(PACKAGE);
     let manifest = json(&package.join("manifest.json"));
     assert!(manifest["edit"]["transformer_weights"]["shared_bytes"].as_u64().unwrap() > 1_000_000);
@@ -234,6 +234,47 @@ fn edits_with_loras_match_diffusers() {
     let one_ref = &all["edit"][0];
     assert_eq!(one_ref["name"], "one_ref");
     check_edit("one_ref after removing the LoRAs", &with_lora.edit(&edit_request(one_ref), None).unwrap(), one_ref);
+}
+
+/// An adapter on the modules only the Omni transformer has (its SigLIP embedder and refiner,
+/// named through `edit.omni_parameters`), as diffusers' loader applies it: alone and beside a
+/// text-to-image adapter, edits equal diffusers' (and differ from the plain edit); text-to-image
+/// never runs those modules, so it is unchanged by them, as in diffusers; and a package without
+/// an Omni transformer refuses the adapter by key.
+#[test]
+fn loras_on_omni_only_modules_match_diffusers() {
+    let all = cases();
+    let find = |name: &str| all["lora"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    let (alone, mixed) = (find("lora_siglip"), find("lora_siglip_mixed"));
+    let package = repo().join("models").join(PACKAGE);
+    let loras = golden_loras(&alone, &golden(PACKAGE));
+    assert!(loras[0].adapter.modules().all(|m| m.starts_with("siglip_")), "an adapter on the Omni-only modules");
+    let with_lora = pipeline_with(&package, loras);
+    let result = with_lora.edit(&edit_request(&alone), None).unwrap();
+    check_edit("lora_siglip", &result, &alone);
+    let plain = pipeline(PACKAGE).edit(&edit_request(&alone), None).unwrap();
+    let changed = max_abs_diff(
+        plain.latents.as_ref().unwrap().as_slice().unwrap(),
+        result.latents.as_ref().unwrap().as_slice().unwrap(),
+    );
+    eprintln!("lora_siglip: the adapter moved the final latents by {changed}");
+    assert!(changed > 100.0 * tolerances().0, "the Omni-only adapter changed the edit by only {changed}");
+
+    let mut generate = with_lora.request("a lighthouse");
+    (generate.width, generate.height, generate.steps, generate.seed) = (64, 64, 2, Some(3));
+    let with_adapter = with_lora.generate(&generate, None).unwrap();
+    with_lora.set_loras(&[]).unwrap();
+    let without = with_lora.generate(&generate, None).unwrap();
+    assert_eq!(with_adapter.latents, without.latents, "text-to-image does not run the SigLIP modules");
+
+    with_lora.set_loras(&golden_loras(&mixed, &golden(PACKAGE))).unwrap();
+    check_edit("lora_siglip_mixed", &with_lora.edit(&edit_request(&mixed), None).unwrap(), &mixed);
+
+    let adapter =
+        std::sync::Arc::new(zimage::LoraAdapter::load(golden(PACKAGE).join("loras/siglip.safetensors")).unwrap());
+    let e = pipeline("tiny-zimage").check_lora(&adapter).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Lora, "{e}");
+    assert!(e.to_string().contains("no Linear weight siglip_"), "{e}");
 }
 
 /// A package whose Omni graph keeps its own copy of the weights (exported before they were

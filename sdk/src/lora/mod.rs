@@ -165,6 +165,10 @@ pub struct MergedWeight {
     /// Whether the graph keeps this initializer in its external data file (rather than
     /// inside the `.onnx` protobuf).
     pub external: bool,
+    /// A weight of an editing package's Omni transformer that the transformer does not have
+    /// (its SigLIP embedder and refiner): `initializer` is the Omni graph's, and only edits
+    /// read it.
+    pub omni_only: bool,
 }
 
 /// A LoRA file and its scale as the front ends take them: `FILE[:SCALE]`, scale 1 when absent.
@@ -205,16 +209,41 @@ impl LoraFile {
     }
 }
 
-/// The transformer's Linear weights a package lets LoRAs change, with where each one is.
+/// The transformer's Linear weights a package lets LoRAs change, with where each one is; in
+/// an editing package also the Omni transformer's own ones.
 pub(crate) struct Targets<'a> {
+    graph: PathBuf,
+    table: &'a BTreeMap<String, LoraParameter>,
+    initializers: BTreeMap<String, Initializer>,
+    omni: Option<OmniTargets<'a>>,
+}
+
+/// The Linear weights only an editing package's Omni transformer has (`edit.omni_parameters`
+/// less the transformer's table: the SigLIP embedder and refiner). diffusers' LoRA loader
+/// targets every module of the transformer it finds, these included; text-to-image never
+/// runs them, so only edits see such keys.
+struct OmniTargets<'a> {
     graph: PathBuf,
     table: &'a BTreeMap<String, LoraParameter>,
     initializers: BTreeMap<String, Initializer>,
 }
 
+/// Where one of a LoRA's modules lands.
+struct Found<'t> {
+    place: &'t LoraParameter,
+    init: &'t Initializer,
+    graph: &'t Path,
+    out: usize,
+    inn: usize,
+    omni_only: bool,
+}
+
 impl<'a> Targets<'a> {
-    /// Reads the table from the manifest and the initializers' places from the graph file.
-    pub fn read(graph: &Path, manifest: &'a Manifest) -> Result<Targets<'a>> {
+    /// Reads the tables from the manifest and the initializers' places from the graph files of
+    /// the package in `dir`.
+    pub fn read(dir: &Path, manifest: &'a Manifest) -> Result<Targets<'a>> {
+        let graph = Manifest::resolve(dir, &manifest.graphs.transformer.path);
+        let graph = graph.as_path();
         // A LoRA is merged by adding B·A to each float weight; a block-quantized MatMulNBits
         // weight cannot take that (the sum would need re-quantizing, i.e. a new package).
         if let Some(q) = &manifest.quantization {
@@ -235,7 +264,16 @@ impl<'a> Targets<'a> {
             )
         })?;
         let initializers = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
-        Ok(Targets { graph: graph.to_path_buf(), table, initializers })
+        let omni_table = manifest.edit.as_ref().and_then(|e| e.omni_parameters.as_ref());
+        let omni = match (omni_table, &manifest.graphs.transformer_omni) {
+            (Some(table), Some(entry)) => {
+                let graph = Manifest::resolve(dir, &entry.path);
+                let initializers = read_initializers(&graph).map_err(|m| Error::package(&graph, m))?;
+                Some(OmniTargets { graph, table, initializers })
+            }
+            _ => None,
+        };
+        Ok(Targets { graph: graph.to_path_buf(), table, initializers, omni })
     }
 
     /// Checks every adapter against the model (names and shapes, finite scales), so that an
@@ -247,7 +285,7 @@ impl<'a> Targets<'a> {
                 return Err(Error::lora(&adapter.path, format!("scale {} is not finite", setting.scale)));
             }
             for (module, entry) in &adapter.modules {
-                let (_, out, inn) = self.find(adapter, module, entry)?;
+                let Found { out, inn, .. } = self.find(adapter, module, entry)?;
                 let (o, i) = entry.update.target_shape();
                 if (o, i) != (out, inn) {
                     return Err(Error::lora(
@@ -265,7 +303,7 @@ impl<'a> Targets<'a> {
         Ok(())
     }
 
-    fn find(&self, adapter: &LoraAdapter, module: &str, entry: &ModuleUpdate) -> Result<(&Initializer, usize, usize)> {
+    fn find(&self, adapter: &LoraAdapter, module: &str, entry: &ModuleUpdate) -> Result<Found<'_>> {
         let parameter = format!("{module}.weight");
         let wrong_model = || {
             Error::lora(
@@ -277,22 +315,34 @@ impl<'a> Targets<'a> {
                 ),
             )
         };
-        let place = self.table.get(&parameter).ok_or_else(wrong_model)?;
-        let init = self.initializers.get(&place.initializer).ok_or_else(|| {
-            // The package is at fault, not the LoRA: name the transformer graph.
+        // The transformer's weights first (the Omni graph reads those from the transformer's
+        // files), then the Omni graph's own.
+        let (place, initializers, graph, omni_only) = match (self.table.get(&parameter), &self.omni) {
+            (Some(place), _) => (place, &self.initializers, self.graph.as_path(), false),
+            (None, Some(omni)) => {
+                let place = omni.table.get(&parameter).ok_or_else(wrong_model)?;
+                (place, &omni.initializers, omni.graph.as_path(), true)
+            }
+            (None, None) => return Err(wrong_model()),
+        };
+        let init = initializers.get(&place.initializer).ok_or_else(|| {
+            // The package is at fault, not the LoRA: name the graph.
             Error::package(
-                &self.graph,
+                graph,
                 format!("the manifest maps {parameter} to initializer {}, which the graph lacks", place.initializer),
             )
         })?;
-        match init.dims.as_slice() {
-            [a, b] if place.transposed() => Ok((init, *b, *a)),
-            [a, b] => Ok((init, *a, *b)),
-            other => Err(Error::package(
-                &self.graph,
-                format!("initializer {} of {parameter} has dims {other:?}, not a matrix", place.initializer),
-            )),
-        }
+        let (out, inn) = match init.dims.as_slice() {
+            [a, b] if place.transposed() => (*b, *a),
+            [a, b] => (*a, *b),
+            other => {
+                return Err(Error::package(
+                    graph,
+                    format!("initializer {} of {parameter} has dims {other:?}, not a matrix", place.initializer),
+                ))
+            }
+        };
+        Ok(Found { place, init, graph, out, inn, omni_only })
     }
 
     /// Merges the set into the base weights it touches, one weight at a time (memory: the
@@ -312,12 +362,11 @@ impl<'a> Targets<'a> {
         let mut merged = Vec::with_capacity(by_parameter.len());
         for (module, updates) in by_parameter {
             let (adapter, first, _) = updates[0];
-            let (init, out, inn) = self.find(adapter, module, first)?;
-            let place = &self.table[&format!("{module}.weight")];
+            let Found { place, init, graph, out, inn, omni_only } = self.find(adapter, module, first)?;
             let element = init.element_type.ok_or_else(|| {
-                Error::package(&self.graph, format!("initializer {} is not a float tensor", place.initializer))
+                Error::package(graph, format!("initializer {} is not a float tensor", place.initializer))
             })?;
-            let bytes = init.read_bytes().map_err(|m| Error::package(&self.graph, m))?;
+            let bytes = init.read_bytes().map_err(|m| Error::package(graph, m))?;
             let mut values = merge::to_f32(&bytes, element);
             drop(bytes);
             for (_, entry, factor) in &updates {
@@ -335,12 +384,13 @@ impl<'a> Targets<'a> {
                     ),
                 )
             })?;
-            let external = init.bytes.as_ref().is_some_and(|(file, _, _)| file != &self.graph);
+            let external = init.bytes.as_ref().is_some_and(|(file, _, _)| file != graph);
             merged.push(MergedWeight {
                 initializer: place.initializer.clone(),
                 dims: init.dims.clone(),
                 data,
                 external,
+                omni_only,
             });
         }
         Ok(merged)
@@ -447,8 +497,7 @@ mod tests {
     fn retargeting_follows_the_shared_bytes_and_refuses_a_graph_without_them() {
         let dir = repo().join("models/tiny-zimage-control");
         let manifest = Manifest::load(&dir, false).unwrap();
-        let transformer = dir.join("transformer.onnx");
-        let targets = Targets::read(&transformer, &manifest).unwrap();
+        let targets = Targets::read(&dir, &manifest).unwrap();
         let adapter = LoraAdapter::load(repo().join("tests/golden/tiny-zimage/loras/peft.safetensors")).unwrap();
         let merged = targets.merge(&[LoraSetting::new(Arc::new(adapter), 1.0)]).unwrap();
         assert_eq!(merged.len(), 28);

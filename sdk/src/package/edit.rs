@@ -2,7 +2,11 @@
 //! besides its graphs: the SigLIP2 image processor's settings, the reference picture rules,
 //! the prompt segments around each reference, and the pipeline's defaults.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+use super::lora_table::LoraParameter;
 
 use crate::limits::{check_guidance, MAX_INPUT_SIDE, MAX_STEPS};
 
@@ -20,6 +24,11 @@ pub struct EditInfo {
     /// whose Omni graph holds its own copy.
     #[serde(default)]
     pub transformer_weights: Option<SharedTransformerWeights>,
+    /// The Omni graph's Linear weights by diffusers parameter name, as
+    /// `transformer.lora_parameters` (export.py since 2026-12-03): LoRA keys on the modules
+    /// only the Omni transformer has (its SigLIP embedder and refiner) are merged through it.
+    #[serde(default)]
+    pub omni_parameters: Option<BTreeMap<String, LoraParameter>>,
 }
 
 /// The transformer file the Omni graph reads its weights from.
@@ -131,6 +140,11 @@ impl EditInfo {
                      offsets; re-export the package with export.py",
                     shared.sha256
                 ));
+            }
+        }
+        for (name, p) in self.omni_parameters.iter().flatten() {
+            if p.layout != "out_in" && p.layout != "in_out" {
+                return Err(format!("edit.omni_parameters.{name}: layout {:?} is not out_in or in_out", p.layout));
             }
         }
         let p = &self.image_processor;

@@ -23,6 +23,7 @@ pub mod format;
 pub mod generation_defaults;
 pub mod graph;
 pub mod initializers;
+pub mod lora_table;
 pub mod precision;
 pub mod quantization;
 pub mod scheduler_config;
@@ -43,6 +44,7 @@ use format::{json_field, json_kind, read_manifest_json};
 pub use format::{FORMAT_NAME, FORMAT_VERSION};
 use generation_defaults::GenerationDefaults;
 use graph::{GraphKind, Graphs};
+pub use lora_table::LoraParameter;
 pub use precision::Precision;
 use quantization::QuantizationInfo;
 use scheduler_config::SchedulerConfig;
@@ -111,25 +113,6 @@ pub struct TransformerInfo {
     pub lora_parameters: Option<BTreeMap<String, LoraParameter>>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
-}
-
-/// Where one diffusers parameter is in the transformer graph.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct LoraParameter {
-    /// The ONNX initializer holding it.
-    pub initializer: String,
-    /// `"out_in"`: stored as torch stores it, `[out, in]`; `"in_out"`: transposed (MatMul's
-    /// right operand).
-    pub layout: String,
-    /// The initializer's element type (`float32`, `float16`, `bfloat16`).
-    pub dtype: String,
-}
-
-impl LoraParameter {
-    /// Whether it is stored `[in, out]`.
-    pub fn transposed(&self) -> bool {
-        self.layout == "in_out"
-    }
 }
 
 fn one() -> usize {

@@ -282,7 +282,8 @@ pub(crate) fn load_transformer(
     controlnet: Option<&ControlNetInfo>,
 ) -> Result<GraphSlot> {
     let entry = controlnet.map_or(&graphs.manifest.graphs.transformer, |info| &info.graph);
-    let initializers = lora_initializers(graphs, device, loras, entry, controlnet.is_some())?;
+    let reader = if controlnet.is_some() { WeightReader::ReadsTransformer } else { WeightReader::Transformer };
+    let initializers = lora_initializers(graphs, device, loras, entry, reader)?;
     graphs.load_with(GraphKind::Transformer, entry, device, initializers)
 }
 
@@ -299,7 +300,7 @@ pub(crate) fn load_omni_transformer(
     let Some(entry) = &graphs.manifest.graphs.transformer_omni else { return Ok(None) };
     let shares_weights = graphs.manifest.edit.as_ref().is_some_and(|e| e.transformer_weights.is_some());
     let merged = loras.filter(|_| shares_weights);
-    let initializers = lora_initializers(graphs, device, merged, entry, true)?;
+    let initializers = lora_initializers(graphs, device, merged, entry, WeightReader::Omni)?;
     let slot = graphs.defer_with(GraphKind::TransformerOmni, entry, device, initializers);
     Ok(Some(OmniTransformer { slot, has_loras: shares_weights || loras.is_none() }))
 }
@@ -315,11 +316,33 @@ pub(crate) struct OmniTransformer {
 /// transformer): one merged copy in memory, however many sessions use it.
 pub(crate) struct MergedLoras<'a> {
     targets: Targets<'a>,
-    /// Per merged weight: its initializer in the transformer graph, dims, whether it is external
-    /// data there, and the tensor.
-    weights: Vec<(String, Vec<usize>, bool, Arc<DynValue>)>,
+    weights: Vec<MergedTensor>,
     key: String,
     bytes: usize,
+}
+
+/// One merged weight as an ONNX Runtime tensor.
+struct MergedTensor {
+    /// Its initializer in the transformer graph, or for an Omni-only weight in the Omni graph.
+    initializer: String,
+    dims: Vec<usize>,
+    /// Whether it is external data of that graph.
+    external: bool,
+    /// Only the Omni transformer has it (`MergedWeight::omni_only`).
+    omni_only: bool,
+    value: Arc<DynValue>,
+}
+
+/// Which graph takes merged LoRA weights ([`lora_initializers`]).
+#[derive(Clone, Copy)]
+enum WeightReader {
+    /// The transformer itself: its merged weights by their own names.
+    Transformer,
+    /// A graph that reads the transformer's weights from its files (a ControlNet's combined
+    /// graph): the merged weights re-addressed to its initializers.
+    ReadsTransformer,
+    /// The Omni transformer: the transformer's weights re-addressed, and its own merged ones.
+    Omni,
 }
 
 /// `loras` merged into the transformer's weights; `None` for an empty set.
@@ -327,7 +350,7 @@ pub(crate) fn merge_loras<'a>(graphs: &GraphLoader<'a>, loras: &[LoraSetting]) -
     if loras.is_empty() {
         return Ok(None);
     }
-    let targets = Targets::read(&resolve(graphs.dir, &graphs.manifest.graphs.transformer.path), graphs.manifest)?;
+    let targets = Targets::read(graphs.dir, graphs.manifest)?;
     let merged = targets.merge(loras)?;
     let mut weights = Vec::with_capacity(merged.len());
     let mut bytes = 0;
@@ -342,34 +365,46 @@ pub(crate) fn merge_loras<'a>(graphs: &GraphLoader<'a>, loras: &[LoraSetting]) -
             MergedData::BFloat16(v) => Tensor::from_array((dims, v)).map(|t| t.into_dyn()),
         }
         .map_err(failed)?;
-        weights.push((weight.initializer, weight.dims, weight.external, Arc::new(value)));
+        weights.push(MergedTensor {
+            initializer: weight.initializer,
+            dims: weight.dims,
+            external: weight.external,
+            omni_only: weight.omni_only,
+            value: Arc::new(value),
+        });
     }
     Ok(Some(MergedLoras { targets, weights, key: lora::set_key(loras), bytes }))
 }
 
-/// The merged weights as initializers of `entry`: the transformer itself, or
-/// (`reads_transformer`) a graph that reads the transformer's weights from its files (a
-/// ControlNet's combined graph, the Omni transformer), re-addressed to its initializers.
+/// The merged weights as initializers of `entry`, the graph `reader` says it is: the
+/// transformer itself, or a graph that reads the transformer's weights from its files (a
+/// ControlNet's combined graph, the Omni transformer), re-addressed to its initializers; the
+/// Omni transformer also takes the merged weights only it has.
 fn lora_initializers(
     graphs: &GraphLoader<'_>,
     device: Device,
     loras: Option<&MergedLoras>,
     entry: &GraphEntry,
-    reads_transformer: bool,
+    reader: WeightReader,
 ) -> Result<ExternalInitializers> {
     let Some(merged) = loras else { return Ok(ExternalInitializers::default()) };
+    let (omni_only, shared): (Vec<&MergedTensor>, Vec<&MergedTensor>) =
+        merged.weights.iter().partition(|w| w.omni_only);
+    let own = |w: &MergedTensor| (w.initializer.clone(), Arc::clone(&w.value), w.external);
     let mut tensors = Vec::with_capacity(merged.weights.len());
-    if reads_transformer {
-        let weights: Vec<(&str, &[usize])> =
-            merged.weights.iter().map(|(name, dims, _, _)| (name.as_str(), dims.as_slice())).collect();
-        let readers = merged.targets.readers_in(&weights, &resolve(graphs.dir, &entry.path))?;
-        for ((_, _, _, value), names) in merged.weights.iter().zip(readers) {
-            tensors.extend(names.into_iter().map(|(name, external)| (name, Arc::clone(value), external)));
+    match reader {
+        WeightReader::Transformer => tensors.extend(shared.iter().map(|w| own(w))),
+        WeightReader::ReadsTransformer | WeightReader::Omni => {
+            let weights: Vec<(&str, &[usize])> =
+                shared.iter().map(|w| (w.initializer.as_str(), w.dims.as_slice())).collect();
+            let readers = merged.targets.readers_in(&weights, &resolve(graphs.dir, &entry.path))?;
+            for (w, names) in shared.iter().zip(readers) {
+                tensors.extend(names.into_iter().map(|(name, external)| (name, Arc::clone(&w.value), external)));
+            }
         }
-    } else {
-        tensors.extend(
-            merged.weights.iter().map(|(name, _, external, value)| (name.clone(), Arc::clone(value), *external)),
-        );
+    }
+    if let WeightReader::Omni = reader {
+        tensors.extend(omni_only.iter().map(|w| own(w)));
     }
     // A weight kept inside the .onnx protobuf can only be overridden when the session's
     // weights are set up (AddInitializer), after TensorRT has built its engine from the

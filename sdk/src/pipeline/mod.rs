@@ -278,8 +278,7 @@ impl Pipeline {
     /// with matching shapes) without applying it: a `Lora` error naming the first key that does
     /// not fit. [`Pipeline::set_loras`] checks the same.
     pub fn check_lora(&self, adapter: &Arc<LoraAdapter>) -> Result<()> {
-        let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
-        Targets::read(&path, &self.manifest)?.check(&[LoraSetting::new(Arc::clone(adapter), 1.0)])
+        Targets::read(&self.dir, &self.manifest)?.check(&[LoraSetting::new(Arc::clone(adapter), 1.0)])
     }
 
     /// Replaces the LoRA set (empty: the package's own weights). Only the transformer's
@@ -294,8 +293,7 @@ impl Pipeline {
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
         if !loras.is_empty() {
-            let path = Manifest::resolve(&self.dir, &self.manifest.graphs.transformer.path);
-            Targets::read(&path, &self.manifest)?.check(loras)?;
+            Targets::read(&self.dir, &self.manifest)?.check(loras)?;
         }
         let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
         let graphs =
