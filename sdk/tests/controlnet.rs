@@ -101,6 +101,22 @@ fn controlnet_with_loras_matches_diffusers() {
     assert_eq!(pipeline.loras().len(), 2);
     let result = pipeline.generate(&request_from(case), None).unwrap();
     check_result("both at load", &result, case);
+    // The LoRAs at load, the ControlNet attached after: the merged set is reused, not merged
+    // again (an editing package's Omni transformer keeps reading the same merged tensors).
+    // (a copy of the package: the count is per transformer file, and other tests merge too)
+    options.controlnet = None;
+    let copy = copy_package(&repo().join(entry["package"].as_str().unwrap()), "controlnet-after-loras");
+    let attached_later = Pipeline::load(&copy, &options).unwrap();
+    let transformer = copy.join("transformer.onnx");
+    assert_eq!(zimage::lora::sets_merged(&transformer), 1);
+    attached_later.set_controlnet(Some(entry["controlnet"].as_str().unwrap())).unwrap();
+    assert_eq!(zimage::lora::sets_merged(&transformer), 1, "set_controlnet merged the LoRA set again");
+    let later = attached_later.generate(&request_from(case), None).unwrap();
+    check_result("ControlNet attached after the LoRAs", &later, case);
+    attached_later.set_loras(&lora_settings(case)).unwrap();
+    assert_eq!(zimage::lora::sets_merged(&transformer), 2, "set_loras merges its set");
+    drop(attached_later);
+    std::fs::remove_dir_all(copy).unwrap();
     // Without the LoRAs the same request is the plain ControlNet's: the LoRAs did change it.
     pipeline.set_loras(&[]).unwrap();
     let plain = pipeline.generate(&request_from(case), None).unwrap();

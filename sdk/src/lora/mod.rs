@@ -156,6 +156,19 @@ pub fn set_key(settings: &[LoraSetting]) -> String {
     settings.iter().map(|s| format!("{}*{:08x}", s.adapter.sha256, s.scale.to_bits())).collect::<Vec<_>>().join("+")
 }
 
+static SETS_MERGED: std::sync::Mutex<BTreeMap<PathBuf, usize>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn merge_key(graph: &Path) -> PathBuf {
+    graph.canonicalize().unwrap_or_else(|_| graph.to_path_buf())
+}
+
+/// How many LoRA sets this process has merged into the weights of the transformer graph file
+/// `graph` (diagnostics, as `runtime::session_count`: a ControlNet attached to a pipeline with
+/// LoRAs reuses the merged set instead of merging it again).
+pub fn sets_merged(graph: &Path) -> usize {
+    SETS_MERGED.lock().unwrap_or_else(|p| p.into_inner()).get(&merge_key(graph)).copied().unwrap_or(0)
+}
+
 /// A merged weight ready to replace the package's initializer of that name.
 #[derive(Debug, Clone)]
 pub struct MergedWeight {
@@ -169,6 +182,9 @@ pub struct MergedWeight {
     /// (its SigLIP embedder and refiner): `initializer` is the Omni graph's, and only edits
     /// read it.
     pub omni_only: bool,
+    /// Where the package's weight is (file, offset, length): graphs that read the
+    /// transformer's weights from its files read it there ([`readers_in`]).
+    pub place: Option<(PathBuf, u64, u64)>,
 }
 
 /// A LoRA file and its scale as the front ends take them: `FILE[:SCALE]`, scale 1 when absent.
@@ -349,6 +365,7 @@ impl<'a> Targets<'a> {
     /// merged weights, plus one base weight while it is read).
     pub fn merge(&self, settings: &[LoraSetting]) -> Result<Vec<MergedWeight>> {
         self.check(settings)?;
+        *SETS_MERGED.lock().unwrap_or_else(|p| p.into_inner()).entry(merge_key(&self.graph)).or_insert(0) += 1;
         let mut by_parameter: BTreeMap<&str, Vec<(&LoraAdapter, &ModuleUpdate, f32)>> = BTreeMap::new();
         for setting in settings.iter().filter(|s| s.scale != 0.0) {
             for (module, entry) in &setting.adapter.modules {
@@ -391,68 +408,75 @@ impl<'a> Targets<'a> {
                 data,
                 external,
                 omni_only,
+                place: init.bytes.clone(),
             });
         }
         Ok(merged)
     }
 }
 
-impl Targets<'_> {
-    /// Where `graph`, a graph that reads the same weights from the transformer's files (a
-    /// ControlNet's combined graph, whose shared weights `export_controlnet.py` points at the
-    /// transformer's bytes, or the Omni transformer of an editing package: export.py's last
-    /// step), reads each of `weights` (initializers of this transformer graph, with their dims):
-    /// per weight, every initializer of `graph` that reads the same bytes, and whether it is
-    /// external data of `graph` (rather than inside its protobuf). A merged weight replaces all of
-    /// them, so a weight the ControlNet uses too (the noise and context refiners, which
-    /// diffusers' ControlNet borrows from the transformer) gets the LoRA there as well, as in
-    /// diffusers. A weight `graph` does not read from there is a `Package` error: the LoRA would
-    /// silently not apply to it.
-    pub fn readers_in(&self, weights: &[(&str, &[usize])], graph: &Path) -> Result<Vec<Vec<(String, bool)>>> {
-        let theirs = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
-        let canonical = |file: &Path| std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-        // (file, offset, length) -> the initializers of `graph` that read those bytes.
-        type Readers<'a> = BTreeMap<(PathBuf, u64, u64), Vec<(&'a String, &'a Initializer)>>;
-        let mut readers: Readers = BTreeMap::new();
-        for (name, init) in &theirs {
-            if let Some((file, offset, length)) = &init.bytes {
-                readers.entry((canonical(file), *offset, *length)).or_default().push((name, init));
-            }
+/// One of the transformer's weights, for [`readers_in`]: its initializer in the transformer
+/// graph, dims, and where its bytes are (file, offset, length; `None` when the graph holds it
+/// in typed fields, which the exporter never writes for weights).
+pub(crate) struct SharedWeight<'w> {
+    pub initializer: &'w str,
+    pub dims: &'w [usize],
+    pub place: Option<&'w (PathBuf, u64, u64)>,
+}
+
+/// Where `graph`, a graph that reads the same weights from the transformer's files (a
+/// ControlNet's combined graph, whose shared weights `export_controlnet.py` points at the
+/// transformer's bytes, or the Omni transformer of an editing package: export.py's last step),
+/// reads each of `weights`: per weight, every initializer of `graph` that reads the same bytes,
+/// and whether it is external data of `graph` (rather than inside its protobuf). A merged weight
+/// replaces all of them, so a weight the ControlNet uses too (the noise and context refiners,
+/// which diffusers' ControlNet borrows from the transformer) gets the LoRA there as well, as in
+/// diffusers. A weight `graph` does not read from there is a `Package` error: the LoRA would
+/// silently not apply to it.
+pub(crate) fn readers_in(weights: &[SharedWeight<'_>], graph: &Path) -> Result<Vec<Vec<(String, bool)>>> {
+    let theirs = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
+    let canonical = |file: &Path| std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    // (file, offset, length) -> the initializers of `graph` that read those bytes.
+    type Readers<'a> = BTreeMap<(PathBuf, u64, u64), Vec<(&'a String, &'a Initializer)>>;
+    let mut readers: Readers = BTreeMap::new();
+    for (name, init) in &theirs {
+        if let Some((file, offset, length)) = &init.bytes {
+            readers.entry((canonical(file), *offset, *length)).or_default().push((name, init));
         }
-        let own_file = canonical(graph);
-        let mut out = Vec::with_capacity(weights.len());
-        for &(initializer, dims) in weights {
-            let place = self.initializers[initializer].bytes.as_ref().map(|(f, o, l)| (canonical(f), *o, *l));
-            let found = place.as_ref().and_then(|p| readers.get(p)).map(Vec::as_slice).unwrap_or_default();
-            if found.is_empty() {
+    }
+    let own_file = canonical(graph);
+    let mut out = Vec::with_capacity(weights.len());
+    for &SharedWeight { initializer, dims, place } in weights {
+        let place = place.map(|(f, o, l)| (canonical(f), *o, *l));
+        let found = place.as_ref().and_then(|p| readers.get(p)).map(Vec::as_slice).unwrap_or_default();
+        if found.is_empty() {
+            return Err(Error::package(
+                graph,
+                format!(
+                    "this graph does not read the transformer's weight {initializer} from the transformer's file, \
+                     so a LoRA cannot change it there; re-export it (a ControlNet with export_controlnet.py, an \
+                     editing package with export.py)"
+                ),
+            ));
+        }
+        let mut names = Vec::with_capacity(found.len());
+        for (name, init) in found {
+            if init.dims != dims {
                 return Err(Error::package(
                     graph,
                     format!(
-                        "this graph does not read the transformer's weight {initializer} from the transformer's file, \
-                         so a LoRA cannot change it there; re-export it (a ControlNet with export_controlnet.py, an \
-                         editing package with export.py)"
+                        "initializer {name} reads the bytes of the transformer's {initializer} but has dims {:?}, \
+                         not {dims:?}",
+                        init.dims
                     ),
                 ));
             }
-            let mut names = Vec::with_capacity(found.len());
-            for (name, init) in found {
-                if init.dims != dims {
-                    return Err(Error::package(
-                        graph,
-                        format!(
-                            "initializer {name} reads the bytes of the transformer's {initializer} but has dims {:?}, \
-                             not {dims:?}",
-                            init.dims
-                        ),
-                    ));
-                }
-                let external = init.bytes.as_ref().is_some_and(|(file, _, _)| canonical(file) != own_file);
-                names.push(((*name).clone(), external));
-            }
-            out.push(names);
+            let external = init.bytes.as_ref().is_some_and(|(file, _, _)| canonical(file) != own_file);
+            names.push(((*name).clone(), external));
         }
-        Ok(out)
+        out.push(names);
     }
+    Ok(out)
 }
 
 /// Little-endian safetensors data to float32.
@@ -503,9 +527,11 @@ mod tests {
         assert_eq!(merged.len(), 28);
 
         let combined = dir.join("controlnet_union-v1.onnx");
-        let weights: Vec<(&str, &[usize])> =
-            merged.iter().map(|m| (m.initializer.as_str(), m.dims.as_slice())).collect();
-        let readers = targets.readers_in(&weights, &combined).unwrap();
+        let weights: Vec<SharedWeight> = merged
+            .iter()
+            .map(|m| SharedWeight { initializer: &m.initializer, dims: &m.dims, place: m.place.as_ref() })
+            .collect();
+        let readers = readers_in(&weights, &combined).unwrap();
         assert_eq!(readers.len(), merged.len());
         let theirs = read_initializers(&combined).unwrap();
         for (weight, names) in merged.iter().zip(&readers) {
@@ -519,7 +545,7 @@ mod tests {
         }
 
         let other = repo().join("models/tiny-zimage-alt/transformer.onnx");
-        let err = targets.readers_in(&weights, &other).unwrap_err();
+        let err = readers_in(&weights, &other).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Package);
         assert!(err.to_string().contains("does not read the transformer's weight"), "{err}");
     }

@@ -1,14 +1,14 @@
 //! Creating a pipeline's sessions: which graph entry each stage uses, on which provider, with
 //! which session settings.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ort::value::{DynValue, Tensor};
 
 use crate::error::{Error, Result};
 use crate::load_options::LoadOptions;
-use crate::lora::{self, LoraSetting, MergedData, Targets};
+use crate::lora::{self, LoraSetting, MergedData, SharedWeight, Targets};
 use crate::model::vae_tiling::TileGeometry;
 use crate::package::controlnet::ControlNetInfo;
 use crate::package::files::resolve;
@@ -314,8 +314,9 @@ pub(crate) struct OmniTransformer {
 /// A LoRA set merged once into the transformer's weights, as ONNX Runtime tensors that every
 /// graph reading those weights shares (the transformer, a ControlNet's combined graph, the Omni
 /// transformer): one merged copy in memory, however many sessions use it.
-pub(crate) struct MergedLoras<'a> {
-    targets: Targets<'a>,
+/// The pipeline keeps it while the set is active, so that attaching a ControlNet reuses it
+/// rather than merging a second copy the Omni transformer would not share.
+pub(crate) struct MergedLoras {
     weights: Vec<MergedTensor>,
     key: String,
     bytes: usize,
@@ -330,6 +331,8 @@ struct MergedTensor {
     external: bool,
     /// Only the Omni transformer has it (`MergedWeight::omni_only`).
     omni_only: bool,
+    /// Where the package's weight is (`MergedWeight::place`).
+    place: Option<(PathBuf, u64, u64)>,
     value: Arc<DynValue>,
 }
 
@@ -346,7 +349,7 @@ enum WeightReader {
 }
 
 /// `loras` merged into the transformer's weights; `None` for an empty set.
-pub(crate) fn merge_loras<'a>(graphs: &GraphLoader<'a>, loras: &[LoraSetting]) -> Result<Option<MergedLoras<'a>>> {
+pub(crate) fn merge_loras(graphs: &GraphLoader<'_>, loras: &[LoraSetting]) -> Result<Option<Arc<MergedLoras>>> {
     if loras.is_empty() {
         return Ok(None);
     }
@@ -370,10 +373,11 @@ pub(crate) fn merge_loras<'a>(graphs: &GraphLoader<'a>, loras: &[LoraSetting]) -
             dims: weight.dims,
             external: weight.external,
             omni_only: weight.omni_only,
+            place: weight.place,
             value: Arc::new(value),
         });
     }
-    Ok(Some(MergedLoras { targets, weights, key: lora::set_key(loras), bytes }))
+    Ok(Some(Arc::new(MergedLoras { weights, key: lora::set_key(loras), bytes })))
 }
 
 /// The merged weights as initializers of `entry`, the graph `reader` says it is: the
@@ -395,9 +399,11 @@ fn lora_initializers(
     match reader {
         WeightReader::Transformer => tensors.extend(shared.iter().map(|w| own(w))),
         WeightReader::ReadsTransformer | WeightReader::Omni => {
-            let weights: Vec<(&str, &[usize])> =
-                shared.iter().map(|w| (w.initializer.as_str(), w.dims.as_slice())).collect();
-            let readers = merged.targets.readers_in(&weights, &resolve(graphs.dir, &entry.path))?;
+            let weights: Vec<SharedWeight> = shared
+                .iter()
+                .map(|w| SharedWeight { initializer: &w.initializer, dims: &w.dims, place: w.place.as_ref() })
+                .collect();
+            let readers = lora::readers_in(&weights, &resolve(graphs.dir, &entry.path))?;
             for (w, names) in shared.iter().zip(readers) {
                 tensors.extend(names.into_iter().map(|(name, external)| (name, Arc::clone(&w.value), external)));
             }

@@ -102,6 +102,9 @@ struct ActiveTransformer {
     /// The Omni (editing) transformer, rebuilt with `loras` alongside `slot`.
     omni: Option<loading::OmniTransformer>,
     loras: Vec<LoraSetting>,
+    /// `loras` merged (None for an empty set): kept so that attaching a ControlNet reuses the
+    /// tensors the Omni transformer already shares instead of merging a second copy.
+    merged: Option<Arc<loading::MergedLoras>>,
     /// The attached ControlNet (name, manifest entry): `slot` is then its combined graph.
     controlnet: Option<(String, ControlNetInfo)>,
 }
@@ -156,7 +159,7 @@ impl Pipeline {
                 let slot = loading::load_transformer(
                     &graphs,
                     loading::transformer_device(options),
-                    loras.as_ref(),
+                    loras.as_deref(),
                     controlnet,
                 )?;
                 Ok((slot, loras))
@@ -169,8 +172,7 @@ impl Pipeline {
         // encoder's session is made by the first of those.
         let vae_encoder = graphs.defer_required(GraphKind::VaeEncoder, options.device)?;
         let edit = loading::load_edit_graphs(&graphs, options.device);
-        let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), loras.as_ref())?;
-        drop(loras);
+        let omni = loading::load_omni_transformer(&graphs, loading::transformer_device(options), loras.as_deref())?;
         Ok(Pipeline {
             edit,
             captions: CaptionEncoder::new(text, text_encoder, &manifest.transformer),
@@ -179,6 +181,7 @@ impl Pipeline {
                 slot: transformer,
                 omni,
                 loras: options.loras.clone(),
+                merged: loras,
                 controlnet,
             }),
             vae_decoder,
@@ -226,19 +229,20 @@ impl Pipeline {
         let graphs =
             GraphLoader { runtime: self.runtime, dir: &self.dir, manifest: &self.manifest, options: &self.options };
         let device = loading::transformer_device(&self.options);
-        let load = |which: &Option<(String, ControlNetInfo)>, loras: &[LoraSetting]| {
-            let merged = loading::merge_loras(&graphs, loras)?;
-            loading::load_transformer(&graphs, device, merged.as_ref(), which.as_ref().map(|(_, info)| info))
+        // The active set's merged tensors, as the Omni transformer holds them.
+        let merged = active.merged.clone();
+        let load = |which: &Option<(String, ControlNetInfo)>| {
+            loading::load_transformer(&graphs, device, merged.as_deref(), which.as_ref().map(|(_, info)| info))
         };
         active.slot.release();
-        match load(&wanted, &active.loras) {
+        match load(&wanted) {
             Ok(slot) => {
                 active.slot = slot;
                 active.controlnet = wanted;
                 Ok(())
             }
             Err(e) => {
-                if let Ok(slot) = load(&active.controlnet, &active.loras) {
+                if let Ok(slot) = load(&active.controlnet) {
                     active.slot = slot;
                 }
                 Err(e)
@@ -304,22 +308,26 @@ impl Pipeline {
         if let Some(omni) = active.omni.as_mut() {
             omni.slot.release();
         }
+        // (the old merged tensors go before the new ones are made)
+        active.merged = None;
         // The transformer and an editing package's Omni transformer take the set together,
         // merged once (both sessions read the same merged tensors).
-        let load = |loras: &[LoraSetting]| -> Result<(GraphSlot, Option<loading::OmniTransformer>)> {
+        type Loaded = (GraphSlot, Option<loading::OmniTransformer>, Option<Arc<loading::MergedLoras>>);
+        let load = |loras: &[LoraSetting]| -> Result<Loaded> {
             let merged = loading::merge_loras(&graphs, loras)?;
-            let slot = loading::load_transformer(&graphs, device, merged.as_ref(), controlnet.as_ref())?;
-            Ok((slot, loading::load_omni_transformer(&graphs, device, merged.as_ref())?))
+            let slot = loading::load_transformer(&graphs, device, merged.as_deref(), controlnet.as_ref())?;
+            let omni = loading::load_omni_transformer(&graphs, device, merged.as_deref())?;
+            Ok((slot, omni, merged))
         };
         match load(loras) {
-            Ok((slot, omni)) => {
-                (active.slot, active.omni) = (slot, omni);
+            Ok((slot, omni, merged)) => {
+                (active.slot, active.omni, active.merged) = (slot, omni, merged);
                 active.loras = loras.to_vec();
                 Ok(())
             }
             Err(e) => {
-                if let Ok((slot, omni)) = load(&active.loras) {
-                    (active.slot, active.omni) = (slot, omni);
+                if let Ok((slot, omni, merged)) = load(&active.loras) {
+                    (active.slot, active.omni, active.merged) = (slot, omni, merged);
                 }
                 Err(e)
             }
