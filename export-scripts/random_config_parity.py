@@ -299,7 +299,7 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict,
     golden_check on them; with `quantized`, quantizes it (OMNI_QUANTIZED) and verifies that too.
     Returns the failed stage, or None."""
     from zimage_export.fixtures.goldens_common import PROMPTS
-    from zimage_export.fixtures.goldens_omni import edit_case, write_omni_goldens, write_omni_lora_goldens
+    from zimage_export.fixtures.goldens_omni import OMNI_LORA, edit_case, write_omni_goldens, write_omni_lora_goldens
     from zimage_export.fixtures.omni import build_omni_folder
 
     omni, siglip, processor, references, drawn = draw_omni(seed, cfg)
@@ -316,15 +316,18 @@ def check_omni(seed: int, cfg, tokenizer: Path, folder: Path, log, result: dict,
     log.flush()
     try:
         write_omni_goldens(src, folder / "omni-golden", str(package), references, cases)
-        # The base model's LoRAs fit the Omni transformer (the same config's layers): edits
-        # with them, where the base goldens wrote them.
+        # An adapter on the Omni-only modules (written for this config), and the base model's
+        # LoRAs, which fit the Omni transformer (the same config's layers), where the base
+        # goldens wrote them.
         lora_dir = folder / "golden" / "loras"
+        refs = list(references)
+        lora_cases = [("lora_siglip", refs[:1], "english", seed + 13, 3, 0.0, None, [(OMNI_LORA, 1.0)])]
         if (folder / "golden" / "lora.json").exists():
-            refs = list(references)
-            write_omni_lora_goldens(src, folder / "omni-golden", lora_dir, [
+            lora_cases += [
                 ("lora_peft", refs[:1], "english", seed + 11, 4, 0.0, None, [("peft", 0.8)]),
                 ("lora_two_cfg", refs[:2], "chinese", seed + 12, 3, 4.0, "blurry", [("peft", 0.7), ("kohya", 1.3)]),
-            ])
+            ]
+        write_omni_lora_goldens(src, folder / "omni-golden", lora_dir, lora_cases)
     except Exception as e:
         traceback.print_exc(file=log)
         return f"the Omni goldens (diffusers: {type(e).__name__}: {e})"
