@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-export", action="store_true", help="only re-record the goldens")
     parser.add_argument("--lora-goldens-only", action="store_true",
                         help="only (re-)record the edits with LoRAs (the \"lora\" section of cases.json)")
+    parser.add_argument("--edit-cases", nargs="+", metavar="NAME",
+                        help="only (re-)record these edit cases (the others' rows are kept); nothing else")
     parser.add_argument("--lora-cases", nargs="+", metavar="NAME",
                         help="with --lora-goldens-only: only these cases (the others' rows are kept)")
     args = parser.parse_args(argv)
@@ -51,6 +53,11 @@ def main(argv=None) -> None:
     src = build_omni_folder(tokenizer_source(args.cache, args.tokenizer), args.cache / "src" / NAME)
     package = REPO / "models" / NAME
     goldens, lora_dir = REPO / "tests" / "golden" / NAME, REPO / "tests" / "golden" / "tiny-zimage" / "loras"
+    if args.edit_cases:
+        from zimage_export.fixtures.goldens_omni import write_omni_edit_cases
+
+        write_omni_edit_cases(src, goldens, args.edit_cases)
+        return
     if args.lora_goldens_only:
         write_omni_lora_goldens(src, goldens, lora_dir, only=args.lora_cases)
         return

@@ -283,6 +283,8 @@ def draw_omni(seed: int, cfg):
         ("empty_instruction", ["ref_c"], "empty", 3, 3, 5.0, None, 0.0, 1.0, None),
         ("defaults", ["ref_a"], "chinese", 4, 50, 5.0, None, 0.0, 1.0, None),  # the package's defaults
         ("explicit_size", ["ref_a", "ref_b"], "english", 5, 4, 0.0, None, 0.0, 1.0, (width, height)),
+        # No reference: ZImageOmniPipeline's text-to-image.
+        ("text_only", [], "chinese", 6, 3, 3.0, NEGATIVE, 0.0, 1.0, (width, height)),
     ]
     omni = replace(cfg, name=f"{cfg.name}-omni", transformer=t)
     return omni, siglip, processor, references, cases

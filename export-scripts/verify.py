@@ -141,6 +141,8 @@ def transformer_omni_cases(src: Path, package: Path, gen: torch.Generator):
         ([[7, 20, 4]], [(4, 6), (4, 6)], [(2, 3)]),
         ([[7, 3, 45, 4], [7, 3, 9, 4]], [(8, 4), (6, 10), (6, 10)], [(4, 2), (1, 5)]),
         ([[30, 2, 33, 40, 4]], [(2, 2), (10, 6), (4, 4), (6, 8)], [(3, 3), (2, 6), (1, 1)]),
+        # No condition image (Omni text-to-image): no vision stream at all.
+        ([[12], [40]], [(6, 4)], []),
     ):
         # Within the model's positions (a SigLIP2 grid is stretched over its latent's pixels).
         sizes = [(min(h, (cfg.axes_lens[1] - 1) // p), min(w, (cfg.axes_lens[2] - 1) // p)) for h, w in sizes]
@@ -149,12 +151,13 @@ def transformer_omni_cases(src: Path, package: Path, gen: torch.Generator):
         feats = [[torch.randn(n, cfg.cap_feat_dim, generator=gen) for n in lens] for lens in caps]
         noise = [0] * len(grids) + [1]
         t = torch.rand(len(caps), generator=gen)
+        siglips = [[*sigs, None] if sigs else None for _ in caps]
         with torch.no_grad():
             out = model(x=[[lat.unsqueeze(1) for lat in lats] for _ in caps], t=t, cap_feats=feats,
-                        siglip_feats=[[*sigs, None] for _ in caps], image_noise_mask=[noise for _ in caps],
-                        return_dict=False)[0]
+                        siglip_feats=siglips, image_noise_mask=[noise for _ in caps], return_dict=False)[0]
         np_lats = [lat.numpy() for lat in lats]
-        items = [pack_item([f.numpy() for f in item], np_lats, [s.numpy() for s in sigs] + [None], noise, p)
+        np_sigs = [s.numpy() for s in sigs] + [None] if sigs else None
+        items = [pack_item([f.numpy() for f in item], np_lats, np_sigs, noise, p, cfg.siglip_feat_dim)
                  for item in feats]
         (x_out,) = sess.run(None, pack_batch(items, t.numpy()))
         got = np.stack([target_output(x_out[i], np_lats, p) for i in range(len(caps))])

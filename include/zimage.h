@@ -354,13 +354,14 @@ typedef struct zimage_edit_params {
   const char *negative_prompt;
   /**
    * The reference pictures (RGB8 views, `stride == 0` for packed rows), in order:
-   * `image_count` of them, 1..=the package's maximum (8 for the exported Omni models).
+   * `image_count` of them, 0..=the package's maximum (8 for the exported Omni models). None
+   * (`image_count` 0, `images` may be NULL) is ZImageOmniPipeline's text-to-image.
    */
   const struct zimage_image *images;
   size_t image_count;
   /**
    * Output size: both 0 (the default) = the last reference's size cropped to the package's
-   * size multiple; otherwise both positive multiples of it.
+   * size multiple (1024 x 1024 without references); otherwise both positive multiples of it.
    */
   uint32_t width;
   uint32_t height;

@@ -20,7 +20,8 @@ pub struct EditArgs {
     model: ModelArgs,
     /// A reference picture (PNG, JPEG, WebP); repeat for several, in order. The output takes
     /// the last one's size (cropped to a multiple of 16) unless --width and --height are given.
-    #[arg(long = "image", value_name = "FILE", required = true)]
+    /// Without any, ZImageOmniPipeline's text-to-image (1024x1024 unless --width / --height).
+    #[arg(long = "image", value_name = "FILE")]
     images: Vec<PathBuf>,
     /// The edit instruction (may be empty).
     #[arg(long, value_name = "TEXT")]

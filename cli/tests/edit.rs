@@ -40,6 +40,8 @@ fn case_args(c: &Value) -> Vec<String> {
         ("--cfg-normalization", "cfg_normalization"),
         ("--cfg-truncation", "cfg_truncation"),
         ("--seed", "seed"),
+        ("--width", "width"),
+        ("--height", "height"),
     ] {
         let value = match &c[key] {
             Value::String(s) => s.clone(),
@@ -106,6 +108,29 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
     assert_eq!(png.text["size"], "96x64");
 }
 
+/// Without `--image`, `zimage edit` is ZImageOmniPipeline's text-to-image (no reference: the
+/// prompt's own template, no vision stream), within one level of diffusers' golden; the PNG
+/// records no references.
+#[test]
+fn an_edit_without_references_is_the_omni_text_to_image() {
+    let c = golden_case("edit", "text_only");
+    assert!(c["image_files"].as_array().unwrap().is_empty());
+    let dir = scratch("text_only");
+    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
+    let mut args = case_args(&c);
+    assert!(!args.iter().any(|a| a == "--image") && args.iter().any(|a| a == "--width"));
+    args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
+    args.extend(["--json".into(), "--progress".into(), "none".into()]);
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    check_against_golden(&c, &output, &latents);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["reference_images"], serde_json::json!([]));
+    let png = read_png(&output);
+    assert_eq!(png.text["reference_images"], "[]");
+    assert_eq!(png.text["size"], "96x64");
+}
+
 /// `--lora` reaches edits: two adapters with CFG equal diffusers' edit with them loaded, and
 /// the PNG and the JSON summary record them (file, sha256, scale).
 #[test]
@@ -153,8 +178,9 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     // A missing reference file.
     let out = zimage(["edit", "--model", PACKAGE, "--image", "no/such.png", "--prompt", "x", "-o", &o]);
     assert_ne!(out.status.code(), Some(0));
-    // No --image at all: a usage error.
-    let out = zimage(["edit", "--model", PACKAGE, "--prompt", "x", "-o", &o]);
+    // --width without --height: a usage error (without --image too, where it would be the
+    // text-to-image size).
+    let out = zimage(["edit", "--model", PACKAGE, "--prompt", "x", "--width", "64", "-o", &o]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing may be written");
 }

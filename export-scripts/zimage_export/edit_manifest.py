@@ -11,13 +11,16 @@ from pathlib import Path
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 # ZImageOmniPipeline._encode_prompt with N >= 1 images builds N + 2 text segments, encoded one
-# by one: first, (N - 1) x between, prompt_prefix + prompt + prompt_suffix, last.
+# by one: first, (N - 1) x between, prompt_prefix + prompt + prompt_suffix, last; with none, one.
 PROMPT_SEGMENTS = {
     "first": "<|im_start|>user\n<|vision_start|>",
     "between": "<|vision_end|><|vision_start|>",
     "prompt_prefix": "<|vision_end|>",
     "prompt_suffix": "<|im_end|>\n<|im_start|>assistant\n<|vision_start|>",
     "last": "<|vision_end|><|im_end|>",
+    # Without images (Omni-mode text-to-image) the prompt is one segment: prefix + prompt + suffix.
+    "no_image_prefix": "<|im_start|>user\n",
+    "no_image_suffix": "<|im_end|>\n<|im_start|>assistant\n",
 }
 
 # diffusers puts no limit on the number of references; every one adds a caption segment, a

@@ -22,10 +22,18 @@ def pad_len(n: int) -> int:
     return (-n) % SEQ
 
 
-def pack_item(cap_segments, latents, siglips, noise_mask, patch):
+def pack_item(cap_segments, latents, siglips, noise_mask, patch, siglip_dim=None):
     """One batch item. cap_segments: list of [L_j, D] arrays; latents: list of [C, H, W] arrays
-    (conditions, then the target); siglips: list of [H, W, C] arrays or None, one per latent;
-    noise_mask: one 0/1 per latent. Returns per-stream dicts of numpy arrays."""
+    (conditions, then the target); siglips: list of [H, W, C] arrays or None, one per latent, or
+    None for no vision stream at all (Omni text-to-image: diffusers passes no SigLIP features
+    without condition images); noise_mask: one 0/1 per latent. Returns per-stream tuples of
+    numpy arrays (feats, pos, pad, noisy, valid).
+
+    The graph's attention needs at least one token per stream, so "no vision stream" is one
+    block of `siglip_dim`-wide tokens that are all invalid: every attention masks them out as
+    keys, so the caption and image tokens come out as without them (ONNX Runtime's CPU
+    attention gives a fully masked row finite values; checked by verify.py against diffusers'
+    forward without SigLIP features)."""
     cap_rows, cap_pos, cap_pad, cap_noisy, cap_end = [], [], [], [], []
     cu = 1
     for j, seg in enumerate(cap_segments):
@@ -56,6 +64,13 @@ def pack_item(cap_segments, latents, siglips, noise_mask, patch):
         x_noisy += [noise_mask[j]] * (n + p)
         sizes.append((h, w))
 
+    if siglips is None:
+        return {
+            "x": (np.concatenate(x_rows), np.concatenate(x_pos), x_pad, x_noisy, [True] * len(x_pad)),
+            "cap": (cap_feats, cap_pos, cap_pad, cap_noisy, [True] * len(cap_pad)),
+            "siglip": (np.zeros((SEQ, siglip_dim), np.float32), np.zeros((SEQ, 3), int), [True] * SEQ, [1] * SEQ,
+                       [False] * SEQ),
+        }
     s_rows, s_pos, s_pad, s_noisy = [], [], [], []
     dim = next(s.shape[2] for s in siglips if s is not None)
     for j, sig in enumerate(siglips):
@@ -81,9 +96,9 @@ def pack_item(cap_segments, latents, siglips, noise_mask, patch):
         s_noisy += [noise_mask[j]] * (n + p)
 
     return {
-        "x": (np.concatenate(x_rows), np.concatenate(x_pos), x_pad, x_noisy),
-        "cap": (cap_feats, cap_pos, cap_pad, cap_noisy),
-        "siglip": (np.concatenate(s_rows), np.concatenate(s_pos), s_pad, s_noisy),
+        "x": (np.concatenate(x_rows), np.concatenate(x_pos), x_pad, x_noisy, [True] * len(x_pad)),
+        "cap": (cap_feats, cap_pos, cap_pad, cap_noisy, [True] * len(cap_pad)),
+        "siglip": (np.concatenate(s_rows), np.concatenate(s_pos), s_pad, s_noisy, [True] * len(s_pad)),
     }
 
 
@@ -101,9 +116,9 @@ def pack_batch(items, timestep) -> dict:
         noisy = np.zeros((b, length), bool)
         valid = np.zeros((b, length), bool)
         for i, item in enumerate(items):
-            f, p, pd, nz = item[stream]
+            f, p, pd, nz, ok = item[stream]
             n = len(f)
-            feats[i, :n], pos[i, :n], pad[i, :n], noisy[i, :n], valid[i, :n] = f, p, pd, np.asarray(nz) == 1, True
+            feats[i, :n], pos[i, :n], pad[i, :n], noisy[i, :n], valid[i, :n] = f, p, pd, np.asarray(nz) == 1, ok
         feeds[feat_name] = feats
         feeds[f"{stream}_pos"], feeds[f"{stream}_pad"] = pos, pad
         feeds[f"{stream}_noisy"], feeds[f"{stream}_valid"] = noisy, valid

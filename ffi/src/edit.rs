@@ -33,11 +33,12 @@ pub struct zimage_edit_params {
     /// Used only with guidance; NULL means the empty prompt.
     pub negative_prompt: *const c_char,
     /// The reference pictures (RGB8 views, `stride == 0` for packed rows), in order:
-    /// `image_count` of them, 1..=the package's maximum (8 for the exported Omni models).
+    /// `image_count` of them, 0..=the package's maximum (8 for the exported Omni models). None
+    /// (`image_count` 0, `images` may be NULL) is ZImageOmniPipeline's text-to-image.
     pub images: *const zimage_image,
     pub image_count: usize,
     /// Output size: both 0 (the default) = the last reference's size cropped to the package's
-    /// size multiple; otherwise both positive multiples of it.
+    /// size multiple (1024 x 1024 without references); otherwise both positive multiples of it.
     pub width: u32,
     pub height: u32,
     /// Denoising steps, 1..=1000; 0 (the default) = the package's.

@@ -403,7 +403,8 @@ fn write_enhancer_cases_file(work: &Path) -> PathBuf {
 /// "lora" for the edits with LoRAs) with a non-empty instruction, for the clients' `test_edit`,
 /// one case per line, tab-separated: name, prompt, negative prompt ("-" for none), seed, steps,
 /// guidance, cfg_normalization, cfg_truncation, output width, height, expected raw RGB, then per
-/// reference its raw RGB file, width and height. A "lora" line starts with one more field, the
+/// reference its raw RGB file, width and height (none: an edit without references, at that
+/// width and height). A "lora" line starts with one more field, the
 /// adapters as `FILE:SCALE;FILE:SCALE` (the C++ client's `test_edit_with_loras`).
 fn write_edit_cases_file(work: &Path, section: &str) -> PathBuf {
     let golden_dir = root().join("tests/golden/tiny-zimage-omni");
@@ -416,8 +417,13 @@ fn write_edit_cases_file(work: &Path, section: &str) -> PathBuf {
         let name = case["name"].as_str().unwrap();
         let prompt = case["prompt"].as_str().unwrap();
         // strtok in C cannot carry empty fields; the SDK test covers the empty instruction (and
-        // batches of several images).
-        if prompt.is_empty() || !case["width"].is_null() || case["num_images_per_prompt"].as_u64() > Some(1) {
+        // batches of several images). The clients give a size only without references (then
+        // the case's: ZImageOmniPipeline's text-to-image).
+        let references = case["image_files"].as_array().unwrap().len();
+        if prompt.is_empty()
+            || (!case["width"].is_null() && references > 0)
+            || case["num_images_per_prompt"].as_u64() > Some(1)
+        {
             continue;
         }
         let (pixels, channels) = decode_png(&golden_dir.join(case["output_files"][0].as_str().unwrap()));

@@ -90,8 +90,17 @@ fn bad_edit_requests_are_typed_errors() {
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
     assert!(e.to_string().contains("at most 8"), "{e}");
 
+    // No reference is Omni-mode text-to-image (edits_match_diffusers' text_only cases): both
+    // sides or neither, a multiple of 16 (neither: diffusers' 1024x1024).
     r.images = vec![];
+    r.width = Some(64);
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
+    r.height = Some(72);
+    let e = edit_error(PACKAGE, &r);
+    assert!(e.to_string().contains("height 72 must be a positive multiple of 16"), "{e}");
+    (r.width, r.height) = (None, None);
+    let default_size = pipeline(PACKAGE).edit(&r, None).unwrap();
+    assert_eq!((default_size.images[0].width, default_size.images[0].height), (1024, 1024));
 
     r.images = vec![RgbImage { width: 0, height: 0, pixels: vec![] }];
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::Image);
@@ -167,7 +176,7 @@ fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
     assert_eq!(enhanced.latents, plain.latents);
     assert_eq!(enhanced.images, plain.images);
     // A request the pipeline refuses is refused before the enhancer runs.
-    request.images.clear();
+    request.images = vec![picture(64, 64); 9];
     assert_eq!(
         pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap_err().kind(),
         ErrorKind::InvalidRequest

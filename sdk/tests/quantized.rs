@@ -431,12 +431,14 @@ fn loras_are_refused_on_quantized_packages() {
 /// transformer's own codes (GPTQ's included) and reading them from `transformer.onnx`, as the
 /// float package reads its float weights. Bounds against the fp32 editing goldens (final latents
 /// relative L2, images' largest difference), about 1.3x the measured distances (CPU,
-/// 2026-12-03; worst case measured / bound): int8 2.26e-2 / 3.0e-2 and 8 / 11 levels (the two
-/// cases with guidance; the others 4.7e-3 to 1.25e-2), w8a8x2-gptq 8.12e-3 / 1.1e-2 and 4 / 6,
-/// as text-to-image's ranking of the two (`generations_are_deterministic_and_near_fp32`).
+/// 2026-12-03; worst case measured / bound, over the eight edit cases, the two without
+/// references included): int8 2.26e-2 / 3.0e-2 and 8 / 11 levels (the cases with guidance; the
+/// others 4.7e-3 to 1.25e-2), w8a8x2-gptq 1.40e-2 / 1.8e-2 and 6 / 8 (text-to-image with CFG;
+/// the edits at most 8.1e-3 and 4 levels), as text-to-image's ranking of the two
+/// (`generations_are_deterministic_and_near_fp32`).
 const EDIT_PACKAGES: [(&str, &str, f64, u8); 2] = [
     ("tiny-zimage-omni-int8", "int8 rtn, block 32", 3.0e-2, 11),
-    ("tiny-zimage-omni-w8a8x2-gptq", "int8 gptq, block 32, int8x2 activations", 1.1e-2, 6),
+    ("tiny-zimage-omni-w8a8x2-gptq", "int8 gptq, block 32, int8x2 activations", 1.8e-2, 8),
 ];
 
 #[test]

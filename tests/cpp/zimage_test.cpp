@@ -457,7 +457,7 @@ struct EditCase {
 
     EditCase(std::vector<std::string> fields, std::size_t start) : f(std::move(fields)), first(start) {
         const std::size_t n = f.size() - first;
-        if (n < 14 || (n - 11) % 3 != 0) throw std::runtime_error("bad edit case line");
+        if (n < 11 || (n - 11) % 3 != 0) throw std::runtime_error("bad edit case line");
         for (std::size_t r = first + 11; r + 2 < f.size(); r += 3) pixels.push_back(read_file(f[r]));
         for (std::size_t k = 0; k < pixels.size(); k++) {
             const unsigned width = std::stoul(at(12 + 3 * k)), height = std::stoul(at(13 + 3 * k));
@@ -473,6 +473,10 @@ struct EditCase {
         params.cfg_truncation = std::stof(at(7));
         params.images = references.data();
         params.image_count = references.size();
+        if (references.empty()) {  // ZImageOmniPipeline's text-to-image, at the case's size
+            params.width = std::stoul(at(8));
+            params.height = std::stoul(at(9));
+        }
     }
     EditCase(const EditCase &) = delete;  // params points into pixels and f
 

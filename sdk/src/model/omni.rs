@@ -58,6 +58,8 @@ struct Stream {
     pos: Vec<[i64; 3]>,
     pad: Vec<bool>,
     noisy: Vec<bool>,
+    /// False for tokens every attention masks out (as batch padding is).
+    valid: Vec<bool>,
 }
 
 impl Stream {
@@ -76,14 +78,26 @@ impl Stream {
         }
         self.pad.extend(std::iter::repeat_n(false, n).chain(std::iter::repeat_n(true, p)));
         self.noisy.extend(std::iter::repeat_n(noisy, n + p));
+        self.valid.extend(std::iter::repeat_n(true, n + p));
+    }
+
+    /// Appends one block of SEQ pad tokens (zeros before embedding), `valid` or masked out.
+    fn push_pad_block(&mut self, valid: bool) {
+        self.feats.extend(std::iter::repeat_n(0.0, SEQ * self.dim));
+        self.pad.extend(std::iter::repeat_n(true, SEQ));
+        self.noisy.extend(std::iter::repeat_n(true, SEQ));
+        self.valid.extend(std::iter::repeat_n(valid, SEQ));
+        self.pos.extend(std::iter::repeat_n([0, 0, 0], SEQ));
     }
 }
 
 /// The conditions of an edit, shared by every batch item: the references' clean latents
-/// `[C, h, w]` and vision tokens `[H, W, hidden]`.
+/// `[C, h, w]` and vision tokens `[H, W, hidden]` (none for Omni-mode text-to-image), and
+/// the vision tokens' width (`hidden`).
 pub(crate) struct References {
     pub latents: Vec<Array3<f32>>,
     pub vision: Vec<Array3<f32>>,
+    pub vision_dim: usize,
 }
 
 /// Patch tokens of `[C, h, w]`: per patch (row, column) the values in (pH, pW, C) order.
@@ -148,8 +162,7 @@ fn pack_item(segments: &[&Array2<f32>], refs: &References, target: ArrayView3<f3
         sizes.push((h, w));
     }
 
-    let mut sig = Stream::default();
-    let dim = refs.vision.first().map_or(0, |v| v.dim().2);
+    let mut sig = Stream { dim: refs.vision_dim, ..Stream::default() };
     for (j, grid) in refs.vision.iter().enumerate() {
         let (sh, sw, sc) = grid.dim();
         // permute(2, 0, 1) then reshape(H*W, C): the [C, H, W] buffer read in rows of C.
@@ -169,11 +182,10 @@ fn pack_item(segments: &[&Array2<f32>], refs: &References, target: ArrayView3<f3
         sig.pos.extend(std::iter::repeat_n([0, 0, 0], p));
     }
     // The target has no vision tokens: one block of 32 pad tokens (zeros before embedding).
-    sig.feats.extend(std::iter::repeat_n(0.0, SEQ * dim));
-    sig.dim = dim;
-    sig.pad.extend(std::iter::repeat_n(true, SEQ));
-    sig.noisy.extend(std::iter::repeat_n(true, SEQ));
-    sig.pos.extend(std::iter::repeat_n([0, 0, 0], SEQ));
+    // Without references diffusers has no vision stream at all; the graph's attention needs a
+    // token, so the block is there but masked out everywhere (as batch padding): the caption
+    // and image tokens come out as without it (omni_pack.py; verify.py checks it).
+    sig.push_pad_block(!refs.vision.is_empty());
     [x, cap, sig]
 }
 
@@ -223,7 +235,7 @@ fn batch_stream(items: &[&Stream]) -> Batched {
         for k in 0..n {
             out.pad[[i, k]] = s.pad[k];
             out.noisy[[i, k]] = s.noisy[k];
-            out.valid[[i, k]] = true;
+            out.valid[[i, k]] = s.valid[k];
         }
     }
     out

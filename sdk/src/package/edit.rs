@@ -102,11 +102,28 @@ pub struct PromptSegments {
     pub prompt_prefix: String,
     pub prompt_suffix: String,
     pub last: String,
+    /// Without references (Omni-mode text-to-image) the prompt is one segment, between these
+    /// (diffusers' template; packages exported before 2026-12-03 do not record them).
+    #[serde(default = "no_image_prefix")]
+    pub no_image_prefix: String,
+    #[serde(default = "no_image_suffix")]
+    pub no_image_suffix: String,
+}
+
+fn no_image_prefix() -> String {
+    "<|im_start|>user\n".into()
+}
+
+fn no_image_suffix() -> String {
+    "<|im_end|>\n<|im_start|>assistant\n".into()
 }
 
 impl PromptSegments {
-    /// The N + 2 segments for `images` references around `prompt`.
+    /// The N + 2 segments for `images` references around `prompt`; one for none.
     pub fn for_prompt(&self, prompt: &str, images: usize) -> Vec<String> {
+        if images == 0 {
+            return vec![format!("{}{prompt}{}", self.no_image_prefix, self.no_image_suffix)];
+        }
         let mut segments = vec![self.first.clone()];
         segments.extend(std::iter::repeat_n(self.between.clone(), images.saturating_sub(1)));
         segments.push(format!("{}{prompt}{}", self.prompt_prefix, self.prompt_suffix));

@@ -76,6 +76,10 @@ impl EditRequest {
     }
 }
 
+/// The output side of an edit without references when none is given: `ZImageOmniPipeline`'s
+/// default height and width.
+const NO_REFERENCE_SIZE: u32 = 1024;
+
 /// A checked edit request with its defaults filled in.
 struct EditPlan {
     steps: usize,
@@ -86,9 +90,6 @@ struct EditPlan {
 
 fn plan(r: &EditRequest, info: &EditInfo, max_side: (usize, usize), multiple: usize) -> Result<EditPlan> {
     let rules = &info.reference;
-    if r.images.is_empty() {
-        return Err(Error::invalid("an edit needs at least one reference image"));
-    }
     if r.images.len() > rules.max_images {
         return Err(Error::invalid(format!(
             "{} reference images: this model takes at most {}",
@@ -101,14 +102,17 @@ fn plan(r: &EditRequest, info: &EditInfo, max_side: (usize, usize), multiple: us
     }
     let size = match (r.width, r.height) {
         (Some(w), Some(h)) => Some((w, h)),
+        // Without references (Omni-mode text-to-image) diffusers' default size.
+        (None, None) if r.images.is_empty() => Some((NO_REFERENCE_SIZE, NO_REFERENCE_SIZE)),
         (None, None) => None,
         _ => return Err(Error::invalid("give both width and height, or neither (the last reference's size)")),
     };
     if let Some((w, h)) = size {
+        let default = if r.width.is_none() { " (the default size without reference images)" } else { "" };
         for (name, value, max) in [("width", w, max_side.0), ("height", h, max_side.1)] {
             if value == 0 || !(value as usize).is_multiple_of(multiple) || value as usize > max {
                 return Err(Error::invalid(format!(
-                    "{name} {value} must be a positive multiple of {multiple}, at most {max}"
+                    "{name} {value}{default} must be a positive multiple of {multiple}, at most {max}"
                 )));
             }
         }
@@ -179,8 +183,12 @@ impl Pipeline {
             }
         }
         let refs = self.encode_references(&prepared, info, graphs, &context)?;
-        let last = &prepared[prepared.len() - 1].for_vae;
-        let (width, height) = plan.size.unwrap_or((last.shape()[3] as u32, last.shape()[2] as u32));
+        // (plan gives a size whenever there is no reference)
+        let (width, height) = match (plan.size, prepared.last()) {
+            (Some(size), _) => size,
+            (None, Some(last)) => (last.for_vae.shape()[3] as u32, last.for_vae.shape()[2] as u32),
+            (None, None) => return Err(Error::invalid("an edit without reference images needs width and height")),
+        };
         let multiple = self.manifest.size_multiple();
         if !(width as usize).is_multiple_of(multiple) || !(height as usize).is_multiple_of(multiple) {
             return Err(Error::invalid(format!("the output {width}x{height} is not a multiple of {multiple}")));
@@ -326,10 +334,14 @@ impl Pipeline {
         graphs: &EditGraphs,
         context: &RunContext,
     ) -> Result<References> {
+        let mut refs = References { latents: Vec::new(), vision: Vec::new(), vision_dim: info.siglip.hidden_size };
+        if prepared.is_empty() {
+            // (Omni-mode text-to-image: neither encoder's session is needed)
+            return Ok(refs);
+        }
         let encoder = self.vae_encoder.acquire()?;
         let vision_graph = graphs.vision.acquire()?;
         let (scaling, shift) = (self.manifest.vae.scaling_factor as f32, self.manifest.vae.shift_factor as f32);
-        let mut refs = References { latents: Vec::new(), vision: Vec::new() };
         for reference in prepared {
             let (mean, _) = self.vae.encode(&encoder, &reference.for_vae, context)?;
             refs.latents.push(mean.index_axis_move(Axis(0), 0).mapv(|v| (v - shift) * scaling));
@@ -376,9 +388,9 @@ pub fn check_edit_package(manifest: &crate::package::Manifest, dir: &std::path::
     let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
         return Err(not_editing(dir));
     };
-    if images == 0 || images > info.reference.max_images {
+    if images > info.reference.max_images {
         return Err(Error::invalid(format!(
-            "{images} reference images: this model takes 1 to {}",
+            "{images} reference images: this model takes at most {}",
             info.reference.max_images
         )));
     }
