@@ -71,21 +71,26 @@ fn check_against_golden(c: &Value, output: &std::path::Path, latents: &std::path
     assert!(worst <= 1e-4 && got.iter().all(|v| v.is_finite()), "latents differ by {worst}");
 }
 
-#[test]
-fn two_reference_edit_matches_the_golden_and_records_its_references() {
-    let c = golden_case("edit", "two_refs_cfg");
-    let dir = scratch("two_refs");
-    let output = dir.join("edit.png");
-    let latents = dir.join("latents.npy");
-    let mut args = case_args(&c);
+/// Runs `zimage edit` for golden case `c` (its PNG and latents in scratch folder `name`, a JSON
+/// summary), checks both against the golden, and returns the summary and the PNG's path.
+fn edit_like_golden(c: &Value, name: &str) -> (Value, PathBuf) {
+    let dir = scratch(name);
+    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
+    let mut args = case_args(c);
     args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
     args.extend(["--json".into(), "--progress".into(), "none".into()]);
     let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    check_against_golden(c, &output, &latents);
+    (serde_json::from_slice(&out.stdout).unwrap(), output)
+}
+
+#[test]
+fn two_reference_edit_matches_the_golden_and_records_its_references() {
+    let c = golden_case("edit", "two_refs_cfg");
+    let (summary, output) = edit_like_golden(&c, "two_refs");
     assert_eq!((summary["width"].as_u64(), summary["height"].as_u64()), (Some(96), Some(64)));
     assert_eq!(summary["loras"], serde_json::json!([]));
-    check_against_golden(&c, &output, &latents);
     let png = read_png(&output);
     assert!(!png.text.contains_key("loras"));
 
@@ -114,17 +119,9 @@ fn two_reference_edit_matches_the_golden_and_records_its_references() {
 #[test]
 fn an_edit_without_references_is_the_omni_text_to_image() {
     let c = golden_case("edit", "text_only");
-    assert!(c["image_files"].as_array().unwrap().is_empty());
-    let dir = scratch("text_only");
-    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
-    let mut args = case_args(&c);
+    let args = case_args(&c);
     assert!(!args.iter().any(|a| a == "--image") && args.iter().any(|a| a == "--width"));
-    args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
-    args.extend(["--json".into(), "--progress".into(), "none".into()]);
-    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    check_against_golden(&c, &output, &latents);
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (summary, output) = edit_like_golden(&c, "text_only");
     assert_eq!(summary["reference_images"], serde_json::json!([]));
     let png = read_png(&output);
     assert_eq!(png.text["reference_images"], "[]");
@@ -136,16 +133,8 @@ fn an_edit_without_references_is_the_omni_text_to_image() {
 #[test]
 fn an_edit_with_loras_matches_the_golden_and_records_them() {
     let c = golden_case("lora", "lora_two_cfg");
-    let dir = scratch("loras");
-    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
-    let mut args = case_args(&c);
-    assert_eq!(args.iter().filter(|a| *a == "--lora").count(), 2);
-    args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
-    args.extend(["--json".into(), "--progress".into(), "none".into()]);
-    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    check_against_golden(&c, &output, &latents);
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(case_args(&c).iter().filter(|a| *a == "--lora").count(), 2);
+    let (summary, output) = edit_like_golden(&c, "loras");
     let png = read_png(&output);
     let recorded: Value = serde_json::from_str(&png.text["loras"]).unwrap();
     assert_eq!(recorded, summary["loras"]);
