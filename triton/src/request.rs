@@ -213,7 +213,9 @@ pub fn build_request(
 
 /// Builds an instruction edit (diffusers' ZImageOmniPipeline, as `zimage edit`): PROMPT is the
 /// instruction and REFERENCE_IMAGES the pictures, encoded files (PNG, JPEG, WebP) as BYTES
-/// elements, in order; the last one sets the output size unless WIDTH and HEIGHT both do.
+/// elements, in order; the last one sets the output size unless WIDTH and HEIGHT both do. An
+/// empty REFERENCE_IMAGES (shape `[0]`) is ZImageOmniPipeline's text-to-image (WIDTH x HEIGHT,
+/// or 1024 x 1024).
 /// STEPS and GUIDANCE left out take the package's editing defaults (50 and 5.0 for Omni).
 /// Only for an editing package (`manifest`, `dir`: the model's); pictures are checked against
 /// its reference rules from their headers before they are decoded.
@@ -231,7 +233,12 @@ pub fn build_edit_request(
             )));
         }
     }
-    let files = bytes_elements(&inputs["REFERENCE_IMAGES"], "REFERENCE_IMAGES")?;
+    let references = &inputs["REFERENCE_IMAGES"];
+    let files = if references.elements() == Some(0) && references.data.is_empty() {
+        Vec::new() // no reference: text-to-image through the Omni transformer
+    } else {
+        bytes_elements(references, "REFERENCE_IMAGES")?
+    };
     edit::check_edit_package(manifest, dir, files.len()).map_err(|e| bad(format!("REFERENCE_IMAGES: {e}")))?;
     let images = files
         .iter()
@@ -244,7 +251,11 @@ pub fn build_edit_request(
     match (common.width, common.height) {
         (Some(w), Some(h)) => (request.width, request.height) = (Some(w), Some(h)),
         (None, None) => {}
-        _ => return Err(bad("give both WIDTH and HEIGHT, or neither (the last reference's size)")),
+        _ => {
+            return Err(bad(
+                "give both WIDTH and HEIGHT, or neither (the last reference's size; 1024 x 1024 without references)",
+            ))
+        }
     }
     request.steps = common.steps.map(|s| s as usize);
     request.guidance_scale = common.guidance;

@@ -416,6 +416,18 @@ fn reference_images_make_an_edit_with_the_packages_defaults() {
         (Some(64), Some(80), Some(4), Some(0.0))
     );
     assert_eq!((request.count, request.cfg_truncation), (1, None));
+
+    // No reference (shape [0]): ZImageOmniPipeline's text-to-image, at WIDTH x HEIGHT.
+    let items = inputs(&[
+        ("PROMPT", text("a lighthouse")),
+        ("WIDTH", i32s(96)),
+        ("HEIGHT", i32s(64)),
+        ("REFERENCE_IMAGES", files(&[])),
+    ]);
+    assert!(is_edit(&items));
+    let request = build_edit_request(&items, &LIMITS, &manifest, &dir).unwrap();
+    assert!(request.images.is_empty());
+    assert_eq!((request.width, request.height), (Some(96), Some(64)));
 }
 
 #[test]
@@ -427,12 +439,15 @@ fn bad_edits_are_refused_before_decoding() {
     let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs()), ("CONTROL_SCALE", f32s(0.5))]);
     assert!(e.starts_with("CONTROL_SCALE does not apply to an edit"), "{e}");
     let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs()), ("WIDTH", i32s(64))]);
-    assert_eq!(e, "give both WIDTH and HEIGHT, or neither (the last reference's size)");
+    assert_eq!(e, "give both WIDTH and HEIGHT, or neither (the last reference's size; 1024 x 1024 without references)");
     let e = edit_refused(&[("REFERENCE_IMAGES", refs())]);
     assert_eq!(e, "the input PROMPT is required");
     let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&vec![a.clone(); 9]))]);
-    assert!(e.contains("9 reference images: this model takes 1 to 8"), "{e}");
-    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&[]))]);
+    assert!(e.contains("9 reference images: this model takes at most 8"), "{e}");
+    // An empty shape with bytes in it is malformed, not an edit without references.
+    let mut stray = files(&[]);
+    stray.data = vec![0; 4];
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", stray)]);
     assert_eq!(e, "REFERENCE_IMAGES holds no element");
     let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", files(&[b"not a picture".to_vec()]))]);
     assert!(e.starts_with("REFERENCE_IMAGES: "), "{e}");

@@ -39,10 +39,11 @@ pub struct EditRequest {
     /// The instruction (may be empty).
     pub prompt: String,
     pub negative_prompt: Option<String>,
-    /// Reference pictures, in order (the last one sets the output size).
+    /// Reference pictures, in order (the last one sets the output size). None:
+    /// ZImageOmniPipeline's text-to-image (the Omni transformer, its own prompt template).
     pub images: Vec<RgbImage>,
     /// Output size: both or neither (then the last reference's size, cropped to the VAE's
-    /// multiple).
+    /// multiple; 1024 x 1024 without references, as diffusers).
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub steps: Option<usize>,

@@ -240,7 +240,8 @@ def test_loras_parameter_equals_zimage_generate_with_lora(server, zimage_cli, pa
 
 OMNI_MODEL = "zimage_omni"
 OMNI_GOLDENS = Path(__file__).resolve().parents[3] / "tests/golden/tiny-zimage-omni"
-EDIT_CASES = ["one_ref", "two_refs_cfg", "explicit_size"]
+# (text_only: no reference, an empty REFERENCE_IMAGES: ZImageOmniPipeline's text-to-image)
+EDIT_CASES = ["one_ref", "two_refs_cfg", "explicit_size", "text_only"]
 
 
 def edit_case(name):
