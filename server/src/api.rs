@@ -372,7 +372,10 @@ pub fn prepare_edit(
         }
     }
     let prompt = params.prompt.clone().ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
-    let last = &references.last().expect("at least one reference").0;
+    // (the route checks this first; OpenAI's edits take at least one picture)
+    let Some((last, _)) = references.last() else {
+        return Err(ApiError::invalid("'image' is required").with_param("image"));
+    };
     let size = requested_size(&params)?;
     let (width, height) = size.unwrap_or_else(|| size_for_picture(size_multiple, last.width, last.height));
     check_pixels(width, height, max_pixels)?;
