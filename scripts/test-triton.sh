@@ -43,6 +43,8 @@ omni_package="$root/models/tiny-zimage-omni"
 lora_file="$root/tests/golden/tiny-zimage/loras/peft.safetensors"
 "$target/debug/zimage" triton-repo --model "$package" --out "$work/repository" --name zimage_lora --threads 1 \
   --lora "$lora_file:0.8"
+"$target/debug/zimage" triton-repo --model "$omni_package" --out "$work/repository" --name zimage_omni_lora \
+  --threads 1 --lora "$lora_file:0.8"
 
 export TRITONSERVER="$tritonserver" ZIMAGE_BACKENDS="$work/backends" ZIMAGE_REPOSITORY="$work/repository"
 export ZIMAGE_CLI="$target/debug/zimage" ZIMAGE_PACKAGE="$package" ZIMAGE_RESULTS="$work"

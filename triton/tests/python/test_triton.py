@@ -296,6 +296,20 @@ def test_edits_match_diffusers_and_zimage_edit(server, omni_model, zimage_cli, t
     assert np.array_equal(image[0], np.asarray(Image.open(out).convert("RGB")))
 
 
+def test_loras_parameter_reaches_edits(server):
+    """An editing model whose config.pbtxt lists a LoRA (`zimage triton-repo --lora FILE:0.8`)
+    edits as diffusers' ZImageOmniPipeline with that adapter loaded (the `lora_peft` golden),
+    within one level."""
+    cases = json.loads((OMNI_GOLDENS / "cases.json").read_text())["lora"]
+    case = next(c for c in cases if c["name"] == "lora_peft")
+    assert [(Path(l["file"]).name, l["scale"]) for l in case["loras"]] == [("peft.safetensors", 0.8)]
+    with loaded(server, "zimage_omni_lora") as model, connect(server) as client:
+        image = client.infer(model, edit_inputs(httpclient, case)).as_numpy("IMAGE")
+    golden = np.asarray(Image.open(OMNI_GOLDENS / case["output_files"][0]).convert("RGB"))
+    assert image.shape == (1, *golden.shape)
+    assert np.abs(image[0].astype(int) - golden.astype(int)).max() <= 1
+
+
 def test_edit_errors_are_the_requests_own(server, omni_model):
     """Edit inputs the model or the request cannot take: INVALID_ARG with the reason, and the
     models keep serving."""
