@@ -9,7 +9,7 @@ use serde_json::json;
 use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, ReferenceRecord};
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::generate::{output_files, timings_json, ProgressMode, StageProgress};
+use crate::generate::{output_files, quantization_json, timings_json, ProgressMode, StageProgress};
 use crate::model_args::ModelArgs;
 use crate::output::{out, secs, Failure};
 use crate::{interrupt, log};
@@ -181,6 +181,8 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
             "enhanced_prompt": generation.enhanced_prompt,
             "loras": zimage::lora_records(&pipeline.loras()),
             "model": pipeline.package_dir().display().to_string(),
+            "precision": pipeline.manifest().precision.name(),
+            "quantization": quantization_json(pipeline.manifest()),
             "timings": timings_json(&generation.timings, pipeline.load_time()),
         });
         out(&format!("{}\n", serde_json::to_string_pretty(&summary).expect("JSON values serialise")))?;

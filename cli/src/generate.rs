@@ -418,11 +418,7 @@ fn summary_json(
         "control_scale": request.control.as_ref().map(|c| c.conditioning_scale),
         "model": pipeline.package_dir().display().to_string(),
         "precision": pipeline.manifest().precision.name(),
-        "quantization": pipeline.manifest().quantization.as_ref().map(|q| json!({
-            "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
-            "activations": q.activations.map(|a| a.name()),
-            "text_encoder_weights": q.text_encoder_weights().name(),
-        })),
+        "quantization": quantization_json(pipeline.manifest()),
         "vae_decoder": generation.vae_decoder,
         "vae_tiling": generation.vae_tiling.map(|t| json!({ "tile_size": t.tile_size, "overlap": t.overlap })),
         "loras": lora_records(&pipeline.loras()),
@@ -444,6 +440,18 @@ fn tokens_json(tokens: &TokenizedPrompt) -> Value {
 }
 
 /// Per-stage seconds of one generation, plus the pipeline's load time.
+/// The package's quantization in `--json` summaries (generations and edits); null for float
+/// packages.
+pub(crate) fn quantization_json(manifest: &zimage::Manifest) -> Value {
+    manifest.quantization.as_ref().map_or(Value::Null, |q| {
+        json!({
+            "weights": q.weights.name(), "block_size": q.block_size, "method": q.method,
+            "activations": q.activations.map(|a| a.name()),
+            "text_encoder_weights": q.text_encoder_weights().name(),
+        })
+    })
+}
+
 pub fn timings_json(t: &Timings, load: Duration) -> Value {
     json!({
         "load_s": secs(load),

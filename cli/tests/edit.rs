@@ -173,3 +173,64 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing may be written");
 }
+
+/// An editing package quantized with its Omni transformer (`models/tiny-zimage-omni-int8`):
+/// `zimage edit` records the weights in the JSON summary and the PNG, as `zimage generate` does
+/// for text-to-image (sdk/tests/quantized.rs holds the edits to their distances from fp32).
+#[test]
+fn an_edit_on_a_quantized_package_records_its_weights() {
+    let dir = scratch("quantized");
+    let output = dir.join("edit.png");
+    let reference = format!("{GOLDEN}/inputs/ref_96x64.png");
+    let o = output.display().to_string();
+    let out = zimage([
+        "edit",
+        "--model",
+        "models/tiny-zimage-omni-int8",
+        "--image",
+        &reference,
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--guidance",
+        "0",
+        "--seed",
+        "1",
+        "-o",
+        &o,
+        "--json",
+        "--progress",
+        "none",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["precision"], "fp32");
+    assert_eq!(summary["quantization"]["weights"], "int8");
+    assert_eq!(summary["quantization"]["method"], "rtn");
+    assert!(summary["quantization"]["activations"].is_null());
+    assert_eq!(read_png(&output).text["quantization"], "int8 rtn, block 32");
+    // A float package's edit says so.
+    let float = zimage([
+        "edit",
+        "--model",
+        PACKAGE,
+        "--image",
+        &reference,
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--guidance",
+        "0",
+        "-o",
+        &o,
+        "--json",
+        "--progress",
+        "none",
+    ]);
+    assert_eq!(float.status.code(), Some(0), "{}", stderr(&float));
+    let summary: Value = serde_json::from_slice(&float.stdout).unwrap();
+    assert!(summary["quantization"].is_null() && summary["precision"] == "fp32");
+    assert!(!read_png(&output).text.contains_key("quantization"));
+}

@@ -48,15 +48,7 @@ pub fn image_parameters(
         ("model", model.display().to_string()),
         ("software", format!("zimage {}", env!("CARGO_PKG_VERSION"))),
     ];
-    if let Some(q) = &generation.quantization {
-        text.push(("quantization", q.clone()));
-    }
-    if let Some(d) = &generation.vae_decoder {
-        text.push(("vae_decoder", d.clone()));
-    }
-    if let Some(t) = &generation.vae_tiling {
-        text.push(("vae_tiling", format!("tile {}, overlap {}", t.tile_size, t.overlap)));
-    }
+    push_weights_and_decoding(generation, &mut text);
     if generation.enhanced_prompt.is_some() {
         text.push(("original_prompt", prompt));
     }
@@ -150,7 +142,23 @@ pub fn edit_parameters(
     if !loras.is_empty() {
         text.push(("loras", lora_records(loras).to_string()));
     }
+    push_weights_and_decoding(generation, &mut text);
     text
+}
+
+/// What produced the pixels beyond the request, for generations and edits alike: the package's
+/// quantization, a lossy VAE decoder, VAE tiling (each absent on the exact float path, so those
+/// images' parameters are unchanged).
+fn push_weights_and_decoding(generation: &Generation, text: &mut Vec<(&'static str, String)>) {
+    if let Some(q) = &generation.quantization {
+        text.push(("quantization", q.clone()));
+    }
+    if let Some(d) = &generation.vae_decoder {
+        text.push(("vae_decoder", d.clone()));
+    }
+    if let Some(t) = &generation.vae_tiling {
+        text.push(("vae_tiling", format!("tile {}, overlap {}", t.tile_size, t.overlap)));
+    }
 }
 
 /// How the front end names a ControlNet request's inputs, and how the control map was made.
