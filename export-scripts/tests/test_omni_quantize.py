@@ -167,3 +167,19 @@ def test_the_quantized_omni_graph_computes_near_the_float_one(tmp_path, weights,
     assert np.isfinite(got).all()
     error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert 1e-6 < error < bound, error
+
+
+def test_modulations_read_twice_are_quantized_once_and_shared(tmp_path):
+    """The Omni graph runs each adaLN modulation twice (the noisy and the clean timestep): with
+    `--quantize-adaln` both products read the transformer's one quantized copy (gemm_to_matmul
+    rewrites a weight every reader of which is such a Gemm), none is left float."""
+    out = tmp_path / "omni"
+    manifest = quantize_package(OMNI, out, QuantizeOptions("int8", quantize_adaln=True))
+    report = manifest["quantization"]["graphs"]
+    adaln = 3  # layers.0, layers.1, noise_refiner.0 (the final layer's stays kept)
+    assert report["transformer"]["quantized"] == TRANSFORMER_PRODUCTS + adaln
+    assert report["transformer_omni"]["quantized"] == TRANSFORMER_PRODUCTS + REFINER_PRODUCTS + 2 * adaln
+    assert not any(".adaLN_modulation.0." in name for name in report["transformer_omni"]["kept"])
+    shared, own = _omni_codes(out)
+    assert sorted(set(shared)) == sorted(_transformer_codes(out)) and len(shared) == TRANSFORMER_PRODUCTS + 2 * adaln
+    assert len(own) == REFINER_PRODUCTS

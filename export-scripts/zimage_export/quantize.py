@@ -241,25 +241,39 @@ def gemm_to_matmul(model, should_rewrite) -> list[str]:
     for node in graph.node:
         for i in node.input:
             users[i] = users.get(i, 0) + 1
+
+    def rewritable(node) -> bool:
+        return (node.op_type == "Gemm" and node.input[1] in inits and should_rewrite(node.input[1])
+                and node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0
+                and node_attribute(node, "beta", 1.0) == 1.0)
+
+    # A weight is rewritten when every node reading it is such a Gemm with the same transB (the
+    # Omni graph runs each adaLN modulation twice, for the noisy and the clean timestep): one
+    # [K, N] copy then serves them all.
+    gemm_users, trans = {}, {}
+    for node in graph.node:
+        if rewritable(node):
+            gemm_users[node.input[1]] = gemm_users.get(node.input[1], 0) + 1
+            trans.setdefault(node.input[1], set()).add(node_attribute(node, "transB", 0))
+    convert = {w for w, n in gemm_users.items() if n == users[w] and len(trans[w]) == 1}
     nodes, rewritten = [], []
     for node in graph.node:
-        if not (node.op_type == "Gemm" and node.input[1] in inits and should_rewrite(node.input[1])
-                and node_attribute(node, "transA", 0) == 0 and node_attribute(node, "alpha", 1.0) == 1.0
-                and node_attribute(node, "beta", 1.0) == 1.0 and users[node.input[1]] == 1):
+        if not (rewritable(node) and node.input[1] in convert):
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if node_attribute(node, "transB", 0):
-            w = w.T
         w_name = node.input[1] + "_kn"
-        graph.initializer.remove(inits.pop(node.input[1]))
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        if node.input[1] not in rewritten:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if node_attribute(node, "transB", 0):
+                w = w.T
+            graph.initializer.remove(inits[node.input[1]])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+            rewritten.append(node.input[1])
         has_bias = len(node.input) > 2 and node.input[2]
         product = node.output[0] + "_matmul" if has_bias else node.output[0]
         nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w_name], [product], name=node.name + "_matmul"))
         if has_bias:
             nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
-        rewritten.append(node.input[1])
     graph.ClearField("node")
     graph.node.extend(nodes)
     return rewritten

@@ -158,22 +158,30 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inits = _initializers(graph)
     quantized_inputs = {}  # activation name -> (codes, scale)
+    done = {}  # weight -> (codes, scales, products so far): a weight two products read
     nodes = []
     for node in graph.node:
         if node.name not in to_quantize:
             nodes.append(node)
             continue
         w = node.input[1]
-        q, scale = calibrated.pop(w, None) or quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
-        graph.initializer.remove(inits.pop(w))
+        if w not in done:
+            q, scale = calibrated.pop(w, None) or quantize_weight_per_channel(numpy_helper.to_array(inits[w]))
+            graph.initializer.remove(inits.pop(w))
+            done[w] = (q, scale, 0)
+        q, scale, uses = done[w]
+        done[w] = (q, scale, uses + 1)
+        # Each product gets its own initializers (the Omni graph runs each adaLN modulation
+        # twice): the second's are named `<w>_<k>` (the same bytes, stored once on disk).
+        name = w if uses == 0 else f"{w}_{uses}"
         graph.initializer.extend([
-            numpy_helper.from_array(q, w + "_W8"),
-            numpy_helper.from_array(scale, w + "_scale"),
+            numpy_helper.from_array(q, name + "_W8"),
+            numpy_helper.from_array(scale, name + "_scale"),
             # The weight's zero point (0), explicit and its own: ONNX Runtime's exact-kernel
             # rewrite (session.x64quantprecision) converts each product's int8 weight and zero
             # point to new uint8 initializers of fixed names, so a zero point (or weight) that two
             # products share fails the session ("Attempt to replace the existing tensor").
-            numpy_helper.from_array(np.array(0, np.int8), w + "_W8_zero"),
+            numpy_helper.from_array(np.array(0, np.int8), name + "_W8_zero"),
         ])
         x = node.input[0]
         if x not in quantized_inputs:
@@ -187,8 +195,8 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
         # scales follow, a tensor the kernel takes only as a scalar).
         columns = p + ("both" if two_terms else "columns")
         nodes.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, w + "_W8", PREFIX + "one", w + "_scale", PREFIX + "zero",
-                                     w + "_W8_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
+            "MatMulIntegerToFloat", [codes, name + "_W8", PREFIX + "one", name + "_scale", PREFIX + "zero",
+                                     name + "_W8_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
         if two_terms:  # the two terms' rows back apart: first + remainder / 254
             split = {"num_outputs": 2} if opset >= 18 else {}  # (before 18: equal parts by default)
             nodes.extend([
