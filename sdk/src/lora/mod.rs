@@ -228,20 +228,34 @@ impl LoraFile {
 /// The transformer's Linear weights a package lets LoRAs change, with where each one is; in
 /// an editing package also the Omni transformer's own ones.
 pub(crate) struct Targets<'a> {
-    graph: PathBuf,
-    table: &'a BTreeMap<String, LoraParameter>,
-    initializers: BTreeMap<String, Initializer>,
-    omni: Option<OmniTargets<'a>>,
+    transformer: TableGraph<'a>,
+    /// The Linear weights only an editing package's Omni transformer has
+    /// (`edit.omni_parameters` less the transformer's table: the SigLIP embedder and refiner).
+    /// diffusers' LoRA loader targets every module of the transformer it finds, these
+    /// included; text-to-image never runs them, so only edits see such keys.
+    omni: Option<TableGraph<'a>>,
 }
 
-/// The Linear weights only an editing package's Omni transformer has (`edit.omni_parameters`
-/// less the transformer's table: the SigLIP embedder and refiner). diffusers' LoRA loader
-/// targets every module of the transformer it finds, these included; text-to-image never
-/// runs them, so only edits see such keys.
-struct OmniTargets<'a> {
+/// One graph's table of Linear weights and its initializers' places, read from the graph on
+/// first use (the Omni graph's only when a LoRA has a key the transformer lacks).
+struct TableGraph<'a> {
     graph: PathBuf,
     table: &'a BTreeMap<String, LoraParameter>,
-    initializers: BTreeMap<String, Initializer>,
+    initializers: std::cell::OnceCell<BTreeMap<String, Initializer>>,
+}
+
+impl<'a> TableGraph<'a> {
+    fn new(graph: PathBuf, table: &'a BTreeMap<String, LoraParameter>) -> Self {
+        TableGraph { graph, table, initializers: std::cell::OnceCell::new() }
+    }
+
+    fn initializers(&self) -> Result<&BTreeMap<String, Initializer>> {
+        if let Some(read) = self.initializers.get() {
+            return Ok(read);
+        }
+        let read = read_initializers(&self.graph).map_err(|m| Error::package(&self.graph, m))?;
+        Ok(self.initializers.get_or_init(|| read))
+    }
 }
 
 /// Where one of a LoRA's modules lands.
@@ -279,17 +293,14 @@ impl<'a> Targets<'a> {
                  LoRAs; re-export it with export-scripts/export.py",
             )
         })?;
-        let initializers = read_initializers(graph).map_err(|m| Error::package(graph, m))?;
+        let transformer = TableGraph::new(graph.to_path_buf(), table);
+        transformer.initializers()?;
         let omni_table = manifest.edit.as_ref().and_then(|e| e.omni_parameters.as_ref());
         let omni = match (omni_table, &manifest.graphs.transformer_omni) {
-            (Some(table), Some(entry)) => {
-                let graph = Manifest::resolve(dir, &entry.path);
-                let initializers = read_initializers(&graph).map_err(|m| Error::package(&graph, m))?;
-                Some(OmniTargets { graph, table, initializers })
-            }
+            (Some(table), Some(entry)) => Some(TableGraph::new(Manifest::resolve(dir, &entry.path), table)),
             _ => None,
         };
-        Ok(Targets { graph: graph.to_path_buf(), table, initializers, omni })
+        Ok(Targets { transformer, omni })
     }
 
     /// Checks every adapter against the model (names and shapes, finite scales), so that an
@@ -333,15 +344,13 @@ impl<'a> Targets<'a> {
         };
         // The transformer's weights first (the Omni graph reads those from the transformer's
         // files), then the Omni graph's own.
-        let (place, initializers, graph, omni_only) = match (self.table.get(&parameter), &self.omni) {
-            (Some(place), _) => (place, &self.initializers, self.graph.as_path(), false),
-            (None, Some(omni)) => {
-                let place = omni.table.get(&parameter).ok_or_else(wrong_model)?;
-                (place, &omni.initializers, omni.graph.as_path(), true)
-            }
+        let (place, target, omni_only) = match (self.transformer.table.get(&parameter), &self.omni) {
+            (Some(place), _) => (place, &self.transformer, false),
+            (None, Some(omni)) => (omni.table.get(&parameter).ok_or_else(wrong_model)?, omni, true),
             (None, None) => return Err(wrong_model()),
         };
-        let init = initializers.get(&place.initializer).ok_or_else(|| {
+        let graph = target.graph.as_path();
+        let init = target.initializers()?.get(&place.initializer).ok_or_else(|| {
             // The package is at fault, not the LoRA: name the graph.
             Error::package(
                 graph,
@@ -365,7 +374,11 @@ impl<'a> Targets<'a> {
     /// merged weights, plus one base weight while it is read).
     pub fn merge(&self, settings: &[LoraSetting]) -> Result<Vec<MergedWeight>> {
         self.check(settings)?;
-        *SETS_MERGED.lock().unwrap_or_else(|p| p.into_inner()).entry(merge_key(&self.graph)).or_insert(0) += 1;
+        *SETS_MERGED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(merge_key(&self.transformer.graph))
+            .or_insert(0) += 1;
         let mut by_parameter: BTreeMap<&str, Vec<(&LoraAdapter, &ModuleUpdate, f32)>> = BTreeMap::new();
         for setting in settings.iter().filter(|s| s.scale != 0.0) {
             for (module, entry) in &setting.adapter.modules {
@@ -540,7 +553,11 @@ mod tests {
                 let init = &theirs[name];
                 assert_eq!(init.dims, weight.dims);
                 assert!(external, "{name}: shared weights are external data of the combined graph");
-                assert_eq!(init.bytes, targets.initializers[&weight.initializer].bytes, "{name} reads other bytes");
+                assert_eq!(
+                    init.bytes,
+                    targets.transformer.initializers().unwrap()[&weight.initializer].bytes,
+                    "{name} reads other bytes"
+                );
             }
         }
 

@@ -159,10 +159,8 @@ impl EditInfo {
                 ));
             }
         }
-        for (name, p) in self.omni_parameters.iter().flatten() {
-            if p.layout != "out_in" && p.layout != "in_out" {
-                return Err(format!("edit.omni_parameters.{name}: layout {:?} is not out_in or in_out", p.layout));
-            }
+        if let Some(table) = &self.omni_parameters {
+            super::lora_table::check_table("edit.omni_parameters", table)?;
         }
         let p = &self.image_processor;
         if !matches!(p.resample.as_str(), "bilinear" | "bicubic" | "lanczos" | "nearest") {

@@ -2,6 +2,8 @@
 //! `transformer.lora_parameters` and `edit.omni_parameters` tables (docs/package-format.md),
 //! which LoRAs are merged through.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 /// Where one diffusers parameter is in the graph.
@@ -21,4 +23,14 @@ impl LoraParameter {
     pub fn transposed(&self) -> bool {
         self.layout == "in_out"
     }
+}
+
+/// Checks a table's layouts (`section`: its place in the manifest, for the message).
+pub(crate) fn check_table(section: &str, table: &BTreeMap<String, LoraParameter>) -> Result<(), String> {
+    for (name, p) in table {
+        if p.layout != "out_in" && p.layout != "in_out" {
+            return Err(format!("{section}.{name}: layout {:?} is not out_in or in_out", p.layout));
+        }
+    }
+    Ok(())
 }

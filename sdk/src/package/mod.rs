@@ -222,14 +222,7 @@ impl Manifest {
             return Err("transformer limits (max_caption_tokens, max_latent_height/width) must be > 0".into());
         }
         if let Some(table) = &t.lora_parameters {
-            for (name, p) in table {
-                if p.layout != "out_in" && p.layout != "in_out" {
-                    return Err(format!(
-                        "transformer.lora_parameters.{name}: layout {:?} is not out_in or in_out",
-                        p.layout
-                    ));
-                }
-            }
+            lora_table::check_table("transformer.lora_parameters", table)?;
         }
         if let Some(q) = &self.quantization {
             q.check()?;
