@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{concatenate, s, Array4, ArrayView4, Axis, Zip};
 
+use super::preview::{AroundStep, StepDone, StepObserver};
 use super::scheduler::Schedule;
 use crate::error::{Error, Result};
 use crate::model::controlnet::{self, ControlInputs};
@@ -47,8 +48,6 @@ fn as_decimal(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
 }
 
-/// What the loop reports after each step; returning false stops the run.
-pub(crate) type StepCallback<'a> = dyn FnMut(usize, usize) -> bool + 'a;
 /// Called after each step's update, e.g. to re-impose the known region when inpainting.
 pub(crate) type AfterStep<'a> = dyn FnMut(usize, &mut Array4<f32>) + 'a;
 
@@ -75,7 +74,7 @@ impl Denoiser<'_> {
         latents: &mut Array4<f32>,
         context: &RunContext,
         step_times: &mut Vec<Duration>,
-        on_step: &mut StepCallback<'_>,
+        observer: &mut StepObserver<'_>,
         after_step: &mut AfterStep<'_>,
     ) -> Result<()> {
         let total = self.schedule.len() - self.first_step;
@@ -100,6 +99,7 @@ impl Denoiser<'_> {
             } else {
                 self.predict(latents, t_norm, &self.positive, context, last)?
             };
+            let before = observer.wants_latents(done + 1).then(|| latents.clone());
             // Euler step with v = -prediction: x + dt * v.
             let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
             Zip::from(&mut *latents).and(&prediction).for_each(|x, &p| *x += dt * -p);
@@ -108,7 +108,13 @@ impl Denoiser<'_> {
                 return Err(non_finite(done + 1, total, self.precision));
             }
             step_times.push(start.elapsed());
-            if !on_step(done + 1, total) {
+            let around = before.as_ref().map(|before| AroundStep {
+                before,
+                after: latents,
+                sigma: self.schedule.sigmas[i],
+                sigma_next: self.schedule.sigmas[i + 1],
+            });
+            if !observer.done(StepDone { step: done + 1, total, around })? {
                 context.cancel();
                 return Err(Error::Cancelled);
             }

@@ -14,7 +14,8 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::value::PrimitiveTensorElementType;
 use ort::value::{DynValue, Tensor};
 
-use super::denoise::{Denoiser, StepCallback};
+use super::denoise::Denoiser;
+use super::preview::{AroundStep, StepDone, StepObserver};
 use super::request::HostTraffic;
 use super::start::InpaintBlend;
 use crate::error::{Error, Result};
@@ -188,7 +189,7 @@ pub(crate) fn run(
     latents: &mut Array4<f32>,
     context: &RunContext,
     step_times: &mut Vec<Duration>,
-    on_step: &mut StepCallback<'_>,
+    observer: &mut StepObserver<'_>,
 ) -> Result<HostTraffic> {
     let schedule = denoiser.schedule;
     let n = schedule.len();
@@ -240,7 +241,7 @@ pub(crate) fn run(
             bad: &mut bad,
             inpaint: inpaint_buffers.as_ref(),
         };
-        steps(denoiser, step_graph, &tables, &mut layouts, &mut dev, buffers, context, step_times, on_step)
+        steps(denoiser, step_graph, &tables, &mut layouts, &mut dev, buffers, context, step_times, observer)
     });
     // The kept buffers go back to the session also after a failure: their addresses are what
     // matters, not their contents.
@@ -351,7 +352,7 @@ fn steps(
     buffers: StepBuffers<'_>,
     context: &RunContext,
     step_times: &mut Vec<Duration>,
-    on_step: &mut StepCallback<'_>,
+    observer: &mut StepObserver<'_>,
 ) -> Result<(u64, u64, usize)> {
     let graph = denoiser.transformer;
     let (first, n) = (denoiser.first_step, denoiser.schedule.len());
@@ -416,10 +417,29 @@ fn steps(
             binding.bind_output(step::TIMESTEP_OUT, &mut layout.timestep).map_err(err)?;
         }
         step_graph.run(&binding, context)?;
+        step_times.push(start.elapsed());
+        // A preview needs the latents on both sides of the step (the only host traffic
+        // between steps, and only at preview steps).
+        let around = if observer.wants_latents(done + 1) {
+            let (shape, before_values) = dev.download(&lat[current])?;
+            let (_, after_values) = dev.download(&lat[1 - current])?;
+            let as_array = |values| {
+                Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values)
+                    .map_err(|e| Error::inference("denoising", format!("device loop: latents shape: {e}")))
+            };
+            Some((as_array(before_values)?, as_array(after_values)?))
+        } else {
+            None
+        };
         current = 1 - current;
         max_step_bytes = max_step_bytes.max(dev.copied - before);
-        step_times.push(start.elapsed());
-        if !on_step(done + 1, total) {
+        let around = around.as_ref().map(|(before, after)| AroundStep {
+            before,
+            after,
+            sigma: denoiser.schedule.sigmas[i],
+            sigma_next: denoiser.schedule.sigmas[i + 1],
+        });
+        if !observer.done(StepDone { step: done + 1, total, around })? {
             context.cancel();
             return Err(Error::Cancelled);
         }

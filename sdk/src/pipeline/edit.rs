@@ -15,6 +15,7 @@ use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
 use super::denoise::{guide, Guidance};
 use super::loading::EditGraphs;
 use super::noise::TorchGenerator;
+use super::preview::{AroundStep, PreviewSteps, StepDone, StepObserver};
 pub use super::references::MAX_REFERENCE_PIXELS;
 use super::references::{self, PreparedReference};
 use super::request::{Generation, Progress, Timings};
@@ -55,6 +56,8 @@ pub struct EditRequest {
     pub count: u32,
     pub max_sequence_length: Option<usize>,
     pub return_latents: bool,
+    /// Previews passed to the progress callback, as `GenerateRequest::previews`.
+    pub previews: u32,
 }
 
 impl EditRequest {
@@ -73,6 +76,7 @@ impl EditRequest {
             count: 1,
             max_sequence_length: None,
             return_latents: false,
+            previews: 0,
         }
     }
 }
@@ -147,7 +151,7 @@ impl Pipeline {
     pub fn edit(
         &self,
         request: &EditRequest,
-        mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
+        progress: Option<&mut dyn FnMut(&Progress) -> bool>,
     ) -> Result<Generation> {
         let started = Instant::now();
         let (info, graphs) = match (&self.manifest.edit, &self.edit) {
@@ -235,13 +239,13 @@ impl Pipeline {
             patch: self.manifest.transformer.patch_size,
         };
         let mut step_times = Vec::with_capacity(plan.steps);
-        let mut on_step = |step: usize, total: usize| -> bool {
-            match progress.as_deref_mut() {
-                Some(callback) => callback(&Progress { step, total_steps: total, elapsed: started.elapsed() }),
-                None => true,
-            }
-        };
-        loop_.run(&mut latents, &schedule, &context, &mut step_times, &mut on_step)?;
+        let mut reporter = self.step_reporter(progress, started, &context);
+        let previews =
+            if reporter.reports() { PreviewSteps::new(request.previews, schedule.len()) } else { PreviewSteps::none() };
+        let mut observer = StepObserver { previews, on_step: &mut |done| reporter.step_done(done) };
+        loop_.run(&mut latents, &schedule, &context, &mut step_times, &mut observer)?;
+        let preview_time = reporter.preview_time;
+        drop(reporter);
         drop(transformer);
 
         let decode_start = Instant::now();
@@ -270,6 +274,7 @@ impl Pipeline {
                 text_encode: text_time,
                 denoise_steps: step_times,
                 vae_decode: decode_start.elapsed(),
+                previews: preview_time,
                 total: started.elapsed(),
                 onnx_runtime: context.ort_time(),
                 // Edits run the host loop (their stream packing is not in the step graph).
@@ -448,7 +453,7 @@ impl EditLoop<'_> {
         schedule: &Schedule,
         context: &RunContext,
         step_times: &mut Vec<Duration>,
-        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        observer: &mut StepObserver<'_>,
     ) -> Result<()> {
         let count = latents.shape()[0];
         let total = schedule.len();
@@ -473,13 +478,20 @@ impl EditLoop<'_> {
                 }
                 _ => self.predict(&vec![self.positive.clone(); count], latents, t_norm, context, last)?,
             };
+            let before = observer.wants_latents(i + 1).then(|| latents.clone());
             let dt = schedule.sigmas[i + 1] - schedule.sigmas[i];
             Zip::from(&mut *latents).and(&prediction).for_each(|x, &p| *x += dt * -p);
             if latents.iter().any(|v| !v.is_finite()) {
                 return Err(Error::inference("denoising", format!("latents became non-finite at step {}", i + 1)));
             }
             step_times.push(start.elapsed());
-            if !on_step(i + 1, total) {
+            let around = before.as_ref().map(|before| AroundStep {
+                before,
+                after: latents,
+                sigma: schedule.sigmas[i],
+                sigma_next: schedule.sigmas[i + 1],
+            });
+            if !observer.done(StepDone { step: i + 1, total, around })? {
                 context.cancel();
                 return Err(Error::Cancelled);
             }

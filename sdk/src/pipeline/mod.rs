@@ -8,6 +8,7 @@
 //! - [`noise`], [`scheduler`]: torch-compatible seeded noise, the flow-matching schedule;
 //! - `start`: where denoising starts (noise, an input picture, inpainting's blend);
 //! - `denoise`: the loop with classifier-free guidance;
+//! - `preview`: the denoised estimate after a step, decoded as a preview;
 //! - `device_loop`: the same loop with its state on the transformer's device (the default);
 //! - `loading`: which graph each stage loads, where and how;
 //! - [`parameters`]: the generation parameters stored with an image;
@@ -27,6 +28,7 @@ pub(crate) mod loading;
 pub mod noise;
 pub mod parameters;
 pub(crate) mod plan;
+pub(crate) mod preview;
 pub(crate) mod references;
 pub mod request;
 pub mod scheduler;
@@ -54,13 +56,14 @@ use crate::package::graph::GraphKind;
 use crate::package::Manifest;
 use crate::runtime::device::Device;
 use crate::runtime::gpu::TensorRtOptions;
-use crate::runtime::graph::GraphSlot;
+use crate::runtime::graph::{Graph, GraphSlot};
 use crate::runtime::library::{runtime, Runtime};
 use crate::runtime::run_context::{CancelHandle, Registry, RunContext};
 use captions::{CaptionEncoder, EncodedPrompts};
 use denoise::Denoiser;
 use loading::GraphLoader;
 use plan::Plan;
+use preview::{PreviewSteps, StepObserver, StepReporter};
 use request::{GenerateRequest, Generation, HostTraffic, Progress, Prompt, Providers, Timings};
 use scheduler::Schedule;
 use start::Start;
@@ -458,6 +461,11 @@ impl Pipeline {
         let control = self.control_inputs(request, &plan, &context)?;
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);
+        let total_steps = schedule.len() - start.first_step;
+        let mut reporter = self.step_reporter(progress, started, &context);
+        let previews =
+            if reporter.reports() { PreviewSteps::new(request.previews, total_steps) } else { PreviewSteps::none() };
+        let mut observer = StepObserver { previews, on_step: &mut |done| reporter.step_done(done) };
         let (latents, host_traffic) = self.denoise(
             start,
             &prompts,
@@ -466,9 +474,10 @@ impl Pipeline {
             control.as_ref(),
             &context,
             &mut denoise_steps,
-            progress,
-            started,
+            &mut observer,
         )?;
+        let preview_time = reporter.preview_time;
+        drop(reporter);
         let decode_start = Instant::now();
         let images = self.decode(&latents, &plan, &context)?;
         let vae_tiling = self.tiling_used(&latents);
@@ -477,6 +486,7 @@ impl Pipeline {
             text_encode: prompts.encode_time,
             denoise_steps,
             vae_decode: decode_start.elapsed(),
+            previews: preview_time,
             total: started.elapsed(),
             onnx_runtime: context.ort_time(),
             host_traffic,
@@ -524,8 +534,7 @@ impl Pipeline {
         control: Option<&ControlInputs>,
         context: &RunContext,
         step_times: &mut Vec<Duration>,
-        mut progress: Option<&mut dyn FnMut(&Progress) -> bool>,
-        started: Instant,
+        observer: &mut StepObserver<'_>,
     ) -> Result<(Array4<f32>, Option<HostTraffic>)> {
         let count = plan.latent_shape[0];
         let positive: Vec<&PromptEmbedding> = std::iter::repeat_n(&prompts.positive, count).collect();
@@ -545,12 +554,6 @@ impl Pipeline {
             precision: self.manifest.precision,
             control,
         };
-        let mut on_step = |step: usize, total: usize| -> bool {
-            match progress.as_deref_mut() {
-                Some(callback) => callback(&Progress { step, total_steps: total, elapsed: started.elapsed() }),
-                None => true,
-            }
-        };
         let inpaint = start.inpaint;
         let mut latents = start.latents;
         // The step graph binds the plain transformer's inputs only: a ControlNet's control
@@ -567,7 +570,7 @@ impl Pipeline {
                 &mut latents,
                 context,
                 step_times,
-                &mut on_step,
+                observer,
             )?;
             return Ok((latents, Some(traffic)));
         }
@@ -576,13 +579,37 @@ impl Pipeline {
                 blend.apply(step, schedule, latents);
             }
         };
-        denoiser.run(&mut latents, context, step_times, &mut on_step, &mut after_step)?;
+        denoiser.run(&mut latents, context, step_times, observer, &mut after_step)?;
         Ok((latents, None))
+    }
+
+    /// What runs after each denoising step: `progress`, with the previews the loop hands over
+    /// decoded by this pipeline's VAE decoder (held from the first preview to the end of the
+    /// run, so sequential mode builds its session once per generation).
+    fn step_reporter<'a, 'p>(
+        &'a self,
+        progress: Option<&'p mut (dyn FnMut(&Progress) -> bool + 'p)>,
+        started: Instant,
+        context: &'a RunContext,
+    ) -> StepReporter<'a, 'p> {
+        StepReporter { pipeline: self, progress, started, context, preview_time: Duration::ZERO, decoder: None }
     }
 
     /// The tiling the decode of these latents used, if it was tiled.
     fn tiling_used(&self, latents: &Array4<f32>) -> Option<VaeTiling> {
         self.options.vae_tiling.filter(|_| self.vae.tiles(latents.shape()[2], latents.shape()[3]))
+    }
+
+    /// Previews: latents to 8-bit pictures, without the result's saturation check (an early
+    /// estimate may well be far off).
+    fn decode_preview(
+        &self,
+        decoder: &Graph,
+        latents: &Array4<f32>,
+        context: &RunContext,
+    ) -> Result<Vec<image_io::RgbImage>> {
+        let decoded = self.vae.decode(decoder, latents, context)?;
+        Ok(decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect())
     }
 
     /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like

@@ -79,6 +79,10 @@ pub struct GenerateRequest {
     /// ControlNet conditioning (text-to-image or ControlNet inpainting); needs a ControlNet
     /// attached to the pipeline. Not together with `init_image`.
     pub control: Option<ControlCondition>,
+    /// Previews passed to the progress callback ([`Progress::preview`]): this many, at evenly
+    /// spaced steps before the last, at most one per step (a larger number means every step).
+    /// Each costs one VAE decode. 0 (the default) = none; ignored without a progress callback.
+    pub previews: u32,
 }
 
 /// The picture an image-to-image or inpainting request starts from.
@@ -129,6 +133,7 @@ impl Default for GenerateRequest {
             return_latents: false,
             init_image: None,
             control: None,
+            previews: 0,
         }
     }
 }
@@ -159,12 +164,19 @@ impl GenerateRequest {
     }
 }
 
-/// Where a generation is, passed to the progress callback.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Where a generation is, passed to the progress callback after every denoising step.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Progress {
+    /// Steps done (1..=`total_steps`), counted over the steps that run (image-to-image runs
+    /// fewer than the request's `steps`).
     pub step: usize,
     pub total_steps: usize,
     pub elapsed: Duration,
+    /// At the steps a request's `previews` asked for: one picture per image of the request,
+    /// decoded from the model's current estimate of the finished latents (what the image would
+    /// be if denoising stopped here; blurry early, close to the result late). `None` otherwise.
+    pub preview: Option<Vec<RgbImage>>,
 }
 
 /// Time spent in each stage of one generation.
@@ -175,6 +187,8 @@ pub struct Timings {
     pub text_encode: Duration,
     pub denoise_steps: Vec<Duration>,
     pub vae_decode: Duration,
+    /// Decoding the previews the request asked for (also inside `total`).
+    pub previews: Duration,
     pub total: Duration,
     /// Time inside ONNX Runtime calls, summed over all stages.
     pub onnx_runtime: Duration,
