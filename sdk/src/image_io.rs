@@ -35,8 +35,11 @@ pub struct GrayImage {
 
 /// Decoder output `[3, H, W]` → RGB8: `clamp(x / 2 + 0.5, 0, 1) * 255`, rounded half to even
 /// like numpy (Rust's `round` would round half away from zero and differ on ties).
-pub fn to_rgb8(image: ArrayView3<f32>) -> RgbImage {
-    let (h, w) = (image.shape()[1], image.shape()[2]);
+pub fn to_rgb8(image: ArrayView3<f32>) -> Result<RgbImage> {
+    let (channels, h, w) = image.dim();
+    if channels < 3 || u32::try_from(h).is_err() || u32::try_from(w).is_err() {
+        return Err(Error::invalid(format!("to_rgb8 needs [3, H, W] values, got {:?}", image.shape())));
+    }
     let mut pixels = Vec::with_capacity(h * w * 3);
     for y in 0..h {
         for x in 0..w {
@@ -46,7 +49,7 @@ pub fn to_rgb8(image: ArrayView3<f32>) -> RgbImage {
             }
         }
     }
-    RgbImage { width: w as u32, height: h as u32, pixels }
+    Ok(RgbImage { width: w as u32, height: h as u32, pixels })
 }
 
 /// True when every value of a decoder output `[3, H, W]` is clipped by [`to_rgb8`] (at or
@@ -350,8 +353,8 @@ pub fn image_size(bytes: &[u8]) -> Result<(u32, u32)> {
 /// (`PIL.ImageOps.exif_transpose`) before `convert("RGB")`.
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
     let (decoded, orientation) = decode(bytes)?;
-    let mut rgb = image::DynamicImage::ImageRgb8(decoded.to_rgb8());
-    drop(decoded); // a rotation copies the picture: only the converted one is alive then
+    // `into_rgb8` takes an RGB8 picture as it is (`to_rgb8` copied it: 1.5x the decode cap).
+    let mut rgb = image::DynamicImage::ImageRgb8(decoded.into_rgb8());
     rgb.apply_orientation(orientation);
     let rgb = rgb.into_rgb8();
     Ok(RgbImage { width: rgb.width(), height: rgb.height(), pixels: rgb.into_raw() })
@@ -578,6 +581,7 @@ pub fn resize_gray(mask: &GrayImage, width: u32, height: u32) -> Result<GrayImag
 
 /// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.
 pub fn crop_rgb(image: &RgbImage, left: u32, top: u32, width: u32, height: u32) -> Result<RgbImage> {
+    image.check()?;
     let fits = |start: u32, len: u32, side: u32| start.checked_add(len).is_some_and(|end| end <= side);
     if !fits(left, width, image.width) || !fits(top, height, image.height) || width == 0 || height == 0 {
         return Err(Error::invalid(format!(
@@ -624,13 +628,80 @@ impl GrayImage {
 pub fn read_npy(path: &Path) -> Result<Array4<f32>> {
     use ndarray_npy::ReadNpyExt;
     let bytes = read_file_capped(path, MAX_LATENTS_FILE_BYTES)?;
+    check_npy_size(&bytes).map_err(|e| Error::invalid(format!("{}: cannot read latents: {e}", path.display())))?;
     Array4::<f32>::read_npy(bytes.as_slice())
         .map_err(|e| Error::invalid(format!("{}: cannot read latents: {e}", path.display())))
+}
+
+/// The `.npy` reader allocates what the header's shape asks before reading any data: a
+/// 100-byte file declaring (1, 16, 2^20, 2^20) asked 64 TiB. Checks that shape's float32 values
+/// against the bytes after the header first.
+fn check_npy_size(bytes: &[u8]) -> std::result::Result<(), String> {
+    let not_npy = || "not an .npy file".to_string();
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(not_npy());
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => return Err(not_npy()),
+    };
+    let header = bytes.get(start..start.saturating_add(header_len)).ok_or_else(not_npy)?;
+    let header = String::from_utf8_lossy(header);
+    let shape = header.split("'shape':").nth(1).and_then(|rest| rest.split(')').next()).ok_or_else(not_npy)?;
+    let mut values: u64 = 1;
+    for side in shape.trim_start().trim_start_matches('(').split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let side: u64 = side.parse().map_err(|_| format!("shape ({shape}) is not a list of sizes"))?;
+        values = values.checked_mul(side).ok_or_else(|| format!("shape ({shape}) overflows"))?;
+    }
+    let data = (bytes.len() - start - header_len) as u64;
+    if values.checked_mul(4).is_none_or(|need| need > data) {
+        return Err(format!(
+            "shape ({shape}) needs {values} float32 values, the file holds {data} bytes after its header"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `.npy` header's shape is checked against the file before the reader allocates it.
+    #[test]
+    fn npy_shapes_beyond_the_file_are_refused() {
+        let npy = |shape: &str, data: usize| {
+            let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+            bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, data));
+            bytes
+        };
+        let e = check_npy_size(&npy("(1, 16, 1048576, 1048576)", 16)).unwrap_err();
+        assert!(e.contains("needs 17592186044416 float32 values"), "{e}");
+        assert!(check_npy_size(&npy("(1, 16, 2, 2)", 256)).is_ok());
+        assert!(check_npy_size(&npy("(1, 16, 2, 2)", 255)).is_err());
+        assert!(check_npy_size(&npy("(18446744073709551615, 2)", 0)).unwrap_err().contains("overflows"));
+        assert!(check_npy_size(b"not numpy at all").is_err());
+        let dir = std::env::temp_dir().join(format!("zimage-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("huge.npy");
+        std::fs::write(&path, npy("(1, 16, 1048576, 1048576)", 16)).unwrap();
+        assert_eq!(read_npy(&path).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Public helpers given a picture whose buffer does not match its size, or values that are
+    /// not three channels, return errors instead of panicking.
+    #[test]
+    fn inconsistent_pictures_are_errors_not_panics() {
+        let lying = RgbImage { width: 10, height: 10, pixels: vec![] };
+        assert!(crop_rgb(&lying, 0, 0, 2, 2).is_err());
+        assert!(to_rgb8(ndarray::Array3::<f32>::zeros((1, 4, 4)).view()).is_err());
+        let ok = to_rgb8(ndarray::Array3::<f32>::zeros((3, 2, 5)).view()).unwrap();
+        assert_eq!((ok.width, ok.height, ok.pixels), (5, 2, vec![128; 30]));
+    }
 
     /// A disk that fills up while the PNG is written (/dev/full: every write fails with
     /// ENOSPC) is an I/O error naming the destination, and leaves neither the destination nor

@@ -49,6 +49,9 @@ pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
 pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// Largest latents file (`.npy`) read.
 pub const MAX_LATENTS_FILE_BYTES: u64 = 1 << 30;
+/// The most values the SigLIP processor makes for one reference picture
+/// (`max_num_patches x patch_size^2 x 3`; SigLIP2's is 256 x 768): 64 MiB of float32.
+pub const MAX_SIGLIP_VALUES: u64 = 1 << 24;
 
 /// The guidance settings' bounds, for generations and edits alike and for the settings a
 /// package recommends (it cannot recommend what it would refuse): the message says which

@@ -189,6 +189,10 @@ fn package_problems_are_package_errors() {
         ("mismatched channels", Box::new(|m| m["vae"]["latent_channels"] = 3.into())),
         ("renamed cpu decoder output", Box::new(|m| m["graphs"]["vae_decoder_cpu"]["outputs"][0]["name"] = "x".into())),
         ("wrong cpu decoder checksum", Box::new(|m| m["graphs"]["vae_decoder_cpu"]["sha256"] = "00".repeat(32).into())),
+        // Finite as an f64, infinite as the f32 the decoder divides by: every image was the
+        // same constant.
+        ("scaling factor beyond float32", Box::new(|m| m["vae"]["scaling_factor"] = 1e300.into())),
+        ("scaling factor below float32", Box::new(|m| m["vae"]["scaling_factor"] = 1e-50.into())),
     ];
     for (name, edit) in variants {
         let dir = tiny_package_with_manifest(name, edit);
@@ -293,6 +297,23 @@ fn a_tokenizer_that_multiplies_text_is_a_package_error_at_load() {
 }
 
 /// A temporary package: links to tiny-zimage's files and its manifest changed by `edit`.
+/// The latents are the image size over the VAE's scale factor whatever the transformer's
+/// patch size (a patch size of 4 made a 64x64 request give a 32x32 image).
+#[test]
+fn images_have_the_requested_size_whatever_the_patch_size() {
+    let dir = tiny_package_with_manifest("patch size 4", |m| m["transformer"]["patch_size"] = 4.into());
+    let pipeline = Pipeline::load(&dir, &LoadOptions::default()).expect("load");
+    assert_eq!(pipeline.manifest().size_multiple(), 32);
+    let g = pipeline.generate(&small("a red fox"), None).expect("generate");
+    assert_eq!((g.images[0].width, g.images[0].height), (64, 64));
+    assert_eq!(g.latents.unwrap().shape(), &[1, 16, 8, 8]);
+    let mut r = small("a red fox");
+    r.width = 48;
+    assert_eq!(kind_of(pipeline.generate(&r, None)), ErrorKind::InvalidRequest, "48 is no multiple of 32");
+    drop(pipeline);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn tiny_package_with_manifest(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
     let source = repo().join("models/tiny-zimage");
     let dir = tempdir(name);

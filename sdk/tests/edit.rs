@@ -446,3 +446,19 @@ fn edit_defaults_out_of_bounds_are_package_errors() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// SigLIP processor settings whose output per reference would be huge are refused at load:
+/// patch size 1024 with 65536 patches (each within its own bound) asked 824 GB of the first
+/// edit, which aborted the process.
+#[test]
+fn siglip_settings_that_need_huge_buffers_are_package_errors() {
+    let dir = edited_copy(&repo().join("models").join(PACKAGE), "edit-siglip-huge", |m, _| {
+        m["edit"]["image_processor"]["patch_size"] = 1024.into();
+        m["edit"]["siglip"]["patch_size"] = 1024.into();
+        m["edit"]["image_processor"]["max_num_patches"] = 65536.into();
+    });
+    let e = zimage::Pipeline::load(&dir, &zimage::LoadOptions::default()).err().expect("huge settings load");
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    assert!(e.to_string().contains("max_num_patches x patch_size^2 x 3 is 206158430208 values"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

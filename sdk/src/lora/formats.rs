@@ -178,13 +178,23 @@ struct Pair {
     alpha: Option<(String, f32)>,
 }
 
+/// The largest side of a LoRA matrix: far above any model width, and small enough that the
+/// products of two sides (a LoKr target's shape, a weight's element count) cannot overflow.
+const MAX_MATRIX_SIDE: usize = 1 << 20;
+
 fn matrix(t: RawTensor) -> Result<(String, Matrix), String> {
-    match t.shape.as_slice() {
-        [rows, cols] => Ok((t.key, Matrix { rows: *rows, cols: *cols, data: t.values })),
+    let (rows, cols) = match t.shape.as_slice() {
+        [rows, cols] => (*rows, *cols),
         // kohya writes 1x1 convolutions' LoRAs as [r, in, 1, 1]; a Linear LoRA may come so too.
-        [rows, cols, 1, 1] => Ok((t.key, Matrix { rows: *rows, cols: *cols, data: t.values })),
-        other => Err(format!("tensor {} has shape {other:?}: LoRA matrices are 2-D", t.key)),
+        [rows, cols, 1, 1] => (*rows, *cols),
+        other => return Err(format!("tensor {} has shape {other:?}: LoRA matrices are 2-D", t.key)),
+    };
+    // An empty side holds no values whatever the other claims: a file could pair it with a
+    // side of 2^63 and make shape arithmetic wrap.
+    if !(1..=MAX_MATRIX_SIDE).contains(&rows) || !(1..=MAX_MATRIX_SIDE).contains(&cols) {
+        return Err(format!("tensor {} has shape {:?}: each side must be 1..={MAX_MATRIX_SIDE}", t.key, t.shape));
     }
+    Ok((t.key, Matrix { rows, cols, data: t.values }))
 }
 
 fn convert_lora(
@@ -272,6 +282,9 @@ fn convert_lora(
             None => 1.0,
         };
         let factor = alpha_factor * peft_factor;
+        if !factor.is_finite() {
+            return Err(format!("{down_key}: alpha / rank times the metadata's factor is not finite"));
+        }
         if let Some(block) = module.strip_suffix(".qkv") {
             let third = up.rows / 3;
             for (k, proj) in ["to_q", "to_k", "to_v"].iter().enumerate() {
@@ -437,8 +450,12 @@ impl PeftConfig {
         if r as usize != tensor_rank {
             return Err(format!("the metadata says rank {r}, the matrices have rank {tensor_rank}"));
         }
-        let f = if self.use_rslora { alpha / r.sqrt() } else { alpha / r };
-        Ok(f as f32)
+        let f = (if self.use_rslora { alpha / r.sqrt() } else { alpha / r }) as f32;
+        // Checked here, at load, as float32 (a lora_alpha of 1e300 is finite as an f64).
+        if !f.is_finite() {
+            return Err(format!("the metadata's lora_alpha {alpha} over rank {r} is not a finite float32 factor"));
+        }
+        Ok(f)
     }
 }
 
@@ -528,6 +545,21 @@ mod tests {
         assert_eq!(out["layers.0.attention.to_out.0"].factor, 2.0);
     }
 
+    /// A factor that is finite as the metadata's f64 but not as float32 is refused when the
+    /// file is read (it was found only when merging).
+    #[test]
+    fn a_metadata_alpha_beyond_float32_is_refused_at_load() {
+        let peft = || {
+            vec![
+                t("transformer.layers.0.feed_forward.w1.lora_A.weight", &[4, 8]),
+                t("transformer.layers.0.feed_forward.w1.lora_B.weight", &[16, 4]),
+            ]
+        };
+        let e = convert(peft(), Some(r#"{"transformer.r": 4, "transformer.lora_alpha": 1e300}"#)).unwrap_err();
+        assert!(e.contains("not a finite float32 factor"), "{e}");
+        assert!(convert(peft(), Some(r#"{"transformer.r": 4, "transformer.lora_alpha": 1e30}"#)).is_ok());
+    }
+
     #[test]
     fn bad_files_name_the_key() {
         let rank = vec![
@@ -556,5 +588,26 @@ mod tests {
         ];
         let out = convert(files, None).unwrap();
         assert_eq!(out["layers.0.attention.to_q"].factor, 0.5);
+    }
+
+    /// A rank-0 factor holds no values whatever its other side says: with a side of 2^63 + 32
+    /// the LoKr product's shape wrapped to the model's and the merge indexed past the update.
+    #[test]
+    fn empty_or_huge_sides_are_refused() {
+        let huge = (1usize << 63) + 32;
+        let tensor = |key: &str, shape: Vec<usize>| RawTensor { key: key.into(), shape, values: vec![] };
+        let files = vec![
+            tensor("diffusion_model.layers.0.attention.to_q.lokr_w1_a", vec![huge, 0]),
+            tensor("diffusion_model.layers.0.attention.to_q.lokr_w1_b", vec![0, huge]),
+            t("diffusion_model.layers.0.attention.to_q.lokr_w2", &[2, 2]),
+        ];
+        let e = convert(files, None).unwrap_err();
+        assert!(e.contains("lokr_w1_a") && e.contains("each side must be"), "{e}");
+        let e = convert(
+            vec![tensor("transformer.x.lora_A.weight", vec![0, 4]), t("transformer.x.lora_B.weight", &[4, 0])],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("each side must be"), "{e}");
     }
 }

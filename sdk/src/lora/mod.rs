@@ -131,7 +131,7 @@ impl LoraAdapter {
     /// Elements of the weights it changes (`out · in` summed over its modules): one merged
     /// copy of them is what applying it holds besides the package's weights.
     pub fn target_elements(&self) -> usize {
-        self.modules.values().map(|m| m.update.target_shape()).map(|(out, inn)| out * inn).sum()
+        self.modules.values().map(|m| m.update.target_shape()).map(|(out, inn)| out.saturating_mul(inn)).sum()
     }
 }
 

@@ -13,6 +13,7 @@ use ndarray::{Array2, Array4};
 
 use crate::error::{Error, Result};
 use crate::image_io::{self, RgbImage};
+use crate::limits::MAX_SIGLIP_VALUES;
 use crate::package::edit::SiglipProcessorSettings;
 use crate::pil_resize::Filter;
 
@@ -63,8 +64,12 @@ pub fn target_size(height: u32, width: u32, patch: usize, max_patches: usize) ->
 pub fn siglip_inputs(image: &RgbImage, settings: &SiglipProcessorSettings) -> Result<SiglipInputs> {
     image.check()?;
     let patch = settings.patch_size;
-    if patch == 0 || settings.max_num_patches == 0 {
-        return Err(Error::invalid("SigLIP processor: patch_size and max_num_patches must be > 0"));
+    let values = (settings.max_num_patches as u64).checked_mul((patch as u64).pow(2) * 3);
+    if patch == 0 || patch > 1024 || settings.max_num_patches == 0 || values.is_none_or(|v| v > MAX_SIGLIP_VALUES) {
+        return Err(Error::invalid(format!(
+            "SigLIP processor: patch_size must be 1..=1024 and max_num_patches > 0, with max_num_patches x \
+             patch_size^2 x 3 at most {MAX_SIGLIP_VALUES}"
+        )));
     }
     let resized = if settings.do_resize {
         let (h, w) = target_size(image.height, image.width, patch, settings.max_num_patches);

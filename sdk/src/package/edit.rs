@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::lora_table::LoraParameter;
 
-use crate::limits::{check_guidance, MAX_INPUT_SIDE, MAX_STEPS};
+use crate::limits::{check_guidance, MAX_INPUT_SIDE, MAX_SIGLIP_VALUES, MAX_STEPS};
 
 /// The `edit` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +168,14 @@ impl EditInfo {
         }
         if p.patch_size == 0 || p.patch_size > 1024 || p.max_num_patches == 0 || p.max_num_patches > 1 << 16 {
             return Err("edit.image_processor: patch_size must be 1..=1024 and max_num_patches 1..=65536".into());
+        }
+        // The processor's output is max_num_patches x patch_size^2 x 3 floats per reference;
+        // SigLIP2's is 256 x 768. Each bound alone still allowed 824 GB.
+        let values = p.max_num_patches as u64 * (p.patch_size as u64).pow(2) * 3;
+        if values > MAX_SIGLIP_VALUES {
+            return Err(format!(
+                "edit.image_processor: max_num_patches x patch_size^2 x 3 is {values} values per reference, above {MAX_SIGLIP_VALUES}"
+            ));
         }
         if p.patch_size != self.siglip.patch_size || self.siglip.num_channels != 3 {
             return Err("edit: the processor's patch_size must equal siglip.patch_size, with 3 channels".into());

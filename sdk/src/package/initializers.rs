@@ -68,6 +68,14 @@ impl Initializer {
     pub fn read_bytes(&self) -> Result<Vec<u8>, String> {
         let (path, offset, length) = self.bytes.as_ref().ok_or("the tensor is not stored as raw bytes")?;
         let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Checked before allocating: the length is the graph's word, not the file's.
+        let file_len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+        if offset.checked_add(*length).is_none_or(|end| end > file_len) {
+            return Err(format!(
+                "{}: {length} bytes at offset {offset} run past the end of the file ({file_len} bytes)",
+                path.display()
+            ));
+        }
         file.seek(SeekFrom::Start(*offset)).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut data = vec![0u8; *length as usize];
         file.read_exact(&mut data).map_err(|e| format!("{}: {e} (at offset {offset})", path.display()))?;
@@ -266,7 +274,14 @@ fn read_tensor(r: &mut Reader, end: u64, model: &Path, dir: &Path) -> Result<(St
         raw.map(|(offset, length)| (model.to_path_buf(), offset, Some(length)))
     };
     let element_type = ElementType::from_onnx(data_type);
-    let expected = element_type.map(|t| dims.iter().product::<usize>() as u64 * t.size() as u64);
+    let numel = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let numel = numel.ok_or_else(|| format!("initializer {name}: dims {dims:?} overflow"))?;
+    let expected = match element_type {
+        Some(t) => Some(
+            numel.checked_mul(t.size() as u64).ok_or_else(|| format!("initializer {name}: dims {dims:?} overflow"))?,
+        ),
+        None => None,
+    };
     let bytes = match bytes {
         Some((file, offset, length)) => {
             let length = length.or(expected).ok_or_else(|| format!("initializer {name}: no length"))?;
@@ -280,4 +295,77 @@ fn read_tensor(r: &mut Reader, end: u64, model: &Path, dir: &Path) -> Result<(St
         }
     }
     Ok((name, Initializer { dims, element_type, bytes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn field(number: u64, bytes: &[u8], out: &mut Vec<u8>) {
+        varint(number << 3 | 2, out);
+        varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+
+    /// A model whose one float initializer `w` of `dims` lives in `data.bin` at `offset`, `length`.
+    fn model(dims: &[u64], offset: u64, length: u64) -> Vec<u8> {
+        let entry = |key: &str, value: &str| {
+            let mut e = Vec::new();
+            field(1, key.as_bytes(), &mut e);
+            field(2, value.as_bytes(), &mut e);
+            e
+        };
+        let mut tensor = Vec::new();
+        for &d in dims {
+            varint(1 << 3, &mut tensor);
+            varint(d, &mut tensor);
+        }
+        varint(2 << 3, &mut tensor);
+        varint(1, &mut tensor); // FLOAT
+        field(8, b"w", &mut tensor);
+        field(13, &entry("location", "data.bin"), &mut tensor);
+        field(13, &entry("offset", &offset.to_string()), &mut tensor);
+        field(13, &entry("length", &length.to_string()), &mut tensor);
+        varint(14 << 3, &mut tensor);
+        varint(1, &mut tensor); // EXTERNAL
+        let mut graph = Vec::new();
+        field(5, &tensor, &mut graph);
+        let mut model = Vec::new();
+        field(7, &graph, &mut model);
+        model
+    }
+
+    /// The external length is the graph's claim: 4 TiB over an empty data file was allocated
+    /// before reading, which aborted the process.
+    #[test]
+    fn external_data_past_the_file_is_an_error_before_allocating() {
+        let dir = std::env::temp_dir().join(format!("zimage-initializers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("data.bin"), [0u8; 16]).unwrap();
+        let path = dir.join("model.onnx");
+
+        std::fs::write(&path, model(&[1 << 20, 1 << 20], 0, 1 << 42)).unwrap();
+        let e = read_initializers(&path).unwrap()["w"].read_bytes().unwrap_err();
+        assert!(e.contains("4398046511104 bytes at offset 0 run past the end of the file (16 bytes)"), "{e}");
+
+        std::fs::write(&path, model(&[2, 2], 8, 16)).unwrap();
+        let e = read_initializers(&path).unwrap()["w"].read_bytes().unwrap_err();
+        assert!(e.contains("run past the end"), "{e}");
+        std::fs::write(&path, model(&[2, 2], 0, 16)).unwrap();
+        assert_eq!(read_initializers(&path).unwrap()["w"].read_bytes().unwrap(), vec![0u8; 16]);
+
+        // Dimensions whose product overflows are refused while reading the graph.
+        std::fs::write(&path, model(&[1 << 40, 1 << 40], 0, 16)).unwrap();
+        let e = read_initializers(&path).unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -206,8 +206,14 @@ impl Manifest {
         if !v.scale_factor.is_power_of_two() {
             return Err(format!("vae.scale_factor {} is not a power of two", v.scale_factor));
         }
-        if !(v.scaling_factor.is_finite() && v.scaling_factor != 0.0 && v.shift_factor.is_finite()) {
-            return Err("vae.scaling_factor must be finite and non-zero, shift_factor finite".into());
+        // Checked as the float32 the decoder scales by (1e300 passes as an f64 and is infinite
+        // as an f32: every image came out the same constant).
+        let (scaling, shift) = (v.scaling_factor as f32, v.shift_factor as f32);
+        if !((1e-6..=1e6).contains(&scaling.abs()) && shift.abs() <= 1e6) {
+            return Err(format!(
+                "vae.scaling_factor must be 1e-6..=1e6 in magnitude and shift_factor at most 1e6 (got {} and {})",
+                v.scaling_factor, v.shift_factor
+            ));
         }
         if self.text_encoder.hidden_size != t.cap_feat_dim {
             return Err(format!(

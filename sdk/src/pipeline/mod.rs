@@ -609,7 +609,7 @@ impl Pipeline {
         context: &RunContext,
     ) -> Result<Vec<image_io::RgbImage>> {
         let decoded = self.vae.decode(decoder, latents, context)?;
-        Ok(decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect())
+        decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect()
     }
 
     /// Latents to 8-bit pictures, one image at a time. The decoder's output is checked like
@@ -637,7 +637,7 @@ impl Pipeline {
                 ));
             }
         }
-        Ok(decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect())
+        decoded.iter().map(|d| image_io::to_rgb8(d.index_axis(Axis(0), 0))).collect()
     }
 
     /// One transformer forward on caller-built inputs: `latents [B,C,h,w]`, `timestep [B]`

@@ -50,8 +50,11 @@ impl Plan {
             }
         }
         let channels = m.vae.latent_channels;
-        let h = 2 * (r.height as usize / multiple);
-        let w = 2 * (r.width as usize / multiple);
+        // diffusers writes this 2 * (H / (scale_factor * 2)), its 2 being Z-Image's patch size;
+        // the latents are H / scale_factor whatever the patch size (a multiple of it keeps
+        // them whole patches).
+        let h = r.height as usize / m.vae.scale_factor;
+        let w = r.width as usize / m.vae.scale_factor;
         let latent_shape = vec![r.count as usize, channels, h, w];
         if let Some(l) = &r.latents {
             if l.shape() != latent_shape.as_slice() {

@@ -51,6 +51,18 @@ impl Schedule {
                 schedule.sigmas, config.shift, config.shift_terminal
             )));
         }
+        // A noise level outside [0, 1], or one that rises, is no flow-matching schedule (a
+        // negative shift gives one, and diffusers runs it); the images would be meaningless.
+        // The tolerance covers float32 rounding of `shift / (1 + (shift - 1))` at sigma 1.
+        let in_range = schedule.sigmas.iter().all(|&s| (0.0..=1.0 + 1e-5).contains(&s));
+        let falling = schedule.sigmas.windows(2).all(|w| w[1] <= w[0] + 1e-6);
+        if !(in_range && falling) {
+            return Err(Error::invalid(format!(
+                "the package's scheduler settings give noise levels outside [0, 1] or rising for {steps} steps \
+                 (sigmas {:?}); check the manifest's scheduler section",
+                schedule.sigmas
+            )));
+        }
         Ok(schedule)
     }
 
@@ -110,5 +122,37 @@ mod tests {
         let huge = SchedulerConfig { shift: 1e308, ..turbo };
         assert!(huge.check().is_ok(), "finite, so the manifest check lets it through");
         assert_eq!(Schedule::for_request(&huge, 8, 4096).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+    }
+
+    /// A finite schedule that is no flow (noise levels above 1, below 0, or rising) is refused;
+    /// legitimate shifts of every kind pass, also where float32 rounds sigma 1 a little above 1.
+    #[test]
+    fn a_schedule_outside_the_flow_is_refused() {
+        let turbo = SchedulerConfig::z_image_turbo();
+        let linear_negative = SchedulerConfig {
+            use_dynamic_shifting: true,
+            time_shift_type: "linear".into(),
+            base_shift: -0.5,
+            max_shift: -0.5,
+            ..turbo.clone()
+        };
+        let e = Schedule::for_request(&linear_negative, 4, 4096).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidRequest, "{e}");
+        assert!(e.to_string().contains("outside [0, 1] or rising"), "{e}");
+        let negative = SchedulerConfig { shift: -0.5, ..turbo.clone() };
+        assert!(Schedule::for_request(&negative, 8, 4096).is_err());
+        for shift in [0.3, 0.7, 1.0, 3.0, 6.0, 1e4] {
+            let config = SchedulerConfig { shift, ..turbo.clone() };
+            for steps in [1, 2, 8, 50, 1000] {
+                assert!(Schedule::for_request(&config, steps, 4096).is_ok(), "shift {shift}, {steps} steps");
+            }
+        }
+        let dynamic = SchedulerConfig { use_dynamic_shifting: true, ..turbo.clone() };
+        let terminal = SchedulerConfig { shift_terminal: Some(0.02), ..turbo };
+        for config in [dynamic, terminal] {
+            for seq in [16, 256, 4096, 65536] {
+                assert!(Schedule::for_request(&config, 8, seq).is_ok(), "{config:?} at {seq}");
+            }
+        }
     }
 }
