@@ -1,7 +1,6 @@
 //! `zimage edit`: reference pictures + an instruction -> edited PNG files (ZImageOmniPipeline),
 //! the parameters (with the references' names and sha256) in text chunks.
 
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -12,6 +11,7 @@ use crate::enhance::{self, EnhanceFlags};
 use crate::generate::{output_files, quantization_json, timings_json, ProgressMode, StageProgress};
 use crate::model_args::ModelArgs;
 use crate::output::{out, secs, Failure};
+use crate::step_report::StepReport;
 use crate::{interrupt, log};
 
 #[derive(Args)]
@@ -62,6 +62,9 @@ pub struct EditArgs {
     /// Tokens kept per text segment [default: the package's, 512].
     #[arg(long, value_name = "N")]
     max_sequence_length: Option<usize>,
+    /// Write N previews while editing, as `zimage generate --previews` does.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    previews: u32,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -110,22 +113,16 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = latents_file.is_some();
+    request.previews = args.previews;
 
     let progress = StageProgress::new(args.progress.visible_for_edit());
     progress.stage("loading model");
     let guidance = args.guidance.unwrap_or(manifest.edit.as_ref().map_or(0.0, |e| e.defaults.guidance_scale)) > 0.0;
     let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;
     pipeline.check_edit(&request)?;
-    let last_step = Cell::new((0usize, 0usize));
-    let lines = args.progress == ProgressMode::Lines;
-    let mut on_step = |p: &Progress| {
-        progress.step(p);
-        last_step.set((p.step, p.total_steps));
-        if lines {
-            log::stderr_line("progress", &format!("step {}/{} ({:.2} s)", p.step, p.total_steps, secs(p.elapsed)));
-        }
-        !interrupt::interrupted()
-    };
+    let previews_beside = (args.previews > 0).then(|| (args.output.clone(), args.count));
+    let mut report = StepReport::new(&progress, args.progress, previews_beside);
+    let mut on_step = |p: &Progress| report.on_step(p);
     progress.stage("encoding references");
     let result = interrupt::run_cancellable(|| {
         if args.enhance {
@@ -136,13 +133,8 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
         }
     });
     progress.finish();
-    let generation = match result {
-        Err(zimage::Error::Cancelled) => {
-            let (done, total) = last_step.get();
-            return Err(Failure::Cancelled(format!("cancelled after {done} of {total} denoising steps")));
-        }
-        other => other?,
-    };
+    let preview_files = std::mem::take(&mut report.preview_files);
+    let generation = result.map_err(|e| report.failure(e))?;
     if let Some(enhanced) = &generation.enhanced_prompt {
         log::stderr_line("info", &format!("enhanced instruction: {enhanced}"));
     }
@@ -173,6 +165,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     if args.json {
         let summary = json!({
             "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "previews": preview_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "latents_file": latents_file.as_ref().map(|p| p.display().to_string()),
             "seed": generation.seed,
             "width": width,
@@ -188,6 +181,9 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
         out(&format!("{}\n", serde_json::to_string_pretty(&summary).expect("JSON values serialise")))?;
     } else {
         let mut text = String::new();
+        for path in &preview_files {
+            text += &format!("wrote {} (preview)\n", path.display());
+        }
         for path in &files {
             text += &format!("wrote {}\n", path.display());
         }

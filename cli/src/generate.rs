@@ -1,7 +1,6 @@
 //! `zimage generate`: one request to the SDK, PNG files with the parameters in text chunks,
 //! optionally the final latents, and a summary (plain or JSON).
 
-use std::cell::Cell;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -18,6 +17,7 @@ use zimage::{
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
 use crate::output::{out, secs, Failure};
+use crate::step_report::StepReport;
 use crate::{interrupt, log};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
@@ -99,6 +99,11 @@ pub struct GenerateArgs {
     /// SCALE (default 1.0); repeat for several. Recorded in the PNG parameters with its sha256.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = zimage_load_flags::parse_lora)]
     loras: Vec<zimage::LoraFile>,
+    /// Write N previews while generating: the model's estimate of the finished image at evenly
+    /// spaced steps, as FILE.stepS.png beside the output (FILE.stepS-K.png with --count). Each
+    /// costs one VAE decode.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    previews: u32,
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
@@ -148,7 +153,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     // Adapters are read and checked before the model load too.
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
 
-    let files = output_files(&resolve_output(&args.output, "zimage.png"), request.count);
+    let files_base = resolve_output(&args.output, "zimage.png");
+    let files = output_files(&files_base, request.count);
     let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));
     for path in files.iter().chain(latents_file.as_ref()) {
         image_io::check_writable(path)?;
@@ -197,18 +203,9 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras, controlnet)?;
 
     progress.stage("encoding prompt");
-    let last_step = Cell::new((0usize, 0usize));
-    let lines = args.progress == ProgressMode::Lines;
-    let mut on_step = |p: &Progress| {
-        progress.step(p);
-        last_step.set((p.step, p.total_steps));
-        if lines {
-            log::stderr_line("progress", &format!("step {}/{} ({:.2} s)", p.step, p.total_steps, secs(p.elapsed)));
-        }
-        // Ctrl-C also cancels through the cancel handle; this catches one that came before
-        // the run was registered.
-        !interrupt::interrupted()
-    };
+    let previews_beside = (args.previews > 0).then(|| (files_base.clone(), request.count));
+    let mut report = StepReport::new(&progress, args.progress, previews_beside);
+    let mut on_step = |p: &Progress| report.on_step(p);
     let result = interrupt::run_cancellable(|| {
         if args.enhance {
             progress.stage("enhancing prompt");
@@ -219,17 +216,8 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         }
     });
     progress.finish();
-    let generation = match result {
-        Err(zimage::Error::Cancelled) => {
-            let (done, total) = last_step.get();
-            return Err(Failure::Cancelled(if total > 0 {
-                format!("cancelled after {done} of {total} denoising steps")
-            } else {
-                "cancelled before the first denoising step".into()
-            }));
-        }
-        other => other?,
-    };
+    let preview_files = std::mem::take(&mut report.preview_files);
+    let generation = result.map_err(|e| report.failure(e))?;
     if let Some(enhanced) = &generation.enhanced_prompt {
         log::stderr_line("info", &format!("enhanced prompt: {enhanced}"));
     }
@@ -255,10 +243,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     interrupt::commit_all(staged)?;
 
     if args.json {
-        let summary = summary_json(&args, &request, &generation, &pipeline, &files, latents_file.as_deref());
+        let mut summary = summary_json(&args, &request, &generation, &pipeline, &files, latents_file.as_deref());
+        summary["previews"] = preview_files.iter().map(|p| p.display().to_string()).collect();
         out(&format!("{}\n", serde_json::to_string_pretty(&summary).expect("JSON values serialise")))?;
     } else {
         let mut text = String::new();
+        for path in &preview_files {
+            text += &format!("wrote {} (preview)\n", path.display());
+        }
         for path in &files {
             text += &format!("wrote {}\n", path.display());
         }
@@ -294,6 +286,7 @@ fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u3
     request.count = args.count;
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = args.save_latents.is_some();
+    request.previews = args.previews;
     let picture_size = init_size.map(|(w, h)| zimage::pipeline::size_for_picture(manifest.size_multiple(), w, h));
     request.width = args.width.or(picture_size.map(|s| s.0)).unwrap_or(request.width);
     request.height = args.height.or(picture_size.map(|s| s.1)).unwrap_or(request.height);
@@ -460,6 +453,7 @@ pub fn timings_json(t: &Timings, load: Duration) -> Value {
         "denoise_steps_s": t.denoise_steps.iter().copied().map(secs).collect::<Vec<_>>(),
         "denoise_s": secs(t.denoise_steps.iter().sum()),
         "vae_decode_s": secs(t.vae_decode),
+        "previews_s": secs(t.previews),
         "total_s": secs(t.total),
         "onnx_runtime_s": secs(t.onnx_runtime),
         // Bytes the denoising loop copied between host and device (null: the host loop ran).

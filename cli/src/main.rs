@@ -11,6 +11,7 @@ mod interrupt;
 mod log;
 mod model_args;
 mod output;
+mod step_report;
 mod triton_repo;
 
 use std::process::ExitCode;

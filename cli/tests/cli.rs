@@ -446,6 +446,53 @@ fn count_2_writes_numbered_files_and_all_latents() {
     assert!(max_abs <= 1e-4, "latents differ from the golden by {max_abs}");
 }
 
+/// `--previews N`: N pictures beside the output, named after it and the step, one per image,
+/// listed in the JSON summary; the outputs themselves are the golden's as without previews.
+#[test]
+fn previews_are_written_beside_the_output() {
+    let dir = scratch("previews");
+    let c = case("text_to_image", "two_images");
+    let mut args = case_args(&c);
+    args.extend([
+        "-o".into(),
+        dir.join("out.png").display().to_string(),
+        "--previews".into(),
+        "2".into(),
+        "--json".into(),
+    ]);
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_code(&out, 0);
+    let steps = c["num_inference_steps"].as_u64().unwrap() as usize;
+    // k * steps / 3 rounded up, k = 1, 2 (the SDK's spacing).
+    let at = [steps.div_ceil(3), (2 * steps).div_ceil(3)];
+    let mut want: Vec<String> =
+        at.iter().flat_map(|s| [format!("out.step{s}-0.png"), format!("out.step{s}-1.png")]).collect();
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<String> = summary["previews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Path::new(p.as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, want);
+    assert!(summary["timings"]["previews_s"].as_f64().unwrap() > 0.0);
+    want.extend(["out-0.png".into(), "out-1.png".into()]);
+    want.sort();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, want);
+    for (i, golden) in c["image_files"].as_array().unwrap().iter().enumerate() {
+        let result = read_png(&dir.join(format!("out-{i}.png")));
+        let diff = max_level_diff(&result, &root().join(GOLDEN).join(golden.as_str().unwrap()));
+        assert!(diff <= 1, "out-{i}.png differs from the golden by {diff} levels");
+        let preview = read_png(&dir.join(format!("out.step{}-{i}.png", at[0])));
+        assert_eq!((preview.width, preview.height), (result.width, result.height));
+        assert_eq!(preview.text["zimage-preview-step"], at[0].to_string());
+        assert_ne!(preview.rgb, result.rgb, "a preview before the last step is not the result");
+    }
+}
+
 #[test]
 fn image_to_image_and_inpainting_flags_reach_the_sdk() {
     let dir = scratch("i2i");

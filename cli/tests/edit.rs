@@ -234,3 +234,25 @@ fn an_edit_on_a_quantized_package_records_its_weights() {
     assert!(summary["quantization"].is_null() && summary["precision"] == "fp32");
     assert!(!read_png(&output).text.contains_key("quantization"));
 }
+
+/// `zimage edit --previews 1`: one preview beside the output at the middle step, listed in the
+/// summary; the edit itself is still the golden's.
+#[test]
+fn edit_previews_are_written_beside_the_output() {
+    let c = golden_case("edit", "two_refs_cfg");
+    let dir = scratch("edit-previews");
+    let (output, latents) = (dir.join("edit.png"), dir.join("latents.npy"));
+    let mut args = case_args(&c);
+    args.extend(["-o".into(), output.display().to_string(), "--save-latents".into(), latents.display().to_string()]);
+    args.extend(["--json".into(), "--previews".into(), "1".into()]);
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    check_against_golden(&c, &output, &latents);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 6 steps, one preview: after step 3.
+    let preview = dir.join("edit.step3.png");
+    assert_eq!(summary["previews"], serde_json::json!([preview.display().to_string()]));
+    let (preview, result) = (read_png(&preview), read_png(&output));
+    assert_eq!((preview.width, preview.height), (96, 64));
+    assert_ne!(preview.rgb, result.rgb);
+}
