@@ -549,7 +549,7 @@ pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter
             "resize target {width}x{height} exceeds {MAX_INPUT_SIDE} pixels on a side"
         )));
     }
-    image.check()?;
+    image.check_input("picture to resize")?;
     let pixels = pil_resize::resize(
         &image.pixels,
         image.width as usize,
@@ -566,7 +566,7 @@ pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter
 /// (each band is resampled alike, so this is the RGB resize of the gray replicated), before the
 /// pipeline binarises it at 0.5. Limited like [`resize_rgb`].
 pub fn resize_gray(mask: &GrayImage, width: u32, height: u32) -> Result<GrayImage> {
-    mask.check()?;
+    mask.check_input("mask to resize")?;
     if (mask.width, mask.height) == (width, height) {
         return Ok(mask.clone());
     }
@@ -602,6 +602,23 @@ impl RgbImage {
     pub fn check(&self) -> Result<()> {
         check_buffer("RGB", self.width, self.height, 3, self.pixels.len())
     }
+
+    /// [`RgbImage::check`] for a picture a caller hands in (`what` names it), which also may be
+    /// no larger than [`MAX_INPUT_SIDE`] on a side, as a decoded file may not: a 1 x 20,000,000
+    /// picture's resize weights took half a GB and squashed it silently.
+    pub fn check_input(&self, what: &str) -> Result<()> {
+        self.check()?;
+        check_input_side(what, self.width, self.height)
+    }
+}
+
+fn check_input_side(what: &str, width: u32, height: u32) -> Result<()> {
+    if width > MAX_INPUT_SIDE || height > MAX_INPUT_SIDE {
+        return Err(Error::Image(format!(
+            "the {what} is {width}x{height}: input pictures may be at most {MAX_INPUT_SIDE} pixels on a side"
+        )));
+    }
+    Ok(())
 }
 
 /// The one buffer check of [`RgbImage`] and [`GrayImage`]: `channels` bytes a pixel.
@@ -620,6 +637,12 @@ impl GrayImage {
     /// Checks that the picture is not empty and the buffer holds exactly width x height bytes.
     pub fn check(&self) -> Result<()> {
         check_buffer("gray", self.width, self.height, 1, self.pixels.len())
+    }
+
+    /// [`GrayImage::check`] for a mask a caller hands in, limited as [`RgbImage::check_input`].
+    pub fn check_input(&self, what: &str) -> Result<()> {
+        self.check()?;
+        check_input_side(what, self.width, self.height)
     }
 }
 

@@ -21,6 +21,9 @@ pub const MAX_GUIDANCE_SCALE: f32 = 100.0;
 /// cap 100 times the conditional norm no longer limits anything a sane guidance scale
 /// produces, so larger values only hide typos.
 pub const MAX_CFG_NORMALIZATION: f32 = 100.0;
+/// The largest ControlNet conditioning scale in magnitude (diffusers' default is 0.75; a scale
+/// of 10^6 drew a picture without complaint, 3e38 overflowed into non-finite latents).
+pub const MAX_CONTROL_SCALE: f32 = 100.0;
 
 /// Longest text given to the tokenizer, in UTF-8 bytes: a prompt or negative prompt, an edit
 /// prompt, the prompt enhancer's input with its system prompt. The text encoder reads only the

@@ -114,6 +114,16 @@ fn image_to_image_inputs_are_checked() {
     assert_eq!(kind_of(with(InitImage { image: short, ..base.clone() })), ErrorKind::Image);
     let short_mask = zimage::GrayImage { width: 20, height: 30, pixels: vec![255; 599] };
     assert_eq!(kind_of(with(InitImage { mask: Some(short_mask), ..base.clone() })), ErrorKind::Image);
+    // A side longer than any input may have is refused before resizing (a 1 x 20,000,000
+    // picture's Lanczos weights took half a GB, and it was squashed without complaint).
+    let long = zimage::RgbImage { width: 20_000, height: 1, pixels: vec![9; 60_000] };
+    let e = with(InitImage { image: long.clone(), ..base.clone() }).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image);
+    assert!(e.to_string().contains("init image is 20000x1"), "{e}");
+    let long_mask = zimage::GrayImage { width: 1, height: 20_000, pixels: vec![255; 20_000] };
+    assert_eq!(kind_of(with(InitImage { mask: Some(long_mask.clone()), ..base.clone() })), ErrorKind::Image);
+    assert_eq!(kind_of(zimage::image_io::resize_rgb(&long, 64, 64)), ErrorKind::Image);
+    assert_eq!(kind_of(zimage::image_io::resize_gray(&long_mask, 64, 64)), ErrorKind::Image);
     // A picture and a mask of other sizes than the request's are resized to it, as diffusers'
     // processors resize them: the same result as with both resized first.
     let picture = zimage::RgbImage { width: 40, height: 24, pixels: (0..40 * 24 * 3).map(|i| (i * 7) as u8).collect() };

@@ -199,13 +199,20 @@ fn bad_control_input_is_a_typed_error() {
     let err = pipeline.generate(&small_request(case), None).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
     pipeline.set_controlnet(Some(entry["controlnet"].as_str().unwrap())).unwrap();
-    for scale in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    // Non-finite, or beyond any useful strength (10^6 drew a picture, 3e38 overflowed).
+    for scale in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, 1e6, -1e4, 100.5] {
         let mut r = small_request(case);
         r.control.as_mut().unwrap().conditioning_scale = scale;
         let err = pipeline.generate(&r, None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidRequest, "scale {scale}: {err}");
-        assert!(err.to_string().contains("finite"), "{err}");
+        assert!(err.to_string().contains("-100..=100"), "{err}");
     }
+    // A control picture longer than any input may be on one side is refused before resizing.
+    let mut r = small_request(case);
+    r.control.as_mut().unwrap().image = zimage::RgbImage { width: 1, height: 20_000, pixels: vec![0; 60_000] };
+    let err = pipeline.generate(&r, None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Image, "{err}");
+    assert!(err.to_string().contains("control image is 1x20000"), "{err}");
     // A control image of another size is resized to the request's (Pillow's Lanczos), then
     // preprocessed: the same images as a map made at the size first.
     let mut r = small_request(case);

@@ -375,6 +375,31 @@ fn a_corrupted_decoder_file_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Manifest sizes beyond any model are refused at load: 10^12 layers aborted the process while
+/// the loader built each layer's cache input names.
+#[test]
+fn enhancer_sizes_beyond_any_model_are_package_errors() {
+    let src = repo().join("models/tiny-qwen3-enhancer");
+    for (i, (key, value)) in [("num_layers", 1_000_000_000_000u64), ("vocab_size", 1 << 40), ("max_positions", 1 << 40)]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = std::env::temp_dir().join(format!("zimage-enhancer-huge-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["text_decoder.onnx", "text_weights.data", "tokenizer.json"] {
+            std::os::unix::fs::symlink(src.join(f), dir.join(f)).unwrap();
+        }
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("manifest.json")).unwrap()).unwrap();
+        m["enhancer"][key] = value.into();
+        std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+        let err = PromptEnhancer::load(&dir, &LoadOptions::default()).err().expect("loads");
+        assert_eq!(err.kind(), ErrorKind::Package, "{key}: {err}");
+        assert!(err.to_string().contains(&format!("enhancer.{key} {value} is beyond any supported model")), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// A Z-Image package with the enhancer added (`export_enhancer.py add`, committed as
 /// models/tiny-zimage-enhanced by make_enhancer_fixtures.py): the pipeline loads with its
 /// rewritten text encoder, the enhancer attaches to it, reads the same weights file, and the

@@ -151,8 +151,10 @@ impl Decoder {
         })?;
         cache.values = presents;
         cache.len = total;
-        if logits.iter().any(|v| v.is_nan()) {
-            return Err(self.graph.failed("the decoder produced NaN logits"));
+        // NaN or +inf has no probability (a sampler would drop +inf, greedy pick it), and
+        // logits all -inf leave nothing to choose: the decoder's arithmetic failed.
+        if logits.iter().any(|v| v.is_nan() || *v == f32::INFINITY) || logits.iter().all(|v| *v == f32::NEG_INFINITY) {
+            return Err(self.graph.failed("the decoder produced NaN, infinite or only -inf logits"));
         }
         Ok(logits)
     }

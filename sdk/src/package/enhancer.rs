@@ -45,6 +45,21 @@ impl EnhancerInfo {
         {
             return Err("enhancer: num_layers, num_kv_heads, head_dim, vocab_size and max_positions must be > 0".into());
         }
+        // Far above any Qwen3 (36 layers, 8 KV heads of 128, 151936 tokens, 40960 positions), low
+        // enough that the names and caches sized by them stay small: 10^12 layers aborted the
+        // load building their input names.
+        for (name, value, max) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_layers", self.num_layers, 1024),
+            ("num_kv_heads", self.num_kv_heads, 1024),
+            ("head_dim", self.head_dim, 4096),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("max_positions", self.max_positions, 1 << 21),
+        ] {
+            if value > max {
+                return Err(format!("enhancer.{name} {value} is beyond any supported model (at most {max})"));
+            }
+        }
         if self.eos_token_ids.is_empty()
             || self.eos_token_ids.iter().chain(&self.think_token_ids).any(|&t| t as usize >= self.vocab_size)
         {

@@ -17,6 +17,7 @@ use ndarray::{concatenate, Array4, Axis, Zip};
 use super::latent_mask::latent_mask;
 use crate::error::{Error, Result};
 use crate::image_io::{self, GrayImage, RgbImage};
+use crate::limits::MAX_CONTROL_SCALE;
 use crate::model::controlnet::{self as controlnet_graph, ControlInputs};
 use crate::model::vae::Vae;
 use crate::package::controlnet::ControlNetInfo;
@@ -106,16 +107,16 @@ pub(crate) fn check(control: &ControlCondition, has_init_image: bool) -> Result<
              picture and mask in the control condition (it starts from noise, without strength)",
         ));
     }
-    if !control.conditioning_scale.is_finite() {
+    if !(control.conditioning_scale.abs() <= MAX_CONTROL_SCALE) {
         return Err(Error::invalid(format!(
-            "controlnet conditioning scale must be finite (got {})",
+            "controlnet conditioning scale must be -{MAX_CONTROL_SCALE}..={MAX_CONTROL_SCALE} (got {})",
             control.conditioning_scale
         )));
     }
-    control.image.check()?;
+    control.image.check_input("control image")?;
     if let Some(inpaint) = &control.inpaint {
-        inpaint.image.check()?;
-        inpaint.mask.check()?;
+        inpaint.image.check_input("ControlNet inpainting picture")?;
+        inpaint.mask.check_input("ControlNet inpainting mask")?;
     }
     Ok(())
 }

@@ -40,9 +40,9 @@ pub(crate) fn first_step(steps: usize, strength: f64) -> Result<usize> {
 /// Checks the input picture and mask (their buffers; pictures of another size than the
 /// request's are resized to it: [`super::request::GenerateRequest::pictures_at_size`]).
 pub(crate) fn check(init: &InitImage) -> Result<()> {
-    init.image.check()?;
+    init.image.check_input("init image")?;
     if let Some(mask) = &init.mask {
-        mask.check()?;
+        mask.check_input("mask")?;
     }
     Ok(())
 }
