@@ -14,7 +14,7 @@ use zimage::package::edit::EditDefaults;
 use zimage::pipeline::size_for_picture;
 use zimage::{
     ControlCondition, ControlNames, ControlPreprocess, EditRequest, GenerateRequest, GenerationDefaults, GrayImage,
-    InitImage, InputNames, Prompt, ReferenceRecord, RgbImage, MAX_IMAGES_PER_REQUEST,
+    InitImage, InputNames, Prompt, ReferenceRecord, RgbImage, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_BYTES,
 };
 
 use crate::error::ApiError;
@@ -34,8 +34,11 @@ pub struct ImageParams {
     pub output_format: Option<String>,
     pub output_compression: Option<i64>,
     pub background: Option<String>,
-    /// `partial_images` is accepted and ignored (a stream sends progress events instead).
     pub stream: Option<bool>,
+    /// With `stream`: 0..=3 previews of the image while it is made, as
+    /// `image_generation.partial_image` events (`Progress::preview` of the SDK: the model's
+    /// estimate of the finished image at evenly spaced steps; each costs one VAE decode).
+    pub partial_images: Option<u32>,
     // zimage's extensions (the names vLLM-Omni uses where it has them)
     pub negative_prompt: Option<String>,
     pub seed: Option<u64>,
@@ -57,6 +60,9 @@ pub struct ImageParams {
     pub control_preprocess: Option<String>,
 }
 
+/// OpenAI's limit on `partial_images`.
+const MAX_PARTIAL_IMAGES: u32 = 3;
+
 /// Multipart fields that are numbers or booleans (multipart sends everything as text).
 const TYPED_FIELDS: [&str; 13] = [
     "n",
@@ -75,8 +81,14 @@ const TYPED_FIELDS: [&str; 13] = [
 ];
 
 impl ImageParams {
-    /// From a JSON body; a type error names the field.
+    /// From a JSON body (an object); a type error names the field.
     pub fn from_json(body: &[u8]) -> Result<ImageParams, ApiError> {
+        // serde's derive also takes a JSON array as the struct's fields in order: a request is
+        // an object (a syntax error is left to the parser, which says where it is).
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') | None => {}
+            Some(_) => return Err(ApiError::invalid("the request body must be a JSON object")),
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         let params = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -161,12 +173,21 @@ pub struct EditInput {
     pub mask: Option<(GrayImage, String)>,
 }
 
+/// This server's output pixel limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PixelLimits {
+    /// Most output pixels per image (`--max-pixels`).
+    pub image: u64,
+    /// Most output pixels of a request, `n` images together (`--max-batch-pixels`): the whole
+    /// batch runs through the transformer and the VAE at once.
+    pub batch: u64,
+}
+
 /// What a request is checked against before any work is done for it (resizing an upload,
-/// queueing): the model's recommended settings and checks, and this server's pixel limit.
+/// queueing): the model's recommended settings and checks, and this server's pixel limits.
 pub struct Limits<'a> {
     pub defaults: GenerationDefaults,
-    /// Most output pixels per image (`--max-pixels`).
-    pub max_pixels: u64,
+    pub pixels: PixelLimits,
     /// The model's size multiple: a picture without `size` is made at its own size floored to
     /// it ([`zimage::pipeline::size_for_picture`]).
     pub size_multiple: usize,
@@ -176,31 +197,83 @@ pub struct Limits<'a> {
 }
 
 impl Limits<'_> {
-    /// Refuses an output size over `max_pixels` or the model's limits, and steps out of range,
-    /// naming the field; every route calls it before resizing an upload or queueing.
-    fn check_size_and_steps(&self, width: u32, height: u32, steps: u32) -> Result<(), ApiError> {
-        check_pixels(width, height, self.max_pixels)?;
-        // The SDK's checks, one field at a time so that the error names it: the size alone
-        // (on the model's recommended settings), then with the steps.
+    /// Refuses an output size over this server's limits or the model's, and settings the model
+    /// refuses (steps, n, guidance, an edit's `strength`), naming the field; every route calls
+    /// it before resizing an upload or queueing, so that a request the worker would refuse is a
+    /// 400 now, not a queued job (or, streamed, a 200 with an error event).
+    fn check_fields(&self, r: &GenerateRequest, strength: Option<f64>) -> Result<(), ApiError> {
+        check_pixels(r.width, r.height, r.count, self.pixels)?;
+        // The SDK's checks, one field at a time so that the error names it: the model's
+        // recommended settings at the request's size, then with each of its fields in turn.
         let mut probe = GenerateRequest::with_defaults(&self.defaults, "");
-        (probe.width, probe.height) = (width, height);
-        (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("size"))?;
-        probe.steps = steps;
-        (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param("num_inference_steps"))
+        (probe.width, probe.height) = (r.width, r.height);
+        // A stand-in picture: the strength's check is about the steps, and the upload is
+        // resized to the output size only after these checks.
+        let start =
+            |strength| InitImage { image: RgbImage { width: 1, height: 1, pixels: vec![0; 3] }, mask: None, strength };
+        let fields: [(&str, &dyn Fn(&mut GenerateRequest)); 7] = [
+            ("size", &|_| {}),
+            ("num_inference_steps", &|p| p.steps = r.steps),
+            ("n", &|p| p.count = r.count),
+            ("guidance_scale", &|p| p.guidance_scale = r.guidance_scale),
+            ("cfg_normalization", &|p| p.cfg_normalization = r.cfg_normalization),
+            ("cfg_truncation", &|p| p.cfg_truncation = r.cfg_truncation),
+            ("strength", &|p| p.init_image = strength.map(start)),
+        ];
+        for (param, set) in fields {
+            set(&mut probe);
+            (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
+        }
+        Ok(())
     }
 }
 
-/// Refuses an output size over `max_pixels` (`--max-pixels`), naming `size`.
-fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), ApiError> {
+/// Refuses an output size over `--max-pixels` (naming `size`), and `n` images of it over
+/// `--max-batch-pixels` (naming `n`).
+fn check_pixels(width: u32, height: u32, n: u32, limits: PixelLimits) -> Result<(), ApiError> {
     let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
+    if pixels > limits.image {
         return Err(ApiError::invalid(format!(
-            "size {width}x{height} is {pixels} pixels; this server makes images of at most {max_pixels} pixels \
-             (zimage-server --max-pixels)"
+            "size {width}x{height} is {pixels} pixels; this server makes images of at most {} pixels \
+             (zimage-server --max-pixels)",
+            limits.image
         ))
         .with_param("size"));
     }
+    let batch = pixels * u64::from(n);
+    if batch > limits.batch {
+        return Err(ApiError::invalid(format!(
+            "n={n} images of {width}x{height} are {batch} pixels; this server makes at most {} pixels in one \
+             request (zimage-server --max-batch-pixels): ask for fewer or smaller images",
+            limits.batch
+        ))
+        .with_param("n"));
+    }
     Ok(())
+}
+
+/// Refuses what the SDK would refuse only in the worker, when it reads the text: a prompt or
+/// negative prompt over its byte limit, a `max_sequence_length` of 0.
+fn check_text(params: &ImageParams) -> Result<(), ApiError> {
+    for (text, param) in [(&params.prompt, "prompt"), (&params.negative_prompt, "negative_prompt")] {
+        let bytes = text.as_ref().map_or(0, String::len);
+        if bytes > MAX_PROMPT_BYTES {
+            return Err(ApiError::invalid(format!(
+                "{param} is {bytes} bytes, more than the limit of {MAX_PROMPT_BYTES} (1 MiB; the text encoder \
+                 reads only its first max_sequence_length tokens)"
+            ))
+            .with_param(param));
+        }
+    }
+    if params.max_sequence_length == Some(0) {
+        return Err(ApiError::invalid("max_sequence_length must be at least 1").with_param("max_sequence_length"));
+    }
+    Ok(())
+}
+
+/// An edit's strength: the request's, or the default for image-to-image or inpainting.
+fn edit_strength(given: Option<f64>, masked: bool) -> f64 {
+    given.unwrap_or(if masked { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH })
 }
 
 /// `n`, the images asked for: 1 by default, at most `MAX_IMAGES_PER_REQUEST`.
@@ -259,6 +332,7 @@ pub fn prepare(
         }
     }
     let output = output_options(&params)?;
+    check_text(&params)?;
     let (count, size) = (image_count(&params)?, requested_size(&params)?);
     let prompt = params
         .prompt
@@ -280,6 +354,7 @@ pub fn prepare(
     request.seed = params.seed;
     request.max_sequence_length = params.max_sequence_length;
     request.count = count;
+    request.previews = output.partial_images;
 
     let (width, height) = match (size, &edit) {
         (Some(size), _) => size,
@@ -293,7 +368,12 @@ pub fn prepare(
     };
     request.width = width;
     request.height = height;
-    limits.check_size_and_steps(width, height, request.steps)?;
+    // An edit's strength (ControlNet inpainting has none: it starts from noise).
+    let strength = match (&edit, &control) {
+        (Some(edit), None) => Some(edit_strength(params.strength, edit.mask.is_some())),
+        _ => None,
+    };
+    limits.check_fields(&request, strength)?;
 
     let mut inputs = InputNames::default();
     let is_edit = edit.is_some();
@@ -309,8 +389,7 @@ pub fn prepare(
             let image = zimage::image_io::resize_rgb(&edit.image, width, height)
                 .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
             inputs.init_image = edit.image_name;
-            let default_strength =
-                if edit.mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
+            let strength = edit_strength(params.strength, edit.mask.is_some());
             // A mask of another size is resized to the image's, as diffusers' mask processor does.
             let mask = match edit.mask {
                 Some((mask, name)) => {
@@ -322,7 +401,7 @@ pub fn prepare(
                 }
                 None => None,
             };
-            request.init_image = Some(InitImage { image, mask, strength: params.strength.unwrap_or(default_strength) });
+            request.init_image = Some(InitImage { image, mask, strength });
         }
         None if params.strength.is_some() => {
             return Err(ApiError::invalid("strength applies to /v1/images/edits only").with_param("strength"))
@@ -350,13 +429,15 @@ pub fn prepare(
 /// reference's size, floored to the model's multiple (`size_multiple`), as `zimage edit` and
 /// diffusers' `ZImageOmniPipeline` do. Steps and guidance start from the package's editing
 /// defaults (`defaults`); `quality` scales the steps as for generations. Masks, strength and
-/// ControlNet fields do not apply and are refused, naming the field.
+/// ControlNet fields do not apply and are refused, naming the field; so are settings the
+/// model's `check` (`Pipeline::check_edit`) refuses.
 pub fn prepare_edit(
     params: ImageParams,
     references: Vec<(RgbImage, ReferenceRecord)>,
     defaults: &EditDefaults,
-    max_pixels: u64,
+    pixels: PixelLimits,
     size_multiple: usize,
+    check: &dyn Fn(&EditRequest) -> zimage::Result<()>,
 ) -> Result<Prepared, ApiError> {
     for (given, name) in [
         (params.strength.is_some(), "strength"),
@@ -372,14 +453,15 @@ pub fn prepare_edit(
         }
     }
     let prompt = params.prompt.clone().ok_or_else(|| ApiError::invalid("'prompt' is required").with_param("prompt"))?;
+    check_text(&params)?;
     // (the route checks this first; OpenAI's edits take at least one picture)
     let Some((last, _)) = references.last() else {
         return Err(ApiError::invalid("'image' is required").with_param("image"));
     };
     let size = requested_size(&params)?;
     let (width, height) = size.unwrap_or_else(|| size_for_picture(size_multiple, last.width, last.height));
-    check_pixels(width, height, max_pixels)?;
     let n = image_count(&params)?;
+    check_pixels(width, height, n, pixels)?;
     let recommended = u32::try_from(defaults.num_inference_steps).unwrap_or(u32::MAX);
     let (steps, quality) = steps_for_quality(params.quality.as_deref(), recommended)?;
     let (images, records): (Vec<RgbImage>, Vec<ReferenceRecord>) = references.into_iter().unzip();
@@ -398,9 +480,37 @@ pub fn prepare_edit(
     request.count = n;
     request.max_sequence_length = params.max_sequence_length;
     let output = output_options(&params)?;
+    request.previews = output.partial_images;
+    check_edit_fields(&request, (width, height), check)?;
     let work = Work::Edit { request, references: records };
     let names = (InputNames::default(), ControlNames::default());
     Ok(prepared(params.model, output, work, names, (width, height), quality, true))
+}
+
+/// The model's checks of an instruction edit, one field at a time so that the error names it
+/// (as [`Limits::check_fields`] for generations): a request without references at the output
+/// size, then with each of the request's fields in turn.
+fn check_edit_fields(
+    r: &EditRequest,
+    (width, height): (u32, u32),
+    check: &dyn Fn(&EditRequest) -> zimage::Result<()>,
+) -> Result<(), ApiError> {
+    let mut probe = EditRequest::new(String::new(), Vec::new());
+    (probe.width, probe.height) = (Some(width), Some(height));
+    let fields: [(&str, &dyn Fn(&mut EditRequest)); 7] = [
+        ("size", &|_| {}),
+        ("num_inference_steps", &|p| p.steps = r.steps),
+        ("n", &|p| p.count = r.count),
+        ("guidance_scale", &|p| p.guidance_scale = r.guidance_scale),
+        ("cfg_normalization", &|p| p.cfg_normalization = r.cfg_normalization),
+        ("cfg_truncation", &|p| p.cfg_truncation = r.cfg_truncation),
+        ("max_sequence_length", &|p| p.max_sequence_length = r.max_sequence_length),
+    ];
+    for (param, set) in fields {
+        set(&mut probe);
+        check(&probe).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
+    }
+    Ok(())
 }
 
 /// What a request asks of its output, read from its fields before the request is built.
@@ -410,6 +520,8 @@ struct OutputOptions {
     compression: Option<u8>,
     response_format: ResponseFormat,
     stream: bool,
+    /// Previews to stream (0 without `stream`).
+    partial_images: u32,
     enhance: bool,
 }
 
@@ -423,7 +535,7 @@ fn prepared(
     quality: &'static str,
     edit: bool,
 ) -> Prepared {
-    let OutputOptions { format, compression, response_format, stream, enhance } = output;
+    let OutputOptions { format, compression, response_format, stream, enhance, .. } = output;
     Prepared {
         model,
         spec: JobSpec { work, enhance, format, compression, inputs, control },
@@ -461,11 +573,27 @@ fn output_options(params: &ImageParams) -> Result<OutputOptions, ApiError> {
         return Err(ApiError::invalid(format!("background {b:?} is not supported: the images are opaque"))
             .with_param("background"));
     }
+    let stream = params.stream.unwrap_or(false);
+    if stream && response_format == ResponseFormat::Url {
+        // A stream's events carry the images themselves (OpenAI's carry b64_json only).
+        return Err(ApiError::invalid("response_format 'url' is not available with stream: the events carry b64_json")
+            .with_param("response_format"));
+    }
+    let partial_images = match params.partial_images {
+        None => 0,
+        Some(n @ 0..=MAX_PARTIAL_IMAGES) => n,
+        Some(n) => {
+            return Err(ApiError::invalid(format!("partial_images must be 0..={MAX_PARTIAL_IMAGES} (got {n})"))
+                .with_param("partial_images"))
+        }
+    };
     Ok(OutputOptions {
         format,
         compression,
         response_format,
-        stream: params.stream.unwrap_or(false),
+        stream,
+        // Previews only reach a client through a stream, as OpenAI's.
+        partial_images: if stream { partial_images } else { 0 },
         enhance: params.enhance_prompt.unwrap_or(false),
     })
 }
@@ -560,8 +688,10 @@ mod tests {
     }
 
     /// No model checks (the HTTP tests run them), no pixel limit.
+    /// No model checks (the HTTP tests run them); at most 4 images of 1024x1024 in a request.
     fn lim(defaults: &GenerationDefaults) -> Limits<'static> {
-        Limits { defaults: *defaults, max_pixels: u64::MAX, size_multiple: 16, check: &accept }
+        let pixels = PixelLimits { image: u64::MAX, batch: 4 << 20 };
+        Limits { defaults: *defaults, pixels, size_multiple: 16, check: &accept }
     }
 
     #[test]
@@ -631,6 +761,10 @@ mod tests {
             (r#"{"prompt":"x","output_compression":101}"#, "output_compression"),
             (r#"{"prompt":"x","background":"transparent"}"#, "background"),
             (r#"{"prompt":"x","strength":0.5}"#, "strength"),
+            (r#"{"prompt":"x","stream":true,"response_format":"url"}"#, "response_format"),
+            (r#"{"prompt":"x","stream":true,"partial_images":4}"#, "partial_images"),
+            (r#"{"prompt":"x","max_sequence_length":0}"#, "max_sequence_length"),
+            (r#"{"prompt":"x","size":"1024x1024","n":5}"#, "n"),
         ] {
             let e = prepare(params(body), None, None, &lim(&turbo()))
                 .err()
@@ -641,6 +775,23 @@ mod tests {
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("n")), "{}", e.message);
         let e = ImageParams::from_json(b"{not json").err().unwrap();
         assert_eq!(e.status.as_u16(), 400);
+        // serde's derive takes an array as the fields in order; a request is an object.
+        for body in [&br#"["x", 1]"#[..], b" \n[{\"prompt\":\"x\"}]", b"\"x\"", b"7"] {
+            let e = ImageParams::from_json(body).err().unwrap_or_else(|| panic!("{body:?} was accepted"));
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, None), "{}", e.message);
+        }
+        assert_eq!(ImageParams::from_json(b" {\"prompt\":\"x\"}").unwrap().prompt.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn partial_images_are_previews_of_a_stream_only() {
+        let previews =
+            |json: &str| prepare(params(json), None, None, &lim(&turbo())).unwrap().spec.work.into_generate().previews;
+        assert_eq!(previews(r#"{"prompt":"x","size":"64x64","stream":true,"partial_images":3}"#), 3);
+        assert_eq!(previews(r#"{"prompt":"x","size":"64x64","stream":true}"#), 0);
+        assert_eq!(previews(r#"{"prompt":"x","size":"64x64","partial_images":2}"#), 0);
+        let n4 = prepare(params(r#"{"prompt":"x","size":"1024x1024","n":4}"#), None, None, &lim(&turbo())).unwrap();
+        assert_eq!(n4.spec.work.into_generate().count, 4, "at the batch limit");
     }
 
     #[test]

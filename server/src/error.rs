@@ -91,6 +91,20 @@ impl ApiError {
         e
     }
 
+    /// Every slot for reading and decoding uploaded pictures is taken (`--workers` +
+    /// `--max-queue` per model): refused at once rather than decoding without bound. The same
+    /// code as a full queue: both say the server holds all the work it takes.
+    pub fn decoders_busy(slots: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("queue_full"),
+            format!("all {slots} slots for decoding uploaded pictures are taken; retry later"),
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
     pub fn loading() -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -128,6 +142,14 @@ impl ApiError {
     pub fn cancelled() -> Self {
         // 499 is nginx's "client closed request"; it only appears in logs and metrics.
         Self::new(StatusCode::from_u16(499).expect("valid"), "cancelled", Some("cancelled"), "cancelled")
+    }
+
+    /// The client went away, or stopped reading its stream, for `why` (logged and counted as
+    /// [`ApiError::cancelled`]).
+    pub fn client_gone(why: &str) -> Self {
+        let mut e = Self::cancelled();
+        e.message = why.to_string();
+        e
     }
 
     /// An SDK error: every invalid request and unusable image is a 400, inference a 500.

@@ -25,6 +25,7 @@ use clap::Parser;
 use zimage::{EnhanceOptions, ErrorKind, LoadOptions, LoraAdapter, LoraFile, LoraSetting, Pipeline, PromptEnhancer};
 use zimage_load_flags::LoadFlags;
 
+use crate::api::PixelLimits;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
 use crate::routes::{AppState, Settings};
@@ -77,6 +78,12 @@ struct Args {
     /// 10.3 GB for 1536x1536, most of it the VAE decode's activations).
     #[arg(long, value_name = "N", default_value_t = 1536 * 1536, value_parser = clap::value_parser!(u64).range(1..))]
     max_pixels: u64,
+    /// Most output pixels of one request, its `n` images together (the whole batch runs through
+    /// the transformer and the VAE at once, twice the batch under guidance); larger requests are
+    /// refused (400, naming `n`) before any work [default: 4 x --max-pixels, at least
+    /// --max-pixels].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch_pixels: Option<u64>,
     /// Seconds a client may take to send a request's headers (a connection that sends none,
     /// idle between requests too, is closed after it), and may stall while sending its body
     /// (a 400, then the connection is closed): stalled clients cannot hold connections forever.
@@ -85,7 +92,8 @@ struct Args {
     /// Seconds SIGTERM waits for queued and running generations before cancelling them.
     #[arg(long, value_name = "S", default_value_t = 600)]
     drain_timeout: u64,
-    /// Base of the URLs returned for `response_format: "url"` [default: http://HOST-HEADER].
+    /// Base of the URLs returned for `response_format: "url"` [default: http://HOST-HEADER, which
+    /// the client chooses: set it behind a proxy or load balancer].
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
     /// Seconds an image stays fetchable by URL.
@@ -119,6 +127,10 @@ struct Args {
     /// Testing: wait this long before loading the models (to observe the loading state).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     startup_delay_ms: u64,
+    /// Testing: hold each request's picture-decoding slot this long after decoding (to fill
+    /// the slots).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    decode_delay_ms: u64,
 }
 
 impl Args {
@@ -207,6 +219,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if let Some(batch) = args.max_batch_pixels.filter(|b| *b < args.max_pixels) {
+        eprintln!(
+            "zimage-server: error: --max-batch-pixels {batch} is below --max-pixels {} (one image of the largest \
+             size would be refused)",
+            args.max_pixels
+        );
+        return ExitCode::from(2);
+    }
     let names: Vec<String> = specs.iter().map(|(n, _)| n.clone()).collect();
     let (controlnets, loras) = match (controlnets_for(&names, &args.controlnet), loras_for(&names, &args.loras)) {
         (Ok(c), Ok(l)) => (c, l),
@@ -241,10 +261,14 @@ async fn serve(
     };
     let bound: SocketAddr = listener.local_addr().expect("a bound socket has an address");
     let metrics = Arc::new(Metrics::default());
+    let max_batch_pixels = args.max_batch_pixels.unwrap_or(args.max_pixels.saturating_mul(4));
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         max_input_side: args.max_input_side,
-        max_pixels: args.max_pixels,
+        pixels: PixelLimits { image: args.max_pixels, batch: max_batch_pixels },
+        // As many pictures decoded at once as requests each model holds (running or queued).
+        decode_slots: (args.workers as usize + args.max_queue as usize) * specs.len(),
+        decode_delay: Duration::from_millis(args.decode_delay_ms),
         body_timeout: Duration::from_secs(args.header_timeout),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         public_url: args.public_url.clone(),

@@ -18,22 +18,28 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tower_http::timeout::RequestBodyTimeoutLayer;
-use zimage::{GenerateRequest, GrayImage, Progress};
+use zimage::{GenerateRequest, GrayImage};
 
-use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Prepared, ResponseFormat};
+use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, PixelLimits, Prepared, ResponseFormat};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
-use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, SubmitError, Work};
+use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, StepReport, SubmitError, Work};
 
 /// Limits and settings the handlers apply.
 pub struct Settings {
     pub max_body_bytes: usize,
     pub max_input_side: u32,
-    /// Most output pixels per image (`--max-pixels`).
-    pub max_pixels: u64,
+    /// Most output pixels per image and per request (`--max-pixels`, `--max-batch-pixels`).
+    pub pixels: PixelLimits,
+    /// Requests whose pictures may be decoded at once (`--workers` + `--max-queue`, summed over
+    /// the models): past that an upload is refused (429) instead of decoded, so that pictures
+    /// that decode to far more than they weigh cannot take the memory all together.
+    pub decode_slots: usize,
+    /// Testing: how long each request holds its decoding slot beyond the decoding.
+    pub decode_delay: Duration,
     /// Longest wait for the next part of a request body (`--header-timeout`).
     pub body_timeout: Duration,
     pub request_timeout: Duration,
@@ -51,6 +57,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub store: ImageStore,
     pub settings: Settings,
+    /// `settings.decode_slots` permits: one held while a request's pictures are decoded.
+    decoding: Arc<Semaphore>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -70,6 +78,7 @@ impl AppState {
             keys: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
             metrics,
             store,
+            decoding: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
             settings,
             next_id: AtomicU64::new(1),
             id_prefix: format!("{:08x}", crate::output::random_u64() as u32),
@@ -99,9 +108,35 @@ impl AppState {
         }
     }
 
+    /// A slot for decoding a request's pictures, or a 429 at once when none is free. The
+    /// decoding task holds it (not the handler), so a client that goes away does not free it
+    /// before the decoding ends.
+    fn decode_slot(&self) -> Result<DecodeSlot, ApiError> {
+        let permit = Arc::clone(&self.decoding)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::decoders_busy(self.settings.decode_slots))?;
+        Ok(DecodeSlot { _permit: permit, delay: self.settings.decode_delay })
+    }
+
     /// Queued or running jobs over all models.
     pub fn busy(&self) -> i64 {
         self.models.get().map_or(0, |pools| pools.iter().map(|p| p.busy()).sum())
+    }
+}
+
+/// A decoding slot ([`AppState::decode_slot`]), released when dropped.
+struct DecodeSlot {
+    _permit: OwnedSemaphorePermit,
+    delay: Duration,
+}
+
+impl DecodeSlot {
+    /// Called on the decoding thread once the pictures are decoded: holds the slot for the
+    /// testing delay (`--decode-delay-ms`, 0 outside tests).
+    fn done(self) {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
     }
 }
 
@@ -349,22 +384,24 @@ async fn generations(
         state.available()?;
         let params = ImageParams::from_json(&body)?;
         let pool = state.pool(params.model.as_deref())?;
-        let max_pixels = state.settings.max_pixels;
+        let pixels = state.settings.pixels;
         let Some(encoded) = params.control_image.clone() else {
-            return prepare(params, None, None, &limits(&pool, max_pixels, &|r| pool.checker.check_request(r)));
+            return prepare(params, None, None, &limits(&pool, pixels, &|r| pool.checker.check_request(r)));
         };
         let controlnet = pool.checker.controlnet();
         let max_side = state.settings.max_input_side;
+        let slot = state.decode_slot()?;
         // Decoding and resizing are CPU work: off the async threads.
         tokio::task::spawn_blocking(move || {
             let check = |r: &GenerateRequest| pool.checker.check_request(r);
-            let limits = limits(&pool, max_pixels, &check);
+            let limits = limits(&pool, pixels, &check);
             let bytes = decode_base64_file(&encoded).map_err(|e| e.with_param("control_image"))?;
             check_dimensions(&bytes, max_side, "control_image")?;
             let image =
-                zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
+                zimage::image_io::decode_rgb(&bytes).map_err(|e| ApiError::from_sdk(&e).with_param("control_image"));
+            slot.done();
             let name = "control_image".to_string();
-            prepare(params, None, Some(ControlInput { image, name, controlnet }), &limits)
+            prepare(params, None, Some(ControlInput { image: image?, name, controlnet }), &limits)
         })
         .await
         .map_err(|e| ApiError::internal(format!("decoding the control image failed: {e}")))?
@@ -392,11 +429,11 @@ async fn edits(
 /// `check_request`.
 fn limits<'a>(
     pool: &ModelPool,
-    max_pixels: u64,
+    pixels: PixelLimits,
     check: &'a dyn Fn(&GenerateRequest) -> zimage::Result<()>,
 ) -> Limits<'a> {
     let manifest = pool.checker.manifest();
-    Limits { defaults: manifest.generation_defaults, max_pixels, size_multiple: manifest.size_multiple(), check }
+    Limits { defaults: manifest.generation_defaults, pixels, size_multiple: manifest.size_multiple(), check }
 }
 
 fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
@@ -457,12 +494,15 @@ async fn read_edit(
     }
     let mut params = ImageParams::from_fields(&fields)?;
     let pool = state.pool(params.model.as_deref())?;
-    let (max_pixels, controlnet) = (state.settings.max_pixels, pool.checker.controlnet());
+    let (pixels, controlnet) = (state.settings.pixels, pool.checker.controlnet());
     if images.is_empty() {
         return Err(ApiError::invalid("'image' is required").with_param("image"));
     }
+    // Taken once the body is read (a slow upload does not hold one) and before any picture is
+    // decoded.
+    let slot = state.decode_slot()?;
     if pool.checker.manifest().supports("edit") && pool.checker.manifest().edit.is_some() {
-        return read_instruction_edit(state, pool, params, images, mask.is_some() || control.is_some()).await;
+        return read_instruction_edit(state, pool, params, images, mask.is_some() || control.is_some(), slot).await;
     }
     if images.len() > 1 {
         return Err(ApiError::invalid(format!(
@@ -494,23 +534,28 @@ async fn read_edit(
     // Decoding and resizing are CPU work: off the async threads.
     tokio::task::spawn_blocking(move || {
         let check = |r: &GenerateRequest| pool.checker.check_request(r);
-        let limits = limits(&pool, max_pixels, &check);
-        let image =
-            zimage::image_io::decode_rgb(&image_bytes).map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
-        let mask = match mask {
-            Some((name, bytes)) => Some((decode_mask(&bytes).map_err(|e| e.with_param("mask"))?, name)),
-            None => None,
-        };
-        let control = match control {
-            Some((name, bytes)) => Some(ControlInput {
-                image: zimage::image_io::decode_rgb(&bytes)
-                    .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?,
-                name,
-                controlnet,
-            }),
-            None => None,
-        };
-        prepare(params, Some(EditInput { image, image_name, mask }), control, &limits)
+        let limits = limits(&pool, pixels, &check);
+        let decoded = (|| {
+            let image =
+                zimage::image_io::decode_rgb(&image_bytes).map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+            let mask = match mask {
+                Some((name, bytes)) => Some((decode_mask(&bytes).map_err(|e| e.with_param("mask"))?, name)),
+                None => None,
+            };
+            let control = match control {
+                Some((name, bytes)) => Some(ControlInput {
+                    image: zimage::image_io::decode_rgb(&bytes)
+                        .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?,
+                    name,
+                    controlnet,
+                }),
+                None => None,
+            };
+            Ok((EditInput { image, image_name, mask }, control))
+        })();
+        slot.done();
+        let (edit, control) = decoded?;
+        prepare(params, Some(edit), control, &limits)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
@@ -525,6 +570,7 @@ async fn read_instruction_edit(
     params: ImageParams,
     pictures: Vec<(String, Bytes)>,
     mask_or_control: bool,
+    slot: DecodeSlot,
 ) -> Result<Prepared, ApiError> {
     if mask_or_control {
         return Err(ApiError::invalid(
@@ -539,18 +585,23 @@ async fn read_instruction_edit(
     for (_, bytes) in &pictures {
         check_dimensions(bytes, state.settings.max_input_side, "image")?;
     }
-    let max_pixels = state.settings.max_pixels;
+    let pixels = state.settings.pixels;
     tokio::task::spawn_blocking(move || {
         let manifest = pool.checker.manifest();
-        let mut references = Vec::with_capacity(pictures.len());
-        for (index, (name, bytes)) in pictures.iter().enumerate() {
-            let picture =
-                zimage::pipeline::edit::decode_reference(manifest, pool.checker.package_dir(), bytes, index + 1)
-                    .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
-            references.push((picture, zimage::ReferenceRecord::new(name, bytes)));
-        }
+        let references: Result<Vec<_>, ApiError> = pictures
+            .iter()
+            .enumerate()
+            .map(|(index, (name, bytes))| {
+                let picture =
+                    zimage::pipeline::edit::decode_reference(manifest, pool.checker.package_dir(), bytes, index + 1)
+                        .map_err(|e| ApiError::from_sdk(&e).with_param("image"))?;
+                Ok((picture, zimage::ReferenceRecord::new(name, bytes)))
+            })
+            .collect();
+        slot.done();
         let defaults = &manifest.edit.as_ref().expect("an editing package").defaults;
-        crate::api::prepare_edit(params, references, defaults, max_pixels, manifest.size_multiple())
+        let check = |r: &zimage::EditRequest| pool.checker.check_edit(r);
+        crate::api::prepare_edit(params, references?, defaults, pixels, manifest.size_multiple(), &check)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?
@@ -573,15 +624,26 @@ fn decode_base64_file(text: &str) -> Result<Vec<u8>, ApiError> {
 /// Refuses a picture from its header alone when a side exceeds `max_side` (the upright sides:
 /// the SDK turns pictures by their EXIF orientation).
 fn check_dimensions(bytes: &[u8], max_side: u32, param: &str) -> Result<(), ApiError> {
-    let (w, h) = zimage::image_io::image_size(bytes).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
+    let (w, h) = zimage::image_io::image_size(bytes).map_err(|e| {
+        // The SDK refuses a header over its own side limit without reading on; the image
+        // crate's header reader still gives the sides, so the client hears this server's
+        // limit (the check below is symmetric: an EXIF turn does not change it).
+        match image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map(|r| r.into_dimensions()) {
+            Ok(Ok((w, h))) if w > max_side || h > max_side => too_large(param, w, h, max_side),
+            _ => ApiError::from_sdk(&e).with_param(param),
+        }
+    })?;
     if w > max_side || h > max_side {
-        return Err(ApiError::invalid(format!(
-            "the {param} is {w}x{h}; this server accepts at most {max_side} pixels on a side"
-        ))
-        .with_code("image_too_large")
-        .with_param(param));
+        return Err(too_large(param, w, h, max_side));
     }
     Ok(())
+}
+
+/// The picture `param` of `w` x `h` has a side over `max_side` (`--max-input-side`).
+fn too_large(param: &str, w: u32, h: u32, max_side: u32) -> ApiError {
+    ApiError::invalid(format!("the {param} is {w}x{h}; this server accepts at most {max_side} pixels on a side"))
+        .with_code("image_too_large")
+        .with_param(param)
 }
 
 /// A mask with transparency follows OpenAI's convention (fully transparent = edit here);
@@ -644,7 +706,7 @@ fn with_info(mut response: Response, info: LogInfo) -> Response {
 }
 
 type Reply = oneshot::Receiver<Result<Finished, ApiError>>;
-type Queued = (Arc<ModelPool>, Reply, Option<mpsc::UnboundedReceiver<Progress>>, CancelOnDrop);
+type Queued = (Arc<ModelPool>, Reply, Option<mpsc::UnboundedReceiver<StepReport>>, CancelOnDrop);
 
 fn queue(state: &AppState, id: String, prepared: Prepared) -> Result<Queued, ApiError> {
     let pool = state.pool(prepared.model.as_deref())?;
@@ -747,34 +809,69 @@ fn respond(state: &AppState, pool: &ModelPool, meta: &Meta, f: Finished, headers
 }
 
 /// `stream: true`: a progress event after each denoising step (`image_generation.progress`, a
-/// zimage event in OpenAI's shape), then one `image_generation.completed` per image (for edits
-/// `image_edit.*`), or an `error` event. The stream holds the job's cancel guard: a client that
-/// goes away cancels the generation.
+/// zimage event in OpenAI's shape), the previews `partial_images` asked for
+/// (`image_generation.partial_image`: at each preview step one event per image of the request,
+/// `partial_image_index` counting the preview steps, `index` the image), then one
+/// `image_generation.completed` per image (for edits `image_edit.*`), or an `error` event. The
+/// stream holds the job's cancel guard: a client that goes away cancels the generation.
 fn stream(
     state: Arc<AppState>,
     pool: Arc<ModelPool>,
     meta: Meta,
     reply: Reply,
-    progress: mpsc::UnboundedReceiver<Progress>,
+    progress: mpsc::UnboundedReceiver<StepReport>,
     guard: CancelOnDrop,
     info: LogInfo,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(16);
     let cancel = guard.0.clone();
-    tokio::spawn(forward_events(state, pool, meta, reply, progress, cancel, tx, info));
+    tokio::spawn(forward_events(state, pool.name.clone(), meta, reply, progress, cancel, tx, info));
     let events = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         rx.recv().await.map(|event| (Ok::<_, Infallible>(event), (rx, guard)))
     });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// Puts a stream's events in its channel, every one within the request's deadline: a client
+/// that stops reading cannot keep the stream, its job or its images past --request-timeout.
+struct EventSender {
+    tx: mpsc::Sender<Event>,
+    deadline: tokio::time::Instant,
+}
+
+impl EventSender {
+    fn event(name: &str, data: &Value) -> Event {
+        Event::default().event(name).data(data.to_string())
+    }
+
+    /// A progress event: dropped when the client has not read the ones before it yet (the
+    /// next one says where the generation is), never waited for.
+    fn progress(&self, name: &str, data: &Value) -> Result<(), ApiError> {
+        match self.tx.try_send(Self::event(name, data)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ApiError::client_gone("the client went away")),
+        }
+    }
+
+    /// An event the client must get (a preview, an image, the error): waits for room until the
+    /// deadline (past it, sent only if there is room at once).
+    async fn send(&self, name: &str, data: &Value) -> Result<(), ApiError> {
+        // timeout_at polls the send once before looking at the clock.
+        match tokio::time::timeout_at(self.deadline, self.tx.send(Self::event(name, data))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ApiError::client_gone("the client went away")),
+            Err(_) => Err(ApiError::client_gone("the client stopped reading the stream within --request-timeout")),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)] // one call site: the stream's own parts
 async fn forward_events(
     state: Arc<AppState>,
-    pool: Arc<ModelPool>,
+    model: String,
     meta: Meta,
     reply: Reply,
-    mut progress: mpsc::UnboundedReceiver<Progress>,
+    mut progress: mpsc::UnboundedReceiver<StepReport>,
     cancel: Option<Arc<JobCancel>>,
     tx: mpsc::Sender<Event>,
     mut info: LogInfo,
@@ -782,76 +879,58 @@ async fn forward_events(
     let started = Instant::now();
     let prefix = if meta.edit { "image_edit" } else { "image_generation" };
     let path = if meta.edit { "/v1/images/edits" } else { "/v1/images/generations" };
-    let send = |name: String, data: Value| {
-        let tx = tx.clone();
-        async move { tx.send(Event::default().event(name).data(data.to_string())).await.is_ok() }
-    };
-    let progress_event = |p: Progress| {
-        json!({
-            "type": format!("{prefix}.progress"),
-            "step": p.step,
-            "total_steps": p.total_steps,
-            "elapsed_s": p.elapsed.as_secs_f64(),
-            "created_at": unix_now(),
-        })
-    };
     let limit = state.settings.request_timeout;
-    let deadline = tokio::time::sleep(limit);
+    let events = EventSender { tx, deadline: tokio::time::Instant::now() + limit };
+    let mut previews = 0;
+    let deadline = tokio::time::sleep_until(events.deadline);
     tokio::pin!(deadline);
     tokio::pin!(reply);
-    let result = loop {
+    let mut result = loop {
         tokio::select! {
             Some(p) = progress.recv() => {
-                if !send(format!("{prefix}.progress"), progress_event(p)).await {
-                    // The client is gone; the dropped stream already cancelled the job.
-                    break Err(ApiError::cancelled());
+                if let Err(e) = forward_step(&events, &meta, prefix, &mut previews, p).await {
+                    break Err(e);
                 }
             }
             r = &mut reply => break r.unwrap_or_else(|_| Err(ApiError::internal("the worker ended without an answer"))),
-            _ = &mut deadline => {
-                if let Some(c) = &cancel {
-                    c.cancel();
-                }
-                break Err(ApiError::timeout(limit.as_secs()));
-            }
+            _ = &mut deadline => break Err(ApiError::timeout(limit.as_secs())),
         }
     };
-    // Steps reported before the answer came.
-    while let Ok(p) = progress.try_recv() {
-        let _ = send(format!("{prefix}.progress"), progress_event(p)).await;
+    // Steps reported before the answer came (the worker reports every step before it answers).
+    if result.is_ok() {
+        while let Ok(p) = progress.try_recv() {
+            if let Err(e) = forward_step(&events, &meta, prefix, &mut previews, p).await {
+                result = Err(e);
+                break;
+            }
+        }
     }
     let status = match result {
         Ok(f) => {
             info.seed = Some(f.seed);
             info.queue_wait = Some(f.queue_wait);
             info.generation = Some(f.generation);
-            let count = f.images.len();
-            for (index, bytes) in f.images.into_iter().enumerate() {
-                let name = format!("{prefix}.completed");
-                let mut data = json!({
-                    "type": name,
-                    "b64_json": b64(&bytes),
-                    "created_at": unix_now(),
-                    "size": meta.size,
-                    "quality": meta.quality,
-                    "background": "opaque",
-                    "output_format": meta.format.name(),
-                    "usage": usage(f.prompt_tokens),
-                    "index": index,
-                    "seed": f.seed,
-                });
-                if let Some(p) = &f.enhanced_prompt {
-                    data["revised_prompt"] = Value::String(p.clone());
-                }
-                let _ = send(name, data).await;
+            // A client that is gone or stops reading gets no more: the images are dropped and
+            // not counted as served.
+            let sent = send_images(&events, &meta, prefix, f).await;
+            if let Ok(count) = sent {
+                state.metrics.images(&model, count as u64);
             }
-            state.metrics.images(&pool.name, count as u64);
-            Ok(())
+            sent.map(|_| ())
         }
         Err(e) => {
-            let mut body = e.body();
-            body["type"] = Value::String("error".into());
-            let _ = send("error".into(), body).await;
+            // Timed out, or the client left while it ran: stop the generation (a client that
+            // disconnected has already cancelled it through the stream's guard; one that
+            // stopped reading has not).
+            if let Some(c) = &cancel {
+                c.cancel();
+            }
+            if e.code != Some("cancelled") {
+                let mut body = e.body();
+                body["type"] = Value::String("error".into());
+                // (if this fails too, the error is still what the log says)
+                let _ = events.send("error", &body).await;
+            }
             Err(e)
         }
     };
@@ -871,9 +950,179 @@ async fn forward_events(
     );
 }
 
+/// One step's events: its progress, then its previews when it has some (one event per image;
+/// `previews` counts the preview steps sent, OpenAI's `partial_image_index`).
+async fn forward_step(
+    events: &EventSender,
+    meta: &Meta,
+    prefix: &str,
+    previews: &mut usize,
+    p: StepReport,
+) -> Result<(), ApiError> {
+    let progress = json!({
+        "type": format!("{prefix}.progress"),
+        "step": p.step,
+        "total_steps": p.total_steps,
+        "elapsed_s": p.elapsed.as_secs_f64(),
+        "created_at": unix_now(),
+    });
+    events.progress(&format!("{prefix}.progress"), &progress)?;
+    if p.partial_images.is_empty() {
+        return Ok(());
+    }
+    let name = format!("{prefix}.partial_image");
+    for (index, bytes) in p.partial_images.iter().enumerate() {
+        let data = json!({
+            "type": name,
+            "b64_json": b64(bytes),
+            "created_at": unix_now(),
+            "size": meta.size,
+            "quality": meta.quality,
+            "background": "opaque",
+            "output_format": meta.format.name(),
+            "partial_image_index": *previews,
+            "index": index,
+        });
+        events.send(&name, &data).await?;
+    }
+    *previews += 1;
+    Ok(())
+}
+
+/// The `completed` events, one per image; the images sent, or the client's going away.
+async fn send_images(events: &EventSender, meta: &Meta, prefix: &str, f: Finished) -> Result<usize, ApiError> {
+    let name = format!("{prefix}.completed");
+    let count = f.images.len();
+    for (index, bytes) in f.images.iter().enumerate() {
+        let mut data = json!({
+            "type": name,
+            "b64_json": b64(bytes),
+            "created_at": unix_now(),
+            "size": meta.size,
+            "quality": meta.quality,
+            "background": "opaque",
+            "output_format": meta.format.name(),
+            "usage": usage(f.prompt_tokens),
+            "index": index,
+            "seed": f.seed,
+        });
+        if let Some(p) = &f.enhanced_prompt {
+            data["revised_prompt"] = Value::String(p.clone());
+        }
+        events.send(&name, &data).await?;
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output::OutputFormat;
+
+    fn state(request_timeout: Duration) -> Arc<AppState> {
+        let settings = Settings {
+            max_body_bytes: 1 << 20,
+            max_input_side: 64,
+            pixels: PixelLimits { image: 1 << 20, batch: 1 << 22 },
+            decode_slots: 1,
+            decode_delay: Duration::ZERO,
+            body_timeout: Duration::from_secs(1),
+            request_timeout,
+            public_url: None,
+        };
+        let store = ImageStore::new(Duration::from_secs(1), 1);
+        Arc::new(AppState::new(vec!["m".into()], &[], Arc::default(), store, settings))
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            stream: true,
+            response_format: ResponseFormat::B64Json,
+            format: OutputFormat::Png,
+            size: "64x64".into(),
+            quality: "medium",
+            edit: false,
+        }
+    }
+
+    fn finished(images: usize) -> Finished {
+        Finished {
+            images: vec![vec![7; 1000]; images],
+            seed: 1,
+            enhanced_prompt: None,
+            prompt_tokens: 3,
+            queue_wait: Duration::ZERO,
+            generation: Duration::ZERO,
+        }
+    }
+
+    /// Runs a finished generation of `images` images through `forward_events` into a stream
+    /// of 16 events; returns the events the client would read (all of them when `read`, else
+    /// none: a client that never reads), how long the forwarding took, and the metrics.
+    async fn forward(images: usize, read: bool, timeout: Duration) -> (Vec<Event>, Duration, String) {
+        let state = state(timeout);
+        let (reply_tx, reply) = oneshot::channel();
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = Arc::new(JobCancel::default());
+        for step in 1..=40 {
+            let report = StepReport { step, total_steps: 40, elapsed: Duration::ZERO, partial_images: Vec::new() };
+            progress_tx.send(report).unwrap();
+        }
+        reply_tx.send(Ok(finished(images))).unwrap_or_else(|_| panic!("the reply is received"));
+        let started = Instant::now();
+        let task = tokio::spawn(forward_events(
+            Arc::clone(&state),
+            "m".into(),
+            meta(),
+            reply,
+            progress,
+            Some(Arc::clone(&cancel)),
+            tx,
+            LogInfo::default(),
+        ));
+        let mut events = Vec::new();
+        if read {
+            while let Some(event) = rx.recv().await {
+                events.push(event);
+            }
+        }
+        task.await.unwrap();
+        let took = started.elapsed();
+        drop(rx);
+        (events, took, state.metrics.render(&[], true, false))
+    }
+
+    fn has_line(metrics: &str, line: &str) -> bool {
+        metrics.lines().any(|l| l == line)
+    }
+
+    #[tokio::test]
+    async fn a_stream_nobody_reads_ends_at_the_deadline_as_the_client_gone() {
+        // 40 progress events and 20 images into 16 slots nobody empties: the progress events
+        // that find no room are dropped, the images wait until the deadline, then are dropped.
+        let (_, took, metrics) = forward(20, false, Duration::from_millis(300)).await;
+        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
+        assert!(has_line(&metrics, "zimage_errors_total{kind=\"cancelled\"} 1"), "{metrics}");
+        assert!(
+            has_line(&metrics, "zimage_requests_total{route=\"/v1/images/generations\",status=\"499\"} 1"),
+            "{metrics}"
+        );
+        assert!(!metrics.contains("zimage_images_total{"), "no image counted as served:\n{metrics}");
+
+        // A client that reads gets every image, and the progress events that found room.
+        let (events, _, metrics) = forward(20, true, Duration::from_secs(30)).await;
+        let names: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+        let progress = names.iter().take_while(|e| e.contains("image_generation.progress")).count();
+        assert!((16..=40).contains(&progress), "{progress} progress events");
+        assert_eq!(names.len(), progress + 20);
+        assert!(names[progress..].iter().all(|e| e.contains("image_generation.completed")));
+        assert!(has_line(&metrics, "zimage_images_total{model=\"m\"} 20"), "{metrics}");
+        assert!(
+            has_line(&metrics, "zimage_requests_total{route=\"/v1/images/generations\",status=\"200\"} 1"),
+            "{metrics}"
+        );
+    }
 
     #[test]
     fn keys_match_exactly() {

@@ -1,6 +1,7 @@
 //! Each served model: `--workers N` pipelines, each on its own thread, taking jobs from one
-//! bounded queue. A full queue refuses at once (429); a job whose client went away is skipped
-//! or cancelled through its pipeline's cancel handle; a panic fails its request only.
+//! bounded queue. A full queue refuses at once (429), once the jobs whose clients went away
+//! are taken out of it; such a job is skipped, or cancelled through its pipeline's cancel
+//! handle while it runs; a panic fails its request only.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,9 +70,18 @@ pub struct Job {
     pub spec: JobSpec,
     pub cancel: Arc<JobCancel>,
     /// Progress for a streaming request.
-    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    pub progress: Option<mpsc::UnboundedSender<StepReport>>,
     pub reply: oneshot::Sender<Result<Finished, ApiError>>,
     pub enqueued: Instant,
+}
+
+/// A denoising step of a streaming request, with its previews encoded in the request's
+/// output format when the step had some.
+pub struct StepReport {
+    pub step: usize,
+    pub total_steps: usize,
+    pub elapsed: std::time::Duration,
+    pub partial_images: Vec<Vec<u8>>,
 }
 
 /// A finished generation: the encoded images and what the response and the log report.
@@ -158,6 +168,9 @@ pub struct ModelPool {
     pub gauges: Arc<ModelGauges>,
     pub workers: usize,
     sender: Mutex<Option<Sender<Job>>>,
+    /// The queue's other end, to take out the jobs whose clients went away when it is full.
+    receiver: Receiver<Job>,
+    metrics: Arc<Metrics>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Mean generation time of recent jobs (for Retry-After), milliseconds.
     recent_ms: Arc<Mutex<f64>>,
@@ -221,6 +234,8 @@ impl ModelPool {
             gauges,
             workers,
             sender: Mutex::new(Some(sender)),
+            receiver,
+            metrics,
             threads: Mutex::new(threads),
             recent_ms,
             abandon,
@@ -228,20 +243,48 @@ impl ModelPool {
         }
     }
 
-    /// Queues `job`, or refuses it at once when the queue is full.
+    /// Queues `job`, or refuses it at once when the queue is full of jobs whose clients still
+    /// wait.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sender) = sender.as_ref() else { return Err(SubmitError::Closed) };
         // Counted before the send, so a worker that takes the job at once never sees -1.
         self.gauges.queued.fetch_add(1, Ordering::SeqCst);
-        match sender.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        let sent = match sender.try_send(job) {
+            // Jobs whose clients went away keep their places until a worker reaches them:
+            // clients that connect and leave would keep the queue full for everyone else.
+            Err(TrySendError::Full(job)) => {
+                self.drop_cancelled(sender);
+                sender.try_send(job)
+            }
+            sent => sent,
+        };
+        sent.map_err(|e| {
+            self.gauges.queued.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                TrySendError::Full(_) => SubmitError::Full,
+                TrySendError::Disconnected(_) => SubmitError::Closed,
+            }
+        })
+    }
+
+    /// Takes the waiting jobs out of the queue and puts back, in order, those whose clients
+    /// still wait; the cancelled ones are answered here instead of by a worker. The caller
+    /// holds the sender's lock: nothing is queued meanwhile (workers may still take jobs), so
+    /// the ones put back always have room.
+    fn drop_cancelled(&self, sender: &Sender<Job>) {
+        let waiting: Vec<Job> = self.receiver.try_iter().collect();
+        for job in waiting {
+            let refused = if job.cancel.is_cancelled() {
+                Some((job, ApiError::cancelled()))
+            } else {
+                sender.try_send(job).err().map(|e| (e.into_inner(), ApiError::internal("the queue lost a job")))
+            };
+            if let Some((job, error)) = refused {
                 self.gauges.queued.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::Full,
-                    TrySendError::Disconnected(_) => SubmitError::Closed,
-                })
+                // Left the queue, as a worker records it.
+                self.metrics.stage(&self.name, "queue_wait", job.enqueued.elapsed());
+                let _ = job.reply.send(Err(error));
             }
         }
     }
@@ -293,7 +336,11 @@ fn worker_loop(worker: LoadedWorker, receiver: Receiver<Job>, context: WorkerCon
         let queue_wait = job.enqueued.elapsed();
         context.metrics.stage(&context.model, "queue_wait", queue_wait);
         if context.abandon.load(Ordering::SeqCst) {
+            // The drain ran out of time: a client still waiting hears that the server is
+            // shutting down (not that it cancelled).
             job.cancel.cancel();
+            let _ = job.reply.send(Err(ApiError::draining()));
+            continue;
         }
         if !job.cancel.start(worker.pipeline.cancel_handle()) {
             let _ = job.reply.send(Err(ApiError::cancelled()));
@@ -308,6 +355,13 @@ fn worker_loop(worker: LoadedWorker, receiver: Receiver<Job>, context: WorkerCon
                 Err(ApiError::internal(format!("the generation panicked: {}", panic_text(&panic))))
             });
         cancel.finish();
+        let result = match result {
+            // Cancelled by the end of a drain that ran out of time (ModelPool::cancel_all).
+            Err(e) if e.code == Some("cancelled") && context.abandon.load(Ordering::SeqCst) => {
+                Err(ApiError::draining())
+            }
+            result => result,
+        };
         context.gauges.in_flight.fetch_sub(1, Ordering::SeqCst);
         let generation = started.elapsed();
         context.metrics.stage(&context.model, "generation", generation);
@@ -337,7 +391,16 @@ fn run(
     let spec = &job.spec;
     let mut on_step = |p: &Progress| {
         if let Some(progress) = &job.progress {
-            let _ = progress.send(*p);
+            // Encoded here, on the worker's thread, not on the async runtime's. A preview that
+            // fails to encode is left out (the final images report such a failure).
+            let partial_images = p
+                .preview
+                .iter()
+                .flatten()
+                .filter_map(|image| encode(image, spec.format, spec.compression, &[]).ok())
+                .collect();
+            let report = StepReport { step: p.step, total_steps: p.total_steps, elapsed: p.elapsed, partial_images };
+            let _ = progress.send(report);
         }
         !job.cancel.is_cancelled()
     };

@@ -1,6 +1,7 @@
 //! The server over loopback HTTP: every error status in OpenAI's shape, the queue's 429, the
 //! request timeout, a disconnecting client's cancellation, 503 while loading and draining,
-//! and SIGTERM's drain to exit 0. A plain HTTP/1.1 client on std's TcpStream drives it.
+//! SIGTERM's drain to exit 0, and the stream's events with partial images. A plain HTTP/1.1
+//! client on std's TcpStream drives it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -194,6 +195,46 @@ fn parse_response(raw: &[u8]) -> Response {
     Response { status, headers, body }
 }
 
+/// The events of a `text/event-stream` body: (event name, data as JSON), keep-alive comments
+/// left out.
+fn events(body: &[u8]) -> Vec<(String, Value)> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            Some((name?, serde_json::from_str(&data).unwrap_or_else(|e| panic!("{e}: {data}"))))
+        })
+        .collect()
+}
+
+/// A picture in a `b64_json` field.
+fn picture(item: &Value) -> image::RgbImage {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(item["b64_json"].as_str().unwrap()).unwrap();
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+/// Sends a request on a new connection and returns the connection without reading the answer.
+fn open_request(addr: &str, body: &Value) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
 fn png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([rgb[0].wrapping_add(x as u8), rgb[1].wrapping_add(y as u8), rgb[2]])
@@ -226,34 +267,20 @@ fn multipart(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> (String,
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-/// A package that loads but whose image-to-image start overflows: the VAE scaling factor is
-/// 3e38, so the encoded picture's latents are infinite and denoising fails (an inference error).
-fn overflowing_package() -> PathBuf {
-    let source = root().join("models/tiny-zimage");
-    let dir = std::env::temp_dir().join(format!("zimage-server-test-{}-overflow", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "manifest.json" {
-            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
-        }
-    }
-    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
-    manifest["vae"]["scaling_factor"] = json!(3e38);
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
-    dir
-}
-
 #[test]
 fn every_error_status_has_openai_shape() {
-    let broken = overflowing_package();
-    let broken_arg = format!("broken={}", broken.display());
+    // "broken": the tiny package with a LoRA at scale 1e30, whose values leave float range at
+    // the first step (an inference error); the package itself can no longer be made to overflow
+    // (the SDK refuses VAE factors beyond 1e6 at load).
+    let broken_arg = format!("broken={}", tiny());
+    let lora = "broken=tests/golden/tiny-zimage/loras/peft.safetensors:1e30";
     let server = Server::start(&[
         "--model",
         &tiny(),
         "--model",
         &broken_arg,
+        "--lora",
+        lora,
         "--api-key",
         "key-one",
         "--api-key",
@@ -298,11 +325,12 @@ fn every_error_status_has_openai_shape() {
         (json!({"size": "64x64"}), Some("prompt")),
         (json!({"prompt": "x", "size": "60x64"}), Some("size")),
         (json!({"prompt": "x", "size": "64x64", "num_inference_steps": 0}), Some("num_inference_steps")),
-        (json!({"prompt": "x", "size": "64x64", "guidance_scale": -1.0}), None),
+        (json!({"prompt": "x", "size": "64x64", "guidance_scale": -1.0}), Some("guidance_scale")),
         (json!({"prompt": "x", "size": "64x64", "n": 0}), Some("n")),
         (json!({"prompt": "x", "size": "64x64", "n": "two"}), Some("n")),
         (json!({"prompt": "x", "size": "64x64", "output_format": "gif"}), Some("output_format")),
         (json!({"prompt": "x", "size": "64x64", "enhance_prompt": true}), Some("enhance_prompt")),
+        (json!({"prompt": "x", "size": "64x64", "stream": true, "response_format": "url"}), Some("response_format")),
     ] {
         let error = bad(body.to_string().as_bytes()).assert_error(400, "invalid_request_error", None);
         assert_eq!(error["param"].as_str(), param, "{body}: {error}");
@@ -357,6 +385,16 @@ fn every_error_status_has_openai_shape() {
         Some("image_too_large"),
     );
     assert!(e["message"].as_str().unwrap().contains("300x16"), "{e}");
+    // Past the SDK's own limit (16384 a side) the header still gives this server's.
+    let mut wide = Vec::new();
+    image::GrayImage::new(20000, 1).write_to(&mut std::io::Cursor::new(&mut wide), image::ImageFormat::Png).unwrap();
+    let e = edit(&[("prompt", "x")], &[("image", "wide.png", &wide)]).assert_error(
+        400,
+        "invalid_request_error",
+        Some("image_too_large"),
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("20000x1") && message.contains("at most 256 pixels"), "{e}");
     let e = edit(&[("prompt", "x")], &[("image", "a.png", &picture), ("mask", "m.png", b"not a mask")]).assert_error(
         400,
         "invalid_request_error",
@@ -366,33 +404,36 @@ fn every_error_status_has_openai_shape() {
     // The same edit is fine on the good model ...
     let fine = edit(&[("prompt", "x"), ("num_inference_steps", "2"), ("seed", "1")], &[("image", "a.png", &picture)]);
     assert_eq!(fine.status, 200, "{}", fine.text());
-    // ... and a 500 on the package whose start overflows.
-    edit(
+    // ... and a 500 on the model whose values leave float range.
+    let e = edit(
         &[("prompt", "x"), ("model", "broken"), ("num_inference_steps", "2"), ("seed", "1")],
         &[("image", "a.png", &picture)],
     )
     .assert_error(500, "server_error", Some("inference_failed"));
-    // The worker that failed keeps serving.
+    assert!(e["message"].as_str().unwrap().contains("non-finite"), "{e}");
+    // The worker that failed keeps serving: it answers the next request (with the same error).
     let mut again = small.clone();
     again["model"] = json!("broken");
-    assert_eq!(server.post_json("/v1/images/generations", &again, &auth).status, 200);
+    server.post_json("/v1/images/generations", &again, &auth).assert_error(
+        500,
+        "server_error",
+        Some("inference_failed"),
+    );
 
     let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
     for line in [
         "zimage_errors_total{kind=\"unauthorized\"} 2",
         "zimage_errors_total{kind=\"too_large\"} 2",
-        "zimage_errors_total{kind=\"inference\"} 1",
+        "zimage_errors_total{kind=\"inference\"} 2",
         "zimage_errors_total{kind=\"not_found\"} 3",
         "zimage_images_total{model=\"tiny-zimage\"} 2",
-        "zimage_images_total{model=\"broken\"} 1",
         "zimage_workers_alive{model=\"broken\"} 1",
         "zimage_requests_total{route=\"/v1/images/generations\",status=\"413\"} 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
     assert!(metrics.contains("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"denoise\"} 2"), "{metrics}");
-    drop(server);
-    std::fs::remove_dir_all(broken).unwrap();
+    assert!(!metrics.contains("zimage_images_total{model=\"broken\"}"), "{metrics}");
 }
 
 /// A generation that takes far longer than the tests' --request-timeout 4 with the tiny package:
@@ -752,6 +793,41 @@ fn sizes_over_max_pixels_are_refused_before_any_work() {
     // At the limit is fine.
     let ok = post(br#"{"prompt":"x","size":"128x128","num_inference_steps":1}"#);
     assert_eq!(ok.status, 200, "{}", ok.text());
+
+    // n images together: at most 4 x --max-pixels by default (--max-batch-pixels), naming n.
+    let e = post(br#"{"prompt":"x","size":"128x128","n":5,"num_inference_steps":1}"#).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
+    assert_eq!(e["param"], "n", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("--max-batch-pixels"), "{e}");
+    let (content_type, body) = multipart(
+        &[("prompt", "x"), ("num_inference_steps", "1"), ("n", "5")],
+        &[("image", "a.png", &png(128, 128, [9, 9, 9]))],
+    );
+    let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "n", "{e}");
+    let ok = post(br#"{"prompt":"x","size":"128x128","n":4,"num_inference_steps":1}"#);
+    assert_eq!(ok.json()["data"].as_array().unwrap().len(), 4, "{}", ok.text());
+    drop(server);
+
+    // --max-batch-pixels below --max-pixels is a usage error; above it, it is the limit.
+    let output = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+        .args(["--port", "0", "--model", &tiny(), "--max-pixels", "16384", "--max-batch-pixels", "100"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--max-batch-pixels"), "{output:?}");
+    let server = Server::start(&["--model", &tiny(), "--max-pixels", "4096", "--max-batch-pixels", "8192"]);
+    let e = server.generate(json!({"prompt": "x", "size": "64x64", "n": 3})).assert_error(
+        400,
+        "invalid_request_error",
+        None,
+    );
+    assert_eq!(e["param"], "n", "{e}");
+    let ok = server.generate(json!({"prompt": "x", "size": "64x64", "n": 2, "num_inference_steps": 1}));
+    assert_eq!(ok.status, 200, "{}", ok.text());
 }
 
 /// Malformed JSON, path segments and multipart fields are 400s in OpenAI's shape, naming the
@@ -770,6 +846,12 @@ fn malformed_requests_are_refused_in_openai_shape() {
     assert_eq!(e["param"], Value::Null, "{e}");
     let e = post(br#"{"prompt":"x","size":"#).assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], Value::Null, "{e}");
+    // An array is not a request (serde's derive would take it as the fields in order).
+    for body in [&br#"[{"prompt":"x","size":"64x64"}]"#[..], br#" ["x", 1]"#] {
+        let e = post(body).assert_error(400, "invalid_request_error", None);
+        assert_eq!(e["param"], Value::Null, "{e}");
+        assert!(e["message"].as_str().unwrap().contains("JSON object"), "{e}");
+    }
 
     // Path segments that are not UTF-8.
     let e = server.get("/v1/images/files/%ff").assert_error(400, "invalid_request_error", None);
@@ -1055,4 +1137,234 @@ fn stalled_connections_are_closed() {
     parse_response(&raw).assert_error(400, "invalid_request_error", None);
     // The server still serves.
     assert_eq!(server.get("/health").status, 200);
+}
+
+/// `partial_images` with `stream`: the previews arrive between the steps, one event per image at
+/// each preview step (8 steps, 2 previews: after steps 3 and 6), before the completed images;
+/// each is a picture of the request's size that is not yet the final image. Without `stream`
+/// the answer is the usual JSON with the same images; more than OpenAI's 3 is a 400.
+#[test]
+fn streams_send_the_partial_images_between_the_steps() {
+    let server = Server::start(&["--model", &tiny()]);
+    let mut body = json!({
+        "prompt": "a fox in the snow", "size": "64x48", "n": 2, "num_inference_steps": 8, "seed": 21,
+        "stream": true, "partial_images": 2,
+    });
+    let response = server.generate(body.clone());
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let streamed = events(&response.body);
+    let order: Vec<String> = streamed
+        .iter()
+        .map(|(name, data)| {
+            assert_eq!(&data["type"], name, "{data}");
+            match name.as_str() {
+                "image_generation.progress" => format!("step {}", data["step"]),
+                "image_generation.partial_image" => {
+                    format!("partial {} of image {}", data["partial_image_index"], data["index"])
+                }
+                "image_generation.completed" => format!("image {}", data["index"]),
+                other => panic!("unexpected event {other}: {data}"),
+            }
+        })
+        .collect();
+    let expected = [
+        "step 1",
+        "step 2",
+        "step 3",
+        "partial 0 of image 0",
+        "partial 0 of image 1",
+        "step 4",
+        "step 5",
+        "step 6",
+        "partial 1 of image 0",
+        "partial 1 of image 1",
+        "step 7",
+        "step 8",
+        "image 0",
+        "image 1",
+    ];
+    assert_eq!(order, expected);
+    let finals: Vec<image::RgbImage> = streamed[12..].iter().map(|(_, data)| picture(data)).collect();
+    let mut previews = Vec::new();
+    for (_, data) in streamed.iter().filter(|(name, _)| name == "image_generation.partial_image") {
+        let fields = [&data["size"], &data["quality"], &data["background"], &data["output_format"]];
+        assert_eq!(fields, [&json!("64x48"), &json!("medium"), &json!("opaque"), &json!("png")], "{data}");
+        assert!(data["created_at"].as_u64().unwrap() > 1_600_000_000, "{data}");
+        let preview = picture(data);
+        assert_eq!(preview.dimensions(), (64, 48));
+        let index = data["index"].as_u64().unwrap() as usize;
+        let differing = preview.as_raw().iter().zip(finals[index].as_raw()).filter(|(a, b)| a != b).count();
+        assert!(differing > 100, "preview {data:?} of image {index} is the final image ({differing} values differ)");
+        previews.push(preview);
+    }
+    assert_ne!(previews[0], previews[2], "the second preview of image 0 is a later estimate");
+
+    // Without stream: no previews, the usual answer, the same images.
+    body["stream"] = json!(false);
+    let plain = server.generate(body.clone());
+    assert_eq!(plain.header("content-type"), Some("application/json"), "{}", plain.text());
+    let data = plain.json()["data"].as_array().unwrap().clone();
+    assert_eq!(data.iter().map(picture).collect::<Vec<_>>(), finals);
+
+    // OpenAI's limit is 3.
+    body["stream"] = json!(true);
+    body["partial_images"] = json!(4);
+    let e = server.generate(body).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "partial_images", "{e}");
+
+    // Edits send image_edit.partial_image: strength 0.5 of 4 steps runs 2; one preview, after
+    // the first.
+    let (content_type, body) = multipart(
+        &[
+            ("prompt", "x"),
+            ("num_inference_steps", "4"),
+            ("strength", "0.5"),
+            ("seed", "2"),
+            ("stream", "true"),
+            ("partial_images", "1"),
+        ],
+        &[("image", "a.png", &png(32, 32, [50, 60, 70]))],
+    );
+    let response = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let streamed = events(&response.body);
+    let names: Vec<&str> = streamed.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["image_edit.progress", "image_edit.partial_image", "image_edit.progress", "image_edit.completed"]
+    );
+    assert_eq!(streamed[1].1["partial_image_index"], 0);
+    assert_eq!(picture(&streamed[1].1).dimensions(), (32, 32));
+}
+
+/// Requests the SDK would refuse only in the worker (when it reads the text), or whose field it
+/// does not name, are 400s naming the field before anything is queued: with `stream` too,
+/// which would otherwise answer 200 and then an error event.
+#[test]
+fn requests_the_worker_would_refuse_are_400s_before_queueing() {
+    let server = Server::start(&["--model", &tiny()]);
+    let long = "x".repeat((1 << 20) + 1);
+    for (body, param) in [
+        (json!({"prompt": "x", "max_sequence_length": 0}), "max_sequence_length"),
+        (json!({"prompt": long}), "prompt"),
+        (json!({"prompt": "x", "negative_prompt": long}), "negative_prompt"),
+        (json!({"prompt": "x", "guidance_scale": 1e39}), "guidance_scale"),
+        (json!({"prompt": "x", "cfg_normalization": -1.0}), "cfg_normalization"),
+        (json!({"prompt": "x", "cfg_truncation": -0.5}), "cfg_truncation"),
+    ] {
+        let mut body = body;
+        body["size"] = json!("64x64");
+        body["stream"] = json!(true);
+        let e = server.generate(body).assert_error(400, "invalid_request_error", None);
+        assert_eq!(e["param"], param, "{e}");
+    }
+    // An edit's strength that leaves no step to run.
+    let (content_type, body) = multipart(
+        &[("prompt", "x"), ("strength", "0"), ("num_inference_steps", "1"), ("stream", "true")],
+        &[("image", "a.png", &png(64, 64, [1, 2, 3]))],
+    );
+    let response = server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
+    let e = response.assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "strength", "{e}");
+    assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"queue_wait\"}"), 0.0);
+}
+
+/// Pictures are decoded for at most --workers + --max-queue requests at once: past that an
+/// upload is refused at once (429) instead of decoded, however small its file (a PNG of a few
+/// kilobytes can declare 4096x4096 16-bit pixels). Requests without pictures take no slot.
+#[test]
+fn uploads_past_the_decoding_slots_are_refused_at_once() {
+    // Two slots (one worker, a queue of one), each held 2 s after its decoding (a testing flag).
+    let server = Server::start(&["--model", &tiny(), "--max-queue", "1", "--decode-delay-ms", "2000"]);
+    let (content_type, body) = multipart(
+        &[("prompt", "x"), ("num_inference_steps", "1"), ("seed", "1")],
+        &[("image", "a.png", &png(64, 64, [1, 2, 3]))],
+    );
+    let headers = [("Content-Type", content_type.as_str())];
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, headers, body) = (server.addr.clone(), content_type.clone(), body.clone());
+            std::thread::spawn(move || send(&addr, "POST", "/v1/images/edits", &[("Content-Type", &headers)], &body))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let started = Instant::now();
+    let refused = server.request("POST", "/v1/images/edits", &headers, &body);
+    let e = refused.assert_error(429, "rate_limit_error", Some("queue_full"));
+    assert!(e["message"].as_str().unwrap().contains("decoding"), "{e}");
+    assert!(refused.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let text = server.generate(json!({"prompt": "x", "size": "64x64", "num_inference_steps": 1}));
+    assert_eq!(text.status, 200, "{}", text.text());
+    for holder in holders {
+        let done = holder.join().unwrap();
+        assert_eq!(done.status, 200, "{}", done.text());
+    }
+    // The slots are free again.
+    let again = server.request("POST", "/v1/images/edits", &headers, &body);
+    assert_eq!(again.status, 200, "{}", again.text());
+}
+
+/// Past --drain-timeout the generations left are cancelled, and their clients, still
+/// connected, hear that the server is shutting down (503), streamed or not; then exit 0.
+#[test]
+fn clients_left_at_the_drain_timeout_get_503() {
+    let mut server = Server::start(&["--model", &tiny(), "--drain-timeout", "1"]);
+    let spawn = |body: Value| {
+        let addr = server.addr.clone();
+        std::thread::spawn(move || send(&addr, "POST", "/v1/images/generations", &[], body.to_string().as_bytes()))
+    };
+    let running = spawn(slow(1));
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let queued = spawn(slow(2));
+    let mut streamed = slow(3);
+    streamed["stream"] = json!(true);
+    let streamed = spawn(streamed);
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 2.0, Duration::from_secs(30));
+    let signalled = Instant::now();
+    server.signal("TERM");
+    for response in [running, queued] {
+        response.join().unwrap().assert_error(503, "server_error", Some("shutting_down"));
+    }
+    let streamed = streamed.join().unwrap();
+    assert_eq!(streamed.status, 200);
+    let (name, data) = events(&streamed.body).pop().unwrap();
+    assert_eq!(
+        (name.as_str(), &data["type"], &data["error"]["code"]),
+        ("error", &json!("error"), &json!("shutting_down"))
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(8), "{:?}", signalled.elapsed());
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+/// A queued job whose client went away does not keep its place: a full queue takes the next
+/// request in its stead (it was refused with 429 until a worker reached the dead job), and
+/// refuses the one after, whose place is held by a client that waits.
+#[test]
+fn clients_that_leave_the_queue_free_their_places() {
+    let server = Server::start(&["--model", &tiny(), "--max-queue", "1"]);
+    let running = open_request(&server.addr, &slow(1));
+    server.wait_metric("zimage_in_flight{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    let left = open_request(&server.addr, &slow(2));
+    server.wait_metric("zimage_queue_depth{model=\"tiny-zimage\"}", |v| v == 1.0, Duration::from_secs(30));
+    drop(left);
+    server.wait_metric("zimage_errors_total{kind=\"cancelled\"}", |v| v == 1.0, Duration::from_secs(5));
+    // Still in the queue, cancelled.
+    assert_eq!(server.metric("zimage_queue_depth{model=\"tiny-zimage\"}"), 1.0);
+    let next = {
+        let addr = server.addr.clone();
+        let body = json!({"prompt": "next", "size": "64x64", "num_inference_steps": 2, "seed": 4});
+        std::thread::spawn(move || send(&addr, "POST", "/v1/images/generations", &[], body.to_string().as_bytes()))
+    };
+    // The dead job left the queue (its wait is recorded, as the running one's was) as the next
+    // one took its place.
+    let left_queue = "zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"queue_wait\"}";
+    server.wait_metric(left_queue, |v| v == 2.0, Duration::from_secs(5));
+    server.generate(json!({"prompt": "x", "size": "64x64"})).assert_error(429, "rate_limit_error", Some("queue_full"));
+    drop(running);
+    let next = next.join().unwrap();
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(next.json()["seed"], 4);
+    assert_eq!(server.metric("zimage_errors_total{kind=\"queue_full\"}"), 1.0);
 }

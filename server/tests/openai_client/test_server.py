@@ -9,7 +9,8 @@
 - faults: a streaming client that goes away cancels its generation; SIGTERM in the middle of a
   burst lets the accepted requests finish and the process exit 0.
 
-Binaries come from ZIMAGE_BIN_DIR (default target/debug); the server listens on 127.0.0.1 only.
+Binaries come from ZIMAGE_BIN_DIR (default target/debug; scripts/test-server.sh sets it); the server
+listens on 127.0.0.1 only.
 """
 
 import base64
@@ -305,6 +306,30 @@ def test_stream_sends_progress_then_the_same_image(client):
                                    extra_body={"seed": 2, "num_inference_steps": 4, "strength": 0.5}))
     assert [e.type for e in edit] == ["image_edit.progress"] * 2 + ["image_edit.completed"]
     assert png_text(base64.b64decode(edit[-1].b64_json))[1]["init_image"] == "p.png"
+
+
+def test_stream_sends_partial_images(client):
+    """`partial_images` reach the client as the library's own ImageGenPartialImageEvent, between
+    the steps (8 steps, 2 previews: after steps 3 and 6), each a picture of the request's size
+    that is not yet the final image."""
+    common = dict(prompt="a lighthouse", size="64x64", extra_body={"seed": 4, "num_inference_steps": 8})
+    expected = b64_images(client.images.generate(**common))[0]
+    events = list(client.images.generate(stream=True, partial_images=2, **common))
+    order = [e.model_extra["step"] if e.type == "image_generation.progress" else e.type for e in events]
+    partial = "image_generation.partial_image"
+    assert order == [1, 2, 3, partial, 4, 5, 6, partial, 7, 8, "image_generation.completed"], order
+    previews = [e for e in events if e.type == partial]
+    assert all(isinstance(e, openai.types.ImageGenPartialImageEvent) for e in previews)
+    assert [e.partial_image_index for e in previews] == [0, 1]
+    for e in previews:
+        assert (e.size, e.quality, e.background, e.output_format) == ("64x64", "medium", "opaque", "png")
+        image = base64.b64decode(e.b64_json)
+        assert png_text(image)[0] == (64, 64) and image != expected
+    assert base64.b64decode(events[-1].b64_json) == expected
+    # A stream carries the images themselves: `url` is refused, naming the field.
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(stream=True, response_format="url", **common)
+    assert bad.value.body["param"] == "response_format"
 
 
 def test_errors_are_typed_with_openai_bodies(client):
