@@ -11,10 +11,11 @@ use serde_json::{json, Value};
 use zimage::{GenerateRequest, Manifest, Timings};
 
 use crate::device_memory::DeviceMemorySampler;
-use crate::generate::{timings_json, StageProgress};
+use crate::generate::timings_json;
 use crate::interrupt;
 use crate::model_args::ModelArgs;
 use crate::output::{out, secs, Failure};
+use crate::step_report::StageProgress;
 
 /// Most timed runs, and most warmup runs (each run keeps its timings for the report).
 pub const MAX_RUNS: u32 = 1000;

@@ -8,10 +8,10 @@ use serde_json::json;
 use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, ReferenceRecord};
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::generate::{output_files, quantization_json, timings_json, ProgressMode, StageProgress};
+use crate::generate::{quantization_json, timings_json};
 use crate::model_args::ModelArgs;
-use crate::output::{out, secs, Failure};
-use crate::step_report::StepReport;
+use crate::output::{out, output_files, secs, Failure};
+use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
 #[derive(Args)]
@@ -115,7 +115,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     request.return_latents = latents_file.is_some();
     request.previews = args.previews;
 
-    let progress = StageProgress::new(args.progress.visible_for_edit());
+    let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
     let guidance = args.guidance.unwrap_or(manifest.edit.as_ref().map_or(0.0, |e| e.defaults.guidance_scale)) > 0.0;
     let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;

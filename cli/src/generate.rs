@@ -1,13 +1,10 @@
 //! `zimage generate`: one request to the SDK, PNG files with the parameters in text chunks,
 //! optionally the final latents, and a summary (plain or JSON).
 
-use std::ffi::OsString;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use clap::Args;
 use serde_json::{json, Value};
 use zimage::{
     control_parameters, image_io, image_parameters, lora_records, ControlCondition, ControlNames, ControlPreprocess,
@@ -16,8 +13,8 @@ use zimage::{
 
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
-use crate::output::{out, secs, Failure};
-use crate::step_report::StepReport;
+use crate::output::{out, output_files, secs, Failure};
+use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
@@ -326,24 +323,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
-pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
-    if count <= 1 {
-        return vec![output.to_path_buf()];
-    }
-    (0..count)
-        .map(|i| {
-            let mut name = OsString::from(output.file_stem().unwrap_or_default());
-            name.push(format!("-{i}"));
-            if let Some(ext) = output.extension() {
-                name.push(".");
-                name.push(ext);
-            }
-            output.with_file_name(name)
-        })
-        .collect()
-}
-
 fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
     if tokens.truncated() {
         log::stderr_line(
@@ -463,65 +442,4 @@ pub fn timings_json(t: &Timings, load: Duration) -> Value {
             "final_bytes": h.final_bytes,
         })),
     })
-}
-
-/// How generation progress is shown on stderr.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProgressMode {
-    /// A bar when stderr is a terminal, nothing otherwise.
-    Auto,
-    /// `zimage: progress: step N/M (S s)` after every denoising step.
-    Lines,
-    /// Nothing.
-    None,
-}
-
-impl ProgressMode {
-    fn visible(self) -> bool {
-        self == ProgressMode::Auto && std::io::stderr().is_terminal()
-    }
-
-    /// The same for `zimage edit`.
-    pub fn visible_for_edit(self) -> bool {
-        self.visible()
-    }
-}
-
-/// The terminal display: a spinner with the stage name, then a bar over the denoising steps.
-/// Hidden when stderr is not a terminal, so logs and pipes stay clean.
-pub struct StageProgress {
-    bar: ProgressBar,
-}
-
-impl StageProgress {
-    pub fn new(visible: bool) -> Self {
-        let bar = if visible { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
-        bar.enable_steady_tick(Duration::from_millis(120));
-        StageProgress { bar }
-    }
-
-    pub fn stage(&self, name: impl Into<std::borrow::Cow<'static, str>>) {
-        self.bar.set_message(name);
-    }
-
-    pub fn step(&self, p: &Progress) {
-        if self.bar.length() != Some(p.total_steps as u64) {
-            self.bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} (eta {eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            self.bar.set_length(p.total_steps as u64);
-            self.bar.set_message("denoising");
-        }
-        self.bar.set_position(p.step as u64);
-        if p.step == p.total_steps {
-            self.bar.set_message("decoding");
-        }
-    }
-
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
 }

@@ -1,7 +1,10 @@
 //! What a command gives back: its failure (which sets the exit code), standard output that
-//! may be closed under it, one-line messages, seconds as JSON numbers.
+//! may be closed under it, one-line messages, seconds as JSON numbers, and the names of the
+//! files it writes.
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Why a command did not succeed.
 pub enum Failure {
@@ -50,4 +53,48 @@ pub fn one_line(message: &str) -> String {
 /// Seconds as a JSON number.
 pub fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
+pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
+    if count <= 1 {
+        return vec![output.to_path_buf()];
+    }
+    (0..count)
+        .map(|i| {
+            let mut name = OsString::from(output.file_stem().unwrap_or_default());
+            name.push(format!("-{i}"));
+            if let Some(ext) = output.extension() {
+                name.push(".");
+                name.push(ext);
+            }
+            output.with_file_name(name)
+        })
+        .collect()
+}
+
+/// `out.png` -> `out.step3.png` (with several images `out.step3-0.png`, ... through
+/// `output_files`).
+pub fn preview_path(output: &Path, step: usize) -> PathBuf {
+    let mut name = output.file_stem().unwrap_or_default().to_os_string();
+    name.push(format!(".step{step}"));
+    if let Some(ext) = output.extension() {
+        name.push(".");
+        name.push(ext);
+    }
+    output.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews_are_named_after_the_output_and_the_step() {
+        assert_eq!(preview_path(Path::new("out/cat.png"), 3), Path::new("out/cat.step3.png"));
+        assert_eq!(
+            output_files(&preview_path(Path::new("cat.png"), 6), 2),
+            [Path::new("cat.step6-0.png"), Path::new("cat.step6-1.png")]
+        );
+    }
 }

@@ -2,12 +2,15 @@
 //! the step reached (for the message when Ctrl-C stops the run), and, with `--previews N`, the
 //! previews written as they arrive.
 
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
 
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
 use zimage::{image_io, Progress};
 
-use crate::generate::{output_files, ProgressMode, StageProgress};
-use crate::output::{secs, Failure};
+use crate::output::{output_files, preview_path, secs, Failure};
 use crate::{interrupt, log};
 
 pub struct StepReport<'a> {
@@ -73,28 +76,59 @@ impl<'a> StepReport<'a> {
     }
 }
 
-/// `out.png` -> `out.step3.png` (with several images `out.step3-0.png`, ... through
-/// `output_files`).
-pub fn preview_path(output: &Path, step: usize) -> PathBuf {
-    let mut name = output.file_stem().unwrap_or_default().to_os_string();
-    name.push(format!(".step{step}"));
-    if let Some(ext) = output.extension() {
-        name.push(".");
-        name.push(ext);
-    }
-    output.with_file_name(name)
+/// How generation progress is shown on stderr.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, nothing otherwise.
+    Auto,
+    /// `zimage: progress: step N/M (S s)` after every denoising step.
+    Lines,
+    /// Nothing.
+    None,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl ProgressMode {
+    /// Whether the bar shows.
+    pub fn visible(self) -> bool {
+        self == ProgressMode::Auto && std::io::stderr().is_terminal()
+    }
+}
 
-    #[test]
-    fn previews_are_named_after_the_output_and_the_step() {
-        assert_eq!(preview_path(Path::new("out/cat.png"), 3), Path::new("out/cat.step3.png"));
-        assert_eq!(
-            output_files(&preview_path(Path::new("cat.png"), 6), 2),
-            [Path::new("cat.step6-0.png"), Path::new("cat.step6-1.png")]
-        );
+/// The terminal display: a spinner with the stage name, then a bar over the denoising steps.
+/// Hidden when stderr is not a terminal, so logs and pipes stay clean.
+pub struct StageProgress {
+    bar: ProgressBar,
+}
+
+impl StageProgress {
+    pub fn new(visible: bool) -> Self {
+        let bar = if visible { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        StageProgress { bar }
+    }
+
+    pub fn stage(&self, name: impl Into<std::borrow::Cow<'static, str>>) {
+        self.bar.set_message(name);
+    }
+
+    pub fn step(&self, p: &Progress) {
+        if self.bar.length() != Some(p.total_steps as u64) {
+            self.bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} (eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            self.bar.set_length(p.total_steps as u64);
+            self.bar.set_message("denoising");
+        }
+        self.bar.set_position(p.step as u64);
+        if p.step == p.total_steps {
+            self.bar.set_message("decoding");
+        }
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
     }
 }

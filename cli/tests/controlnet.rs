@@ -163,10 +163,12 @@ fn bad_controlnet_input_fails_with_one_line() {
     let out = zimage(base(&["--controlnet", "nope", "--control-image", &control]));
     assert_code(&out, 2);
     assert!(one_line_error(&out).contains("union-v1"));
-    // A non-finite scale: an invalid request.
-    let out = zimage(base(&["--controlnet", "union-v1", "--control-image", &control, "--control-scale", "NaN"]));
-    assert_code(&out, 6);
-    assert!(one_line_error(&out).contains("finite"));
+    // A non-finite scale, or one beyond any useful strength: an invalid request.
+    for scale in ["NaN", "1e6"] {
+        let out = zimage(base(&["--controlnet", "union-v1", "--control-image", &control, "--control-scale", scale]));
+        assert_code(&out, 6);
+        assert!(one_line_error(&out).contains("-100..=100"), "{scale}");
+    }
     // ControlNet inpainting with a ControlNet that has no mask channels.
     let init = format!("{GOLDEN}/inputs/init_64x64.png");
     let mask = format!("{GOLDEN}/inputs/mask_64x64.png");

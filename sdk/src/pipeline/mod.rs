@@ -592,7 +592,15 @@ impl Pipeline {
         started: Instant,
         context: &'a RunContext,
     ) -> StepReporter<'a, 'p> {
-        StepReporter { pipeline: self, progress, started, context, preview_time: Duration::ZERO, decoder: None }
+        let mut decoder: Option<Arc<Graph>> = None;
+        let decode = move |latents: &Array4<f32>| {
+            let graph = match &decoder {
+                Some(graph) => Arc::clone(graph),
+                None => Arc::clone(decoder.insert(self.vae_decoder.acquire()?)),
+            };
+            self.decode_preview(&graph, latents, context)
+        };
+        StepReporter { progress, started, decode: Box::new(decode), preview_time: Duration::ZERO }
     }
 
     /// The tiling the decode of these latents used, if it was tiled.

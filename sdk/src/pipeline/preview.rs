@@ -4,16 +4,13 @@
 //! it. Requested with `GenerateRequest::previews` / `EditRequest::previews`, delivered in
 //! [`Progress::preview`](super::request::Progress).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array4, Zip};
 
 use super::request::Progress;
-use super::Pipeline;
 use crate::error::Result;
-use crate::runtime::graph::Graph;
-use crate::runtime::run_context::RunContext;
+use crate::image_io::RgbImage;
 
 /// The steps (1-based, counted over the steps that run) after which a preview is made: `count`
 /// evenly spaced ones before the last step (the last step's result is the generation itself),
@@ -98,16 +95,17 @@ impl StepObserver<'_> {
     }
 }
 
+/// The previews' decoder: latents to one picture per image.
+pub(crate) type PreviewDecoder<'a> = dyn FnMut(&Array4<f32>) -> Result<Vec<RgbImage>> + 'a;
+
 /// A generation's or an edit's reports to the caller's progress callback, with the previews
-/// decoded (see `Pipeline::step_reporter`).
+/// decoded (made by `Pipeline::step_reporter`).
 pub(crate) struct StepReporter<'a, 'p> {
-    pub(super) pipeline: &'a Pipeline,
     pub(super) progress: Option<&'p mut (dyn FnMut(&Progress) -> bool + 'p)>,
     pub(super) started: Instant,
-    pub(super) context: &'a RunContext,
+    pub(super) decode: Box<PreviewDecoder<'a>>,
     /// Time spent decoding previews.
     pub preview_time: Duration,
-    pub(super) decoder: Option<Arc<Graph>>,
 }
 
 impl StepReporter<'_, '_> {
@@ -123,11 +121,7 @@ impl StepReporter<'_, '_> {
         let preview = match &done.around {
             Some(around) => {
                 let started = Instant::now();
-                let decoder = match &self.decoder {
-                    Some(decoder) => Arc::clone(decoder),
-                    None => Arc::clone(self.decoder.insert(self.pipeline.vae_decoder.acquire()?)),
-                };
-                let pictures = self.pipeline.decode_preview(&decoder, &around.denoised(), self.context)?;
+                let pictures = (self.decode)(&around.denoised())?;
                 self.preview_time += started.elapsed();
                 Some(pictures)
             }
