@@ -125,14 +125,23 @@ pub const ARTIFACT_FILESYSTEM: u32 = 0;
 type Err = *mut TritonError;
 
 macro_rules! triton_api {
-    ($($field:ident = $symbol:literal: fn($($arg:ty),* $(,)?) -> $ret:ty;)*) => {
-        /// Triton's functions, looked up by name in the server process.
+    (
+        required {
+            $($field:ident = $symbol:literal: fn($($arg:ty),* $(,)?) -> $ret:ty;)*
+        }
+        optional {
+            $($opt_field:ident = $opt_symbol:literal: fn($($opt_arg:ty),* $(,)?) -> $opt_ret:ty;)*
+        }
+    ) => {
+        /// Triton's functions, looked up by name in the server process. The optional ones are
+        /// `None` in a server that lacks them; the backend then does without what they offer.
         pub struct Api {
             $(pub $field: unsafe extern "C" fn($($arg),*) -> $ret,)*
+            $(pub $opt_field: Option<unsafe extern "C" fn($($opt_arg),*) -> $opt_ret>,)*
         }
 
         impl Api {
-            /// Every function by name; the first missing one is an error.
+            /// Every function by name; the first missing one that is not optional is an error.
             fn resolve() -> Result<Api, String> {
                 Ok(Api {
                     $($field: {
@@ -143,6 +152,14 @@ macro_rules! triton_api {
                             std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(address)
                         }
                     },)*
+                    $($opt_field: lookup(concat!($opt_symbol, "\0")).ok().map(|address| {
+                        // SAFETY: as above.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($opt_arg),*) -> $opt_ret>(
+                                address,
+                            )
+                        }
+                    }),)*
                 })
             }
         }
@@ -150,56 +167,62 @@ macro_rules! triton_api {
 }
 
 triton_api! {
-    server_api_version = "TRITONSERVER_ApiVersion": fn(*mut u32, *mut u32) -> Err;
-    error_new = "TRITONSERVER_ErrorNew": fn(ErrorCode, *const c_char) -> Err;
-    error_delete = "TRITONSERVER_ErrorDelete": fn(Err) -> ();
-    error_code = "TRITONSERVER_ErrorCode": fn(Err) -> ErrorCode;
-    error_code_string = "TRITONSERVER_ErrorCodeString": fn(Err) -> *const c_char;
-    error_message = "TRITONSERVER_ErrorMessage": fn(Err) -> *const c_char;
-    data_type_string = "TRITONSERVER_DataTypeString": fn(DataTypeCode) -> *const c_char;
-    memory_type_string = "TRITONSERVER_MemoryTypeString": fn(MemoryType) -> *const c_char;
-    instance_group_kind_string = "TRITONSERVER_InstanceGroupKindString": fn(InstanceGroupKind) -> *const c_char;
-    log_is_enabled = "TRITONSERVER_LogIsEnabled": fn(LogLevel) -> bool;
-    log_message = "TRITONSERVER_LogMessage": fn(LogLevel, *const c_char, i32, *const c_char) -> Err;
-    message_serialize_to_json = "TRITONSERVER_MessageSerializeToJson": fn(*mut Message, *mut *const c_char, *mut usize) -> Err;
-    message_delete = "TRITONSERVER_MessageDelete": fn(*mut Message) -> Err;
-    parameter_new = "TRITONSERVER_ParameterNew": fn(*const c_char, u32, *const c_void) -> *mut Parameter;
-    parameter_delete = "TRITONSERVER_ParameterDelete": fn(*mut Parameter) -> ();
-    metric_family_new = "TRITONSERVER_MetricFamilyNew": fn(*mut *mut MetricFamily, u32, *const c_char, *const c_char) -> Err;
-    metric_family_delete = "TRITONSERVER_MetricFamilyDelete": fn(*mut MetricFamily) -> Err;
-    metric_new = "TRITONSERVER_MetricNew": fn(*mut *mut Metric, *mut MetricFamily, *const *const Parameter, u64) -> Err;
-    metric_delete = "TRITONSERVER_MetricDelete": fn(*mut Metric) -> Err;
-    metric_increment = "TRITONSERVER_MetricIncrement": fn(*mut Metric, f64) -> Err;
+    required {
+        server_api_version = "TRITONSERVER_ApiVersion": fn(*mut u32, *mut u32) -> Err;
+        error_new = "TRITONSERVER_ErrorNew": fn(ErrorCode, *const c_char) -> Err;
+        error_delete = "TRITONSERVER_ErrorDelete": fn(Err) -> ();
+        error_code = "TRITONSERVER_ErrorCode": fn(Err) -> ErrorCode;
+        error_code_string = "TRITONSERVER_ErrorCodeString": fn(Err) -> *const c_char;
+        error_message = "TRITONSERVER_ErrorMessage": fn(Err) -> *const c_char;
+        data_type_string = "TRITONSERVER_DataTypeString": fn(DataTypeCode) -> *const c_char;
+        memory_type_string = "TRITONSERVER_MemoryTypeString": fn(MemoryType) -> *const c_char;
+        instance_group_kind_string = "TRITONSERVER_InstanceGroupKindString": fn(InstanceGroupKind) -> *const c_char;
+        log_is_enabled = "TRITONSERVER_LogIsEnabled": fn(LogLevel) -> bool;
+        log_message = "TRITONSERVER_LogMessage": fn(LogLevel, *const c_char, i32, *const c_char) -> Err;
+        message_serialize_to_json = "TRITONSERVER_MessageSerializeToJson": fn(*mut Message, *mut *const c_char, *mut usize) -> Err;
+        message_delete = "TRITONSERVER_MessageDelete": fn(*mut Message) -> Err;
+        parameter_new = "TRITONSERVER_ParameterNew": fn(*const c_char, u32, *const c_void) -> *mut Parameter;
+        parameter_delete = "TRITONSERVER_ParameterDelete": fn(*mut Parameter) -> ();
+        metric_family_new = "TRITONSERVER_MetricFamilyNew": fn(*mut *mut MetricFamily, u32, *const c_char, *const c_char) -> Err;
+        metric_family_delete = "TRITONSERVER_MetricFamilyDelete": fn(*mut MetricFamily) -> Err;
+        metric_new = "TRITONSERVER_MetricNew": fn(*mut *mut Metric, *mut MetricFamily, *const *const Parameter, u64) -> Err;
+        metric_delete = "TRITONSERVER_MetricDelete": fn(*mut Metric) -> Err;
+        metric_increment = "TRITONSERVER_MetricIncrement": fn(*mut Metric, f64) -> Err;
 
-    backend_api_version = "TRITONBACKEND_ApiVersion": fn(*mut u32, *mut u32) -> Err;
-    backend_name = "TRITONBACKEND_BackendName": fn(*mut Backend, *mut *const c_char) -> Err;
-    model_name = "TRITONBACKEND_ModelName": fn(*mut Model, *mut *const c_char) -> Err;
-    model_version = "TRITONBACKEND_ModelVersion": fn(*mut Model, *mut u64) -> Err;
-    model_repository = "TRITONBACKEND_ModelRepository": fn(*mut Model, *mut u32, *mut *const c_char) -> Err;
-    model_config = "TRITONBACKEND_ModelConfig": fn(*mut Model, u32, *mut *mut Message) -> Err;
-    model_set_state = "TRITONBACKEND_ModelSetState": fn(*mut Model, *mut c_void) -> Err;
-    model_state = "TRITONBACKEND_ModelState": fn(*mut Model, *mut *mut c_void) -> Err;
-    instance_name = "TRITONBACKEND_ModelInstanceName": fn(*mut ModelInstance, *mut *const c_char) -> Err;
-    instance_kind = "TRITONBACKEND_ModelInstanceKind": fn(*mut ModelInstance, *mut InstanceGroupKind) -> Err;
-    instance_device_id = "TRITONBACKEND_ModelInstanceDeviceId": fn(*mut ModelInstance, *mut i32) -> Err;
-    instance_model = "TRITONBACKEND_ModelInstanceModel": fn(*mut ModelInstance, *mut *mut Model) -> Err;
-    instance_set_state = "TRITONBACKEND_ModelInstanceSetState": fn(*mut ModelInstance, *mut c_void) -> Err;
-    instance_state = "TRITONBACKEND_ModelInstanceState": fn(*mut ModelInstance, *mut *mut c_void) -> Err;
-    instance_report_statistics = "TRITONBACKEND_ModelInstanceReportStatistics": fn(*mut ModelInstance, *mut Request, bool, u64, u64, u64, u64) -> Err;
-    instance_report_batch_statistics = "TRITONBACKEND_ModelInstanceReportBatchStatistics": fn(*mut ModelInstance, u64, u64, u64, u64, u64) -> Err;
-    request_id = "TRITONBACKEND_RequestId": fn(*mut Request, *mut *const c_char) -> Err;
-    request_input_count = "TRITONBACKEND_RequestInputCount": fn(*mut Request, *mut u32) -> Err;
-    request_input_by_index = "TRITONBACKEND_RequestInputByIndex": fn(*mut Request, u32, *mut *mut Input) -> Err;
-    request_output_count = "TRITONBACKEND_RequestOutputCount": fn(*mut Request, *mut u32) -> Err;
-    request_output_name = "TRITONBACKEND_RequestOutputName": fn(*mut Request, u32, *mut *const c_char) -> Err;
-    request_release = "TRITONBACKEND_RequestRelease": fn(*mut Request, u32) -> Err;
-    input_properties = "TRITONBACKEND_InputProperties": fn(*mut Input, *mut *const c_char, *mut DataTypeCode, *mut *const i64, *mut u32, *mut u64, *mut u32) -> Err;
-    input_buffer = "TRITONBACKEND_InputBuffer": fn(*mut Input, u32, *mut *const c_void, *mut u64, *mut MemoryType, *mut i64) -> Err;
-    response_new = "TRITONBACKEND_ResponseNew": fn(*mut *mut Response, *mut Request) -> Err;
-    response_delete = "TRITONBACKEND_ResponseDelete": fn(*mut Response) -> Err;
-    response_output = "TRITONBACKEND_ResponseOutput": fn(*mut Response, *mut *mut Output, *const c_char, DataTypeCode, *const i64, u32) -> Err;
-    response_send = "TRITONBACKEND_ResponseSend": fn(*mut Response, u32, Err) -> Err;
-    output_buffer = "TRITONBACKEND_OutputBuffer": fn(*mut Output, *mut *mut c_void, u64, *mut MemoryType, *mut i64) -> Err;
+        backend_api_version = "TRITONBACKEND_ApiVersion": fn(*mut u32, *mut u32) -> Err;
+        backend_name = "TRITONBACKEND_BackendName": fn(*mut Backend, *mut *const c_char) -> Err;
+        model_name = "TRITONBACKEND_ModelName": fn(*mut Model, *mut *const c_char) -> Err;
+        model_version = "TRITONBACKEND_ModelVersion": fn(*mut Model, *mut u64) -> Err;
+        model_repository = "TRITONBACKEND_ModelRepository": fn(*mut Model, *mut u32, *mut *const c_char) -> Err;
+        model_config = "TRITONBACKEND_ModelConfig": fn(*mut Model, u32, *mut *mut Message) -> Err;
+        model_set_state = "TRITONBACKEND_ModelSetState": fn(*mut Model, *mut c_void) -> Err;
+        model_state = "TRITONBACKEND_ModelState": fn(*mut Model, *mut *mut c_void) -> Err;
+        instance_name = "TRITONBACKEND_ModelInstanceName": fn(*mut ModelInstance, *mut *const c_char) -> Err;
+        instance_kind = "TRITONBACKEND_ModelInstanceKind": fn(*mut ModelInstance, *mut InstanceGroupKind) -> Err;
+        instance_device_id = "TRITONBACKEND_ModelInstanceDeviceId": fn(*mut ModelInstance, *mut i32) -> Err;
+        instance_model = "TRITONBACKEND_ModelInstanceModel": fn(*mut ModelInstance, *mut *mut Model) -> Err;
+        instance_set_state = "TRITONBACKEND_ModelInstanceSetState": fn(*mut ModelInstance, *mut c_void) -> Err;
+        instance_state = "TRITONBACKEND_ModelInstanceState": fn(*mut ModelInstance, *mut *mut c_void) -> Err;
+        instance_report_statistics = "TRITONBACKEND_ModelInstanceReportStatistics": fn(*mut ModelInstance, *mut Request, bool, u64, u64, u64, u64) -> Err;
+        instance_report_batch_statistics = "TRITONBACKEND_ModelInstanceReportBatchStatistics": fn(*mut ModelInstance, u64, u64, u64, u64, u64) -> Err;
+        request_id = "TRITONBACKEND_RequestId": fn(*mut Request, *mut *const c_char) -> Err;
+        request_input_count = "TRITONBACKEND_RequestInputCount": fn(*mut Request, *mut u32) -> Err;
+        request_input_by_index = "TRITONBACKEND_RequestInputByIndex": fn(*mut Request, u32, *mut *mut Input) -> Err;
+        request_output_count = "TRITONBACKEND_RequestOutputCount": fn(*mut Request, *mut u32) -> Err;
+        request_output_name = "TRITONBACKEND_RequestOutputName": fn(*mut Request, u32, *mut *const c_char) -> Err;
+        request_release = "TRITONBACKEND_RequestRelease": fn(*mut Request, u32) -> Err;
+        input_properties = "TRITONBACKEND_InputProperties": fn(*mut Input, *mut *const c_char, *mut DataTypeCode, *mut *const i64, *mut u32, *mut u64, *mut u32) -> Err;
+        input_buffer = "TRITONBACKEND_InputBuffer": fn(*mut Input, u32, *mut *const c_void, *mut u64, *mut MemoryType, *mut i64) -> Err;
+        response_new = "TRITONBACKEND_ResponseNew": fn(*mut *mut Response, *mut Request) -> Err;
+        response_delete = "TRITONBACKEND_ResponseDelete": fn(*mut Response) -> Err;
+        response_output = "TRITONBACKEND_ResponseOutput": fn(*mut Response, *mut *mut Output, *const c_char, DataTypeCode, *const i64, u32) -> Err;
+        response_send = "TRITONBACKEND_ResponseSend": fn(*mut Response, u32, Err) -> Err;
+        output_buffer = "TRITONBACKEND_OutputBuffer": fn(*mut Output, *mut *mut c_void, u64, *mut MemoryType, *mut i64) -> Err;
+    }
+    optional {
+        // In r24.10's tritonbackend.h; a host without it still serves, each request to its end.
+        request_is_cancelled = "TRITONBACKEND_RequestIsCancelled": fn(*mut Request, *mut bool) -> Err;
+    }
 }
 
 /// The address of a Triton function: first in the process's global scope (the `tritonserver`
@@ -259,6 +282,24 @@ impl Api {
         match self.take_error(error) {
             None => Ok(()),
             Some((code, message)) => Err(BackendError::new(code, format!("{what}: {message}"))),
+        }
+    }
+
+    /// Whether `request` was cancelled (a gRPC client's `cancel()`, for one). False when the
+    /// server cannot say: a server without the function, or an error
+    /// asking it (logged), lets the request run to its end as before.
+    ///
+    /// # Safety
+    /// `request` is a request the backend holds (not yet released).
+    pub unsafe fn request_cancelled(&self, request: *mut Request) -> bool {
+        let Some(is_cancelled) = self.request_is_cancelled else { return false };
+        let mut cancelled = false;
+        match self.take_error(is_cancelled(request, &mut cancelled)) {
+            None => cancelled,
+            Some((_, message)) => {
+                self.log(LOG_WARN, &format!("zimage backend: TRITONBACKEND_RequestIsCancelled: {message}"));
+                false
+            }
         }
     }
 

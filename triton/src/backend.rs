@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use zimage::{ErrorKind, Generation, Pipeline};
+use zimage::{ErrorKind, Generation, Pipeline, Progress};
 
 use crate::api::{self, Api, BackendError};
 use crate::config::ModelSettings;
@@ -115,11 +115,17 @@ fn get_string(
 fn sdk_error(e: zimage::Error) -> BackendError {
     let code = match e.kind() {
         ErrorKind::InvalidRequest | ErrorKind::Image | ErrorKind::Package => api::ERROR_INVALID_ARG,
-        ErrorKind::Cancelled => api::ERROR_CANCELLED,
+        ErrorKind::Cancelled => return cancelled(),
         ErrorKind::Runtime | ErrorKind::Provider => api::ERROR_UNAVAILABLE,
         _ => api::ERROR_INTERNAL,
     };
     BackendError::new(code, e.to_string())
+}
+
+/// The answer to a cancelled request: its run stopped at the step where the cancellation was
+/// seen (or never started), and the instance moved on.
+fn cancelled() -> BackendError {
+    BackendError::new(api::ERROR_CANCELLED, "the request was cancelled; its run stopped")
 }
 
 #[no_mangle]
@@ -297,11 +303,17 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceInitialize(instance: *mut api::Mode
             ),
         );
         let requests = instance_metric(api, &model.name, model.version, &name);
+        let manifest = pipeline.manifest();
         let limits = Limits {
             max_prompt_bytes: settings.max_prompt_bytes,
             max_count: settings.max_count,
             controlnet: settings.controlnet.is_some(),
-            size_multiple: pipeline.manifest().size_multiple(),
+            size_multiple: manifest.size_multiple(),
+            max_references: manifest
+                .edit
+                .as_ref()
+                .filter(|_| manifest.supports("edit"))
+                .map_or(0, |edit| edit.reference.max_images),
         };
         let raw = Box::into_raw(Box::new(InstanceState { name, pipeline, limits, requests }));
         // SAFETY: Triton keeps the pointer until ModelInstanceFinalize, which frees it.
@@ -519,23 +531,40 @@ fn run(
     request: *mut api::Request,
     response: *mut api::Response,
 ) -> Result<(), BackendError> {
-    let inputs = read_inputs(api, request)?;
+    // SAFETY: the request is held until execute_one releases it, after this returns.
+    let is_cancelled = || unsafe { api.request_cancelled(request) };
+    if is_cancelled() {
+        return Err(cancelled());
+    }
+    let inputs = read_inputs(api, request, &state.limits)?;
     let outputs = requested_outputs(api, request)?;
     let pipeline = &state.pipeline;
+    // Asked after every denoising step: a cancelled request stops there (the SDK returns
+    // Error::Cancelled) instead of keeping its instance busy to the last step.
+    let mut progress = |_: &Progress| !is_cancelled();
     let generation = if request::is_edit(&inputs) {
         let edit = request::build_edit_request(&inputs, &state.limits, pipeline.manifest(), pipeline.package_dir())
             .map_err(|e| BackendError::invalid(e.0))?;
-        pipeline.edit(&edit, None)
+        pipeline.edit(&edit, Some(&mut progress))
     } else {
         let generate = request::build_request(&inputs, &state.limits, &pipeline.manifest().generation_defaults)
             .map_err(|e| BackendError::invalid(e.0))?;
-        pipeline.generate(&generate, None)
+        pipeline.generate(&generate, Some(&mut progress))
     }
     .map_err(sdk_error)?;
     write_outputs(api, response, &outputs, &generation)
 }
 
-fn read_inputs(api: &Api, request: *mut api::Request) -> Result<HashMap<String, Tensor>, BackendError> {
+/// Copies the request's inputs out of Triton's buffers. Each input's declared size is checked
+/// against what this model can take ([`Limits::check_input_size`]) before its copy is
+/// allocated, and the allocation itself may fail with an error: Triton passes on whatever a
+/// client sent (gigabytes through shared memory), and a failed allocation would abort the
+/// server.
+fn read_inputs(
+    api: &Api,
+    request: *mut api::Request,
+    limits: &Limits,
+) -> Result<HashMap<String, Tensor>, BackendError> {
     let mut count = 0u32;
     // SAFETY: the request is held; every pointer Triton returns is valid until it is released,
     // and the data is copied out before that.
@@ -571,8 +600,9 @@ fn read_inputs(api: &Api, request: *mut api::Request) -> Result<HashMap<String, 
             } else {
                 std::slice::from_raw_parts(shape, dims as usize).to_vec()
             };
-            let mut data = Vec::with_capacity(byte_size as usize);
-            for b in 0..buffers {
+            // Where the data is (GPU memory cannot be read here) and whether this model could
+            // take that much of it, before anything is allocated for it.
+            let buffer_at = |b: u32| -> Result<(*const c_void, u64), BackendError> {
                 let mut buffer: *const c_void = std::ptr::null();
                 let mut size = 0u64;
                 let mut memory_type = api::MEMORY_CPU;
@@ -586,6 +616,28 @@ fn read_inputs(api: &Api, request: *mut api::Request) -> Result<HashMap<String, 
                         api::ERROR_UNSUPPORTED,
                         format!("input {name} is in GPU memory; send it in CPU memory"),
                     ));
+                }
+                Ok((buffer, size))
+            };
+            let first = if buffers > 0 { Some(buffer_at(0)?) } else { None };
+            limits.check_input_size(&name, byte_size).map_err(|e| BackendError::invalid(e.0))?;
+            let mut data = Vec::new();
+            data.try_reserve_exact(byte_size as usize).map_err(|_| {
+                BackendError::new(
+                    api::ERROR_UNAVAILABLE,
+                    format!("input {name}: no memory for its {byte_size} bytes; try again later"),
+                )
+            })?;
+            for b in 0..buffers {
+                let (buffer, size) = match (b, first) {
+                    (0, Some(first)) => first,
+                    _ => buffer_at(b)?,
+                };
+                // Never more than declared: the copy stays within the memory reserved above.
+                if size > byte_size - data.len() as u64 {
+                    return Err(BackendError::invalid(format!(
+                        "input {name}: its buffers hold more than the {byte_size} bytes declared"
+                    )));
                 }
                 if size > 0 {
                     if buffer.is_null() {

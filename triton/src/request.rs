@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use zimage::limits::{MAX_INPUT_FILE_BYTES, MAX_INPUT_SIDE};
 use zimage::pipeline::edit;
 use zimage::{
-    image_io, ControlCondition, ControlPreprocess, EditRequest, GenerateRequest, GenerationDefaults, GrayImage,
-    InitImage, Manifest, Prompt, RgbImage,
+    ControlCondition, ControlPreprocess, EditRequest, GenerateRequest, GenerationDefaults, GrayImage, InitImage,
+    Manifest, Prompt, RgbImage,
 };
 
 use crate::interface::{self, DataType};
@@ -37,6 +38,56 @@ pub struct Limits {
     /// The model's size multiple: a picture without WIDTH/HEIGHT is made at its own size
     /// floored to it ([`zimage::pipeline::size_for_picture`]).
     pub size_multiple: usize,
+    /// The most REFERENCE_IMAGES the package's editing rules take (`edit.reference.max_images`);
+    /// 0 for a package that does not edit.
+    pub max_references: usize,
+}
+
+impl Limits {
+    /// The most bytes input `name` may hold for this model; `None` for a name the model does
+    /// not take. The backend checks an input's declared size against this before it copies a
+    /// byte of it: Triton hands over whatever a client sent (gigabytes through shared memory),
+    /// and the copy is an allocation of that size.
+    pub fn max_input_bytes(&self, name: &str) -> Option<u64> {
+        let side = u64::from(MAX_INPUT_SIDE);
+        Some(match name {
+            // One BYTES element: its 4-byte length, then the text.
+            "PROMPT" | "NEGATIVE_PROMPT" | "CONTROL_PREPROCESS" => 4 + self.max_prompt_bytes as u64,
+            "INIT_IMAGE" | "CONTROL_IMAGE" => side * side * 3,
+            "MASK" => side * side,
+            "REFERENCE_IMAGES" => self.max_references as u64 * (4 + MAX_INPUT_FILE_BYTES),
+            // Every other input is one number.
+            _ => interface::input_spec(name)?.data_type.size()? as u64,
+        })
+    }
+
+    /// Refuses input `name` of `byte_size` bytes when it cannot be one this model takes (see
+    /// [`Limits::max_input_bytes`]); the message names the input and the limit.
+    pub fn check_input_size(&self, name: &str, byte_size: u64) -> Result<(), InputError> {
+        let max = self.max_input_bytes(name).ok_or_else(|| bad(format!("unknown input {name}")))?;
+        if byte_size <= max {
+            return Ok(());
+        }
+        if name == "REFERENCE_IMAGES" && self.max_references == 0 {
+            return Err(bad(
+                "REFERENCE_IMAGES makes an edit, and this model does not support editing (its package has no siglip / \
+                 transformer_omni graphs)",
+            ));
+        }
+        let what = match name {
+            "PROMPT" | "NEGATIVE_PROMPT" | "CONTROL_PREPROCESS" => format!(
+                "a 4-byte length, then at most {} bytes of text: parameter max_prompt_bytes",
+                self.max_prompt_bytes
+            ),
+            "INIT_IMAGE" | "CONTROL_IMAGE" => format!("RGB, at most {MAX_INPUT_SIDE} x {MAX_INPUT_SIDE} pixels"),
+            "MASK" => format!("at most {MAX_INPUT_SIDE} x {MAX_INPUT_SIDE} pixels"),
+            "REFERENCE_IMAGES" => {
+                format!("at most {} files of at most {} MiB each", self.max_references, MAX_INPUT_FILE_BYTES >> 20)
+            }
+            _ => "one value".to_string(),
+        };
+        Err(bad(format!("input {name} is {byte_size} bytes; this model takes at most {max} ({what})")))
+    }
 }
 
 /// A request the backend rejects before it reaches the pipeline (Triton INVALID_ARG).
@@ -125,10 +176,15 @@ pub fn is_edit(inputs: &HashMap<String, Tensor>) -> bool {
 
 /// Builds the SDK request from the input tensors, as `zimage generate` builds it from its
 /// flags: without WIDTH/HEIGHT an INIT_IMAGE (else a CONTROL_IMAGE) sets the size (its own,
-/// floored to the model's size multiple), and it is resized to the request's size; a MASK too. CONTROL_IMAGE is a ControlNet condition, and with INIT_IMAGE and MASK
-/// ControlNet inpainting (from noise, no STRENGTH), as `zimage generate --controlnet`.
-/// Inputs left out take the model's recommended settings (`defaults`, the package's
-/// `generation_defaults`).
+/// floored to the model's size multiple). CONTROL_IMAGE is a ControlNet condition, and with
+/// INIT_IMAGE and MASK ControlNet inpainting (from noise, no STRENGTH), as
+/// `zimage generate --controlnet`. Inputs left out take the model's recommended settings
+/// (`defaults`, the package's `generation_defaults`).
+///
+/// The pictures go into the request as they were sent: the pipeline checks the request
+/// (sizes against the model's limits) and only then resizes them to the output size and makes
+/// the control map (`CONTROL_PREPROCESS`), so a small picture with a huge WIDTH x HEIGHT is
+/// refused before any buffer of that size is made.
 pub fn build_request(
     inputs: &HashMap<String, Tensor>,
     limits: &Limits,
@@ -184,7 +240,7 @@ pub fn build_request(
         if init.is_none() && strength.is_some() {
             return Err(bad("STRENGTH needs INIT_IMAGE"));
         }
-        request.control = Some(control_condition(inputs, limits, &control, init, request.width, request.height)?);
+        request.control = Some(control_condition(inputs, limits, control, init)?);
         return Ok(request);
     }
     for name in ["CONTROL_SCALE", "CONTROL_PREPROCESS"] {
@@ -196,12 +252,8 @@ pub fn build_request(
         Some(image) => {
             let default_strength =
                 if mask.is_some() { InitImage::DEFAULT_INPAINT_STRENGTH } else { InitImage::DEFAULT_STRENGTH };
-            let image = image_io::resize_rgb(&image, request.width, request.height).map_err(|e| bad(e.to_string()))?;
-            // A mask of another size is resized to the image's, as diffusers' mask processor does.
-            let mask = mask
-                .map(|m| image_io::resize_gray(&m, request.width, request.height))
-                .transpose()
-                .map_err(|e| bad(e.to_string()))?;
+            // A picture or mask of another size is resized by the pipeline (the mask as
+            // diffusers' mask processor resizes it).
             request.init_image = Some(InitImage { image, mask, strength: strength.unwrap_or(default_strength) });
         }
         None if mask.is_some() => return Err(bad("MASK needs INIT_IMAGE")),
@@ -268,23 +320,25 @@ pub fn build_edit_request(
     Ok(request)
 }
 
-/// The ControlNet condition: CONTROL_IMAGE resized to the output size and preprocessed, the
-/// scale, and for ControlNet inpainting the picture (resized) and mask.
+/// The ControlNet condition: CONTROL_IMAGE with its preprocessing and scale, and for ControlNet
+/// inpainting the picture and mask, all as sent: the pipeline resizes them to the output size
+/// and then makes the control map, as `ControlCondition::resized` (what `zimage generate`
+/// uses) does.
 fn control_condition(
     inputs: &HashMap<String, Tensor>,
     limits: &Limits,
-    control: &RgbImage,
+    control: RgbImage,
     inpaint: Option<(RgbImage, GrayImage)>,
-    width: u32,
-    height: u32,
 ) -> Result<ControlCondition, InputError> {
     let preprocess: ControlPreprocess = match text(inputs, "CONTROL_PREPROCESS", limits)? {
         None => ControlPreprocess::None,
         Some(name) => name.parse().map_err(|e: zimage::Error| bad(format!("CONTROL_PREPROCESS: {e}")))?,
     };
-    let (picture, mask) = inpaint.map_or((None, None), |(picture, mask)| (Some(picture), Some(mask)));
-    let mut condition = ControlCondition::resized(control, preprocess, width, height, picture.as_ref().zip(mask))
-        .map_err(|e| bad(e.to_string()))?;
+    let mut condition = match inpaint {
+        Some((picture, mask)) => ControlCondition::inpaint(control, picture, mask),
+        None => ControlCondition::new(control),
+    };
+    condition.preprocess = preprocess;
     if let Some(scale) = finite_f32(inputs, "CONTROL_SCALE")? {
         condition.conditioning_scale = scale;
     }
@@ -366,17 +420,27 @@ fn positive(name: &str, value: i32) -> Result<u32, InputError> {
     u32::try_from(value).ok().filter(|v| *v > 0).ok_or_else(|| bad(format!("{name} must be positive (got {value})")))
 }
 
+/// A picture's dimensions, each positive and at most [`MAX_INPUT_SIDE`]: a picture is resized
+/// to the output size, and a side far beyond any output (1 x 20,000,000) would make the
+/// resize's weight tables and buffers as large.
 fn dims(tensor: &Tensor, name: &str, rank: usize) -> Result<Vec<u32>, InputError> {
     if tensor.shape.len() != rank {
         return Err(bad(format!("{name} must have {rank} dimensions (got shape {:?})", tensor.shape)));
     }
-    tensor
+    let dims = tensor
         .shape
         .iter()
         .map(|&d| {
             u32::try_from(d).ok().filter(|d| *d > 0).ok_or_else(|| bad(format!("{name}: bad shape {:?}", tensor.shape)))
         })
-        .collect()
+        .collect::<Result<Vec<u32>, InputError>>()?;
+    if dims[..2].iter().any(|&side| side > MAX_INPUT_SIDE) {
+        return Err(bad(format!(
+            "{name} is {} x {} pixels (shape {:?}); input pictures may be at most {MAX_INPUT_SIDE} pixels on a side",
+            dims[1], dims[0], tensor.shape
+        )));
+    }
+    Ok(dims)
 }
 
 fn rgb_image(tensor: &Tensor, name: &str) -> Result<RgbImage, InputError> {

@@ -9,7 +9,8 @@ use triton_zimage::request::{
 };
 use zimage::{image_io, GenerationDefaults, InitImage, Manifest, Prompt, RgbImage};
 
-const LIMITS: Limits = Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false, size_multiple: 16 };
+const LIMITS: Limits =
+    Limits { max_prompt_bytes: 64, max_count: 4, controlnet: false, size_multiple: 16, max_references: 8 };
 
 fn turbo() -> GenerationDefaults {
     GenerationDefaults::default()
@@ -102,8 +103,10 @@ fn left_out_inputs_take_the_models_recommended_settings() {
     assert_eq!((r.steps, r.guidance_scale), (12, 0.0));
 }
 
+/// The init image sets the output size without WIDTH/HEIGHT; either way it goes to the
+/// pipeline as sent (the pipeline checks the request, then resizes it).
 #[test]
-fn an_init_image_keeps_its_size_or_is_resized() {
+fn an_init_image_sets_the_size_and_is_passed_as_sent() {
     let image = pixels(32, 48, 3);
     let request =
         build_request(&inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS, &turbo()).unwrap();
@@ -114,13 +117,129 @@ fn an_init_image_keeps_its_size_or_is_resized() {
     assert_eq!(init.image.pixels, image.data);
 
     let request = build_request(
-        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
+        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone()), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
         &LIMITS,
         &turbo(),
     )
     .unwrap();
+    assert_eq!((request.width, request.height), (64, 64));
     let init = request.init_image.unwrap();
-    assert_eq!((init.image.width, init.image.height), (64, 64));
+    assert_eq!((init.image.width, init.image.height, &init.image.pixels), (48, 32, &image.data));
+}
+
+/// A 1 x 1 picture asking for 16384 x 16384: the request holds the 3 bytes sent, and the
+/// model's check refuses the size before anything is resized (the backend used to resize
+/// first: gigabytes for one small request).
+#[test]
+fn a_small_picture_with_a_huge_size_is_refused_before_any_resize() {
+    let dir = root().join("models/tiny-zimage");
+    let manifest = Manifest::read(&dir).unwrap();
+    let huge = [("WIDTH", i32s(16384)), ("HEIGHT", i32s(16384))];
+    let mut items = vec![("PROMPT", text("x")), ("INIT_IMAGE", pixels(1, 1, 3)), ("MASK", pixels(1, 1, 0))];
+    items.extend_from_slice(&huge);
+    let request = build_request(&inputs(&items), &LIMITS, &turbo()).unwrap();
+    let init = request.init_image.as_ref().unwrap();
+    assert_eq!((init.image.pixels.len(), init.mask.as_ref().unwrap().pixels.len()), (3, 1));
+    let e = zimage::pipeline::check_request(&request, &manifest).unwrap_err().to_string();
+    assert!(e.contains("width 16384 exceeds this model's limit"), "{e}");
+
+    let mut items =
+        vec![("PROMPT", text("x")), ("CONTROL_IMAGE", pixels(1, 1, 3)), ("CONTROL_PREPROCESS", text("canny"))];
+    items.extend_from_slice(&huge);
+    let request = with_controlnet(&items).unwrap();
+    let control = request.control.as_ref().unwrap();
+    assert_eq!((control.image.width, control.image.height), (1, 1), "not resized, not preprocessed");
+    assert!(zimage::pipeline::check_request(&request, &manifest).is_err());
+}
+
+/// Picture inputs are refused above 16384 pixels on a side (the SDK's MAX_INPUT_SIDE), with
+/// the input's name: a 1 x 20,000,000 picture would otherwise be resized.
+#[test]
+fn a_picture_side_above_the_limit_is_refused() {
+    assert_eq!(zimage::limits::MAX_INPUT_SIDE, 16384);
+    let long =
+        [("INIT_IMAGE", pixels(1, 16385, 3)), ("MASK", pixels(16385, 1, 0)), ("CONTROL_IMAGE", pixels(1, 16385, 3))];
+    for (name, picture) in long {
+        let mut items = vec![("PROMPT", text("x")), (name, picture)];
+        if name == "MASK" {
+            items.push(("INIT_IMAGE", pixels(1, 1, 3)));
+        }
+        let e = with_controlnet(&items).unwrap_err().0;
+        assert!(e.starts_with(&format!("{name} is ")), "{e}");
+        assert!(e.ends_with("input pictures may be at most 16384 pixels on a side"), "{e}");
+    }
+    let e = refused(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(1, 16385, 3))]);
+    assert_eq!(
+        e,
+        "INIT_IMAGE is 16385 x 1 pixels (shape [1, 16385, 3]); input pictures may be at most 16384 pixels on a side"
+    );
+    // 16384 itself is a valid side.
+    let request = build_request(
+        &inputs(&[
+            ("PROMPT", text("x")),
+            ("INIT_IMAGE", pixels(1, 16384, 3)),
+            ("WIDTH", i32s(64)),
+            ("HEIGHT", i32s(64)),
+        ]),
+        &LIMITS,
+        &turbo(),
+    )
+    .unwrap();
+    assert_eq!(request.init_image.unwrap().image.width, 16384);
+}
+
+/// The byte caps the backend checks before it copies an input out of Triton's buffers.
+#[test]
+fn each_input_has_a_byte_cap_checked_before_its_copy() {
+    let side = 16384u64;
+    let caps: Vec<(&str, Option<u64>)> = INPUTS.iter().map(|t| (t.name, LIMITS.max_input_bytes(t.name))).collect();
+    assert_eq!(
+        caps,
+        [
+            ("PROMPT", Some(4 + 64)),
+            ("NEGATIVE_PROMPT", Some(4 + 64)),
+            ("WIDTH", Some(4)),
+            ("HEIGHT", Some(4)),
+            ("STEPS", Some(4)),
+            ("GUIDANCE", Some(4)),
+            ("CFG_NORMALIZATION", Some(4)),
+            ("CFG_TRUNCATION", Some(4)),
+            ("SEED", Some(8)),
+            ("COUNT", Some(4)),
+            ("INIT_IMAGE", Some(side * side * 3)),
+            ("MASK", Some(side * side)),
+            ("STRENGTH", Some(8)),
+            ("CONTROL_IMAGE", Some(side * side * 3)),
+            ("CONTROL_SCALE", Some(4)),
+            ("CONTROL_PREPROCESS", Some(4 + 64)),
+            ("REFERENCE_IMAGES", Some(8 * (4 + (256 << 20)))),
+        ]
+    );
+    assert_eq!(LIMITS.max_input_bytes("LORA"), None);
+    assert_eq!(LIMITS.check_input_size("LORA", 1).unwrap_err().0, "unknown input LORA");
+    // At the cap is accepted, one byte over is refused with the input's name.
+    for (name, cap) in caps {
+        let cap = cap.unwrap();
+        LIMITS.check_input_size(name, cap).unwrap();
+        let InputError(e) = LIMITS.check_input_size(name, cap + 1).unwrap_err();
+        assert!(e.starts_with(&format!("input {name} is {} bytes; this model takes at most {cap} (", cap + 1)), "{e}");
+    }
+    // A several-gigabyte prompt through shared memory: refused from its declared size.
+    assert_eq!(
+        LIMITS.check_input_size("PROMPT", 5 << 30).unwrap_err().0,
+        "input PROMPT is 5368709120 bytes; this model takes at most 68 (a 4-byte length, then at most 64 bytes of \
+         text: parameter max_prompt_bytes)"
+    );
+    assert_eq!(
+        LIMITS.check_input_size("INIT_IMAGE", 4 << 30).unwrap_err().0,
+        "input INIT_IMAGE is 4294967296 bytes; this model takes at most 805306368 (RGB, at most 16384 x 16384 pixels)"
+    );
+    // A model that does not edit takes no reference at all (an empty REFERENCE_IMAGES is
+    // still its own error, from the request).
+    let no_edit = Limits { max_references: 0, ..LIMITS };
+    no_edit.check_input_size("REFERENCE_IMAGES", 0).unwrap();
+    let InputError(e) = no_edit.check_input_size("REFERENCE_IMAGES", 100).unwrap_err();
+    assert!(e.contains("does not support editing"), "{e}");
 }
 
 #[test]
@@ -307,10 +426,13 @@ fn control_inputs_make_a_controlnet_condition() {
         ("CONTROL_PREPROCESS", text("canny")),
     ])
     .unwrap();
+    assert_eq!((request.width, request.height), (64, 64));
     let control = request.control.as_ref().unwrap();
-    assert_eq!((control.image.width, control.image.height), (64, 64));
+    // The pipeline resizes the picture and finds its edges after checking the request.
+    assert_eq!((control.image.width, control.image.height), (80, 48));
+    assert_eq!(control.image.pixels, pixels(48, 80, 3).data);
+    assert_eq!(control.preprocess, zimage::ControlPreprocess::CANNY_DEFAULT);
     assert_eq!(control.conditioning_scale, 0.5);
-    assert!(control.image.pixels.iter().all(|&p| p == 0 || p == 255), "a Canny edge map is black and white");
 
     let request = with_controlnet(&[
         ("PROMPT", text("a window")),
@@ -321,7 +443,9 @@ fn control_inputs_make_a_controlnet_condition() {
     .unwrap();
     assert_eq!((request.width, request.height), (32, 32), "INIT_IMAGE sizes the output first");
     assert!(request.init_image.is_none(), "ControlNet inpainting starts from noise");
-    let inpaint = request.control.as_ref().unwrap().inpaint.as_ref().expect("ControlNet inpainting");
+    let control = request.control.as_ref().unwrap();
+    assert_eq!(control.image.pixels, pixels(64, 64, 3).data, "resized by the pipeline");
+    let inpaint = control.inpaint.as_ref().expect("ControlNet inpainting");
     assert_eq!(inpaint.image.pixels, pixels(32, 32, 3).data);
     assert_eq!(inpaint.mask.pixels, pixels(32, 32, 0).data);
 }

@@ -364,9 +364,11 @@ def test_only_requested_outputs_are_sent(server):
 
 
 def raw_request(server, items):
-    """Sends `items` and returns the error message (the request must fail)."""
+    """Sends `items` and returns the error message (the request must fail, as a bad request:
+    INVALID_ARG, HTTP 400)."""
     with pytest.raises(InferenceServerException) as failure, connect(server) as client:
         client.infer(MODEL, items)
+    assert failure.value.status() == "400", (failure.value.status(), str(failure.value))
     return str(failure.value)
 
 
@@ -394,6 +396,15 @@ BAD_INPUTS = {
                   "not UTF-8", False),
     "unknown input": (lambda: [prompt_tensor("x"), tensor(httpclient, "LORA", np.array([1], dtype=np.int32), "INT32")],
                       "unexpected inference input 'LORA'", True),
+    # A picture side above the SDK's MAX_INPUT_SIDE is refused before it is resized.
+    "INIT_IMAGE 1 x 16385": (lambda: inputs(httpclient, prompt="x", width=32, height=32, steps=1,
+                                            init_image=np.zeros((1, 16385, 3))),
+                             "input pictures may be at most 16384 pixels on a side", False),
+    # A 1 x 1 picture asking for 16384 x 16384: refused by the model's size check before the
+    # picture is resized (gigabytes) or a mask made.
+    "1 x 1 INIT_IMAGE at 16384 x 16384": (lambda: inputs(httpclient, prompt="x", width=16384, height=16384, steps=1,
+                                                         init_image=np.zeros((1, 1, 3)), mask=np.zeros((1, 1))),
+                                          "width 16384 exceeds this model's limit", False),
 }
 
 
@@ -405,6 +416,34 @@ def test_bad_input_is_an_error_and_the_server_keeps_serving(server, case):
     assert server.alive()
     image, seed = generate_http(server, prompt="still here", width=32, height=32, steps=1, seed=1)
     assert image.shape == (1, 32, 32, 3) and seed == 1
+
+
+def test_a_cancelled_request_stops_its_run_and_frees_its_instance(server):
+    """A gRPC client cancels a 1000-step 1024 x 1024 generation (minutes on this CPU): the
+    backend sees it between two steps (TRITONBACKEND_RequestIsCancelled), answers CANCELLED,
+    and its only instance serves the next request at once instead of after the long run."""
+    with loaded(server, RELOAD_MODEL) as model:
+        generate_http(server, model=model, prompt="warm up", width=64, height=64, steps=1, seed=1)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        answers = []
+        try:
+            long_run = client.async_infer(model, inputs(grpcclient, prompt="a long run", width=1024, height=1024,
+                                                        steps=1000, seed=2),
+                                          callback=lambda result, error: answers.append((result, error)))
+            time.sleep(3)  # running: one step takes about 0.4 s
+            long_run.cancel()
+            cancelled_at = time.monotonic()
+            image, seed = generate_http(server, model=model, prompt="next", width=64, height=64, steps=1, seed=3)
+            waited = time.monotonic() - cancelled_at
+        finally:
+            client.close()
+        assert image.shape == (1, 64, 64, 3) and seed == 3
+        assert waited < 20, f"the next request waited {waited:.1f} s: the cancelled run went on"
+        assert len(answers) == 1 and answers[0][1] is not None, answers
+        deadline = time.monotonic() + 10
+        while "the request was cancelled; its run stopped" not in server.log_tail(400):
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
 
 
 def test_metrics_add_up(server):
