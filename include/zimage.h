@@ -312,9 +312,11 @@ typedef struct zimage_adapter_setting {
  * An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
  * pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
  *
- * As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
- * during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
- * As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+ * As an input (`init_image`, `mask`, `control_image`, edit references), the caller owns the
+ * pixels and they only need to live during the call; `pixels == NULL` means "no image";
+ * `stride == 0` means packed rows; at most 16384 x 16384 pixels (268435456), or the call fails
+ * with `ZIMAGE_RESULT_INVALID_REQUEST` before reading them.
+ * As an output (`zimage_image_list_get()`, previews), the pixels belong to zimage.
  */
 typedef struct zimage_image {
   const uint8_t *pixels;
@@ -332,6 +334,23 @@ typedef bool (*zimage_progress_callback)(uint32_t step,
                                          uint32_t total,
                                          double elapsed_seconds,
                                          void *user_data);
+
+/**
+ * Receives previews: what the images would look like if denoising stopped after step `step`
+ * of `total_steps` (the progress callback's numbers), decoded from the model's current
+ * estimate (blurry early, close to the result late). `images` holds `image_count` views, one
+ * per image of the request, RGB8 with packed rows at the request's size; the views and their
+ * pixels belong to zimage and are valid only during the call (copy them to keep them).
+ *
+ * Called on the thread that called `zimage_generate()` (or `zimage_edit()`), with
+ * `progress_user_data`, right after the progress callback at each step `preview_count` asks
+ * for; not after a progress callback that returned false.
+ */
+typedef void (*zimage_preview_callback)(uint32_t step,
+                                        uint32_t total_steps,
+                                        const struct zimage_image *images,
+                                        uint32_t image_count,
+                                        void *user_data);
 
 /**
  * One edit. Fill it with `zimage_edit_params_init()` (the package's defaults: for
@@ -404,9 +423,20 @@ typedef struct zimage_edit_params {
    */
   zimage_progress_callback progress_callback;
   /**
-   * Passed back to `progress_callback` unchanged.
+   * Passed back to `progress_callback` and `preview_callback` unchanged.
    */
   void *progress_user_data;
+  /**
+   * Previews (appended after `progress_user_data`: an older, smaller struct means none), as
+   * `zimage_generate_params.preview_count`: this many at evenly spaced steps before the last.
+   * 0 (the default): none.
+   */
+  uint32_t preview_count;
+  /**
+   * Receives the previews, one per image (`count`). NULL (the default): none are made,
+   * whatever `preview_count`.
+   */
+  zimage_preview_callback preview_callback;
 } zimage_edit_params;
 
 /**
@@ -459,11 +489,18 @@ typedef struct zimage_enhance_params {
 } zimage_enhance_params;
 
 /**
- * Receives the log messages of one pipeline. `level` is a `zimage_log_level`; `message` is
- * UTF-8, NUL-terminated and valid only during the call (copy it to keep it).
+ * Receives the log messages of one pipeline (or enhancer). `level` is a `zimage_log_level`;
+ * `message` is UTF-8, NUL-terminated and valid only during the call (copy it to keep it).
  *
- * It is called on the thread that made the zimage call being logged; when one pipeline is
- * used from several threads, it can be called from several threads at once.
+ * It is called on the thread that made the zimage call being logged and, while a pipeline or
+ * enhancer loads, also on the threads that load builds its sessions on (ONNX Runtime's own
+ * lines come from those). Calls never overlap: zimage makes one call at a time to the
+ * callback of one set of load parameters, whatever the threads, so the callback need not be
+ * thread-safe. It should return promptly, as another thread's message waits for it. It may
+ * call zimage functions itself (their messages then come to it on the same thread), but must
+ * not wait for another thread's zimage call on the same pipeline, which may be waiting to log.
+ * Two pipelines loaded with the same callback are two loggers: used from two threads, their
+ * calls can overlap.
  */
 typedef void (*zimage_log_callback)(uint32_t level, const char *message, void *user_data);
 
@@ -543,7 +580,8 @@ typedef struct zimage_load_params {
   uint32_t transformer_device;
   int32_t transformer_device_id;
   /**
-   * Intra-op threads per graph; 0 lets ONNX Runtime choose (one per physical core).
+   * Intra-op threads per graph, at most 1024 (`ZIMAGE_RESULT_INVALID_ARGUMENT` past it); 0
+   * lets ONNX Runtime choose (one per physical core).
    */
   uint32_t threads;
   /**
@@ -724,7 +762,7 @@ typedef struct zimage_generate_params {
    */
   zimage_progress_callback progress_callback;
   /**
-   * Passed back to `progress_callback` unchanged.
+   * Passed back to `progress_callback` and `preview_callback` unchanged.
    */
   void *progress_user_data;
   /**
@@ -761,6 +799,18 @@ typedef struct zimage_generate_params {
    * as `uint32_t`); default `ZIMAGE_CONTROL_PREPROCESS_NONE`.
    */
   uint32_t control_preprocess;
+  /**
+   * Previews (appended after `control_preprocess`: an older, smaller struct means none):
+   * this many, passed to `preview_callback` at evenly spaced steps before the last (step
+   * k * total_steps / (preview_count + 1), rounded up, for k = 1..=preview_count, where
+   * total_steps is the progress callback's), at most one per step: a larger number means
+   * every step but the last. Each costs one VAE decode of the images. 0 (the default): none.
+   */
+  uint32_t preview_count;
+  /**
+   * Receives the previews. NULL (the default): none are made, whatever `preview_count`.
+   */
+  zimage_preview_callback preview_callback;
 } zimage_generate_params;
 
 /**
@@ -899,6 +949,8 @@ zimage_result zimage_enhancer_cancel(const struct zimage_enhancer *enhancer);
  *
  * The string belongs to zimage and stays valid until the next zimage call on the same thread;
  * copy it to keep it. Each thread has its own message, so threads never see each other's.
+ * On a thread that is exiting (from a thread-local or pthread_key destructor) there is no
+ * message to keep: it is then always empty.
  */
 const char *zimage_last_error_message(void);
 
@@ -1050,6 +1102,8 @@ void zimage_prompt_embedding_free(struct zimage_prompt_embedding *embedding);
 /**
  * Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
  * twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
+ * The string must come back unmodified: its length is found again from its NUL, so writing
+ * another NUL into it (or over its end) frees the wrong size.
  */
 void zimage_string_free(char *text);
 

@@ -1,13 +1,44 @@
 //! Checks on what C hands in: NULL pointers, UTF-8, versioned structs, sentinel values.
 
 use std::ffi::{c_char, CStr};
-use std::mem::size_of;
+use std::mem::{align_of, size_of};
 
 use crate::error::Failure;
 
 /// `seed` value that asks for a random seed; the one used is reported by
 /// `zimage_image_list_seed()` (or `zimage_enhance()`'s `out_seed`).
 pub const ZIMAGE_RANDOM_SEED: u64 = u64::MAX;
+
+/// A C `bool` coming in from C (a parameter struct's field, a callback's return value): one
+/// byte, true when it is not 0. A Rust `bool` must be exactly 0 or 1, and C can put any byte
+/// there (a struct filled with memset, a callback compiled without `_Bool`); reading that byte
+/// as a Rust `bool` would be undefined behaviour. Named `bool` in the header (ffi/cbindgen.toml
+/// renames it), which has the same size and calling convention on every platform zimage
+/// supports, so C code sees no difference.
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CBool(u8);
+
+impl CBool {
+    pub const FALSE: CBool = CBool(0);
+    pub const TRUE: CBool = CBool(1);
+
+    pub fn get(self) -> bool {
+        self.0 != 0
+    }
+}
+
+impl From<bool> for CBool {
+    fn from(value: bool) -> Self {
+        CBool(value as u8)
+    }
+}
+
+impl std::fmt::Debug for CBool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
 
 /// `ptr` as a reference, or `NullArgument` naming `what`.
 ///
@@ -49,9 +80,11 @@ pub(crate) fn output<T>(ptr: *mut *mut T, what: &str) -> Result<*mut *mut T, Fai
 /// only ever appended, and a caller compiled against an older header passes its smaller size.
 ///
 /// Safety (for implementors): `Self` is `repr(C)`, `Copy`, starts with a `usize`, and any
-/// bit pattern C can put in its fields is valid.
+/// bit pattern C can put in its fields is valid: integers, floats, raw pointers, callbacks
+/// (`Option<fn>`: NULL is `None`) and [`CBool`], never a Rust `bool` or enum.
 pub(crate) unsafe trait Versioned: Copy {
-    /// The size of the first published version of the struct (up to its last field).
+    /// `sizeof` of the first published version of the struct: its last field's end rounded up
+    /// to the struct's alignment, as C's `sizeof` is (checked when the struct is read).
     const FIRST_VERSION_SIZE: usize;
     /// The values of fields the caller does not know about: what `*_init` writes.
     fn defaults() -> Self;
@@ -61,14 +94,21 @@ pub(crate) unsafe trait Versioned: Copy {
 /// the first version means the struct was not initialised; one above ours means the header is
 /// newer than this library.
 ///
+/// The size must also be a multiple of the struct's alignment, as every `sizeof` is. A size
+/// that ends inside a field would copy part of it over the default: half of a pointer makes a
+/// wild one. No field is wider than the struct's alignment, so at a multiple of it every
+/// field is copied whole or not at all, nested ones (`zimage_image`) included: a cut between
+/// a nested struct's fields leaves defaults that are checked like any caller's value.
+///
 /// Safety: a non-NULL `ptr` must point to at least `struct_size` readable bytes.
 pub(crate) unsafe fn versioned<T: Versioned>(ptr: *const T, what: &str) -> Result<T, Failure> {
+    const { assert!(T::FIRST_VERSION_SIZE % align_of::<T>() == 0, "FIRST_VERSION_SIZE must be a sizeof") };
     if ptr.is_null() {
         return Err(Failure::null(what));
     }
     // Only the first field is read until the size is known to be in range.
     let size = unsafe { ptr.cast::<usize>().read() };
-    if size < T::FIRST_VERSION_SIZE || size > size_of::<T>() {
+    if size < T::FIRST_VERSION_SIZE || size > size_of::<T>() || size % align_of::<T>() != 0 {
         return Err(Failure::invalid(format!(
             "{what}->struct_size is {size}; expected {} (call the matching *_init function first, \
              and use a header no newer than this library, zimage {})",
@@ -97,31 +137,51 @@ mod tests {
         assert_eq!(unsafe { optional_string(std::ptr::null(), "x") }.unwrap(), None);
     }
 
+    #[test]
+    fn any_byte_is_a_c_bool() {
+        // What memset or a byte-sized C type can leave in a `bool` field: anything but 0 is true.
+        for (byte, expected) in [(0u8, false), (1, true), (2, true), (0x55, true), (0xff, true)] {
+            let read: CBool = unsafe { std::mem::transmute(byte) };
+            assert_eq!(read.get(), expected, "{byte:#x}");
+        }
+        assert_eq!((CBool::from(true), CBool::from(false)), (CBool::TRUE, CBool::FALSE));
+    }
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq)]
     struct Grown {
         struct_size: usize,
         old: u32,
-        new: u32,
+        new: *const u8,
     }
 
     unsafe impl Versioned for Grown {
-        const FIRST_VERSION_SIZE: usize = std::mem::offset_of!(Grown, old) + size_of::<u32>();
+        // `old` ends at 12; C's sizeof of the first version rounds that up to 16.
+        const FIRST_VERSION_SIZE: usize = std::mem::offset_of!(Grown, new);
         fn defaults() -> Self {
-            Grown { struct_size: size_of::<Grown>(), old: 1, new: 2 }
+            Grown { struct_size: size_of::<Grown>(), old: 1, new: std::ptr::null() }
         }
     }
 
     #[test]
     fn older_callers_get_defaults_for_new_fields() {
-        let old_caller = Grown { struct_size: Grown::FIRST_VERSION_SIZE, old: 10, new: 99 };
+        let byte = 7u8;
+        let old_caller = Grown { struct_size: Grown::FIRST_VERSION_SIZE, old: 10, new: &byte };
         let read = unsafe { versioned(&old_caller, "p") }.unwrap();
-        assert_eq!((read.old, read.new), (10, 2));
-        let current = Grown { struct_size: size_of::<Grown>(), old: 10, new: 20 };
-        assert_eq!(unsafe { versioned(&current, "p") }.unwrap().new, 20);
-        for size in [0, Grown::FIRST_VERSION_SIZE - 1, size_of::<Grown>() + 1] {
+        assert_eq!((read.old, read.new), (10, std::ptr::null()));
+        let current = Grown { struct_size: size_of::<Grown>(), old: 10, new: &byte };
+        assert_eq!(unsafe { versioned(&current, "p") }.unwrap().new, &byte as *const u8);
+        // Too small, too large, and sizes that end inside `new` (which would copy half of the
+        // pointer) or inside `old`.
+        for size in [0, 12, Grown::FIRST_VERSION_SIZE + 4, Grown::FIRST_VERSION_SIZE + 1, size_of::<Grown>() + 8] {
             let wrong = Grown { struct_size: size, ..current };
-            assert_eq!(unsafe { versioned(&wrong, "p") }.unwrap_err().code, zimage_result::InvalidArgument);
+            let failure = unsafe { versioned(&wrong, "p") }.unwrap_err();
+            assert_eq!(failure.code, zimage_result::InvalidArgument);
+            assert!(
+                failure.message.starts_with(&format!("p->struct_size is {size}; expected 24")),
+                "{}",
+                failure.message
+            );
         }
     }
 }

@@ -8,9 +8,9 @@ use std::mem::{offset_of, size_of};
 use sdk::pipeline::edit::MAX_REFERENCE_PIXELS;
 use sdk::{EditRequest, Progress, RgbImage};
 
-use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
+use crate::args::{self, CBool, Versioned, ZIMAGE_RANDOM_SEED};
 use crate::error::{zimage_result, Failure};
-use crate::generate_params::{read_pixels, zimage_progress_callback};
+use crate::generate_params::{read_pixels, zimage_preview_callback, zimage_progress_callback, StepCallbacks};
 use crate::image::{zimage_image, zimage_image_list};
 use crate::log::{log, zimage_log_level};
 use crate::panic::guard;
@@ -58,11 +58,18 @@ pub struct zimage_edit_params {
     /// Tokens kept per text segment; 0 = the package's default (512).
     pub max_sequence_length: u32,
     /// Keep the final latents, for `zimage_image_list_latents()`.
-    pub return_latents: bool,
+    pub return_latents: CBool,
     /// Called after every denoising step; NULL for none.
     pub progress_callback: zimage_progress_callback,
-    /// Passed back to `progress_callback` unchanged.
+    /// Passed back to `progress_callback` and `preview_callback` unchanged.
     pub progress_user_data: *mut c_void,
+    /// Previews (appended after `progress_user_data`: an older, smaller struct means none), as
+    /// `zimage_generate_params.preview_count`: this many at evenly spaced steps before the last.
+    /// 0 (the default): none.
+    pub preview_count: u32,
+    /// Receives the previews, one per image (`count`). NULL (the default): none are made,
+    /// whatever `preview_count`.
+    pub preview_callback: zimage_preview_callback,
 }
 
 unsafe impl Versioned for zimage_edit_params {
@@ -85,9 +92,11 @@ unsafe impl Versioned for zimage_edit_params {
             seed: ZIMAGE_RANDOM_SEED,
             count: sdk.count,
             max_sequence_length: 0,
-            return_latents: false,
+            return_latents: CBool::FALSE,
             progress_callback: None,
             progress_user_data: std::ptr::null_mut(),
+            preview_count: sdk.previews,
+            preview_callback: None,
         }
     }
 }
@@ -102,8 +111,8 @@ pub unsafe extern "C" fn zimage_edit_params_init(params: *mut zimage_edit_params
     })
 }
 
-/// Reads edit parameters and copies the reference pictures.
-unsafe fn edit_request(params: *const zimage_edit_params) -> Result<EditRequest, Failure> {
+/// Reads edit parameters and copies the reference pictures; returns the callbacks too.
+unsafe fn edit_request(params: *const zimage_edit_params) -> Result<(EditRequest, StepCallbacks), Failure> {
     let p = unsafe { args::versioned(params, "params") }?;
     let prompt = unsafe { args::string(p.prompt, "params->prompt") }?;
     let negative = unsafe { args::optional_string(p.negative_prompt, "params->negative_prompt") }?;
@@ -146,8 +155,11 @@ unsafe fn edit_request(params: *const zimage_edit_params) -> Result<EditRequest,
     request.seed = (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed);
     request.count = p.count;
     request.max_sequence_length = (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize);
-    request.return_latents = p.return_latents;
-    Ok(request)
+    request.return_latents = p.return_latents.get();
+    let callbacks =
+        StepCallbacks { progress: p.progress_callback, preview: p.preview_callback, user_data: p.progress_user_data };
+    request.previews = callbacks.previews(p.preview_count);
+    Ok((request, callbacks))
 }
 
 /// Edits: images from the reference pictures and the instruction (packages that list the
@@ -173,17 +185,8 @@ unsafe fn edit(
     out_images: *mut *mut zimage_image_list,
 ) -> Result<(), Failure> {
     let out = args::output(out_images, "out_images")?;
-    let request = unsafe { edit_request(params) }?;
-    let p = unsafe { args::versioned(params, "params") }?;
-    let (progress, user_data) = (p.progress_callback, p.progress_user_data);
-    let mut on_progress = |s: &Progress| -> bool {
-        match progress {
-            Some(callback) => unsafe {
-                callback(s.step as u32, s.total_steps as u32, s.elapsed.as_secs_f64(), user_data)
-            },
-            None => true,
-        }
-    };
+    let (request, callbacks) = unsafe { edit_request(params) }?;
+    let mut on_progress = |s: &Progress| callbacks.on_step(s);
     let generation = handle.pipeline.edit(&request, Some(&mut on_progress))?;
     log(handle.logger(), zimage_log_level::Info, || {
         format!(
@@ -228,10 +231,47 @@ mod tests {
         ];
         p.images = views.as_ptr();
         p.image_count = 2;
-        let r = unsafe { edit_request(&p) }.unwrap();
+        let (r, _) = unsafe { edit_request(&p) }.unwrap();
         assert_eq!(r.images[0].pixels.len(), 70 * 64 * 3);
         assert_eq!(r.images[0].pixels[70 * 3..70 * 3 + 3], buffer[70 * 3 + 5..70 * 3 + 8]);
         assert!(r.images[1].pixels.is_empty(), "a 4-gigapixel view is never read");
         assert_eq!((r.steps, r.guidance_scale, r.width), (None, None, None));
+    }
+
+    /// What the preview callback saw: (step, total, image count, first image's shape).
+    type Previews = Vec<(u32, u32, u32, (u32, u32, usize))>;
+
+    unsafe extern "C" fn on_preview(step: u32, total: u32, images: *const zimage_image, count: u32, data: *mut c_void) {
+        let image = unsafe { &*images };
+        unsafe { &mut *(data as *mut Previews) }.push((step, total, count, (image.width, image.height, image.stride)));
+    }
+
+    unsafe extern "C" fn ignore_log(_: u32, _: *const c_char, _: *mut c_void) {}
+
+    /// An edit without references (ZImageOmniPipeline's text-to-image) passes its previews on
+    /// too: 4 steps and one preview, after step 2.
+    #[test]
+    fn edits_have_previews() {
+        // A log callback, as every test that loads here (see generate.rs's preview test).
+        let mut load = std::mem::MaybeUninit::uninit();
+        unsafe { crate::load_params::zimage_load_params_init(load.as_mut_ptr()) };
+        let mut load = unsafe { load.assume_init() };
+        load.log_callback = Some(ignore_log);
+        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage-omni\0");
+        let mut pipeline = std::ptr::null_mut();
+        let code = unsafe { crate::pipeline::zimage_pipeline_load(package.as_ptr().cast(), &load, &mut pipeline) };
+        assert_eq!(code, zimage_result::Ok);
+        let mut seen = Previews::new();
+        let mut p = zimage_edit_params::defaults();
+        p.prompt = c"a red square".as_ptr();
+        (p.width, p.height, p.steps, p.seed) = (64, 48, 4, 3);
+        p.preview_count = 1;
+        p.preview_callback = Some(on_preview);
+        p.progress_user_data = &mut seen as *mut Previews as *mut c_void;
+        let mut list = std::ptr::null_mut();
+        assert_eq!(unsafe { zimage_edit(pipeline, &p, &mut list) }, zimage_result::Ok);
+        assert_eq!(seen, [(2, 4, 1, (64, 48, 64 * 3))]);
+        unsafe { crate::image::zimage_image_list_free(list) };
+        unsafe { crate::pipeline::zimage_pipeline_free(pipeline) };
     }
 }

@@ -8,7 +8,7 @@ use std::mem::{offset_of, size_of};
 
 use sdk::{EnhanceOptions, PromptEnhancer, RandomSampling, Sampling, TokenEvent};
 
-use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
+use crate::args::{self, CBool, Versioned, ZIMAGE_RANDOM_SEED};
 use crate::error::{zimage_result, Failure};
 use crate::load_params::{self, zimage_load_params};
 use crate::log::{log, zimage_log_level, Logger};
@@ -41,13 +41,13 @@ pub struct zimage_enhance_params {
     pub system_prompt: *const c_char,
     /// Let the model reason in a `<think>` block first (better on riddles, slower; the block
     /// counts against `max_new_tokens` and is never part of the returned text).
-    pub thinking: bool,
+    pub thinking: CBool,
     /// Most tokens generated, 1..=32768; 0 = the default (512). Generation also stops at the
     /// model's context length.
     pub max_new_tokens: u32,
     /// false: greedy decoding (deterministic; the sampling fields below are ignored).
     /// true: seeded sampling with `temperature`, `top_k` and `top_p`.
-    pub sample: bool,
+    pub sample: CBool,
     /// In (0, 100]; below 1 sharpens the distribution, above 1 flattens it. Default 0.7.
     pub temperature: f32,
     /// Keep only the k most likely tokens; 0 = all. Default 20.
@@ -70,9 +70,9 @@ unsafe impl Versioned for zimage_enhance_params {
         zimage_enhance_params {
             struct_size: size_of::<Self>(),
             system_prompt: std::ptr::null(),
-            thinking: options.thinking,
+            thinking: options.thinking.into(),
             max_new_tokens: options.max_new_tokens as u32,
-            sample: false,
+            sample: CBool::FALSE,
             temperature: sampling.temperature,
             top_k: sampling.top_k as u32,
             top_p: sampling.top_p,
@@ -101,7 +101,7 @@ pub(crate) unsafe fn enhance_options(
         if params.is_null() { zimage_enhance_params::defaults() } else { unsafe { args::versioned(params, what) }? };
     let system_prompt =
         unsafe { args::optional_string(p.system_prompt, &format!("{what}->system_prompt")) }?.map(str::to_owned);
-    let sampling = if p.sample {
+    let sampling = if p.sample.get() {
         Sampling::Random(RandomSampling {
             temperature: p.temperature,
             top_k: p.top_k as usize,
@@ -113,7 +113,7 @@ pub(crate) unsafe fn enhance_options(
     };
     let mut options = EnhanceOptions::default();
     options.system_prompt = system_prompt;
-    options.thinking = p.thinking;
+    options.thinking = p.thinking.get();
     if p.max_new_tokens != 0 {
         options.max_new_tokens = p.max_new_tokens as usize;
     }
@@ -133,7 +133,7 @@ pub type zimage_token_callback = Option<
         text: *const c_char,
         thinking: bool,
         user_data: *mut c_void,
-    ) -> bool,
+    ) -> CBool,
 >;
 
 /// Loads the prompt enhancer of the package in `package_dir` (UTF-8): a standalone enhancer
@@ -180,7 +180,7 @@ unsafe fn load_into(
 ) -> Result<(), Failure> {
     let out = args::output(out_enhancer, "out_enhancer")?;
     let load_params::Load { options, logger } = unsafe { load_params::load_options(params) }?;
-    let _current = CurrentLogger::enter(logger);
+    let _current = CurrentLogger::enter(logger.clone());
     log(logger.as_ref(), zimage_log_level::Info, || {
         format!("loading the prompt enhancer of {dir} on {}", options.device)
     });
@@ -238,7 +238,7 @@ pub unsafe extern "C" fn zimage_enhance(
 ) -> zimage_result {
     guard(|| {
         let handle = unsafe { args::reference(enhancer, "enhancer") }?;
-        let _current = CurrentLogger::enter(handle.logger);
+        let _current = CurrentLogger::enter(handle.logger.clone());
         let result = unsafe { enhance(handle, prompt, params, callback, user_data, out_text, out_seed) };
         if let Err(f) = &result {
             let level =
@@ -264,7 +264,7 @@ unsafe fn enhance(
     let mut on_token = |event: &TokenEvent| -> bool {
         let Some(callback) = callback else { return true };
         let text = c_string(event.text);
-        unsafe { callback(event.index as u32, event.token_id, text.as_ptr(), event.thinking, user_data) }
+        unsafe { callback(event.index as u32, event.token_id, text.as_ptr(), event.thinking, user_data) }.get()
     };
     let with_callback: Option<&mut dyn FnMut(&TokenEvent) -> bool> = match callback {
         Some(_) => Some(&mut on_token),
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(unsafe { enhance_options(std::ptr::null(), "p") }.unwrap(), EnhanceOptions::default());
         p.max_new_tokens = 0;
         assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap().max_new_tokens, 512);
-        p.sample = true;
+        p.sample = CBool::TRUE;
         p.seed = 7;
         p.system_prompt = c"Describe.".as_ptr();
         let o = unsafe { enhance_options(&p, "p") }.unwrap();

@@ -111,10 +111,15 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+// Every access goes through `try_with`: a zimage call can come from a thread whose thread-locals
+// are being destroyed (a pthread_key destructor, a C++ thread_local's destructor), where `with`
+// panics, and a panic there cannot be caught. Such a call still returns its code; only the
+// message is lost.
+
 /// Forgets the previous message: called when an entry point starts, so that a message never
 /// outlives the call it describes.
 pub(crate) fn clear_last_error() {
-    LAST_ERROR.with(|m| *m.borrow_mut() = CString::default());
+    let _ = LAST_ERROR.try_with(|m| *m.borrow_mut() = CString::default());
 }
 
 /// Keeps `failure`'s message for `zimage_last_error_message()` and returns its code.
@@ -122,7 +127,7 @@ pub(crate) fn record(failure: Failure) -> zimage_result {
     // A NUL inside a message (from a path, say) would cut it short in C; drop those bytes.
     let bytes: Vec<u8> = failure.message.into_bytes().into_iter().filter(|&b| b != 0).collect();
     let message = CString::new(bytes).expect("NUL bytes were removed");
-    LAST_ERROR.with(|m| *m.borrow_mut() = message);
+    let _ = LAST_ERROR.try_with(|m| *m.borrow_mut() = message);
     failure.code
 }
 
@@ -131,11 +136,14 @@ pub(crate) fn record(failure: Failure) -> zimage_result {
 ///
 /// The string belongs to zimage and stays valid until the next zimage call on the same thread;
 /// copy it to keep it. Each thread has its own message, so threads never see each other's.
+/// On a thread that is exiting (from a thread-local or pthread_key destructor) there is no
+/// message to keep: it is then always empty.
 #[no_mangle]
 pub extern "C" fn zimage_last_error_message() -> *const c_char {
     // Borrowing the thread-local's buffer: it is only replaced by a later zimage call on this
-    // thread, which is exactly the documented lifetime.
-    LAST_ERROR.with(|m| m.borrow().as_ptr())
+    // thread, which is exactly the documented lifetime. Once the thread-local is destroyed, a
+    // static empty string.
+    LAST_ERROR.try_with(|m| m.borrow().as_ptr()).unwrap_or(c"".as_ptr())
 }
 
 /// A short, static, English name for a result code ("ok", "cancelled" ...); "unknown result
@@ -181,6 +189,36 @@ mod tests {
         std::thread::spawn(|| assert_eq!(last(), "")).join().unwrap();
         clear_last_error();
         assert_eq!(last(), "");
+    }
+
+    /// A zimage call from a thread whose thread-locals are being destroyed (here from another
+    /// thread-local's destructor; in C, a pthread_key destructor) returns its code, with an
+    /// empty message, instead of aborting the process.
+    #[test]
+    fn calls_from_an_exiting_thread_return_their_code() {
+        /// (LAST_ERROR already destroyed, the code, the message)
+        static SEEN: std::sync::Mutex<Option<(bool, zimage_result, String)>> = std::sync::Mutex::new(None);
+        struct CallsOnDrop;
+        impl Drop for CallsOnDrop {
+            fn drop(&mut self) {
+                let destroyed = LAST_ERROR.try_with(|_| ()).is_err();
+                let code = unsafe { crate::pipeline::zimage_cancel(std::ptr::null()) };
+                *SEEN.lock().unwrap() = Some((destroyed, code, last()));
+            }
+        }
+        thread_local! {
+            static PROBE: CallsOnDrop = const { CallsOnDrop };
+        }
+        std::thread::spawn(|| {
+            // Made before LAST_ERROR, so destroyed after it: thread-locals go in reverse order.
+            PROBE.with(|_| {});
+            assert_eq!(unsafe { crate::pipeline::zimage_cancel(std::ptr::null()) }, zimage_result::NullArgument);
+            assert_eq!(last(), "pipeline is NULL");
+        })
+        .join()
+        .unwrap();
+        let seen = SEEN.lock().unwrap().take();
+        assert_eq!(seen, Some((true, zimage_result::NullArgument, String::new())));
     }
 
     #[test]

@@ -38,8 +38,7 @@ unsafe fn generate(
     out_images: *mut *mut zimage_image_list,
 ) -> Result<(), Failure> {
     let out = args::output(out_images, "out_images")?;
-    let Generate { request, progress, progress_user_data, enhance } =
-        unsafe { generate_params::generate_request(params) }?;
+    let Generate { request, callbacks, enhance } = unsafe { generate_params::generate_request(params) }?;
     log(handle.logger(), zimage_log_level::Debug, || {
         format!(
             "generate {}x{}, {} steps, {} image(s), guidance {}, seed {}",
@@ -51,14 +50,7 @@ unsafe fn generate(
             request.seed.map_or("random".to_string(), |s| s.to_string())
         )
     });
-    let mut on_progress = |p: &Progress| -> bool {
-        match progress {
-            Some(callback) => unsafe {
-                callback(p.step as u32, p.total_steps as u32, p.elapsed.as_secs_f64(), progress_user_data)
-            },
-            None => true,
-        }
-    };
+    let mut on_progress = |p: &Progress| callbacks.on_step(p);
     let generation = match enhance {
         None => handle.pipeline.generate(&request, Some(&mut on_progress))?,
         Some((enhancer, options)) => {
@@ -100,4 +92,137 @@ fn log_generation(logger: Option<&Logger>, g: &Generation) {
             t.vae_decode.as_secs_f64()
         )
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::ffi::{c_char, c_void};
+
+    use crate::args::CBool;
+    use crate::generate_params::zimage_generate_params_init;
+    use crate::image::{zimage_image, zimage_image_list_free, zimage_image_list_get};
+    use crate::load_params::zimage_load_params_init;
+    use crate::pipeline::{zimage_pipeline_free, zimage_pipeline_load};
+
+    /// One picture of a preview: (width, height, stride) and its pixels.
+    type Picture = ((u32, u32, usize), Vec<u8>);
+
+    /// What the callbacks saw, in order: ("progress" or "preview", step, total steps).
+    #[derive(Default)]
+    struct Seen {
+        calls: Vec<(&'static str, u32, u32)>,
+        /// Per preview, one picture per image.
+        previews: Vec<Vec<Picture>>,
+    }
+
+    unsafe extern "C" fn on_progress(step: u32, total: u32, _: f64, user_data: *mut c_void) -> CBool {
+        unsafe { &mut *(user_data as *mut Seen) }.calls.push(("progress", step, total));
+        CBool::TRUE
+    }
+
+    unsafe extern "C" fn on_preview(
+        step: u32,
+        total: u32,
+        images: *const zimage_image,
+        count: u32,
+        user_data: *mut c_void,
+    ) {
+        let seen = unsafe { &mut *(user_data as *mut Seen) };
+        seen.calls.push(("preview", step, total));
+        let views = unsafe { std::slice::from_raw_parts(images, count as usize) };
+        let copies = views
+            .iter()
+            .map(|v| {
+                let bytes = unsafe { std::slice::from_raw_parts(v.pixels, v.stride * v.height as usize) };
+                ((v.width, v.height, v.stride), bytes.to_vec())
+            })
+            .collect();
+        seen.previews.push(copies);
+    }
+
+    /// Generates 64x64 images from a fixed seed; returns what the callbacks saw and the images.
+    fn run(
+        pipeline: *const zimage_pipeline,
+        steps: u32,
+        count: u32,
+        previews: u32,
+        callback: bool,
+    ) -> (Seen, Vec<Vec<u8>>) {
+        let mut seen = Seen::default();
+        let mut params = std::mem::MaybeUninit::uninit();
+        unsafe { zimage_generate_params_init(params.as_mut_ptr()) };
+        let mut params = unsafe { params.assume_init() };
+        params.prompt = c"a red fox in the snow".as_ptr();
+        (params.width, params.height, params.steps, params.count, params.seed) = (64, 64, steps, count, 7);
+        params.progress_callback = Some(on_progress);
+        params.progress_user_data = &mut seen as *mut Seen as *mut c_void;
+        params.preview_count = previews;
+        params.preview_callback = if callback { Some(on_preview) } else { None };
+        let mut list = std::ptr::null_mut();
+        assert_eq!(unsafe { zimage_generate(pipeline, &params, &mut list) }, zimage_result::Ok);
+        let images = (0..count as usize)
+            .map(|i| {
+                let mut view = zimage_image::NONE;
+                assert_eq!(unsafe { zimage_image_list_get(list, i, &mut view) }, zimage_result::Ok);
+                unsafe { std::slice::from_raw_parts(view.pixels, view.stride * view.height as usize) }.to_vec()
+            })
+            .collect();
+        unsafe { zimage_image_list_free(list) };
+        (seen, images)
+    }
+
+    unsafe extern "C" fn ignore_log(_: u32, _: *const c_char, _: *mut c_void) {}
+
+    #[test]
+    fn previews_reach_the_preview_callback() {
+        // With a log callback: the first load of the test process decides whether ONNX Runtime
+        // logs its INFO lines at all (only when someone listens), which ort_log's tests need.
+        let mut load = std::mem::MaybeUninit::uninit();
+        unsafe { zimage_load_params_init(load.as_mut_ptr()) };
+        let mut load = unsafe { load.assume_init() };
+        load.log_callback = Some(ignore_log);
+        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage\0");
+        let mut pipeline = std::ptr::null_mut();
+        let code = unsafe { zimage_pipeline_load(package.as_ptr().cast(), &load, &mut pipeline) };
+        assert_eq!(code, zimage_result::Ok);
+
+        let (plain, plain_images) = run(pipeline, 4, 2, 0, false);
+        let progress: Vec<_> = (1..=4).map(|step| ("progress", step, 4)).collect();
+        assert_eq!(plain.calls, progress);
+
+        // 4 steps, 3 previews: after steps 1, 2 and 3, each right after that step's progress.
+        let (seen, images) = run(pipeline, 4, 2, 3, true);
+        let expected: Vec<_> = (1..=4)
+            .flat_map(|step| [("progress", step, 4), ("preview", step, 4)])
+            .filter(|&(kind, step, _)| kind == "progress" || step < 4)
+            .collect();
+        assert_eq!(seen.calls, expected);
+        assert_eq!(seen.previews.len(), 3);
+        for preview in &seen.previews {
+            assert_eq!(preview.len(), 2, "one picture per image of the request");
+            for (shape, pixels) in preview {
+                assert_eq!(*shape, (64, 64, 64 * 3));
+                // A picture, not an empty buffer: many different values.
+                assert!(pixels.iter().collect::<BTreeSet<_>>().len() > 32, "a flat preview");
+            }
+        }
+        // The last preview is the estimate one step early: close to the result, not equal.
+        for (i, (_, pixels)) in seen.previews[2].iter().enumerate() {
+            assert_ne!(*pixels, images[i], "preview of image {i} at step 3 equals the final image");
+        }
+        // Previews change nothing in the images.
+        assert_eq!(images, plain_images);
+
+        // A count without a callback makes none, and changes nothing either.
+        let (seen, images) = run(pipeline, 4, 2, 3, false);
+        assert_eq!((seen.calls, images), (progress, plain_images));
+
+        // 8 steps, 2 previews: steps 3 and 6.
+        let (seen, _) = run(pipeline, 8, 1, 2, true);
+        let at: Vec<u32> = seen.calls.iter().filter(|c| c.0 == "preview").map(|c| c.1).collect();
+        assert_eq!(at, [3, 6]);
+        unsafe { zimage_pipeline_free(pipeline) };
+    }
 }

@@ -8,11 +8,13 @@
 use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 
+use sdk::limits::MAX_INPUT_SIDE;
 use sdk::{
-    ControlCondition, ControlPreprocess, EnhanceOptions, GenerateRequest, GrayImage, InitImage, Prompt, RgbImage,
+    ControlCondition, ControlPreprocess, EnhanceOptions, GenerateRequest, GrayImage, InitImage, Progress, Prompt,
+    RgbImage,
 };
 
-use crate::args::{self, Versioned, ZIMAGE_RANDOM_SEED};
+use crate::args::{self, CBool, Versioned, ZIMAGE_RANDOM_SEED};
 use crate::c_enum::{c_enum, CEnum};
 use crate::enhancer::{self, zimage_enhance_params, zimage_enhancer};
 use crate::error::{zimage_result, Failure};
@@ -25,7 +27,26 @@ use crate::prompt::zimage_prompt_embedding;
 /// since the generation started. Return true to go on, false to stop: the generation then
 /// fails with `ZIMAGE_RESULT_CANCELLED`. Called on the thread that called `zimage_generate()`.
 pub type zimage_progress_callback =
-    Option<unsafe extern "C" fn(step: u32, total: u32, elapsed_seconds: f64, user_data: *mut c_void) -> bool>;
+    Option<unsafe extern "C" fn(step: u32, total: u32, elapsed_seconds: f64, user_data: *mut c_void) -> CBool>;
+
+/// Receives previews: what the images would look like if denoising stopped after step `step`
+/// of `total_steps` (the progress callback's numbers), decoded from the model's current
+/// estimate (blurry early, close to the result late). `images` holds `image_count` views, one
+/// per image of the request, RGB8 with packed rows at the request's size; the views and their
+/// pixels belong to zimage and are valid only during the call (copy them to keep them).
+///
+/// Called on the thread that called `zimage_generate()` (or `zimage_edit()`), with
+/// `progress_user_data`, right after the progress callback at each step `preview_count` asks
+/// for; not after a progress callback that returned false.
+pub type zimage_preview_callback = Option<
+    unsafe extern "C" fn(
+        step: u32,
+        total_steps: u32,
+        images: *const zimage_image,
+        image_count: u32,
+        user_data: *mut c_void,
+    ),
+>;
 
 /// One generation. Fill it with `zimage_generate_params_init()` (Z-Image-Turbo's recommended
 /// settings: 1024x1024, 8 steps, no guidance, a random seed), then change fields. Pointers in it
@@ -64,7 +85,7 @@ pub struct zimage_generate_params {
     /// Prompt tokens kept (chat template included); 0 = the package's default (512).
     pub max_sequence_length: u32,
     /// Keep the final latents, for `zimage_image_list_latents()`.
-    pub return_latents: bool,
+    pub return_latents: CBool,
     /// Image-to-image: start from this RGB picture instead of pure noise; one of another size
     /// than the request's is resized to it as diffusers resizes it (Pillow's Lanczos).
     /// `init_image.pixels == NULL` (the default) means text-to-image.
@@ -77,7 +98,7 @@ pub struct zimage_generate_params {
     pub strength: f64,
     /// Called after every denoising step; NULL for none.
     pub progress_callback: zimage_progress_callback,
-    /// Passed back to `progress_callback` unchanged.
+    /// Passed back to `progress_callback` and `preview_callback` unchanged.
     pub progress_user_data: *mut c_void,
     /// Prompt enhancement (appended after `progress_user_data`: an older, smaller struct means
     /// none). When set, the text `prompt` is first rewritten by this enhancer (no token callback is
@@ -103,6 +124,14 @@ pub struct zimage_generate_params {
     /// How `control_image` is made into the control map first (a `zimage_control_preprocess`,
     /// as `uint32_t`); default `ZIMAGE_CONTROL_PREPROCESS_NONE`.
     pub control_preprocess: u32,
+    /// Previews (appended after `control_preprocess`: an older, smaller struct means none):
+    /// this many, passed to `preview_callback` at evenly spaced steps before the last (step
+    /// k * total_steps / (preview_count + 1), rounded up, for k = 1..=preview_count, where
+    /// total_steps is the progress callback's), at most one per step: a larger number means
+    /// every step but the last. Each costs one VAE decode of the images. 0 (the default): none.
+    pub preview_count: u32,
+    /// Receives the previews. NULL (the default): none are made, whatever `preview_count`.
+    pub preview_callback: zimage_preview_callback,
 }
 
 /// How a ControlNet control image is prepared (`zimage_generate_params.control_preprocess`).
@@ -141,7 +170,7 @@ unsafe impl Versioned for zimage_generate_params {
             seed: sdk.seed.unwrap_or(ZIMAGE_RANDOM_SEED),
             count: sdk.count,
             max_sequence_length: sdk.max_sequence_length.map_or(0, |n| n as u32),
-            return_latents: sdk.return_latents,
+            return_latents: sdk.return_latents.into(),
             init_image: zimage_image::NONE,
             mask: zimage_image::NONE,
             strength: DEFAULT_STRENGTH,
@@ -152,6 +181,8 @@ unsafe impl Versioned for zimage_generate_params {
             control_image: zimage_image::NONE,
             control_scale: ControlCondition::DEFAULT_SCALE,
             control_preprocess: zimage_control_preprocess::None as u32,
+            preview_count: sdk.previews,
+            preview_callback: None,
         }
     }
 }
@@ -190,11 +221,46 @@ pub unsafe extern "C" fn zimage_generate_params_init_for_pipeline(
     })
 }
 
-/// A generate request converted for the SDK, plus the progress callback the C layer calls.
+/// The C callbacks of one generation or edit, called after each denoising step.
+#[derive(Clone, Copy)]
+pub(crate) struct StepCallbacks {
+    pub progress: zimage_progress_callback,
+    pub preview: zimage_preview_callback,
+    pub user_data: *mut c_void,
+}
+
+impl StepCallbacks {
+    /// The number of previews to ask the SDK for: none without a callback to receive them, as
+    /// each costs a VAE decode.
+    pub fn previews(&self, preview_count: u32) -> u32 {
+        if self.preview.is_some() {
+            preview_count
+        } else {
+            0
+        }
+    }
+
+    /// What the SDK calls after each step: the progress callback, then, at a preview step, the
+    /// preview callback. false stops the run (cancelled).
+    pub fn on_step(&self, p: &Progress) -> bool {
+        let (step, total) = (p.step as u32, p.total_steps as u32);
+        let go_on = match self.progress {
+            Some(callback) => unsafe { callback(step, total, p.elapsed.as_secs_f64(), self.user_data) }.get(),
+            None => true,
+        };
+        if let (true, Some(callback), Some(pictures)) = (go_on, self.preview, &p.preview) {
+            // Views of the SDK's pictures, which outlive the call.
+            let views: Vec<zimage_image> = pictures.iter().map(zimage_image::of).collect();
+            unsafe { callback(step, total, views.as_ptr(), views.len() as u32, self.user_data) };
+        }
+        go_on
+    }
+}
+
+/// A generate request converted for the SDK, plus the callbacks the C layer calls.
 pub(crate) struct Generate {
     pub request: GenerateRequest,
-    pub progress: zimage_progress_callback,
-    pub progress_user_data: *mut c_void,
+    pub callbacks: StepCallbacks,
     /// The enhancer to run first, with its options.
     pub enhance: Option<(*const zimage_enhancer, EnhanceOptions)>,
 }
@@ -218,16 +284,19 @@ pub(crate) unsafe fn generate_request(params: *const zimage_generate_params) -> 
     request.seed = (p.seed != ZIMAGE_RANDOM_SEED).then_some(p.seed);
     request.count = p.count;
     request.max_sequence_length = (p.max_sequence_length > 0).then_some(p.max_sequence_length as usize);
-    request.return_latents = p.return_latents;
+    request.return_latents = p.return_latents.get();
     request.init_image = init_image;
     request.control = control;
+    let callbacks =
+        StepCallbacks { progress: p.progress_callback, preview: p.preview_callback, user_data: p.progress_user_data };
+    request.previews = callbacks.previews(p.preview_count);
     let enhance = if p.enhancer.is_null() {
         None
     } else {
         let options = unsafe { enhancer::enhance_options(p.enhance_params, "params->enhance_params") }?;
         Some((p.enhancer, options))
     };
-    Ok(Generate { request, progress: p.progress_callback, progress_user_data: p.progress_user_data, enhance })
+    Ok(Generate { request, callbacks, enhance })
 }
 
 /// A prompt given as text or as an embedding handle (not both); `None` when neither is set.
@@ -291,7 +360,14 @@ unsafe fn control(
     Ok(Some(condition))
 }
 
-/// Copies a caller's image into packed rows; `None` when `pixels` is NULL.
+/// Most pixels in a caller's picture: the largest the SDK decodes from a file (16384 on a
+/// side), so a picture in memory may be as large as one read from disk.
+const MAX_IMAGE_PIXELS: u64 = MAX_INPUT_SIDE as u64 * MAX_INPUT_SIDE as u64;
+
+/// Copies a caller's image into packed rows; `None` when `pixels` is NULL. Pictures of more
+/// than [`MAX_IMAGE_PIXELS`] are refused (`InvalidRequest`) before the pixels are touched: the
+/// size is all there is to check a caller's buffer against, and one that lies would otherwise
+/// make us allocate, and read, terabytes.
 pub(crate) unsafe fn read_pixels(
     image: &zimage_image,
     channels: usize,
@@ -304,6 +380,15 @@ pub(crate) unsafe fn read_pixels(
         // Not a malformed argument but an unusable image: the SDK rejects it with
         // ZIMAGE_RESULT_IMAGE, as it does any other picture it cannot use.
         return Ok(Some((image.width, image.height, Vec::new())));
+    }
+    if image.width as u64 * image.height as u64 > MAX_IMAGE_PIXELS {
+        return Err(Failure::new(
+            zimage_result::InvalidRequest,
+            format!(
+                "{what} is {}x{}: more than {MAX_IMAGE_PIXELS} pixels ({MAX_INPUT_SIDE}x{MAX_INPUT_SIDE})",
+                image.width, image.height
+            ),
+        ));
     }
     let (width, height) = (image.width as usize, image.height as usize);
     let row = width.checked_mul(channels).ok_or_else(|| Failure::invalid(format!("{what} width {width} overflows")))?;
@@ -319,7 +404,11 @@ pub(crate) unsafe fn read_pixels(
             .filter(|&n| n <= isize::MAX as usize)
             .ok_or_else(|| Failure::invalid(format!("{what} of {width}x{height} with stride {stride} overflows")))?;
     let bytes = unsafe { std::slice::from_raw_parts(image.pixels, total) };
-    let mut packed = Vec::with_capacity(row * height);
+    // Up to 768 MiB at the largest size: a failed allocation is an error, not an abort.
+    let mut packed = Vec::new();
+    packed.try_reserve_exact(row * height).map_err(|_| {
+        Failure::new(zimage_result::InvalidRequest, format!("{what}: no memory for a copy of {width}x{height}"))
+    })?;
     for y in 0..height {
         packed.extend_from_slice(&bytes[y * stride..y * stride + row]);
     }
@@ -380,6 +469,34 @@ mod tests {
         }
         let empty = zimage_image { width: 0, ..view };
         assert_eq!(unsafe { read_pixels(&empty, 3, "img") }.unwrap().unwrap(), (0, 2, Vec::new()));
+    }
+
+    /// A size that lies (a terapixel over a 16-byte buffer) is refused from the size alone:
+    /// nothing is read or allocated for it.
+    #[test]
+    fn huge_pictures_are_refused_before_they_are_read() {
+        let small = [0u8; 16];
+        let huge = zimage_image { pixels: small.as_ptr(), width: 1 << 20, height: 1 << 20, stride: 0 };
+        let mut p = zimage_generate_params::defaults();
+        p.prompt = c"x".as_ptr();
+        let rgb = [0u8; 12];
+        let tiny = zimage_image { pixels: rgb.as_ptr(), width: 2, height: 2, stride: 0 };
+        for (field, name) in
+            [("init_image", "params->init_image"), ("mask", "params->mask"), ("control", "params->control_image")]
+        {
+            let mut q = p;
+            match field {
+                "init_image" => q.init_image = huge,
+                "mask" => (q.init_image, q.mask) = (tiny, huge),
+                _ => q.control_image = huge,
+            }
+            let bad = unsafe { generate_request(&q) }.err().unwrap();
+            assert_eq!(bad.code, zimage_result::InvalidRequest);
+            assert_eq!(bad.message, format!("{name} is 1048576x1048576: more than 268435456 pixels (16384x16384)"));
+        }
+        // One pixel past the cap, in one long row.
+        let long = zimage_image { width: (MAX_IMAGE_PIXELS + 1) as u32, height: 1, ..huge };
+        assert_eq!(code(unsafe { read_pixels(&long, 1, "img") }), zimage_result::InvalidRequest);
     }
 
     #[test]

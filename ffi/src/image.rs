@@ -11,9 +11,11 @@ use crate::strings::c_string;
 /// An 8-bit image in memory: rows top to bottom, `stride` bytes from one row to the next,
 /// pixels packed within a row (RGB: 3 bytes per pixel, masks: 1 byte).
 ///
-/// As an input (`init_image`, `mask`), the caller owns the pixels and they only need to live
-/// during the call; `pixels == NULL` means "no image"; `stride == 0` means packed rows.
-/// As an output (`zimage_image_list_get()`), the pixels belong to the image list.
+/// As an input (`init_image`, `mask`, `control_image`, edit references), the caller owns the
+/// pixels and they only need to live during the call; `pixels == NULL` means "no image";
+/// `stride == 0` means packed rows; at most 16384 x 16384 pixels (268435456), or the call fails
+/// with `ZIMAGE_RESULT_INVALID_REQUEST` before reading them.
+/// As an output (`zimage_image_list_get()`, previews), the pixels belong to zimage.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct zimage_image {
@@ -25,6 +27,16 @@ pub struct zimage_image {
 
 impl zimage_image {
     pub(crate) const NONE: zimage_image = zimage_image { pixels: std::ptr::null(), width: 0, height: 0, stride: 0 };
+
+    /// A view of an image zimage holds (packed RGB rows), valid while `image` is.
+    pub(crate) fn of(image: &sdk::RgbImage) -> zimage_image {
+        zimage_image {
+            pixels: image.pixels.as_ptr(),
+            width: image.width,
+            height: image.height,
+            stride: image.width as usize * 3,
+        }
+    }
 }
 
 /// The result of `zimage_generate()`: the images, the seed used and, when asked for, the final
@@ -108,12 +120,7 @@ pub unsafe extern "C" fn zimage_image_list_get(
         let image = list.images.get(index).ok_or_else(|| {
             Failure::invalid(format!("image index {index} is out of range; the list holds {}", list.images.len()))
         })?;
-        *out = zimage_image {
-            pixels: image.pixels.as_ptr(),
-            width: image.width,
-            height: image.height,
-            stride: image.width as usize * 3,
-        };
+        *out = zimage_image::of(image);
         Ok(())
     })
 }

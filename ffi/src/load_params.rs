@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use sdk::{Device, GpuOptions, LoadOptions, MemoryMode, Tf32, VaeTiling};
 
-use crate::args::{self, Versioned};
+use crate::args::{self, CBool, Versioned};
 use crate::c_enum::{c_enum, CEnum};
 use crate::error::{zimage_result, Failure};
 use crate::log::{zimage_log_callback, Logger};
@@ -75,13 +75,14 @@ pub struct zimage_load_params {
     /// CUDA). Default: the same as `device`.
     pub transformer_device: u32,
     pub transformer_device_id: i32,
-    /// Intra-op threads per graph; 0 lets ONNX Runtime choose (one per physical core).
+    /// Intra-op threads per graph, at most 1024 (`ZIMAGE_RESULT_INVALID_ARGUMENT` past it); 0
+    /// lets ONNX Runtime choose (one per physical core).
     pub threads: u32,
     /// Check the SHA-256 of every package file, the large ones too (slow).
-    pub verify_checksums: bool,
+    pub verify_checksums: CBool,
     /// When the requested provider cannot be set up, run on CPU (and log a warning per graph,
     /// with the provider's error) instead of failing with `ZIMAGE_RESULT_PROVIDER`.
-    pub allow_cpu_fallback: bool,
+    pub allow_cpu_fallback: CBool,
     /// Path of the ONNX Runtime shared library (UTF-8); NULL searches: `ORT_DYLIB_PATH`, then
     /// beside the executable, then beside libzimage. Copied during the call.
     pub runtime_library: *const c_char,
@@ -107,7 +108,7 @@ pub struct zimage_load_params {
     /// CPU: decode with the package's Winograd VAE decoder (`vae_decoder_cpu`): about 15-20 %
     /// faster decoding, more memory while decoding, images within one 8-bit level. Loading
     /// fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the package has none. Default false.
-    pub winograd_vae: bool,
+    pub winograd_vae: CBool,
     /// The package's ControlNet (its name in the manifest, UTF-8) to load as the transformer:
     /// its combined graph is then the only transformer session ever created, instead of the
     /// plain transformer first and `zimage_pipeline_set_controlnet()` after. NULL (the
@@ -126,16 +127,17 @@ pub struct zimage_load_params {
     /// `quantize_package.py --int8-vae`): about 2x faster decoding, at a cost in image quality
     /// (docs/quantization.md). Loading fails with `ZIMAGE_RESULT_INVALID_REQUEST` when the
     /// package has none, or with `winograd_vae`. Default false.
-    pub int8_vae: bool,
+    pub int8_vae: CBool,
 }
 
-// The first version ended at `memory_mode`; its layout is unchanged. zimage 0.1 (before the
+// The first version ended at `memory_mode`; its layout is unchanged, and its sizeof (padded to
+// the 8-byte alignment of the pointers) is where `tensorrt` starts. zimage 0.1 (before the
 // TensorRT fields moved into `zimage_tensorrt_params`) had 120 to 136 bytes, which this struct
 // reached with `int8_vae`: the SONAME moved from libzimage.so.0 to libzimage.so.1 then
 // (ffi/build.rs), so those programs cannot load this library and their structs are never read
 // as this one.
 unsafe impl Versioned for zimage_load_params {
-    const FIRST_VERSION_SIZE: usize = offset_of!(zimage_load_params, memory_mode) + size_of::<u32>();
+    const FIRST_VERSION_SIZE: usize = offset_of!(zimage_load_params, tensorrt);
 
     fn defaults() -> Self {
         // The SDK's defaults, so the C API cannot drift from them.
@@ -147,8 +149,8 @@ unsafe impl Versioned for zimage_load_params {
             transformer_device: zimage_device::Default.value(),
             transformer_device_id: 0,
             threads: 0,
-            verify_checksums: sdk.verify_checksums,
-            allow_cpu_fallback: sdk.allow_cpu_fallback,
+            verify_checksums: sdk.verify_checksums.into(),
+            allow_cpu_fallback: sdk.allow_cpu_fallback.into(),
             runtime_library: std::ptr::null(),
             log_callback: None,
             log_user_data: std::ptr::null_mut(),
@@ -157,11 +159,11 @@ unsafe impl Versioned for zimage_load_params {
             cuda_memory_limit: sdk.gpu.cuda_memory_limit.unwrap_or(0),
             optimized_model_cache: std::ptr::null(),
             cuda_tf32: zimage_tf32::from(sdk.gpu.cuda_tf32).value(),
-            winograd_vae: sdk.winograd_vae,
+            winograd_vae: sdk.winograd_vae.into(),
             controlnet: std::ptr::null(),
             vae_tile_size: sdk.vae_tiling.map_or(0, |t| t.tile_size),
             vae_tile_overlap: sdk.vae_tiling.map_or(0, |t| t.overlap),
-            int8_vae: sdk.int8_vae,
+            int8_vae: sdk.int8_vae.into(),
         }
     }
 }
@@ -183,10 +185,20 @@ pub(crate) struct Load {
     pub logger: Option<Logger>,
 }
 
+/// Most intra-op threads per graph: `Pipeline::load`'s bound, checked here because the prompt
+/// enhancer's loads (`zimage_enhancer_load()`, `_attach()`) do not check it.
+const MAX_THREADS: u32 = 1024;
+
 /// Reads load parameters and copies everything they point to; NULL means all defaults.
 pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<Load, Failure> {
     let p =
         if params.is_null() { zimage_load_params::defaults() } else { unsafe { args::versioned(params, "params") }? };
+    if p.threads > MAX_THREADS {
+        return Err(Failure::invalid(format!(
+            "params->threads is {}; at most {MAX_THREADS} (0 lets ONNX Runtime choose)",
+            p.threads
+        )));
+    }
     let main_device = device(p.device, p.device_id, "params->device")?.unwrap_or(Device::Cpu);
     let transformer_device = device(p.transformer_device, p.transformer_device_id, "params->transformer_device")?;
     let runtime_library =
@@ -204,12 +216,12 @@ pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<L
     options.device = main_device;
     options.transformer_device = transformer_device;
     options.threads = (p.threads > 0).then_some(p.threads as usize);
-    options.verify_checksums = p.verify_checksums;
-    options.allow_cpu_fallback = p.allow_cpu_fallback;
+    options.verify_checksums = p.verify_checksums.get();
+    options.allow_cpu_fallback = p.allow_cpu_fallback.get();
     options.memory_mode = zimage_memory_mode::from_c(p.memory_mode, "params->memory_mode")?.into();
     options.optimized_model_cache = optimized_model_cache;
-    options.winograd_vae = p.winograd_vae;
-    options.int8_vae = p.int8_vae;
+    options.winograd_vae = p.winograd_vae.get();
+    options.int8_vae = p.int8_vae.get();
     options.controlnet = controlnet.map(|name| name.to_string());
     options.vae_tiling =
         (p.vae_tile_size > 0).then_some(VaeTiling { tile_size: p.vae_tile_size, overlap: p.vae_tile_overlap });
@@ -278,6 +290,55 @@ mod tests {
         assert_eq!(bad.message, "params->memory_mode is 2, which is not a zimage_memory_mode (0..=1)");
     }
 
+    /// The enhancer's loads share this conversion; `Pipeline::load` has the same bound.
+    #[test]
+    fn threads_are_bounded_for_every_load() {
+        let mut p = zimage_load_params::defaults();
+        p.threads = MAX_THREADS;
+        assert_eq!(unsafe { load_options(&p) }.unwrap().options.threads, Some(1024));
+        p.threads = MAX_THREADS + 1;
+        let bad = unsafe { load_options(&p) }.err().unwrap();
+        assert_eq!(bad.code, zimage_result::InvalidArgument);
+        assert_eq!(bad.message, "params->threads is 1025; at most 1024 (0 lets ONNX Runtime choose)");
+        p.threads = u32::MAX;
+        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-qwen3-enhancer\0");
+        let mut enhancer = std::ptr::null_mut();
+        let code = unsafe { crate::enhancer::zimage_enhancer_load(package.as_ptr().cast(), &p, &mut enhancer) };
+        assert_eq!((code, enhancer), (zimage_result::InvalidArgument, std::ptr::null_mut()));
+    }
+
+    /// C code that fills the struct with memset (or a byte type) can leave any byte in a `bool`
+    /// field: anything but 0 reads as true.
+    #[test]
+    fn bool_fields_take_any_byte() {
+        let mut p = zimage_load_params::defaults();
+        for field in [&mut p.verify_checksums, &mut p.allow_cpu_fallback, &mut p.winograd_vae, &mut p.int8_vae] {
+            unsafe { (field as *mut CBool).cast::<u8>().write(0xa5) };
+        }
+        let options = unsafe { load_options(&p) }.unwrap().options;
+        assert!(options.verify_checksums && options.allow_cpu_fallback && options.winograd_vae && options.int8_vae);
+        unsafe { (&mut p.int8_vae as *mut CBool).cast::<u8>().write(0) };
+        assert!(!unsafe { load_options(&p) }.unwrap().options.int8_vae);
+    }
+
+    /// A `struct_size` that ends inside a field (here half of the `tensorrt` pointer, which
+    /// would then point anywhere) is refused, whatever the struct holds.
+    #[test]
+    fn a_size_inside_a_field_is_refused() {
+        let trt = zimage_tensorrt_params::defaults();
+        let mut p = zimage_load_params::defaults();
+        p.tensorrt = &trt;
+        for size in [offset_of!(zimage_load_params, tensorrt) + 4, size_of::<zimage_load_params>() - 1] {
+            p.struct_size = size;
+            let bad = unsafe { load_options(&p) }.err().unwrap();
+            assert_eq!(bad.code, zimage_result::InvalidArgument);
+            assert!(bad.message.starts_with(&format!("params->struct_size is {size}; expected ")), "{}", bad.message);
+        }
+        // Every sizeof a header had is a multiple of the alignment, and still accepted.
+        p.struct_size = offset_of!(zimage_load_params, tensorrt) + 8;
+        assert!(unsafe { load_options(&p) }.is_ok());
+    }
+
     #[test]
     fn optimized_model_cache_reaches_the_sdk() {
         let mut p = zimage_load_params::defaults();
@@ -319,9 +380,9 @@ mod tests {
         let bad = unsafe { load_options(&p) }.err().unwrap();
         assert_eq!(bad.message, "params->cuda_tf32 is 3, which is not a zimage_tf32 (0..=2)");
         p.cuda_tf32 = zimage_tf32::Off as u32;
-        p.winograd_vae = true;
+        p.winograd_vae = CBool::TRUE;
         assert!(unsafe { load_options(&p) }.unwrap().options.winograd_vae);
-        p.int8_vae = true;
+        p.int8_vae = CBool::TRUE;
         assert!(unsafe { load_options(&p) }.unwrap().options.int8_vae);
     }
 
@@ -361,10 +422,10 @@ mod tests {
         old.tensorrt = &garbage; // would be refused if it were read
         old.cuda_memory_limit = 5;
         old.cuda_tf32 = 99;
-        old.winograd_vae = true;
+        old.winograd_vae = CBool::TRUE;
         old.controlnet = c"union-v1".as_ptr();
         old.vae_tile_size = 64;
-        old.int8_vae = true;
+        old.int8_vae = CBool::TRUE;
         let options = unsafe { load_options(&old) }.unwrap().options;
         assert_eq!(options.memory_mode, MemoryMode::Sequential);
         assert_eq!(options.gpu, GpuOptions::default());

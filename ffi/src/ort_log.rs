@@ -20,7 +20,7 @@
 //!
 //! Only `tracing` (its core traits) is needed: no formatting layers, no filters.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,9 +37,23 @@ use crate::log::{zimage_log_level, Logger};
 
 thread_local! {
     /// The logger of the zimage call running on this thread, if any.
-    static CURRENT: Cell<Option<Logger>> = const { Cell::new(None) };
+    static CURRENT: RefCell<Option<Logger>> = const { RefCell::new(None) };
     /// The loggers [`CURRENT`] held before each load-job span entered on this thread.
     static BEFORE_SPANS: RefCell<Vec<Option<Logger>>> = const { RefCell::new(Vec::new()) };
+}
+
+// Both are read with `try_with`: a zimage call can come from a thread whose thread-locals are
+// being destroyed (a pthread_key destructor), where `with` panics. Such a call has no logger
+// for ONNX Runtime's lines; its own messages still reach the callback.
+
+/// The current thread's logger (a clone: the callback may call zimage, which changes it).
+fn current() -> Option<Logger> {
+    CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
+}
+
+/// Makes `logger` the current thread's; returns the one it replaces.
+fn set_current(logger: Option<Logger>) -> Option<Logger> {
+    CURRENT.try_with(|c| c.replace(logger)).ok().flatten()
 }
 
 /// The SDK builds a pipeline's sessions concurrently on threads of its own, each inside a span
@@ -75,14 +89,14 @@ impl CurrentLogger {
         if logger.is_some() {
             install();
         }
-        let previous = CURRENT.with(|c| c.replace(logger));
+        let previous = set_current(logger);
         CurrentLogger { previous, _not_send: std::marker::PhantomData }
     }
 }
 
 impl Drop for CurrentLogger {
     fn drop(&mut self) {
-        CURRENT.with(|c| c.set(self.previous));
+        set_current(self.previous.take());
     }
 }
 
@@ -148,7 +162,7 @@ impl Subscriber for Forward {
     }
 
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        let has_logger = CURRENT.with(|c| c.get().is_some());
+        let has_logger = CURRENT.try_with(|c| c.borrow().is_some()).unwrap_or(false);
         if is_load_job(metadata) {
             return has_logger;
         }
@@ -158,7 +172,7 @@ impl Subscriber for Forward {
     fn new_span(&self, _: &Attributes<'_>) -> Id {
         // Only load-job spans are enabled: they take the creating thread's logger along.
         let id = NEXT_SPAN.fetch_add(1, Ordering::Relaxed);
-        let logger = CURRENT.with(|c| c.get());
+        let logger = current();
         span_loggers(|spans| spans.insert(id, (logger, 1)));
         Id::from_u64(id)
     }
@@ -191,21 +205,21 @@ impl Subscriber for Forward {
     fn record_follows_from(&self, _: &Id, _: &Id) {}
 
     fn event(&self, event: &Event<'_>) {
-        let Some(logger) = CURRENT.with(|c| c.get()) else { return };
+        let Some(logger) = current() else { return };
         let mut text = Text(String::from("onnxruntime: "));
         event.record(&mut text);
         logger.log(level(event.metadata().level()), &text.0);
     }
 
     fn enter(&self, id: &Id) {
-        let logger = span_loggers(|spans| spans.get(&id.into_u64()).and_then(|entry| entry.0));
-        let before = CURRENT.with(|c| c.replace(logger));
-        BEFORE_SPANS.with(|stack| stack.borrow_mut().push(before));
+        let logger = span_loggers(|spans| spans.get(&id.into_u64()).and_then(|entry| entry.0.clone()));
+        let before = set_current(logger);
+        let _ = BEFORE_SPANS.try_with(|stack| stack.borrow_mut().push(before));
     }
 
     fn exit(&self, _: &Id) {
-        if let Some(before) = BEFORE_SPANS.with(|stack| stack.borrow_mut().pop()) {
-            CURRENT.with(|c| c.set(before));
+        if let Ok(Some(before)) = BEFORE_SPANS.try_with(|stack| stack.borrow_mut().pop()) {
+            set_current(before);
         }
     }
 }

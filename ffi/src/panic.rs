@@ -14,11 +14,14 @@ use crate::error::{clear_last_error, record, zimage_result, Failure};
 /// log) may have made failing zimage calls meanwhile, and the header promises an empty
 /// message after a successful call.
 pub(crate) fn guard(body: impl FnOnce() -> Result<(), Failure>) -> zimage_result {
-    clear_last_error();
     // AssertUnwindSafe: after a panic nothing observes the half-updated state except through
     // the handles the caller already holds, and the SDK keeps those consistent (its locks
-    // recover from poisoning).
-    match catch_unwind(AssertUnwindSafe(body)) {
+    // recover from poisoning). The clearing is inside too: nothing may panic outside the catch.
+    let run = || {
+        clear_last_error();
+        body()
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
         Ok(Ok(())) => {
             clear_last_error();
             zimage_result::Ok

@@ -39,20 +39,28 @@ impl zimage_pipeline {
     /// Makes this pipeline's logger the current thread's (for ONNX Runtime's own log lines)
     /// while the returned guard lives.
     pub(crate) fn enter(&self) -> CurrentLogger {
-        CurrentLogger::enter(self.logger)
+        CurrentLogger::enter(self.logger.clone())
     }
 
     /// With `allow_cpu_fallback` the SDK runs a graph on the CPU when its provider cannot be
     /// set up; the C caller has no other way to notice, nor to learn why: one WARN per graph,
     /// the first time the fallback is seen (at load, or at the call that made the session).
     pub(crate) fn report_fallbacks(&self) {
-        let mut reported = self.reported_fallbacks.lock().unwrap_or_else(|p| p.into_inner());
-        for (graph, reason) in self.pipeline.provider_fallbacks() {
-            if reported.insert(graph.to_string()) {
-                log(self.logger(), zimage_log_level::Warn, || {
+        // The lines are logged after the lock is released: the log callback may call zimage on
+        // this pipeline, which comes back here.
+        let new: Vec<String> = {
+            let mut reported = self.reported_fallbacks.lock().unwrap_or_else(|p| p.into_inner());
+            self.pipeline
+                .provider_fallbacks()
+                .into_iter()
+                .filter(|(graph, _)| reported.insert(graph.to_string()))
+                .map(|(graph, reason)| {
                     format!("{graph} runs on the CPU: the requested execution provider could not be set up: {reason}")
-                });
-            }
+                })
+                .collect()
+        };
+        for line in new {
+            log(self.logger(), zimage_log_level::Warn, || line);
         }
     }
 
@@ -85,7 +93,7 @@ pub unsafe extern "C" fn zimage_pipeline_load(
         let dir = unsafe { args::string(package_dir, "package_dir") }?;
         let out = args::output(out_pipeline, "out_pipeline")?;
         let load_params::Load { options, logger } = unsafe { load_params::load_options(params) }?;
-        let _current = CurrentLogger::enter(logger);
+        let _current = CurrentLogger::enter(logger.clone());
         let logger = logger.as_ref();
         log(logger, zimage_log_level::Info, || format!("loading model package {dir} on {}", options.device));
         let pipeline =
@@ -99,7 +107,7 @@ pub unsafe extern "C" fn zimage_pipeline_load(
             )
         });
         let handle =
-            Box::new(zimage_pipeline { pipeline, logger: logger.copied(), reported_fallbacks: Mutex::default() });
+            Box::new(zimage_pipeline { pipeline, logger: logger.cloned(), reported_fallbacks: Mutex::default() });
         handle.report_fallbacks();
         unsafe { out.write(Box::into_raw(handle)) };
         Ok(())
@@ -157,4 +165,73 @@ pub unsafe extern "C" fn zimage_pipeline_set_controlnet(
         let _current = handle.enter();
         handle.logged(handle.pipeline.set_controlnet(name).map_err(Failure::from))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::{c_void, CStr};
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    use crate::args::CBool;
+    use crate::generate::zimage_generate;
+    use crate::generate_params::zimage_generate_params;
+    use crate::image::{zimage_image, zimage_image_list_free};
+    use crate::load_params::{zimage_device, zimage_load_params_init};
+    use crate::prompt::{zimage_encode_prompt, zimage_prompt_embedding_free};
+
+    /// The pipeline the log callback calls back into, and what those calls returned.
+    struct Reenter {
+        pipeline: AtomicPtr<zimage_pipeline>,
+        nested: Mutex<Vec<zimage_result>>,
+    }
+
+    unsafe extern "C" fn encode_on_fallback(level: u32, message: *const c_char, user_data: *mut c_void) {
+        let reenter = unsafe { &*(user_data as *const Reenter) };
+        let message = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+        let pipeline = reenter.pipeline.load(Ordering::SeqCst);
+        if level == zimage_log_level::Warn as u32 && message.starts_with("vae_encoder runs on the CPU") {
+            let mut embedding = std::ptr::null_mut();
+            let code = unsafe { zimage_encode_prompt(pipeline, c"a fox".as_ptr(), 0, &mut embedding) };
+            unsafe { zimage_prompt_embedding_free(embedding) };
+            reenter.nested.lock().unwrap().push(code);
+        }
+    }
+
+    /// A log callback may call zimage on the pipeline whose message it receives, also when the
+    /// message is a CPU fallback's warning. The CPU build of ONNX Runtime the tests run with
+    /// has no CUDA provider: with fallback, every graph runs on the CPU, and the VAE encoder's
+    /// session (made by the first image-to-image request) is reported by that request.
+    #[test]
+    fn the_log_callback_may_call_back_into_the_pipeline() {
+        let reenter = Reenter { pipeline: AtomicPtr::new(std::ptr::null_mut()), nested: Mutex::default() };
+        let mut load = std::mem::MaybeUninit::uninit();
+        unsafe { zimage_load_params_init(load.as_mut_ptr()) };
+        let mut load = unsafe { load.assume_init() };
+        load.device = zimage_device::Cuda as u32;
+        load.allow_cpu_fallback = CBool::TRUE;
+        load.log_callback = Some(encode_on_fallback);
+        load.log_user_data = &reenter as *const Reenter as *mut c_void;
+        let package = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-zimage\0");
+        let mut pipeline = std::ptr::null_mut();
+        assert_eq!(unsafe { zimage_pipeline_load(package.as_ptr().cast(), &load, &mut pipeline) }, zimage_result::Ok);
+        reenter.pipeline.store(pipeline, Ordering::SeqCst);
+
+        let rgb = [128u8; 64 * 64 * 3];
+        let mut params = zimage_generate_params_default();
+        params.prompt = c"a lighthouse".as_ptr();
+        (params.width, params.height, params.steps, params.seed) = (64, 64, 2, 1);
+        params.init_image = zimage_image { pixels: rgb.as_ptr(), width: 64, height: 64, stride: 0 };
+        let mut images = std::ptr::null_mut();
+        assert_eq!(unsafe { zimage_generate(pipeline, &params, &mut images) }, zimage_result::Ok);
+        assert_eq!(*reenter.nested.lock().unwrap(), [zimage_result::Ok]);
+        unsafe { zimage_image_list_free(images) };
+        unsafe { zimage_pipeline_free(pipeline) };
+    }
+
+    fn zimage_generate_params_default() -> zimage_generate_params {
+        let mut params = std::mem::MaybeUninit::uninit();
+        unsafe { crate::generate_params::zimage_generate_params_init(params.as_mut_ptr()) };
+        unsafe { params.assume_init() }
+    }
 }

@@ -13,6 +13,8 @@ pub(crate) fn c_string(s: &str) -> CString {
 
 /// Frees a string zimage returned (`zimage_enhance()`'s `out_text`). NULL is fine; freeing
 /// twice is not, nor freeing strings zimage only lends (error messages, accessors of a list).
+/// The string must come back unmodified: its length is found again from its NUL, so writing
+/// another NUL into it (or over its end) frees the wrong size.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_string_free(text: *mut c_char) {
     guard_value((), || {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use sdk::{ResolutionRange, TensorRtOptions, TensorRtPrecision};
 
-use crate::args::{self, Versioned};
+use crate::args::{self, CBool, Versioned};
 use crate::c_enum::{c_enum, CEnum};
 use crate::error::{zimage_result, Failure};
 use crate::panic::guard;
@@ -58,7 +58,7 @@ pub struct zimage_tensorrt_params {
     pub max_images: u32,
     /// Whether requests will use classifier-free guidance (a batch of 2 per image). Default
     /// false.
-    pub guidance: bool,
+    pub guidance: CBool,
     /// Caption tokens the profiles optimise for, 1..=the model's limit. Default 128.
     pub typical_caption_tokens: u32,
 }
@@ -80,7 +80,7 @@ unsafe impl Versioned for zimage_tensorrt_params {
             max_width: trt.resolutions.max.0,
             max_height: trt.resolutions.max.1,
             max_images: trt.max_images,
-            guidance: trt.guidance,
+            guidance: trt.guidance.into(),
             typical_caption_tokens: trt.typical_caption_tokens,
         }
     }
@@ -117,7 +117,7 @@ pub(crate) unsafe fn tensorrt_options(
         max: (p.max_width, p.max_height),
     };
     options.max_images = p.max_images;
-    options.guidance = p.guidance;
+    options.guidance = p.guidance.get();
     options.typical_caption_tokens = p.typical_caption_tokens;
     Ok(options)
 }
@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(p.struct_size, size_of::<zimage_tensorrt_params>());
         assert_eq!(p.precision, zimage_tensorrt_precision::Bf16 as u32);
         assert_eq!((p.min_width, p.opt_height, p.max_width, p.max_images), (512, 1024, 1536, 1));
-        assert_eq!((p.guidance, p.typical_caption_tokens), (false, 128));
+        assert_eq!((p.guidance, p.typical_caption_tokens), (CBool::FALSE, 128));
         assert_eq!(unsafe { tensorrt_options(&p, "t") }.unwrap(), TensorRtOptions::default());
         assert_eq!(unsafe { tensorrt_options(std::ptr::null(), "t") }.unwrap(), TensorRtOptions::default());
         assert_eq!(unsafe { zimage_tensorrt_params_init(std::ptr::null_mut()) }, zimage_result::NullArgument);
@@ -147,7 +147,7 @@ mod tests {
         p.precision = zimage_tensorrt_precision::Fp32 as u32;
         p.max_width = 2048;
         p.max_images = 4;
-        p.guidance = true;
+        p.guidance = CBool::TRUE;
         p.typical_caption_tokens = 64;
         let trt = unsafe { tensorrt_options(&p, "params->tensorrt") }.unwrap();
         assert_eq!(trt.cache_dir, Some(PathBuf::from("/tmp/engines")));
