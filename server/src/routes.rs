@@ -972,21 +972,27 @@ async fn forward_step(
     }
     let name = format!("{prefix}.partial_image");
     for (index, bytes) in p.partial_images.iter().enumerate() {
-        let data = json!({
-            "type": name,
-            "b64_json": b64(bytes),
-            "created_at": unix_now(),
-            "size": meta.size,
-            "quality": meta.quality,
-            "background": "opaque",
-            "output_format": meta.format.name(),
-            "partial_image_index": *previews,
-            "index": index,
-        });
+        let mut data = image_event(&name, bytes, meta, index);
+        data["partial_image_index"] = json!(*previews);
         events.send(&name, &data).await?;
     }
     *previews += 1;
     Ok(())
+}
+
+/// The fields a partial or completed image event shares (OpenAI's shape; `index`: the image's
+/// place in the request, a zimage field).
+fn image_event(name: &str, bytes: &[u8], meta: &Meta, index: usize) -> Value {
+    json!({
+        "type": name,
+        "b64_json": b64(bytes),
+        "created_at": unix_now(),
+        "size": meta.size,
+        "quality": meta.quality,
+        "background": "opaque",
+        "output_format": meta.format.name(),
+        "index": index,
+    })
 }
 
 /// The `completed` events, one per image; the images sent, or the client's going away.
@@ -994,18 +1000,9 @@ async fn send_images(events: &EventSender, meta: &Meta, prefix: &str, f: Finishe
     let name = format!("{prefix}.completed");
     let count = f.images.len();
     for (index, bytes) in f.images.iter().enumerate() {
-        let mut data = json!({
-            "type": name,
-            "b64_json": b64(bytes),
-            "created_at": unix_now(),
-            "size": meta.size,
-            "quality": meta.quality,
-            "background": "opaque",
-            "output_format": meta.format.name(),
-            "usage": usage(f.prompt_tokens),
-            "index": index,
-            "seed": f.seed,
-        });
+        let mut data = image_event(&name, bytes, meta, index);
+        data["usage"] = usage(f.prompt_tokens);
+        data["seed"] = json!(f.seed);
         if let Some(p) = &f.enhanced_prompt {
             data["revised_prompt"] = Value::String(p.clone());
         }
