@@ -5,6 +5,6 @@
 fn main() {
     let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if target_os == "linux" || target_os == "android" || target_os.ends_with("bsd") {
-        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libzimage.so.1");
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libzimage.so.2");
     }
 }

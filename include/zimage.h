@@ -870,8 +870,21 @@ zimage_result zimage_pipeline_set_adapters(const struct zimage_pipeline *pipelin
 
 /**
  * Fills `params` with the defaults and sets `struct_size`; `prompt` and `images` are left NULL.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the init
+ * macros; the header's `zimage_edit_params_init` macro calls `zimage_edit_params_init_sized()`
+ * instead.
  */
 zimage_result zimage_edit_params_init(struct zimage_edit_params *params);
+
+/**
+ * Like `zimage_edit_params_init()`, but writes only the first `size` bytes, with
+ * `struct_size = size`: `size` is the caller's `sizeof(zimage_edit_params)`, which the header's
+ * `zimage_edit_params_init` macro passes, so a program built against an older, smaller header gets
+ * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ */
+zimage_result zimage_edit_params_init_sized(struct zimage_edit_params *params, size_t size);
 
 /**
  * Edits: images from the reference pictures and the instruction (packages that list the
@@ -885,8 +898,21 @@ zimage_result zimage_edit(const struct zimage_pipeline *pipeline,
 
 /**
  * Fills `params` with the defaults and sets `struct_size`.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the init
+ * macros; the header's `zimage_enhance_params_init` macro calls
+ * `zimage_enhance_params_init_sized()` instead.
  */
 zimage_result zimage_enhance_params_init(struct zimage_enhance_params *params);
+
+/**
+ * Like `zimage_enhance_params_init()`, but writes only the first `size` bytes, with
+ * `struct_size = size`: `size` is the caller's `sizeof(zimage_enhance_params)`, which the header's
+ * `zimage_enhance_params_init` macro passes, so a program built against an older, smaller header
+ * gets its own struct filled. A `size` that is no version's `sizeof` (one from a newer header
+ * included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ */
+zimage_result zimage_enhance_params_init_sized(struct zimage_enhance_params *params, size_t size);
 
 /**
  * Loads the prompt enhancer of the package in `package_dir` (UTF-8): a standalone enhancer
@@ -975,17 +1001,43 @@ zimage_result zimage_generate(const struct zimage_pipeline *pipeline,
 /**
  * Fills `params` with Z-Image-Turbo's recommended settings and sets `struct_size`; the
  * prompt is left NULL.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the init
+ * macros; the header's `zimage_generate_params_init` macro calls
+ * `zimage_generate_params_init_sized()` instead.
  */
 zimage_result zimage_generate_params_init(struct zimage_generate_params *params);
+
+/**
+ * Like `zimage_generate_params_init()`, but writes only the first `size` bytes, with
+ * `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
+ * header's `zimage_generate_params_init` macro passes, so a program built against an older,
+ * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ */
+zimage_result zimage_generate_params_init_sized(struct zimage_generate_params *params, size_t size);
 
 /**
  * Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
  * settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
  * without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
  * Nothing is written on failure.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the
+ * init macros; the header's `zimage_generate_params_init_for_pipeline` macro calls
+ * `zimage_generate_params_init_for_pipeline_sized()` instead.
  */
 zimage_result zimage_generate_params_init_for_pipeline(const struct zimage_pipeline *pipeline,
                                                        struct zimage_generate_params *params);
+
+/**
+ * What `zimage_generate_params_init_for_pipeline()` does, writing only the first `size` bytes:
+ * `size` is the caller's `sizeof(zimage_generate_params)`, as for
+ * `zimage_generate_params_init_sized()`.
+ */
+zimage_result zimage_generate_params_init_for_pipeline_sized(const struct zimage_pipeline *pipeline,
+                                                             struct zimage_generate_params *params,
+                                                             size_t size);
 
 /**
  * The number of images; 0 for NULL.
@@ -1028,8 +1080,21 @@ void zimage_image_list_free(struct zimage_image_list *list);
 /**
  * Fills `params` with the defaults (CPU, no log callback, TensorRT defaults) and sets
  * `struct_size`.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the init
+ * macros; the header's `zimage_load_params_init` macro calls `zimage_load_params_init_sized()`
+ * instead.
  */
 zimage_result zimage_load_params_init(struct zimage_load_params *params);
+
+/**
+ * Like `zimage_load_params_init()`, but writes only the first `size` bytes, with
+ * `struct_size = size`: `size` is the caller's `sizeof(zimage_load_params)`, which the header's
+ * `zimage_load_params_init` macro passes, so a program built against an older, smaller header gets
+ * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ */
+zimage_result zimage_load_params_init_sized(struct zimage_load_params *params, size_t size);
 
 /**
  * Loads the model package in the folder `package_dir` (UTF-8). `params` may be NULL for the
@@ -1110,11 +1175,37 @@ void zimage_string_free(char *text);
 /**
  * Fills `params` with the defaults (the SDK's: bf16, 512..1536 pixels a side, one image, no
  * guidance, 128 caption tokens) and sets `struct_size`.
+ *
+ * Writes this library's whole struct. Kept for programs built against headers without the init
+ * macros; the header's `zimage_tensorrt_params_init` macro calls
+ * `zimage_tensorrt_params_init_sized()` instead.
  */
 zimage_result zimage_tensorrt_params_init(struct zimage_tensorrt_params *params);
+
+/**
+ * Like `zimage_tensorrt_params_init()`, but writes only the first `size` bytes, with
+ * `struct_size = size`: `size` is the caller's `sizeof(zimage_tensorrt_params)`, which the
+ * header's `zimage_tensorrt_params_init` macro passes, so a program built against an older,
+ * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ */
+zimage_result zimage_tensorrt_params_init_sized(struct zimage_tensorrt_params *params, size_t size);
 
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus
+
+/*
+ * The *_init functions, called with the size of the struct this header declares: a program
+ * built against it keeps working with later libraries, whose structs may be larger. Call them
+ * with a pointer to the struct (`zimage_generate_params_init(&params)`); `(zimage_..._init)(p)`
+ * reaches the function that writes this library's whole struct.
+ */
+#define zimage_load_params_init(params) zimage_load_params_init_sized((params), sizeof(*(params)))
+#define zimage_tensorrt_params_init(params) zimage_tensorrt_params_init_sized((params), sizeof(*(params)))
+#define zimage_generate_params_init(params) zimage_generate_params_init_sized((params), sizeof(*(params)))
+#define zimage_generate_params_init_for_pipeline(pipeline, params) zimage_generate_params_init_for_pipeline_sized((pipeline), (params), sizeof(*(params)))
+#define zimage_edit_params_init(params) zimage_edit_params_init_sized((params), sizeof(*(params)))
+#define zimage_enhance_params_init(params) zimage_enhance_params_init_sized((params), sizeof(*(params)))
 
 #endif  /* ZIMAGE_H */

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the zimage C library (release) and installs it for C/C++ projects:
 #   PREFIX/include/zimage.h
-#   PREFIX/lib/libzimage.so.X.Y.Z, libzimage.so.1 -> it (the SONAME), libzimage.so -> libzimage.so.1
+#   PREFIX/lib/libzimage.so.X.Y.Z, libzimage.so.2 -> it (the SONAME), libzimage.so -> libzimage.so.2
 #   PREFIX/lib/libzimage.a
 #   PREFIX/lib/pkgconfig/zimage.pc                 (pkg-config --cflags --libs zimage)
 #   PREFIX/lib/cmake/zimage/zimageConfig*.cmake   (find_package(zimage) -> zimage::zimage)
@@ -19,7 +19,7 @@ prefix=$(cd "$1" && pwd)
 cd "$root"
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
-soversion=1 # keep in step with ffi/build.rs
+soversion=2 # keep in step with ffi/build.rs
 [ -n "$version" ] || { echo "install-c: no version in Cargo.toml" >&2; exit 1; }
 
 # One build that also reports what a program linking libzimage.a needs from the system.

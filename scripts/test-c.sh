@@ -60,7 +60,7 @@ cc -std=c99 "${warnings[@]}" tests/c/zimage_test.c -o "$prefix/c-pkgconfig" \
 # shellcheck disable=SC2046
 c++ -std=c++17 "${warnings[@]}" -Itests/cpp tests/cpp/zimage_test.cpp -o "$prefix/cpp-pkgconfig-static" \
   $(pkg-config --cflags zimage) "$prefix/usr/lib/libzimage.a" $(pkg-config --static --libs-only-l zimage | sed 's/-lzimage//') -pthread
-readelf -d "$prefix/c-pkgconfig" | grep -q 'NEEDED.*\[libzimage.so.1\]'
+readelf -d "$prefix/c-pkgconfig" | grep -q 'NEEDED.*\[libzimage.so.2\]'
 "$prefix/c-pkgconfig" "${client_args[@]}"
 "$prefix/cpp-pkgconfig-static" "${client_args[@]}"
 

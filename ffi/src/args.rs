@@ -108,7 +108,7 @@ pub(crate) unsafe fn versioned<T: Versioned>(ptr: *const T, what: &str) -> Resul
     }
     // Only the first field is read until the size is known to be in range.
     let size = unsafe { ptr.cast::<usize>().read() };
-    if size < T::FIRST_VERSION_SIZE || size > size_of::<T>() || size % align_of::<T>() != 0 {
+    if !is_a_size_of::<T>(size) {
         return Err(Failure::invalid(format!(
             "{what}->struct_size is {size}; expected {} (call the matching *_init function first, \
              and use a header no newer than this library, zimage {})",
@@ -119,6 +119,35 @@ pub(crate) unsafe fn versioned<T: Versioned>(ptr: *const T, what: &str) -> Resul
     let mut value = T::defaults();
     unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), size) };
     Ok(value)
+}
+
+/// Whether `size` is the `sizeof` of some version of `T`, up to this library's (see [`versioned`]).
+fn is_a_size_of<T: Versioned>(size: usize) -> bool {
+    (T::FIRST_VERSION_SIZE..=size_of::<T>()).contains(&size) && size.is_multiple_of(align_of::<T>())
+}
+
+/// What the `*_init_sized` functions do: writes the first `size` bytes of `value`, with
+/// `struct_size = size`, to the caller's struct, whose `sizeof` is `size` (the header's init
+/// macros pass it). A program built against an older header thus gets its own, smaller struct
+/// filled, never bytes past its end. A `size` that is no version's `sizeof` writes nothing.
+///
+/// Safety: a non-NULL `ptr` must point to at least `size` writable bytes.
+pub(crate) unsafe fn init_sized<T: Versioned>(ptr: *mut T, size: usize, mut value: T) -> Result<(), Failure> {
+    if ptr.is_null() {
+        return Err(Failure::null("params"));
+    }
+    if !is_a_size_of::<T>(size) {
+        return Err(Failure::invalid(format!(
+            "size is {size}; expected sizeof of the struct, {} here (use a header no newer than this \
+             library, zimage {})",
+            size_of::<T>(),
+            sdk::VERSION
+        )));
+    }
+    // `struct_size` is the first field (the trait's contract).
+    unsafe { (&mut value as *mut T).cast::<usize>().write(size) };
+    unsafe { std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), ptr.cast::<u8>(), size) };
+    Ok(())
 }
 
 #[cfg(test)]

@@ -82,13 +82,26 @@ unsafe impl Versioned for zimage_enhance_params {
 }
 
 /// Fills `params` with the defaults and sets `struct_size`.
+///
+/// Writes this library's whole struct. Kept for programs built against headers without the init
+/// macros; the header's `zimage_enhance_params_init` macro calls
+/// `zimage_enhance_params_init_sized()` instead.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_enhance_params_init(params: *mut zimage_enhance_params) -> zimage_result {
-    guard(|| {
-        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
-        *params = zimage_enhance_params::defaults();
-        Ok(())
-    })
+    guard(|| unsafe { args::init_sized(params, size_of::<zimage_enhance_params>(), zimage_enhance_params::defaults()) })
+}
+
+/// Like `zimage_enhance_params_init()`, but writes only the first `size` bytes, with
+/// `struct_size = size`: `size` is the caller's `sizeof(zimage_enhance_params)`, which the header's
+/// `zimage_enhance_params_init` macro passes, so a program built against an older, smaller header
+/// gets its own struct filled. A `size` that is no version's `sizeof` (one from a newer header
+/// included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_enhance_params_init_sized(
+    params: *mut zimage_enhance_params,
+    size: usize,
+) -> zimage_result {
+    guard(|| unsafe { args::init_sized(params, size, zimage_enhance_params::defaults()) })
 }
 
 /// Reads enhance parameters; NULL means all defaults. Range checks are the SDK's

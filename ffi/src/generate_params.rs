@@ -189,35 +189,64 @@ unsafe impl Versioned for zimage_generate_params {
 
 /// Fills `params` with Z-Image-Turbo's recommended settings and sets `struct_size`; the
 /// prompt is left NULL.
+///
+/// Writes this library's whole struct. Kept for programs built against headers without the init
+/// macros; the header's `zimage_generate_params_init` macro calls
+/// `zimage_generate_params_init_sized()` instead.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_generate_params_init(params: *mut zimage_generate_params) -> zimage_result {
-    guard(|| {
-        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
-        *params = zimage_generate_params::defaults();
-        Ok(())
+    guard(|| unsafe {
+        args::init_sized(params, size_of::<zimage_generate_params>(), zimage_generate_params::defaults())
     })
+}
+
+/// Like `zimage_generate_params_init()`, but writes only the first `size` bytes, with
+/// `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
+/// header's `zimage_generate_params_init` macro passes, so a program built against an older,
+/// smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
+/// newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_generate_params_init_sized(
+    params: *mut zimage_generate_params,
+    size: usize,
+) -> zimage_result {
+    guard(|| unsafe { args::init_sized(params, size, zimage_generate_params::defaults()) })
 }
 
 /// Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
 /// settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
 /// without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
 /// Nothing is written on failure.
+///
+/// Writes this library's whole struct. Kept for programs built against headers without the
+/// init macros; the header's `zimage_generate_params_init_for_pipeline` macro calls
+/// `zimage_generate_params_init_for_pipeline_sized()` instead.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_generate_params_init_for_pipeline(
     pipeline: *const zimage_pipeline,
     params: *mut zimage_generate_params,
 ) -> zimage_result {
+    unsafe { zimage_generate_params_init_for_pipeline_sized(pipeline, params, size_of::<zimage_generate_params>()) }
+}
+
+/// What `zimage_generate_params_init_for_pipeline()` does, writing only the first `size` bytes:
+/// `size` is the caller's `sizeof(zimage_generate_params)`, as for
+/// `zimage_generate_params_init_sized()`.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_generate_params_init_for_pipeline_sized(
+    pipeline: *const zimage_pipeline,
+    params: *mut zimage_generate_params,
+    size: usize,
+) -> zimage_result {
     guard(|| {
         let pipeline = unsafe { pipeline.as_ref() }.ok_or_else(|| Failure::null("pipeline"))?;
-        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
         let recommended = GenerateRequest::for_package(pipeline.pipeline.manifest(), "");
         let mut filled = zimage_generate_params::defaults();
         filled.steps = recommended.steps;
         filled.guidance_scale = recommended.guidance_scale;
         filled.cfg_normalization = recommended.cfg_normalization;
         filled.cfg_truncation = recommended.cfg_truncation;
-        *params = filled;
-        Ok(())
+        unsafe { args::init_sized(params, size, filled) }
     })
 }
 
@@ -438,6 +467,52 @@ mod tests {
         assert_eq!((g.request.seed, g.request.max_sequence_length), (None, None));
         p.seed = 42;
         assert_eq!(unsafe { generate_request(&p) }.unwrap().request.seed, Some(42));
+    }
+
+    /// `zimage_generate_params_init()` as compiled against an older header: the macro passes that
+    /// header's smaller sizeof, and nothing past it is written (the caller's next variable).
+    #[test]
+    fn sized_init_writes_only_the_callers_struct() {
+        const GUARD: u8 = 0xAB;
+        // u64s for the struct's alignment, one more for guard bytes past the largest size.
+        const WORDS: usize = size_of::<zimage_generate_params>() / 8 + 1;
+        let defaults = zimage_generate_params::defaults();
+        let before_previews = offset_of!(zimage_generate_params, preview_count);
+        for size in [zimage_generate_params::FIRST_VERSION_SIZE, before_previews, size_of::<zimage_generate_params>()] {
+            let mut buffer = [u64::from_ne_bytes([GUARD; 8]); WORDS];
+            let p = buffer.as_mut_ptr().cast::<zimage_generate_params>();
+            assert_eq!(unsafe { zimage_generate_params_init_sized(p, size) }, zimage_result::Ok, "{size}");
+            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast(), WORDS * 8) };
+            assert!(bytes[size..].iter().all(|&b| b == GUARD), "{size}: written past the caller's struct");
+            let written = unsafe { p.read() };
+            assert_eq!(written.struct_size, size);
+            assert_eq!(
+                (written.width, written.height, written.steps, written.seed),
+                (1024, 1024, 8, ZIMAGE_RANDOM_SEED)
+            );
+            assert_eq!((written.strength, written.progress_user_data), (DEFAULT_STRENGTH, std::ptr::null_mut()));
+            if size > before_previews {
+                assert_eq!((written.preview_count, written.preview_callback), (0, None));
+            }
+            if size > zimage_generate_params::FIRST_VERSION_SIZE {
+                assert_eq!((written.control_scale, written.control_preprocess), (defaults.control_scale, 0));
+            } else {
+                // The first version ends at progress_user_data: enhancer is a guard byte pattern.
+                assert_eq!(written.enhancer as usize, usize::from_ne_bytes([GUARD; 8]));
+            }
+        }
+        // Too small, ending inside a field, larger than this library's struct: nothing written.
+        let first = zimage_generate_params::FIRST_VERSION_SIZE;
+        for size in [0, 8, first - 8, first + 4, before_previews + 4, size_of::<zimage_generate_params>() + 8] {
+            let mut buffer = [u64::from_ne_bytes([GUARD; 8]); WORDS];
+            let p = buffer.as_mut_ptr().cast::<zimage_generate_params>();
+            assert_eq!(unsafe { zimage_generate_params_init_sized(p, size) }, zimage_result::InvalidArgument, "{size}");
+            assert_eq!(buffer, [u64::from_ne_bytes([GUARD; 8]); WORDS], "{size}: written");
+        }
+        assert_eq!(
+            unsafe { zimage_generate_params_init_sized(std::ptr::null_mut(), size_of::<zimage_generate_params>()) },
+            zimage_result::NullArgument
+        );
     }
 
     /// A caller built against the first header: its struct ends at `progress_user_data`, so it

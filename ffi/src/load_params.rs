@@ -170,13 +170,23 @@ unsafe impl Versioned for zimage_load_params {
 
 /// Fills `params` with the defaults (CPU, no log callback, TensorRT defaults) and sets
 /// `struct_size`.
+///
+/// Writes this library's whole struct. Kept for programs built against headers without the init
+/// macros; the header's `zimage_load_params_init` macro calls `zimage_load_params_init_sized()`
+/// instead.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_load_params_init(params: *mut zimage_load_params) -> zimage_result {
-    guard(|| {
-        let params = unsafe { params.as_mut() }.ok_or_else(|| Failure::null("params"))?;
-        *params = zimage_load_params::defaults();
-        Ok(())
-    })
+    guard(|| unsafe { args::init_sized(params, size_of::<zimage_load_params>(), zimage_load_params::defaults()) })
+}
+
+/// Like `zimage_load_params_init()`, but writes only the first `size` bytes, with
+/// `struct_size = size`: `size` is the caller's `sizeof(zimage_load_params)`, which the header's
+/// `zimage_load_params_init` macro passes, so a program built against an older, smaller header gets
+/// its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
+/// is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+#[no_mangle]
+pub unsafe extern "C" fn zimage_load_params_init_sized(params: *mut zimage_load_params, size: usize) -> zimage_result {
+    guard(|| unsafe { args::init_sized(params, size, zimage_load_params::defaults()) })
 }
 
 /// Load parameters converted for the SDK, plus the part the C layer keeps (the logger).

@@ -89,12 +89,12 @@ fn prepared() -> &'static Prepared {
         std::fs::create_dir_all(folder_manifest.join("manifest.json")).unwrap();
         let mismatched_package = write_mismatched_package(&work);
 
-        // libzimage.so carries the SONAME libzimage.so.1: the loader looks for that name, the
+        // libzimage.so carries the SONAME libzimage.so.2: the loader looks for that name, the
         // linker for libzimage.so, as in an installed tree (scripts/install-c.sh).
         let shared_lib_dir = work.join("lib");
         std::fs::create_dir_all(&shared_lib_dir).unwrap();
-        std::os::unix::fs::symlink(library_dir().join("libzimage.so"), shared_lib_dir.join("libzimage.so.1")).unwrap();
-        std::os::unix::fs::symlink("libzimage.so.1", shared_lib_dir.join("libzimage.so")).unwrap();
+        std::os::unix::fs::symlink(library_dir().join("libzimage.so"), shared_lib_dir.join("libzimage.so.2")).unwrap();
+        std::os::unix::fs::symlink("libzimage.so.2", shared_lib_dir.join("libzimage.so")).unwrap();
         Prepared {
             work,
             cases_file,
@@ -562,7 +562,7 @@ fn run(name: &str, language: Language, linking: Linking) {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
         if let Ok(dynamic) = needed {
-            assert!(dynamic.contains("[libzimage.so.1]"), "{name} should need libzimage.so.1 (the SONAME):\n{dynamic}");
+            assert!(dynamic.contains("[libzimage.so.2]"), "{name} should need libzimage.so.2 (the SONAME):\n{dynamic}");
         }
     }
     // Under valgrind (some 50x slower) one golden case; otherwise all of them.

@@ -270,8 +270,20 @@ static void test_null_arguments(void) {
     zimage_image image;
     zimage_latents latents;
 
-    CHECK_CODE(zimage_load_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
-    CHECK_CODE(zimage_generate_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    /* The init macros take the struct's size from the pointer, so NULL goes to the functions:
+     * the sized ones, and (in parentheses, past the macro) the ones older programs call. */
+    CHECK_CODE(zimage_load_params_init_sized(NULL, sizeof(zimage_load_params)), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE((zimage_load_params_init)(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate_params_init_sized(NULL, sizeof params), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE((zimage_generate_params_init)(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    /* A size that is no version's sizeof (here a newer header's) writes nothing. */
+    {
+        zimage_generate_params untouched;
+        memset(&untouched, 0xAB, sizeof untouched);
+        memcpy(&params, &untouched, sizeof params);
+        CHECK_CODE(zimage_generate_params_init_sized(&params, sizeof params + 8), ZIMAGE_RESULT_INVALID_ARGUMENT);
+        CHECK(memcmp(&params, &untouched, sizeof params) == 0);
+    }
     CHECK_CODE(zimage_pipeline_load(NULL, NULL, &pipeline), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE(zimage_pipeline_load("models/whatever", NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE(zimage_generate_params_init(&params), ZIMAGE_RESULT_OK);
@@ -287,7 +299,7 @@ static void test_null_arguments(void) {
         zimage_enhancer *enhancer = NULL;
         zimage_enhance_params enhance;
         char *text = NULL;
-        CHECK_CODE(zimage_enhance_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+        CHECK_CODE(zimage_enhance_params_init_sized(NULL, sizeof enhance), ZIMAGE_RESULT_NULL_ARGUMENT);
         CHECK_CODE(zimage_enhancer_load(NULL, NULL, &enhancer), ZIMAGE_RESULT_NULL_ARGUMENT);
         CHECK_CODE(zimage_enhancer_load("models/whatever", NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
         CHECK_CODE(zimage_enhancer_attach(NULL, NULL, &enhancer), ZIMAGE_RESULT_NULL_ARGUMENT);
@@ -397,7 +409,7 @@ static void test_provider(const char *package) {
      * against the package before any provider is set up. */
     zimage_load_params_init(&params);
     CHECK(params.tensorrt == NULL && params.cuda_memory_limit == 0 && params.cuda_tf32 == ZIMAGE_TF32_LIKE_PYTORCH);
-    CHECK_CODE(zimage_tensorrt_params_init(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_tensorrt_params_init_sized(NULL, sizeof trt), ZIMAGE_RESULT_NULL_ARGUMENT);
     zimage_tensorrt_params_init(&trt);
     CHECK(trt.struct_size == sizeof trt);
     CHECK(trt.cache_dir == NULL && trt.precision == ZIMAGE_TENSORRT_PRECISION_BF16);
@@ -1088,7 +1100,8 @@ static void test_recommended_params(const zimage_pipeline *turbo) {
     zimage_generate_params p;
 
     CHECK_CODE(zimage_generate_params_init_for_pipeline(NULL, &p), ZIMAGE_RESULT_NULL_ARGUMENT);
-    CHECK_CODE(zimage_generate_params_init_for_pipeline(turbo, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE((zimage_generate_params_init_for_pipeline)(NULL, &p), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK_CODE(zimage_generate_params_init_for_pipeline_sized(turbo, NULL, sizeof p), ZIMAGE_RESULT_NULL_ARGUMENT);
     memset(&p, 0, sizeof p);
     CHECK_CODE(zimage_generate_params_init_for_pipeline(turbo, &p), ZIMAGE_RESULT_OK);
     CHECK(p.struct_size == sizeof p && p.steps == 8 && p.guidance_scale == 0.0f && p.cfg_truncation == 1.0f);

@@ -4,9 +4,9 @@
 // adapt it. It adds no behaviour of its own:
 // - every handle is a move-only object that frees itself;
 // - a failed call throws zimage::Error, which carries the zimage_result code;
-// - callbacks are std::function; an exception thrown by the progress or token callback stops
-//   the generation or enhancement and is rethrown from generate() or enhance() (exceptions
-//   never cross the C boundary).
+// - callbacks are std::function; an exception thrown by the progress, preview or token callback
+//   stops the generation or enhancement and is rethrown from generate(), edit() or enhance()
+//   (exceptions never cross the C boundary).
 //
 // Thread safety is the C API's: a Pipeline may generate and an Enhancer enhance from several
 // threads at once, and cancel() may be called from any thread.
@@ -165,6 +165,12 @@ struct AdapterScale {
 // Error(ZIMAGE_RESULT_CANCELLED)).
 using ProgressFunction = std::function<bool(std::uint32_t step, std::uint32_t total, double elapsed_seconds)>;
 
+// Receives the previews that `params.preview_count` asks for (zimage_preview_callback): after
+// step `step` of `total`, one RGB8 view per image at the request's size, valid only during the
+// call (copy the pixels to keep them).
+using PreviewFunction =
+    std::function<void(std::uint32_t step, std::uint32_t total, const std::vector<zimage_image> &images)>;
+
 class Pipeline {
 public:
     // `params.log_callback` is replaced by `log` when one is given.
@@ -186,14 +192,16 @@ public:
         return params;
     }
 
-    Images generate(zimage_generate_params params, const ProgressFunction &progress = nullptr) const {
-        return run(zimage_generate, params, progress);
+    Images generate(zimage_generate_params params, const ProgressFunction &progress = nullptr,
+                    const PreviewFunction &preview = nullptr) const {
+        return run(zimage_generate, params, progress, preview);
     }
 
     // Images from reference pictures and an instruction (packages with the "edit" pipeline:
     // Z-Image-Omni). Fill `params.prompt` and `params.images` (views borrowed for the call).
-    Images edit(zimage_edit_params params, const ProgressFunction &progress = nullptr) const {
-        return run(zimage_edit, params, progress);
+    Images edit(zimage_edit_params params, const ProgressFunction &progress = nullptr,
+                const PreviewFunction &preview = nullptr) const {
+        return run(zimage_edit, params, progress, preview);
     }
 
     // Reads the LoRA file at `path` and checks it against this pipeline's transformer
@@ -232,21 +240,25 @@ public:
 private:
     Pipeline() = default;
 
-    struct ProgressContext {
-        const ProgressFunction *function;
+    struct StepContext {
+        const ProgressFunction *progress;
+        const PreviewFunction *preview;
         std::exception_ptr exception;
     };
 
-    // Calls `call` (zimage_generate or zimage_edit) with `progress` behind the C callback; an
-    // exception thrown by it is rethrown here, after zimage has returned.
+    // Calls `call` (zimage_generate or zimage_edit) with `progress` and `preview` behind the C
+    // callbacks; an exception thrown by either is rethrown here, after zimage has returned.
     template <typename Params>
     Images run(zimage_result (*call)(const zimage_pipeline *, const Params *, zimage_image_list **), Params &params,
-               const ProgressFunction &progress) const {
-        ProgressContext context{&progress, nullptr};
-        if (progress) {
+               const ProgressFunction &progress, const PreviewFunction &preview) const {
+        StepContext context{&progress, &preview, nullptr};
+        // With a preview function too: previews get progress_user_data, and the progress
+        // trampoline is what stops the run after the preview function threw (it returns void).
+        if (progress || preview) {
             params.progress_callback = &Pipeline::progress_trampoline;
             params.progress_user_data = &context;
         }
+        if (preview) params.preview_callback = &Pipeline::preview_trampoline;
         zimage_image_list *images = nullptr;
         zimage_result result = call(handle_.get(), &params, &images);
         if (context.exception) std::rethrow_exception(context.exception);
@@ -255,12 +267,24 @@ private:
     }
 
     static bool progress_trampoline(std::uint32_t step, std::uint32_t total, double elapsed, void *user_data) {
-        auto *context = static_cast<ProgressContext *>(user_data);
+        auto *context = static_cast<StepContext *>(user_data);
+        if (context->exception) return false;  // the preview function threw
+        if (!*context->progress) return true;
         try {
-            return (*context->function)(step, total, elapsed);
+            return (*context->progress)(step, total, elapsed);
         } catch (...) {
             context->exception = std::current_exception();
             return false;
+        }
+    }
+
+    static void preview_trampoline(std::uint32_t step, std::uint32_t total, const zimage_image *images,
+                                   std::uint32_t count, void *user_data) {
+        auto *context = static_cast<StepContext *>(user_data);
+        try {
+            (*context->preview)(step, total, std::vector<zimage_image>(images, images + count));
+        } catch (...) {
+            context->exception = std::current_exception();
         }
     }
 

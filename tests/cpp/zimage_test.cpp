@@ -1,6 +1,6 @@
 // A C++17 client of zimage through the RAII wrapper zimage.hpp: goldens on the tiny model,
 // errors as exceptions with their codes, two threads generating on one pipeline, cancel from
-// a std::thread, an exception thrown by a progress callback, the prompt enhancer (goldens,
+// a std::thread, an exception thrown by a progress callback, previews, the prompt enhancer (goldens,
 // token callback, parameter errors, generation with enhancement), and LoRA adapters, editing
 // and ControlNet against their diffusers goldens.
 //
@@ -608,6 +608,23 @@ void test_recommended_params(const zimage::Pipeline &turbo) {
     CHECK(p.steps == 50 && p.guidance_scale == 4.0f && p.cfg_truncation == 1.0f && p.width == 1024);
 }
 
+// Three previews of four steps: after steps 1, 2 and 3, one picture of the request's size.
+void test_previews(const zimage::Pipeline &pipeline) {
+    zimage_generate_params params = small_params();
+    params.steps = 4;
+    params.preview_count = 3;
+    std::vector<std::uint32_t> steps;
+    auto preview = [&](std::uint32_t step, std::uint32_t total, const std::vector<zimage_image> &pictures) {
+        steps.push_back(step);
+        CHECK(total == 4 && pictures.size() == 1);
+        for (const zimage_image &p : pictures) {
+            CHECK(p.width == 64 && p.height == 64 && p.stride == 64 * 3 && p.pixels != nullptr);
+        }
+    };
+    CHECK(pipeline.generate(params, nullptr, preview).size() == 1);
+    CHECK((steps == std::vector<std::uint32_t>{1, 2, 3}));
+}
+
 int main(int argc, char **argv) {
     if (argc < 7) {
         std::cerr << "usage: " << argv[0]
@@ -639,6 +656,7 @@ int main(int argc, char **argv) {
         test_concurrent_generations(moved, cases);
         test_cancel(moved);
         test_progress_exception(moved);
+        test_previews(moved);
         test_enhancer(enhancer_package, package, moved, enhancer_cases);
         test_recommended_params(moved);
         test_lora(package, max_cases);
