@@ -220,12 +220,22 @@ impl Limits<'_> {
             ("cfg_truncation", &|p| p.cfg_truncation = r.cfg_truncation),
             ("strength", &|p| p.init_image = strength.map(start)),
         ];
-        for (param, set) in fields {
-            set(&mut probe);
-            (self.check)(&probe).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
-        }
-        Ok(())
+        check_one_at_a_time(probe, &fields, self.check)
     }
+}
+
+/// Applies `fields` to `probe` one at a time, checking after each, so that the model's refusal
+/// names the field that caused it (the SDK's checks name values, not request fields).
+fn check_one_at_a_time<R>(
+    mut probe: R,
+    fields: &[(&str, &dyn Fn(&mut R))],
+    check: &dyn Fn(&R) -> zimage::Result<()>,
+) -> Result<(), ApiError> {
+    for (param, set) in fields {
+        set(&mut probe);
+        check(&probe).map_err(|e| ApiError::from_sdk(&e).with_param(*param))?;
+    }
+    Ok(())
 }
 
 /// Refuses an output size over `--max-pixels` (naming `size`), and `n` images of it over
@@ -506,11 +516,7 @@ fn check_edit_fields(
         ("cfg_truncation", &|p| p.cfg_truncation = r.cfg_truncation),
         ("max_sequence_length", &|p| p.max_sequence_length = r.max_sequence_length),
     ];
-    for (param, set) in fields {
-        set(&mut probe);
-        check(&probe).map_err(|e| ApiError::from_sdk(&e).with_param(param))?;
-    }
-    Ok(())
+    check_one_at_a_time(probe, &fields, check)
 }
 
 /// What a request asks of its output, read from its fields before the request is built.

@@ -15,7 +15,7 @@ use ndarray::{concatenate, s, Array2, Array4, Axis, Zip};
 use super::denoise::{guide, Guidance};
 use super::loading::EditGraphs;
 use super::noise::TorchGenerator;
-use super::preview::{AroundStep, PreviewSteps, StepDone, StepObserver};
+use super::preview::{AroundStep, StepDone, StepObserver};
 pub use super::references::MAX_REFERENCE_PIXELS;
 use super::references::{self, PreparedReference};
 use super::request::{Generation, Progress, Timings};
@@ -240,8 +240,7 @@ impl Pipeline {
         };
         let mut step_times = Vec::with_capacity(plan.steps);
         let mut reporter = self.step_reporter(progress, started, &context);
-        let previews =
-            if reporter.reports() { PreviewSteps::new(request.previews, schedule.len()) } else { PreviewSteps::none() };
+        let previews = reporter.preview_steps(request.previews, schedule.len());
         let mut observer = StepObserver { previews, on_step: &mut |done| reporter.step_done(done) };
         loop_.run(&mut latents, &schedule, &context, &mut step_times, &mut observer)?;
         let preview_time = reporter.preview_time;

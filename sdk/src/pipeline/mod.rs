@@ -63,7 +63,7 @@ use captions::{CaptionEncoder, EncodedPrompts};
 use denoise::Denoiser;
 use loading::GraphLoader;
 use plan::Plan;
-use preview::{PreviewSteps, StepObserver, StepReporter};
+use preview::{StepObserver, StepReporter};
 use request::{GenerateRequest, Generation, HostTraffic, Progress, Prompt, Providers, Timings};
 use scheduler::Schedule;
 use start::Start;
@@ -463,8 +463,7 @@ impl Pipeline {
         let mut denoise_steps = Vec::with_capacity(plan.steps);
         let total_steps = schedule.len() - start.first_step;
         let mut reporter = self.step_reporter(progress, started, &context);
-        let previews =
-            if reporter.reports() { PreviewSteps::new(request.previews, total_steps) } else { PreviewSteps::none() };
+        let previews = reporter.preview_steps(request.previews, total_steps);
         let mut observer = StepObserver { previews, on_step: &mut |done| reporter.step_done(done) };
         let (latents, host_traffic) = self.denoise(
             start,

@@ -109,9 +109,14 @@ pub(crate) struct StepReporter<'a, 'p> {
 }
 
 impl StepReporter<'_, '_> {
-    /// Whether anyone listens: previews are only made for a progress callback.
-    pub fn reports(&self) -> bool {
-        self.progress.is_some()
+    /// The steps to preview for a request asking `count` over `total` steps: none without a
+    /// progress callback (nobody would see them).
+    pub fn preview_steps(&self, count: u32, total: usize) -> PreviewSteps {
+        if self.progress.is_some() {
+            PreviewSteps::new(count, total)
+        } else {
+            PreviewSteps::none()
+        }
     }
 
     pub fn step_done(&mut self, done: StepDone<'_>) -> Result<bool> {
