@@ -486,6 +486,14 @@ typedef struct zimage_enhance_params {
    * `zimage_enhance()`'s `out_seed`.
    */
   uint64_t seed;
+  /**
+   * Most tokens the decoder holds, the templated prompt and the answer together; 0 = the
+   * default (8192). It bounds the key/value cache's memory (Qwen3-4B: 288 KiB per token): a
+   * longer prompt is `ZIMAGE_RESULT_INVALID_REQUEST`, and generation stops when the answer
+   * fills it. The model's own context length applies when it is smaller. (Added after
+   * `seed`: a caller's smaller `struct_size` means the default.)
+   */
+  uint32_t max_context_tokens;
 } zimage_enhance_params;
 
 /**

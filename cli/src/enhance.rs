@@ -27,6 +27,10 @@ pub struct EnhanceFlags {
     /// Most tokens to generate, thinking included.
     #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
     pub max_new_tokens: usize,
+    /// Most tokens the enhancer holds, the templated prompt and the answer together (bounds
+    /// its memory: Qwen3-4B keeps 288 KiB per token); a longer prompt is refused.
+    #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_context_tokens)]
+    pub max_context_tokens: usize,
     /// Sample with this temperature instead of greedy decoding.
     #[arg(long, value_name = "T")]
     pub temperature: Option<f32>,
@@ -63,6 +67,7 @@ impl EnhanceFlags {
         options.system_prompt = self.system_prompt.clone();
         options.thinking = self.thinking;
         options.max_new_tokens = self.max_new_tokens;
+        options.max_context_tokens = self.max_context_tokens;
         options.sampling = sampling;
         options
     }

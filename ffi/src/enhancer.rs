@@ -58,6 +58,12 @@ pub struct zimage_enhance_params {
     /// The sampling seed; `ZIMAGE_RANDOM_SEED` (the default) draws one, reported through
     /// `zimage_enhance()`'s `out_seed`.
     pub seed: u64,
+    /// Most tokens the decoder holds, the templated prompt and the answer together; 0 = the
+    /// default (8192). It bounds the key/value cache's memory (Qwen3-4B: 288 KiB per token): a
+    /// longer prompt is `ZIMAGE_RESULT_INVALID_REQUEST`, and generation stops when the answer
+    /// fills it. The model's own context length applies when it is smaller. (Added after
+    /// `seed`: a caller's smaller `struct_size` means the default.)
+    pub max_context_tokens: u32,
 }
 
 unsafe impl Versioned for zimage_enhance_params {
@@ -77,6 +83,7 @@ unsafe impl Versioned for zimage_enhance_params {
             top_k: sampling.top_k as u32,
             top_p: sampling.top_p,
             seed: sampling.seed.unwrap_or(ZIMAGE_RANDOM_SEED),
+            max_context_tokens: options.max_context_tokens as u32,
         }
     }
 }
@@ -131,6 +138,9 @@ pub(crate) unsafe fn enhance_options(
         options.max_new_tokens = p.max_new_tokens as usize;
     }
     options.sampling = sampling;
+    if p.max_context_tokens != 0 {
+        options.max_context_tokens = p.max_context_tokens as usize;
+    }
     Ok(options)
 }
 
@@ -332,6 +342,14 @@ mod tests {
         let o = unsafe { enhance_options(&p, "p") }.unwrap();
         assert_eq!(o.system_prompt.as_deref(), Some("Describe."));
         assert_eq!(o.sampling, Sampling::Random(RandomSampling { seed: Some(7), ..RandomSampling::default() }));
+        p.max_context_tokens = 100;
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap().max_context_tokens, 100);
+        p.max_context_tokens = 0;
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap().max_context_tokens, sdk::DEFAULT_MAX_CONTEXT_TOKENS);
+        // A caller built before the field existed: its struct ends at `seed`, the default applies.
+        p.max_context_tokens = 100;
+        p.struct_size = zimage_enhance_params::FIRST_VERSION_SIZE;
+        assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap().max_context_tokens, sdk::DEFAULT_MAX_CONTEXT_TOKENS);
         p.struct_size = 3;
         assert_eq!(unsafe { enhance_options(&p, "p") }.unwrap_err().code, zimage_result::InvalidArgument);
     }

@@ -50,7 +50,7 @@ pub use control_preprocess::ControlPreprocess;
 pub use enhancer::sampling::{RandomSampling, Sampling};
 pub use enhancer::{
     default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, PromptEnhancer, TokenEvent,
-    MAX_NEW_TOKENS, PREFILL_CHUNK,
+    DEFAULT_MAX_CONTEXT_TOKENS, MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS, PREFILL_CHUNK,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use image_io::{GrayImage, RgbImage};

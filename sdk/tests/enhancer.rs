@@ -142,6 +142,37 @@ fn stops_at_im_end_and_at_the_token_limit() {
 }
 
 #[test]
+fn the_context_limit_bounds_the_prompt_and_the_answer() {
+    let stop = case("english_no_thinking");
+    let prompt = stop["prompt"].as_str().unwrap();
+    let golden = ids(&stop["generated_ids"]);
+    let prompt_tokens = enhancer().prompt_ids(prompt, &options_of(stop)).unwrap().len();
+    assert_eq!(enhancer().context_tokens(&EnhanceOptions::default()), zimage::DEFAULT_MAX_CONTEXT_TOKENS);
+
+    // Room for three answer tokens: the golden's first three, then the context is full.
+    let mut options = options_of(stop);
+    options.max_context_tokens = prompt_tokens + 3;
+    let result = enhancer().enhance(prompt, &options, None).unwrap();
+    assert_eq!(result.finish, FinishReason::Length);
+    assert_eq!(result.token_ids, golden[..3]);
+
+    // A prompt that fills the context is refused before the decoder runs.
+    for limit in [prompt_tokens, prompt_tokens - 1, 1] {
+        options.max_context_tokens = limit;
+        let err = enhancer().enhance(prompt, &options, None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{limit}: {err}");
+        assert!(err.to_string().contains(&format!("has {prompt_tokens} tokens")), "{err}");
+    }
+
+    // The default refuses a prompt of more than 8192 tokens (the model has 40960 positions):
+    // about 9000 tokens of words.
+    let long = "a red fox in the snow ".repeat(1500);
+    let err = enhancer().enhance(&long, &EnhanceOptions::default(), None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("context holds 8192"), "{err}");
+}
+
+#[test]
 fn thinking_switch_changes_only_the_generation_prompt() {
     let e = enhancer();
     let on = {
@@ -321,6 +352,16 @@ fn bad_options_are_invalid_requests() {
         {
             let mut o = EnhanceOptions::default();
             o.max_new_tokens = zimage::MAX_NEW_TOKENS + 1;
+            o
+        },
+        {
+            let mut o = EnhanceOptions::default();
+            o.max_context_tokens = 0;
+            o
+        },
+        {
+            let mut o = EnhanceOptions::default();
+            o.max_context_tokens = zimage::MAX_CONTEXT_TOKENS + 1;
             o
         },
         random(0.0, 0, 1.0),

@@ -961,6 +961,11 @@ static void test_enhancer(const char *enhancer_package, const char *package, con
     CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
     CHECK(strstr(zimage_last_error_message(), "max_new_tokens") != NULL);
     zimage_enhance_params_init(&params);
+    CHECK(params.max_context_tokens == 8192);
+    params.max_context_tokens = 4; /* the template alone is longer */
+    CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
+    CHECK(strstr(zimage_last_error_message(), "context holds 4") != NULL);
+    zimage_enhance_params_init(&params);
     params.sample = true;
     params.top_p = 0.0f;
     CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_REQUEST);
@@ -978,7 +983,7 @@ static void test_enhancer(const char *enhancer_package, const char *package, con
     params.struct_size = 0;
     CHECK_CODE(zimage_enhance(enhancer, "a fox", &params, NULL, NULL, &text, NULL), ZIMAGE_RESULT_INVALID_ARGUMENT);
     CHECK(text == sentinel);
-    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_ERROR) == 9);
+    CHECK(log_count(&logs, ZIMAGE_LOG_LEVEL_ERROR) == 10);
 
     zimage_enhancer_free(enhancer);
 }

@@ -44,7 +44,8 @@ use crate::runtime::run_context::{CancelHandle, Registry};
 use crate::runtime::session::{build_session, DeclaredIo, SessionSettings};
 use kv_decoder::Decoder;
 pub use options::{
-    default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, TokenEvent, MAX_NEW_TOKENS,
+    default_system_prompt, EnhanceOptions, EnhanceTimings, Enhancement, FinishReason, TokenEvent,
+    DEFAULT_MAX_CONTEXT_TOKENS, MAX_CONTEXT_TOKENS, MAX_NEW_TOKENS,
 };
 use sampling::{Sampling, TokenPicker};
 use text::{split_thinking, TextStream};
@@ -176,6 +177,12 @@ impl PromptEnhancer {
         CancelHandle { registry: Arc::clone(&self.registry) }
     }
 
+    /// Most tokens an enhancement with `options` holds (prompt and answer): the options' limit
+    /// or the model's positions, whichever is smaller.
+    pub fn context_tokens(&self, options: &EnhanceOptions) -> usize {
+        options.max_context_tokens.min(self.info.max_positions)
+    }
+
     /// The chat-templated prompt the model is given.
     pub fn chat_text(&self, prompt: &str, options: &EnhanceOptions) -> String {
         let system = options.system_prompt.as_deref().unwrap_or(default_system_prompt());
@@ -201,6 +208,34 @@ impl PromptEnhancer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Refuses, without running the model, what [`PromptEnhancer::enhance`] would refuse before
+    /// running it: bad options, an empty prompt, a prompt over the byte limit or one whose
+    /// templated tokens fill the context. For front ends that check a request before queueing
+    /// it (it tokenizes the prompt).
+    pub fn check(&self, prompt: &str, options: &EnhanceOptions) -> Result<()> {
+        self.checked_prompt_ids(prompt, options).map(|_| ())
+    }
+
+    /// [`PromptEnhancer::prompt_ids`] after [`PromptEnhancer::check`]'s checks.
+    fn checked_prompt_ids(&self, prompt: &str, options: &EnhanceOptions) -> Result<Vec<u32>> {
+        options.check()?;
+        if prompt.trim().is_empty() {
+            return Err(Error::invalid("the prompt to enhance is empty"));
+        }
+        let ids = self.prompt_ids(prompt, options)?;
+        let context_tokens = self.context_tokens(options);
+        if ids.len() >= context_tokens {
+            return Err(Error::invalid(format!(
+                "the prompt has {} tokens with the template; the enhancer's context holds {context_tokens} \
+                 with the answer (max_context_tokens {}, the model's positions {})",
+                ids.len(),
+                options.max_context_tokens,
+                self.info.max_positions
+            )));
+        }
+        Ok(ids)
+    }
+
     /// Rewrites `prompt`. `on_token` sees every generated token; returning `false` stops with
     /// [`Error::Cancelled`], as does the cancel handle.
     pub fn enhance(
@@ -210,20 +245,9 @@ impl PromptEnhancer {
         mut on_token: Option<&mut dyn FnMut(&TokenEvent) -> bool>,
     ) -> Result<Enhancement> {
         let start = Instant::now();
-        options.check()?;
-        if prompt.trim().is_empty() {
-            return Err(Error::invalid("the prompt to enhance is empty"));
-        }
+        let ids = self.checked_prompt_ids(prompt, options)?;
         let context = self.registry.begin()?;
-        let ids = self.prompt_ids(prompt, options)?;
-        if ids.len() >= self.info.max_positions {
-            return Err(Error::invalid(format!(
-                "the prompt has {} tokens with the template; this model handles {}",
-                ids.len(),
-                self.info.max_positions
-            )));
-        }
-        let max_new = options.max_new_tokens.min(self.info.max_positions - ids.len());
+        let max_new = options.max_new_tokens.min(self.context_tokens(options) - ids.len());
         let seed = match options.sampling {
             Sampling::Greedy => None,
             Sampling::Random(r) => Some(r.seed.unwrap_or_else(crate::random::os_seeded_u64)),
