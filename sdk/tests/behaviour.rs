@@ -68,11 +68,27 @@ fn invalid_requests_are_refused_with_their_kind() {
         ("latents of the wrong shape", Box::new(|r| r.latents = Some(ndarray::Array4::zeros((1, 16, 4, 4))))),
         ("non-finite latents", Box::new(|r| r.latents = Some(ndarray::Array4::from_elem((1, 16, 8, 8), f32::NAN)))),
     ];
+    // Every refusal is also check_request_prompts' (what a server checks before queueing).
+    p.check_request_prompts(&small("a cat")).unwrap();
     for (name, edit) in cases {
         let mut r = small("a cat");
         edit(&mut r);
         assert_eq!(kind_of(p.generate(&r, None)), ErrorKind::InvalidRequest, "{name}");
+        let generated = p.generate(&r, None).unwrap_err().to_string();
+        let checked = p.check_request_prompts(&r).unwrap_err();
+        assert_eq!((checked.kind(), checked.to_string()), (ErrorKind::InvalidRequest, generated), "{name}");
     }
+    // check_request does not tokenize: the caption limits are check_request_prompts' alone,
+    // the negative prompt's under guidance only.
+    let mut r = small("a cat");
+    r.max_sequence_length = Some(5000);
+    r.negative_prompt = Some(Prompt::Text("word ".repeat(2000)));
+    p.check_request(&r).unwrap();
+    p.check_request_prompts(&r).unwrap();
+    r.guidance_scale = 2.0;
+    p.check_request(&r).unwrap();
+    let e = p.check_request_prompts(&r).unwrap_err();
+    assert!(e.to_string().contains("after truncation; this model takes at most 992"), "{e}");
 }
 
 /// Text past `MAX_PROMPT_BYTES` is refused before it is tokenized (8 MiB took 4-5 s and up to

@@ -126,7 +126,18 @@ fn bad_edit_requests_are_typed_errors() {
     let e = edit_error(PACKAGE, &r);
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
     assert!(e.to_string().contains("caption position"), "{e}");
-    r.prompt = "x".into();
+    // check_edit does not tokenize; check_edit_prompts gives edit's refusal.
+    pipeline(PACKAGE).check_edit(&r).unwrap();
+    assert_eq!(pipeline(PACKAGE).check_edit_prompts(&r).unwrap_err().to_string(), e.to_string());
+    // The negative prompt's segments too, under guidance only (a scale above 0, as diffusers).
+    r.negative_prompt = Some(std::mem::replace(&mut r.prompt, "x".into()));
+    r.guidance_scale = Some(0.0);
+    pipeline(PACKAGE).check_edit_prompts(&r).unwrap();
+    r.guidance_scale = Some(2.0);
+    let e = pipeline(PACKAGE).check_edit_prompts(&r).unwrap_err();
+    assert!(e.to_string().contains("caption position"), "{e}");
+    assert_eq!(edit_error(PACKAGE, &r).to_string(), e.to_string());
+    (r.negative_prompt, r.guidance_scale) = (None, None);
     r.max_sequence_length = None;
 
     // The guidance settings have generate's bounds (a negative cfg_truncation was taken).

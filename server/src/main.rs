@@ -89,6 +89,11 @@ struct Args {
     /// (a 400, then the connection is closed): stalled clients cannot hold connections forever.
     #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
+    /// Seconds a write to a client may stay blocked (the client reads none of the response)
+    /// before the connection is closed: a client that stops reading cannot hold a response's
+    /// images in memory forever.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    write_timeout: u64,
     /// Seconds SIGTERM waits for queued and running generations before cancelling them.
     #[arg(long, value_name = "S", default_value_t = 600)]
     drain_timeout: u64,
@@ -109,6 +114,11 @@ struct Args {
     /// Most tokens the prompt enhancer generates (greedy decoding, no thinking).
     #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_new_tokens)]
     enhance_max_new_tokens: usize,
+    /// Most tokens the prompt enhancer holds, its templated prompt and answer together: it
+    /// bounds the enhancer's memory (Qwen3-4B keeps 288 KiB per token); a longer prompt is
+    /// refused (400).
+    #[arg(long, value_name = "N", default_value_t = EnhanceOptions::default().max_context_tokens)]
+    enhance_max_context_tokens: usize,
     /// A ControlNet of the package (added with export_controlnet.py) to load with it, for
     /// `control_image` requests on /v1/images/generations: NAME for every model, MODEL=NAME for
     /// one. Repeat for several models.
@@ -289,6 +299,7 @@ async fn serve(
 
     let mut enhance = EnhanceOptions::default();
     enhance.max_new_tokens = args.enhance_max_new_tokens;
+    enhance.max_context_tokens = args.enhance_max_context_tokens;
     if let Err(e) = enhance.check() {
         eprintln!("zimage-server: error: {e}");
         return ExitCode::from(2);
@@ -340,7 +351,11 @@ async fn serve(
         }
     };
     let app = routes::router(Arc::clone(&state));
-    serve_connections(listener, app, Duration::from_secs(args.header_timeout), shutdown).await;
+    let timeouts = ConnectionTimeouts {
+        header: Duration::from_secs(args.header_timeout),
+        write: Duration::from_secs(args.write_timeout),
+    };
+    serve_connections(listener, app, timeouts, shutdown).await;
     if let Some(code) = *failed.lock().unwrap_or_else(|p| p.into_inner()) {
         return ExitCode::from(code);
     }
@@ -355,14 +370,24 @@ async fn serve(
     ExitCode::SUCCESS
 }
 
+/// How long a connection's client may stall.
+#[derive(Clone, Copy)]
+struct ConnectionTimeouts {
+    /// Sending a request's headers.
+    header: Duration,
+    /// Taking a response: one write blocked this long closes the connection.
+    write: Duration,
+}
+
 /// Serves HTTP/1 connections until `shutdown` completes, then waits for the open ones to
 /// finish their requests. This is axum::serve's loop, with hyper's header-read timeout set
 /// (axum::serve gives no way to set it, and without a timer hyper never applies it): a client
-/// that stalls while sending its headers is disconnected after `header_timeout`.
+/// that stalls while sending its headers is disconnected after `timeouts.header`; one that
+/// stops reading its response, after `timeouts.write` (a write error ends the connection).
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    header_timeout: Duration,
+    timeouts: ConnectionTimeouts,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -388,8 +413,10 @@ async fn serve_connections(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            builder.timer(TokioTimer::new()).header_read_timeout(timeouts.header);
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(timeouts.write));
+            let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
             tokio::pin!(connection);
             let mut stopping = false;
             loop {
@@ -493,7 +520,7 @@ fn load_models(
                         } else {
                             None
                         };
-                        Ok(LoadedWorker { pipeline: Arc::new(pipeline), enhancer })
+                        Ok(LoadedWorker { pipeline: Arc::new(pipeline), enhancer: enhancer.map(Arc::new) })
                     })
                 })
                 .collect()

@@ -26,7 +26,7 @@ use crate::api::{prepare, ControlInput, EditInput, ImageParams, Limits, Meta, Pi
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::output::ImageStore;
-use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, StepReport, SubmitError, Work};
+use crate::workers::{CancelOnDrop, Finished, Job, JobCancel, ModelPool, StepReport, SubmitError};
 
 /// Limits and settings the handlers apply.
 pub struct Settings {
@@ -710,16 +710,8 @@ type Queued = (Arc<ModelPool>, Reply, Option<mpsc::UnboundedReceiver<StepReport>
 
 fn queue(state: &AppState, id: String, prepared: Prepared) -> Result<Queued, ApiError> {
     let pool = state.pool(prepared.model.as_deref())?;
-    if prepared.spec.enhance && !pool.has_enhancer {
-        return Err(
-            ApiError::invalid(format!("the model '{}' has no prompt enhancer", pool.name)).with_param("enhance_prompt")
-        );
-    }
-    match &prepared.spec.work {
-        Work::Generate(request) => pool.checker.check_request(request),
-        Work::Edit { request, .. } => pool.checker.check_edit(request),
-    }
-    .map_err(|e| ApiError::from_sdk(&e))?;
+    // Tokenizing a long prompt takes a moment: off the runtime's reactor.
+    tokio::task::block_in_place(|| pool.check(&prepared.spec))?;
     let cancel = Arc::new(JobCancel::default());
     let (reply_tx, reply_rx) = oneshot::channel();
     let (progress_tx, progress_rx) = if prepared.meta.stream {

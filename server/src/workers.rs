@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use zimage::{
     control_parameters, edit_parameters, image_parameters, CancelHandle, ControlNames, EditRequest, EnhanceOptions,
-    GenerateRequest, InputNames, Pipeline, Progress, PromptEnhancer, ReferenceRecord,
+    GenerateRequest, InputNames, Pipeline, Progress, Prompt, PromptEnhancer, ReferenceRecord,
 };
 
 use crate::error::ApiError;
@@ -164,7 +164,9 @@ pub struct ModelPool {
     pub name: String,
     /// For checks before queueing (the workers' first pipeline; all load the same package).
     pub checker: Arc<Pipeline>,
-    pub has_enhancer: bool,
+    /// The first worker's prompt enhancer, for the same checks (the workers' hold the same).
+    enhance_checker: Option<Arc<PromptEnhancer>>,
+    enhance: EnhanceOptions,
     pub gauges: Arc<ModelGauges>,
     pub workers: usize,
     sender: Mutex<Option<Sender<Job>>>,
@@ -179,6 +181,44 @@ pub struct ModelPool {
     handles: Vec<CancelHandle>,
 }
 
+impl ModelPool {
+    /// Refuses what a worker would refuse before running anything: the SDK's checks of the
+    /// request, its prompts tokenized (the caption limits), and for `enhance_prompt` the
+    /// enhancer's (a model without one, a prompt that fills its context). A request refused
+    /// here is a 400 before it is queued, not a queued job or, streamed, a 200 with an error
+    /// event. It tokenizes (up to 1 MiB of text): call it where blocking is allowed.
+    pub fn check(&self, spec: &JobSpec) -> Result<(), ApiError> {
+        let sdk = |e: zimage::Error| ApiError::from_sdk(&e);
+        if !spec.enhance {
+            return match &spec.work {
+                Work::Generate(request) => self.checker.check_request_prompts(request),
+                Work::Edit { request, .. } => self.checker.check_edit_prompts(request),
+            }
+            .map_err(sdk);
+        }
+        let Some(enhancer) = &self.enhance_checker else {
+            return Err(ApiError::invalid(format!("the model '{}' has no prompt enhancer", self.name))
+                .with_param("enhance_prompt"));
+        };
+        // The prompt the text encoder sees is the enhancer's answer: only the enhancer's
+        // limits apply to the one given.
+        let prompt = match &spec.work {
+            Work::Generate(request) => {
+                self.checker.check_request(request).map_err(sdk)?;
+                match &request.prompt {
+                    Prompt::Text(text) => text.as_str(),
+                    Prompt::Embedded(_) => return Ok(()),
+                }
+            }
+            Work::Edit { request, .. } => {
+                self.checker.check_edit(request).map_err(sdk)?;
+                request.prompt.as_str()
+            }
+        };
+        enhancer.check(prompt, &self.enhance).map_err(|e| sdk(e).with_param("prompt"))
+    }
+}
+
 pub enum SubmitError {
     Full,
     Closed,
@@ -187,7 +227,7 @@ pub enum SubmitError {
 /// A loaded worker: its pipeline and its prompt enhancer (the package's, or `--enhancer`'s).
 pub struct LoadedWorker {
     pub pipeline: Arc<Pipeline>,
-    pub enhancer: Option<PromptEnhancer>,
+    pub enhancer: Option<Arc<PromptEnhancer>>,
 }
 
 impl ModelPool {
@@ -203,7 +243,7 @@ impl ModelPool {
         let gauges = Arc::new(ModelGauges::default());
         let recent_ms = Arc::new(Mutex::new(0.0));
         let checker = Arc::clone(&loaded[0].pipeline);
-        let has_enhancer = loaded[0].enhancer.is_some();
+        let enhance_checker = loaded[0].enhancer.clone();
         let workers = loaded.len();
         let abandon = Arc::new(AtomicBool::new(false));
         let handles = loaded.iter().map(|w| w.pipeline.cancel_handle()).collect();
@@ -230,7 +270,8 @@ impl ModelPool {
         ModelPool {
             name,
             checker,
-            has_enhancer,
+            enhance_checker,
+            enhance: enhance.clone(),
             gauges,
             workers,
             sender: Mutex::new(Some(sender)),

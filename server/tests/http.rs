@@ -1139,6 +1139,45 @@ fn stalled_connections_are_closed() {
     assert_eq!(server.get("/health").status, 200);
 }
 
+/// A client that stops reading its response is disconnected after --write-timeout: the server
+/// does not hold the response (here about 10 MB of images) for it. It gets what the buffers
+/// held, not the whole body; a client that reads gets everything.
+#[test]
+fn clients_that_stop_reading_are_disconnected() {
+    let server = Server::start(&["--model", &tiny(), "--write-timeout", "2"]);
+    let body = json!({"prompt": "x", "size": "1024x1024", "n": 4, "num_inference_steps": 1, "output_format": "png"});
+    let started = Instant::now();
+    let full = server.generate(body.clone());
+    let generation = started.elapsed();
+    assert_eq!(full.status, 200, "{}", full.text());
+    let full_length = full.body.len();
+    assert!(full_length > 8 << 20, "{full_length} bytes: too small to fill the buffers");
+
+    // A receive buffer of a few kilobytes, set before connecting, and no reading.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    let text = body.to_string();
+    write!(
+        stream,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{text}",
+        text.len()
+    )
+    .unwrap();
+    // The generation takes about as long as the first one; then the write blocks.
+    std::thread::sleep(generation + Duration::from_secs(6));
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let mut raw = Vec::new();
+    let result = stream.read_to_end(&mut raw);
+    assert!(started.elapsed() < Duration::from_secs(15), "the connection stayed open: {result:?}, {} bytes", raw.len());
+    assert!(raw.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&raw[..raw.len().min(200)]));
+    assert!(raw.len() < full_length / 2, "received {} of {full_length} bytes", raw.len());
+    assert_eq!(server.get("/health").status, 200);
+}
+
 /// `partial_images` with `stream`: the previews arrive between the steps, one event per image at
 /// each preview step (8 steps, 2 previews: after steps 3 and 6), before the completed images;
 /// each is a picture of the request's size that is not yet the final image. Without `stream`
@@ -1259,6 +1298,19 @@ fn requests_the_worker_would_refuse_are_400s_before_queueing() {
         let e = server.generate(body).assert_error(400, "invalid_request_error", None);
         assert_eq!(e["param"], param, "{e}");
     }
+    // Captions past the transformer's 992 caption positions (tokenized before queueing), the
+    // negative prompt's under guidance: no field names them alone.
+    let words = "word ".repeat(2000);
+    for body in [
+        json!({"prompt": words, "max_sequence_length": 5000}),
+        json!({"prompt": "x", "negative_prompt": words, "guidance_scale": 2.0, "max_sequence_length": 5000}),
+    ] {
+        let mut body = body;
+        body["size"] = json!("64x64");
+        body["stream"] = json!(true);
+        let e = server.generate(body).assert_error(400, "invalid_request_error", None);
+        assert!(e["message"].as_str().unwrap().contains("this model takes at most 992"), "{e}");
+    }
     // An edit's strength that leaves no step to run.
     let (content_type, body) = multipart(
         &[("prompt", "x"), ("strength", "0"), ("num_inference_steps", "1"), ("stream", "true")],
@@ -1268,6 +1320,46 @@ fn requests_the_worker_would_refuse_are_400s_before_queueing() {
     let e = response.assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], "strength", "{e}");
     assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage\",stage=\"queue_wait\"}"), 0.0);
+}
+
+/// `enhance_prompt`: the model's enhancer rewrites the prompt (`revised_prompt`); a prompt that
+/// fills the enhancer's context (`--enhance-max-context-tokens`) is a 400 naming `prompt` before
+/// queueing, streamed or not, while the same prompt without `enhance_prompt` is generated.
+#[test]
+fn enhanced_prompts_are_revised_and_checked_before_queueing() {
+    let server = Server::start(&["--model", "models/tiny-zimage-enhanced", "--enhance-max-new-tokens", "6"]);
+    let body = json!({"prompt": "a red fox", "size": "64x64", "num_inference_steps": 1, "enhance_prompt": true});
+    let ok = server.generate(body.clone());
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let revised = ok.json()["data"][0]["revised_prompt"].as_str().unwrap().to_string();
+    assert!(!revised.is_empty() && revised != "a red fox", "{revised:?}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = events(&server.generate(streamed).body);
+    let (name, completed) = events.last().unwrap();
+    assert_eq!(name, "image_generation.completed");
+    assert_eq!(completed["revised_prompt"], revised.as_str());
+    drop(server);
+
+    let server = Server::start(&["--model", "models/tiny-zimage-enhanced", "--enhance-max-context-tokens", "40"]);
+    let long = json!({"prompt": "a red fox in the snow ".repeat(20), "size": "64x64", "num_inference_steps": 1});
+    for stream in [false, true] {
+        let mut body = long.clone();
+        body["enhance_prompt"] = json!(true);
+        body["stream"] = json!(stream);
+        let e = server.generate(body).assert_error(400, "invalid_request_error", None);
+        assert_eq!(e["param"], "prompt", "{e}");
+        assert!(e["message"].as_str().unwrap().contains("context holds 40"), "{e}");
+    }
+    assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage-enhanced\",stage=\"queue_wait\"}"), 0.0);
+    assert_eq!(server.generate(long).status, 200);
+    let e = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+        .args(["--model", "models/tiny-zimage-enhanced", "--enhance-max-context-tokens", "0"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("max_context_tokens must be 1.."), "{e:?}");
 }
 
 /// Pictures are decoded for at most --workers + --max-queue requests at once: past that an

@@ -21,6 +21,12 @@ pub(crate) struct CaptionEncoder {
     pub max_tokens: usize,
 }
 
+/// A prompt the transformer takes, before the text encoder.
+enum CheckedPrompt<'a> {
+    Embedded(&'a PromptEmbedding),
+    Text(TokenizedPrompt),
+}
+
 /// A request's encoded prompts, and the time spent on them.
 pub(crate) struct EncodedPrompts {
     pub positive: PromptEmbedding,
@@ -75,43 +81,62 @@ impl CaptionEncoder {
     }
 
     /// The request's prompt, and under guidance its negative prompt (the empty prompt when it
-    /// has none). The text encoder's session is acquired once, and only for text prompts.
+    /// has none). Both are checked (and text tokenized) before either is encoded; the text
+    /// encoder's session is acquired once, and only for text prompts.
     pub fn encode_request(
         &self,
         request: &GenerateRequest,
         with_negative: bool,
         context: &RunContext,
     ) -> Result<EncodedPrompts> {
+        let t0 = Instant::now();
+        let (positive, negative) = self.checked_request(request, with_negative)?;
+        let tokenize_time = t0.elapsed();
+        let t1 = Instant::now();
         let mut graph: Option<Arc<Graph>> = None;
-        let (mut tokenize_time, mut encode_time) = (Duration::ZERO, Duration::ZERO);
-        let mut encode = |prompt: &Prompt| -> Result<PromptEmbedding> {
+        let mut encode = |prompt: CheckedPrompt<'_>| -> Result<PromptEmbedding> {
             match prompt {
-                Prompt::Embedded(e) => {
-                    self.check_embedding(e)?;
-                    Ok(e.clone())
-                }
-                Prompt::Text(text) => {
-                    let t0 = Instant::now();
-                    let tokens = self.caption_tokens(text, request.max_sequence_length)?;
-                    tokenize_time += t0.elapsed();
-                    let t1 = Instant::now();
+                CheckedPrompt::Embedded(e) => Ok(e.clone()),
+                CheckedPrompt::Text(tokens) => {
                     if graph.is_none() {
                         graph = Some(self.graph.acquire()?);
                     }
-                    let e = self.text.encode(graph.as_deref().expect("set above"), tokens, context)?;
-                    encode_time += t1.elapsed();
-                    Ok(e)
+                    self.text.encode(graph.as_deref().expect("set above"), tokens, context)
                 }
             }
         };
-        let positive = encode(&request.prompt)?;
+        let positive = encode(positive)?;
+        let negative = negative.map(&mut encode).transpose()?;
+        Ok(EncodedPrompts { positive, negative, tokenize_time, encode_time: t1.elapsed() })
+    }
+
+    /// Refuses, without encoding them, the prompts [`CaptionEncoder::encode_request`] would
+    /// refuse (it tokenizes text prompts).
+    pub fn check_request(&self, request: &GenerateRequest, with_negative: bool) -> Result<()> {
+        self.checked_request(request, with_negative).map(|_| ())
+    }
+
+    fn checked_request<'a>(
+        &self,
+        request: &'a GenerateRequest,
+        with_negative: bool,
+    ) -> Result<(CheckedPrompt<'a>, Option<CheckedPrompt<'a>>)> {
+        static EMPTY: Prompt = Prompt::Text(String::new());
+        let positive = self.checked(&request.prompt, request.max_sequence_length)?;
         let negative = if with_negative {
-            let empty = Prompt::Text(String::new());
-            Some(encode(request.negative_prompt.as_ref().unwrap_or(&empty))?)
+            Some(self.checked(request.negative_prompt.as_ref().unwrap_or(&EMPTY), request.max_sequence_length)?)
         } else {
             None
         };
-        Ok(EncodedPrompts { positive, negative, tokenize_time, encode_time })
+        Ok((positive, negative))
+    }
+
+    /// An embedding checked against the transformer, or text tokenized and checked.
+    fn checked<'a>(&self, prompt: &'a Prompt, max_sequence_length: Option<usize>) -> Result<CheckedPrompt<'a>> {
+        match prompt {
+            Prompt::Embedded(e) => self.check_embedding(e).map(|()| CheckedPrompt::Embedded(e)),
+            Prompt::Text(text) => self.caption_tokens(text, max_sequence_length).map(CheckedPrompt::Text),
+        }
     }
 
     fn check_embedding(&self, e: &PromptEmbedding) -> Result<()> {

@@ -168,6 +168,10 @@ impl Pipeline {
                  remove the adapters (set_loras(&[])) to edit",
             ));
         }
+        // The instruction is tokenized and checked before the references are encoded.
+        let t0 = Instant::now();
+        let (positive_tokens, negative_tokens) = self.instruction_tokens(request, info, &plan)?;
+        let tokenize_time = t0.elapsed();
         let context = self.registry.begin()?;
 
         // References: VAE latents and vision tokens.
@@ -207,15 +211,9 @@ impl Pipeline {
 
         // Instruction segments.
         let t0 = Instant::now();
-        let images = request.images.len();
-        let positive = self.encode_segments(&request.prompt, images, info, plan.max_sequence_length, &context)?;
-        let negative = if plan.guidance.enabled() {
-            let text = request.negative_prompt.as_deref().unwrap_or("");
-            Some(self.encode_segments(text, images, info, plan.max_sequence_length, &context)?)
-        } else {
-            None
-        };
-        let text_time = t0.elapsed();
+        let positive = self.encode_segments(positive_tokens, &context)?;
+        let negative = negative_tokens.map(|tokens| self.encode_segments(tokens, &context)).transpose()?;
+        let text_time = tokenize_time + t0.elapsed();
 
         // Noise, schedule, loop.
         let seed = request.seed.unwrap_or_else(super::random_seed);
@@ -319,6 +317,18 @@ impl Pipeline {
         plan(request, info, max_side, self.manifest.size_multiple()).map(|_| ())
     }
 
+    /// [`Pipeline::check_edit`], and the instruction as [`Pipeline::edit`] checks it: tokenized,
+    /// its segments within the transformer's caption positions. It tokenizes: for front ends
+    /// that refuse a request before queueing it (an instruction that will be enhanced first is
+    /// not the one encoded: check it with `PromptEnhancer::check` instead).
+    pub fn check_edit_prompts(&self, request: &EditRequest) -> Result<()> {
+        self.check_edit(request)?;
+        let info = self.manifest.edit.as_ref().expect("check_edit: an editing package");
+        let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
+        let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
+        self.instruction_tokens(request, info, &plan).map(|_| ())
+    }
+
     /// SigLIP2 vision tokens `[rows, columns, hidden]` of one picture (processor + vision
     /// graph), as the editing pipeline computes them. Low-level: for checking a package
     /// against a reference.
@@ -357,15 +367,40 @@ impl Pipeline {
         Ok(refs)
     }
 
-    /// The instruction's N + 2 segments, each tokenized as is and encoded on its own.
-    fn encode_segments(
+    /// The instruction's segments tokenized, and under guidance the negative prompt's (the empty
+    /// prompt when there is none): what [`Pipeline::edit`] encodes.
+    fn instruction_tokens(
+        &self,
+        request: &EditRequest,
+        info: &EditInfo,
+        plan: &EditPlan,
+    ) -> Result<(Vec<TokenizedPrompt>, Option<Vec<TokenizedPrompt>>)> {
+        let images = request.images.len();
+        let positive = self.segment_tokens(&request.prompt, images, info, plan.max_sequence_length)?;
+        let negative = if plan.guidance.enabled() {
+            let text = request.negative_prompt.as_deref().unwrap_or("");
+            Some(self.segment_tokens(text, images, info, plan.max_sequence_length)?)
+        } else {
+            None
+        };
+        Ok((positive, negative))
+    }
+
+    /// Encodes each tokenized segment on its own.
+    fn encode_segments(&self, tokens: Vec<TokenizedPrompt>, context: &RunContext) -> Result<Vec<PromptEmbedding>> {
+        let graph = self.captions.graph.acquire()?;
+        tokens.into_iter().map(|t| self.captions.text.encode(&graph, t, context)).collect()
+    }
+
+    /// The instruction's N + 2 segments, each tokenized as is, within the transformer's caption
+    /// positions.
+    fn segment_tokens(
         &self,
         prompt: &str,
         images: usize,
         info: &EditInfo,
         max_sequence_length: usize,
-        context: &RunContext,
-    ) -> Result<Vec<PromptEmbedding>> {
+    ) -> Result<Vec<TokenizedPrompt>> {
         let segments = info.prompt_segments.for_prompt(prompt, images);
         let tokens: Vec<TokenizedPrompt> = segments
             .iter()
@@ -381,8 +416,7 @@ impl Pipeline {
                  table has {rows}: shorten the instruction or use fewer references"
             )));
         }
-        let graph = self.captions.graph.acquire()?;
-        tokens.into_iter().map(|t| self.captions.text.encode(&graph, t, context)).collect()
+        Ok(tokens)
     }
 }
 

@@ -444,6 +444,17 @@ impl Pipeline {
         Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref()).map(|_| ())
     }
 
+    /// [`Pipeline::check_request`], and the prompts as [`Pipeline::generate`] checks them
+    /// before encoding: text tokenized and its caption within the transformer's position table,
+    /// embeddings of the right width and length. It tokenizes (a 1 MiB prompt takes a fraction
+    /// of a second): for front ends that refuse a request before queueing it. The prompt of a
+    /// request that will be enhanced first is not the one encoded: check it with
+    /// `PromptEnhancer::check` instead.
+    pub fn check_request_prompts(&self, request: &GenerateRequest) -> Result<()> {
+        let plan = Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref())?;
+        self.captions.check_request(request, plan.guidance.enabled())
+    }
+
     /// Generates `request.count` images. `progress` is called after every denoising step;
     /// returning `false` stops the run with [`Error::Cancelled`].
     pub fn generate(
