@@ -9,6 +9,24 @@
 pub const MAX_STEPS: u32 = 1000;
 /// Most images in one request (they share one batch through the transformer).
 pub const MAX_IMAGES_PER_REQUEST: u32 = 64;
+/// Most output pixels of one request, its images together (`count x width x height`): 64
+/// images of 1024 x 1024, or one of 8192 x 8192. Each side and the count have their own caps,
+/// but their product is what the buffers grow with: 64 images of 8192 x 8192 (the largest sides
+/// the transformer's position table allows) asked 4 GiB for the latents alone and 48 GiB for
+/// the decoded pictures, and the process aborted on the first allocation that failed.
+pub const MAX_REQUEST_PIXELS: u64 = 1 << 26;
+
+/// Refuses a request whose images together have more than [`MAX_REQUEST_PIXELS`] pixels.
+pub(crate) fn check_request_pixels(count: u32, width: u32, height: u32) -> Result<(), String> {
+    let pixels = u64::from(count) * u64::from(width) * u64::from(height);
+    if pixels > MAX_REQUEST_PIXELS {
+        return Err(format!(
+            "{count} images of {width}x{height} are {pixels} pixels; one request makes at most {MAX_REQUEST_PIXELS} \
+             (64 x 1024 x 1024): ask for fewer images per request"
+        ));
+    }
+    Ok(())
+}
 
 /// Largest classifier-free guidance scale. The guided prediction is `pos + g * (pos - neg)`:
 /// its size grows linearly with `g`, and far beyond the 0..20 that Z-Image and diffusers use

@@ -49,6 +49,13 @@ fn invalid_requests_are_refused_with_their_kind() {
         ("negative cfg_truncation", Box::new(|r| r.cfg_truncation = -0.1)),
         ("zero images", Box::new(|r| r.count = 0)),
         ("65 images", Box::new(|r| r.count = 65)),
+        (
+            // Each within its cap, 4 GiB of latents together (the process aborted).
+            "64 images of 8192x8192",
+            Box::new(|r| (r.count, r.width, r.height) = (64, 8192, 8192)),
+        ),
+        ("2 images of 8192x8192", Box::new(|r| (r.count, r.width, r.height) = (2, 8192, 8192))),
+        ("65 images of 1024x1024", Box::new(|r| (r.count, r.width, r.height) = (65, 1024, 1024))),
         ("max_sequence_length 0", Box::new(|r| r.max_sequence_length = Some(0))),
         (
             "caption over the model's position limit",
@@ -78,6 +85,19 @@ fn invalid_requests_are_refused_with_their_kind() {
         let checked = p.check_request_prompts(&r).unwrap_err();
         assert_eq!((checked.kind(), checked.to_string()), (ErrorKind::InvalidRequest, generated), "{name}");
     }
+    // The pixel cap is the product's: 64 images of 1024x1024 and one of 8192x8192 are within it.
+    for (count, side) in [(64, 1024), (1, 8192)] {
+        let mut r = small("a cat");
+        (r.count, r.width, r.height) = (count, side, side);
+        p.check_request(&r).unwrap();
+    }
+    let mut r = small("a cat");
+    (r.count, r.width, r.height) = (2, 8192, 8192);
+    let e = p.check_request(&r).unwrap_err();
+    assert!(
+        e.to_string().contains("2 images of 8192x8192 are 134217728 pixels; one request makes at most 67108864"),
+        "{e}"
+    );
     // check_request does not tokenize: the caption limits are check_request_prompts' alone,
     // the negative prompt's under guidance only.
     let mut r = small("a cat");
@@ -444,6 +464,31 @@ fn cancel_handle_stops_a_run_from_another_thread() {
     assert!(steps_seen.load(Ordering::SeqCst) < 50);
     let reference = p.generate(&small("a lighthouse"), None).unwrap();
     assert_eq!(reference.images.len(), 1);
+}
+
+/// A cancel that arrives while a large input picture is being resized to the request's size
+/// (the first part of the run, before any model) stops the run; it was lost, and the run
+/// finished.
+#[test]
+fn a_cancel_during_the_resize_of_a_large_picture_stops_the_run() {
+    let p = pipeline("tiny-zimage");
+    let pixels = (0..6000u32 * 4000 * 3).map(|i| (i % 251) as u8).collect();
+    let mut r = small("a lighthouse");
+    r.steps = 1;
+    r.init_image =
+        Some(InitImage { image: zimage::RgbImage { width: 6000, height: 4000, pixels }, mask: None, strength: 1.0 });
+    let started = std::time::Instant::now();
+    p.generate(&r, None).unwrap();
+    let whole = started.elapsed(); // mostly the resize: one step of a 64x64 tiny model is ms
+    let handle = p.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(whole / 4);
+        handle.cancel();
+    });
+    let result = p.generate(&r, None);
+    canceller.join().unwrap();
+    assert_eq!(kind_of(result), ErrorKind::Cancelled, "a run of {whole:?} cancelled after a quarter of it");
+    p.generate(&small("a lighthouse"), None).unwrap();
 }
 
 #[test]

@@ -134,6 +134,29 @@ fn overflowing_latents_are_reported_at_the_same_step() {
     assert_eq!(on_device.kind(), ErrorKind::Inference);
     assert_eq!(on_device.to_string(), on_host.to_string());
     assert!(on_device.to_string().contains("non-finite at step"), "{on_device}");
+
+    // A long run stops within 8 steps of the overflow (the flag is read every 8 steps), not
+    // after its last step; with previews, at the first preview step, with the same error (a
+    // preview decoded from non-finite latents blamed the VAE decoder).
+    r.steps = 200;
+    let mut steps_seen = 0;
+    let mut count = |p: &zimage::Progress| {
+        steps_seen = p.step;
+        true
+    };
+    let e = device.generate(&r, Some(&mut count)).expect_err("non-finite latents");
+    assert_eq!(e.to_string(), host.generate(&r, None).unwrap_err().to_string());
+    assert_eq!(steps_seen, 7, "stopped after the step that read the flag (step 8): {e}");
+    let mut preview_seen = false;
+    let mut previews = |p: &zimage::Progress| {
+        preview_seen |= p.preview.is_some();
+        true
+    };
+    r.steps = 5;
+    r.previews = 1; // after step 3, before the first flag read
+    let e = device.generate(&r, Some(&mut previews)).expect_err("non-finite latents");
+    assert_eq!(e.to_string(), host.generate(&r, None).unwrap_err().to_string());
+    assert!(!preview_seen);
 }
 
 #[test]

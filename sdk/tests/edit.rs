@@ -140,6 +140,16 @@ fn bad_edit_requests_are_typed_errors() {
     (r.negative_prompt, r.guidance_scale) = (None, None);
     r.max_sequence_length = None;
 
+    // 64 images of 2048x1024 are twice the pixels one request may have (refused before the
+    // references are encoded).
+    r.count = 64;
+    (r.width, r.height) = (Some(2048), Some(1024));
+    let e = edit_error(PACKAGE, &r);
+    assert!(e.to_string().contains("64 images of 2048x1024 are 134217728 pixels"), "{e}");
+    pipeline(PACKAGE).check_edit(&r).unwrap_err();
+    (r.width, r.height) = (None, None);
+    r.count = 1;
+
     // The guidance settings have generate's bounds (a negative cfg_truncation was taken).
     for truncation in [-2.0, -1e30, f32::NAN] {
         r.cfg_truncation = Some(truncation);
@@ -456,6 +466,29 @@ fn edit_defaults_out_of_bounds_are_package_errors() {
         assert!(e.to_string().contains("edit.defaults") && e.to_string().contains(says), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// The instruction is held to `MAX_PROMPT_BYTES` without the package's markup (as a
+/// generation's prompt is without its chat template): a prompt of exactly the limit is
+/// tokenized, one byte more is refused naming its own size. Markup longer than any chat
+/// template is a package error.
+#[test]
+fn the_instruction_byte_limit_is_the_prompts() {
+    let p = pipeline(PACKAGE);
+    let mut r = EditRequest::new("ab".repeat(zimage::MAX_PROMPT_BYTES / 2), vec![picture(64, 64)]);
+    p.check_edit_prompts(&r).expect("an instruction of exactly the limit");
+    r.prompt.push('!');
+    let e = p.check_edit_prompts(&r).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    assert!(e.to_string().contains("the prompt is 1048577 bytes"), "{e}");
+
+    let dir = edited_copy(&repo().join("models").join(PACKAGE), "edit-markup", |m, _| {
+        m["edit"]["prompt_segments"]["between"] = "x".repeat(65537).into();
+    });
+    let e = zimage::Pipeline::load(&dir, &zimage::LoadOptions::default()).err().expect("huge markup loads");
+    assert_eq!(e.kind(), ErrorKind::Package, "{e}");
+    assert!(e.to_string().contains("edit.prompt_segments.between is 65537 bytes"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// SigLIP processor settings whose output per reference would be huge are refused at load:

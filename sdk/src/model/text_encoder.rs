@@ -79,9 +79,11 @@ impl TextEncoder {
     }
 
     /// Tokenizes `text` as it is (no chat template: the editing pipeline's prompt segments
-    /// carry their own markup) and keeps the first `max_sequence_length` ids.
+    /// carry their own markup) and keeps the first `max_sequence_length` ids. The caller bounds
+    /// `text`: the editing pipeline checks the instruction against `MAX_PROMPT_BYTES`, as
+    /// [`TextEncoder::tokenize`] checks a prompt without its template, and the markup around it
+    /// is the package's (at most `MAX_SEGMENT_MARKUP_BYTES` a piece, checked at load).
     pub fn tokenize_text(&self, text: &str, max_sequence_length: usize) -> Result<TokenizedPrompt> {
-        check_prompt_bytes("the prompt", text).map_err(Error::invalid)?;
         let encoding = self
             .tokenizer
             .encode(text, true)

@@ -93,6 +93,10 @@ pub struct ReferenceRules {
     pub max_images: usize,
 }
 
+/// Longest piece of an editing package's chat markup (`PromptSegments`' strings; Qwen3's are
+/// tens of bytes). The instruction between them is bounded by `MAX_PROMPT_BYTES` on its own.
+pub const MAX_SEGMENT_MARKUP_BYTES: usize = 64 << 10;
+
 /// `ZImageOmniPipeline._encode_prompt`'s text segments for N >= 1 references: `first`,
 /// N - 1 times `between`, `prompt_prefix + prompt + prompt_suffix`, `last`.
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +165,23 @@ impl EditInfo {
         }
         if let Some(table) = &self.omni_parameters {
             super::lora_table::check_table("edit.omni_parameters", table)?;
+        }
+        let s = &self.prompt_segments;
+        for (name, text) in [
+            ("first", &s.first),
+            ("between", &s.between),
+            ("prompt_prefix", &s.prompt_prefix),
+            ("prompt_suffix", &s.prompt_suffix),
+            ("last", &s.last),
+            ("no_image_prefix", &s.no_image_prefix),
+            ("no_image_suffix", &s.no_image_suffix),
+        ] {
+            if text.len() > MAX_SEGMENT_MARKUP_BYTES {
+                return Err(format!(
+                    "edit.prompt_segments.{name} is {} bytes; chat markup is at most {MAX_SEGMENT_MARKUP_BYTES}",
+                    text.len()
+                ));
+            }
         }
         let p = &self.image_processor;
         if !matches!(p.resample.as_str(), "bilinear" | "bicubic" | "lanczos" | "nearest") {

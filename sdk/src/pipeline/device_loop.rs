@@ -26,6 +26,10 @@ use crate::runtime::library::Runtime;
 use crate::runtime::provider::ProviderConfig;
 use crate::runtime::run_context::RunContext;
 
+/// Steps between two reads of the device's non-finite flag (8 bytes, a synchronising copy):
+/// Z-Image-Turbo's 8 steps read it once, after the last.
+const NON_FINITE_CHECK_PERIOD: usize = 8;
+
 /// The step graphs of one pipeline, loaded on first use on the transformer's device.
 #[derive(Default)]
 pub(crate) struct StepGraphs {
@@ -418,9 +422,18 @@ fn steps(
         }
         step_graph.run(&binding, context)?;
         step_times.push(start.elapsed());
-        // A preview needs the latents on both sides of the step (the only host traffic
-        // between steps, and only at preview steps).
-        let around = if observer.wants_latents(done + 1) {
+        // The only host traffic between steps: the 8-byte non-finite flag every
+        // NON_FINITE_CHECK_PERIOD steps and before a preview (a run that overflowed stops
+        // within that many steps instead of running to the end, and a preview is never made
+        // from non-finite latents), and for a preview the latents on both sides of the step.
+        let wants_latents = observer.wants_latents(done + 1);
+        if !last && (wants_latents || (done + 1) % NON_FINITE_CHECK_PERIOD == 0) {
+            let (_, bad_step) = dev.download(&bad[1 - current])?;
+            if bad_step[0] > 0 {
+                return Err(super::denoise::non_finite(bad_step[0] as usize - first, total, denoiser.precision));
+            }
+        }
+        let around = if wants_latents {
             let (shape, before_values) = dev.download(&lat[current])?;
             let (_, after_values) = dev.download(&lat[1 - current])?;
             let as_array = |values| {

@@ -23,7 +23,7 @@ use super::scheduler::Schedule;
 use super::Pipeline;
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::limits::{check_guidance, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::limits::{check_guidance, check_prompt_bytes, check_request_pixels, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 use crate::model::omni::{self, References};
 use crate::model::text_encoder::{PromptEmbedding, TokenizedPrompt};
 use crate::model::{siglip_processor, vision};
@@ -129,6 +129,9 @@ fn plan(r: &EditRequest, info: &EditInfo, max_side: (usize, usize), multiple: us
     if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
         return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
     }
+    if let Some((w, h)) = size {
+        check_request_pixels(r.count, w, h).map_err(Error::invalid)?;
+    }
     let scale = r.guidance_scale.unwrap_or(info.defaults.guidance_scale);
     let truncation = r.cfg_truncation.unwrap_or(info.defaults.cfg_truncation);
     check_guidance(scale, r.cfg_normalization, truncation).map_err(Error::invalid)?;
@@ -191,7 +194,6 @@ impl Pipeline {
                 )));
             }
         }
-        let refs = self.encode_references(&prepared, info, graphs, &context)?;
         // (plan gives a size whenever there is no reference)
         let (width, height) = match (plan.size, prepared.last()) {
             (Some(size), _) => size,
@@ -208,6 +210,12 @@ impl Pipeline {
                 max_side.0, max_side.1
             )));
         }
+        check_request_pixels(request.count, width, height).map_err(Error::invalid)?;
+        let p = self.manifest.transformer.patch_size;
+        let f = self.manifest.vae.scale_factor;
+        let image_seq_len = (height as usize / f / p) * (width as usize / f / p);
+        let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, image_seq_len)?;
+        let refs = self.encode_references(&prepared, info, graphs, &context)?;
 
         // Instruction segments.
         let t0 = Instant::now();
@@ -217,13 +225,10 @@ impl Pipeline {
 
         // Noise, schedule, loop.
         let seed = request.seed.unwrap_or_else(super::random_seed);
-        let f = self.manifest.vae.scale_factor;
         let c = self.manifest.transformer.in_channels;
         let shape = [request.count as usize, c, height as usize / f, width as usize / f];
         let mut latents =
             TorchGenerator::new(seed).randn(&shape).into_dimensionality::<ndarray::Ix4>().expect("rank 4 shape");
-        let image_seq_len = (shape[2] / 2) * (shape[3] / 2);
-        let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, image_seq_len)?;
         let transformer = match self.active_transformer().omni.as_ref() {
             Some(omni) => omni.slot.acquire()?,
             None => return Err(not_editing(&self.dir)),
@@ -246,12 +251,8 @@ impl Pipeline {
         drop(transformer);
 
         let decode_start = Instant::now();
-        let plan_for_decode = super::plan::Plan {
-            latent_shape: shape.to_vec(),
-            image_seq_len,
-            steps: plan.steps,
-            guidance: plan.guidance,
-        };
+        let plan_for_decode =
+            super::plan::Plan { latent_shape: shape.to_vec(), steps: plan.steps, guidance: plan.guidance, schedule };
         let images = self.decode(&latents, &plan_for_decode, &context)?;
         let vae_tiling = self.tiling_used(&latents);
         let prompt_segment = images_segment_tokens(&positive, images_count(request));
@@ -401,6 +402,7 @@ impl Pipeline {
         info: &EditInfo,
         max_sequence_length: usize,
     ) -> Result<Vec<TokenizedPrompt>> {
+        check_prompt_bytes("the prompt", prompt).map_err(Error::invalid)?;
         let segments = info.prompt_segments.for_prompt(prompt, images);
         let tokens: Vec<TokenizedPrompt> = segments
             .iter()

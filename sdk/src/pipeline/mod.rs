@@ -464,11 +464,14 @@ impl Pipeline {
     ) -> Result<Generation> {
         let started = Instant::now();
         let plan = Plan::new(request, &self.manifest, self.tensorrt_profile.as_ref())?;
-        let request = &*request.pictures_at_size()?;
+        // Registered before the pictures are resized (a large one takes seconds), so that a
+        // cancel meanwhile is seen right after.
         let context = self.registry.begin()?;
+        let request = &*request.pictures_at_size()?;
+        context.check()?;
         let prompts = self.captions.encode_request(request, plan.guidance.enabled(), &context)?;
         let seed = request.seed.unwrap_or_else(random_seed);
-        let schedule = Schedule::for_request(&self.manifest.scheduler, plan.steps, plan.image_seq_len)?;
+        let schedule = &plan.schedule;
         let control = self.control_inputs(request, &plan, &context)?;
         let start = self.start(request, &plan, &schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);

@@ -3,9 +3,10 @@
 use super::control;
 use super::denoise::Guidance;
 use super::request::GenerateRequest;
+use super::scheduler::Schedule;
 use super::start;
 use crate::error::{Error, Result};
-use crate::limits::{check_guidance, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
+use crate::limits::{check_guidance, check_request_pixels, MAX_IMAGES_PER_REQUEST, MAX_STEPS};
 use crate::package::Manifest;
 use crate::runtime::gpu::TensorRtOptions;
 
@@ -13,10 +14,10 @@ use crate::runtime::gpu::TensorRtOptions;
 pub(crate) struct Plan {
     /// `[count, C, h, w]` of the latents.
     pub latent_shape: Vec<usize>,
-    /// Image patches the transformer sees (sets the schedule's dynamic shift).
-    pub image_seq_len: usize,
     pub steps: usize,
     pub guidance: Guidance,
+    /// The noise levels of the steps (the package's scheduler at this size).
+    pub schedule: Schedule,
 }
 
 impl Plan {
@@ -39,6 +40,7 @@ impl Plan {
         if r.count == 0 || r.count > MAX_IMAGES_PER_REQUEST {
             return Err(Error::invalid(format!("count must be 1..={MAX_IMAGES_PER_REQUEST} (got {})", r.count)));
         }
+        check_request_pixels(r.count, r.width, r.height).map_err(Error::invalid)?;
         check_guidance(r.guidance_scale, r.cfg_normalization, r.cfg_truncation).map_err(Error::invalid)?;
         if let Some(trt) = tensorrt {
             if !trt.covers(r.width, r.height, r.count) {
@@ -75,9 +77,10 @@ impl Plan {
             control::check(c, r.init_image.is_some())?;
         }
         let p = m.transformer.patch_size;
+        let image_seq_len = (h / p) * (w / p);
         Ok(Plan {
             latent_shape,
-            image_seq_len: (h / p) * (w / p),
+            schedule: Schedule::for_request(&m.scheduler, r.steps as usize, image_seq_len)?,
             steps: r.steps as usize,
             guidance: Guidance {
                 scale: r.guidance_scale,

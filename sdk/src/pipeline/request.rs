@@ -205,7 +205,8 @@ pub struct Timings {
 pub struct HostTraffic {
     /// Before the first step: latents, caption features and masks, per-step tables.
     pub setup_bytes: u64,
-    /// The most copied by any one step (0: the steps ran without host traffic).
+    /// The most copied by any one step: 0 for runs of up to 8 steps without previews; 8 (the
+    /// non-finite flag, read every 8 steps) for longer ones; more with previews (the latents).
     pub max_step_bytes: u64,
     /// After the last step: the latents and the non-finite flag.
     pub final_bytes: u64,

@@ -26,7 +26,8 @@ impl Schedule {
             let shift_minus_one = (config.shift - 1.0) as f32;
             base.iter().map(|&s| shift * s / (1.0f32 + shift_minus_one * s)).collect()
         };
-        if let Some(terminal) = config.shift_terminal {
+        // diffusers tests `if self.config.shift_terminal:`, so 0.0 is off as None is.
+        if let Some(terminal) = config.shift_terminal.filter(|&t| t != 0.0) {
             let last = 1.0f32 - *sigmas.last().expect("steps > 0");
             let scale = last / (1.0 - terminal) as f32;
             for s in &mut sigmas {
@@ -118,6 +119,11 @@ mod tests {
         assert_eq!(e.kind(), crate::ErrorKind::InvalidRequest, "{e}");
         assert!(e.to_string().contains("for 1 steps"), "{e}");
         assert!(Schedule::for_request(&terminal, 2, 4096).is_ok());
+        // shift_terminal 0.0 is off in diffusers (a falsy value): the plain schedule, also for
+        // one step (it gave [1, 0.8, 0.5, 0, 0] for 4 steps, and 0 / 0 for one).
+        let zero = SchedulerConfig { shift_terminal: Some(0.0), ..turbo.clone() };
+        assert_eq!(Schedule::for_request(&zero, 4, 4096).unwrap(), Schedule::new(&turbo, 4, 4096));
+        assert_eq!(Schedule::for_request(&zero, 1, 4096).unwrap(), Schedule::new(&turbo, 1, 4096));
         // A shift at the edge of float range overflows in float32 (inf / inf).
         let huge = SchedulerConfig { shift: 1e308, ..turbo };
         assert!(huge.check().is_ok(), "finite, so the manifest check lets it through");
