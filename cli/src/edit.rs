@@ -8,13 +8,14 @@ use serde_json::json;
 use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, ReferenceRecord};
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::generate::{quantization_json, timings_json};
+use crate::generate::{enhance_options_group, quantization_json, timings_json};
 use crate::model_args::ModelArgs;
-use crate::output::{out, output_files, secs, Failure};
+use crate::output::{check_png_name, out, output_files, refuse_stdout, same_file, secs, Failure};
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
 #[derive(Args)]
+#[command(group = enhance_options_group())]
 pub struct EditArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -88,10 +89,23 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     zimage::pipeline::edit::check_edit_package(&manifest, &args.model.model, args.images.len())?;
     // Adapters are read and checked before the model load too.
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
+    check_png_name(&args.output, "-o")?;
+    if let Some(latents) = &args.save_latents {
+        refuse_stdout(latents, "--save-latents")?;
+    }
     let files = output_files(&args.output, args.count);
     let latents_file = args.save_latents.clone();
     for path in files.iter().chain(latents_file.as_ref()) {
         image_io::check_writable(path)?;
+    }
+    // As `zimage generate` refuses it: the latents would be renamed over the PNG just written.
+    if let Some(latents) = &latents_file {
+        if let Some(png) = files.iter().find(|png| same_file(png, latents)) {
+            return Err(Failure::Usage(format!(
+                "-o and --save-latents name the same file ({}); give the latents their own name",
+                png.display()
+            )));
+        }
     }
     let mut images = Vec::with_capacity(args.images.len());
     let mut records = Vec::with_capacity(args.images.len());
@@ -118,6 +132,12 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");
     let guidance = args.guidance.unwrap_or(manifest.edit.as_ref().map_or(0.0, |e| e.defaults.guidance_scale)) > 0.0;
+    if args.negative_prompt.is_some() && !guidance {
+        log::stderr_line(
+            "warning",
+            "--negative-prompt is not used without guidance (--guidance 0); give --guidance above 0 to steer away from it",
+        );
+    }
     let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;
     pipeline.check_edit(&request)?;
     let previews_beside = (args.previews > 0).then(|| (args.output.clone(), args.count));
@@ -186,6 +206,9 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
         }
         for path in &files {
             text += &format!("wrote {}\n", path.display());
+        }
+        if let Some(path) = &latents_file {
+            text += &format!("wrote {} (latents)\n", path.display());
         }
         text += &format!(
             "seed {}, {width}x{height}, {} references, {:.2} s (+{:.2} s loading)\n",

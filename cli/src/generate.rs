@@ -13,13 +13,14 @@ use zimage::{
 
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
-use crate::output::{out, output_files, secs, Failure};
+use crate::output::{check_png_name, out, output_files, refuse_stdout, same_file, secs, Failure};
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
 /// diffusers' default strengths: ZImageImg2ImgPipeline 0.6, ZImageInpaintPipeline 1.0.
 
 #[derive(Args)]
+#[command(group = enhance_options_group())]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -131,7 +132,14 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         _ => None,
     };
     let mut request = build_request(&args, &manifest, init_size);
-    zimage::pipeline::check_request(&request, &manifest)?;
+    zimage::pipeline::check_request(&request, &manifest)
+        .map_err(|e| picture_size_error(e, &args, &request, &manifest))?;
+    if args.negative_prompt.is_some() && request.guidance_scale == 0.0 {
+        log::stderr_line(
+            "warning",
+            "--negative-prompt is not used without guidance (--guidance 0); give --guidance above 0 to steer away from it",
+        );
+    }
     let controlnet = match &args.controlnet {
         Some(value) => Some(
             zimage::package::controlnet::require_controlnet(&manifest.controlnets, &args.model.model, value)
@@ -151,6 +159,10 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
 
     let files_base = resolve_output(&args.output, "zimage.png");
+    check_png_name(&files_base, "-o")?;
+    if let Some(latents) = &args.save_latents {
+        refuse_stdout(latents, "--save-latents")?;
+    }
     let files = output_files(&files_base, request.count);
     let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));
     for path in files.iter().chain(latents_file.as_ref()) {
@@ -290,6 +302,62 @@ fn build_request(args: &GenerateArgs, manifest: &Manifest, init_size: Option<(u3
     request
 }
 
+/// The prompt enhancer's options (`EnhanceFlags`) need --enhance: without it they would be
+/// silently ignored (`--enhancer DIR --thinking` rewrote nothing). Options with a default
+/// count only when given.
+pub(crate) fn enhance_options_group() -> clap::ArgGroup {
+    clap::ArgGroup::new("enhance_options")
+        .args([
+            "enhancer",
+            "thinking",
+            "max_new_tokens",
+            "max_context_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "sampling_seed",
+            "system_prompt",
+        ])
+        .multiple(true)
+        .requires("enhance")
+}
+
+/// A size the request refuses that the init (or control) picture set, not --width/--height,
+/// is that picture's fault: the error says so, and how to resize it instead ("width 1 must be
+/// a positive multiple of 16" alone names a width the user never gave). Any other refusal is
+/// returned as it is: the request is checked again at a size the package takes.
+fn picture_size_error(
+    error: zimage::Error,
+    args: &GenerateArgs,
+    request: &GenerateRequest,
+    manifest: &Manifest,
+) -> zimage::Error {
+    let picture = args.init_image.as_deref().or(args.control_image.as_deref());
+    let (Some(picture), zimage::Error::InvalidRequest(message)) = (picture, &error) else {
+        return error;
+    };
+    if args.width.is_some() && args.height.is_some() {
+        return error;
+    }
+    // Only the sides the picture set are replaced: a --width of 17 stays the user's error.
+    let mut at_default = request.clone();
+    let default = GenerateRequest::for_package(manifest, "");
+    if args.width.is_none() {
+        at_default.width = default.width;
+    }
+    if args.height.is_none() {
+        at_default.height = default.height;
+    }
+    if zimage::pipeline::check_request(&at_default, manifest).is_err() {
+        return error;
+    }
+    zimage::Error::InvalidRequest(format!(
+        "{message} (the size of {}, its sides floored to multiples of {}; give --width and --height to resize it)",
+        picture.display(),
+        manifest.size_multiple()
+    ))
+}
+
 /// An image error about `path`'s contents names the file.
 fn located(path: &Path, e: zimage::Error) -> zimage::Error {
     match e {
@@ -305,21 +373,6 @@ fn resolve_output(path: &Path, default_name: &str) -> PathBuf {
         path.join(default_name)
     } else {
         path.to_path_buf()
-    }
-}
-
-/// Whether two output paths (whose folders exist) name the same file.
-fn same_file(a: &Path, b: &Path) -> bool {
-    let normal = |p: &Path| -> Option<PathBuf> {
-        let parent = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
-    };
-    match (normal(a), normal(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
     }
 }
 

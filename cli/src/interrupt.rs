@@ -6,6 +6,8 @@
 //! - At any other moment (loading a package, writing the outputs), or on a second Ctrl-C: the
 //!   temporary files of the outputs being written are removed and the process exits with 130
 //!   at once.
+//! - Once every output is renamed into place: the first Ctrl-C is ignored and the command ends
+//!   as it would have (exit 0, its summary printed), since its outputs are all there.
 //!
 //! Outputs are written through [`stage`] and [`commit_all`]: every output goes to a temporary
 //! file first (registered here before a byte is written), and all are renamed into place
@@ -27,10 +29,12 @@ struct State {
     interrupted: bool,
     /// Temporary files being written.
     pending: Vec<PathBuf>,
+    /// Every output is complete and in place: nothing is left to cancel.
+    committed: bool,
 }
 
 static STATE: Mutex<State> =
-    Mutex::new(State { cancel: None, running: false, interrupted: false, pending: Vec::new() });
+    Mutex::new(State { cancel: None, running: false, interrupted: false, pending: Vec::new(), committed: false });
 static PRESSES: AtomicU32 = AtomicU32::new(0);
 
 fn state() -> MutexGuard<'static, State> {
@@ -47,6 +51,12 @@ pub fn install() {
 fn on_interrupt() {
     let first = PRESSES.fetch_add(1, Ordering::SeqCst) == 0;
     let mut st = state();
+    // The outputs are written: the command is done but for its summary, and ends with 0 in a
+    // moment (exit 130 would tell a script that nothing was written). A second press still
+    // ends it at once, e.g. while the summary waits on a full pipe.
+    if first && st.committed {
+        return;
+    }
     st.interrupted = true;
     if first && st.running {
         if let Some(handle) = &st.cancel {
@@ -128,7 +138,10 @@ pub fn commit_all(files: Vec<StagedFile>) -> zimage::Result<()> {
             }
             Err(e)
         }
-        None => Ok(()),
+        None => {
+            st.committed = true;
+            Ok(())
+        }
     }
 }
 

@@ -53,16 +53,18 @@ struct Cli {
     verbose: bool,
 }
 
+/// `allow_negative_numbers`: `--control-scale -0.5` (a valid scale) and `--guidance -1` (refused
+/// by the request check, with the range) are values, not the unknown flags `-0` and `-1`.
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt (text-to-image, image-to-image, inpainting).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, allow_negative_numbers = true)]
     Generate(generate::GenerateArgs),
     /// Edit pictures with an instruction (Z-Image Omni / Edit packages): --image A.png [--image B.png].
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, allow_negative_numbers = true)]
     Edit(edit::EditArgs),
     /// Time every stage of a generation, with peak memory, over several runs.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, allow_negative_numbers = true)]
     Bench(bench::BenchArgs),
     /// Rewrite a prompt into a detailed visual description with the local Qwen3 decoder.
     #[command(after_help = EXIT_CODES)]
@@ -146,9 +148,21 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = parts.join("; ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     let help = match std::env::args().nth(1).as_deref() {
-        Some(sub @ ("generate" | "edit" | "bench")) => format!("zimage {sub} --help"),
+        Some(sub @ ("generate" | "edit" | "bench" | "enhance" | "triton-repo")) => format!("zimage {sub} --help"),
         _ => "zimage --help".into(),
     };
     log::stderr_line("error", &format!("{message} (see {help})"));
     ExitCode::from(e.exit_code() as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (argument groups naming real arguments, ...), which it
+    /// otherwise runs only in debug builds.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

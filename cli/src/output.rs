@@ -55,6 +55,56 @@ pub fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Refuses an output name the command would misread (`flag` names the option): `-`, which
+/// reads as standard output but would be a file named `-` (the command writes files only), and
+/// the extension of another picture format, which would hold PNG bytes (the command writes
+/// PNG only: an `out.jpg` that is a PNG is refused by some viewers and uploaders).
+pub fn check_png_name(path: &Path, flag: &str) -> Result<(), Failure> {
+    refuse_stdout(path, flag)?;
+    const OTHER_FORMATS: [&str; 12] =
+        ["jpg", "jpeg", "jpe", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl"];
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        if OTHER_FORMATS.iter().any(|other| ext.eq_ignore_ascii_case(other)) {
+            return Err(Failure::Usage(format!(
+                "{flag} {}: zimage writes PNG files only; name the output .png",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `-` as an output file name: it reads as standard output, which the command does
+/// not write to, and would quietly make a file named `-`.
+pub fn refuse_stdout(path: &Path, flag: &str) -> Result<(), Failure> {
+    if path.as_os_str() == "-" {
+        return Err(Failure::Usage(format!(
+            "{flag} -: writing to standard output is not supported; give a file name (./- for a file named -)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether two output paths name the same file once written: the same name in the same
+/// folder, or a symbolic link and the file it points to (the SDK writes through a link to its
+/// target, so `-o a.png --save-latents link-to-a.png` would write both into `a.png`).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let normal = |p: &Path| -> Option<PathBuf> {
+        if let Ok(target) = std::fs::canonicalize(p) {
+            return Some(target);
+        }
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+    };
+    match (normal(a), normal(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
 pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
     if count <= 1 {
@@ -88,6 +138,16 @@ pub fn preview_path(output: &Path, step: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_names_that_would_be_misread_are_refused() {
+        for bad in ["-", "out.jpg", "dir/out.JPEG", "x.webp", "x.gif", "x.bmp", "x.tiff"] {
+            assert!(check_png_name(Path::new(bad), "-o").is_err(), "{bad}");
+        }
+        for good in ["out.png", "out.PNG", "out", "./-", "a.b/c", ".jpg", "latents.npy"] {
+            assert!(check_png_name(Path::new(good), "-o").is_ok(), "{good}");
+        }
+    }
 
     #[test]
     fn previews_are_named_after_the_output_and_the_step() {

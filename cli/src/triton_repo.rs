@@ -32,8 +32,10 @@ pub struct TritonRepoArgs {
     #[arg(long)]
     copy: bool,
     /// ONNX Runtime intra-op threads per graph and instance [default: one per physical core].
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+    /// 1..=1024, what the backend accepts: another count wrote a repository Triton then
+    /// refused to load.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
     /// Largest COUNT one request may ask for [default: 4].
     #[arg(long, value_name = "K")]
     max_count: Option<u32>,
@@ -67,7 +69,7 @@ pub fn run(args: TritonRepoArgs) -> Result<(), Failure> {
     options.instances = args.instances;
     options.gpus = args.gpus;
     options.copy = args.copy;
-    options.threads = args.threads;
+    options.threads = args.threads.map(|n| n as usize);
     options.max_count = args.max_count;
     options.tensorrt_cache = args.trt_cache;
     options.controlnet = args.controlnet;

@@ -200,4 +200,8 @@ fn bad_controlnet_input_fails_with_one_line() {
     assert_code(&out, 2);
     assert!(one_line_error(&out).contains("none"));
     assert!(!dir.join("out.png").exists(), "nothing is written on failure");
+    // A negative scale (within -100..=100) is a value, not the unknown flag "-0".
+    let out = zimage(base(&["--controlnet", "union-v1", "--control-image", &control, "--control-scale", "-0.5"]));
+    assert_code(&out, 0);
+    assert_eq!(read_png(&dir.join("out.png")).text["control_scale"], "-0.5");
 }

@@ -171,6 +171,20 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     // text-to-image size).
     let out = zimage(["edit", "--model", PACKAGE, "--prompt", "x", "--width", "64", "-o", &o]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // -o and --save-latents naming one file (the latents were renamed over the PNG), an output
+    // that would be a PNG named .jpg, and an enhancer option without --enhance: usage errors.
+    let jpg = dir.join("x.jpg").display().to_string();
+    for (extra, message) in [
+        (&["-o", &o, "--save-latents", &o][..], "name the same file"),
+        (&["-o", &jpg], "writes PNG files only"),
+        (&["-o", &o, "--thinking"], "--enhance"),
+    ] {
+        let mut args = vec!["edit", "--model", PACKAGE, "--image", &reference, "--prompt", "x", "--steps", "1"];
+        args.extend(extra);
+        let out = zimage(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{extra:?}: {}", stderr(&out));
+    }
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing may be written");
 }
 

@@ -72,5 +72,12 @@ fn bad_arguments_and_packages_have_their_exit_codes() {
         assert_code(&zimage(&[&base[..], &["--max-count", count]].concat()), 6);
     }
     assert_code(&zimage(&[&base[..], &["--lora", "Cargo.toml"]].concat()), 10);
+    // A thread count the backend refuses at load (1..=1024) is refused here, with this
+    // subcommand's help named.
+    for threads in ["0", "1025"] {
+        let bad = zimage(&[&base[..], &["--threads", threads]].concat());
+        assert_code(&bad, 2);
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("zimage triton-repo --help"), "{bad:?}");
+    }
     assert!(!out.join("zimage").exists());
 }
