@@ -10,7 +10,9 @@ use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, Referen
 use crate::enhance::{self, EnhanceFlags};
 use crate::generate::{enhance_options_group, quantization_json, timings_json};
 use crate::model_args::ModelArgs;
-use crate::output::{check_png_name, out, output_files, refuse_stdout, same_file, secs, Failure};
+use crate::output::{
+    check_png_name, out, output_files, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+};
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
@@ -94,6 +96,9 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
         refuse_stdout(latents, "--save-latents")?;
     }
     let files = output_files(&args.output, args.count);
+    let inputs: Vec<&std::path::Path> = args.images.iter().map(|p| p.as_path()).collect();
+    let steps = args.steps.or(manifest.edit.as_ref().map(|e| e.defaults.num_inference_steps)).unwrap_or(0);
+    refuse_previews_over_inputs(&args.output, args.count, args.previews, steps, &inputs)?;
     let latents_file = args.save_latents.clone();
     for path in files.iter().chain(latents_file.as_ref()) {
         image_io::check_writable(path)?;
@@ -128,6 +133,8 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     request.max_sequence_length = args.max_sequence_length;
     request.return_latents = latents_file.is_some();
     request.previews = args.previews;
+    // The request is checked before the model is loaded (seconds to minutes with real weights).
+    zimage::pipeline::edit::check_edit_request(&manifest, &args.model.model, &request)?;
 
     let progress = StageProgress::new(args.progress.visible());
     progress.stage("loading model");

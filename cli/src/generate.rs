@@ -13,7 +13,9 @@ use zimage::{
 
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
-use crate::output::{check_png_name, out, output_files, refuse_stdout, same_file, secs, Failure};
+use crate::output::{
+    check_png_name, out, output_files, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+};
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
 
@@ -164,6 +166,11 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
         refuse_stdout(latents, "--save-latents")?;
     }
     let files = output_files(&files_base, request.count);
+    let inputs: Vec<&Path> = [args.init_image.as_deref(), args.mask.as_deref(), args.control_image.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    refuse_previews_over_inputs(&files_base, request.count, args.previews, request.steps as usize, &inputs)?;
     let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));
     for path in files.iter().chain(latents_file.as_ref()) {
         image_io::check_writable(path)?;

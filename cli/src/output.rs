@@ -123,6 +123,33 @@ pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Refuses `--previews` whose files (`FILE.stepS.png` beside the output, for any step the run
+/// could have) would replace one of the input pictures: `--init-image in.step1.png -o in.png
+/// --previews 1` overwrote its own input while it ran.
+pub fn refuse_previews_over_inputs(
+    output: &Path,
+    count: u32,
+    previews: u32,
+    steps: usize,
+    inputs: &[&Path],
+) -> Result<(), Failure> {
+    if previews == 0 || inputs.is_empty() {
+        return Ok(());
+    }
+    for step in 1..=steps {
+        for preview in output_files(&preview_path(output, step), count) {
+            if let Some(input) = inputs.iter().find(|input| same_file(&preview, input)) {
+                return Err(Failure::Usage(format!(
+                    "--previews would write {} over the input {}; choose another -o",
+                    preview.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `out.png` -> `out.step3.png` (with several images `out.step3-0.png`, ... through
 /// `output_files`).
 pub fn preview_path(output: &Path, step: usize) -> PathBuf {

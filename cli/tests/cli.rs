@@ -828,7 +828,14 @@ fn options_the_command_would_misread_are_refused_or_reported() {
         (g(&["--width", "16", "--height", "16", "-o", &d("y.png"), "--guidance", "-1"]), 6, "within [0, 100]"),
         (g(&["--width", "16", "--height", "16", "-o", &d("y.png"), "--seed", "-1"]), 2, "invalid value '-1'"),
         (g(&["--init-image", &t, "-o", &d("y.png")]), 6, "width 1 must be a positive multiple of 16 (the size of "),
+        (
+            // The preview of step 1 would be tiny.png itself.
+            g(&["--init-image", &d("tiny.step1.png"), "--width", "16", "--height", "16", "-o", &t, "--previews", "1"]),
+            2,
+            "--previews would write",
+        ),
     ];
+    std::fs::copy(&tiny, dir.join("tiny.step1.png")).unwrap();
     for (args, code, message) in &cases {
         let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(out.status.code(), Some(*code), "{args:?}: {}", stderr(&out));
@@ -844,7 +851,8 @@ fn options_the_command_would_misread_are_refused_or_reported() {
     let mut left: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     left.sort();
-    assert_eq!(left, ["a.png", "link.npy", "tiny.png"], "nothing written");
+    assert_eq!(left, ["a.png", "link.npy", "tiny.png", "tiny.step1.png"], "nothing written");
+    assert_eq!(std::fs::read(dir.join("tiny.step1.png")).unwrap(), std::fs::read(&tiny).unwrap());
 
     // A negative prompt without guidance still generates, with a warning that it is unused.
     let out = zimage(g(&["--width", "16", "--height", "16", "-o", &d("y.png"), "--negative-prompt", "blurry"]));

@@ -186,6 +186,23 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
         assert!(stderr(&out).contains(message), "{extra:?}: {}", stderr(&out));
     }
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing may be written");
+
+    // A bad request is refused before the model loads: a copy of the package whose graphs are
+    // missing (a load would be a package error, 3) gives the request's error (6).
+    let unloadable = scratch("unloadable");
+    std::fs::copy(root().join(PACKAGE).join("manifest.json"), unloadable.join("manifest.json")).unwrap();
+    let package = unloadable.display().to_string();
+    for (extra, message) in [
+        (&["--count", "0"][..], "count must be 1..=64"),
+        (&["--steps", "0"], "steps must be 1..="),
+        (&["--width", "17", "--height", "16"], "width 17 must be a positive multiple of 16"),
+    ] {
+        let mut args = vec!["edit", "--model", &package, "--image", &reference, "--prompt", "x", "-o", &o];
+        args.extend(extra);
+        let out = zimage(&args);
+        assert_eq!(out.status.code(), Some(6), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(message), "{extra:?}: {}", stderr(&out));
+    }
 }
 
 /// An editing package quantized with its Omni transformer (`models/tiny-zimage-omni-int8`):

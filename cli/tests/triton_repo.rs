@@ -80,4 +80,11 @@ fn bad_arguments_and_packages_have_their_exit_codes() {
         assert!(String::from_utf8_lossy(&bad.stderr).contains("zimage triton-repo --help"), "{bad:?}");
     }
     assert!(!out.join("zimage").exists());
+    // --out naming a file: an I/O error that says so.
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = zimage(&["triton-repo", "--model", "models/tiny-zimage", "--out", file.to_str().unwrap()]);
+    assert_code(&bad, 9);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is a file, not a folder"), "{bad:?}");
 }

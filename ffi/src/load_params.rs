@@ -197,7 +197,7 @@ pub(crate) struct Load {
 
 /// Most intra-op threads per graph: `Pipeline::load`'s bound, checked here because the prompt
 /// enhancer's loads (`zimage_enhancer_load()`, `_attach()`) do not check it.
-const MAX_THREADS: u32 = 1024;
+const MAX_THREADS: u32 = sdk::MAX_THREADS as u32;
 
 /// Reads load parameters and copies everything they point to; NULL means all defaults.
 pub(crate) unsafe fn load_options(params: *const zimage_load_params) -> Result<Load, Failure> {

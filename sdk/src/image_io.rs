@@ -151,8 +151,15 @@ impl StagedFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let dest = destination(dest)?;
         let name = dest.file_name().expect("checked by destination()").to_string_lossy().into_owned();
+        // At most 128 bytes of the name, so that a legal name of up to 255 bytes (the usual
+        // limit) still has a legal temporary name; the process id and counter keep it unique.
+        let mut keep = name.len().min(128);
+        while !name.is_char_boundary(keep) {
+            keep -= 1;
+        }
         let temp = dest.with_file_name(format!(
-            ".{name}.{}-{}.zimage-tmp",
+            ".{}.{}-{}.zimage-tmp",
+            &name[..keep],
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
@@ -235,7 +242,16 @@ fn destination(path: &Path) -> Result<PathBuf> {
         return Err(not_writable("not a file name"));
     }
     let dest = match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?,
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "is a symbolic link to nothing (its target or a folder on the way does not exist)",
+                ),
+            ),
+            _ => Error::io(path, e),
+        })?,
         Ok(_) => path.to_path_buf(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
         Err(e) => return Err(Error::io(path, e)),

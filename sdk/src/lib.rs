@@ -55,7 +55,7 @@ pub use enhancer::{
 pub use error::{Error, ErrorKind, Result};
 pub use image_io::{GrayImage, RgbImage};
 pub use limits::{MAX_IMAGES_PER_REQUEST, MAX_PROMPT_BYTES, MAX_REQUEST_PIXELS, MAX_STEPS};
-pub use load_options::LoadOptions;
+pub use load_options::{LoadOptions, MAX_THREADS};
 pub use lora::{LoraAdapter, LoraFile, LoraSetting};
 pub use model::siglip_processor::{siglip_inputs, SiglipInputs};
 pub use model::text_encoder::{PromptEmbedding, TokenizedPrompt};

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::error::{Error, Result};
 use crate::lora::LoraSetting;
 use crate::model::vae_tiling::VaeTiling;
 use crate::runtime::device::Device;
@@ -78,7 +79,23 @@ pub struct LoadOptions {
     pub controlnet: Option<String>,
 }
 
+/// The most intra-op threads a graph may be given ([`LoadOptions::threads`]).
+pub const MAX_THREADS: usize = 1024;
+
 impl LoadOptions {
+    /// Refuses settings no load can honour: `threads` outside 1..=1024 (ONNX Runtime crashed
+    /// on 100000 and hung on 1025). Every load (pipelines, enhancers) checks it first.
+    pub fn check(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            if n == 0 || n > MAX_THREADS {
+                return Err(Error::invalid(format!(
+                    "threads must be 1..={MAX_THREADS} (got {n}); leave unset for the default"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the CUDA arena grows by what is asked for (the sequential mode's smaller peak)
     /// rather than in powers of two.
     pub(crate) fn exact_gpu_arena(&self) -> bool {

@@ -949,6 +949,17 @@ fn outputs_are_written_atomically_and_never_over_devices() {
     let short = zimage::RgbImage { width: 4, height: 2, pixels: vec![0; 5] };
     assert_eq!(image_io::write_png(&dir.join("c.png"), &short, &[]).unwrap_err().kind(), ErrorKind::Image);
     assert_eq!(listing(), ["a.png", "l.npy", "s.json", "sub"]);
+
+    // A legal name of 255 bytes (multi-byte characters at the cut) is written; its temporary
+    // name was longer than the file system allows. A link to nothing says so.
+    let long = format!("{}{}.png", "n".repeat(127), "é".repeat(62));
+    assert_eq!(long.len(), 255);
+    image_io::write_png(&dir.join(&long), &image, &[]).unwrap();
+    assert_eq!(zimage::image_io::load_rgb(&dir.join(&long)).unwrap(), image);
+    std::os::unix::fs::symlink(dir.join("missing/target.png"), dir.join("dangling.png")).unwrap();
+    let e = image_io::check_writable(&dir.join("dangling.png")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains("dangling.png") && e.to_string().contains("symbolic link to nothing"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

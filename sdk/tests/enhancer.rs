@@ -384,6 +384,19 @@ fn bad_options_are_invalid_requests() {
     }
 }
 
+/// A thread count no load can honour is refused by the enhancer's load as by a pipeline's
+/// (100000 crashed ONNX Runtime, 1025 hung it).
+#[test]
+fn thread_counts_out_of_range_are_refused_at_load() {
+    for threads in [0, zimage::MAX_THREADS + 1, 100_000] {
+        let mut options = zimage::LoadOptions::default();
+        options.threads = Some(threads);
+        let e = PromptEnhancer::load(repo().join("models/tiny-qwen3-enhancer"), &options).err().expect("loaded");
+        assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{threads}: {e}");
+        assert!(e.to_string().contains("threads must be 1..=1024"), "{e}");
+    }
+}
+
 #[test]
 fn packages_without_a_decoder_are_package_errors() {
     let options = {

@@ -156,6 +156,15 @@ pub fn write_repository(package: &Path, out: &Path, options: &RepositoryOptions)
         zimage::LoraAdapter::load(&lora.path)?;
     }
     let package = std::fs::canonicalize(package).map_err(|source| Error::Io { path: package.to_path_buf(), source })?;
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Io {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "is a file, not a folder for the repository",
+            ),
+        });
+    }
     std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
     let model_dir = out.join(&options.name);
     if model_dir.symlink_metadata().is_ok() {

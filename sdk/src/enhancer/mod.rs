@@ -83,6 +83,7 @@ impl PromptEnhancer {
         registry: Arc<Registry>,
         tokenizer: Option<Arc<Tokenizer>>,
     ) -> Result<PromptEnhancer> {
+        options.check()?;
         let (tokenizer_path, graph, info, quantization) = read_package(dir, options.verify_checksums)?;
         let rt = runtime(options.runtime_library.as_deref())?;
         // Float weights: mapped, not copied (in a Z-Image package the text encoder reads the

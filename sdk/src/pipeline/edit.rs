@@ -308,14 +308,10 @@ impl Pipeline {
     /// Checks an edit request against this pipeline (editing support, references, sizes,
     /// settings) without running anything.
     pub fn check_edit(&self, request: &EditRequest) -> Result<()> {
-        let Some(info) = (match (&self.manifest.edit, &self.edit) {
-            (Some(info), Some(_)) => Some(info),
-            _ => None,
-        }) else {
+        if self.edit.is_none() {
             return Err(not_editing(&self.dir));
-        };
-        let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
-        plan(request, info, max_side, self.manifest.size_multiple()).map(|_| ())
+        }
+        check_edit_request(&self.manifest, &self.dir, request)
     }
 
     /// [`Pipeline::check_edit`], and the instruction as [`Pipeline::edit`] checks it: tokenized,
@@ -436,6 +432,21 @@ pub fn check_edit_package(manifest: &crate::package::Manifest, dir: &std::path::
         )));
     }
     Ok(())
+}
+
+/// Checks an edit request from the manifest alone ([`Manifest::read`](crate::Manifest::read)):
+/// editing support, references, sizes and settings, what [`Pipeline::check_edit`] checks,
+/// for a front end that refuses a request before loading the model.
+pub fn check_edit_request(
+    manifest: &crate::package::Manifest,
+    dir: &std::path::Path,
+    request: &EditRequest,
+) -> Result<()> {
+    let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
+        return Err(not_editing(dir));
+    };
+    let max_side = (manifest.max_image_width(), manifest.max_image_height());
+    plan(request, info, max_side, manifest.size_multiple()).map(|_| ())
 }
 
 /// Decodes reference picture `index` (1-based, for messages) from a PNG, JPEG or WebP file's

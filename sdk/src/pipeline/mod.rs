@@ -118,11 +118,7 @@ impl Pipeline {
     pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Pipeline> {
         let start = Instant::now();
         let dir = dir.as_ref().to_path_buf();
-        if let Some(n) = options.threads {
-            if n == 0 || n > 1024 {
-                return Err(Error::invalid(format!("threads must be 1..=1024 (got {n}); leave unset for the default")));
-            }
-        }
+        options.check()?;
         let manifest = Manifest::load(&dir, options.verify_checksums)?;
         check_interfaces(&dir, &manifest)?;
         let controlnet = match &options.controlnet {
