@@ -11,7 +11,7 @@ use crate::enhance::{self, EnhanceFlags};
 use crate::generate::{enhance_options_group, quantization_json, timings_json};
 use crate::model_args::ModelArgs;
 use crate::output::{
-    check_png_name, out, output_files, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
 };
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
@@ -68,6 +68,11 @@ pub struct EditArgs {
     /// Write N previews while editing, as `zimage generate --previews` does.
     #[arg(long, value_name = "N", default_value_t = 0)]
     previews: u32,
+    /// JPEG quality, 1..=100, for an output named .jpg or .jpeg [default: 95]. The output's
+    /// extension picks the format: .jpg/.jpeg JPEG, .webp lossless WebP, anything else PNG
+    /// (only PNG records the generation parameters).
+    #[arg(long, value_name = "Q", value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: Option<u8>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -91,7 +96,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     zimage::pipeline::edit::check_edit_package(&manifest, &args.model.model, args.images.len())?;
     // Adapters are read and checked before the model load too.
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
-    check_png_name(&args.output, "-o")?;
+    let format = output_format(&args.output, "-o", args.quality)?;
     if let Some(latents) = &args.save_latents {
         refuse_stdout(latents, "--save-latents")?;
     }
@@ -147,7 +152,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     }
     let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;
     pipeline.check_edit(&request)?;
-    let previews_beside = (args.previews > 0).then(|| (args.output.clone(), args.count));
+    let previews_beside = (args.previews > 0).then(|| (args.output.clone(), args.count, format));
     let mut report = StepReport::new(&progress, args.progress, previews_beside);
     let mut on_step = |p: &Progress| report.on_step(p);
     progress.stage("encoding references");
@@ -178,7 +183,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
             &pipeline.loras(),
         );
         let mut file = interrupt::stage(path)?;
-        file.write_png(image, &text)?;
+        file.write_image(image, format, &text)?;
         staged.push(file);
     }
     if let (Some(path), Some(latents)) = (&latents_file, &generation.latents) {

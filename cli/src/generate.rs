@@ -14,7 +14,7 @@ use zimage::{
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
 use crate::output::{
-    check_png_name, out, output_files, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
 };
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
@@ -104,6 +104,11 @@ pub struct GenerateArgs {
     /// costs one VAE decode.
     #[arg(long, value_name = "N", default_value_t = 0)]
     previews: u32,
+    /// JPEG quality, 1..=100, for an output named .jpg or .jpeg [default: 95]. The output's
+    /// extension picks the format: .jpg/.jpeg JPEG, .webp lossless WebP, anything else PNG
+    /// (only PNG records the generation parameters).
+    #[arg(long, value_name = "Q", value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: Option<u8>,
     /// Print a JSON summary on stdout (files, seed, providers, timings, truncation).
     #[arg(long)]
     json: bool,
@@ -161,7 +166,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
 
     let files_base = resolve_output(&args.output, "zimage.png");
-    check_png_name(&files_base, "-o")?;
+    let format = output_format(&files_base, "-o", args.quality)?;
     if let Some(latents) = &args.save_latents {
         refuse_stdout(latents, "--save-latents")?;
     }
@@ -219,7 +224,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     let pipeline = args.model.load_with_loras(args.count, request.guidance_scale > 0.0, loras, controlnet)?;
 
     progress.stage("encoding prompt");
-    let previews_beside = (args.previews > 0).then(|| (files_base.clone(), request.count));
+    let previews_beside = (args.previews > 0).then(|| (files_base.clone(), request.count, format));
     let mut report = StepReport::new(&progress, args.progress, previews_beside);
     let mut on_step = |p: &Progress| report.on_step(p);
     let result = interrupt::run_cancellable(|| {
@@ -248,7 +253,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Failure> {
     for (index, (image, path)) in generation.images.iter().zip(&files).enumerate() {
         let text = png_text(&args, &request, &generation, &pipeline, index);
         let mut file = interrupt::stage(path)?;
-        file.write_png(image, &text)?;
+        file.write_image(image, format, &text)?;
         staged.push(file);
     }
     if let (Some(path), Some(latents)) = (&latents_file, &generation.latents) {

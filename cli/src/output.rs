@@ -6,6 +6,8 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use zimage::image_io::ImageFormat;
+
 /// Why a command did not succeed.
 pub enum Failure {
     /// The SDK's error: its kind sets the exit code.
@@ -55,23 +57,32 @@ pub fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Refuses an output name the command would misread (`flag` names the option): `-`, which
-/// reads as standard output but would be a file named `-` (the command writes files only), and
-/// the extension of another picture format, which would hold PNG bytes (the command writes
-/// PNG only: an `out.jpg` that is a PNG is refused by some viewers and uploaders).
-pub fn check_png_name(path: &Path, flag: &str) -> Result<(), Failure> {
+/// The picture format of an output name (`flag` names the option): `.jpg` / `.jpeg` JPEG (at
+/// `quality`, or `ImageFormat::DEFAULT_JPEG_QUALITY`), `.webp` lossless WebP, `.png`, no
+/// extension or any other PNG. Refused: `-`, which reads as standard output but would be a file
+/// named `-` (the command writes files only); the extension of a picture format it cannot write
+/// (`out.gif` would hold PNG bytes, which some viewers and uploaders refuse); `--quality` for
+/// an output that is not JPEG (it would be ignored).
+pub fn output_format(path: &Path, flag: &str, quality: Option<u8>) -> Result<ImageFormat, Failure> {
     refuse_stdout(path, flag)?;
-    const OTHER_FORMATS: [&str; 12] =
-        ["jpg", "jpeg", "jpe", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl"];
-    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
-        if OTHER_FORMATS.iter().any(|other| ext.eq_ignore_ascii_case(other)) {
-            return Err(Failure::Usage(format!(
-                "{flag} {}: zimage writes PNG files only; name the output .png",
-                path.display()
-            )));
-        }
+    const UNWRITTEN_FORMATS: [&str; 9] = ["jpe", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif", "jxl"];
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    if UNWRITTEN_FORMATS.iter().any(|other| ext.eq_ignore_ascii_case(other)) {
+        return Err(Failure::Usage(format!(
+            "{flag} {}: zimage writes PNG, JPEG (.jpg) or WebP (.webp) files; name the output accordingly",
+            path.display()
+        )));
     }
-    Ok(())
+    let format =
+        ImageFormat::for_path(path, quality.unwrap_or(ImageFormat::DEFAULT_JPEG_QUALITY)).unwrap_or(ImageFormat::Png);
+    if quality.is_some() && !matches!(format, ImageFormat::Jpeg { .. }) {
+        return Err(Failure::Usage(format!(
+            "--quality is the JPEG quality, and {flag} {} is a {} file",
+            path.display(),
+            format.name().to_uppercase()
+        )));
+    }
+    Ok(format)
 }
 
 /// Refuses `-` as an output file name: it reads as standard output, which the command does
@@ -167,13 +178,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_names_that_would_be_misread_are_refused() {
-        for bad in ["-", "out.jpg", "dir/out.JPEG", "x.webp", "x.gif", "x.bmp", "x.tiff"] {
-            assert!(check_png_name(Path::new(bad), "-o").is_err(), "{bad}");
+    fn output_names_give_their_format_or_are_refused() {
+        for bad in ["-", "x.gif", "x.bmp", "x.tiff", "dir/x.JPE", "x.avif"] {
+            assert!(output_format(Path::new(bad), "-o", None).is_err(), "{bad}");
         }
-        for good in ["out.png", "out.PNG", "out", "./-", "a.b/c", ".jpg", "latents.npy"] {
-            assert!(check_png_name(Path::new(good), "-o").is_ok(), "{good}");
+        let jpeg = ImageFormat::Jpeg { quality: ImageFormat::DEFAULT_JPEG_QUALITY };
+        for (name, format) in [
+            ("out.png", ImageFormat::Png),
+            ("out.PNG", ImageFormat::Png),
+            ("out", ImageFormat::Png),
+            ("./-", ImageFormat::Png),
+            ("a.b/c", ImageFormat::Png),
+            (".jpg", ImageFormat::Png),
+            ("x.data", ImageFormat::Png),
+            ("out.jpg", jpeg),
+            ("dir/out.JPEG", jpeg),
+            ("x.webp", ImageFormat::Webp),
+        ] {
+            assert_eq!(output_format(Path::new(name), "-o", None).ok(), Some(format), "{name}");
         }
+        assert_eq!(output_format(Path::new("x.jpg"), "-o", Some(80)).ok(), Some(ImageFormat::Jpeg { quality: 80 }));
+        assert!(output_format(Path::new("x.png"), "-o", Some(80)).is_err());
     }
 
     #[test]

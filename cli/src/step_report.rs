@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use zimage::{image_io, Progress};
+use zimage::image_io::{self, ImageFormat};
+use zimage::Progress;
 
 use crate::output::{output_files, preview_path, secs, Failure};
 use crate::{interrupt, log};
@@ -16,8 +17,9 @@ use crate::{interrupt, log};
 pub struct StepReport<'a> {
     progress: &'a StageProgress,
     lines: bool,
-    /// The run's first output file and its image count: previews go beside it.
-    previews_beside: Option<(PathBuf, u32)>,
+    /// The run's first output file, its image count and format: previews go beside it, in
+    /// the same format.
+    previews_beside: Option<(PathBuf, u32, ImageFormat)>,
     /// Steps done and in all, as last reported.
     pub last_step: (usize, usize),
     /// Every preview written, in order.
@@ -27,7 +29,11 @@ pub struct StepReport<'a> {
 }
 
 impl<'a> StepReport<'a> {
-    pub fn new(progress: &'a StageProgress, mode: ProgressMode, previews_beside: Option<(PathBuf, u32)>) -> Self {
+    pub fn new(
+        progress: &'a StageProgress,
+        mode: ProgressMode,
+        previews_beside: Option<(PathBuf, u32, ImageFormat)>,
+    ) -> Self {
         StepReport {
             progress,
             lines: mode == ProgressMode::Lines,
@@ -45,12 +51,13 @@ impl<'a> StepReport<'a> {
         if self.lines {
             log::stderr_line("progress", &format!("step {}/{} ({:.2} s)", p.step, p.total_steps, secs(p.elapsed)));
         }
-        if let (Some(pictures), Some((output, count))) = (&p.preview, &self.previews_beside) {
+        if let (Some(pictures), Some((output, count, format))) = (&p.preview, &self.previews_beside) {
             let paths = output_files(&preview_path(output, p.step), *count);
             for (picture, path) in pictures.iter().zip(paths) {
                 // Each preview is whole or absent (written beside, then renamed); they stay when
                 // the run fails later, as the progress they are.
-                if let Err(e) = image_io::write_png(&path, picture, &[("zimage-preview-step", p.step.to_string())]) {
+                let text = [("zimage-preview-step", p.step.to_string())];
+                if let Err(e) = image_io::write_image(&path, picture, *format, &text) {
                     self.failed = Some(e.into());
                     return false;
                 }

@@ -791,8 +791,43 @@ fn hostile_inputs_fail_with_one_line_and_leave_nothing() {
     assert_eq!(read_png(&dir.join("sub/zimage.png")).width, 16);
 }
 
-/// Inputs the command used to misread without a word: a non-PNG extension or `-` as the output
-/// (PNG bytes in `x.jpg`, a file named `-`), --save-latents through a symbolic link to the PNG
+/// The output's extension picks its format: `.jpg` a JPEG (at --quality), `.webp` a lossless
+/// WebP with the PNG's pixels exactly, and the previews beside it take the same format.
+#[test]
+fn outputs_are_written_in_the_format_their_extension_names() {
+    let dir = scratch("formats");
+    let d = |name: &str| dir.join(name).display().to_string();
+    let run = |output: &str, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", PACKAGE, "--prompt", "a harbour", "--width", "64", "--height", "48"];
+        args.extend(["--steps", "2", "--seed", "5", "-o", output]);
+        args.extend(extra);
+        assert_code(&zimage(&args), 0);
+    };
+    run(&d("a.png"), &[]);
+    run(&d("a.webp"), &["--previews", "1"]);
+    run(&d("a.jpg"), &[]);
+    run(&d("low.jpeg"), &["--quality", "10"]);
+    let png = read_png(&dir.join("a.png"));
+    let bytes = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert_eq!(&bytes("a.webp")[..4], b"RIFF");
+    assert_eq!(&bytes("a.webp")[8..12], b"WEBP");
+    assert_eq!(&bytes("a.step1.webp")[8..12], b"WEBP", "the preview takes the output's format");
+    assert_eq!(zimage::image_io::decode_rgb(&bytes("a.webp")).unwrap().pixels, png.rgb, "lossless");
+    for name in ["a.jpg", "low.jpeg"] {
+        assert_eq!(&bytes(name)[..3], [0xFF, 0xD8, 0xFF], "{name}");
+    }
+    let error = |name: &str| {
+        let jpeg = zimage::image_io::decode_rgb(&bytes(name)).unwrap();
+        assert_eq!((jpeg.width, jpeg.height), (64, 48));
+        jpeg.pixels.iter().zip(&png.rgb).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / png.rgb.len() as f64
+    };
+    let (high, low) = (error("a.jpg"), error("low.jpeg"));
+    assert!(high < low && high < 8.0, "mean errors: quality 95 {high}, quality 10 {low}");
+    assert!(bytes("low.jpeg").len() < bytes("a.jpg").len());
+}
+
+/// Inputs the command used to misread without a word: the extension of a format it cannot
+/// write or `-` as the output (PNG bytes in `x.gif`, a file named `-`), --save-latents through a symbolic link to the PNG
 /// (the latents replaced the picture), enhancer options without --enhance (ignored), a
 /// negative number as a value (`unexpected argument '-1'`), a negative prompt without guidance
 /// (ignored), and a size the init picture set named as if the user had given it.
@@ -814,8 +849,10 @@ fn options_the_command_would_misread_are_refused_or_reported() {
     encoder.write_header().unwrap().write_image_data(&[255, 0, 0]).unwrap();
     let t = tiny.display().to_string();
     let cases: Vec<(Vec<String>, i32, &str)> = vec![
-        (g(&["--width", "16", "--height", "16", "-o", &d("x.jpg")]), 2, "writes PNG files only"),
-        (g(&["--width", "16", "--height", "16", "-o", &d("x.WebP")]), 2, "writes PNG files only"),
+        (g(&["--width", "16", "--height", "16", "-o", &d("x.gif")]), 2, "writes PNG, JPEG (.jpg) or WebP"),
+        (g(&["--width", "16", "--height", "16", "-o", &d("x.tiff")]), 2, "writes PNG, JPEG (.jpg) or WebP"),
+        (g(&["--width", "16", "--height", "16", "-o", &d("x.png"), "--quality", "80"]), 2, "--quality is the JPEG"),
+        (g(&["--width", "16", "--height", "16", "-o", &d("x.jpg"), "--quality", "0"]), 2, "not in 1..=100"),
         (g(&["--width", "16", "--height", "16", "-o", "-"]), 2, "standard output is not supported"),
         (g(&["--width", "16", "--height", "16", "-o", &d("y.png"), "--save-latents", "-"]), 2, "standard output"),
         (

@@ -173,10 +173,10 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     // -o and --save-latents naming one file (the latents were renamed over the PNG), an output
     // that would be a PNG named .jpg, and an enhancer option without --enhance: usage errors.
-    let jpg = dir.join("x.jpg").display().to_string();
+    let jpg = dir.join("x.gif").display().to_string();
     for (extra, message) in [
         (&["-o", &o, "--save-latents", &o][..], "name the same file"),
-        (&["-o", &jpg], "writes PNG files only"),
+        (&["-o", &jpg], "writes PNG, JPEG (.jpg) or WebP"),
         (&["-o", &o, "--thinking"], "--enhance"),
     ] {
         let mut args = vec!["edit", "--model", PACKAGE, "--image", &reference, "--prompt", "x", "--steps", "1"];

@@ -77,8 +77,13 @@ pub(crate) fn to_model_input(image: &RgbImage) -> Array4<f32> {
 /// Writes a PNG with `iTXt` chunks (e.g. the generation parameters), atomically: see
 /// [`StagedFile`]. A failed write is an I/O error and leaves nothing at `path`.
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
+    write_image(path, image, ImageFormat::Png, text)
+}
+
+/// Writes `image` in `format` atomically, as [`write_png`].
+pub fn write_image(path: &Path, image: &RgbImage, format: ImageFormat, text: &[(&str, String)]) -> Result<()> {
     let mut staged = StagedFile::create(path)?;
-    staged.write_png(image, text)?;
+    staged.write_image(image, format, text)?;
     staged.commit()
 }
 
@@ -87,6 +92,81 @@ pub fn encode_png(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> 
     let mut bytes = Vec::new();
     png_into(&mut bytes, image, text, Path::new("PNG"))?;
     Ok(bytes)
+}
+
+/// An output picture format. PNG is lossless and carries the generation parameters in text
+/// chunks; JPEG is lossy (at `quality`, 1..=100) and WebP lossless, neither with parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    Png,
+    Jpeg { quality: u8 },
+    Webp,
+}
+
+impl ImageFormat {
+    /// The JPEG quality used when none is given.
+    pub const DEFAULT_JPEG_QUALITY: u8 = 95;
+
+    /// The format a file name asks for: `.png` or no extension PNG, `.jpg` / `.jpeg` JPEG at
+    /// `jpeg_quality`, `.webp` WebP (any case); another extension is `None`.
+    pub fn for_path(path: &Path, jpeg_quality: u8) -> Option<ImageFormat> {
+        let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            None | Some("png") => Some(ImageFormat::Png),
+            Some("jpg" | "jpeg") => Some(ImageFormat::Jpeg { quality: jpeg_quality }),
+            Some("webp") => Some(ImageFormat::Webp),
+            Some(_) => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg { .. } => "jpeg",
+            ImageFormat::Webp => "webp",
+        }
+    }
+}
+
+/// Encodes `image` in `format`; `text` goes into a PNG's `iTXt` chunks (the other formats
+/// carry none). A JPEG quality outside 1..=100 is an invalid request.
+pub fn encode_image(image: &RgbImage, format: ImageFormat, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    image_into(&mut bytes, image, format, text, Path::new(format.name()))?;
+    Ok(bytes)
+}
+
+/// The one encoding of each format into `out`; `dest` names the destination in errors.
+fn image_into<W: std::io::Write>(
+    out: W,
+    image: &RgbImage,
+    format: ImageFormat,
+    text: &[(&str, String)],
+    dest: &Path,
+) -> Result<()> {
+    use image::ImageEncoder;
+    let other = |e: image::ImageError| match e {
+        image::ImageError::IoError(io) => Error::io(dest, io),
+        other => Error::Image(format!("{}: {other}", dest.display())),
+    };
+    match format {
+        ImageFormat::Png => png_into(out, image, text, dest),
+        ImageFormat::Jpeg { quality } => {
+            if !(1..=100).contains(&quality) {
+                return Err(Error::invalid(format!("JPEG quality must be 1..=100 (got {quality})")));
+            }
+            image.check()?;
+            image::codecs::jpeg::JpegEncoder::new_with_quality(out, quality)
+                .write_image(&image.pixels, image.width, image.height, image::ExtendedColorType::Rgb8)
+                .map_err(other)
+        }
+        ImageFormat::Webp => {
+            image.check()?;
+            image::codecs::webp::WebPEncoder::new_lossless(out)
+                .write_image(&image.pixels, image.width, image.height, image::ExtendedColorType::Rgb8)
+                .map_err(other)
+        }
+    }
 }
 
 /// The one PNG encoding: RGB8 with `iTXt` chunks. `dest` names the destination in errors; a
@@ -187,9 +267,14 @@ impl StagedFile {
 
     /// Encodes `image` as PNG with `iTXt` chunks into the temporary file.
     pub fn write_png(&mut self, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
+        self.write_image(image, ImageFormat::Png, text)
+    }
+
+    /// Encodes `image` in `format` into the temporary file (`text` in a PNG's chunks).
+    pub fn write_image(&mut self, image: &RgbImage, format: ImageFormat, text: &[(&str, String)]) -> Result<()> {
         let dest = self.dest.clone();
         let mut out = self.writer();
-        png_into(&mut out, image, text, &dest)?;
+        image_into(&mut out, image, format, text, &dest)?;
         out.flush().map_err(|e| Error::io(&dest, e))
     }
 
@@ -705,6 +790,31 @@ fn check_npy_size(bytes: &[u8]) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// WebP is lossless (the pixels back exactly), JPEG close at quality 95; a quality outside
+    /// 1..=100 and a short pixel buffer are refused; formats by extension.
+    #[test]
+    fn pictures_encode_in_each_format() {
+        let pixels = (0..32u32 * 24 * 3).map(|i| ((i * 7) % 256) as u8 / 2 + 64).collect();
+        let image = RgbImage { width: 32, height: 24, pixels };
+        let webp = encode_image(&image, ImageFormat::Webp, &[]).unwrap();
+        assert_eq!(decode_rgb(&webp).unwrap(), image);
+        let jpeg = encode_image(&image, ImageFormat::Jpeg { quality: 95 }, &[]).unwrap();
+        assert_eq!(&jpeg[..2], [0xFF, 0xD8]);
+        assert_eq!(decode_rgb(&jpeg).unwrap().pixels.len(), image.pixels.len());
+        for quality in [0, 101] {
+            let e = encode_image(&image, ImageFormat::Jpeg { quality }, &[]).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidRequest, "{e}");
+        }
+        let short = RgbImage { width: 32, height: 24, pixels: vec![0; 5] };
+        for format in [ImageFormat::Png, ImageFormat::Jpeg { quality: 90 }, ImageFormat::Webp] {
+            assert_eq!(encode_image(&short, format, &[]).unwrap_err().kind(), crate::ErrorKind::Image);
+        }
+        assert_eq!(ImageFormat::for_path(Path::new("a/b.JPG"), 70), Some(ImageFormat::Jpeg { quality: 70 }));
+        assert_eq!(ImageFormat::for_path(Path::new("b.webp"), 70), Some(ImageFormat::Webp));
+        assert_eq!(ImageFormat::for_path(Path::new("b"), 70), Some(ImageFormat::Png));
+        assert_eq!(ImageFormat::for_path(Path::new("b.gif"), 70), None);
+    }
 
     /// The `.npy` header's shape is checked against the file before the reader allocates it.
     #[test]

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use image::ImageEncoder;
+use zimage::image_io::ImageFormat;
 use zimage::RgbImage;
 
 use crate::error::ApiError;
@@ -46,33 +46,22 @@ impl OutputFormat {
     }
 }
 
-/// Encodes one image. `compression` (OpenAI's `output_compression`, 0-100) is the JPEG
-/// quality (default 100); PNG and WebP are lossless and ignore it. Only PNG carries the
-/// parameters.
+/// Encodes one image with the SDK's encoders. `compression` (OpenAI's `output_compression`,
+/// 0-100) is the JPEG quality (default 100; 0 is taken as 1); PNG and WebP are lossless and
+/// ignore it. Only PNG carries the parameters.
 pub fn encode(
     image: &RgbImage,
     format: OutputFormat,
     compression: Option<u8>,
     parameters: &[(&str, String)],
 ) -> Result<Vec<u8>, ApiError> {
-    let failed = |e: String| ApiError::internal(format!("encoding the {} image failed: {e}", format.name()));
-    match format {
-        OutputFormat::Png => zimage::image_io::encode_png(image, parameters).map_err(|e| failed(e.to_string())),
-        OutputFormat::Jpeg => {
-            let mut bytes = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, compression.unwrap_or(100).max(1))
-                .write_image(&image.pixels, image.width, image.height, image::ExtendedColorType::Rgb8)
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(bytes)
-        }
-        OutputFormat::Webp => {
-            let mut bytes = Vec::new();
-            image::codecs::webp::WebPEncoder::new_lossless(&mut bytes)
-                .write_image(&image.pixels, image.width, image.height, image::ExtendedColorType::Rgb8)
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(bytes)
-        }
-    }
+    let format = match format {
+        OutputFormat::Png => ImageFormat::Png,
+        OutputFormat::Jpeg => ImageFormat::Jpeg { quality: compression.unwrap_or(100).clamp(1, 100) },
+        OutputFormat::Webp => ImageFormat::Webp,
+    };
+    zimage::image_io::encode_image(image, format, parameters)
+        .map_err(|e| ApiError::internal(format!("encoding the {} image failed: {e}", format.name())))
 }
 
 /// Images kept for `response_format: "url"`, each under an unguessable name, for `ttl`, at
