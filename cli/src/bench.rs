@@ -49,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "G", default_value_t = GenerateRequest::default().guidance_scale)]
     guidance: f32,
     /// The prompt.
-    #[arg(long, value_name = "TEXT", default_value = BENCH_PROMPT)]
+    #[arg(long, value_name = "TEXT", default_value = BENCH_PROMPT, allow_hyphen_values = true)]
     prompt: String,
     /// Noise seed.
     #[arg(long, value_name = "S", default_value_t = 0)]

@@ -27,10 +27,10 @@ pub struct EditArgs {
     #[arg(long = "image", value_name = "FILE")]
     images: Vec<PathBuf>,
     /// The edit instruction (may be empty).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     prompt: String,
     /// What to steer away from under guidance [default: ""].
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     negative_prompt: Option<String>,
     /// Output width (with --height), a multiple of 16.
     #[arg(long, value_name = "W", requires = "height")]

@@ -44,7 +44,7 @@ pub struct EnhanceFlags {
     #[arg(long, value_name = "S")]
     pub sampling_seed: Option<u64>,
     /// Replace the built-in system prompt.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     pub system_prompt: Option<String>,
 }
 
@@ -87,7 +87,7 @@ pub struct EnhanceArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// The prompt to rewrite.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     prompt: String,
     #[command(flatten)]
     flags: EnhanceFlags,

@@ -27,10 +27,10 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// What to draw.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     prompt: String,
     /// What to steer away from; used only with --guidance above 0 [default: ""].
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
     negative_prompt: Option<String>,
     /// Image width in pixels, a multiple of 16 [default: 1024, or the --init-image width floored to 16].
     #[arg(long, value_name = "W")]

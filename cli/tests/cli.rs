@@ -891,6 +891,15 @@ fn options_the_command_would_misread_are_refused_or_reported() {
     assert_eq!(left, ["a.png", "link.npy", "tiny.png", "tiny.step1.png"], "nothing written");
     assert_eq!(std::fs::read(dir.join("tiny.step1.png")).unwrap(), std::fs::read(&tiny).unwrap());
 
+    // A prompt that starts with a dash is a prompt, not a flag.
+    let args = ["generate", "--model", PACKAGE, "--prompt", "-a cat", "--negative-prompt", "--blurry", "--steps", "1"];
+    let out =
+        zimage([&args[..], &["--width", "16", "--height", "16", "--guidance", "1", "-o", &d("dash.png")]].concat());
+    assert_code(&out, 0);
+    let png = read_png(&dir.join("dash.png"));
+    assert!(png.text.values().any(|v| v.contains("-a cat")), "{:?}", png.text);
+    std::fs::remove_file(dir.join("dash.png")).unwrap();
+
     // A negative prompt without guidance still generates, with a warning that it is unused.
     let out = zimage(g(&["--width", "16", "--height", "16", "-o", &d("y.png"), "--negative-prompt", "blurry"]));
     assert_code(&out, 0);
