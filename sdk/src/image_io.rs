@@ -503,6 +503,17 @@ pub fn to_gray(picture: image::DynamicImage) -> GrayImage {
 fn luma(picture: image::DynamicImage) -> image::GrayImage {
     match picture {
         image::DynamicImage::ImageLuma8(gray) => gray,
+        // Colour pictures in 8 bits are read where they are (no RGB copy of a large mask).
+        image::DynamicImage::ImageRgb8(rgb) => {
+            let (width, height) = rgb.dimensions();
+            let pixels = rgb.pixels().map(|p| pil_luma(p.0)).collect();
+            image::GrayImage::from_raw(width, height, pixels).expect("one byte per pixel")
+        }
+        image::DynamicImage::ImageRgba8(rgba) => {
+            let (width, height) = rgba.dimensions();
+            let pixels = rgba.pixels().map(|p| pil_luma([p.0[0], p.0[1], p.0[2]])).collect();
+            image::GrayImage::from_raw(width, height, pixels).expect("one byte per pixel")
+        }
         other => {
             let (width, height) = (other.width(), other.height());
             let pixels = other.to_rgb8().pixels().map(|p| pil_luma(p.0)).collect();
@@ -651,7 +662,7 @@ pub fn resize_rgb_with(image: &RgbImage, width: u32, height: u32, filter: Filter
         )));
     }
     image.check_input("picture to resize")?;
-    let pixels = pil_resize::resize(
+    let pixels = pil_resize::resize::<3>(
         &image.pixels,
         image.width as usize,
         image.height as usize,
@@ -671,13 +682,22 @@ pub fn resize_gray(mask: &GrayImage, width: u32, height: u32) -> Result<GrayImag
     if (mask.width, mask.height) == (width, height) {
         return Ok(mask.clone());
     }
-    let as_rgb = RgbImage {
-        width: mask.width,
-        height: mask.height,
-        pixels: mask.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-    };
-    let resized = resize_rgb(&as_rgb, width, height)?;
-    Ok(GrayImage { width, height, pixels: resized.pixels.chunks(3).map(|p| p[0]).collect() })
+    if width == 0 || height == 0 || width > MAX_INPUT_SIDE || height > MAX_INPUT_SIDE {
+        return Err(Error::invalid(format!(
+            "resize target {width}x{height} must be 1..={MAX_INPUT_SIDE} pixels on a side"
+        )));
+    }
+    // One channel, not an RGB copy (a 16384^2 mask took 3 x 256 MiB more): Pillow resizes each
+    // channel on its own, so the result is the same.
+    let pixels = pil_resize::resize::<1>(
+        &mask.pixels,
+        mask.width as usize,
+        mask.height as usize,
+        width as usize,
+        height as usize,
+        Filter::Lanczos,
+    );
+    Ok(GrayImage { width, height, pixels })
 }
 
 /// Pillow's `Image.crop((left, top, left + width, top + height))` inside the picture.
@@ -790,6 +810,22 @@ fn check_npy_size(bytes: &[u8]) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gray picture resized on its own channel gives what its RGB copy gives in each channel
+    /// (Pillow resizes channels independently), growing and shrinking, for every filter path.
+    #[test]
+    fn gray_resizes_equal_their_rgb_copies() {
+        for (w, h, tw, th) in [(37, 23, 64, 48), (300, 200, 64, 48), (64, 400, 48, 64), (50, 50, 17, 90), (5, 7, 5, 3)]
+        {
+            let pixels: Vec<u8> = (0..w * h).map(|i| ((i * 37 + i / 11) % 256) as u8).collect();
+            let gray = GrayImage { width: w, height: h, pixels };
+            let rgb = RgbImage { width: w, height: h, pixels: gray.pixels.iter().flat_map(|&v| [v, v, v]).collect() };
+            let via_rgb: Vec<u8> = resize_rgb(&rgb, tw, th).unwrap().pixels.chunks(3).map(|p| p[0]).collect();
+            assert_eq!(resize_gray(&gray, tw, th).unwrap().pixels, via_rgb, "{w}x{h} -> {tw}x{th}");
+        }
+        let gray = GrayImage { width: 4, height: 4, pixels: vec![0; 16] };
+        assert_eq!(resize_gray(&gray, 0, 4).unwrap_err().kind(), crate::ErrorKind::InvalidRequest);
+    }
 
     /// WebP is lossless (the pixels back exactly), JPEG close at quality 95; a quality outside
     /// 1..=100 and a short pixel buffer are refused; formats by extension.

@@ -127,11 +127,19 @@ fn clip8(acc: i64) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes RGB `pixels` (`in_w` x `in_h`, 3 bytes a pixel) to `out_w` x `out_h` as Pillow's
-/// `Image.resize(size, filter)` does for an RGB image (no box, no reducing_gap). Every size is
-/// at least 1 and `pixels` holds `in_w * in_h * 3` bytes: `image_io::resize_rgb_with` checks
-/// both, and is the entry point for pictures.
-pub(crate) fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_h: usize, filter: Filter) -> Vec<u8> {
+/// Resizes `pixels` (`in_w` x `in_h`, `C` bytes a pixel: 3 for RGB, 1 for gray) to `out_w` x
+/// `out_h` as Pillow's `Image.resize(size, filter)` does for an RGB or L image (no box, no
+/// reducing_gap; each channel on its own, so a gray picture gives what its RGB copy gives in
+/// each channel). Every size is at least 1 and `pixels` holds `in_w * in_h * C` bytes:
+/// `image_io::resize_rgb_with` and `resize_gray` check both, and are the entry points.
+pub(crate) fn resize<const C: usize>(
+    pixels: &[u8],
+    in_w: usize,
+    in_h: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Vec<u8> {
     if (in_w, in_h) == (out_w, out_h) {
         return pixels.to_vec(); // Pillow returns a copy
     }
@@ -143,9 +151,9 @@ pub(crate) fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_
     // the order visible in the result: both orders round and clip in between.
     let vertical_first = in_h > out_h && (in_h - out_h) as i64 > (in_w as i64 - out_w as i64) * 2;
     if vertical_first {
-        let narrow = vertical_pass(pixels, in_w, &vert, 0);
+        let narrow = vertical_pass::<C>(pixels, in_w, &vert, 0);
         if need_h {
-            horizontal_pass(&narrow, in_w, out_h, 0, &horiz)
+            horizontal_pass::<C>(&narrow, in_w, out_h, 0, &horiz)
         } else {
             narrow
         }
@@ -153,37 +161,43 @@ pub(crate) fn resize(pixels: &[u8], in_w: usize, in_h: usize, out_w: usize, out_
         // Only the rows the vertical pass reads.
         let first = vert.first[0];
         let last = vert.first[out_h - 1] + vert.len[out_h - 1];
-        let wide = horizontal_pass(pixels, in_w, last - first, first, &horiz);
+        let wide = horizontal_pass::<C>(pixels, in_w, last - first, first, &horiz);
         if need_v {
-            vertical_pass(&wide, out_w, &vert, first)
+            vertical_pass::<C>(&wide, out_w, &vert, first)
         } else {
             wide
         }
     } else {
-        vertical_pass(pixels, in_w, &vert, 0)
+        vertical_pass::<C>(pixels, in_w, &vert, 0)
     }
 }
 
 /// Pillow's horizontal pass: `rows` rows of `src` (`src_w` pixels wide) from row `row_first`,
 /// each resampled to the coefficients' output width.
-fn horizontal_pass(src: &[u8], src_w: usize, rows: usize, row_first: usize, horiz: &Coefficients) -> Vec<u8> {
+fn horizontal_pass<const C: usize>(
+    src: &[u8],
+    src_w: usize,
+    rows: usize,
+    row_first: usize,
+    horiz: &Coefficients,
+) -> Vec<u8> {
     let out_w = horiz.first.len();
     let half = 1i64 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; rows * out_w * 3];
+    let mut out = vec![0u8; rows * out_w * C];
     for y in 0..rows {
-        let line = &src[(y + row_first) * src_w * 3..(y + row_first + 1) * src_w * 3];
+        let line = &src[(y + row_first) * src_w * C..(y + row_first + 1) * src_w * C];
         for xx in 0..out_w {
             let k = &horiz.weights[xx * horiz.ksize..];
             let x0 = horiz.first[xx];
-            let mut acc = [half; 3];
+            let mut acc = [half; C];
             for x in 0..horiz.len[xx] {
-                let px = &line[(x0 + x) * 3..(x0 + x) * 3 + 3];
-                for c in 0..3 {
+                let px = &line[(x0 + x) * C..(x0 + x) * C + C];
+                for c in 0..C {
                     acc[c] += px[c] as i64 * k[x] as i64;
                 }
             }
-            for c in 0..3 {
-                out[(y * out_w + xx) * 3 + c] = clip8(acc[c]);
+            for c in 0..C {
+                out[(y * out_w + xx) * C + c] = clip8(acc[c]);
             }
         }
     }
@@ -192,23 +206,23 @@ fn horizontal_pass(src: &[u8], src_w: usize, rows: usize, row_first: usize, hori
 
 /// Pillow's vertical pass over `src` (`width` pixels wide; its row 0 is the source's row
 /// `row_offset`): one output row per coefficient window.
-fn vertical_pass(src: &[u8], width: usize, vert: &Coefficients, row_offset: usize) -> Vec<u8> {
+fn vertical_pass<const C: usize>(src: &[u8], width: usize, vert: &Coefficients, row_offset: usize) -> Vec<u8> {
     let out_h = vert.first.len();
     let half = 1i64 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; out_h * width * 3];
+    let mut out = vec![0u8; out_h * width * C];
     for yy in 0..out_h {
         let k = &vert.weights[yy * vert.ksize..];
         let y0 = vert.first[yy] - row_offset;
         for xx in 0..width {
-            let mut acc = [half; 3];
+            let mut acc = [half; C];
             for y in 0..vert.len[yy] {
-                let px = &src[((y0 + y) * width + xx) * 3..((y0 + y) * width + xx) * 3 + 3];
-                for c in 0..3 {
+                let px = &src[((y0 + y) * width + xx) * C..((y0 + y) * width + xx) * C + C];
+                for c in 0..C {
                     acc[c] += px[c] as i64 * k[y] as i64;
                 }
             }
-            for c in 0..3 {
-                out[(yy * width + xx) * 3 + c] = clip8(acc[c]);
+            for c in 0..C {
+                out[(yy * width + xx) * C + c] = clip8(acc[c]);
             }
         }
     }
