@@ -407,7 +407,7 @@ typedef struct zimage_edit_params {
    */
   uint64_t seed;
   /**
-   * Images generated, 1..=64.
+   * Images generated, 1..=64, at most 2^26 pixels together (64 of 1024x1024).
    */
   uint32_t count;
   /**
@@ -738,7 +738,8 @@ typedef struct zimage_generate_params {
    */
   uint64_t seed;
   /**
-   * Images generated from this prompt, 1..=64.
+   * Images generated from this prompt, 1..=64, at most 2^26 pixels together (64 of
+   * 1024x1024, one of 8192x8192).
    */
   uint32_t count;
   /**

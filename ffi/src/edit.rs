@@ -53,7 +53,7 @@ pub struct zimage_edit_params {
     pub cfg_truncation: f32,
     /// The noise seed; `ZIMAGE_RANDOM_SEED` (the default) draws one.
     pub seed: u64,
-    /// Images generated, 1..=64.
+    /// Images generated, 1..=64, at most 2^26 pixels together (64 of 1024x1024).
     pub count: u32,
     /// Tokens kept per text segment; 0 = the package's default (512).
     pub max_sequence_length: u32,

@@ -80,7 +80,8 @@ pub struct zimage_generate_params {
     pub cfg_truncation: f32,
     /// The noise seed; `ZIMAGE_RANDOM_SEED` (the default) draws one.
     pub seed: u64,
-    /// Images generated from this prompt, 1..=64.
+    /// Images generated from this prompt, 1..=64, at most 2^26 pixels together (64 of
+    /// 1024x1024, one of 8192x8192).
     pub count: u32,
     /// Prompt tokens kept (chat template included); 0 = the package's default (512).
     pub max_sequence_length: u32,
