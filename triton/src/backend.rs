@@ -536,7 +536,7 @@ fn run(
     if is_cancelled() {
         return Err(cancelled());
     }
-    let inputs = read_inputs(api, request, &state.limits)?;
+    let mut inputs = read_inputs(api, request, &state.limits)?;
     let outputs = requested_outputs(api, request)?;
     let pipeline = &state.pipeline;
     // Asked after every denoising step: a cancelled request stops there (the SDK returns
@@ -547,7 +547,7 @@ fn run(
             .map_err(|e| BackendError::invalid(e.0))?;
         pipeline.edit(&edit, Some(&mut progress))
     } else {
-        let generate = request::build_request(&inputs, &state.limits, &pipeline.manifest().generation_defaults)
+        let generate = request::build_request(&mut inputs, &state.limits, &pipeline.manifest().generation_defaults)
             .map_err(|e| BackendError::invalid(e.0))?;
         pipeline.generate(&generate, Some(&mut progress))
     }

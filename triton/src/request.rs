@@ -186,7 +186,7 @@ pub fn is_edit(inputs: &HashMap<String, Tensor>) -> bool {
 /// the control map (`CONTROL_PREPROCESS`), so a small picture with a huge WIDTH x HEIGHT is
 /// refused before any buffer of that size is made.
 pub fn build_request(
-    inputs: &HashMap<String, Tensor>,
+    inputs: &mut HashMap<String, Tensor>,
     limits: &Limits,
     defaults: &GenerationDefaults,
 ) -> Result<GenerateRequest, InputError> {
@@ -203,9 +203,6 @@ pub fn build_request(
     request.seed = common.seed;
     request.count = common.count.unwrap_or(request.count);
     let (width, height) = (common.width, common.height);
-    let init = inputs.get("INIT_IMAGE").map(|t| rgb_image(t, "INIT_IMAGE")).transpose()?;
-    let mask = inputs.get("MASK").map(mask).transpose()?;
-    let control = inputs.get("CONTROL_IMAGE").map(|t| rgb_image(t, "CONTROL_IMAGE")).transpose()?;
     let strength = match scalar(inputs, "STRENGTH", 8)? {
         Some(bytes) => {
             let s = f64::from_le_bytes(bytes.try_into().expect("8 bytes"));
@@ -216,6 +213,10 @@ pub fn build_request(
         }
         None => None,
     };
+    // Moved out of the inputs, not copied: a request's pictures are held once.
+    let init = inputs.remove("INIT_IMAGE").map(|t| rgb_image(t, "INIT_IMAGE")).transpose()?;
+    let mask = inputs.remove("MASK").map(mask).transpose()?;
+    let control = inputs.remove("CONTROL_IMAGE").map(|t| rgb_image(t, "CONTROL_IMAGE")).transpose()?;
     let picture_size = init
         .as_ref()
         .or(control.as_ref())
@@ -286,12 +287,17 @@ pub fn build_edit_request(
         }
     }
     let references = &inputs["REFERENCE_IMAGES"];
-    let files = if references.elements() == Some(0) && references.data.is_empty() {
+    let declared =
+        references.elements().ok_or_else(|| bad(format!("REFERENCE_IMAGES: bad shape {:?}", references.shape)))?;
+    let no_reference = declared == 0 && references.data.is_empty();
+    // The count the shape declares is checked before the elements are parsed: a tensor of
+    // millions of empty elements passed the byte cap and aborted the server on the list of them.
+    edit::check_edit_package(manifest, dir, declared).map_err(|e| bad(format!("REFERENCE_IMAGES: {e}")))?;
+    let files = if no_reference {
         Vec::new() // no reference: text-to-image through the Omni transformer
     } else {
         bytes_elements(references, "REFERENCE_IMAGES")?
     };
-    edit::check_edit_package(manifest, dir, files.len()).map_err(|e| bad(format!("REFERENCE_IMAGES: {e}")))?;
     let images = files
         .iter()
         .enumerate()
@@ -443,19 +449,19 @@ fn dims(tensor: &Tensor, name: &str, rank: usize) -> Result<Vec<u32>, InputError
     Ok(dims)
 }
 
-fn rgb_image(tensor: &Tensor, name: &str) -> Result<RgbImage, InputError> {
-    let d = dims(tensor, name, 3)?;
+fn rgb_image(tensor: Tensor, name: &str) -> Result<RgbImage, InputError> {
+    let d = dims(&tensor, name, 3)?;
     if d[2] != 3 {
         return Err(bad(format!("{name} must be [H, W, 3] RGB (got shape {:?})", tensor.shape)));
     }
-    let image = RgbImage { width: d[1], height: d[0], pixels: tensor.data.clone() };
+    let image = RgbImage { width: d[1], height: d[0], pixels: tensor.data };
     image.check().map_err(|e| bad(e.to_string()))?;
     Ok(image)
 }
 
-fn mask(tensor: &Tensor) -> Result<GrayImage, InputError> {
-    let d = dims(tensor, "MASK", 2)?;
-    let mask = GrayImage { width: d[1], height: d[0], pixels: tensor.data.clone() };
+fn mask(tensor: Tensor) -> Result<GrayImage, InputError> {
+    let d = dims(&tensor, "MASK", 2)?;
+    let mask = GrayImage { width: d[1], height: d[0], pixels: tensor.data };
     mask.check().map_err(|e| bad(e.to_string()))?;
     Ok(mask)
 }

@@ -50,14 +50,14 @@ fn inputs(items: &[(&str, Tensor)]) -> HashMap<String, Tensor> {
 }
 
 fn refused(items: &[(&str, Tensor)]) -> String {
-    let InputError(message) = build_request(&inputs(items), &LIMITS, &turbo()).expect_err("must be refused");
+    let InputError(message) = build_request(&mut inputs(items), &LIMITS, &turbo()).expect_err("must be refused");
     message
 }
 
 #[test]
 fn a_full_text_to_image_request() {
     let request = build_request(
-        &inputs(&[
+        &mut inputs(&[
             ("PROMPT", text("a red fox")),
             ("NEGATIVE_PROMPT", text("blurry")),
             ("WIDTH", i32s(96)),
@@ -81,7 +81,7 @@ fn a_full_text_to_image_request() {
 
 #[test]
 fn defaults_are_the_sdks() {
-    let request = build_request(&inputs(&[("PROMPT", text(""))]), &LIMITS, &turbo()).unwrap();
+    let request = build_request(&mut inputs(&[("PROMPT", text(""))]), &LIMITS, &turbo()).unwrap();
     let default = zimage::GenerateRequest::default();
     assert_eq!((request.width, request.height, request.steps, request.count), (1024, 1024, default.steps, 1));
     assert_eq!(request.guidance_scale, default.guidance_scale);
@@ -95,11 +95,14 @@ fn left_out_inputs_take_the_models_recommended_settings() {
         r#"{"variant": "base", "steps": 50, "guidance_scale": 4.0, "cfg_normalization": 0.25, "cfg_truncation": 0.8}"#,
     )
     .unwrap();
-    let r = build_request(&inputs(&[("PROMPT", text("x"))]), &LIMITS, &base).unwrap();
+    let r = build_request(&mut inputs(&[("PROMPT", text("x"))]), &LIMITS, &base).unwrap();
     assert_eq!((r.steps, r.guidance_scale, r.cfg_normalization, r.cfg_truncation), (50, 4.0, 0.25, 0.8));
-    let r =
-        build_request(&inputs(&[("PROMPT", text("x")), ("STEPS", i32s(12)), ("GUIDANCE", f32s(0.0))]), &LIMITS, &base)
-            .unwrap();
+    let r = build_request(
+        &mut inputs(&[("PROMPT", text("x")), ("STEPS", i32s(12)), ("GUIDANCE", f32s(0.0))]),
+        &LIMITS,
+        &base,
+    )
+    .unwrap();
     assert_eq!((r.steps, r.guidance_scale), (12, 0.0));
 }
 
@@ -109,7 +112,7 @@ fn left_out_inputs_take_the_models_recommended_settings() {
 fn an_init_image_sets_the_size_and_is_passed_as_sent() {
     let image = pixels(32, 48, 3);
     let request =
-        build_request(&inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS, &turbo()).unwrap();
+        build_request(&mut inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone())]), &LIMITS, &turbo()).unwrap();
     assert_eq!((request.width, request.height), (48, 32));
     let init = request.init_image.unwrap();
     assert_eq!(init.strength, InitImage::DEFAULT_STRENGTH);
@@ -117,7 +120,7 @@ fn an_init_image_sets_the_size_and_is_passed_as_sent() {
     assert_eq!(init.image.pixels, image.data);
 
     let request = build_request(
-        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone()), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
+        &mut inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", image.clone()), ("WIDTH", i32s(64)), ("HEIGHT", i32s(64))]),
         &LIMITS,
         &turbo(),
     )
@@ -137,7 +140,7 @@ fn a_small_picture_with_a_huge_size_is_refused_before_any_resize() {
     let huge = [("WIDTH", i32s(16384)), ("HEIGHT", i32s(16384))];
     let mut items = vec![("PROMPT", text("x")), ("INIT_IMAGE", pixels(1, 1, 3)), ("MASK", pixels(1, 1, 0))];
     items.extend_from_slice(&huge);
-    let request = build_request(&inputs(&items), &LIMITS, &turbo()).unwrap();
+    let request = build_request(&mut inputs(&items), &LIMITS, &turbo()).unwrap();
     let init = request.init_image.as_ref().unwrap();
     assert_eq!((init.image.pixels.len(), init.mask.as_ref().unwrap().pixels.len()), (3, 1));
     let e = zimage::pipeline::check_request(&request, &manifest).unwrap_err().to_string();
@@ -175,7 +178,7 @@ fn a_picture_side_above_the_limit_is_refused() {
     );
     // 16384 itself is a valid side.
     let request = build_request(
-        &inputs(&[
+        &mut inputs(&[
             ("PROMPT", text("x")),
             ("INIT_IMAGE", pixels(1, 16384, 3)),
             ("WIDTH", i32s(64)),
@@ -245,7 +248,7 @@ fn each_input_has_a_byte_cap_checked_before_its_copy() {
 #[test]
 fn inpainting_takes_the_mask_and_its_default_strength() {
     let request = build_request(
-        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("MASK", pixels(16, 32, 0))]),
+        &mut inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("MASK", pixels(16, 32, 0))]),
         &LIMITS,
         &turbo(),
     )
@@ -256,7 +259,7 @@ fn inpainting_takes_the_mask_and_its_default_strength() {
     assert_eq!((mask.width, mask.height, mask.pixels.len()), (32, 16, 512));
 
     let request = build_request(
-        &inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("STRENGTH", f64s(0.35))]),
+        &mut inputs(&[("PROMPT", text("x")), ("INIT_IMAGE", pixels(16, 32, 3)), ("STRENGTH", f64s(0.35))]),
         &LIMITS,
         &turbo(),
     )
@@ -277,7 +280,7 @@ fn bad_inputs_are_refused_with_the_reason() {
         refused(&[("PROMPT", text(&"a".repeat(65)))]),
         "PROMPT is 65 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
     );
-    assert!(build_request(&inputs(&[("PROMPT", text(&"a".repeat(64)))]), &LIMITS, &turbo()).is_ok());
+    assert!(build_request(&mut inputs(&[("PROMPT", text(&"a".repeat(64)))]), &LIMITS, &turbo()).is_ok());
     assert_eq!(
         refused(&[("PROMPT", text("x")), ("NEGATIVE_PROMPT", text(&"b".repeat(100)))]),
         "NEGATIVE_PROMPT is 100 bytes long; this model accepts at most 64 (parameter max_prompt_bytes)"
@@ -401,7 +404,7 @@ fn the_tensor_table_is_consistent() {
 const WITH_CONTROLNET: Limits = Limits { controlnet: true, ..LIMITS };
 
 fn with_controlnet(items: &[(&str, Tensor)]) -> Result<zimage::GenerateRequest, InputError> {
-    build_request(&inputs(items), &WITH_CONTROLNET, &turbo())
+    build_request(&mut inputs(items), &WITH_CONTROLNET, &turbo())
 }
 
 /// CONTROL_IMAGE is a ControlNet condition at the output size (which it sets without
@@ -592,27 +595,33 @@ fn bad_edits_are_refused_before_decoding() {
     two.shape = vec![2];
     let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", two)]);
     assert_eq!(e, "REFERENCE_IMAGES: element 1 without its length");
+    // A shape of more elements than the model takes is refused before any is parsed (millions
+    // of empty elements, within the byte cap, made a list that aborted the server).
+    let mut many = refs();
+    many.shape = vec![100_000_000];
+    let e = edit_refused(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", many)]);
+    assert!(e.ends_with("100000000 reference images: this model takes at most 8"), "{e}");
 
     // A package that does not edit, and a generation asked to take references.
     let dir = root().join("models/tiny-zimage");
     let manifest = Manifest::read(&dir).unwrap();
-    let items = inputs(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs())]);
+    let mut items = inputs(&[("PROMPT", text("x")), ("REFERENCE_IMAGES", refs())]);
     let InputError(e) = build_edit_request(&items, &LIMITS, &manifest, &dir).unwrap_err();
     assert!(e.contains("does not support editing"), "{e}");
-    let InputError(e) = build_request(&items, &LIMITS, &turbo()).unwrap_err();
+    let InputError(e) = build_request(&mut items, &LIMITS, &turbo()).unwrap_err();
     assert!(e.starts_with("REFERENCE_IMAGES makes an edit"), "{e}");
 }
 
 #[test]
 fn cfg_inputs_reach_a_generation() {
     let request = build_request(
-        &inputs(&[("PROMPT", text("x")), ("CFG_NORMALIZATION", f32s(1.5)), ("CFG_TRUNCATION", f32s(0.25))]),
+        &mut inputs(&[("PROMPT", text("x")), ("CFG_NORMALIZATION", f32s(1.5)), ("CFG_TRUNCATION", f32s(0.25))]),
         &LIMITS,
         &turbo(),
     )
     .unwrap();
     assert_eq!((request.cfg_normalization, request.cfg_truncation), (1.5, 0.25));
-    let request = build_request(&inputs(&[("PROMPT", text("x"))]), &LIMITS, &turbo()).unwrap();
+    let request = build_request(&mut inputs(&[("PROMPT", text("x"))]), &LIMITS, &turbo()).unwrap();
     assert_eq!((request.cfg_normalization, request.cfg_truncation), (0.0, 1.0));
     assert_eq!(
         refused(&[("PROMPT", text("x")), ("CFG_NORMALIZATION", f32s(f32::INFINITY))]),
