@@ -243,6 +243,12 @@ private:
     struct StepContext {
         const ProgressFunction *progress;
         const PreviewFunction *preview;
+        // The caller's own C callbacks and their user data, set in the params before the call:
+        // the wrapper's user data replaces theirs, so the trampolines forward to them where no
+        // function of the wrapper takes their place (they got the wrapper's context instead).
+        zimage_progress_callback raw_progress;
+        zimage_preview_callback raw_preview;
+        void *raw_user_data;
         std::exception_ptr exception;
     };
 
@@ -251,14 +257,15 @@ private:
     template <typename Params>
     Images run(zimage_result (*call)(const zimage_pipeline *, const Params *, zimage_image_list **), Params &params,
                const ProgressFunction &progress, const PreviewFunction &preview) const {
-        StepContext context{&progress, &preview, nullptr};
+        StepContext context{&progress, &preview, params.progress_callback, params.preview_callback,
+                            params.progress_user_data, nullptr};
         // With a preview function too: previews get progress_user_data, and the progress
         // trampoline is what stops the run after the preview function threw (it returns void).
         if (progress || preview) {
             params.progress_callback = &Pipeline::progress_trampoline;
             params.progress_user_data = &context;
+            if (preview || params.preview_callback) params.preview_callback = &Pipeline::preview_trampoline;
         }
-        if (preview) params.preview_callback = &Pipeline::preview_trampoline;
         zimage_image_list *images = nullptr;
         zimage_result result = call(handle_.get(), &params, &images);
         if (context.exception) std::rethrow_exception(context.exception);
@@ -269,7 +276,10 @@ private:
     static bool progress_trampoline(std::uint32_t step, std::uint32_t total, double elapsed, void *user_data) {
         auto *context = static_cast<StepContext *>(user_data);
         if (context->exception) return false;  // the preview function threw
-        if (!*context->progress) return true;
+        if (!*context->progress) {
+            return context->raw_progress == nullptr ||
+                   context->raw_progress(step, total, elapsed, context->raw_user_data);
+        }
         try {
             return (*context->progress)(step, total, elapsed);
         } catch (...) {
@@ -281,6 +291,10 @@ private:
     static void preview_trampoline(std::uint32_t step, std::uint32_t total, const zimage_image *images,
                                    std::uint32_t count, void *user_data) {
         auto *context = static_cast<StepContext *>(user_data);
+        if (!*context->preview) {
+            if (context->raw_preview != nullptr) context->raw_preview(step, total, images, count, context->raw_user_data);
+            return;
+        }
         try {
             (*context->preview)(step, total, std::vector<zimage_image>(images, images + count));
         } catch (...) {

@@ -623,6 +623,22 @@ void test_previews(const zimage::Pipeline &pipeline) {
     };
     CHECK(pipeline.generate(params, nullptr, preview).size() == 1);
     CHECK((steps == std::vector<std::uint32_t>{1, 2, 3}));
+
+    // The caller's own C preview callback with a progress function: it gets its own user data
+    // (it got the wrapper's context, and the progress trampoline then crashed).
+    struct Counts {
+        std::uint32_t previews = 0;
+        std::uint32_t progress = 0;
+    } counts;
+    params.preview_callback = [](std::uint32_t, std::uint32_t, const zimage_image *, std::uint32_t count,
+                                 void *user_data) { static_cast<Counts *>(user_data)->previews += count; };
+    params.progress_user_data = &counts;
+    auto progress = [&](std::uint32_t, std::uint32_t, double) {
+        counts.progress++;
+        return true;
+    };
+    CHECK(pipeline.generate(params, progress).size() == 1);
+    CHECK(counts.previews == 3 && counts.progress == 4);
 }
 
 int main(int argc, char **argv) {
