@@ -504,11 +504,13 @@ typedef struct zimage_enhance_params {
  * enhancer loads, also on the threads that load builds its sessions on (ONNX Runtime's own
  * lines come from those). Calls never overlap: zimage makes one call at a time to the
  * callback of one set of load parameters, whatever the threads, so the callback need not be
- * thread-safe. It should return promptly, as another thread's message waits for it. It may
- * call zimage functions itself (their messages then come to it on the same thread), but must
- * not wait for another thread's zimage call on the same pipeline, which may be waiting to log.
- * Two pipelines loaded with the same callback are two loggers: used from two threads, their
- * calls can overlap.
+ * thread-safe. A message from a thread that finds the callback busy is not waited for: it is
+ * queued, and the busy thread passes it to the callback right after (so a message can arrive on
+ * another thread than the call it comes from; at most 4096 wait, then they are counted in one
+ * WARN). It may call zimage functions itself, even on the pipeline whose message it receives
+ * (their messages then come to it on the same thread). It must not throw (C++) or `longjmp`
+ * through zimage. Two pipelines loaded with the same callback are two loggers: used from two
+ * threads, their calls can overlap.
  */
 typedef void (*zimage_log_callback)(uint32_t level, const char *message, void *user_data);
 

@@ -2,8 +2,9 @@
 //! pipelines in one process (two plugins in one engine) each get their own messages. ONNX
 //! Runtime's own lines reach the same callback through `ort_log`.
 
-use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::{Arc, Mutex};
 
 use crate::strings::c_string;
 
@@ -31,11 +32,13 @@ pub enum zimage_log_level {
 /// enhancer loads, also on the threads that load builds its sessions on (ONNX Runtime's own
 /// lines come from those). Calls never overlap: zimage makes one call at a time to the
 /// callback of one set of load parameters, whatever the threads, so the callback need not be
-/// thread-safe. It should return promptly, as another thread's message waits for it. It may
-/// call zimage functions itself (their messages then come to it on the same thread), but must
-/// not wait for another thread's zimage call on the same pipeline, which may be waiting to log.
-/// Two pipelines loaded with the same callback are two loggers: used from two threads, their
-/// calls can overlap.
+/// thread-safe. A message from a thread that finds the callback busy is not waited for: it is
+/// queued, and the busy thread passes it to the callback right after (so a message can arrive on
+/// another thread than the call it comes from; at most 4096 wait, then they are counted in one
+/// WARN). It may call zimage functions itself, even on the pipeline whose message it receives
+/// (their messages then come to it on the same thread). It must not throw (C++) or `longjmp`
+/// through zimage. Two pipelines loaded with the same callback are two loggers: used from two
+/// threads, their calls can overlap.
 pub type zimage_log_callback = Option<unsafe extern "C" fn(level: u32, message: *const c_char, user_data: *mut c_void)>;
 
 /// A C log callback and its user data. Clones share one [`Turn`]: a pipeline's logger and the
@@ -58,8 +61,9 @@ impl Logger {
     }
 
     pub fn log(&self, level: zimage_log_level, message: &str) {
-        let message = c_string(message);
-        self.turn.run(|| unsafe { (self.callback)(level as u32, message.as_ptr(), self.user_data) });
+        self.turn.run(level as u32, c_string(message), |level, message| unsafe {
+            (self.callback)(level, message.as_ptr(), self.user_data)
+        });
     }
 }
 
@@ -70,31 +74,72 @@ pub(crate) fn log(logger: Option<&Logger>, level: zimage_log_level, message: imp
     }
 }
 
-/// One call at a time to a logger's callback, across threads. Re-entrant on one thread: the
-/// callback may call zimage, which logs through the same logger before the outer call returns.
+/// One call at a time to a logger's callback, across threads, and never a wait for it: a
+/// message from a thread that finds the callback busy with another thread's is queued, and the
+/// busy thread delivers the queue before it lets go. A thread that logs while holding a lock
+/// (inside an ONNX Runtime call, under a session's mutex) therefore never waits for a callback
+/// that may itself be waiting for that lock (a callback calling zimage on the same pipeline).
+/// Re-entrant on one thread: the callback may call zimage, which logs through the same logger
+/// before the outer call returns.
 #[derive(Default)]
 struct Turn {
-    /// The thread whose call runs ([`thread_token`]) and how deeply its calls are nested; a
-    /// depth of 0 means free.
-    holder: Mutex<(usize, usize)>,
-    released: Condvar,
+    state: Mutex<TurnState>,
 }
 
+#[derive(Default)]
+struct TurnState {
+    /// The thread whose call runs ([`thread_token`]) and how deeply its calls are nested; a
+    /// depth of 0 means free.
+    holder: usize,
+    depth: usize,
+    /// Other threads' messages, waiting for the holder to deliver them.
+    queued: VecDeque<(u32, CString)>,
+    /// Messages not queued because the queue was full.
+    dropped: usize,
+}
+
+/// Most messages waiting for a busy callback (a callback slower than the logging); past it they
+/// are counted and reported in one WARN line.
+const MAX_QUEUED: usize = 4096;
+
 impl Turn {
-    fn run(&self, call: impl FnOnce()) {
+    fn run(&self, level: u32, message: CString, deliver: impl Fn(u32, &CStr)) {
         let me = thread_token();
-        let mut holder = self.holder.lock().unwrap_or_else(|p| p.into_inner());
-        while holder.1 > 0 && holder.0 != me {
-            holder = self.released.wait(holder).unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.depth > 0 && state.holder != me {
+            if state.queued.len() < MAX_QUEUED {
+                state.queued.push_back((level, message));
+            } else {
+                state.dropped += 1;
+            }
+            return;
         }
-        *holder = (me, holder.1 + 1);
-        drop(holder);
-        call();
-        let mut holder = self.holder.lock().unwrap_or_else(|p| p.into_inner());
-        holder.1 -= 1;
-        if holder.1 == 0 {
-            self.released.notify_one();
+        state.holder = me;
+        state.depth += 1;
+        let outermost = state.depth == 1;
+        drop(state);
+        deliver(level, &message);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // The outermost call delivers what others queued meanwhile, still holding the turn
+        // (their nested messages then run on this thread, as the callback's own would).
+        while outermost {
+            let next = match state.queued.pop_front() {
+                Some(queued) => queued,
+                None if state.dropped > 0 => {
+                    let text = format!(
+                        "zimage: {} log messages were dropped: the log callback was busy while more than {MAX_QUEUED} \
+                         waited for it",
+                        std::mem::take(&mut state.dropped)
+                    );
+                    (zimage_log_level::Warn as u32, c_string(&text))
+                }
+                None => break,
+            };
+            drop(state);
+            deliver(next.0, &next.1);
+            state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         }
+        state.depth -= 1;
     }
 }
 
@@ -174,5 +219,52 @@ mod tests {
         // Free again: another thread's call goes through.
         std::thread::spawn(move || logger.log(zimage_log_level::Info, "last")).join().unwrap();
         assert_eq!(probe.calls.load(Ordering::SeqCst), 81);
+    }
+
+    /// The callback holds thread A until thread B has logged: B's message is queued, B goes on
+    /// (a B that waited, while holding a lock A's callback needs, deadlocked), and A delivers it
+    /// on its own thread right after its own message.
+    #[test]
+    fn a_thread_never_waits_for_another_threads_callback() {
+        struct Hold {
+            inside: std::sync::mpsc::SyncSender<()>,
+            other_logged: Mutex<std::sync::mpsc::Receiver<()>>,
+            seen: Mutex<Vec<(String, ThreadId)>>,
+            waited_in_vain: AtomicUsize,
+        }
+        unsafe extern "C" fn hold(_: u32, message: *const c_char, user_data: *mut c_void) {
+            let hold = unsafe { &*(user_data as *const Hold) };
+            let text = unsafe { std::ffi::CStr::from_ptr(message) }.to_string_lossy().into_owned();
+            hold.seen.lock().unwrap().push((text.clone(), std::thread::current().id()));
+            if text == "hold" {
+                hold.inside.send(()).unwrap();
+                if hold.other_logged.lock().unwrap().recv_timeout(Duration::from_secs(10)).is_err() {
+                    hold.waited_in_vain.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        let (inside_tx, inside_rx) = std::sync::mpsc::sync_channel(1);
+        let (logged_tx, logged_rx) = std::sync::mpsc::channel();
+        let probe = Hold {
+            inside: inside_tx,
+            other_logged: Mutex::new(logged_rx),
+            seen: Mutex::default(),
+            waited_in_vain: AtomicUsize::new(0),
+        };
+        let logger = Logger::new(Some(hold), &probe as *const Hold as *mut c_void).unwrap();
+        std::thread::scope(|s| {
+            let a = logger.clone();
+            let a_thread = s.spawn(move || {
+                a.log(zimage_log_level::Info, "hold");
+                std::thread::current().id()
+            });
+            inside_rx.recv().unwrap();
+            logger.log(zimage_log_level::Info, "other"); // returns at once: queued
+            logged_tx.send(()).unwrap();
+            let a_id = a_thread.join().unwrap();
+            assert_eq!(probe.waited_in_vain.load(Ordering::SeqCst), 0, "the other thread waited for the callback");
+            let seen = probe.seen.lock().unwrap();
+            assert_eq!(*seen, [("hold".to_string(), a_id), ("other".to_string(), a_id)]);
+        });
     }
 }

@@ -73,7 +73,9 @@ inline zimage_enhance_params enhance_params() {
     return params;
 }
 
-// Called with a zimage_log_level and the message; possibly from several threads at once.
+// Called with a zimage_log_level and the message, one call at a time (from the calling thread
+// or, during a load or for another thread's queued message, from another thread); it must not
+// throw (the trampoline runs inside zimage).
 using LogFunction = std::function<void(std::uint32_t level, const char *message)>;
 
 namespace detail {
