@@ -89,6 +89,14 @@ struct Args {
     /// (a 400, then the connection is closed): stalled clients cannot hold connections forever.
     #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout: u64,
+    /// Seconds a request's whole body may take to arrive (a client that trickles it a byte at a
+    /// time passes --header-timeout between bytes): past it, a 400 and the connection closes.
+    #[arg(long, value_name = "S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout: u64,
+    /// Most client connections open at once; one more is closed as soon as it is accepted (a
+    /// client holding many idle or trickling connections could take every file descriptor).
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Seconds a write to a client may stay blocked (the client reads none of the response)
     /// before the connection is closed: a client that stops reading cannot hold a response's
     /// images in memory forever.
@@ -280,6 +288,7 @@ async fn serve(
         decode_slots: (args.workers as usize + args.max_queue as usize) * specs.len(),
         decode_delay: Duration::from_millis(args.decode_delay_ms),
         body_timeout: Duration::from_secs(args.header_timeout),
+        body_total_timeout: Duration::from_secs(args.body_timeout),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         public_url: args.public_url.clone(),
     };
@@ -354,6 +363,8 @@ async fn serve(
     let timeouts = ConnectionTimeouts {
         header: Duration::from_secs(args.header_timeout),
         write: Duration::from_secs(args.write_timeout),
+        closing: Duration::from_secs(args.drain_timeout),
+        max_connections: args.max_connections as usize,
     };
     serve_connections(listener, app, timeouts, shutdown).await;
     if let Some(code) = *failed.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -377,6 +388,11 @@ struct ConnectionTimeouts {
     header: Duration,
     /// Taking a response: one write blocked this long closes the connection.
     write: Duration,
+    /// After shutdown, how long open connections may take to finish their requests (a client
+    /// trickling a body held the process open for as long as it liked).
+    closing: Duration,
+    /// Connections open at once; past it a new one is closed at once.
+    max_connections: usize,
 }
 
 /// Serves HTTP/1 connections until `shutdown` completes, then waits for the open ones to
@@ -395,6 +411,7 @@ async fn serve_connections(
     // A send tells every connection to finish; each connection holds a receiver, so
     // `closed()` resolves once they are all gone.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let connections = Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -409,9 +426,16 @@ async fn serve_connections(
             },
             _ = &mut shutdown => break,
         };
+        let Ok(open) = Arc::clone(&connections).try_acquire_owned() else {
+            // Dropping the stream closes it: the client can retry, the server keeps its
+            // descriptors for the connections it serves.
+            tracing::warn!("{} connections open: closing a new one", timeouts.max_connections);
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let _open = open;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(timeouts.header);
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
@@ -440,7 +464,9 @@ async fn serve_connections(
     drop(listener);
     drop(stop_rx);
     let _ = stop_tx.send(());
-    stop_tx.closed().await;
+    if tokio::time::timeout(timeouts.closing, stop_tx.closed()).await.is_err() {
+        tracing::warn!("connections still open {} s after shutdown: closing them", timeouts.closing.as_secs());
+    }
 }
 
 /// What to load and how.

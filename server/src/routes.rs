@@ -42,6 +42,9 @@ pub struct Settings {
     pub decode_delay: Duration,
     /// Longest wait for the next part of a request body (`--header-timeout`).
     pub body_timeout: Duration,
+    /// Longest a whole request body may take to arrive (`--body-timeout`): a client that
+    /// trickles a byte now and then passes `body_timeout` forever.
+    pub body_total_timeout: Duration,
     pub request_timeout: Duration,
     pub public_url: Option<String>,
 }
@@ -59,6 +62,9 @@ pub struct AppState {
     pub settings: Settings,
     /// `settings.decode_slots` permits: one held while a request's pictures are decoded.
     decoding: Arc<Semaphore>,
+    /// As many permits: one held while a request's prompts are tokenized before queueing (a
+    /// 1 MiB prompt takes seconds and ~150 MB to tokenize).
+    checking: Semaphore,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -79,6 +85,7 @@ impl AppState {
             metrics,
             store,
             decoding: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
+            checking: Semaphore::new(settings.decode_slots.max(1)),
             settings,
             next_id: AtomicU64::new(1),
             id_prefix: format!("{:08x}", crate::output::random_u64() as u32),
@@ -160,8 +167,48 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A client that stops sending its body: reading it fails (a 400) and the connection
         // closes, instead of a handler waiting for it forever.
         .layer(RequestBodyTimeoutLayer::new(state.settings.body_timeout))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), limit_body_time))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
+}
+
+/// Gives the request's body a deadline for arriving whole (`--body-timeout`): reading past it
+/// fails as a stalled body does (a 400, and the connection closes).
+async fn limit_body_time(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let deadline = Box::pin(tokio::time::sleep(state.settings.body_total_timeout));
+    next.run(request.map(|inner| axum::body::Body::new(DeadlineBody { inner, deadline }))).await
+}
+
+/// A body that fails once its deadline passes.
+struct DeadlineBody {
+    inner: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(
+                "the request body took longer than --body-timeout",
+            ))));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,6 +757,12 @@ type Queued = (Arc<ModelPool>, Reply, Option<mpsc::UnboundedReceiver<StepReport>
 
 fn queue(state: &AppState, id: String, prepared: Prepared) -> Result<Queued, ApiError> {
     let pool = state.pool(prepared.model.as_deref())?;
+    // A full queue answers before the prompts are tokenized, and at most workers + max-queue
+    // requests per model are tokenized at once (each of up to 2 MiB of text): past that, 429.
+    if !pool.has_room() {
+        return Err(ApiError::queue_full(pool.retry_after()));
+    }
+    let _checking = state.checking.try_acquire().map_err(|_| ApiError::queue_full(pool.retry_after()))?;
     // Tokenizing a long prompt takes a moment: off the runtime's reactor.
     tokio::task::block_in_place(|| pool.check(&prepared.spec))?;
     let cancel = Arc::new(JobCancel::default());
@@ -1016,6 +1069,7 @@ mod tests {
             decode_slots: 1,
             decode_delay: Duration::ZERO,
             body_timeout: Duration::from_secs(1),
+            body_total_timeout: Duration::from_secs(60),
             request_timeout,
             public_url: None,
         };

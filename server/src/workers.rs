@@ -201,17 +201,31 @@ impl ModelPool {
                 .with_param("enhance_prompt"));
         };
         // The prompt the text encoder sees is the enhancer's answer: only the enhancer's
-        // limits apply to the one given.
+        // limits apply to the one given. The negative prompt is encoded as given (under
+        // guidance): checked on a copy with an empty prompt, made only then.
+        let negative = |e: zimage::Error| sdk(e).with_param("negative_prompt");
         let prompt = match &spec.work {
             Work::Generate(request) => {
-                self.checker.check_request(request).map_err(sdk)?;
+                if request.negative_prompt.is_some() && request.guidance_scale > 0.0 {
+                    let mut probe = request.clone();
+                    probe.prompt = Prompt::Text(String::new());
+                    self.checker.check_request_prompts(&probe).map_err(negative)?;
+                } else {
+                    self.checker.check_request(request).map_err(sdk)?;
+                }
                 match &request.prompt {
                     Prompt::Text(text) => text.as_str(),
                     Prompt::Embedded(_) => return Ok(()),
                 }
             }
             Work::Edit { request, .. } => {
-                self.checker.check_edit(request).map_err(sdk)?;
+                if request.negative_prompt.is_some() {
+                    let mut probe = request.clone();
+                    probe.prompt = String::new();
+                    self.checker.check_edit_prompts(&probe).map_err(negative)?;
+                } else {
+                    self.checker.check_edit(request).map_err(sdk)?;
+                }
                 request.prompt.as_str()
             }
         };
@@ -307,6 +321,22 @@ impl ModelPool {
                 TrySendError::Disconnected(_) => SubmitError::Closed,
             }
         })
+    }
+
+    /// Whether the queue has a place (after dropping the jobs whose clients went away): checked
+    /// before a request's prompts are tokenized, so that a full queue answers 429 at once.
+    pub fn has_room(&self) -> bool {
+        if !self.receiver.is_full() {
+            return true;
+        }
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        match sender.as_ref() {
+            Some(sender) => {
+                self.drop_cancelled(sender);
+                !self.receiver.is_full()
+            }
+            None => true, // closed: submit says so (503)
+        }
     }
 
     /// Takes the waiting jobs out of the queue and puts back, in order, those whose clients

@@ -1139,6 +1139,85 @@ fn stalled_connections_are_closed() {
     assert_eq!(server.get("/health").status, 200);
 }
 
+/// A client that trickles its body (a byte a second: never stalled for --header-timeout) gets a
+/// 400 and is disconnected at --body-timeout; connections past --max-connections are closed at
+/// once, and one is served again when another closes; SIGTERM does not wait for a trickling
+/// client past the drain timeout.
+#[test]
+fn trickling_bodies_and_connection_floods_are_bounded() {
+    let server = Server::start(&[
+        "--model",
+        &tiny(),
+        "--header-timeout",
+        "30",
+        "--body-timeout",
+        "3",
+        "--max-connections",
+        "3",
+        "--drain-timeout",
+        "2",
+    ]);
+    let trickle = |seconds: u64| {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        let head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+        stream.write_all(format!("{head}Content-Length: 100\r\n\r\n{{").as_bytes()).unwrap();
+        let started = Instant::now();
+        stream.set_read_timeout(Some(Duration::from_millis(900))).unwrap();
+        let mut raw = Vec::new();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                Err(_) => {} // nothing yet
+            }
+        }
+        (raw, started.elapsed())
+    };
+    let (raw, took) = trickle(20);
+    assert!(took < Duration::from_secs(10), "still open after {took:?}");
+    parse_response(&raw).assert_error(400, "invalid_request_error", None);
+
+    // Three idle connections take every place: a fourth is closed at once.
+    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&server.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(&server.addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = extra.read_to_end(&mut raw);
+    assert!(raw.is_empty(), "served past --max-connections: {:?}", String::from_utf8_lossy(&raw));
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.get("/health").status, 200);
+
+    drop(server);
+
+    // SIGTERM with a client trickling a body (within --body-timeout): the process ends within
+    // the drain timeouts, not when the client stops.
+    let mut server =
+        Server::start(&["--model", &tiny(), "--header-timeout", "30", "--body-timeout", "100", "--drain-timeout", "2"]);
+    let addr = server.addr.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        let head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+        let _ = stream.write_all(format!("{head}Content-Length: 100000\r\n\r\n{{").as_bytes());
+        for _ in 0..100 {
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0), "the process waited for the trickling client");
+    trickler.join().unwrap();
+}
+
 /// A client that stops reading its response is disconnected after --write-timeout: the server
 /// does not hold the response (here about 10 MB of images) for it. It gets what the buffers
 /// held, not the whole body; a client that reads gets everything.
@@ -1353,6 +1432,11 @@ fn enhanced_prompts_are_revised_and_checked_before_queueing() {
     }
     assert_eq!(server.metric("zimage_stage_seconds_count{model=\"tiny-zimage-enhanced\",stage=\"queue_wait\"}"), 0.0);
     assert_eq!(server.generate(long).status, 200);
+    // The negative prompt is encoded as given: checked too, before queueing, naming it.
+    let negative = json!({"prompt": "a fox", "negative_prompt": "word ".repeat(2000), "guidance_scale": 2.0,
+        "max_sequence_length": 5000, "enhance_prompt": true, "stream": true, "size": "64x64", "num_inference_steps": 1});
+    let e = server.generate(negative).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "negative_prompt", "{e}");
     let e = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
         .args(["--model", "models/tiny-zimage-enhanced", "--enhance-max-context-tokens", "0"])
         .current_dir(root())
