@@ -122,7 +122,7 @@ impl Turn {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // The outermost call delivers what others queued meanwhile, still holding the turn
         // (their nested messages then run on this thread, as the callback's own would).
-        while outermost {
+        while outermost && (!state.queued.is_empty() || state.dropped > 0) {
             let next = match state.queued.pop_front() {
                 Some(queued) => queued,
                 None if state.dropped > 0 => {
@@ -133,7 +133,7 @@ impl Turn {
                     );
                     (zimage_log_level::Warn as u32, c_string(&text))
                 }
-                None => break,
+                None => unreachable!("checked by the loop's condition"),
             };
             drop(state);
             deliver(next.0, &next.1);

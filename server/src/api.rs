@@ -211,7 +211,7 @@ impl Limits<'_> {
         // resized to the output size only after these checks.
         let start =
             |strength| InitImage { image: RgbImage { width: 1, height: 1, pixels: vec![0; 3] }, mask: None, strength };
-        let fields: [(&str, &dyn Fn(&mut GenerateRequest)); 7] = [
+        let fields: [FieldSetter<'_, GenerateRequest>; 7] = [
             ("size", &|_| {}),
             ("num_inference_steps", &|p| p.steps = r.steps),
             ("n", &|p| p.count = r.count),
@@ -224,11 +224,14 @@ impl Limits<'_> {
     }
 }
 
+/// A request field's name and how to copy it into a probe request.
+type FieldSetter<'a, R> = (&'a str, &'a dyn Fn(&mut R));
+
 /// Applies `fields` to `probe` one at a time, checking after each, so that the model's refusal
 /// names the field that caused it (the SDK's checks name values, not request fields).
 fn check_one_at_a_time<R>(
     mut probe: R,
-    fields: &[(&str, &dyn Fn(&mut R))],
+    fields: &[FieldSetter<'_, R>],
     check: &dyn Fn(&R) -> zimage::Result<()>,
 ) -> Result<(), ApiError> {
     for (param, set) in fields {
@@ -507,7 +510,7 @@ fn check_edit_fields(
 ) -> Result<(), ApiError> {
     let mut probe = EditRequest::new(String::new(), Vec::new());
     (probe.width, probe.height) = (Some(width), Some(height));
-    let fields: [(&str, &dyn Fn(&mut EditRequest)); 7] = [
+    let fields: [FieldSetter<'_, EditRequest>; 7] = [
         ("size", &|_| {}),
         ("num_inference_steps", &|p| p.steps = r.steps),
         ("n", &|p| p.count = r.count),

@@ -107,7 +107,8 @@ pub(crate) fn check(control: &ControlCondition, has_init_image: bool) -> Result<
              picture and mask in the control condition (it starts from noise, without strength)",
         ));
     }
-    if !(control.conditioning_scale.abs() <= MAX_CONTROL_SCALE) {
+    // NaN fails the comparison too.
+    if control.conditioning_scale.is_nan() || control.conditioning_scale.abs() > MAX_CONTROL_SCALE {
         return Err(Error::invalid(format!(
             "controlnet conditioning scale must be -{MAX_CONTROL_SCALE}..={MAX_CONTROL_SCALE} (got {})",
             control.conditioning_scale

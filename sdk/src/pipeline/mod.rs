@@ -469,7 +469,7 @@ impl Pipeline {
         let seed = request.seed.unwrap_or_else(random_seed);
         let schedule = &plan.schedule;
         let control = self.control_inputs(request, &plan, &context)?;
-        let start = self.start(request, &plan, &schedule, seed, &context)?;
+        let start = self.start(request, &plan, schedule, seed, &context)?;
         let mut denoise_steps = Vec::with_capacity(plan.steps);
         let total_steps = schedule.len() - start.first_step;
         let mut reporter = self.step_reporter(progress, started, &context);
@@ -479,7 +479,7 @@ impl Pipeline {
             start,
             &prompts,
             &plan,
-            &schedule,
+            schedule,
             control.as_ref(),
             &context,
             &mut denoise_steps,
