@@ -471,7 +471,9 @@ fn cancel_handle_stops_a_run_from_another_thread() {
 /// finished.
 #[test]
 fn a_cancel_during_the_resize_of_a_large_picture_stops_the_run() {
-    let p = pipeline("tiny-zimage");
+    // Its own pipeline: a cancel reaches every run of a pipeline, also other tests' on the
+    // shared one (and theirs would reach this one's).
+    let p = Pipeline::load(repo().join("models/tiny-zimage"), &LoadOptions::default()).unwrap();
     let pixels = (0..6000u32 * 4000 * 3).map(|i| (i % 251) as u8).collect();
     let mut r = small("a lighthouse");
     r.steps = 1;
