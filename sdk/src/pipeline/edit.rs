@@ -319,8 +319,9 @@ impl Pipeline {
     /// that refuse a request before queueing it (an instruction that will be enhanced first is
     /// not the one encoded: check it with `PromptEnhancer::check` instead).
     pub fn check_edit_prompts(&self, request: &EditRequest) -> Result<()> {
-        self.check_edit(request)?;
-        let info = self.manifest.edit.as_ref().expect("check_edit: an editing package");
+        let (Some(info), Some(_)) = (&self.manifest.edit, &self.edit) else {
+            return Err(not_editing(&self.dir));
+        };
         let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
         let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
         self.instruction_tokens(request, info, &plan).map(|_| ())
