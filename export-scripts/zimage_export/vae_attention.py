@@ -29,58 +29,14 @@ Needs onnx, onnxruntime and numpy (no torch).
 """
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .cpu_layout import add_layouts, cpu_session, probe_input
-from .graph_rewrite import rewrite_graphs
-from .manifest import write_manifest
+from .graph_rewrite import Graph, replace_nodes, rewrite_file, rewrite_vae_package, stage_rewritten
 from .onnx_io import node_attribute
 
 COM_MICROSOFT = "com.microsoft"
-# The graphs of a package that hold a VAE (and so its mid-block attention).
-VAE_GRAPHS = ("vae_decoder", "vae_decoder_cpu", "vae_decoder_int8", "vae_encoder")
 # Rewritten and original graph agree to float rounding (the flash kernel sums in another order).
 RTOL = 1e-4
-
-
-class Graph:
-    """Producer and consumers of each tensor of an onnx GraphProto, and its constants."""
-
-    def __init__(self, graph):
-        from onnx import numpy_helper
-
-        self.graph = graph
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers = {}
-        for n in graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.constants = {t.name: t for t in graph.initializer}
-        for n in graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.constants[n.output[0]] = n.attribute[0].t
-        self.to_array = numpy_helper.to_array
-
-    def op(self, name, op_type):
-        """The node of type `op_type` producing `name`, or None."""
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    def sole_consumer(self, name, op_type):
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
-    def constant(self, name):
-        """The value of a constant tensor, or None. Reads only embedded data: a scale or a shape
-        is never in a graph's external data file."""
-        tensor = self.constants.get(name)
-        if tensor is None or tensor.data_location == 1:  # TensorProto.EXTERNAL
-            return None
-        return self.to_array(tensor)
 
 
 def _is_transpose(g, name, perm):
@@ -195,97 +151,41 @@ def fuse_model(model) -> int:
     if not rewrites:
         return 0
     # In the Reshape's place: q, k and v are made before the scores, so the order stays valid.
-    nodes = [rewrites.get(id(n), n) for n in model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(_live_nodes(nodes, [o.name for o in model.graph.output]))
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    replace_nodes(model, {key: [node] for key, node in rewrites.items()})
     if not any(o.domain == COM_MICROSOFT for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(COM_MICROSOFT, 1))
     return len(rewrites)
 
 
-def _live_nodes(nodes, outputs):
-    """`nodes` (topologically ordered) without those no graph output depends on."""
-    needed, live = set(outputs), []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    return list(reversed(live))
-
-
 def stage_fused(path: Path, inputs: dict) -> tuple[Path | None, int]:
-    """Writes the rewrite of graph file `path` beside it (a hidden temporary file; the external
-    data file, if any, is shared as it is: the weights do not move) and checks it against the
-    original on `inputs` (name -> array). Returns (the staged file, how many attentions were
+    """Writes the rewrite of graph file `path` beside it and checks it against the original on
+    `inputs` (graph_rewrite.stage_rewritten). Returns (the staged file, how many attentions were
     rewritten), or (None, 0) when there is none to rewrite. Raises RuntimeError, leaving nothing
     behind, when the check fails or a Softmax is not an attention it knows."""
-    import numpy as np
-    import onnx
-
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
-    fused = fuse_model(model)
-    if fused == 0:
-        return None, 0
-    if fused != softmaxes:
-        raise RuntimeError(f"{path.name}: {softmaxes - fused} of its {softmaxes} Softmax nodes are not an "
-                           "attention this rewrite knows; nothing was changed")
-    # Written beside the original so that its external data path still resolves.
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx", delete=False) as f:
-        staged = Path(f.name)
-    try:
-        onnx.save(model, str(staged))
-        shutil.copymode(path, staged)  # NamedTemporaryFile makes it private
-        onnx.checker.check_model(str(staged))
-        want = cpu_session(path).run(None, inputs)
-        got = cpu_session(staged).run(None, inputs)
-        for w, o in zip(want, got):
-            scale = max(float(np.abs(w).max()), 1e-30)
-            if w.shape != o.shape or not np.isfinite(o).all() or np.abs(w - o).max() > RTOL * scale:
-                raise RuntimeError(f"{path.name}: the rewritten attention's outputs differ from the graph's "
-                                   f"(max {np.abs(w - o).max() / scale if w.shape == o.shape else 'shape'} of the "
-                                   "output's largest value); nothing was changed")
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return staged, fused
+
+    def rewrite(model):
+        softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+        fused = fuse_model(model)
+        if fused not in (0, softmaxes):
+            raise RuntimeError(f"{path.name}: {softmaxes - fused} of its {softmaxes} Softmax nodes are not an "
+                               "attention this rewrite knows; nothing was changed")
+        return fused
+
+    return stage_rewritten(path, inputs, rewrite, RTOL, "attention")
 
 
 def fuse_file(path: Path, inputs: dict) -> int:
     """Rewrites the graph file `path` in place (`stage_fused`, then the staged file replaces it).
     Returns how many attentions were rewritten; the file is left untouched when none was, or
     when the check fails (RuntimeError)."""
-    staged, fused = stage_fused(path, inputs)
-    if staged is not None:
-        os.replace(staged, path)
-    return fused
+    return rewrite_file(stage_fused, path, inputs)
 
 
 def fuse_package(package: Path) -> dict:
-    """Rewrites the VAE graphs of an existing package, updates their manifest entries and
-    rebuilds the prebuilt CPU layouts of the graphs that had one (they are made from the
-    rewritten graphs); manifest.json is rewritten last. Graphs that are links into another
-    package are left to that package's rewrite (run it first). Returns the manifest."""
-    package = Path(package)
-    manifest = json.loads((package / "manifest.json").read_text())
-
-    def stage(name, path):
-        # Not square, so that rows and columns cannot be confused.
-        file, fused = stage_fused(path, probe_input(manifest, name, rows=6, cols=10))
-        return file, f"{fused} attention(s) rewritten as MultiHeadAttention"
-
-    replaced = rewrite_graphs(package, manifest, VAE_GRAPHS, stage,
-                              linked_records=lambda entry: [r for r in (entry, entry.get("cpu_layout")) if r])
-    write_manifest(package, manifest)
-    relayout = [name for name in replaced if manifest["graphs"][name].get("cpu_layout")]
-    if relayout:
-        manifest = add_layouts(package, tuple(relayout))
-    return manifest
+    """Rewrites the VAE graphs of an existing package (graph_rewrite.rewrite_vae_package).
+    Returns the manifest."""
+    return rewrite_vae_package(package, stage_fused, lambda fused: f"{fused} attention(s) rewritten as MultiHeadAttention")
 
 
 def main(argv=None) -> None:
