@@ -142,11 +142,16 @@ def main(argv=None) -> None:
         path = onnx_io.export_graph(spec, out, opset, args.external_data_threshold)
         if name.startswith("vae_"):
             # The mid-block attention as one MultiHeadAttention node: it never stores the
-            # [S, S] scores (zimage_export/vae_attention.py). Checked on the traced input.
+            # [S, S] scores (zimage_export/vae_attention.py); the group norms summed in two
+            # levels (ONNX Runtime's InstanceNormalization drifts at photo sizes; zimage_export/vae_group_norm.py).
+            # Each checked on the traced input.
             from zimage_export.vae_attention import fuse_file
+            from zimage_export.vae_group_norm import rewrite_norms_file
 
-            fused = fuse_file(path, {spec.input_names[0]: spec.args[0].numpy()})
-            print(f"{name}: {fused} attention(s) as MultiHeadAttention", flush=True)
+            traced = {spec.input_names[0]: spec.args[0].numpy()}
+            fused = fuse_file(path, traced)
+            norms = rewrite_norms_file(path, traced)
+            print(f"{name}: {fused} attention(s) as MultiHeadAttention, {norms} group norm(s) in two levels", flush=True)
         del spec
         gc.collect()
         print(f"exported {name} in {time.time() - start:.1f} s", flush=True)

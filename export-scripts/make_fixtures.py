@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     from zimage_export.fixtures.goldens_base import write_base_goldens
     from zimage_export.fixtures.goldens_common import write_common
     from zimage_export.fixtures.goldens_lora import write_lora_goldens
-    from zimage_export.fixtures.goldens_pipeline import write_package_goldens, write_unsized_picture_goldens
+    from zimage_export.fixtures.goldens_pipeline import (write_large_picture_goldens, write_package_goldens,
+                                                             write_unsized_picture_goldens)
     from zimage_export.fixtures.goldens_vae_tiling import write_vae_tiling_goldens
     from zimage_export.manifest import generation_defaults
 
@@ -89,6 +90,7 @@ def main(argv=None) -> None:
             write_package_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             if name == TINY_A.name:
                 write_unsized_picture_goldens(cfg, src, golden / name)
+                write_large_picture_goldens(cfg, src, golden / name)
             write_lora_goldens(cfg, src, golden / name, full=(name == TINY_A.name))
             write_vae_tiling_goldens(cfg, src, golden / name)
             run("check_goldens.py", package, "--golden", golden / name)
