@@ -108,7 +108,14 @@ fn invalid_requests_are_refused_with_their_kind() {
     r.guidance_scale = 2.0;
     p.check_request(&r).unwrap();
     let e = p.check_request_prompts(&r).unwrap_err();
-    assert!(e.to_string().contains("after truncation; this model takes at most 992"), "{e}");
+    assert!(
+        e.to_string().contains("the negative prompt has 2009 tokens after truncation; this model takes at most 992"),
+        "{e}"
+    );
+    // The prompt's own refusal names the prompt.
+    std::mem::swap(&mut r.prompt, r.negative_prompt.as_mut().unwrap());
+    let e = p.check_request_prompts(&r).unwrap_err();
+    assert!(e.to_string().contains("the prompt has 2009 tokens after truncation"), "{e}");
 }
 
 /// Text past `MAX_PROMPT_BYTES` is refused before it is tokenized (8 MiB took 4-5 s and up to

@@ -125,7 +125,7 @@ fn bad_edit_requests_are_typed_errors() {
     r.max_sequence_length = Some(4096);
     let e = edit_error(PACKAGE, &r);
     assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
-    assert!(e.to_string().contains("caption position"), "{e}");
+    assert!(e.to_string().contains("the prompt and its 1 reference(s) need caption position"), "{e}");
     // check_edit does not tokenize; check_edit_prompts gives edit's refusal.
     pipeline(PACKAGE).check_edit(&r).unwrap();
     assert_eq!(pipeline(PACKAGE).check_edit_prompts(&r).unwrap_err().to_string(), e.to_string());
@@ -135,7 +135,7 @@ fn bad_edit_requests_are_typed_errors() {
     pipeline(PACKAGE).check_edit_prompts(&r).unwrap();
     r.guidance_scale = Some(2.0);
     let e = pipeline(PACKAGE).check_edit_prompts(&r).unwrap_err();
-    assert!(e.to_string().contains("caption position"), "{e}");
+    assert!(e.to_string().contains("the negative prompt and its 1 reference(s) need caption position"), "{e}");
     assert_eq!(edit_error(PACKAGE, &r).to_string(), e.to_string());
     (r.negative_prompt, r.guidance_scale) = (None, None);
     r.max_sequence_length = None;

@@ -190,11 +190,29 @@ impl ModelPool {
     pub fn check(&self, spec: &JobSpec) -> Result<(), ApiError> {
         let sdk = |e: zimage::Error| ApiError::from_sdk(&e);
         if !spec.enhance {
+            // The request's own checks first (no tokenizing), so that what fails after them is
+            // a prompt: named by the field, found on the error path only by checking again
+            // without the negative prompt.
             return match &spec.work {
-                Work::Generate(request) => self.checker.check_request_prompts(request),
-                Work::Edit { request, .. } => self.checker.check_edit_prompts(request),
-            }
-            .map_err(sdk);
+                Work::Generate(request) => {
+                    self.checker.check_request(request).map_err(sdk)?;
+                    self.checker.check_request_prompts(request).map_err(|e| {
+                        let mut positive_only = request.clone();
+                        positive_only.guidance_scale = 0.0;
+                        let negative = self.checker.check_request_prompts(&positive_only).is_ok();
+                        sdk(e).with_param(if negative { "negative_prompt" } else { "prompt" })
+                    })
+                }
+                Work::Edit { request, .. } => {
+                    self.checker.check_edit(request).map_err(sdk)?;
+                    self.checker.check_edit_prompts(request).map_err(|e| {
+                        let mut positive_only = request.clone();
+                        positive_only.negative_prompt = None;
+                        let negative = self.checker.check_edit_prompts(&positive_only).is_ok();
+                        sdk(e).with_param(if negative { "negative_prompt" } else { "prompt" })
+                    })
+                }
+            };
         }
         let Some(enhancer) = &self.enhance_checker else {
             return Err(ApiError::invalid(format!("the model '{}' has no prompt enhancer", self.name))

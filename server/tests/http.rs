@@ -1020,6 +1020,21 @@ fn edits_on_an_editing_package_follow_the_instruction() {
     let many: Vec<(&str, &str, &[u8])> = (0..9).map(|_| one[0]).collect(); // the tiny package takes 8
     let e = edit(&[("prompt", "x")], &many).assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], "image", "{e}");
+    // An instruction, or a negative prompt under guidance, past the caption positions
+    // (tokenized before queueing): named.
+    let words = "word ".repeat(1100);
+    let long = [("prompt", words.as_str()), ("max_sequence_length", "4096")];
+    let e = edit(&long, &one).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "prompt", "{e}");
+    let negative = [
+        ("prompt", "x"),
+        ("negative_prompt", words.as_str()),
+        ("guidance_scale", "2"),
+        ("max_sequence_length", "4096"),
+    ];
+    let e = edit(&negative, &one).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "negative_prompt", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("the negative prompt and its 1 reference(s)"), "{e}");
     let e = edit(&[("prompt", "x"), ("model", "tiny-zimage")], &[one[0], one[0]]).assert_error(
         400,
         "invalid_request_error",
@@ -1378,17 +1393,27 @@ fn requests_the_worker_would_refuse_are_400s_before_queueing() {
         assert_eq!(e["param"], param, "{e}");
     }
     // Captions past the transformer's 992 caption positions (tokenized before queueing), the
-    // negative prompt's under guidance: no field names them alone.
+    // negative prompt's under guidance, each named.
     let words = "word ".repeat(2000);
-    for body in [
-        json!({"prompt": words, "max_sequence_length": 5000}),
-        json!({"prompt": "x", "negative_prompt": words, "guidance_scale": 2.0, "max_sequence_length": 5000}),
+    for (body, param) in [
+        (json!({"prompt": words, "max_sequence_length": 5000}), "prompt"),
+        (
+            json!({"prompt": "x", "negative_prompt": words, "guidance_scale": 2.0, "max_sequence_length": 5000}),
+            "negative_prompt",
+        ),
+        (
+            json!({"prompt": words, "negative_prompt": words, "guidance_scale": 2.0, "max_sequence_length": 5000}),
+            "prompt",
+        ),
     ] {
         let mut body = body;
         body["size"] = json!("64x64");
         body["stream"] = json!(true);
         let e = server.generate(body).assert_error(400, "invalid_request_error", None);
-        assert!(e["message"].as_str().unwrap().contains("this model takes at most 992"), "{e}");
+        assert_eq!(e["param"], param, "{e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains(&format!("the {} has 2009 tokens", param.replace('_', " "))), "{e}");
+        assert!(message.contains("this model takes at most 992"), "{e}");
     }
     // An edit's strength that leaves no step to run.
     let (content_type, body) = multipart(

@@ -57,11 +57,12 @@ impl CaptionEncoder {
     }
 
     /// Tokenizes for the transformer: the caption must fit the model's position table.
-    fn caption_tokens(&self, prompt: &str, max_sequence_length: Option<usize>) -> Result<TokenizedPrompt> {
+    /// `which` names the prompt in a refusal ("prompt", "negative prompt").
+    fn caption_tokens(&self, prompt: &str, max_sequence_length: Option<usize>, which: &str) -> Result<TokenizedPrompt> {
         let tokens = self.tokenize(prompt, max_sequence_length)?;
         if tokens.ids.len() > self.max_tokens {
             return Err(Error::invalid(format!(
-                "the prompt has {} tokens after truncation; this model takes at most {}: shorten it or lower max_sequence_length",
+                "the {which} has {} tokens after truncation; this model takes at most {}: shorten it or lower max_sequence_length",
                 tokens.ids.len(),
                 self.max_tokens
             )));
@@ -76,7 +77,7 @@ impl CaptionEncoder {
         max_sequence_length: Option<usize>,
         context: &RunContext,
     ) -> Result<PromptEmbedding> {
-        let tokens = self.caption_tokens(prompt, max_sequence_length)?;
+        let tokens = self.caption_tokens(prompt, max_sequence_length, "prompt")?;
         self.text.encode(&*self.graph.acquire()?, tokens, context)
     }
 
@@ -122,9 +123,10 @@ impl CaptionEncoder {
         with_negative: bool,
     ) -> Result<(CheckedPrompt<'a>, Option<CheckedPrompt<'a>>)> {
         static EMPTY: Prompt = Prompt::Text(String::new());
-        let positive = self.checked(&request.prompt, request.max_sequence_length)?;
+        let positive = self.checked(&request.prompt, request.max_sequence_length, "prompt")?;
         let negative = if with_negative {
-            Some(self.checked(request.negative_prompt.as_ref().unwrap_or(&EMPTY), request.max_sequence_length)?)
+            let prompt = request.negative_prompt.as_ref().unwrap_or(&EMPTY);
+            Some(self.checked(prompt, request.max_sequence_length, "negative prompt")?)
         } else {
             None
         };
@@ -132,26 +134,31 @@ impl CaptionEncoder {
     }
 
     /// An embedding checked against the transformer, or text tokenized and checked.
-    fn checked<'a>(&self, prompt: &'a Prompt, max_sequence_length: Option<usize>) -> Result<CheckedPrompt<'a>> {
+    fn checked<'a>(
+        &self,
+        prompt: &'a Prompt,
+        max_sequence_length: Option<usize>,
+        which: &str,
+    ) -> Result<CheckedPrompt<'a>> {
         match prompt {
-            Prompt::Embedded(e) => self.check_embedding(e).map(|()| CheckedPrompt::Embedded(e)),
-            Prompt::Text(text) => self.caption_tokens(text, max_sequence_length).map(CheckedPrompt::Text),
+            Prompt::Embedded(e) => self.check_embedding(e, which).map(|()| CheckedPrompt::Embedded(e)),
+            Prompt::Text(text) => self.caption_tokens(text, max_sequence_length, which).map(CheckedPrompt::Text),
         }
     }
 
-    fn check_embedding(&self, e: &PromptEmbedding) -> Result<()> {
+    fn check_embedding(&self, e: &PromptEmbedding, which: &str) -> Result<()> {
         let (n, d) = e.features.dim();
         if d != self.feature_width {
             return Err(Error::invalid(format!(
-                "prompt embedding has width {d}, this model needs {}",
+                "{which} embedding has width {d}, this model needs {}",
                 self.feature_width
             )));
         }
         if n == 0 || n > self.max_tokens {
-            return Err(Error::invalid(format!("prompt embedding has {n} tokens; allowed 1..={}", self.max_tokens)));
+            return Err(Error::invalid(format!("{which} embedding has {n} tokens; allowed 1..={}", self.max_tokens)));
         }
         if e.features.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("prompt embedding holds non-finite values"));
+            return Err(Error::invalid(format!("{which} embedding holds non-finite values")));
         }
         Ok(())
     }

@@ -374,10 +374,10 @@ impl Pipeline {
         plan: &EditPlan,
     ) -> Result<(Vec<TokenizedPrompt>, Option<Vec<TokenizedPrompt>>)> {
         let images = request.images.len();
-        let positive = self.segment_tokens(&request.prompt, images, info, plan.max_sequence_length)?;
+        let positive = self.segment_tokens(&request.prompt, "prompt", images, info, plan.max_sequence_length)?;
         let negative = if plan.guidance.enabled() {
             let text = request.negative_prompt.as_deref().unwrap_or("");
-            Some(self.segment_tokens(text, images, info, plan.max_sequence_length)?)
+            Some(self.segment_tokens(text, "negative prompt", images, info, plan.max_sequence_length)?)
         } else {
             None
         };
@@ -390,16 +390,17 @@ impl Pipeline {
         tokens.into_iter().map(|t| self.captions.text.encode(&graph, t, context)).collect()
     }
 
-    /// The instruction's N + 2 segments, each tokenized as is, within the transformer's caption
-    /// positions.
+    /// The instruction's (or negative prompt's) N + 2 segments, each tokenized as is, within the
+    /// transformer's caption positions. `which` names it in a refusal.
     fn segment_tokens(
         &self,
         prompt: &str,
+        which: &str,
         images: usize,
         info: &EditInfo,
         max_sequence_length: usize,
     ) -> Result<Vec<TokenizedPrompt>> {
-        check_prompt_bytes("the prompt", prompt).map_err(Error::invalid)?;
+        check_prompt_bytes(&format!("the {which}"), prompt).map_err(Error::invalid)?;
         let segments = info.prompt_segments.for_prompt(prompt, images);
         let tokens: Vec<TokenizedPrompt> = segments
             .iter()
@@ -411,8 +412,8 @@ impl Pipeline {
         let highest = omni::highest_caption_position(&lengths);
         if highest >= rows {
             return Err(Error::invalid(format!(
-                "the instruction and its {images} reference(s) need caption position {highest}; this model's \
-                 table has {rows}: shorten the instruction or use fewer references"
+                "the {which} and its {images} reference(s) need caption position {highest}; this model's \
+                 table has {rows}: shorten the {which} or use fewer references"
             )));
         }
         Ok(tokens)
