@@ -893,7 +893,8 @@ zimage_result zimage_edit_params_init(struct zimage_edit_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_edit_params)`, which the header's
  * `zimage_edit_params_init` macro passes, so a program built against an older, smaller header gets
  * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
- * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+ * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_edit_params_init_sized(struct zimage_edit_params *params, size_t size);
 
@@ -921,7 +922,8 @@ zimage_result zimage_enhance_params_init(struct zimage_enhance_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_enhance_params)`, which the header's
  * `zimage_enhance_params_init` macro passes, so a program built against an older, smaller header
  * gets its own struct filled. A `size` that is no version's `sizeof` (one from a newer header
- * included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ * included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+ * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_enhance_params_init_sized(struct zimage_enhance_params *params, size_t size);
 
@@ -1024,7 +1026,8 @@ zimage_result zimage_generate_params_init(struct zimage_generate_params *params)
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
  * header's `zimage_generate_params_init` macro passes, so a program built against an older,
  * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
- * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+ * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_generate_params_init_sized(struct zimage_generate_params *params, size_t size);
 
@@ -1032,7 +1035,8 @@ zimage_result zimage_generate_params_init_sized(struct zimage_generate_params *p
  * Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
  * settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
  * without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
- * Nothing is written on failure.
+ * On failure only `struct_size` is written, to 0, so that a struct left so is refused by every
+ * call that takes it.
  *
  * Writes this library's whole struct. Kept for programs built against headers without the
  * init macros; the header's `zimage_generate_params_init_for_pipeline` macro calls
@@ -1103,7 +1107,8 @@ zimage_result zimage_load_params_init(struct zimage_load_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_load_params)`, which the header's
  * `zimage_load_params_init` macro passes, so a program built against an older, smaller header gets
  * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
- * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+ * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_load_params_init_sized(struct zimage_load_params *params, size_t size);
 
@@ -1198,7 +1203,8 @@ zimage_result zimage_tensorrt_params_init(struct zimage_tensorrt_params *params)
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_tensorrt_params)`, which the
  * header's `zimage_tensorrt_params_init` macro passes, so a program built against an older,
  * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
- * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+ * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_tensorrt_params_init_sized(struct zimage_tensorrt_params *params, size_t size);
 

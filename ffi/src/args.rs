@@ -129,7 +129,8 @@ fn is_a_size_of<T: Versioned>(size: usize) -> bool {
 /// What the `*_init_sized` functions do: writes the first `size` bytes of `value`, with
 /// `struct_size = size`, to the caller's struct, whose `sizeof` is `size` (the header's init
 /// macros pass it). A program built against an older header thus gets its own, smaller struct
-/// filled, never bytes past its end. A `size` that is no version's `sizeof` writes nothing.
+/// filled, never bytes past its end. A `size` that is no version's `sizeof` is refused with
+/// only `struct_size` written, to 0 ([`refuse_struct`]).
 ///
 /// Safety: a non-NULL `ptr` must point to at least `size` writable bytes.
 pub(crate) unsafe fn init_sized<T: Versioned>(ptr: *mut T, size: usize, mut value: T) -> Result<(), Failure> {
@@ -137,6 +138,7 @@ pub(crate) unsafe fn init_sized<T: Versioned>(ptr: *mut T, size: usize, mut valu
         return Err(Failure::null("params"));
     }
     if !is_a_size_of::<T>(size) {
+        unsafe { refuse_struct(ptr, size) };
         return Err(Failure::invalid(format!(
             "size is {size}; expected sizeof of the struct, {} here (use a header no newer than this \
              library, zimage {})",
@@ -148,6 +150,18 @@ pub(crate) unsafe fn init_sized<T: Versioned>(ptr: *mut T, size: usize, mut valu
     unsafe { (&mut value as *mut T).cast::<usize>().write(size) };
     unsafe { std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), ptr.cast::<u8>(), size) };
     Ok(())
+}
+
+/// What an `*_init*` function that fails leaves in the caller's struct: `struct_size = 0`, when
+/// the `size` bytes the caller gave hold that first field, and nothing else. A caller that
+/// ignores the result then passes a struct that every call refuses ("struct_size is 0"),
+/// instead of one whose `struct_size` is whatever the memory held, which could read as valid.
+///
+/// Safety: a non-NULL `ptr` must point to at least `size` writable bytes.
+pub(crate) unsafe fn refuse_struct<T>(ptr: *mut T, size: usize) {
+    if !ptr.is_null() && size >= size_of::<usize>() {
+        unsafe { ptr.cast::<usize>().write_unaligned(0) };
+    }
 }
 
 #[cfg(test)]

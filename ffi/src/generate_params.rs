@@ -205,7 +205,8 @@ pub unsafe extern "C" fn zimage_generate_params_init(params: *mut zimage_generat
 /// `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
 /// header's `zimage_generate_params_init` macro passes, so a program built against an older,
 /// smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
-/// newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes nothing.
+/// newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
+/// writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_generate_params_init_sized(
     params: *mut zimage_generate_params,
@@ -217,7 +218,8 @@ pub unsafe extern "C" fn zimage_generate_params_init_sized(
 /// Fills `params` like `zimage_generate_params_init()`, then with the steps, guidance and CFG
 /// settings `pipeline`'s package recommends (its manifest's `generation_defaults`): 8 steps
 /// without guidance for Z-Image-Turbo, many steps with guidance for the base model `Z-Image`.
-/// Nothing is written on failure.
+/// On failure only `struct_size` is written, to 0, so that a struct left so is refused by every
+/// call that takes it.
 ///
 /// Writes this library's whole struct. Kept for programs built against headers without the
 /// init macros; the header's `zimage_generate_params_init_for_pipeline` macro calls
@@ -240,7 +242,10 @@ pub unsafe extern "C" fn zimage_generate_params_init_for_pipeline_sized(
     size: usize,
 ) -> zimage_result {
     guard(|| {
-        let pipeline = unsafe { pipeline.as_ref() }.ok_or_else(|| Failure::null("pipeline"))?;
+        let Some(pipeline) = (unsafe { pipeline.as_ref() }) else {
+            unsafe { args::refuse_struct(params, size) };
+            return Err(Failure::null("pipeline"));
+        };
         let recommended = GenerateRequest::for_package(pipeline.pipeline.manifest(), "");
         let mut filled = zimage_generate_params::defaults();
         filled.steps = recommended.steps;
@@ -502,14 +507,29 @@ mod tests {
                 assert_eq!(written.enhancer as usize, usize::from_ne_bytes([GUARD; 8]));
             }
         }
-        // Too small, ending inside a field, larger than this library's struct: nothing written.
+        // Too small, ending inside a field, larger than this library's struct: refused, with
+        // only struct_size written (to 0, where the size holds it), which every call refuses.
         let first = zimage_generate_params::FIRST_VERSION_SIZE;
-        for size in [0, 8, first - 8, first + 4, before_previews + 4, size_of::<zimage_generate_params>() + 8] {
+        for size in [0, 4, 8, first - 8, first + 4, before_previews + 4, size_of::<zimage_generate_params>() + 8] {
             let mut buffer = [u64::from_ne_bytes([GUARD; 8]); WORDS];
             let p = buffer.as_mut_ptr().cast::<zimage_generate_params>();
             assert_eq!(unsafe { zimage_generate_params_init_sized(p, size) }, zimage_result::InvalidArgument, "{size}");
-            assert_eq!(buffer, [u64::from_ne_bytes([GUARD; 8]); WORDS], "{size}: written");
+            let mut expected = [u64::from_ne_bytes([GUARD; 8]); WORDS];
+            if size >= 8 {
+                expected[0] = 0;
+                let refused = unsafe { args::versioned(p.cast_const(), "params") }.map(|_| ()).unwrap_err();
+                assert!(refused.message.starts_with("params->struct_size is 0;"), "{}", refused.message);
+            }
+            assert_eq!(buffer, expected, "{size}: written");
         }
+        // The same for the pipeline's defaults without a pipeline.
+        let mut buffer = [u64::from_ne_bytes([GUARD; 8]); WORDS];
+        let p = buffer.as_mut_ptr().cast::<zimage_generate_params>();
+        let size = size_of::<zimage_generate_params>();
+        let result = unsafe { zimage_generate_params_init_for_pipeline_sized(std::ptr::null(), p, size) };
+        assert_eq!(result, zimage_result::NullArgument);
+        assert_eq!(buffer[0], 0);
+        assert!(buffer[1..].iter().all(|&w| w == u64::from_ne_bytes([GUARD; 8])));
         assert_eq!(
             unsafe { zimage_generate_params_init_sized(std::ptr::null_mut(), size_of::<zimage_generate_params>()) },
             zimage_result::NullArgument
