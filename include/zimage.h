@@ -893,8 +893,8 @@ zimage_result zimage_edit_params_init(struct zimage_edit_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_edit_params)`, which the header's
  * `zimage_edit_params_init` macro passes, so a program built against an older, smaller header gets
  * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
- * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
- * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+ * only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_edit_params_init_sized(struct zimage_edit_params *params, size_t size);
 
@@ -922,8 +922,8 @@ zimage_result zimage_enhance_params_init(struct zimage_enhance_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_enhance_params)`, which the header's
  * `zimage_enhance_params_init` macro passes, so a program built against an older, smaller header
  * gets its own struct filled. A `size` that is no version's `sizeof` (one from a newer header
- * included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
- * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+ * included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+ * only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_enhance_params_init_sized(struct zimage_enhance_params *params, size_t size);
 
@@ -1026,8 +1026,8 @@ zimage_result zimage_generate_params_init(struct zimage_generate_params *params)
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
  * header's `zimage_generate_params_init` macro passes, so a program built against an older,
  * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
- * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
- * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+ * only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_generate_params_init_sized(struct zimage_generate_params *params, size_t size);
 
@@ -1107,8 +1107,8 @@ zimage_result zimage_load_params_init(struct zimage_load_params *params);
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_load_params)`, which the header's
  * `zimage_load_params_init` macro passes, so a program built against an older, smaller header gets
  * its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
- * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
- * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+ * is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+ * only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_load_params_init_sized(struct zimage_load_params *params, size_t size);
 
@@ -1203,8 +1203,8 @@ zimage_result zimage_tensorrt_params_init(struct zimage_tensorrt_params *params)
  * `struct_size = size`: `size` is the caller's `sizeof(zimage_tensorrt_params)`, which the
  * header's `zimage_tensorrt_params_init` macro passes, so a program built against an older,
  * smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
- * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
- * writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+ * newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+ * only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
  */
 zimage_result zimage_tensorrt_params_init_sized(struct zimage_tensorrt_params *params, size_t size);
 

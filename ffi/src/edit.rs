@@ -115,8 +115,8 @@ pub unsafe extern "C" fn zimage_edit_params_init(params: *mut zimage_edit_params
 /// `struct_size = size`: `size` is the caller's `sizeof(zimage_edit_params)`, which the header's
 /// `zimage_edit_params_init` macro passes, so a program built against an older, smaller header gets
 /// its own struct filled. A `size` that is no version's `sizeof` (one from a newer header included)
-/// is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
-/// writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+/// is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+/// only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_edit_params_init_sized(params: *mut zimage_edit_params, size: usize) -> zimage_result {
     guard(|| unsafe { args::init_sized(params, size, zimage_edit_params::defaults()) })

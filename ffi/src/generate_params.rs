@@ -205,8 +205,8 @@ pub unsafe extern "C" fn zimage_generate_params_init(params: *mut zimage_generat
 /// `struct_size = size`: `size` is the caller's `sizeof(zimage_generate_params)`, which the
 /// header's `zimage_generate_params_init` macro passes, so a program built against an older,
 /// smaller header gets its own struct filled. A `size` that is no version's `sizeof` (one from a
-/// newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and
-/// writes only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
+/// newer header included) is `ZIMAGE_RESULT_INVALID_ARGUMENT` and writes
+/// only `struct_size`, to 0 (when `size` holds it), so that every call refuses the struct.
 #[no_mangle]
 pub unsafe extern "C" fn zimage_generate_params_init_sized(
     params: *mut zimage_generate_params,

@@ -276,13 +276,16 @@ static void test_null_arguments(void) {
     CHECK_CODE((zimage_load_params_init)(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE(zimage_generate_params_init_sized(NULL, sizeof params), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE((zimage_generate_params_init)(NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
-    /* A size that is no version's sizeof (here a newer header's) writes nothing. */
+    /* A size that is no version's sizeof (here a newer header's) writes only struct_size, to 0,
+     * so that a caller ignoring the result passes a struct every call refuses. */
     {
         zimage_generate_params untouched;
         memset(&untouched, 0xAB, sizeof untouched);
         memcpy(&params, &untouched, sizeof params);
         CHECK_CODE(zimage_generate_params_init_sized(&params, sizeof params + 8), ZIMAGE_RESULT_INVALID_ARGUMENT);
-        CHECK(memcmp(&params, &untouched, sizeof params) == 0);
+        CHECK(params.struct_size == 0);
+        CHECK(memcmp((const char *)&params + sizeof(size_t), (const char *)&untouched + sizeof(size_t),
+                     sizeof params - sizeof(size_t)) == 0);
     }
     CHECK_CODE(zimage_pipeline_load(NULL, NULL, &pipeline), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE(zimage_pipeline_load("models/whatever", NULL, NULL), ZIMAGE_RESULT_NULL_ARGUMENT);
@@ -1104,7 +1107,9 @@ static void test_recommended_params(const zimage_pipeline *turbo) {
     zimage_pipeline *base = NULL;
     zimage_generate_params p;
 
+    memset(&p, 0xAB, sizeof p);
     CHECK_CODE(zimage_generate_params_init_for_pipeline(NULL, &p), ZIMAGE_RESULT_NULL_ARGUMENT);
+    CHECK(p.struct_size == 0 && p.steps == 0xABABABABu); /* only struct_size written */
     CHECK_CODE((zimage_generate_params_init_for_pipeline)(NULL, &p), ZIMAGE_RESULT_NULL_ARGUMENT);
     CHECK_CODE(zimage_generate_params_init_for_pipeline_sized(turbo, NULL, sizeof p), ZIMAGE_RESULT_NULL_ARGUMENT);
     memset(&p, 0, sizeof p);
