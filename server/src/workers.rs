@@ -189,30 +189,25 @@ impl ModelPool {
     /// event. It tokenizes (up to 1 MiB of text): call it where blocking is allowed.
     pub fn check(&self, spec: &JobSpec) -> Result<(), ApiError> {
         let sdk = |e: zimage::Error| ApiError::from_sdk(&e);
+        let work = &spec.work;
+        // The request's own checks first (no tokenizing), so that what fails after them is a
+        // prompt, named by its field.
+        match work {
+            Work::Generate(request) => self.checker.check_request(request),
+            Work::Edit { request, .. } => self.checker.check_edit(request),
+        }
+        .map_err(sdk)?;
+        let negative_given = match work {
+            Work::Generate(request) => request.negative_prompt.is_some(),
+            Work::Edit { request, .. } => request.negative_prompt.is_some(),
+        };
         if !spec.enhance {
-            // The request's own checks first (no tokenizing), so that what fails after them is
-            // a prompt: named by the field, found on the error path only by checking again
-            // without the negative prompt.
-            return match &spec.work {
-                Work::Generate(request) => {
-                    self.checker.check_request(request).map_err(sdk)?;
-                    self.checker.check_request_prompts(request).map_err(|e| {
-                        let mut positive_only = request.clone();
-                        positive_only.guidance_scale = 0.0;
-                        let negative = self.checker.check_request_prompts(&positive_only).is_ok();
-                        sdk(e).with_param(if negative { "negative_prompt" } else { "prompt" })
-                    })
-                }
-                Work::Edit { request, .. } => {
-                    self.checker.check_edit(request).map_err(sdk)?;
-                    self.checker.check_edit_prompts(request).map_err(|e| {
-                        let mut positive_only = request.clone();
-                        positive_only.negative_prompt = None;
-                        let negative = self.checker.check_edit_prompts(&positive_only).is_ok();
-                        sdk(e).with_param(if negative { "negative_prompt" } else { "prompt" })
-                    })
-                }
-            };
+            return self.check_prompts(work, Prompts::Both).map_err(|e| {
+                // Which prompt: found on the error path only, by checking again without the
+                // negative one.
+                let negative = negative_given && self.check_prompts(work, Prompts::WithoutNegative).is_ok();
+                sdk(e).with_param(if negative { "negative_prompt" } else { "prompt" })
+            });
         }
         let Some(enhancer) = &self.enhance_checker else {
             return Err(ApiError::invalid(format!("the model '{}' has no prompt enhancer", self.name))
@@ -220,35 +215,61 @@ impl ModelPool {
         };
         // The prompt the text encoder sees is the enhancer's answer: only the enhancer's
         // limits apply to the one given. The negative prompt is encoded as given (under
-        // guidance): checked on a copy with an empty prompt, made only then.
-        let negative = |e: zimage::Error| sdk(e).with_param("negative_prompt");
-        let prompt = match &spec.work {
-            Work::Generate(request) => {
-                if request.negative_prompt.is_some() && request.guidance_scale > 0.0 {
-                    let mut probe = request.clone();
-                    probe.prompt = Prompt::Text(String::new());
-                    self.checker.check_request_prompts(&probe).map_err(negative)?;
-                } else {
-                    self.checker.check_request(request).map_err(sdk)?;
-                }
-                match &request.prompt {
-                    Prompt::Text(text) => text.as_str(),
-                    Prompt::Embedded(_) => return Ok(()),
-                }
-            }
-            Work::Edit { request, .. } => {
-                if request.negative_prompt.is_some() {
-                    let mut probe = request.clone();
-                    probe.prompt = String::new();
-                    self.checker.check_edit_prompts(&probe).map_err(negative)?;
-                } else {
-                    self.checker.check_edit(request).map_err(sdk)?;
-                }
-                request.prompt.as_str()
-            }
+        // guidance): its caption checks run on a copy with an empty prompt.
+        if negative_given {
+            self.check_prompts(work, Prompts::NegativeOnly).map_err(|e| sdk(e).with_param("negative_prompt"))?;
+        }
+        let prompt = match work {
+            Work::Generate(request) => match &request.prompt {
+                Prompt::Text(text) => text.as_str(),
+                Prompt::Embedded(_) => return Ok(()),
+            },
+            Work::Edit { request, .. } => request.prompt.as_str(),
         };
         enhancer.check(prompt, &self.enhance).map_err(|e| sdk(e).with_param("prompt"))
     }
+
+    /// The SDK's caption checks (tokenizing) of `which` of the request's prompts; a copy of the
+    /// request is made for all but [`Prompts::Both`].
+    fn check_prompts(&self, work: &Work, which: Prompts) -> zimage::Result<()> {
+        match work {
+            Work::Generate(request) => match which {
+                Prompts::Both => self.checker.check_request_prompts(request),
+                Prompts::WithoutNegative => {
+                    let mut probe = (**request).clone();
+                    probe.guidance_scale = 0.0; // the negative prompt is used under guidance only
+                    self.checker.check_request_prompts(&probe)
+                }
+                Prompts::NegativeOnly => {
+                    let mut probe = (**request).clone();
+                    probe.prompt = Prompt::Text(String::new());
+                    self.checker.check_request_prompts(&probe)
+                }
+            },
+            Work::Edit { request, .. } => match which {
+                Prompts::Both => self.checker.check_edit_prompts(request),
+                Prompts::WithoutNegative => {
+                    let mut probe = request.clone();
+                    probe.negative_prompt = None;
+                    self.checker.check_edit_prompts(&probe)
+                }
+                Prompts::NegativeOnly => {
+                    let mut probe = request.clone();
+                    probe.prompt = String::new();
+                    self.checker.check_edit_prompts(&probe)
+                }
+            },
+        }
+    }
+}
+
+/// Which of a request's prompts [`ModelPool::check_prompts`] checks.
+#[derive(Clone, Copy)]
+enum Prompts {
+    Both,
+    WithoutNegative,
+    /// The negative prompt, with the prompt emptied (one the enhancer will replace).
+    NegativeOnly,
 }
 
 pub enum SubmitError {
