@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use zimage::{
     control_parameters, edit_parameters, image_parameters, CancelHandle, ControlNames, EditRequest, EnhanceOptions,
@@ -158,6 +158,9 @@ impl Drop for CancelOnDrop {
         }
     }
 }
+
+/// Longest a submit waits for an idle worker to take a job queued before it.
+const IDLE_WORKER_WAIT: Duration = Duration::from_millis(100);
 
 /// A model being served.
 pub struct ModelPool {
@@ -349,7 +352,17 @@ impl ModelPool {
             // clients that connect and leave would keep the queue full for everyone else.
             Err(TrySendError::Full(job)) => {
                 self.drop_cancelled(sender);
-                sender.try_send(job)
+                match sender.try_send(job) {
+                    // Full only until an idle worker takes the job before it (two requests at
+                    // once, one worker, a queue of one): a moment's wait, not a 429.
+                    Err(TrySendError::Full(job)) if self.idle_worker() => {
+                        sender.send_timeout(job, IDLE_WORKER_WAIT).map_err(|e| match e {
+                            SendTimeoutError::Timeout(job) => TrySendError::Full(job),
+                            SendTimeoutError::Disconnected(job) => TrySendError::Disconnected(job),
+                        })
+                    }
+                    sent => sent,
+                }
             }
             sent => sent,
         };
@@ -365,7 +378,9 @@ impl ModelPool {
     /// Whether the queue has a place (after dropping the jobs whose clients went away): checked
     /// before a request's prompts are tokenized, so that a full queue answers 429 at once.
     pub fn has_room(&self) -> bool {
-        if !self.receiver.is_full() {
+        // A job that waits only until an idle worker takes it (two requests at once, one
+        // worker, a queue of one) is not a full queue: submit decides then.
+        if !self.receiver.is_full() || self.idle_worker() {
             return true;
         }
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
@@ -376,6 +391,11 @@ impl ModelPool {
             }
             None => true, // closed: submit says so (503)
         }
+    }
+
+    /// Whether a live worker runs no job: it takes the next queued one at once.
+    fn idle_worker(&self) -> bool {
+        self.gauges.in_flight.load(Ordering::SeqCst) < self.gauges.workers_alive.load(Ordering::SeqCst)
     }
 
     /// Takes the waiting jobs out of the queue and puts back, in order, those whose clients
