@@ -9,8 +9,8 @@ float there with one activation scale per tensor, 2.6-3.1x in the per-token form
 needs the activations in int8 too, so each transformer product becomes:
 
     s   = max(|x|, over the last axis) / 127       one scale per token (row), at run time
-    x8  = uint8(round(x / s) + 128)                symmetric, the zero point 128
-    y   = MatMulIntegerToFloat(x8, W8, 1, w_scale, 128, 0) * s
+    x8  = uint8(round(x / s) + 128)                symmetric, the zero point 128 (QuantizeLinear)
+    y   = MatMulIntegerToFloat(x8, W8, s, w_scale, 128, 0)     s broadcast over y's rows
 
 with `W8` the weight quantized symmetrically per output channel (`w_scale`, one per column of
 the `[K, N]` weight). Per token and not per tensor because one token's outliers would
@@ -29,8 +29,8 @@ outlier channels coarsen every other channel's steps of their token. So the roun
 remainder is quantized too, with steps 254 times finer (it lies within half a step):
 
     x   ~= s * (c + r / 254)                       c, r: int8 codes, both stored around 128
-    P   = MatMulIntegerToFloat(concat(c8, r8 along axis 0), W8, 1, w_scale, 128, 0)
-    y   = (P's first half + P's second half / 254) * s
+    P   = MatMulIntegerToFloat(concat(c8, r8 along axis 0), W8, concat(s, s / 254), w_scale, 128, 0)
+    y   = P's first half + P's second half
 
 about 16-bit activations for an int8 product of twice the rows: the error left is the
 weights' (mid-size model: final latents 1.07e-2; a function-preserving copy with outlier
@@ -71,7 +71,6 @@ def _constants(graph, opset: int, two_terms: bool) -> None:
 
     graph.initializer.extend([
         numpy_helper.from_array(np.array(ACTIVATION_STEPS, np.float32), PREFIX + "steps"),
-        numpy_helper.from_array(np.array(ACTIVATION_ZERO_POINT, np.float32), PREFIX + "zero_float"),
         numpy_helper.from_array(np.array(ACTIVATION_ZERO_POINT, np.uint8), PREFIX + "zero"),
         numpy_helper.from_array(np.array(MIN_SCALE, np.float32), PREFIX + "min_scale"),
         numpy_helper.from_array(np.array(0.0, np.float32), PREFIX + "zero_times"),
@@ -86,53 +85,67 @@ def _constants(graph, opset: int, two_terms: bool) -> None:
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), PREFIX + "last_axis"))
 
 
-def _quantize_activation(x: str, p: str, opset: int, two_terms: bool) -> tuple[list, str, str]:
-    """Nodes turning activation `x` into (uint8 codes, per-row scale); for `two_terms` the codes
-    are the first term's and the remainder's, stacked along axis 0."""
-    from onnx import TensorProto, helper
+def _reduce(op: str, x: str, out: str, opset: int):
+    """`op` over the last axis, kept: ReduceMax/ReduceMin take their axes as an input from opset
+    18, ReduceSum from 13."""
+    from onnx import helper
 
-    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18, ReduceSum from 13
-        reduce_max = helper.make_node("ReduceMax", [p + "abs", PREFIX + "last_axis"], [p + "max"], name=p + "max",
-                                      keepdims=1)
-    else:
-        reduce_max = helper.make_node("ReduceMax", [p + "abs"], [p + "max"], name=p + "max", axes=[-1], keepdims=1)
-    if opset >= 13:
-        reduce_sum = helper.make_node("ReduceSum", [p + "abs", PREFIX + "last_axis"], [p + "sum"], name=p + "sum",
-                                      keepdims=1)
-    else:
-        reduce_sum = helper.make_node("ReduceSum", [p + "abs"], [p + "sum"], name=p + "sum", axes=[-1], keepdims=1)
+    if opset >= (13 if op == "ReduceSum" else 18):
+        return helper.make_node(op, [x, PREFIX + "last_axis"], [out], name=out, keepdims=1)
+    return helper.make_node(op, [x], [out], name=out, axes=[-1], keepdims=1)
+
+
+def _quantize_activation(x: str, p: str, opset: int, two_terms: bool) -> tuple[list, str, str]:
+    """Nodes turning activation `x` into (uint8 codes, per-row scales for MatMulIntegerToFloat's
+    `a_scale`); for `two_terms` the codes are the first term's and the remainder's stacked along
+    axis 0, and the scales `s` and `s / 254` stacked the same way.
+
+    Every pass over the activations costs about as much as a tenth of the product, so the chain
+    makes as few as it can: the range from ReduceMax and ReduceMin of `x` itself (no `Abs`
+    copy), the codes from `QuantizeLinear` (rounding half to even, as `Round`, plus the zero
+    point and the cast in one vectorised pass), the rounded values back from
+    `DequantizeLinear`, and the row scales applied inside the product (its `a_scale` broadcasts
+    over the output rows in ONNX Runtime) instead of by separate `Mul`s of the output."""
+    from onnx import helper
+
     nodes = [
-        helper.make_node("Abs", [x], [p + "abs"], name=p + "abs"),
-        reduce_max,
-        # ONNX Runtime's ReduceMax skips NaN, and a NaN's code would be an ordinary byte: the
-        # row's scale must carry it, so that the product is NaN as the float one would be (and
-        # the runtime reports non-finite values instead of an image from garbage). A sum keeps
-        # NaN (and turns +-inf into inf): the scale adds 0 times it.
-        reduce_sum,
+        _reduce("ReduceMax", x, p + "high", opset),
+        _reduce("ReduceMin", x, p + "low", opset),
+        helper.make_node("Neg", [p + "low"], [p + "minus_low"], name=p + "minus_low"),
+        helper.make_node("Max", [p + "high", p + "minus_low"], [p + "max"], name=p + "max"),
+        # ONNX Runtime's ReduceMax and ReduceMin skip NaN, and a NaN's code would be an ordinary
+        # byte: the row's scale must carry it, so that the product is NaN as the float one would
+        # be (and the runtime reports non-finite values instead of an image from garbage). A sum
+        # keeps NaN (and an infinity, which 0 times turns into NaN): the scale adds 0 times it.
+        _reduce("ReduceSum", x, p + "sum", opset),
         helper.make_node("Mul", [p + "sum", PREFIX + "zero_times"], [p + "non_finite"], name=p + "non_finite"),
         helper.make_node("Div", [p + "max", PREFIX + "steps"], [p + "scale_raw"], name=p + "scale_raw"),
         helper.make_node("Max", [p + "scale_raw", PREFIX + "min_scale"], [p + "scale_finite"], name=p + "scale_finite"),
         helper.make_node("Add", [p + "scale_finite", p + "non_finite"], [p + "scale"], name=p + "scale"),
         helper.make_node("Div", [x, p + "scale"], [p + "scaled"], name=p + "scaled"),
-        helper.make_node("Round", [p + "scaled"], [p + "rounded"], name=p + "rounded"),
-        helper.make_node("Add", [p + "rounded", PREFIX + "zero_float"], [p + "shifted"], name=p + "shifted"),
-        helper.make_node("Cast", [p + "shifted"], [p + "codes"], name=p + "codes", to=TensorProto.UINT8),
+        # round(scaled) + 128 as uint8: within [1, 255] (|scaled| <= 127), so never saturated.
+        helper.make_node("QuantizeLinear", [p + "scaled", PREFIX + "one", PREFIX + "zero"], [p + "codes"],
+                         name=p + "codes"),
     ]
     if not two_terms:
         return nodes, p + "codes", p + "scale"
     nodes += [
+        helper.make_node("DequantizeLinear", [p + "codes", PREFIX + "one", PREFIX + "zero"], [p + "rounded"],
+                         name=p + "rounded"),
         helper.make_node("Sub", [p + "scaled", p + "rounded"], [p + "rest"], name=p + "rest"),
         helper.make_node("Mul", [p + "rest", PREFIX + "residual_steps"], [p + "rest_scaled"], name=p + "rest_scaled"),
-        helper.make_node("Round", [p + "rest_scaled"], [p + "rest_rounded"], name=p + "rest_rounded"),
-        helper.make_node("Add", [p + "rest_rounded", PREFIX + "zero_float"], [p + "rest_shifted"], name=p + "rest_shifted"),
-        helper.make_node("Cast", [p + "rest_shifted"], [p + "rest_codes"], name=p + "rest_codes", to=TensorProto.UINT8),
+        helper.make_node("QuantizeLinear", [p + "rest_scaled", PREFIX + "one", PREFIX + "zero"], [p + "rest_codes"],
+                         name=p + "rest_codes"),
         # One product per weight, not two: ONNX Runtime's exact-kernel rewrite converts each
         # product's int8 weight to a new uint8 initializer of a fixed name, and a second product
         # of the same weight then fails the session (quantize_model_w8a8's zero points).
-        # Stacked, both terms go through one product of twice the rows.
+        # Stacked, both terms go through one product of twice the rows, each row with its scale.
         helper.make_node("Concat", [p + "codes", p + "rest_codes"], [p + "both_codes"], name=p + "both_codes", axis=0),
+        helper.make_node("Mul", [p + "scale", PREFIX + "residual_scale"], [p + "rest_scale"], name=p + "rest_scale"),
+        helper.make_node("Concat", [p + "scale", p + "rest_scale"], [p + "both_scales"], name=p + "both_scales",
+                         axis=0),
     ]
-    return nodes, p + "both_codes", p + "scale"
+    return nodes, p + "both_codes", p + "both_scales"
 
 
 def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: str = "int8",
@@ -191,20 +204,17 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
         codes, row_scale = quantized_inputs[x]
         p = node.name + "_w8a8_"
 
-        # The int32 sums times the column scales, in ONNX Runtime's kernel (a_scale 1: the row
-        # scales follow, a tensor the kernel takes only as a scalar).
-        columns = p + ("both" if two_terms else "columns")
+        # The int32 sums times the column scales and the rows' scales, in ONNX Runtime's kernel.
+        product = node.output[0] if not two_terms else p + "both"
         nodes.append(helper.make_node(
-            "MatMulIntegerToFloat", [codes, name + "_W8", PREFIX + "one", name + "_scale", PREFIX + "zero",
-                                     name + "_W8_zero"], [columns], name=p + "product", domain=COM_MICROSOFT))
-        if two_terms:  # the two terms' rows back apart: first + remainder / 254
+            "MatMulIntegerToFloat", [codes, name + "_W8", row_scale, name + "_scale", PREFIX + "zero",
+                                     name + "_W8_zero"], [product], name=p + "product", domain=COM_MICROSOFT))
+        if two_terms:  # the two terms' rows back apart, each already scaled: first + remainder
             split = {"num_outputs": 2} if opset >= 18 else {}  # (before 18: equal parts by default)
             nodes.extend([
-                helper.make_node("Split", [columns], [p + "coarse", p + "rest"], name=p + "split", axis=0, **split),
-                helper.make_node("Mul", [p + "rest", PREFIX + "residual_scale"], [p + "fine"], name=p + "fine"),
-                helper.make_node("Add", [p + "coarse", p + "fine"], [p + "columns"], name=p + "sum"),
+                helper.make_node("Split", [product], [p + "coarse", p + "fine"], name=p + "split", axis=0, **split),
+                helper.make_node("Add", [p + "coarse", p + "fine"], [node.output[0]], name=p + "sum"),
             ])
-        nodes.append(helper.make_node("Mul", [p + "columns", row_scale], [node.output[0]], name=p + "out"))
     if quantized_inputs:
         _constants(graph, opset, two_terms)
         if not any(o.domain == COM_MICROSOFT for o in model.opset_import):
