@@ -205,6 +205,10 @@ def quantize_model_w8a8(model, names: dict | None = None, keep=(), activations: 
         p = node.name + "_w8a8_"
 
         # The int32 sums times the column scales and the rows' scales, in ONNX Runtime's kernel.
+        # (Per-row a_scale is outside the contrib op's documented shapes, a scalar or one per
+        # column of A: ONNX Runtime 1.31's CPU kernel multiplies its output by any a_scale that
+        # broadcasts to it. tests/test_quantize_w8a8.py checks the result against a numpy
+        # model, so an ONNX Runtime that does otherwise fails the tests, not the images.)
         product = node.output[0] if not two_terms else p + "both"
         nodes.append(helper.make_node(
             "MatMulIntegerToFloat", [codes, name + "_W8", row_scale, name + "_scale", PREFIX + "zero",
