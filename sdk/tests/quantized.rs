@@ -416,6 +416,8 @@ fn loras_are_refused_on_quantized_packages() {
         let e = quantized(package).set_loras(&[LoraSetting::new(Arc::clone(&adapter), 1.0)]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Lora, "{package}: {e}");
         assert!(e.to_string().contains(&format!("quantized ({})", bounds.weights)), "{e}");
+        // Named by the user's file, not the package's graph.
+        assert!(e.to_string().starts_with(&format!("LoRA {}:", path.display())), "{e}");
         assert!(quantized(package).loras().is_empty());
         // And at load time.
         let mut o = LoadOptions::default();
@@ -423,6 +425,7 @@ fn loras_are_refused_on_quantized_packages() {
         o.loras = vec![LoraSetting::new(Arc::clone(&adapter), 0.5)];
         let e = Pipeline::load(model(package), &o).err().expect("refused");
         assert_eq!(e.kind(), ErrorKind::Lora, "{package}: {e}");
+        assert!(e.to_string().starts_with(&format!("LoRA {}:", path.display())), "{e}");
     }
 }
 

@@ -447,7 +447,8 @@ impl PeftConfig {
     fn factor(&self, module: &str, tensor_rank: usize) -> Result<f32, String> {
         let r = pattern_value(&self.rank_pattern, module)?.or(self.r).unwrap_or(tensor_rank as f64);
         let alpha = pattern_value(&self.alpha_pattern, module)?.or(self.lora_alpha).unwrap_or(r);
-        if r as usize != tensor_rank {
+        // (A fractional rank would pass the comparison truncated and scale by alpha / 4.7.)
+        if r.fract() != 0.0 || r as usize != tensor_rank {
             return Err(format!("the metadata says rank {r}, the matrices have rank {tensor_rank}"));
         }
         let f = (if self.use_rslora { alpha / r.sqrt() } else { alpha / r }) as f32;
@@ -558,6 +559,9 @@ mod tests {
         let e = convert(peft(), Some(r#"{"transformer.r": 4, "transformer.lora_alpha": 1e300}"#)).unwrap_err();
         assert!(e.contains("not a finite float32 factor"), "{e}");
         assert!(convert(peft(), Some(r#"{"transformer.r": 4, "transformer.lora_alpha": 1e30}"#)).is_ok());
+        // A rank that is not a whole number is refused, not truncated to the matrices' rank.
+        let e = convert(peft(), Some(r#"{"transformer.r": 4.7, "transformer.lora_alpha": 8}"#)).unwrap_err();
+        assert!(e.contains("rank 4.7"), "{e}");
     }
 
     #[test]

@@ -219,9 +219,25 @@ impl std::str::FromStr for LoraFile {
 }
 
 impl LoraFile {
-    /// Reads the adapter ([`LoraAdapter::load`]) and pairs it with the scale.
+    /// Reads the adapter ([`LoraAdapter::load`]) and pairs it with the scale. A file that
+    /// cannot be read stays an [`ErrorKind::Io`](crate::ErrorKind::Io) error, its message saying
+    /// it is the LoRA and, for a name with a `:`, that what follows it was not taken as the scale
+    /// (`a.safetensors:1,5` is the file `a.safetensors:1,5`).
     pub fn load(&self) -> Result<LoraSetting> {
-        Ok(LoraSetting::new(Arc::new(LoraAdapter::load(&self.path)?), self.scale))
+        let adapter = LoraAdapter::load(&self.path).map_err(|e| match e {
+            Error::Io { path, source } => {
+                let hint = if path.to_string_lossy().contains(':') {
+                    " (what follows its last ':' is not a number, so it was read as part of the file's name, not \
+                     as the scale)"
+                } else {
+                    ""
+                };
+                let message = format!("cannot read the LoRA file: {source}{hint}");
+                Error::io(path, std::io::Error::new(source.kind(), message))
+            }
+            other => other,
+        })?;
+        Ok(LoraSetting::new(Arc::new(adapter), self.scale))
     }
 }
 
@@ -270,25 +286,27 @@ struct Found<'t> {
 
 impl<'a> Targets<'a> {
     /// Reads the tables from the manifest and the initializers' places from the graph files of
-    /// the package in `dir`.
-    pub fn read(dir: &Path, manifest: &'a Manifest) -> Result<Targets<'a>> {
+    /// the package in `dir`, for merging `loras` (a package that takes none is refused naming
+    /// the first of them: the user's file, not the package's graph).
+    pub fn read(dir: &Path, manifest: &'a Manifest, loras: &[LoraSetting]) -> Result<Targets<'a>> {
         let graph = Manifest::resolve(dir, &manifest.graphs.transformer.path);
         let graph = graph.as_path();
+        let named = loras.first().map_or(graph, |l| l.adapter.path());
         // A LoRA is merged by adding B·A to each float weight; a block-quantized MatMulNBits
         // weight cannot take that (the sum would need re-quantizing, i.e. a new package).
         if let Some(q) = &manifest.quantization {
             return Err(Error::lora(
-                graph,
+                named,
                 format!(
-                    "this package's transformer is quantized ({}): LoRAs cannot be merged into its block-quantized \
-                     weights; use an fp32 or fp16 package of the model (or quantize after merging the LoRA)",
+                    "this package's transformer is quantized ({}): LoRAs cannot be merged into its quantized weights; \
+                     use an fp32 or fp16 package of the model (or quantize after merging the LoRA)",
                     q.weights
                 ),
             ));
         }
         let table = manifest.transformer.lora_parameters.as_ref().ok_or_else(|| {
             Error::lora(
-                graph,
+                named,
                 "this package was exported without transformer.lora_parameters in its manifest, so it cannot take \
                  LoRAs; re-export it with export-scripts/export.py",
             )
@@ -528,15 +546,26 @@ mod tests {
         for bad in ["", ":0.5", "a.safetensors:inf", "a.safetensors:NaN"] {
             assert_eq!(parse(bad).unwrap_err().kind(), ErrorKind::InvalidRequest, "{bad:?}");
         }
+        // A file that is not there: an I/O error that says it is the LoRA, and with a ':' in
+        // the name, that what follows it was not the scale.
+        let missing = std::env::temp_dir().join(format!("zimage-no-lora-{}/a.safetensors", std::process::id()));
+        let e = parse(&format!("{}:1,5", missing.display())).unwrap().load().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(e.to_string().starts_with(&format!("{}:1,5: cannot read the LoRA file: ", missing.display())), "{e}");
+        assert!(e.to_string().contains("not as the scale"), "{e}");
+        let e = parse(&missing.display().to_string()).unwrap().load().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(e.to_string().contains("cannot read the LoRA file") && !e.to_string().contains("scale"), "{e}");
     }
 
     #[test]
     fn retargeting_follows_the_shared_bytes_and_refuses_a_graph_without_them() {
         let dir = repo().join("models/tiny-zimage-control");
         let manifest = Manifest::load(&dir, false).unwrap();
-        let targets = Targets::read(&dir, &manifest).unwrap();
         let adapter = LoraAdapter::load(repo().join("tests/golden/tiny-zimage/loras/peft.safetensors")).unwrap();
-        let merged = targets.merge(&[LoraSetting::new(Arc::new(adapter), 1.0)]).unwrap();
+        let set = [LoraSetting::new(Arc::new(adapter), 1.0)];
+        let targets = Targets::read(&dir, &manifest, &set).unwrap();
+        let merged = targets.merge(&set).unwrap();
         assert_eq!(merged.len(), 28);
 
         let combined = dir.join("controlnet_union-v1.onnx");

@@ -353,7 +353,7 @@ pub(crate) fn merge_loras(graphs: &GraphLoader<'_>, loras: &[LoraSetting]) -> Re
     if loras.is_empty() {
         return Ok(None);
     }
-    let targets = Targets::read(graphs.dir, graphs.manifest)?;
+    let targets = Targets::read(graphs.dir, graphs.manifest, loras)?;
     let merged = targets.merge(loras)?;
     let mut weights = Vec::with_capacity(merged.len());
     let mut bytes = 0;

@@ -281,7 +281,8 @@ impl Pipeline {
     /// with matching shapes) without applying it: a `Lora` error naming the first key that does
     /// not fit. [`Pipeline::set_loras`] checks the same.
     pub fn check_lora(&self, adapter: &Arc<LoraAdapter>) -> Result<()> {
-        Targets::read(&self.dir, &self.manifest)?.check(&[LoraSetting::new(Arc::clone(adapter), 1.0)])
+        let set = [LoraSetting::new(Arc::clone(adapter), 1.0)];
+        Targets::read(&self.dir, &self.manifest, &set)?.check(&set)
     }
 
     /// Replaces the LoRA set (empty: the package's own weights). Only the transformer's
@@ -296,7 +297,7 @@ impl Pipeline {
     /// set's own (built on first use, then cached; see `TensorRtOptions::cache_dir_for_weights`).
     pub fn set_loras(&self, loras: &[LoraSetting]) -> Result<()> {
         if !loras.is_empty() {
-            Targets::read(&self.dir, &self.manifest)?.check(loras)?;
+            Targets::read(&self.dir, &self.manifest, loras)?.check(loras)?;
         }
         let mut active = self.transformer.write().unwrap_or_else(|p| p.into_inner());
         let graphs =
