@@ -127,7 +127,16 @@ impl ImageParams {
             object.insert(name.clone(), typed);
         }
         let body = serde_json::to_vec(&object).expect("a JSON object serialises");
-        Self::from_json(&body)
+        // A type error names the field; its message is serde's about a JSON body, with a line
+        // and column of the JSON made here: said of the form field instead.
+        Self::from_json(&body).map_err(|e| match e.param.clone() {
+            Some(param) => {
+                let detail = e.message.strip_prefix("invalid JSON body: ").unwrap_or(&e.message);
+                let detail = detail.rsplit_once(" at line ").map_or(detail, |(d, _)| d);
+                ApiError { message: format!("the form field '{param}' has the wrong type: {detail}"), ..e }
+            }
+            None => e,
+        })
     }
 }
 
@@ -386,7 +395,12 @@ pub fn prepare(
         (Some(edit), None) => Some(edit_strength(params.strength, edit.mask.is_some())),
         _ => None,
     };
-    limits.check_fields(&request, strength)?;
+    let size_from = match (size, &edit, &control) {
+        (Some(_), _, _) | (None, None, None) => None,
+        (None, Some(_), _) => Some("image"),
+        (None, None, Some(_)) => Some("control_image"),
+    };
+    limits.check_fields(&request, strength).map_err(|e| size_taken_from(e, size_from, limits.size_multiple))?;
 
     let mut inputs = InputNames::default();
     let is_edit = edit.is_some();
@@ -474,7 +488,8 @@ pub fn prepare_edit(
     let size = requested_size(&params)?;
     let (width, height) = size.unwrap_or_else(|| size_for_picture(size_multiple, last.width, last.height));
     let n = image_count(&params)?;
-    check_pixels(width, height, n, pixels)?;
+    let size_from = if size.is_some() { None } else { Some("image") };
+    check_pixels(width, height, n, pixels).map_err(|e| size_taken_from(e, size_from, size_multiple))?;
     let recommended = u32::try_from(defaults.num_inference_steps).unwrap_or(u32::MAX);
     let (steps, quality) = steps_for_quality(params.quality.as_deref(), recommended)?;
     let (images, records): (Vec<RgbImage>, Vec<ReferenceRecord>) = references.into_iter().unzip();
@@ -494,10 +509,27 @@ pub fn prepare_edit(
     request.max_sequence_length = params.max_sequence_length;
     let output = output_options(&params)?;
     request.previews = output.partial_images;
-    check_edit_fields(&request, (width, height), check)?;
+    check_edit_fields(&request, (width, height), check).map_err(|e| size_taken_from(e, size_from, size_multiple))?;
     let work = Work::Edit { request, references: records };
     let names = (InputNames::default(), ControlNames::default());
     Ok(prepared(params.model, output, work, names, (width, height), quality, true))
+}
+
+/// A refusal of the output size names `size`; when the request gave none and the size was
+/// taken from a picture (`picture_field`: an edit's `image`, a `control_image`), it names that
+/// field instead and says where the size came from.
+fn size_taken_from(error: ApiError, picture_field: Option<&'static str>, multiple: usize) -> ApiError {
+    match picture_field {
+        Some(field) if error.param.as_deref() == Some("size") => {
+            let message = format!(
+                "{} (the request gives no size, so the output takes the {field}'s, its sides floored to \
+                 multiples of {multiple}; give size to choose one)",
+                error.message
+            );
+            ApiError { message, ..error }.with_param(field)
+        }
+        _ => error,
+    }
 }
 
 /// The model's checks of an instruction edit, one field at a time so that the error names it
@@ -647,6 +679,7 @@ fn control_condition(
     )
     .map_err(|e| ApiError::from_sdk(&e).with_param("control_image"))?;
     if let Some(scale) = scale {
+        ControlCondition::check_scale(scale).map_err(|e| ApiError::from_sdk(&e).with_param("control_scale"))?;
         condition.conditioning_scale = scale;
     }
     request.control = Some(condition);
@@ -803,12 +836,56 @@ mod tests {
         assert_eq!(n4.spec.work.into_generate().count, 4, "at the batch limit");
     }
 
+    /// Without `size` the output takes a picture's size: its refusal names that picture's field.
+    #[test]
+    fn a_size_taken_from_a_picture_is_refused_naming_the_picture() {
+        let small = Limits { pixels: PixelLimits { image: 64 * 64, batch: 4 * 64 * 64 }, ..lim(&turbo()) };
+        let picture = || RgbImage { width: 80, height: 80, pixels: vec![0; 80 * 80 * 3] };
+        let control = || ControlInput { image: picture(), name: "c.png".into(), controlnet: Some("union".into()) };
+        let edit = || EditInput { image: picture(), image_name: "e.png".into(), mask: None };
+        let refused = |json: &str, edit: Option<EditInput>, control: Option<ControlInput>| {
+            prepare(params(json), edit, control, &small).err().expect("refused")
+        };
+        let e = refused(r#"{"prompt":"x"}"#, None, Some(control()));
+        assert_eq!(e.param.as_deref(), Some("control_image"), "{}", e.message);
+        assert!(e.message.contains("takes the control_image's, its sides floored to multiples of 16"), "{}", e.message);
+        let e = refused(r#"{"prompt":"x"}"#, Some(edit()), None);
+        assert_eq!(e.param.as_deref(), Some("image"), "{}", e.message);
+        // A size the request gives is named as before.
+        let e = refused(r#"{"prompt":"x","size":"80x80"}"#, None, Some(control()));
+        assert_eq!(e.param.as_deref(), Some("size"), "{}", e.message);
+        assert!(!e.message.contains("floored"), "{}", e.message);
+        let defaults =
+            EditDefaults { num_inference_steps: 8, guidance_scale: 0.0, cfg_truncation: 1.0, max_sequence_length: 512 };
+        let references = vec![(picture(), ReferenceRecord::new("e.png", b""))];
+        let e = prepare_edit(params(r#"{"prompt":"x"}"#), references, &defaults, small.pixels, 16, &|_| Ok(()))
+            .err()
+            .expect("refused");
+        assert_eq!(e.param.as_deref(), Some("image"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_control_scale_out_of_range_names_its_field() {
+        for scale in ["101", "-100.5", "1e30"] {
+            let json = format!(r#"{{"prompt":"x","size":"64x64","control_scale":{scale}}}"#);
+            let control = ControlInput {
+                image: RgbImage { width: 64, height: 64, pixels: vec![0; 64 * 64 * 3] },
+                name: "c.png".into(),
+                controlnet: Some("union".into()),
+            };
+            let e = prepare(params(&json), None, Some(control), &lim(&turbo())).err().expect("refused");
+            assert_eq!(e.param.as_deref(), Some("control_scale"), "{scale}: {}", e.message);
+        }
+    }
+
     #[test]
     fn multipart_text_fields_are_typed() {
         let fields = [("n", "2"), ("strength", "0.25"), ("stream", "true"), ("prompt", "42"), ("seed", "x")];
         let fields: Vec<(String, String)> = fields.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let e = ImageParams::from_fields(&fields).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("seed"));
+        // Said of the form field, without the line and column of a JSON body.
+        assert_eq!(e.message, r#"the form field 'seed' has the wrong type: invalid type: string "x", expected u64"#);
         let p = ImageParams::from_fields(&fields[..4]).unwrap();
         assert_eq!((p.n, p.strength, p.stream, p.prompt.as_deref()), (Some(2), Some(0.25), Some(true), Some("42")));
     }

@@ -176,16 +176,29 @@ fn model_spec(arg: &str) -> (String, PathBuf) {
 
 /// Per model (in the order of `models`), the values of a repeatable `--FLAG [MODEL=]VALUE`
 /// meant for it: `MODEL=VALUE` for that model (an error when no such model is served), a plain
-/// VALUE for every model.
+/// VALUE for every model, as is a value whose part before the first '=' holds a folder
+/// separator (a path with '=' in a name).
 fn per_model(flag: &str, models: &[String], values: &[String]) -> Result<Vec<Vec<String>>, String> {
     let mut chosen: Vec<Vec<String>> = vec![Vec::new(); models.len()];
     for value in values {
+        let every_model = || (0..models.len()).collect();
         let (targets, item): (Vec<usize>, &str) = match value.split_once('=') {
             Some((model, item)) => match models.iter().position(|m| m == model) {
                 Some(i) => (vec![i], item),
-                None => return Err(format!("--{flag} {value}: no model '{model}' is served")),
+                // A path with '=' in a file or folder name (`--lora /loras/x=y.safetensors`).
+                None if model.contains(['/', '\\']) => (every_model(), value.as_str()),
+                None => {
+                    let hint = match flag {
+                        "lora" => format!(
+                            " (a value containing '=' is MODEL=FILE; for a file whose name holds '=', give it with \
+                             a folder, e.g. ./{value})"
+                        ),
+                        _ => String::new(),
+                    };
+                    return Err(format!("--{flag} {value}: no model '{model}' is served{hint}"));
+                }
             },
-            None => ((0..models.len()).collect(), value.as_str()),
+            None => (every_model(), value.as_str()),
         };
         for i in targets {
             chosen[i].push(item.to_string());
@@ -650,5 +663,25 @@ fn map_large_allocations() {
     // SAFETY: mallopt only changes malloc's tuning; called before other threads exist.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_model_values_name_a_served_model_or_go_to_every_model() {
+        let models = ["a".to_string(), "b".to_string()];
+        let values = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = per_model("lora", &models, &values(&["b=x.safetensors", "y.safetensors:0.5"])).unwrap();
+        assert_eq!(got, vec![vec!["y.safetensors:0.5"], vec!["x.safetensors", "y.safetensors:0.5"]]);
+        // A path whose file or folder name holds '=' goes to every model, whole.
+        let got = per_model("lora", &models, &values(&["/loras/x=y.safetensors", "b=./p=q.safetensors"])).unwrap();
+        assert_eq!(got, vec![vec!["/loras/x=y.safetensors"], vec!["/loras/x=y.safetensors", "./p=q.safetensors"]]);
+        // Anything else before '=' must be a served model.
+        let e = per_model("lora", &models, &values(&["c=x.safetensors"])).unwrap_err();
+        assert!(e.starts_with("--lora c=x.safetensors: no model 'c' is served"), "{e}");
+        assert!(e.contains("./c=x.safetensors"), "{e}");
     }
 }

@@ -788,8 +788,10 @@ fn sizes_over_max_pixels_are_refused_before_any_work() {
     let (content_type, body) =
         multipart(&[("prompt", "x"), ("num_inference_steps", "1")], &[("image", "big.png", &png(256, 256, [9, 9, 9]))]);
     let e = edit(&content_type, &body).assert_error(400, "invalid_request_error", None);
-    assert_eq!(e["param"], "size", "{e}");
+    // (named by the picture whose size it took, and saying so: the request gave no size)
+    assert_eq!(e["param"], "image", "{e}");
     assert!(e["message"].as_str().unwrap().contains("256x256"), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("the output takes the image's"), "{e}");
     // At the limit is fine.
     let ok = post(br#"{"prompt":"x","size":"128x128","num_inference_steps":1}"#);
     assert_eq!(ok.status, 200, "{}", ok.text());

@@ -70,6 +70,19 @@ impl ControlCondition {
         }
     }
 
+    /// Refuses a conditioning scale that is NaN or beyond +-`limits::MAX_CONTROL_SCALE`
+    /// ([`ErrorKind::InvalidRequest`](crate::ErrorKind::InvalidRequest)): what a request's
+    /// check says of it, for front ends that check a field before building the request.
+    pub fn check_scale(scale: f32) -> Result<()> {
+        // NaN fails the comparison too.
+        if scale.is_nan() || scale.abs() > MAX_CONTROL_SCALE {
+            return Err(Error::invalid(format!(
+                "controlnet conditioning scale must be -{MAX_CONTROL_SCALE}..={MAX_CONTROL_SCALE} (got {scale})"
+            )));
+        }
+        Ok(())
+    }
+
     /// ControlNet inpainting: repaint `picture` where `mask` is white, guided by `image`.
     pub fn inpaint(image: RgbImage, picture: RgbImage, mask: GrayImage) -> ControlCondition {
         ControlCondition { inpaint: Some(ControlInpaint { image: picture, mask }), ..ControlCondition::new(image) }
@@ -107,13 +120,7 @@ pub(crate) fn check(control: &ControlCondition, has_init_image: bool) -> Result<
              picture and mask in the control condition (it starts from noise, without strength)",
         ));
     }
-    // NaN fails the comparison too.
-    if control.conditioning_scale.is_nan() || control.conditioning_scale.abs() > MAX_CONTROL_SCALE {
-        return Err(Error::invalid(format!(
-            "controlnet conditioning scale must be -{MAX_CONTROL_SCALE}..={MAX_CONTROL_SCALE} (got {})",
-            control.conditioning_scale
-        )));
-    }
+    ControlCondition::check_scale(control.conditioning_scale)?;
     control.image.check_input("control image")?;
     if let Some(inpaint) = &control.inpaint {
         inpaint.image.check_input("ControlNet inpainting picture")?;
