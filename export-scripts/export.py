@@ -101,8 +101,24 @@ def main(argv=None) -> None:
                         help="compute the transformer's attention in N query chunks (zimage_export/"
                              "transformer_attention.py: the CPU kernel holds 1/N of the scores at once; opt-in, the "
                              "GPU side is not measured; 0, the default: one node)")
-    add_quantize_arguments(parser, required=False)
+    quantize_flags = add_quantize_arguments(parser, required=False)
     args = parser.parse_args(argv)
+    # The quantization is checked before the export, which takes long on a real model: a
+    # refused option after it would leave a float package where a quantized one was asked for.
+    if args.weights:
+        if args.activations and args.precision != "fp32":
+            parser.error(f"--activations {args.activations} is made from fp32 graphs (the CPU's), not "
+                         f"--precision {args.precision}")
+        try:
+            quantize_options(args)
+        except (ValueError, OSError) as e:
+            parser.error(str(e))
+    else:
+        # (--int8-vae also applies to a float package: it adds the int8 VAE decoder.)
+        given = [dest for dest in quantize_flags
+                 if dest not in ("weights", "int8_vae") and getattr(args, dest) != parser.get_default(dest)]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} is a quantization option: it needs --weights int8|int4")
     if args.chunked_attention == 1 or args.chunked_attention < 0:
         parser.error("--chunked-attention: 0 (off) or at least 2 chunks")
     if args.prepacked_transformer and args.weights:

@@ -35,8 +35,10 @@ from zimage_export.gptq import DEFAULT_DAMPING
 from zimage_export.quantize import ACCURACY_LEVEL, ACTIVATIONS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, METHODS, WEIGHTS, QuantizeOptions, quantize_package
 
 
-def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    """The quantization flags, shared with export.py."""
+def add_arguments(parser: argparse.ArgumentParser, required: bool) -> list[str]:
+    """The quantization flags, shared with export.py; returns their destinations (`weights`
+    first), so that export.py can refuse the others without `--weights`."""
+    before = {action.dest for action in parser._actions}
     parser.add_argument("--weights", choices=sorted(WEIGHTS), required=required,
                         help="weight-only quantization of the transformer and text encoder (MatMulNBits)")
     parser.add_argument("--activations", choices=[a for a in ACTIVATIONS if a], default=None,
@@ -88,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--int8-vae", action="store_true",
                         help="also write vae_decoder_int8, an int8 VAE decoder the runtime uses with --int8-vae "
                              "(about 2x faster CPU decoding, lossy; zimage_export/vae_int8.py)")
+    return [action.dest for action in parser._actions if action.dest not in before]
 
 
 def calibration_from(args):

@@ -748,7 +748,12 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
     src, out = Path(src).resolve(), Path(out).resolve()
     manifest = json.loads((src / "manifest.json").read_text())
     if manifest.get("quantization"):
-        raise ValueError(f"{src} is already quantized ({manifest['quantization']['weights']})")
+        weights = manifest["quantization"].get("weights") if isinstance(manifest["quantization"], dict) else None
+        raise ValueError(f"{src} is already quantized ({weights or 'its manifest has a quantization section'})")
+    missing = [g for g in QUANTIZED_GRAPHS if g not in (manifest.get("graphs") or {})]
+    if missing:
+        raise ValueError(f"{src} has no {' or '.join(missing)} graph: this quantizes Z-Image packages (a standalone "
+                         "prompt enhancer package is not one)")
     if manifest.get("precision") not in ("fp32", "fp16"):
         raise ValueError(f"only fp32 and fp16 packages can be quantized, not {manifest.get('precision')}")
     if options.activations and manifest["precision"] != "fp32":
@@ -782,6 +787,10 @@ def quantize_package(src, out, options: QuantizeOptions, external_data_threshold
         codes = CodeBook(options) if omni else None
         rep = quantize_transformer(model, options, names, src, manifest, codes=codes)
         report["transformer"] = rep.section()
+        if not report["transformer"]["quantized"]:
+            # The manifest would call a float transformer quantized (and the runtime refuse
+            # it on a GPU, and LoRAs, for that).
+            raise ValueError("the --keep patterns keep every transformer weight in float: nothing is left to quantize")
         _save_graph(model, "transformer", tmp, threshold)
         del model
         if codes is not None:
