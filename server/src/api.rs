@@ -400,7 +400,8 @@ pub fn prepare(
         (None, Some(_), _) => Some("image"),
         (None, None, Some(_)) => Some("control_image"),
     };
-    limits.check_fields(&request, strength).map_err(|e| size_taken_from(e, size_from, limits.size_multiple))?;
+    let rule = format!("its sides floored to multiples of {}", limits.size_multiple);
+    limits.check_fields(&request, strength).map_err(|e| size_taken_from(e, size_from, &rule))?;
 
     let mut inputs = InputNames::default();
     let is_edit = edit.is_some();
@@ -453,19 +454,19 @@ pub fn prepare(
 /// An instruction edit on an editing (Omni / Edit) package, from `/v1/images/edits`: the
 /// uploaded pictures are the references, in order (`references`, decoded and checked by the
 /// SDK's reference rules), the prompt the instruction. Without `size` the image takes the last
-/// reference's size, floored to the model's multiple (`size_multiple`), as `zimage edit` and
+/// reference's size as the model prepares it (`model.output_size`: scaled down to the
+/// package's reference area when larger, sides floored to its multiple), as `zimage edit` and
 /// diffusers' `ZImageOmniPipeline` do. Steps and guidance start from the package's editing
-/// defaults (`defaults`); `quality` scales the steps as for generations. Masks, strength and
-/// ControlNet fields do not apply and are refused, naming the field; so are settings the
-/// model's `check` (`Pipeline::check_edit`) refuses.
+/// defaults; `quality` scales the steps as for generations. Masks, strength and ControlNet
+/// fields do not apply and are refused, naming the field; so are settings the model's
+/// `check` (`Pipeline::check_edit`) refuses.
 pub fn prepare_edit(
     params: ImageParams,
     references: Vec<(RgbImage, ReferenceRecord)>,
-    defaults: &EditDefaults,
     pixels: PixelLimits,
-    size_multiple: usize,
-    check: &dyn Fn(&EditRequest) -> zimage::Result<()>,
+    model: &EditModel<'_>,
 ) -> Result<Prepared, ApiError> {
+    let (defaults, size_multiple) = (model.defaults, model.size_multiple);
     for (given, name) in [
         (params.strength.is_some(), "strength"),
         (params.control_image.is_some(), "control_image"),
@@ -486,10 +487,14 @@ pub fn prepare_edit(
         return Err(ApiError::invalid("'image' is required").with_param("image"));
     };
     let size = requested_size(&params)?;
-    let (width, height) = size.unwrap_or_else(|| size_for_picture(size_multiple, last.width, last.height));
+    let (width, height) = match size {
+        Some(size) => size,
+        None => (model.output_size)(last.width, last.height).map_err(|e| ApiError::from_sdk(&e).with_param("image"))?,
+    };
     let n = image_count(&params)?;
     let size_from = if size.is_some() { None } else { Some("image") };
-    check_pixels(width, height, n, pixels).map_err(|e| size_taken_from(e, size_from, size_multiple))?;
+    let taken_from = |e| size_taken_from(e, size_from, &format!("{EDIT_SIZE_RULE} {size_multiple}"));
+    check_pixels(width, height, n, pixels).map_err(taken_from)?;
     let recommended = u32::try_from(defaults.num_inference_steps).unwrap_or(u32::MAX);
     let (steps, quality) = steps_for_quality(params.quality.as_deref(), recommended)?;
     let (images, records): (Vec<RgbImage>, Vec<ReferenceRecord>) = references.into_iter().unzip();
@@ -509,21 +514,39 @@ pub fn prepare_edit(
     request.max_sequence_length = params.max_sequence_length;
     let output = output_options(&params)?;
     request.previews = output.partial_images;
-    check_edit_fields(&request, (width, height), check).map_err(|e| size_taken_from(e, size_from, size_multiple))?;
+    check_edit_fields(&request, (width, height), model.check).map_err(taken_from)?;
     let work = Work::Edit { request, references: records };
     let names = (InputNames::default(), ControlNames::default());
     Ok(prepared(params.model, output, work, names, (width, height), quality, true))
 }
 
+/// What an instruction edit does to the last reference's size when the request gives none
+/// (followed by the multiple).
+const EDIT_SIZE_RULE: &str =
+    "as the model prepares it: scaled down to the model's reference area when larger, its sides floored to multiples of";
+
+/// What an instruction edit needs of its model, besides the request.
+pub struct EditModel<'a> {
+    /// The package's editing defaults (steps, guidance).
+    pub defaults: &'a EditDefaults,
+    /// The package's size multiple (for messages).
+    pub size_multiple: usize,
+    /// The output size without a requested size, from the last reference's
+    /// (`zimage::pipeline::edit::edit_output_size`).
+    pub output_size: &'a dyn Fn(u32, u32) -> zimage::Result<(u32, u32)>,
+    /// The model's own checks (`Pipeline::check_edit`).
+    pub check: &'a dyn Fn(&EditRequest) -> zimage::Result<()>,
+}
+
 /// A refusal of the output size names `size`; when the request gave none and the size was
 /// taken from a picture (`picture_field`: an edit's `image`, a `control_image`), it names that
-/// field instead and says where the size came from.
-fn size_taken_from(error: ApiError, picture_field: Option<&'static str>, multiple: usize) -> ApiError {
+/// field instead and says where the size came from (`rule`: how the picture's size became
+/// the output's).
+fn size_taken_from(error: ApiError, picture_field: Option<&'static str>, rule: &str) -> ApiError {
     match picture_field {
         Some(field) if error.param.as_deref() == Some("size") => {
             let message = format!(
-                "{} (the request gives no size, so the output takes the {field}'s, its sides floored to \
-                 multiples of {multiple}; give size to choose one)",
+                "{} (the request gives no size, so the output takes the {field}'s, {rule}; give size to choose one)",
                 error.message
             );
             ApiError { message, ..error }.with_param(field)
@@ -858,10 +881,33 @@ mod tests {
         let defaults =
             EditDefaults { num_inference_steps: 8, guidance_scale: 0.0, cfg_truncation: 1.0, max_sequence_length: 512 };
         let references = vec![(picture(), ReferenceRecord::new("e.png", b""))];
-        let e = prepare_edit(params(r#"{"prompt":"x"}"#), references, &defaults, small.pixels, 16, &|_| Ok(()))
-            .err()
-            .expect("refused");
+        let floored = |w: u32, h: u32| Ok((w / 16 * 16, h / 16 * 16));
+        let model = EditModel { defaults: &defaults, size_multiple: 16, output_size: &floored, check: &|_| Ok(()) };
+        let e = prepare_edit(params(r#"{"prompt":"x"}"#), references, small.pixels, &model).err().expect("refused");
         assert_eq!(e.param.as_deref(), Some("image"), "{}", e.message);
+        assert!(e.message.contains("as the model prepares it"), "{}", e.message);
+    }
+
+    /// Without `size` an instruction edit takes its last reference's size as the model
+    /// prepares it (here: scaled to a quarter), for the pixel limits and the reported size.
+    #[test]
+    fn an_instruction_edit_takes_the_model_prepared_size_of_its_last_reference() {
+        let defaults =
+            EditDefaults { num_inference_steps: 8, guidance_scale: 0.0, cfg_truncation: 1.0, max_sequence_length: 512 };
+        let picture = |side: u32| RgbImage { width: side, height: side, pixels: vec![0; (side * side * 3) as usize] };
+        let halved = |w: u32, h: u32| Ok((w / 2, h / 2));
+        let model = EditModel { defaults: &defaults, size_multiple: 16, output_size: &halved, check: &|_| Ok(()) };
+        let limits = PixelLimits { image: 64 * 64, batch: 64 * 64 };
+        let references = || {
+            vec![(picture(32), ReferenceRecord::new("a.png", b"")), (picture(128), ReferenceRecord::new("b.png", b""))]
+        };
+        let prepared = prepare_edit(params(r#"{"prompt":"x"}"#), references(), limits, &model).expect("64x64 fits");
+        assert_eq!(prepared.meta.size, "64x64");
+        let unusable = |_: u32, _: u32| Err(zimage::Error::InvalidRequest("reference of 1x1 scales to nothing".into()));
+        let model = EditModel { output_size: &unusable, ..model };
+        let e = prepare_edit(params(r#"{"prompt":"x"}"#), references(), limits, &model).err().expect("refused");
+        assert_eq!(e.param.as_deref(), Some("image"), "{}", e.message);
+        assert!(e.message.contains("scales to nothing"), "{}", e.message);
     }
 
     #[test]

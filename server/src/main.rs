@@ -70,8 +70,9 @@ struct Args {
     #[arg(long, value_name = "PX", default_value_t = 4096)]
     max_input_side: u32,
     /// Most output pixels (width x height) per image a request may ask for, generations and
-    /// edits alike (an edit without `size` asks for its picture's, floored to 16); larger ones are refused
-    /// (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
+    /// edits alike (an edit without `size` asks for its picture's, floored to 16; an instruction
+    /// edit for its last reference's as the editing model prepares it: scaled down to about
+    /// 1 MP when larger, floored to 16); larger ones are refused (400) before any work. Z-Image's standard resolutions are up to about 1.5-2 MP; raise it
     /// for larger images on a machine with the memory, lower it on a small one (a generation's
     /// memory grows with its pixels: on the CPU the mid-size test model, which has the real
     /// VAE's shape and 0.7 GB resident after loading, peaks at about 5.3 GB for 1024x1024 and

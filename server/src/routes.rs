@@ -646,9 +646,14 @@ async fn read_instruction_edit(
             })
             .collect();
         slot.done();
-        let defaults = &manifest.edit.as_ref().expect("an editing package").defaults;
-        let check = |r: &zimage::EditRequest| pool.checker.check_edit(r);
-        crate::api::prepare_edit(params, references?, defaults, pixels, manifest.size_multiple(), &check)
+        let dir = pool.checker.package_dir();
+        let model = crate::api::EditModel {
+            defaults: &manifest.edit.as_ref().expect("an editing package").defaults,
+            size_multiple: manifest.size_multiple(),
+            output_size: &|w, h| zimage::pipeline::edit::edit_output_size(manifest, dir, w, h),
+            check: &|r| pool.checker.check_edit(r),
+        };
+        crate::api::prepare_edit(params, references?, pixels, &model)
     })
     .await
     .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?

@@ -1037,6 +1037,23 @@ fn edits_on_an_editing_package_follow_the_instruction() {
     let e = edit(&negative, &one).assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], "negative_prompt", "{e}");
     assert!(e["message"].as_str().unwrap().contains("the negative prompt and its 1 reference(s)"), "{e}");
+    // Without size, the output is the last reference as the model prepares it: 1600x1200 is
+    // scaled to about 1 MP (1182x886, the package's max_area) and cropped to 1168x880, within
+    // --max-pixels 1048576 and reported as such (the picture's own size would be refused).
+    use base64::Engine;
+    let large = image::RgbImage::from_fn(1600, 1200, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 90]));
+    let mut large_png = Vec::new();
+    large.write_to(&mut std::io::Cursor::new(&mut large_png), image::ImageFormat::Png).unwrap();
+    let small_server = Server::start(&["--model", &omni, "--max-pixels", "1048576"]);
+    let (content_type, body) =
+        multipart(&[("prompt", "x"), ("num_inference_steps", "1")], &[("image", "large.png", large_png.as_slice())]);
+    let response = small_server.request("POST", "/v1/images/edits", &[("Content-Type", &content_type)], &body);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let json = response.json();
+    assert_eq!(json["size"], "1168x880", "{json}");
+    let b64 = json["data"][0]["b64_json"].as_str().unwrap();
+    let got = image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+    assert_eq!((got.width(), got.height()), (1168, 880));
     let e = edit(&[("prompt", "x"), ("model", "tiny-zimage")], &[one[0], one[0]]).assert_error(
         400,
         "invalid_request_error",

@@ -451,6 +451,23 @@ pub fn check_edit_request(
     plan(request, info, max_side, manifest.size_multiple()).map(|_| ())
 }
 
+/// The output size of an edit that gives no width and height and whose last reference is
+/// `width` x `height` pixels: that reference as the model gets it (scaled down to the
+/// package's reference area when larger, then cropped to the reference multiple), as
+/// [`Pipeline::edit`] computes it. For a front end that checks or reports the size before
+/// editing.
+pub fn edit_output_size(
+    manifest: &crate::package::Manifest,
+    dir: &std::path::Path,
+    width: u32,
+    height: u32,
+) -> Result<(u32, u32)> {
+    let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
+        return Err(not_editing(dir));
+    };
+    references::prepared_size(width, height, &info.reference)
+}
+
 /// Decodes reference picture `index` (1-based, for messages) from a PNG, JPEG or WebP file's
 /// bytes, refusing from the file's header, before decoding, a size the package's reference
 /// rules refuse ([`Pipeline::edit`] would, after a decode of up to 16384 x 16384 pixels).
