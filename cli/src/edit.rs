@@ -8,10 +8,11 @@ use serde_json::json;
 use zimage::{edit_parameters, image_io, EditRequest, Manifest, Progress, ReferenceRecord};
 
 use crate::enhance::{self, EnhanceFlags};
-use crate::generate::{enhance_options_group, quantization_json, timings_json};
+use crate::generate::{enhance_options_group, quantization_json, timings_json, warn_if_truncated};
 use crate::model_args::ModelArgs;
 use crate::output::{
-    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, resolve_output, same_file, secs,
+    Failure,
 };
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
@@ -56,10 +57,12 @@ pub struct EditArgs {
     /// Images to generate; with K > 1 they go to FILE-0.png, FILE-1.png, ...
     #[arg(long, value_name = "K", default_value_t = 1)]
     count: u32,
-    /// Where the PNG goes (written to a temporary file beside it, renamed when complete).
+    /// Where the PNG goes (a folder: FOLDER/zimage-edit.png). Written to a temporary file
+    /// beside it and renamed when complete.
     #[arg(long, short, value_name = "FILE.png", default_value = "zimage-edit.png")]
     output: PathBuf,
-    /// Also write the final latents as one float32 .npy array [K, C, h, w].
+    /// Also write the final latents as one float32 .npy array [K, C, h, w] (a folder:
+    /// FOLDER/latents.npy).
     #[arg(long, value_name = "FILE.npy")]
     save_latents: Option<PathBuf>,
     /// Tokens kept per text segment [default: the package's, 512].
@@ -96,15 +99,16 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     zimage::pipeline::edit::check_edit_package(&manifest, &args.model.model, args.images.len())?;
     // Adapters are read and checked before the model load too.
     let loras = args.loras.iter().map(zimage::LoraFile::load).collect::<zimage::Result<Vec<_>>>()?;
-    let format = output_format(&args.output, "-o", args.quality)?;
+    let files_base = resolve_output(&args.output, "zimage-edit.png");
+    let format = output_format(&files_base, "-o", args.quality)?;
     if let Some(latents) = &args.save_latents {
         refuse_stdout(latents, "--save-latents")?;
     }
-    let files = output_files(&args.output, args.count);
+    let files = output_files(&files_base, args.count);
     let inputs: Vec<&std::path::Path> = args.images.iter().map(|p| p.as_path()).collect();
     let steps = args.steps.or(manifest.edit.as_ref().map(|e| e.defaults.num_inference_steps)).unwrap_or(0);
-    refuse_previews_over_inputs(&args.output, args.count, args.previews, steps, &inputs)?;
-    let latents_file = args.save_latents.clone();
+    refuse_previews_over_inputs(&files_base, args.count, args.previews, steps, &inputs)?;
+    let latents_file = args.save_latents.as_deref().map(|p| resolve_output(p, "latents.npy"));
     for path in files.iter().chain(latents_file.as_ref()) {
         image_io::check_writable(path)?;
     }
@@ -152,7 +156,7 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     }
     let pipeline = args.model.load_with_loras(args.count, guidance, loras, None)?;
     pipeline.check_edit(&request)?;
-    let previews_beside = (args.previews > 0).then(|| (args.output.clone(), args.count, format));
+    let previews_beside = (args.previews > 0).then(|| (files_base.clone(), args.count, format));
     let mut report = StepReport::new(&progress, args.progress, previews_beside);
     let mut on_step = |p: &Progress| report.on_step(p);
     progress.stage("encoding references");
@@ -169,6 +173,10 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     let generation = result.map_err(|e| report.failure(e))?;
     if let Some(enhanced) = &generation.enhanced_prompt {
         log::stderr_line("info", &format!("enhanced instruction: {enhanced}"));
+    }
+    warn_if_truncated("instruction", &generation.prompt_tokens);
+    if let Some(tokens) = &generation.negative_prompt_tokens {
+        warn_if_truncated("negative prompt", tokens);
     }
     let defaults = &manifest.edit.as_ref().expect("checked above").defaults;
     let mut staged = Vec::with_capacity(files.len() + 1);

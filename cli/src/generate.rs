@@ -14,7 +14,8 @@ use zimage::{
 use crate::enhance::{self, EnhanceFlags};
 use crate::model_args::ModelArgs;
 use crate::output::{
-    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, same_file, secs, Failure,
+    out, output_files, output_format, refuse_previews_over_inputs, refuse_stdout, resolve_output, same_file, secs,
+    Failure,
 };
 use crate::step_report::{ProgressMode, StageProgress, StepReport};
 use crate::{interrupt, log};
@@ -378,17 +379,9 @@ fn located(path: &Path, e: zimage::Error) -> zimage::Error {
     }
 }
 
-/// A folder given as the output gets a file name inside it.
-fn resolve_output(path: &Path, default_name: &str) -> PathBuf {
-    let names_folder = path.is_dir() || path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
-    if names_folder {
-        path.join(default_name)
-    } else {
-        path.to_path_buf()
-    }
-}
-
-fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
+/// Warns that a prompt (`what`) was cut to the kept tokens (for edits: the instruction's
+/// segment).
+pub(crate) fn warn_if_truncated(what: &str, tokens: &TokenizedPrompt) {
     if tokens.truncated() {
         log::stderr_line(
             "warning",

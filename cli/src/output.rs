@@ -116,6 +116,16 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// A folder given as the output gets a file name inside it.
+pub fn resolve_output(path: &Path, default_name: &str) -> PathBuf {
+    let names_folder = path.is_dir() || path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    if names_folder {
+        path.join(default_name)
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
 pub fn output_files(output: &Path, count: u32) -> Vec<PathBuf> {
     if count <= 1 {

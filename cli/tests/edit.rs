@@ -287,3 +287,73 @@ fn edit_previews_are_written_beside_the_output() {
     assert_eq!((preview.width, preview.height), (96, 64));
     assert_ne!(preview.rgb, result.rgb);
 }
+
+/// `-o` and `--save-latents` naming folders put `zimage-edit.png` and `latents.npy` in them, as
+/// `zimage generate` does; the edit is still the golden's.
+#[test]
+fn an_edit_into_a_folder_names_its_files() {
+    let c = golden_case("edit", "two_refs_cfg");
+    let dir = scratch("edit-into-folder");
+    let mut args = case_args(&c);
+    let folder = format!("{}{}", dir.display(), std::path::MAIN_SEPARATOR);
+    args.extend(["-o".into(), folder, "--save-latents".into(), dir.display().to_string()]);
+    args.extend(["--json".into(), "--progress".into(), "none".into()]);
+    let out = zimage(args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (output, latents) = (dir.join("zimage-edit.png"), dir.join("latents.npy"));
+    check_against_golden(&c, &output, &latents);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["files"], serde_json::json!([output.display().to_string()]));
+    assert_eq!(summary["latents_file"], latents.display().to_string());
+}
+
+/// An instruction longer than --max-sequence-length is cut, with the warning `zimage generate`
+/// gives for prompts (its segment's tokens: full and kept).
+#[test]
+fn a_cut_instruction_is_warned_about() {
+    let dir = scratch("edit-cut");
+    let output = dir.join("cut.png");
+    let image = format!("{GOLDEN}/inputs/ref_96x64.png");
+    let words = "a red fox in the snow ".repeat(20);
+    let out = zimage([
+        "edit",
+        "--model",
+        PACKAGE,
+        "--image",
+        &image,
+        "--prompt",
+        &words,
+        "--steps",
+        "1",
+        "--guidance",
+        "0",
+        "--max-sequence-length",
+        "16",
+        "-o",
+        output.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("warning: the instruction has") && err.contains("only the first 16 are used"), "{err}");
+    let short = zimage([
+        "edit",
+        "--model",
+        PACKAGE,
+        "--image",
+        &image,
+        "--prompt",
+        "a fox",
+        "--steps",
+        "1",
+        "--guidance",
+        "0",
+        "-o",
+        output.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]);
+    assert_eq!(short.status.code(), Some(0), "{}", stderr(&short));
+    assert!(!stderr(&short).contains("warning"), "{}", stderr(&short));
+}
