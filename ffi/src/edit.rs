@@ -140,7 +140,7 @@ unsafe fn edit_request(params: *const zimage_edit_params) -> Result<(EditRequest
     for (i, view) in views.iter().enumerate() {
         let what = format!("params->images[{i}]");
         if view.pixels.is_null() {
-            return Err(Failure::null(&what));
+            return Err(Failure::null(&format!("{what}.pixels")));
         }
         // A picture past the SDK's size limit is refused from its size alone, without copying it.
         if view.width as u64 * view.height as u64 > MAX_REFERENCE_PIXELS {
@@ -247,6 +247,22 @@ mod tests {
         assert_eq!(r.images[0].pixels[70 * 3..70 * 3 + 3], buffer[70 * 3 + 5..70 * 3 + 8]);
         assert!(r.images[1].pixels.is_empty(), "a 4-gigapixel view is never read");
         assert_eq!((r.steps, r.guidance_scale, r.width), (None, None, None));
+    }
+
+    /// A reference whose pixels are NULL is named down to the field.
+    #[test]
+    fn a_reference_without_pixels_names_its_field() {
+        let mut p = zimage_edit_params::defaults();
+        p.prompt = c"make it blue".as_ptr();
+        let buffer = vec![0u8; 64 * 64 * 3];
+        let views = [
+            zimage_image { pixels: buffer.as_ptr(), width: 64, height: 64, stride: 0 },
+            zimage_image { pixels: std::ptr::null(), width: 64, height: 64, stride: 0 },
+        ];
+        (p.images, p.image_count) = (views.as_ptr(), 2);
+        let failure = unsafe { edit_request(&p) }.err().expect("refused");
+        assert_eq!(failure.code, zimage_result::NullArgument);
+        assert_eq!(failure.message, "params->images[1].pixels is NULL");
     }
 
     /// What the preview callback saw: (step, total, image count, first image's shape).
