@@ -716,6 +716,26 @@ fn generate_enhanced_uses_and_reports_the_rewritten_prompt() {
     assert_eq!(kind_of(p.generate_enhanced(&enhancer, &options, &embedded, None)), ErrorKind::InvalidRequest);
 }
 
+/// With max_sequence_length above the model's caption positions (992 here), a short prompt
+/// fits but the enhancer's rewrite (up to 1100 new tokens, tiny-zimage-enhanced's decoder
+/// writes them all)
+/// does not: the refusal names the enhanced prompt and the enhancer's setting.
+#[test]
+fn an_enhanced_prompt_past_the_caption_positions_is_named() {
+    let p = Pipeline::load(repo().join("models/tiny-zimage-enhanced"), &LoadOptions::default()).unwrap();
+    let enhancer =
+        zimage::PromptEnhancer::load(repo().join("models/tiny-zimage-enhanced"), &LoadOptions::default()).unwrap();
+    let mut options = zimage::EnhanceOptions::default();
+    options.max_new_tokens = 1100;
+    let mut request = small("a cat");
+    request.max_sequence_length = Some(4096);
+    let e = p.generate_enhanced(&enhancer, &options, &request, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let message = e.to_string();
+    assert!(message.contains("the enhanced prompt has") && message.contains("at most 992"), "{message}");
+    assert!(message.contains("up to 1100 new tokens"), "{message}");
+}
+
 #[test]
 fn optimized_model_cache_is_written_then_used_with_the_same_images() {
     let cache = tempdir("optimized-cache");

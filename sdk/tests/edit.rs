@@ -204,6 +204,27 @@ fn an_enhanced_edit_is_the_edit_of_the_rewritten_instruction() {
     );
 }
 
+/// With max_sequence_length above the caption positions, a short instruction fits but the
+/// enhancer's rewrite of "a cat" (1100 tokens: tiny-zimage-enhanced's decoder writes them all,
+/// and they stay over a thousand when tokenized again) does not:
+/// the refusal names the enhanced instruction and the enhancer's setting.
+#[test]
+fn an_enhanced_instruction_past_the_caption_positions_is_named() {
+    let pipeline = pipeline(PACKAGE);
+    let mut options = zimage::LoadOptions::default();
+    options.threads = Some(1);
+    let enhancer = zimage::PromptEnhancer::load(repo().join("models/tiny-zimage-enhanced"), &options).unwrap();
+    let mut enhance = zimage::EnhanceOptions::default();
+    enhance.max_new_tokens = 1100;
+    let mut request = EditRequest::new("a cat", vec![png_rgb(&golden(&format!("{PACKAGE}/inputs/ref_96x64.png")))]);
+    (request.steps, request.guidance_scale, request.max_sequence_length) = (Some(1), Some(0.0), Some(4096));
+    let e = pipeline.edit_enhanced(&enhancer, &enhance, &request, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let message = e.to_string();
+    assert!(message.contains("the enhanced instruction and its 1 reference(s) need caption position"), "{message}");
+    assert!(message.contains("up to 1100 new tokens"), "{message}");
+}
+
 /// A pipeline on the Omni package with `loras` set at load.
 fn pipeline_with(package: &std::path::Path, loras: Vec<zimage::LoraSetting>) -> zimage::Pipeline {
     let mut options = zimage::LoadOptions::default();

@@ -57,8 +57,13 @@ impl CaptionEncoder {
     }
 
     /// Tokenizes for the transformer: the caption must fit the model's position table.
-    /// `which` names the prompt in a refusal ("prompt", "negative prompt").
-    fn caption_tokens(&self, prompt: &str, max_sequence_length: Option<usize>, which: &str) -> Result<TokenizedPrompt> {
+    /// `which` names the prompt in a refusal ("prompt", "negative prompt", "enhanced prompt").
+    pub(crate) fn caption_tokens(
+        &self,
+        prompt: &str,
+        max_sequence_length: Option<usize>,
+        which: &str,
+    ) -> Result<TokenizedPrompt> {
         let tokens = self.tokenize(prompt, max_sequence_length)?;
         if tokens.ids.len() > self.max_tokens {
             return Err(Error::invalid(format!(

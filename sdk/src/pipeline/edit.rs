@@ -298,6 +298,14 @@ impl Pipeline {
                 format!("no rewritten instruction within {} new tokens", options.max_new_tokens),
             ));
         }
+        // The rewritten instruction must fit the caption positions too: a refusal names it.
+        if let Some(info) = &self.manifest.edit {
+            let max_side = (self.manifest.max_image_width(), self.manifest.max_image_height());
+            let plan = plan(request, info, max_side, self.manifest.size_multiple())?;
+            let images = request.images.len();
+            self.segment_tokens(&enhancement.text, "enhanced instruction", images, info, plan.max_sequence_length)
+                .map_err(|e| super::enhanced_too_long(e, options))?;
+        }
         let mut rewritten = request.clone();
         rewritten.prompt = enhancement.text.clone();
         let mut result = self.edit(&rewritten, progress)?;

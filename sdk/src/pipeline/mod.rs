@@ -706,11 +706,28 @@ impl Pipeline {
                 ),
             ));
         }
+        // The rewritten prompt must fit the model's captions too: a refusal names it, not the
+        // user's prompt, which fitted.
+        self.captions
+            .caption_tokens(&enhancement.text, request.max_sequence_length, "enhanced prompt")
+            .map_err(|e| enhanced_too_long(e, options))?;
         let mut rewritten = request.clone();
         rewritten.prompt = Prompt::Text(enhancement.text.clone());
         let mut result = self.generate(&rewritten, progress)?;
         result.enhanced_prompt = Some(enhancement.text);
         Ok(result)
+    }
+}
+
+/// A refusal of an enhanced prompt or instruction, with the enhancer's part in it: it wrote
+/// up to `max_new_tokens`.
+pub(crate) fn enhanced_too_long(error: Error, options: &EnhanceOptions) -> Error {
+    match error {
+        Error::InvalidRequest(message) => Error::InvalidRequest(format!(
+            "{message} (the prompt enhancer wrote it, with up to {} new tokens: lower its max_new_tokens)",
+            options.max_new_tokens
+        )),
+        other => other,
     }
 }
 
