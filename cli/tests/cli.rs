@@ -1086,6 +1086,11 @@ fn enhance_matches_the_golden_greedy_text_and_generate_records_it() {
             c["name"]
         );
         assert_eq!(summary["finish"].as_str().unwrap().to_lowercase(), c["finish"].as_str().unwrap(), "{}", c["name"]);
+        // A speed once there was a decode step after the prompt's; none (null, not 0) for one token.
+        match summary["new_tokens"].as_u64().unwrap() {
+            1 => assert!(summary["tokens_per_second"].is_null(), "{summary}"),
+            _ => assert!(summary["tokens_per_second"].as_f64().is_some_and(|v| v > 0.0), "{summary}"),
+        }
         if !c["thinking"].as_bool().unwrap() {
             assert_eq!(
                 summary["text"].as_str().unwrap().trim(),

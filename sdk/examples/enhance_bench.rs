@@ -86,13 +86,13 @@ fn main() -> zimage::Result<()> {
         let r = enhancer.enhance(&prompt, &options, None)?;
         let t = r.timings;
         println!(
-            "run {run}: prompt {} tokens, prefill {:.3} s ({:.0} tokens/s); generated {} tokens ({:?}); decode {:.2} tokens/s; {}",
+            "run {run}: prompt {} tokens, prefill {:.3} s ({:.0} tokens/s); generated {} tokens ({:?}); decode {} tokens/s; {}",
             r.prompt_tokens,
             t.prefill.as_secs_f64(),
             r.prompt_tokens as f64 / t.prefill.as_secs_f64(),
             r.token_ids.len(),
             r.finish,
-            t.tokens_per_second(),
+            t.tokens_per_second().map_or("-".to_string(), |v| format!("{v:.2}")),
             memory_mib()
         );
     }

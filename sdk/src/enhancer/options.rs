@@ -129,12 +129,13 @@ pub struct EnhanceTimings {
 }
 
 impl EnhanceTimings {
-    /// Decoding speed after the prompt (0 when there was no decode step).
-    pub fn tokens_per_second(&self) -> f64 {
+    /// Decoding speed after the prompt; `None` when there was no decode step (one token, from
+    /// the prompt's call), where there is no speed to report.
+    pub fn tokens_per_second(&self) -> Option<f64> {
         if self.decode_steps == 0 || self.decode.is_zero() {
-            0.0
+            None
         } else {
-            self.decode_steps as f64 / self.decode.as_secs_f64()
+            Some(self.decode_steps as f64 / self.decode.as_secs_f64())
         }
     }
 }
