@@ -431,6 +431,11 @@ fn reference_files_are_refused_by_size_before_decoding() {
     // A size the rules take goes on to the decoder, which finds no pixels.
     let e = decode_reference(&manifest, &dir, &png_header(64, 64), 1).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    assert!(e.to_string().contains("reference image 1: "), "{e}");
+    // So does a file that is no picture at all, named by its place.
+    let e = decode_reference(&manifest, &dir, b"not a picture", 3).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Image, "{e}");
+    assert!(e.to_string().starts_with("image: reference image 3: "), "{e}");
     // A real picture decodes to its pixels.
     let image = picture(64, 80);
     let png = zimage::image_io::encode_png(&image, &[]).unwrap();

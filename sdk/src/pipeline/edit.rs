@@ -488,9 +488,14 @@ pub fn decode_reference(
     let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
         return Err(not_editing(dir));
     };
-    let (width, height) = crate::image_io::image_size(bytes)?;
+    // Unreadable files are named by their place too: a server's client sent several.
+    let named = |e: Error| match e {
+        Error::Image(m) => Error::Image(format!("reference image {index}: {m}")),
+        other => other,
+    };
+    let (width, height) = crate::image_io::image_size(bytes).map_err(named)?;
     references::check_size(width, height, index, &info.reference)?;
-    crate::image_io::decode_rgb(bytes)
+    crate::image_io::decode_rgb(bytes).map_err(named)
 }
 
 fn not_editing(dir: &std::path::Path) -> Error {
