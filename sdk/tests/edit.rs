@@ -119,6 +119,22 @@ fn bad_edit_requests_are_typed_errors() {
     r.images = vec![picture(64, 600)];
     assert_eq!(edit_error(PACKAGE, &r).kind(), ErrorKind::InvalidRequest);
 
+    // A requested size scales a reference past 1 MP to its area: 16x16 leaves 2400x480 no
+    // 16x16 block, and the refusal names the reference, its own size and what it became.
+    r.images = vec![picture(64, 64), picture(2400, 480)];
+    (r.width, r.height) = (Some(16), Some(16));
+    let e = edit_error(PACKAGE, &r);
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest, "{e}");
+    let want = "reference image 2 is 2400x480 once scaled to 35x7 (to the area of 16x16): no 16x16 block to keep";
+    assert!(e.to_string().contains(want), "{e}");
+    (r.width, r.height) = (None, None);
+    // Without a size, the output is the last reference as the model prepares it: scaled to
+    // about 1 MP (2289x457) and cropped to 2288x448; edit_output_size says so beforehand.
+    let dir = repo().join("models").join(PACKAGE);
+    let manifest = zimage::Manifest::read(&dir).unwrap();
+    assert_eq!(zimage::pipeline::edit::edit_output_size(&manifest, &dir, (2400, 480), 2).unwrap(), (2288, 448));
+    assert_eq!(zimage::pipeline::edit::edit_output_size(&manifest, &dir, (96, 70), 1).unwrap(), (96, 64));
+
     // An instruction past the RoPE table (1024 caption positions in this package).
     r.images = vec![picture(64, 64)];
     r.prompt = "word ".repeat(1100);

@@ -650,7 +650,7 @@ async fn read_instruction_edit(
         let model = crate::api::EditModel {
             defaults: &manifest.edit.as_ref().expect("an editing package").defaults,
             size_multiple: manifest.size_multiple(),
-            output_size: &|w, h| zimage::pipeline::edit::edit_output_size(manifest, dir, w, h),
+            output_size: &|w, h| zimage::pipeline::edit::edit_output_size(manifest, dir, (w, h), pictures.len()),
             check: &|r| pool.checker.check_edit(r),
         };
         crate::api::prepare_edit(params, references?, pixels, &model)

@@ -181,7 +181,8 @@ impl Pipeline {
         let prepared: Vec<PreparedReference> = request
             .images
             .iter()
-            .map(|image| references::prepare(image, &info.reference, plan.size))
+            .enumerate()
+            .map(|(i, image)| references::prepare(image, i + 1, &info.reference, plan.size))
             .collect::<Result<_>>()?;
         for (i, reference) in prepared.iter().enumerate() {
             let (h, w) = (reference.for_vae.shape()[2], reference.for_vae.shape()[3]);
@@ -459,21 +460,21 @@ pub fn check_edit_request(
     plan(request, info, max_side, manifest.size_multiple()).map(|_| ())
 }
 
-/// The output size of an edit that gives no width and height and whose last reference is
-/// `width` x `height` pixels: that reference as the model gets it (scaled down to the
-/// package's reference area when larger, then cropped to the reference multiple), as
-/// [`Pipeline::edit`] computes it. For a front end that checks or reports the size before
-/// editing.
+/// The output size of an edit that gives no width and height and whose last reference,
+/// number `index` (1-based, for messages), is `width` x `height` pixels: that reference as
+/// the model gets it (scaled down to the package's reference area when larger, then cropped
+/// to the reference multiple), as [`Pipeline::edit`] computes it. For a front end that checks
+/// or reports the size before editing.
 pub fn edit_output_size(
     manifest: &crate::package::Manifest,
     dir: &std::path::Path,
-    width: u32,
-    height: u32,
+    (width, height): (u32, u32),
+    index: usize,
 ) -> Result<(u32, u32)> {
     let Some(info) = manifest.edit.as_ref().filter(|_| manifest.supports("edit")) else {
         return Err(not_editing(dir));
     };
-    references::prepared_size(width, height, &info.reference)
+    references::prepared_size(width, height, index, &info.reference)
 }
 
 /// Decodes reference picture `index` (1-based, for messages) from a PNG, JPEG or WebP file's

@@ -69,45 +69,62 @@ fn area_size(width: u32, height: u32, target_area: u64) -> (u32, u32) {
 
 /// The size of the picture SigLIP2 sees: the reference's own, or, above `max_area` pixels,
 /// scaled to about that area (or to the request's width x height when both are given).
-fn vision_size(width: u32, height: u32, rules: &ReferenceRules, size: Option<(u32, u32)>) -> Result<(u32, u32)> {
+fn vision_size(width: u32, height: u32, rules: &ReferenceRules, size: Option<(u32, u32)>) -> (u32, u32) {
     if width as u64 * height as u64 <= rules.max_area {
-        return Ok((width, height));
+        return (width, height);
     }
     let target = size.map_or(rules.max_area, |(w, h)| w as u64 * h as u64);
-    let (w, h) = area_size(width, height, target);
-    if w == 0 || h == 0 {
-        return Err(Error::invalid(format!("reference of {width}x{height} scales to nothing")));
-    }
-    Ok((w, h))
+    area_size(width, height, target)
 }
 
-/// The centre crop of a `width` x `height` vision picture the VAE gets: each side floored to
-/// the rules' multiple.
-fn vae_size(width: u32, height: u32, rules: &ReferenceRules) -> Result<(u32, u32)> {
+/// The sizes a `width` x `height` reference (number `index`, 1-based) takes: what SigLIP2
+/// sees, then its centre crop for the VAE (each side floored to the rules' multiple). A
+/// refusal names the reference and its own size, and the size it was scaled to when that
+/// left nothing (a small requested size scales a large reference down with it).
+fn sizes(
+    width: u32,
+    height: u32,
+    index: usize,
+    rules: &ReferenceRules,
+    size: Option<(u32, u32)>,
+) -> Result<((u32, u32), (u32, u32))> {
+    let (vw, vh) = vision_size(width, height, rules, size);
     let m = rules.multiple;
-    let (w, h) = (width / m * m, height / m * m);
+    let (w, h) = (vw / m * m, vh / m * m);
     if w == 0 || h == 0 {
-        return Err(Error::invalid(format!("reference of {width}x{height} has no {m}x{m} block to keep")));
+        let scaled = if (vw, vh) == (width, height) {
+            String::new()
+        } else {
+            let to = size.map_or("the model's reference area".to_string(), |(w, h)| format!("the area of {w}x{h}"));
+            format!(" once scaled to {vw}x{vh} (to {to})")
+        };
+        return Err(Error::invalid(format!(
+            "reference image {index} is {width}x{height}{scaled}: no {m}x{m} block to keep"
+        )));
     }
-    Ok((w, h))
+    Ok(((vw, vh), (w, h)))
 }
 
 /// The size of the latents [`prepare`] makes of a `width` x `height` reference when the
 /// request gives no size: the output's size when it is the last reference.
-pub(crate) fn prepared_size(width: u32, height: u32, rules: &ReferenceRules) -> Result<(u32, u32)> {
-    let (w, h) = vision_size(width, height, rules, None)?;
-    vae_size(w, h, rules)
+pub(crate) fn prepared_size(width: u32, height: u32, index: usize, rules: &ReferenceRules) -> Result<(u32, u32)> {
+    sizes(width, height, index, rules, None).map(|(_, vae)| vae)
 }
 
-/// Prepares one (checked) reference. `size`: the request's (width, height) when both given.
-pub(crate) fn prepare(image: &RgbImage, rules: &ReferenceRules, size: Option<(u32, u32)>) -> Result<PreparedReference> {
-    let (vision_w, vision_h) = vision_size(image.width, image.height, rules, size)?;
+/// Prepares one (checked) reference, number `index` (1-based, for messages). `size`: the
+/// request's (width, height) when both given.
+pub(crate) fn prepare(
+    image: &RgbImage,
+    index: usize,
+    rules: &ReferenceRules,
+    size: Option<(u32, u32)>,
+) -> Result<PreparedReference> {
+    let ((vision_w, vision_h), (w, h)) = sizes(image.width, image.height, index, rules, size)?;
     let for_vision = if (vision_w, vision_h) != (image.width, image.height) {
         image_io::resize_rgb_with(image, vision_w, vision_h, Filter::Lanczos)?
     } else {
         image.clone()
     };
-    let (w, h) = vae_size(for_vision.width, for_vision.height, rules)?;
     let cropped = image_io::crop_rgb(&for_vision, (for_vision.width - w) / 2, (for_vision.height - h) / 2, w, h)?;
     let for_vae = image_io::to_model_input(&cropped).mapv(|v| half::bf16::from_f32(v).to_f32());
     Ok(PreparedReference { for_vision, for_vae })
