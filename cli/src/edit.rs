@@ -68,7 +68,8 @@ pub struct EditArgs {
     /// Tokens kept per text segment [default: the package's, 512].
     #[arg(long, value_name = "N")]
     max_sequence_length: Option<usize>,
-    /// Write N previews while editing, as `zimage generate --previews` does.
+    /// Write N previews while editing, as `zimage generate --previews` does (they stay when
+    /// the run then fails or is cancelled).
     #[arg(long, value_name = "N", default_value_t = 0)]
     previews: u32,
     /// JPEG quality, 1..=100, for an output named .jpg or .jpeg [default: 95]. The output's

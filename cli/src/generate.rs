@@ -102,7 +102,8 @@ pub struct GenerateArgs {
     loras: Vec<zimage::LoraFile>,
     /// Write N previews while generating: the model's estimate of the finished image at evenly
     /// spaced steps, as FILE.stepS.png beside the output (FILE.stepS-K.png with --count). Each
-    /// costs one VAE decode.
+    /// costs one VAE decode. They stay when the run then fails or is cancelled: they are its
+    /// progress.
     #[arg(long, value_name = "N", default_value_t = 0)]
     previews: u32,
     /// JPEG quality, 1..=100, for an output named .jpg or .jpeg [default: 95]. The output's

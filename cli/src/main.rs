@@ -33,7 +33,7 @@ Exit codes:
   8    inference failed (ONNX Runtime error, non-finite values)
   9    reading or writing a file failed
   10   LoRA file unreadable, malformed, or not for this model
-  130  cancelled (Ctrl-C); no output or temporary file is left
+  130  cancelled (Ctrl-C); no output or temporary file is left (previews already written stay)
   141  standard output was closed before everything was printed (e.g. | head)
 
 Set ZIMAGE_LOG=off|warn|info|debug|trace for more or fewer log lines (ONNX Runtime's too).";
