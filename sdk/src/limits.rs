@@ -105,10 +105,19 @@ pub(crate) fn check_guidance(scale: f32, normalization: f32, truncation: f32) ->
 
 /// Refuses a text over [`MAX_PROMPT_BYTES`] before it is tokenized; `what` names it.
 pub(crate) fn check_prompt_bytes(what: &str, text: &str) -> Result<(), String> {
+    check_text_bytes(what, text, "the text encoder reads only its first max_sequence_length tokens")
+}
+
+/// As [`check_prompt_bytes`], for text the prompt enhancer reads (it holds at most
+/// max_context_tokens tokens).
+pub(crate) fn check_enhancer_bytes(what: &str, text: &str) -> Result<(), String> {
+    check_text_bytes(what, text, "the enhancer holds at most max_context_tokens tokens")
+}
+
+fn check_text_bytes(what: &str, text: &str, why: &str) -> Result<(), String> {
     if text.len() > MAX_PROMPT_BYTES {
         return Err(format!(
-            "{what} is {} bytes, more than the limit of {MAX_PROMPT_BYTES} (1 MiB; the text encoder reads only its \
-             first max_sequence_length tokens)",
+            "{what} is {} bytes, more than the limit of {MAX_PROMPT_BYTES} (1 MiB; {why})",
             text.len()
         ));
     }

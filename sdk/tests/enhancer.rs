@@ -226,6 +226,7 @@ fn enhancer_inputs_over_the_byte_limit_are_refused() {
     let err = e.prompt_ids(&"a".repeat(zimage::MAX_PROMPT_BYTES), &EnhanceOptions::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidRequest);
     assert!(err.to_string().contains("the enhancer's input (system prompt and prompt) is "), "{err}");
+    assert!(err.to_string().contains("the enhancer holds at most max_context_tokens tokens"), "{err}");
     let mut long_system = EnhanceOptions::default();
     long_system.system_prompt = Some("b".repeat(zimage::MAX_PROMPT_BYTES));
     assert_eq!(e.enhance("a fox", &long_system, None).unwrap_err().kind(), ErrorKind::InvalidRequest);

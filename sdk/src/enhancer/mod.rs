@@ -28,7 +28,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::limits::check_prompt_bytes;
+use crate::limits::check_enhancer_bytes;
 use crate::load_options::LoadOptions;
 use crate::package::enhancer::{EnhancerInfo, EnhancerManifest, ENHANCER_FORMAT_NAME};
 use crate::package::files::resolve;
@@ -201,7 +201,7 @@ impl PromptEnhancer {
     /// Token ids of [`PromptEnhancer::chat_text`].
     pub fn prompt_ids(&self, prompt: &str, options: &EnhanceOptions) -> Result<Vec<u32>> {
         let text = self.chat_text(prompt, options);
-        check_prompt_bytes("the enhancer's input (system prompt and prompt)", &text).map_err(Error::invalid)?;
+        check_enhancer_bytes("the enhancer's input (system prompt and prompt)", &text).map_err(Error::invalid)?;
         let encoding = self
             .tokenizer
             .encode(text, false)
