@@ -554,7 +554,7 @@ fn decode(bytes: &[u8]) -> Result<(image::DynamicImage, Orientation)> {
     let pixels = guard("decoding the image", || {
         let reader = reader(bytes)?;
         if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
-            return Err(Error::Image("the JPEG file is truncated (its last scan has no end-of-image marker)".into()));
+            return Err(Error::Image("the JPEG file is truncated (it ends before its end-of-image marker)".into()));
         }
         reader.decode().map_err(decode_error)
     })?;
@@ -605,15 +605,60 @@ fn swaps_sides(orientation: Orientation) -> bool {
     )
 }
 
-/// Whether a JPEG's last scan is followed by an end-of-image marker. The decoder fills a scan
-/// cut short with grey and reports nothing, where Pillow (the reference) refuses the file as
-/// truncated. In a scan's entropy-coded data 0xFF is always followed by 0x00 or a restart
-/// marker, so an FF D9 after the last start-of-scan (FF DA) can only be its end; an EXIF
-/// thumbnail's own scan comes before the main one.
+/// Whether a JPEG reaches its end-of-image marker. The decoder fills a scan cut short with
+/// grey and reports nothing, where Pillow (the reference) refuses the file as truncated; bytes
+/// after the end-of-image marker (a camera's appended video or vendor trailer) are not part of
+/// the image, and Pillow ignores them. So the file is walked from its start as a decoder reads
+/// it: each marker segment skipped by its length (an EXIF thumbnail, end marker included, lies
+/// inside its APP1 segment), each scan's entropy-coded data read to the next marker (0xFF
+/// followed by 0x00 or a restart marker belongs to the data), until the end-of-image marker:
+/// complete; or the bytes run out first: truncated.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    match bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) {
-        Some(start) => bytes[start + 2..].windows(2).any(|w| w == [0xFF, 0xD9]),
-        None => true, // no scan at all: the decoder's own error says more
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return true; // not a JPEG stream start: the decoder's own error says more
+    }
+    let mut i = 2;
+    loop {
+        // The next marker: 0xFF, then any fill 0xFF bytes, then its code. Decoders skip stray
+        // bytes before a marker, so the walk does too.
+        while i < bytes.len() && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i < bytes.len() && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else { return false };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            // Standalone markers: start of image, restarts, TEM.
+            0xD8 | 0xD0..=0xD7 | 0x01 => {}
+            _ => {
+                let Some(length) = bytes.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+                    return false;
+                };
+                i += length;
+                if i > bytes.len() {
+                    return false;
+                }
+                if code == 0xDA {
+                    // Entropy-coded data up to the next marker that is not a stuffed byte or a
+                    // restart.
+                    loop {
+                        let Some(&byte) = bytes.get(i) else { return false };
+                        if byte != 0xFF {
+                            i += 1;
+                            continue;
+                        }
+                        match bytes.get(i + 1) {
+                            None => return false,
+                            Some(0x00 | 0xD0..=0xD7) => i += 2,
+                            Some(_) => break, // a marker: the walk reads it
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -1048,9 +1048,39 @@ fn truncated_jpegs_are_image_errors() {
     let mut trailing = jpeg.clone();
     trailing.extend([0u8; 100]);
     assert_eq!(zimage::image_io::decode_rgb(&trailing).unwrap(), whole);
+    // Whatever follows the end marker (a motion photo's video, a vendor trailer) is not read,
+    // even bytes that look like a start of scan with no end after them.
+    let mut trailer = jpeg.clone();
+    trailer.extend([0, 0, 0xFF, 0xDA]);
+    trailer.extend([0x11; 200]);
+    assert_eq!(zimage::image_io::decode_rgb(&trailer).unwrap(), whole);
+    let mut state = 1u32;
+    for _ in 0..8 {
+        let mut noisy = jpeg.clone();
+        noisy.extend((0..4000).map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        }));
+        assert_eq!(zimage::image_io::decode_rgb(&noisy).unwrap(), whole);
+    }
     for cut in [jpeg.len() - 2, jpeg.len() / 2, jpeg.len() - 40] {
         let e = zimage::image_io::decode_rgb(&jpeg[..cut]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Image, "cut at {cut}: {e}");
         assert!(e.to_string().contains("truncated"), "{e}");
+    }
+    // Cut inside the headers: the header reader's error.
+    for cut in [300, 3] {
+        assert_eq!(zimage::image_io::decode_rgb(&jpeg[..cut]).unwrap_err().kind(), ErrorKind::Image, "cut at {cut}");
+    }
+    // Every committed JPEG (baseline, progressive, CMYK, gray, EXIF-oriented with thumbnails
+    // or not) is complete.
+    for folder in ["tests/golden/common/formats", "tests/golden/common/orientation"] {
+        for entry in std::fs::read_dir(repo().join(folder)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "jpg") {
+                zimage::image_io::decode_rgb(&std::fs::read(&path).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
     }
 }
