@@ -243,9 +243,12 @@ pub fn run(args: EditArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A reference's refusal with its file: unreadable (an image error) or against the model's
+/// reference rules (an invalid request: too small, too elongated, too large).
 fn located(path: &Path, e: zimage::Error) -> zimage::Error {
     match e {
         zimage::Error::Image(m) => zimage::Error::Image(format!("{}: {m}", path.display())),
+        zimage::Error::InvalidRequest(m) => zimage::Error::InvalidRequest(format!("{}: {m}", path.display())),
         other => other,
     }
 }

@@ -164,6 +164,19 @@ fn bad_edits_fail_with_their_exit_codes_and_write_nothing() {
     }
     let out = zimage(&args);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    // A reference the model's rules refuse (sides under 64): named with its file.
+    let small = dir.join("small.png");
+    std::fs::write(
+        &small,
+        zimage::image_io::encode_png(&zimage::RgbImage { width: 80, height: 48, pixels: vec![9; 80 * 48 * 3] }, &[])
+            .unwrap(),
+    )
+    .unwrap();
+    let out = zimage(["edit", "--model", PACKAGE, "--image", small.to_str().unwrap(), "--prompt", "x", "-o", &o]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let says = format!("{}: reference image 1 is 80x48: both sides must be at least 64 pixels", small.display());
+    assert!(stderr(&out).contains(&says), "{}", stderr(&out));
+    std::fs::remove_file(&small).unwrap();
     // A missing reference file.
     let out = zimage(["edit", "--model", PACKAGE, "--image", "no/such.png", "--prompt", "x", "-o", &o]);
     assert_ne!(out.status.code(), Some(0));
