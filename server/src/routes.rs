@@ -164,12 +164,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_declared_oversize))
         // A client that stops sending its body: reading it fails (a 400) and the connection
         // closes, instead of a handler waiting for it forever.
         .layer(RequestBodyTimeoutLayer::new(state.settings.body_timeout))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), limit_body_time))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), log_request))
         .with_state(state)
+}
+
+/// A body whose Content-Length is already over `--max-body-bytes` is refused before it is
+/// read (the body limit counts bytes as they arrive: the client would send, or hold the
+/// connection, until then).
+async fn refuse_declared_oversize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > state.settings.max_body_bytes as u64 => {
+            ApiError::too_large(state.settings.max_body_bytes).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// Gives the request's body a deadline for arriving whole (`--body-timeout`): reading past it
@@ -335,8 +349,9 @@ async fn require_key(State(state): State<Arc<AppState>>, request: Request, next:
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+        // The scheme's name is case-insensitive (RFC 9110, 11.1).
+        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+        .map(|(_, key)| key.trim());
     match presented {
         Some(key) if key_matches(&state.keys, key) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
@@ -549,7 +564,8 @@ async fn read_edit(
     // decoded.
     let slot = state.decode_slot()?;
     if pool.checker.manifest().supports("edit") && pool.checker.manifest().edit.is_some() {
-        return read_instruction_edit(state, pool, params, images, mask.is_some() || control.is_some(), slot).await;
+        let refused = mask.as_ref().map(|_| "mask").or(control.as_ref().map(|_| "control_image"));
+        return read_instruction_edit(state, pool, params, images, refused, slot).await;
     }
     if images.len() > 1 {
         return Err(ApiError::invalid(format!(
@@ -562,7 +578,11 @@ async fn read_edit(
     let control = match (control, params.control_image.take()) {
         (Some((name, bytes)), None) => Some((name, bytes.to_vec())),
         (None, Some(text)) => {
-            Some(("control_image".to_string(), decode_base64_file(&text).map_err(|e| e.with_param("control_image"))?))
+            // Up to --max-body-bytes of base64: CPU work, off the async threads.
+            let bytes = tokio::task::spawn_blocking(move || decode_base64_file(&text))
+                .await
+                .map_err(|e| ApiError::internal(format!("decoding the upload failed: {e}")))?;
+            Some(("control_image".to_string(), bytes.map_err(|e| e.with_param("control_image"))?))
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid("one 'control_image' per request (a file or base64 text)")
@@ -616,15 +636,15 @@ async fn read_instruction_edit(
     pool: Arc<ModelPool>,
     params: ImageParams,
     pictures: Vec<(String, Bytes)>,
-    mask_or_control: bool,
+    refused_picture: Option<&'static str>,
     slot: DecodeSlot,
 ) -> Result<Prepared, ApiError> {
-    if mask_or_control {
+    if let Some(field) = refused_picture {
         return Err(ApiError::invalid(
             "this model edits by instruction: give the pictures as references and say what to change in the \
              prompt (no mask or control_image)",
         )
-        .with_param("mask"));
+        .with_param(field));
     }
     let manifest = pool.checker.manifest();
     zimage::pipeline::edit::check_edit_package(manifest, pool.checker.package_dir(), pictures.len())

@@ -304,6 +304,10 @@ fn every_error_status_has_openai_shape() {
         "invalid_request_error",
         Some("invalid_api_key"),
     );
+    // The scheme's name in any case (RFC 9110); a key without it is still refused.
+    assert_eq!(server.request("GET", "/v1/models", &[("Authorization", "BEARER key-one")], b"").status, 200);
+    let keyless = server.request("GET", "/v1/models", &[("Authorization", "key-one")], b"");
+    keyless.assert_error(401, "invalid_request_error", Some("invalid_api_key"));
     let models = server.request("GET", "/v1/models", &[("Authorization", "Bearer key-one")], b"");
     let models = models.json();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -364,6 +368,24 @@ fn every_error_status_has_openai_shape() {
         Some("request_too_large"),
     );
 
+    // A body declared over the limit is refused at once, before any of it is read: the
+    // client sends its head and one byte of a body it says is 999999999 bytes.
+    for path in ["/v1/images/generations", "/v1/images/edits"] {
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: 999999999\r\n\r\n{{",
+            auth[0].1
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut raw = vec![0u8; 4096];
+        let n = stream.read(&mut raw).expect("an answer before the body's timeout");
+        let text = String::from_utf8_lossy(&raw[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "{path}: {text}");
+        assert!(text.contains("request_too_large"), "{path}: {text}");
+    }
+
     // Edits: 400 for no image, a file that is not a picture, a picture over --max-input-side
     // (refused from its header), a mask that is not a picture (one of another size is resized,
     // as diffusers' mask processor resizes it).
@@ -422,13 +444,13 @@ fn every_error_status_has_openai_shape() {
 
     let metrics = String::from_utf8(server.get("/metrics").body).unwrap();
     for line in [
-        "zimage_errors_total{kind=\"unauthorized\"} 2",
-        "zimage_errors_total{kind=\"too_large\"} 2",
+        "zimage_errors_total{kind=\"unauthorized\"} 3",
+        "zimage_errors_total{kind=\"too_large\"} 4",
         "zimage_errors_total{kind=\"inference\"} 2",
         "zimage_errors_total{kind=\"not_found\"} 3",
         "zimage_images_total{model=\"tiny-zimage\"} 2",
         "zimage_workers_alive{model=\"broken\"} 1",
-        "zimage_requests_total{route=\"/v1/images/generations\",status=\"413\"} 1",
+        "zimage_requests_total{route=\"/v1/images/generations\",status=\"413\"} 2",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
@@ -1019,6 +1041,9 @@ fn edits_on_an_editing_package_follow_the_instruction() {
     let with_mask = [one[0], ("mask", "m.png", picture.as_slice())];
     let e = edit(&[("prompt", "x")], &with_mask).assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], "mask", "{e}");
+    let with_control = [one[0], ("control_image", "c.png", picture.as_slice())];
+    let e = edit(&[("prompt", "x")], &with_control).assert_error(400, "invalid_request_error", None);
+    assert_eq!(e["param"], "control_image", "{e}");
     let many: Vec<(&str, &str, &[u8])> = (0..9).map(|_| one[0]).collect(); // the tiny package takes 8
     let e = edit(&[("prompt", "x")], &many).assert_error(400, "invalid_request_error", None);
     assert_eq!(e["param"], "image", "{e}");
