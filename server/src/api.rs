@@ -94,9 +94,17 @@ impl ImageParams {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let error = ApiError::invalid(format!("invalid JSON body: {inner}"));
-            // Only a type error is about a field: a syntax error or a truncated body is about
-            // the body (its path is where the parser stopped, `?` for an unnamed spot).
-            if inner.classify() != serde_json::error::Category::Data || path.is_empty() || path == "." {
+            let message = inner.to_string();
+            // A key sent twice is about that key, though serde reports it on the object.
+            if let Some(key) = message.strip_prefix("duplicate field `").and_then(|rest| rest.split_once('`')) {
+                return error.with_param(key.0.to_string());
+            }
+            // Only a type error is about a field, and a number out of range (the parser's error,
+            // met inside the field): another syntax error or a truncated body is about the body
+            // (its path is where the parser stopped, `?` for an unnamed spot).
+            let about_field =
+                inner.classify() == serde_json::error::Category::Data || message.starts_with("number out of range");
+            if !about_field || path.is_empty() || path == "." || path == "?" {
                 error
             } else {
                 error.with_param(path)
@@ -838,6 +846,19 @@ mod tests {
         }
         let e = ImageParams::from_json(br#"{"prompt":"x","n":"two"}"#).err().unwrap();
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("n")), "{}", e.message);
+        // A key sent twice, and a number JSON cannot hold, are about their field too.
+        for (body, param) in [
+            (&br#"{"prompt":"x","prompt":"y"}"#[..], "prompt"),
+            (br#"{"prompt":"x","size":"64x64","guidance_scale":1e400}"#, "guidance_scale"),
+        ] {
+            let e = ImageParams::from_json(body).err().unwrap();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{}", e.message);
+        }
+        // A syntax error is about the body, wherever the parser stopped.
+        for body in [&br#"{"prompt":"x","guidance_scale":1.5.5}"#[..], br#"{"prompt":"x","#] {
+            let e = ImageParams::from_json(body).err().unwrap();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, None), "{}", e.message);
+        }
         let e = ImageParams::from_json(b"{not json").err().unwrap();
         assert_eq!(e.status.as_u16(), 400);
         // serde's derive takes an array as the fields in order; a request is an object.
