@@ -481,7 +481,8 @@ async fn edits(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
-    match read_edit(&state, multipart).await {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    match read_edit(&state, multipart, content_type.as_deref()).await {
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
         Err(e) => e.into_response(),
     }
@@ -513,10 +514,15 @@ fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
 async fn read_edit(
     state: &Arc<AppState>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    content_type: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     state.available()?;
-    let mut multipart =
-        multipart.map_err(|e| ApiError::invalid(format!("expected a multipart/form-data body: {e}")))?;
+    let mut multipart = multipart.map_err(|e| {
+        let sent = content_type.map_or_else(|| "no Content-Type".to_string(), |t| format!("Content-Type {t:?}"));
+        ApiError::invalid(format!(
+            "this route takes a multipart/form-data body (the pictures as form files), and the request has {sent}: {e}"
+        ))
+    })?;
     let read_error = |e: axum::extract::multipart::MultipartError| body_error(e.status(), e.body_text(), state);
     let mut fields = Vec::new();
     let mut images: Vec<(String, Bytes)> = Vec::new();

@@ -368,6 +368,11 @@ fn every_error_status_has_openai_shape() {
         Some("request_too_large"),
     );
 
+    // JSON on the edits route: the route's body type, and what came instead.
+    let e = server.post_json("/v1/images/edits", &small, &auth).assert_error(400, "invalid_request_error", None);
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("multipart/form-data") && message.contains("\"application/json\""), "{e}");
+
     // A body declared over the limit is refused at once, before any of it is read: the
     // client sends its head and one byte of a body it says is 999999999 bytes.
     for path in ["/v1/images/generations", "/v1/images/edits"] {
