@@ -113,9 +113,10 @@ struct Args {
     /// Seconds an image stays fetchable by URL.
     #[arg(long, value_name = "S", default_value_t = 3600)]
     url_ttl: u64,
-    /// Images kept for URLs at most (the oldest go first).
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    url_cache: usize,
+    /// Images kept for URLs at most (the oldest go first); at least 64, the most one request
+    /// makes (fewer would drop a request's first images before it is answered).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..))]
+    url_cache: u64,
     /// Prompt enhancer package for `enhance_prompt` with models that carry no decoder (a
     /// standalone one from export-scripts/export_enhancer.py).
     #[arg(long, value_name = "DIR")]
@@ -306,7 +307,7 @@ async fn serve(
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         public_url: args.public_url.clone(),
     };
-    let store = ImageStore::new(Duration::from_secs(args.url_ttl), args.url_cache);
+    let store = ImageStore::new(Duration::from_secs(args.url_ttl), args.url_cache as usize);
     let names = specs.iter().map(|(n, _)| n.clone()).collect();
     let keys: Vec<String> = args.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
     let state = Arc::new(AppState::new(names, &keys, Arc::clone(&metrics), store, settings));

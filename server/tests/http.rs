@@ -647,6 +647,18 @@ fn controlnet_for_a_model_not_served_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no model 'other' is served"));
 }
 
+/// A URL cache smaller than one request's most images (64) would drop a request's first URLs
+/// before it is answered: a usage error at start.
+#[test]
+fn a_url_cache_below_one_requests_images_is_a_usage_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_zimage-server"))
+        .args(["--port", "0", "--model", &tiny(), "--url-cache", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--url-cache"), "{output:?}");
+}
+
 /// `--lora FILE[:SCALE]` merges the adapter into every served model's transformer, with a
 /// ControlNet too: each model returns diffusers' golden image for its case (LoRA on the plain
 /// package: tests/golden/tiny-zimage/lora.json; LoRA with the ControlNet:
