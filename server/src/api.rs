@@ -408,8 +408,9 @@ pub fn prepare(
         (None, Some(_), _) => Some("image"),
         (None, None, Some(_)) => Some("control_image"),
     };
-    let rule = format!("its sides floored to multiples of {}", limits.size_multiple);
-    limits.check_fields(&request, strength).map_err(|e| size_taken_from(e, size_from, &rule))?;
+    limits.check_fields(&request, strength).map_err(|e| {
+        size_taken_from(e, size_from, &format!("its sides floored to multiples of {}", limits.size_multiple))
+    })?;
 
     let mut inputs = InputNames::default();
     let is_edit = edit.is_some();

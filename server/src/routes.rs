@@ -481,8 +481,7 @@ async fn edits(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Response {
-    let content_type = headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    match read_edit(&state, multipart, content_type.as_deref()).await {
+    match read_edit(&state, multipart, &headers).await {
         Ok(prepared) => run(state, id.0, prepared, &headers).await,
         Err(e) => e.into_response(),
     }
@@ -514,11 +513,14 @@ fn body_error(status: StatusCode, text: String, state: &AppState) -> ApiError {
 async fn read_edit(
     state: &Arc<AppState>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-    content_type: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Prepared, ApiError> {
     state.available()?;
     let mut multipart = multipart.map_err(|e| {
-        let sent = content_type.map_or_else(|| "no Content-Type".to_string(), |t| format!("Content-Type {t:?}"));
+        let sent = headers.get(header::CONTENT_TYPE).map_or_else(
+            || "no Content-Type".to_string(),
+            |t| format!("Content-Type {:?}", String::from_utf8_lossy(t.as_bytes())),
+        );
         ApiError::invalid(format!(
             "this route takes a multipart/form-data body (the pictures as form files), and the request has {sent}: {e}"
         ))
